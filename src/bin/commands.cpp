@@ -1,0 +1,26 @@
+#include "bin/commands.h"
+
+#include <CLI/CLI.hpp>
+
+#include <cstdlib>
+
+namespace pdserve {
+
+namespace {
+int (*g_action)(void*) = nullptr;
+void* g_state = nullptr;
+}  // namespace
+
+void set_command_action(int (*action)(void*), void* state) {
+  g_action = action;
+  g_state = state;
+}
+
+int run_selected_command(CLI::App&) { return g_action ? g_action(g_state) : 2; }
+
+const char* default_model_path() {
+  if (const char* env = std::getenv("PDSERVE_MODEL"); env && *env) return env;
+  return PDSERVE_DEFAULT_MODEL;
+}
+
+}  // namespace pdserve

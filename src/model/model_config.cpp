@@ -1,0 +1,90 @@
+#include "model/model_config.h"
+
+#include <fmt/format.h>
+
+namespace pdserve {
+
+namespace {
+Status positive(const char* what, int64_t v, int64_t max) {
+  if (v <= 0 || v > max) return invalid_argument(fmt::format("model metadata: {} = {} is out of range (1..{})", what, v, max));
+  return ok_status();
+}
+}  // namespace
+
+StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
+  ModelConfig c;
+  PD_ASSIGN_OR_RETURN(c.architecture, f.get_string("general.architecture"));
+  if (c.architecture != "llama" && c.architecture != "qwen2") {
+    return unimplemented(fmt::format("model architecture '{}' is not supported (supported: llama, qwen2)",
+                                     c.architecture));
+  }
+  auto name = f.get_string("general.name");
+  c.name = name.ok() ? *name : c.architecture;
+  const std::string a = c.architecture + ".";
+  PD_ASSIGN_OR_RETURN(int64_t layers, f.get_int(a + "block_count"));
+  PD_ASSIGN_OR_RETURN(int64_t hidden, f.get_int(a + "embedding_length"));
+  PD_ASSIGN_OR_RETURN(int64_t ffn, f.get_int(a + "feed_forward_length"));
+  PD_ASSIGN_OR_RETURN(int64_t heads, f.get_int(a + "attention.head_count"));
+  PD_ASSIGN_OR_RETURN(int64_t kv_heads, f.get_int_or(a + "attention.head_count_kv", heads));
+  PD_ASSIGN_OR_RETURN(int64_t ctx, f.get_int_or(a + "context_length", 2048));
+  PD_RETURN_IF_ERROR(positive("block_count", layers, 1024));
+  PD_RETURN_IF_ERROR(positive("embedding_length", hidden, 1 << 17));
+  PD_RETURN_IF_ERROR(positive("feed_forward_length", ffn, 1 << 19));
+  PD_RETURN_IF_ERROR(positive("attention.head_count", heads, 1024));
+  PD_RETURN_IF_ERROR(positive("attention.head_count_kv", kv_heads, heads));
+  PD_RETURN_IF_ERROR(positive("context_length", ctx, 1 << 24));
+  if (heads % kv_heads != 0) {
+    return invalid_argument(fmt::format("model metadata: head_count {} is not a multiple of head_count_kv {}", heads, kv_heads));
+  }
+  int64_t head_dim = hidden / heads;
+  PD_ASSIGN_OR_RETURN(int64_t key_len, f.get_int_or(a + "attention.key_length", head_dim));
+  head_dim = key_len;
+  PD_RETURN_IF_ERROR(positive("attention.key_length", head_dim, 1024));
+  if (head_dim % 2 != 0) return invalid_argument(fmt::format("model metadata: head dimension {} is odd", head_dim));
+  PD_ASSIGN_OR_RETURN(int64_t rope_dim, f.get_int_or(a + "rope.dimension_count", head_dim));
+  if (rope_dim <= 0 || rope_dim > head_dim || rope_dim % 2 != 0) {
+    return invalid_argument(fmt::format("model metadata: rope.dimension_count {} is invalid for head dimension {}", rope_dim, head_dim));
+  }
+  PD_ASSIGN_OR_RETURN(double eps, f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
+  PD_ASSIGN_OR_RETURN(double theta, f.get_float_or(a + "rope.freq_base", 10000.0));
+  if (!(eps > 0 && eps < 1)) return invalid_argument(fmt::format("model metadata: rms epsilon {} is out of range", eps));
+  if (!(theta > 0)) return invalid_argument(fmt::format("model metadata: rope.freq_base {} is out of range", theta));
+
+  c.num_layers = static_cast<int32_t>(layers);
+  c.hidden_size = static_cast<int32_t>(hidden);
+  c.ffn_size = static_cast<int32_t>(ffn);
+  c.num_heads = static_cast<int32_t>(heads);
+  c.num_kv_heads = static_cast<int32_t>(kv_heads);
+  c.head_dim = static_cast<int32_t>(head_dim);
+  c.rope_dim = static_cast<int32_t>(rope_dim);
+  c.context_length = static_cast<int32_t>(ctx);
+  c.rms_norm_eps = static_cast<float>(eps);
+  c.rope_theta = static_cast<float>(theta);
+  c.rope_ordering = c.architecture == "qwen2" ? RopeOrdering::kNeox : RopeOrdering::kNormal;
+  c.has_qkv_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
+  c.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+
+  // Llama 3.x frequency scaling.
+  auto scaling_type = f.get_string(a + "rope.scaling.type");
+  PD_ASSIGN_OR_RETURN(double factor, f.get_float_or(a + "rope.scaling.factor", 0.0));
+  bool has_freqs_tensor = f.find_tensor("rope_freqs.weight") != nullptr;
+  if ((scaling_type.ok() && *scaling_type == "llama3") || (has_freqs_tensor && factor > 0)) {
+    c.rope_scaling.factor = static_cast<float>(factor);
+    PD_ASSIGN_OR_RETURN(double lo, f.get_float_or(a + "rope.scaling.low_freq_factor", 1.0));
+    PD_ASSIGN_OR_RETURN(double hi, f.get_float_or(a + "rope.scaling.high_freq_factor", 4.0));
+    PD_ASSIGN_OR_RETURN(int64_t orig, f.get_int_or(a + "rope.scaling.original_context_length", 8192));
+    c.rope_scaling.low_freq_factor = static_cast<float>(lo);
+    c.rope_scaling.high_freq_factor = static_cast<float>(hi);
+    c.rope_scaling.original_context_length = static_cast<int32_t>(orig);
+  }
+
+  const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+  if (!embd || embd->dims.size() != 2) return invalid_argument("model has no 2-D tensor 'token_embd.weight'");
+  if (embd->dims[0] != hidden) {
+    return invalid_argument(fmt::format("token_embd.weight has rows of {} but embedding_length is {}", embd->dims[0], hidden));
+  }
+  c.vocab_size = static_cast<int32_t>(embd->dims[1]);
+  return c;
+}
+
+}  // namespace pdserve
