@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "common/status.h"
-#include "model/ggml_types.h"
+#include "kernels/ggml_types.h"
 
 namespace pdserve {
 

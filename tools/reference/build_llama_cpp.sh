@@ -20,16 +20,32 @@ if [ ! -d "$src" ]; then
   tar -xzf "$ref/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$ref"
 fi
 
-if [ ! -x "$bld/bin/llama-bench" ] || [ ! -f "$bld/bin/libllama.so" ]; then
+# The reference is built the way its users build it for this CPU: release, every SIMD extension the
+# CPU has (AVX2/FMA/F16C, AVX-512 with VNNI/BF16/VBMI where present) but not AMX: AMX tile
+# instructions fault on machines whose kernel does not grant them (seen on virtual machines),
+# and pdserve does not use AMX either. Shared libraries, because the Python binding loads
+# libllama.so through LLAMA_CPP_LIB_PATH.
+flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+has() { [[ " $cpu_flags " == *" $1 "* ]]; }
+if has avx512f && has avx512bw && has avx512vl && has avx512dq && has avx512cd; then
+  flags+=(-DGGML_AVX512=ON)
+  has avx512_vnni && flags+=(-DGGML_AVX512_VNNI=ON)
+  has avx512_bf16 && flags+=(-DGGML_AVX512_BF16=ON)
+  has avx512vbmi && flags+=(-DGGML_AVX512_VBMI=ON)
+fi
+has avx_vnni && flags+=(-DGGML_AVX_VNNI=ON)
+config="${flags[*]}"
+if [ ! -x "$bld/bin/llama-bench" ] || [ ! -f "$bld/bin/libllama.so" ] || \
+   [ "$(cat "$bld/.pdserve-config" 2>/dev/null)" != "$config" ]; then
   echo "reference: building llama.cpp (takes several minutes on 2 cores)" >&2
-  # The reference is built the way its users build it: native SIMD, release, shared libraries
-  # (the Python binding loads libllama.so through LLAMA_CPP_LIB_PATH).
   cmake -S "$src/vendor/llama.cpp" -B "$bld" -G Ninja \
-    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${flags[@]}" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
     -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$bld/bin" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$bld/bin" >&2
   cmake --build "$bld" -j "$(nproc)" --target llama llama-bench llama-batched-bench \
     llama-tokenize llama-server llama-cli llama-simple >&2
+  echo "$config" > "$bld/.pdserve-config"
 fi
 echo "$ref"

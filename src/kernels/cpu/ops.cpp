@@ -1,0 +1,106 @@
+#include "kernels/cpu/ops.h"
+
+#include <cmath>
+
+#include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/fp16.h"
+#include "kernels/cpu/ops_simd.h"
+
+namespace pdserve::cpu {
+
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i] * x[i]);
+  float mean = static_cast<float>(sum / static_cast<double>(n));
+  float scale = 1.0f / std::sqrt(mean + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * scale) * w[i];
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors, float* cos_out,
+                 float* sin_out) {
+  const float theta_scale = std::pow(base, -2.0f / static_cast<float>(rope_dim));
+  float theta = static_cast<float>(pos);
+  for (int32_t i = 0; i < rope_dim / 2; ++i) {
+    float ff = freq_factors.empty() ? 1.0f : freq_factors[static_cast<size_t>(i)];
+    float t = theta / ff;
+    cos_out[i] = std::cos(t);
+    sin_out[i] = std::sin(t);
+    theta *= theta_scale;
+  }
+}
+
+void rope_apply(float* x, int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox, const float* c,
+                const float* s) {
+  for (int32_t h = 0; h < num_heads; ++h) {
+    float* v = x + static_cast<int64_t>(h) * head_dim;
+    for (int32_t i = 0; i < rope_dim / 2; ++i) {
+      int32_t a = neox ? i : 2 * i;
+      int32_t b = neox ? i + rope_dim / 2 : 2 * i + 1;
+      float x0 = v[a], x1 = v[b];
+      v[a] = x0 * c[i] - x1 * s[i];
+      v[b] = x0 * s[i] + x1 * c[i];
+    }
+  }
+}
+
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+
+namespace {
+void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
+                           int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
+  const int32_t hd = kv.head_dim;
+  float max_score = -INFINITY;
+  for (int32_t j = 0; j < num_keys; ++j) {
+    const uint16_t* k = kv.k + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
+                        (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd;
+    float dot = 0.0f;
+    for (int32_t d = 0; d < hd; ++d) dot += q[d] * fp16_to_fp32(k[d]);
+    scores[j] = dot * scale;
+    max_score = std::fmax(max_score, scores[j]);
+  }
+  float sum = 0.0f;
+  for (int32_t j = 0; j < num_keys; ++j) {
+    scores[j] = std::exp(scores[j] - max_score);
+    sum += scores[j];
+  }
+  for (int32_t d = 0; d < hd; ++d) out[d] = 0.0f;
+  for (int32_t j = 0; j < num_keys; ++j) {
+    const uint16_t* v = kv.v + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
+                        (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd;
+    float p = scores[j];
+    for (int32_t d = 0; d < hd; ++d) out[d] += p * fp16_to_fp32(v[d]);
+  }
+  float inv = 1.0f / sum;
+  for (int32_t d = 0; d < hd; ++d) out[d] *= inv;
+}
+}  // namespace
+
+void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table, int32_t num_keys,
+                    int32_t kv_head, float scale, float* scores, float* out) {
+  switch (detected_isa()) {
+    case Isa::kAvx512:
+    case Isa::kAvx2:
+      if (kv.head_dim % 16 == 0) {
+        detail::attention_head_avx2(q, kv, block_table, num_keys, kv_head, scale, scores, out);
+        return;
+      }
+      break;
+    case Isa::kScalar: break;
+  }
+  attention_head_scalar(q, kv, block_table, num_keys, kv_head, scale, scores, out);
+}
+
+}  // namespace pdserve::cpu

@@ -1,0 +1,51 @@
+// Element-wise and attention kernels on the CPU. Know nothing of requests or models: plain
+// arrays, shapes and units in the signatures. Every function computes each output element with a
+// fixed sequence of operations (batch invariance, DESIGN.md §4). Stateless; thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace pdserve::cpu {
+
+// y = x / sqrt(mean(x²) + eps) · w, over n elements (the sum of squares in double, like
+// llama.cpp). y may alias x.
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* y);
+
+// x += y, n elements.
+void add_inplace(float* x, const float* y, int64_t n);
+
+// out[i] = silu(gate[i]) · up[i], n elements. out may alias gate.
+void silu_mul(const float* gate, const float* up, int64_t n, float* out);
+
+// Rotary position embedding tables for one position: cos/sin of each of rope_dim/2 angles.
+// theta_i = pos · base^(-2i/rope_dim) / freq_factors[i] (freq_factors may be empty), computed
+// with the same recurrence as llama.cpp.
+void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors, float* cos_out,
+                 float* sin_out);
+// Rotates num_heads heads of head_dim values each (the first rope_dim of each head) in place.
+// neox: pairs (i, i + rope_dim/2); otherwise adjacent pairs (2i, 2i+1).
+void rope_apply(float* x, int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox, const float* cos_t,
+                const float* sin_t);
+
+// float → IEEE half, n elements.
+void f32_to_f16(const float* x, uint16_t* y, int64_t n);
+
+// Paged K/V of one layer: num_blocks × block_size × num_kv_heads × head_dim halves, K and V apart.
+struct PagedKvLayer {
+  uint16_t* k = nullptr;
+  uint16_t* v = nullptr;
+  int32_t block_size = 16;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int64_t token_stride() const { return int64_t{num_kv_heads} * head_dim; }
+  int64_t block_stride() const { return token_stride() * block_size; }
+};
+
+// Causal attention of one query head over keys [0, num_keys) of a sequence whose blocks are
+// `block_table`: out = softmax(scale · q·Kᵀ) · V for kv head `kv_head`. `scores` is scratch of
+// num_keys floats. q and out have head_dim floats.
+void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
+                    int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out);
+
+}  // namespace pdserve::cpu

@@ -1,0 +1,10 @@
+// Per-ISA variants of kernels in ops.h (internal to kernels/cpu).
+#pragma once
+
+#include "kernels/cpu/ops.h"
+
+namespace pdserve::cpu::detail {
+// head_dim must be a multiple of 16.
+void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
+                         int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out);
+}  // namespace pdserve::cpu::detail
