@@ -104,6 +104,6 @@ void register_model_commands(CLI::App& app) {
   info->callback([args] { set_command_action(model_info, args); });
 }
 
-void register_generate_command(CLI::App&) {}
+
 
 }  // namespace pdserve

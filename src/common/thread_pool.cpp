@@ -37,7 +37,15 @@ void ThreadPool::run_erased(void* fn, Trampoline trampoline) {
   generation_.fetch_add(1, std::memory_order_release);
   generation_.notify_all();
   trampoline(fn, 0, num_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  // Spin for the stragglers, but yield the core after a while: when the machine is
+  // oversubscribed the worker we wait for may need this very core to finish.
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < kSpinIterations / 8) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 void ThreadPool::worker_loop(int idx) {
@@ -45,7 +53,11 @@ void ThreadPool::worker_loop(int idx) {
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);
     for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-      _mm_pause();
+      if (spin % 1024 == 1023) {
+        std::this_thread::yield();  // let an oversubscribed core run someone else
+      } else {
+        _mm_pause();
+      }
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {

@@ -74,9 +74,9 @@ TEST(JinjaTest, TrimBlocksAndLstripBlocks) {
   EXPECT_EQ(render("{% if true %}\nyes\n{% endif %}\nafter"), "yes\nafter");
   EXPECT_EQ(render("  {% if true %}\n  x\n  {% endif %}\n"), "  x\n");
   EXPECT_EQ(render("a  {% if true %}b{% endif %}"), "a  b");  // lstrip only at line starts
-  EXPECT_EQ(render("  {{ 'v' }}"), "  v");                  // never before {{
-  EXPECT_EQ(render("  {%+ if true %}x{% endif %}"), "  x");  // + keeps the indentation
-  EXPECT_EQ(render("{% if true +%}\nx{% endif %}"), "\nx");  // + keeps the newline
+  EXPECT_EQ(render("  {{ 'v' }}"), "  v");                    // never before {{
+  EXPECT_EQ(render("  {%+ if true %}x{% endif %}"), "  x");   // + keeps the indentation
+  EXPECT_EQ(render("{% if true +%}\nx{% endif %}"), "\nx");   // + keeps the newline
 }
 
 TEST(JinjaTest, WhitespaceControlDash) {
@@ -111,7 +111,8 @@ TEST(JinjaTest, PrintsLikePython) {
 TEST(JinjaTest, UndefinedBehavesLikeJinja) {
   EXPECT_EQ(render("[{{ missing }}][{{ missing|length }}][{{ missing is defined }}]"), "[][0][False]");
   EXPECT_EQ(render("{{ d.missing }}|{{ d['missing'] }}", {{"d", Json::object()}}), "|");
-  EXPECT_EQ(render("{{ missing.attr }}"), "ERROR: template error at line 1, column 11: 'missing' is undefined");
+  EXPECT_EQ(render("{{ missing.attr }}"),
+            "ERROR: template error at line 1, column 11: 'missing' is undefined");
   EXPECT_EQ(render("{{ missing + 1 }}").rfind("ERROR: ", 0), 0u);
 }
 
@@ -131,20 +132,25 @@ TEST(JinjaTest, LoopVariables) {
   EXPECT_EQ(render("{% for x in 'abc' %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}"
                    "{{ loop.length }}{{ loop.revindex }};{% endfor %}"),
             "10TrueFalse33;21FalseFalse32;32FalseTrue31;");
-  EXPECT_EQ(render("{% for x in [1, 2, 3, 4] if x > 1 %}{{ x }}/{{ loop.index }}/{{ loop.length }} {% endfor %}"),
-            "2/1/3 3/2/3 4/3/3 ");
+  EXPECT_EQ(
+      render("{% for x in [1, 2, 3, 4] if x > 1 %}{{ x }}/{{ loop.index }}/{{ loop.length }} {% endfor %}"),
+      "2/1/3 3/2/3 4/3/3 ");
   EXPECT_EQ(render("{% for x in [] %}x{% else %}empty{% endfor %}"), "empty");
-  EXPECT_EQ(render("{% for x in [1, 2, 3] %}{{ loop.previtem }}{{ loop.nextitem }}{{ loop.cycle('a', 'b') }};{% endfor %}"),
+  EXPECT_EQ(render("{% for x in [1, 2, 3] %}{{ loop.previtem }}{{ loop.nextitem }}{{ loop.cycle('a', 'b') "
+                   "}};{% endfor %}"),
             "2a;13b;2a;");
   EXPECT_EQ(render("{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }} {% endfor %}"), "a=1 b=2 ");
-  EXPECT_EQ(render("{% for x in range(10) %}{% if x == 2 %}{% continue %}{% endif %}{% if x == 4 %}{% break %}"
-                   "{% endif %}{{ x }}{% endfor %}"),
-            "013");
+  EXPECT_EQ(
+      render("{% for x in range(10) %}{% if x == 2 %}{% continue %}{% endif %}{% if x == 4 %}{% break %}"
+             "{% endif %}{{ x }}{% endfor %}"),
+      "013");
 }
 
 TEST(JinjaTest, Scoping) {
-  EXPECT_EQ(render("{% set x = 1 %}{% for i in [1, 2] %}{{ x }}{% set x = 5 %}{{ x }}{% endfor %}{{ x }}"), "15151");
-  EXPECT_EQ(render("{% set ns = namespace(n=0) %}{% for i in [1, 2, 3] %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}"),
+  EXPECT_EQ(render("{% set x = 1 %}{% for i in [1, 2] %}{{ x }}{% set x = 5 %}{{ x }}{% endfor %}{{ x }}"),
+            "15151");
+  EXPECT_EQ(render("{% set ns = namespace(n=0) %}{% for i in [1, 2, 3] %}{% set ns.n = ns.n + i %}{% endfor "
+                   "%}{{ ns.n }}"),
             "6");
   EXPECT_EQ(render("{% macro m(a, b='d') %}{{ a }}{{ b }}{% endmacro %}{{ m(1) }}{{ m(2, b=3) }}"), "1d23");
   EXPECT_EQ(render("{% set x %}inner{% endset %}[{{ x }}]"), "[inner]");
@@ -156,8 +162,10 @@ TEST(JinjaTest, Scoping) {
 TEST(JinjaTest, Filters) {
   EXPECT_EQ(render("{{ '  a  '|trim }}|{{ 'hello world'|title }}|{{ 'aBC'|capitalize }}|{{ 'x'|upper }}"),
             "a|Hello World|Abc|X");
-  EXPECT_EQ(render("{{ [3, 1, 2]|sort|join(',') }} {{ [1, 2]|first }} {{ [1, 2]|last }} {{ 'abc'|length }}"), "1,2,3 1 2 3");
-  EXPECT_EQ(render("{{ missing|default('d') }} {{ ''|d('e', true) }} {{ '3.7'|float }} {{ '42'|int + 1 }}"), "d e 3.7 43");
+  EXPECT_EQ(render("{{ [3, 1, 2]|sort|join(',') }} {{ [1, 2]|first }} {{ [1, 2]|last }} {{ 'abc'|length }}"),
+            "1,2,3 1 2 3");
+  EXPECT_EQ(render("{{ missing|default('d') }} {{ ''|d('e', true) }} {{ '3.7'|float }} {{ '42'|int + 1 }}"),
+            "d e 3.7 43");
   EXPECT_EQ(render("{{ [1, 2, 3, 4]|select('even')|list }} {{ ['a']|map('upper')|list }}"), "[2, 4] ['A']");
   EXPECT_EQ(render("{{ msgs|selectattr('role', 'equalto', 'user')|map(attribute='content')|join(' ') }}",
                    {{"msgs", Json::parse(R"([{"role":"user","content":"a"},{"role":"bot","content":"b"},
@@ -171,15 +179,18 @@ TEST(JinjaTest, Filters) {
 }
 
 TEST(JinjaTest, Tests) {
-  EXPECT_EQ(render("{{ none is none }}{{ 'a' is string }}{{ {} is mapping }}{{ [] is iterable }}{{ 1 is number }}"
-                   "{{ true is boolean }}{{ 3 is odd }}{{ x is not defined }}"),
-            "TrueTrueTrueTrueTrueTrueTrueTrue");
+  EXPECT_EQ(
+      render("{{ none is none }}{{ 'a' is string }}{{ {} is mapping }}{{ [] is iterable }}{{ 1 is number }}"
+             "{{ true is boolean }}{{ 3 is odd }}{{ x is not defined }}"),
+      "TrueTrueTrueTrueTrueTrueTrueTrue");
 }
 
 TEST(JinjaTest, StringDictAndListMethods) {
-  EXPECT_EQ(render("{{ ' a '.strip() }}|{{ 'a,b'.split(',') }}|{{ 'abc'.startswith('ab') }}|{{ 'x'.upper() }}"),
-            "a|['a', 'b']|True|X");
-  EXPECT_EQ(render("{{ d.get('a') }} {{ d.get('z', 0) }} {{ d.keys()|list }} {{ d.items()|list }}", {{"d", {{"a", 1}}}}),
+  EXPECT_EQ(
+      render("{{ ' a '.strip() }}|{{ 'a,b'.split(',') }}|{{ 'abc'.startswith('ab') }}|{{ 'x'.upper() }}"),
+      "a|['a', 'b']|True|X");
+  EXPECT_EQ(render("{{ d.get('a') }} {{ d.get('z', 0) }} {{ d.keys()|list }} {{ d.items()|list }}",
+                   {{"d", {{"a", 1}}}}),
             "1 0 ['a'] [('a', 1)]");
   EXPECT_EQ(render("{{ [1, 2, 1].count(1) }}"), "2");
 }
@@ -268,6 +279,12 @@ TEST(JinjaTest, LimitsAreStatuses) {
   out = render("{{ 'x' * 100000 }}", Json::object(), options);
   EXPECT_EQ(out.rfind("ERROR: template render exceeded its size limit", 0), 0u) << out.substr(0, 200);
 
+  // Quadratic string building is paid for by the step budget even when the output is small.
+  out = render(
+      "{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s ~ 'xxxxxxxxxx' %}"
+      "{% endfor %}{{ ns.s|length }}");
+  EXPECT_EQ(out.rfind("ERROR: template render exceeded its budget", 0), 0u) << out.substr(0, 200);
+
   out = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
   EXPECT_EQ(out.rfind("ERROR: template macro calls nested deeper", 0), 0u) << out.substr(0, 200);
 
@@ -296,17 +313,20 @@ TEST(JinjaTest, LimitsAreStatuses) {
   // A namespace that contains itself must not recurse forever when printed.
   out = render("{% set ns = namespace() %}{% set ns.self = ns %}{{ ns }}");
   EXPECT_EQ(out.rfind("ERROR: ", 0), 0u);
-  out = render("{% set ns = namespace(v=[]) %}{% for i in range(1000) %}{% set ns.v = [ns.v] %}{% endfor %}"
-               "{{ ns.v|tojson }}");
+  out = render(
+      "{% set ns = namespace(v=[]) %}{% for i in range(1000) %}{% set ns.v = [ns.v] %}{% endfor %}"
+      "{{ ns.v|tojson }}");
   EXPECT_EQ(out.rfind("ERROR: ", 0), 0u);
 }
 
 TEST(JinjaTest, RandomTemplatesNeverCrash) {
   const std::vector<std::string> pieces = {
-      "{{", "}}", "{%", "%}", "{#", "#}", "-", "+", " ", "\n", "x", "'s'", "\"", "(", ")", "[", "]", "{", "}",
-      "|", ".", ",", ":", "1", "2.5", "for", "in", "if", "else", "endif", "endfor", "set", "=", "==", "is",
-      "not", "and", "or", "~", "*", "**", "/", "//", "%", "loop", "messages", "range(3)", "trim", "tojson",
-      "macro", "endmacro", "raw", "endraw", "namespace()", "\xff", "é", "\\"};
+      "{{",       "}}",  "{%",     "%}",          "{#",   "#}",       "-",        "+",    " ",      "\n",
+      "x",        "'s'", "\"",     "(",           ")",    "[",        "]",        "{",    "}",      "|",
+      ".",        ",",   ":",      "1",           "2.5",  "for",      "in",       "if",   "else",   "endif",
+      "endfor",   "set", "=",      "==",          "is",   "not",      "and",      "or",   "~",      "*",
+      "**",       "/",   "//",     "%",           "loop", "messages", "range(3)", "trim", "tojson", "macro",
+      "endmacro", "raw", "endraw", "namespace()", "\xff", "é",        "\\"};
   std::mt19937 rng(12345);
   const Json vars = {{"messages", Json::parse(R"([{"role":"user","content":"hi"}])")}, {"x", 3}};
   for (int iter = 0; iter < 3000; ++iter) {
@@ -328,7 +348,8 @@ TEST(ChatTemplateTest, RendersMessagesAndTools) {
   auto t = ChatTemplate::parse(
       "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if m.tool_calls is defined %}"
       "{{ m.tool_calls|tojson }}{% endif %}{% if m.name is defined %}({{ m.name }}){% endif %}{% endfor %}"
-      "{% if tools is not none %}[{{ tools|length }} tools]{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}"
+      "{% if tools is not none %}[{{ tools|length }} tools]{% endif %}{% if add_generation_prompt "
+      "%}<assistant>{% endif %}"
       "{{ date_string }}");
   ASSERT_TRUE(t.ok()) << t.status().to_string();
   ChatTemplateInputs in;
@@ -348,8 +369,9 @@ TEST(ChatTemplateTest, RendersMessagesAndTools) {
   in.extra_variables.set("date_string", Value::string("today"));
   auto out = t->render(in);
   ASSERT_TRUE(out.ok()) << out.status().to_string();
-  EXPECT_EQ(*out, "<s><user>hi<assistant>None[{\"function\": {\"name\": \"f\", \"arguments\": {}}}]<tool>42(f)"
-                  "<assistant>today");
+  EXPECT_EQ(*out,
+            "<s><user>hi<assistant>None[{\"function\": {\"name\": \"f\", \"arguments\": {}}}]<tool>42(f)"
+            "<assistant>today");
   in.tools = Value::list({Value::dict(function)});
   in.add_generation_prompt = false;
   out = t->render(in);
@@ -359,7 +381,8 @@ TEST(ChatTemplateTest, RendersMessagesAndTools) {
 }
 
 TEST(ChatTemplateTest, SmolLm2TemplateFromTheDefaultModel) {
-  std::ifstream f(std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/chat_templates/smollm2-135m-instruct.jinja");
+  std::ifstream f(std::string(PDSERVE_SOURCE_DIR) +
+                  "/tests/golden/chat_templates/smollm2-135m-instruct.jinja");
   std::stringstream ss;
   ss << f.rdbuf();
   auto t = ChatTemplate::parse(ss.str());
@@ -368,9 +391,10 @@ TEST(ChatTemplateTest, SmolLm2TemplateFromTheDefaultModel) {
   in.messages.push_back({.role = "user", .content = "Hello"});
   auto out = t->render(in);
   ASSERT_TRUE(out.ok());
-  EXPECT_EQ(*out,
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-            "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(
+      *out,
+      "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+      "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
 }
 
 // ---- golden fixtures rendered by Python's jinja2

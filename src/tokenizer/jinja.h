@@ -53,7 +53,7 @@ enum class ValueKind : uint8_t {
   kInt,
   kFloat,
   kString,
-  kList,    // list, tuple, range or dict view: see ListKind
+  kList,  // list, tuple, range or dict view: see ListKind
   kDict,
   kObject,  // namespace, macro, loop, function, iterator: see Object
 };
@@ -92,7 +92,7 @@ class Value {
 
   // Accessors; calling one for another kind is a programmer error (PD_CHECK).
   bool as_bool() const;
-  int64_t as_int() const;  // bool or int
+  int64_t as_int() const;   // bool or int
   double as_float() const;  // bool, int or float
   const std::string& as_string() const;
   const std::vector<Value>& as_list() const;

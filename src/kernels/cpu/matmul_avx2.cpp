@@ -17,32 +17,32 @@ struct Traits;
 template <>
 struct Traits<GgmlType::kQ4_0> {
   using Block = BlockQ4_0;
-  static constexpr int kOffset = 8;
-  static constexpr bool kMin = false;
+  [[maybe_unused]] static constexpr int kOffset = 8;
+  [[maybe_unused]] static constexpr bool kMin = false;
 };
 template <>
 struct Traits<GgmlType::kQ4_1> {
   using Block = BlockQ4_1;
-  static constexpr int kOffset = 0;
-  static constexpr bool kMin = true;
+  [[maybe_unused]] static constexpr int kOffset = 0;
+  [[maybe_unused]] static constexpr bool kMin = true;
 };
 template <>
 struct Traits<GgmlType::kQ5_0> {
   using Block = BlockQ5_0;
-  static constexpr int kOffset = 16;
-  static constexpr bool kMin = false;
+  [[maybe_unused]] static constexpr int kOffset = 16;
+  [[maybe_unused]] static constexpr bool kMin = false;
 };
 template <>
 struct Traits<GgmlType::kQ5_1> {
   using Block = BlockQ5_1;
-  static constexpr int kOffset = 0;
-  static constexpr bool kMin = true;
+  [[maybe_unused]] static constexpr int kOffset = 0;
+  [[maybe_unused]] static constexpr bool kMin = true;
 };
 template <>
 struct Traits<GgmlType::kQ8_0> {
   using Block = BlockQ8_0;
-  static constexpr int kOffset = 0;
-  static constexpr bool kMin = false;
+  [[maybe_unused]] static constexpr int kOffset = 0;
+  [[maybe_unused]] static constexpr bool kMin = false;
 };
 
 inline __m256i bits_to_bytes(uint32_t bits) {

@@ -1,0 +1,93 @@
+#include "engine/generator.h"
+
+#include <gtest/gtest.h>
+
+namespace pdserve {
+namespace {
+
+class GeneratorTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+    ASSERT_TRUE(file.ok()) << file.status().to_string() << " — run scripts/fetch_model.sh";
+    std::shared_ptr<const GgufFile> shared(std::move(file).value());
+    auto tok = Tokenizer::from_gguf(*shared);
+    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+    tokenizer_ = new Tokenizer(std::move(tok).value());
+    auto model = LlamaModel::load(shared);
+    ASSERT_TRUE(model.ok());
+    model_ = std::move(model).value().release();
+    pool_ = new ThreadPool(2);
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete tokenizer_;
+    delete pool_;
+  }
+
+  std::pair<std::string, GenerateStats> run(const GenerateRequest& req, int32_t chunk = 512) {
+    Generator g(*model_, *tokenizer_, *pool_, 512, chunk);
+    std::string out;
+    auto stats = g.generate(req, [&](std::string_view piece) {
+      out += piece;
+      return true;
+    });
+    EXPECT_TRUE(stats.ok()) << stats.status().to_string();
+    return {out, stats.ok() ? *stats : GenerateStats{}};
+  }
+
+  static LlamaModel* model_;
+  static Tokenizer* tokenizer_;
+  static ThreadPool* pool_;
+};
+LlamaModel* GeneratorTest::model_ = nullptr;
+Tokenizer* GeneratorTest::tokenizer_ = nullptr;
+ThreadPool* GeneratorTest::pool_ = nullptr;
+
+TEST_F(GeneratorTest, GreedyIsDeterministicAndChunkInvariant) {
+  GenerateRequest req;
+  req.prompt = tokenizer_->encode("The capital of France is", true, false);
+  req.max_tokens = 12;
+  auto [a, sa] = run(req);
+  auto [b, sb] = run(req, 3);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(sa.generated_tokens, 12);
+  EXPECT_EQ(sa.finish_reason, "length");
+  EXPECT_NE(a.find("Paris"), std::string::npos) << a;
+}
+
+TEST_F(GeneratorTest, StopStringEndsGenerationBeforeIt) {
+  GenerateRequest req;
+  req.prompt = tokenizer_->encode("The capital of France is", true, false);
+  req.max_tokens = 12;
+  auto [full, s0] = run(req);
+  size_t at = full.find("Paris");
+  ASSERT_NE(at, std::string::npos);
+  req.stop = {"Paris"};
+  auto [cut, s1] = run(req);
+  EXPECT_EQ(cut, full.substr(0, at));
+  EXPECT_EQ(s1.finish_reason, "stop");
+}
+
+TEST_F(GeneratorTest, SeededSamplingReproduces) {
+  GenerateRequest req;
+  req.prompt = tokenizer_->encode("Once upon a time", true, false);
+  req.max_tokens = 16;
+  req.sampling.temperature = 0.9f;
+  req.sampling.top_p = 0.95f;
+  req.sampling.seed = 1234;
+  EXPECT_EQ(run(req).first, run(req).first);
+}
+
+TEST_F(GeneratorTest, RejectsPromptsBeyondTheContext) {
+  Generator g(*model_, *tokenizer_, *pool_, 32);
+  GenerateRequest req;
+  req.prompt.assign(30, 100);
+  req.max_tokens = 8;
+  auto s = g.generate(req, [](std::string_view) { return true; });
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("exceeds the context of 32"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace pdserve

@@ -1,0 +1,59 @@
+// Sampler: turns a row of logits into the next token — greedy, or temperature with top-k,
+// top-p and min-p filtering — after repetition, presence and frequency penalties; seeded and
+// reproducible (the same seed, logits and history give the same token). Also reports the
+// chosen token's log-probability and the top-N alternatives.
+// Not thread-safe: one Sampler per sequence.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "common/status.h"
+
+namespace pdserve {
+
+struct SamplingParams {
+  float temperature = 0.0f;         // 0: greedy
+  int32_t top_k = 0;                // 0: off
+  float top_p = 1.0f;               // 1: off
+  float min_p = 0.0f;               // 0: off
+  float repetition_penalty = 1.0f;  // 1: off (llama.cpp/CTRL style: divide positive logits)
+  float presence_penalty = 0.0f;    // OpenAI style: subtract once per token seen
+  float frequency_penalty = 0.0f;   // OpenAI style: subtract per occurrence
+  uint64_t seed = 0;
+  int32_t top_logprobs = 0;         // alternatives to report, 0..20
+
+  // A message naming the first invalid field, or OK.
+  Status validate() const;
+};
+
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0.0f;
+};
+
+struct SampleResult {
+  int32_t token = 0;
+  float logprob = 0.0f;               // of the chosen token under the penalized distribution
+  std::vector<TokenLogprob> top;      // top_logprobs alternatives, best first
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+
+  // `logits` (vocab_size floats) is modified in place. `history` is the tokens the penalties
+  // look at (prompt and generated so far).
+  SampleResult sample(std::span<float> logits, std::span<const int32_t> history);
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<int32_t> counts_;
+  std::vector<int32_t> candidates_;
+  std::vector<float> probs_;
+};
+
+}  // namespace pdserve
