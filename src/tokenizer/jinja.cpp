@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -1318,6 +1319,7 @@ Value Value::markup(std::string s) {
 }
 
 Value Value::list(std::vector<Value> items, ListKind list_kind) {
+  PD_CHECK_MSG(list_kind != ListKind::kRange, "ranges come from range() only");
   ListData data;
   data.items = std::move(items);
   return ValueAccess::make_list(std::move(data), list_kind);
@@ -3832,7 +3834,7 @@ int64_t days_from_civil(int64_t y, int64_t m, int64_t d) {
 
 // datetime.strftime: %f, %z and %Z as Python handles them for a naive datetime; every other
 // directive through the C library's strftime (as CPython does), one directive at a time.
-std::string py_strftime(const std::string& format, std::tm tm) {
+std::string py_strftime(const std::string& format, std::tm tm, int64_t microseconds) {
   const int64_t days = days_from_civil(tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
   tm.tm_wday = static_cast<int>(((days % 7) + 11) % 7);  // 1970-01-01 was a Thursday
   tm.tm_yday = static_cast<int>(days - days_from_civil(tm.tm_year + 1900, 1, 1));
@@ -3855,7 +3857,9 @@ std::string py_strftime(const std::string& format, std::tm tm) {
     const std::string directive = format.substr(i, j + 1 - i);
     i = j + 1;
     if (conv == 'f') {
-      out += "000000";
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "%06lld", static_cast<long long>(microseconds));
+      out += buf;
     } else if (conv == 'z' || conv == 'Z') {
       // a naive datetime has no offset and no zone name
     } else {
@@ -3886,8 +3890,12 @@ class Renderer {
     if (options.now) {
       now_ = *options.now;
     } else {
-      const std::time_t t = std::time(nullptr);
+      const auto since_epoch = std::chrono::system_clock::now().time_since_epoch();
+      const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+      const std::time_t t = static_cast<std::time_t>(seconds.count());
       localtime_r(&t, &now_);
+      now_microseconds_ =
+          std::chrono::duration_cast<std::chrono::microseconds>(since_epoch - seconds).count();
     }
   }
 
@@ -4944,7 +4952,7 @@ class Renderer {
       PD_ASSIGN_OR_RETURN(Bound b, bind(args, {"format"}, name, 1));
       if (!b[0]->is_string())
         return error(pos, "strftime() argument 1 must be str, not " + py_type_name(*b[0]));
-      return Value::string(py_strftime(b[0]->as_string(), now_));
+      return Value::string(py_strftime(b[0]->as_string(), now_, now_microseconds_));
     }
     if (name == "range") {
       if (!args.keyword.empty()) return error(pos, "range() takes no keyword arguments");
@@ -6609,6 +6617,7 @@ class Renderer {
   const Dict& variables_;
   const RenderOptions& options_;
   std::tm now_{};
+  int64_t now_microseconds_ = 0;
   std::string* out_ = nullptr;
   int64_t steps_ = 0;
   int call_depth_ = 0;

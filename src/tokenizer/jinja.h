@@ -9,8 +9,36 @@
 // engine does not implement (an unknown or unsupported tag, filter, test, method or global) is
 // rejected there, with its line and column, so an unsupported template fails at load time and
 // never renders a silently different prompt. Template::render() walks the tree; template
-// errors, raise_exception() and exceeded limits (output size, steps, call depth) come back as
-// a Status, never as a crash, whatever the template and the variables.
+// errors, raise_exception() and exceeded limits (output size, steps, call depth, nesting) come
+// back as a Status, never as a crash, whatever the template and the variables.
+//
+// Supported: text, {{ }}, {% %}, {# #}, whitespace control (-, +) with trim_blocks and
+// lstrip_blocks exactly as jinja2's lexer applies them (and its newline normalisation and
+// dropped trailing newline); raw; if/elif/else; for (tuple unpacking, `if` filter, else, loop.*,
+// loop.cycle/changed, break/continue); set (names, tuples, namespace attributes, block set with
+// filters); macro (defaults, keyword arguments, varargs/kwargs); filter blocks; with;
+// {% generation %}; namespace(), range() (sandbox-limited), dict(), raise_exception(),
+// strftime_now(); all jinja2 tests; the filters abs attr batch capitalize center count d
+// default dictsort e escape first float forceescape format indent int items join last length
+// list lower map max min reject rejectattr replace reverse round safe select selectattr sort
+// string sum title tojson trim truncate unique upper wordcount; str methods (strip family,
+// split/rsplit/splitlines, startswith/endswith, upper/lower/title/capitalize, replace, find/
+// rfind/index/rindex/count, join, format, partition, removeprefix/suffix, ljust/rjust/center/
+// zfill, is* predicates), dict get/items/keys/values/copy, list index/count/copy; the sandbox's
+// attribute rules (list.append and other mutators fail when called). Case mapping, whitespace,
+// digits and repr() escaping follow Python 3.11's Unicode 14 tables.
+//
+// Deliberately rejected at parse time (kUnimplemented): include/extends/import/from/block, call
+// blocks and `caller`, recursive loops, the filters groupby pprint random slice striptags
+// urlencode urlize wordwrap xmlattr filesizeformat, the globals cycler/joiner/lipsum, str methods
+// casefold/encode/expandtabs/format_map/isidentifier/istitle/maketrans/swapcase/translate,
+// *args/**kwargs in calls, non-ASCII identifiers, dict literals with non-string keys.
+// Render-time errors where Python would render something: integers beyond 64 bits; printing a
+// generator, function or method (Python prints its memory address); str.format specs
+// ("{:>10}"); isalpha/isalnum/isnumeric and wordcount of non-ASCII text; `sameas` on strings
+// and floats. Markup strings (|safe, |escape) are tracked as markupsafe does for printing, +,
+// %, str.join/replace/format, the str methods and the `escaped` test; a few rarer operations on
+// a Markup (e.g. |truncate's ellipsis) do not escape their other operand.
 //
 // Values follow Python's data model as jinja2 sees it: undefined, None, bool, int (64-bit;
 // overflow is an error), float, str (UTF-8; lengths and indices count code points), list,
@@ -72,6 +100,7 @@ class Value {
   static Value string(std::string v);
   // A string marked safe (markupsafe.Markup): what the safe and escape filters return.
   static Value markup(std::string v);
+  // Any ListKind but kRange (ranges only come from range()).
   static Value list(std::vector<Value> items, ListKind list_kind = ListKind::kList);
   static Value tuple(std::vector<Value> items) { return list(std::move(items), ListKind::kTuple); }
   static Value dict(Dict d);
@@ -160,8 +189,8 @@ struct RenderOptions {
 
 class Template {
  public:
-  // Parses `source`. A syntax error or an unsupported construct is kInvalidArgument or
-  // kUnimplemented, naming the construct and its line and column.
+  // Parses `source`. A syntax error is kInvalidArgument, an unsupported construct
+  // kUnimplemented and excessive nesting kOutOfRange, each naming its line and column.
   static StatusOr<Template> parse(std::string_view source);
 
   // Renders with `variables` as the context (what jinja2's Template.render(**variables) gets).
