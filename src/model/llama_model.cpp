@@ -212,8 +212,7 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
         cpu::rope_apply(kt, c.num_kv_heads, hd, c.rope_dim, neox, cs, sn);
         const SequenceChunk& ch = batch.chunks[sz(chunk_of[sz(t)])];
         int32_t p = pos[sz(t)];
-        int64_t row = int64_t{ch.block_table[sz(p / kvl.block_size)]} * kvl.block_stride() +
-                      int64_t{p % kvl.block_size} * kvl.token_stride();
+        int64_t row = kvl.offset(ch.block_table, p, 0);
         cpu::f32_to_f16(kt, kvl.k + row, kvd);
         cpu::f32_to_f16(vt, kvl.v + row, kvd);
       }

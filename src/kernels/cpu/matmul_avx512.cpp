@@ -151,8 +151,8 @@ inline void tile(const uint8_t* w_rows, size_t rb, const Activations& x, int64_t
   }
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < T; ++t) {
-      __m512 folded = _mm512_add_ps(acc[r][t], _mm512_castps256_ps512(acc_tail[r][t]));
-      if (nb % 2 == 0) folded = acc[r][t];
+      // The tail accumulator is zero when the block count is even.
+      __m512 folded = _mm512_add_ps(acc[r][t], _mm512_zextps256_ps512(acc_tail[r][t]));
       y[(t0 + t) * ldy + r0 + r] = _mm512_reduce_add_ps(folded);
     }
   }

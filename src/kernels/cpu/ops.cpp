@@ -64,8 +64,7 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
   const int32_t hd = kv.head_dim;
   float max_score = -INFINITY;
   for (int32_t j = 0; j < num_keys; ++j) {
-    const uint16_t* k = kv.k + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
-                        (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd;
+    const uint16_t* k = kv.k + kv.offset(block_table, j, kv_head);
     float dot = 0.0f;
     for (int32_t d = 0; d < hd; ++d) dot += q[d] * fp16_to_fp32(k[d]);
     scores[j] = dot * scale;
@@ -78,8 +77,7 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
   }
   for (int32_t d = 0; d < hd; ++d) out[d] = 0.0f;
   for (int32_t j = 0; j < num_keys; ++j) {
-    const uint16_t* v = kv.v + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
-                        (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd;
+    const uint16_t* v = kv.v + kv.offset(block_table, j, kv_head);
     float p = scores[j];
     for (int32_t d = 0; d < hd; ++d) out[d] += p * fp16_to_fp32(v[d]);
   }

@@ -40,6 +40,11 @@ struct PagedKvLayer {
   int32_t head_dim = 0;
   int64_t token_stride() const { return int64_t{num_kv_heads} * head_dim; }
   int64_t block_stride() const { return token_stride() * block_size; }
+  // Offset (in halves) of position `pos`, kv head `kv_head`, in a sequence with `block_table`.
+  int64_t offset(std::span<const int32_t> block_table, int32_t pos, int32_t kv_head) const {
+    return block_table[static_cast<size_t>(pos / block_size)] * block_stride() + (pos % block_size) * token_stride() +
+           static_cast<int64_t>(kv_head) * head_dim;
+  }
 };
 
 // Causal attention of one query head over keys [0, num_keys) of a sequence whose blocks are

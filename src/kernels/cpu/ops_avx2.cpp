@@ -24,8 +24,7 @@ void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const
   const int32_t hd = kv.head_dim;
   float max_score = -INFINITY;
   for (int32_t j = 0; j < num_keys; ++j) {
-    const uint16_t* k = kv.k + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
-                        (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd;
+    const uint16_t* k = kv.k + kv.offset(block_table, j, kv_head);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     for (int32_t d = 0; d < hd; d += 16) {
       s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_h(k + d), s0);
@@ -44,8 +43,7 @@ void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const
     int32_t width = hd - d0 < 32 ? hd - d0 : 32;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int32_t j = 0; j < num_keys; ++j) {
-      const uint16_t* v = kv.v + block_table[static_cast<size_t>(j / kv.block_size)] * kv.block_stride() +
-                          (j % kv.block_size) * kv.token_stride() + static_cast<int64_t>(kv_head) * hd + d0;
+      const uint16_t* v = kv.v + kv.offset(block_table, j, kv_head) + d0;
       __m256 p = _mm256_set1_ps(scores[j]);
       for (int32_t c = 0; c < width / 8; ++c) acc[c] = _mm256_fmadd_ps(p, load_h(v + 8 * c), acc[c]);
     }
