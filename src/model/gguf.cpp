@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -73,8 +74,8 @@ class GgufParser {
   template <typename T>
   Status read(T& out, const char* what) {
     if (remaining() < sizeof(T)) {
-      return error(pos_, fmt::format("file ends while reading {} ({} bytes needed, {} left)", what,
-                                     sizeof(T), remaining()));
+      return error(pos_, fmt::format("file ends while reading {} ({} bytes needed, {} left)", what, sizeof(T),
+                                     remaining()));
     }
     std::memcpy(&out, b_.data() + pos_, sizeof(T));
     pos_ += sizeof(T);
@@ -86,8 +87,8 @@ class GgufParser {
     uint64_t len = 0;
     PD_RETURN_IF_ERROR(read(len, what));
     if (len > remaining()) {
-      return error(at, fmt::format("{} has length {} but only {} bytes remain in the file", what, len,
-                                   remaining()));
+      return error(
+          at, fmt::format("{} has length {} but only {} bytes remain in the file", what, len, remaining()));
     }
     if (len > limits_.max_string_bytes) {
       return error(at, fmt::format("{} has length {}, above the limit of {} bytes", what, len,
@@ -108,16 +109,66 @@ class GgufParser {
 Status GgufParser::read_value(GgufValueType type, GgufValue& out, int depth, const std::string& key) {
   out.type = type;
   switch (type) {
-    case GgufValueType::kUint8: { uint8_t v{}; PD_RETURN_IF_ERROR(read(v, "a uint8 value")); out.value = uint64_t{v}; break; }
-    case GgufValueType::kInt8: { int8_t v{}; PD_RETURN_IF_ERROR(read(v, "an int8 value")); out.value = int64_t{v}; break; }
-    case GgufValueType::kUint16: { uint16_t v{}; PD_RETURN_IF_ERROR(read(v, "a uint16 value")); out.value = uint64_t{v}; break; }
-    case GgufValueType::kInt16: { int16_t v{}; PD_RETURN_IF_ERROR(read(v, "an int16 value")); out.value = int64_t{v}; break; }
-    case GgufValueType::kUint32: { uint32_t v{}; PD_RETURN_IF_ERROR(read(v, "a uint32 value")); out.value = uint64_t{v}; break; }
-    case GgufValueType::kInt32: { int32_t v{}; PD_RETURN_IF_ERROR(read(v, "an int32 value")); out.value = int64_t{v}; break; }
-    case GgufValueType::kUint64: { uint64_t v{}; PD_RETURN_IF_ERROR(read(v, "a uint64 value")); out.value = v; break; }
-    case GgufValueType::kInt64: { int64_t v{}; PD_RETURN_IF_ERROR(read(v, "an int64 value")); out.value = v; break; }
-    case GgufValueType::kFloat32: { float v{}; PD_RETURN_IF_ERROR(read(v, "a float32 value")); out.value = double{v}; break; }
-    case GgufValueType::kFloat64: { double v{}; PD_RETURN_IF_ERROR(read(v, "a float64 value")); out.value = v; break; }
+    case GgufValueType::kUint8: {
+      uint8_t v{};
+      PD_RETURN_IF_ERROR(read(v, "a uint8 value"));
+      out.value = uint64_t{v};
+      break;
+    }
+    case GgufValueType::kInt8: {
+      int8_t v{};
+      PD_RETURN_IF_ERROR(read(v, "an int8 value"));
+      out.value = int64_t{v};
+      break;
+    }
+    case GgufValueType::kUint16: {
+      uint16_t v{};
+      PD_RETURN_IF_ERROR(read(v, "a uint16 value"));
+      out.value = uint64_t{v};
+      break;
+    }
+    case GgufValueType::kInt16: {
+      int16_t v{};
+      PD_RETURN_IF_ERROR(read(v, "an int16 value"));
+      out.value = int64_t{v};
+      break;
+    }
+    case GgufValueType::kUint32: {
+      uint32_t v{};
+      PD_RETURN_IF_ERROR(read(v, "a uint32 value"));
+      out.value = uint64_t{v};
+      break;
+    }
+    case GgufValueType::kInt32: {
+      int32_t v{};
+      PD_RETURN_IF_ERROR(read(v, "an int32 value"));
+      out.value = int64_t{v};
+      break;
+    }
+    case GgufValueType::kUint64: {
+      uint64_t v{};
+      PD_RETURN_IF_ERROR(read(v, "a uint64 value"));
+      out.value = v;
+      break;
+    }
+    case GgufValueType::kInt64: {
+      int64_t v{};
+      PD_RETURN_IF_ERROR(read(v, "an int64 value"));
+      out.value = v;
+      break;
+    }
+    case GgufValueType::kFloat32: {
+      float v{};
+      PD_RETURN_IF_ERROR(read(v, "a float32 value"));
+      out.value = double{v};
+      break;
+    }
+    case GgufValueType::kFloat64: {
+      double v{};
+      PD_RETURN_IF_ERROR(read(v, "a float64 value"));
+      out.value = v;
+      break;
+    }
     case GgufValueType::kBool: {
       uint64_t at = pos_;
       uint8_t v = 0;
@@ -135,7 +186,8 @@ Status GgufParser::read_value(GgufValueType type, GgufValue& out, int depth, con
     case GgufValueType::kArray: {
       uint64_t at = pos_;
       if (depth >= limits_.max_array_depth) {
-        return error(at, fmt::format("metadata '{}': arrays nested deeper than {}", key, limits_.max_array_depth));
+        return error(
+            at, fmt::format("metadata '{}': arrays nested deeper than {}", key, limits_.max_array_depth));
       }
       uint32_t elem_type = 0;
       uint64_t count = 0;
@@ -178,12 +230,14 @@ Status GgufParser::parse(GgufFile& f) {
   at = pos_;
   PD_RETURN_IF_ERROR(read(tensor_count, "the tensor count"));
   if (tensor_count > limits_.max_tensor_count || tensor_count > remaining() / 32) {
-    return error(at, fmt::format("tensor count {} is impossible for a file of {} bytes", tensor_count, b_.size()));
+    return error(
+        at, fmt::format("tensor count {} is impossible for a file of {} bytes", tensor_count, b_.size()));
   }
   at = pos_;
   PD_RETURN_IF_ERROR(read(kv_count, "the metadata count"));
   if (kv_count > limits_.max_kv_count || kv_count > remaining() / 13) {
-    return error(at, fmt::format("metadata count {} is impossible for a file of {} bytes", kv_count, b_.size()));
+    return error(at,
+                 fmt::format("metadata count {} is impossible for a file of {} bytes", kv_count, b_.size()));
   }
 
   for (uint64_t i = 0; i < kv_count; ++i) {
@@ -206,8 +260,8 @@ Status GgufParser::parse(GgufFile& f) {
   if (const GgufValue* a = f.find("general.alignment")) {
     auto al = a->as_int("general.alignment");
     if (!al.ok() || *al <= 0 || *al > (1 << 20) || (*al & (*al - 1)) != 0) {
-      return data_loss(fmt::format("gguf: general.alignment must be a power of two up to 1 MiB, got {}",
-                                   a->to_display()));
+      return data_loss(
+          fmt::format("gguf: general.alignment must be a power of two up to 1 MiB, got {}", a->to_display()));
     }
     f.alignment_ = static_cast<uint64_t>(*al);
   }
@@ -221,7 +275,8 @@ Status GgufParser::parse(GgufFile& f) {
     at = pos_;
     PD_RETURN_IF_ERROR(read(n_dims, "a tensor's dimension count"));
     if (n_dims == 0 || n_dims > kMaxDims) {
-      return error(at, fmt::format("tensor '{}' has {} dimensions (1 to {} allowed)", t.name, n_dims, kMaxDims));
+      return error(at,
+                   fmt::format("tensor '{}' has {} dimensions (1 to {} allowed)", t.name, n_dims, kMaxDims));
     }
     t.dims.resize(n_dims);
     uint64_t elements = 1;
@@ -233,8 +288,9 @@ Status GgufParser::parse(GgufFile& f) {
         return error(at, fmt::format("tensor '{}' dimension {} is {}", t.name, d, ne));
       }
       if (elements > std::numeric_limits<uint64_t>::max() / ne || elements * ne > (1ull << 50)) {
-        return error(at, fmt::format("tensor '{}' has too many elements (the product of its dimensions overflows)",
-                                     t.name));
+        return error(
+            at, fmt::format("tensor '{}' has too many elements (the product of its dimensions overflows)",
+                            t.name));
       }
       elements *= ne;
       t.dims[d] = static_cast<int64_t>(ne);
@@ -246,11 +302,13 @@ Status GgufParser::parse(GgufFile& f) {
     if (!info) return error(at, fmt::format("tensor '{}' has unknown type id {}", t.name, type));
     t.type = static_cast<GgmlType>(type);
     if (static_cast<uint64_t>(t.dims[0]) % static_cast<uint64_t>(info->block_elements) != 0) {
-      return error(at, fmt::format("tensor '{}' of type {} has a row of {} elements, not a multiple of the block "
-                                   "size {}",
-                                   t.name, info->name, t.dims[0], info->block_elements));
+      return error(at,
+                   fmt::format("tensor '{}' of type {} has a row of {} elements, not a multiple of the block "
+                               "size {}",
+                               t.name, info->name, t.dims[0], info->block_elements));
     }
-    t.size_bytes = elements / static_cast<uint64_t>(info->block_elements) * static_cast<uint64_t>(info->block_bytes);
+    t.size_bytes =
+        elements / static_cast<uint64_t>(info->block_elements) * static_cast<uint64_t>(info->block_bytes);
     at = pos_;
     PD_RETURN_IF_ERROR(read(t.offset, "a tensor data offset"));
     if (t.offset % f.alignment_ != 0) {
@@ -265,17 +323,18 @@ Status GgufParser::parse(GgufFile& f) {
   // The data section starts at the next multiple of the alignment.
   uint64_t data = (pos_ + f.alignment_ - 1) / f.alignment_ * f.alignment_;
   if (tensor_count > 0 && data > b_.size()) {
-    return error(pos_, fmt::format("the file ends before its data section (needs {} bytes, has {})", data,
-                                   b_.size()));
+    return error(
+        pos_, fmt::format("the file ends before its data section (needs {} bytes, has {})", data, b_.size()));
   }
   f.data_offset_ = data;
   uint64_t data_size = data <= b_.size() ? b_.size() - data : 0;
   for (GgufTensorInfo& t : f.tensors_) {
     if (t.offset > data_size || t.size_bytes > data_size - t.offset) {
-      return data_loss(fmt::format(
-          "gguf: tensor '{}' ({} bytes at data offset {}, byte {} of the file) extends past the end of the file "
-          "({} bytes): the file is truncated or corrupt",
-          t.name, t.size_bytes, t.offset, data + t.offset, b_.size()));
+      return data_loss(
+          fmt::format("gguf: tensor '{}' ({} bytes at data offset {}, byte {} of the file) extends past the "
+                      "end of the file "
+                      "({} bytes): the file is truncated or corrupt",
+                      t.name, t.size_bytes, t.offset, data + t.offset, b_.size()));
     }
     t.data = b_.data() + data + t.offset;
   }
@@ -292,14 +351,16 @@ StatusOr<int64_t> GgufValue::as_int(const std::string& key) const {
     return static_cast<int64_t>(*u);
   }
   if (const auto* i = std::get_if<int64_t>(&value)) return *i;
-  return invalid_argument(fmt::format("metadata '{}' is a {}, expected an integer", key, value_type_name(type)));
+  return invalid_argument(
+      fmt::format("metadata '{}' is a {}, expected an integer", key, value_type_name(type)));
 }
 
 StatusOr<double> GgufValue::as_float(const std::string& key) const {
   if (const auto* d = std::get_if<double>(&value)) return *d;
   if (const auto* u = std::get_if<uint64_t>(&value)) return static_cast<double>(*u);
   if (const auto* i = std::get_if<int64_t>(&value)) return static_cast<double>(*i);
-  return invalid_argument(fmt::format("metadata '{}' is a {}, expected a number", key, value_type_name(type)));
+  return invalid_argument(
+      fmt::format("metadata '{}' is a {}, expected a number", key, value_type_name(type)));
 }
 
 StatusOr<bool> GgufValue::as_bool(const std::string& key) const {
@@ -309,7 +370,8 @@ StatusOr<bool> GgufValue::as_bool(const std::string& key) const {
 
 StatusOr<std::string> GgufValue::as_string(const std::string& key) const {
   if (const auto* s = std::get_if<std::string>(&value)) return *s;
-  return invalid_argument(fmt::format("metadata '{}' is a {}, expected a string", key, value_type_name(type)));
+  return invalid_argument(
+      fmt::format("metadata '{}' is a {}, expected a string", key, value_type_name(type)));
 }
 
 std::string GgufValue::to_display(size_t max_items) const {
@@ -320,9 +382,12 @@ std::string GgufValue::to_display(size_t max_items) const {
   if (const auto* s = std::get_if<std::string>(&value)) {
     std::string out = "\"";
     for (char c : *s) {
-      if (c == '\n') out += "\\n";
-      else if (c == '"') out += "\\\"";
-      else out += c;
+      if (c == '\n')
+        out += "\\n";
+      else if (c == '"')
+        out += "\\\"";
+      else
+        out += c;
     }
     return out + "\"";
   }
@@ -342,7 +407,8 @@ int64_t GgufTensorInfo::num_elements() const {
   return n;
 }
 
-StatusOr<std::unique_ptr<GgufFile>> GgufFile::parse(std::span<const uint8_t> bytes, const GgufLimits& limits) {
+StatusOr<std::unique_ptr<GgufFile>> GgufFile::parse(std::span<const uint8_t> bytes,
+                                                    const GgufLimits& limits) {
   std::unique_ptr<GgufFile> f(new GgufFile());
   f->bytes_ = bytes;
   GgufParser parser(bytes, limits);
@@ -355,8 +421,8 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::string& path) {
   if (fd < 0) {
     int err = errno;
     return Status(err == ENOENT ? StatusCode::kNotFound : StatusCode::kInvalidArgument,
-                  fmt::format("cannot open model file '{}': {}. Pass --model PATH to use another file",
-                              path, std::strerror(err)));
+                  fmt::format("cannot open model file '{}': {}. Pass --model PATH to use another file", path,
+                              std::strerror(err)));
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -384,6 +450,18 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::string& path) {
   f->mapping_ = map;
   f->mapping_size_ = size;
   return f;
+}
+
+void GgufFile::release_pages(const uint8_t* p, size_t n) const {
+  if (!mapping_) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  auto begin = reinterpret_cast<uintptr_t>(p), end = begin + n;
+  auto map_begin = reinterpret_cast<uintptr_t>(mapping_), map_end = map_begin + mapping_size_;
+  begin = std::max(begin, map_begin);
+  end = std::min(end, map_end);
+  begin = (begin + page - 1) / page * page;
+  end = end / page * page;
+  if (begin < end) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 GgufFile::~GgufFile() {

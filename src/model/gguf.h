@@ -62,7 +62,7 @@ struct GgufTensorInfo {
   std::string name;
   std::vector<int64_t> dims;  // ne[0] is the innermost (contiguous) dimension, as in GGML
   GgmlType type = GgmlType::kF32;
-  uint64_t offset = 0;        // relative to the start of the data section
+  uint64_t offset = 0;  // relative to the start of the data section
   uint64_t size_bytes = 0;
   const uint8_t* data = nullptr;  // into the mapping
 
@@ -105,6 +105,11 @@ class GgufFile {
   StatusOr<int64_t> get_int_or(const std::string& key, int64_t fallback) const;
   StatusOr<double> get_float_or(const std::string& key, double fallback) const;
   StatusOr<bool> get_bool_or(const std::string& key, bool fallback) const;
+
+  // Tells the kernel that the whole pages inside [p, p + n) of the mapping will not be read
+  // soon, so they stop counting as resident; reading them again faults them back in from the
+  // file. A no-op for parsed (unmapped) bytes.
+  void release_pages(const uint8_t* p, size_t n) const;
 
  private:
   GgufFile() = default;

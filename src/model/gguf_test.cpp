@@ -29,7 +29,8 @@ std::vector<uint8_t> valid_file() {
   w.add("test.f64", {GgufValueType::kFloat64, 2.5});
   w.add("test.u8", {GgufValueType::kUint8, uint64_t{7}});
   w.add("test.i16", {GgufValueType::kInt16, int64_t{-300}});
-  GgufArray inner{GgufValueType::kInt32, {{GgufValueType::kInt32, int64_t{1}}, {GgufValueType::kInt32, int64_t{2}}}};
+  GgufArray inner{GgufValueType::kInt32,
+                  {{GgufValueType::kInt32, int64_t{1}}, {GgufValueType::kInt32, int64_t{2}}}};
   GgufArray outer{GgufValueType::kArray, {{GgufValueType::kArray, inner}, {GgufValueType::kArray, inner}}};
   w.add("test.nested", {GgufValueType::kArray, outer});
   w.add_tensor("a", GgmlType::kF32, {4, 2}, f32_bytes(8));
@@ -149,14 +150,30 @@ std::vector<uint8_t> one_kv(const std::string& key, uint32_t type, const std::ve
 TEST(Gguf, MalformedFilesGiveClearErrors) {
   const std::vector<Case> cases = {
       {"empty", [] { return std::vector<uint8_t>{}; }, "not a GGUF file"},
-      {"bad magic", [] { auto b = valid_file(); b[0] = 'X'; return b; }, "not a GGUF file"},
+      {"bad magic",
+       [] {
+         auto b = valid_file();
+         b[0] = 'X';
+         return b;
+       },
+       "not a GGUF file"},
       {"version 1", [] { return header(1, 0, 0); }, "GGUF version 1 is not supported"},
       {"version 99", [] { return header(99, 0, 0); }, "GGUF version 99"},
       {"absurd tensor count", [] { return header(3, 1ull << 60, 0); }, "tensor count"},
       {"absurd kv count", [] { return header(3, 0, 1ull << 40); }, "metadata count"},
       {"string longer than file",
-       [] { auto b = header(3, 0, 1); append<uint64_t>(b, 1ull << 62); b.resize(b.size() + 16); return b; }, "only"},
-      {"unknown value type", [] { return one_kv("k", 77, {0, 0, 0, 0}); }, "unknown value type 77"},
+       [] {
+         auto b = header(3, 0, 1);
+         append<uint64_t>(b, 1ull << 62);
+         b.resize(b.size() + 16);
+         return b;
+       },
+       "only"},
+      {"unknown value type",
+       [] {
+         return one_kv("k", 77, {0, 0, 0, 0});
+       },
+       "unknown value type 77"},
       {"bool not 0/1", [] { return one_kv("k", 7, {2}); }, "bool value is 2"},
       {"array count absurd",
        [] {
@@ -205,12 +222,24 @@ TEST(Gguf, MalformedFilesGiveClearErrors) {
        },
        "power of two"},
       {"zero dims", [] { return one_tensor(0, {}, 0, 0, 0); }, "has 0 dimensions"},
-      {"five dims", [] { return one_tensor(5, {1, 1, 1, 1, 1}, 0, 0, 4); }, "has 5 dimensions"},
-      {"zero-size dim", [] { return one_tensor(2, {4, 0}, 0, 0, 0); }, "dimension 1 is 0"},
-      {"overflowing product", [] { return one_tensor(3, {1ull << 30, 1ull << 30, 1ull << 30}, 0, 0, 0); },
+      {"five dims",
+       [] {
+         return one_tensor(5, {1, 1, 1, 1, 1}, 0, 0, 4);
+       },
+       "has 5 dimensions"},
+      {"zero-size dim",
+       [] {
+         return one_tensor(2, {4, 0}, 0, 0, 0);
+       },
+       "dimension 1 is 0"},
+      {"overflowing product",
+       [] {
+         return one_tensor(3, {1ull << 30, 1ull << 30, 1ull << 30}, 0, 0, 0);
+       },
        "overflows"},
       {"unknown tensor type", [] { return one_tensor(1, {4}, 99, 0, 16); }, "unknown type id 99"},
-      {"row not a block multiple", [] { return one_tensor(1, {33}, 2, 0, 64); }, "not a multiple of the block"},
+      {"row not a block multiple", [] { return one_tensor(1, {33}, 2, 0, 64); },
+       "not a multiple of the block"},
       {"misaligned offset", [] { return one_tensor(1, {4}, 0, 3, 64); }, "not a multiple of the alignment"},
       {"offset past end", [] { return one_tensor(1, {4}, 0, 1ull << 40, 16); }, "extends past the end"},
       {"data truncated", [] { return one_tensor(1, {64}, 0, 0, 100); }, "truncated"},
@@ -235,9 +264,10 @@ TEST(Gguf, MalformedFilesGiveClearErrors) {
     ASSERT_FALSE(f.ok()) << c.name;
     EXPECT_NE(f.status().message().find(c.expected), std::string::npos)
         << c.name << ": got '" << f.status().message() << "'";
-    if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0 && std::string(c.name) != "bad alignment") {
-      EXPECT_NE(f.status().message().find("byte"), std::string::npos) << c.name << ": no byte offset in '"
-                                                                       << f.status().message() << "'";
+    if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0 &&
+        std::string(c.name) != "bad alignment") {
+      EXPECT_NE(f.status().message().find("byte"), std::string::npos)
+          << c.name << ": no byte offset in '" << f.status().message() << "'";
     }
   }
 }

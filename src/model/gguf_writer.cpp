@@ -23,9 +23,13 @@ void put_value(std::vector<uint8_t>& out, const GgufValue& v) {
   switch (v.type) {
     case GgufValueType::kUint8: put<uint8_t>(out, static_cast<uint8_t>(std::get<uint64_t>(v.value))); break;
     case GgufValueType::kInt8: put<int8_t>(out, static_cast<int8_t>(std::get<int64_t>(v.value))); break;
-    case GgufValueType::kUint16: put<uint16_t>(out, static_cast<uint16_t>(std::get<uint64_t>(v.value))); break;
+    case GgufValueType::kUint16:
+      put<uint16_t>(out, static_cast<uint16_t>(std::get<uint64_t>(v.value)));
+      break;
     case GgufValueType::kInt16: put<int16_t>(out, static_cast<int16_t>(std::get<int64_t>(v.value))); break;
-    case GgufValueType::kUint32: put<uint32_t>(out, static_cast<uint32_t>(std::get<uint64_t>(v.value))); break;
+    case GgufValueType::kUint32:
+      put<uint32_t>(out, static_cast<uint32_t>(std::get<uint64_t>(v.value)));
+      break;
     case GgufValueType::kInt32: put<int32_t>(out, static_cast<int32_t>(std::get<int64_t>(v.value))); break;
     case GgufValueType::kUint64: put<uint64_t>(out, std::get<uint64_t>(v.value)); break;
     case GgufValueType::kInt64: put<int64_t>(out, std::get<int64_t>(v.value)); break;

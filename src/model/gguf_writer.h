@@ -12,7 +12,8 @@ namespace pdserve {
 
 class GgufWriter {
  public:
-  explicit GgufWriter(uint32_t version = 3, uint64_t alignment = 32) : version_(version), alignment_(alignment) {}
+  explicit GgufWriter(uint32_t version = 3, uint64_t alignment = 32)
+      : version_(version), alignment_(alignment) {}
 
   void add(const std::string& key, const GgufValue& value) { kvs_.emplace_back(key, value); }
   void add_u32(const std::string& key, uint32_t v) { add(key, {GgufValueType::kUint32, uint64_t{v}}); }

@@ -11,12 +11,13 @@ namespace pdserve {
 
 namespace {
 
-StatusOr<const GgufTensorInfo*> find_tensor(const GgufFile& f, const std::string& name, std::vector<int64_t> dims) {
+StatusOr<const GgufTensorInfo*> find_tensor(const GgufFile& f, const std::string& name,
+                                            std::vector<int64_t> dims) {
   const GgufTensorInfo* t = f.find_tensor(name);
   if (!t) return invalid_argument(fmt::format("model file has no tensor '{}'", name));
   if (t->dims != dims) {
-    return invalid_argument(fmt::format("tensor '{}' has shape [{}], expected [{}]", name, fmt::join(t->dims, ", "),
-                                        fmt::join(dims, ", ")));
+    return invalid_argument(fmt::format("tensor '{}' has shape [{}], expected [{}]", name,
+                                        fmt::join(t->dims, ", "), fmt::join(dims, ", ")));
   }
   return t;
 }
@@ -24,19 +25,21 @@ StatusOr<const GgufTensorInfo*> find_tensor(const GgufFile& f, const std::string
 StatusOr<cpu::Weights> matrix(const GgufFile& f, const std::string& name, int64_t cols, int64_t rows) {
   PD_ASSIGN_OR_RETURN(const GgufTensorInfo* t, find_tensor(f, name, {cols, rows}));
   if (!cpu::is_supported_weight_type(t->type)) {
-    return unimplemented(fmt::format("tensor '{}' has type {}, which the CPU engine does not compute with "
-                                     "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
-                                     name, ggml_type_name(t->type)));
+    return unimplemented(
+        fmt::format("tensor '{}' has type {}, which the CPU engine does not compute with "
+                    "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+                    name, ggml_type_name(t->type)));
   }
-  if (cols % 32 != 0) return unimplemented(fmt::format("tensor '{}' has rows of {} (not a multiple of 32)", name, cols));
+  if (cols % 32 != 0)
+    return unimplemented(fmt::format("tensor '{}' has rows of {} (not a multiple of 32)", name, cols));
   return cpu::Weights{t->type, t->data, rows, cols};
 }
 
 StatusOr<const float*> vector_f32(const GgufFile& f, const std::string& name, int64_t n) {
   PD_ASSIGN_OR_RETURN(const GgufTensorInfo* t, find_tensor(f, name, {n}));
   if (t->type != GgmlType::kF32) {
-    return unimplemented(fmt::format("tensor '{}' has type {}; norms and biases must be F32", name,
-                                     ggml_type_name(t->type)));
+    return unimplemented(
+        fmt::format("tensor '{}' has type {}; norms and biases must be F32", name, ggml_type_name(t->type)));
   }
   return reinterpret_cast<const float*>(t->data);
 }
@@ -57,7 +60,8 @@ std::vector<float> llama3_freq_factors(const ModelConfig& c) {
     } else if (wavelen > low_wavelen) {
       new_freq = freq / s.factor;
     } else {
-      double smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+      double smooth = (s.original_context_length / wavelen - s.low_freq_factor) /
+                      (s.high_freq_factor - s.low_freq_factor);
       new_freq = (1 - smooth) * freq / s.factor + smooth * freq;
     }
     out[static_cast<size_t>(i)] = static_cast<float>(freq / new_freq);
@@ -107,7 +111,30 @@ StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(std::shared_ptr<const Ggu
     }
   }
   m->file_ = std::move(file);
+  m->to_compute_layout();
   return m;
+}
+
+void LlamaModel::to_compute_layout() {
+  std::vector<cpu::Weights*> all = {&token_embd_};
+  if (!config_.tied_embeddings) all.push_back(&output_);
+  for (Layer& l : layers_) {
+    for (cpu::Weights* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) all.push_back(w);
+  }
+  auto aligned = [](size_t n) { return (n + 63) / 64 * 64; };
+  size_t total = 0;
+  for (const cpu::Weights* w : all) total += aligned(cpu::compute_bytes(w->type, w->rows, w->cols));
+  weights_ = cpu::PageBuffer(total);
+  ThreadPool pool;
+  size_t at = 0;
+  for (cpu::Weights* w : all) {
+    const cpu::Weights src = *w;
+    *w = cpu::to_compute_layout(src, weights_.data() + at, pool);
+    at += aligned(cpu::compute_bytes(w->type, w->rows, w->cols));
+    // The file's copy is no longer read: let its pages go (they stay in the page cache).
+    file_->release_pages(src.data, cpu::row_bytes(src.type, src.cols) * static_cast<size_t>(src.rows));
+  }
+  if (config_.tied_embeddings) output_ = token_embd_;
 }
 
 Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool& pool, float* logits) {
@@ -137,7 +164,8 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     }
     for (int64_t b = 0; b < (end + kv.block_size() - 1) / kv.block_size(); ++b) {
       int32_t id = ch.block_table[static_cast<size_t>(b)];
-      if (id < 0 || id >= kv.num_blocks()) return invalid_argument(fmt::format("forward: block id {} out of range", id));
+      if (id < 0 || id >= kv.num_blocks())
+        return invalid_argument(fmt::format("forward: block id {} out of range", id));
     }
     for (int32_t i = 0; i < ch.num_tokens; ++i) {
       pos[static_cast<size_t>(at + i)] = ch.first_position + i;
@@ -150,7 +178,8 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
   if (at != T) return invalid_argument("forward: chunks do not cover the batch");
   for (int32_t tok : batch.tokens) {
     if (tok < 0 || tok >= c.vocab_size) {
-      return invalid_argument(fmt::format("forward: token id {} outside the vocabulary (size {})", tok, c.vocab_size));
+      return invalid_argument(
+          fmt::format("forward: token id {} outside the vocabulary (size {})", tok, c.vocab_size));
     }
   }
 
@@ -169,13 +198,11 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
   const int nthreads = pool.num_threads();
   scores_.resize(sz(int64_t{nthreads} * max_keys));
 
-  const size_t embd_row = cpu::row_bytes(token_embd_.type, d);
   pool.run([&](int idx, int n) {
     for (int64_t t = idx; t < T; t += n) {
-      cpu::dequantize_row(token_embd_.type, token_embd_.data + embd_row * static_cast<size_t>(batch.tokens[sz(t)]),
-                          x_.data() + t * d, d);
-      cpu::rope_angles(pos[sz(t)], c.rope_dim, c.rope_theta, rope_freq_factors_, rope_cos_.data() + t * half_rope,
-                       rope_sin_.data() + t * half_rope);
+      cpu::dequantize_weight_row(token_embd_, batch.tokens[sz(t)], x_.data() + t * d);
+      cpu::rope_angles(pos[sz(t)], c.rope_dim, c.rope_theta, rope_freq_factors_,
+                       rope_cos_.data() + t * half_rope, rope_sin_.data() + t * half_rope);
     }
   });
 
@@ -188,7 +215,8 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     cpu::PagedKvLayer kvl = kv.layer(li);
 
     pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n) cpu::rms_norm(x_.data() + t * d, L.attn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
+      for (int64_t t = idx; t < T; t += n)
+        cpu::rms_norm(x_.data() + t * d, L.attn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
     });
     acts_.prepare(xn_.data(), T, d, pool);
     cpu::matmul(L.wq, acts_, q_.data(), qd, pool);
@@ -225,8 +253,8 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
         int64_t t = w / c.num_heads;
         int32_t h = static_cast<int32_t>(w % c.num_heads);
         const SequenceChunk& ch = batch.chunks[sz(chunk_of[sz(t)])];
-        cpu::attention_head(q_.data() + t * qd + int64_t{h} * hd, kvl, ch.block_table, pos[sz(t)] + 1, h / group,
-                            attn_scale, scores, attn_.data() + t * qd + int64_t{h} * hd);
+        cpu::attention_head(q_.data() + t * qd + int64_t{h} * hd, kvl, ch.block_table, pos[sz(t)] + 1,
+                            h / group, attn_scale, scores, attn_.data() + t * qd + int64_t{h} * hd);
       }
     });
     acts_.prepare(attn_.data(), T, qd, pool);
@@ -242,7 +270,8 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     cpu::matmul(L.w_gate, acts_, gate_.data(), ffn, pool);
     cpu::matmul(L.w_up, acts_, up_.data(), ffn, pool);
     pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n) cpu::silu_mul(gate_.data() + t * ffn, up_.data() + t * ffn, ffn, gate_.data() + t * ffn);
+      for (int64_t t = idx; t < T; t += n)
+        cpu::silu_mul(gate_.data() + t * ffn, up_.data() + t * ffn, ffn, gate_.data() + t * ffn);
     });
     acts_.prepare(gate_.data(), T, ffn, pool);
     cpu::matmul(L.w_down, acts_, tmp_.data(), d, pool);

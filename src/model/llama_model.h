@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "common/thread_pool.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/page_buffer.h"
 #include "model/gguf.h"
 #include "model/kv_storage.h"
 #include "model/model_config.h"
@@ -56,6 +57,8 @@ class LlamaModel {
   };
 
   LlamaModel() = default;
+  // Moves every weight matrix out of the file mapping into weights_, in its compute layout.
+  void to_compute_layout();
 
   ModelConfig config_;
   std::shared_ptr<const GgufFile> file_;
@@ -64,6 +67,7 @@ class LlamaModel {
   const float* output_norm_ = nullptr;
   std::vector<float> rope_freq_factors_;
   std::vector<Layer> layers_;
+  cpu::PageBuffer weights_;  // the matrices above point here
 
   // Scratch, resized per call.
   cpu::AlignedBuffer<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, tmp_, scores_, rope_cos_, rope_sin_;

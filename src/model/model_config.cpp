@@ -6,7 +6,8 @@ namespace pdserve {
 
 namespace {
 Status positive(const char* what, int64_t v, int64_t max) {
-  if (v <= 0 || v > max) return invalid_argument(fmt::format("model metadata: {} = {} is out of range (1..{})", what, v, max));
+  if (v <= 0 || v > max)
+    return invalid_argument(fmt::format("model metadata: {} = {} is out of range (1..{})", what, v, max));
   return ok_status();
 }
 }  // namespace
@@ -15,8 +16,8 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   ModelConfig c;
   PD_ASSIGN_OR_RETURN(c.architecture, f.get_string("general.architecture"));
   if (c.architecture != "llama" && c.architecture != "qwen2") {
-    return unimplemented(fmt::format("model architecture '{}' is not supported (supported: llama, qwen2)",
-                                     c.architecture));
+    return unimplemented(
+        fmt::format("model architecture '{}' is not supported (supported: llama, qwen2)", c.architecture));
   }
   auto name = f.get_string("general.name");
   c.name = name.ok() ? *name : c.architecture;
@@ -34,21 +35,26 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   PD_RETURN_IF_ERROR(positive("attention.head_count_kv", kv_heads, heads));
   PD_RETURN_IF_ERROR(positive("context_length", ctx, 1 << 24));
   if (heads % kv_heads != 0) {
-    return invalid_argument(fmt::format("model metadata: head_count {} is not a multiple of head_count_kv {}", heads, kv_heads));
+    return invalid_argument(
+        fmt::format("model metadata: head_count {} is not a multiple of head_count_kv {}", heads, kv_heads));
   }
   int64_t head_dim = hidden / heads;
   PD_ASSIGN_OR_RETURN(int64_t key_len, f.get_int_or(a + "attention.key_length", head_dim));
   head_dim = key_len;
   PD_RETURN_IF_ERROR(positive("attention.key_length", head_dim, 1024));
-  if (head_dim % 2 != 0) return invalid_argument(fmt::format("model metadata: head dimension {} is odd", head_dim));
+  if (head_dim % 2 != 0)
+    return invalid_argument(fmt::format("model metadata: head dimension {} is odd", head_dim));
   PD_ASSIGN_OR_RETURN(int64_t rope_dim, f.get_int_or(a + "rope.dimension_count", head_dim));
   if (rope_dim <= 0 || rope_dim > head_dim || rope_dim % 2 != 0) {
-    return invalid_argument(fmt::format("model metadata: rope.dimension_count {} is invalid for head dimension {}", rope_dim, head_dim));
+    return invalid_argument(fmt::format(
+        "model metadata: rope.dimension_count {} is invalid for head dimension {}", rope_dim, head_dim));
   }
   PD_ASSIGN_OR_RETURN(double eps, f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
   PD_ASSIGN_OR_RETURN(double theta, f.get_float_or(a + "rope.freq_base", 10000.0));
-  if (!(eps > 0 && eps < 1)) return invalid_argument(fmt::format("model metadata: rms epsilon {} is out of range", eps));
-  if (!(theta > 0)) return invalid_argument(fmt::format("model metadata: rope.freq_base {} is out of range", theta));
+  if (!(eps > 0 && eps < 1))
+    return invalid_argument(fmt::format("model metadata: rms epsilon {} is out of range", eps));
+  if (!(theta > 0))
+    return invalid_argument(fmt::format("model metadata: rope.freq_base {} is out of range", theta));
 
   c.num_layers = static_cast<int32_t>(layers);
   c.hidden_size = static_cast<int32_t>(hidden);
@@ -81,7 +87,8 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
   if (!embd || embd->dims.size() != 2) return invalid_argument("model has no 2-D tensor 'token_embd.weight'");
   if (embd->dims[0] != hidden) {
-    return invalid_argument(fmt::format("token_embd.weight has rows of {} but embedding_length is {}", embd->dims[0], hidden));
+    return invalid_argument(
+        fmt::format("token_embd.weight has rows of {} but embedding_length is {}", embd->dims[0], hidden));
   }
   c.vocab_size = static_cast<int32_t>(embd->dims[1]);
   return c;

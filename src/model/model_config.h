@@ -27,11 +27,11 @@ struct ModelConfig {
   std::string architecture;  // "llama" or "qwen2"
   std::string name;
   int32_t num_layers = 0;
-  int32_t hidden_size = 0;        // d_model
-  int32_t ffn_size = 0;           // SwiGLU inner width
+  int32_t hidden_size = 0;  // d_model
+  int32_t ffn_size = 0;     // SwiGLU inner width
   int32_t num_heads = 0;
   int32_t num_kv_heads = 0;
-  int32_t head_dim = 0;           // rope applies to the first rope_dim of each head
+  int32_t head_dim = 0;  // rope applies to the first rope_dim of each head
   int32_t rope_dim = 0;
   int32_t vocab_size = 0;
   int32_t context_length = 0;
@@ -39,8 +39,8 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   RopeOrdering rope_ordering = RopeOrdering::kNormal;
   RopeScaling rope_scaling;
-  bool has_qkv_bias = false;      // qwen2
-  bool tied_embeddings = false;   // no output.weight: the LM head reuses token_embd
+  bool has_qkv_bias = false;     // qwen2
+  bool tied_embeddings = false;  // no output.weight: the LM head reuses token_embd
 
   int32_t q_dim() const { return num_heads * head_dim; }
   int32_t kv_dim() const { return num_kv_heads * head_dim; }

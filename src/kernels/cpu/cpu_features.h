@@ -13,7 +13,7 @@ enum class Isa {
   kAvx512 = 2,  // AVX-512 F/BW/VL/DQ + VNNI
 };
 
-Isa detected_isa();          // what the CPU supports, capped by PDSERVE_CPU_ISA
+Isa detected_isa();  // what the CPU supports, capped by PDSERVE_CPU_ISA
 std::string_view isa_name(Isa isa);
 // For tests: overrides the level returned by detected_isa() (never above what the CPU has).
 void set_isa_for_testing(Isa isa);

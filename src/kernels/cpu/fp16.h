@@ -37,7 +37,7 @@ inline uint16_t fp32_to_fp16(float f) {
   uint32_t abs = x & 0x7FFFFFFFu;
   if (abs >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0));
   if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to infinity
-  if (abs < 0x38800000u) {                                              // subnormal or zero in half
+  if (abs < 0x38800000u) {                                               // subnormal or zero in half
     // Add the value to 0.5 (as float) so the FPU rounds the mantissa for us.
     float r = std::bit_cast<float>(abs) + 0.5f;
     return static_cast<uint16_t>(sign | (std::bit_cast<uint32_t>(r) - 0x3F000000u));

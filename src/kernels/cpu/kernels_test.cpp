@@ -61,7 +61,8 @@ std::vector<uint8_t> random_weights(GgmlType type, int64_t rows, int64_t cols, s
     std::normal_distribution<float> n(0, 0.1f);
     for (int64_t i = 0; i < rows * cols; ++i) {
       float v = n(rng);
-      uint16_t h = type == GgmlType::kF16 ? fp32_to_fp16(v) : static_cast<uint16_t>(std::bit_cast<uint32_t>(v) >> 16);
+      uint16_t h =
+          type == GgmlType::kF16 ? fp32_to_fp16(v) : static_cast<uint16_t>(std::bit_cast<uint32_t>(v) >> 16);
       std::memcpy(data.data() + i * 2, &h, 2);
     }
   }
@@ -79,6 +80,13 @@ const GgmlType kAllTypes[] = {GgmlType::kF32,  GgmlType::kF16,  GgmlType::kBF16,
                               GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ8_0,
                               GgmlType::kQ4_K, GgmlType::kQ5_K, GgmlType::kQ6_K};
 const Isa kIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512};
+
+// The weights in matmul's compute layout (panels for the integer-dot types), kept alive in `buf`.
+Weights compute_weights(GgmlType type, const std::vector<uint8_t>& w, int64_t rows, int64_t cols,
+                        ThreadPool& pool, std::vector<uint8_t>& buf) {
+  buf.assign(compute_bytes(type, rows, cols), 0xAB);  // poison: every byte must be written
+  return to_compute_layout({type, w.data(), rows, cols}, buf.data(), pool);
+}
 
 class IsaScope {
  public:
@@ -112,13 +120,16 @@ TEST(Matmul, MatchesDecodedReferenceOnEveryIsa) {
     auto x = random_floats(tokens * cols, rng);
     std::vector<float> wf(static_cast<size_t>(rows * cols));
     for (int64_t r = 0; r < rows; ++r)
-      dequantize_row(type, w.data() + static_cast<size_t>(r) * row_bytes(type, cols), wf.data() + r * cols, cols);
+      dequantize_row(type, w.data() + static_cast<size_t>(r) * row_bytes(type, cols), wf.data() + r * cols,
+                     cols);
     Activations acts;
     acts.prepare(x.data(), tokens, cols, pool);
+    std::vector<uint8_t> buf;
+    Weights cw = compute_weights(type, w, rows, cols, pool, buf);
     for (Isa isa : kIsas) {
       IsaScope scope(isa);
       std::vector<float> y(static_cast<size_t>(tokens * rows));
-      matmul({type, w.data(), rows, cols}, acts, y.data(), rows, pool);
+      matmul(cw, acts, y.data(), rows, pool);
       for (int64_t t = 0; t < tokens; ++t) {
         // The reference uses the activations as the kernel sees them.
         std::vector<double> xr(static_cast<size_t>(cols));
@@ -160,20 +171,75 @@ TEST(Matmul, BatchInvariantOnEveryIsa) {
     const int64_t cols = ggml_type_info(static_cast<uint32_t>(type))->block_elements == 256 ? 768 : 96;
     auto w = random_weights(type, rows, cols, rng);
     auto x = random_floats(9 * cols, rng);
+    std::vector<uint8_t> buf;
+    Weights cw = compute_weights(type, w, rows, cols, pool, buf);
     for (Isa isa : kIsas) {
       IsaScope scope(isa);
       Activations all;
       all.prepare(x.data(), 9, cols, pool);
       std::vector<float> y_all(9 * rows);
-      matmul({type, w.data(), rows, cols}, all, y_all.data(), rows, pool);
+      matmul(cw, all, y_all.data(), rows, pool);
       for (int64_t t = 0; t < 9; ++t) {
         Activations one;
         one.prepare(x.data() + t * cols, 1, cols, pool);
         std::vector<float> y1(rows);
-        matmul({type, w.data(), rows, cols}, one, y1.data(), rows, pool);
+        matmul(cw, one, y1.data(), rows, pool);
         ASSERT_EQ(0, std::memcmp(y1.data(), y_all.data() + t * rows, rows * sizeof(float)))
             << ggml_type_name(type) << " " << isa_name(isa) << " token " << t;
       }
+    }
+  }
+}
+
+// The panel layout loses nothing: every row decodes to exactly the GGML row's values.
+TEST(Panels, EveryRowDecodesLikeTheOriginal) {
+  std::mt19937 rng(5);
+  ThreadPool pool(2);
+  const int64_t rows = 35, cols = 160;
+  for (GgmlType type : kAllTypes) {
+    if (ggml_type_info(static_cast<uint32_t>(type))->block_elements != 32 &&
+        ggml_type_info(static_cast<uint32_t>(type))->block_elements != 1) {
+      continue;  // K-quants: 160 columns is not a whole super-block
+    }
+    auto w = random_weights(type, rows, cols, rng);
+    std::vector<uint8_t> buf;
+    Weights cw = compute_weights(type, w, rows, cols, pool, buf);
+    EXPECT_EQ(cw.layout, uses_int8_dot(type) ? WeightLayout::kPanels : WeightLayout::kGgml);
+    std::vector<float> a(cols), b(cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      dequantize_row(type, w.data() + static_cast<size_t>(r) * row_bytes(type, cols), a.data(), cols);
+      dequantize_weight_row(cw, r, b.data());
+      ASSERT_EQ(0, std::memcmp(a.data(), b.data(), cols * sizeof(float)))
+          << ggml_type_name(type) << " row " << r;
+    }
+  }
+}
+
+// The integer-dot types run the same exact integer sums and float steps on every instruction
+// set (matmul.h), so scalar, AVX2 and AVX-512 agree bitwise.
+TEST(Matmul, IntegerDotTypesAgreeBitwiseAcrossIsas) {
+  std::mt19937 rng(13);
+  ThreadPool pool(2);
+  const int64_t rows = 50, cols = 256, tokens = 11;
+  for (GgmlType type : kAllTypes) {
+    if (!uses_int8_dot(type)) continue;
+    auto w = random_weights(type, rows, cols, rng);
+    auto x = random_floats(tokens * cols, rng);
+    std::vector<uint8_t> buf;
+    Weights cw = compute_weights(type, w, rows, cols, pool, buf);
+    Activations acts;
+    acts.prepare(x.data(), tokens, cols, pool);
+    std::vector<float> ref(static_cast<size_t>(tokens * rows));
+    {
+      IsaScope scope(Isa::kScalar);
+      matmul(cw, acts, ref.data(), rows, pool);
+    }
+    for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+      IsaScope scope(isa);
+      std::vector<float> y(ref.size());
+      matmul(cw, acts, y.data(), rows, pool);
+      ASSERT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
+          << ggml_type_name(type) << " " << isa_name(isa);
     }
   }
 }
@@ -197,7 +263,8 @@ TEST(Attention, MatchesNaiveSoftmaxOverScatteredBlocks) {
     std::vector<double> s(num_keys);
     double mx = -1e30;
     for (int32_t j = 0; j < num_keys; ++j) {
-      const uint16_t* kr = k.data() + table[j / block_size] * layer.block_stride() + (j % block_size) * layer.token_stride() + hd;
+      const uint16_t* kr = k.data() + table[j / block_size] * layer.block_stride() +
+                           (j % block_size) * layer.token_stride() + hd;
       double dot = 0;
       for (int d = 0; d < hd; ++d) dot += q[d] * fp16_to_fp32(kr[d]);
       s[j] = dot * 0.125;
@@ -208,7 +275,8 @@ TEST(Attention, MatchesNaiveSoftmaxOverScatteredBlocks) {
     for (int d = 0; d < hd; ++d) {
       double o = 0;
       for (int32_t j = 0; j < num_keys; ++j) {
-        const uint16_t* vr = v.data() + table[j / block_size] * layer.block_stride() + (j % block_size) * layer.token_stride() + hd;
+        const uint16_t* vr = v.data() + table[j / block_size] * layer.block_stride() +
+                             (j % block_size) * layer.token_stride() + hd;
         o += s[j] / sum * fp16_to_fp32(vr[d]);
       }
       EXPECT_NEAR(out[d], o, 1e-4) << isa_name(isa) << " d=" << d;

@@ -1,10 +1,12 @@
 #include "kernels/cpu/matmul.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "common/check.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/panel.h"
 #include "kernels/cpu/quant.h"
 
 namespace pdserve::cpu {
@@ -21,8 +23,9 @@ void Activations::prepare(const float* x, int64_t rows, int64_t cols, ThreadPool
   qsum_.resize(static_cast<size_t>(rows * nb));
   pool.run([&](int idx, int n) {
     for (int64_t t = idx; t < rows; t += n) {
-      quantize_row_q8(x + t * cols, cols,
-                      Q8Row{qs_.data() + t * cols, d_.data() + t * nb, s_.data() + t * nb, qsum_.data() + t * nb});
+      quantize_row_q8(
+          x + t * cols, cols,
+          Q8Row{qs_.data() + t * cols, d_.data() + t * nb, s_.data() + t * nb, qsum_.data() + t * nb});
     }
   });
 }
@@ -34,6 +37,46 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     case Isa::kScalar: break;
   }
   return detail::dot_f32_scalar(a, b, n);
+}
+
+WeightLayout compute_layout(GgmlType type) {
+  return uses_int8_dot(type) ? WeightLayout::kPanels : WeightLayout::kGgml;
+}
+
+size_t compute_bytes(GgmlType type, int64_t rows, int64_t cols) {
+  return compute_layout(type) == WeightLayout::kPanels ? panel_bytes(type, rows, cols)
+                                                       : row_bytes(type, cols) * static_cast<size_t>(rows);
+}
+
+Weights to_compute_layout(const Weights& src, uint8_t* dst, ThreadPool& pool) {
+  PD_CHECK(src.layout == WeightLayout::kGgml);
+  Weights out = src;
+  out.data = dst;
+  out.layout = compute_layout(src.type);
+  if (out.layout == WeightLayout::kPanels) {
+    int64_t panels = (src.rows + kPanelRows - 1) / kPanelRows;
+    pool.run([&](int idx, int n) {
+      int64_t per = (panels + n - 1) / n;
+      int64_t p0 = std::min(panels, idx * per), p1 = std::min(panels, (idx + 1) * per);
+      if (p0 < p1) pack_panels(src.type, src.data, src.rows, src.cols, p0, p1, dst);
+    });
+  } else {
+    size_t bytes = compute_bytes(src.type, src.rows, src.cols);
+    pool.run([&](int idx, int n) {
+      size_t per = (bytes + static_cast<size_t>(n) - 1) / static_cast<size_t>(n);
+      size_t b0 = std::min(bytes, static_cast<size_t>(idx) * per), b1 = std::min(bytes, b0 + per);
+      if (b0 < b1) std::memcpy(dst + b0, src.data + b0, b1 - b0);
+    });
+  }
+  return out;
+}
+
+void dequantize_weight_row(const Weights& w, int64_t row, float* out) {
+  if (w.layout == WeightLayout::kPanels) {
+    dequantize_panel_row(w.type, w.data, w.cols, row, out);
+  } else {
+    dequantize_row(w.type, w.data + static_cast<size_t>(row) * row_bytes(w.type, w.cols), out, w.cols);
+  }
 }
 
 namespace {
@@ -48,32 +91,38 @@ void float_rows(const Weights& w, const Activations& x, float* y, int64_t ldy, i
   }
 }
 
-MatmulRowsFn pick_kernel(GgmlType type) {
-  if (!uses_int8_dot(type)) return float_rows;
-  MatmulRowsFn fn = nullptr;
+MatmulPanelsFn pick_panel_kernel(GgmlType type) {
+  MatmulPanelsFn fn = nullptr;
   switch (detected_isa()) {
-    case Isa::kAvx512: fn = detail::int8_kernel_avx512(type); break;
-    case Isa::kAvx2: fn = detail::int8_kernel_avx2(type); break;
+    case Isa::kAvx512: fn = detail::panel_kernel_avx512(type); break;
+    case Isa::kAvx2: fn = detail::panel_kernel_avx2(type); break;
     case Isa::kScalar: break;
   }
-  return fn ? fn : detail::int8_kernel_scalar(type);
+  return fn ? fn : detail::panel_kernel_scalar(type);
+}
+
+// Splits [0, count) evenly across the pool's threads.
+template <typename Fn>
+void split(ThreadPool& pool, int64_t count, Fn&& fn) {
+  pool.run([&](int idx, int n) {
+    int64_t per = (count + n - 1) / n;
+    int64_t b0 = std::min(count, idx * per), b1 = std::min(count, (idx + 1) * per);
+    if (b0 < b1) fn(b0, b1);
+  });
 }
 }  // namespace
 
 void matmul(const Weights& w, const Activations& x, float* y, int64_t ldy, ThreadPool& pool) {
   PD_CHECK(w.cols == x.cols());
   PD_CHECK_MSG(is_supported_weight_type(w.type), "matmul: unsupported weight type");
-  MatmulRowsFn fn = pick_kernel(w.type);
-  // Rows are split in chunks of 16 so tiles line up; which thread computes a row never changes
-  // its value.
-  constexpr int64_t kAlign = 16;
-  pool.run([&](int idx, int n) {
-    int64_t chunks = (w.rows + kAlign - 1) / kAlign;
-    int64_t per = (chunks + n - 1) / n;
-    int64_t r0 = std::min(w.rows, idx * per * kAlign);
-    int64_t r1 = std::min(w.rows, (idx + 1) * per * kAlign);
-    if (r0 < r1) fn(w, x, y, ldy, r0, r1);
-  });
+  PD_CHECK_MSG(w.layout == compute_layout(w.type), "matmul: weights not in their compute layout");
+  if (w.layout == WeightLayout::kPanels) {
+    MatmulPanelsFn fn = pick_panel_kernel(w.type);
+    split(pool, (w.rows + kPanelRows - 1) / kPanelRows,
+          [&](int64_t p0, int64_t p1) { fn(w, x, y, ldy, p0, p1); });
+  } else {
+    split(pool, w.rows, [&](int64_t r0, int64_t r1) { float_rows(w, x, y, ldy, r0, r1); });
+  }
 }
 
 }  // namespace pdserve::cpu

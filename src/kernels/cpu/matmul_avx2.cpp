@@ -1,91 +1,127 @@
-// AVX2/FMA kernels (compiled with AVX2 flags; called only when the CPU has them). One block
-// (32 values) per step with vpmaddubsw: unsigned weights for Q4_1/Q5_1, and for the signed
-// types the |w| · sign(x, w) form, which cannot saturate.
+// AVX2/FMA kernels over panel-layout weights (panel.h), for CPUs without AVX-512: a panel is
+// two halves of 8 rows, one 32-bit lane per row. Each step of 4 elements multiplies the weight
+// bytes with 4 broadcast activation bytes by vpmaddubsw + vpmaddwd: unsigned weights for the
+// nibble types (no saturation: 2·31·127 < 2^15), and for Q8_0 the |w| · sign(x, w) form. The
+// integer block sum is exact and the float steps after it are those of every ISA (matmul.h).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/matmul.h"
-#include "kernels/cpu/quant.h"
+#include "kernels/cpu/panel.h"
 
 namespace pdserve::cpu::detail {
 
 namespace {
 
-template <GgmlType kType>
-struct Traits;
-template <>
-struct Traits<GgmlType::kQ4_0> {
-  using Block = BlockQ4_0;
-  [[maybe_unused]] static constexpr int kOffset = 8;
-  [[maybe_unused]] static constexpr bool kMin = false;
-};
-template <>
-struct Traits<GgmlType::kQ4_1> {
-  using Block = BlockQ4_1;
-  [[maybe_unused]] static constexpr int kOffset = 0;
-  [[maybe_unused]] static constexpr bool kMin = true;
-};
-template <>
-struct Traits<GgmlType::kQ5_0> {
-  using Block = BlockQ5_0;
-  [[maybe_unused]] static constexpr int kOffset = 16;
-  [[maybe_unused]] static constexpr bool kMin = false;
-};
-template <>
-struct Traits<GgmlType::kQ5_1> {
-  using Block = BlockQ5_1;
-  [[maybe_unused]] static constexpr int kOffset = 0;
-  [[maybe_unused]] static constexpr bool kMin = true;
-};
-template <>
-struct Traits<GgmlType::kQ8_0> {
-  using Block = BlockQ8_0;
-  [[maybe_unused]] static constexpr int kOffset = 0;
-  [[maybe_unused]] static constexpr bool kMin = false;
-};
-
-inline __m256i bits_to_bytes(uint32_t bits) {
-  // Byte j = 0xFF where bit j is set.
-  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuffle);
+// Bytes 0xFF where bit i of `bits` is set (i = byte index), else 0.
+inline __m256i expand_bits(uint32_t bits) {
+  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2,
+                                        2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), pick);
   return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-// Block b as 32 bytes in element order: unsigned for types with a min, signed otherwise.
-template <GgmlType kType>
-inline __m256i unpack(const typename Traits<kType>::Block* blocks, int64_t b, float& d, float& m) {
-  const auto& blk = blocks[b];
-  d = _cvtsh_ss(blk.d);
-  m = 0.0f;
-  if constexpr (Traits<kType>::kMin) m = _cvtsh_ss(blk.m);
-  if constexpr (kType == GgmlType::kQ8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs));
-  } else {
-    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256i r = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
-    if constexpr (kType == GgmlType::kQ5_0 || kType == GgmlType::kQ5_1) {
-      uint32_t qh;
-      std::memcpy(&qh, blk.qh, 4);
-      r = _mm256_or_si256(r, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+template <GgmlType kType, int T>
+void panel_tile(const uint8_t* panel, int64_t nb, const Activations& x, int64_t t0, float* y, int64_t ldy,
+                int64_t row0, int64_t valid) {
+  constexpr PanelLayout L = panel_layout(kType);
+  constexpr int kOffset = L.q8 ? 0 : L.offset;  // Q8_0 stays signed here
+  const int8_t* xq[T];
+  const float* xd[T];
+  const float* xs[T];
+  const int32_t* xsum[T];
+  for (int t = 0; t < T; ++t) {
+    xq[t] = x.row_qs(t0 + t);
+    xd[t] = x.row_d(t0 + t);
+    xs[t] = x.row_s(t0 + t);
+    xsum[t] = x.row_qsum(t0 + t);
+  }
+  __m256 acc[2][T];
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < T; ++t) acc[h][t] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* rec = panel + b * L.record;
+    for (int h = 0; h < 2; ++h) {
+      __m256i w[8];
+      if constexpr (L.q8) {
+        for (int k = 0; k < 8; ++k)
+          w[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + L.quants + 64 * k + 32 * h));
+      } else {
+        for (int j = 0; j < 4; ++j) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + L.quants + 64 * j + 32 * h));
+          w[j] = _mm256_and_si256(v, low4);
+          w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        if constexpr (L.high >= 0) {
+          const __m256i sixteen = _mm256_set1_epi8(16);
+          for (int k = 0; k < 8; ++k) {
+            uint32_t bits;
+            std::memcpy(&bits, rec + L.high + 8 * k + 4 * h, 4);
+            w[k] = _mm256_or_si256(w[k], _mm256_and_si256(expand_bits(bits), sixteen));
+          }
+        }
+      }
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * h)));
+      __m256 mw = _mm256_setzero_ps();
+      if constexpr (L.mins >= 0)
+        mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + L.mins + 16 * h)));
+      for (int t = 0; t < T; ++t) {
+        const int32_t* xb = reinterpret_cast<const int32_t*>(xq[t] + b * 32);
+        __m256i isum = _mm256_set1_epi32(-kOffset * xsum[t][b]);
+        for (int k = 0; k < 8; ++k) {
+          __m256i xv = _mm256_set1_epi32(xb[k]);
+          __m256i prod;
+          if constexpr (L.q8) {
+            prod = _mm256_maddubs_epi16(_mm256_sign_epi8(w[k], w[k]), _mm256_sign_epi8(xv, w[k]));
+          } else {
+            prod = _mm256_maddubs_epi16(w[k], xv);
+          }
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(prod, ones));
+        }
+        __m256 f = _mm256_cvtepi32_ps(isum);
+        acc[h][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[t][b])), f, acc[h][t]);
+        if constexpr (L.mins >= 0) acc[h][t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[t][b]), acc[h][t]);
+      }
     }
-    if constexpr (Traits<kType>::kOffset != 0) r = _mm256_sub_epi8(r, _mm256_set1_epi8(Traits<kType>::kOffset));
-    return r;
+  }
+  for (int t = 0; t < T; ++t) {
+    float* out = y + (t0 + t) * ldy + row0;
+    if (valid == kPanelRows) {
+      _mm256_storeu_ps(out, acc[0][t]);
+      _mm256_storeu_ps(out + 8, acc[1][t]);
+    } else {
+      alignas(32) float tmp[kPanelRows];
+      _mm256_store_ps(tmp, acc[0][t]);
+      _mm256_store_ps(tmp + 8, acc[1][t]);
+      std::copy(tmp, tmp + valid, out);
+    }
   }
 }
 
 template <GgmlType kType>
-inline __m256i dot_bytes(__m256i w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i p16;
-  if constexpr (Traits<kType>::kMin) {
-    p16 = _mm256_maddubs_epi16(w, x);
-  } else {
-    p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+void panels_avx2(const Weights& w, const Activations& x, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  constexpr int kT = 4;
+  const int64_t nb = w.cols / 32;
+  const size_t stride = panel_stride(kType, w.cols);
+  const int64_t tokens = x.rows();
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.data + static_cast<size_t>(p) * stride;
+    int64_t row0 = p * kPanelRows;
+    int64_t valid = std::min<int64_t>(kPanelRows, w.rows - row0);
+    int64_t t = 0;
+    for (; t + kT <= tokens; t += kT) panel_tile<kType, kT>(panel, nb, x, t, y, ldy, row0, valid);
+    switch (tokens - t) {
+      case 1: panel_tile<kType, 1>(panel, nb, x, t, y, ldy, row0, valid); break;
+      case 2: panel_tile<kType, 2>(panel, nb, x, t, y, ldy, row0, valid); break;
+      case 3: panel_tile<kType, 3>(panel, nb, x, t, y, ldy, row0, valid); break;
+      default: break;
+    }
   }
-  return _mm256_madd_epi16(p16, ones);
 }
 
 inline float hsum(__m256 v) {
@@ -95,70 +131,15 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// An R-row × T-token tile; every accumulator sees the same operations whatever R and T are.
-template <GgmlType kType, int R, int T>
-inline void tile(const uint8_t* w_rows, size_t rb, const Activations& x, int64_t t0, int64_t nb, float* y,
-                 int64_t ldy, int64_t r0) {
-  using Tr = Traits<kType>;
-  using Block = typename Tr::Block;
-  const Block* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = reinterpret_cast<const Block*>(w_rows + static_cast<size_t>(r) * rb);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wv[R];
-    float dw[R], mw[R];
-    for (int r = 0; r < R; ++r) wv[r] = unpack<kType>(rows[r], b, dw[r], mw[r]);
-    for (int t = 0; t < T; ++t) {
-      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row_qs(t0 + t) + b * 32));
-      float dx = x.row_d(t0 + t)[b];
-      for (int r = 0; r < R; ++r) {
-        __m256i dot = dot_bytes<kType>(wv[r], xv);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(dot), acc[r][t]);
-        if constexpr (Tr::kMin) {
-          acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), _mm256_set1_ps(x.row_s(t0 + t)[b] * 0.125f),
-                                      acc[r][t]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r0 + r] = hsum(acc[r][t]);
-}
-
-template <GgmlType kType, int R>
-inline void row_tile(const uint8_t* w_rows, size_t rb, const Activations& x, int64_t nb, float* y, int64_t ldy,
-                     int64_t r0) {
-  constexpr int kT = 3;
-  int64_t t = 0;
-  for (; t + kT <= x.rows(); t += kT) tile<kType, R, kT>(w_rows, rb, x, t, nb, y, ldy, r0);
-  switch (x.rows() - t) {
-    case 1: tile<kType, R, 1>(w_rows, rb, x, t, nb, y, ldy, r0); break;
-    case 2: tile<kType, R, 2>(w_rows, rb, x, t, nb, y, ldy, r0); break;
-    default: break;
-  }
-}
-
-template <GgmlType kType>
-void rows_avx2(const Weights& w, const Activations& x, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  constexpr int kR = 4;
-  size_t rb = row_bytes(w.type, w.cols);
-  int64_t nb = w.cols / 32;
-  int64_t r = r0;
-  for (; r + kR <= r1; r += kR) row_tile<kType, kR>(w.data + static_cast<size_t>(r) * rb, rb, x, nb, y, ldy, r);
-  for (; r < r1; ++r) row_tile<kType, 1>(w.data + static_cast<size_t>(r) * rb, rb, x, nb, y, ldy, r);
-}
-
 }  // namespace
 
-MatmulRowsFn int8_kernel_avx2(GgmlType type) {
+MatmulPanelsFn panel_kernel_avx2(GgmlType type) {
   switch (type) {
-    case GgmlType::kQ4_0: return rows_avx2<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return rows_avx2<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return rows_avx2<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return rows_avx2<GgmlType::kQ5_1>;
-    case GgmlType::kQ8_0: return rows_avx2<GgmlType::kQ8_0>;
+    case GgmlType::kQ4_0: return panels_avx2<GgmlType::kQ4_0>;
+    case GgmlType::kQ4_1: return panels_avx2<GgmlType::kQ4_1>;
+    case GgmlType::kQ5_0: return panels_avx2<GgmlType::kQ5_0>;
+    case GgmlType::kQ5_1: return panels_avx2<GgmlType::kQ5_1>;
+    case GgmlType::kQ8_0: return panels_avx2<GgmlType::kQ8_0>;
     default: return nullptr;
   }
 }

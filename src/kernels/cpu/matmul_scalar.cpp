@@ -1,90 +1,77 @@
-// Portable reference kernels: integer block dot products in plain C++.
+// Portable kernels over panel-layout weights (panel.h), in plain C++. They perform the same
+// exact integer block sums and the same float steps (std::fma) as the SIMD kernels, so all
+// instruction sets agree bitwise on the integer-dot types.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/matmul.h"
-#include "kernels/cpu/quant.h"
+#include "kernels/cpu/panel.h"
 
 namespace pdserve::cpu::detail {
 
 namespace {
-// Unpacks block b of a weight row into 32 integer values (already offset to their signed range)
-// and returns its scale d and min m (0 for symmetric types).
+
+// The stored (unsigned, or signed for Q8_0) value of element e of lane r in a record.
 template <GgmlType kType>
-inline void unpack_block(const uint8_t* row, int64_t b, int32_t* q, float& d, float& m) {
-  if constexpr (kType == GgmlType::kQ4_0) {
-    const auto& blk = reinterpret_cast<const BlockQ4_0*>(row)[b];
-    d = fp16_to_fp32(blk.d);
-    m = 0;
-    for (int j = 0; j < 16; ++j) {
-      q[j] = (blk.qs[j] & 0xF) - 8;
-      q[j + 16] = (blk.qs[j] >> 4) - 8;
-    }
-  } else if constexpr (kType == GgmlType::kQ4_1) {
-    const auto& blk = reinterpret_cast<const BlockQ4_1*>(row)[b];
-    d = fp16_to_fp32(blk.d);
-    m = fp16_to_fp32(blk.m);
-    for (int j = 0; j < 16; ++j) {
-      q[j] = blk.qs[j] & 0xF;
-      q[j + 16] = blk.qs[j] >> 4;
-    }
-  } else if constexpr (kType == GgmlType::kQ5_0 || kType == GgmlType::kQ5_1) {
-    using Block = std::conditional_t<kType == GgmlType::kQ5_0, BlockQ5_0, BlockQ5_1>;
-    const auto& blk = reinterpret_cast<const Block*>(row)[b];
-    d = fp16_to_fp32(blk.d);
-    int off = 16;
-    m = 0;
-    if constexpr (kType == GgmlType::kQ5_1) {
-      m = fp16_to_fp32(blk.m);
-      off = 0;
-    }
-    uint32_t qh;
-    std::memcpy(&qh, blk.qh, 4);
-    for (int j = 0; j < 16; ++j) {
-      q[j] = ((blk.qs[j] & 0xF) | static_cast<int>(((qh >> j) & 1u) << 4)) - off;
-      q[j + 16] = ((blk.qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1u) << 4)) - off;
-    }
+inline int32_t element(const uint8_t* rec, int r, int e) {
+  constexpr PanelLayout L = panel_layout(kType);
+  if constexpr (L.q8) {
+    return static_cast<int8_t>(rec[L.quants + 64 * (e / 4) + 4 * r + e % 4]);
   } else {
-    static_assert(kType == GgmlType::kQ8_0);
-    const auto& blk = reinterpret_cast<const BlockQ8_0*>(row)[b];
-    d = fp16_to_fp32(blk.d);
-    m = 0;
-    for (int j = 0; j < 32; ++j) q[j] = blk.qs[j];
+    uint8_t byte = rec[L.quants + 64 * ((e % 16) / 4) + 4 * r + e % 4];
+    int32_t v = e < 16 ? (byte & 0xF) : (byte >> 4);
+    if constexpr (L.high >= 0) {
+      uint64_t mask;
+      std::memcpy(&mask, rec + L.high + 8 * (e / 4), 8);
+      v |= static_cast<int32_t>((mask >> (4 * r + e % 4)) & 1u) << 4;
+    }
+    return v;
   }
 }
 
 template <GgmlType kType>
-void rows_scalar(const Weights& w, const Activations& x, float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  size_t rb = row_bytes(w.type, w.cols);
-  int64_t nb = w.cols / 32;
-  int32_t q[32];
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w.data + static_cast<size_t>(r) * rb;
+void panels_scalar(const Weights& w, const Activations& x, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+  constexpr PanelLayout L = panel_layout(kType);
+  const int64_t nb = w.cols / 32;
+  const size_t stride = panel_stride(kType, w.cols);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.data + static_cast<size_t>(p) * stride;
+    const int64_t row0 = p * kPanelRows;
+    const int valid = static_cast<int>(std::min<int64_t>(kPanelRows, w.rows - row0));
     for (int64_t t = 0; t < x.rows(); ++t) {
       const int8_t* xq = x.row_qs(t);
-      const float* xd = x.row_d(t);
-      const float* xs = x.row_s(t);
-      float acc = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
-        float d, m;
-        unpack_block<kType>(row, b, q, d, m);
-        int32_t isum = 0;
-        for (int j = 0; j < 32; ++j) isum += q[j] * xq[b * 32 + j];
-        acc += d * xd[b] * static_cast<float>(isum) + m * xs[b];
+      for (int r = 0; r < valid; ++r) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* rec = panel + b * L.record;
+          int32_t isum = -L.offset * x.row_qsum(t)[b];
+          for (int e = 0; e < 32; ++e) isum += element<kType>(rec, r, e) * xq[b * 32 + e];
+          uint16_t dh;
+          std::memcpy(&dh, rec + 2 * r, 2);
+          float ds = fp16_to_fp32(dh) * x.row_d(t)[b];
+          acc = std::fma(ds, static_cast<float>(isum), acc);
+          if constexpr (L.mins >= 0) {
+            uint16_t mh;
+            std::memcpy(&mh, rec + L.mins + 2 * r, 2);
+            acc = std::fma(fp16_to_fp32(mh), x.row_s(t)[b], acc);
+          }
+        }
+        y[t * ldy + row0 + r] = acc;
       }
-      y[t * ldy + r] = acc;
     }
   }
 }
 }  // namespace
 
-MatmulRowsFn int8_kernel_scalar(GgmlType type) {
+MatmulPanelsFn panel_kernel_scalar(GgmlType type) {
   switch (type) {
-    case GgmlType::kQ4_0: return rows_scalar<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return rows_scalar<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return rows_scalar<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return rows_scalar<GgmlType::kQ5_1>;
-    case GgmlType::kQ8_0: return rows_scalar<GgmlType::kQ8_0>;
+    case GgmlType::kQ4_0: return panels_scalar<GgmlType::kQ4_0>;
+    case GgmlType::kQ4_1: return panels_scalar<GgmlType::kQ4_1>;
+    case GgmlType::kQ5_0: return panels_scalar<GgmlType::kQ5_0>;
+    case GgmlType::kQ5_1: return panels_scalar<GgmlType::kQ5_1>;
+    case GgmlType::kQ8_0: return panels_scalar<GgmlType::kQ8_0>;
     default: return nullptr;
   }
 }

@@ -27,8 +27,8 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   }
 }
 
-void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors, float* cos_out,
-                 float* sin_out) {
+void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors,
+                 float* cos_out, float* sin_out) {
   const float theta_scale = std::pow(base, -2.0f / static_cast<float>(rope_dim));
   float theta = static_cast<float>(pos);
   for (int32_t i = 0; i < rope_dim / 2; ++i) {
@@ -86,8 +86,8 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
 }
 }  // namespace
 
-void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table, int32_t num_keys,
-                    int32_t kv_head, float scale, float* scores, float* out) {
+void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
+                    int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
   switch (detected_isa()) {
     case Isa::kAvx512:
     case Isa::kAvx2:

@@ -21,12 +21,12 @@ void silu_mul(const float* gate, const float* up, int64_t n, float* out);
 // Rotary position embedding tables for one position: cos/sin of each of rope_dim/2 angles.
 // theta_i = pos · base^(-2i/rope_dim) / freq_factors[i] (freq_factors may be empty), computed
 // with the same recurrence as llama.cpp.
-void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors, float* cos_out,
-                 float* sin_out);
+void rope_angles(int32_t pos, int32_t rope_dim, float base, std::span<const float> freq_factors,
+                 float* cos_out, float* sin_out);
 // Rotates num_heads heads of head_dim values each (the first rope_dim of each head) in place.
 // neox: pairs (i, i + rope_dim/2); otherwise adjacent pairs (2i, 2i+1).
-void rope_apply(float* x, int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox, const float* cos_t,
-                const float* sin_t);
+void rope_apply(float* x, int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox,
+                const float* cos_t, const float* sin_t);
 
 // float → IEEE half, n elements.
 void f32_to_f16(const float* x, uint16_t* y, int64_t n);
@@ -42,8 +42,8 @@ struct PagedKvLayer {
   int64_t block_stride() const { return token_stride() * block_size; }
   // Offset (in halves) of position `pos`, kv head `kv_head`, in a sequence with `block_table`.
   int64_t offset(std::span<const int32_t> block_table, int32_t pos, int32_t kv_head) const {
-    return block_table[static_cast<size_t>(pos / block_size)] * block_stride() + (pos % block_size) * token_stride() +
-           static_cast<int64_t>(kv_head) * head_dim;
+    return block_table[static_cast<size_t>(pos / block_size)] * block_stride() +
+           (pos % block_size) * token_stride() + static_cast<int64_t>(kv_head) * head_dim;
   }
 };
 

@@ -153,8 +153,10 @@ void dequantize_row(GgmlType type, const void* src, float* y, int64_t n) {
           float d1 = d * sc, m1 = dmin * m;
           k_scale_min(j + 1, b[i].scales, sc, m);
           float d2 = d * sc, m2 = dmin * m;
-          for (int l = 0; l < 32; ++l) *y++ = d1 * static_cast<float>((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
-          for (int l = 0; l < 32; ++l) *y++ = d2 * static_cast<float>((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+          for (int l = 0; l < 32; ++l)
+            *y++ = d1 * static_cast<float>((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+          for (int l = 0; l < 32; ++l)
+            *y++ = d2 * static_cast<float>((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
           u1 = static_cast<uint8_t>(u1 << 2);
           u2 = static_cast<uint8_t>(u2 << 2);
         }
