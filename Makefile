@@ -30,7 +30,7 @@ test-slow: build
 	@ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) -L slow
 
 serve: build
-	@$(BUILD_DIR)/pdserve generate --chat $(ARGS)
+	@$(BUILD_DIR)/src/bin/pdserve generate --chat $(ARGS)
 
 # Sanitizer builds of everything, with their tests.
 asan tsan:
