@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerates tests/golden/chat_templates/fixtures.json with Python's jinja2 (the reference).
 
-    /work/main/.venv/bin/python tools/reference/gen_chat_template_fixtures.py
+    .venv/bin/python tools/reference/gen_chat_template_fixtures.py   (from the repository root)
 
 Each case is a template (a file in tests/golden/chat_templates/ or an inline source), the
 variables it is rendered with, and what jinja2 renders: either the exact text ("expected") or

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerates tests/golden/data/tokenizer_smollm2.json with llama.cpp (the reference).
 
-    cd /work/main && source tools/reference/env.sh && python tools/reference/gen_tokenizer_fixtures.py
+    source tools/reference/env.sh && python tools/reference/gen_tokenizer_fixtures.py
 
 Loads the default model's vocabulary (models/SmolLM2-135M-Instruct.Q4_1.gguf, vocab_only) into
 llama.cpp through the llama-cpp-python binding's low-level API and records, for every string of
