@@ -6,6 +6,8 @@
 #include <chrono>
 #include <numeric>
 
+#include "engine/text_stream.h"
+
 namespace pdserve {
 
 namespace {
@@ -15,25 +17,14 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Length of the longest suffix of `text` that is a proper prefix of some stop string: text that
-// must be held back because the next token could complete a stop string.
-size_t held_back(std::string_view text, const std::vector<std::string>& stops) {
-  size_t hold = 0;
-  for (const std::string& s : stops) {
-    for (size_t n = std::min(s.size() - 1, text.size()); n > hold; --n) {
-      if (text.substr(text.size() - n) == std::string_view(s).substr(0, n)) {
-        hold = n;
-        break;
-      }
-    }
-  }
-  return hold;
-}
 }  // namespace
 
 Generator::Generator(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, int32_t context_tokens,
                      int32_t prefill_chunk_tokens)
-    : model_(model), tokenizer_(tokenizer), pool_(pool), context_tokens_(context_tokens),
+    : model_(model),
+      tokenizer_(tokenizer),
+      pool_(pool),
+      context_tokens_(context_tokens),
       prefill_chunk_tokens_(prefill_chunk_tokens),
       kv_(model.config(), (context_tokens + kBlockSize - 1) / kBlockSize, kBlockSize),
       block_table_(static_cast<size_t>(kv_.num_blocks())),
@@ -46,10 +37,12 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
   PD_RETURN_IF_ERROR(req.sampling.validate());
   const int32_t n_prompt = static_cast<int32_t>(req.prompt.size());
   if (n_prompt == 0) return invalid_argument("the prompt is empty");
-  if (req.max_tokens < 1) return invalid_argument(fmt::format("max_tokens must be at least 1, got {}", req.max_tokens));
+  if (req.max_tokens < 1)
+    return invalid_argument(fmt::format("max_tokens must be at least 1, got {}", req.max_tokens));
   if (int64_t{n_prompt} + req.max_tokens > context_tokens_) {
-    return invalid_argument(fmt::format("the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
-                                        n_prompt, req.max_tokens, context_tokens_));
+    return invalid_argument(
+        fmt::format("the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens", n_prompt,
+                    req.max_tokens, context_tokens_));
   }
   for (const auto& s : req.stop)
     if (s.empty()) return invalid_argument("stop strings must not be empty");
@@ -58,11 +51,7 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
   stats.prompt_tokens = n_prompt;
   std::vector<int32_t> seq = req.prompt;
   Sampler sampler(req.sampling);
-  Tokenizer::StreamingDecoder decoder(tokenizer_, /*skip_special=*/true);
-  std::string text;      // generated text so far
-  size_t emitted = 0;    // bytes of `text` already passed to on_text
-  size_t max_stop = 0;
-  for (const auto& s : req.stop) max_stop = std::max(max_stop, s.size());
+  TextStream stream(tokenizer_, req.stop, req.ignore_eos, req.max_tokens);
 
   auto t0 = std::chrono::steady_clock::now();
   int32_t cached = 0;
@@ -80,42 +69,15 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
       stats.prefill_seconds = seconds_since(t0);
       t0 = std::chrono::steady_clock::now();
     }
-
     SampleResult r = sampler.sample(logits_, seq);
     seq.push_back(r.token);
     stats.generated_tokens++;
-    bool eog = !req.ignore_eos && tokenizer_.is_eog(r.token);
-    if (!eog) text += decoder.feed(r.token);
-    bool done = eog;
-    if (eog) stats.finish_reason = "stop";
-
-    // Stop strings: search only where a new match can start.
-    size_t cut = std::string::npos;
-    if (!req.stop.empty()) {
-      size_t from = emitted > max_stop ? emitted - max_stop : 0;
-      for (const auto& s : req.stop) {
-        size_t at = text.find(s, from);
-        if (at != std::string::npos && at < cut) cut = at;
-      }
+    TextStream::Update u = stream.feed(r.token);
+    if (!u.text.empty() && !on_text(u.text) && !u.done) u = stream.finish("stop");
+    if (u.done) {
+      stats.finish_reason = u.finish_reason;
+      break;
     }
-    if (cut != std::string::npos) {
-      text.resize(cut);
-      done = true;
-      stats.finish_reason = "stop";
-    } else if (!done && stats.generated_tokens >= req.max_tokens) {
-      done = true;
-      stats.finish_reason = "length";
-    }
-    if (done && cut == std::string::npos && !eog) text += decoder.flush();
-    size_t safe = done ? text.size() : text.size() - held_back(text, req.stop);
-    if (safe > emitted) {
-      if (!on_text(std::string_view(text).substr(emitted, safe - emitted))) {
-        done = true;
-        stats.finish_reason = "stop";
-      }
-      emitted = safe;
-    }
-    if (done) break;
   }
   stats.decode_seconds = seconds_since(t0);
   return stats;

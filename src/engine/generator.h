@@ -28,9 +28,9 @@ struct GenerateRequest {
 struct GenerateStats {
   int32_t prompt_tokens = 0;
   int32_t generated_tokens = 0;
-  double prefill_seconds = 0;      // prompt processing, up to the first token's logits
-  double decode_seconds = 0;       // the remaining tokens
-  std::string finish_reason;       // "stop" (EOG token or stop string) or "length"
+  double prefill_seconds = 0;  // prompt processing, up to the first token's logits
+  double decode_seconds = 0;   // the remaining tokens
+  std::string finish_reason;   // "stop" (EOG token or stop string) or "length"
 };
 
 class Generator {

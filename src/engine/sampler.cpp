@@ -9,10 +9,13 @@
 namespace pdserve {
 
 Status SamplingParams::validate() const {
-  if (!(temperature >= 0.0f && temperature <= 100.0f)) return invalid_argument(fmt::format("temperature {} is outside [0, 100]", temperature));
+  if (!(temperature >= 0.0f && temperature <= 100.0f))
+    return invalid_argument(fmt::format("temperature {} is outside [0, 100]", temperature));
   if (top_k < 0) return invalid_argument(fmt::format("top_k {} is negative", top_k));
-  if (!(top_p > 0.0f && top_p <= 1.0f)) return invalid_argument(fmt::format("top_p {} is outside (0, 1]", top_p));
-  if (!(min_p >= 0.0f && min_p <= 1.0f)) return invalid_argument(fmt::format("min_p {} is outside [0, 1]", min_p));
+  if (!(top_p > 0.0f && top_p <= 1.0f))
+    return invalid_argument(fmt::format("top_p {} is outside (0, 1]", top_p));
+  if (!(min_p >= 0.0f && min_p <= 1.0f))
+    return invalid_argument(fmt::format("min_p {} is outside [0, 1]", min_p));
   if (!(repetition_penalty > 0.0f && repetition_penalty <= 10.0f)) {
     return invalid_argument(fmt::format("repetition_penalty {} is outside (0, 10]", repetition_penalty));
   }
@@ -22,14 +25,16 @@ Status SamplingParams::validate() const {
   if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f)) {
     return invalid_argument(fmt::format("frequency_penalty {} is outside [-2, 2]", frequency_penalty));
   }
-  if (top_logprobs < 0 || top_logprobs > 20) return invalid_argument(fmt::format("top_logprobs {} is outside [0, 20]", top_logprobs));
+  if (top_logprobs < 0 || top_logprobs > 20)
+    return invalid_argument(fmt::format("top_logprobs {} is outside [0, 20]", top_logprobs));
   return ok_status();
 }
 
 SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
   // Penalties, over each distinct token of the history.
-  if (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f) {
+  if (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
+      params_.frequency_penalty != 0.0f) {
     counts_.assign(static_cast<size_t>(vocab), 0);
     for (int32_t t : history)
       if (t >= 0 && t < vocab) counts_[static_cast<size_t>(t)]++;
@@ -37,7 +42,8 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
       int32_t c = counts_[static_cast<size_t>(t)];
       if (c == 0) continue;
       float& l = logits[static_cast<size_t>(t)];
-      if (params_.repetition_penalty != 1.0f) l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
+      if (params_.repetition_penalty != 1.0f)
+        l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
       l -= params_.presence_penalty + params_.frequency_penalty * static_cast<float>(c);
     }
   }
@@ -62,7 +68,8 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
     size_t keep = candidates_.size();
     if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < keep) {
       keep = static_cast<size_t>(params_.top_k);
-      std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<long>(keep), candidates_.end(), by_logit);
+      std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<long>(keep), candidates_.end(),
+                        by_logit);
     } else {
       std::sort(candidates_.begin(), candidates_.end(), by_logit);
     }
@@ -114,7 +121,8 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
       float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
       return la > lb || (la == lb && a < b);
     });
-    for (size_t i = 0; i < n; ++i) result.top.push_back({ids[i], logits[static_cast<size_t>(ids[i])] - log_z});
+    for (size_t i = 0; i < n; ++i)
+      result.top.push_back({ids[i], logits[static_cast<size_t>(ids[i])] - log_z});
   }
   return result;
 }

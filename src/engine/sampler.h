@@ -23,7 +23,7 @@ struct SamplingParams {
   float presence_penalty = 0.0f;    // OpenAI style: subtract once per token seen
   float frequency_penalty = 0.0f;   // OpenAI style: subtract per occurrence
   uint64_t seed = 0;
-  int32_t top_logprobs = 0;         // alternatives to report, 0..20
+  int32_t top_logprobs = 0;  // alternatives to report, 0..20
 
   // A message naming the first invalid field, or OK.
   Status validate() const;
@@ -36,8 +36,8 @@ struct TokenLogprob {
 
 struct SampleResult {
   int32_t token = 0;
-  float logprob = 0.0f;               // of the chosen token under the penalized distribution
-  std::vector<TokenLogprob> top;      // top_logprobs alternatives, best first
+  float logprob = 0.0f;           // of the chosen token under the penalized distribution
+  std::vector<TokenLogprob> top;  // top_logprobs alternatives, best first
 };
 
 class Sampler {

@@ -62,7 +62,7 @@ TEST(Sampler, TopKTopPAndMinPRestrictTheCandidates) {
     int32_t a = k2.sample(l1, {}).token;
     EXPECT_TRUE(a == 1 || a == 4);
     EXPECT_EQ(tp.sample(l2, {}).token, 1);  // p(top) ≈ 0.47 ≥ 0.4: the top token alone
-    int32_t c = mp.sample(l3, {}).token;     // exp(-0.5) ≈ 0.61 < 0.7: only the top survives
+    int32_t c = mp.sample(l3, {}).token;    // exp(-0.5) ≈ 0.61 < 0.7: only the top survives
     EXPECT_EQ(c, 1);
   }
 }

@@ -214,14 +214,14 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     const Layer& L = layers_[sz(li)];
     cpu::PagedKvLayer kvl = kv.layer(li);
 
-    pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n)
-        cpu::rms_norm(x_.data() + t * d, L.attn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
+    // The previous layer's FFN residual, the attention norm and quantization in one region.
+    acts_.prepare_rows(xn_.data(), T, d, pool, [&](int64_t t) {
+      if (li > 0) cpu::add_inplace(x_.data() + t * d, tmp_.data() + t * d, d);
+      cpu::rms_norm(x_.data() + t * d, L.attn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
     });
-    acts_.prepare(xn_.data(), T, d, pool);
-    cpu::matmul(L.wq, acts_, q_.data(), qd, pool);
-    cpu::matmul(L.wk, acts_, k_.data(), kvd, pool);
-    cpu::matmul(L.wv, acts_, v_.data(), kvd, pool);
+    const cpu::MatmulTarget qkv[] = {
+        {&L.wq, q_.data(), qd}, {&L.wk, k_.data(), kvd}, {&L.wv, v_.data(), kvd}};
+    cpu::matmul_many(qkv, acts_, pool);
 
     // Biases, rotary embedding, and the new K/V rows into the cache.
     pool.run([&](int idx, int n) {
@@ -260,24 +260,17 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     acts_.prepare(attn_.data(), T, qd, pool);
     cpu::matmul(L.wo, acts_, tmp_.data(), d, pool);
 
-    pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n) {
-        cpu::add_inplace(x_.data() + t * d, tmp_.data() + t * d, d);
-        cpu::rms_norm(x_.data() + t * d, L.ffn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
-      }
+    acts_.prepare_rows(xn_.data(), T, d, pool, [&](int64_t t) {
+      cpu::add_inplace(x_.data() + t * d, tmp_.data() + t * d, d);
+      cpu::rms_norm(x_.data() + t * d, L.ffn_norm, c.rms_norm_eps, d, xn_.data() + t * d);
     });
-    acts_.prepare(xn_.data(), T, d, pool);
-    cpu::matmul(L.w_gate, acts_, gate_.data(), ffn, pool);
-    cpu::matmul(L.w_up, acts_, up_.data(), ffn, pool);
-    pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n)
-        cpu::silu_mul(gate_.data() + t * ffn, up_.data() + t * ffn, ffn, gate_.data() + t * ffn);
+    const cpu::MatmulTarget gate_up[] = {{&L.w_gate, gate_.data(), ffn}, {&L.w_up, up_.data(), ffn}};
+    cpu::matmul_many(gate_up, acts_, pool);
+    acts_.prepare_rows(gate_.data(), T, ffn, pool, [&](int64_t t) {
+      cpu::silu_mul(gate_.data() + t * ffn, up_.data() + t * ffn, ffn, gate_.data() + t * ffn);
     });
-    acts_.prepare(gate_.data(), T, ffn, pool);
     cpu::matmul(L.w_down, acts_, tmp_.data(), d, pool);
-    pool.run([&](int idx, int n) {
-      for (int64_t t = idx; t < T; t += n) cpu::add_inplace(x_.data() + t * d, tmp_.data() + t * d, d);
-    });
+    // The FFN residual is added by the next layer's first region (or below, for logits rows).
   }
 
   if (num_logits == 0) return ok_status();
@@ -287,6 +280,7 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
   for (const SequenceChunk& ch : batch.chunks) {
     at += ch.num_tokens;
     if (!ch.want_logits) continue;
+    cpu::add_inplace(x_.data() + (at - 1) * d, tmp_.data() + (at - 1) * d, d);
     cpu::rms_norm(x_.data() + (at - 1) * d, output_norm_, c.rms_norm_eps, d, final_.data() + row * d);
     ++row;
   }

@@ -11,7 +11,7 @@
 
 namespace pdserve::cpu {
 
-void Activations::prepare(const float* x, int64_t rows, int64_t cols, ThreadPool& pool) {
+void Activations::resize(const float* x, int64_t rows, int64_t cols) {
   PD_CHECK(cols % kQ8Block == 0);
   x_ = x;
   rows_ = rows;
@@ -21,12 +21,19 @@ void Activations::prepare(const float* x, int64_t rows, int64_t cols, ThreadPool
   d_.resize(static_cast<size_t>(rows * nb));
   s_.resize(static_cast<size_t>(rows * nb));
   qsum_.resize(static_cast<size_t>(rows * nb));
+}
+
+void Activations::quantize(int64_t t) {
+  int64_t nb = cols_ / kQ8Block;
+  quantize_row_q8(
+      x_ + t * cols_, cols_,
+      Q8Row{qs_.data() + t * cols_, d_.data() + t * nb, s_.data() + t * nb, qsum_.data() + t * nb});
+}
+
+void Activations::prepare(const float* x, int64_t rows, int64_t cols, ThreadPool& pool) {
+  resize(x, rows, cols);
   pool.run([&](int idx, int n) {
-    for (int64_t t = idx; t < rows; t += n) {
-      quantize_row_q8(
-          x + t * cols, cols,
-          Q8Row{qs_.data() + t * cols, d_.data() + t * nb, s_.data() + t * nb, qsum_.data() + t * nb});
-    }
+    for (int64_t t = idx; t < rows; t += n) quantize(t);
   });
 }
 
@@ -113,16 +120,46 @@ void split(ThreadPool& pool, int64_t count, Fn&& fn) {
 }  // namespace
 
 void matmul(const Weights& w, const Activations& x, float* y, int64_t ldy, ThreadPool& pool) {
-  PD_CHECK(w.cols == x.cols());
-  PD_CHECK_MSG(is_supported_weight_type(w.type), "matmul: unsupported weight type");
-  PD_CHECK_MSG(w.layout == compute_layout(w.type), "matmul: weights not in their compute layout");
-  if (w.layout == WeightLayout::kPanels) {
-    MatmulPanelsFn fn = pick_panel_kernel(w.type);
-    split(pool, (w.rows + kPanelRows - 1) / kPanelRows,
-          [&](int64_t p0, int64_t p1) { fn(w, x, y, ldy, p0, p1); });
-  } else {
-    split(pool, w.rows, [&](int64_t r0, int64_t r1) { float_rows(w, x, y, ldy, r0, r1); });
+  MatmulTarget t{&w, y, ldy};
+  matmul_many(std::span<const MatmulTarget>(&t, 1), x, pool);
+}
+
+void matmul_many(std::span<const MatmulTarget> targets, const Activations& x, ThreadPool& pool) {
+  // Work units: panels of 16 rows for panel layouts, rows otherwise; one index space over all
+  // targets, split evenly.
+  struct Job {
+    const MatmulTarget* t = nullptr;
+    MatmulPanelsFn fn = nullptr;  // nullptr: the float path
+    int64_t first_unit = 0;
+    int64_t units = 0;
+  };
+  constexpr size_t kMaxTargets = 8;
+  PD_CHECK(targets.size() <= kMaxTargets);
+  Job jobs[kMaxTargets];
+  int64_t total = 0;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    const Weights& w = *targets[i].w;
+    PD_CHECK(w.cols == x.cols());
+    PD_CHECK_MSG(is_supported_weight_type(w.type), "matmul: unsupported weight type");
+    PD_CHECK_MSG(w.layout == compute_layout(w.type), "matmul: weights not in their compute layout");
+    bool panels = w.layout == WeightLayout::kPanels;
+    int64_t units = panels ? (w.rows + kPanelRows - 1) / kPanelRows : w.rows;
+    jobs[i] = {&targets[i], panels ? pick_panel_kernel(w.type) : nullptr, total, units};
+    total += units;
   }
+  split(pool, total, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < targets.size(); ++i) {
+      const Job& j = jobs[i];
+      int64_t b0 = std::max(u0, j.first_unit) - j.first_unit;
+      int64_t b1 = std::min(u1, j.first_unit + j.units) - j.first_unit;
+      if (b0 >= b1) continue;
+      if (j.fn) {
+        j.fn(*j.t->w, x, j.t->y, j.t->ldy, b0, b1);
+      } else {
+        float_rows(*j.t->w, x, j.t->y, j.t->ldy, b0, b1);
+      }
+    }
+  });
 }
 
 }  // namespace pdserve::cpu

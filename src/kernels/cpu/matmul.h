@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "common/thread_pool.h"
 #include "kernels/cpu/aligned_buffer.h"
@@ -52,6 +53,18 @@ class Activations {
  public:
   // Keeps a pointer to x (rows × cols floats, row stride cols) and quantizes it.
   void prepare(const float* x, int64_t rows, int64_t cols, ThreadPool& pool);
+  // The same, but each row is first produced by make_row(t) (which writes row t of x) inside the
+  // same parallel region — fusing an element-wise op (a norm, an activation) with quantization.
+  template <typename MakeRow>
+  void prepare_rows(float* x, int64_t rows, int64_t cols, ThreadPool& pool, MakeRow&& make_row) {
+    resize(x, rows, cols);
+    pool.run([&](int idx, int n) {
+      for (int64_t t = idx; t < rows; t += n) {
+        make_row(t);
+        quantize(t);
+      }
+    });
+  }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
   const float* row_f32(int64_t t) const { return x_ + t * cols_; }
@@ -61,6 +74,9 @@ class Activations {
   const int32_t* row_qsum(int64_t t) const { return qsum_.data() + t * (cols_ / 32); }
 
  private:
+  void resize(const float* x, int64_t rows, int64_t cols);
+  void quantize(int64_t t);
+
   const float* x_ = nullptr;
   int64_t rows_ = 0;
   int64_t cols_ = 0;
@@ -71,6 +87,15 @@ class Activations {
 };
 
 void matmul(const Weights& w, const Activations& x, float* y, int64_t ldy, ThreadPool& pool);
+
+// Several products of the same activations in one parallel region (e.g. Q, K and V), the work
+// split evenly over all of them; each result is the one matmul() gives.
+struct MatmulTarget {
+  const Weights* w = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+void matmul_many(std::span<const MatmulTarget> targets, const Activations& x, ThreadPool& pool);
 
 // The integer-dot kernel of one instruction set: computes panels [panel_begin, panel_end) (16
 // rows each) of panel-layout weights for all tokens.

@@ -1,0 +1,239 @@
+#include "engine/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <future>
+
+namespace pdserve {
+namespace {
+
+struct Result {
+  std::string text;
+  std::vector<int32_t> tokens;
+  std::string finish_reason;
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+  int32_t cached_prompt_tokens = 0;
+  int outputs = 0;
+};
+
+// Collects one request's outputs; wait() returns them after the final one.
+class Collector {
+ public:
+  OutputSink sink() {
+    return [this](EngineOutput&& o) {
+      std::lock_guard<std::mutex> lock(mu_);
+      r_.text += o.text;
+      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
+      ++r_.outputs;
+      if (o.finished) {
+        r_.finish_reason = o.finish_reason;
+        r_.prompt_tokens = o.prompt_tokens;
+        r_.completion_tokens = o.completion_tokens;
+        r_.cached_prompt_tokens = o.cached_prompt_tokens;
+        done_.set_value();
+      }
+    };
+  }
+  Result wait() {
+    done_.get_future().wait();
+    std::lock_guard<std::mutex> lock(mu_);
+    return r_;
+  }
+
+ private:
+  std::mutex mu_;
+  Result r_;
+  std::promise<void> done_;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+    ASSERT_TRUE(file.ok()) << file.status().to_string() << " — run scripts/fetch_model.sh";
+    std::shared_ptr<const GgufFile> shared(std::move(file).value());
+    auto tok = Tokenizer::from_gguf(*shared);
+    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+    tokenizer_ = new Tokenizer(std::move(tok).value());
+    auto model = LlamaModel::load(shared);
+    ASSERT_TRUE(model.ok());
+    model_ = std::move(model).value().release();
+    pool_ = new ThreadPool(2);
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete tokenizer_;
+    delete pool_;
+  }
+
+  static EngineOptions options(int32_t blocks = 256) {
+    EngineOptions o;
+    o.num_blocks = blocks;
+    o.block_size = 16;
+    o.step_token_budget = 256;
+    o.max_running = 64;
+    return o;
+  }
+
+  EngineRequest request(const std::string& prompt, int32_t max_tokens) {
+    EngineRequest r;
+    r.prompt = tokenizer_->encode(prompt, true, false);
+    r.max_tokens = max_tokens;
+    return r;
+  }
+
+  static Result run_one(Engine& e, EngineRequest r) {
+    Collector c;
+    auto h = e.submit(std::move(r), c.sink());
+    EXPECT_TRUE(h.ok()) << h.status().to_string();
+    return c.wait();
+  }
+
+  static std::vector<Result> run_all(Engine& e, std::vector<EngineRequest> reqs) {
+    std::vector<std::unique_ptr<Collector>> cs;
+    for (auto& r : reqs) {
+      cs.push_back(std::make_unique<Collector>());
+      auto h = e.submit(std::move(r), cs.back()->sink());
+      EXPECT_TRUE(h.ok()) << h.status().to_string();
+    }
+    std::vector<Result> out;
+    for (auto& c : cs) out.push_back(c->wait());
+    return out;
+  }
+
+  static LlamaModel* model_;
+  static Tokenizer* tokenizer_;
+  static ThreadPool* pool_;
+};
+LlamaModel* EngineTest::model_ = nullptr;
+Tokenizer* EngineTest::tokenizer_ = nullptr;
+ThreadPool* EngineTest::pool_ = nullptr;
+
+const char* const kPrompts[] = {
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "A haiku about autumn leaves:",
+    "List three uses of a paperclip:",
+    "The quick brown fox",
+};
+
+TEST_F(EngineTest, ConcurrentGreedyRequestsMatchRunningAlone) {
+  Engine e(*model_, *tokenizer_, *pool_, options());
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 16; ++i) reqs.push_back(request(kPrompts[i % 8], 12 + i % 5));
+  std::vector<Result> alone;
+  for (const auto& r : reqs) alone.push_back(run_one(e, r));
+  std::vector<Result> together = run_all(e, reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i].text, alone[i].text) << "request " << i;
+    EXPECT_EQ(together[i].finish_reason, alone[i].finish_reason);
+    EXPECT_EQ(together[i].completion_tokens, static_cast<int32_t>(together[i].tokens.size()));
+  }
+  EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.kv.num_blocks_used, 0);
+  EXPECT_EQ(m.running, 0);
+  EXPECT_EQ(m.finished_by_reason["length"] + m.finished_by_reason["stop"], 32);
+}
+
+TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {
+  std::vector<EngineRequest> reqs;
+  for (int i = 0; i < 6; ++i) reqs.push_back(request(kPrompts[i], 40));
+  Engine big(*model_, *tokenizer_, *pool_, options());
+  std::vector<Result> ref;
+  for (const auto& r : reqs) ref.push_back(run_one(big, r));
+  // 10 blocks of 16 = 160 slots for six sequences of ~50 tokens each.
+  Engine small(*model_, *tokenizer_, *pool_, options(10));
+  std::vector<Result> got = run_all(small, reqs);
+  for (size_t i = 0; i < reqs.size(); ++i) EXPECT_EQ(got[i].tokens, ref[i].tokens) << "request " << i;
+  EngineMetrics m = small.metrics();
+  EXPECT_GT(m.preemptions_total, 0);
+  EXPECT_EQ(m.kv.num_blocks_used, 0);
+}
+
+TEST_F(EngineTest, SharedSystemPromptHitsThePrefixCache) {
+  std::string system;
+  for (int i = 0; i < 40; ++i) system += "You are a careful assistant. ";
+  EngineRequest a = request(system + "Question: what is two plus two?", 8);
+  EngineRequest b = request(system + "Question: name a large ocean.", 8);
+  ASSERT_GE(a.prompt.size(), 200u);
+  Engine cold(*model_, *tokenizer_, *pool_, options());
+  Result b_cold = run_one(cold, b);
+  EXPECT_EQ(b_cold.cached_prompt_tokens, 0);
+
+  Engine e(*model_, *tokenizer_, *pool_, options());
+  Result ra = run_one(e, a);
+  Result rb = run_one(e, b);
+  EXPECT_EQ(ra.cached_prompt_tokens, 0);
+  // The shared prefix's full blocks are reused.
+  EXPECT_GE(rb.cached_prompt_tokens, 192);
+  EXPECT_EQ(rb.tokens, b_cold.tokens);
+  EngineMetrics m = e.metrics();
+  EXPECT_GE(m.kv.prefix_hit_tokens_total, 192);
+}
+
+TEST_F(EngineTest, CancelFreesTheSequence) {
+  Engine e(*model_, *tokenizer_, *pool_, options());
+  EngineRequest r = request("Write a very long story about a dragon.", 400);
+  r.ignore_eos = true;
+  std::promise<void> first;
+  std::atomic<bool> got_first{false};
+  Collector c;
+  OutputSink inner = c.sink();
+  auto h = e.submit(std::move(r), [&](EngineOutput&& o) {
+    if (!got_first.exchange(true)) first.set_value();
+    inner(std::move(o));
+  });
+  ASSERT_TRUE(h.ok());
+  first.get_future().wait();
+  (*h)->cancel();
+  Result res = c.wait();
+  EXPECT_EQ(res.finish_reason, "cancelled");
+  EXPECT_LT(res.completion_tokens, 400);
+  EXPECT_EQ(e.metrics().kv.num_blocks_used, 0);
+}
+
+TEST_F(EngineTest, StopStringsAndSeededSamplingAreReproducible) {
+  Engine e(*model_, *tokenizer_, *pool_, options());
+  EngineRequest r = request("Count: 1, 2, 3, 4,", 30);
+  r.stop = {" 7"};
+  Result s = run_one(e, r);
+  EXPECT_EQ(s.finish_reason, "stop");
+  EXPECT_EQ(s.text.find(" 7"), std::string::npos) << s.text;
+
+  EngineRequest t = request("Once upon a time", 24);
+  t.sampling.temperature = 0.9f;
+  t.sampling.seed = 1234;
+  Result x = run_one(e, t);
+  // The same request in a busy batch samples the same tokens.
+  std::vector<EngineRequest> busy;
+  for (int i = 0; i < 5; ++i) busy.push_back(request(kPrompts[i], 20));
+  busy.push_back(t);
+  std::vector<Result> ys = run_all(e, busy);
+  EXPECT_EQ(ys.back().tokens, x.tokens);
+}
+
+TEST_F(EngineTest, RejectsWhatCanNeverRunAndAFullQueue) {
+  EngineOptions o = options(4);  // 64 tokens of KV
+  o.max_waiting = 2;
+  Engine e(*model_, *tokenizer_, *pool_, o);
+  EngineRequest big = request("Hello", 100);
+  auto h = e.submit(big, [](EngineOutput&&) {});
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(h.status().message().find("KV cache"), std::string::npos) << h.status().message();
+
+  EngineRequest too_long = request("Hello", 10);
+  too_long.prompt.assign(static_cast<size_t>(model_->config().context_length), 1);
+  EXPECT_NE(e.validate(too_long).message().find("context"), std::string::npos);
+
+  EngineRequest empty;
+  EXPECT_EQ(e.validate(empty).code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace pdserve
