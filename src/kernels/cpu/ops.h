@@ -31,15 +31,18 @@ void rope_apply(float* x, int32_t num_heads, int32_t head_dim, int32_t rope_dim,
 // float → IEEE half, n elements.
 void f32_to_f16(const float* x, uint16_t* y, int64_t n);
 
-// Paged K/V of one layer: num_blocks × block_size × num_kv_heads × head_dim halves, K and V apart.
+// Paged K/V of one layer: block b of this layer holds block_size token rows of num_kv_heads ×
+// head_dim halves for K (at k + b·block_stride) and for V (at v + b·block_stride). A
+// block_stride of 0 means the blocks are packed back to back (block_size × token_stride).
 struct PagedKvLayer {
   uint16_t* k = nullptr;
   uint16_t* v = nullptr;
   int32_t block_size = 16;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+  int64_t stride = 0;  // halves from one block to the next; 0: block_size × token_stride()
   int64_t token_stride() const { return int64_t{num_kv_heads} * head_dim; }
-  int64_t block_stride() const { return token_stride() * block_size; }
+  int64_t block_stride() const { return stride != 0 ? stride : token_stride() * block_size; }
   // Offset (in halves) of position `pos`, kv head `kv_head`, in a sequence with `block_table`.
   int64_t offset(std::span<const int32_t> block_table, int32_t pos, int32_t kv_head) const {
     return block_table[static_cast<size_t>(pos / block_size)] * block_stride() +
