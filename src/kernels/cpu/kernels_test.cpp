@@ -244,6 +244,30 @@ TEST(Matmul, IntegerDotTypesAgreeBitwiseAcrossIsas) {
   }
 }
 
+// Activation quantization feeds every ISA's integer kernels: its SIMD version must give the
+// scalar version's exact bytes and scales.
+TEST(Quantize, SimdMatchesScalarBitwise) {
+  std::mt19937 rng(17);
+  const int64_t cols = 32 * 40;
+  auto x = random_floats(cols, rng);
+  for (int j = 0; j < 32; ++j) x[static_cast<size_t>(32 * 3 + j)] = 0.0f;  // an all-zero block
+  x[100] = 1e-30f;
+  x[200] = -65000.0f;
+  const int64_t nb = cols / 32;
+  std::vector<int8_t> q1(cols), q2(cols);
+  std::vector<float> d1(nb), d2(nb), s1(nb), s2(nb);
+  std::vector<int32_t> n1(nb), n2(nb);
+  {
+    IsaScope scope(Isa::kScalar);
+    quantize_row_q8(x.data(), cols, Q8Row{q1.data(), d1.data(), s1.data(), n1.data()});
+  }
+  quantize_row_q8(x.data(), cols, Q8Row{q2.data(), d2.data(), s2.data(), n2.data()});
+  EXPECT_EQ(q1, q2);
+  EXPECT_EQ(0, std::memcmp(d1.data(), d2.data(), nb * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(s1.data(), s2.data(), nb * sizeof(float)));
+  EXPECT_EQ(n1, n2);
+}
+
 TEST(Attention, MatchesNaiveSoftmaxOverScatteredBlocks) {
   std::mt19937 rng(3);
   const int32_t block_size = 16, kv_heads = 2, hd = 64, num_blocks = 8, num_keys = 77;

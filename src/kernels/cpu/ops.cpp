@@ -68,7 +68,7 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
     float dot = 0.0f;
     for (int32_t d = 0; d < hd; ++d) dot += q[d] * fp16_to_fp32(k[d]);
     scores[j] = dot * scale;
-    max_score = std::fmax(max_score, scores[j]);
+    max_score = scores[j] > max_score ? scores[j] : max_score;
   }
   float sum = 0.0f;
   for (int32_t j = 0; j < num_keys; ++j) {

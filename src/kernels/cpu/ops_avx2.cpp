@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "kernels/cpu/fp16.h"
 #include "kernels/cpu/ops_simd.h"
 
 namespace pdserve::cpu::detail {
@@ -19,6 +20,39 @@ inline __m256 load_h(const uint16_t* p) {
 }
 }  // namespace
 
+void quantize_row_q8_avx2(const float* x, int64_t cols, int8_t* qs, float* d_out, float* s_out,
+                          int32_t* qsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < cols / 32; ++b) {
+    const float* xb = x + b * 32;
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    const float d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const __m256 idv = _mm256_set1_ps(id);
+    // Round to nearest even, as std::nearbyint does in the default rounding mode.
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, idv));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, idv));
+    __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const int32_t sum = _mm_cvtsi128_si32(s4);
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+    d_out[b] = fp16_round(d);
+    s_out[b] = fp16_round(d * static_cast<float>(sum));
+    qsum[b] = sum;
+  }
+}
+
 void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
                          int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
   const int32_t hd = kv.head_dim;
@@ -31,7 +65,7 @@ void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const
       s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load_h(k + d + 8), s1);
     }
     scores[j] = hsum(_mm256_add_ps(s0, s1)) * scale;
-    max_score = std::fmax(max_score, scores[j]);
+    max_score = scores[j] > max_score ? scores[j] : max_score;
   }
   float sum = 0.0f;
   for (int32_t j = 0; j < num_keys; ++j) {

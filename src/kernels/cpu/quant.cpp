@@ -4,7 +4,9 @@
 #include <cstring>
 
 #include "common/check.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/fp16.h"
+#include "kernels/cpu/ops_simd.h"
 
 namespace pdserve::cpu {
 
@@ -191,10 +193,17 @@ void dequantize_row(GgmlType type, const void* src, float* y, int64_t n) {
 }
 
 void quantize_row_q8(const float* x, int64_t cols, Q8Row out) {
+  if (detected_isa() != Isa::kScalar) {
+    detail::quantize_row_q8_avx2(x, cols, out.qs, out.d, out.s, out.qsum);
+    return;
+  }
   for (int64_t b = 0; b < cols / kQ8Block; ++b) {
     const float* xb = x + b * kQ8Block;
     float amax = 0.0f;
-    for (int j = 0; j < kQ8Block; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    for (int j = 0; j < kQ8Block; ++j) {
+      float a = std::fabs(xb[j]);
+      amax = a > amax ? a : amax;
+    }
     float d = amax / 127.0f;
     float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     int32_t sum = 0;
