@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "common/check.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/ops_simd.h"
@@ -59,15 +60,25 @@ void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
 }
 
 namespace {
+// The exact arithmetic of attention_head_avx2 in scalar code (eight-lane partial sums, fused
+// multiply-adds, the same reduction tree), so every instruction set gives the same bits.
 void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
                            int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
   const int32_t hd = kv.head_dim;
   float max_score = -INFINITY;
   for (int32_t j = 0; j < num_keys; ++j) {
     const uint16_t* k = kv.k + kv.offset(block_table, j, kv_head);
-    float dot = 0.0f;
-    for (int32_t d = 0; d < hd; ++d) dot += q[d] * fp16_to_fp32(k[d]);
-    scores[j] = dot * scale;
+    float s0[8] = {}, s1[8] = {};
+    for (int32_t d = 0; d < hd; d += 16) {
+      for (int i = 0; i < 8; ++i) {
+        s0[i] = std::fma(q[d + i], fp16_to_fp32(k[d + i]), s0[i]);
+        s1[i] = std::fma(q[d + 8 + i], fp16_to_fp32(k[d + 8 + i]), s1[i]);
+      }
+    }
+    float v[8], a[4];
+    for (int i = 0; i < 8; ++i) v[i] = s0[i] + s1[i];
+    for (int i = 0; i < 4; ++i) a[i] = v[i] + v[i + 4];
+    scores[j] = ((a[0] + a[2]) + (a[1] + a[3])) * scale;
     max_score = scores[j] > max_score ? scores[j] : max_score;
   }
   float sum = 0.0f;
@@ -78,8 +89,7 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
   for (int32_t d = 0; d < hd; ++d) out[d] = 0.0f;
   for (int32_t j = 0; j < num_keys; ++j) {
     const uint16_t* v = kv.v + kv.offset(block_table, j, kv_head);
-    float p = scores[j];
-    for (int32_t d = 0; d < hd; ++d) out[d] += p * fp16_to_fp32(v[d]);
+    for (int32_t d = 0; d < hd; ++d) out[d] = std::fma(scores[j], fp16_to_fp32(v[d]), out[d]);
   }
   float inv = 1.0f / sum;
   for (int32_t d = 0; d < hd; ++d) out[d] *= inv;
@@ -88,17 +98,12 @@ void attention_head_scalar(const float* q, const PagedKvLayer& kv, std::span<con
 
 void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
                     int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
-  switch (detected_isa()) {
-    case Isa::kAvx512:
-    case Isa::kAvx2:
-      if (kv.head_dim % 16 == 0) {
-        detail::attention_head_avx2(q, kv, block_table, num_keys, kv_head, scale, scores, out);
-        return;
-      }
-      break;
-    case Isa::kScalar: break;
+  PD_CHECK_MSG(kv.head_dim % 16 == 0, "attention_head: head_dim must be a multiple of 16");
+  if (detected_isa() == Isa::kScalar) {
+    attention_head_scalar(q, kv, block_table, num_keys, kv_head, scale, scores, out);
+  } else {
+    detail::attention_head_avx2(q, kv, block_table, num_keys, kv_head, scale, scores, out);
   }
-  attention_head_scalar(q, kv, block_table, num_keys, kv_head, scale, scores, out);
 }
 
 }  // namespace pdserve::cpu

@@ -52,7 +52,8 @@ struct PagedKvLayer {
 
 // Causal attention of one query head over keys [0, num_keys) of a sequence whose blocks are
 // `block_table`: out = softmax(scale · q·Kᵀ) · V for kv head `kv_head`. `scores` is scratch of
-// num_keys floats. q and out have head_dim floats.
+// num_keys floats. q and out have head_dim floats; head_dim is a multiple of 16. Every
+// instruction set performs the same arithmetic (bitwise identical results).
 void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
                     int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out);
 
