@@ -196,7 +196,7 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
   rope_cos_.resize(sz(T * half_rope));
   rope_sin_.resize(sz(T * half_rope));
   const int nthreads = pool.num_threads();
-  scores_.resize(sz(int64_t{nthreads} * max_keys));
+  scores_.resize(sz(int64_t{nthreads} * (c.num_heads / c.num_kv_heads) * max_keys));
 
   pool.run([&](int idx, int n) {
     for (int64_t t = idx; t < T; t += n) {
@@ -246,17 +246,33 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
       }
     });
 
-    // Attention: every (token, head) pair independently.
-    pool.run([&](int idx, int n) {
-      float* scores = scores_.data() + int64_t{idx} * max_keys;
-      for (int64_t w = idx; w < T * c.num_heads; w += n) {
-        int64_t t = w / c.num_heads;
-        int32_t h = static_cast<int32_t>(w % c.num_heads);
-        const SequenceChunk& ch = batch.chunks[sz(chunk_of[sz(t)])];
-        cpu::attention_head(q_.data() + t * qd + int64_t{h} * hd, kvl, ch.block_table, pos[sz(t)] + 1,
-                            h / group, attn_scale, scores, attn_.data() + t * qd + int64_t{h} * hd);
-      }
-    });
+    // Attention. Both ways give the same bits per (token, head): with enough tokens, the query
+    // heads of a KV head go together (K/V rows read once for the group); otherwise every
+    // (token, head) pair separately, which spreads a decode step over more threads.
+    if (T * c.num_kv_heads >= 2 * int64_t{nthreads}) {
+      pool.run([&](int idx, int n) {
+        float* scores = scores_.data() + int64_t{idx} * group * max_keys;
+        for (int64_t w = idx; w < T * c.num_kv_heads; w += n) {
+          int64_t t = w / c.num_kv_heads;
+          int32_t g = static_cast<int32_t>(w % c.num_kv_heads);
+          const SequenceChunk& ch = batch.chunks[sz(chunk_of[sz(t)])];
+          int64_t first = t * qd + int64_t{g} * group * hd;
+          cpu::attention_heads(q_.data() + first, group, kvl, ch.block_table, pos[sz(t)] + 1, g, attn_scale,
+                               scores, attn_.data() + first);
+        }
+      });
+    } else {
+      pool.run([&](int idx, int n) {
+        float* scores = scores_.data() + int64_t{idx} * group * max_keys;
+        for (int64_t w = idx; w < T * c.num_heads; w += n) {
+          int64_t t = w / c.num_heads;
+          int32_t h = static_cast<int32_t>(w % c.num_heads);
+          const SequenceChunk& ch = batch.chunks[sz(chunk_of[sz(t)])];
+          cpu::attention_head(q_.data() + t * qd + int64_t{h} * hd, kvl, ch.block_table, pos[sz(t)] + 1,
+                              h / group, attn_scale, scores, attn_.data() + t * qd + int64_t{h} * hd);
+        }
+      });
+    }
     acts_.prepare(attn_.data(), T, qd, pool);
     cpu::matmul(L.wo, acts_, tmp_.data(), d, pool);
 

@@ -42,10 +42,11 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   PD_ASSIGN_OR_RETURN(int64_t key_len, f.get_int_or(a + "attention.key_length", head_dim));
   head_dim = key_len;
   PD_RETURN_IF_ERROR(positive("attention.key_length", head_dim, 1024));
-  if (head_dim % 16 != 0) {
-    return unimplemented(fmt::format(
-        "model metadata: head dimension {} is not a multiple of 16, which the CPU attention kernel needs",
-        head_dim));
+  if (head_dim % 16 != 0 || head_dim > 256) {
+    return unimplemented(
+        fmt::format("model metadata: head dimension {} is not a multiple of 16 up to 256, which the CPU "
+                    "attention kernel needs",
+                    head_dim));
   }
   PD_ASSIGN_OR_RETURN(int64_t rope_dim, f.get_int_or(a + "rope.dimension_count", head_dim));
   if (rope_dim <= 0 || rope_dim > head_dim || rope_dim % 2 != 0) {

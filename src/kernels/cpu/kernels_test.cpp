@@ -315,6 +315,33 @@ TEST(Attention, MatchesNaiveSoftmaxOverScatteredBlocks) {
   }
 }
 
+// Grouped heads give each head exactly what attention_head gives, on every ISA.
+TEST(Attention, GroupedHeadsMatchSingleHeadsBitwise) {
+  std::mt19937 rng(9);
+  const int32_t block_size = 16, kv_heads = 2, hd = 64, num_blocks = 6, num_keys = 83;
+  std::vector<uint16_t> k(static_cast<size_t>(num_blocks * block_size * kv_heads * hd)), v(k.size());
+  auto kf = random_floats(static_cast<int64_t>(k.size()), rng);
+  auto vf = random_floats(static_cast<int64_t>(k.size()), rng);
+  f32_to_f16(kf.data(), k.data(), static_cast<int64_t>(k.size()));
+  f32_to_f16(vf.data(), v.data(), static_cast<int64_t>(v.size()));
+  PagedKvLayer layer{k.data(), v.data(), block_size, kv_heads, hd};
+  std::vector<int32_t> table = {4, 1, 5, 0, 2, 3};
+  for (int32_t g : {1, 3, 4, 7}) {
+    auto q = random_floats(int64_t{g} * hd, rng);
+    for (Isa isa : kIsas) {
+      IsaScope scope(isa);
+      std::vector<float> scores(static_cast<size_t>(g * num_keys)), out(static_cast<size_t>(g * hd));
+      attention_heads(q.data(), g, layer, table, num_keys, 1, 0.125f, scores.data(), out.data());
+      for (int32_t h = 0; h < g; ++h) {
+        std::vector<float> s1(num_keys), o1(hd);
+        attention_head(q.data() + h * hd, layer, table, num_keys, 1, 0.125f, s1.data(), o1.data());
+        EXPECT_EQ(0, std::memcmp(o1.data(), out.data() + h * hd, hd * sizeof(float)))
+            << "group " << g << " head " << h << " " << isa_name(isa);
+      }
+    }
+  }
+}
+
 TEST(Ops, RmsNormRopeSilu) {
   std::vector<float> x = {1, 2, 3, 4}, w = {1, 1, 2, 0.5f}, y(4);
   rms_norm(x.data(), w.data(), 1e-5f, 4, y.data());

@@ -106,4 +106,20 @@ void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int3
   }
 }
 
+void attention_heads(const float* q, int32_t num_heads, const PagedKvLayer& kv,
+                     std::span<const int32_t> block_table, int32_t num_keys, int32_t kv_head, float scale,
+                     float* scores, float* out) {
+  PD_CHECK_MSG(kv.head_dim % 16 == 0 && kv.head_dim <= 256,
+               "attention_heads: head_dim must be 16..256, by 16");
+  if (detected_isa() != Isa::kScalar &&
+      detail::attention_heads_avx2(q, num_heads, kv, block_table, num_keys, kv_head, scale, scores, out)) {
+    return;
+  }
+  const int64_t hd = kv.head_dim;
+  for (int32_t h = 0; h < num_heads; ++h) {
+    attention_head(q + h * hd, kv, block_table, num_keys, kv_head, scale, scores + int64_t{h} * num_keys,
+                   out + h * hd);
+  }
+}
+
 }  // namespace pdserve::cpu

@@ -57,4 +57,11 @@ struct PagedKvLayer {
 void attention_head(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
                     int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out);
 
+// attention_head for num_heads consecutive query heads that share kv head `kv_head` (q and out
+// hold num_heads × head_dim floats; scores is scratch of num_heads × num_keys floats). Each head's
+// result is bitwise what attention_head gives; K and V rows are read once for all the heads.
+void attention_heads(const float* q, int32_t num_heads, const PagedKvLayer& kv,
+                     std::span<const int32_t> block_table, int32_t num_keys, int32_t kv_head, float scale,
+                     float* scores, float* out);
+
 }  // namespace pdserve::cpu

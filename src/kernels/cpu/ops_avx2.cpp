@@ -86,4 +86,80 @@ void attention_head_avx2(const float* q, const PagedKvLayer& kv, std::span<const
   }
 }
 
+namespace {
+// G query heads over one KV head, with exactly attention_head_avx2's arithmetic per head: each
+// K and V row is loaded and converted once for all G heads.
+template <int G>
+void attention_group(const float* q, const PagedKvLayer& kv, std::span<const int32_t> block_table,
+                     int32_t num_keys, int32_t kv_head, float scale, float* scores, float* out) {
+  const int32_t hd = kv.head_dim;  // a multiple of 16, at most 256
+  __m256 kf[32];
+  float max_score[G];
+  for (int h = 0; h < G; ++h) max_score[h] = -INFINITY;
+  for (int32_t j = 0; j < num_keys; ++j) {
+    const uint16_t* k = kv.k + kv.offset(block_table, j, kv_head);
+    for (int32_t c = 0; c < hd / 8; ++c) kf[c] = load_h(k + 8 * c);
+    for (int h = 0; h < G; ++h) {
+      const float* qh = q + h * hd;
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (int32_t d = 0; d < hd; d += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), kf[d / 8], s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), kf[d / 8 + 1], s1);
+      }
+      float sc = hsum(_mm256_add_ps(s0, s1)) * scale;
+      scores[h * num_keys + j] = sc;
+      max_score[h] = sc > max_score[h] ? sc : max_score[h];
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; ++h) {
+    float* sh = scores + h * num_keys;
+    float sum = 0.0f;
+    for (int32_t j = 0; j < num_keys; ++j) {
+      sh[j] = std::exp(sh[j] - max_score[h]);
+      sum += sh[j];
+    }
+    inv[h] = 1.0f / sum;
+  }
+  // Output columns in passes of C vectors per head, so the G·C accumulators stay in registers.
+  constexpr int C = G <= 2 ? 4 : (G <= 4 ? 2 : 1);
+  for (int32_t d0 = 0; d0 < hd; d0 += 8 * C) {
+    const int cols = hd - d0 < 8 * C ? (hd - d0) / 8 : C;
+    __m256 acc[G][C];
+    for (int h = 0; h < G; ++h)
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm256_setzero_ps();
+    for (int32_t j = 0; j < num_keys; ++j) {
+      const uint16_t* v = kv.v + kv.offset(block_table, j, kv_head) + d0;
+      __m256 vf[C];
+      for (int c = 0; c < cols; ++c) vf[c] = load_h(v + 8 * c);
+      for (int h = 0; h < G; ++h) {
+        __m256 p = _mm256_set1_ps(scores[h * num_keys + j]);
+        for (int c = 0; c < cols; ++c) acc[h][c] = _mm256_fmadd_ps(p, vf[c], acc[h][c]);
+      }
+    }
+    for (int h = 0; h < G; ++h) {
+      __m256 iv = _mm256_set1_ps(inv[h]);
+      for (int c = 0; c < cols; ++c)
+        _mm256_storeu_ps(out + h * hd + d0 + 8 * c, _mm256_mul_ps(acc[h][c], iv));
+    }
+  }
+}
+}  // namespace
+
+bool attention_heads_avx2(const float* q, int32_t num_heads, const PagedKvLayer& kv,
+                          std::span<const int32_t> block_table, int32_t num_keys, int32_t kv_head,
+                          float scale, float* scores, float* out) {
+  switch (num_heads) {
+    case 1: attention_group<1>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 2: attention_group<2>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 3: attention_group<3>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 4: attention_group<4>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 5: attention_group<5>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 6: attention_group<6>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 7: attention_group<7>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    case 8: attention_group<8>(q, kv, block_table, num_keys, kv_head, scale, scores, out); return true;
+    default: return false;
+  }
+}
+
 }  // namespace pdserve::cpu::detail
