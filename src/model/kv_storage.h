@@ -19,7 +19,6 @@ class KvStorage {
   KvStorage(const ModelConfig& config, int32_t num_blocks, int32_t block_size)
       : num_blocks_(num_blocks),
         block_size_(block_size),
-        num_layers_(config.num_layers),
         num_kv_heads_(config.num_kv_heads),
         head_dim_(config.head_dim),
         rows_halves_(static_cast<int64_t>(block_size) * config.kv_dim()),
@@ -41,7 +40,6 @@ class KvStorage {
  private:
   int32_t num_blocks_;
   int32_t block_size_;
-  int32_t num_layers_;
   int32_t num_kv_heads_;
   int32_t head_dim_;
   int64_t rows_halves_;   // one layer's K (or V) rows of one block
