@@ -4,7 +4,7 @@ BUILD_DIR := build/$(PRESET)
 JOBS ?= $(shell nproc)
 ARGS ?=
 
-.PHONY: all setup configure build test test-fast test-slow serve format clean asan tsan fuzz
+.PHONY: all setup configure build test test-fast test-slow serve chat format clean asan tsan fuzz
 
 all: build
 
@@ -29,7 +29,12 @@ test-fast: build
 test-slow: build
 	@ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) -L slow
 
+# The OpenAI-compatible server on 127.0.0.1:8000 with the default model (ARGS="--port 9000 ..." adds flags).
 serve: build
+	@$(BUILD_DIR)/src/bin/pdserve serve --mode aggregated $(ARGS)
+
+# An interactive chat in the terminal, without the server.
+chat: build
 	@$(BUILD_DIR)/src/bin/pdserve generate --chat $(ARGS)
 
 # Sanitizer builds of everything, with their tests.

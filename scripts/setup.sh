@@ -17,8 +17,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   sudo_cmd=()
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  # Packages with daemons (prometheus: we only need its promtool) must not start them: a
+  # policy-rc.d that refuses every service start, for the duration of the install only.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    made_policy=1
+  fi
+  ok=1
   if ! "${sudo_cmd[@]}" apt-get update -qq || \
      ! DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    ok=0
+  fi
+  [ "$made_policy" -eq 0 ] || "${sudo_cmd[@]}" rm -f "$policy"
+  if [ "$ok" -eq 0 ]; then
     say "could not install ${missing[*]}: install them with apt-get (needs root and network) and re-run"
     exit 1
   fi
