@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   pdserve::register_model_commands(app);
   pdserve::register_generate_command(app);
   pdserve::register_serve_command(app);
+  pdserve::register_bench_command(app);
 
   try {
     app.parse(argc, argv);
