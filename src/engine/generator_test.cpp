@@ -2,27 +2,19 @@
 
 #include <gtest/gtest.h>
 
+#include "engine/test_model.h"
+
 namespace pdserve {
 namespace {
 
 class GeneratorTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
-    ASSERT_TRUE(file.ok()) << file.status().to_string() << " — run scripts/fetch_model.sh";
-    std::shared_ptr<const GgufFile> shared(std::move(file).value());
-    auto tok = Tokenizer::from_gguf(*shared);
-    ASSERT_TRUE(tok.ok()) << tok.status().to_string();
-    tokenizer_ = new Tokenizer(std::move(tok).value());
-    auto model = LlamaModel::load(shared);
-    ASSERT_TRUE(model.ok());
-    model_ = std::move(model).value().release();
-    pool_ = new ThreadPool(2);
-  }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete tokenizer_;
-    delete pool_;
+    const testing::TestModel* m = testing::default_test_model();
+    ASSERT_NE(m, nullptr);
+    model_ = m->model.get();
+    tokenizer_ = m->tokenizer.get();
+    pool_ = m->pool.get();
   }
 
   std::pair<std::string, GenerateStats> run(const GenerateRequest& req, int32_t chunk = 512) {

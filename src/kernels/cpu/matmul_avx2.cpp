@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/panel.h"
+#include "kernels/cpu/panel_driver.h"
 
 namespace pdserve::cpu::detail {
 
@@ -113,14 +114,9 @@ void panels_avx2(const Weights& w, const Activations& x, float* y, int64_t ldy, 
     const uint8_t* panel = w.data + static_cast<size_t>(p) * stride;
     int64_t row0 = p * kPanelRows;
     int64_t valid = std::min<int64_t>(kPanelRows, w.rows - row0);
-    int64_t t = 0;
-    for (; t + kT <= tokens; t += kT) panel_tile<kType, kT>(panel, nb, x, t, y, ldy, row0, valid);
-    switch (tokens - t) {
-      case 1: panel_tile<kType, 1>(panel, nb, x, t, y, ldy, row0, valid); break;
-      case 2: panel_tile<kType, 2>(panel, nb, x, t, y, ldy, row0, valid); break;
-      case 3: panel_tile<kType, 3>(panel, nb, x, t, y, ldy, row0, valid); break;
-      default: break;
-    }
+    for_each_token_tile<kT>(tokens, [&](auto tile, int64_t t) {
+      panel_tile<kType, decltype(tile)::value>(panel, nb, x, t, y, ldy, row0, valid);
+    });
   }
 }
 
@@ -134,14 +130,7 @@ inline float hsum(__m256 v) {
 }  // namespace
 
 MatmulPanelsFn panel_kernel_avx2(GgmlType type) {
-  switch (type) {
-    case GgmlType::kQ4_0: return panels_avx2<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return panels_avx2<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return panels_avx2<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return panels_avx2<GgmlType::kQ5_1>;
-    case GgmlType::kQ8_0: return panels_avx2<GgmlType::kQ8_0>;
-    default: return nullptr;
-  }
+  return panel_kernel_by_type(type, []<GgmlType kType>() -> MatmulPanelsFn { return panels_avx2<kType>; });
 }
 
 float dot_f32_avx2(const float* a, const float* b, int64_t n) {

@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/panel.h"
+#include "kernels/cpu/panel_driver.h"
 
 namespace pdserve::cpu::detail {
 
@@ -92,32 +93,16 @@ void panels_avx512(const Weights& w, const Activations& x, float* y, int64_t ldy
     int64_t row0 = p * kPanelRows;
     int64_t valid = std::min<int64_t>(kPanelRows, w.rows - row0);
     auto mask = static_cast<__mmask16>((1u << valid) - 1);
-    int64_t t = 0;
-    for (; t + kT <= tokens; t += kT) panel_tile<kType, kT>(panel, nb, x, t, y, ldy, row0, mask);
-    switch (tokens - t) {
-      case 1: panel_tile<kType, 1>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 2: panel_tile<kType, 2>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 3: panel_tile<kType, 3>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 4: panel_tile<kType, 4>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 5: panel_tile<kType, 5>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 6: panel_tile<kType, 6>(panel, nb, x, t, y, ldy, row0, mask); break;
-      case 7: panel_tile<kType, 7>(panel, nb, x, t, y, ldy, row0, mask); break;
-      default: break;
-    }
+    for_each_token_tile<kT>(tokens, [&](auto tile, int64_t t) {
+      panel_tile<kType, decltype(tile)::value>(panel, nb, x, t, y, ldy, row0, mask);
+    });
   }
 }
 
 }  // namespace
 
 MatmulPanelsFn panel_kernel_avx512(GgmlType type) {
-  switch (type) {
-    case GgmlType::kQ4_0: return panels_avx512<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return panels_avx512<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return panels_avx512<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return panels_avx512<GgmlType::kQ5_1>;
-    case GgmlType::kQ8_0: return panels_avx512<GgmlType::kQ8_0>;
-    default: return nullptr;
-  }
+  return panel_kernel_by_type(type, []<GgmlType kType>() -> MatmulPanelsFn { return panels_avx512<kType>; });
 }
 
 float dot_f32_avx512(const float* a, const float* b, int64_t n) {

@@ -8,6 +8,7 @@
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/panel.h"
+#include "kernels/cpu/panel_driver.h"
 
 namespace pdserve::cpu::detail {
 
@@ -66,14 +67,7 @@ void panels_scalar(const Weights& w, const Activations& x, float* y, int64_t ldy
 }  // namespace
 
 MatmulPanelsFn panel_kernel_scalar(GgmlType type) {
-  switch (type) {
-    case GgmlType::kQ4_0: return panels_scalar<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return panels_scalar<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return panels_scalar<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return panels_scalar<GgmlType::kQ5_1>;
-    case GgmlType::kQ8_0: return panels_scalar<GgmlType::kQ8_0>;
-    default: return nullptr;
-  }
+  return panel_kernel_by_type(type, []<GgmlType kType>() -> MatmulPanelsFn { return panels_scalar<kType>; });
 }
 
 float dot_f32_scalar(const float* a, const float* b, int64_t n) {
