@@ -29,9 +29,10 @@ test-fast: build
 test-slow: build
 	@ctest --test-dir $(BUILD_DIR) --output-on-failure -j $(JOBS) -L slow
 
-# The OpenAI-compatible server on 127.0.0.1:8000 with the default model (ARGS="--port 9000 ..." adds flags).
+# The OpenAI-compatible server on 127.0.0.1:8000 with the default model, prefill and decode
+# disaggregated in one process (ARGS="--mode aggregated --port 9000 ..." adds flags).
 serve: build
-	@$(BUILD_DIR)/src/bin/pdserve serve --mode aggregated $(ARGS)
+	@$(BUILD_DIR)/src/bin/pdserve serve $(ARGS)
 
 # An interactive chat in the terminal, without the server.
 chat: build

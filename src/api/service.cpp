@@ -61,6 +61,8 @@ const std::vector<double> kTtftBuckets = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 const std::vector<double> kTpotBuckets = {0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,
                                           0.15,  0.2,  0.3,  0.5,  1,    2.5};
 const std::vector<double> kE2eBuckets = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320};
+const std::vector<double> kStepBuckets = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
+const std::vector<double> kStepTokenBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
 
 }  // namespace
 
@@ -266,6 +268,11 @@ ApiService::ApiService(ServiceOptions options)
   e2e_ = &registry_.histogram("pdserve_e2e_request_latency_seconds",
                               "Time from a request's arrival to a choice's last token (finished choices).",
                               kE2eBuckets);
+  step_seconds_ = &registry_.histogram("pdserve_engine_step_duration_seconds",
+                                       "Duration of engine steps that ran the model.", kStepBuckets);
+  step_tokens_ = &registry_.histogram("pdserve_engine_step_tokens",
+                                      "Tokens computed per engine step (prefill chunks plus decodes).",
+                                      kStepTokenBuckets);
   disconnects_ = &registry_.counter("pdserve_client_disconnects_total",
                                     "Generation requests cancelled because the client went away.");
   in_flight_gauge_ =
@@ -274,6 +281,11 @@ ApiService::ApiService(ServiceOptions options)
 }
 
 ApiService::~ApiService() = default;
+
+void ApiService::observe_step(double step_seconds, int32_t step_tokens) {
+  step_seconds_->observe(step_seconds);
+  step_tokens_->observe(step_tokens);
+}
 
 void ApiService::set_ready(const Backend& backend) {
   {
@@ -549,7 +561,7 @@ void ApiService::handle_completion(HttpRequest& request, std::shared_ptr<Respons
 
 void ApiService::start_generation(const std::shared_ptr<Job>& job, const GenerationParams& params,
                                   std::vector<PreparedPrompt> prompts) {
-  Engine& engine = *job->backend.engine;
+  GenerationBackend& engine = *job->backend.engine;
   const bool chat = job->endpoint == Endpoint::kChatCompletions;
   const std::string prompt_param = chat ? "messages" : "prompt";
   job->meta.created = static_cast<int64_t>(std::time(nullptr));
@@ -560,8 +572,7 @@ void ApiService::start_generation(const std::shared_ptr<Job>& job, const Generat
   job->n = params.n;
 
   // The most a sequence can hold: the context, and the KV cache it must fit alone.
-  const int64_t capacity = std::min<int64_t>(
-      engine.max_context(), int64_t{engine.options().num_blocks} * engine.options().block_size);
+  const int64_t capacity = engine.max_sequence_tokens();
   const uint64_t seed = params.seed ? static_cast<uint64_t>(*params.seed) : random_u64();
 
   std::vector<EngineRequest> requests;
@@ -686,6 +697,30 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
   w.counter("pdserve_engine_steps_total", "Engine steps run.", static_cast<double>(m.steps_total));
   w.counter("pdserve_engine_step_seconds_total", "Time spent in engine steps.", m.step_seconds_total);
   w.gauge("pdserve_engine_last_step_seconds", "Duration of the latest engine step.", m.last_step_seconds);
+  // Disaggregated serving (zero in aggregated mode).
+  w.gauge("pdserve_prefill_slots_in_use", "Prefill slots held (accepted requests whose KV has not left).",
+          m.prefill_slots_in_use);
+  w.gauge("pdserve_handoffs_outstanding", "Prompt KV staged in prefill send buffers, not yet released.",
+          m.handoffs_outstanding);
+  w.counter("pdserve_handoffs_total", "Requests handed from a prefill to a decode instance.",
+            static_cast<double>(m.handoffs_total));
+  w.counter("pdserve_handoff_leases_expired_total", "Handoffs freed because no decode fetched them in time.",
+            static_cast<double>(m.handoff_leases_expired_total));
+  w.gauge("pdserve_decode_pending", "Handed-off requests waiting for a decode seat.", m.decode_pending);
+  w.gauge("pdserve_kv_pulls_in_flight", "KV transfers under way into decode instances.",
+          m.kv_pulls_in_flight);
+  w.counter("pdserve_kv_pulls_failed_total", "KV transfers that failed (the request ended with an error).",
+            static_cast<double>(m.kv_pulls_failed_total));
+  w.gauge("pdserve_gateway_waiting", "Requests held at the gateway for a prefill or decode instance.",
+          m.gateway_waiting);
+  w.counter("pdserve_gateway_timeouts_total", "Requests that waited at the gateway beyond their TTFT budget.",
+            static_cast<double>(m.gateway_timeouts_total));
+  w.counter("pdserve_gateway_rejections_total",
+            "Times a full prefill refused a request (then the next was asked).",
+            static_cast<double>(m.gateway_rejections_total));
+  w.counter("pdserve_gateway_prefill_retries_total",
+            "Requests retried on another prefill after a failure before their first token.",
+            static_cast<double>(m.gateway_prefill_retries_total));
   w.family("pdserve_engine_requests_finished_total", "counter",
            "Engine requests finished, by finish reason.");
   std::map<std::string, int64_t> sorted(m.finished_by_reason.begin(), m.finished_by_reason.end());

@@ -41,7 +41,7 @@ struct ServiceOptions {
 
 // What serving needs once the model is loaded (not owned).
 struct Backend {
-  Engine* engine = nullptr;
+  GenerationBackend* engine = nullptr;  // one Engine, or a prefill/decode router
   const Tokenizer* tokenizer = nullptr;
   const ChatTemplate* chat_template = nullptr;  // nullptr: the model has none (chat answers 400)
 };
@@ -66,6 +66,8 @@ class ApiService {
   HttpResponse error_response(int status, std::string message) const;
 
   metrics::Registry& registry() { return registry_; }
+  // Records one engine step (EngineOptions::on_step): duration and tokens computed. Thread-safe.
+  void observe_step(double step_seconds, int32_t step_tokens);
 
   const std::string& served_model_name() const { return options_.served_model_name; }
 
@@ -102,6 +104,8 @@ class ApiService {
   metrics::Histogram* ttft_;
   metrics::Histogram* tpot_;
   metrics::Histogram* e2e_;
+  metrics::Histogram* step_seconds_;
+  metrics::Histogram* step_tokens_;
   metrics::Counter* disconnects_;
   metrics::Gauge* in_flight_gauge_;
 };

@@ -1,9 +1,9 @@
 // `pdserve generate`: offline text generation with the CPU engine, streamed to the terminal;
 // with --chat, the prompt (or each line typed, interactively) goes through the model's chat
 // template.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -44,7 +44,8 @@ StatusOr<Session> load(const GenerateArgs& a) {
   s.tokenizer = std::make_unique<Tokenizer>(std::move(tok));
   if (a.chat) {
     auto src = s.file->get_string("tokenizer.chat_template");
-    if (!src.ok()) return invalid_argument("--chat: the model has no chat template (tokenizer.chat_template)");
+    if (!src.ok())
+      return invalid_argument("--chat: the model has no chat template (tokenizer.chat_template)");
     PD_ASSIGN_OR_RETURN(auto tmpl, ChatTemplate::parse(*src));
     s.chat_template = std::move(tmpl);
   }
@@ -52,31 +53,35 @@ StatusOr<Session> load(const GenerateArgs& a) {
 }
 
 // Generates one answer for `prompt_text`, streaming it to stdout. Returns the answer.
-StatusOr<std::string> answer(Generator& gen, Session& s, const GenerateArgs& a, const std::string& prompt_text,
-                             bool print_stats) {
+StatusOr<std::string> answer(Generator& gen, Session& s, const GenerateArgs& a,
+                             const std::string& prompt_text, bool print_stats) {
   GenerateRequest req;
   req.prompt = s.tokenizer->encode(prompt_text, /*add_special=*/true, /*parse_special=*/a.chat);
   req.sampling = a.sampling;
-  req.max_tokens = std::min<int32_t>(a.max_tokens, gen.context_tokens() - static_cast<int32_t>(req.prompt.size()));
+  req.max_tokens =
+      std::min<int32_t>(a.max_tokens, gen.context_tokens() - static_cast<int32_t>(req.prompt.size()));
   req.stop = a.stop;
   req.ignore_eos = a.ignore_eos;
   if (req.max_tokens < 1) {
-    return invalid_argument(fmt::format("the prompt ({} tokens) fills the context of {} tokens; raise --context",
-                                        req.prompt.size(), gen.context_tokens()));
+    return invalid_argument(
+        fmt::format("the prompt ({} tokens) fills the context of {} tokens; raise --context",
+                    req.prompt.size(), gen.context_tokens()));
   }
   std::string out;
   PD_ASSIGN_OR_RETURN(GenerateStats st, gen.generate(req, [&](std::string_view piece) {
-                        out += piece;
-                        std::fwrite(piece.data(), 1, piece.size(), stdout);
-                        std::fflush(stdout);
-                        return true;
-                      }));
+    out += piece;
+    std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+    return true;
+  }));
   std::fputc('\n', stdout);
   if (print_stats) {
     double pp = st.prefill_seconds > 0 ? st.prompt_tokens / st.prefill_seconds : 0;
     int decoded = st.generated_tokens - 1;
     double tg = st.decode_seconds > 0 && decoded > 0 ? decoded / st.decode_seconds : 0;
-    fmt::print(stderr, "[prefill: {} tokens in {:.3f} s, {:.1f} tokens/s | decode: {} tokens in {:.3f} s, {:.1f} tokens/s | {}]\n",
+    fmt::print(stderr,
+               "[prefill: {} tokens in {:.3f} s, {:.1f} tokens/s | decode: {} tokens in {:.3f} s, {:.1f} "
+               "tokens/s | {}]\n",
                st.prompt_tokens, st.prefill_seconds, pp, decoded, st.decode_seconds, tg, st.finish_reason);
   }
   return out;
@@ -98,9 +103,10 @@ int run_generate(void* p) {
   int32_t context = std::min(a.context, s.model->config().context_length);
   ThreadPool pool(a.threads);
   Generator gen(*s.model, *s.tokenizer, pool, context);
-  fmt::print(stderr, "[loaded {} ({} layers) in {:.2f} s; {} threads, context {} tokens]\n", s.model->config().name,
-             s.model->config().num_layers,
-             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), pool.num_threads(), context);
+  fmt::print(stderr, "[loaded {} ({} layers) in {:.2f} s; {} threads, context {} tokens]\n",
+             s.model->config().name, s.model->config().num_layers,
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), pool.num_threads(),
+             context);
 
   if (!a.chat) {
     if (a.prompt.empty()) {
@@ -118,8 +124,10 @@ int run_generate(void* p) {
 
   ChatTemplateInputs inputs;
   inputs.add_generation_prompt = true;
-  inputs.bos_token = s.tokenizer->bos_id() >= 0 ? std::string(s.tokenizer->token_text(s.tokenizer->bos_id())) : "";
-  inputs.eos_token = s.tokenizer->eos_id() >= 0 ? std::string(s.tokenizer->token_text(s.tokenizer->eos_id())) : "";
+  inputs.bos_token =
+      s.tokenizer->bos_id() >= 0 ? std::string(s.tokenizer->token_text(s.tokenizer->bos_id())) : "";
+  inputs.eos_token =
+      s.tokenizer->eos_id() >= 0 ? std::string(s.tokenizer->token_text(s.tokenizer->eos_id())) : "";
   if (!a.system.empty()) inputs.messages.push_back({.role = "system", .content = a.system});
   auto turn = [&](const std::string& user) -> bool {
     inputs.messages.push_back({.role = "user", .content = user});
@@ -139,7 +147,8 @@ int run_generate(void* p) {
     return true;
   };
   if (!a.prompt.empty()) return turn(a.prompt) ? 0 : 1;
-  fmt::print(stderr, "[chat with {}: type a message and press Enter; /reset clears the conversation; Ctrl-D quits]\n",
+  fmt::print(stderr,
+             "[chat with {}: type a message and press Enter; /reset clears the conversation; Ctrl-D quits]\n",
              s.model->config().name);
   std::string line;
   while (true) {
@@ -161,29 +170,44 @@ int run_generate(void* p) {
 void register_generate_command(CLI::App& app) {
   auto* a = new GenerateArgs();  // lives for the process
   a->model = default_model_path();
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text with the CPU engine, streamed to the terminal; "
-                                                 "ends with prefill and decode speeds");
+  CLI::App* cmd = app.add_subcommand("generate",
+                                     "Generate text with the CPU engine, streamed to the terminal; "
+                                     "ends with prefill and decode speeds");
   cmd->add_option("-m,--model", a->model, "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
       ->capture_default_str();
-  cmd->add_option("-p,--prompt", a->prompt, "Prompt text (with --chat: the user message; omit for an interactive chat)");
+  cmd->add_option("-p,--prompt", a->prompt,
+                  "Prompt text (with --chat: the user message; omit for an interactive chat)");
   cmd->add_flag("--chat", a->chat, "Apply the model's chat template; without --prompt, chat interactively");
   cmd->add_option("--system", a->system, "System message for --chat");
-  cmd->add_option("-n,--max-tokens", a->max_tokens, "Most tokens to generate")->capture_default_str()->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("-c,--context", a->context, "Context size in tokens (prompt + generated); capped at the model's")
-      ->capture_default_str()->check(CLI::Range(16, 1 << 24));
-  cmd->add_option("-t,--threads", a->threads, "CPU threads (0: all cores)")->capture_default_str()->check(CLI::Range(0, 1024));
-  cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0: greedy)")->capture_default_str();
-  cmd->add_option("--top-k", a->sampling.top_k, "Keep the k most likely tokens (0: off)")->capture_default_str();
-  cmd->add_option("--top-p", a->sampling.top_p, "Keep the smallest set of tokens with this probability mass (1: off)")
+  cmd->add_option("-n,--max-tokens", a->max_tokens, "Most tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("-c,--context", a->context,
+                  "Context size in tokens (prompt + generated); capped at the model's")
+      ->capture_default_str()
+      ->check(CLI::Range(16, 1 << 24));
+  cmd->add_option("-t,--threads", a->threads, "CPU threads (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0: greedy)")
+      ->capture_default_str();
+  cmd->add_option("--top-k", a->sampling.top_k, "Keep the k most likely tokens (0: off)")
+      ->capture_default_str();
+  cmd->add_option("--top-p", a->sampling.top_p,
+                  "Keep the smallest set of tokens with this probability mass (1: off)")
       ->capture_default_str();
   cmd->add_option("--min-p", a->sampling.min_p, "Drop tokens below min-p times the top probability (0: off)")
       ->capture_default_str();
-  cmd->add_option("--repeat-penalty", a->sampling.repetition_penalty, "Repetition penalty (1: off)")->capture_default_str();
-  cmd->add_option("--presence-penalty", a->sampling.presence_penalty, "Presence penalty, -2..2")->capture_default_str();
-  cmd->add_option("--frequency-penalty", a->sampling.frequency_penalty, "Frequency penalty, -2..2")->capture_default_str();
+  cmd->add_option("--repeat-penalty", a->sampling.repetition_penalty, "Repetition penalty (1: off)")
+      ->capture_default_str();
+  cmd->add_option("--presence-penalty", a->sampling.presence_penalty, "Presence penalty, -2..2")
+      ->capture_default_str();
+  cmd->add_option("--frequency-penalty", a->sampling.frequency_penalty, "Frequency penalty, -2..2")
+      ->capture_default_str();
   cmd->add_option("--seed", a->sampling.seed, "Random seed for sampling")->capture_default_str();
   cmd->add_option("--stop", a->stop, "Stop before this string (repeatable)");
-  cmd->add_flag("--ignore-eos", a->ignore_eos, "Keep generating past end-of-generation tokens (for benchmarks)");
+  cmd->add_flag("--ignore-eos", a->ignore_eos,
+                "Keep generating past end-of-generation tokens (for benchmarks)");
   cmd->callback([a] { set_command_action(run_generate, a); });
 }
 

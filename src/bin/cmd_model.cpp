@@ -1,7 +1,7 @@
 // `pdserve model info PATH`: what a model file contains.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
 #include <map>
 
 #include "bin/commands.h"
@@ -35,7 +35,8 @@ int model_info(void* p) {
   }
   const GgufFile& f = **file;
   fmt::print("file:            {} ({}, GGUF v{}, {} tensors, {} metadata keys)\n", args.path,
-             human_bytes(static_cast<double>(f.file_size())), f.version(), f.tensors().size(), f.metadata().size());
+             human_bytes(static_cast<double>(f.file_size())), f.version(), f.tensors().size(),
+             f.metadata().size());
   auto cfg = ModelConfig::from_gguf(f);
   if (!cfg.ok()) {
     fmt::print("model:           not runnable by pdserve: {}\n", cfg.status().message());
@@ -49,7 +50,8 @@ int model_info(void* p) {
     fmt::print("layers:          {}\n", c.num_layers);
     fmt::print("hidden size:     {}\n", c.hidden_size);
     fmt::print("ffn size:        {}\n", c.ffn_size);
-    fmt::print("heads:           {} query, {} key/value (head dim {})\n", c.num_heads, c.num_kv_heads, c.head_dim);
+    fmt::print("heads:           {} query, {} key/value (head dim {})\n", c.num_heads, c.num_kv_heads,
+               c.head_dim);
     fmt::print("vocabulary:      {}\n", c.vocab_size);
     fmt::print("context length:  {}\n", c.context_length);
     fmt::print("rope:            theta {}, {} ordering, {} dims{}\n", c.rope_theta,
@@ -68,7 +70,8 @@ int model_info(void* p) {
     e.second += t.size_bytes;
   }
   fmt::print("tensor types:   ");
-  for (const auto& [name, e] : types) fmt::print(" {} x{} ({})", name, e.first, human_bytes(static_cast<double>(e.second)));
+  for (const auto& [name, e] : types)
+    fmt::print(" {} x{} ({})", name, e.first, human_bytes(static_cast<double>(e.second)));
   fmt::print("\n");
   auto str = [&f](const char* key) {
     auto v = f.get_string(key);
@@ -97,13 +100,12 @@ void register_model_commands(CLI::App& app) {
   auto* args = new ModelInfoArgs();  // lives for the process
   args->path = default_model_path();
   CLI::App* info = model->add_subcommand(
-      "info", "Print a model's architecture, sizes, quantization types, tokenizer, chat template, context "
-              "length and KV-cache bytes per token");
+      "info",
+      "Print a model's architecture, sizes, quantization types, tokenizer, chat template, context "
+      "length and KV-cache bytes per token");
   info->add_option("path", args->path, "GGUF model file")->capture_default_str();
   info->add_flag("--metadata", args->all_metadata, "Also print every metadata key and value");
   info->callback([args] { set_command_action(model_info, args); });
 }
-
-
 
 }  // namespace pdserve

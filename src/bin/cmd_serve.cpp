@@ -1,35 +1,25 @@
-// `pdserve serve --mode aggregated`: one engine instance doing prefill and decode, behind the
-// OpenAI-compatible HTTP API. The socket listens before the model loads (GET /health answers 503
-// meanwhile). SIGINT/SIGTERM: stop accepting, let running requests finish for up to
-// --shutdown-timeout seconds (a second signal skips the wait), cancel the rest, exit 0.
+// `pdserve serve`: the OpenAI-compatible HTTP API over, by default, a prefill and a decode engine
+// in this process behind the gateway's Router (in-process KV transfer); `--mode aggregated`: one
+// engine doing both phases. Listening, loading and draining: run_openai_front (serve_support.h).
 #include <fmt/format.h>
-#include <pthread.h>
-#include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
-#include <chrono>
-#include <csignal>
-#include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
-#include <optional>
-#include <thread>
+#include <memory>
+#include <string>
 
-#include "api/http_server.h"
-#include "api/service.h"
 #include "bin/commands.h"
-#include "common/log.h"
+#include "bin/serve_support.h"
+#include "common/thread_pool.h"
+#include "gateway/router.h"
 #include "kvcache/budget.h"
-#include "tokenizer/chat_template.h"
 
 namespace pdserve {
 
 namespace {
 
 struct ServeArgs {
-  std::string mode = "aggregated";
+  std::string mode = "disaggregated";
   std::string model;
   std::string host = "127.0.0.1";
   int port = 8000;
@@ -46,205 +36,157 @@ struct ServeArgs {
   std::string served_model_name;
   size_t max_body_bytes = size_t{8} << 20;
   int shutdown_timeout_s = 30;
+  // Disaggregated mode.
+  int prefill_slots = 4;
+  int decode_pending = 8;
+  int64_t handoff_lease_ms = 30'000;
+  int64_t ttft_budget_ms = 60'000;
+  double ttft_budget_ms_per_token = 0;
+  std::string admission = "on-demand";
 };
 
-constexpr std::string_view kDefaultKvMemory = "1GiB";
+// What serves: one engine (aggregated), or a prefill and a decode engine in this process with the
+// in-process KV transport behind a Router (disaggregated). Not movable: engines call back into it.
+struct Deployment {
+  KvTransport transport;
+  std::vector<std::unique_ptr<Engine>> engines;
+  std::unique_ptr<Router> router;
+  std::atomic<Router*> router_ptr{nullptr};
 
-// Signals are taken by one thread (sigwait); every other thread blocks them.
-std::atomic<int> g_signals{0};
-std::atomic<bool> g_loading{true};
-
-void start_signal_thread() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  std::thread([set] {
-    for (;;) {
-      int sig = 0;
-      if (sigwait(&set, &sig) != 0) continue;
-      if (g_loading.load()) {
-        std::fputs("\npdserve: interrupted while loading; exiting\n", stderr);
-        std::_Exit(0);
-      }
-      if (g_signals.fetch_add(1) >= 1) {
-        std::fputs("\npdserve: second signal: cancelling running requests now\n", stderr);
-      }
-    }
-  }).detach();
-}
-
-void raise_fd_limit() {
-  rlimit r{};
-  if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
-    r.rlim_cur = r.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &r);
+  GenerationBackend* backend() {
+    return router ? static_cast<GenerationBackend*>(router.get()) : engines[0].get();
   }
-}
-
-// MemAvailable from /proc/meminfo, for fractional --kv-cache-memory.
-std::optional<uint64_t> available_memory_bytes() {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  uint64_t kib = 0;
-  std::string unit;
-  while (f >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
+  size_t kv_bytes() const {
+    size_t n = 0;
+    for (const auto& e : engines) n += e->kv_bytes();
+    return n;
   }
-  return std::nullopt;
-}
-
-struct Loaded {
-  std::shared_ptr<const GgufFile> file;
-  std::unique_ptr<LlamaModel> model;
-  std::unique_ptr<Tokenizer> tokenizer;
-  std::optional<ChatTemplate> chat_template;
+  // Router first (no new placements), then the engines (their last outputs still reach it).
+  void shutdown() {
+    if (router) router->stop();
+    for (auto& e : engines) e->shutdown();
+  }
 };
 
-StatusOr<Loaded> load_model(const std::string& path) {
-  Loaded l;
-  PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(path));
-  l.file = std::shared_ptr<const GgufFile>(std::move(file));
-  PD_ASSIGN_OR_RETURN(l.model, LlamaModel::load(l.file));
-  PD_ASSIGN_OR_RETURN(auto tok, Tokenizer::from_gguf(*l.file));
-  l.tokenizer = std::make_unique<Tokenizer>(std::move(tok));
-  if (auto src = l.file->get_string("tokenizer.chat_template"); src.ok()) {
-    auto tmpl = ChatTemplate::parse(*src);
-    if (tmpl.ok()) {
-      l.chat_template = std::move(*tmpl);
-    } else {
-      PD_LOG_WARN(
-          "serve: the model's chat template cannot be used ({}); /v1/chat/completions will answer 400",
-          tmpl.status().message());
-    }
-  } else {
-    PD_LOG_WARN("serve: the model has no chat template; /v1/chat/completions will answer 400");
-  }
-  return l;
+// Splits the KV budget: the prefill holds prompts only while they run (a quarter, at least one
+// full context); the decode holds every running sequence (the rest, at least one full context).
+std::pair<int32_t, int32_t> split_kv_blocks(int32_t blocks, int32_t block_size, int32_t max_context) {
+  const int32_t one = (max_context + block_size - 1) / block_size;
+  const int32_t prefill = std::max(one, blocks / 4);
+  const int32_t decode = std::max(one, blocks - prefill);
+  return {prefill, decode};
 }
 
-// KV blocks for the flag value; the default is capped at what max_running full contexts need.
-StatusOr<int32_t> kv_blocks(const ServeArgs& a, const ModelConfig& cfg, int32_t max_context) {
-  PD_ASSIGN_OR_RETURN(uint64_t per_block,
-                      kv_bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, a.block_size, 2));
-  const bool is_default = a.kv_cache_memory.empty();
-  std::string_view text = is_default ? kDefaultKvMemory : std::string_view(a.kv_cache_memory);
-  StatusOr<int32_t> blocks = kv_blocks_for_budget(text, per_block, available_memory_bytes());
-  if (!blocks.ok()) return blocks.status().with_context("--kv-cache-memory");
-  if (is_default) {
-    int64_t needed = (int64_t{a.max_running} * max_context + a.block_size - 1) / a.block_size;
-    return static_cast<int32_t>(std::min<int64_t>(*blocks, needed));
+StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedModel& m, ThreadPool& pool,
+                                             const EngineOptions& base) {
+  auto d = std::make_unique<Deployment>();
+  if (a.mode == "aggregated") {
+    PD_RETURN_IF_ERROR(base.validate());
+    d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, base));
+    return d;
   }
-  return *blocks;
+  const ModelConfig& cfg = m.model->config();
+  auto [prefill_blocks, decode_blocks] = split_kv_blocks(base.num_blocks, base.block_size, base.max_context);
+  KvTransportOptions to;
+  // Enough contiguous send buffers for every slot's longest prompt; touched only where used.
+  const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
+  to.pool_capacity_bytes = static_cast<uint64_t>(std::max(a.prefill_slots, 1)) *
+                           (static_cast<uint64_t>(base.max_context) * token_bytes + kKvWireHeaderBytes);
+  to.max_buffers = std::max(a.prefill_slots, 1) + 4;
+  to.lease_ms = a.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
+  to.prefault_pool = false;
+  PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc, to));
+  Deployment* raw = d.get();
+  auto notify = [raw] {
+    if (Router* r = raw->router_ptr.load()) r->notify_capacity();
+  };
+  EngineOptions p = base;
+  p.role = EngineRole::kPrefill;
+  p.num_blocks = prefill_blocks;
+  p.prefill_slots = a.admission == "baseline" ? 0 : a.prefill_slots;
+  p.handoff_lease_ms = a.handoff_lease_ms;
+  p.kv_send = d->transport.pool.get();
+  p.on_capacity = notify;
+  PD_RETURN_IF_ERROR(p.validate().with_context("prefill instance"));
+  EngineOptions dec = base;
+  dec.role = EngineRole::kDecode;
+  dec.num_blocks = decode_blocks;
+  dec.decode_pending = a.decode_pending;
+  dec.kv_puller = d->transport.puller.get();
+  dec.on_capacity = notify;
+  PD_RETURN_IF_ERROR(dec.validate().with_context("decode instance"));
+  d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, p));
+  d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, dec));
+  RouterOptions ro;
+  ro.admission = a.admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
+  ro.ttft_budget_ms = a.ttft_budget_ms;
+  ro.ttft_budget_ms_per_token = a.ttft_budget_ms_per_token;
+  d->router = std::make_unique<Router>(std::vector<Instance*>{d->engines[0].get()},
+                                       std::vector<Instance*>{d->engines[1].get()}, ro);
+  d->router_ptr.store(d->router.get());
+  return d;
 }
+
+// What `serve` keeps alive while it serves: the model, the thread pool, the engines.
+struct ServeState {
+  LoadedModel model;
+  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<Deployment> deployment;
+};
 
 int run_serve(void* p) {
   auto& a = *static_cast<ServeArgs*>(p);
-  if (a.mode != "aggregated") {
-    fmt::print(stderr, "error: --mode {} is not implemented yet; use --mode aggregated\n", a.mode);
-    return 2;
-  }
-  if (a.api_key.empty()) {
-    if (const char* env = std::getenv("PDSERVE_API_KEY"); env && *env) a.api_key = env;
-  }
-  if (a.served_model_name.empty()) a.served_model_name = std::filesystem::path(a.model).stem().string();
-  std::signal(SIGPIPE, SIG_IGN);
-  raise_fd_limit();
-  start_signal_thread();  // before any other thread, so that they all inherit the blocked mask
-
-  api::ApiService service({.served_model_name = a.served_model_name, .api_key = a.api_key});
-  api::HttpServerOptions http;
-  http.host = a.host;
-  http.port = static_cast<uint16_t>(a.port);
-  http.num_threads = a.http_threads;
-  http.max_body_bytes = a.max_body_bytes;
-  http.error_response = [&service](int status, std::string message) {
-    return service.error_response(status, std::move(message));
-  };
-  auto server_or =
-      api::HttpServer::start(http, [&service](api::HttpRequest r, std::shared_ptr<api::ResponseChannel> c) {
-        service.handle(std::move(r), std::move(c));
-      });
-  if (!server_or.ok()) {
-    fmt::print(stderr, "error: {}\n", server_or.status().message());
-    return 1;
-  }
-  std::unique_ptr<api::HttpServer> server = std::move(server_or).value();
-  service.registry().add_collector([&server](metrics::TextWriter& w) {
-    w.gauge("pdserve_http_connections", "Open HTTP connections.", server->num_connections());
+  FrontOptions front{.command = "serve",
+                     .host = a.host,
+                     .port = a.port,
+                     .http_threads = a.http_threads,
+                     .max_body_bytes = a.max_body_bytes,
+                     .api_key = a.api_key,
+                     .served_model_name = a.served_model_name,
+                     .model_path = a.model,
+                     .shutdown_timeout_s = a.shutdown_timeout_s};
+  return run_openai_front(front, [&a](api::ApiService& service) -> StatusOr<FrontBackend> {
+    auto state = std::make_shared<ServeState>();
+    PD_ASSIGN_OR_RETURN(state->model, load_model(a.model, /*weights=*/true));
+    const ModelConfig& cfg = state->model.model->config();
+    const int32_t max_context =
+        a.max_context > 0 ? std::min(a.max_context, cfg.context_length) : cfg.context_length;
+    StatusOr<int32_t> blocks = kv_blocks(a.kv_cache_memory, a.block_size, a.max_running, cfg, max_context);
+    if (!blocks.ok()) return invalid_argument(blocks.status().message());
+    EngineOptions eo;
+    eo.block_size = a.block_size;
+    eo.num_blocks = *blocks;
+    eo.step_token_budget = a.step_token_budget;
+    eo.max_running = a.max_running;
+    eo.max_waiting = a.max_waiting;
+    eo.prefix_caching = !a.no_prefix_caching;
+    eo.max_context = max_context;
+    eo.on_step = [&service](double seconds, int32_t tokens) { service.observe_step(seconds, tokens); };
+    // NOTE: one pool for every engine of this process: their forward passes take turns (the model
+    // runs one at a time), so the cores are not oversubscribed.
+    state->pool = std::make_unique<ThreadPool>(a.threads);
+    StatusOr<std::unique_ptr<Deployment>> deployed = deploy(a, state->model, *state->pool, eo);
+    if (!deployed.ok()) return invalid_argument(deployed.status().message());
+    state->deployment = std::move(deployed).value();
+    FrontBackend b;
+    b.backend = {.engine = state->deployment->backend(),
+                 .tokenizer = state->model.tokenizer.get(),
+                 .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr};
+    b.description = fmt::format(
+        "{} mode{}, model '{}' ({} layers, context {} tokens), KV cache {} blocks x {} tokens ({}), {} "
+        "engine "
+        "threads",
+        a.mode,
+        a.mode == "aggregated"
+            ? ""
+            : fmt::format(" (1 prefill with {} slots, 1 decode, in-process KV transfer, {} admission)",
+                          a.prefill_slots, a.admission),
+        a.model, cfg.num_layers, max_context, eo.num_blocks, eo.block_size,
+        format_bytes(state->deployment->kv_bytes()), state->pool->num_threads());
+    b.shutdown = [state] { state->deployment->shutdown(); };
+    b.owner = state;
+    return b;
   });
-  const std::string url_host = a.host == "0.0.0.0" ? "127.0.0.1" : a.host;
-  PD_LOG_INFO("serve: listening on http://{}:{}; loading {}", a.host, server->port(), a.model);
-
-  auto t0 = std::chrono::steady_clock::now();
-  StatusOr<Loaded> loaded = load_model(a.model);
-  if (!loaded.ok()) {
-    fmt::print(stderr, "error: {}\n", loaded.status().message());
-    return 1;
-  }
-  Loaded& m = *loaded;
-  const ModelConfig& cfg = m.model->config();
-  const int32_t max_context =
-      a.max_context > 0 ? std::min(a.max_context, cfg.context_length) : cfg.context_length;
-  StatusOr<int32_t> blocks = kv_blocks(a, cfg, max_context);
-  if (!blocks.ok()) {
-    fmt::print(stderr, "error: {}\n", blocks.status().message());
-    return 2;
-  }
-  EngineOptions eo;
-  eo.block_size = a.block_size;
-  eo.num_blocks = *blocks;
-  eo.step_token_budget = a.step_token_budget;
-  eo.max_running = a.max_running;
-  eo.max_waiting = a.max_waiting;
-  eo.prefix_caching = !a.no_prefix_caching;
-  eo.max_context = max_context;
-  if (Status st = eo.validate(); !st.ok()) {
-    fmt::print(stderr, "error: {}\n", st.message());
-    return 2;
-  }
-  ThreadPool pool(a.threads);
-  auto engine = std::make_unique<Engine>(*m.model, *m.tokenizer, pool, eo);
-  service.set_ready({.engine = engine.get(),
-                     .tokenizer = m.tokenizer.get(),
-                     .chat_template = m.chat_template ? &*m.chat_template : nullptr});
-  g_loading.store(false);
-  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  PD_LOG_INFO(
-      "serve: ready in {:.2f} s: model '{}' ({} layers, context {} tokens), KV cache {} blocks x {} tokens "
-      "({}), "
-      "{} engine threads, {} HTTP threads{}",
-      load_s, a.served_model_name, cfg.num_layers, max_context, eo.num_blocks, eo.block_size,
-      format_bytes(engine->kv_bytes()), pool.num_threads(), a.http_threads,
-      a.api_key.empty() ? "" : ", API key required");
-  fmt::print(
-      "\npdserve is serving '{}' (OpenAI-compatible API) at http://{}:{}/v1 — try:\n\n"
-      "  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json'{} \\\n"
-      "    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-      "Health: /health; metrics: /metrics. Ctrl-C stops.\n\n",
-      a.served_model_name, url_host, server->port(), url_host, server->port(),
-      a.api_key.empty() ? "" : " -H \"Authorization: Bearer $PDSERVE_API_KEY\"", a.served_model_name);
-  std::fflush(stdout);
-
-  while (g_signals.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-
-  PD_LOG_INFO("serve: shutting down: no new connections; {} requests running (waiting up to {} s)",
-              service.num_in_flight(), a.shutdown_timeout_s);
-  server->stop_accepting();
-  service.set_draining();
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.shutdown_timeout_s);
-  while (service.num_in_flight() > 0 && g_signals.load() < 2 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  if (int64_t left = service.num_in_flight(); left > 0) PD_LOG_INFO("serve: cancelling {} requests", left);
-  engine.reset();  // cancels what still runs; their clients get an error event or a 503
-  for (int i = 0; i < 100 && service.num_in_flight() > 0; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  server->stop();
-  server.reset();
-  PD_LOG_INFO("serve: stopped");
-  return 0;
 }
 
 }  // namespace
@@ -256,9 +198,10 @@ void register_serve_command(CLI::App& app) {
       "serve",
       "Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
       "/tokenize, /detokenize; GET /v1/models, /health, /metrics)");
-  cmd->add_option(
-         "--mode", a->mode,
-         "aggregated: one engine instance runs prefill and decode (disaggregated: not implemented yet)")
+  cmd->add_option("--mode", a->mode,
+                  "disaggregated: a prefill and a decode instance in this process (in-process KV transfer) "
+                  "behind the gateway's router; aggregated: one engine instance runs prefill and decode (the "
+                  "baseline)")
       ->capture_default_str()
       ->check(CLI::IsMember({"aggregated", "disaggregated"}));
   cmd->add_option("-m,--model", a->model, "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
@@ -313,6 +256,38 @@ void register_serve_command(CLI::App& app) {
          "Seconds running requests may take to finish after SIGINT/SIGTERM before they are cancelled")
       ->capture_default_str()
       ->check(CLI::Range(0, 3600));
+  cmd->add_option(
+         "--prefill-slots", a->prefill_slots,
+         "Disaggregated: requests a prefill holds at once (b_p), from acceptance until the decode has "
+         "its KV; more wait at the gateway")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--decode-pending", a->decode_pending,
+                  "Disaggregated: handed-off requests a decode keeps waiting for a running seat")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option(
+         "--handoff-lease-ms", a->handoff_lease_ms,
+         "Disaggregated: a prefill frees a handed-off request's slot and KV after this long even if no "
+         "decode fetched it")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+  cmd->add_option(
+         "--ttft-budget-ms", a->ttft_budget_ms,
+         "Disaggregated: how long a request may wait at the gateway for a prefill slot before it fails "
+         "with 504 (plus --ttft-budget-ms-per-token for each prompt token)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
+  cmd->add_option("--ttft-budget-ms-per-token", a->ttft_budget_ms_per_token,
+                  "Disaggregated: extra waiting budget per prompt token")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1000.0));
+  cmd->add_option(
+         "--admission", a->admission,
+         "Disaggregated: on-demand (prefills accept or refuse at once, requests wait at the gateway) or "
+         "baseline (every prefill queues; the gateway sends to the one with the fewest open streams)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on-demand", "baseline"}));
   cmd->callback([a] { set_command_action(run_serve, a); });
 }
 

@@ -1,7 +1,6 @@
 #include "bin/commands.h"
 
 #include <CLI/CLI.hpp>
-
 #include <cstdlib>
 
 namespace pdserve {

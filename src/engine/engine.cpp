@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "common/check.h"
@@ -23,7 +24,21 @@ struct Engine::Active {
   Sampler sampler;
   TextStream stream;
   int32_t cached_prompt_tokens = 0;
+  // Decode role: a handed-off request.
+  std::optional<EngineHandoff> handoff;
+  PulledCallback on_pulled;
+  TransferId transfer = 0;
+  bool pulling = false;
 };
+
+std::string_view engine_role_name(EngineRole role) {
+  switch (role) {
+    case EngineRole::kMixed: return "mixed";
+    case EngineRole::kPrefill: return "prefill";
+    case EngineRole::kDecode: return "decode";
+  }
+  return "unknown";
+}
 
 Status EngineOptions::validate() const {
   if (block_size < 1)
@@ -40,6 +55,19 @@ Status EngineOptions::validate() const {
     return invalid_argument(fmt::format("max waiting must not be negative, got {}", max_waiting));
   if (max_context < 0)
     return invalid_argument(fmt::format("max context must not be negative, got {}", max_context));
+  if (role == EngineRole::kPrefill) {
+    if (prefill_slots < 0)
+      return invalid_argument(fmt::format("prefill slots must not be negative, got {}", prefill_slots));
+    if (kv_send == nullptr) return invalid_argument("a prefill instance needs a KV send pool");
+    if (handoff_lease_ms < 1)
+      return invalid_argument(fmt::format("the handoff lease must be positive, got {} ms", handoff_lease_ms));
+  }
+  if (role == EngineRole::kDecode) {
+    if (decode_pending < 1)
+      return invalid_argument(
+          fmt::format("a decode needs a pending queue of at least 1, got {}", decode_pending));
+    if (kv_puller == nullptr) return invalid_argument("a decode instance needs a KV puller");
+  }
   return ok_status();
 }
 
@@ -56,16 +84,22 @@ Engine::Engine(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, 
   Status st = options.validate();
   PD_CHECK_MSG(st.ok(), st.message().c_str());
   metrics_.kv = kv_.stats();
+  const ModelConfig& c = model.config();
+  kv_view_ =
+      PagedKvView{kv_storage_.block_data(0), kv_storage_.block_bytes(), options.num_blocks,
+                  options.block_size, KvLayout{model.fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()}};
   thread_ = std::thread([this] { loop(); });
 }
 
-Engine::~Engine() {
+Engine::~Engine() { shutdown(); }
+
+void Engine::shutdown() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
 }
 
 Status Engine::validate(const EngineRequest& r) const {
@@ -99,20 +133,131 @@ Status Engine::validate(const EngineRequest& r) const {
   return ok_status();
 }
 
-StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, OutputSink sink) {
+StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, OutputSink sink,
+                                                        std::shared_ptr<RequestHandle> handle) {
+  if (options_.role == EngineRole::kDecode) {
+    return failed_precondition("this is a decode instance: it continues handed-off requests only");
+  }
   PD_RETURN_IF_ERROR(validate(request));
-  auto handle = std::make_shared<RequestHandle>();
+  if (!handle) handle = std::make_shared<RequestHandle>();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the engine is shutting down");
-    if (static_cast<int64_t>(incoming_.size()) + metrics_.waiting >= options_.max_waiting) {
+    const bool slotted = options_.role == EngineRole::kPrefill && options_.prefill_slots > 0;
+    if (slotted && slots_in_use_ >= options_.prefill_slots) {
+      return resource_exhausted(
+          fmt::format("all {} prefill slots are held; try another prefill or later", options_.prefill_slots));
+    }
+    if (!slotted && static_cast<int64_t>(incoming_.size()) + metrics_.waiting >= options_.max_waiting) {
       return resource_exhausted(
           fmt::format("{} requests are already waiting; retry later", options_.max_waiting));
     }
-    incoming_.push_back(Pending{std::move(request), std::move(sink), handle});
+    if (options_.role == EngineRole::kPrefill) ++slots_in_use_;
+    sync_transfer_metrics();
+    incoming_.push_back(Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr});
   }
   cv_.notify_one();
   return handle;
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> Engine::submit_handoff(EngineRequest request,
+                                                                const EngineHandoff& handoff, OutputSink sink,
+                                                                PulledCallback on_pulled,
+                                                                std::shared_ptr<RequestHandle> handle) {
+  if (options_.role != EngineRole::kDecode) {
+    return failed_precondition(fmt::format("this is a {} instance: only a decode instance takes handoffs",
+                                           engine_role_name(options_.role)));
+  }
+  PD_RETURN_IF_ERROR(validate(request));
+  if (handoff.num_prompt_tokens != static_cast<int32_t>(request.prompt.size())) {
+    return invalid_argument(fmt::format("the handoff has {} prompt tokens but the request has {}",
+                                        handoff.num_prompt_tokens, request.prompt.size()));
+  }
+  if (handoff.first_token < 0 || handoff.first_token >= model_.config().vocab_size) {
+    return invalid_argument(fmt::format("the handoff's first token {} is outside the vocabulary (0..{})",
+                                        handoff.first_token, model_.config().vocab_size - 1));
+  }
+  if (handoff.kv.kind != options_.kv_puller->kind()) {
+    return invalid_argument(
+        fmt::format("the handoff's KV is on transport '{}' but this decode pulls over '{}'",
+                    transport_kind_name(handoff.kv.kind), transport_kind_name(options_.kv_puller->kind())));
+  }
+  if (!handle) handle = std::make_shared<RequestHandle>();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return unavailable("the engine is shutting down");
+    if (num_pending_ >= options_.decode_pending) {
+      return resource_exhausted(
+          fmt::format("{} handed-off requests already wait for this decode; try another decode or later",
+                      options_.decode_pending));
+    }
+    ++num_pending_;
+    sync_transfer_metrics();
+    incoming_.push_back(Pending{std::move(request), std::move(sink), handle, handoff, std::move(on_pulled)});
+  }
+  cv_.notify_one();
+  return handle;
+}
+
+Status Engine::release_handoff(const KvBufferRef& kv) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldHandoff& h) { return h.kv == kv; });
+    if (it == held_.end()) {
+      return not_found(
+          fmt::format("no handoff holds KV buffer {} (generation {}): released before, or its "
+                      "lease ran out",
+                      kv.buffer_id, kv.generation));
+    }
+    held_.erase(it);
+    --slots_in_use_;
+    sync_transfer_metrics();
+  }
+  Status st = options_.kv_send->release(kv);
+  if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", kv.buffer_id, st.message());
+  if (options_.on_capacity) options_.on_capacity();
+  return ok_status();
+}
+
+void Engine::sync_transfer_metrics() {
+  metrics_.prefill_slots_in_use = slots_in_use_;
+  metrics_.handoffs_outstanding = static_cast<int32_t>(held_.size());
+  metrics_.handoff_leases_expired_total = leases_expired_total_;
+  metrics_.decode_pending = num_pending_;
+}
+
+void Engine::release_slot() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --slots_in_use_;
+    sync_transfer_metrics();
+  }
+  if (options_.on_capacity) options_.on_capacity();
+}
+
+void Engine::expire_handoffs() {
+  std::vector<KvBufferRef> expired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = held_.begin(); it != held_.end();) {
+      if (it->deadline <= now) {
+        expired.push_back(it->kv);
+        it = held_.erase(it);
+        --slots_in_use_;
+        ++leases_expired_total_;
+        sync_transfer_metrics();
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (const KvBufferRef& kv : expired) {
+    PD_LOG_WARN("engine: the handoff of KV buffer {} was not released within {} ms; freeing its slot",
+                kv.buffer_id, options_.handoff_lease_ms);
+    (void)options_.kv_send->release(kv);
+  }
+  if (!expired.empty() && options_.on_capacity) options_.on_capacity();
 }
 
 EngineMetrics Engine::metrics() const {
@@ -126,31 +271,170 @@ void Engine::loop() {
     bool stopping;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !scheduler_.idle(); });
+      auto ready = [&] { return stop_ || !incoming_.empty() || !scheduler_.idle() || !to_pull_.empty(); };
+      if (!pulling_.empty()) {
+        // NOTE: pulls finish on the transport's thread; poll them often rather than add a wake-up path.
+        cv_.wait_for(lock, std::chrono::microseconds(500), ready);
+      } else if (!held_.empty()) {
+        auto first = std::min_element(
+            held_.begin(), held_.end(),
+            [](const HeldHandoff& a, const HeldHandoff& b) { return a.deadline < b.deadline; });
+        cv_.wait_until(lock, first->deadline, ready);
+      } else {
+        cv_.wait(lock, ready);
+      }
       incoming.swap(incoming_);
       stopping = stop_;
       metrics_.waiting = scheduler_.num_waiting();
     }
-    for (Pending& p : incoming) {
-      SequenceId id = next_id_++;
-      std::vector<int32_t> prompt = p.request.prompt;
-      active_.emplace(id, std::make_unique<Active>(std::move(p.request), std::move(p.sink),
-                                                   std::move(p.handle), tokenizer_));
-      scheduler_.add(id, std::move(prompt));
-    }
+    admit_incoming(incoming);
     if (stopping) {
+      land_pulls(/*wait=*/true);
       std::vector<SequenceId> ids;
       for (auto& [id, a] : active_) ids.push_back(id);
       for (SequenceId id : ids) {
+        Active& a = *active_.at(id);
+        if (a.on_pulled) a.on_pulled(unavailable("the decode instance is shutting down"));
         EngineOutput out;
         out.finish_reason = "cancelled";
         finish(id, std::move(out));
       }
+      to_pull_.clear();
       publish_metrics(0);
       return;
     }
+    if (options_.role == EngineRole::kPrefill) expire_handoffs();
+    if (options_.role == EngineRole::kDecode) {
+      land_pulls(/*wait=*/false);
+      start_pulls();
+    }
     step();
   }
+}
+
+void Engine::admit_incoming(std::deque<Pending>& incoming) {
+  for (Pending& p : incoming) {
+    SequenceId id = next_id_++;
+    auto a =
+        std::make_unique<Active>(std::move(p.request), std::move(p.sink), std::move(p.handle), tokenizer_);
+    if (p.handoff) {
+      // The prefill sampled and streamed the first token: replay it into the text stream (its
+      // text is already out) and the sampler's random state, then wait for the KV.
+      (void)a->stream.feed(p.handoff->first_token);
+      a->sampler.skip(1);
+      a->handoff = std::move(p.handoff);
+      a->on_pulled = std::move(p.on_pulled);
+      to_pull_.push_back(id);
+    } else {
+      scheduler_.add(id, a->request.prompt);
+    }
+    active_.emplace(id, std::move(a));
+  }
+}
+
+void Engine::start_pulls() {
+  bool freed = false;
+  while (!to_pull_.empty()) {
+    const SequenceId id = to_pull_.front();
+    Active& a = *active_.at(id);
+    const EngineHandoff& h = *a.handoff;
+    Status st = ok_status();
+    if (!a.handle->cancelled()) {
+      std::vector<int32_t> tokens = a.request.prompt;
+      tokens.push_back(h.first_token);
+      st = scheduler_.import(id, std::move(tokens), h.num_prompt_tokens);
+      if (st.code() == StatusCode::kResourceExhausted) break;  // one pull per freed seat
+    }
+    to_pull_.pop_front();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --num_pending_;
+      sync_transfer_metrics();
+    }
+    freed = true;
+    EngineOutput out;
+    if (a.handle->cancelled()) {
+      if (a.on_pulled) a.on_pulled(unavailable("the request was cancelled before its KV was fetched"));
+      out.finish_reason = "cancelled";
+      finish(id, std::move(out));
+      continue;
+    }
+    if (st.ok()) {
+      StatusOr<TransferId> t = options_.kv_puller->submit(
+          h.kv, KvScatterTarget{kv_view_, scheduler_.block_table(id), h.num_prompt_tokens});
+      if (t.ok()) {
+        a.transfer = *t;
+        a.pulling = true;
+        pulling_.push_back(id);
+        continue;
+      }
+      st = t.status();
+    }
+    ++kv_pulls_failed_total_;
+    if (a.on_pulled) a.on_pulled(st);
+    out.finish_reason = "error";
+    out.error = unavailable(
+        fmt::format("the KV cache of this request could not be fetched from its prefill: {}", st.message()));
+    finish(id, std::move(out));
+  }
+  if (freed && options_.on_capacity) options_.on_capacity();
+}
+
+void Engine::land_pulls(bool wait) {
+  for (size_t i = 0; i < pulling_.size();) {
+    const SequenceId id = pulling_[i];
+    Active& a = *active_.at(id);
+    TransferState ts = wait ? options_.kv_puller->wait(a.transfer) : options_.kv_puller->poll(a.transfer);
+    if (ts.phase == TransferPhase::kPending) {
+      ++i;
+      continue;
+    }
+    pulling_.erase(pulling_.begin() + static_cast<std::ptrdiff_t>(i));
+    a.pulling = false;
+    PulledCallback on_pulled = std::move(a.on_pulled);
+    a.on_pulled = nullptr;
+    if (on_pulled) on_pulled(ts.phase == TransferPhase::kDone ? ok_status() : ts.error);
+    EngineOutput out;
+    if (ts.phase != TransferPhase::kDone) {
+      ++kv_pulls_failed_total_;
+      out.finish_reason = "error";
+      out.error = unavailable(fmt::format(
+          "the KV cache of this request could not be fetched from its prefill: {}", ts.error.message()));
+      finish(id, std::move(out));
+    } else if (a.handle->cancelled()) {
+      out.finish_reason = "cancelled";
+      finish(id, std::move(out));
+    } else {
+      scheduler_.activate(id);
+    }
+  }
+}
+
+void Engine::hand_off(SequenceId id, EngineOutput& out) {
+  Active& a = *active_.at(id);
+  const int32_t num_prompt = static_cast<int32_t>(a.request.prompt.size());
+  const int32_t first_token = out.tokens.back().id;
+  // The first token goes out before the KV is gathered: the client sees it at once.
+  a.sink(std::move(out));
+  EngineOutput last;
+  StatusOr<KvHandle> kv = publish_kv(*options_.kv_send, kv_view_, scheduler_.block_table(id), num_prompt);
+  if (!kv.ok()) {
+    last.finish_reason = "error";
+    last.error = unavailable(fmt::format(
+        "the prefill could not stage this request's KV for a decode instance: {}", kv.status().message()));
+    finish(id, std::move(last));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    held_.push_back(
+        {kv->ref(), std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.handoff_lease_ms)});
+    sync_transfer_metrics();
+  }
+  ++handoffs_total_;
+  last.handoff = EngineHandoff{std::move(*kv), first_token, num_prompt};
+  last.finish_reason = "handoff";
+  finish(id, std::move(last));
 }
 
 void Engine::step() {
@@ -158,9 +442,22 @@ void Engine::step() {
   // Cancellations free their blocks before anything is planned.
   std::vector<SequenceId> cancelled;
   for (auto& [id, a] : active_) {
-    if (a->handle->cancelled()) cancelled.push_back(id);
+    // NOTE: a sequence whose KV is still arriving keeps its blocks until the pull ends
+    // (land_pulls() finishes it then); one waiting for its pull ends here.
+    if (a->handle->cancelled() && !a->pulling) cancelled.push_back(id);
   }
   for (SequenceId id : cancelled) {
+    if (auto w = std::find(to_pull_.begin(), to_pull_.end(), id); w != to_pull_.end()) {
+      to_pull_.erase(w);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --num_pending_;
+        sync_transfer_metrics();
+      }
+      Active& a = *active_.at(id);
+      if (a.on_pulled) a.on_pulled(unavailable("the request was cancelled before its KV was fetched"));
+      a.on_pulled = nullptr;
+    }
     EngineOutput out;
     out.finish_reason = "cancelled";
     finish(id, std::move(out));
@@ -237,6 +534,8 @@ void Engine::step() {
     if (u.done) {
       out.finish_reason = u.finish_reason;
       finish(c.seq, std::move(out));
+    } else if (options_.role == EngineRole::kPrefill) {
+      hand_off(c.seq, out);
     } else {
       a.sink(std::move(out));
     }
@@ -245,6 +544,7 @@ void Engine::step() {
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   step_seconds_total_ += secs;
   publish_metrics(secs);
+  if (options_.on_step) options_.on_step(secs, plan.num_tokens());
 }
 
 void Engine::finish(SequenceId id, EngineOutput&& last) {
@@ -256,10 +556,12 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
     last.text += u.text;
   }
   last.finished = true;
+  if (options_.role == EngineRole::kPrefill && last.finish_reason != "handoff") release_slot();
   last.prompt_tokens = static_cast<int32_t>(a.request.prompt.size());
   last.completion_tokens = a.stream.num_tokens();
   last.cached_prompt_tokens = a.cached_prompt_tokens;
-  prompt_tokens_total_ += last.prompt_tokens;
+  // A handed-off prompt is counted once, by the decode that finishes it.
+  if (last.finish_reason != "handoff") prompt_tokens_total_ += last.prompt_tokens;
   ++finished_by_reason_[last.finish_reason];
   scheduler_.remove(id);
   OutputSink sink = std::move(a.sink);
@@ -278,6 +580,10 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.prompt_tokens_total = prompt_tokens_total_;
   metrics_.generated_tokens_total = generated_tokens_total_;
   metrics_.computed_tokens_total = computed_tokens_total_;
+  sync_transfer_metrics();
+  metrics_.handoffs_total = handoffs_total_;
+  metrics_.kv_pulls_in_flight = static_cast<int32_t>(pulling_.size());
+  metrics_.kv_pulls_failed_total = kv_pulls_failed_total_;
   metrics_.steps_total = steps_total_;
   metrics_.step_seconds_total = step_seconds_total_;
   if (step_seconds > 0) metrics_.last_step_seconds = step_seconds;

@@ -12,17 +12,34 @@
 // Outputs do not depend on what else runs: the forward pass is batch invariant and each
 // request samples with its own seeded Sampler, so a request streams the same tokens alone, in a
 // busy batch, or after being preempted and recomputed.
-// Thread-safety: submit(), validate(), metrics() and RequestHandle::cancel() are thread-safe.
+//
+// Roles (EngineOptions::role) are configurations of the same engine:
+//   mixed    prefill and decode on this instance (aggregated serving)
+//   prefill  at most prefill_slots requests at once and no queue: submit() refuses the next one
+//            at once. When a request's first token is sampled, its prompt KV is gathered into a
+//            contiguous send buffer (transfer/), its blocks are freed, and its last output carries
+//            an EngineHandoff (finish reason "handoff"). The slot stays held until
+//            release_handoff() — the decode has the KV — or until the handoff's lease runs out.
+//   decode   continues handed-off requests (submit_handoff()): a small pending queue; when a
+//            running seat and blocks are free, the KV is pulled into fresh blocks (one pull per
+//            freed seat), `on_pulled` tells the caller (who tells the prefill), and the request
+//            joins the batch at the next step. Outputs continue after the first token.
+// Thread-safety: submit(), submit_handoff(), release_handoff(), validate(), metrics() and
+// RequestHandle::cancel() are thread-safe.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -34,8 +51,12 @@
 #include "model/llama_model.h"
 #include "scheduler/scheduler.h"
 #include "tokenizer/tokenizer.h"
+#include "transfer/kv_transport.h"
 
 namespace pdserve {
+
+enum class EngineRole { kMixed, kPrefill, kDecode };
+std::string_view engine_role_name(EngineRole role);  // "mixed", "prefill", "decode"
 
 struct EngineOptions {
   int32_t block_size = kDefaultBlockSize;  // tokens per KV block
@@ -45,6 +66,23 @@ struct EngineOptions {
   int32_t max_waiting = 1024;              // queued requests beyond which submit() refuses
   bool prefix_caching = true;
   int32_t max_context = 0;  // most tokens per sequence (prompt + generated); 0: the model's context
+  EngineRole role = EngineRole::kMixed;
+  // Prefill role: requests held at once, from acceptance until their KV has left (b_p). 0: no
+  // limit, requests queue in the prefill (the baseline admission of the P/D-Serve paper).
+  int32_t prefill_slots = 4;
+  // Prefill role: a handed-off request's slot and send buffer are freed after this long even if
+  // nobody calls release_handoff() (a decode that never pulls).
+  int64_t handoff_lease_ms = 30'000;
+  // Decode role: handed-off requests waiting for a running seat and their KV (the pending queue).
+  int32_t decode_pending = 8;
+  KvSendPool* kv_send = nullptr;  // prefill role: where prompt KV leaves from (required)
+  KvPuller* kv_puller = nullptr;  // decode role: how prompt KV arrives (required)
+  // Called after a prefill slot or a decode pending place frees up (any thread, no engine lock
+  // held): a gateway may retry what it holds back. Must be quick.
+  std::function<void()> on_capacity;
+  // Called on the engine thread after every step that ran the model, with its duration and the
+  // tokens it computed (for histograms; must be quick and must not call into the engine).
+  std::function<void(double step_seconds, int32_t step_tokens)> on_step;
 
   Status validate() const;
 };
@@ -64,6 +102,13 @@ struct GeneratedToken {
   std::vector<TokenLogprob> top;  // sampling.top_logprobs alternatives, best first
 };
 
+// What a prefill hands to a decode instance besides the request itself.
+struct EngineHandoff {
+  KvHandle kv;              // the prompt's KV in the prefill's send pool
+  int32_t first_token = 0;  // sampled by the prefill (already in this output's tokens)
+  int32_t num_prompt_tokens = 0;
+};
+
 struct EngineOutput {
   std::string text;                    // newly final text
   std::vector<GeneratedToken> tokens;  // tokens sampled since the previous output
@@ -74,9 +119,15 @@ struct EngineOutput {
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
   int32_t cached_prompt_tokens = 0;  // prompt tokens taken from the prefix cache
+  // Prefill role, finish reason "handoff": where the prompt KV waits and what was sampled.
+  std::optional<EngineHandoff> handoff;
 };
 
 using OutputSink = std::function<void(EngineOutput&&)>;
+
+// Called by a decode engine on its thread once a handed-off request's KV has landed (OK) or
+// could not be fetched (the error): either way the prefill may free the slot and buffer.
+using PulledCallback = std::function<void(const Status&)>;
 
 class RequestHandle {
  public:
@@ -96,32 +147,98 @@ struct EngineMetrics {
   int64_t prompt_tokens_total = 0;     // prompt tokens of finished requests
   int64_t generated_tokens_total = 0;  // tokens sampled
   int64_t computed_tokens_total = 0;   // tokens run through the model (prefill + decode)
+  int32_t prefill_slots_in_use = 0;    // prefill role: accepted, KV not yet released
+  int32_t handoffs_outstanding = 0;    // prefill role: KV waiting in send buffers
+  int64_t handoffs_total = 0;          // prefill role
+  int64_t handoff_leases_expired_total = 0;
+  int32_t decode_pending = 0;         // decode role: handed-off requests waiting for a seat
+  int32_t kv_pulls_in_flight = 0;     // decode role
+  int64_t kv_pulls_failed_total = 0;  // decode role
+  // A router over several engines (gateway/): requests held at the gateway, budget timeouts,
+  // refusals by full prefills, prefill failures retried elsewhere. Zero for one engine.
+  int32_t gateway_waiting = 0;
+  int64_t gateway_timeouts_total = 0;
+  int64_t gateway_rejections_total = 0;
+  int64_t gateway_prefill_retries_total = 0;
   int64_t steps_total = 0;
   double step_seconds_total = 0;
   double last_step_seconds = 0;
   std::unordered_map<std::string, int64_t> finished_by_reason;
 };
 
-class Engine {
+// What the OpenAI service needs from whatever generates tokens: one Engine (aggregated), or a
+// router over prefill and decode engines (gateway/). Thread-safe.
+class GenerationBackend {
+ public:
+  virtual ~GenerationBackend() = default;
+  virtual int32_t max_context() const = 0;
+  // The most tokens (prompt + generated) one sequence may hold: the context, and the KV cache it
+  // must fit alone.
+  virtual int64_t max_sequence_tokens() const = 0;
+  virtual Status validate(const EngineRequest& request) const = 0;
+  // `handle`: the request's cancellation flag (nullptr: a new one).
+  virtual StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
+                                                          std::shared_ptr<RequestHandle> handle) = 0;
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink) {
+    return submit(std::move(request), std::move(sink), nullptr);
+  }
+  virtual EngineMetrics metrics() const = 0;
+};
+
+// One instance of a role, reached in this process (Engine) or over the network (a client that
+// speaks the internal API). What a router needs beyond GenerationBackend. Thread-safe.
+class Instance : public GenerationBackend {
+ public:
+  virtual EngineRole role() const = 0;
+  // Decode role: continues a handed-off request (see Engine::submit_handoff).
+  virtual StatusOr<std::shared_ptr<RequestHandle>> submit_handoff(EngineRequest request,
+                                                                  const EngineHandoff& handoff,
+                                                                  OutputSink sink, PulledCallback on_pulled,
+                                                                  std::shared_ptr<RequestHandle> handle) = 0;
+  // Prefill role: frees a handed-off request's slot and staged KV.
+  virtual Status release_handoff(const KvBufferRef& kv) = 0;
+};
+
+class Engine : public Instance {
  public:
   // Starts the engine thread. The model, tokenizer and pool must outlive the engine; the pool
   // is used by the engine thread only.
   Engine(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, const EngineOptions& options);
-  ~Engine();  // finishes every request as "cancelled" and joins the engine thread
+  ~Engine() override;  // shutdown()
+  // Finishes every request as "cancelled" and joins the engine thread; later submissions fail
+  // (kUnavailable). release_handoff() still works. Idempotent.
+  void shutdown();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
   // Checks a request against the model and the limits without submitting it: kInvalidArgument
   // with a message naming the problem and the numbers (empty prompt, unknown token, prompt plus
   // max_tokens beyond the context, invalid sampling parameters).
-  Status validate(const EngineRequest& request) const;
+  Status validate(const EngineRequest& request) const override;
   // Queues a request. Errors: those of validate(); kResourceExhausted when max_waiting requests
   // are already queued (retry later).
-  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink);
+  // Prefill role: kResourceExhausted at once when every slot is held (no queue).
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
+                                                  std::shared_ptr<RequestHandle> handle) override;
+  using GenerationBackend::submit;
+  // Decode role: continues `request` from its handoff. Errors: those of validate() (and a
+  // handoff that does not match the request); kResourceExhausted when decode_pending requests
+  // already wait. `on_pulled` runs once, on the engine thread (see PulledCallback).
+  StatusOr<std::shared_ptr<RequestHandle>> submit_handoff(EngineRequest request, const EngineHandoff& handoff,
+                                                          OutputSink sink, PulledCallback on_pulled,
+                                                          std::shared_ptr<RequestHandle> handle) override;
+  // Prefill role: frees a handed-off request's slot and send buffer. kNotFound when it is no
+  // longer held (released before, or its lease ran out).
+  Status release_handoff(const KvBufferRef& kv) override;
+  EngineRole role() const override { return options_.role; }
+  uint64_t model_fingerprint() const { return kv_view_.layout.model_fingerprint; }
 
-  EngineMetrics metrics() const;
+  EngineMetrics metrics() const override;
   const EngineOptions& options() const { return options_; }
-  int32_t max_context() const { return max_context_; }
+  int32_t max_context() const override { return max_context_; }
+  int64_t max_sequence_tokens() const override {
+    return std::min<int64_t>(max_context_, int64_t{options_.num_blocks} * options_.block_size);
+  }
   size_t kv_bytes() const { return kv_storage_.bytes(); }
 
  private:
@@ -129,6 +246,12 @@ class Engine {
     EngineRequest request;
     OutputSink sink;
     std::shared_ptr<RequestHandle> handle;
+    std::optional<EngineHandoff> handoff;  // decode role
+    PulledCallback on_pulled;
+  };
+  struct HeldHandoff {
+    KvBufferRef kv;
+    std::chrono::steady_clock::time_point deadline;
   };
   struct Active;
 
@@ -136,6 +259,16 @@ class Engine {
   void step();
   void finish(SequenceId id, EngineOutput&& last);
   void publish_metrics(double step_seconds);
+  void admit_incoming(std::deque<Pending>& incoming);
+  // Prefill role: streams the first token, stages the prompt KV, ends the request "handoff".
+  void hand_off(SequenceId id, EngineOutput& out);
+  // Decode role: starts pulls for pending handoffs while seats and blocks allow; lands finished ones.
+  void start_pulls();
+  void land_pulls(bool wait);
+  void expire_handoffs();
+  void release_slot();
+  // Copies the fields guarded by mu_ that change off the engine thread into metrics_ (mu_ held).
+  void sync_transfer_metrics();
 
   LlamaModel& model_;
   const Tokenizer& tokenizer_;
@@ -157,12 +290,21 @@ class Engine {
   int64_t steps_total_ = 0;
   double step_seconds_total_ = 0;
   std::unordered_map<std::string, int64_t> finished_by_reason_;
+  PagedKvView kv_view_;              // kv_storage_ for the transfer layer
+  std::deque<SequenceId> to_pull_;   // decode role: pending handoffs, in arrival order
+  std::vector<SequenceId> pulling_;  // decode role: KV on its way
+  int64_t handoffs_total_ = 0;
+  int64_t kv_pulls_failed_total_ = 0;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Pending> incoming_;  // guarded by mu_
-  bool stop_ = false;             // guarded by mu_
-  EngineMetrics metrics_;         // guarded by mu_
+  std::deque<Pending> incoming_;      // guarded by mu_
+  bool stop_ = false;                 // guarded by mu_
+  int32_t slots_in_use_ = 0;          // guarded by mu_; prefill role
+  int32_t num_pending_ = 0;           // guarded by mu_; decode role: handoffs submitted, not yet pulling
+  std::vector<HeldHandoff> held_;     // guarded by mu_; prefill role
+  int64_t leases_expired_total_ = 0;  // guarded by mu_
+  EngineMetrics metrics_;             // guarded by mu_
   std::thread thread_;
 };
 

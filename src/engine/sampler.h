@@ -47,6 +47,13 @@ class Sampler {
   // `logits` (vocab_size floats) is modified in place. `history` is the tokens the penalties
   // look at (prompt and generated so far).
   SampleResult sample(std::span<float> logits, std::span<const int32_t> history);
+  // Advances the random state as if `num_samples` tokens had been sampled (a decode instance
+  // continuing a request whose first token a prefill instance sampled with the same seed).
+  // NOTE: each non-greedy sample draws exactly one 64-bit value (generate_canonical<double, 64>).
+  void skip(int32_t num_samples) {
+    if (params_.temperature > 0.0f && num_samples > 0)
+      rng_.discard(static_cast<unsigned long long>(num_samples));
+  }
 
  private:
   SamplingParams params_;

@@ -52,7 +52,8 @@ Status KvCacheManager::check_fits(int32_t blocks_needed, int32_t blocks_reclaima
 }
 
 StatusOr<SequenceAllocation> KvCacheManager::allocate_for(SequenceId seq,
-                                                          std::span<const TokenId> prompt_tokens) {
+                                                          std::span<const TokenId> prompt_tokens,
+                                                          bool use_prefix_cache) {
   PD_CHECK_MSG(!contains(seq), "allocate_for() of a sequence that already exists");
   if (prompt_tokens.empty()) return invalid_argument("cannot allocate KV blocks for an empty prompt");
   if (prompt_tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
@@ -62,7 +63,8 @@ StatusOr<SequenceAllocation> KvCacheManager::allocate_for(SequenceId seq,
   const int32_t total_blocks = blocks_for_tokens(num_tokens);
 
   PrefixIndex::Match match;
-  if (prefix_caching_) match = index_.match(prompt_tokens, max_prefix_blocks(num_tokens, block_size_));
+  if (prefix_caching_ && use_prefix_cache)
+    match = index_.match(prompt_tokens, max_prefix_blocks(num_tokens, block_size_));
   const int32_t num_hit_blocks = static_cast<int32_t>(match.blocks.size());
   // Evictable hit blocks stop being reclaimable once referenced: count them out before checking.
   int32_t num_revived = 0;
@@ -84,6 +86,7 @@ StatusOr<SequenceAllocation> KvCacheManager::allocate_for(SequenceId seq,
   auto [it, inserted] = sequences_.emplace(seq, std::move(s));
   PD_CHECK(inserted);
 
+  if (!use_prefix_cache) return SequenceAllocation{0, it->second.blocks};
   ++lookups_;
   queried_tokens_ += num_tokens;
   hit_tokens_ += static_cast<int64_t>(num_hit_blocks) * block_size_;

@@ -67,7 +67,10 @@ class KvCacheManager final : private BlockEvictionListener {
   // kResourceExhausted when too few blocks are free now (retry after others finish);
   // kOutOfRange when the prompt needs more blocks than the whole cache has (never fits). Counts
   // toward the prefix statistics only when it succeeds. PD_CHECKs that `seq` is new.
-  StatusOr<SequenceAllocation> allocate_for(SequenceId seq, std::span<const TokenId> prompt_tokens);
+  // use_prefix_cache = false allocates fresh blocks only (KV that arrives from elsewhere is
+  // written into every block, and cached blocks may be shared with running sequences).
+  StatusOr<SequenceAllocation> allocate_for(SequenceId seq, std::span<const TokenId> prompt_tokens,
+                                            bool use_prefix_cache = true);
 
   // Grows the table of `seq` by room for num_tokens more tokens. All or nothing; errors as for
   // allocate_for().

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -504,6 +505,18 @@ StatusOr<double> GgufFile::get_float_or(const std::string& key, double fallback)
 StatusOr<bool> GgufFile::get_bool_or(const std::string& key, bool fallback) const {
   const GgufValue* v = find(key);
   return v ? v->as_bool(key) : StatusOr<bool>(fallback);
+}
+
+uint64_t GgufFile::fingerprint() const {
+  constexpr uint64_t kSample = 64 * 1024;
+  const uint64_t header = std::min<uint64_t>(data_offset_, bytes_.size());
+  uint64_t h = XXH3_64bits(bytes_.data(), header);
+  const uint64_t data = bytes_.size() - header;
+  const uint64_t head = std::min(kSample, data);
+  h = XXH3_64bits_withSeed(bytes_.data() + header, head, h);
+  const uint64_t tail = std::min(kSample, data);
+  h = XXH3_64bits_withSeed(bytes_.data() + bytes_.size() - tail, tail, h);
+  return h ^ bytes_.size();
 }
 
 }  // namespace pdserve

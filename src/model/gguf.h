@@ -91,6 +91,9 @@ class GgufFile {
   uint64_t alignment() const { return alignment_; }
   uint64_t data_offset() const { return data_offset_; }
   uint64_t file_size() const { return bytes_.size(); }
+  // Identifies the model: a 64-bit hash of the header (metadata and tensor table) and of the
+  // first and last 64 KiB of tensor data. Two instances exchange KV only when theirs agree.
+  uint64_t fingerprint() const;
 
   const std::map<std::string, GgufValue>& metadata() const { return metadata_; }
   const GgufValue* find(const std::string& key) const;

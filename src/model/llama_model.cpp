@@ -75,6 +75,7 @@ StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(std::shared_ptr<const Ggu
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   const GgufFile& f = *file;
   PD_ASSIGN_OR_RETURN(m->config_, ModelConfig::from_gguf(f));
+  m->fingerprint_ = f.fingerprint();
   const ModelConfig& c = m->config_;
   const int64_t d = c.hidden_size;
   PD_ASSIGN_OR_RETURN(m->token_embd_, matrix(f, "token_embd.weight", d, c.vocab_size));
@@ -138,6 +139,7 @@ void LlamaModel::to_compute_layout() {
 }
 
 Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool& pool, float* logits) {
+  std::lock_guard<std::mutex> lock(forward_mu_);
   const ModelConfig& c = config_;
   const int64_t T = static_cast<int64_t>(batch.tokens.size());
   const int64_t d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <span>
 #include <vector>
 
@@ -41,9 +42,11 @@ class LlamaModel {
 
   const ModelConfig& config() const { return config_; }
   const GgufFile& file() const { return *file_; }
+  uint64_t fingerprint() const { return fingerprint_; }  // GgufFile::fingerprint(), taken at load
 
   // Runs the batch; writes vocab_size floats per chunk with want_logits, in chunk order, to
-  // `logits` (which must hold that many rows).
+  // `logits` (which must hold that many rows). Thread-safe: concurrent calls (engines of
+  // several roles sharing the weights in one process) run one at a time.
   Status forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool& pool, float* logits);
 
  private:
@@ -62,6 +65,7 @@ class LlamaModel {
 
   ModelConfig config_;
   std::shared_ptr<const GgufFile> file_;
+  uint64_t fingerprint_ = 0;
   cpu::Weights token_embd_;
   cpu::Weights output_;
   const float* output_norm_ = nullptr;
@@ -69,7 +73,8 @@ class LlamaModel {
   std::vector<Layer> layers_;
   cpu::PageBuffer weights_;  // the matrices above point here
 
-  // Scratch, resized per call.
+  std::mutex forward_mu_;  // one forward pass at a time: the scratch below is shared
+  // Scratch, resized per call; guarded by forward_mu_.
   cpu::AlignedBuffer<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, tmp_, scores_, rope_cos_, rope_sin_;
   cpu::AlignedBuffer<float> final_;
   cpu::Activations acts_;

@@ -126,10 +126,44 @@ void Scheduler::complete(const StepPlan& plan) {
 
 void Scheduler::append_token(SequenceId id, int32_t token) { seqs_.at(id).tokens.push_back(token); }
 
+Status Scheduler::import(SequenceId id, std::vector<int32_t> tokens, int32_t num_prompt) {
+  PD_CHECK(num_prompt > 0 && static_cast<int32_t>(tokens.size()) > num_prompt);
+  PD_CHECK_MSG(!seqs_.contains(id), "Scheduler::import: sequence id already in use");
+  if (static_cast<int32_t>(running_.size()) + num_landing_ >= options_.max_running) {
+    return resource_exhausted("every running seat is taken");
+  }
+  StatusOr<SequenceAllocation> a =
+      kv_.allocate_for(id, std::span<const int32_t>(tokens).first(static_cast<size_t>(num_prompt)),
+                       /*use_prefix_cache=*/false);
+  if (!a.ok()) return a.status();
+  Sequence s;
+  s.num_prompt = num_prompt;
+  s.num_cached_prompt = 0;
+  s.tokens = std::move(tokens);
+  s.landing = true;
+  seqs_.emplace(id, std::move(s));
+  ++num_landing_;
+  return ok_status();
+}
+
+void Scheduler::activate(SequenceId id) {
+  Sequence& s = seqs_.at(id);
+  PD_CHECK(s.landing);
+  s.landing = false;
+  --num_landing_;
+  s.num_computed = s.num_prompt;
+  kv_.commit_full_blocks(id, std::span<const int32_t>(s.tokens).first(static_cast<size_t>(s.num_prompt)));
+  s.running = true;
+  running_.push_back(id);
+}
+
 void Scheduler::remove(SequenceId id) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) return;
-  if (it->second.running) {
+  if (it->second.landing) {
+    kv_.free(id);
+    --num_landing_;
+  } else if (it->second.running) {
     kv_.free(id);
     running_.erase(std::find(running_.begin(), running_.end(), id));
   } else {

@@ -68,8 +68,18 @@ class Scheduler {
   void complete(const StepPlan& plan);
   // Appends a sampled token to a running sequence (after complete()).
   void append_token(SequenceId seq, int32_t token);
-  // Drops a sequence wherever it is (finished, cancelled, failed) and frees its blocks.
+  // Drops a sequence wherever it is (finished, cancelled, failed, landing) and frees its blocks.
   void remove(SequenceId seq);
+
+  // Decode role: a sequence whose prompt KV is computed elsewhere (a prefill instance) and lands
+  // here. `tokens` is the prompt followed by the first generated token. Allocates fresh blocks
+  // for the prompt now; the caller writes the prompt's KV into block_table(seq), then calls
+  // activate(). kResourceExhausted: no blocks now, or running plus landing sequences are at the
+  // cap. A landing sequence is neither running nor waiting; remove() drops it.
+  Status import(SequenceId seq, std::vector<int32_t> tokens, int32_t num_prompt);
+  // The imported KV has landed: the sequence runs (decoding) from the next plan.
+  void activate(SequenceId seq);
+  int32_t num_landing() const { return num_landing_; }
 
   std::span<const int32_t> tokens(SequenceId seq) const;
   int32_t num_prompt_tokens(SequenceId seq) const;
@@ -90,6 +100,7 @@ class Scheduler {
     int32_t num_computed = 0;
     int32_t num_cached_prompt = -1;  // set at first admission
     bool running = false;
+    bool landing = false;  // imported, KV not yet landed
   };
   // Makes room for `needed` more slots of `seq`, preempting from the back of running_ (never
   // `seq` itself unless it is the last); false when `seq` itself was preempted.
@@ -105,6 +116,7 @@ class Scheduler {
   std::vector<SequenceId> running_;  // admission order
   std::deque<SequenceId> waiting_;   // arrival order; preempted sequences go back to the front
   int64_t preemptions_ = 0;
+  int32_t num_landing_ = 0;
 };
 
 }  // namespace pdserve

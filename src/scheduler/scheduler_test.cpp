@@ -205,5 +205,52 @@ TEST(Scheduler, RandomWorkloadsAlwaysDrain) {
   }
 }
 
+TEST(SchedulerImport, LandingSequencesHoldBlocksAndSeatsButDoNotRunUntilActivated) {
+  Driver d(/*blocks=*/16, SchedulerOptions{64, /*max_running=*/2});
+  std::vector<int32_t> tokens = prompt_of(10);
+  tokens.push_back(777);  // the first token, sampled by a prefill elsewhere
+  ASSERT_TRUE(d.sched.import(1, tokens, 10).ok());
+  EXPECT_EQ(d.sched.num_landing(), 1);
+  EXPECT_EQ(d.kv.num_slots(1), 10);  // ceil(10 / 4) = 3 fresh blocks
+  EXPECT_EQ(d.kv.stats().num_blocks_used, 3);
+  EXPECT_TRUE(d.sched.plan().empty()) << "a landing sequence must not run";
+  // The seat counts: with one landing and one running, a third cannot import.
+  d.add(2, 4, 5);
+  d.step();
+  ASSERT_EQ(d.sched.num_running(), 1);
+  std::vector<int32_t> other = prompt_of(4, 50);
+  other.push_back(5);
+  EXPECT_EQ(d.sched.import(3, other, 4).code(), StatusCode::kResourceExhausted);
+
+  d.sched.remove(2);
+  d.sched.activate(1);
+  EXPECT_EQ(d.sched.num_landing(), 0);
+  StepPlan plan = d.sched.plan();
+  ASSERT_EQ(plan.chunks.size(), 1u);
+  EXPECT_EQ(plan.chunks[0].seq, 1);
+  EXPECT_EQ(plan.chunks[0].first_position, 10);  // decodes the first token at once
+  EXPECT_EQ(plan.chunks[0].num_tokens, 1);
+  EXPECT_TRUE(plan.chunks[0].want_logits);
+  d.sched.complete(plan);
+  d.sched.remove(1);
+  EXPECT_TRUE(d.kv.validate().ok());
+}
+
+TEST(SchedulerImport, RemovingALandingSequenceFreesItsBlocks) {
+  Driver d(/*blocks=*/4, SchedulerOptions{64, 8});
+  std::vector<int32_t> tokens = prompt_of(13);
+  tokens.push_back(9);
+  ASSERT_TRUE(d.sched.import(1, tokens, 13).ok());
+  EXPECT_EQ(d.kv.stats().num_blocks_used, 4);
+  std::vector<int32_t> more = prompt_of(2, 100);
+  more.push_back(9);
+  EXPECT_EQ(d.sched.import(2, more, 2).code(), StatusCode::kResourceExhausted) << "no block left";
+  d.sched.remove(1);
+  EXPECT_EQ(d.sched.num_landing(), 0);
+  EXPECT_EQ(d.kv.stats().num_blocks_used, 0);
+  EXPECT_TRUE(d.sched.import(2, more, 2).ok());
+  EXPECT_TRUE(d.kv.validate().ok());
+}
+
 }  // namespace
 }  // namespace pdserve

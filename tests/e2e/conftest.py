@@ -23,12 +23,19 @@ API_KEY = "e2e-secret"
 
 
 class Server:
-    """One `pdserve serve` process."""
+    """One `pdserve serve` process (or, with command="instance"/"gateway", one of those)."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, command="serve"):
         if not os.path.exists(BIN):
             pytest.skip(f"{BIN} is not built (set PDSERVE_BIN)")
-        cmd = [BIN, "serve", "--mode", "aggregated", "--port", "0", "--served-model-name", MODEL_NAME, *args]
+        if command == "serve":
+            mode = [] if "--mode" in args else ["--mode", "aggregated"]
+            cmd = [BIN, "serve", *mode, "--port", "0", "--served-model-name", MODEL_NAME, *args]
+        elif command == "gateway":
+            cmd = [BIN, "gateway", "--port", "0", "--served-model-name", MODEL_NAME, *args]
+        else:
+            cmd = [BIN, command, *([] if "--port" in args else ["--port", "0"]), *args]
+        self.command = command
         env = dict(os.environ)
         env.pop("PDSERVE_API_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -86,12 +93,15 @@ class Server:
         return samples
 
     def wait_idle(self, timeout=10, headers=None):
-        """Waits until no sequence runs or waits and no KV block is in use; returns the metrics."""
+        """Waits until no sequence runs or waits, no KV block is in use and (disaggregated) no prefill
+        slot, staged KV or gateway place is held; returns the metrics."""
         deadline = time.time() + timeout
         while True:
             m = self.metrics(headers)
             idle = (m["pdserve_sequences_running"] == 0 and m["pdserve_sequences_waiting"] == 0
-                    and m["pdserve_kv_blocks_used"] == 0 and m["pdserve_requests_in_flight"] == 0)
+                    and m["pdserve_kv_blocks_used"] == 0 and m["pdserve_requests_in_flight"] == 0
+                    and m["pdserve_prefill_slots_in_use"] == 0 and m["pdserve_handoffs_outstanding"] == 0
+                    and m["pdserve_gateway_waiting"] == 0 and m["pdserve_decode_pending"] == 0)
             if idle or time.time() > deadline:
                 return m
             time.sleep(0.05)
@@ -100,6 +110,15 @@ class Server:
         import openai
         return openai.OpenAI(base_url=self.base + "/v1", api_key=kwargs.pop("api_key", "unused"),
                              max_retries=0, timeout=120, **kwargs)
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self):
+        """SIGKILL: a crash, as far as everyone else can tell."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self):
         if self.proc.poll() is None:

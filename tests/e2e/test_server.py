@@ -303,6 +303,7 @@ def test_metrics_pass_promtool(server):
                  "pdserve_e2e_request_latency_seconds_bucket", "pdserve_sequences_running", "pdserve_sequences_waiting",
                  "pdserve_kv_blocks_used", "pdserve_kv_blocks_free", "pdserve_prefix_cache_hit_ratio",
                  "pdserve_prompt_tokens_total", "pdserve_generation_tokens_total", "pdserve_engine_step_seconds_total",
+                 "pdserve_engine_step_duration_seconds_bucket", "pdserve_engine_step_tokens_bucket",
                  'pdserve_http_requests_total{endpoint="/v1/chat/completions",status="200"}']:
         assert name in text, name
     promtool = shutil.which("promtool")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -34,6 +34,33 @@ for target in "${targets[@]}"; do
       mkdir -p "$corpus"
       build/fuzz/tests/fuzz/api_request_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 \
         -dict=tests/fuzz/api_request.dict "$corpus" tests/fuzz/corpus/api_request 2>&1 | tail -n 5
+      ;;
+    sse_fuzz)
+      # Seeds: a streamed chat completion, an error event, a /metrics text (first byte: split pattern).
+      corpus="build/fuzz/corpus/sse"
+      mkdir -p "$corpus"
+      printf '\x05data: {"choices":[{"delta":{"content":"Hi"}}]}\r\n\r\ndata: {"choices":[],"usage":{"completion_tokens":3}}\n\ndata: [DONE]\n\n' > "$corpus/stream"
+      printf '\x02: keep-alive\rdata: {"error":{"message":"boom"}}\r\rid: 7\ndata: x\ndata: y\n' > "$corpus/error"
+      printf '\x00# TYPE pdserve_x counter\npdserve_x{a="b"} 3\n{"data":[{"id":"m"}],"count":4}' > "$corpus/metrics"
+      build/fuzz/tests/fuzz/sse_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=8192 "$corpus" 2>&1 | tail -n 5
+      ;;
+    trace_fuzz)
+      # Seeds, one per parser (the first byte picks it): Mooncake JSONL, Azure CSV, scenarios, a length spec.
+      corpus="build/fuzz/corpus/trace"
+      mkdir -p "$corpus"
+      printf '\x00{"timestamp": 0, "input_length": 700, "output_length": 20, "hash_ids": [0, 1]}\n{"timestamp": 50, "input_length": 30, "output_length": 9}\n' > "$corpus/mooncake"
+      printf '\x01TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n' > "$corpus/azure"
+      printf '\x02[{"name":"chat","rate":2,"arrival":"gamma","cv":2,"input":"normal:256:32","output":"uniform:10:50"},{"name":"code","rate":0.5,"arrival":"tidal","period_s":60,"system_tokens":100}]' > "$corpus/scenarios"
+      printf '\x03normal:256:32' > "$corpus/length"
+      build/fuzz/tests/fuzz/trace_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=8192 "$corpus" 2>&1 | tail -n 5
+      ;;
+    kv_wire_fuzz)
+      # Seeds: valid KV wire headers (+ block-size byte + body) and handles, written by kv_wire_seeds.
+      corpus="build/fuzz/corpus/kv_wire"
+      mkdir -p "$corpus"
+      cmake --build build/fuzz --target kv_wire_seeds >/dev/null
+      build/fuzz/tests/fuzz/kv_wire_seeds "$corpus"
+      build/fuzz/tests/fuzz/kv_wire_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
       ;;
     *) echo "run_fuzz: unknown target $target" >&2; exit 2 ;;
   esac

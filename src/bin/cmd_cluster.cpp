@@ -1,0 +1,381 @@
+// `pdserve instance`: one engine of a role (prefill, decode or mixed) serving the internal API to
+// gateways; `pdserve gateway`: the OpenAI-compatible API and the Router over instances in other
+// processes. The KV moves between instances over shared memory (same host) or TCP.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "api/http_server.h"
+#include "api/instance_service.h"
+#include "api/internal_protocol.h"
+#include "bin/commands.h"
+#include "bin/serve_support.h"
+#include "common/log.h"
+#include "common/thread_pool.h"
+#include "gateway/remote_instance.h"
+#include "gateway/router.h"
+#include "kvcache/budget.h"
+
+namespace pdserve {
+
+namespace {
+
+struct InstanceArgs {
+  std::string role = "mixed";
+  std::string model;
+  std::string host = "127.0.0.1";
+  int port = 0;
+  int threads = 0;
+  int http_threads = 2;
+  std::string transport = "shm";
+  std::string kv_listen = "127.0.0.1:0";
+  std::string kv_cache_memory;
+  int block_size = kDefaultBlockSize;
+  int max_running = 64;
+  int max_waiting = 1024;
+  int step_token_budget = 512;
+  int max_context = 0;
+  bool no_prefix_caching = false;
+  int prefill_slots = 4;
+  int decode_pending = 8;
+  int64_t handoff_lease_ms = 30'000;
+};
+
+EngineRole role_of(const std::string& name) {
+  if (name == "prefill") return EngineRole::kPrefill;
+  if (name == "decode") return EngineRole::kDecode;
+  return EngineRole::kMixed;
+}
+
+int run_instance(void* p) {
+  auto& a = *static_cast<InstanceArgs*>(p);
+  const EngineRole role = role_of(a.role);
+  std::signal(SIGPIPE, SIG_IGN);
+  raise_fd_limit();
+  start_signal_thread();
+
+  // The internal API answers 503 until the engine is up.
+  std::atomic<api::InstanceService*> service{nullptr};
+  api::HttpServerOptions http;
+  http.host = a.host;
+  http.port = static_cast<uint16_t>(a.port);
+  http.num_threads = a.http_threads;
+  http.max_body_bytes = size_t{256} << 20;
+  http.error_response = [](int status, std::string message) {
+    return api::HttpResponse{
+        status, "application/json", api::encode_status(internal_error(std::move(message))), {}};
+  };
+  auto server_or =
+      api::HttpServer::start(http, [&service](api::HttpRequest r, std::shared_ptr<api::ResponseChannel> c) {
+        if (api::InstanceService* s = service.load()) return s->handle(std::move(r), std::move(c));
+        c->respond({503, "application/json", api::encode_status(unavailable("the instance is loading")), {}});
+      });
+  if (!server_or.ok()) {
+    fmt::print(stderr, "error: {}\n", server_or.status().message());
+    return 1;
+  }
+  std::unique_ptr<api::HttpServer> server = std::move(server_or).value();
+  PD_LOG_INFO("instance: {} role, listening on http://{}:{}; loading {}", a.role, a.host, server->port(),
+              a.model);
+
+  StatusOr<LoadedModel> loaded = load_model(a.model, /*weights=*/true);
+  if (!loaded.ok()) {
+    fmt::print(stderr, "error: {}\n", loaded.status().message());
+    return 1;
+  }
+  const ModelConfig& cfg = loaded->model->config();
+  const int32_t max_context =
+      a.max_context > 0 ? std::min(a.max_context, cfg.context_length) : cfg.context_length;
+  StatusOr<int32_t> blocks = kv_blocks(a.kv_cache_memory, a.block_size, a.max_running, cfg, max_context);
+  if (!blocks.ok()) {
+    fmt::print(stderr, "error: {}\n", blocks.status().message());
+    return 2;
+  }
+  KvTransport transport;
+  std::string transport_name;
+  if (role != EngineRole::kMixed) {
+    StatusOr<TransportKind> kind = parse_transport_kind(a.transport);
+    if (!kind.ok()) {
+      fmt::print(stderr, "error: --transport: {}\n", kind.status().message());
+      return 2;
+    }
+    KvTransportOptions to;
+    to.send = role == EngineRole::kPrefill;
+    to.receive = role == EngineRole::kDecode;
+    const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
+    to.pool_capacity_bytes = static_cast<uint64_t>(a.prefill_slots) *
+                             (static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes);
+    to.max_buffers = a.prefill_slots + 4;
+    to.lease_ms = a.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
+    to.prefault_pool = false;
+    to.tcp_listen = a.kv_listen;
+    StatusOr<KvTransport> t = make_transport(*kind, to);
+    if (!t.ok()) {
+      fmt::print(stderr, "error: KV transport '{}': {}\n", a.transport, t.status().message());
+      return 1;
+    }
+    transport = std::move(t).value();
+    transport_name = a.transport;
+  }
+  EngineOptions eo;
+  eo.role = role;
+  eo.block_size = a.block_size;
+  eo.num_blocks = *blocks;
+  eo.step_token_budget = a.step_token_budget;
+  eo.max_running = a.max_running;
+  eo.max_waiting = a.max_waiting;
+  eo.prefix_caching = !a.no_prefix_caching;
+  eo.max_context = max_context;
+  eo.prefill_slots = a.prefill_slots;
+  eo.decode_pending = a.decode_pending;
+  eo.handoff_lease_ms = a.handoff_lease_ms;
+  eo.kv_send = transport.pool.get();
+  eo.kv_puller = transport.puller.get();
+  if (Status st = eo.validate(); !st.ok()) {
+    fmt::print(stderr, "error: {}\n", st.message());
+    return 2;
+  }
+  ThreadPool pool(a.threads);
+  auto engine = std::make_unique<Engine>(*loaded->model, *loaded->tokenizer, pool, eo);
+  api::InstanceService instance_service(*engine, transport_name);
+  service.store(&instance_service);
+  set_loading(false);
+  PD_LOG_INFO(
+      "instance: ready: {} role, KV cache {} blocks x {} tokens ({}){}", a.role, eo.num_blocks, eo.block_size,
+      format_bytes(engine->kv_bytes()),
+      transport.pool ? fmt::format(", KV send pool at {}", transport.pool->endpoint()) : std::string());
+
+  while (signals_received() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  PD_LOG_INFO("instance: shutting down");
+  server->stop_accepting();
+  engine->shutdown();  // cancels what runs; gateways see the streams end
+  server->stop();
+  service.store(nullptr);
+  server.reset();
+  engine.reset();
+  PD_LOG_INFO("instance: stopped");
+  return 0;
+}
+
+struct GatewayArgs {
+  std::vector<std::string> prefills;
+  std::vector<std::string> decodes;
+  std::string model;
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  int http_threads = 2;
+  std::string api_key;
+  std::string served_model_name;
+  size_t max_body_bytes = size_t{8} << 20;
+  int shutdown_timeout_s = 30;
+  int connect_timeout_s = 60;
+  int64_t ttft_budget_ms = 60'000;
+  double ttft_budget_ms_per_token = 0;
+  std::string admission = "on-demand";
+  std::string scenario = "default";
+};
+
+// The gateway's objects: remote instances and the router over them.
+struct GatewayState {
+  LoadedModel model;  // tokenizer and chat template only
+  std::vector<std::unique_ptr<RemoteInstance>> instances;
+  std::unique_ptr<Router> router;
+};
+
+// Connects to an instance, retrying until `deadline` (instances may still be loading).
+StatusOr<std::unique_ptr<RemoteInstance>> connect_until(const std::string& address,
+                                                        std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    auto r = RemoteInstance::connect(address);
+    if (r.ok() || std::chrono::steady_clock::now() >= deadline) return r;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+int run_gateway(void* p) {
+  auto& a = *static_cast<GatewayArgs*>(p);
+  FrontOptions front{.command = "gateway",
+                     .host = a.host,
+                     .port = a.port,
+                     .http_threads = a.http_threads,
+                     .max_body_bytes = a.max_body_bytes,
+                     .api_key = a.api_key,
+                     .served_model_name = a.served_model_name,
+                     .model_path = a.model,
+                     .shutdown_timeout_s = a.shutdown_timeout_s};
+  return run_openai_front(front, [&a](api::ApiService&) -> StatusOr<FrontBackend> {
+    auto state = std::make_shared<GatewayState>();
+    PD_ASSIGN_OR_RETURN(state->model, load_model(a.model, /*weights=*/false));
+    const uint64_t fingerprint = state->model.file->fingerprint();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
+    std::vector<Instance*> prefills, decodes;
+    std::string transport;
+    for (const auto* list : {&a.prefills, &a.decodes}) {
+      const bool is_prefill = list == &a.prefills;
+      for (const std::string& address : *list) {
+        StatusOr<std::unique_ptr<RemoteInstance>> r = connect_until(address, deadline);
+        if (!r.ok())
+          return r.status().with_context(
+              fmt::format("{} instance {}", is_prefill ? "prefill" : "decode", address));
+        RemoteInstance& inst = **r;
+        const EngineRole want = is_prefill ? EngineRole::kPrefill : EngineRole::kDecode;
+        if (inst.role() != want) {
+          return invalid_argument(fmt::format("instance {} runs the {} role, but was given as a {} instance",
+                                              address, engine_role_name(inst.role()),
+                                              engine_role_name(want)));
+        }
+        if (inst.model_fingerprint() != fingerprint) {
+          return invalid_argument(
+              fmt::format("instance {} serves model {:#x}, not {} ({:#x}): start every instance with the "
+                          "gateway's --model",
+                          address, inst.model_fingerprint(), a.model, fingerprint));
+        }
+        if (!transport.empty() && inst.transport() != transport) {
+          return invalid_argument(fmt::format("instance {} moves KV over '{}', the others over '{}'", address,
+                                              inst.transport(), transport));
+        }
+        transport = inst.transport();
+        (is_prefill ? prefills : decodes).push_back(&inst);
+        state->instances.push_back(std::move(r).value());
+      }
+    }
+    RouterOptions ro;
+    ro.admission = a.admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
+    ro.scenario = a.scenario;
+    ro.ttft_budget_ms = a.ttft_budget_ms;
+    ro.ttft_budget_ms_per_token = a.ttft_budget_ms_per_token;
+    state->router = std::make_unique<Router>(prefills, decodes, ro);
+    FrontBackend b;
+    b.backend = {.engine = state->router.get(),
+                 .tokenizer = state->model.tokenizer.get(),
+                 .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr};
+    b.description = fmt::format("{} prefill and {} decode instances, KV over {}, {} admission",
+                                prefills.size(), decodes.size(), transport, a.admission);
+    b.shutdown = [state] {
+      state->router->stop();
+      for (auto& i : state->instances) i->shutdown();
+    };
+    b.owner = state;
+    return b;
+  });
+}
+
+}  // namespace
+
+void register_cluster_commands(CLI::App& app) {
+  auto* ia = new InstanceArgs();  // lives for the process
+  ia->model = default_model_path();
+  CLI::App* inst = app.add_subcommand(
+      "instance", "Run one engine instance of a role (prefill, decode or mixed) for gateways (internal API)");
+  inst->add_option("--role", ia->role, "prefill, decode or mixed")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"prefill", "decode", "mixed"}));
+  inst->add_option("-m,--model", ia->model, "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
+      ->capture_default_str();
+  inst->add_option("--host", ia->host, "Address of the internal API")->capture_default_str();
+  inst->add_option("--port", ia->port, "Port of the internal API (0: any free port)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  inst->add_option("--transport", ia->transport,
+                   "How KV moves between prefill and decode: shm (same host) or tcp (across hosts)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"shm", "tcp"}));
+  inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")
+      ->capture_default_str();
+  inst->add_option("-t,--threads", ia->threads, "CPU threads of the engine (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  inst->add_option("--http-threads", ia->http_threads, "I/O threads of the internal API")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  inst->add_option("--kv-cache-memory", ia->kv_cache_memory,
+                   "KV cache size: bytes with a unit (2GiB, 512MiB) or a fraction of the available memory "
+                   "(default: 1GiB, capped at --max-running full contexts)");
+  inst->add_option("--block-size", ia->block_size, "Tokens per KV cache block")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
+  inst->add_option("--max-running", ia->max_running, "Most sequences in the running batch")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 16));
+  inst->add_option("--max-waiting", ia->max_waiting, "Mixed role: most queued requests")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 24));
+  inst->add_option("--step-token-budget", ia->step_token_budget, "Tokens computed per engine step")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  inst->add_option("--max-context", ia->max_context, "Most tokens per sequence (0: the model's)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 24));
+  inst->add_flag("--no-prefix-caching", ia->no_prefix_caching,
+                 "Do not reuse the KV of shared prompt prefixes");
+  inst->add_option("--prefill-slots", ia->prefill_slots,
+                   "Prefill: requests held at once (b_p) until their KV has left; more are refused at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  inst->add_option("--decode-pending", ia->decode_pending, "Decode: handed-off requests waiting for a seat")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  inst->add_option(
+          "--handoff-lease-ms", ia->handoff_lease_ms,
+          "Prefill: a handed-off request's slot and KV are freed after this long if no decode fetched it")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+  inst->callback([ia] { set_command_action(run_instance, ia); });
+
+  auto* ga = new GatewayArgs();
+  ga->model = default_model_path();
+  CLI::App* gw = app.add_subcommand(
+      "gateway", "Serve the OpenAI-compatible API over prefill and decode instances in other processes");
+  gw->add_option("--prefill", ga->prefills,
+                 "HOST:PORT of a prefill instance's internal API (repeat for more)")
+      ->required();
+  gw->add_option("--decode", ga->decodes, "HOST:PORT of a decode instance's internal API (repeat for more)")
+      ->required();
+  gw->add_option("-m,--model", ga->model,
+                 "The GGUF model the instances serve: its tokenizer and chat template are used here")
+      ->capture_default_str();
+  gw->add_option("--host", ga->host, "Address to listen on")->capture_default_str();
+  gw->add_option("--port", ga->port, "TCP port (0: any free port)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  gw->add_option("--http-threads", ga->http_threads, "I/O threads of the HTTP server")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  gw->add_option("--api-key", ga->api_key, "Require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)");
+  gw->add_option("--served-model-name", ga->served_model_name,
+                 "The model name clients send (default: the file's)");
+  gw->add_option("--max-body-bytes", ga->max_body_bytes, "Largest request body; larger ones get 413")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1024}, size_t{1} << 32));
+  gw->add_option("--shutdown-timeout", ga->shutdown_timeout_s,
+                 "Seconds running requests may take after SIGTERM")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3600));
+  gw->add_option("--connect-timeout", ga->connect_timeout_s,
+                 "Seconds to wait for the instances to answer at start")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3600));
+  gw->add_option("--ttft-budget-ms", ga->ttft_budget_ms,
+                 "How long a request may wait here for a prefill slot before it fails with 504")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
+  gw->add_option("--ttft-budget-ms-per-token", ga->ttft_budget_ms_per_token,
+                 "Extra waiting budget per prompt token")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1000.0));
+  gw->add_option("--admission", ga->admission, "on-demand or baseline (see `pdserve serve --help`)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on-demand", "baseline"}));
+  gw->add_option("--scenario", ga->scenario, "The scenario name these instances serve (in errors and logs)")
+      ->capture_default_str();
+  gw->callback([ga] { set_command_action(run_gateway, ga); });
+}
+
+}  // namespace pdserve

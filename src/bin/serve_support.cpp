@@ -1,0 +1,191 @@
+#include "bin/serve_support.h"
+
+#include <fmt/format.h>
+#include <pthread.h>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "api/http_server.h"
+#include "common/log.h"
+#include "kvcache/budget.h"
+
+namespace pdserve {
+
+namespace {
+
+constexpr std::string_view kDefaultKvMemory = "1GiB";
+
+// Signals are taken by one thread (sigwait); every other thread blocks them.
+std::atomic<int> g_signals{0};
+std::atomic<bool> g_loading{true};
+
+// MemAvailable from /proc/meminfo, for fractional --kv-cache-memory.
+std::optional<uint64_t> available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (f >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+void start_signal_thread() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  std::thread([set] {
+    for (;;) {
+      int sig = 0;
+      if (sigwait(&set, &sig) != 0) continue;
+      if (g_loading.load()) {
+        std::fputs("\npdserve: interrupted while loading; exiting\n", stderr);
+        std::_Exit(0);
+      }
+      if (g_signals.fetch_add(1) >= 1) {
+        std::fputs("\npdserve: second signal: cancelling running requests now\n", stderr);
+      }
+    }
+  }).detach();
+}
+
+int signals_received() { return g_signals.load(); }
+void set_loading(bool loading) { g_loading.store(loading); }
+
+void raise_fd_limit() {
+  rlimit r{};
+  if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+    r.rlim_cur = r.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &r);
+  }
+}
+
+StatusOr<LoadedModel> load_model(const std::string& path, bool weights) {
+  LoadedModel l;
+  PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(path));
+  l.file = std::shared_ptr<const GgufFile>(std::move(file));
+  if (weights) {
+    PD_ASSIGN_OR_RETURN(l.model, LlamaModel::load(l.file));
+  }
+  PD_ASSIGN_OR_RETURN(auto tok, Tokenizer::from_gguf(*l.file));
+  l.tokenizer = std::make_unique<Tokenizer>(std::move(tok));
+  if (auto src = l.file->get_string("tokenizer.chat_template"); src.ok()) {
+    auto tmpl = ChatTemplate::parse(*src);
+    if (tmpl.ok()) {
+      l.chat_template = std::move(*tmpl);
+    } else {
+      PD_LOG_WARN("the model's chat template cannot be used ({}); /v1/chat/completions will answer 400",
+                  tmpl.status().message());
+    }
+  } else {
+    PD_LOG_WARN("the model has no chat template; /v1/chat/completions will answer 400");
+  }
+  return l;
+}
+
+StatusOr<int32_t> kv_blocks(const std::string& kv_cache_memory, int32_t block_size, int32_t max_running,
+                            const ModelConfig& cfg, int32_t max_context) {
+  PD_ASSIGN_OR_RETURN(uint64_t per_block,
+                      kv_bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, 2));
+  const bool is_default = kv_cache_memory.empty();
+  std::string_view text = is_default ? kDefaultKvMemory : std::string_view(kv_cache_memory);
+  StatusOr<int32_t> blocks = kv_blocks_for_budget(text, per_block, available_memory_bytes());
+  if (!blocks.ok()) return blocks.status().with_context("--kv-cache-memory");
+  if (is_default) {
+    int64_t needed = (int64_t{max_running} * max_context + block_size - 1) / block_size;
+    return static_cast<int32_t>(std::min<int64_t>(*blocks, needed));
+  }
+  return *blocks;
+}
+
+int run_openai_front(FrontOptions o, const FrontLoader& load) {
+  if (o.api_key.empty()) {
+    if (const char* env = std::getenv("PDSERVE_API_KEY"); env && *env) o.api_key = env;
+  }
+  if (o.served_model_name.empty()) o.served_model_name = std::filesystem::path(o.model_path).stem().string();
+  std::signal(SIGPIPE, SIG_IGN);
+  raise_fd_limit();
+  start_signal_thread();  // before any other thread, so that they all inherit the blocked mask
+
+  api::ApiService service({.served_model_name = o.served_model_name, .api_key = o.api_key});
+  api::HttpServerOptions http;
+  http.host = o.host;
+  http.port = static_cast<uint16_t>(o.port);
+  http.num_threads = o.http_threads;
+  http.max_body_bytes = o.max_body_bytes;
+  http.error_response = [&service](int status, std::string message) {
+    return service.error_response(status, std::move(message));
+  };
+  auto server_or =
+      api::HttpServer::start(http, [&service](api::HttpRequest r, std::shared_ptr<api::ResponseChannel> c) {
+        service.handle(std::move(r), std::move(c));
+      });
+  if (!server_or.ok()) {
+    fmt::print(stderr, "error: {}\n", server_or.status().message());
+    return 1;
+  }
+  std::unique_ptr<api::HttpServer> server = std::move(server_or).value();
+  service.registry().add_collector([&server](metrics::TextWriter& w) {
+    w.gauge("pdserve_http_connections", "Open HTTP connections.", server->num_connections());
+  });
+  const std::string url_host = o.host == "0.0.0.0" ? "127.0.0.1" : o.host;
+  PD_LOG_INFO("{}: listening on http://{}:{}; loading {}", o.command, o.host, server->port(), o.model_path);
+
+  auto t0 = std::chrono::steady_clock::now();
+  StatusOr<FrontBackend> loaded = load(service);
+  if (!loaded.ok()) {
+    fmt::print(stderr, "error: {}\n", loaded.status().message());
+    return loaded.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  FrontBackend& b = *loaded;
+  service.set_ready(b.backend);
+  set_loading(false);
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  PD_LOG_INFO("{}: ready in {:.2f} s: {}, {} HTTP threads{}", o.command, load_s, b.description,
+              o.http_threads, o.api_key.empty() ? "" : ", API key required");
+  fmt::print(
+      "\npdserve is serving '{}' (OpenAI-compatible API) at http://{}:{}/v1 — try:\n\n"
+      "  curl http://{}:{}/v1/chat/completions -H 'Content-Type: application/json'{} \\\n"
+      "    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+      "Health: /health; metrics: /metrics. Ctrl-C stops.\n\n",
+      o.served_model_name, url_host, server->port(), url_host, server->port(),
+      o.api_key.empty() ? "" : " -H \"Authorization: Bearer $PDSERVE_API_KEY\"", o.served_model_name);
+  std::fflush(stdout);
+
+  while (signals_received() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+
+  PD_LOG_INFO("{}: shutting down: no new connections; {} requests running (waiting up to {} s)", o.command,
+              service.num_in_flight(), o.shutdown_timeout_s);
+  server->stop_accepting();
+  service.set_draining();
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(o.shutdown_timeout_s);
+  while (service.num_in_flight() > 0 && signals_received() < 2 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (int64_t left = service.num_in_flight(); left > 0)
+    PD_LOG_INFO("{}: cancelling {} requests", o.command, left);
+  b.shutdown();  // cancels what still runs; their clients get an error event or a 503
+  for (int i = 0; i < 100 && service.num_in_flight() > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  server->stop();
+  server.reset();
+  b.owner.reset();
+  PD_LOG_INFO("{}: stopped", o.command);
+  return 0;
+}
+
+}  // namespace pdserve

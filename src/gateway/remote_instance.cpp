@@ -1,0 +1,351 @@
+#include "gateway/remote_instance.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+
+#include "api/internal_protocol.h"
+#include "common/log.h"
+
+namespace pdserve {
+
+namespace {
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+
+constexpr size_t kMaxEventBytes = size_t{64} << 20;
+
+// Waits until the socket is readable (true) or `timeout` passes (false).
+bool wait_readable(tcp::socket& socket, std::chrono::milliseconds timeout) {
+  pollfd p{socket.native_handle(), POLLIN, 0};
+  return ::poll(&p, 1, static_cast<int>(timeout.count())) > 0;
+}
+
+// A blocking connect that gives up after `timeout`.
+Status connect_socket(tcp::socket& socket, const std::string& host, const std::string& port,
+                      std::chrono::milliseconds timeout) {
+  beast::error_code ec;
+  tcp::resolver resolver(socket.get_executor());
+  auto endpoints = resolver.resolve(host, port, ec);
+  if (ec) return unavailable(fmt::format("cannot resolve {}:{}: {}", host, port, ec.message()));
+  for (const auto& e : endpoints) {
+    beast::error_code ignored;
+    if (socket.is_open()) socket.close(ignored);
+    socket.open(e.endpoint().protocol(), ec);
+    if (ec) continue;
+    socket.non_blocking(true, ec);
+    socket.connect(e.endpoint(), ec);
+    if (ec == net::error::would_block || ec == net::error::in_progress) {
+      pollfd p{socket.native_handle(), POLLOUT, 0};
+      if (::poll(&p, 1, static_cast<int>(timeout.count())) <= 0) {
+        ec = net::error::timed_out;
+      } else {
+        int err = 0;
+        socklen_t len = sizeof(err);
+        ::getsockopt(socket.native_handle(), SOL_SOCKET, SO_ERROR, &err, &len);
+        ec = err == 0 ? beast::error_code{} : beast::error_code(err, net::error::get_system_category());
+      }
+    }
+    if (!ec) {
+      socket.non_blocking(false, ec);
+      socket.set_option(tcp::no_delay(true), ignored);
+      return ok_status();
+    }
+  }
+  return unavailable(fmt::format("cannot connect to {}:{}: {}", host, port, ec.message()));
+}
+
+http::request<http::string_body> make_request(http::verb verb, const std::string& host,
+                                              const std::string& path, std::string body) {
+  http::request<http::string_body> req{verb, path, 11};
+  req.set(http::field::host, host);
+  req.set(http::field::user_agent, "pdserve-gateway");
+  if (verb == http::verb::post) {
+    req.set(http::field::content_type, "application/json");
+    req.body() = std::move(body);
+  }
+  req.prepare_payload();
+  return req;
+}
+
+}  // namespace
+
+struct RemoteInstance::Stream {
+  explicit Stream(std::shared_ptr<RequestHandle> h) : handle(std::move(h)) {}
+  std::shared_ptr<RequestHandle> handle;
+  OutputSink sink;
+  PulledCallback on_pulled;
+  net::io_context ioc;
+  tcp::socket socket{ioc};
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  std::thread thread;
+  std::atomic<bool> finished{false};
+};
+
+RemoteInstance::RemoteInstance(std::string address, const RemoteInstanceOptions& options)
+    : address_(std::move(address)), options_(options) {
+  size_t colon = address_.rfind(':');
+  host_ = address_.substr(0, colon);
+  port_ = colon == std::string::npos ? "80" : address_.substr(colon + 1);
+}
+
+StatusOr<std::unique_ptr<RemoteInstance>> RemoteInstance::connect(const std::string& address,
+                                                                  const RemoteInstanceOptions& options) {
+  if (address.empty() || address.rfind(':') == std::string::npos) {
+    return invalid_argument(fmt::format("instance address '{}': expected HOST:PORT", address));
+  }
+  std::unique_ptr<RemoteInstance> r(new RemoteInstance(address, options));
+  PD_RETURN_IF_ERROR(r->refresh_stats());
+  r->stats_thread_ = std::thread([p = r.get()] { p->poll_stats(); });
+  return r;
+}
+
+RemoteInstance::~RemoteInstance() { shutdown(); }
+
+void RemoteInstance::shutdown() {
+  std::list<std::shared_ptr<Stream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    streams = streams_;
+  }
+  cv_.notify_all();
+  if (stats_thread_.joinable()) stats_thread_.join();
+  for (auto& s : streams) {
+    if (s->thread.joinable()) s->thread.join();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  streams_.clear();
+}
+
+Status RemoteInstance::refresh_stats() {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
+  beast::error_code ec;
+  auto req = make_request(http::verb::get, address_, "/internal/v1/stats", "");
+  req.keep_alive(false);
+  http::write(socket, req, ec);
+  if (!ec && !wait_readable(socket, options_.connect_timeout)) ec = net::error::timed_out;
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(kMaxEventBytes);
+  if (!ec) http::read(socket, buffer, parser, ec);
+  if (ec)
+    return unavailable(fmt::format("instance {}: reading its stats failed: {}", address_, ec.message()));
+  if (parser.get().result_int() != 200) {
+    return unavailable(fmt::format("instance {}: stats answered {}", address_, parser.get().result_int()));
+  }
+  StatusOr<api::InstanceStats> stats = api::decode_instance_stats(parser.get().body());
+  if (!stats.ok()) return stats.status().with_context(fmt::format("instance {}", address_));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!identified_) {
+    // NOTE: set once, before any other thread reads them (connect()); later answers only refresh
+    // the metrics, and an instance that comes back as something else stays down.
+    role_ = stats->role;
+    max_context_ = stats->max_context;
+    max_sequence_tokens_ = stats->max_sequence_tokens;
+    fingerprint_ = stats->model_fingerprint;
+    transport_ = stats->transport;
+    identified_ = true;
+  } else if (stats->role != role_ || stats->model_fingerprint != fingerprint_) {
+    return failed_precondition(
+        fmt::format("instance {} came back as a {} instance of model {:#x}, not the {} "
+                    "instance of model {:#x} it was",
+                    address_, engine_role_name(stats->role), stats->model_fingerprint,
+                    engine_role_name(role_), fingerprint_));
+  }
+  metrics_ = stats->metrics;
+  return ok_status();
+}
+
+void RemoteInstance::poll_stats() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (cv_.wait_for(lock, options_.stats_interval, [&] { return stop_; })) return;
+      // Streams that ended: join their threads.
+      for (auto it = streams_.begin(); it != streams_.end();) {
+        if ((*it)->finished.load() && (*it)->thread.joinable()) {
+          (*it)->thread.join();
+          it = streams_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    Status st = refresh_stats();
+    const bool was_up = up_.exchange(st.ok());
+    if (was_up && !st.ok()) PD_LOG_WARN("gateway: instance {} is down: {}", address_, st.message());
+    if (!was_up && st.ok()) PD_LOG_INFO("gateway: instance {} is back", address_);
+  }
+}
+
+Status RemoteInstance::validate(const EngineRequest& r) const {
+  PD_RETURN_IF_ERROR(r.sampling.validate());
+  const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());
+  if (n_prompt == 0) return invalid_argument("the prompt is empty");
+  if (r.max_tokens < 1)
+    return invalid_argument(fmt::format("max_tokens must be at least 1, got {}", r.max_tokens));
+  if (n_prompt + r.max_tokens > max_context_) {
+    return invalid_argument(
+        fmt::format("the prompt ({} tokens) plus max_tokens ({}) is {} tokens, beyond this server's context "
+                    "of {} tokens; "
+                    "shorten the prompt or lower max_tokens",
+                    n_prompt, r.max_tokens, n_prompt + r.max_tokens, max_context_));
+  }
+  if (n_prompt + r.max_tokens > max_sequence_tokens_) {
+    return invalid_argument(fmt::format(
+        "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than the instance has ({} tokens)",
+        n_prompt, r.max_tokens, max_sequence_tokens_));
+  }
+  return ok_status();
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::submit(EngineRequest request, OutputSink sink,
+                                                                std::shared_ptr<RequestHandle> handle) {
+  return start("/internal/v1/submit", api::encode_engine_request(request), std::move(sink), nullptr,
+               std::move(handle));
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::submit_handoff(
+    EngineRequest request, const EngineHandoff& handoff, OutputSink sink, PulledCallback on_pulled,
+    std::shared_ptr<RequestHandle> handle) {
+  return start("/internal/v1/handoff", api::encode_handoff_request(request, handoff), std::move(sink),
+               std::move(on_pulled), std::move(handle));
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string& path, std::string body,
+                                                               OutputSink sink, PulledCallback on_pulled,
+                                                               std::shared_ptr<RequestHandle> handle) {
+  if (!up_.load()) return unavailable(fmt::format("instance {} is down", address_));
+  if (!handle) handle = std::make_shared<RequestHandle>();
+  auto s = std::make_shared<Stream>(handle);
+  s->sink = std::move(sink);
+  s->on_pulled = std::move(on_pulled);
+  s->parser.body_limit(std::numeric_limits<std::uint64_t>::max());
+  PD_RETURN_IF_ERROR(connect_socket(s->socket, host_, port_, options_.connect_timeout));
+  beast::error_code ec;
+  auto req = make_request(http::verb::post, address_, path, std::move(body));
+  req.keep_alive(false);
+  http::write(s->socket, req, ec);
+  if (!ec && !wait_readable(s->socket, options_.connect_timeout)) ec = net::error::timed_out;
+  if (!ec) http::read_header(s->socket, s->buffer, s->parser, ec);
+  if (ec) return unavailable(fmt::format("instance {}: {} failed: {}", address_, path, ec.message()));
+  if (s->parser.get().result_int() != 200) {
+    http::read(s->socket, s->buffer, s->parser, ec);
+    return api::decode_status(s->parser.get().body());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return unavailable("the gateway is shutting down");
+    streams_.push_back(s);
+  }
+  const std::string what = fmt::format("the {} instance at {}", engine_role_name(role_), address_);
+  const auto poll_interval = options_.poll_interval;
+  s->thread = std::thread([this, s, what, poll_interval] {
+    std::string pending;  // event bytes not yet ended by a blank line
+    bool got_final = false;
+    Status broken = ok_status();
+    auto deliver_final = [&](std::string reason, Status error) {
+      EngineOutput out;
+      out.finished = true;
+      out.finish_reason = std::move(reason);
+      out.error = std::move(error);
+      s->sink(std::move(out));
+    };
+    for (;;) {
+      bool stopping;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stopping = stop_;
+      }
+      if (s->handle->cancelled() || stopping) break;
+      if (s->buffer.size() == 0 && !wait_readable(s->socket, poll_interval)) continue;
+      beast::error_code rec;
+      http::read_some(s->socket, s->buffer, s->parser, rec);
+      std::string& received = s->parser.get().body();
+      pending.append(received);
+      received.clear();
+      size_t end;
+      while (!got_final && (end = pending.find("\n\n")) != std::string::npos) {
+        std::string_view block(pending.data(), end);
+        if (block.substr(0, 6) == "data: ") {
+          StatusOr<api::StreamEvent> e = api::decode_stream_event(block.substr(6));
+          if (!e.ok()) {
+            broken = data_loss(fmt::format("{} sent a malformed event: {}", what, e.status().message()));
+            break;
+          }
+          if (auto* pulled = std::get_if<api::PulledEvent>(&*e)) {
+            if (s->on_pulled) std::exchange(s->on_pulled, nullptr)(pulled->status);
+          } else {
+            EngineOutput& out = std::get<EngineOutput>(*e);
+            got_final = out.finished;
+            s->sink(std::move(out));
+          }
+        }
+        pending.erase(0, end + 2);
+      }
+      if (got_final || !broken.ok()) break;
+      if (pending.size() > kMaxEventBytes) {
+        broken = data_loss(fmt::format("{} sent an event larger than {} bytes", what, kMaxEventBytes));
+        break;
+      }
+      if (rec) {
+        broken = unavailable(
+            fmt::format("{} closed the stream before the request ended ({})", what, rec.message()));
+        break;
+      }
+      if (s->parser.is_done()) {
+        broken = unavailable(fmt::format("{} ended the stream without a final event", what));
+        break;
+      }
+    }
+    beast::error_code ignored;
+    s->socket.shutdown(tcp::socket::shutdown_both, ignored);
+    s->socket.close(ignored);
+    if (!got_final) {
+      if (s->on_pulled) std::exchange(s->on_pulled, nullptr)(broken.ok() ? unavailable("cancelled") : broken);
+      if (broken.ok()) {
+        deliver_final("cancelled", ok_status());
+      } else {
+        PD_LOG_WARN("gateway: {}", broken.message());
+        deliver_final("error", broken);
+      }
+    }
+    s->finished.store(true);
+  });
+  return handle;
+}
+
+Status RemoteInstance::release_handoff(const KvBufferRef& kv) {
+  net::io_context ioc;
+  tcp::socket socket(ioc);
+  PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
+  beast::error_code ec;
+  auto req = make_request(http::verb::post, address_, "/internal/v1/release", api::encode_release(kv));
+  req.keep_alive(false);
+  http::write(socket, req, ec);
+  if (!ec && !wait_readable(socket, options_.connect_timeout)) ec = net::error::timed_out;
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  if (!ec) http::read(socket, buffer, parser, ec);
+  if (ec) return unavailable(fmt::format("instance {}: release failed: {}", address_, ec.message()));
+  if (parser.get().result_int() != 200) return api::decode_status(parser.get().body());
+  return ok_status();
+}
+
+EngineMetrics RemoteInstance::metrics() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return metrics_;
+}
+
+}  // namespace pdserve

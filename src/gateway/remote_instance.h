@@ -1,0 +1,104 @@
+// RemoteInstance: an instance in another process, reached over the internal API
+// (api/internal_protocol.h) — what the gateway's Router holds for `pdserve gateway`.
+//
+// submit() and submit_handoff() are try-accept calls: they return once the instance has accepted
+// (200) or refused (429 → kResourceExhausted, other errors as sent); an instance that cannot be
+// reached is kUnavailable, so the router asks the next one. An accepted request streams its
+// events on a thread of its own, which calls the sink (and on_pulled) in order. Cancelling the
+// request's handle closes the connection (the instance cancels it) and ends it "cancelled" here.
+// A stream that breaks before its final event (the instance died) ends with an error naming the
+// instance, within poll_interval of the break.
+//
+// A background thread reads the instance's stats every stats_interval: metrics() reports the
+// latest, and an instance that stops answering is marked down (submissions fail at once with
+// kUnavailable) until it answers again — a restarted instance rejoins by itself.
+//
+// NOTE: one thread per open stream keeps sinks free to make blocking calls to other instances;
+// an asynchronous client is the next step when a gateway holds thousands of streams.
+// Thread-safety: every method is thread-safe. shutdown() before destroying the router that owns
+// the sinks.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "engine/engine.h"
+
+namespace pdserve {
+
+struct RemoteInstanceOptions {
+  std::chrono::milliseconds connect_timeout{2'000};
+  std::chrono::milliseconds stats_interval{200};
+  std::chrono::milliseconds poll_interval{20};  // how often a stream checks for cancellation
+};
+
+class RemoteInstance : public Instance {
+ public:
+  // `address` is host:port of the instance's internal API. Reads its stats once: an instance
+  // that does not answer is kUnavailable.
+  static StatusOr<std::unique_ptr<RemoteInstance>> connect(const std::string& address,
+                                                           const RemoteInstanceOptions& options = {});
+  ~RemoteInstance() override;  // shutdown()
+  RemoteInstance(const RemoteInstance&) = delete;
+  RemoteInstance& operator=(const RemoteInstance&) = delete;
+
+  // Cancels every open stream (their sinks get "cancelled") and joins the threads. Idempotent.
+  void shutdown();
+
+  const std::string& address() const { return address_; }
+  uint64_t model_fingerprint() const { return fingerprint_; }
+  const std::string& transport() const { return transport_; }
+  bool up() const { return up_.load(); }
+
+  EngineRole role() const override { return role_; }
+  int32_t max_context() const override { return max_context_; }
+  int64_t max_sequence_tokens() const override { return max_sequence_tokens_; }
+  // The checks that need no model (the instance checks the rest when it is asked).
+  Status validate(const EngineRequest& request) const override;
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
+                                                  std::shared_ptr<RequestHandle> handle) override;
+  using GenerationBackend::submit;
+  StatusOr<std::shared_ptr<RequestHandle>> submit_handoff(EngineRequest request, const EngineHandoff& handoff,
+                                                          OutputSink sink, PulledCallback on_pulled,
+                                                          std::shared_ptr<RequestHandle> handle) override;
+  Status release_handoff(const KvBufferRef& kv) override;
+  EngineMetrics metrics() const override;
+
+ private:
+  struct Stream;  // one accepted request's connection (remote_instance.cpp)
+
+  RemoteInstance(std::string address, const RemoteInstanceOptions& options);
+  Status refresh_stats();
+  StatusOr<std::shared_ptr<RequestHandle>> start(const std::string& path, std::string body, OutputSink sink,
+                                                 PulledCallback on_pulled,
+                                                 std::shared_ptr<RequestHandle> handle);
+  void poll_stats();
+
+  std::string address_;
+  std::string host_;
+  std::string port_;
+  RemoteInstanceOptions options_;
+  EngineRole role_ = EngineRole::kMixed;
+  int32_t max_context_ = 0;
+  int64_t max_sequence_tokens_ = 0;
+  uint64_t fingerprint_ = 0;
+  std::string transport_;
+  bool identified_ = false;  // guarded by mu_; the fields above are set once, by connect()
+
+  std::atomic<bool> up_{true};
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  EngineMetrics metrics_;                       // guarded by mu_
+  std::list<std::shared_ptr<Stream>> streams_;  // guarded by mu_
+  bool stop_ = false;                           // guarded by mu_
+  std::thread stats_thread_;
+};
+
+}  // namespace pdserve

@@ -1,0 +1,430 @@
+#include "gateway/router.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+#include <optional>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace pdserve {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Instance indices ordered by their open streams (fewest first; ties by index), without `skip`.
+std::vector<size_t> ranked(const std::vector<int32_t>& open, const std::vector<bool>& skip) {
+  std::vector<size_t> order;
+  for (size_t i = 0; i < open.size(); ++i) {
+    if (skip.empty() || !skip[i]) order.push_back(i);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return open[a] < open[b]; });
+  return order;
+}
+
+void add_kv(KvCacheStats& a, const KvCacheStats& b) {
+  a.num_blocks_total += b.num_blocks_total;
+  a.num_blocks_used += b.num_blocks_used;
+  a.num_blocks_free += b.num_blocks_free;
+  a.num_blocks_cached_evictable += b.num_blocks_cached_evictable;
+  a.num_blocks_cached += b.num_blocks_cached;
+  a.num_sequences += b.num_sequences;
+  a.prefix_lookups_total += b.prefix_lookups_total;
+  a.prefix_queried_tokens_total += b.prefix_queried_tokens_total;
+  a.prefix_hit_tokens_total += b.prefix_hit_tokens_total;
+  a.prefix_conflicts_total += b.prefix_conflicts_total;
+  a.evictions_total += b.evictions_total;
+}
+
+void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
+  a.running += b.running;
+  a.waiting += b.waiting;
+  add_kv(a.kv, b.kv);
+  a.preemptions_total += b.preemptions_total;
+  a.prompt_tokens_total += b.prompt_tokens_total;
+  a.generated_tokens_total += b.generated_tokens_total;
+  a.computed_tokens_total += b.computed_tokens_total;
+  a.prefill_slots_in_use += b.prefill_slots_in_use;
+  a.handoffs_outstanding += b.handoffs_outstanding;
+  a.handoffs_total += b.handoffs_total;
+  a.handoff_leases_expired_total += b.handoff_leases_expired_total;
+  a.decode_pending += b.decode_pending;
+  a.kv_pulls_in_flight += b.kv_pulls_in_flight;
+  a.kv_pulls_failed_total += b.kv_pulls_failed_total;
+  a.steps_total += b.steps_total;
+  a.step_seconds_total += b.step_seconds_total;
+  a.last_step_seconds = std::max(a.last_step_seconds, b.last_step_seconds);
+  for (const auto& [reason, n] : b.finished_by_reason) a.finished_by_reason[reason] += n;
+}
+
+}  // namespace
+
+struct Router::Flight {
+  EngineRequest request;
+  OutputSink sink;
+  std::shared_ptr<RequestHandle> handle;
+  Clock::time_point arrived;
+  Clock::time_point deadline;
+  std::vector<bool> failed_on;  // prefills that failed this request before its first token
+  // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
+  bool got_first_token = false;
+  size_t prefill_idx = 0;
+  std::optional<EngineHandoff> handoff;
+  int32_t cached_prompt_tokens = 0;
+};
+
+Router::Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, const RouterOptions& options)
+    : prefills_(std::move(prefills)),
+      decodes_(std::move(decodes)),
+      options_(options),
+      prefill_open_(prefills_.size(), 0),
+      decode_open_(decodes_.size(), 0) {
+  PD_CHECK_MSG(!prefills_.empty() && !decodes_.empty(), "a router needs at least one prefill and one decode");
+  for (Instance* e : prefills_) PD_CHECK(e->role() == EngineRole::kPrefill);
+  for (Instance* e : decodes_) PD_CHECK(e->role() == EngineRole::kDecode);
+  thread_ = std::thread([this] { loop(); });
+}
+
+Router::~Router() { stop(); }
+
+void Router::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  std::deque<std::shared_ptr<Flight>> waiting, to_decode;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    waiting.swap(waiting_);
+    to_decode.swap(to_decode_);
+  }
+  for (auto& f : to_decode) (void)prefills_[f->prefill_idx]->release_handoff(f->handoff->kv.ref());
+  for (auto* q : {&waiting, &to_decode}) {
+    for (auto& f : *q) {
+      EngineOutput out;
+      out.finish_reason = "cancelled";
+      end(f, std::move(out));
+    }
+  }
+}
+
+int32_t Router::max_context() const {
+  int32_t m = prefills_[0]->max_context();
+  for (Instance* e : decodes_) m = std::min(m, e->max_context());
+  return m;
+}
+
+int64_t Router::max_sequence_tokens() const {
+  // The prefill holds the prompt; the decode holds prompt and generated tokens.
+  int64_t m = max_context();
+  for (Instance* e : decodes_) m = std::min(m, e->max_sequence_tokens());
+  return m;
+}
+
+Status Router::validate(const EngineRequest& request) const {
+  // A decode must hold the whole sequence; any prefill must hold the prompt (checked by its
+  // own validate() as if it generated too, which the prefill's context allows).
+  for (Instance* e : decodes_) PD_RETURN_IF_ERROR(e->validate(request));
+  return prefills_[0]->validate(request);
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, OutputSink sink,
+                                                        std::shared_ptr<RequestHandle> handle) {
+  PD_RETURN_IF_ERROR(validate(request));
+  auto f = std::make_shared<Flight>();
+  f->handle = handle ? std::move(handle) : std::make_shared<RequestHandle>();
+  f->arrived = Clock::now();
+  const double budget_ms = static_cast<double>(options_.ttft_budget_ms) +
+                           options_.ttft_budget_ms_per_token * static_cast<double>(request.prompt.size());
+  f->deadline = f->arrived + std::chrono::microseconds(static_cast<int64_t>(budget_ms * 1000.0));
+  f->request = std::move(request);
+  f->sink = std::move(sink);
+  f->failed_on.assign(prefills_.size(), false);
+  std::shared_ptr<RequestHandle> out = f->handle;
+  bool queue_first;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return unavailable("the gateway is shutting down");
+    // First come, first served: nobody overtakes requests already waiting.
+    queue_first = !waiting_.empty();
+    if (queue_first) waiting_.push_back(f);
+  }
+  if (queue_first) {
+    notify_capacity();
+  } else if (!try_place(f)) {
+    park(waiting_, f);
+  }
+  return out;
+}
+
+void Router::park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stop_) {
+      if (front) {
+        queue.push_front(f);
+      } else {
+        queue.push_back(f);
+      }
+      return;
+    }
+  }
+  // Stopped meanwhile: nobody would retry it.
+  if (f->handoff) (void)prefills_[f->prefill_idx]->release_handoff(f->handoff->kv.ref());
+  EngineOutput out;
+  out.finish_reason = "cancelled";
+  end(f, std::move(out));
+}
+
+void Router::notify_capacity() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    retry_ = true;
+  }
+  cv_.notify_one();
+}
+
+bool Router::try_place(const std::shared_ptr<Flight>& f) {
+  if (f->handle->cancelled()) {
+    EngineOutput out;
+    out.finish_reason = "cancelled";
+    end(f, std::move(out));
+    return true;
+  }
+  std::vector<size_t> order;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    order = ranked(prefill_open_, f->failed_on);
+  }
+  if (order.empty()) {
+    EngineOutput out;
+    out.finish_reason = "error";
+    out.error = unavailable(
+        fmt::format("every prefill instance of scenario '{}' failed this request", options_.scenario));
+    end(f, std::move(out));
+    return true;
+  }
+  for (size_t idx : order) {
+    {
+      // NOTE: counted before submit(): the engine may call the sink before submit() returns.
+      std::lock_guard<std::mutex> lock(mu_);
+      ++prefill_open_[idx];
+    }
+    auto sink = [this, f, idx](EngineOutput&& o) { on_prefill_output(f, idx, std::move(o)); };
+    auto accepted = prefills_[idx]->submit(f->request, std::move(sink), f->handle);
+    if (accepted.ok()) return true;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --prefill_open_[idx];
+      if (accepted.status().code() == StatusCode::kResourceExhausted) ++rejections_total_;
+    }
+    if (accepted.status().code() == StatusCode::kResourceExhausted &&
+        options_.admission == AdmissionPolicy::kOnDemand) {
+      continue;  // a full prefill refuses at once: inquire the next one
+    }
+    if (accepted.status().code() == StatusCode::kUnavailable) {
+      // A prefill going away (shutting down, unreachable): try the others.
+      f->failed_on[idx] = true;
+      std::lock_guard<std::mutex> lock(mu_);
+      ++prefill_retries_total_;
+      continue;
+    }
+    if (accepted.status().code() == StatusCode::kResourceExhausted) return false;
+    EngineOutput out;
+    out.finish_reason = "error";
+    out.error = accepted.status();
+    end(f, std::move(out));
+    return true;
+  }
+  return false;
+}
+
+bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
+  Instance* prefill = prefills_[f->prefill_idx];
+  const KvBufferRef kv = f->handoff->kv.ref();
+  if (f->handle->cancelled()) {
+    (void)prefill->release_handoff(kv);
+    EngineOutput out;
+    out.finish_reason = "cancelled";
+    end(f, std::move(out));
+    return true;
+  }
+  std::vector<size_t> order;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    order = ranked(decode_open_, {});
+  }
+  for (size_t idx : order) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++decode_open_[idx];
+    }
+    auto sink = [this, f, idx](EngineOutput&& o) { on_decode_output(f, idx, std::move(o)); };
+    // The decode has the KV (or gave up on it): the prefill frees the slot and the buffer.
+    auto on_pulled = [this, prefill, kv](const Status&) {
+      (void)prefill->release_handoff(kv);
+      notify_capacity();  // a prefill slot is free
+    };
+    auto accepted = decodes_[idx]->submit_handoff(f->request, *f->handoff, std::move(sink),
+                                                  std::move(on_pulled), f->handle);
+    if (accepted.ok()) return true;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --decode_open_[idx];
+    }
+    // A full decode, or one that went away: ask the next.
+    if (accepted.status().code() == StatusCode::kResourceExhausted ||
+        accepted.status().code() == StatusCode::kUnavailable) {
+      continue;
+    }
+    (void)prefill->release_handoff(kv);
+    EngineOutput out;
+    out.finish_reason = "error";
+    out.error = accepted.status();
+    end(f, std::move(out));
+    return true;
+  }
+  return false;
+}
+
+void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, EngineOutput&& out) {
+  if (!out.finished) {
+    if (!out.tokens.empty()) f->got_first_token = true;
+    f->sink(std::move(out));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --prefill_open_[idx];
+  }
+  notify_capacity();
+  if (out.handoff) {
+    f->prefill_idx = idx;
+    f->handoff = std::move(out.handoff);
+    f->cached_prompt_tokens = out.cached_prompt_tokens;
+    bool queue_first, stopped;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopped = stop_;
+      queue_first = !stopped && !to_decode_.empty();
+      if (queue_first) to_decode_.push_back(f);
+    }
+    if (stopped) {
+      (void)prefills_[idx]->release_handoff(f->handoff->kv.ref());
+      EngineOutput cancelled;
+      cancelled.finish_reason = "cancelled";
+      end(f, std::move(cancelled));
+    } else if (!queue_first && !try_hand_to_decode(f)) {
+      park(to_decode_, f);
+    }
+    return;
+  }
+  if (out.finish_reason == "error" && !f->got_first_token && !f->handle->cancelled()) {
+    // Failed before its first token: another prefill may succeed.
+    PD_LOG_WARN("gateway: prefill {} failed a request before its first token ({}); retrying elsewhere", idx,
+                out.error.message());
+    f->failed_on[idx] = true;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++prefill_retries_total_;
+    }
+    if (!try_place(f)) park(waiting_, f, /*front=*/true);
+    return;
+  }
+  end(f, std::move(out));
+}
+
+void Router::on_decode_output(const std::shared_ptr<Flight>& f, size_t idx, EngineOutput&& out) {
+  if (!out.finished) {
+    f->sink(std::move(out));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --decode_open_[idx];
+  }
+  notify_capacity();
+  out.cached_prompt_tokens = f->cached_prompt_tokens;
+  end(f, std::move(out));
+}
+
+void Router::end(const std::shared_ptr<Flight>& f, EngineOutput&& last) {
+  last.finished = true;
+  if (last.prompt_tokens == 0) last.prompt_tokens = static_cast<int32_t>(f->request.prompt.size());
+  f->sink(std::move(last));
+}
+
+void Router::loop() {
+  for (;;) {
+    std::deque<std::shared_ptr<Flight>> waiting, to_decode;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // NOTE: a timed wake-up also checks budgets and cancellations of waiting requests.
+      cv_.wait_for(lock, std::chrono::milliseconds(10), [&] { return stop_ || retry_; });
+      if (stop_) return;
+      retry_ = false;
+      waiting.swap(waiting_);
+      to_decode.swap(to_decode_);
+    }
+    // Handed-off requests first: they hold prefill slots.
+    std::deque<std::shared_ptr<Flight>> keep_decode;
+    for (auto& f : to_decode) {
+      if (!keep_decode.empty() || !try_hand_to_decode(f)) keep_decode.push_back(f);
+    }
+    std::deque<std::shared_ptr<Flight>> keep_waiting;
+    const Clock::time_point now = Clock::now();
+    bool blocked = false;
+    for (auto& f : waiting) {
+      if (f->handle->cancelled()) {
+        EngineOutput out;
+        out.finish_reason = "cancelled";
+        end(f, std::move(out));
+        continue;
+      }
+      if (now >= f->deadline) {
+        const double waited_s = std::chrono::duration<double>(now - f->arrived).count();
+        const double budget_s = std::chrono::duration<double>(f->deadline - f->arrived).count();
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          ++timeouts_total_;
+        }
+        EngineOutput out;
+        out.finish_reason = "error";
+        out.error = Status(StatusCode::kDeadlineExceeded,
+                           fmt::format("no prefill instance of scenario '{}' took this request within its "
+                                       "time-to-first-token budget: it waited {:.2f} s (budget {:.2f} s for "
+                                       "a {}-token prompt); the service is overloaded, retry later",
+                                       options_.scenario, waited_s, budget_s, f->request.prompt.size()));
+        end(f, std::move(out));
+        continue;
+      }
+      if (blocked || !try_place(f)) {
+        blocked = true;  // first come, first served: the rest wait behind it
+        keep_waiting.push_back(f);
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    waiting_.insert(waiting_.begin(), keep_waiting.begin(), keep_waiting.end());
+    to_decode_.insert(to_decode_.begin(), keep_decode.begin(), keep_decode.end());
+  }
+}
+
+EngineMetrics Router::metrics() const {
+  EngineMetrics m;
+  for (const Instance* e : prefills_) add_metrics(m, e->metrics());
+  for (const Instance* e : decodes_) add_metrics(m, e->metrics());
+  std::lock_guard<std::mutex> lock(mu_);
+  m.gateway_waiting = static_cast<int32_t>(waiting_.size() + to_decode_.size());
+  m.gateway_timeouts_total = timeouts_total_;
+  m.gateway_rejections_total = rejections_total_;
+  m.gateway_prefill_retries_total = prefill_retries_total_;
+  return m;
+}
+
+}  // namespace pdserve

@@ -1,0 +1,110 @@
+// Router: the gateway's global scheduling over prefill and decode instances (DESIGN.md §1 items 2
+// and 3, §2 "Life of a disaggregated request"), here for instances in this process.
+//
+// On-demand forwarding: a request is offered to the prefills one after another, ranked by their
+// open streams (fewest first); the first with a free slot takes it, a full one refuses at once
+// (prefills keep no queue). When none accepts, the request waits here, first come first served,
+// within its TTFT budget (a base plus a per-prompt-token allowance); capacity freed anywhere
+// (a prefill slot, a decode pending place) retries the waiting requests in order. A request still
+// waiting when its budget runs out ends with a DEADLINE_EXCEEDED error that names the scenario
+// and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
+//
+// Baseline admission (the paper's comparison): every prefill queues without limit and the router
+// sends each request at once to the prefill with the fewest open streams.
+//
+// The prefill streams the first token to the client; its handoff goes to the decode with the
+// fewest requests in hand, which pulls the KV when it has room, tells the prefill to release it
+// (on_pulled), and streams the rest. A request whose prefill fails before the first token is
+// retried on another prefill (once per prefill). The client's RequestHandle is shared with
+// whichever engine holds the request, so cancellation reaches it.
+//
+// Thread-safety: all public methods are thread-safe. Sinks run on engine threads; one router
+// thread retries waiting requests and enforces budgets. The engines must outlive the router.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/engine.h"
+
+namespace pdserve {
+
+enum class AdmissionPolicy {
+  kOnDemand,  // try-accept in rank order, wait at the gateway (P/D-Serve)
+  kBaseline,  // FIFO queue in each prefill, the one with the fewest open streams
+};
+
+struct RouterOptions {
+  AdmissionPolicy admission = AdmissionPolicy::kOnDemand;
+  std::string scenario = "default";  // named in timeout errors and metrics
+  // TTFT budget for waiting at the gateway: base + per_token × prompt tokens.
+  int64_t ttft_budget_ms = 10'000;
+  double ttft_budget_ms_per_token = 0.0;
+};
+
+class Router : public GenerationBackend {
+ public:
+  // prefills: engines with EngineRole::kPrefill; decodes: kDecode. Both non-empty. Set
+  // EngineOptions::on_capacity of each engine to call notify_capacity().
+  Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, const RouterOptions& options);
+  ~Router() override;  // stop()
+  // Stops retrying and ends the requests held here as "cancelled" (releasing their prefills'
+  // KV). Shut down in this order: router.stop(), every engine's shutdown(), then destroy: engines
+  // call back into the router until they stop, and the router into engines until it stops.
+  void stop();
+  Router(const Router&) = delete;
+  Router& operator=(const Router&) = delete;
+
+  int32_t max_context() const override;
+  int64_t max_sequence_tokens() const override;
+  Status validate(const EngineRequest& request) const override;
+  // kResourceExhausted only when the gateway's own queue is full; otherwise the request is
+  // placed or waits.
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
+                                                  std::shared_ptr<RequestHandle> handle) override;
+  using GenerationBackend::submit;
+  // Sums over the instances, plus the gateway's own figures.
+  EngineMetrics metrics() const override;
+
+  // Capacity freed somewhere: retry what waits (cheap; any thread).
+  void notify_capacity();
+
+ private:
+  struct Flight;  // one request on its way (router.cpp)
+
+  // Offers the request to the prefills; true when one took it (or it ended).
+  bool try_place(const std::shared_ptr<Flight>& f);
+  // Gives a handed-off request to a decode; true when one took it (or it ended).
+  bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
+  void on_prefill_output(const std::shared_ptr<Flight>& f, size_t prefill_idx, EngineOutput&& out);
+  void on_decode_output(const std::shared_ptr<Flight>& f, size_t decode_idx, EngineOutput&& out);
+  void end(const std::shared_ptr<Flight>& f, EngineOutput&& last);
+  // Holds a request here for the router thread (or ends it "cancelled" once stopped).
+  void park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front = false);
+  void loop();
+
+  std::vector<Instance*> prefills_;
+  std::vector<Instance*> decodes_;
+  RouterOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Flight>> waiting_;    // guarded by mu_: no prefill yet
+  std::deque<std::shared_ptr<Flight>> to_decode_;  // guarded by mu_: handed off, no decode yet
+  std::vector<int32_t> prefill_open_;              // guarded by mu_: open streams per prefill
+  std::vector<int32_t> decode_open_;               // guarded by mu_: requests per decode
+  bool retry_ = false;                             // guarded by mu_
+  bool stop_ = false;                              // guarded by mu_
+  int64_t timeouts_total_ = 0;                     // guarded by mu_
+  int64_t rejections_total_ = 0;                   // guarded by mu_: prefill refusals seen
+  int64_t prefill_retries_total_ = 0;              // guarded by mu_
+  std::thread thread_;
+};
+
+}  // namespace pdserve

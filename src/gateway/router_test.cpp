@@ -1,0 +1,346 @@
+#include "gateway/router.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <future>
+#include <thread>
+
+#include "engine/test_model.h"
+
+namespace pdserve {
+namespace {
+
+struct Result {
+  std::string text;
+  std::vector<int32_t> tokens;
+  std::string finish_reason;
+  Status error;
+  int32_t completion_tokens = 0;
+  int32_t cached_prompt_tokens = 0;
+};
+
+class Collector {
+ public:
+  OutputSink sink() {
+    return [this](EngineOutput&& o) {
+      std::lock_guard<std::mutex> lock(mu_);
+      r_.text += o.text;
+      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
+      if (o.finished) {
+        r_.finish_reason = o.finish_reason;
+        r_.error = o.error;
+        r_.completion_tokens = o.completion_tokens;
+        r_.cached_prompt_tokens = o.cached_prompt_tokens;
+        done_.set_value();
+      }
+    };
+  }
+  Result wait() {
+    done_.get_future().wait();
+    std::lock_guard<std::mutex> lock(mu_);
+    return r_;
+  }
+
+ private:
+  std::mutex mu_;
+  Result r_;
+  std::promise<void> done_;
+};
+
+EngineOptions base_options(EngineRole role) {
+  EngineOptions o;
+  o.role = role;
+  o.num_blocks = 256;
+  o.block_size = 16;
+  o.step_token_budget = 256;
+  o.max_running = 64;
+  return o;
+}
+
+// Prefill and decode engines over the default model with the in-process transport, behind a
+// Router — what `pdserve serve` runs.
+class Cluster {
+ public:
+  Cluster(const testing::TestModel& m, int num_prefills, int32_t prefill_slots, const RouterOptions& ro,
+          int32_t decode_block_size = 16) {
+    KvTransportOptions to;
+    to.pool_capacity_bytes = uint64_t{64} << 20;
+    to.prefault_pool = false;
+    auto t = make_transport(TransportKind::kInproc, to);
+    PD_CHECK_MSG(t.ok(), t.status().message().c_str());
+    transport_ = std::move(t).value();
+    auto notify = [this] {
+      if (Router* r = router_ptr_.load()) r->notify_capacity();
+    };
+    for (int i = 0; i < num_prefills; ++i) {
+      EngineOptions o = base_options(EngineRole::kPrefill);
+      o.prefill_slots = prefill_slots;
+      o.kv_send = transport_.pool.get();
+      o.on_capacity = notify;
+      prefills.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, *m.pool, o));
+    }
+    EngineOptions o = base_options(EngineRole::kDecode);
+    o.block_size = decode_block_size;
+    o.kv_puller = transport_.puller.get();
+    o.on_capacity = notify;
+    decode = std::make_unique<Engine>(*m.model, *m.tokenizer, *m.pool, o);
+    std::vector<Instance*> ps;
+    for (auto& p : prefills) ps.push_back(p.get());
+    router = std::make_unique<Router>(ps, std::vector<Instance*>{decode.get()}, ro);
+    router_ptr_.store(router.get());
+  }
+  ~Cluster() {
+    router->stop();
+    for (auto& p : prefills) p->shutdown();
+    decode->shutdown();
+    router_ptr_.store(nullptr);
+  }
+
+  // Every slot, buffer and block is back.
+  void expect_idle() {
+    // The last release may trail the final output by a moment (it runs after the pull lands).
+    for (int i = 0; i < 200 && transport_.pool->stats().buffers_in_use > 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_EQ(transport_.pool->stats().buffers_in_use, 0);
+    for (auto& p : prefills) {
+      for (int i = 0; i < 200 && p->metrics().prefill_slots_in_use > 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      EngineMetrics m = p->metrics();
+      EXPECT_EQ(m.prefill_slots_in_use, 0);
+      EXPECT_EQ(m.handoffs_outstanding, 0);
+      EXPECT_EQ(m.kv.num_blocks_used, 0);
+    }
+    EngineMetrics d = decode->metrics();
+    EXPECT_EQ(d.kv.num_blocks_used, 0);
+    EXPECT_EQ(d.running, 0);
+    EXPECT_EQ(d.decode_pending, 0);
+    EXPECT_EQ(router->metrics().gateway_waiting, 0);
+  }
+
+  std::vector<std::unique_ptr<Engine>> prefills;
+  std::unique_ptr<Engine> decode;
+  std::unique_ptr<Router> router;
+
+ private:
+  KvTransport transport_;
+  std::atomic<Router*> router_ptr_{nullptr};
+};
+
+class RouterTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model_ = testing::default_test_model();
+    ASSERT_NE(model_, nullptr);
+  }
+
+  static EngineRequest request(const std::string& prompt, int32_t max_tokens) {
+    EngineRequest r;
+    r.prompt = model_->tokenizer->encode(prompt, true, false);
+    r.max_tokens = max_tokens;
+    return r;
+  }
+
+  // Submits all, then waits for all.
+  static std::vector<Result> run_all(GenerationBackend& backend, const std::vector<EngineRequest>& requests) {
+    std::vector<std::unique_ptr<Collector>> collectors;
+    for (const EngineRequest& r : requests) {
+      collectors.push_back(std::make_unique<Collector>());
+      auto h = backend.submit(r, collectors.back()->sink());
+      EXPECT_TRUE(h.ok()) << h.status().to_string();
+    }
+    std::vector<Result> results;
+    for (auto& c : collectors) results.push_back(c->wait());
+    return results;
+  }
+
+  static std::vector<EngineRequest> prompts(int32_t max_tokens) {
+    const std::vector<std::string> texts = {
+        "The capital of France is",
+        "Once upon a time, in a land far away,",
+        "def fibonacci(n):",
+        "The three primary colors are",
+        "Water boils at",
+        "A haiku about the sea:",
+        "List three fruits: apple,",
+        "The quick brown fox",
+        "In 1969, humans first",
+        "The meaning of life is",
+        "To make a cup of tea, first",
+        "Photosynthesis is the process by which plants convert light energy into chemical energy. "
+        "It takes place mainly in the leaves, where chlorophyll absorbs sunlight. In summary,",
+        "SELECT name FROM users WHERE",
+        "Dear hiring manager, I am writing to",
+        "The largest planet in our solar system is",
+        "Translate to French: good morning ->",
+        "1, 1, 2, 3, 5, 8,",
+        "The recipe calls for two cups of flour, one cup of sugar, three eggs and a pinch of salt. Mix",
+        "Why is the sky blue? Because",
+        "My favourite programming language is",
+    };
+    std::vector<EngineRequest> out;
+    for (const auto& t : texts) out.push_back(request(t, max_tokens));
+    return out;
+  }
+
+  static const testing::TestModel* model_;
+};
+
+const testing::TestModel* RouterTest::model_ = nullptr;
+
+TEST_F(RouterTest, GreedyOutputEqualsAggregatedMode) {
+  const std::vector<EngineRequest> requests = prompts(24);
+  std::vector<Result> expected;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    expected = run_all(aggregated, requests);
+  }
+  // Also with another block size on the decode: the wire body does not depend on it.
+  for (int32_t decode_block_size : {16, 5}) {
+    Cluster c(*model_, 1, 4, RouterOptions{}, decode_block_size);
+    std::vector<Result> got = run_all(*c.router, requests);
+    ASSERT_EQ(got.size(), expected.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].tokens, expected[i].tokens)
+          << "prompt " << i << ", decode block size " << decode_block_size;
+      EXPECT_EQ(got[i].text, expected[i].text) << "prompt " << i;
+      EXPECT_EQ(got[i].finish_reason, expected[i].finish_reason) << "prompt " << i;
+      EXPECT_EQ(got[i].completion_tokens, expected[i].completion_tokens) << "prompt " << i;
+    }
+    EngineMetrics m = c.router->metrics();
+    EXPECT_GE(m.handoffs_total, 1);
+    c.expect_idle();
+  }
+}
+
+TEST_F(RouterTest, SeededSamplingEqualsAggregatedMode) {
+  std::vector<EngineRequest> requests = prompts(16);
+  requests.resize(6);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    requests[i].sampling.temperature = 0.9f;
+    requests[i].sampling.top_p = 0.95f;
+    requests[i].sampling.seed = 1000 + i;
+  }
+  std::vector<Result> expected;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    expected = run_all(aggregated, requests);
+  }
+  Cluster c(*model_, 1, 4, RouterOptions{});
+  std::vector<Result> got = run_all(*c.router, requests);
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i].tokens, expected[i].tokens) << "prompt " << i;
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, PrefillsNeverHoldMoreThanTheirSlotsAndRequestsWaitAtTheGateway) {
+  Cluster c(*model_, 2, 2, RouterOptions{});
+  std::atomic<bool> done{false};
+  std::atomic<int32_t> max_slots{0}, max_waiting{0};
+  std::thread monitor([&] {
+    while (!done.load()) {
+      for (auto& p : c.prefills) {
+        int32_t s = p->metrics().prefill_slots_in_use;
+        if (s > max_slots.load()) max_slots.store(s);
+      }
+      int32_t w = c.router->metrics().gateway_waiting;
+      if (w > max_waiting.load()) max_waiting.store(w);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::vector<EngineRequest> requests = prompts(4);
+  std::vector<Result> got = run_all(*c.router, requests);
+  done.store(true);
+  monitor.join();
+  for (const Result& r : got) {
+    EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop")
+        << r.finish_reason << " " << r.error.to_string();
+  }
+  EXPECT_LE(max_slots.load(), 2);
+  EXPECT_GT(max_waiting.load(), 0) << "a burst of 20 over 4 slots must wait at the gateway";
+  EngineMetrics m = c.router->metrics();
+  EXPECT_GT(m.gateway_rejections_total, 0);
+  EXPECT_EQ(m.gateway_timeouts_total, 0);
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, ExcessRequestsTimeOutWithinTheirBudgetAndNothingLeaks) {
+  RouterOptions ro;
+  ro.ttft_budget_ms = 1;
+  Cluster c(*model_, 1, 1, ro);
+  std::vector<EngineRequest> requests = prompts(8);
+  std::vector<Result> got = run_all(*c.router, requests);
+  int ok = 0, timed_out = 0;
+  for (const Result& r : got) {
+    if (r.finish_reason == "error") {
+      EXPECT_EQ(r.error.code(), StatusCode::kDeadlineExceeded) << r.error.to_string();
+      EXPECT_NE(r.error.message().find("scenario 'default'"), std::string::npos) << r.error.message();
+      EXPECT_NE(r.error.message().find("waited"), std::string::npos) << r.error.message();
+      ++timed_out;
+    } else {
+      ++ok;
+    }
+  }
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(timed_out, 1);
+  EXPECT_EQ(c.router->metrics().gateway_timeouts_total, timed_out);
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, CancellationReachesWhereverTheRequestIs) {
+  Cluster c(*model_, 1, 1, RouterOptions{});
+  // The first occupies the only slot and then decodes for long; the second waits at the gateway.
+  Collector long_one, waiting_one;
+  EngineRequest r1 = request("Tell me a very long story about a dragon.", 400);
+  r1.ignore_eos = true;
+  auto h1 = c.router->submit(r1, long_one.sink());
+  auto h2 = c.router->submit(request("Hello", 8), waiting_one.sink());
+  ASSERT_TRUE(h1.ok() && h2.ok());
+  (*h2)->cancel();
+  EXPECT_EQ(waiting_one.wait().finish_reason, "cancelled");
+  // Let the first reach the decode, then cancel it mid-stream.
+  for (int i = 0; i < 400 && c.decode->metrics().running == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  (*h1)->cancel();
+  Result r = long_one.wait();
+  EXPECT_EQ(r.finish_reason, "cancelled");
+  EXPECT_LT(r.tokens.size(), 400u);
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, PrefixCacheHitsOfThePrefillShowInUsage) {
+  Cluster c(*model_, 1, 4, RouterOptions{});
+  std::string system(900, ' ');
+  for (size_t i = 0; i < system.size(); i += 9) system.replace(i, 9, "context. ");
+  Result first, second;
+  {
+    Collector col;
+    ASSERT_TRUE(c.router->submit(request(system + "Question one?", 4), col.sink()).ok());
+    first = col.wait();
+  }
+  {
+    Collector col;
+    ASSERT_TRUE(c.router->submit(request(system + "Question two?", 4), col.sink()).ok());
+    second = col.wait();
+  }
+  EXPECT_EQ(first.cached_prompt_tokens, 0);
+  EXPECT_GE(second.cached_prompt_tokens, 160);
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, APrefillThatIsGoneIsSkippedAndOthersServe) {
+  Cluster c(*model_, 2, 2, RouterOptions{});
+  c.prefills[0]->shutdown();
+  std::vector<EngineRequest> requests = prompts(4);
+  requests.resize(6);
+  for (const Result& r : run_all(*c.router, requests)) {
+    EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
+  }
+  EXPECT_GE(c.router->metrics().gateway_prefill_retries_total, 1);
+  c.expect_idle();
+}
+
+}  // namespace
+}  // namespace pdserve

@@ -1,0 +1,235 @@
+// The KV transfer interface between a prefill and a decode instance (DESIGN.md §1.3, block-free
+// KV transfer).
+//
+// Prefill side: a KvSendPool owns pre-reserved contiguous send buffers. The prefill acquires one
+// per request, writes the wire header and the gathered body into it (publish_kv() does all of
+// it), commits it, and sends the buffer's KvHandle to a decode instance inside the handoff
+// message. The buffer stays until the decode has pulled it and the prefill releases it — or
+// until its lease runs out, when the pool reclaims it and a later pull of the handle fails with
+// "lease expired".
+//
+// Decode side: a KvPuller pulls a handle into a scatter target (its paged KV blocks)
+// asynchronously: submit() → TransferId, poll() → pending / done / failed(Status). A pull reads
+// and validates the wire header (check_compatible(), room in the block table) before it writes
+// anything into the target, then RecvScatters the body into the blocks.
+//
+// Transports, chosen in one place at start-up (make_transport):
+//   inproc  the puller scatters straight from the prefill's buffer (same process)
+//   shm     the pool's buffers live in one shared-memory segment; the decode maps it read-only once
+//           and scatters straight from it (no socket, one copy)
+//   tcp     the pool serves buffers from a small TCP server; the puller keeps connections per
+//           endpoint and receives the body straight into its KV blocks (recvmsg into the runs of
+//           the block table: no staging copy)
+// Each also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no contiguous
+// buffer, one message and one confirmation per (block, layer) straight from the prefill's paged
+// memory (expose_paged()). Kept for comparison (bench/transfer_bench.cpp); tcp and shm only.
+//
+// NOTE: layer-wise transfer (start pulling layer l while the prefill computes layer l + 1) fits
+// this design without a new wire format: the header sets kKvWireLayerWise, the send buffer gets a
+// per-layer ready counter next to it (in the shm segment's slot record, or sent as a per-layer
+// frame over tcp) that the prefill bumps after gather_kv_layer(l), and the puller scatters each
+// layer with scatter_kv_layer() once the counter passes it. Not in this step; nor is UCX.
+//
+// Thread-safety: KvSendPool and KvPuller methods are thread-safe. Transports run their own threads
+// (the tcp server, the shm block-fixed server, each puller's progress thread) behind these
+// interfaces. Ownership: the pool owns its buffers and hands out spans into them, valid until
+// release (or lease expiry); a pull's scatter target memory and block table belong to the
+// caller and must stay valid and untouched until the pull is done or failed.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "transfer/kv_layout.h"
+#include "transfer/kv_wire.h"
+
+namespace pdserve {
+
+enum class TransportKind : uint8_t { kInproc, kShm, kTcp };
+std::string_view transport_kind_name(TransportKind kind);  // "inproc", "shm", "tcp"
+StatusOr<TransportKind> parse_transport_kind(std::string_view name);
+
+enum class KvTransferMode : uint8_t {
+  kContiguous,  // one header + one contiguous body (block-free)
+  kBlockFixed,  // baseline: one message and one confirmation per (block, layer)
+};
+std::string_view transfer_mode_name(KvTransferMode mode);  // "contiguous", "block-fixed"
+
+// Names one send buffer of one pool: a buffer id is reused, its generation never is.
+struct KvBufferRef {
+  uint32_t buffer_id = 0;
+  uint64_t generation = 0;
+  bool operator==(const KvBufferRef&) const = default;
+};
+
+// Where a decode instance can fetch one request's KV. Plain data; travels inside the handoff
+// message as to_string() and comes back through parse() (untrusted input).
+struct KvHandle {
+  TransportKind kind = TransportKind::kInproc;
+  KvTransferMode mode = KvTransferMode::kContiguous;
+  // inproc: "inproc/<pool number>"; shm: the segment's path ("/proc/<pid>/fd/<fd>" or
+  // "/dev/shm/pdserve-kv-..."); tcp: "host:port". At most kMaxEndpointBytes printable
+  // characters, no ';' or spaces.
+  std::string endpoint;
+  uint32_t buffer_id = 0;
+  uint64_t generation = 0;  // a handle for a buffer that was since released and reused is refused
+  uint64_t bytes = 0;       // wire header + body
+
+  static constexpr size_t kMaxEndpointBytes = 256;
+
+  KvBufferRef ref() const { return {buffer_id, generation}; }
+  // "kv1;<kind>;<mode>;<buffer id>;<generation>;<bytes>;<endpoint>"
+  std::string to_string() const;
+  static StatusOr<KvHandle> parse(std::string_view text);
+  bool operator==(const KvHandle&) const = default;
+};
+
+// A buffer acquired from a KvSendPool: write the wire header and body into `bytes`, then
+// commit(ref) before handing `handle` to a peer.
+struct KvSendBuffer {
+  KvBufferRef ref;
+  std::span<uint8_t> bytes;  // exactly the size asked for; valid until release or lease expiry
+  KvHandle handle;
+};
+
+struct KvSendPoolStats {
+  uint64_t capacity_bytes = 0;
+  int32_t max_buffers = 0;
+  int32_t buffers_in_use = 0;  // acquired or exposed, not yet released or reclaimed
+  uint64_t bytes_in_use = 0;   // of the capacity
+  int64_t acquired_total = 0;
+  int64_t released_total = 0;
+  int64_t leases_expired_total = 0;
+  int64_t pulls_served_total = 0;  // tcp and shm block-fixed (pulls the pool sees)
+  int64_t pull_errors_total = 0;   // refused or broken pulls the pool saw
+};
+
+// Milliseconds on a monotonic clock; injectable for tests.
+using KvClockMs = std::function<int64_t()>;
+
+// The prefill side. Thread-safe.
+class KvSendPool {
+ public:
+  virtual ~KvSendPool() = default;
+  virtual TransportKind kind() const = 0;
+  // The endpoint peers reach this pool at (as in its handles).
+  virtual std::string endpoint() const = 0;
+
+  // Reserves a buffer of `bytes` (>= kKvWireHeaderBytes: header + body). RESOURCE_EXHAUSTED when
+  // all buffers or the capacity are in use (after reclaiming expired leases): the prefill keeps
+  // the request's slot until one frees up.
+  virtual StatusOr<KvSendBuffer> acquire(uint64_t bytes) = 0;
+  // The buffer's bytes are written: peers may pull it from now on (a pull before fails).
+  virtual Status commit(KvBufferRef ref) = 0;
+  // Block-fixed baseline: makes `view`'s blocks of a sequence pullable piece by piece, without a
+  // contiguous copy. The memory must stay untouched until release. UNIMPLEMENTED for inproc.
+  virtual StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
+                                          int32_t num_tokens, uint32_t flags = 0) = 0;
+  // Gives the buffer back (after the decode has pulled it, or on cancellation). A pull in flight
+  // finishes first (tcp, inproc: release waits for it) or fails cleanly (shm). NOT_FOUND for a
+  // stale or released ref, DEADLINE_EXCEEDED for one whose lease expired.
+  virtual Status release(KvBufferRef ref) = 0;
+  // Reclaims buffers held longer than the lease; returns how many. Also done by acquire().
+  virtual int32_t reclaim_expired() = 0;
+  virtual KvSendPoolStats stats() const = 0;
+};
+
+// Where a pull lands: the decode's paged KV and the sequence's block table. view.layout is the
+// local layout the peer's header must match.
+struct KvScatterTarget {
+  PagedKvView view;
+  std::span<const int32_t> block_table;
+  int32_t expected_num_tokens = -1;  // -1: any count the block table has room for
+};
+
+using TransferId = uint64_t;
+
+enum class TransferPhase { kPending, kDone, kFailed };
+
+struct TransferState {
+  TransferPhase phase = TransferPhase::kPending;
+  Status error;            // kFailed: what went wrong
+  int32_t num_tokens = 0;  // kDone: tokens scattered into the target
+  uint64_t bytes = 0;      // kDone: wire bytes moved (header + body)
+};
+
+struct KvPullerStats {
+  int64_t pulls_done_total = 0;
+  int64_t pulls_failed_total = 0;
+  uint64_t bytes_total = 0;
+  int32_t pulls_pending = 0;
+};
+
+// The decode side. Thread-safe; pulls run one after another on the puller's progress thread.
+class KvPuller {
+ public:
+  virtual ~KvPuller() = default;
+  virtual TransportKind kind() const = 0;
+  // Queues a pull. Fails at once (INVALID_ARGUMENT) for a handle of another transport or an
+  // invalid target; everything the peer sends is checked on the progress thread.
+  virtual StatusOr<TransferId> submit(const KvHandle& handle, const KvScatterTarget& target) = 0;
+  // The transfer's state. A finished (done or failed) state is reported once, then forgotten:
+  // polling it again answers NOT_FOUND as a failure.
+  virtual TransferState poll(TransferId id) = 0;
+  // Blocks until the transfer is done or failed; reports it like poll().
+  virtual TransferState wait(TransferId id) = 0;
+  virtual KvPullerStats stats() const = 0;
+
+  // submit() + wait().
+  TransferState pull(const KvHandle& handle, const KvScatterTarget& target);
+};
+
+enum class ShmBacking {
+  kMemfd,   // memfd_create; peers open /proc/<pid>/fd/<fd> (same host and pid namespace); freed with the
+            // process
+  kDevShm,  // shm_open under /dev/shm (shared /dev/shm across containers); unlinked by the pool's destructor
+};
+
+struct KvTransportOptions {
+  // Roles this process takes (make_transport only).
+  bool send = true;     // prefill: a KvSendPool
+  bool receive = true;  // decode: a KvPuller
+
+  // Send pool.
+  uint64_t pool_capacity_bytes = uint64_t{256} << 20;  // contiguous buffers, pre-reserved
+  int32_t max_buffers = 64;                            // at most b_p in flight per prefill
+  int64_t lease_ms = 60'000;                           // a buffer not released within this is reclaimed
+  bool prefault_pool = true;  // touch the capacity at start-up (pinned-buffer behaviour)
+  KvClockMs clock_ms;         // nullptr: steady clock
+  ShmBacking shm_backing = ShmBacking::kMemfd;
+  int32_t shm_block_fixed_channels = 2;                     // concurrent block-fixed pulls per shm pool
+  uint64_t shm_block_fixed_slot_bytes = uint64_t{4} << 20;  // largest (block, layer) piece
+  // tcp: the address the server listens on (port 0: any free port) and the host put in handles
+  // (empty: the listen host).
+  std::string tcp_listen = "127.0.0.1:0";
+  std::string tcp_advertise_host;
+
+  // Both sides.
+  int32_t tcp_socket_buffer_bytes = 4 << 20;  // SO_SNDBUF/SO_RCVBUF; 0: kernel autotuning
+  int64_t io_timeout_ms = 30'000;             // a peer silent this long fails the pull
+};
+
+StatusOr<std::unique_ptr<KvSendPool>> make_send_pool(TransportKind kind, const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvPuller>> make_puller(TransportKind kind, const KvTransportOptions& options);
+
+// Both sides of one transport kind, as options.send / options.receive ask.
+struct KvTransport {
+  TransportKind kind = TransportKind::kInproc;
+  std::unique_ptr<KvSendPool> pool;  // null unless options.send
+  std::unique_ptr<KvPuller> puller;  // null unless options.receive
+};
+StatusOr<KvTransport> make_transport(TransportKind kind, const KvTransportOptions& options);
+
+// The prefill's whole send path: acquires a buffer for num_tokens tokens, writes the header
+// (flags: kKvWireBodyChecksum to add a body checksum), gathers the body from `src`, commits, and
+// returns the handle. The buffer is released on failure.
+StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::span<const int32_t> block_table,
+                              int32_t num_tokens, uint32_t flags = 0);
+
+}  // namespace pdserve

@@ -1,0 +1,696 @@
+#include "transfer/kv_transport.h"
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "transfer/net.h"
+#include "transfer/transfer_test_util.h"
+
+namespace pdserve {
+namespace {
+
+using testing::blocks_for;
+using ::testing::HasSubstr;
+using testing::random_table;
+using testing::reference_body;
+using testing::test_layout;
+using testing::TestKv;
+
+KvTransportOptions small_options() {
+  KvTransportOptions o;
+  o.pool_capacity_bytes = 8 << 20;
+  o.max_buffers = 8;
+  o.io_timeout_ms = 5000;
+  o.shm_block_fixed_slot_bytes = 64 << 10;
+  return o;
+}
+
+struct Case {
+  TransportKind kind;
+  KvTransferMode mode;
+};
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  std::string s =
+      fmt::format("{}_{}", transport_kind_name(info.param.kind), transfer_mode_name(info.param.mode));
+  for (char& c : s)
+    if (c == '-') c = '_';
+  return s;
+}
+
+// Prefill KV (block size 16) and decode KV (block size 4), random contents, fragmented tables.
+struct Scenario {
+  KvLayout layout = test_layout(0x5eed, 3, 24);
+  int32_t tokens = 77;
+  TestKv src{layout, 16, 12};
+  TestKv dst{layout, 4, 40, 0, 0xCD};
+  std::vector<int32_t> src_table;
+  std::vector<int32_t> dst_table;
+
+  explicit Scenario(uint32_t seed) {
+    std::mt19937 rng(seed);
+    src.fill_random(rng);
+    src_table = random_table(rng, src.view.num_blocks, blocks_for(tokens, 16));
+    dst_table = random_table(rng, dst.view.num_blocks, blocks_for(tokens, 4));
+  }
+  KvScatterTarget target() const { return {dst.view, dst_table, tokens}; }
+  // The decode's blocks hold exactly the prefill's KV.
+  bool landed() const {
+    return reference_body(dst, dst_table, tokens) == reference_body(src, src_table, tokens);
+  }
+};
+
+StatusOr<KvHandle> publish(KvSendPool& pool, const Scenario& s, KvTransferMode mode, uint32_t flags = 0) {
+  if (mode == KvTransferMode::kBlockFixed) return pool.expose_paged(s.src.view, s.src_table, s.tokens, flags);
+  return publish_kv(pool, s.src.view, s.src_table, s.tokens, flags);
+}
+
+class TransportTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    StatusOr<KvTransport> t = make_transport(GetParam().kind, options_);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    transport_ = std::move(*t);
+  }
+  KvSendPool& pool() { return *transport_.pool; }
+  KvPuller& puller() { return *transport_.puller; }
+  KvTransferMode mode() const { return GetParam().mode; }
+  // KV that lives as long as the fixture: a block-fixed exposure reads the prefill's blocks until
+  // it is released, so they must outlive the pool (declared before transport_).
+  Scenario& scenario(uint32_t seed) { return *scenarios_.emplace_back(std::make_unique<Scenario>(seed)); }
+
+  KvTransportOptions options_ = small_options();
+  std::vector<std::unique_ptr<Scenario>> scenarios_;
+  KvTransport transport_;
+};
+
+TEST_P(TransportTest, RoundTripsBitExactly) {
+  for (uint32_t flags : {0u, kKvWireBodyChecksum}) {
+    Scenario& s = scenario(11 + flags);
+    StatusOr<KvHandle> h = publish(pool(), s, mode(), flags);
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    EXPECT_EQ(h->kind, GetParam().kind);
+    EXPECT_EQ(h->bytes, kKvWireHeaderBytes + s.layout.body_bytes(s.tokens));
+    EXPECT_EQ(pool().stats().buffers_in_use, 1);
+
+    // Through the handle's text form, as it travels in the handoff message.
+    StatusOr<KvHandle> parsed = KvHandle::parse(h->to_string());
+    ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
+    TransferState st = puller().pull(*parsed, s.target());
+    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+    EXPECT_EQ(st.num_tokens, s.tokens);
+    EXPECT_EQ(st.bytes, h->bytes);
+    EXPECT_TRUE(s.landed());
+
+    // The same buffer can be pulled twice (e.g. a retry after the decode failed locally).
+    Scenario& again = scenario(11 + flags);
+    EXPECT_EQ(puller().pull(*h, again.target()).phase, TransferPhase::kDone);
+    EXPECT_TRUE(again.landed());
+
+    ASSERT_TRUE(pool().release(h->ref()).ok());
+    EXPECT_EQ(pool().stats().buffers_in_use, 0);
+    EXPECT_EQ(pool().stats().bytes_in_use, 0u);
+  }
+  EXPECT_EQ(puller().stats().pulls_done_total, 4);
+}
+
+TEST_P(TransportTest, ManyAsynchronousPulls) {
+  std::vector<Scenario*> scenarios;
+  std::vector<TransferId> ids;
+  for (uint32_t i = 0; i < 5; ++i) {
+    scenarios.push_back(&scenario(100 + i));
+    StatusOr<KvHandle> h = publish(pool(), *scenarios.back(), mode());
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    StatusOr<TransferId> id = puller().submit(*h, scenarios.back()->target());
+    ASSERT_TRUE(id.ok());
+    ids.push_back(*id);
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    TransferState st;
+    do {
+      st = puller().poll(ids[i]);
+      if (st.phase == TransferPhase::kPending) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    } while (st.phase == TransferPhase::kPending);
+    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+    EXPECT_TRUE(scenarios[i]->landed());
+    // Reported once, then forgotten.
+    TransferState gone = puller().poll(ids[i]);
+    EXPECT_EQ(gone.phase, TransferPhase::kFailed);
+    EXPECT_EQ(gone.error.code(), StatusCode::kNotFound);
+  }
+  EXPECT_EQ(pool().stats().buffers_in_use, 5);
+}
+
+TEST_P(TransportTest, MismatchedLayoutIsRefusedBeforeScatterAndServingGoesOn) {
+  struct Mismatch {
+    KvLayout layout;
+    std::string message;
+  };
+  std::vector<Mismatch> cases = {
+      {test_layout(0xbad, 3, 24), "model fingerprint 0x0000000000000bad != local 0x0000000000005eed"},
+      {test_layout(0x5eed, 3, 24, KvDtype::kF32), "KV dtype f32 != local f16"},
+      {test_layout(0x5eed, 4, 24), "num_layers 4 != local 3"},
+      {test_layout(0x5eed, 3, 16), "kv_width 16 != local 24"},
+  };
+  for (const Mismatch& m : cases) {
+    std::mt19937 rng(1);
+    TestKv src(m.layout, 16, 8);
+    src.fill_random(rng);
+    const std::vector<int32_t> table = {5, 2, 7};
+    StatusOr<KvHandle> h = mode() == KvTransferMode::kBlockFixed ? pool().expose_paged(src.view, table, 40)
+                                                                 : publish_kv(pool(), src.view, table, 40);
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    Scenario& s = scenario(3);
+    const std::vector<uint8_t> before = s.dst.memory;
+    TransferState st = puller().pull(*h, {s.dst.view, s.dst_table, -1});
+    ASSERT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_THAT(st.error.message(), HasSubstr(m.message));
+    EXPECT_EQ(s.dst.memory, before) << "nothing may be written before the header is accepted";
+    ASSERT_TRUE(pool().release(h->ref()).ok());
+
+    // The prefill side keeps serving.
+    Scenario& good = scenario(4);
+    StatusOr<KvHandle> g = publish(pool(), good, mode());
+    ASSERT_TRUE(g.ok());
+    ASSERT_EQ(puller().pull(*g, good.target()).phase, TransferPhase::kDone);
+    EXPECT_TRUE(good.landed());
+    ASSERT_TRUE(pool().release(g->ref()).ok());
+  }
+}
+
+TEST_P(TransportTest, TargetTooSmallOrWrongTokenCount) {
+  Scenario& s = scenario(5);
+  StatusOr<KvHandle> h = publish(pool(), s, mode());
+  ASSERT_TRUE(h.ok());
+  std::vector<int32_t> short_table(s.dst_table.begin(), s.dst_table.end() - 1);
+  TransferState st = puller().pull(*h, {s.dst.view, short_table, -1});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("does not fit the decode's block table"));
+  st = puller().pull(*h, {s.dst.view, s.dst_table, 76});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("header has 77 tokens, the decode expects 76"));
+  EXPECT_EQ(puller().pull(*h, s.target()).phase, TransferPhase::kDone);
+}
+
+TEST_P(TransportTest, StaleAndReleasedHandlesAreRefused) {
+  options_.max_buffers = 1;  // the next buffer reuses the slot
+  SetUp();
+  Scenario& s = scenario(6);
+  StatusOr<KvHandle> a = publish(pool(), s, mode());
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(pool().release(a->ref()).ok());
+  TransferState st = puller().pull(*a, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("released"));
+  EXPECT_FALSE(pool().release(a->ref()).ok());
+
+  StatusOr<KvHandle> b = publish(pool(), s, mode());
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->buffer_id, a->buffer_id);
+  EXPECT_NE(b->generation, a->generation);
+  st = puller().pull(*a, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("stale handle"));
+  // A release with the stale ref does not free the new buffer.
+  EXPECT_FALSE(pool().release(a->ref()).ok());
+  EXPECT_EQ(puller().pull(*b, s.target()).phase, TransferPhase::kDone);
+  EXPECT_TRUE(s.landed());
+
+  KvHandle unknown = *b;
+  unknown.buffer_id = 1000;
+  st = puller().pull(unknown, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("1000"));
+}
+
+TEST_P(TransportTest, LeaseExpiry) {
+  std::atomic<int64_t> now_ms{1000};
+  options_.lease_ms = 500;
+  options_.clock_ms = [&now_ms] { return now_ms.load(); };
+  SetUp();
+  Scenario& s = scenario(7);
+  StatusOr<KvHandle> h = publish(pool(), s, mode());
+  ASSERT_TRUE(h.ok());
+  now_ms += 499;
+  EXPECT_EQ(pool().reclaim_expired(), 0);
+  now_ms += 1;
+  // shm peers read the segment, so the pool must have reclaimed it; the others check on pull.
+  if (GetParam().kind == TransportKind::kShm) {
+    EXPECT_EQ(pool().reclaim_expired(), 1);
+  }
+  TransferState st = puller().pull(*h, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("lease expired"));
+  EXPECT_EQ(st.error.code(), StatusCode::kDeadlineExceeded);
+  const Status late_release = pool().release(h->ref());
+  EXPECT_EQ(late_release.code(), StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(late_release.message(), HasSubstr("lease expired"));
+  const KvSendPoolStats stats = pool().stats();
+  EXPECT_EQ(stats.leases_expired_total, 1);
+  EXPECT_EQ(stats.buffers_in_use, 0);
+  // The room is back.
+  StatusOr<KvHandle> next = publish(pool(), s, mode());
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(puller().pull(*next, s.target()).phase, TransferPhase::kDone);
+  transport_ = {};  // before the clock it reads goes out of scope
+}
+
+TEST_P(TransportTest, HandleOfAnotherKindIsRefusedAtSubmit) {
+  Scenario& s = scenario(8);
+  KvHandle h;
+  h.kind = GetParam().kind == TransportKind::kTcp ? TransportKind::kShm : TransportKind::kTcp;
+  h.endpoint = "127.0.0.1:1";
+  h.bytes = 64;
+  StatusOr<TransferId> id = puller().submit(h, s.target());
+  EXPECT_EQ(id.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(id.status().message(), HasSubstr("cannot pull"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TransportTest,
+                         ::testing::Values(Case{TransportKind::kInproc, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kShm, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kTcp, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kShm, KvTransferMode::kBlockFixed},
+                                           Case{TransportKind::kTcp, KvTransferMode::kBlockFixed}),
+                         case_name);
+
+// Contiguous buffers whose bytes the test writes itself: corrupt headers must fail the pull
+// (nothing scattered), and the next good pull on the same pool and puller must succeed.
+class CorruptBufferTest : public ::testing::TestWithParam<TransportKind> {};
+
+TEST_P(CorruptBufferTest, CorruptMessagesFailCleanly) {
+  StatusOr<KvTransport> t = make_transport(GetParam(), small_options());
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  KvSendPool& pool = *t->pool;
+  KvPuller& puller = *t->puller;
+  Scenario s(9);
+  const uint64_t body_bytes = s.layout.body_bytes(s.tokens);
+
+  struct Corruption {
+    std::string name;
+    std::function<void(std::span<uint8_t> buffer)> corrupt;
+    uint64_t buffer_bytes;  // 0: the right size
+    std::string message;
+  };
+  auto patch_u32 = [](std::span<uint8_t> b, size_t off, uint32_t v) {
+    for (int i = 0; i < 4; ++i) b[off + i] = static_cast<uint8_t>(v >> (8 * i));
+  };
+  const std::vector<Corruption> cases = {
+      {"magic", [](std::span<uint8_t> b) { b[0] = 'Q'; }, 0, "not a KV message"},
+      {"version", [&](std::span<uint8_t> b) { b[4] = 7; }, 0, "version 7"},
+      {"flipped field", [](std::span<uint8_t> b) { b[30] ^= 1; }, 0, "checksum"},
+      {"zero header", [](std::span<uint8_t> b) { std::fill(b.begin(), b.begin() + 64, 0); }, 0,
+       "magic 0x00000000"},
+      {"truncated body", [](std::span<uint8_t>) {}, kKvWireHeaderBytes + body_bytes - 100, "body bytes"},
+      {"oversized body", [](std::span<uint8_t>) {}, kKvWireHeaderBytes + body_bytes + 4096, "body bytes"},
+      {"generation", [&](std::span<uint8_t> b) { patch_u32(b, 56, 12345); }, 0, "checksum"},
+  };
+  for (const Corruption& c : cases) {
+    const uint64_t bytes = c.buffer_bytes ? c.buffer_bytes : kKvWireHeaderBytes + body_bytes;
+    StatusOr<KvSendBuffer> buf = pool.acquire(bytes);
+    ASSERT_TRUE(buf.ok()) << buf.status().to_string();
+    KvWireHeader header = make_kv_wire_header(s.layout, s.tokens, buf->ref.generation);
+    encode_kv_wire_header(header, buf->bytes);
+    const uint64_t gathered = std::min<uint64_t>(body_bytes, bytes - kKvWireHeaderBytes);
+    std::vector<uint8_t> body(body_bytes);
+    ASSERT_TRUE(gather_kv(s.src.view, s.src_table, s.tokens, body).ok());
+    std::memcpy(buf->bytes.data() + kKvWireHeaderBytes, body.data(), gathered);
+    c.corrupt(buf->bytes);
+    ASSERT_TRUE(pool.commit(buf->ref).ok());
+
+    Scenario fresh(9);
+    const std::vector<uint8_t> before = fresh.dst.memory;
+    TransferState st = puller.pull(buf->handle, fresh.target());
+    ASSERT_EQ(st.phase, TransferPhase::kFailed) << c.name;
+    EXPECT_THAT(st.error.message(), HasSubstr(c.message)) << c.name;
+    EXPECT_EQ(fresh.dst.memory, before) << c.name << ": nothing may be scattered";
+    ASSERT_TRUE(pool.release(buf->ref).ok());
+
+    StatusOr<KvHandle> good = publish_kv(pool, s.src.view, s.src_table, s.tokens);
+    ASSERT_TRUE(good.ok());
+    Scenario ok_target(9);
+    ASSERT_EQ(puller.pull(*good, ok_target.target()).phase, TransferPhase::kDone) << "after " << c.name;
+    EXPECT_TRUE(ok_target.landed());
+    ASSERT_TRUE(pool.release(good->ref()).ok());
+  }
+
+  // A buffer not committed yet cannot be pulled.
+  StatusOr<KvSendBuffer> open = pool.acquire(kKvWireHeaderBytes + body_bytes);
+  ASSERT_TRUE(open.ok());
+  TransferState st = puller.pull(open->handle, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("being written"));
+
+  // A corrupt body behind a body checksum.
+  StatusOr<KvSendBuffer> sum = pool.acquire(kKvWireHeaderBytes + body_bytes);
+  ASSERT_TRUE(sum.ok());
+  std::vector<uint8_t> body(body_bytes);
+  ASSERT_TRUE(gather_kv(s.src.view, s.src_table, s.tokens, body).ok());
+  KvWireHeader header = make_kv_wire_header(s.layout, s.tokens, sum->ref.generation);
+  header.flags = kKvWireBodyChecksum;
+  header.body_checksum = kv_body_checksum(body);
+  body[1234] ^= 0xff;
+  encode_kv_wire_header(header, sum->bytes);
+  std::memcpy(sum->bytes.data() + kKvWireHeaderBytes, body.data(), body.size());
+  ASSERT_TRUE(pool.commit(sum->ref).ok());
+  st = puller.pull(sum->handle, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("checksum"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, CorruptBufferTest,
+                         ::testing::Values(TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp),
+                         [](const ::testing::TestParamInfo<TransportKind>& i) {
+                           return std::string(transport_kind_name(i.param));
+                         });
+
+TEST(KvSendPoolTest, CapacityAndBufferLimits) {
+  KvTransportOptions o = small_options();
+  o.pool_capacity_bytes = 64 << 10;
+  o.max_buffers = 2;
+  StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kInproc, o);
+  ASSERT_TRUE(pool.ok());
+  EXPECT_EQ((*pool)->acquire(10).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((*pool)->acquire(1 << 20).status().code(), StatusCode::kResourceExhausted);
+  StatusOr<KvSendBuffer> a = (*pool)->acquire(40 << 10);
+  ASSERT_TRUE(a.ok());
+  StatusOr<KvSendBuffer> b = (*pool)->acquire(40 << 10);
+  EXPECT_EQ(b.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(b.status().message(), HasSubstr("no room"));
+  StatusOr<KvSendBuffer> c = (*pool)->acquire(20 << 10);
+  ASSERT_TRUE(c.ok());
+  StatusOr<KvSendBuffer> d = (*pool)->acquire(100);
+  EXPECT_THAT(d.status().message(), HasSubstr("all 2 KV send buffers are in use"));
+  EXPECT_EQ((*pool)->stats().buffers_in_use, 2);
+  ASSERT_TRUE((*pool)->release(a->ref).ok());
+  ASSERT_TRUE((*pool)->release(c->ref).ok());
+  // Freed ranges coalesce: the whole capacity is one buffer again.
+  EXPECT_TRUE((*pool)->acquire(64 << 10).ok());
+}
+
+TEST(KvPullerTest, GonePeers) {
+  Scenario s(10);
+  KvTransportOptions o = small_options();
+  {
+    StatusOr<KvTransport> t = make_transport(TransportKind::kInproc, o);
+    ASSERT_TRUE(t.ok());
+    StatusOr<KvHandle> h = publish_kv(*t->pool, s.src.view, s.src_table, s.tokens);
+    ASSERT_TRUE(h.ok());
+    t->pool.reset();
+    TransferState st = t->puller->pull(*h, s.target());
+    ASSERT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_THAT(st.error.message(), HasSubstr("is gone"));
+  }
+  for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
+    StatusOr<KvTransport> t = make_transport(kind, o);
+    ASSERT_TRUE(t.ok());
+    StatusOr<KvHandle> h = publish_kv(*t->pool, s.src.view, s.src_table, s.tokens);
+    ASSERT_TRUE(h.ok());
+    t->pool.reset();
+    TransferState st = t->puller->pull(*h, s.target());
+    ASSERT_EQ(st.phase, TransferPhase::kFailed) << transport_kind_name(kind);
+    EXPECT_EQ(st.error.code(), StatusCode::kUnavailable) << st.error.to_string();
+  }
+  StatusOr<std::unique_ptr<KvPuller>> p = make_puller(TransportKind::kShm, o);
+  ASSERT_TRUE(p.ok());
+  TransferState st = (*p)->poll(12345);
+  EXPECT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_EQ(st.error.code(), StatusCode::kNotFound);
+}
+
+TEST(KvHandleTest, RoundTripAndGarbage) {
+  const std::vector<KvHandle> good = {
+      {TransportKind::kInproc, KvTransferMode::kContiguous, "inproc/3", 1, 2, 64},
+      {TransportKind::kShm, KvTransferMode::kContiguous, "/proc/1234/fd/7", 0, 18446744073709551615ull,
+       1 << 20},
+      {TransportKind::kShm, KvTransferMode::kBlockFixed, "/dev/shm/pdserve-kv-99-0", 5, 6, 100},
+      {TransportKind::kTcp, KvTransferMode::kContiguous, "10.0.0.7:5555", 4294967295u, 9, 1000},
+      {TransportKind::kTcp, KvTransferMode::kBlockFixed, "[::1]:80", 1, 1, 64},
+  };
+  for (const KvHandle& h : good) {
+    StatusOr<KvHandle> p = KvHandle::parse(h.to_string());
+    ASSERT_TRUE(p.ok()) << h.to_string() << ": " << p.status().to_string();
+    EXPECT_EQ(*p, h);
+  }
+  EXPECT_EQ(good[3].to_string(), "kv1;tcp;contiguous;4294967295;9;1000;10.0.0.7:5555");
+
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"", "fields"},
+      {"kv1", "fields"},
+      {"kv2;tcp;contiguous;1;2;64;h:1", "version"},
+      {"kv1;udp;contiguous;1;2;64;h:1", "unknown KV transport"},
+      {"kv1;tcp;paged;1;2;64;h:1", "mode"},
+      {"kv1;tcp;contiguous;-1;2;64;h:1", "buffer id"},
+      {"kv1;tcp;contiguous;4294967296;2;64;h:1", "buffer id"},
+      {"kv1;tcp;contiguous;1;18446744073709551616;64;h:1", "generation"},
+      {"kv1;tcp;contiguous;1;2;63;h:1", "size"},
+      {"kv1;tcp;contiguous;1;2;99999999999999999;h:1", "size"},
+      {"kv1;tcp;contiguous;1;2; 64;h:1", "size"},
+      {"kv1;tcp;contiguous;1;2;64;", "endpoint"},
+      {"kv1;tcp;contiguous;1;2;64;host", "bad endpoint"},
+      {"kv1;tcp;contiguous;1;2;64;host:0", "port"},
+      {"kv1;tcp;contiguous;1;2;64;host:70000", "port"},
+      {"kv1;tcp;contiguous;1;2;64;h:1;extra", "forbidden character"},
+      {"kv1;tcp;contiguous;1;2;64;h o:1", "forbidden character"},
+      {"kv1;shm;contiguous;1;2;64;/etc/passwd", "shm endpoint"},
+      {"kv1;shm;contiguous;1;2;64;/proc/1/fd/../../etc/passwd", "shm endpoint"},
+      {"kv1;shm;contiguous;1;2;64;/dev/shm/pdserve-kv-../x", "shm endpoint"},
+      {"kv1;inproc;contiguous;1;2;64;inproc/x", "inproc endpoint"},
+      {"kv1;inproc;block-fixed;1;2;64;inproc/1", "block-fixed over inproc"},
+      {std::string(600, 'k'), "too long"},
+  };
+  for (const auto& [text, message] : bad) {
+    StatusOr<KvHandle> p = KvHandle::parse(text);
+    ASSERT_FALSE(p.ok()) << text;
+    EXPECT_EQ(p.status().code(), StatusCode::kInvalidArgument) << text;
+    EXPECT_THAT(p.status().message(), HasSubstr(message)) << text;
+  }
+
+  // Random bytes and random splices of a good handle never crash.
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> byte(0, 255);
+  const std::string base = good[3].to_string();
+  for (int i = 0; i < 20000; ++i) {
+    std::string s = base;
+    const int edits = 1 + i % 3;
+    for (int e = 0; e < edits; ++e)
+      s[static_cast<size_t>(byte(rng)) % s.size()] = static_cast<char>(byte(rng));
+    if (i % 7 == 0) s.resize(static_cast<size_t>(byte(rng)) % (s.size() + 1));
+    StatusOr<KvHandle> p = KvHandle::parse(s);
+    if (p.ok()) {
+      EXPECT_TRUE(KvHandle::parse(p->to_string()).ok());
+    }
+  }
+}
+
+TEST(KvTransportTest, Factory) {
+  EXPECT_EQ(*parse_transport_kind("shm"), TransportKind::kShm);
+  EXPECT_FALSE(parse_transport_kind("ucx").ok());
+  KvTransportOptions o = small_options();
+  o.send = false;
+  StatusOr<KvTransport> t = make_transport(TransportKind::kTcp, o);
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->pool, nullptr);
+  EXPECT_NE(t->puller, nullptr);
+  o.send = true;
+  o.tcp_listen = "0.0.0.0:0";
+  EXPECT_THAT(make_send_pool(TransportKind::kTcp, o).status().message(), HasSubstr("tcp_advertise_host"));
+  o.tcp_listen = "nonsense";
+  EXPECT_FALSE(make_send_pool(TransportKind::kTcp, o).ok());
+  o = small_options();
+  o.max_buffers = 0;
+  EXPECT_FALSE(make_send_pool(TransportKind::kShm, o).ok());
+  o = small_options();
+  o.shm_backing = ShmBacking::kDevShm;
+  StatusOr<std::unique_ptr<KvSendPool>> devshm = make_send_pool(TransportKind::kShm, o);
+  ASSERT_TRUE(devshm.ok()) << devshm.status().to_string();
+  EXPECT_THAT((*devshm)->endpoint(), HasSubstr("/dev/shm/pdserve-kv-"));
+  const std::string path = (*devshm)->endpoint();
+  Scenario s(12);
+  StatusOr<KvHandle> h = publish_kv(**devshm, s.src.view, s.src_table, s.tokens);
+  ASSERT_TRUE(h.ok());
+  StatusOr<std::unique_ptr<KvPuller>> p = make_puller(TransportKind::kShm, o);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ((*p)->pull(*KvHandle::parse(h->to_string()), s.target()).phase, TransferPhase::kDone);
+  EXPECT_TRUE(s.landed());
+  devshm->reset();
+  EXPECT_NE(::access(path.c_str(), F_OK), 0) << "the pool unlinks its /dev/shm file";
+}
+
+// A hostile tcp peer on either side: garbage requests to the server, and a fake server that
+// answers garbage or stops mid-body.
+TEST(TcpTransportTest, HostilePeers) {
+  using transfer_internal::Fd;
+  KvTransportOptions o = small_options();
+  o.io_timeout_ms = 1000;
+  StatusOr<KvTransport> t = make_transport(TransportKind::kTcp, o);
+  ASSERT_TRUE(t.ok());
+  Scenario s(13);
+  StatusOr<KvHandle> h = publish_kv(*t->pool, s.src.view, s.src_table, s.tokens);
+  ASSERT_TRUE(h.ok());
+  const auto where = transfer_internal::parse_host_port(t->pool->endpoint(), false);
+  ASSERT_TRUE(where.ok());
+  for (size_t garbage_bytes : {size_t{1}, size_t{32}, size_t{4096}}) {
+    StatusOr<Fd> c = transfer_internal::tcp_connect(*where, 0, 2000);
+    ASSERT_TRUE(c.ok());
+    std::vector<uint8_t> garbage(garbage_bytes, 0x5a);
+    ASSERT_TRUE(transfer_internal::send_all(c->get(), garbage.data(), garbage.size(), "garbage").ok());
+    if (garbage_bytes >= 32) {
+      uint8_t resp[32];
+      EXPECT_TRUE(transfer_internal::recv_all(c->get(), resp, sizeof resp, "error response").ok());
+      EXPECT_EQ(resp[8], static_cast<uint8_t>(StatusCode::kDataLoss));
+    }
+  }
+  EXPECT_EQ(t->puller->pull(*h, s.target()).phase, TransferPhase::kDone);
+  EXPECT_TRUE(s.landed());
+  EXPECT_GE(t->pool->stats().pull_errors_total, 2);
+
+  // Fake servers: each accepts one connection, reads the request and answers `reply`.
+  auto fake_server = [&](std::vector<uint8_t> reply, bool then_close) -> TransferState {
+    uint16_t port = 0;
+    StatusOr<Fd> listener = transfer_internal::tcp_listen({"127.0.0.1", 0}, 0, &port);
+    EXPECT_TRUE(listener.ok());
+    std::thread server([&] {
+      Fd c(::accept(listener->get(), nullptr, nullptr));
+      uint8_t req[32];
+      if (!transfer_internal::recv_all(c.get(), req, sizeof req, "request").ok()) return;
+      (void)transfer_internal::send_all(c.get(), reply.data(), reply.size(), "reply");
+      // Closing: a FIN after the reply, then read what the puller still sends (its go byte),
+      // so the close does not turn into a reset that could overtake the data.
+      if (then_close) {
+        ::shutdown(c.get(), SHUT_WR);
+        transfer_internal::set_socket_timeouts(c.get(), 300);
+      }
+      uint8_t b[64];
+      while (::recv(c.get(), b, sizeof b, 0) > 0) {
+      }
+    });
+    KvHandle fake = *h;
+    fake.endpoint = fmt::format("127.0.0.1:{}", port);
+    Scenario target(14);
+    TransferState st = t->puller->pull(fake, target.target());
+    server.join();
+    return st;
+  };
+  auto response = [](uint32_t code, uint32_t message_bytes, uint64_t payload, uint32_t magic = 0x524B4450) {
+    std::vector<uint8_t> r(32, 0);
+    auto put = [&r](size_t off, uint64_t v, size_t n) {
+      for (size_t i = 0; i < n; ++i) r[off + i] = static_cast<uint8_t>(v >> (8 * i));
+    };
+    put(0, magic, 4);
+    put(4, 1, 2);
+    put(8, code, 4);
+    put(12, message_bytes, 4);
+    put(16, payload, 8);
+    return r;
+  };
+  TransferState st = fake_server(response(0, 0, 0, 0x11111111), true);
+  EXPECT_THAT(st.error.message(), HasSubstr("not a KV response"));
+  st = fake_server(response(5, 1 << 20, 0), true);
+  EXPECT_THAT(st.error.message(), HasSubstr("exceeds 1024"));
+  {
+    std::vector<uint8_t> r = response(13, 5, 0);
+    for (char c : std::string("boom!")) r.push_back(static_cast<uint8_t>(c));
+    st = fake_server(r, true);
+    EXPECT_EQ(st.error.code(), StatusCode::kInternal) << "a code we do not know is INTERNAL";
+    EXPECT_THAT(st.error.message(), HasSubstr("boom!"));
+  }
+  {
+    // A valid header, then the connection dies 1000 bytes into the body.
+    std::vector<uint8_t> r = response(0, 0, h->bytes);
+    const auto header = encode_kv_wire_header(make_kv_wire_header(s.layout, s.tokens, h->generation));
+    r.insert(r.end(), header.begin(), header.end());
+    r.resize(r.size() + 1000, 7);
+    st = fake_server(r, true);
+    EXPECT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_THAT(st.error.message(), HasSubstr("connection closed after"));
+  }
+  {
+    // A server that goes silent: the pull times out instead of hanging.
+    std::vector<uint8_t> r = response(0, 0, h->bytes);
+    const auto header = encode_kv_wire_header(make_kv_wire_header(s.layout, s.tokens, h->generation));
+    r.insert(r.end(), header.begin(), header.end());
+    st = fake_server(r, false);
+    EXPECT_EQ(st.error.code(), StatusCode::kDeadlineExceeded) << st.error.to_string();
+  }
+}
+
+// Prefill and decode in separate processes, as deployed: the child publishes, the parent pulls.
+class TwoProcessTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TwoProcessTest, RoundTripsAcrossProcesses) {
+  int to_parent[2];
+  int to_child[2];
+  ASSERT_EQ(::pipe(to_parent), 0);
+  ASSERT_EQ(::pipe(to_child), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // The prefill: no gtest assertions here, only an exit code.
+    ::close(to_parent[0]);
+    ::close(to_child[1]);
+    int code = 0;
+    {
+      StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(GetParam().kind, small_options());
+      Scenario s(21);  // same seed as the parent's: same prefill KV
+      StatusOr<KvHandle> h = pool.ok() ? publish(**pool, s, GetParam().mode, kKvWireBodyChecksum)
+                                       : StatusOr<KvHandle>(pool.status());
+      const std::string text = h.ok() ? h->to_string() : "error: " + h.status().to_string();
+      const uint32_t n = static_cast<uint32_t>(text.size());
+      if (::write(to_parent[1], &n, 4) != 4 ||
+          ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
+        code = 2;
+      char done = 0;
+      if (::read(to_child[0], &done, 1) != 1) code = 3;
+      if (h.ok() && !(*pool)->release(h->ref()).ok()) code = 4;
+      if (!h.ok()) code = 5;
+    }
+    ::_exit(code);
+  }
+  ::close(to_parent[1]);
+  ::close(to_child[0]);
+  uint32_t n = 0;
+  ASSERT_EQ(::read(to_parent[0], &n, 4), 4);
+  ASSERT_LT(n, 4096u);
+  std::string text(n, '\0');
+  ASSERT_EQ(::read(to_parent[0], text.data(), n), static_cast<ssize_t>(n));
+  StatusOr<KvHandle> h = KvHandle::parse(text);
+  ASSERT_TRUE(h.ok()) << text;
+  {
+    StatusOr<std::unique_ptr<KvPuller>> puller = make_puller(GetParam().kind, small_options());
+    ASSERT_TRUE(puller.ok());
+    Scenario s(21);
+    TransferState st = (*puller)->pull(*h, s.target());
+    EXPECT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+    EXPECT_TRUE(s.landed());
+  }
+  const char done = 1;
+  ASSERT_EQ(::write(to_child[1], &done, 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  ::close(to_parent[0]);
+  ::close(to_child[1]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, TwoProcessTest,
+                         ::testing::Values(Case{TransportKind::kShm, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kTcp, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kShm, KvTransferMode::kBlockFixed},
+                                           Case{TransportKind::kTcp, KvTransferMode::kBlockFixed}),
+                         case_name);
+
+}  // namespace
+}  // namespace pdserve

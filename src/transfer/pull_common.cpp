@@ -1,0 +1,153 @@
+#include "transfer/pull_common.h"
+
+#include <fmt/format.h>
+#include <xxhash.h>
+
+namespace pdserve::transfer_internal {
+
+QueuedPuller::QueuedPuller(TransportKind kind) : kind_(kind) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+QueuedPuller::~QueuedPuller() { stop(); }
+
+void QueuedPuller::stop() {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+StatusOr<TransferId> QueuedPuller::submit(const KvHandle& handle, const KvScatterTarget& target) {
+  if (handle.kind != kind_)
+    return invalid_argument(fmt::format("a {} puller cannot pull a {} handle", transport_kind_name(kind_),
+                                        transport_kind_name(handle.kind)));
+  PD_RETURN_IF_ERROR(target.view.validate().with_context("KV pull target"));
+  if (target.expected_num_tokens < -1)
+    return invalid_argument(fmt::format("expected_num_tokens {} must be >= -1", target.expected_num_tokens));
+  std::lock_guard lock(mu_);
+  if (stopping_) return failed_precondition("the KV puller is shutting down");
+  const TransferId id = next_id_++;
+  queue_.push_back(Job{id, handle, target});
+  states_[id] = TransferState{};
+  ++stats_.pulls_pending;
+  work_cv_.notify_one();
+  return id;
+}
+
+TransferState QueuedPuller::take_finished_locked(TransferId id) {
+  auto it = states_.find(id);
+  if (it == states_.end()) {
+    TransferState s;
+    s.phase = TransferPhase::kFailed;
+    s.error = not_found(fmt::format("no KV transfer {} (unknown, or already reported)", id));
+    return s;
+  }
+  TransferState s = it->second;
+  if (s.phase != TransferPhase::kPending) states_.erase(it);
+  return s;
+}
+
+TransferState QueuedPuller::poll(TransferId id) {
+  std::lock_guard lock(mu_);
+  return take_finished_locked(id);
+}
+
+TransferState QueuedPuller::wait(TransferId id) {
+  std::unique_lock lock(mu_);
+  done_cv_.wait(lock, [&] {
+    auto it = states_.find(id);
+    return it == states_.end() || it->second.phase != TransferPhase::kPending;
+  });
+  return take_finished_locked(id);
+}
+
+KvPullerStats QueuedPuller::stats() const {
+  std::lock_guard lock(mu_);
+  return stats_;
+}
+
+void QueuedPuller::loop() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    work_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    if (stopping_) break;
+    Job job = std::move(queue_.front());
+    queue_.pop_front();
+    lock.unlock();
+    StatusOr<PullResult> result = run_pull(job.handle, job.target);
+    lock.lock();
+    TransferState& st = states_[job.id];
+    --stats_.pulls_pending;
+    if (result.ok()) {
+      st.phase = TransferPhase::kDone;
+      st.num_tokens = result->num_tokens;
+      st.bytes = result->bytes;
+      ++stats_.pulls_done_total;
+      stats_.bytes_total += result->bytes;
+    } else {
+      st.phase = TransferPhase::kFailed;
+      st.error = result.status();
+      ++stats_.pulls_failed_total;
+    }
+    done_cv_.notify_all();
+  }
+  for (Job& job : queue_) {
+    TransferState& st = states_[job.id];
+    st.phase = TransferPhase::kFailed;
+    st.error = Status(StatusCode::kCancelled, "the KV puller shut down before this pull ran");
+    --stats_.pulls_pending;
+    ++stats_.pulls_failed_total;
+  }
+  queue_.clear();
+  done_cv_.notify_all();
+}
+
+Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
+                             const KvScatterTarget& target, uint64_t sender_bytes) {
+  if (header.generation != handle.generation)
+    return failed_precondition(
+        fmt::format("KV header generation {} != handle generation {}: the buffer was reused",
+                    header.generation, handle.generation));
+  PD_RETURN_IF_ERROR(check_compatible(header, target.view.layout));
+  if (target.expected_num_tokens >= 0 && header.num_tokens != target.expected_num_tokens)
+    return failed_precondition(fmt::format("KV header has {} tokens, the decode expects {}",
+                                           header.num_tokens, target.expected_num_tokens));
+  PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, header.num_tokens)
+                         .with_context("the KV does not fit the decode's block table"));
+  const uint64_t wire_bytes = kKvWireHeaderBytes + header.body_bytes;
+  if (wire_bytes != handle.bytes)
+    return data_loss(fmt::format("KV header says {} body bytes ({} with the header), the handle says {}",
+                                 header.body_bytes, wire_bytes, handle.bytes));
+  if (sender_bytes != wire_bytes)
+    return data_loss(
+        fmt::format("truncated KV message: the header says {} body bytes ({} with the header), the "
+                    "sender holds {}",
+                    header.body_bytes, wire_bytes, sender_bytes));
+  return ok_status();
+}
+
+uint64_t scattered_body_checksum(const PagedKvView& view, std::span<const int32_t> block_table,
+                                 int32_t num_tokens) {
+  XXH3_state_t* state = XXH3_createState();
+  PD_CHECK(state != nullptr);
+  XXH3_64bits_reset(state);
+  for_each_kv_run(view, block_table, num_tokens, 0, view.layout.body_bytes(num_tokens),
+                  [state](const uint8_t* p, uint64_t, size_t len) { XXH3_64bits_update(state, p, len); });
+  const uint64_t h = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return h;
+}
+
+Status peer_status(uint32_t code, std::string_view message, std::string_view peer) {
+  StatusCode c = StatusCode::kInternal;
+  if (code >= static_cast<uint32_t>(StatusCode::kInvalidArgument) &&
+      code <= static_cast<uint32_t>(StatusCode::kInternal))
+    c = static_cast<StatusCode>(code);
+  return Status(c, fmt::format("{}: {}", peer, message));
+}
+
+}  // namespace pdserve::transfer_internal

@@ -1,0 +1,135 @@
+// SendPoolCore (internal to src/transfer): the bookkeeping every KvSendPool shares — a fixed
+// number of buffer slots, first-fit allocation of their bytes from one pre-reserved range,
+// generations, leases, and pins by local readers (the tcp server, the inproc puller).
+//
+// A slot's life: free → acquire → writing → commit → committed → release or lease expiry →
+// released / expired → (reused by a later acquire, with a new generation). A block-fixed
+// exposure (expose_paged) has no bytes in the range; it is committed at once.
+//
+// While pinned, a slot's bytes are neither reused nor freed: release() waits until the pins are
+// gone, and a lease expiry only marks the slot and returns its bytes at the last unpin.
+// The shm pool mirrors each slot change into its segment through a SlotListener, called with
+// the lock held.
+//
+// Thread-safe (one mutex). The core does not own the memory it hands out spans into.
+#pragma once
+
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "transfer/kv_layout.h"
+#include "transfer/kv_transport.h"
+#include "transfer/kv_wire.h"
+
+namespace pdserve::transfer_internal {
+
+// Values are shared with the shm segment's slot records.
+enum class SlotState : uint32_t { kFree = 0, kWriting = 1, kCommitted = 2, kReleased = 3, kExpired = 4 };
+
+// A block-fixed exposure: the prefill's paged KV of one sequence, and its wire header.
+struct PagedSource {
+  PagedKvView view;
+  std::vector<int32_t> block_table;
+  int32_t num_tokens = 0;
+  std::array<uint8_t, kKvWireHeaderBytes> header{};
+};
+
+// What a pin hands a local reader; valid until unpin().
+struct PinnedBuffer {
+  KvTransferMode mode = KvTransferMode::kContiguous;
+  std::span<const uint8_t> bytes;      // kContiguous: header + body
+  const PagedSource* paged = nullptr;  // kBlockFixed
+};
+
+struct SlotSnapshot {
+  SlotState state = SlotState::kFree;
+  uint64_t generation = 0;
+  KvTransferMode mode = KvTransferMode::kContiguous;
+  uint64_t offset = 0;
+  uint64_t bytes = 0;
+};
+
+using SlotListener = std::function<void(uint32_t buffer_id, const SlotSnapshot& slot)>;
+
+class SendPoolCore {
+ public:
+  struct Config {
+    uint64_t capacity_bytes = 0;
+    int32_t max_buffers = 0;
+    int64_t lease_ms = 0;
+    KvClockMs clock_ms;  // nullptr: steady clock
+  };
+  // `data` holds capacity_bytes (may be null when the capacity is 0).
+  SendPoolCore(const Config& config, uint8_t* data, SlotListener listener = nullptr);
+
+  struct Acquired {
+    KvBufferRef ref;
+    uint64_t offset = 0;  // of the bytes within the pool's range
+    std::span<uint8_t> bytes;
+  };
+  StatusOr<Acquired> acquire(uint64_t bytes);
+  Status commit(KvBufferRef ref);
+  StatusOr<KvBufferRef> expose_paged(std::unique_ptr<PagedSource> source, uint64_t wire_bytes);
+  Status release(KvBufferRef ref);
+  int32_t reclaim_expired();
+
+  // Pins a committed buffer of this mode and generation for reading; the error says why not
+  // (unknown id, stale generation, released, lease expired, not committed, other mode).
+  StatusOr<PinnedBuffer> pin(KvBufferRef ref, KvTransferMode mode);
+  void unpin(uint32_t buffer_id);
+
+  // Pulls the pool saw (tcp, shm block-fixed), for stats.
+  void count_pull(bool ok);
+  KvSendPoolStats stats() const;
+  uint64_t capacity_bytes() const { return config_.capacity_bytes; }
+  int32_t max_buffers() const { return config_.max_buffers; }
+
+ private:
+  struct Slot {
+    SlotState state = SlotState::kFree;
+    uint64_t generation = 0;
+    KvTransferMode mode = KvTransferMode::kContiguous;
+    uint64_t offset = 0;
+    uint64_t bytes = 0;     // as asked for (wire bytes for an exposure)
+    uint64_t reserved = 0;  // of the range, page-rounded; 0 when none
+    int64_t acquired_ms = 0;
+    int32_t pins = 0;
+    std::unique_ptr<PagedSource> paged;
+  };
+
+  int64_t now_ms() const;
+  // The slot for ref, or an error naming why it is not that buffer any more. Lock held.
+  StatusOr<Slot*> find_locked(KvBufferRef ref, std::string_view action);
+  bool expired_locked(const Slot& slot, int64_t now) const;
+  void expire_locked(uint32_t id, Slot& slot);
+  // Gives the slot's bytes back once no pin holds them. Lock held.
+  void free_storage_locked(Slot& slot);
+  std::optional<uint64_t> allocate_locked(uint64_t bytes);
+  void deallocate_locked(uint64_t offset, uint64_t bytes);
+  int32_t pick_slot_locked() const;
+  void notify_locked(uint32_t id, const Slot& slot);
+
+  const Config config_;
+  uint8_t* const data_;
+  const SlotListener listener_;
+
+  mutable std::mutex mu_;
+  std::condition_variable unpinned_;
+  std::vector<Slot> slots_;                   // guarded by mu_
+  std::map<uint64_t, uint64_t> free_ranges_;  // offset → bytes; guarded by mu_
+  uint64_t next_generation_;                  // guarded by mu_
+  uint64_t bytes_in_use_ = 0;                 // guarded by mu_
+  KvSendPoolStats counters_;                  // the *_total fields; guarded by mu_
+};
+
+}  // namespace pdserve::transfer_internal

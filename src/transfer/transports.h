@@ -1,0 +1,32 @@
+// Constructors of the transport implementations (internal to src/transfer); make_send_pool()
+// and make_puller() in kv_transport.cpp are the only callers. Each implementation lives in its
+// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp.
+#pragma once
+
+#include <memory>
+
+#include "common/status.h"
+#include "transfer/kv_transport.h"
+#include "transfer/send_pool_core.h"
+
+namespace pdserve::transfer_internal {
+
+StatusOr<std::unique_ptr<KvSendPool>> make_inproc_pool(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvPuller>> make_inproc_puller(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvSendPool>> make_shm_pool(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvPuller>> make_shm_puller(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvSendPool>> make_tcp_pool(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvPuller>> make_tcp_puller(const KvTransportOptions& options);
+
+// The SendPoolCore settings from the options.
+inline SendPoolCore::Config core_config(const KvTransportOptions& options) {
+  return SendPoolCore::Config{options.pool_capacity_bytes, options.max_buffers, options.lease_ms,
+                              options.clock_ms};
+}
+
+// A block-fixed exposure's source and wire size, validated (shared by the tcp and shm pools).
+StatusOr<std::unique_ptr<PagedSource>> make_paged_source(const PagedKvView& view,
+                                                         std::span<const int32_t> block_table,
+                                                         int32_t num_tokens, uint32_t flags);
+
+}  // namespace pdserve::transfer_internal
