@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <atomic>
 #include <cstring>
@@ -306,6 +307,13 @@ TEST_P(CorruptBufferTest, CorruptMessagesFailCleanly) {
   auto patch_u32 = [](std::span<uint8_t> b, size_t off, uint32_t v) {
     for (int i = 0; i < 4; ++i) b[off + i] = static_cast<uint8_t>(v >> (8 * i));
   };
+  // A field changed behind a valid header checksum (a buggy or hostile sender).
+  auto patch_u64_signed = [patch_u32](std::span<uint8_t> b, size_t off, uint64_t v) {
+    patch_u32(b, off, static_cast<uint32_t>(v));
+    patch_u32(b, off + 4, static_cast<uint32_t>(v >> 32));
+    patch_u32(b, 36, 0);
+    patch_u32(b, 36, XXH32(b.data(), kKvWireHeaderBytes, 0));
+  };
   const std::vector<Corruption> cases = {
       {"magic", [](std::span<uint8_t> b) { b[0] = 'Q'; }, 0, "not a KV message"},
       {"version", [&](std::span<uint8_t> b) { b[4] = 7; }, 0, "version 7"},
@@ -315,6 +323,10 @@ TEST_P(CorruptBufferTest, CorruptMessagesFailCleanly) {
       {"truncated body", [](std::span<uint8_t>) {}, kKvWireHeaderBytes + body_bytes - 100, "body bytes"},
       {"oversized body", [](std::span<uint8_t>) {}, kKvWireHeaderBytes + body_bytes + 4096, "body bytes"},
       {"generation", [&](std::span<uint8_t> b) { patch_u32(b, 56, 12345); }, 0, "checksum"},
+      {"signed generation", [&](std::span<uint8_t> b) { patch_u64_signed(b, 56, 12345); }, 0,
+       "generation 12345 != handle generation"},
+      {"oversized body_bytes", [&](std::span<uint8_t> b) { patch_u64_signed(b, 40, uint64_t{1} << 50); }, 0,
+       "body_bytes 1125899906842624 at byte 40"},
   };
   for (const Corruption& c : cases) {
     const uint64_t bytes = c.buffer_bytes ? c.buffer_bytes : kKvWireHeaderBytes + body_bytes;

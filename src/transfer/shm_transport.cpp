@@ -462,6 +462,14 @@ class ShmPuller final : public QueuedPuller {
     if (it != segments_.end() && it->second->dev == st.st_dev && it->second->ino == st.st_ino)
       return it->second.get();
     if (it != segments_.end()) segments_.erase(it);  // another file at this path now
+    // Drop the mappings of prefills that have gone (their paths vanished or were reused), so a
+    // long-lived decode does not keep every segment it ever pulled from.
+    for (auto old = segments_.begin(); old != segments_.end();) {
+      struct stat ost {};
+      const bool alive = ::stat(old->first.c_str(), &ost) == 0 && ost.st_dev == old->second->dev &&
+                         ost.st_ino == old->second->ino;
+      old = alive ? std::next(old) : segments_.erase(old);
+    }
 
     auto seg = std::make_unique<MappedSegment>();
     seg->fd = Fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));

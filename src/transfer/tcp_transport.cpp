@@ -50,6 +50,8 @@ constexpr uint32_t kMaxMessageBytes = 1024;
 constexpr uint8_t kGo = 1;
 constexpr uint8_t kAbort = 0;
 constexpr size_t kMaxConnections = 256;
+// A puller keeps idle connections to at most this many endpoints (4 per endpoint).
+constexpr size_t kMaxIdleEndpoints = 64;
 // The body is received in windows of this many bytes (one iovec list each), so the list of runs
 // stays small whatever the KV size.
 constexpr uint64_t kRecvWindowBytes = uint64_t{32} << 20;
@@ -507,6 +509,8 @@ class TcpPuller final : public QueuedPuller {
   }
 
   void give_back(const std::string& endpoint, Fd fd) {
+    // Bounded: endpoints of prefills that went away are not kept forever.
+    if (idle_.size() >= kMaxIdleEndpoints && !idle_.contains(endpoint)) idle_.clear();
     std::vector<Fd>& idle = idle_[endpoint];
     if (idle.size() < 4) idle.push_back(std::move(fd));
   }

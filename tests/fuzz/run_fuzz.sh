@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -34,6 +34,18 @@ for target in "${targets[@]}"; do
       mkdir -p "$corpus"
       build/fuzz/tests/fuzz/api_request_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 \
         -dict=tests/fuzz/api_request.dict "$corpus" tests/fuzz/corpus/api_request 2>&1 | tail -n 5
+      ;;
+    internal_api_fuzz)
+      # Seeds: a request, a handoff, a release, an output event, a pulled event, stats.
+      corpus="build/fuzz/corpus/internal_api"
+      mkdir -p "$corpus"
+      printf '{"prompt":[1,2,3],"max_tokens":8,"stop":["x"],"ignore_eos":false,"logprobs":true,"sampling":{"temperature":0.5,"top_k":4,"seed":7,"top_logprobs":2}}' > "$corpus/request"
+      printf '{"request":{"prompt":[5],"max_tokens":2},"handoff":{"kv":"kv1;shm;contiguous;3;9;4160;/proc/1/fd/5","first_token":11,"num_prompt_tokens":1}}' > "$corpus/handoff"
+      printf '{"buffer_id":3,"generation":9}' > "$corpus/release"
+      printf '{"text":"hi","tokens":[{"id":3,"logprob":-0.5,"top":[[3,-0.5],[4,-1.0]]}],"finished":true,"finish_reason":"error","prompt_tokens":4,"completion_tokens":1,"cached_prompt_tokens":0,"error":{"code":"UNAVAILABLE","message":"x"}}' > "$corpus/output"
+      printf '{"pulled":{"ok":false,"error":{"code":"DATA_LOSS","message":"short"}}}' > "$corpus/pulled"
+      printf '{"role":"decode","max_context":8192,"max_sequence_tokens":4096,"model_fingerprint":1,"transport":"tcp","metrics":{"running":1,"kv":{"num_blocks_total":4},"finished_by_reason":{"stop":2}}}' > "$corpus/stats"
+      build/fuzz/tests/fuzz/internal_api_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
       ;;
     sse_fuzz)
       # Seeds: a streamed chat completion, an error event, a /metrics text (first byte: split pattern).
