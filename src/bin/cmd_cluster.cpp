@@ -32,20 +32,10 @@ struct InstanceArgs {
   std::string model;
   std::string host = "127.0.0.1";
   int port = 0;
-  int threads = 0;
   int http_threads = 2;
   std::string transport = "shm";
   std::string kv_listen = "127.0.0.1:0";
-  std::string kv_cache_memory;
-  int block_size = kDefaultBlockSize;
-  int max_running = 64;
-  int max_waiting = 1024;
-  int step_token_budget = 512;
-  int max_context = 0;
-  bool no_prefix_caching = false;
-  int prefill_slots = 4;
-  int decode_pending = 8;
-  int64_t handoff_lease_ms = 30'000;
+  EngineFlags engine;
 };
 
 EngineRole role_of(const std::string& name) {
@@ -91,13 +81,13 @@ int run_instance(void* p) {
     return 1;
   }
   const ModelConfig& cfg = loaded->model->config();
-  const int32_t max_context =
-      a.max_context > 0 ? std::min(a.max_context, cfg.context_length) : cfg.context_length;
-  StatusOr<int32_t> blocks = kv_blocks(a.kv_cache_memory, a.block_size, a.max_running, cfg, max_context);
-  if (!blocks.ok()) {
-    fmt::print(stderr, "error: {}\n", blocks.status().message());
+  StatusOr<EngineOptions> options = engine_options(a.engine, cfg);
+  if (!options.ok()) {
+    fmt::print(stderr, "error: {}\n", options.status().message());
     return 2;
   }
+  EngineOptions& eo = *options;
+  eo.role = role;
   KvTransport transport;
   std::string transport_name;
   if (role != EngineRole::kMixed) {
@@ -106,15 +96,9 @@ int run_instance(void* p) {
       fmt::print(stderr, "error: --transport: {}\n", kind.status().message());
       return 2;
     }
-    KvTransportOptions to;
+    KvTransportOptions to = send_pool_options(a.engine, cfg, eo.max_context);
     to.send = role == EngineRole::kPrefill;
     to.receive = role == EngineRole::kDecode;
-    const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
-    to.pool_capacity_bytes = static_cast<uint64_t>(a.prefill_slots) *
-                             (static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes);
-    to.max_buffers = a.prefill_slots + 4;
-    to.lease_ms = a.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
-    to.prefault_pool = false;
     to.tcp_listen = a.kv_listen;
     StatusOr<KvTransport> t = make_transport(*kind, to);
     if (!t.ok()) {
@@ -124,25 +108,13 @@ int run_instance(void* p) {
     transport = std::move(t).value();
     transport_name = a.transport;
   }
-  EngineOptions eo;
-  eo.role = role;
-  eo.block_size = a.block_size;
-  eo.num_blocks = *blocks;
-  eo.step_token_budget = a.step_token_budget;
-  eo.max_running = a.max_running;
-  eo.max_waiting = a.max_waiting;
-  eo.prefix_caching = !a.no_prefix_caching;
-  eo.max_context = max_context;
-  eo.prefill_slots = a.prefill_slots;
-  eo.decode_pending = a.decode_pending;
-  eo.handoff_lease_ms = a.handoff_lease_ms;
   eo.kv_send = transport.pool.get();
   eo.kv_puller = transport.puller.get();
   if (Status st = eo.validate(); !st.ok()) {
     fmt::print(stderr, "error: {}\n", st.message());
     return 2;
   }
-  ThreadPool pool(a.threads);
+  ThreadPool pool(a.engine.threads);
   auto engine = std::make_unique<Engine>(*loaded->model, *loaded->tokenizer, pool, eo);
   api::InstanceService instance_service(*engine, transport_name);
   service.store(&instance_service);
@@ -289,44 +261,10 @@ void register_cluster_commands(CLI::App& app) {
       ->check(CLI::IsMember({"shm", "tcp"}));
   inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")
       ->capture_default_str();
-  inst->add_option("-t,--threads", ia->threads, "CPU threads of the engine (0: all cores)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1024));
   inst->add_option("--http-threads", ia->http_threads, "I/O threads of the internal API")
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
-  inst->add_option("--kv-cache-memory", ia->kv_cache_memory,
-                   "KV cache size: bytes with a unit (2GiB, 512MiB) or a fraction of the available memory "
-                   "(default: 1GiB, capped at --max-running full contexts)");
-  inst->add_option("--block-size", ia->block_size, "Tokens per KV cache block")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1024));
-  inst->add_option("--max-running", ia->max_running, "Most sequences in the running batch")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 16));
-  inst->add_option("--max-waiting", ia->max_waiting, "Mixed role: most queued requests")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 24));
-  inst->add_option("--step-token-budget", ia->step_token_budget, "Tokens computed per engine step")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 20));
-  inst->add_option("--max-context", ia->max_context, "Most tokens per sequence (0: the model's)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 24));
-  inst->add_flag("--no-prefix-caching", ia->no_prefix_caching,
-                 "Do not reuse the KV of shared prompt prefixes");
-  inst->add_option("--prefill-slots", ia->prefill_slots,
-                   "Prefill: requests held at once (b_p) until their KV has left; more are refused at once")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
-  inst->add_option("--decode-pending", ia->decode_pending, "Decode: handed-off requests waiting for a seat")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
-  inst->add_option(
-          "--handoff-lease-ms", ia->handoff_lease_ms,
-          "Prefill: a handed-off request's slot and KV are freed after this long if no decode fetched it")
-      ->capture_default_str()
-      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+  add_engine_flags(*inst, ia->engine);
   inst->callback([ia] { set_command_action(run_instance, ia); });
 
   auto* ga = new GatewayArgs();

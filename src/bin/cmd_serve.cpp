@@ -23,23 +23,13 @@ struct ServeArgs {
   std::string model;
   std::string host = "127.0.0.1";
   int port = 8000;
-  int threads = 0;
   int http_threads = 2;
-  std::string kv_cache_memory;  // empty: the default below
-  int block_size = kDefaultBlockSize;
-  int max_running = 64;
-  int max_waiting = 1024;
-  int step_token_budget = 512;
-  int max_context = 0;
-  bool no_prefix_caching = false;
+  EngineFlags engine;
   std::string api_key;
   std::string served_model_name;
   size_t max_body_bytes = size_t{8} << 20;
   int shutdown_timeout_s = 30;
   // Disaggregated mode.
-  int prefill_slots = 4;
-  int decode_pending = 8;
-  int64_t handoff_lease_ms = 30'000;
   int64_t ttft_budget_ms = 60'000;
   double ttft_budget_ms_per_token = 0;
   std::string admission = "on-demand";
@@ -87,15 +77,8 @@ StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedMod
   }
   const ModelConfig& cfg = m.model->config();
   auto [prefill_blocks, decode_blocks] = split_kv_blocks(base.num_blocks, base.block_size, base.max_context);
-  KvTransportOptions to;
-  // Enough contiguous send buffers for every slot's longest prompt; touched only where used.
-  const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
-  to.pool_capacity_bytes = static_cast<uint64_t>(std::max(a.prefill_slots, 1)) *
-                           (static_cast<uint64_t>(base.max_context) * token_bytes + kKvWireHeaderBytes);
-  to.max_buffers = std::max(a.prefill_slots, 1) + 4;
-  to.lease_ms = a.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
-  to.prefault_pool = false;
-  PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc, to));
+  PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc,
+                                                   send_pool_options(a.engine, cfg, base.max_context)));
   Deployment* raw = d.get();
   auto notify = [raw] {
     if (Router* r = raw->router_ptr.load()) r->notify_capacity();
@@ -103,15 +86,12 @@ StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedMod
   EngineOptions p = base;
   p.role = EngineRole::kPrefill;
   p.num_blocks = prefill_blocks;
-  p.prefill_slots = a.admission == "baseline" ? 0 : a.prefill_slots;
-  p.handoff_lease_ms = a.handoff_lease_ms;
   p.kv_send = d->transport.pool.get();
   p.on_capacity = notify;
   PD_RETURN_IF_ERROR(p.validate().with_context("prefill instance"));
   EngineOptions dec = base;
   dec.role = EngineRole::kDecode;
   dec.num_blocks = decode_blocks;
-  dec.decode_pending = a.decode_pending;
   dec.kv_puller = d->transport.puller.get();
   dec.on_capacity = notify;
   PD_RETURN_IF_ERROR(dec.validate().with_context("decode instance"));
@@ -149,22 +129,11 @@ int run_serve(void* p) {
     auto state = std::make_shared<ServeState>();
     PD_ASSIGN_OR_RETURN(state->model, load_model(a.model, /*weights=*/true));
     const ModelConfig& cfg = state->model.model->config();
-    const int32_t max_context =
-        a.max_context > 0 ? std::min(a.max_context, cfg.context_length) : cfg.context_length;
-    StatusOr<int32_t> blocks = kv_blocks(a.kv_cache_memory, a.block_size, a.max_running, cfg, max_context);
-    if (!blocks.ok()) return invalid_argument(blocks.status().message());
-    EngineOptions eo;
-    eo.block_size = a.block_size;
-    eo.num_blocks = *blocks;
-    eo.step_token_budget = a.step_token_budget;
-    eo.max_running = a.max_running;
-    eo.max_waiting = a.max_waiting;
-    eo.prefix_caching = !a.no_prefix_caching;
-    eo.max_context = max_context;
+    PD_ASSIGN_OR_RETURN(EngineOptions eo, engine_options(a.engine, cfg));
     eo.on_step = [&service](double seconds, int32_t tokens) { service.observe_step(seconds, tokens); };
     // NOTE: one pool for every engine of this process: their forward passes take turns (the model
     // runs one at a time), so the cores are not oversubscribed.
-    state->pool = std::make_unique<ThreadPool>(a.threads);
+    state->pool = std::make_unique<ThreadPool>(a.engine.threads);
     StatusOr<std::unique_ptr<Deployment>> deployed = deploy(a, state->model, *state->pool, eo);
     if (!deployed.ok()) return invalid_argument(deployed.status().message());
     state->deployment = std::move(deployed).value();
@@ -180,8 +149,8 @@ int run_serve(void* p) {
         a.mode == "aggregated"
             ? ""
             : fmt::format(" (1 prefill with {} slots, 1 decode, in-process KV transfer, {} admission)",
-                          a.prefill_slots, a.admission),
-        a.model, cfg.num_layers, max_context, eo.num_blocks, eo.block_size,
+                          a.engine.prefill_slots, a.admission),
+        a.model, cfg.num_layers, eo.max_context, eo.num_blocks, eo.block_size,
         format_bytes(state->deployment->kv_bytes()), state->pool->num_threads());
     b.shutdown = [state] { state->deployment->shutdown(); };
     b.owner = state;
@@ -211,36 +180,11 @@ void register_serve_command(CLI::App& app) {
   cmd->add_option("--port", a->port, "TCP port (0: any free port)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
-  cmd->add_option("-t,--threads", a->threads, "CPU threads of the engine (0: all cores)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1024));
   cmd->add_option("--http-threads", a->http_threads,
                   "I/O threads of the HTTP server (parse, tokenize, stream)")
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
-  cmd->add_option(
-      "--kv-cache-memory", a->kv_cache_memory,
-      "KV cache size: bytes with a unit (2GiB, 512MiB) or a fraction of the available memory (0.5, "
-      "50%) (default: 1GiB, capped at --max-running full contexts)");
-  cmd->add_option("--block-size", a->block_size, "Tokens per KV cache block")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1024));
-  cmd->add_option("--max-running", a->max_running, "Most sequences in the running batch")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 16));
-  cmd->add_option("--max-waiting", a->max_waiting,
-                  "Most queued requests; beyond it requests get 429 with Retry-After")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 24));
-  cmd->add_option("--step-token-budget", a->step_token_budget,
-                  "Tokens computed per engine step (decodes plus prefill chunks)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--max-context", a->max_context,
-                  "Most tokens per sequence, prompt plus output (0: the model's)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 24));
-  cmd->add_flag("--no-prefix-caching", a->no_prefix_caching, "Do not reuse the KV of shared prompt prefixes");
+  add_engine_flags(*cmd, a->engine);
   cmd->add_option(
       "--api-key", a->api_key,
       "Require 'Authorization: Bearer KEY' on every route but /health (default: $PDSERVE_API_KEY; "
@@ -257,22 +201,6 @@ void register_serve_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(0, 3600));
   cmd->add_option(
-         "--prefill-slots", a->prefill_slots,
-         "Disaggregated: requests a prefill holds at once (b_p), from acceptance until the decode has "
-         "its KV; more wait at the gateway")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
-  cmd->add_option("--decode-pending", a->decode_pending,
-                  "Disaggregated: handed-off requests a decode keeps waiting for a running seat")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
-  cmd->add_option(
-         "--handoff-lease-ms", a->handoff_lease_ms,
-         "Disaggregated: a prefill frees a handed-off request's slot and KV after this long even if no "
-         "decode fetched it")
-      ->capture_default_str()
-      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
-  cmd->add_option(
          "--ttft-budget-ms", a->ttft_budget_ms,
          "Disaggregated: how long a request may wait at the gateway for a prefill slot before it fails "
          "with 504 (plus --ttft-budget-ms-per-token for each prompt token)")
@@ -285,7 +213,8 @@ void register_serve_command(CLI::App& app) {
   cmd->add_option(
          "--admission", a->admission,
          "Disaggregated: on-demand (prefills accept or refuse at once, requests wait at the gateway) or "
-         "baseline (every prefill queues; the gateway sends to the one with the fewest open streams)")
+         "baseline (each request joins at once the queue of the prefill with the fewest open streams and "
+         "waits there; no TTFT budget)")
       ->capture_default_str()
       ->check(CLI::IsMember({"on-demand", "baseline"}));
   cmd->callback([a] { set_command_action(run_serve, a); });

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -96,19 +97,93 @@ StatusOr<LoadedModel> load_model(const std::string& path, bool weights) {
   return l;
 }
 
-StatusOr<int32_t> kv_blocks(const std::string& kv_cache_memory, int32_t block_size, int32_t max_running,
-                            const ModelConfig& cfg, int32_t max_context) {
+namespace {
+
+// KV blocks for a --kv-cache-memory value (empty: the default, 1GiB capped at what max_running
+// full contexts need).
+StatusOr<int32_t> kv_blocks(const EngineFlags& f, const ModelConfig& cfg, int32_t max_context) {
   PD_ASSIGN_OR_RETURN(uint64_t per_block,
-                      kv_bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, 2));
-  const bool is_default = kv_cache_memory.empty();
-  std::string_view text = is_default ? kDefaultKvMemory : std::string_view(kv_cache_memory);
+                      kv_bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, f.block_size, 2));
+  const bool is_default = f.kv_cache_memory.empty();
+  std::string_view text = is_default ? kDefaultKvMemory : std::string_view(f.kv_cache_memory);
   StatusOr<int32_t> blocks = kv_blocks_for_budget(text, per_block, available_memory_bytes());
-  if (!blocks.ok()) return blocks.status().with_context("--kv-cache-memory");
+  if (!blocks.ok()) return invalid_argument(blocks.status().with_context("--kv-cache-memory").message());
   if (is_default) {
-    int64_t needed = (int64_t{max_running} * max_context + block_size - 1) / block_size;
+    int64_t needed = (int64_t{f.max_running} * max_context + f.block_size - 1) / f.block_size;
     return static_cast<int32_t>(std::min<int64_t>(*blocks, needed));
   }
   return *blocks;
+}
+
+}  // namespace
+
+void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
+  cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  cmd.add_option(
+      "--kv-cache-memory", f.kv_cache_memory,
+      "KV cache size: bytes with a unit (2GiB, 512MiB) or a fraction of the available memory (0.5, "
+      "50%) (default: 1GiB, capped at --max-running full contexts)");
+  cmd.add_option("--block-size", f.block_size, "Tokens per KV cache block")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
+  cmd.add_option("--max-running", f.max_running, "Most sequences in the running batch")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 16));
+  cmd.add_option("--max-waiting", f.max_waiting,
+                 "Most queued requests; beyond it requests get 429 with Retry-After")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 24));
+  cmd.add_option("--step-token-budget", f.step_token_budget,
+                 "Tokens computed per engine step (decodes plus prefill chunks)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd.add_option("--max-context", f.max_context,
+                 "Most tokens per sequence, prompt plus output (0: the model's)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 24));
+  cmd.add_flag("--no-prefix-caching", f.no_prefix_caching, "Do not reuse the KV of shared prompt prefixes");
+  cmd.add_option("--prefill-slots", f.prefill_slots,
+                 "Prefill: requests held at once (b_p), from acceptance until a decode has their KV; a full "
+                 "prefill refuses more at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  cmd.add_option("--decode-pending", f.decode_pending,
+                 "Decode: handed-off requests kept waiting for a running seat")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,
+                 "Prefill: a handed-off request's slot and KV are freed after this long even if no decode "
+                 "fetched it")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
+}
+
+StatusOr<EngineOptions> engine_options(const EngineFlags& f, const ModelConfig& cfg) {
+  EngineOptions o;
+  o.max_context = f.max_context > 0 ? std::min(f.max_context, cfg.context_length) : cfg.context_length;
+  PD_ASSIGN_OR_RETURN(o.num_blocks, kv_blocks(f, cfg, o.max_context));
+  o.block_size = f.block_size;
+  o.step_token_budget = f.step_token_budget;
+  o.max_running = f.max_running;
+  o.max_waiting = f.max_waiting;
+  o.prefix_caching = !f.no_prefix_caching;
+  o.prefill_slots = f.prefill_slots;
+  o.decode_pending = f.decode_pending;
+  o.handoff_lease_ms = f.handoff_lease_ms;
+  return o;
+}
+
+KvTransportOptions send_pool_options(const EngineFlags& f, const ModelConfig& cfg, int32_t max_context) {
+  KvTransportOptions to;
+  const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
+  to.pool_capacity_bytes = static_cast<uint64_t>(f.prefill_slots) *
+                           (static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes);
+  to.max_buffers = f.prefill_slots + 4;
+  to.lease_ms = f.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
+  to.prefault_pool = false;
+  return to;
 }
 
 int run_openai_front(FrontOptions o, const FrontLoader& load) {

@@ -10,10 +10,16 @@
 
 #include "api/service.h"
 #include "common/status.h"
+#include "engine/engine.h"
+#include "kvcache/kv_types.h"
 #include "model/gguf.h"
 #include "model/llama_model.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
+
+namespace CLI {
+class App;
+}
 
 namespace pdserve {
 
@@ -36,10 +42,28 @@ struct LoadedModel {
 // gateway tokenizes and applies the template but runs no model.
 StatusOr<LoadedModel> load_model(const std::string& path, bool weights);
 
-// KV blocks for a --kv-cache-memory value (empty: the default, 1GiB capped at what max_running
-// full contexts need).
-StatusOr<int32_t> kv_blocks(const std::string& kv_cache_memory, int32_t block_size, int32_t max_running,
-                            const ModelConfig& cfg, int32_t max_context);
+// The engine flags of `serve` and `instance`.
+struct EngineFlags {
+  int threads = 0;
+  std::string kv_cache_memory;  // empty: 1GiB, capped at max_running full contexts
+  int block_size = kDefaultBlockSize;
+  int max_running = 64;
+  int max_waiting = 1024;
+  int step_token_budget = 512;
+  int max_context = 0;
+  bool no_prefix_caching = false;
+  // Prefill and decode roles.
+  int prefill_slots = 4;
+  int decode_pending = 8;
+  int64_t handoff_lease_ms = 30'000;
+};
+void add_engine_flags(CLI::App& cmd, EngineFlags& flags);
+// The engine options the flags ask for on this model (the KV budget in blocks, the context);
+// kInvalidArgument names the flag at fault.
+StatusOr<EngineOptions> engine_options(const EngineFlags& flags, const ModelConfig& cfg);
+// KV transport options for a prefill's send pool: room for prefill_slots prompts of the longest
+// context (reserved, touched only where used), a lease a little longer than the engine's.
+KvTransportOptions send_pool_options(const EngineFlags& flags, const ModelConfig& cfg, int32_t max_context);
 
 // The OpenAI-compatible front of `serve` and `gateway`.
 struct FrontOptions {

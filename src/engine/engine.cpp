@@ -102,33 +102,38 @@ void Engine::shutdown() {
   if (thread_.joinable()) thread_.join();
 }
 
-Status Engine::validate(const EngineRequest& r) const {
+Status check_request_limits(const EngineRequest& r, int32_t max_context) {
   PD_RETURN_IF_ERROR(r.sampling.validate());
   const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());
   if (n_prompt == 0) return invalid_argument("the prompt is empty");
   if (r.max_tokens < 1)
     return invalid_argument(fmt::format("max_tokens must be at least 1, got {}", r.max_tokens));
+  if (n_prompt + r.max_tokens > max_context) {
+    return invalid_argument(
+        fmt::format("the prompt ({} tokens) plus max_tokens ({}) is {} tokens, beyond this server's context "
+                    "of {} tokens; shorten the prompt or lower max_tokens",
+                    n_prompt, r.max_tokens, n_prompt + r.max_tokens, max_context));
+  }
+  for (const auto& s : r.stop) {
+    if (s.empty()) return invalid_argument("stop strings must not be empty");
+  }
+  return ok_status();
+}
+
+Status Engine::validate(const EngineRequest& r) const {
+  PD_RETURN_IF_ERROR(check_request_limits(r, max_context_));
+  const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());
   const int32_t vocab = model_.config().vocab_size;
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= vocab) {
       return invalid_argument(fmt::format("token id {} is outside the vocabulary (0..{})", t, vocab - 1));
     }
   }
-  if (n_prompt + r.max_tokens > max_context_) {
-    return invalid_argument(
-        fmt::format("the prompt ({} tokens) plus max_tokens ({}) is {} tokens, beyond this server's context "
-                    "of {} tokens; "
-                    "shorten the prompt or lower max_tokens",
-                    n_prompt, r.max_tokens, n_prompt + r.max_tokens, max_context_));
-  }
   if (!scheduler_.fits_alone(n_prompt + r.max_tokens)) {
     return invalid_argument(fmt::format(
         "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than this server has ({} tokens); "
         "lower max_tokens or start the server with a larger --kv-cache-memory",
         n_prompt, r.max_tokens, int64_t{options_.num_blocks} * options_.block_size));
-  }
-  for (const auto& s : r.stop) {
-    if (s.empty()) return invalid_argument("stop strings must not be empty");
   }
   return ok_status();
 }

@@ -68,7 +68,7 @@ struct EngineOptions {
   int32_t max_context = 0;  // most tokens per sequence (prompt + generated); 0: the model's context
   EngineRole role = EngineRole::kMixed;
   // Prefill role: requests held at once, from acceptance until their KV has left (b_p). 0: no
-  // limit, requests queue in the prefill (the baseline admission of the P/D-Serve paper).
+  // limit (requests queue in the prefill, up to max_waiting).
   int32_t prefill_slots = 4;
   // Prefill role: a handed-off request's slot and send buffer are freed after this long even if
   // nobody calls release_handoff() (a decode that never pulls).
@@ -165,6 +165,11 @@ struct EngineMetrics {
   double last_step_seconds = 0;
   std::unordered_map<std::string, int64_t> finished_by_reason;
 };
+
+// The checks of a request that need no model: sampling parameters, a non-empty prompt,
+// max_tokens >= 1, prompt plus max_tokens within max_context (the numbers named), no empty stop
+// string. kInvalidArgument with a message for the client.
+Status check_request_limits(const EngineRequest& request, int32_t max_context);
 
 // What the OpenAI service needs from whatever generates tokens: one Engine (aggregated), or a
 // router over prefill and decode engines (gateway/). Thread-safe.

@@ -9,45 +9,8 @@
 namespace pdserve {
 namespace {
 
-struct Result {
-  std::string text;
-  std::vector<int32_t> tokens;
-  std::string finish_reason;
-  int32_t prompt_tokens = 0;
-  int32_t completion_tokens = 0;
-  int32_t cached_prompt_tokens = 0;
-  int outputs = 0;
-};
-
-// Collects one request's outputs; wait() returns them after the final one.
-class Collector {
- public:
-  OutputSink sink() {
-    return [this](EngineOutput&& o) {
-      std::lock_guard<std::mutex> lock(mu_);
-      r_.text += o.text;
-      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
-      ++r_.outputs;
-      if (o.finished) {
-        r_.finish_reason = o.finish_reason;
-        r_.prompt_tokens = o.prompt_tokens;
-        r_.completion_tokens = o.completion_tokens;
-        r_.cached_prompt_tokens = o.cached_prompt_tokens;
-        done_.set_value();
-      }
-    };
-  }
-  Result wait() {
-    done_.get_future().wait();
-    std::lock_guard<std::mutex> lock(mu_);
-    return r_;
-  }
-
- private:
-  std::mutex mu_;
-  Result r_;
-  std::promise<void> done_;
-};
+using testing::Collector;
+using testing::Result;
 
 class EngineTest : public ::testing::Test {
  protected:

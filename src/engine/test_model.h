@@ -1,12 +1,17 @@
 // For tests: the default model, its tokenizer and a 2-thread pool, loaded once per test binary
-// and kept for its lifetime.
+// and kept for its lifetime; and a collector of one request's outputs.
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <future>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "common/thread_pool.h"
+#include "engine/engine.h"
 #include "model/llama_model.h"
 #include "tokenizer/tokenizer.h"
 
@@ -39,5 +44,48 @@ inline const TestModel* default_test_model() {
   }();
   return loaded;
 }
+
+// Everything one request streamed.
+struct Result {
+  std::string text;
+  std::vector<int32_t> tokens;
+  std::string finish_reason;
+  Status error;
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+  int32_t cached_prompt_tokens = 0;
+  int outputs = 0;
+};
+
+// Collects one request's outputs (from any thread); wait() returns them after the final one.
+class Collector {
+ public:
+  OutputSink sink() {
+    return [this](EngineOutput&& o) {
+      std::lock_guard<std::mutex> lock(mu_);
+      r_.text += o.text;
+      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
+      ++r_.outputs;
+      if (o.finished) {
+        r_.finish_reason = o.finish_reason;
+        r_.error = o.error;
+        r_.prompt_tokens = o.prompt_tokens;
+        r_.completion_tokens = o.completion_tokens;
+        r_.cached_prompt_tokens = o.cached_prompt_tokens;
+        done_.set_value();
+      }
+    };
+  }
+  Result wait() {
+    done_.get_future().wait();
+    std::lock_guard<std::mutex> lock(mu_);
+    return r_;
+  }
+
+ private:
+  std::mutex mu_;
+  Result r_;
+  std::promise<void> done_;
+};
 
 }  // namespace pdserve::testing

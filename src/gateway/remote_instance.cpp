@@ -190,22 +190,12 @@ void RemoteInstance::poll_stats() {
 }
 
 Status RemoteInstance::validate(const EngineRequest& r) const {
-  PD_RETURN_IF_ERROR(r.sampling.validate());
-  const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());
-  if (n_prompt == 0) return invalid_argument("the prompt is empty");
-  if (r.max_tokens < 1)
-    return invalid_argument(fmt::format("max_tokens must be at least 1, got {}", r.max_tokens));
-  if (n_prompt + r.max_tokens > max_context_) {
-    return invalid_argument(
-        fmt::format("the prompt ({} tokens) plus max_tokens ({}) is {} tokens, beyond this server's context "
-                    "of {} tokens; "
-                    "shorten the prompt or lower max_tokens",
-                    n_prompt, r.max_tokens, n_prompt + r.max_tokens, max_context_));
-  }
-  if (n_prompt + r.max_tokens > max_sequence_tokens_) {
+  PD_RETURN_IF_ERROR(check_request_limits(r, max_context_));
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
+  if (total > max_sequence_tokens_) {
     return invalid_argument(fmt::format(
-        "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than the instance has ({} tokens)",
-        n_prompt, r.max_tokens, max_sequence_tokens_));
+        "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than instance {} has ({} tokens)",
+        r.prompt.size(), r.max_tokens, address_, max_sequence_tokens_));
   }
   return ok_status();
 }

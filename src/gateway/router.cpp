@@ -70,6 +70,7 @@ struct Router::Flight {
   Clock::time_point arrived;
   Clock::time_point deadline;
   std::vector<bool> failed_on;  // prefills that failed this request before its first token
+  int assigned = -1;            // baseline admission: the prefill whose queue the request joined
   // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
   bool got_first_token = false;
   size_t prefill_idx = 0;
@@ -82,6 +83,7 @@ Router::Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, 
       decodes_(std::move(decodes)),
       options_(options),
       prefill_open_(prefills_.size(), 0),
+      prefill_queues_(prefills_.size()),
       decode_open_(decodes_.size(), 0) {
   PD_CHECK_MSG(!prefills_.empty() && !decodes_.empty(), "a router needs at least one prefill and one decode");
   for (Instance* e : prefills_) PD_CHECK(e->role() == EngineRole::kPrefill);
@@ -103,13 +105,15 @@ void Router::stop() {
     std::lock_guard<std::mutex> lock(mu_);
     waiting.swap(waiting_);
     to_decode.swap(to_decode_);
+    for (auto& q : prefill_queues_) {
+      waiting.insert(waiting.end(), q.begin(), q.end());
+      q.clear();
+    }
   }
   for (auto& f : to_decode) (void)prefills_[f->prefill_idx]->release_handoff(f->handoff->kv.ref());
   for (auto* q : {&waiting, &to_decode}) {
     for (auto& f : *q) {
-      EngineOutput out;
-      out.finish_reason = "cancelled";
-      end(f, std::move(out));
+      end_cancelled(f);
     }
   }
 }
@@ -151,14 +155,15 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the gateway is shutting down");
-    // First come, first served: nobody overtakes requests already waiting.
-    queue_first = !waiting_.empty();
+    // First come, first served: nobody overtakes requests already waiting (baseline: the
+    // prefill's own queue, checked in try_place()).
+    queue_first = options_.admission == AdmissionPolicy::kOnDemand && !waiting_.empty();
     if (queue_first) waiting_.push_back(f);
   }
   if (queue_first) {
     notify_capacity();
   } else if (!try_place(f)) {
-    park(waiting_, f);
+    hold(f);
   }
   return out;
 }
@@ -177,9 +182,15 @@ void Router::park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_
   }
   // Stopped meanwhile: nobody would retry it.
   if (f->handoff) (void)prefills_[f->prefill_idx]->release_handoff(f->handoff->kv.ref());
-  EngineOutput out;
-  out.finish_reason = "cancelled";
-  end(f, std::move(out));
+  end_cancelled(f);
+}
+
+void Router::hold(const std::shared_ptr<Flight>& f, bool front) {
+  if (options_.admission == AdmissionPolicy::kBaseline) {
+    park(prefill_queues_[static_cast<size_t>(f->assigned)], f, front);
+  } else {
+    park(waiting_, f, front);
+  }
 }
 
 void Router::notify_capacity() {
@@ -192,9 +203,7 @@ void Router::notify_capacity() {
 
 bool Router::try_place(const std::shared_ptr<Flight>& f) {
   if (f->handle->cancelled()) {
-    EngineOutput out;
-    out.finish_reason = "cancelled";
-    end(f, std::move(out));
+    end_cancelled(f);
     return true;
   }
   std::vector<size_t> order;
@@ -210,6 +219,26 @@ bool Router::try_place(const std::shared_ptr<Flight>& f) {
     end(f, std::move(out));
     return true;
   }
+  if (options_.admission == AdmissionPolicy::kBaseline) {
+    // The paper's baseline: each request joins the queue of the prefill with the fewest open
+    // streams (queued ones included) and waits there, whatever the other prefills do.
+    if (f->assigned < 0 || f->failed_on[static_cast<size_t>(f->assigned)]) {
+      std::lock_guard<std::mutex> lock(mu_);
+      size_t best = order[0];
+      for (size_t idx : order) {
+        if (prefill_open_[idx] + static_cast<int32_t>(prefill_queues_[idx].size()) <
+            prefill_open_[best] + static_cast<int32_t>(prefill_queues_[best].size())) {
+          best = idx;
+        }
+      }
+      f->assigned = static_cast<int>(best);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!prefill_queues_[static_cast<size_t>(f->assigned)].empty()) return false;  // behind the others
+    }
+    order.assign(1, static_cast<size_t>(f->assigned));
+  }
   for (size_t idx : order) {
     {
       // NOTE: counted before submit(): the engine may call the sink before submit() returns.
@@ -224,18 +253,20 @@ bool Router::try_place(const std::shared_ptr<Flight>& f) {
       --prefill_open_[idx];
       if (accepted.status().code() == StatusCode::kResourceExhausted) ++rejections_total_;
     }
-    if (accepted.status().code() == StatusCode::kResourceExhausted &&
-        options_.admission == AdmissionPolicy::kOnDemand) {
+    if (accepted.status().code() == StatusCode::kResourceExhausted) {
+      if (options_.admission == AdmissionPolicy::kBaseline) return false;  // wait in its queue
       continue;  // a full prefill refuses at once: inquire the next one
     }
     if (accepted.status().code() == StatusCode::kUnavailable) {
       // A prefill going away (shutting down, unreachable): try the others.
       f->failed_on[idx] = true;
-      std::lock_guard<std::mutex> lock(mu_);
-      ++prefill_retries_total_;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++prefill_retries_total_;
+      }
+      if (options_.admission == AdmissionPolicy::kBaseline) return try_place(f);  // another queue
       continue;
     }
-    if (accepted.status().code() == StatusCode::kResourceExhausted) return false;
     EngineOutput out;
     out.finish_reason = "error";
     out.error = accepted.status();
@@ -250,9 +281,7 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
   const KvBufferRef kv = f->handoff->kv.ref();
   if (f->handle->cancelled()) {
     (void)prefill->release_handoff(kv);
-    EngineOutput out;
-    out.finish_reason = "cancelled";
-    end(f, std::move(out));
+    end_cancelled(f);
     return true;
   }
   std::vector<size_t> order;
@@ -317,9 +346,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
     }
     if (stopped) {
       (void)prefills_[idx]->release_handoff(f->handoff->kv.ref());
-      EngineOutput cancelled;
-      cancelled.finish_reason = "cancelled";
-      end(f, std::move(cancelled));
+      end_cancelled(f);
     } else if (!queue_first && !try_hand_to_decode(f)) {
       park(to_decode_, f);
     }
@@ -334,7 +361,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_retries_total_;
     }
-    if (!try_place(f)) park(waiting_, f, /*front=*/true);
+    if (!try_place(f)) hold(f, /*front=*/true);
     return;
   }
   end(f, std::move(out));
@@ -354,6 +381,12 @@ void Router::on_decode_output(const std::shared_ptr<Flight>& f, size_t idx, Engi
   end(f, std::move(out));
 }
 
+void Router::end_cancelled(const std::shared_ptr<Flight>& f) {
+  EngineOutput out;
+  out.finish_reason = "cancelled";
+  end(f, std::move(out));
+}
+
 void Router::end(const std::shared_ptr<Flight>& f, EngineOutput&& last) {
   last.finished = true;
   if (last.prompt_tokens == 0) last.prompt_tokens = static_cast<int32_t>(f->request.prompt.size());
@@ -363,6 +396,7 @@ void Router::end(const std::shared_ptr<Flight>& f, EngineOutput&& last) {
 void Router::loop() {
   for (;;) {
     std::deque<std::shared_ptr<Flight>> waiting, to_decode;
+    std::vector<std::deque<std::shared_ptr<Flight>>> queues;
     {
       std::unique_lock<std::mutex> lock(mu_);
       // NOTE: a timed wake-up also checks budgets and cancellations of waiting requests.
@@ -371,6 +405,9 @@ void Router::loop() {
       retry_ = false;
       waiting.swap(waiting_);
       to_decode.swap(to_decode_);
+      // NOTE: swap the deques, not the vector: park() holds references to its elements.
+      queues.resize(prefill_queues_.size());
+      for (size_t i = 0; i < queues.size(); ++i) queues[i].swap(prefill_queues_[i]);
     }
     // Handed-off requests first: they hold prefill slots.
     std::deque<std::shared_ptr<Flight>> keep_decode;
@@ -382,9 +419,7 @@ void Router::loop() {
     bool blocked = false;
     for (auto& f : waiting) {
       if (f->handle->cancelled()) {
-        EngineOutput out;
-        out.finish_reason = "cancelled";
-        end(f, std::move(out));
+        end_cancelled(f);
         continue;
       }
       if (now >= f->deadline) {
@@ -409,9 +444,29 @@ void Router::loop() {
         keep_waiting.push_back(f);
       }
     }
+    // Baseline admission: each prefill's queue, in order; no budget (requests wait however long).
+    std::vector<std::deque<std::shared_ptr<Flight>>> keep_queues(queues.size());
+    for (size_t i = 0; i < queues.size(); ++i) {
+      bool full = false;
+      for (auto& f : queues[i]) {
+        if (f->handle->cancelled()) {
+          end_cancelled(f);
+        } else if (full || !try_place(f)) {
+          full = true;
+          if (f->assigned == static_cast<int>(i)) {
+            keep_queues[i].push_back(f);
+          } else {
+            hold(f);  // its prefill went away: it joined another queue
+          }
+        }
+      }
+    }
     std::lock_guard<std::mutex> lock(mu_);
     waiting_.insert(waiting_.begin(), keep_waiting.begin(), keep_waiting.end());
     to_decode_.insert(to_decode_.begin(), keep_decode.begin(), keep_decode.end());
+    for (size_t i = 0; i < keep_queues.size(); ++i) {
+      prefill_queues_[i].insert(prefill_queues_[i].begin(), keep_queues[i].begin(), keep_queues[i].end());
+    }
   }
 }
 
@@ -421,6 +476,7 @@ EngineMetrics Router::metrics() const {
   for (const Instance* e : decodes_) add_metrics(m, e->metrics());
   std::lock_guard<std::mutex> lock(mu_);
   m.gateway_waiting = static_cast<int32_t>(waiting_.size() + to_decode_.size());
+  for (const auto& q : prefill_queues_) m.gateway_waiting += static_cast<int32_t>(q.size());
   m.gateway_timeouts_total = timeouts_total_;
   m.gateway_rejections_total = rejections_total_;
   m.gateway_prefill_retries_total = prefill_retries_total_;

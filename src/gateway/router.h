@@ -9,8 +9,10 @@
 // waiting when its budget runs out ends with a DEADLINE_EXCEEDED error that names the scenario
 // and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
 //
-// Baseline admission (the paper's comparison): every prefill queues without limit and the router
-// sends each request at once to the prefill with the fewest open streams.
+// Baseline admission (the paper's comparison): each request joins, at once, the queue of the
+// prefill with the fewest open streams (queued requests included) and waits there in order,
+// whatever the other prefills do — a FIFO queue per prefill, kept here so that both policies run
+// on the same instances. No TTFT budget applies to it.
 //
 // The prefill streams the first token to the client; its handoff goes to the decode with the
 // fewest requests in hand, which pulls the KV when it has room, tells the prefill to release it
@@ -37,7 +39,7 @@ namespace pdserve {
 
 enum class AdmissionPolicy {
   kOnDemand,  // try-accept in rank order, wait at the gateway (P/D-Serve)
-  kBaseline,  // FIFO queue in each prefill, the one with the fewest open streams
+  kBaseline,  // a FIFO queue per prefill, joined at arrival (fewest open streams)
 };
 
 struct RouterOptions {
@@ -85,6 +87,9 @@ class Router : public GenerationBackend {
   void on_prefill_output(const std::shared_ptr<Flight>& f, size_t prefill_idx, EngineOutput&& out);
   void on_decode_output(const std::shared_ptr<Flight>& f, size_t decode_idx, EngineOutput&& out);
   void end(const std::shared_ptr<Flight>& f, EngineOutput&& last);
+  void end_cancelled(const std::shared_ptr<Flight>& f);
+  // Holds an unplaced request: at the gateway (on-demand) or in its prefill's queue (baseline).
+  void hold(const std::shared_ptr<Flight>& f, bool front = false);
   // Holds a request here for the router thread (or ends it "cancelled" once stopped).
   void park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front = false);
   void loop();
@@ -98,12 +103,15 @@ class Router : public GenerationBackend {
   std::deque<std::shared_ptr<Flight>> waiting_;    // guarded by mu_: no prefill yet
   std::deque<std::shared_ptr<Flight>> to_decode_;  // guarded by mu_: handed off, no decode yet
   std::vector<int32_t> prefill_open_;              // guarded by mu_: open streams per prefill
-  std::vector<int32_t> decode_open_;               // guarded by mu_: requests per decode
-  bool retry_ = false;                             // guarded by mu_
-  bool stop_ = false;                              // guarded by mu_
-  int64_t timeouts_total_ = 0;                     // guarded by mu_
-  int64_t rejections_total_ = 0;                   // guarded by mu_: prefill refusals seen
-  int64_t prefill_retries_total_ = 0;              // guarded by mu_
+  // guarded by mu_: baseline admission, the requests queued for each prefill. Sized once: its
+  // elements are never moved (references to them are taken outside the lock).
+  std::vector<std::deque<std::shared_ptr<Flight>>> prefill_queues_;
+  std::vector<int32_t> decode_open_;   // guarded by mu_: requests per decode
+  bool retry_ = false;                 // guarded by mu_
+  bool stop_ = false;                  // guarded by mu_
+  int64_t timeouts_total_ = 0;         // guarded by mu_
+  int64_t rejections_total_ = 0;       // guarded by mu_: prefill refusals seen
+  int64_t prefill_retries_total_ = 0;  // guarded by mu_
   std::thread thread_;
 };
 

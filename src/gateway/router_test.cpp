@@ -11,42 +11,8 @@
 namespace pdserve {
 namespace {
 
-struct Result {
-  std::string text;
-  std::vector<int32_t> tokens;
-  std::string finish_reason;
-  Status error;
-  int32_t completion_tokens = 0;
-  int32_t cached_prompt_tokens = 0;
-};
-
-class Collector {
- public:
-  OutputSink sink() {
-    return [this](EngineOutput&& o) {
-      std::lock_guard<std::mutex> lock(mu_);
-      r_.text += o.text;
-      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
-      if (o.finished) {
-        r_.finish_reason = o.finish_reason;
-        r_.error = o.error;
-        r_.completion_tokens = o.completion_tokens;
-        r_.cached_prompt_tokens = o.cached_prompt_tokens;
-        done_.set_value();
-      }
-    };
-  }
-  Result wait() {
-    done_.get_future().wait();
-    std::lock_guard<std::mutex> lock(mu_);
-    return r_;
-  }
-
- private:
-  std::mutex mu_;
-  Result r_;
-  std::promise<void> done_;
-};
+using testing::Collector;
+using testing::Result;
 
 EngineOptions base_options(EngineRole role) {
   EngineOptions o;
@@ -339,6 +305,32 @@ TEST_F(RouterTest, APrefillThatIsGoneIsSkippedAndOthersServe) {
     EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
   }
   EXPECT_GE(c.router->metrics().gateway_prefill_retries_total, 1);
+  c.expect_idle();
+}
+
+TEST_F(RouterTest, BaselineAdmissionQueuesPerPrefillWithoutABudget) {
+  RouterOptions ro;
+  ro.admission = AdmissionPolicy::kBaseline;
+  ro.ttft_budget_ms = 1;  // ignored by the baseline: requests wait in their prefill's queue
+  Cluster c(*model_, 2, 1, ro);
+  std::atomic<bool> done{false};
+  std::atomic<int32_t> max_waiting{0};
+  std::thread monitor([&] {
+    while (!done.load()) {
+      int32_t w = c.router->metrics().gateway_waiting;
+      if (w > max_waiting.load()) max_waiting.store(w);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::vector<Result> got = run_all(*c.router, prompts(4));
+  done.store(true);
+  monitor.join();
+  for (const Result& r : got) {
+    EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
+  }
+  EXPECT_GT(max_waiting.load(), 0);
+  EXPECT_EQ(c.router->metrics().gateway_timeouts_total, 0);
+  for (auto& p : c.prefills) EXPECT_GT(p->metrics().handoffs_total, 0) << "both prefills take requests";
   c.expect_idle();
 }
 

@@ -1,6 +1,7 @@
 // Constructors of the transport implementations (internal to src/transfer); make_send_pool()
 // and make_puller() in kv_transport.cpp are the only callers. Each implementation lives in its
-// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp.
+// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp. Free functions without
+// state; each returns an object its caller owns.
 #pragma once
 
 #include <memory>

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Forwarding: the paper's baseline admission (each request joins the FIFO queue of the prefill
+# with the fewest open streams) vs on-demand forwarding (a full prefill refuses at once; requests
+# wait at the gateway for whichever prefill frees first), on the SAME instances and workload:
+# two prefill instances and one decode instance (separate processes, shared-memory KV transfer),
+# and two gateways over them, one per policy. pdserve bench's A/B mode sends the same requests to
+# both (A = baseline, B = on-demand), at loads A, 2A and 4A. Success = TTFT within the SLO.
+#
+#   bench/pd_forwarding.sh [OUT_DIR]        (prerequisite: make build)
+#
+# Environment: RATE_A (req/s of load A, 0.25), N (requests per run, 40), SLO_TTFT_MS (4000),
+# SLOTS (prefill slots b_p, 1), LONG_SHARE (share of long prompts, 0.2).
+# The workload mixes short prompts (normal 64±16 tokens) and long ones (normal 1500±200), 16
+# output tokens each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="${1:-build/bench/pd_forwarding}"
+mkdir -p "$out"
+model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+pdserve=build/release/src/bin/pdserve
+for f in "$model" "$pdserve"; do
+  [ -e "$f" ] || { echo "missing $f: run make build" >&2; exit 1; }
+done
+rate_a="${RATE_A:-0.25}"
+n="${N:-40}"
+slo="${SLO_TTFT_MS:-4000}"
+slots="${SLOTS:-1}"
+long_share="${LONG_SHARE:-0.2}"
+
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+start() {  # start LOG ARGS...: a pdserve process in the background
+  local log="$1"
+  shift
+  "$pdserve" "$@" >"$out/$log" 2>&1 &
+  pids+=($!)
+}
+wait_ready() {
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "port $1 did not become ready (see $out/*.log)" >&2
+  exit 1
+}
+
+instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memory 256MiB --prefill-slots "$slots")
+start prefill0.log "${instance[@]}" --role prefill --port 18201
+start prefill1.log "${instance[@]}" --role prefill --port 18202
+start decode.log "${instance[@]}" --role decode --port 18203
+for port in 18201 18202 18203; do wait_ready "$port"; done
+gateway=(gateway --model "$model" --prefill 127.0.0.1:18201 --prefill 127.0.0.1:18202 --decode 127.0.0.1:18203
+         --ttft-budget-ms 120000)
+start gateway_baseline.log "${gateway[@]}" --port 18210 --admission baseline
+start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand
+for port in 18210 18211; do wait_ready "$port"; done
+
+for mult in 1 2 4; do
+  total=$(python3 -c "print($rate_a * $mult)")
+  short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
+  long=$(python3 -c "print($rate_a * $mult * $long_share)")
+  scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
+              {\"name\": \"long\", \"rate\": $long, \"input\": \"normal:1500:200\"}]"
+  echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms; A = baseline, B = on-demand"
+  "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
+    --api completions --scenarios "$scenarios" --output-len fixed:16 --ignore-eos -n "$n" \
+    --tokenizer-model "$model" --slo-ttft-ms "$slo" --no-metrics -q --json "$out/load_$mult.json" || true
+done
