@@ -8,10 +8,11 @@
 #
 #   bench/pd_forwarding.sh [OUT_DIR]        (prerequisite: make build)
 #
-# Environment: RATE_A (req/s of load A, 0.25), N (requests per run, 40), SLO_TTFT_MS (4000),
-# SLOTS (prefill slots b_p, 1), LONG_SHARE (share of long prompts, 0.2).
-# The workload mixes short prompts (normal 64±16 tokens) and long ones (normal 1500±200), 16
-# output tokens each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
+# Environment: RATE_A (req/s of load A, 0.8), N (requests per run, 60), SLO_TTFT_MS (2000),
+# SLOTS (prefill slots b_p, 1), LONG_SHARE (share of long prompts, 0.2), LONG_IN (long prompt
+# lengths, normal:600:100: one takes about 1.4 s alone on a one-thread prefill here, inside the SLO).
+# The workload mixes short prompts (normal 64±16 tokens) and long ones, 16 output tokens each.
+# Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -22,11 +23,12 @@ pdserve=build/release/src/bin/pdserve
 for f in "$model" "$pdserve"; do
   [ -e "$f" ] || { echo "missing $f: run make build" >&2; exit 1; }
 done
-rate_a="${RATE_A:-0.25}"
-n="${N:-40}"
-slo="${SLO_TTFT_MS:-4000}"
+rate_a="${RATE_A:-0.8}"
+n="${N:-60}"
+slo="${SLO_TTFT_MS:-2000}"
 slots="${SLOTS:-1}"
 long_share="${LONG_SHARE:-0.2}"
+long_in="${LONG_IN:-normal:600:100}"
 
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
@@ -45,7 +47,9 @@ wait_ready() {
   exit 1
 }
 
-instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memory 256MiB --prefill-slots "$slots")
+# NOTE: no prefix caching: both policies see the same prompts, the second would hit the cache.
+instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memory 256MiB --prefill-slots "$slots"
+          --no-prefix-caching)
 start prefill0.log "${instance[@]}" --role prefill --port 18201
 start prefill1.log "${instance[@]}" --role prefill --port 18202
 start decode.log "${instance[@]}" --role decode --port 18203
@@ -61,7 +65,7 @@ for mult in 1 2 4; do
   short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
   long=$(python3 -c "print($rate_a * $mult * $long_share)")
   scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
-              {\"name\": \"long\", \"rate\": $long, \"input\": \"normal:1500:200\"}]"
+              {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
   echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms; A = baseline, B = on-demand"
   "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
     --api completions --scenarios "$scenarios" --output-len fixed:16 --ignore-eos -n "$n" \

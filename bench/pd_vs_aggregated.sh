@@ -7,7 +7,8 @@
 #
 #   bench/pd_vs_aggregated.sh [OUT_DIR]        (prerequisite: make build)
 #
-# Environment: THREADS (2), N (requests per rate, 40), RATES (req/s, "0.5 1"), ROUNDS (A/B rounds, 1).
+# Environment: THREADS (2), N (requests per rate, 40), RATES (req/s, "0.5 1"), ROUNDS (A/B rounds, 1),
+# SEED (of the first rate's prompts, 1; each later rate takes the next).
 # Prompts normal(256, 32) tokens, outputs normal(128, 16), Poisson arrivals. Writes
 # OUT_DIR/rate_<r>.json and prints each run's tables.
 set -euo pipefail
@@ -33,10 +34,13 @@ for port in 18301 18302; do
     sleep 0.5
   done
 done
+# NOTE: a new seed per rate: the same prompts again would hit each server's prefix cache.
+seed="${SEED:-1}"
 for rate in ${RATES:-0.5 1}; do
   echo "== ${N:-40} requests, Poisson $rate req/s; A = aggregated, B = disaggregated"
   "$pdserve" bench --base-url http://127.0.0.1:18301 --ab-base-url http://127.0.0.1:18302 --ab-rounds "${ROUNDS:-1}" \
     --api completions --input-len normal:256:32 --output-len normal:128:16 --ignore-eos --arrival poisson \
-    --rate "$rate" -n "${N:-40}" --tokenizer-model "$model" --slo-ttft-ms 2000 --slo-tpot-ms 200 --no-metrics -q \
+    --rate "$rate" -n "${N:-40}" --seed "$seed" --tokenizer-model "$model" --slo-ttft-ms 2000 --slo-tpot-ms 200 --no-metrics -q \
     --json "$out/rate_$rate.json" || true
+  seed=$((seed + 1))
 done
