@@ -6,7 +6,7 @@
 #   bench/server_vs_llama_server.sh [OUT_DIR]      (prerequisites: make build and
 #                                                    tools/reference/build_llama_cpp.sh)
 #
-# Environment: THREADS (2), N_SAT (requests at saturation, 100), RATE_SAT (req/s, 4),
+# Environment: THREADS (2), N_SAT (requests at saturation, 100; 0 skips it), RATE_SAT (req/s, 4),
 # N_MOD (requests at the moderate rate, 30), RATE_MOD (req/s, 0.25), IDLE_CONNS (500).
 # Writes OUT_DIR/{saturation,moderate}.json and prints the tables and the memory figures.
 set -euo pipefail
@@ -71,8 +71,10 @@ done
 common=(--base-url "http://127.0.0.1:$port_a" --ab-base-url "http://127.0.0.1:$port_b" --ab-rounds 1
         --api completions --input-len normal:256:32 --output-len normal:128:16 --arrival poisson
         --tokenizer-model "$model" --slo-ttft-ms 2000 --slo-tpot-ms 200 --no-metrics -q)
-echo "== saturation: ${N_SAT:-100} requests, Poisson ${RATE_SAT:-4} req/s"
-"$pdserve" bench "${common[@]}" -n "${N_SAT:-100}" --rate "${RATE_SAT:-4}" --json "$out/saturation.json"
+if [ "${N_SAT:-100}" != 0 ]; then  # N_SAT=0 skips the saturation run
+  echo "== saturation: ${N_SAT:-100} requests, Poisson ${RATE_SAT:-4} req/s"
+  "$pdserve" bench "${common[@]}" -n "${N_SAT:-100}" --rate "${RATE_SAT:-4}" --json "$out/saturation.json"
+fi
 echo "== moderate: ${N_MOD:-30} requests, Poisson ${RATE_MOD:-0.25} req/s"
 "$pdserve" bench "${common[@]}" -n "${N_MOD:-30}" --rate "${RATE_MOD:-0.25}" --json "$out/moderate.json"
 echo "peak RSS during the runs: pdserve $(awk '/VmHWM/ {print $2}' /proc/$pid_a/status) KiB," \

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
+#include <optional>
+
 #include "api/internal_protocol.h"
 #include "api/protocol.h"
 #include "common/log.h"
@@ -23,14 +26,31 @@ HttpResponse status_response(const Status& st) {
 std::string event_frame(const StreamEvent& e) { return "data: " + encode_stream_event(e) + "\n\n"; }
 
 // Streams one request's events to its connection; the request is cancelled if the peer goes away.
-OutputSink stream_sink(const std::shared_ptr<ResponseChannel>& channel) {
-  return [channel](EngineOutput&& out) {
+// A handoff that reaches a connection already closed is released here: nobody else knows of it.
+OutputSink stream_sink(Engine& engine, const std::shared_ptr<ResponseChannel>& channel,
+                       const std::shared_ptr<std::atomic<bool>>& closed) {
+  return [&engine, channel, closed](EngineOutput&& out) {
     const bool last = out.finished;
+    std::optional<KvBufferRef> staged;
+    if (out.handoff) staged = out.handoff->kv.ref();
     std::string frame = event_frame(StreamEvent(std::move(out)));
-    channel->post([channel, frame = std::move(frame), last]() mutable {
+    channel->post([&engine, channel, closed, staged, frame = std::move(frame), last]() mutable {
+      if (closed->load() && staged) {
+        (void)engine.release_handoff(*staged);
+        return;
+      }
       channel->write(std::move(frame));
       if (last) channel->end_stream();
     });
+  };
+}
+
+// on_close: cancel the request and remember that its connection is gone.
+std::function<void()> on_gone(const std::shared_ptr<RequestHandle>& handle,
+                              const std::shared_ptr<std::atomic<bool>>& closed) {
+  return [handle, closed] {
+    closed->store(true);
+    handle->cancel();
   };
 }
 
@@ -61,10 +81,11 @@ void InstanceService::handle_submit(const HttpRequest& request,
                                     const std::shared_ptr<ResponseChannel>& channel) {
   StatusOr<EngineRequest> r = decode_engine_request(request.body);
   if (!r.ok()) return channel->respond(status_response(r.status()));
-  auto handle = engine_.submit(std::move(*r), stream_sink(channel), nullptr);
+  auto closed = std::make_shared<std::atomic<bool>>(false);
+  auto handle = engine_.submit(std::move(*r), stream_sink(engine_, channel, closed), nullptr);
   if (!handle.ok()) return channel->respond(status_response(handle.status()));
   channel->start_stream(200, std::string(kEventStream));
-  channel->on_close([h = *handle] { h->cancel(); });
+  channel->on_close(on_gone(*handle, closed));
 }
 
 void InstanceService::handle_handoff(const HttpRequest& request,
@@ -75,11 +96,12 @@ void InstanceService::handle_handoff(const HttpRequest& request,
     std::string frame = event_frame(StreamEvent(PulledEvent{st}));
     channel->post([channel, frame = std::move(frame)]() mutable { channel->write(std::move(frame)); });
   };
-  auto handle = engine_.submit_handoff(std::move(r->first), r->second, stream_sink(channel),
+  auto closed = std::make_shared<std::atomic<bool>>(false);
+  auto handle = engine_.submit_handoff(std::move(r->first), r->second, stream_sink(engine_, channel, closed),
                                        std::move(on_pulled), nullptr);
   if (!handle.ok()) return channel->respond(status_response(handle.status()));
   channel->start_stream(200, std::string(kEventStream));
-  channel->on_close([h = *handle] { h->cancel(); });
+  channel->on_close(on_gone(*handle, closed));
 }
 
 void InstanceService::handle_release(const HttpRequest& request, ResponseChannel& channel) {

@@ -716,7 +716,8 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
   w.counter("pdserve_gateway_timeouts_total", "Requests that waited at the gateway beyond their TTFT budget.",
             static_cast<double>(m.gateway_timeouts_total));
   w.counter("pdserve_gateway_rejections_total",
-            "Times a full prefill refused a request (then the next was asked).",
+            "Inquiries refused by a full prefill (requests waiting at the gateway are re-inquired as "
+            "capacity frees and every 10 ms).",
             static_cast<double>(m.gateway_rejections_total));
   w.counter("pdserve_gateway_prefill_retries_total",
             "Requests retried on another prefill after a failure before their first token.",

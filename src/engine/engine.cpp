@@ -276,7 +276,10 @@ void Engine::loop() {
     bool stopping;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      auto ready = [&] { return stop_ || !incoming_.empty() || !scheduler_.idle() || !to_pull_.empty(); };
+      // NOTE: handoffs waiting for a seat wake the loop only when a seat may have freed up.
+      auto ready = [&] {
+        return stop_ || !incoming_.empty() || !scheduler_.idle() || (!to_pull_.empty() && !pull_blocked_);
+      };
       if (!pulling_.empty()) {
         // NOTE: pulls finish on the transport's thread; poll them often rather than add a wake-up path.
         cv_.wait_for(lock, std::chrono::microseconds(500), ready);
@@ -348,7 +351,10 @@ void Engine::start_pulls() {
       std::vector<int32_t> tokens = a.request.prompt;
       tokens.push_back(h.first_token);
       st = scheduler_.import(id, std::move(tokens), h.num_prompt_tokens);
-      if (st.code() == StatusCode::kResourceExhausted) break;  // one pull per freed seat
+      if (st.code() == StatusCode::kResourceExhausted) {  // one pull per freed seat
+        pull_blocked_ = true;
+        break;
+      }
     }
     to_pull_.pop_front();
     {
@@ -396,6 +402,7 @@ void Engine::land_pulls(bool wait) {
     }
     pulling_.erase(pulling_.begin() + static_cast<std::ptrdiff_t>(i));
     a.pulling = false;
+    pull_blocked_ = false;
     PulledCallback on_pulled = std::move(a.on_pulled);
     a.on_pulled = nullptr;
     if (on_pulled) on_pulled(ts.phase == TransferPhase::kDone ? ok_status() : ts.error);
@@ -422,6 +429,11 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
   // The first token goes out before the KV is gathered: the client sees it at once.
   a.sink(std::move(out));
   EngineOutput last;
+  if (a.handle->cancelled()) {  // nobody would take or release the staged KV
+    last.finish_reason = "cancelled";
+    finish(id, std::move(last));
+    return;
+  }
   StatusOr<KvHandle> kv = publish_kv(*options_.kv_send, kv_view_, scheduler_.block_table(id), num_prompt);
   if (!kv.ok()) {
     last.finish_reason = "error";
@@ -569,6 +581,7 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   if (last.finish_reason != "handoff") prompt_tokens_total_ += last.prompt_tokens;
   ++finished_by_reason_[last.finish_reason];
   scheduler_.remove(id);
+  pull_blocked_ = false;  // a seat or blocks may be free now
   OutputSink sink = std::move(a.sink);
   active_.erase(it);
   // Metrics first, so whoever sees the final output also sees the blocks freed.

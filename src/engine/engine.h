@@ -5,7 +5,8 @@
 // Outputs go to each request's OutputSink, called on the engine thread in order: text as it
 // becomes final (stop strings held back), the sampled tokens with their log-probabilities when
 // asked, and a last output with finished = true, the finish reason and usage. A sink must be
-// quick and must not call back into the engine (post the output to your own thread instead).
+// quick; it runs with no engine lock held, so it may call the thread-safe methods (submit,
+// release_handoff — a router does) but nothing that waits for this engine's thread.
 // Cancellation (RequestHandle::cancel) frees the request's KV blocks at the start of the next
 // step; its sink then gets a final output with finish reason "cancelled".
 //
@@ -206,8 +207,9 @@ class Instance : public GenerationBackend {
 
 class Engine : public Instance {
  public:
-  // Starts the engine thread. The model, tokenizer and pool must outlive the engine; the pool
-  // is used by the engine thread only.
+  // Starts the engine thread. The model, tokenizer and pool must outlive the engine. The pool is
+  // used only inside the model's forward pass, which runs one at a time per model, so engines of
+  // one process may share a pool.
   Engine(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, const EngineOptions& options);
   ~Engine() override;  // shutdown()
   // Finishes every request as "cancelled" and joins the engine thread; later submissions fail
@@ -298,6 +300,7 @@ class Engine : public Instance {
   PagedKvView kv_view_;              // kv_storage_ for the transfer layer
   std::deque<SequenceId> to_pull_;   // decode role: pending handoffs, in arrival order
   std::vector<SequenceId> pulling_;  // decode role: KV on its way
+  bool pull_blocked_ = false;        // decode role: the head of to_pull_ waits for a seat
   int64_t handoffs_total_ = 0;
   int64_t kv_pulls_failed_total_ = 0;
 

@@ -1,7 +1,11 @@
 #include "gateway/remote_instance.h"
 
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -21,11 +25,30 @@ namespace net = boost::asio;
 using tcp = net::ip::tcp;
 
 constexpr size_t kMaxEventBytes = size_t{64} << 20;
+// A whole stream (an error body too): bounds what a peer can make the gateway read.
+constexpr uint64_t kMaxStreamBytes = uint64_t{1} << 30;
 
 // Waits until the socket is readable (true) or `timeout` passes (false).
 bool wait_readable(tcp::socket& socket, std::chrono::milliseconds timeout) {
   pollfd p{socket.native_handle(), POLLIN, 0};
   return ::poll(&p, 1, static_cast<int>(timeout.count())) > 0;
+}
+
+// A blocking read on `socket` fails after `timeout` without data (control calls: stats, release).
+void set_receive_timeout(tcp::socket& socket, std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+// A stream's peer that vanishes without closing (a partition, a dead host) is noticed within
+// about 10 s: TCP keepalive probes after 4 s idle, every 2 s, 3 times.
+void set_keepalive(tcp::socket& socket) {
+  int on = 1, idle = 4, interval = 2, count = 3;
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+  ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+  ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+  ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
 }
 
 // A blocking connect that gives up after `timeout`.
@@ -130,6 +153,7 @@ Status RemoteInstance::refresh_stats() {
   net::io_context ioc;
   tcp::socket socket(ioc);
   PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
+  set_receive_timeout(socket, options_.connect_timeout);
   beast::error_code ec;
   auto req = make_request(http::verb::get, address_, "/internal/v1/stats", "");
   req.keep_alive(false);
@@ -221,8 +245,9 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
   auto s = std::make_shared<Stream>(handle);
   s->sink = std::move(sink);
   s->on_pulled = std::move(on_pulled);
-  s->parser.body_limit(std::numeric_limits<std::uint64_t>::max());
+  s->parser.body_limit(kMaxStreamBytes);
   PD_RETURN_IF_ERROR(connect_socket(s->socket, host_, port_, options_.connect_timeout));
+  set_keepalive(s->socket);
   beast::error_code ec;
   auto req = make_request(http::verb::post, address_, path, std::move(body));
   req.keep_alive(false);
@@ -234,37 +259,18 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
     http::read(s->socket, s->buffer, s->parser, ec);
     return api::decode_status(s->parser.get().body());
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return unavailable("the gateway is shutting down");
-    streams_.push_back(s);
-  }
   const std::string what = fmt::format("the {} instance at {}", engine_role_name(role_), address_);
   const auto poll_interval = options_.poll_interval;
+  // NOTE: the thread is created and published under mu_, so poll_stats() and shutdown() never see
+  // a stream without its thread (the thread's first lock waits for this one).
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stop_) return unavailable("the gateway is shutting down");
   s->thread = std::thread([this, s, what, poll_interval] {
     std::string pending;  // event bytes not yet ended by a blank line
     bool got_final = false;
     Status broken = ok_status();
-    auto deliver_final = [&](std::string reason, Status error) {
-      EngineOutput out;
-      out.finished = true;
-      out.finish_reason = std::move(reason);
-      out.error = std::move(error);
-      s->sink(std::move(out));
-    };
-    for (;;) {
-      bool stopping;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        stopping = stop_;
-      }
-      if (s->handle->cancelled() || stopping) break;
-      if (s->buffer.size() == 0 && !wait_readable(s->socket, poll_interval)) continue;
-      beast::error_code rec;
-      http::read_some(s->socket, s->buffer, s->parser, rec);
-      std::string& received = s->parser.get().body();
-      pending.append(received);
-      received.clear();
+    // Hands every complete event in `pending` on; false when the stream must end.
+    auto process = [&]() {
       size_t end;
       while (!got_final && (end = pending.find("\n\n")) != std::string::npos) {
         std::string_view block(pending.data(), end);
@@ -272,7 +278,7 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
           StatusOr<api::StreamEvent> e = api::decode_stream_event(block.substr(6));
           if (!e.ok()) {
             broken = data_loss(fmt::format("{} sent a malformed event: {}", what, e.status().message()));
-            break;
+            return false;
           }
           if (auto* pulled = std::get_if<api::PulledEvent>(&*e)) {
             if (s->on_pulled) std::exchange(s->on_pulled, nullptr)(pulled->status);
@@ -284,11 +290,38 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
         }
         pending.erase(0, end + 2);
       }
-      if (got_final || !broken.ok()) break;
       if (pending.size() > kMaxEventBytes) {
         broken = data_loss(fmt::format("{} sent an event larger than {} bytes", what, kMaxEventBytes));
+        return false;
+      }
+      return !got_final;
+    };
+    auto read_some = [&]() {
+      beast::error_code rec;
+      http::read_some(s->socket, s->buffer, s->parser, rec);
+      std::string& received = s->parser.get().body();
+      pending.append(received);
+      received.clear();
+      return rec;
+    };
+    for (;;) {
+      bool stopping;
+      {
+        std::lock_guard<std::mutex> stop_lock(mu_);
+        stopping = stop_;
+      }
+      if (s->handle->cancelled() || stopping) {
+        // What already arrived may hold the final event (a prefill's handoff: the router must
+        // see it to release the staged KV); take it without waiting for more.
+        while (!got_final && broken.ok() &&
+               (s->buffer.size() > 0 || wait_readable(s->socket, std::chrono::milliseconds(0)))) {
+          if (read_some() || !process()) break;
+        }
         break;
       }
+      if (s->buffer.size() == 0 && !wait_readable(s->socket, poll_interval)) continue;
+      beast::error_code rec = read_some();
+      if (!process()) break;
       if (rec) {
         broken = unavailable(
             fmt::format("{} closed the stream before the request ended ({})", what, rec.message()));
@@ -302,17 +335,24 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
     beast::error_code ignored;
     s->socket.shutdown(tcp::socket::shutdown_both, ignored);
     s->socket.close(ignored);
+    // The prefill must hear about a decode stream that ended without saying whether it has the KV.
+    if (s->on_pulled)
+      std::exchange(s->on_pulled, nullptr)(broken.ok() ? unavailable("the stream ended") : broken);
     if (!got_final) {
-      if (s->on_pulled) std::exchange(s->on_pulled, nullptr)(broken.ok() ? unavailable("cancelled") : broken);
+      EngineOutput out;
+      out.finished = true;
       if (broken.ok()) {
-        deliver_final("cancelled", ok_status());
+        out.finish_reason = "cancelled";
       } else {
         PD_LOG_WARN("gateway: {}", broken.message());
-        deliver_final("error", broken);
+        out.finish_reason = "error";
+        out.error = broken;
       }
+      s->sink(std::move(out));
     }
     s->finished.store(true);
   });
+  streams_.push_back(s);
   return handle;
 }
 
@@ -320,6 +360,7 @@ Status RemoteInstance::release_handoff(const KvBufferRef& kv) {
   net::io_context ioc;
   tcp::socket socket(ioc);
   PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
+  set_receive_timeout(socket, options_.connect_timeout);
   beast::error_code ec;
   auto req = make_request(http::verb::post, address_, "/internal/v1/release", api::encode_release(kv));
   req.keep_alive(false);

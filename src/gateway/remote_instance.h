@@ -7,7 +7,8 @@
 // events on a thread of its own, which calls the sink (and on_pulled) in order. Cancelling the
 // request's handle closes the connection (the instance cancels it) and ends it "cancelled" here.
 // A stream that breaks before its final event (the instance died) ends with an error naming the
-// instance, within poll_interval of the break.
+// instance, within poll_interval of the break (a peer that vanishes without closing: within about
+// 10 s, by TCP keepalive). Control calls (stats, release) time out after connect_timeout.
 //
 // A background thread reads the instance's stats every stats_interval: metrics() reports the
 // latest, and an instance that stops answering is marked down (submissions fail at once with
@@ -55,7 +56,6 @@ class RemoteInstance : public Instance {
   const std::string& address() const { return address_; }
   uint64_t model_fingerprint() const { return fingerprint_; }
   const std::string& transport() const { return transport_; }
-  bool up() const { return up_.load(); }
 
   EngineRole role() const override { return role_; }
   int32_t max_context() const override { return max_context_; }

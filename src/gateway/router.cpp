@@ -75,6 +75,7 @@ struct Router::Flight {
   bool got_first_token = false;
   size_t prefill_idx = 0;
   std::optional<EngineHandoff> handoff;
+  Clock::time_point decode_deadline;  // handed off: a decode must take it by then
   int32_t cached_prompt_tokens = 0;
 };
 
@@ -157,7 +158,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
     if (stop_) return unavailable("the gateway is shutting down");
     // First come, first served: nobody overtakes requests already waiting (baseline: the
     // prefill's own queue, checked in try_place()).
-    queue_first = options_.admission == AdmissionPolicy::kOnDemand && !waiting_.empty();
+    queue_first = options_.admission == AdmissionPolicy::kOnDemand && (!waiting_.empty() || dispatching_);
     if (queue_first) waiting_.push_back(f);
   }
   if (queue_first) {
@@ -201,7 +202,11 @@ void Router::notify_capacity() {
   cv_.notify_one();
 }
 
-bool Router::try_place(const std::shared_ptr<Flight>& f) {
+bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return false;  // park() ends it
+  }
   if (f->handle->cancelled()) {
     end_cancelled(f);
     return true;
@@ -235,7 +240,9 @@ bool Router::try_place(const std::shared_ptr<Flight>& f) {
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (!prefill_queues_[static_cast<size_t>(f->assigned)].empty()) return false;  // behind the others
+      // Behind the others (also while the router thread has them in hand).
+      if (!queued && (dispatching_ || !prefill_queues_[static_cast<size_t>(f->assigned)].empty()))
+        return false;
     }
     order.assign(1, static_cast<size_t>(f->assigned));
   }
@@ -258,13 +265,28 @@ bool Router::try_place(const std::shared_ptr<Flight>& f) {
       continue;  // a full prefill refuses at once: inquire the next one
     }
     if (accepted.status().code() == StatusCode::kUnavailable) {
-      // A prefill going away (shutting down, unreachable): try the others.
-      f->failed_on[idx] = true;
+      // A prefill that is down or going away: ask the others now, and this one again later (it
+      // may come back within the request's budget). Only a prefill that accepted the request
+      // and then failed it is never asked again (failed_on).
       {
         std::lock_guard<std::mutex> lock(mu_);
         ++prefill_retries_total_;
       }
-      if (options_.admission == AdmissionPolicy::kBaseline) return try_place(f);  // another queue
+      if (options_.admission == AdmissionPolicy::kBaseline) {
+        // Its queue would wait behind a prefill that is not there: join the shortest other one.
+        std::lock_guard<std::mutex> lock(mu_);
+        size_t best = prefills_.size();
+        for (size_t i = 0; i < prefills_.size(); ++i) {
+          if (i == idx || f->failed_on[i]) continue;
+          if (best == prefills_.size() ||
+              prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size()) <
+                  prefill_open_[best] + static_cast<int32_t>(prefill_queues_[best].size())) {
+            best = i;
+          }
+        }
+        if (best != prefills_.size()) f->assigned = static_cast<int>(best);
+        return false;
+      }
       continue;
     }
     EngineOutput out;
@@ -336,6 +358,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
   if (out.handoff) {
     f->prefill_idx = idx;
     f->handoff = std::move(out.handoff);
+    f->decode_deadline = Clock::now() + std::chrono::milliseconds(options_.decode_wait_ms);
     f->cached_prompt_tokens = out.cached_prompt_tokens;
     bool queue_first, stopped;
     {
@@ -361,7 +384,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_retries_total_;
     }
-    if (!try_place(f)) hold(f, /*front=*/true);
+    if (!try_place(f, /*queued=*/true)) hold(f, /*front=*/true);
     return;
   }
   end(f, std::move(out));
@@ -405,6 +428,7 @@ void Router::loop() {
       retry_ = false;
       waiting.swap(waiting_);
       to_decode.swap(to_decode_);
+      dispatching_ = true;  // submit() queues behind what is in hand here
       // NOTE: swap the deques, not the vector: park() holds references to its elements.
       queues.resize(prefill_queues_.size());
       for (size_t i = 0; i < queues.size(); ++i) queues[i].swap(prefill_queues_[i]);
@@ -412,6 +436,16 @@ void Router::loop() {
     // Handed-off requests first: they hold prefill slots.
     std::deque<std::shared_ptr<Flight>> keep_decode;
     for (auto& f : to_decode) {
+      if (Clock::now() >= f->decode_deadline) {
+        (void)prefills_[f->prefill_idx]->release_handoff(f->handoff->kv.ref());
+        EngineOutput out;
+        out.finish_reason = "error";
+        out.error = unavailable(fmt::format(
+            "no decode instance of scenario '{}' could take this request within {} ms of its first token",
+            options_.scenario, options_.decode_wait_ms));
+        end(f, std::move(out));
+        continue;
+      }
       if (!keep_decode.empty() || !try_hand_to_decode(f)) keep_decode.push_back(f);
     }
     std::deque<std::shared_ptr<Flight>> keep_waiting;
@@ -439,7 +473,7 @@ void Router::loop() {
         end(f, std::move(out));
         continue;
       }
-      if (blocked || !try_place(f)) {
+      if (blocked || !try_place(f, /*queued=*/true)) {
         blocked = true;  // first come, first served: the rest wait behind it
         keep_waiting.push_back(f);
       }
@@ -451,7 +485,7 @@ void Router::loop() {
       for (auto& f : queues[i]) {
         if (f->handle->cancelled()) {
           end_cancelled(f);
-        } else if (full || !try_place(f)) {
+        } else if (full || !try_place(f, /*queued=*/true)) {
           full = true;
           if (f->assigned == static_cast<int>(i)) {
             keep_queues[i].push_back(f);
@@ -462,6 +496,7 @@ void Router::loop() {
       }
     }
     std::lock_guard<std::mutex> lock(mu_);
+    dispatching_ = false;
     waiting_.insert(waiting_.begin(), keep_waiting.begin(), keep_waiting.end());
     to_decode_.insert(to_decode_.begin(), keep_decode.begin(), keep_decode.end());
     for (size_t i = 0; i < keep_queues.size(); ++i) {

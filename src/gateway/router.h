@@ -48,12 +48,15 @@ struct RouterOptions {
   // TTFT budget for waiting at the gateway: base + per_token × prompt tokens.
   int64_t ttft_budget_ms = 10'000;
   double ttft_budget_ms_per_token = 0.0;
+  // A handed-off request that no decode takes within this fails (and its prefill KV is released).
+  int64_t decode_wait_ms = 30'000;
 };
 
 class Router : public GenerationBackend {
  public:
-  // prefills: engines with EngineRole::kPrefill; decodes: kDecode. Both non-empty. Set
-  // EngineOptions::on_capacity of each engine to call notify_capacity().
+  // prefills: instances with EngineRole::kPrefill; decodes: kDecode. Both non-empty. For engines
+  // in this process, set EngineOptions::on_capacity to call notify_capacity(); remote instances
+  // are retried on the router's own events and its 10 ms tick.
   Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, const RouterOptions& options);
   ~Router() override;  // stop()
   // Stops retrying and ends the requests held here as "cancelled" (releasing their prefills'
@@ -81,7 +84,8 @@ class Router : public GenerationBackend {
   struct Flight;  // one request on its way (router.cpp)
 
   // Offers the request to the prefills; true when one took it (or it ended).
-  bool try_place(const std::shared_ptr<Flight>& f);
+  // `queued`: the router thread (or a retry) places a request that already waited, ahead of new ones.
+  bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
   void on_prefill_output(const std::shared_ptr<Flight>& f, size_t prefill_idx, EngineOutput&& out);
@@ -108,6 +112,7 @@ class Router : public GenerationBackend {
   std::vector<std::deque<std::shared_ptr<Flight>>> prefill_queues_;
   std::vector<int32_t> decode_open_;   // guarded by mu_: requests per decode
   bool retry_ = false;                 // guarded by mu_
+  bool dispatching_ = false;           // guarded by mu_: the router thread holds the queues' contents
   bool stop_ = false;                  // guarded by mu_
   int64_t timeouts_total_ = 0;         // guarded by mu_
   int64_t rejections_total_ = 0;       // guarded by mu_: prefill refusals seen
