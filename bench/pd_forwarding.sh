@@ -16,6 +16,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+source bench/common.sh
 out="${1:-build/bench/pd_forwarding}"
 mkdir -p "$out"
 model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,14 +39,6 @@ start() {  # start LOG ARGS...: a pdserve process in the background
   "$pdserve" "$@" >"$out/$log" 2>&1 &
   pids+=($!)
 }
-wait_ready() {
-  for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    sleep 0.5
-  done
-  echo "port $1 did not become ready (see $out/*.log)" >&2
-  exit 1
-}
 
 # NOTE: no prefix caching: both policies see the same prompts, the second would hit the cache.
 instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memory 256MiB --prefill-slots "$slots"
@@ -53,12 +46,12 @@ instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memor
 start prefill0.log "${instance[@]}" --role prefill --port 18201
 start prefill1.log "${instance[@]}" --role prefill --port 18202
 start decode.log "${instance[@]}" --role decode --port 18203
-for port in 18201 18202 18203; do wait_ready "$port"; done
+wait_ready 18201 18202 18203
 gateway=(gateway --model "$model" --prefill 127.0.0.1:18201 --prefill 127.0.0.1:18202 --decode 127.0.0.1:18203
          --ttft-budget-ms 120000)
 start gateway_baseline.log "${gateway[@]}" --port 18210 --admission baseline
 start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand
-for port in 18210 18211; do wait_ready "$port"; done
+wait_ready 18210 18211
 
 for mult in 1 2 4; do
   total=$(python3 -c "print($rate_a * $mult)")

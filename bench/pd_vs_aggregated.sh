@@ -14,6 +14,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+source bench/common.sh
 out="${1:-build/bench/pd_vs_aggregated}"
 mkdir -p "$out"
 model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,12 +29,7 @@ pid_a=$!
 "$pdserve" "${common[@]}" --mode disaggregated --port 18302 >"$out/disaggregated.log" 2>&1 &
 pid_b=$!
 trap 'kill $pid_a $pid_b 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-for port in 18301 18302; do
-  for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-    sleep 0.5
-  done
-done
+wait_ready 18301 18302
 # NOTE: a new seed per rate: the same prompts again would hit each server's prefix cache.
 seed="${SEED:-1}"
 for rate in ${RATES:-0.5 1}; do

@@ -12,6 +12,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+source bench/common.sh
 out="${1:-build/bench/server}"
 mkdir -p "$out"
 threads="${THREADS:-2}"
@@ -32,16 +33,7 @@ pid_a=$!
 pid_b=$!
 trap 'kill $pid_a $pid_b 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 
-wait_ready() {
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$1/health" >/dev/null 2>&1 && return 0
-    sleep 0.5
-  done
-  echo "server on port $1 did not become ready" >&2
-  exit 1
-}
-wait_ready "$port_a"
-wait_ready "$port_b"
+wait_ready "$port_a" "$port_b"
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 echo "idle RSS after start: pdserve $(rss_kib $pid_a) KiB, llama-server $(rss_kib $pid_b) KiB"

@@ -139,19 +139,9 @@ int run_instance(void* p) {
 struct GatewayArgs {
   std::vector<std::string> prefills;
   std::vector<std::string> decodes;
-  std::string model;
-  std::string host = "127.0.0.1";
-  int port = 8000;
-  int http_threads = 2;
-  std::string api_key;
-  std::string served_model_name;
-  size_t max_body_bytes = size_t{8} << 20;
-  int shutdown_timeout_s = 30;
   int connect_timeout_s = 60;
-  int64_t ttft_budget_ms = 60'000;
-  double ttft_budget_ms_per_token = 0;
-  std::string admission = "on-demand";
-  std::string scenario = "default";
+  FrontOptions front{.command = "gateway"};
+  RouterFlags router;
 };
 
 // The gateway's objects: remote instances and the router over them.
@@ -173,18 +163,9 @@ StatusOr<std::unique_ptr<RemoteInstance>> connect_until(const std::string& addre
 
 int run_gateway(void* p) {
   auto& a = *static_cast<GatewayArgs*>(p);
-  FrontOptions front{.command = "gateway",
-                     .host = a.host,
-                     .port = a.port,
-                     .http_threads = a.http_threads,
-                     .max_body_bytes = a.max_body_bytes,
-                     .api_key = a.api_key,
-                     .served_model_name = a.served_model_name,
-                     .model_path = a.model,
-                     .shutdown_timeout_s = a.shutdown_timeout_s};
-  return run_openai_front(front, [&a](api::ApiService&) -> StatusOr<FrontBackend> {
+  return run_openai_front(a.front, [&a](api::ApiService&) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<GatewayState>();
-    PD_ASSIGN_OR_RETURN(state->model, load_model(a.model, /*weights=*/false));
+    PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/false));
     const uint64_t fingerprint = state->model.file->fingerprint();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
     std::vector<Instance*> prefills, decodes;
@@ -207,7 +188,7 @@ int run_gateway(void* p) {
           return invalid_argument(
               fmt::format("instance {} serves model {:#x}, not {} ({:#x}): start every instance with the "
                           "gateway's --model",
-                          address, inst.model_fingerprint(), a.model, fingerprint));
+                          address, inst.model_fingerprint(), a.front.model_path, fingerprint));
         }
         if (!transport.empty() && inst.transport() != transport) {
           return invalid_argument(fmt::format("instance {} moves KV over '{}', the others over '{}'", address,
@@ -218,18 +199,13 @@ int run_gateway(void* p) {
         state->instances.push_back(std::move(r).value());
       }
     }
-    RouterOptions ro;
-    ro.admission = a.admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
-    ro.scenario = a.scenario;
-    ro.ttft_budget_ms = a.ttft_budget_ms;
-    ro.ttft_budget_ms_per_token = a.ttft_budget_ms_per_token;
-    state->router = std::make_unique<Router>(prefills, decodes, ro);
+    state->router = std::make_unique<Router>(prefills, decodes, a.router.options());
     FrontBackend b;
     b.backend = {.engine = state->router.get(),
                  .tokenizer = state->model.tokenizer.get(),
                  .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr};
     b.description = fmt::format("{} prefill and {} decode instances, KV over {}, {} admission",
-                                prefills.size(), decodes.size(), transport, a.admission);
+                                prefills.size(), decodes.size(), transport, a.router.admission);
     b.shutdown = [state] {
       state->router->stop();
       for (auto& i : state->instances) i->shutdown();
@@ -268,7 +244,7 @@ void register_cluster_commands(CLI::App& app) {
   inst->callback([ia] { set_command_action(run_instance, ia); });
 
   auto* ga = new GatewayArgs();
-  ga->model = default_model_path();
+  ga->front.model_path = default_model_path();
   CLI::App* gw = app.add_subcommand(
       "gateway", "Serve the OpenAI-compatible API over prefill and decode instances in other processes");
   gw->add_option("--prefill", ga->prefills,
@@ -276,43 +252,15 @@ void register_cluster_commands(CLI::App& app) {
       ->required();
   gw->add_option("--decode", ga->decodes, "HOST:PORT of a decode instance's internal API (repeat for more)")
       ->required();
-  gw->add_option("-m,--model", ga->model,
+  gw->add_option("-m,--model", ga->front.model_path,
                  "The GGUF model the instances serve: its tokenizer and chat template are used here")
       ->capture_default_str();
-  gw->add_option("--host", ga->host, "Address to listen on")->capture_default_str();
-  gw->add_option("--port", ga->port, "TCP port (0: any free port)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 65535));
-  gw->add_option("--http-threads", ga->http_threads, "I/O threads of the HTTP server")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 256));
-  gw->add_option("--api-key", ga->api_key, "Require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY)");
-  gw->add_option("--served-model-name", ga->served_model_name,
-                 "The model name clients send (default: the file's)");
-  gw->add_option("--max-body-bytes", ga->max_body_bytes, "Largest request body; larger ones get 413")
-      ->capture_default_str()
-      ->check(CLI::Range(size_t{1024}, size_t{1} << 32));
-  gw->add_option("--shutdown-timeout", ga->shutdown_timeout_s,
-                 "Seconds running requests may take after SIGTERM")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 3600));
+  add_front_flags(*gw, ga->front);
   gw->add_option("--connect-timeout", ga->connect_timeout_s,
                  "Seconds to wait for the instances to answer at start")
       ->capture_default_str()
       ->check(CLI::Range(0, 3600));
-  gw->add_option("--ttft-budget-ms", ga->ttft_budget_ms,
-                 "How long a request may wait here for a prefill slot before it fails with 504")
-      ->capture_default_str()
-      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
-  gw->add_option("--ttft-budget-ms-per-token", ga->ttft_budget_ms_per_token,
-                 "Extra waiting budget per prompt token")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 1000.0));
-  gw->add_option("--admission", ga->admission, "on-demand or baseline (see `pdserve serve --help`)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"on-demand", "baseline"}));
-  gw->add_option("--scenario", ga->scenario, "The scenario name these instances serve (in errors and logs)")
-      ->capture_default_str();
+  add_router_flags(*gw, ga->router);
   gw->callback([ga] { set_command_action(run_gateway, ga); });
 }
 

@@ -20,19 +20,9 @@ namespace {
 
 struct ServeArgs {
   std::string mode = "disaggregated";
-  std::string model;
-  std::string host = "127.0.0.1";
-  int port = 8000;
-  int http_threads = 2;
+  FrontOptions front{.command = "serve"};
   EngineFlags engine;
-  std::string api_key;
-  std::string served_model_name;
-  size_t max_body_bytes = size_t{8} << 20;
-  int shutdown_timeout_s = 30;
-  // Disaggregated mode.
-  int64_t ttft_budget_ms = 60'000;
-  double ttft_budget_ms_per_token = 0;
-  std::string admission = "on-demand";
+  RouterFlags router;
 };
 
 // What serves: one engine (aggregated), or a prefill and a decode engine in this process with the
@@ -97,12 +87,8 @@ StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedMod
   PD_RETURN_IF_ERROR(dec.validate().with_context("decode instance"));
   d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, p));
   d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, dec));
-  RouterOptions ro;
-  ro.admission = a.admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
-  ro.ttft_budget_ms = a.ttft_budget_ms;
-  ro.ttft_budget_ms_per_token = a.ttft_budget_ms_per_token;
   d->router = std::make_unique<Router>(std::vector<Instance*>{d->engines[0].get()},
-                                       std::vector<Instance*>{d->engines[1].get()}, ro);
+                                       std::vector<Instance*>{d->engines[1].get()}, a.router.options());
   d->router_ptr.store(d->router.get());
   return d;
 }
@@ -116,18 +102,9 @@ struct ServeState {
 
 int run_serve(void* p) {
   auto& a = *static_cast<ServeArgs*>(p);
-  FrontOptions front{.command = "serve",
-                     .host = a.host,
-                     .port = a.port,
-                     .http_threads = a.http_threads,
-                     .max_body_bytes = a.max_body_bytes,
-                     .api_key = a.api_key,
-                     .served_model_name = a.served_model_name,
-                     .model_path = a.model,
-                     .shutdown_timeout_s = a.shutdown_timeout_s};
-  return run_openai_front(front, [&a](api::ApiService& service) -> StatusOr<FrontBackend> {
+  return run_openai_front(a.front, [&a](api::ApiService& service) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<ServeState>();
-    PD_ASSIGN_OR_RETURN(state->model, load_model(a.model, /*weights=*/true));
+    PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/true));
     const ModelConfig& cfg = state->model.model->config();
     PD_ASSIGN_OR_RETURN(EngineOptions eo, engine_options(a.engine, cfg));
     eo.on_step = [&service](double seconds, int32_t tokens) { service.observe_step(seconds, tokens); };
@@ -149,8 +126,8 @@ int run_serve(void* p) {
         a.mode == "aggregated"
             ? ""
             : fmt::format(" (1 prefill with {} slots, 1 decode, in-process KV transfer, {} admission)",
-                          a.engine.prefill_slots, a.admission),
-        a.model, cfg.num_layers, eo.max_context, eo.num_blocks, eo.block_size,
+                          a.engine.prefill_slots, a.router.admission),
+        a.front.model_path, cfg.num_layers, eo.max_context, eo.num_blocks, eo.block_size,
         format_bytes(state->deployment->kv_bytes()), state->pool->num_threads());
     b.shutdown = [state] { state->deployment->shutdown(); };
     b.owner = state;
@@ -162,7 +139,7 @@ int run_serve(void* p) {
 
 void register_serve_command(CLI::App& app) {
   auto* a = new ServeArgs();  // lives for the process
-  a->model = default_model_path();
+  a->front.model_path = default_model_path();
   CLI::App* cmd = app.add_subcommand(
       "serve",
       "Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
@@ -173,50 +150,12 @@ void register_serve_command(CLI::App& app) {
                   "baseline)")
       ->capture_default_str()
       ->check(CLI::IsMember({"aggregated", "disaggregated"}));
-  cmd->add_option("-m,--model", a->model, "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
+  cmd->add_option("-m,--model", a->front.model_path,
+                  "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
       ->capture_default_str();
-  cmd->add_option("--host", a->host, "Address to listen on (0.0.0.0: every interface)")
-      ->capture_default_str();
-  cmd->add_option("--port", a->port, "TCP port (0: any free port)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 65535));
-  cmd->add_option("--http-threads", a->http_threads,
-                  "I/O threads of the HTTP server (parse, tokenize, stream)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 256));
+  add_front_flags(*cmd, a->front);
   add_engine_flags(*cmd, a->engine);
-  cmd->add_option(
-      "--api-key", a->api_key,
-      "Require 'Authorization: Bearer KEY' on every route but /health (default: $PDSERVE_API_KEY; "
-      "unset: no key)");
-  cmd->add_option(
-      "--served-model-name", a->served_model_name,
-      "The model name clients send and /v1/models lists (default: the model file's name without .gguf)");
-  cmd->add_option("--max-body-bytes", a->max_body_bytes, "Largest request body; larger ones get 413")
-      ->capture_default_str()
-      ->check(CLI::Range(size_t{1024}, size_t{1} << 32));
-  cmd->add_option(
-         "--shutdown-timeout", a->shutdown_timeout_s,
-         "Seconds running requests may take to finish after SIGINT/SIGTERM before they are cancelled")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 3600));
-  cmd->add_option(
-         "--ttft-budget-ms", a->ttft_budget_ms,
-         "Disaggregated: how long a request may wait at the gateway for a prefill slot before it fails "
-         "with 504 (plus --ttft-budget-ms-per-token for each prompt token)")
-      ->capture_default_str()
-      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
-  cmd->add_option("--ttft-budget-ms-per-token", a->ttft_budget_ms_per_token,
-                  "Disaggregated: extra waiting budget per prompt token")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 1000.0));
-  cmd->add_option(
-         "--admission", a->admission,
-         "Disaggregated: on-demand (prefills accept or refuse at once, requests wait at the gateway) or "
-         "baseline (each request joins at once the queue of the prefill with the fewest open streams and "
-         "waits there; no TTFT budget)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"on-demand", "baseline"}));
+  add_router_flags(*cmd, a->router);
   cmd->callback([a] { set_command_action(run_serve, a); });
 }
 

@@ -186,6 +186,61 @@ KvTransportOptions send_pool_options(const EngineFlags& f, const ModelConfig& cf
   return to;
 }
 
+void add_front_flags(CLI::App& cmd, FrontOptions& o) {
+  cmd.add_option("--host", o.host, "Address to listen on (0.0.0.0: every interface)")->capture_default_str();
+  cmd.add_option("--port", o.port, "TCP port (0: any free port)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  cmd.add_option("--http-threads", o.http_threads, "I/O threads of the HTTP server (parse, tokenize, stream)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  cmd.add_option("--api-key", o.api_key,
+                 "Require 'Authorization: Bearer KEY' on every route but /health (default: $PDSERVE_API_KEY; "
+                 "unset: no key)");
+  cmd.add_option(
+      "--served-model-name", o.served_model_name,
+      "The model name clients send and /v1/models lists (default: the model file's name without .gguf)");
+  cmd.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body; larger ones get 413")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1024}, size_t{1} << 32));
+  cmd.add_option("--shutdown-timeout", o.shutdown_timeout_s,
+                 "Seconds running requests may take to finish after SIGINT/SIGTERM before they are cancelled")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3600));
+}
+
+RouterOptions RouterFlags::options() const {
+  RouterOptions o;
+  o.admission = admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
+  o.scenario = scenario;
+  o.ttft_budget_ms = ttft_budget_ms;
+  o.ttft_budget_ms_per_token = ttft_budget_ms_per_token;
+  return o;
+}
+
+void add_router_flags(CLI::App& cmd, RouterFlags& f) {
+  cmd.add_option(
+         "--ttft-budget-ms", f.ttft_budget_ms,
+         "Disaggregated: how long a request may wait at the gateway for a prefill slot before it fails "
+         "with 504 (plus --ttft-budget-ms-per-token for each prompt token)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
+  cmd.add_option("--ttft-budget-ms-per-token", f.ttft_budget_ms_per_token,
+                 "Disaggregated: extra waiting budget per prompt token")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1000.0));
+  cmd.add_option(
+         "--admission", f.admission,
+         "Disaggregated: on-demand (prefills accept or refuse at once, requests wait at the gateway) or "
+         "baseline (each request joins at once the queue of the prefill with the fewest open streams "
+         "and waits there; no TTFT budget)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on-demand", "baseline"}));
+  cmd.add_option("--scenario", f.scenario,
+                 "Disaggregated: the scenario these instances serve (in errors and logs)")
+      ->capture_default_str();
+}
+
 int run_openai_front(FrontOptions o, const FrontLoader& load) {
   if (o.api_key.empty()) {
     if (const char* env = std::getenv("PDSERVE_API_KEY"); env && *env) o.api_key = env;

@@ -11,6 +11,7 @@
 #include "api/service.h"
 #include "common/status.h"
 #include "engine/engine.h"
+#include "gateway/router.h"
 #include "kvcache/kv_types.h"
 #include "model/gguf.h"
 #include "model/llama_model.h"
@@ -85,6 +86,19 @@ struct FrontBackend {
   std::shared_ptr<void> owner;     // keeps the backend's objects alive until the server stopped
 };
 using FrontLoader = std::function<StatusOr<FrontBackend>(api::ApiService& service)>;
+// The front's flags: --host, --port, --http-threads, --api-key, --served-model-name,
+// --max-body-bytes, --shutdown-timeout (the model flag is each command's own).
+void add_front_flags(CLI::App& cmd, FrontOptions& options);
+
+// The router's flags of `serve` (disaggregated) and `gateway`.
+struct RouterFlags {
+  int64_t ttft_budget_ms = 60'000;
+  double ttft_budget_ms_per_token = 0;
+  std::string admission = "on-demand";
+  std::string scenario = "default";
+  RouterOptions options() const;
+};
+void add_router_flags(CLI::App& cmd, RouterFlags& flags);
 // Listens (GET /health answers 503 while loading), loads, prints how to call it, serves until
 // SIGINT/SIGTERM, drains for up to shutdown_timeout_s (a second signal cancels at once), stops.
 // Returns the exit code: 0, 1 when it could not start, 2 for a bad setting.

@@ -199,7 +199,10 @@ Status recv_all(int fd, void* data, size_t bytes, std::string_view what) {
   return ok_status();
 }
 
-Status send_iov(int fd, std::vector<iovec>& iov, std::string_view what) {
+namespace {
+
+// sendmsg / recvmsg until every byte of `iov` has moved (it is consumed as it goes).
+Status move_iov(int fd, std::vector<iovec>& iov, std::string_view what, bool receive) {
   const uint64_t total = iov_bytes(iov, 0);
   uint64_t done = 0;
   size_t idx = 0;
@@ -208,36 +211,26 @@ Status send_iov(int fd, std::vector<iovec>& iov, std::string_view what) {
     msghdr msg{};
     msg.msg_iov = iov.data() + idx;
     msg.msg_iovlen = std::min<size_t>(iov.size() - idx, IOV_MAX);
-    const ssize_t n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    const ssize_t n = receive ? ::recvmsg(fd, &msg, MSG_WAITALL) : ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return io_error(errno, "sending", what, done, total);
+      return io_error(errno, receive ? "receiving" : "sending", what, done, total);
     }
+    if (n == 0 && receive) return closed_error(what, done, total);
     done += static_cast<uint64_t>(n);
     advance_iov(iov, &idx, static_cast<size_t>(n));
   }
   return ok_status();
 }
 
+}  // namespace
+
+Status send_iov(int fd, std::vector<iovec>& iov, std::string_view what) {
+  return move_iov(fd, iov, what, /*receive=*/false);
+}
+
 Status recv_iov(int fd, std::vector<iovec>& iov, std::string_view what) {
-  const uint64_t total = iov_bytes(iov, 0);
-  uint64_t done = 0;
-  size_t idx = 0;
-  while (idx < iov.size() && iov[idx].iov_len == 0) ++idx;
-  while (idx < iov.size()) {
-    msghdr msg{};
-    msg.msg_iov = iov.data() + idx;
-    msg.msg_iovlen = std::min<size_t>(iov.size() - idx, IOV_MAX);
-    const ssize_t n = ::recvmsg(fd, &msg, MSG_WAITALL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return io_error(errno, "receiving", what, done, total);
-    }
-    if (n == 0) return closed_error(what, done, total);
-    done += static_cast<uint64_t>(n);
-    advance_iov(iov, &idx, static_cast<size_t>(n));
-  }
-  return ok_status();
+  return move_iov(fd, iov, what, /*receive=*/true);
 }
 
 }  // namespace pdserve::transfer_internal
