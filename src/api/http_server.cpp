@@ -260,6 +260,7 @@ void Connection::dispatch(http::request<http::string_body> req) {
   r.target = to_string(req.target());
   r.path = r.target.substr(0, r.target.find('?'));
   r.authorization = to_string(req[http::field::authorization]);
+  r.scenario = to_string(req["X-PDServe-Scenario"]);
   r.body = std::move(req.body());
   r.received = HttpClock::now();
   try {

@@ -35,6 +35,7 @@ struct HttpRequest {
   std::string target;         // as sent: path and query
   std::string path;           // target without the query
   std::string authorization;  // the Authorization header, or ""
+  std::string scenario;       // the X-PDServe-Scenario header, or ""
   std::string body;
   HttpClock::time_point received;  // when the whole request had arrived
 };

@@ -259,6 +259,25 @@ std::optional<ApiError> reject_unsupported(const json& o) {
   return std::nullopt;
 }
 
+// "metadata": OpenAI's map of up to 16 string pairs (keys up to 64 characters, values up to 512);
+// only "scenario" means something here.
+std::optional<ApiError> parse_metadata(const json& o, std::string* scenario) {
+  const json* m = field(o, "metadata");
+  if (!m || m->is_null()) return std::nullopt;
+  if (!m->is_object()) return wrong_type("metadata", "an object of strings", *m);
+  if (m->size() > 16) return bad("metadata", "'metadata' holds at most 16 keys");
+  for (const auto& [k, v] : m->items()) {
+    const std::string param = "metadata." + k;
+    if (k.size() > 64) return bad("metadata", "a 'metadata' key is longer than 64 characters");
+    if (!v.is_string()) return wrong_type(param, "a string", v);
+    if (v.get_ref<const std::string&>().size() > 512) {
+      return bad(param, fmt::format("'{}' is longer than 512 characters", param));
+    }
+    if (k == "scenario") *scenario = v.get<std::string>();
+  }
+  return std::nullopt;
+}
+
 std::optional<ApiError> parse_common(const json& o, GenerationParams* p) {
   if (auto e = reject_unsupported(o)) return e;
   if (auto e = get_string(o, "model", &p->model)) return e;
@@ -308,6 +327,7 @@ std::optional<ApiError> parse_common(const json& o, GenerationParams* p) {
   if (n) p->n = static_cast<int32_t>(*n);
   if (auto e = get_string(o, "user", &p->user)) return e;
   if (auto e = get_bool(o, "ignore_eos", &p->ignore_eos)) return e;
+  if (auto e = parse_metadata(o, &p->scenario)) return e;
   return std::nullopt;
 }
 
@@ -727,10 +747,11 @@ std::string sse_data(std::string_view payload) {
   return s;
 }
 
-std::string models_body(std::string_view model, int64_t created, int32_t max_context) {
+std::string models_body(std::span<const std::string> models, int64_t created, int32_t max_context) {
   ojson j;
   j["object"] = "list";
-  j["data"] = ojson::array({model_json(model, created, max_context)});
+  j["data"] = ojson::array();
+  for (const std::string& m : models) j["data"].push_back(model_json(m, created, max_context));
   return dump(j);
 }
 

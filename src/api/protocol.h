@@ -51,6 +51,7 @@ struct GenerationParams {
   int32_t n = 1;          // choices per prompt; choice i samples with seed + i
   std::string user;
   bool ignore_eos = false;
+  std::string scenario;  // metadata.scenario (a gateway's labelling), or ""
 };
 
 struct ChatCompletionRequest {
@@ -147,7 +148,8 @@ inline constexpr std::string_view kSseContentType = "text/event-stream";
 inline constexpr std::string_view kJsonContentType = "application/json";
 
 // GET /v1/models and /v1/models/{id}.
-std::string models_body(std::string_view model, int64_t created, int32_t max_context);
+// GET /v1/models: every name a client may pass as "model".
+std::string models_body(std::span<const std::string> models, int64_t created, int32_t max_context);
 std::string model_body(std::string_view model, int64_t created, int32_t max_context);
 std::string tokenize_body(std::span<const int32_t> tokens, int32_t max_context);
 std::string detokenize_body(std::string_view text);

@@ -133,6 +133,10 @@ const BadCase kBadCases[] = {
      "logit_bias"},
     {"user_not_string", kChat, chat(R"("user":{"id":1})"), 400, "'user' must be a string, got object",
      "user"},
+    {"metadata_not_object", kChat, chat(R"("metadata":"code")"), 400,
+     "'metadata' must be an object of strings", "metadata"},
+    {"metadata_value_number", kCompl, compl_(R"("metadata":{"scenario":1})"), 400,
+     "'metadata.scenario' must be a string, got integer", "metadata.scenario"},
     {"missing_prompt", kCompl, R"({"model":"m"})", 400, "'prompt' is required", "prompt"},
     {"prompt_number", kCompl, R"({"prompt":42})", 400, "'prompt' must be a string, an array of strings",
      "prompt"},
@@ -197,6 +201,7 @@ TEST(ParseChatTest, AllFields) {
     "max_tokens": 10, "max_completion_tokens": 20, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
     "seed": -1, "stop": ["x", "y"], "presence_penalty": 0.1, "frequency_penalty": -0.2, "logprobs": true,
     "top_logprobs": 3, "n": 2, "user": "u1", "ignore_eos": true, "unknown_field": {"anything": [1, 2]},
+    "metadata": {"team": "a", "scenario": "code"},
     "tool_choice": "none", "response_format": {"type": "text"}, "repetition_penalty": 1.1
   })");
   ASSERT_TRUE(r.ok()) << r.error().message;
@@ -219,6 +224,7 @@ TEST(ParseChatTest, AllFields) {
   EXPECT_EQ(c.params.n, 2);
   EXPECT_EQ(c.params.user, "u1");
   EXPECT_TRUE(c.params.ignore_eos);
+  EXPECT_EQ(c.params.scenario, "code");
   ASSERT_EQ(c.messages.size(), 4u);
   EXPECT_EQ(c.messages[0].role, "system");
   EXPECT_EQ(c.messages[1].content, "a\nb");
@@ -430,7 +436,8 @@ TEST(SseTest, Framing) {
 }
 
 TEST(ResponseTest, ModelsTokenizeHealth) {
-  json m = json::parse(models_body("smol", 5, 8192));
+  const std::vector<std::string> names = {"smol"};
+  json m = json::parse(models_body(names, 5, 8192));
   EXPECT_EQ(m["object"], "list");
   EXPECT_EQ(m["data"][0]["id"], "smol");
   EXPECT_EQ(m["data"][0]["object"], "model");

@@ -335,8 +335,16 @@ bool ApiService::authorized(const HttpRequest& request) const {
   return constant_time_equal(h.substr(kBearer.size()), options_.api_key);
 }
 
+bool ApiService::serves_model(const std::string& model) const {
+  if (model == options_.served_model_name) return true;
+  for (const std::string& a : options_.model_aliases) {
+    if (model == a) return true;
+  }
+  return false;
+}
+
 std::optional<ApiError> ApiService::check_model(const std::string& model) const {
-  if (model.empty() || model == options_.served_model_name) return std::nullopt;
+  if (model.empty() || serves_model(model)) return std::nullopt;
   ApiError e = http_error(400,
                           fmt::format("the model '{}' does not exist; this server serves '{}'", model,
                                       options_.served_model_name),
@@ -423,19 +431,20 @@ void ApiService::handle_models(const HttpRequest& request, ResponseChannel& chan
   std::optional<Backend> b = backend_or_error(channel, endpoint);
   if (!b) return;
   const int32_t max_context = b->engine->max_context();
-  if (!one)
-    return reply(channel, endpoint,
-                 json_response(200, models_body(options_.served_model_name, created_unix_, max_context)));
+  if (!one) {
+    std::vector<std::string> names = {options_.served_model_name};
+    names.insert(names.end(), options_.model_aliases.begin(), options_.model_aliases.end());
+    return reply(channel, endpoint, json_response(200, models_body(names, created_unix_, max_context)));
+  }
   std::string id = request.path.substr(kModelPrefix.size());
-  if (id != options_.served_model_name) {
+  if (!serves_model(id)) {
     return reply_error(channel, endpoint,
                        http_error(404,
                                   fmt::format("the model '{}' does not exist; this server serves '{}'", id,
                                               options_.served_model_name),
                                   "model_not_found"));
   }
-  reply(channel, endpoint,
-        json_response(200, model_body(options_.served_model_name, created_unix_, max_context)));
+  reply(channel, endpoint, json_response(200, model_body(id, created_unix_, max_context)));
 }
 
 void ApiService::handle_tokenize(HttpRequest& request, ResponseChannel& channel) {
@@ -490,6 +499,16 @@ void ApiService::handle_chat(HttpRequest& request, std::shared_ptr<ResponseChann
                        http_error(400, "the model has no chat template: use /v1/completions with a prompt",
                                   "unsupported_endpoint"));
   }
+  std::string system_prompt;
+  for (const ChatMessage& m : r.messages) {
+    if (m.role == "system") {
+      system_prompt = m.content;
+      break;
+    }
+  }
+  StatusOr<std::string> scenario = label_scenario(*b, request, r.params, std::move(system_prompt));
+  if (!scenario.ok())
+    return reply_error(*channel, kEndpoint, api_error(scenario.status(), "scenario", "unknown_scenario"));
   const Tokenizer& tok = *b->tokenizer;
   ChatTemplateInputs inputs;
   inputs.messages = std::move(r.messages);
@@ -515,7 +534,7 @@ void ApiService::handle_chat(HttpRequest& request, std::shared_ptr<ResponseChann
   job->endpoint_name = std::string(kEndpoint);
   job->meta.id = random_id("chatcmpl-");
   job->received = request.received;
-  start_generation(job, r.params, std::move(prompts));
+  start_generation(job, r.params, std::move(prompts), std::move(scenario).value());
 }
 
 void ApiService::handle_completion(HttpRequest& request, std::shared_ptr<ResponseChannel> channel) {
@@ -526,6 +545,10 @@ void ApiService::handle_completion(HttpRequest& request, std::shared_ptr<Respons
   if (auto e = check_model(r.params.model)) return reply_error(*channel, kEndpoint, *e);
   std::optional<Backend> b = backend_or_error(*channel, kEndpoint);
   if (!b) return;
+  StatusOr<std::string> scenario = label_scenario(
+      *b, request, r.params, r.prompts.empty() || r.prompts[0].is_tokens ? std::string() : r.prompts[0].text);
+  if (!scenario.ok())
+    return reply_error(*channel, kEndpoint, api_error(scenario.status(), "scenario", "unknown_scenario"));
   const Tokenizer& tok = *b->tokenizer;
   const int32_t vocab = tok.vocab_size();
   std::vector<PreparedPrompt> prompts;
@@ -556,16 +579,28 @@ void ApiService::handle_completion(HttpRequest& request, std::shared_ptr<Respons
   job->endpoint_name = std::string(kEndpoint);
   job->meta.id = random_id("cmpl-");
   job->received = request.received;
-  start_generation(job, r.params, std::move(prompts));
+  start_generation(job, r.params, std::move(prompts), std::move(scenario).value());
+}
+
+StatusOr<std::string> ApiService::label_scenario(const Backend& backend, const HttpRequest& request,
+                                                 const GenerationParams& params,
+                                                 std::string system_prompt) const {
+  if (!backend.label) return std::string();
+  ScenarioHints hints;
+  hints.header = request.scenario;
+  hints.metadata = params.scenario;
+  hints.model = params.model;
+  hints.system_prompt = std::move(system_prompt);
+  return backend.label(hints);
 }
 
 void ApiService::start_generation(const std::shared_ptr<Job>& job, const GenerationParams& params,
-                                  std::vector<PreparedPrompt> prompts) {
+                                  std::vector<PreparedPrompt> prompts, std::string scenario) {
   GenerationBackend& engine = *job->backend.engine;
   const bool chat = job->endpoint == Endpoint::kChatCompletions;
   const std::string prompt_param = chat ? "messages" : "prompt";
   job->meta.created = static_cast<int64_t>(std::time(nullptr));
-  job->meta.model = options_.served_model_name;
+  job->meta.model = params.model.empty() ? options_.served_model_name : params.model;  // as asked
   job->stream = params.stream;
   job->include_usage = params.include_usage;
   job->logprobs = params.logprobs;
@@ -583,6 +618,7 @@ void ApiService::start_generation(const std::shared_ptr<Job>& job, const Generat
     er.stop = params.stop;
     er.ignore_eos = params.ignore_eos;
     er.logprobs = params.logprobs;
+    er.scenario = scenario;
     const int64_t n_prompt = static_cast<int64_t>(p.tokens.size());
     if (params.max_tokens) {
       er.max_tokens = *params.max_tokens;
@@ -722,6 +758,23 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
   w.counter("pdserve_gateway_prefill_retries_total",
             "Requests retried on another prefill after a failure before their first token.",
             static_cast<double>(m.gateway_prefill_retries_total));
+  if (!m.scenarios.empty()) {
+    w.family("pdserve_gateway_scenario_requests_total", "counter", "Requests received, by scenario.");
+    for (const auto& s : m.scenarios) {
+      w.sample("pdserve_gateway_scenario_requests_total", {{"scenario", s.name}},
+               static_cast<double>(s.requests_total));
+    }
+    w.family("pdserve_gateway_scenario_waiting", "gauge", "Requests held at the gateway, by scenario.");
+    for (const auto& s : m.scenarios) {
+      w.sample("pdserve_gateway_scenario_waiting", {{"scenario", s.name}}, s.waiting);
+    }
+    w.family("pdserve_gateway_scenario_timeouts_total", "counter",
+             "Requests that waited beyond their scenario's TTFT budget, by scenario.");
+    for (const auto& s : m.scenarios) {
+      w.sample("pdserve_gateway_scenario_timeouts_total", {{"scenario", s.name}},
+               static_cast<double>(s.timeouts_total));
+    }
+  }
   w.family("pdserve_engine_requests_finished_total", "counter",
            "Engine requests finished, by finish reason.");
   std::map<std::string, int64_t> sorted(m.finished_by_reason.begin(), m.finished_by_reason.end());

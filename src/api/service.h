@@ -20,9 +20,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "api/api_error.h"
 #include "api/http_server.h"
@@ -36,14 +38,27 @@ namespace pdserve::api {
 
 struct ServiceOptions {
   std::string served_model_name;  // what clients pass as "model" and /v1/models lists
-  std::string api_key;            // empty: no authentication
+  // More names clients may pass as "model" (a gateway's scenario model names); listed too.
+  std::vector<std::string> model_aliases;
+  std::string api_key;  // empty: no authentication
 };
+
+// What a request tells about its scenario, for a gateway's labelling.
+struct ScenarioHints {
+  std::string header;         // X-PDServe-Scenario, or ""
+  std::string metadata;       // the body's metadata.scenario, or ""
+  std::string model;          // the body's "model", or ""
+  std::string system_prompt;  // chat: the first system message; completions: the prompt text
+};
+// The scenario of a request (EngineRequest::scenario), or kInvalidArgument for the client.
+using ScenarioLabeler = std::function<StatusOr<std::string>(const ScenarioHints&)>;
 
 // What serving needs once the model is loaded (not owned).
 struct Backend {
   GenerationBackend* engine = nullptr;  // one Engine, or a prefill/decode router
   const Tokenizer* tokenizer = nullptr;
   const ChatTemplate* chat_template = nullptr;  // nullptr: the model has none (chat answers 400)
+  ScenarioLabeler label;                        // empty: every request in the one scenario
 };
 
 class ApiService {
@@ -77,6 +92,10 @@ class ApiService {
   struct PreparedPrompt;  // a tokenized prompt (service.cpp)
 
   void reply(ResponseChannel& channel, std::string_view endpoint, HttpResponse response);
+  bool serves_model(const std::string& model) const;
+  // The request's scenario by the backend's labeller ("" without one), or the error to answer.
+  StatusOr<std::string> label_scenario(const Backend& backend, const HttpRequest& request,
+                                       const GenerationParams& params, std::string system_prompt) const;
   void reply_error(ResponseChannel& channel, std::string_view endpoint, const ApiError& error);
   void count_status(std::string_view endpoint, int status);
   bool authorized(const HttpRequest& request) const;
@@ -87,7 +106,7 @@ class ApiService {
   void handle_completion(HttpRequest& request, std::shared_ptr<ResponseChannel> channel);
   // Validates every engine request, then submits them all (or none) and starts the answer.
   void start_generation(const std::shared_ptr<Job>& job, const GenerationParams& params,
-                        std::vector<PreparedPrompt> prompts);
+                        std::vector<PreparedPrompt> prompts, std::string scenario);
   void handle_tokenize(HttpRequest& request, ResponseChannel& channel);
   void handle_detokenize(HttpRequest& request, ResponseChannel& channel);
   void handle_models(const HttpRequest& request, ResponseChannel& channel);

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <memory>
@@ -19,8 +20,10 @@
 #include "bin/serve_support.h"
 #include "common/log.h"
 #include "common/thread_pool.h"
+#include "gateway/cluster_config.h"
 #include "gateway/remote_instance.h"
 #include "gateway/router.h"
+#include "gateway/scenario_router.h"
 #include "kvcache/budget.h"
 
 namespace pdserve {
@@ -137,18 +140,20 @@ int run_instance(void* p) {
 }
 
 struct GatewayArgs {
+  std::string config_path;
   std::vector<std::string> prefills;
   std::vector<std::string> decodes;
   int connect_timeout_s = 60;
   FrontOptions front{.command = "gateway"};
   RouterFlags router;
+  CLI::App* cmd = nullptr;
 };
 
-// The gateway's objects: remote instances and the router over them.
+// The gateway's objects: remote instances and the routers over them.
 struct GatewayState {
   LoadedModel model;  // tokenizer and chat template only
   std::vector<std::unique_ptr<RemoteInstance>> instances;
-  std::unique_ptr<Router> router;
+  std::unique_ptr<ScenarioRouter> router;
 };
 
 // Connects to an instance, retrying until `deadline` (instances may still be loading).
@@ -161,51 +166,142 @@ StatusOr<std::unique_ptr<RemoteInstance>> connect_until(const std::string& addre
   }
 }
 
+// "host:port" as an instance of the configuration (the flags' single-scenario form).
+StatusOr<InstanceConfig> instance_at(const std::string& address, const std::string& role,
+                                     const std::string& scenario) {
+  InstanceConfig inst;
+  const size_t colon = address.rfind(':');
+  int port = 0;
+  const char* end = address.data() + address.size();
+  if (colon == std::string::npos || colon == 0 ||
+      std::from_chars(address.data() + colon + 1, end, port).ptr != end || port < 1 || port > 65535) {
+    return invalid_argument(fmt::format("--{} {}: expected HOST:PORT", role, address));
+  }
+  inst.host = address.substr(0, colon);
+  inst.port = port;
+  inst.role = role;
+  inst.scenario = scenario;
+  inst.name = fmt::format("{}-{}", role, address);
+  return inst;
+}
+
+// The cluster the gateway serves: the --config file (its [gateway] settings unless a flag was given
+// on the command line), or one scenario from --prefill/--decode and the router flags.
+StatusOr<ClusterConfig> gateway_cluster(GatewayArgs& a) {
+  auto given = [&a](const char* flag) { return a.cmd->get_option(flag)->count() > 0; };
+  if (a.config_path.empty()) {
+    if (a.prefills.empty() || a.decodes.empty()) {
+      return invalid_argument(
+          "give the instances: --config cluster.toml, or at least one --prefill and one --decode HOST:PORT");
+    }
+    ClusterConfig c;
+    c.transport.clear();  // whatever the instances use (checked to be one)
+    c.scenarios.push_back({.name = a.router.scenario,
+                           .ttft_budget_ms = a.router.ttft_budget_ms,
+                           .ttft_budget_ms_per_token = a.router.ttft_budget_ms_per_token});
+    c.gateway.default_scenario = a.router.scenario;
+    c.gateway.admission = a.router.admission;
+    for (const auto* list : {&a.prefills, &a.decodes}) {
+      for (const std::string& address : *list) {
+        PD_ASSIGN_OR_RETURN(
+            InstanceConfig inst,
+            instance_at(address, list == &a.prefills ? "prefill" : "decode", a.router.scenario));
+        c.instances.push_back(std::move(inst));
+      }
+    }
+    return c;
+  }
+  if (!a.prefills.empty() || !a.decodes.empty()) {
+    return invalid_argument(
+        "--prefill and --decode cannot be combined with --config: list the instances there");
+  }
+  for (const char* flag : {"--ttft-budget-ms", "--ttft-budget-ms-per-token", "--scenario"}) {
+    if (given(flag)) {
+      return invalid_argument(
+          fmt::format("{} cannot be combined with --config: set it per [[scenario]] there", flag));
+    }
+  }
+  PD_ASSIGN_OR_RETURN(ClusterConfig c, load_cluster_config(a.config_path));
+  if (!given("--model") && !c.model.empty()) a.front.model_path = c.model;
+  if (!given("--host")) a.front.host = c.gateway.host;
+  if (!given("--port")) a.front.port = c.gateway.port;
+  if (!given("--http-threads")) a.front.http_threads = c.gateway.http_threads;
+  if (!given("--served-model-name")) a.front.served_model_name = c.gateway.served_model_name;
+  if (!given("--connect-timeout")) a.connect_timeout_s = c.gateway.connect_timeout_s;
+  if (given("--admission")) c.gateway.admission = a.router.admission;
+  return c;
+}
+
 int run_gateway(void* p) {
   auto& a = *static_cast<GatewayArgs*>(p);
-  return run_openai_front(a.front, [&a](api::ApiService&) -> StatusOr<FrontBackend> {
+  StatusOr<ClusterConfig> cluster_or = gateway_cluster(a);
+  if (!cluster_or.ok()) {
+    fmt::print(stderr, "error: {}\n", cluster_or.status().message());
+    return 2;
+  }
+  auto cluster = std::make_shared<ClusterConfig>(std::move(cluster_or).value());
+  for (const ScenarioConfig& s : cluster->scenarios) {
+    a.front.model_aliases.insert(a.front.model_aliases.end(), s.models.begin(), s.models.end());
+  }
+  return run_openai_front(a.front, [&a, cluster](api::ApiService&) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<GatewayState>();
     PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/false));
     const uint64_t fingerprint = state->model.file->fingerprint();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
-    std::vector<Instance*> prefills, decodes;
-    std::string transport;
-    for (const auto* list : {&a.prefills, &a.decodes}) {
-      const bool is_prefill = list == &a.prefills;
-      for (const std::string& address : *list) {
+    std::string transport = cluster->transport;
+    std::vector<ScenarioGroup> groups;
+    for (const ScenarioConfig& scenario : cluster->scenarios) {
+      std::vector<Instance*> prefills, decodes;
+      for (const InstanceConfig& ic : cluster->instances) {
+        if (ic.scenario != scenario.name) continue;
+        const std::string address = ic.address();
         StatusOr<std::unique_ptr<RemoteInstance>> r = connect_until(address, deadline);
         if (!r.ok())
-          return r.status().with_context(
-              fmt::format("{} instance {}", is_prefill ? "prefill" : "decode", address));
+          return r.status().with_context(fmt::format("{} instance {} ({})", ic.role, ic.name, address));
         RemoteInstance& inst = **r;
-        const EngineRole want = is_prefill ? EngineRole::kPrefill : EngineRole::kDecode;
+        const EngineRole want = ic.role == "prefill" ? EngineRole::kPrefill : EngineRole::kDecode;
         if (inst.role() != want) {
-          return invalid_argument(fmt::format("instance {} runs the {} role, but was given as a {} instance",
-                                              address, engine_role_name(inst.role()),
-                                              engine_role_name(want)));
+          return invalid_argument(
+              fmt::format("instance {} ({}) runs the {} role, but is configured as a {} instance", ic.name,
+                          address, engine_role_name(inst.role()), engine_role_name(want)));
         }
         if (inst.model_fingerprint() != fingerprint) {
-          return invalid_argument(
-              fmt::format("instance {} serves model {:#x}, not {} ({:#x}): start every instance with the "
-                          "gateway's --model",
-                          address, inst.model_fingerprint(), a.front.model_path, fingerprint));
+          return invalid_argument(fmt::format(
+              "instance {} ({}) serves model {:#x}, not {} ({:#x}): start every instance with the "
+              "gateway's model",
+              ic.name, address, inst.model_fingerprint(), a.front.model_path, fingerprint));
         }
         if (!transport.empty() && inst.transport() != transport) {
-          return invalid_argument(fmt::format("instance {} moves KV over '{}', the others over '{}'", address,
-                                              inst.transport(), transport));
+          return invalid_argument(fmt::format(
+              "instance {} ({}) moves KV over '{}', {} over '{}'", ic.name, address, inst.transport(),
+              cluster->transport.empty() ? "the others" : "the configuration", transport));
         }
         transport = inst.transport();
-        (is_prefill ? prefills : decodes).push_back(&inst);
+        (want == EngineRole::kPrefill ? prefills : decodes).push_back(&inst);
         state->instances.push_back(std::move(r).value());
       }
+      RouterOptions ro;
+      ro.admission =
+          cluster->gateway.admission == "baseline" ? AdmissionPolicy::kBaseline : AdmissionPolicy::kOnDemand;
+      ro.scenario = scenario.name;
+      ro.ttft_budget_ms = scenario.ttft_budget_ms;
+      ro.ttft_budget_ms_per_token = scenario.ttft_budget_ms_per_token;
+      ro.decode_wait_ms = scenario.decode_wait_ms;
+      PD_LOG_INFO("gateway: scenario {}: {} prefill and {} decode instances, TTFT budget {} ms + {} ms/token",
+                  scenario.name, prefills.size(), decodes.size(), ro.ttft_budget_ms,
+                  ro.ttft_budget_ms_per_token);
+      groups.push_back({.config = scenario, .router = std::make_unique<Router>(prefills, decodes, ro)});
     }
-    state->router = std::make_unique<Router>(prefills, decodes, a.router.options());
+    state->router = std::make_unique<ScenarioRouter>(std::move(groups), cluster->gateway.default_scenario);
     FrontBackend b;
+    const ScenarioRouter* router = state->router.get();
     b.backend = {.engine = state->router.get(),
                  .tokenizer = state->model.tokenizer.get(),
-                 .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr};
-    b.description = fmt::format("{} prefill and {} decode instances, KV over {}, {} admission",
-                                prefills.size(), decodes.size(), transport, a.router.admission);
+                 .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr,
+                 .label = [router](const api::ScenarioHints& h) { return router->label(h); }};
+    b.description = fmt::format("{} scenario{} over {} instances, KV over {}, {} admission",
+                                cluster->scenarios.size(), cluster->scenarios.size() == 1 ? "" : "s",
+                                state->instances.size(), transport, cluster->gateway.admission);
     b.shutdown = [state] {
       state->router->stop();
       for (auto& i : state->instances) i->shutdown();
@@ -247,11 +343,16 @@ void register_cluster_commands(CLI::App& app) {
   ga->front.model_path = default_model_path();
   CLI::App* gw = app.add_subcommand(
       "gateway", "Serve the OpenAI-compatible API over prefill and decode instances in other processes");
+  ga->cmd = gw;
+  gw->add_option("-c,--config", ga->config_path,
+                 "Cluster configuration (TOML): scenarios, their labelling rules and TTFT budgets, and the "
+                 "instances of each scenario's P/D group (see deploy/cluster.example.toml). Its [gateway] "
+                 "settings apply unless the same flag is given here")
+      ->check(CLI::ExistingFile);
   gw->add_option("--prefill", ga->prefills,
-                 "HOST:PORT of a prefill instance's internal API (repeat for more)")
-      ->required();
-  gw->add_option("--decode", ga->decodes, "HOST:PORT of a decode instance's internal API (repeat for more)")
-      ->required();
+                 "Without --config: HOST:PORT of a prefill instance's internal API (repeat for more)");
+  gw->add_option("--decode", ga->decodes,
+                 "Without --config: HOST:PORT of a decode instance's internal API (repeat for more)");
   gw->add_option("-m,--model", ga->front.model_path,
                  "The GGUF model the instances serve: its tokenizer and chat template are used here")
       ->capture_default_str();

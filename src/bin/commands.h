@@ -12,6 +12,7 @@ void register_model_commands(CLI::App& app);
 void register_generate_command(CLI::App& app);
 void register_serve_command(CLI::App& app);
 void register_cluster_commands(CLI::App& app);  // instance, gateway
+void register_launch_command(CLI::App& app);
 void register_bench_command(CLI::App& app);
 int run_selected_command(CLI::App& app);
 

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   pdserve::register_generate_command(app);
   pdserve::register_serve_command(app);
   pdserve::register_cluster_commands(app);
+  pdserve::register_launch_command(app);
   pdserve::register_bench_command(app);
 
   try {

@@ -250,7 +250,8 @@ int run_openai_front(FrontOptions o, const FrontLoader& load) {
   raise_fd_limit();
   start_signal_thread();  // before any other thread, so that they all inherit the blocked mask
 
-  api::ApiService service({.served_model_name = o.served_model_name, .api_key = o.api_key});
+  api::ApiService service(
+      {.served_model_name = o.served_model_name, .model_aliases = o.model_aliases, .api_key = o.api_key});
   api::HttpServerOptions http;
   http.host = o.host;
   http.port = static_cast<uint16_t>(o.port);

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "api/service.h"
 #include "common/status.h"
@@ -73,8 +74,9 @@ struct FrontOptions {
   int port = 8000;
   int http_threads = 2;
   size_t max_body_bytes = size_t{8} << 20;
-  std::string api_key;            // empty: $PDSERVE_API_KEY, else none
-  std::string served_model_name;  // empty: the model file's name without .gguf
+  std::string api_key;                     // empty: $PDSERVE_API_KEY, else none
+  std::string served_model_name;           // empty: the model file's name without .gguf
+  std::vector<std::string> model_aliases;  // more accepted "model" names (a gateway's scenarios)
   std::string model_path;
   int shutdown_timeout_s = 30;
 };

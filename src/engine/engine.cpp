@@ -102,6 +102,50 @@ void Engine::shutdown() {
   if (thread_.joinable()) thread_.join();
 }
 
+namespace {
+
+void add_kv(KvCacheStats& a, const KvCacheStats& b) {
+  a.num_blocks_total += b.num_blocks_total;
+  a.num_blocks_used += b.num_blocks_used;
+  a.num_blocks_free += b.num_blocks_free;
+  a.num_blocks_cached_evictable += b.num_blocks_cached_evictable;
+  a.num_blocks_cached += b.num_blocks_cached;
+  a.num_sequences += b.num_sequences;
+  a.prefix_lookups_total += b.prefix_lookups_total;
+  a.prefix_queried_tokens_total += b.prefix_queried_tokens_total;
+  a.prefix_hit_tokens_total += b.prefix_hit_tokens_total;
+  a.prefix_conflicts_total += b.prefix_conflicts_total;
+  a.evictions_total += b.evictions_total;
+}
+
+}  // namespace
+
+void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
+  a.running += b.running;
+  a.waiting += b.waiting;
+  add_kv(a.kv, b.kv);
+  a.preemptions_total += b.preemptions_total;
+  a.prompt_tokens_total += b.prompt_tokens_total;
+  a.generated_tokens_total += b.generated_tokens_total;
+  a.computed_tokens_total += b.computed_tokens_total;
+  a.prefill_slots_in_use += b.prefill_slots_in_use;
+  a.handoffs_outstanding += b.handoffs_outstanding;
+  a.handoffs_total += b.handoffs_total;
+  a.handoff_leases_expired_total += b.handoff_leases_expired_total;
+  a.decode_pending += b.decode_pending;
+  a.kv_pulls_in_flight += b.kv_pulls_in_flight;
+  a.kv_pulls_failed_total += b.kv_pulls_failed_total;
+  a.steps_total += b.steps_total;
+  a.step_seconds_total += b.step_seconds_total;
+  a.last_step_seconds = std::max(a.last_step_seconds, b.last_step_seconds);
+  a.gateway_waiting += b.gateway_waiting;
+  a.gateway_timeouts_total += b.gateway_timeouts_total;
+  a.gateway_rejections_total += b.gateway_rejections_total;
+  a.gateway_prefill_retries_total += b.gateway_prefill_retries_total;
+  for (const auto& [reason, n] : b.finished_by_reason) a.finished_by_reason[reason] += n;
+  a.scenarios.insert(a.scenarios.end(), b.scenarios.begin(), b.scenarios.end());
+}
+
 Status check_request_limits(const EngineRequest& r, int32_t max_context) {
   PD_RETURN_IF_ERROR(r.sampling.validate());
   const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());

@@ -95,6 +95,7 @@ struct EngineRequest {
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
   bool ignore_eos = false;
   bool logprobs = false;  // report each token's log-probability (and sampling.top_logprobs alternatives)
+  std::string scenario;   // a gateway's P/D group for it (empty: its default); engines ignore it
 };
 
 struct GeneratedToken {
@@ -165,7 +166,18 @@ struct EngineMetrics {
   double step_seconds_total = 0;
   double last_step_seconds = 0;
   std::unordered_map<std::string, int64_t> finished_by_reason;
+  // A gateway: its figures per scenario (empty for one engine).
+  struct Scenario {
+    std::string name;
+    int64_t requests_total = 0;  // requests received
+    int32_t waiting = 0;         // held at the gateway
+    int64_t timeouts_total = 0;  // waited beyond their TTFT budget
+  };
+  std::vector<Scenario> scenarios;
 };
+
+// Adds b's figures to a (sums; the latest step time is the larger; scenario lists appended).
+void add_metrics(EngineMetrics& a, const EngineMetrics& b);
 
 // The checks of a request that need no model: sampling parameters, a non-empty prompt,
 // max_tokens >= 1, prompt plus max_tokens within max_context (the numbers named), no empty stop

@@ -26,41 +26,6 @@ std::vector<size_t> ranked(const std::vector<int32_t>& open, const std::vector<b
   return order;
 }
 
-void add_kv(KvCacheStats& a, const KvCacheStats& b) {
-  a.num_blocks_total += b.num_blocks_total;
-  a.num_blocks_used += b.num_blocks_used;
-  a.num_blocks_free += b.num_blocks_free;
-  a.num_blocks_cached_evictable += b.num_blocks_cached_evictable;
-  a.num_blocks_cached += b.num_blocks_cached;
-  a.num_sequences += b.num_sequences;
-  a.prefix_lookups_total += b.prefix_lookups_total;
-  a.prefix_queried_tokens_total += b.prefix_queried_tokens_total;
-  a.prefix_hit_tokens_total += b.prefix_hit_tokens_total;
-  a.prefix_conflicts_total += b.prefix_conflicts_total;
-  a.evictions_total += b.evictions_total;
-}
-
-void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
-  a.running += b.running;
-  a.waiting += b.waiting;
-  add_kv(a.kv, b.kv);
-  a.preemptions_total += b.preemptions_total;
-  a.prompt_tokens_total += b.prompt_tokens_total;
-  a.generated_tokens_total += b.generated_tokens_total;
-  a.computed_tokens_total += b.computed_tokens_total;
-  a.prefill_slots_in_use += b.prefill_slots_in_use;
-  a.handoffs_outstanding += b.handoffs_outstanding;
-  a.handoffs_total += b.handoffs_total;
-  a.handoff_leases_expired_total += b.handoff_leases_expired_total;
-  a.decode_pending += b.decode_pending;
-  a.kv_pulls_in_flight += b.kv_pulls_in_flight;
-  a.kv_pulls_failed_total += b.kv_pulls_failed_total;
-  a.steps_total += b.steps_total;
-  a.step_seconds_total += b.step_seconds_total;
-  a.last_step_seconds = std::max(a.last_step_seconds, b.last_step_seconds);
-  for (const auto& [reason, n] : b.finished_by_reason) a.finished_by_reason[reason] += n;
-}
-
 }  // namespace
 
 struct Router::Flight {
@@ -156,6 +121,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the gateway is shutting down");
+    ++requests_total_;
     // First come, first served: nobody overtakes requests already waiting (baseline: the
     // prefill's own queue, checked in try_place()).
     queue_first = options_.admission == AdmissionPolicy::kOnDemand && (!waiting_.empty() || dispatching_);
@@ -515,6 +481,10 @@ EngineMetrics Router::metrics() const {
   m.gateway_timeouts_total = timeouts_total_;
   m.gateway_rejections_total = rejections_total_;
   m.gateway_prefill_retries_total = prefill_retries_total_;
+  m.scenarios.push_back({.name = options_.scenario,
+                         .requests_total = requests_total_,
+                         .waiting = m.gateway_waiting,
+                         .timeouts_total = timeouts_total_});
   return m;
 }
 

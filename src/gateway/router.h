@@ -114,6 +114,7 @@ class Router : public GenerationBackend {
   bool retry_ = false;                 // guarded by mu_
   bool dispatching_ = false;           // guarded by mu_: the router thread holds the queues' contents
   bool stop_ = false;                  // guarded by mu_
+  int64_t requests_total_ = 0;         // guarded by mu_
   int64_t timeouts_total_ = 0;         // guarded by mu_
   int64_t rejections_total_ = 0;       // guarded by mu_: prefill refusals seen
   int64_t prefill_retries_total_ = 0;  // guarded by mu_

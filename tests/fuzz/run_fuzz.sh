@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -73,6 +73,15 @@ for target in "${targets[@]}"; do
       cmake --build build/fuzz --target kv_wire_seeds >/dev/null
       build/fuzz/tests/fuzz/kv_wire_seeds "$corpus"
       build/fuzz/tests/fuzz/kv_wire_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
+      ;;
+    cluster_config_fuzz)
+      # Seeds: the example cluster and a small one with defaults; the dictionary holds the keys.
+      corpus="build/fuzz/corpus/cluster_config"
+      mkdir -p "$corpus"
+      cp deploy/cluster.example.toml "$corpus/example.toml"
+      printf '[instance_defaults]\nthreads = 1\n[[instance]]\nrole = "prefill"\nport = 1\n[[instance]]\nrole = "decode"\nport = 2\nno_prefix_caching = true\n' > "$corpus/small.toml"
+      build/fuzz/tests/fuzz/cluster_config_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 \
+        -dict=tests/fuzz/cluster_config.dict "$corpus" 2>&1 | tail -n 5
       ;;
     *) echo "run_fuzz: unknown target $target" >&2; exit 2 ;;
   esac

@@ -1,0 +1,394 @@
+#include "gateway/cluster_config.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+
+// NOTE: toml++ is header-only and heavy; it stays in this file.
+#define TOML_ENABLE_FORMATTERS 0
+#include <toml++/toml.h>
+
+namespace pdserve {
+
+namespace {
+
+std::string_view type_name(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::table: return "a table";
+    case toml::node_type::array: return "an array";
+    case toml::node_type::string: return "a string";
+    case toml::node_type::integer: return "an integer";
+    case toml::node_type::floating_point: return "a number";
+    case toml::node_type::boolean: return "a boolean";
+    default: return "a date or time";
+  }
+}
+
+// Reads one table: typed getters that remember which keys were read, then unknown_keys() names
+// the first key nobody read (a typo in the file is an error, not silently ignored).
+class TableReader {
+ public:
+  TableReader(const toml::table& table, std::string path, std::string_view source)
+      : table_(table), path_(std::move(path)), source_(source) {}
+
+  Status error_at(const toml::node& n, std::string_view key, std::string_view message) const {
+    return invalid_argument(fmt::format("{}:{}:{}: {}{}: {}", source_, n.source().begin.line,
+                                        n.source().begin.column, path_.empty() ? "" : path_ + ".", key,
+                                        message));
+  }
+
+  const toml::node* get(std::string_view key) {
+    seen_.insert(std::string(key));
+    return table_.get(key);
+  }
+
+  Status string(std::string_view key, std::string* out) {
+    const toml::node* n = get(key);
+    if (!n) return ok_status();
+    if (!n->is_string()) return error_at(*n, key, fmt::format("must be a string, not {}", type_name(*n)));
+    *out = n->as_string()->get();
+    return ok_status();
+  }
+
+  Status integer(std::string_view key, int64_t lo, int64_t hi, int64_t* out) {
+    const toml::node* n = get(key);
+    if (!n) return ok_status();
+    if (!n->is_integer()) return error_at(*n, key, fmt::format("must be an integer, not {}", type_name(*n)));
+    const int64_t v = n->as_integer()->get();
+    if (v < lo || v > hi) return error_at(*n, key, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
+    *out = v;
+    return ok_status();
+  }
+
+  Status integer(std::string_view key, int64_t lo, int64_t hi, int* out) {
+    int64_t v = *out;
+    PD_RETURN_IF_ERROR(integer(key, lo, hi, &v));
+    *out = static_cast<int>(v);
+    return ok_status();
+  }
+
+  Status number(std::string_view key, double lo, double hi, double* out) {
+    const toml::node* n = get(key);
+    if (!n) return ok_status();
+    double v = 0;
+    if (n->is_integer()) {
+      v = static_cast<double>(n->as_integer()->get());
+    } else if (n->is_floating_point()) {
+      v = n->as_floating_point()->get();
+    } else {
+      return error_at(*n, key, fmt::format("must be a number, not {}", type_name(*n)));
+    }
+    if (!(v >= lo && v <= hi))
+      return error_at(*n, key, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
+    *out = v;
+    return ok_status();
+  }
+
+  Status strings(std::string_view key, std::vector<std::string>* out) {
+    const toml::node* n = get(key);
+    if (!n) return ok_status();
+    const toml::array* a = n->as_array();
+    if (!a) return error_at(*n, key, fmt::format("must be an array of strings, not {}", type_name(*n)));
+    for (const toml::node& e : *a) {
+      if (!e.is_string()) {
+        return error_at(e, key, fmt::format("must be an array of strings; it holds {}", type_name(e)));
+      }
+      if (e.as_string()->get().empty()) return error_at(e, key, "holds an empty string");
+      out->push_back(e.as_string()->get());
+    }
+    return ok_status();
+  }
+
+  Status unknown_keys(std::string_view what_is_allowed) const {
+    for (const auto& [k, v] : table_) {
+      if (!seen_.contains(std::string(k.str()))) {
+        return error_at(v, k.str(), fmt::format("unknown key (allowed here: {})", what_is_allowed));
+      }
+    }
+    return ok_status();
+  }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  const toml::table& table_;
+  std::string path_;
+  std::string_view source_;
+  std::set<std::string> seen_;
+};
+
+bool valid_name(std::string_view s) {
+  if (s.empty() || s.size() > 64) return false;
+  for (char c : s) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                    c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+// The `pdserve instance` engine settings a file may give, with their value types.
+enum class FlagType { kInteger, kString, kBoolean };
+const std::map<std::string, FlagType, std::less<>>& engine_keys() {
+  static const std::map<std::string, FlagType, std::less<>> keys = {
+      {"threads", FlagType::kInteger},          {"kv_cache_memory", FlagType::kString},
+      {"block_size", FlagType::kInteger},       {"max_running", FlagType::kInteger},
+      {"max_waiting", FlagType::kInteger},      {"step_token_budget", FlagType::kInteger},
+      {"max_context", FlagType::kInteger},      {"no_prefix_caching", FlagType::kBoolean},
+      {"prefill_slots", FlagType::kInteger},    {"decode_pending", FlagType::kInteger},
+      {"handoff_lease_ms", FlagType::kInteger}, {"http_threads", FlagType::kInteger},
+      {"kv_listen", FlagType::kString},
+  };
+  return keys;
+}
+
+std::string engine_key_list() {
+  std::string s;
+  for (const auto& [k, t] : engine_keys()) s += (s.empty() ? "" : ", ") + k;
+  return s;
+}
+
+// Reads the engine settings of `r`'s table into flags (replacing earlier values of a key).
+Status read_engine_flags(TableReader& r, const toml::table& t,
+                         std::vector<std::pair<std::string, std::string>>* flags) {
+  for (const auto& [k, v] : t) {
+    auto it = engine_keys().find(k.str());
+    if (it == engine_keys().end()) continue;  // another key of the table, or unknown (checked later)
+    r.get(k.str());
+    std::string flag = "--" + std::string(k.str());
+    for (char& c : flag) c = c == '_' ? '-' : c;
+    std::string value;
+    switch (it->second) {
+      case FlagType::kInteger:
+        if (!v.is_integer())
+          return r.error_at(v, k.str(), fmt::format("must be an integer, not {}", type_name(v)));
+        value = std::to_string(v.as_integer()->get());
+        break;
+      case FlagType::kString:
+        if (!v.is_string())
+          return r.error_at(v, k.str(), fmt::format("must be a string, not {}", type_name(v)));
+        value = v.as_string()->get();
+        break;
+      case FlagType::kBoolean:
+        if (!v.is_boolean())
+          return r.error_at(v, k.str(), fmt::format("must be a boolean, not {}", type_name(v)));
+        break;
+    }
+    std::erase_if(*flags, [&](const auto& f) { return f.first == flag; });
+    if (it->second == FlagType::kBoolean && !v.as_boolean()->get()) continue;
+    flags->emplace_back(std::move(flag), std::move(value));
+  }
+  return ok_status();
+}
+
+// The array of tables `key` ([[key]]), or an error when the key holds something else.
+StatusOr<const toml::array*> table_array(TableReader& r, std::string_view key) {
+  const toml::node* n = r.get(key);
+  if (!n) return static_cast<const toml::array*>(nullptr);
+  const toml::array* a = n->as_array();
+  if (!a || !a->is_array_of_tables()) {
+    return r.error_at(
+        *n, key, fmt::format("must be an array of tables ([[{}]] sections), not {}", key, type_name(*n)));
+  }
+  return a;
+}
+
+Status parse_scenario(const toml::table& t, size_t idx, std::string_view source, ScenarioConfig* s) {
+  TableReader r(t, fmt::format("scenario[{}]", idx), source);
+  PD_RETURN_IF_ERROR(r.string("name", &s->name));
+  if (!valid_name(s->name)) {
+    const toml::node* n = t.get("name");
+    return n ? r.error_at(*n, "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+             : invalid_argument(fmt::format("{}: {}: a scenario needs a name", source, r.path()));
+  }
+  PD_RETURN_IF_ERROR(r.strings("models", &s->models));
+  PD_RETURN_IF_ERROR(r.strings("system_prompt_prefixes", &s->system_prompt_prefixes));
+  PD_RETURN_IF_ERROR(r.integer("ttft_budget_ms", 1, 3'600'000, &s->ttft_budget_ms));
+  PD_RETURN_IF_ERROR(r.number("ttft_budget_ms_per_token", 0, 1000, &s->ttft_budget_ms_per_token));
+  PD_RETURN_IF_ERROR(r.integer("decode_wait_ms", 1, 3'600'000, &s->decode_wait_ms));
+  return r.unknown_keys(
+      "name, models, system_prompt_prefixes, ttft_budget_ms, ttft_budget_ms_per_token, decode_wait_ms");
+}
+
+Status parse_instance(const toml::table& t, size_t idx, std::string_view source,
+                      const std::vector<std::pair<std::string, std::string>>& defaults,
+                      InstanceConfig* inst) {
+  TableReader r(t, fmt::format("instance[{}]", idx), source);
+  PD_RETURN_IF_ERROR(r.string("name", &inst->name));
+  if (!inst->name.empty() && !valid_name(inst->name)) {
+    return r.error_at(*t.get("name"), "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -");
+  }
+  PD_RETURN_IF_ERROR(r.string("scenario", &inst->scenario));
+  PD_RETURN_IF_ERROR(r.string("role", &inst->role));
+  if (inst->role != "prefill" && inst->role != "decode") {
+    const toml::node* n = t.get("role");
+    return n ? r.error_at(*n, "role",
+                          fmt::format("must be \"prefill\" or \"decode\", not \"{}\"", inst->role))
+             : invalid_argument(
+                   fmt::format("{}: {}: role is required (\"prefill\" or \"decode\")", source, r.path()));
+  }
+  PD_RETURN_IF_ERROR(r.string("host", &inst->host));
+  if (inst->host.empty()) return r.error_at(*t.get("host"), "host", "is empty");
+  if (!t.get("port")) {
+    return invalid_argument(fmt::format(
+        "{}: {}: port is required (where the instance's internal API listens)", source, r.path()));
+  }
+  PD_RETURN_IF_ERROR(r.integer("port", 1, 65535, &inst->port));
+  inst->flags = defaults;
+  PD_RETURN_IF_ERROR(read_engine_flags(r, t, &inst->flags));
+  return r.unknown_keys("name, scenario, role, host, port, " + engine_key_list());
+}
+
+Status parse_gateway(const toml::table& t, std::string_view source, GatewayConfig* g) {
+  TableReader r(t, "gateway", source);
+  PD_RETURN_IF_ERROR(r.string("host", &g->host));
+  PD_RETURN_IF_ERROR(r.integer("port", 0, 65535, &g->port));
+  PD_RETURN_IF_ERROR(r.integer("http_threads", 1, 256, &g->http_threads));
+  PD_RETURN_IF_ERROR(r.string("admission", &g->admission));
+  if (g->admission != "on-demand" && g->admission != "baseline") {
+    return r.error_at(*t.get("admission"), "admission",
+                      fmt::format("must be \"on-demand\" or \"baseline\", not \"{}\"", g->admission));
+  }
+  PD_RETURN_IF_ERROR(r.string("default_scenario", &g->default_scenario));
+  PD_RETURN_IF_ERROR(r.integer("connect_timeout_s", 0, 3600, &g->connect_timeout_s));
+  PD_RETURN_IF_ERROR(r.string("served_model_name", &g->served_model_name));
+  return r.unknown_keys(
+      "host, port, http_threads, admission, default_scenario, connect_timeout_s, served_model_name");
+}
+
+// Cross-checks: unique names and addresses, every instance in a known scenario, every scenario
+// with both roles, labelling rules that select one scenario each.
+Status check(ClusterConfig& c, std::string_view source) {
+  std::set<std::string> names;
+  std::map<std::string, std::string> model_owner;
+  for (const ScenarioConfig& s : c.scenarios) {
+    if (!names.insert(s.name).second) {
+      return invalid_argument(fmt::format("{}: two scenarios are named \"{}\"", source, s.name));
+    }
+    for (const std::string& m : s.models) {
+      auto [it, fresh] = model_owner.emplace(m, s.name);
+      if (!fresh) {
+        return invalid_argument(
+            fmt::format("{}: the model name \"{}\" selects both scenario \"{}\" and \"{}\"", source, m,
+                        it->second, s.name));
+      }
+    }
+  }
+  if (c.gateway.default_scenario.empty()) c.gateway.default_scenario = c.scenarios.front().name;
+  if (c.find_scenario(c.gateway.default_scenario) < 0) {
+    return invalid_argument(
+        fmt::format("{}: gateway.default_scenario \"{}\" is not a [[scenario]] of this file", source,
+                    c.gateway.default_scenario));
+  }
+  std::set<std::string> instance_names;
+  std::map<std::string, std::string> address_owner;
+  std::map<std::string, int> counts;  // "<scenario> <role>" → instances
+  if (c.gateway.port != 0)
+    address_owner[fmt::format("{}:{}", c.gateway.host, c.gateway.port)] = "the gateway";
+  for (InstanceConfig& inst : c.instances) {
+    if (inst.scenario.empty()) inst.scenario = c.gateway.default_scenario;
+    if (c.find_scenario(inst.scenario) < 0) {
+      return invalid_argument(
+          fmt::format("{}: instance {} belongs to scenario \"{}\", which is not a [[scenario]] "
+                      "of this file",
+                      source, inst.address(), inst.scenario));
+    }
+    const int n = counts[inst.scenario + " " + inst.role]++;
+    if (inst.name.empty()) inst.name = fmt::format("{}-{}-{}", inst.scenario, inst.role, n);
+    if (!instance_names.insert(inst.name).second) {
+      return invalid_argument(fmt::format("{}: two instances are named \"{}\"", source, inst.name));
+    }
+    auto [it, fresh] = address_owner.emplace(inst.address(), inst.name);
+    if (!fresh) {
+      return invalid_argument(fmt::format("{}: instance {} listens on {}, as does {}", source, inst.name,
+                                          inst.address(), it->second));
+    }
+  }
+  for (const ScenarioConfig& s : c.scenarios) {
+    for (const char* role : {"prefill", "decode"}) {
+      if (counts[s.name + " " + role] == 0) {
+        return invalid_argument(fmt::format(
+            "{}: scenario \"{}\" has no {} instance: add an [[instance]] with scenario = \"{}\" and "
+            "role = \"{}\"",
+            source, s.name, role, s.name, role));
+      }
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+int ClusterConfig::find_scenario(std::string_view name) const {
+  for (size_t i = 0; i < scenarios.size(); ++i) {
+    if (scenarios[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+StatusOr<ClusterConfig> parse_cluster_config(std::string_view text, std::string_view source) {
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    return invalid_argument(fmt::format("{}:{}:{}: not valid TOML: {}", source, e.source().begin.line,
+                                        e.source().begin.column, e.description()));
+  }
+  ClusterConfig c;
+  TableReader r(root, "", source);
+  PD_RETURN_IF_ERROR(r.string("model", &c.model));
+  PD_RETURN_IF_ERROR(r.string("transport", &c.transport));
+  if (c.transport != "shm" && c.transport != "tcp") {
+    return r.error_at(*root.get("transport"), "transport",
+                      fmt::format("must be \"shm\" (one host) or \"tcp\", not \"{}\"", c.transport));
+  }
+  if (const toml::node* g = r.get("gateway")) {
+    if (!g->is_table())
+      return r.error_at(*g, "gateway", fmt::format("must be a table, not {}", type_name(*g)));
+    PD_RETURN_IF_ERROR(parse_gateway(*g->as_table(), source, &c.gateway));
+  }
+  std::vector<std::pair<std::string, std::string>> defaults;
+  if (const toml::node* d = r.get("instance_defaults")) {
+    if (!d->is_table()) {
+      return r.error_at(*d, "instance_defaults", fmt::format("must be a table, not {}", type_name(*d)));
+    }
+    TableReader dr(*d->as_table(), "instance_defaults", source);
+    PD_RETURN_IF_ERROR(read_engine_flags(dr, *d->as_table(), &defaults));
+    PD_RETURN_IF_ERROR(dr.unknown_keys(engine_key_list()));
+  }
+  PD_ASSIGN_OR_RETURN(const toml::array* scenarios, table_array(r, "scenario"));
+  if (scenarios) {
+    for (size_t i = 0; i < scenarios->size(); ++i) {
+      ScenarioConfig s;
+      PD_RETURN_IF_ERROR(parse_scenario(*scenarios->get(i)->as_table(), i, source, &s));
+      c.scenarios.push_back(std::move(s));
+    }
+  }
+  if (c.scenarios.empty()) c.scenarios.push_back(ScenarioConfig{.name = "default"});
+  PD_ASSIGN_OR_RETURN(const toml::array* instances, table_array(r, "instance"));
+  if (instances) {
+    for (size_t i = 0; i < instances->size(); ++i) {
+      InstanceConfig inst;
+      PD_RETURN_IF_ERROR(parse_instance(*instances->get(i)->as_table(), i, source, defaults, &inst));
+      c.instances.push_back(std::move(inst));
+    }
+  }
+  PD_RETURN_IF_ERROR(
+      r.unknown_keys("model, transport, [gateway], [instance_defaults], [[scenario]], [[instance]]"));
+  PD_RETURN_IF_ERROR(check(c, source));
+  return c;
+}
+
+StatusOr<ClusterConfig> load_cluster_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return not_found(fmt::format("cannot read the cluster configuration {}", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return parse_cluster_config(ss.str(), path);
+}
+
+}  // namespace pdserve
