@@ -4,13 +4,17 @@
 # wait at the gateway for whichever prefill frees first), on the SAME instances and workload:
 # two prefill instances and one decode instance (separate processes, shared-memory KV transfer),
 # and two gateways over them, one per policy. pdserve bench's A/B mode sends the same requests to
-# both (A = baseline, B = on-demand), at loads A, 2A and 4A. Success = TTFT within the SLO.
+# both (A = baseline, B = on-demand), at loads A, 2A, 4A, ... Success = TTFT within the SLO, which
+# grows with the prompt (SLO_TTFT_MS + SLO_TTFT_MS_PER_TOKEN x prompt tokens), as a scenario's SLO
+# does in the paper. The on-demand gateway's TTFT budget (how long a request may wait for a
+# prefill) is the SLO less the prefill's own time, so that it drops what can no longer make it.
 #
 #   bench/pd_forwarding.sh [OUT_DIR]        (prerequisite: make build)
 #
-# Environment: RATE_A (req/s of load A, 0.8), N (requests per run, 60), SLO_TTFT_MS (2000),
-# SLOTS (prefill slots b_p, 1), LONG_SHARE (share of long prompts, 0.2), LONG_IN (long prompt
-# lengths, normal:600:100: one takes about 1.4 s alone on a one-thread prefill here, inside the SLO).
+# Environment: RATE_A (req/s of load A, 0.8), LOADS (multiples of A, "1 2 4"), N (requests per run,
+# 60), SLO_TTFT_MS (1000) and SLO_TTFT_MS_PER_TOKEN (3), BUDGET_MS (900) and BUDGET_MS_PER_TOKEN
+# (0.5: a prefill takes about 2.5 ms per prompt token on one thread here), SLOTS (prefill slots
+# b_p, 1), LONG_SHARE (share of long prompts, 0.2), LONG_IN (long prompt lengths, normal:600:100).
 # The workload mixes short prompts (normal 64±16 tokens) and long ones, 16 output tokens each.
 # Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 set -euo pipefail
@@ -26,7 +30,11 @@ for f in "$model" "$pdserve"; do
 done
 rate_a="${RATE_A:-0.8}"
 n="${N:-60}"
-slo="${SLO_TTFT_MS:-2000}"
+slo="${SLO_TTFT_MS:-1000}"
+slo_per_token="${SLO_TTFT_MS_PER_TOKEN:-3}"
+budget="${BUDGET_MS:-900}"
+budget_per_token="${BUDGET_MS_PER_TOKEN:-0.5}"
+loads="${LOADS:-1 2 4}"
 slots="${SLOTS:-1}"
 long_share="${LONG_SHARE:-0.2}"
 long_in="${LONG_IN:-normal:600:100}"
@@ -47,20 +55,20 @@ start prefill0.log "${instance[@]}" --role prefill --port 18201
 start prefill1.log "${instance[@]}" --role prefill --port 18202
 start decode.log "${instance[@]}" --role decode --port 18203
 wait_ready 18201 18202 18203
-gateway=(gateway --model "$model" --prefill 127.0.0.1:18201 --prefill 127.0.0.1:18202 --decode 127.0.0.1:18203
-         --ttft-budget-ms 120000)
+gateway=(gateway --model "$model" --prefill 127.0.0.1:18201 --prefill 127.0.0.1:18202 --decode 127.0.0.1:18203)
 start gateway_baseline.log "${gateway[@]}" --port 18210 --admission baseline
-start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand
+start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand --ttft-budget-ms "$budget" \
+  --ttft-budget-ms-per-token "$budget_per_token"
 wait_ready 18210 18211
 
-for mult in 1 2 4; do
+for mult in $loads; do
   total=$(python3 -c "print($rate_a * $mult)")
   short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
   long=$(python3 -c "print($rate_a * $mult * $long_share)")
   scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
               {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
-  echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms; A = baseline, B = on-demand"
+  echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
   "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
     --api completions --scenarios "$scenarios" --output-len fixed:16 --ignore-eos -n "$n" \
-    --tokenizer-model "$model" --slo-ttft-ms "$slo" --no-metrics -q --json "$out/load_$mult.json" || true
+    --tokenizer-model "$model" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
 done

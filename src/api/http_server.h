@@ -21,6 +21,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -39,6 +40,10 @@ struct HttpRequest {
   std::string body;
   HttpClock::time_point received;  // when the whole request had arrived
 };
+
+// True when an Authorization header value is "Bearer TOKEN" (the scheme in any case; the token
+// compared in constant time).
+bool bearer_matches(std::string_view authorization, std::string_view token);
 
 using HttpHeaders = std::vector<std::pair<std::string, std::string>>;
 

@@ -56,14 +56,20 @@ std::function<void()> on_gone(const std::shared_ptr<RequestHandle>& handle,
 
 }  // namespace
 
-InstanceService::InstanceService(Engine& engine, std::string transport)
-    : engine_(engine), transport_(std::move(transport)) {}
+InstanceService::InstanceService(Engine& engine, std::string transport, std::string token)
+    : engine_(engine), transport_(std::move(transport)), token_(std::move(token)) {}
 
 void InstanceService::handle(HttpRequest request, std::shared_ptr<ResponseChannel> channel) {
   const std::string& path = request.path;
   const bool post = request.method == "POST";
   if (path == "/health" && request.method == "GET") {
     channel->respond({200, "application/json", R"({"status":"ok"})", {}});
+  } else if (!token_.empty() && !bearer_matches(request.authorization, token_)) {
+    HttpResponse r = status_response(unauthenticated(
+        "missing or wrong internal token: send \"Authorization: Bearer TOKEN\" with this instance's "
+        "--internal-token"));
+    r.headers.emplace_back("WWW-Authenticate", "Bearer");
+    channel->respond(std::move(r));
   } else if (path == "/internal/v1/stats" && request.method == "GET") {
     handle_stats(*channel);
   } else if (path == "/internal/v1/submit" && post) {

@@ -17,7 +17,9 @@ namespace pdserve::api {
 class InstanceService {
  public:
   // `engine` must outlive the service. `transport` names the KV transport ("shm", "tcp", ...).
-  InstanceService(Engine& engine, std::string transport);
+  // `token`: when not empty, every route but /health requires "Authorization: Bearer TOKEN"
+  // (401 otherwise).
+  InstanceService(Engine& engine, std::string transport, std::string token = {});
 
   void handle(HttpRequest request, std::shared_ptr<ResponseChannel> channel);
 
@@ -29,6 +31,7 @@ class InstanceService {
 
   Engine& engine_;
   std::string transport_;
+  std::string token_;
 };
 
 }  // namespace pdserve::api

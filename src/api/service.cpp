@@ -29,13 +29,6 @@ std::string random_id(std::string_view prefix) {
   return fmt::format("{}{:016x}{:08x}", prefix, random_u64(), random_u64() & 0xffffffffu);
 }
 
-bool constant_time_equal(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
-
 double seconds(HttpClock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 HttpResponse json_response(int status, std::string body, HttpHeaders headers = {}) {
@@ -323,16 +316,23 @@ void ApiService::reply_error(ResponseChannel& channel, std::string_view endpoint
   reply(channel, endpoint, json_response(error.http_status, error_body(error), error.headers));
 }
 
-bool ApiService::authorized(const HttpRequest& request) const {
-  if (options_.api_key.empty()) return true;
+bool bearer_matches(std::string_view authorization, std::string_view token) {
   constexpr std::string_view kBearer = "Bearer ";
-  std::string_view h = request.authorization;
+  std::string_view h = authorization;
   if (h.size() < kBearer.size() || !std::equal(kBearer.begin(), kBearer.end(), h.begin(), [](char a, char b) {
         return std::tolower(static_cast<unsigned char>(a)) == std::tolower(static_cast<unsigned char>(b));
       })) {
     return false;
   }
-  return constant_time_equal(h.substr(kBearer.size()), options_.api_key);
+  h.remove_prefix(kBearer.size());
+  if (h.size() != token.size()) return false;
+  unsigned char diff = 0;  // constant time: no early exit on the first difference
+  for (size_t i = 0; i < h.size(); ++i) diff |= static_cast<unsigned char>(h[i] ^ token[i]);
+  return diff == 0;
+}
+
+bool ApiService::authorized(const HttpRequest& request) const {
+  return options_.api_key.empty() || bearer_matches(request.authorization, options_.api_key);
 }
 
 bool ApiService::serves_model(const std::string& model) const {

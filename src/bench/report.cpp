@@ -159,7 +159,10 @@ json summary_json(const Summary& s) {
           {"itl_ms", latency_json(s.itl_ms)},
           {"e2e_ms", latency_json(s.e2e_ms)},
           {"send_lag_ms", latency_json(s.send_lag_ms)},
-          {"slo", {{"ttft_ms", s.slo.ttft_ms}, {"tpot_ms", s.slo.tpot_ms}}},
+          {"slo",
+           {{"ttft_ms", s.slo.ttft_ms},
+            {"ttft_ms_per_token", s.slo.ttft_ms_per_token},
+            {"tpot_ms", s.slo.tpot_ms}}},
           {"ttft_attainment", s.ttft_attainment},
           {"tpot_attainment", s.tpot_attainment},
           {"slo_attainment", s.slo_attainment},
@@ -216,7 +219,10 @@ std::string format_summary(const Summary& s, std::string_view title) {
     out += fmt::format(
         "  SLO (TTFT <= {} ms, TPOT <= {} ms): TTFT {:.1f} %, TPOT {:.1f} %, both {:.1f} %; goodput {:.2f} "
         "req/s\n",
-        s.slo.ttft_ms > 0 ? fmt::format("{:g}", s.slo.ttft_ms) : "-",
+        s.slo.ttft_ms <= 0 ? std::string("-")
+        : s.slo.ttft_ms_per_token > 0
+            ? fmt::format("{:g} + {:g}/token", s.slo.ttft_ms, s.slo.ttft_ms_per_token)
+            : fmt::format("{:g}", s.slo.ttft_ms),
         s.slo.tpot_ms > 0 ? fmt::format("{:g}", s.slo.tpot_ms) : "-", s.ttft_attainment * 100,
         s.tpot_attainment * 100, s.slo_attainment * 100, s.goodput_rps);
   }

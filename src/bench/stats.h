@@ -55,9 +55,14 @@ LatencyStats latency_stats(std::vector<double> values);
 struct SloSpec {
   double ttft_ms = 0;
   double tpot_ms = 0;
+  // Added to ttft_ms per prompt token (usage.prompt_tokens, else the planned length): an objective
+  // that grows with the prompt, like the gateway's TTFT budget. Only with ttft_ms > 0.
+  double ttft_ms_per_token = 0;
+  // The TTFT objective of a request in ms (0: none).
+  double ttft_objective_ms(const RequestRecord& r) const;
 };
 
-// A request meets the SLO when it succeeded, its TTFT <= ttft_ms and its TPOT <= tpot_ms
+// A request meets the SLO when it succeeded, its TTFT <= ttft_objective_ms and its TPOT <= tpot_ms
 // (a request with one output token has no TPOT and meets that part).
 bool meets_ttft(const RequestRecord& r, const SloSpec& slo);
 bool meets_tpot(const RequestRecord& r, const SloSpec& slo);

@@ -39,6 +39,20 @@ TEST(RequestRecord, Tpot) {
   EXPECT_LT(ok_record(0, 0.1, 0.1, 1).tpot_s(), 0);
 }
 
+TEST(Slo, TtftObjectiveGrowsWithThePrompt) {
+  const SloSpec slo{.ttft_ms = 100, .ttft_ms_per_token = 2};
+  RequestRecord r = ok_record(0, 0.25, 1, 4);  // TTFT 250 ms
+  r.prompt_tokens = 50;                        // objective 100 + 2 x 50 = 200 ms
+  EXPECT_DOUBLE_EQ(slo.ttft_objective_ms(r), 200);
+  EXPECT_FALSE(meets_ttft(r, slo));
+  r.prompt_tokens = 100;  // 300 ms
+  EXPECT_TRUE(meets_ttft(r, slo));
+  r.prompt_tokens = -1;  // no usage: the planned 10 tokens, 120 ms
+  EXPECT_DOUBLE_EQ(slo.ttft_objective_ms(r), 120);
+  EXPECT_FALSE(meets_ttft(r, slo));
+  EXPECT_DOUBLE_EQ(SloSpec{.ttft_ms_per_token = 2}.ttft_objective_ms(r), 0);  // no base: no objective
+}
+
 // A hand-made result set: 4 successes, 1 failure, 1 cancelled, 1 never sent.
 TEST(Summarize, AttainmentAndGoodputOnAHandMadeSet) {
   std::vector<RequestRecord> rs;

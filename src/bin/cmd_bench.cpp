@@ -81,6 +81,7 @@ struct BenchArgs {
   bool no_keep_alive = false;
   // measures and output
   double slo_ttft_ms = 0;
+  double slo_ttft_ms_per_token = 0;
   double slo_tpot_ms = 0;
   bool no_metrics = false;
   double metrics_interval_s = 0;
@@ -490,7 +491,8 @@ int run_bench(void* p) {
     if (tty && !a.quiet) fmt::print(stderr, "\n");
     auto after = scrape();
     if (before && after) result.metric_deltas = counter_deltas(*before, *after);
-    SloSpec slo{a.slo_ttft_ms, a.slo_tpot_ms};
+    SloSpec slo{
+        .ttft_ms = a.slo_ttft_ms, .tpot_ms = a.slo_tpot_ms, .ttft_ms_per_token = a.slo_ttft_ms_per_token};
     result.summary = summarize(result.records, slo);
     if (workload->scenarios.size() > 1) {
       for (size_t k = 0; k < workload->scenarios.size(); ++k) {
@@ -675,6 +677,10 @@ void register_bench_command(CLI::App& app) {
 
   g = "Measures and output";
   cmd->add_option("--slo-ttft-ms", a.slo_ttft_ms, "TTFT objective in ms (0: none)")->group(g);
+  cmd->add_option("--slo-ttft-ms-per-token", a.slo_ttft_ms_per_token,
+                  "Added to the TTFT objective per prompt token (an objective that grows with the prompt)")
+      ->check(CLI::Range(0.0, 1000.0))
+      ->group(g);
   cmd->add_option("--slo-tpot-ms", a.slo_tpot_ms, "TPOT objective in ms (0: none)")->group(g);
   cmd->add_flag("--no-metrics", a.no_metrics, "Do not scrape the server's GET /metrics")->group(g);
   cmd->add_option("--metrics-interval", a.metrics_interval_s,

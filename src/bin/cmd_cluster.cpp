@@ -8,6 +8,7 @@
 #include <charconv>
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -38,8 +39,21 @@ struct InstanceArgs {
   int http_threads = 2;
   std::string transport = "shm";
   std::string kv_listen = "127.0.0.1:0";
+  std::string internal_token;  // empty: $PDSERVE_INTERNAL_TOKEN, else none
   EngineFlags engine;
 };
+
+// --internal-token, else $PDSERVE_INTERNAL_TOKEN, else none.
+std::string internal_token_or_env(const std::string& flag) {
+  if (!flag.empty()) return flag;
+  const char* env = std::getenv("PDSERVE_INTERNAL_TOKEN");
+  return env ? std::string(env) : std::string();
+}
+
+constexpr const char* kInternalTokenHelp =
+    "Shared secret of the internal API between the gateway and its instances: instances refuse calls "
+    "without it (401), the gateway sends it (default: $PDSERVE_INTERNAL_TOKEN; none: no check). "
+    "`pdserve launch` makes one per cluster";
 
 EngineRole role_of(const std::string& name) {
   if (name == "prefill") return EngineRole::kPrefill;
@@ -119,7 +133,12 @@ int run_instance(void* p) {
   }
   ThreadPool pool(a.engine.threads);
   auto engine = std::make_unique<Engine>(*loaded->model, *loaded->tokenizer, pool, eo);
-  api::InstanceService instance_service(*engine, transport_name);
+  const std::string token = internal_token_or_env(a.internal_token);
+  if (token.empty()) {
+    PD_LOG_WARN("instance: no --internal-token: anyone who reaches {}:{} may submit requests and release KV",
+                a.host, server->port());
+  }
+  api::InstanceService instance_service(*engine, transport_name, token);
   service.store(&instance_service);
   set_loading(false);
   PD_LOG_INFO(
@@ -143,6 +162,7 @@ struct GatewayArgs {
   std::string config_path;
   std::vector<std::string> prefills;
   std::vector<std::string> decodes;
+  std::string internal_token;
   int connect_timeout_s = 60;
   FrontOptions front{.command = "gateway"};
   RouterFlags router;
@@ -158,10 +178,14 @@ struct GatewayState {
 
 // Connects to an instance, retrying until `deadline` (instances may still be loading).
 StatusOr<std::unique_ptr<RemoteInstance>> connect_until(const std::string& address,
+                                                        const RemoteInstanceOptions& options,
                                                         std::chrono::steady_clock::time_point deadline) {
   for (;;) {
-    auto r = RemoteInstance::connect(address);
-    if (r.ok() || std::chrono::steady_clock::now() >= deadline) return r;
+    auto r = RemoteInstance::connect(address, options);
+    if (r.ok() || r.status().code() == StatusCode::kUnauthenticated ||
+        std::chrono::steady_clock::now() >= deadline) {
+      return r;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
 }
@@ -248,6 +272,8 @@ int run_gateway(void* p) {
     PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/false));
     const uint64_t fingerprint = state->model.file->fingerprint();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
+    RemoteInstanceOptions remote;
+    remote.token = internal_token_or_env(a.internal_token);
     std::string transport = cluster->transport;
     std::vector<ScenarioGroup> groups;
     for (const ScenarioConfig& scenario : cluster->scenarios) {
@@ -255,7 +281,7 @@ int run_gateway(void* p) {
       for (const InstanceConfig& ic : cluster->instances) {
         if (ic.scenario != scenario.name) continue;
         const std::string address = ic.address();
-        StatusOr<std::unique_ptr<RemoteInstance>> r = connect_until(address, deadline);
+        StatusOr<std::unique_ptr<RemoteInstance>> r = connect_until(address, remote, deadline);
         if (!r.ok())
           return r.status().with_context(fmt::format("{} instance {} ({})", ic.role, ic.name, address));
         RemoteInstance& inst = **r;
@@ -333,6 +359,7 @@ void register_cluster_commands(CLI::App& app) {
       ->check(CLI::IsMember({"shm", "tcp"}));
   inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")
       ->capture_default_str();
+  inst->add_option("--internal-token", ia->internal_token, kInternalTokenHelp);
   inst->add_option("--http-threads", ia->http_threads, "I/O threads of the internal API")
       ->capture_default_str()
       ->check(CLI::Range(1, 256));
@@ -357,6 +384,7 @@ void register_cluster_commands(CLI::App& app) {
                  "The GGUF model the instances serve: its tokenizer and chat template are used here")
       ->capture_default_str();
   add_front_flags(*gw, ga->front);
+  gw->add_option("--internal-token", ga->internal_token, kInternalTokenHelp);
   gw->add_option("--connect-timeout", ga->connect_timeout_s,
                  "Seconds to wait for the instances to answer at start")
       ->capture_default_str()

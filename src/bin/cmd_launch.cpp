@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -234,6 +235,15 @@ int run_launch(void* p) {
   if (a.dry_run) {
     for (const Child& c : launcher.children()) fmt::print("{}\n", command_line(c.argv));
     return 0;
+  }
+
+  // The internal API's shared secret, inherited by every process through the environment (never
+  // on a command line, which `ps` shows).
+  if (const char* t = std::getenv("PDSERVE_INTERNAL_TOKEN"); !t || !*t) {
+    std::random_device rd;
+    std::string token;
+    for (int i = 0; i < 4; ++i) token += fmt::format("{:08x}", rd());
+    setenv("PDSERVE_INTERNAL_TOKEN", token.c_str(), 1);
   }
 
   std::signal(SIGPIPE, SIG_IGN);

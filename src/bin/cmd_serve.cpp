@@ -48,13 +48,20 @@ struct Deployment {
   }
 };
 
-// Splits the KV budget: the prefill holds prompts only while they run (a quarter, at least one
-// full context); the decode holds every running sequence (the rest, at least one full context).
-std::pair<int32_t, int32_t> split_kv_blocks(int32_t blocks, int32_t block_size, int32_t max_context) {
+// Splits the KV budget, never beyond it: the prefill holds prompts only while they run (a quarter,
+// or one full context if that is more, but never more than half); the decode holds every running
+// sequence (the rest). A small budget thus limits the longest sequence, as it does aggregated.
+StatusOr<std::pair<int32_t, int32_t>> split_kv_blocks(int32_t blocks, int32_t block_size,
+                                                      int32_t max_context) {
+  if (blocks < 2) {
+    return invalid_argument(fmt::format(
+        "--kv-cache-memory holds {} KV block{}; disaggregated serving needs at least 2 (one each for the "
+        "prefill and the decode): raise it",
+        blocks, blocks == 1 ? "" : "s"));
+  }
   const int32_t one = (max_context + block_size - 1) / block_size;
-  const int32_t prefill = std::max(one, blocks / 4);
-  const int32_t decode = std::max(one, blocks - prefill);
-  return {prefill, decode};
+  const int32_t prefill = std::min(std::max(one, blocks / 4), blocks / 2);
+  return std::pair{prefill, blocks - prefill};
 }
 
 StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedModel& m, ThreadPool& pool,
@@ -66,7 +73,8 @@ StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedMod
     return d;
   }
   const ModelConfig& cfg = m.model->config();
-  auto [prefill_blocks, decode_blocks] = split_kv_blocks(base.num_blocks, base.block_size, base.max_context);
+  PD_ASSIGN_OR_RETURN(auto split, split_kv_blocks(base.num_blocks, base.block_size, base.max_context));
+  const auto [prefill_blocks, decode_blocks] = split;
   PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc,
                                                    send_pool_options(a.engine, cfg, base.max_context)));
   Deployment* raw = d.get();

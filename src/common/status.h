@@ -17,18 +17,18 @@ namespace pdserve {
 
 enum class StatusCode {
   kOk = 0,
-  kInvalidArgument,    // the caller's input is wrong (bad file, bad request)
-  kNotFound,           // a named thing does not exist
-  kOutOfRange,         // a value is outside what is supported
-  kResourceExhausted,  // memory, slots or blocks are used up; retry later
-  kFailedPrecondition, // the system is not in a state to do this
-  kUnavailable,        // a peer or service cannot be reached or is loading
-  kDeadlineExceeded,   // a time budget ran out
-  kCancelled,          // the request was cancelled
-  kUnimplemented,      // a feature or format we do not support
-  kDataLoss,           // bytes are corrupt or truncated
-  kUnauthenticated,    // credentials missing or wrong
-  kInternal,           // a bug or an unexpected failure
+  kInvalidArgument,     // the caller's input is wrong (bad file, bad request)
+  kNotFound,            // a named thing does not exist
+  kOutOfRange,          // a value is outside what is supported
+  kResourceExhausted,   // memory, slots or blocks are used up; retry later
+  kFailedPrecondition,  // the system is not in a state to do this
+  kUnavailable,         // a peer or service cannot be reached or is loading
+  kDeadlineExceeded,    // a time budget ran out
+  kCancelled,           // the request was cancelled
+  kUnimplemented,       // a feature or format we do not support
+  kDataLoss,            // bytes are corrupt or truncated
+  kUnauthenticated,     // credentials missing or wrong
+  kInternal,            // a bug or an unexpected failure
 };
 
 std::string_view status_code_name(StatusCode code);
@@ -63,6 +63,7 @@ inline Status unavailable(std::string m) { return {StatusCode::kUnavailable, std
 inline Status unimplemented(std::string m) { return {StatusCode::kUnimplemented, std::move(m)}; }
 inline Status data_loss(std::string m) { return {StatusCode::kDataLoss, std::move(m)}; }
 inline Status internal_error(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+inline Status unauthenticated(std::string m) { return {StatusCode::kUnauthenticated, std::move(m)}; }
 
 // Either a value or a non-OK Status.
 template <typename T>
@@ -74,7 +75,7 @@ class [[nodiscard]] StatusOr {
   StatusOr(Status&& status) : v_(std::move(status)) {  // NOLINT
     PD_CHECK_MSG(!std::get<Status>(v_).ok(), "StatusOr constructed from an OK status without a value");
   }
-  StatusOr(const T& value) : v_(value) {}  // NOLINT
+  StatusOr(const T& value) : v_(value) {}        // NOLINT
   StatusOr(T&& value) : v_(std::move(value)) {}  // NOLINT
 
   bool ok() const { return std::holds_alternative<T>(v_); }
@@ -99,8 +100,9 @@ class [[nodiscard]] StatusOr {
 
  private:
   void check_ok() const {
-    if (!ok()) pdserve::detail::check_failed(__FILE__, __LINE__, "StatusOr::value() on error",
-                                             std::get<Status>(v_).to_string().c_str());
+    if (!ok())
+      pdserve::detail::check_failed(__FILE__, __LINE__, "StatusOr::value() on error",
+                                    std::get<Status>(v_).to_string().c_str());
   }
   std::variant<Status, T> v_;
 };
@@ -111,10 +113,10 @@ class [[nodiscard]] StatusOr {
 #define PD_STATUS_CONCAT_(a, b) PD_STATUS_CONCAT_INNER_(a, b)
 
 // Returns the Status from the enclosing function if `expr` is not OK.
-#define PD_RETURN_IF_ERROR(expr)                  \
-  do {                                            \
-    ::pdserve::Status pd_status_ = (expr);        \
-    if (!pd_status_.ok()) return pd_status_;      \
+#define PD_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::pdserve::Status pd_status_ = (expr);   \
+    if (!pd_status_.ok()) return pd_status_; \
   } while (0)
 
 // `lhs = value of expr`, or returns its Status. lhs may declare a variable: auto x.

@@ -8,57 +8,44 @@
 #include <set>
 #include <sstream>
 
-// NOTE: toml++ is header-only and heavy; it stays in this file.
-#define TOML_ENABLE_FORMATTERS 0
-#include <toml++/toml.h>
+#include "common/toml.h"
 
 namespace pdserve {
 
 namespace {
 
-std::string_view type_name(const toml::node& n) {
-  switch (n.type()) {
-    case toml::node_type::table: return "a table";
-    case toml::node_type::array: return "an array";
-    case toml::node_type::string: return "a string";
-    case toml::node_type::integer: return "an integer";
-    case toml::node_type::floating_point: return "a number";
-    case toml::node_type::boolean: return "a boolean";
-    default: return "a date or time";
-  }
-}
-
 // Reads one table: typed getters that remember which keys were read, then unknown_keys() names
 // the first key nobody read (a typo in the file is an error, not silently ignored).
 class TableReader {
  public:
-  TableReader(const toml::table& table, std::string path, std::string_view source)
+  TableReader(const TomlValue& table, std::string path, std::string_view source)
       : table_(table), path_(std::move(path)), source_(source) {}
 
-  Status error_at(const toml::node& n, std::string_view key, std::string_view message) const {
-    return invalid_argument(fmt::format("{}:{}:{}: {}{}: {}", source_, n.source().begin.line,
-                                        n.source().begin.column, path_.empty() ? "" : path_ + ".", key,
-                                        message));
+  Status error_at(const TomlValue& n, std::string_view key, std::string_view message) const {
+    return invalid_argument(fmt::format("{}:{}:{}: {}{}: {}", source_, n.line, n.column,
+                                        path_.empty() ? "" : path_ + ".", key, message));
   }
 
-  const toml::node* get(std::string_view key) {
+  const TomlValue* get(std::string_view key) {
     seen_.insert(std::string(key));
-    return table_.get(key);
+    return table_.find(key);
   }
 
   Status string(std::string_view key, std::string* out) {
-    const toml::node* n = get(key);
+    const TomlValue* n = get(key);
     if (!n) return ok_status();
-    if (!n->is_string()) return error_at(*n, key, fmt::format("must be a string, not {}", type_name(*n)));
-    *out = n->as_string()->get();
+    if (!(n->type == TomlValue::Type::kString))
+      return error_at(*n, key, fmt::format("must be a string, not {}", n->type_name()));
+    *out = n->string;
     return ok_status();
   }
 
   Status integer(std::string_view key, int64_t lo, int64_t hi, int64_t* out) {
-    const toml::node* n = get(key);
+    const TomlValue* n = get(key);
     if (!n) return ok_status();
-    if (!n->is_integer()) return error_at(*n, key, fmt::format("must be an integer, not {}", type_name(*n)));
-    const int64_t v = n->as_integer()->get();
+    if (!(n->type == TomlValue::Type::kInteger))
+      return error_at(*n, key, fmt::format("must be an integer, not {}", n->type_name()));
+    const int64_t v = n->integer;
     if (v < lo || v > hi) return error_at(*n, key, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
     *out = v;
     return ok_status();
@@ -72,15 +59,15 @@ class TableReader {
   }
 
   Status number(std::string_view key, double lo, double hi, double* out) {
-    const toml::node* n = get(key);
+    const TomlValue* n = get(key);
     if (!n) return ok_status();
     double v = 0;
-    if (n->is_integer()) {
-      v = static_cast<double>(n->as_integer()->get());
-    } else if (n->is_floating_point()) {
-      v = n->as_floating_point()->get();
+    if ((n->type == TomlValue::Type::kInteger)) {
+      v = static_cast<double>(n->integer);
+    } else if ((n->type == TomlValue::Type::kFloat)) {
+      v = n->number;
     } else {
-      return error_at(*n, key, fmt::format("must be a number, not {}", type_name(*n)));
+      return error_at(*n, key, fmt::format("must be a number, not {}", n->type_name()));
     }
     if (!(v >= lo && v <= hi))
       return error_at(*n, key, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
@@ -89,24 +76,25 @@ class TableReader {
   }
 
   Status strings(std::string_view key, std::vector<std::string>* out) {
-    const toml::node* n = get(key);
+    const TomlValue* n = get(key);
     if (!n) return ok_status();
-    const toml::array* a = n->as_array();
-    if (!a) return error_at(*n, key, fmt::format("must be an array of strings, not {}", type_name(*n)));
-    for (const toml::node& e : *a) {
-      if (!e.is_string()) {
-        return error_at(e, key, fmt::format("must be an array of strings; it holds {}", type_name(e)));
+    if (n->type != TomlValue::Type::kArray) {
+      return error_at(*n, key, fmt::format("must be an array of strings, not {}", n->type_name()));
+    }
+    for (const TomlValue& e : n->array) {
+      if (!(e.type == TomlValue::Type::kString)) {
+        return error_at(e, key, fmt::format("must be an array of strings; it holds {}", e.type_name()));
       }
-      if (e.as_string()->get().empty()) return error_at(e, key, "holds an empty string");
-      out->push_back(e.as_string()->get());
+      if (e.string.empty()) return error_at(e, key, "holds an empty string");
+      out->push_back(e.string);
     }
     return ok_status();
   }
 
   Status unknown_keys(std::string_view what_is_allowed) const {
-    for (const auto& [k, v] : table_) {
-      if (!seen_.contains(std::string(k.str()))) {
-        return error_at(v, k.str(), fmt::format("unknown key (allowed here: {})", what_is_allowed));
+    for (const auto& [k, v] : table_.table) {
+      if (!seen_.contains(std::string(k))) {
+        return error_at(v, k, fmt::format("unknown key (allowed here: {})", what_is_allowed));
       }
     }
     return ok_status();
@@ -115,7 +103,7 @@ class TableReader {
   const std::string& path() const { return path_; }
 
  private:
-  const toml::table& table_;
+  const TomlValue& table_;
   std::string path_;
   std::string_view source_;
   std::set<std::string> seen_;
@@ -153,55 +141,54 @@ std::string engine_key_list() {
 }
 
 // Reads the engine settings of `r`'s table into flags (replacing earlier values of a key).
-Status read_engine_flags(TableReader& r, const toml::table& t,
+Status read_engine_flags(TableReader& r, const TomlValue& t,
                          std::vector<std::pair<std::string, std::string>>* flags) {
-  for (const auto& [k, v] : t) {
-    auto it = engine_keys().find(k.str());
+  for (const auto& [k, v] : t.table) {
+    auto it = engine_keys().find(k);
     if (it == engine_keys().end()) continue;  // another key of the table, or unknown (checked later)
-    r.get(k.str());
-    std::string flag = "--" + std::string(k.str());
+    r.get(k);
+    std::string flag = "--" + std::string(k);
     for (char& c : flag) c = c == '_' ? '-' : c;
     std::string value;
     switch (it->second) {
       case FlagType::kInteger:
-        if (!v.is_integer())
-          return r.error_at(v, k.str(), fmt::format("must be an integer, not {}", type_name(v)));
-        value = std::to_string(v.as_integer()->get());
+        if (!(v.type == TomlValue::Type::kInteger))
+          return r.error_at(v, k, fmt::format("must be an integer, not {}", v.type_name()));
+        value = std::to_string(v.integer);
         break;
       case FlagType::kString:
-        if (!v.is_string())
-          return r.error_at(v, k.str(), fmt::format("must be a string, not {}", type_name(v)));
-        value = v.as_string()->get();
+        if (!(v.type == TomlValue::Type::kString))
+          return r.error_at(v, k, fmt::format("must be a string, not {}", v.type_name()));
+        value = v.string;
         break;
       case FlagType::kBoolean:
-        if (!v.is_boolean())
-          return r.error_at(v, k.str(), fmt::format("must be a boolean, not {}", type_name(v)));
+        if (!(v.type == TomlValue::Type::kBoolean))
+          return r.error_at(v, k, fmt::format("must be a boolean, not {}", v.type_name()));
         break;
     }
     std::erase_if(*flags, [&](const auto& f) { return f.first == flag; });
-    if (it->second == FlagType::kBoolean && !v.as_boolean()->get()) continue;
+    if (it->second == FlagType::kBoolean && !v.boolean) continue;
     flags->emplace_back(std::move(flag), std::move(value));
   }
   return ok_status();
 }
 
 // The array of tables `key` ([[key]]), or an error when the key holds something else.
-StatusOr<const toml::array*> table_array(TableReader& r, std::string_view key) {
-  const toml::node* n = r.get(key);
-  if (!n) return static_cast<const toml::array*>(nullptr);
-  const toml::array* a = n->as_array();
-  if (!a || !a->is_array_of_tables()) {
+StatusOr<const TomlValue*> table_array(TableReader& r, std::string_view key) {
+  const TomlValue* n = r.get(key);
+  if (!n) return n;
+  if (n->type != TomlValue::Type::kArray || !n->is_table_array) {
     return r.error_at(
-        *n, key, fmt::format("must be an array of tables ([[{}]] sections), not {}", key, type_name(*n)));
+        *n, key, fmt::format("must be an array of tables ([[{}]] sections), not {}", key, n->type_name()));
   }
-  return a;
+  return n;
 }
 
-Status parse_scenario(const toml::table& t, size_t idx, std::string_view source, ScenarioConfig* s) {
+Status parse_scenario(const TomlValue& t, size_t idx, std::string_view source, ScenarioConfig* s) {
   TableReader r(t, fmt::format("scenario[{}]", idx), source);
   PD_RETURN_IF_ERROR(r.string("name", &s->name));
   if (!valid_name(s->name)) {
-    const toml::node* n = t.get("name");
+    const TomlValue* n = t.find("name");
     return n ? r.error_at(*n, "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
              : invalid_argument(fmt::format("{}: {}: a scenario needs a name", source, r.path()));
   }
@@ -214,26 +201,26 @@ Status parse_scenario(const toml::table& t, size_t idx, std::string_view source,
       "name, models, system_prompt_prefixes, ttft_budget_ms, ttft_budget_ms_per_token, decode_wait_ms");
 }
 
-Status parse_instance(const toml::table& t, size_t idx, std::string_view source,
+Status parse_instance(const TomlValue& t, size_t idx, std::string_view source,
                       const std::vector<std::pair<std::string, std::string>>& defaults,
                       InstanceConfig* inst) {
   TableReader r(t, fmt::format("instance[{}]", idx), source);
   PD_RETURN_IF_ERROR(r.string("name", &inst->name));
   if (!inst->name.empty() && !valid_name(inst->name)) {
-    return r.error_at(*t.get("name"), "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -");
+    return r.error_at(*t.find("name"), "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -");
   }
   PD_RETURN_IF_ERROR(r.string("scenario", &inst->scenario));
   PD_RETURN_IF_ERROR(r.string("role", &inst->role));
   if (inst->role != "prefill" && inst->role != "decode") {
-    const toml::node* n = t.get("role");
+    const TomlValue* n = t.find("role");
     return n ? r.error_at(*n, "role",
                           fmt::format("must be \"prefill\" or \"decode\", not \"{}\"", inst->role))
              : invalid_argument(
                    fmt::format("{}: {}: role is required (\"prefill\" or \"decode\")", source, r.path()));
   }
   PD_RETURN_IF_ERROR(r.string("host", &inst->host));
-  if (inst->host.empty()) return r.error_at(*t.get("host"), "host", "is empty");
-  if (!t.get("port")) {
+  if (inst->host.empty()) return r.error_at(*t.find("host"), "host", "is empty");
+  if (!t.find("port")) {
     return invalid_argument(fmt::format(
         "{}: {}: port is required (where the instance's internal API listens)", source, r.path()));
   }
@@ -243,14 +230,14 @@ Status parse_instance(const toml::table& t, size_t idx, std::string_view source,
   return r.unknown_keys("name, scenario, role, host, port, " + engine_key_list());
 }
 
-Status parse_gateway(const toml::table& t, std::string_view source, GatewayConfig* g) {
+Status parse_gateway(const TomlValue& t, std::string_view source, GatewayConfig* g) {
   TableReader r(t, "gateway", source);
   PD_RETURN_IF_ERROR(r.string("host", &g->host));
   PD_RETURN_IF_ERROR(r.integer("port", 0, 65535, &g->port));
   PD_RETURN_IF_ERROR(r.integer("http_threads", 1, 256, &g->http_threads));
   PD_RETURN_IF_ERROR(r.string("admission", &g->admission));
   if (g->admission != "on-demand" && g->admission != "baseline") {
-    return r.error_at(*t.get("admission"), "admission",
+    return r.error_at(*t.find("admission"), "admission",
                       fmt::format("must be \"on-demand\" or \"baseline\", not \"{}\"", g->admission));
   }
   PD_RETURN_IF_ERROR(r.string("default_scenario", &g->default_scenario));
@@ -331,49 +318,43 @@ int ClusterConfig::find_scenario(std::string_view name) const {
 }
 
 StatusOr<ClusterConfig> parse_cluster_config(std::string_view text, std::string_view source) {
-  toml::table root;
-  try {
-    root = toml::parse(text, source);
-  } catch (const toml::parse_error& e) {
-    return invalid_argument(fmt::format("{}:{}:{}: not valid TOML: {}", source, e.source().begin.line,
-                                        e.source().begin.column, e.description()));
-  }
+  PD_ASSIGN_OR_RETURN(const TomlValue root, parse_toml(text, source));
   ClusterConfig c;
   TableReader r(root, "", source);
   PD_RETURN_IF_ERROR(r.string("model", &c.model));
   PD_RETURN_IF_ERROR(r.string("transport", &c.transport));
   if (c.transport != "shm" && c.transport != "tcp") {
-    return r.error_at(*root.get("transport"), "transport",
+    return r.error_at(*root.find("transport"), "transport",
                       fmt::format("must be \"shm\" (one host) or \"tcp\", not \"{}\"", c.transport));
   }
-  if (const toml::node* g = r.get("gateway")) {
-    if (!g->is_table())
-      return r.error_at(*g, "gateway", fmt::format("must be a table, not {}", type_name(*g)));
-    PD_RETURN_IF_ERROR(parse_gateway(*g->as_table(), source, &c.gateway));
+  if (const TomlValue* g = r.get("gateway")) {
+    if (!(g->type == TomlValue::Type::kTable))
+      return r.error_at(*g, "gateway", fmt::format("must be a table, not {}", g->type_name()));
+    PD_RETURN_IF_ERROR(parse_gateway(*g, source, &c.gateway));
   }
   std::vector<std::pair<std::string, std::string>> defaults;
-  if (const toml::node* d = r.get("instance_defaults")) {
-    if (!d->is_table()) {
-      return r.error_at(*d, "instance_defaults", fmt::format("must be a table, not {}", type_name(*d)));
+  if (const TomlValue* d = r.get("instance_defaults")) {
+    if (!(d->type == TomlValue::Type::kTable)) {
+      return r.error_at(*d, "instance_defaults", fmt::format("must be a table, not {}", d->type_name()));
     }
-    TableReader dr(*d->as_table(), "instance_defaults", source);
-    PD_RETURN_IF_ERROR(read_engine_flags(dr, *d->as_table(), &defaults));
+    TableReader dr(*d, "instance_defaults", source);
+    PD_RETURN_IF_ERROR(read_engine_flags(dr, *d, &defaults));
     PD_RETURN_IF_ERROR(dr.unknown_keys(engine_key_list()));
   }
-  PD_ASSIGN_OR_RETURN(const toml::array* scenarios, table_array(r, "scenario"));
+  PD_ASSIGN_OR_RETURN(const TomlValue* scenarios, table_array(r, "scenario"));
   if (scenarios) {
-    for (size_t i = 0; i < scenarios->size(); ++i) {
+    for (size_t i = 0; i < scenarios->array.size(); ++i) {
       ScenarioConfig s;
-      PD_RETURN_IF_ERROR(parse_scenario(*scenarios->get(i)->as_table(), i, source, &s));
+      PD_RETURN_IF_ERROR(parse_scenario(scenarios->array[i], i, source, &s));
       c.scenarios.push_back(std::move(s));
     }
   }
   if (c.scenarios.empty()) c.scenarios.push_back(ScenarioConfig{.name = "default"});
-  PD_ASSIGN_OR_RETURN(const toml::array* instances, table_array(r, "instance"));
+  PD_ASSIGN_OR_RETURN(const TomlValue* instances, table_array(r, "instance"));
   if (instances) {
-    for (size_t i = 0; i < instances->size(); ++i) {
+    for (size_t i = 0; i < instances->array.size(); ++i) {
       InstanceConfig inst;
-      PD_RETURN_IF_ERROR(parse_instance(*instances->get(i)->as_table(), i, source, defaults, &inst));
+      PD_RETURN_IF_ERROR(parse_instance(instances->array[i], i, source, defaults, &inst));
       c.instances.push_back(std::move(inst));
     }
   }

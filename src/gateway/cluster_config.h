@@ -3,8 +3,8 @@
 // `pdserve gateway --config` routes by it; `pdserve launch` also starts its instances. The format
 // and every key are documented in docs/decisions/cluster-config.md (and deploy/cluster.example.toml).
 //
-// The file is untrusted input: parsing returns a status naming the file, line and key at fault,
-// never throws or aborts. Plain data, no thread-safety concerns.
+// The file is untrusted input: parsing (common/toml.h, then the checks here) returns a status
+// naming the file, line and key at fault, never throws or aborts. Plain data, no thread-safety concerns.
 #pragma once
 
 #include <cstdint>

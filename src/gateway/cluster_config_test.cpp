@@ -120,7 +120,13 @@ port = 9201
     std::string expect;
   };
   const std::vector<Case> cases = {
-      {"model = ", "c.toml:1:"},                                             // not TOML
+      {"model = ", "c.toml:1:"},  // not TOML
+      {std::string("model = \"a\0\"\n", 13), "c.toml:1:11: not valid TOML: control character U+0000"},
+      {std::string("[\0[instance]]\n", 14), "c.toml:1:2: not valid TOML: control character U+0000"},
+      {"[[(ads\"\nport = 1\n", "c.toml:1:3: not valid TOML: expected a key"},
+      {"[[\nrole = 1\n", "c.toml:1:3: not valid TOML: expected a key"},
+      {"t\xEF\xBB\x9F", "c.toml:1:2: not valid TOML: expected '=' after the key 't'"},
+      {"models = [\n  \"a\",\n]\n[ +x]\n", "c.toml:4:3: not valid TOML: expected a key"},
       {"modle = \"x\"\n" + ok_instances, "c.toml:1:9: modle: unknown key"},  // a typo
       {"transport = \"udp\"\n" + ok_instances, "transport: must be \"shm\""},
       {"[gateway]\nport = 70000\n" + ok_instances, "gateway.port: must be in [0, 65535], not 70000"},
@@ -157,6 +163,37 @@ port = 9201
     EXPECT_NE(r.status().message().find(c.expect), std::string::npos)
         << "expected '" << c.expect << "' in: " << r.status().message();
   }
+}
+
+// Brackets and '#' inside strings, multi-line strings whose lines start with '[', headers with
+// spaces and quoted keys, comments after headers, non-ASCII text in strings and comments.
+TEST(ClusterConfig, ValidTomlCorners) {
+  StatusOr<ClusterConfig> c = parse_cluster_config(R"toml(
+[ "gateway" ]   # a quoted header name
+port = 9000
+[[scenario]]
+name = "a"
+system_prompt_prefixes = [
+  """You are
+[(not a header)""",
+  '# not a comment',
+  "[\"x]",
+  "Vous êtes un assistant",  # non-ASCII in strings and comments: déjà vu
+]
+[[ instance ]]
+role = "prefill"
+port = 9101
+[[instance]]
+role = "decode"
+port = 9201
+)toml",
+                                                   "c.toml");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->gateway.port, 9000);
+  EXPECT_EQ(c->scenarios[0].system_prompt_prefixes,
+            (std::vector<std::string>{"You are\n[(not a header)", "# not a comment", "[\"x]",
+                                      "Vous êtes un assistant"}));
+  EXPECT_EQ(c->instances.size(), 2u);
 }
 
 TEST(ClusterConfig, AMissingFileIsNotFound) {

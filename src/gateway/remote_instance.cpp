@@ -86,10 +86,12 @@ Status connect_socket(tcp::socket& socket, const std::string& host, const std::s
 }
 
 http::request<http::string_body> make_request(http::verb verb, const std::string& host,
-                                              const std::string& path, std::string body) {
+                                              const std::string& path, std::string body,
+                                              const std::string& token) {
   http::request<http::string_body> req{verb, path, 11};
   req.set(http::field::host, host);
   req.set(http::field::user_agent, "pdserve-gateway");
+  if (!token.empty()) req.set(http::field::authorization, "Bearer " + token);
   if (verb == http::verb::post) {
     req.set(http::field::content_type, "application/json");
     req.body() = std::move(body);
@@ -155,7 +157,7 @@ Status RemoteInstance::refresh_stats() {
   PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
   set_receive_timeout(socket, options_.connect_timeout);
   beast::error_code ec;
-  auto req = make_request(http::verb::get, address_, "/internal/v1/stats", "");
+  auto req = make_request(http::verb::get, address_, "/internal/v1/stats", "", options_.token);
   req.keep_alive(false);
   http::write(socket, req, ec);
   if (!ec && !wait_readable(socket, options_.connect_timeout)) ec = net::error::timed_out;
@@ -165,6 +167,12 @@ Status RemoteInstance::refresh_stats() {
   if (!ec) http::read(socket, buffer, parser, ec);
   if (ec)
     return unavailable(fmt::format("instance {}: reading its stats failed: {}", address_, ec.message()));
+  if (parser.get().result_int() == 401) {
+    return unauthenticated(
+        fmt::format("instance {} refused the gateway's internal token: give the gateway and "
+                    "its instances the same --internal-token (or $PDSERVE_INTERNAL_TOKEN)",
+                    address_));
+  }
   if (parser.get().result_int() != 200) {
     return unavailable(fmt::format("instance {}: stats answered {}", address_, parser.get().result_int()));
   }
@@ -249,7 +257,7 @@ StatusOr<std::shared_ptr<RequestHandle>> RemoteInstance::start(const std::string
   PD_RETURN_IF_ERROR(connect_socket(s->socket, host_, port_, options_.connect_timeout));
   set_keepalive(s->socket);
   beast::error_code ec;
-  auto req = make_request(http::verb::post, address_, path, std::move(body));
+  auto req = make_request(http::verb::post, address_, path, std::move(body), options_.token);
   req.keep_alive(false);
   http::write(s->socket, req, ec);
   if (!ec && !wait_readable(s->socket, options_.connect_timeout)) ec = net::error::timed_out;
@@ -362,7 +370,8 @@ Status RemoteInstance::release_handoff(const KvBufferRef& kv) {
   PD_RETURN_IF_ERROR(connect_socket(socket, host_, port_, options_.connect_timeout));
   set_receive_timeout(socket, options_.connect_timeout);
   beast::error_code ec;
-  auto req = make_request(http::verb::post, address_, "/internal/v1/release", api::encode_release(kv));
+  auto req = make_request(http::verb::post, address_, "/internal/v1/release", api::encode_release(kv),
+                          options_.token);
   req.keep_alive(false);
   http::write(socket, req, ec);
   if (!ec && !wait_readable(socket, options_.connect_timeout)) ec = net::error::timed_out;

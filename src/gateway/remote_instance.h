@@ -38,6 +38,7 @@ struct RemoteInstanceOptions {
   std::chrono::milliseconds connect_timeout{2'000};
   std::chrono::milliseconds stats_interval{200};
   std::chrono::milliseconds poll_interval{20};  // how often a stream checks for cancellation
+  std::string token;  // sent as "Authorization: Bearer TOKEN" on every call (empty: none)
 };
 
 class RemoteInstance : public Instance {

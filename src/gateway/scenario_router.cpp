@@ -35,16 +35,20 @@ std::string ScenarioRouter::names() const {
 }
 
 StatusOr<std::string> ScenarioRouter::label(const api::ScenarioHints& hints) const {
-  for (const auto& [value, where] : {std::pair{&hints.header, "the X-PDServe-Scenario header"},
-                                     std::pair{&hints.metadata, "metadata.scenario"}}) {
-    if (value->empty()) continue;
+  if (!hints.header.empty()) {
     for (const ScenarioGroup& g : groups_) {
-      if (g.config.name == *value) return *value;
+      if (g.config.name == hints.header) return hints.header;
     }
     return invalid_argument(
-        fmt::format("{} names the scenario '{}', which this gateway does not serve; its "
-                    "scenarios are: {}",
-                    where, *value, names()));
+        fmt::format("the X-PDServe-Scenario header names the scenario '{}', which this gateway "
+                    "does not serve; its scenarios are: {}",
+                    hints.header, names()));
+  }
+  // NOTE: "metadata" is OpenAI's free-form field, which clients also fill for their own purposes
+  // (pdserve bench names its workload's scenarios there): a value that names no scenario of this
+  // gateway is ignored, not refused.
+  for (const ScenarioGroup& g : groups_) {
+    if (!hints.metadata.empty() && g.config.name == hints.metadata) return hints.metadata;
   }
   if (!hints.model.empty()) {
     for (const ScenarioGroup& g : groups_) {

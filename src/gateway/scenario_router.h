@@ -3,8 +3,9 @@
 // budget. It labels each request with its scenario and hands it to that group's Router.
 //
 // Labelling (docs/decisions/cluster-config.md), the first rule that applies:
-//   1. the X-PDServe-Scenario header, then the body's metadata.scenario — each must name a
-//      configured scenario, else the request fails with 400 naming the ones there are;
+//   1. the X-PDServe-Scenario header — it must name a configured scenario, else the request fails
+//      with 400 naming the ones there are; then the body's metadata.scenario when it names one
+//      (another value is ignored: clients use metadata for their own purposes);
 //   2. the request's "model", when a scenario lists it in `models`;
 //   3. the system prompt (completions: the prompt text) starting with one of a scenario's
 //      `system_prompt_prefixes` — the longest matching prefix wins, ties to the earlier scenario;

@@ -133,3 +133,19 @@ def test_metrics_pass_promtool(pd_server):
         pytest.skip("promtool is not installed (Debian package 'prometheus')")
     r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_a_small_kv_budget_is_split_within_it():
+    # 8 MiB holds 22 blocks of 16 tokens of this model: the prefill and the decode share them, and
+    # the longest sequence is what each side can hold (as in aggregated mode), refused up front.
+    s = Server("--mode", "disaggregated", "--threads", "1", "--kv-cache-memory", "8MiB")
+    try:
+        assert 2 <= s.metrics()["pdserve_kv_blocks_capacity"] <= 22
+        client = s.client()
+        r = complete(client, "Hello", max_tokens=4)
+        assert r.usage.completion_tokens == 4
+        with pytest.raises(openai.BadRequestError):
+            complete(client, "word " * 400, max_tokens=4)
+        assert s.wait_idle()["pdserve_kv_blocks_used"] == 0
+    finally:
+        assert s.stop() == 0, "".join(s.log)

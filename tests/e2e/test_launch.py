@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -158,6 +159,7 @@ def cluster(tmp_path_factory):
     gateway_port, *ports = free_ports(5)
     config = write_config(tmp_path_factory.mktemp("launch") / "cluster.toml", gateway_port, ports)
     c = Launch(config, "--restart-min-uptime", "1")
+    c.ports = ports
     yield c
     pids = c.pids()
     assert c.stop() == 0, "".join(c.log)
@@ -192,12 +194,28 @@ def test_requests_are_labelled_and_reach_their_scenario(cluster):
     assert models == {MODEL_NAME, "chat-model", "code-model"}
 
 
-def test_an_unknown_scenario_is_a_400_naming_the_known_ones(cluster):
+def test_an_unknown_scenario_in_the_header_is_a_400_naming_the_known_ones(cluster):
     client = cluster.client()
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2,
                                   extra_headers={"X-PDServe-Scenario": "nope"})
     assert "'nope'" in str(err.value) and "chat, code" in str(err.value)
+    # In metadata (the client's own field too) an unknown name is ignored: the default serves it.
+    before = scenario_requests(cluster.metrics())
+    r = client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2,
+                                  extra_body={"metadata": {"scenario": "nope"}})
+    assert r.usage.completion_tokens == 2
+    assert scenario_requests(cluster.metrics())["chat"] - before["chat"] == 1
+
+
+def test_instances_refuse_internal_calls_without_the_clusters_token(cluster):
+    # launch made a token and gave it to every process; a caller without it gets 401.
+    for port in cluster.ports:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/internal/v1/stats")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401
+        assert "internal token" in err.value.read().decode()
 
 
 def test_a_crashed_instance_is_restarted_and_serves_again(cluster):
@@ -226,11 +244,14 @@ def test_a_crashed_instance_is_restarted_and_serves_again(cluster):
 def test_gateway_config_alone_over_instances_started_by_hand(tmp_path):
     gateway_port, *ports = free_ports(5)
     config = write_config(tmp_path / "cluster.toml", gateway_port, ports)
-    common = ["--threads", "1", "--transport", "shm", "--kv-cache-memory", "64MiB"]
+    common = ["--threads", "1", "--transport", "shm", "--kv-cache-memory", "64MiB", "--internal-token", "s3cret"]
     instances = [Server("--role", role, "--port", str(port), *common, command="instance")
                  for role, port in zip(["prefill", "decode", "prefill", "decode"], ports)]
     try:
-        gw = Server("--config", config, command="gateway")
+        with pytest.raises(RuntimeError) as err:
+            Server("--config", config, "--internal-token", "wrong", command="gateway")
+        assert "refused the gateway's internal token" in str(err.value)
+        gw = Server("--config", config, "--internal-token", "s3cret", command="gateway")
         try:
             client = gw.client()
             r = client.completions.create(model="code-model", prompt="Hello", max_tokens=4, temperature=0)
