@@ -433,7 +433,9 @@ void ApiService::handle_models(const HttpRequest& request, ResponseChannel& chan
   const int32_t max_context = b->engine->max_context();
   if (!one) {
     std::vector<std::string> names = {options_.served_model_name};
-    names.insert(names.end(), options_.model_aliases.begin(), options_.model_aliases.end());
+    for (const std::string& a : options_.model_aliases) {
+      if (std::find(names.begin(), names.end(), a) == names.end()) names.push_back(a);
+    }
     return reply(channel, endpoint, json_response(200, models_body(names, created_unix_, max_context)));
   }
   std::string id = request.path.substr(kModelPrefix.size());

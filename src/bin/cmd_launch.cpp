@@ -49,7 +49,9 @@ struct Child {
   pid_t pid = -1;  // -1: not running
   Clock::time_point started;
   int restarts = 0;
+  int backoff_s = 0;  // the last restart's delay
   std::optional<Clock::time_point> restart_at;
+  std::thread reader;  // prefixes the current run's output; joined before the next run
 };
 
 std::string shell_quote(const std::string& s) {
@@ -80,7 +82,9 @@ class Launcher {
  public:
   explicit Launcher(std::string exe) : exe_(std::move(exe)) {}
   ~Launcher() {
-    for (std::thread& t : readers_) t.join();
+    for (Child& c : children_) {
+      if (c.reader.joinable()) c.reader.join();
+    }
   }
 
   void add(Child c) { children_.push_back(std::move(c)); }
@@ -94,6 +98,7 @@ class Launcher {
 
   // Starts `c` with its output piped into a reader thread that prefixes each line.
   Status spawn(Child& c) {
+    if (c.reader.joinable()) c.reader.join();  // the previous run's output, to its end
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) return internal_error(fmt::format("pipe: {}", std::strerror(errno)));
     std::vector<char*> argv;
@@ -114,16 +119,22 @@ class Launcher {
       if (getppid() != parent) _exit(1);
       sigset_t none;
       sigemptyset(&none);
-      sigprocmask(SIG_SETMASK, &none, nullptr);  // the launcher blocks SIGINT/SIGTERM in all threads
+      sigprocmask(SIG_SETMASK, &none, nullptr);         // the launcher blocks SIGINT/SIGTERM in all threads
+      const int null_fd = open("/dev/null", O_RDONLY);  // not the terminal: it is in another group
+      if (null_fd >= 0) dup2(null_fd, STDIN_FILENO);
       dup2(fds[1], STDOUT_FILENO);
       dup2(fds[1], STDERR_FILENO);
       execv(argv[0], argv.data());
+      constexpr char kExecFailed[] =
+          "pdserve launch: cannot execute the pdserve binary (was it replaced or removed since the "
+          "launch?)\n";
+      (void)!write(STDERR_FILENO, kExecFailed, sizeof(kExecFailed) - 1);
       _exit(127);
     }
     close(fds[1]);
     c.pid = pid;
     c.started = Clock::now();
-    readers_.emplace_back([this, fd = fds[0], prefix = fmt::format("{:<{}} | ", c.name, name_width_)] {
+    c.reader = std::thread([this, fd = fds[0], prefix = fmt::format("{:<{}} | ", c.name, name_width_)] {
       FILE* in = fdopen(fd, "r");
       if (!in) {
         close(fd);
@@ -176,7 +187,6 @@ class Launcher {
  private:
   std::string exe_;
   std::vector<Child> children_;
-  std::vector<std::thread> readers_;
   std::mutex out_mu_;
   size_t name_width_ = 8;
 };
@@ -308,7 +318,11 @@ int run_launch(void* p) {
         return;
       }
       const auto uptime = Clock::now() - c.started;
-      if (c.is_gateway || a.no_restart || uptime < std::chrono::duration<double>(a.restart_min_uptime_s)) {
+      // Exit status 2 is a bad setting (pdserve's convention): restarting cannot help, however long
+      // the model took to load before the setting was checked.
+      const bool bad_setting = WIFEXITED(status) && WEXITSTATUS(status) == 2;
+      if (c.is_gateway || a.no_restart || bad_setting ||
+          uptime < std::chrono::duration<double>(a.restart_min_uptime_s)) {
         launcher.print(
             fmt::format("launch: error: {} {} after {:.1f} s; stopping the cluster (its log lines above "
                         "say why)\n",
@@ -316,10 +330,12 @@ int run_launch(void* p) {
         begin_stop(1);
         return;
       }
+      // Back off when it keeps crashing: 1 s, then doubling up to 30 s while its runs stay short.
+      c.backoff_s = uptime < std::chrono::seconds(60) ? std::min(30, std::max(1, c.backoff_s * 2)) : 1;
       ++c.restarts;
-      c.restart_at = Clock::now() + std::chrono::seconds(1);
-      launcher.print(fmt::format("launch: {} {}; restarting it in 1 s (restart {})\n", c.name,
-                                 describe_exit(status), c.restarts));
+      c.restart_at = Clock::now() + std::chrono::seconds(c.backoff_s);
+      launcher.print(fmt::format("launch: {} {}; restarting it in {} s (restart {})\n", c.name,
+                                 describe_exit(status), c.backoff_s, c.restarts));
     });
     if (phase == Phase::kRunning) {
       for (Child& c : launcher.children()) {

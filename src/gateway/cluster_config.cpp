@@ -159,6 +159,7 @@ Status read_engine_flags(TableReader& r, const TomlValue& t,
       case FlagType::kString:
         if (!(v.type == TomlValue::Type::kString))
           return r.error_at(v, k, fmt::format("must be a string, not {}", v.type_name()));
+        if (v.string.empty()) return r.error_at(v, k, "is empty");
         value = v.string;
         break;
       case FlagType::kBoolean:

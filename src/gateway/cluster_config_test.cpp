@@ -155,6 +155,8 @@ port = 9201
       {"[[instance]]\nrole = \"prefill\"\nport = 9101\n", "scenario \"default\" has no decode instance"},
       {"instance = 3\n", "instance: must be an array of tables"},
       {"[instance_defaults]\nrole = \"prefill\"\n" + ok_instances, "instance_defaults.role: unknown key"},
+      {"[instance_defaults]\nkv_cache_memory = \"\"\n" + ok_instances,
+       "instance_defaults.kv_cache_memory: is empty"},
   };
   for (const Case& c : cases) {
     StatusOr<ClusterConfig> r = parse_cluster_config(c.text, "c.toml");

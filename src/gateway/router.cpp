@@ -91,9 +91,11 @@ int32_t Router::max_context() const {
 }
 
 int64_t Router::max_sequence_tokens() const {
-  // The prefill holds the prompt; the decode holds prompt and generated tokens.
+  // The decode holds prompt and generated tokens; a prefill validates a request as if it held them
+  // too (see validate()), so its KV bounds the sequence as well.
   int64_t m = max_context();
   for (Instance* e : decodes_) m = std::min(m, e->max_sequence_tokens());
+  for (Instance* e : prefills_) m = std::min(m, e->max_sequence_tokens());
   return m;
 }
 

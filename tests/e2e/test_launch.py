@@ -88,7 +88,8 @@ class Launch:
         self.proc = subprocess.Popen([BIN, "launch", config, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, env=env)
         self.log = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         port = int(re.search(r"port = (\d+)", open(config).read()).group(1))
         self.base = f"http://127.0.0.1:{port}"
         if wait_ready:
@@ -131,6 +132,12 @@ class Launch:
                     samples[key] = float(value)
             return samples
 
+    def wait(self, timeout):
+        """Waits for launch to exit and for its whole output; returns the exit status."""
+        code = self.proc.wait(timeout)
+        self.reader.join(10)
+        return code
+
     def stop(self, timeout=60):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -139,6 +146,7 @@ class Launch:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.reader.join(10)
         return self.proc.returncode
 
 
@@ -272,7 +280,7 @@ def test_a_process_that_fails_at_start_stops_the_cluster_with_an_error(tmp_path)
     try:
         config = write_config(tmp_path / "cluster.toml", gateway_port, ports)
         c = Launch(config, wait_ready=False)
-        assert c.proc.wait(120) == 1
+        assert c.wait(120) == 1
         log = "".join(c.log)
         assert "chat-decode-0 exited with status 1" in log and "stopping the cluster" in log, log
         assert not [pid for pid in c.pids().values() if alive(pid)], log
@@ -286,3 +294,17 @@ def test_launch_rejects_a_bad_config_with_the_line(tmp_path):
     r = subprocess.run([BIN, "launch", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "bad.toml:3:" in r.stderr and "gateway.admision: unknown key" in r.stderr, r.stderr
+
+
+def test_a_bad_setting_stops_the_cluster_instead_of_restarting_it(tmp_path):
+    # Exit status 2 (a bad setting) is never restarted, even past --restart-min-uptime.
+    gateway_port, *ports = free_ports(5)
+    path = tmp_path / "cluster.toml"
+    write_config(path, gateway_port, ports)
+    path.write_text(path.read_text().replace('kv_cache_memory = "64MiB"', 'kv_cache_memory = "lots"'))
+    c = Launch(str(path), "--restart-min-uptime", "0", wait_ready=False)
+    assert c.wait(120) == 1
+    log = "".join(c.log)
+    assert "--kv-cache-memory" in log and "exited with status 2" in log and "stopping the cluster" in log, log
+    assert "restarting" not in log, log
+    assert not [pid for pid in c.pids().values() if alive(pid)], log
