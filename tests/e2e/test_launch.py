@@ -174,6 +174,9 @@ def cluster(tmp_path_factory):
     assert len(pids) == 5
     assert not [name for name, pid in pids.items() if alive(pid)], "".join(c.log)
     assert "launch: stopped\n" in c.log
+    # Every process stopped cleanly (a sanitizer report would make its exit status non-zero).
+    for name in pids:
+        assert f"launch: {name} exited with status 0\n" in c.log, "".join(c.log)
 
 
 def test_requests_are_labelled_and_reach_their_scenario(cluster):
