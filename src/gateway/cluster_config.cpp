@@ -7,6 +7,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "common/toml.h"
 
@@ -187,6 +188,7 @@ StatusOr<const TomlValue*> table_array(TableReader& r, std::string_view key) {
 
 Status parse_scenario(const TomlValue& t, size_t idx, std::string_view source, ScenarioConfig* s) {
   TableReader r(t, fmt::format("scenario[{}]", idx), source);
+  s->line = t.line;
   PD_RETURN_IF_ERROR(r.string("name", &s->name));
   if (!valid_name(s->name)) {
     const TomlValue* n = t.find("name");
@@ -206,6 +208,7 @@ Status parse_instance(const TomlValue& t, size_t idx, std::string_view source,
                       const std::vector<std::pair<std::string, std::string>>& defaults,
                       InstanceConfig* inst) {
   TableReader r(t, fmt::format("instance[{}]", idx), source);
+  inst->line = t.line;
   PD_RETURN_IF_ERROR(r.string("name", &inst->name));
   if (!inst->name.empty() && !valid_name(inst->name)) {
     return r.error_at(*t.find("name"), "name", "must be 1 to 64 characters of A-Z a-z 0-9 _ . -");
@@ -251,18 +254,29 @@ Status parse_gateway(const TomlValue& t, std::string_view source, GatewayConfig*
 // Cross-checks: unique names and addresses, every instance in a known scenario, every scenario
 // with both roles, labelling rules that select one scenario each.
 Status check(ClusterConfig& c, std::string_view source) {
-  std::set<std::string> names;
-  std::map<std::string, std::string> model_owner;
+  // "FILE:LINE" of a table, or "FILE" for one not from the file.
+  auto at = [source](int line) {
+    return line > 0 ? fmt::format("{}:{}", source, line) : std::string(source);
+  };
+  std::map<std::string, int> scenario_line;
+  std::map<std::string, std::string> model_owner, prefix_owner;
   for (const ScenarioConfig& s : c.scenarios) {
-    if (!names.insert(s.name).second) {
-      return invalid_argument(fmt::format("{}: two scenarios are named \"{}\"", source, s.name));
+    if (auto [it, fresh] = scenario_line.emplace(s.name, s.line); !fresh) {
+      return invalid_argument(fmt::format("{}: a second scenario named \"{}\" (the first is at line {})",
+                                          at(s.line), s.name, it->second));
     }
-    for (const std::string& m : s.models) {
-      auto [it, fresh] = model_owner.emplace(m, s.name);
-      if (!fresh) {
+    for (const auto& [list, what, owner] :
+         {std::tuple{&s.models, "model name", &model_owner},
+          std::tuple{&s.system_prompt_prefixes, "system prompt prefix", &prefix_owner}}) {
+      for (const std::string& m : *list) {
+        auto [it, fresh] = owner->emplace(m, s.name);
+        if (fresh) continue;
         return invalid_argument(
-            fmt::format("{}: the model name \"{}\" selects both scenario \"{}\" and \"{}\"", source, m,
-                        it->second, s.name));
+            it->second == s.name
+                ? fmt::format("{}: scenario \"{}\" lists the {} \"{}\" twice", at(s.line), s.name, what, m)
+                : fmt::format("{}: the {} \"{}\" is listed by scenario \"{}\" and by \"{}\": each selects "
+                              "one scenario",
+                              at(s.line), what, m, it->second, s.name));
       }
     }
   }
@@ -272,7 +286,7 @@ Status check(ClusterConfig& c, std::string_view source) {
         fmt::format("{}: gateway.default_scenario \"{}\" is not a [[scenario]] of this file", source,
                     c.gateway.default_scenario));
   }
-  std::set<std::string> instance_names;
+  std::map<std::string, int> instance_line;
   std::map<std::string, std::string> address_owner;
   std::map<std::string, int> counts;  // "<scenario> <role>" → instances
   if (c.gateway.port != 0)
@@ -281,19 +295,19 @@ Status check(ClusterConfig& c, std::string_view source) {
     if (inst.scenario.empty()) inst.scenario = c.gateway.default_scenario;
     if (c.find_scenario(inst.scenario) < 0) {
       return invalid_argument(
-          fmt::format("{}: instance {} belongs to scenario \"{}\", which is not a [[scenario]] "
-                      "of this file",
-                      source, inst.address(), inst.scenario));
+          fmt::format("{}: instance {} belongs to scenario \"{}\", which is not a [[scenario]] of this file",
+                      at(inst.line), inst.address(), inst.scenario));
     }
     const int n = counts[inst.scenario + " " + inst.role]++;
     if (inst.name.empty()) inst.name = fmt::format("{}-{}-{}", inst.scenario, inst.role, n);
-    if (!instance_names.insert(inst.name).second) {
-      return invalid_argument(fmt::format("{}: two instances are named \"{}\"", source, inst.name));
+    if (auto [it, fresh] = instance_line.emplace(inst.name, inst.line); !fresh) {
+      return invalid_argument(fmt::format("{}: a second instance named \"{}\" (the first is at line {})",
+                                          at(inst.line), inst.name, it->second));
     }
     auto [it, fresh] = address_owner.emplace(inst.address(), inst.name);
     if (!fresh) {
-      return invalid_argument(fmt::format("{}: instance {} listens on {}, as does {}", source, inst.name,
-                                          inst.address(), it->second));
+      return invalid_argument(fmt::format("{}: instance {} listens on {}, as does {}", at(inst.line),
+                                          inst.name, inst.address(), it->second));
     }
   }
   for (const ScenarioConfig& s : c.scenarios) {
@@ -302,7 +316,7 @@ Status check(ClusterConfig& c, std::string_view source) {
         return invalid_argument(fmt::format(
             "{}: scenario \"{}\" has no {} instance: add an [[instance]] with scenario = \"{}\" and "
             "role = \"{}\"",
-            source, s.name, role, s.name, role));
+            at(s.line), s.name, role, s.name, role));
       }
     }
   }

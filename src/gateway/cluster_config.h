@@ -27,6 +27,7 @@ struct ScenarioConfig {
   double ttft_budget_ms_per_token = 0;
   // A handed-off request that no decode of the group takes within this fails.
   int64_t decode_wait_ms = 30'000;
+  int line = 0;  // of its [[scenario]] header (0: not from a file)
 };
 
 struct InstanceConfig {
@@ -38,6 +39,7 @@ struct InstanceConfig {
   // Engine settings as `pdserve instance` flags, [instance_defaults] overridden by the instance's
   // own: {"--threads", "2"}, and {"--no-prefix-caching", ""} for a true boolean. Unordered.
   std::vector<std::pair<std::string, std::string>> flags;
+  int line = 0;  // of its [[instance]] header (0: not from a file)
 
   std::string address() const { return host + ":" + std::to_string(port); }
 };
