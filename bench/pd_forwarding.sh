@@ -15,6 +15,8 @@
 # 60), SLO_TTFT_MS (1000) and SLO_TTFT_MS_PER_TOKEN (3), BUDGET_MS (900) and BUDGET_MS_PER_TOKEN
 # (0.5: a prefill takes about 2.5 ms per prompt token on one thread here), SLOTS (prefill slots
 # b_p, 1), LONG_SHARE (share of long prompts, 0.2), LONG_IN (long prompt lengths, normal:600:100).
+# TRACE=FILE replays a Mooncake or Azure trace instead, scaled down: TRACE_SPEEDUP_A (0.25: load A's
+# speedup), TRACE_INPUT_SCALE (0.03), TRACE_OUTPUT_SCALE (0.05), TRACE_MAX_INPUT (1500 tokens).
 # The workload mixes short prompts (normal 64±16 tokens) and long ones, 16 output tokens each.
 # Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 set -euo pipefail
@@ -62,13 +64,22 @@ start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand -
 wait_ready 18210 18211
 
 for mult in $loads; do
-  total=$(python3 -c "print($rate_a * $mult)")
-  short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
-  long=$(python3 -c "print($rate_a * $mult * $long_share)")
-  scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
-              {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
-  echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
+  if [ -n "${TRACE:-}" ]; then
+    # The trace scaled down: its arrivals sped up by TRACE_SPEEDUP_A x mult, its lengths scaled.
+    speedup=$(python3 -c "print(${TRACE_SPEEDUP_A:-0.25} * $mult)")
+    workload=(--trace "$TRACE" --trace-speedup "$speedup" --trace-input-scale "${TRACE_INPUT_SCALE:-0.03}"
+              --trace-output-scale "${TRACE_OUTPUT_SCALE:-0.05}" --max-input-tokens "${TRACE_MAX_INPUT:-1500}")
+    echo "== load ${mult}A: $TRACE at speedup $speedup ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
+  else
+    total=$(python3 -c "print($rate_a * $mult)")
+    short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
+    long=$(python3 -c "print($rate_a * $mult * $long_share)")
+    scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
+                {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
+    workload=(--scenarios "$scenarios" --output-len fixed:16)
+    echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
+  fi
   "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
-    --api completions --scenarios "$scenarios" --output-len fixed:16 --ignore-eos -n "$n" \
+    --api completions "${workload[@]}" --ignore-eos -n "$n" \
     --tokenizer-model "$model" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
 done
