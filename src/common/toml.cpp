@@ -7,6 +7,8 @@
 #include <limits>
 #include <optional>
 
+#include "common/utf8.h"
+
 namespace pdserve {
 
 namespace {
@@ -19,52 +21,10 @@ bool bare_key_char(char c) {
 
 bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
-// The length of the UTF-8 sequence at s[i] if it is valid (no overlongs, surrogates or values past
-// U+10FFFF), else 0.
+// The length of the well-formed UTF-8 sequence at s[i], or 0.
 size_t utf8_length(std::string_view s, size_t i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  if (b0 < 0x80) return 1;
-  size_t n;
   uint32_t cp;
-  if ((b0 & 0xE0) == 0xC0) {
-    n = 2;
-    cp = b0 & 0x1F;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    n = 3;
-    cp = b0 & 0x0F;
-  } else if ((b0 & 0xF8) == 0xF0) {
-    n = 4;
-    cp = b0 & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if ((b & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (b & 0x3F);
-  }
-  const uint32_t min = n == 2 ? 0x80 : n == 3 ? 0x800 : 0x10000;
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return n;
-}
-
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
+  return decode_utf8(s, i, &cp);
 }
 
 class Parser {
@@ -334,7 +294,7 @@ class Parser {
           case 'U': {
             advance(1);
             PD_ASSIGN_OR_RETURN(uint32_t cp, parse_hex(e == 'u' ? 4 : 8));
-            append_utf8(out, cp);
+            append_utf8(cp, &out);
             continue;
           }
           default:

@@ -14,6 +14,8 @@
 #include <limits>
 #include <set>
 
+#include "common/utf8.h"
+
 namespace pdserve::jinja {
 namespace {
 
@@ -32,58 +34,18 @@ constexpr int64_t kMaxRange = 100000;
 // sequence decodes as U+DC80+byte (like Python's surrogateescape) and encodes back to itself,
 // so that any byte string survives slicing and case mapping unchanged.
 char32_t decode_utf8(std::string_view s, size_t& i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  if (b0 < 0x80) {
-    ++i;
-    return b0;
-  }
-  int len = 0;
-  char32_t cp = 0;
-  char32_t min = 0;
-  if ((b0 & 0xE0) == 0xC0) {
-    len = 2, cp = b0 & 0x1F, min = 0x80;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    len = 3, cp = b0 & 0x0F, min = 0x800;
-  } else if ((b0 & 0xF8) == 0xF0) {
-    len = 4, cp = b0 & 0x07, min = 0x10000;
-  }
-  if (len == 0 || i + len > s.size()) {
-    ++i;
-    return 0xDC00 + b0;
-  }
-  for (int k = 1; k < len; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if ((b & 0xC0) != 0x80) {
-      ++i;
-      return 0xDC00 + b0;
-    }
-    cp = (cp << 6) | (b & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-    ++i;
-    return 0xDC00 + b0;
-  }
+  uint32_t cp = 0;
+  const size_t len = pdserve::decode_utf8(s, i, &cp);
+  if (len == 0) return 0xDC00 + static_cast<unsigned char>(s[i++]);
   i += len;
   return cp;
 }
 
 void append_utf8(std::string& out, char32_t cp) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp >= 0xDC80 && cp <= 0xDCFF) {
+  if (cp >= 0xDC80 && cp <= 0xDCFF) {
     out += static_cast<char>(cp - 0xDC00);  // an escaped invalid byte
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
   } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
+    pdserve::append_utf8(static_cast<uint32_t>(cp), &out);
   }
 }
 

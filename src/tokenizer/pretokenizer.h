@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/utf8.h"  // append_utf8, used with these
 
 namespace pdserve {
 
@@ -38,10 +39,6 @@ bool is_valid_utf8(std::string_view text);
 // Byte length of the UTF-8 sequence a byte starts, judged only by its high bits as llama.cpp
 // does when it splits text into symbols: 1 for ASCII, continuation and 0xF8..0xFF bytes.
 size_t utf8_sequence_length(uint8_t lead_byte);
-
-// Appends the UTF-8 encoding of `code_point` (which must be <= U+10FFFF; surrogates are encoded
-// as-is, which is not valid UTF-8).
-void append_utf8(uint32_t code_point, std::string* out);
 
 // Re-encodes text the way llama.cpp does before pre-tokenizing it: a lenient decoder turns each
 // byte that cannot start a sequence into U+FFFD, and overlong forms into their code point; the
