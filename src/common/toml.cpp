@@ -29,7 +29,9 @@ size_t utf8_length(std::string_view s, size_t i) {
 
 class Parser {
  public:
-  Parser(std::string_view text, std::string_view source) : s_(text), source_(source) {}
+  Parser(std::string_view text, std::string_view source) : s_(text), source_(source) {
+    if (s_.starts_with("\xEF\xBB\xBF")) pos_ = 3;  // a byte-order mark, as some editors write
+  }
 
   StatusOr<TomlValue> document() {
     TomlValue root;

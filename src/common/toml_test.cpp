@@ -79,6 +79,14 @@ x = 2
   EXPECT_EQ(r.find("quoted key")->column, 16);
 }
 
+TEST(Toml, AByteOrderMarkIsSkipped) {
+  TomlValue r = parse_ok(
+      "\xEF\xBB\xBF"
+      "a = 1\n");
+  EXPECT_EQ(r.find("a")->integer, 1);
+  EXPECT_EQ(r.find("a")->column, 5);
+}
+
 TEST(Toml, MultiLineStrings) {
   TomlValue r = parse_ok(
       "a = \"\"\"\nline one\n  line two\"\"\"\n"

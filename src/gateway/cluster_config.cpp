@@ -287,10 +287,20 @@ Status check(ClusterConfig& c, std::string_view source) {
                     c.gateway.default_scenario));
   }
   std::map<std::string, int> instance_line;
-  std::map<std::string, std::string> address_owner;
+  // Who listens where: the same port on the same host, or on a wildcard address, clashes.
+  struct Listener {
+    std::string host;
+    int port;
+    std::string owner;
+  };
+  std::vector<Listener> listeners;
+  auto same_host = [](const std::string& a, const std::string& b) {
+    auto wildcard = [](const std::string& h) { return h == "0.0.0.0" || h == "::" || h == "[::]"; };
+    auto loopback = [](const std::string& h) { return h == "localhost" || h == "127.0.0.1"; };
+    return a == b || wildcard(a) || wildcard(b) || (loopback(a) && loopback(b));
+  };
   std::map<std::string, int> counts;  // "<scenario> <role>" → instances
-  if (c.gateway.port != 0)
-    address_owner[fmt::format("{}:{}", c.gateway.host, c.gateway.port)] = "the gateway";
+  if (c.gateway.port != 0) listeners.push_back({c.gateway.host, c.gateway.port, "the gateway"});
   for (InstanceConfig& inst : c.instances) {
     if (inst.scenario.empty()) inst.scenario = c.gateway.default_scenario;
     if (c.find_scenario(inst.scenario) < 0) {
@@ -304,11 +314,14 @@ Status check(ClusterConfig& c, std::string_view source) {
       return invalid_argument(fmt::format("{}: a second instance named \"{}\" (the first is at line {})",
                                           at(inst.line), inst.name, it->second));
     }
-    auto [it, fresh] = address_owner.emplace(inst.address(), inst.name);
-    if (!fresh) {
-      return invalid_argument(fmt::format("{}: instance {} listens on {}, as does {}", at(inst.line),
-                                          inst.name, inst.address(), it->second));
+    for (const Listener& l : listeners) {
+      if (l.port == inst.port && same_host(l.host, inst.host)) {
+        return invalid_argument(fmt::format("{}: instance {} listens on {}, as does {} ({}:{})",
+                                            at(inst.line), inst.name, inst.address(), l.owner, l.host,
+                                            l.port));
+      }
     }
+    listeners.push_back({inst.host, inst.port, inst.name});
   }
   for (const ScenarioConfig& s : c.scenarios) {
     for (const char* role : {"prefill", "decode"}) {

@@ -152,7 +152,10 @@ port = 9201
       {"[[instance]]\nrole = \"prefill\"\nport = 1\nthread = 2\n", "instance[0].thread: unknown key"},
       {"[[instance]]\nrole = \"prefill\"\nport = 9101\nscenario = \"x\"\n", "scenario \"x\", which is not"},
       {ok_instances + "[[instance]]\nrole = \"decode\"\nport = 9201\n",
-       "c.toml:8: instance default-decode-1 listens on 127.0.0.1:9201, as does default-decode-0"},
+       "c.toml:8: instance default-decode-1 listens on 127.0.0.1:9201, as does default-decode-0 "
+       "(127.0.0.1:9201)"},
+      {"[gateway]\nhost = \"0.0.0.0\"\nport = 9101\n" + ok_instances,
+       "instance default-prefill-0 listens on 127.0.0.1:9101, as does the gateway (0.0.0.0:9101)"},
       {"[[instance]]\nrole = \"prefill\"\nport = 9101\n", "scenario \"default\" has no decode instance"},
       {"instance = 3\n", "instance: must be an array of tables"},
       {"[[scenario]]\nname = \"a\"\nsystem_prompt_prefixes = [\"x\"]\n[[scenario]]\nname = \"b\"\n"
