@@ -5,7 +5,6 @@
 
 #include <CLI/CLI.hpp>
 #include <atomic>
-#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -19,6 +18,7 @@
 #include "api/internal_protocol.h"
 #include "bin/commands.h"
 #include "bin/serve_support.h"
+#include "common/host_port.h"
 #include "common/log.h"
 #include "common/thread_pool.h"
 #include "gateway/cluster_config.h"
@@ -193,16 +193,11 @@ StatusOr<std::unique_ptr<RemoteInstance>> connect_until(const std::string& addre
 // "host:port" as an instance of the configuration (the flags' single-scenario form).
 StatusOr<InstanceConfig> instance_at(const std::string& address, const std::string& role,
                                      const std::string& scenario) {
+  StatusOr<HostPort> where = parse_host_port(address, /*allow_zero_port=*/false);
+  if (!where.ok()) return where.status().with_context(fmt::format("--{} {}", role, address));
   InstanceConfig inst;
-  const size_t colon = address.rfind(':');
-  int port = 0;
-  const char* end = address.data() + address.size();
-  if (colon == std::string::npos || colon == 0 ||
-      std::from_chars(address.data() + colon + 1, end, port).ptr != end || port < 1 || port > 65535) {
-    return invalid_argument(fmt::format("--{} {}: expected HOST:PORT", role, address));
-  }
-  inst.host = address.substr(0, colon);
-  inst.port = port;
+  inst.host = where->host;
+  inst.port = where->port;
   inst.role = role;
   inst.scenario = scenario;
   inst.name = fmt::format("{}-{}", role, address);

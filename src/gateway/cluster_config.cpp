@@ -27,6 +27,14 @@ class TableReader {
                                         path_.empty() ? "" : path_ + ".", key, message));
   }
 
+  // OK when `n` has the type, else "KEY: must be a string, not an integer".
+  Status expect(const TomlValue& n, std::string_view key, TomlValue::Type type) const {
+    if (n.type == type) return ok_status();
+    TomlValue want;
+    want.type = type;
+    return error_at(n, key, fmt::format("must be {}, not {}", want.type_name(), n.type_name()));
+  }
+
   const TomlValue* get(std::string_view key) {
     seen_.insert(std::string(key));
     return table_.find(key);
@@ -35,8 +43,7 @@ class TableReader {
   Status string(std::string_view key, std::string* out) {
     const TomlValue* n = get(key);
     if (!n) return ok_status();
-    if (!(n->type == TomlValue::Type::kString))
-      return error_at(*n, key, fmt::format("must be a string, not {}", n->type_name()));
+    PD_RETURN_IF_ERROR(expect(*n, key, TomlValue::Type::kString));
     *out = n->string;
     return ok_status();
   }
@@ -44,8 +51,7 @@ class TableReader {
   Status integer(std::string_view key, int64_t lo, int64_t hi, int64_t* out) {
     const TomlValue* n = get(key);
     if (!n) return ok_status();
-    if (!(n->type == TomlValue::Type::kInteger))
-      return error_at(*n, key, fmt::format("must be an integer, not {}", n->type_name()));
+    PD_RETURN_IF_ERROR(expect(*n, key, TomlValue::Type::kInteger));
     const int64_t v = n->integer;
     if (v < lo || v > hi) return error_at(*n, key, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
     *out = v;
@@ -153,20 +159,15 @@ Status read_engine_flags(TableReader& r, const TomlValue& t,
     std::string value;
     switch (it->second) {
       case FlagType::kInteger:
-        if (!(v.type == TomlValue::Type::kInteger))
-          return r.error_at(v, k, fmt::format("must be an integer, not {}", v.type_name()));
+        PD_RETURN_IF_ERROR(r.expect(v, k, TomlValue::Type::kInteger));
         value = std::to_string(v.integer);
         break;
       case FlagType::kString:
-        if (!(v.type == TomlValue::Type::kString))
-          return r.error_at(v, k, fmt::format("must be a string, not {}", v.type_name()));
+        PD_RETURN_IF_ERROR(r.expect(v, k, TomlValue::Type::kString));
         if (v.string.empty()) return r.error_at(v, k, "is empty");
         value = v.string;
         break;
-      case FlagType::kBoolean:
-        if (!(v.type == TomlValue::Type::kBoolean))
-          return r.error_at(v, k, fmt::format("must be a boolean, not {}", v.type_name()));
-        break;
+      case FlagType::kBoolean: PD_RETURN_IF_ERROR(r.expect(v, k, TomlValue::Type::kBoolean)); break;
     }
     std::erase_if(*flags, [&](const auto& f) { return f.first == flag; });
     if (it->second == FlagType::kBoolean && !v.boolean) continue;
@@ -356,15 +357,12 @@ StatusOr<ClusterConfig> parse_cluster_config(std::string_view text, std::string_
                       fmt::format("must be \"shm\" (one host) or \"tcp\", not \"{}\"", c.transport));
   }
   if (const TomlValue* g = r.get("gateway")) {
-    if (!(g->type == TomlValue::Type::kTable))
-      return r.error_at(*g, "gateway", fmt::format("must be a table, not {}", g->type_name()));
+    PD_RETURN_IF_ERROR(r.expect(*g, "gateway", TomlValue::Type::kTable));
     PD_RETURN_IF_ERROR(parse_gateway(*g, source, &c.gateway));
   }
   std::vector<std::pair<std::string, std::string>> defaults;
   if (const TomlValue* d = r.get("instance_defaults")) {
-    if (!(d->type == TomlValue::Type::kTable)) {
-      return r.error_at(*d, "instance_defaults", fmt::format("must be a table, not {}", d->type_name()));
-    }
+    PD_RETURN_IF_ERROR(r.expect(*d, "instance_defaults", TomlValue::Type::kTable));
     TableReader dr(*d, "instance_defaults", source);
     PD_RETURN_IF_ERROR(read_engine_flags(dr, *d, &defaults));
     PD_RETURN_IF_ERROR(dr.unknown_keys(engine_key_list()));

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/host_port.h"
 #include "common/status.h"
 
 namespace pdserve {
@@ -41,7 +42,7 @@ struct InstanceConfig {
   std::vector<std::pair<std::string, std::string>> flags;
   int line = 0;  // of its [[instance]] header (0: not from a file)
 
-  std::string address() const { return host + ":" + std::to_string(port); }
+  std::string address() const { return format_host_port(host, port); }
 };
 
 struct GatewayConfig {

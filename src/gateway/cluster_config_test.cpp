@@ -88,16 +88,18 @@ TEST(ClusterConfig, ParsesScenariosInstancesAndDefaults) {
   EXPECT_EQ(c->instances[3].address(), "127.0.0.2:9202");
 }
 
-TEST(ClusterConfig, AFileWithOnlyInstancesServesOneDefaultScenario) {
-  StatusOr<ClusterConfig> c = parse_cluster_config(R"(
+// One prefill and one decode instance, nothing else: the smallest valid file.
+const std::string ok_instances = R"(
 [[instance]]
 role = "prefill"
 port = 9101
 [[instance]]
 role = "decode"
 port = 9201
-)",
-                                                   "c.toml");
+)";
+
+TEST(ClusterConfig, AFileWithOnlyInstancesServesOneDefaultScenario) {
+  StatusOr<ClusterConfig> c = parse_cluster_config(ok_instances, "c.toml");
   ASSERT_TRUE(c.ok()) << c.status().to_string();
   ASSERT_EQ(c->scenarios.size(), 1u);
   EXPECT_EQ(c->scenarios[0].name, "default");
@@ -107,14 +109,6 @@ port = 9201
 
 // Each bad file fails with a message naming the place and the fix.
 TEST(ClusterConfig, BadFilesFailWithTheLineAndKey) {
-  const std::string ok_instances = R"(
-[[instance]]
-role = "prefill"
-port = 9101
-[[instance]]
-role = "decode"
-port = 9201
-)";
   struct Case {
     std::string text;
     std::string expect;

@@ -115,19 +115,15 @@ struct RemoteInstance::Stream {
   std::atomic<bool> finished{false};
 };
 
-RemoteInstance::RemoteInstance(std::string address, const RemoteInstanceOptions& options)
-    : address_(std::move(address)), options_(options) {
-  size_t colon = address_.rfind(':');
-  host_ = address_.substr(0, colon);
-  port_ = colon == std::string::npos ? "80" : address_.substr(colon + 1);
-}
+RemoteInstance::RemoteInstance(std::string address, const HostPort& where,
+                               const RemoteInstanceOptions& options)
+    : address_(std::move(address)), host_(where.host), port_(std::to_string(where.port)), options_(options) {}
 
 StatusOr<std::unique_ptr<RemoteInstance>> RemoteInstance::connect(const std::string& address,
                                                                   const RemoteInstanceOptions& options) {
-  if (address.empty() || address.rfind(':') == std::string::npos) {
-    return invalid_argument(fmt::format("instance address '{}': expected HOST:PORT", address));
-  }
-  std::unique_ptr<RemoteInstance> r(new RemoteInstance(address, options));
+  StatusOr<HostPort> where = parse_host_port(address, /*allow_zero_port=*/false);
+  if (!where.ok()) return where.status().with_context("instance address");
+  std::unique_ptr<RemoteInstance> r(new RemoteInstance(address, *where, options));
   PD_RETURN_IF_ERROR(r->refresh_stats());
   r->stats_thread_ = std::thread([p = r.get()] { p->poll_stats(); });
   return r;

@@ -30,6 +30,7 @@
 #include <string>
 #include <thread>
 
+#include "common/host_port.h"
 #include "engine/engine.h"
 
 namespace pdserve {
@@ -75,7 +76,7 @@ class RemoteInstance : public Instance {
  private:
   struct Stream;  // one accepted request's connection (remote_instance.cpp)
 
-  RemoteInstance(std::string address, const RemoteInstanceOptions& options);
+  RemoteInstance(std::string address, const HostPort& where, const RemoteInstanceOptions& options);
   Status refresh_stats();
   StatusOr<std::shared_ptr<RequestHandle>> start(const std::string& path, std::string body, OutputSink sink,
                                                  PulledCallback on_pulled,

@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/host_port.h"
 #include "common/status.h"
 
 namespace pdserve::transfer_internal {
@@ -46,12 +47,8 @@ class Fd {
   int fd_ = -1;
 };
 
-struct HostPort {
-  std::string host;
-  uint16_t port = 0;
-};
-// "host:port" or "[v6 address]:port"; port 0 allowed only when allow_zero_port.
-StatusOr<HostPort> parse_host_port(std::string_view text, bool allow_zero_port);
+using pdserve::HostPort;  // common/host_port.h
+using pdserve::parse_host_port;
 
 // TCP_NODELAY, buffer sizes (0: leave autotuning on), send/receive timeouts (0: none).
 void set_socket_options(int fd, int buffer_bytes, int64_t timeout_ms);

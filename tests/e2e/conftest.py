@@ -22,6 +22,16 @@ MODEL_NAME = "smol"
 API_KEY = "e2e-secret"
 
 
+def parse_metrics(text):
+    """Prometheus exposition text as {'name{labels}': value}."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
 class Server:
     """One `pdserve serve` process (or, with command="instance"/"gateway", one of those)."""
 
@@ -85,12 +95,7 @@ class Server:
         """The /metrics samples as {'name{labels}': value}."""
         status, _, body = self.get("/metrics", headers=headers)
         assert status == 200
-        samples = {}
-        for line in body.decode().splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                samples[key] = float(value)
-        return samples
+        return parse_metrics(body.decode())
 
     def wait_idle(self, timeout=10, headers=None):
         """Waits until no sequence runs or waits, no KV block is in use and (disaggregated) no prefill

@@ -15,7 +15,7 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import BIN, MODEL_NAME, Server
+from conftest import BIN, MODEL_NAME, Server, parse_metrics
 
 
 def free_ports(n):
@@ -125,12 +125,7 @@ class Launch:
 
     def metrics(self):
         with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
-            samples = {}
-            for line in r.read().decode().splitlines():
-                if line and not line.startswith("#"):
-                    key, value = line.rsplit(" ", 1)
-                    samples[key] = float(value)
-            return samples
+            return parse_metrics(r.read().decode())
 
     def wait(self, timeout):
         """Waits for launch to exit and for its whole output; returns the exit status."""
