@@ -51,4 +51,14 @@ inline float fp16_round(float f) { return fp16_to_fp32(fp32_to_fp16(f)); }
 
 inline float bf16_to_fp32(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
+// Round to nearest even; a NaN stays a (quiet) NaN.
+inline uint16_t fp32_to_bf16(float f) {
+  uint32_t x = std::bit_cast<uint32_t>(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  x += 0x7FFFu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+inline float bf16_round(float f) { return bf16_to_fp32(fp32_to_bf16(f)); }
+
 }  // namespace pdserve::cpu

@@ -1,0 +1,259 @@
+// pdserve_gpu_bench: the GPU's own ceilings, then our CUDA kernels against them
+// (docs/perf/gpu.md). Every figure is the median of repeated runs timed with CUDA events.
+//
+//   pdserve_gpu_bench [--json PATH] [--quick]
+//
+// Ceilings: a large device-to-device copy (bytes read + written per second), a large bf16 matrix
+// product (FLOP/s, random data), and a 1 GiB peer copy each way between GPUs 0 and 1 where there
+// are two. Kernels: decode attention with Llama-3.1-8B's heads (32 query, 8 kv, head_dim 128,
+// 16-token blocks) at batch 1, 16, 64 and contexts 1k, 4k, as a fraction of the copy bandwidth
+// (the bytes it must read: the whole KV of the batch, one layer).
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/fp16.h"
+#include "kernels/cuda/blas.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+
+namespace {
+
+using namespace pdserve;
+using namespace pdserve::cuda;
+
+[[noreturn]] void die(const Status& s, const char* what) {
+  std::fprintf(stderr, "pdserve_gpu_bench: %s: %s\n", what, s.to_string().c_str());
+  std::exit(1);
+}
+#define CHECK_OK(expr)              \
+  do {                              \
+    ::pdserve::Status st_ = (expr); \
+    if (!st_.ok()) die(st_, #expr); \
+  } while (0)
+
+template <typename T>
+T value_or_die(StatusOr<T> v, const char* what) {
+  if (!v.ok()) die(v.status(), what);
+  return std::move(*v);
+}
+
+// Median milliseconds of `reps` timed runs of `work` (after `warmup` untimed ones) on `stream`.
+double median_ms(int warmup, int reps, StreamHandle stream, const std::function<void()>& work) {
+  for (int i = 0; i < warmup; ++i) work();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    Event start = value_or_die(Event::create(), "event");
+    Event stop = value_or_die(Event::create(), "event");
+    CHECK_OK(start.record(stream));
+    work();
+    CHECK_OK(stop.record(stream));
+    ms.push_back(value_or_die(Event::elapsed_ms(start, stop), "elapsed"));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Uniform bf16 values in [-scale, scale] (a cheap generator: this fills hundreds of MiB).
+std::vector<uint16_t> random_bf16(size_t n, float scale, uint64_t seed) {
+  std::vector<uint16_t> v(n);
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (size_t i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    const float u = static_cast<float>(x >> 40) / static_cast<float>(1u << 24) * 2.0f - 1.0f;
+    v[i] = cpu::fp32_to_bf16(u * scale);
+  }
+  return v;
+}
+
+DeviceBuffer upload(const std::vector<uint16_t>& v) {
+  DeviceBuffer b = value_or_die(DeviceBuffer::allocate(v.size() * 2), "allocate");
+  CHECK_OK(copy_to_device(b.data(), v.data(), v.size() * 2));
+  return b;
+}
+
+struct Json {
+  std::vector<std::string> fields;
+  void add(const std::string& key, double v) { fields.push_back(fmt::format("\"{}\": {:.6g}", key, v)); }
+  void add(const std::string& key, const std::string& v) {
+    fields.push_back(fmt::format("\"{}\": \"{}\"", key, v));
+  }
+  void add_raw(const std::string& key, const std::string& raw) {
+    fields.push_back(fmt::format("\"{}\": {}", key, raw));
+  }
+  std::string str() const {
+    std::string s = "{";
+    for (size_t i = 0; i < fields.size(); ++i) s += (i ? ", " : "") + fields[i];
+    return s + "}";
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json_path;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
+      json_path = argv[++i];
+    } else if (std::strcmp(argv[i], "--quick") == 0) {
+      quick = true;
+    } else {
+      std::fprintf(stderr,
+                   "usage: pdserve_gpu_bench [--json PATH] [--quick]\n"
+                   "  --json PATH  also write the results as JSON to PATH\n"
+                   "  --quick      fewer repetitions and smaller sizes (a smoke run)\n");
+      return 2;
+    }
+  }
+  const int devices = device_count();
+  if (devices == 0) {
+    std::fprintf(stderr, "pdserve_gpu_bench: no CUDA device (%s)\n", no_device_reason().c_str());
+    return 1;
+  }
+  CHECK_OK(set_device(0));
+  const DeviceInfo info = value_or_die(device_info(0), "device_info");
+  std::printf("GPU 0: %s, sm_%d%d, %d SMs, %.1f GiB, L2 %.0f MiB; %d GPU(s)\n", info.name.c_str(),
+              info.compute_major, info.compute_minor, info.multiprocessors, info.memory_bytes / 1073741824.0,
+              info.l2_bytes / 1048576.0, devices);
+  Json out;
+  out.add("gpu", info.name);
+  out.add("gpus", devices);
+  Stream stream = value_or_die(Stream::create(), "stream");
+  const int reps = quick ? 5 : 20;
+
+  // 1. Copy bandwidth: far larger than L2.
+  const size_t copy_bytes = quick ? (size_t{256} << 20) : (size_t{2} << 30);
+  double copy_gbps = 0;
+  {
+    DeviceBuffer a = value_or_die(DeviceBuffer::allocate(copy_bytes), "allocate");
+    DeviceBuffer b = value_or_die(DeviceBuffer::allocate(copy_bytes), "allocate");
+    CHECK_OK(fill_bytes(a.data(), 1, copy_bytes, stream.get()));
+    const double ms = median_ms(3, reps, stream.get(), [&] {
+      CHECK_OK(copy_device_to_device(b.data(), a.data(), copy_bytes, stream.get()));
+    });
+    copy_gbps = 2.0 * copy_bytes / (ms * 1e-3) / 1e9;
+    std::printf("copy   %.2f GiB device to device: %.3f ms, %.0f GB/s (read + written)\n",
+                copy_bytes / 1073741824.0, ms, copy_gbps);
+    out.add("copy_bytes", static_cast<double>(copy_bytes));
+    out.add("copy_gbps", copy_gbps);
+  }
+
+  // 2. bf16 matrix product rate.
+  double gemm_tflops = 0;
+  {
+    const int64_t n = quick ? 4096 : 8192;
+    Blas blas = value_or_die(Blas::create(), "blas");
+    DeviceBuffer x = upload(random_bf16(n * n, 1.0f, 1));
+    DeviceBuffer w = upload(random_bf16(n * n, 1.0f, 2));
+    DeviceBuffer y = value_or_die(DeviceBuffer::allocate(n * n * 2), "allocate");
+    const double ms = median_ms(3, reps, stream.get(), [&] {
+      CHECK_OK(blas.matmul(x.as<uint16_t>(), w.as<uint16_t>(), n, n, n, y.as<uint16_t>(), stream.get()));
+    });
+    gemm_tflops = 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+    std::printf("gemm   %ldx%ldx%ld bf16 (cuBLAS): %.3f ms, %.0f TFLOP/s\n", static_cast<long>(n),
+                static_cast<long>(n), static_cast<long>(n), ms, gemm_tflops);
+    out.add("gemm_n", static_cast<double>(n));
+    out.add("gemm_tflops", gemm_tflops);
+  }
+
+  // 3. Peer copy between GPUs 0 and 1.
+  if (devices >= 2) {
+    const size_t bytes = size_t{1} << 30;
+    DeviceBuffer a = value_or_die(DeviceBuffer::allocate(bytes), "allocate");
+    CHECK_OK(set_device(1));
+    Status peer10 = enable_peer_access(0);
+    DeviceBuffer b = value_or_die(DeviceBuffer::allocate(bytes), "allocate");
+    CHECK_OK(set_device(0));
+    Status peer01 = enable_peer_access(1);
+    std::printf("peer access 0->1: %s, 1->0: %s\n", peer01.ok() ? "yes" : peer01.to_string().c_str(),
+                peer10.ok() ? "yes" : peer10.to_string().c_str());
+    const double ms01 = median_ms(2, reps / 2, stream.get(), [&] {
+      CHECK_OK(copy_peer(b.data(), 1, a.data(), 0, bytes, stream.get()));
+    });
+    const double ms10 = median_ms(2, reps / 2, stream.get(), [&] {
+      CHECK_OK(copy_peer(a.data(), 0, b.data(), 1, bytes, stream.get()));
+    });
+    std::printf("peer   1 GiB GPU0->GPU1: %.3f ms, %.1f GB/s; GPU1->GPU0: %.3f ms, %.1f GB/s\n", ms01,
+                bytes / (ms01 * 1e-3) / 1e9, ms10, bytes / (ms10 * 1e-3) / 1e9);
+    out.add("peer_gbps_0to1", bytes / (ms01 * 1e-3) / 1e9);
+    out.add("peer_gbps_1to0", bytes / (ms10 * 1e-3) / 1e9);
+  }
+
+  // 4. Decode attention vs the bandwidth floor (one layer of Llama-3.1-8B).
+  {
+    const int32_t heads = 32, kv_heads = 8, head_dim = 128, block = 16;
+    std::string rows = "[";
+    for (int32_t batch : {1, 16, 64}) {
+      for (int32_t ctx : {1024, 4096}) {
+        if (quick && batch * ctx > 16 * 1024) continue;
+        const int32_t blocks_per_seq = ctx / block;
+        const int64_t blocks = int64_t{batch} * blocks_per_seq;
+        const int64_t kv_values = blocks * block * kv_heads * head_dim;
+        DeviceBuffer k = upload(random_bf16(kv_values, 1.0f, 3));
+        DeviceBuffer v = upload(random_bf16(kv_values, 1.0f, 4));
+        DeviceBuffer q = upload(random_bf16(int64_t{batch} * heads * head_dim, 1.0f, 5));
+        DeviceBuffer o =
+            value_or_die(DeviceBuffer::allocate(int64_t{batch} * heads * head_dim * 2), "allocate");
+        // Blocks of each sequence spread over the pool, as after a while of serving.
+        std::vector<int32_t> table(blocks);
+        std::iota(table.begin(), table.end(), 0);
+        std::shuffle(table.begin(), table.end(), std::mt19937(7));
+        std::vector<int32_t> lens(batch, ctx);
+        DeviceBuffer dtable = value_or_die(DeviceBuffer::allocate(table.size() * 4), "allocate");
+        DeviceBuffer dlens = value_or_die(DeviceBuffer::allocate(lens.size() * 4), "allocate");
+        CHECK_OK(copy_to_device(dtable.data(), table.data(), table.size() * 4));
+        CHECK_OK(copy_to_device(dlens.data(), lens.data(), lens.size() * 4));
+        DecodeAttentionArgs a;
+        a.q = q.as<uint16_t>();
+        a.num_seqs = batch;
+        a.num_heads = heads;
+        a.kv = PagedKv{k.as<uint16_t>(), v.as<uint16_t>(), block, kv_heads, head_dim};
+        a.block_tables = dtable.as<int32_t>();
+        a.max_blocks_per_seq = blocks_per_seq;
+        a.seq_lens = dlens.as<int32_t>();
+        a.max_seq_len = ctx;
+        a.scale = 0.088f;
+        a.out = o.as<uint16_t>();
+        const size_t ws_bytes = decode_attention_workspace_bytes(a);
+        DeviceBuffer ws = value_or_die(DeviceBuffer::allocate(std::max<size_t>(ws_bytes, 1)), "allocate");
+        const double ms = median_ms(5, reps * 2, stream.get(), [&] {
+          CHECK_OK(decode_attention(a, ws.data(), ws_bytes, stream.get()));
+        });
+        const double bytes = 2.0 * kv_values * 2;
+        const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+        std::printf(
+            "decode attention batch %2d ctx %4d: %.4f ms, floor %.4f ms (%.1f MiB KV), %.0f%% of floor\n",
+            batch, ctx, ms, floor_ms, bytes / 1048576.0, 100.0 * floor_ms / ms);
+        Json row;
+        row.add("batch", batch);
+        row.add("ctx", ctx);
+        row.add("ms", ms);
+        row.add("floor_ms", floor_ms);
+        rows += (rows.size() > 1 ? ", " : "") + row.str();
+      }
+    }
+    out.add_raw("decode_attention", rows + "]");
+  }
+
+  CHECK_OK(synchronize());
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "pdserve_gpu_bench: cannot write %s\n", json_path.c_str());
+      return 1;
+    }
+    std::fprintf(f, "%s\n", out.str().c_str());
+    std::fclose(f);
+  }
+  return 0;
+}

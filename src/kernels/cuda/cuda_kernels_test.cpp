@@ -1,0 +1,435 @@
+// Every CUDA op against a float64 reference on the host, on fresh random inputs (the seed is
+// printed with any failure). Outputs are poisoned with NaN before each run, so an element a
+// kernel fails to write shows. Skips, with the driver's reason, where no GPU is.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/fp16.h"
+#include "kernels/cuda/blas.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+
+namespace pdserve::cuda {
+namespace {
+
+using cpu::bf16_round;
+using cpu::bf16_to_fp32;
+using cpu::fp32_to_bf16;
+
+constexpr double kBf16Rel = 1.0 / 256;  // one bf16 rounding is at most 2^-9; allow two
+
+class CudaKernels : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (device_count() == 0) GTEST_SKIP() << "no CUDA device here (" << no_device_reason() << ")";
+    ASSERT_TRUE(set_device(0).ok());
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    RecordProperty("seed", std::to_string(seed_));
+  }
+
+  std::vector<float> randn(size_t n, float scale = 1.0f) {
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng_);
+    return v;
+  }
+  // Random bf16 values, and their float values in `exact`.
+  std::vector<uint16_t> randn_bf16(size_t n, std::vector<float>* exact, float scale = 1.0f) {
+    std::vector<float> f = randn(n, scale);
+    std::vector<uint16_t> b(n);
+    exact->resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      b[i] = fp32_to_bf16(f[i]);
+      (*exact)[i] = bf16_to_fp32(b[i]);
+    }
+    return b;
+  }
+
+  template <typename T>
+  DeviceBuffer upload(const std::vector<T>& v) {
+    auto buf = DeviceBuffer::allocate(std::max<size_t>(1, v.size() * sizeof(T)));
+    EXPECT_TRUE(buf.ok()) << buf.status().to_string();
+    if (!v.empty()) {
+      EXPECT_TRUE(copy_to_device(buf->data(), v.data(), v.size() * sizeof(T)).ok());
+    }
+    return std::move(*buf);
+  }
+  // n elements of T, every byte 0xFF (NaN in float and in bf16).
+  template <typename T>
+  DeviceBuffer poisoned(size_t n) {
+    auto buf = DeviceBuffer::allocate(std::max<size_t>(1, n * sizeof(T)));
+    EXPECT_TRUE(buf.ok()) << buf.status().to_string();
+    EXPECT_TRUE(fill_bytes(buf->data(), 0xFF, n * sizeof(T), nullptr).ok());
+    return std::move(*buf);
+  }
+  template <typename T>
+  std::vector<T> download(const DeviceBuffer& buf, size_t n) {
+    EXPECT_TRUE(synchronize().ok());
+    std::vector<T> v(n);
+    EXPECT_TRUE(copy_to_host(v.data(), buf.data(), n * sizeof(T)).ok());
+    return v;
+  }
+  static std::vector<float> widen(const std::vector<uint16_t>& b) {
+    std::vector<float> f(b.size());
+    for (size_t i = 0; i < b.size(); ++i) f[i] = bf16_to_fp32(b[i]);
+    return f;
+  }
+
+  uint32_t seed_ = 0;
+  std::mt19937 rng_;
+};
+
+#define SEED_TRACE() SCOPED_TRACE(::testing::Message() << "seed " << seed_)
+
+TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
+  SEED_TRACE();
+  for (int64_t n : {64, 576, 4096}) {
+    const int64_t rows = 7;
+    std::vector<float> x = randn(rows * n, 3.0f), w = randn(n);
+    std::vector<float> delta_f;
+    std::vector<uint16_t> delta = randn_bf16(rows * n, &delta_f);
+    auto dx = upload(x), dw = upload(w), dd = upload(delta);
+    auto y = poisoned<uint16_t>(rows * n);
+    ASSERT_TRUE(rms_norm(dx.as<float>(), dw.as<float>(), 1e-5f, rows, n, y.as<uint16_t>(), nullptr).ok());
+    std::vector<float> got = widen(download<uint16_t>(y, rows * n));
+    auto y2 = poisoned<uint16_t>(rows * n);
+    ASSERT_TRUE(add_rms_norm(dx.as<float>(), dd.as<uint16_t>(), dw.as<float>(), 1e-5f, rows, n,
+                             y2.as<uint16_t>(), nullptr)
+                    .ok());
+    std::vector<float> got2 = widen(download<uint16_t>(y2, rows * n));
+    std::vector<float> res = download<float>(dx, rows * n);
+    for (int64_t r = 0; r < rows; ++r) {
+      double ss = 0, ss2 = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        ss += double{x[r * n + i]} * x[r * n + i];
+        const float updated = x[r * n + i] + delta_f[r * n + i];
+        ASSERT_EQ(res[r * n + i], updated) << "residual r=" << r << " i=" << i;
+        ss2 += double{updated} * updated;
+      }
+      const double inv = 1.0 / std::sqrt(ss / n + 1e-5), inv2 = 1.0 / std::sqrt(ss2 / n + 1e-5);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = x[r * n + i] * inv * w[i];
+        ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6)
+            << "n=" << n << " r=" << r << " i=" << i;
+        const double want2 = res[r * n + i] * inv2 * w[i];
+        ASSERT_NEAR(got2[r * n + i], want2, kBf16Rel * std::abs(want2) + 1e-6) << "n=" << n << " r=" << r;
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernels, SiluMulAndAddResidual) {
+  SEED_TRACE();
+  const int64_t rows = 5, n = 1536;
+  std::vector<float> gu_f;
+  std::vector<uint16_t> gu = randn_bf16(rows * 2 * n, &gu_f, 2.0f);
+  auto dgu = upload(gu);
+  auto out = poisoned<uint16_t>(rows * n);
+  ASSERT_TRUE(silu_mul(dgu.as<uint16_t>(), rows, n, out.as<uint16_t>(), nullptr).ok());
+  std::vector<float> got = widen(download<uint16_t>(out, rows * n));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = gu_f[r * 2 * n + i], u = gu_f[r * 2 * n + n + i];
+      const double want = g / (1 + std::exp(-g)) * u;
+      ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6) << r << "," << i;
+    }
+  }
+  std::vector<float> res = randn(rows * n);
+  auto dres = upload(res);
+  ASSERT_TRUE(add_residual(dres.as<float>(), out.as<uint16_t>(), rows * n, nullptr).ok());
+  std::vector<float> res2 = download<float>(dres, rows * n);
+  for (int64_t i = 0; i < rows * n; ++i) ASSERT_EQ(res2[i], res[i] + got[i]) << i;
+}
+
+TEST_F(CudaKernels, RopeBothOrderings) {
+  SEED_TRACE();
+  const int64_t rows = 6;
+  const int32_t heads = 4, head_dim = 64, rope_dim = 64;
+  const int64_t stride = heads * head_dim + 32;  // rows with room after the rotated heads
+  std::vector<int32_t> pos = {0, 1, 7, 100, 2047, 4095};
+  std::vector<float> inv_freq(rope_dim / 2);
+  for (int i = 0; i < rope_dim / 2; ++i)
+    inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / rope_dim));
+  for (bool neox : {false, true}) {
+    std::vector<float> xf;
+    std::vector<uint16_t> x = randn_bf16(rows * stride, &xf);
+    auto dx = upload(x), dpos = upload(pos), dfreq = upload(inv_freq);
+    ASSERT_TRUE(rope(dx.as<uint16_t>(), stride, dpos.as<int32_t>(), rows, heads, head_dim, rope_dim, neox,
+                     dfreq.as<float>(), nullptr)
+                    .ok());
+    std::vector<float> got = widen(download<uint16_t>(dx, rows * stride));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = heads * head_dim; i < stride; ++i) ASSERT_EQ(got[r * stride + i], xf[r * stride + i]);
+      for (int h = 0; h < heads; ++h) {
+        for (int i = 0; i < rope_dim / 2; ++i) {
+          const int64_t a = r * stride + h * head_dim + (neox ? i : 2 * i);
+          const int64_t b = r * stride + h * head_dim + (neox ? i + rope_dim / 2 : 2 * i + 1);
+          const double angle = static_cast<double>(pos[r]) * inv_freq[i];
+          const double want_a = xf[a] * std::cos(angle) - xf[b] * std::sin(angle);
+          const double want_b = xf[a] * std::sin(angle) + xf[b] * std::cos(angle);
+          // The float angle itself is off by up to half an ulp of pos·inv_freq.
+          const double tol = (kBf16Rel + 5e-4) * (std::abs(xf[a]) + std::abs(xf[b]));
+          ASSERT_NEAR(got[a], want_a, tol) << "neox=" << neox << " r=" << r << " h=" << h << " i=" << i;
+          ASSERT_NEAR(got[b], want_b, tol) << "neox=" << neox << " r=" << r << " h=" << h << " i=" << i;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernels, EmbeddingAndArgmax) {
+  SEED_TRACE();
+  const int64_t vocab = 1000, n = 96;
+  std::vector<float> table_f;
+  std::vector<uint16_t> table = randn_bf16(vocab * n, &table_f);
+  std::vector<int32_t> tokens = {0, 999, 17, -1, 1000, 17};
+  auto dt = upload(table), dtok = upload(tokens);
+  auto out = poisoned<float>(tokens.size() * n);
+  ASSERT_TRUE(embedding(dt.as<uint16_t>(), vocab, dtok.as<int32_t>(), static_cast<int64_t>(tokens.size()), n,
+                        out.as<float>(), nullptr)
+                  .ok());
+  std::vector<float> got = download<float>(out, tokens.size() * n);
+  for (size_t r = 0; r < tokens.size(); ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (tokens[r] < 0 || tokens[r] >= vocab)
+        ASSERT_TRUE(std::isnan(got[r * n + i])) << "a bad token id gives NaN, row " << r;
+      else
+        ASSERT_EQ(got[r * n + i], table_f[tokens[r] * n + i]) << r;
+    }
+  }
+
+  const int64_t rows = 4, v = 49152;
+  std::vector<float> logits = randn(rows * v);
+  logits[0 * v + 123] = 50.0f;
+  logits[1 * v + 40000] = 50.0f;
+  logits[1 * v + 30000] = 50.0f;  // a tie: the lower index wins
+  logits[3 * v + v - 1] = 50.0f;
+  auto dl = upload(logits);
+  auto ids = poisoned<int32_t>(rows);
+  ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
+  std::vector<int32_t> got_ids = download<int32_t>(ids, rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto it = std::max_element(logits.begin() + r * v, logits.begin() + (r + 1) * v);
+    EXPECT_EQ(got_ids[r], static_cast<int32_t>(it - (logits.begin() + r * v))) << r;
+  }
+  EXPECT_EQ(got_ids[1], 30000);
+}
+
+TEST_F(CudaKernels, MatmulBf16AndF32Out) {
+  SEED_TRACE();
+  auto blas = Blas::create();
+  ASSERT_TRUE(blas.ok()) << blas.status().to_string();
+  struct Shape {
+    int64_t m, n, k, ldx, ldy;
+  };
+  for (const Shape& s : {Shape{1, 96, 576, 0, 0}, Shape{5, 1536, 576, 0, 0}, Shape{64, 576, 1536, 0, 0},
+                         Shape{3, 40, 64, 80, 48}}) {
+    const int64_t ldx = s.ldx != 0 ? s.ldx : s.k, ldy = s.ldy != 0 ? s.ldy : s.n;
+    std::vector<float> xf, wf;
+    std::vector<uint16_t> x = randn_bf16(s.m * ldx, &xf), w = randn_bf16(s.n * s.k, &wf, 0.05f);
+    auto dx = upload(x), dw = upload(w);
+    auto y = poisoned<uint16_t>(s.m * ldy);
+    auto yf = poisoned<float>(s.m * ldy);
+    ASSERT_TRUE(blas->matmul(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, y.as<uint16_t>(), nullptr,
+                             s.ldx, s.ldy)
+                    .ok());
+    ASSERT_TRUE(blas->matmul_f32(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, yf.as<float>(), nullptr,
+                                 s.ldx, s.ldy)
+                    .ok());
+    std::vector<float> got = widen(download<uint16_t>(y, s.m * ldy));
+    std::vector<float> got_f = download<float>(yf, s.m * ldy);
+    for (int64_t i = 0; i < s.m; ++i) {
+      for (int64_t j = 0; j < ldy; ++j) {
+        if (j >= s.n) {  // columns past n are not ours to write
+          ASSERT_TRUE(std::isnan(got_f[i * ldy + j])) << "wrote past n at " << i << "," << j;
+          continue;
+        }
+        double want = 0, mag = 0;
+        for (int64_t p = 0; p < s.k; ++p) {
+          want += double{xf[i * ldx + p]} * wf[j * s.k + p];
+          mag += std::abs(double{xf[i * ldx + p]} * wf[j * s.k + p]);
+        }
+        const double acc_tol = 1e-5 * mag;  // float accumulation over k products
+        ASSERT_NEAR(got_f[i * ldy + j], want, acc_tol)
+            << "m=" << s.m << " n=" << s.n << " at " << i << "," << j;
+        ASSERT_NEAR(got[i * ldy + j], want, kBf16Rel * std::abs(want) + acc_tol) << "at " << i << "," << j;
+      }
+    }
+  }
+  EXPECT_FALSE(blas->matmul(nullptr, nullptr, 2, 2, 4, nullptr, nullptr, 2).ok()) << "ldx < k is refused";
+}
+
+TEST_F(CudaKernels, WriteKvScattersIntoSlots) {
+  SEED_TRACE();
+  PagedKv kv{nullptr, nullptr, 16, 2, 64};
+  const int64_t width = kv.num_kv_heads * kv.head_dim, blocks = 8, tokens = 20, stride = 3 * width;
+  std::vector<float> rows_f;
+  std::vector<uint16_t> rows = randn_bf16(tokens * stride, &rows_f);
+  std::vector<int32_t> slots(tokens);
+  std::vector<int32_t> all(blocks * kv.block_size);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng_);
+  std::copy_n(all.begin(), tokens, slots.begin());
+  auto dk = poisoned<uint16_t>(blocks * kv.block_size * width),
+       dv = poisoned<uint16_t>(blocks * kv.block_size * width);
+  auto drows = upload(rows), dslots = upload(slots);
+  kv.k = dk.as<uint16_t>();
+  kv.v = dv.as<uint16_t>();
+  // K from the first width values of each row, V from the next.
+  ASSERT_TRUE(write_kv(drows.as<uint16_t>(), drows.as<uint16_t>() + width, stride, dslots.as<int32_t>(),
+                       tokens, kv, nullptr)
+                  .ok());
+  std::vector<uint16_t> k = download<uint16_t>(dk, blocks * kv.block_size * width);
+  std::vector<uint16_t> v = download<uint16_t>(dv, blocks * kv.block_size * width);
+  // Block b, head h, row r at ((b·heads + h)·block_size + r)·head_dim.
+  auto at = [&](int64_t slot, int64_t i) {
+    const int64_t h = i / kv.head_dim;
+    return ((slot / kv.block_size * kv.num_kv_heads + h) * kv.block_size + slot % kv.block_size) *
+               kv.head_dim +
+           i % kv.head_dim;
+  };
+  std::vector<bool> written(blocks * kv.block_size, false);
+  for (int64_t t = 0; t < tokens; ++t) {
+    written[slots[t]] = true;
+    for (int64_t i = 0; i < width; ++i) {
+      ASSERT_EQ(k[at(slots[t], i)], rows[t * stride + i]);
+      ASSERT_EQ(v[at(slots[t], i)], rows[t * stride + width + i]);
+    }
+  }
+  for (size_t s = 0; s < written.size(); ++s) {
+    if (!written[s]) {
+      for (int64_t i = 0; i < width; ++i)
+        ASSERT_EQ(k[at(static_cast<int64_t>(s), i)], 0xFFFF) << "slot " << s << " was not to be written";
+    }
+  }
+}
+
+struct AttnCase {
+  int32_t head_dim, num_heads, num_kv_heads, block_size;
+  std::vector<int32_t> seq_lens;
+};
+
+TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
+  SEED_TRACE();
+  const std::vector<AttnCase> cases = {
+      {64, 9, 3, 16, {1, 17, 300}},           // SmolLM2-135M's heads
+      {128, 32, 8, 16, {256, 257, 1000, 2}},  // Llama-3.1-8B's
+      {128, 28, 4, 32, {4096, 33}},           // Qwen2.5-7B's, a long one
+      {64, 8, 8, 16, {255, 512, 513}},        // no grouping
+      {128, 16, 2, 16, {700}},                // 8 query heads per kv head
+  };
+  for (const AttnCase& c : cases) {
+    const int32_t num_seqs = static_cast<int32_t>(c.seq_lens.size());
+    const int32_t max_len = *std::max_element(c.seq_lens.begin(), c.seq_lens.end());
+    const int32_t max_blocks = (max_len + c.block_size - 1) / c.block_size;
+    const int32_t total_blocks = num_seqs * max_blocks + 3;
+    const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
+    std::vector<float> kf, vf, qf;
+    std::vector<uint16_t> k = randn_bf16(total_blocks * c.block_size * width, &kf);
+    std::vector<uint16_t> v = randn_bf16(total_blocks * c.block_size * width, &vf);
+    std::vector<uint16_t> q = randn_bf16(int64_t{num_seqs} * c.num_heads * c.head_dim, &qf);
+    // Every sequence gets blocks from a shuffled pool: tables point all over the cache.
+    std::vector<int32_t> pool(total_blocks);
+    std::iota(pool.begin(), pool.end(), 0);
+    std::shuffle(pool.begin(), pool.end(), rng_);
+    std::vector<int32_t> tables(int64_t{num_seqs} * max_blocks, -1);
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      for (int32_t b = 0; b < (c.seq_lens[s] + c.block_size - 1) / c.block_size; ++b)
+        tables[s * max_blocks + b] = pool[s * max_blocks + b];
+    }
+    auto dk = upload(k), dv = upload(v), dq = upload(q), dtab = upload(tables), dlen = upload(c.seq_lens);
+    auto out = poisoned<uint16_t>(int64_t{num_seqs} * c.num_heads * c.head_dim);
+    DecodeAttentionArgs a;
+    a.q = dq.as<uint16_t>();
+    a.num_seqs = num_seqs;
+    a.num_heads = c.num_heads;
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim};
+    a.block_tables = dtab.as<int32_t>();
+    a.max_blocks_per_seq = max_blocks;
+    a.seq_lens = dlen.as<int32_t>();
+    a.max_seq_len = max_len;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    a.out = out.as<uint16_t>();
+    const size_t ws_bytes = decode_attention_workspace_bytes(a);
+    auto ws = poisoned<uint8_t>(ws_bytes);
+    ASSERT_TRUE(decode_attention(a, ws.data(), ws_bytes, nullptr).ok());
+    std::vector<float> got = widen(download<uint16_t>(out, int64_t{num_seqs} * c.num_heads * c.head_dim));
+
+    const int32_t group = c.num_heads / c.num_kv_heads;
+    for (int32_t s = 0; s < num_seqs; ++s) {
+      for (int32_t h = 0; h < c.num_heads; ++h) {
+        const int32_t kvh = h / group;
+        const float* qh = &qf[(int64_t{s} * c.num_heads + h) * c.head_dim];
+        std::vector<double> score(c.seq_lens[s]);
+        double m = -INFINITY;
+        for (int32_t t = 0; t < c.seq_lens[s]; ++t) {
+          const int64_t row =
+              (int64_t{tables[s * max_blocks + t / c.block_size]} * c.num_kv_heads + kvh) * c.block_size +
+              t % c.block_size;
+          double dot = 0;
+          for (int32_t d = 0; d < c.head_dim; ++d) dot += double{qh[d]} * kf[row * c.head_dim + d];
+          score[t] = dot * a.scale;
+          m = std::max(m, score[t]);
+        }
+        double l = 0;
+        for (double& p : score) l += (p = std::exp(p - m));
+        for (int32_t d = 0; d < c.head_dim; ++d) {
+          double want = 0, vmax = 0;
+          for (int32_t t = 0; t < c.seq_lens[s]; ++t) {
+            const int64_t row =
+                (int64_t{tables[s * max_blocks + t / c.block_size]} * c.num_kv_heads + kvh) * c.block_size +
+                t % c.block_size;
+            const double val = vf[row * c.head_dim + d];
+            want += score[t] / l * val;
+            vmax = std::max(vmax, std::abs(val));
+          }
+          const float g = got[(int64_t{s} * c.num_heads + h) * c.head_dim + d];
+          ASSERT_NEAR(g, want, kBf16Rel * std::abs(want) + 1e-4 * vmax)
+              << "head_dim=" << c.head_dim << " seq " << s << " (len " << c.seq_lens[s] << ") head " << h
+              << " d " << d;
+        }
+      }
+    }
+
+    // A max_seq_len that is not an upper bound gives NaN rows, never a silently short softmax.
+    if (max_len > 256) {
+      a.max_seq_len = 256;
+      const size_t short_bytes = decode_attention_workspace_bytes(a);
+      auto short_ws = poisoned<uint8_t>(short_bytes);
+      ASSERT_TRUE(decode_attention(a, short_ws.data(), short_bytes, nullptr).ok());
+      std::vector<float> bad = widen(download<uint16_t>(out, int64_t{num_seqs} * c.num_heads * c.head_dim));
+      for (int32_t s = 0; s < num_seqs; ++s) {
+        const float g = bad[int64_t{s} * c.num_heads * c.head_dim];
+        if (c.seq_lens[s] > 256)
+          EXPECT_TRUE(std::isnan(g)) << "seq " << s;
+        else
+          EXPECT_FALSE(std::isnan(g)) << "seq " << s;
+      }
+    }
+  }
+}
+
+TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {
+  DecodeAttentionArgs a;
+  a.num_seqs = 1;
+  a.num_heads = 12;
+  a.kv.num_kv_heads = 1;
+  a.kv.head_dim = 128;
+  EXPECT_EQ(decode_attention(a, nullptr, 0, nullptr).code(), StatusCode::kUnimplemented)
+      << "12 heads per kv head";
+  a.num_heads = 10;
+  a.kv.num_kv_heads = 4;
+  EXPECT_EQ(decode_attention(a, nullptr, 0, nullptr).code(), StatusCode::kInvalidArgument);
+  a.num_heads = 8;
+  a.kv.head_dim = 96;
+  EXPECT_EQ(decode_attention(a, nullptr, 0, nullptr).code(), StatusCode::kUnimplemented) << "head_dim 96";
+}
+
+}  // namespace
+}  // namespace pdserve::cuda

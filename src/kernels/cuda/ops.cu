@@ -1,0 +1,529 @@
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/ops.h"
+
+namespace pdserve::cuda {
+namespace {
+
+__device__ __forceinline__ float nan_value() { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
+__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+}
+
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  float total = 0;
+  for (int w = 0; w < warps; ++w) total += partial[w];  // same order in every thread
+  __syncthreads();  // partial[] may be reused by the caller's next block_sum
+  return total;
+}
+
+int norm_threads(int64_t n) { return n >= 1024 ? 512 : (n >= 256 ? 256 : 128); }
+
+__global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, uint16_t* y) {
+  const float* xr = x + blockIdx.x * n;
+  uint16_t* yr = y + blockIdx.x * n;
+  float sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
+  const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(xr[i] * inv * w[i]);
+}
+
+__global__ void add_rms_norm_kernel(float* residual, const uint16_t* delta, const float* w, float eps,
+                                    int64_t n, uint16_t* y) {
+  float* rr = residual + blockIdx.x * n;
+  const uint16_t* dr = delta + blockIdx.x * n;
+  uint16_t* yr = y + blockIdx.x * n;
+  float sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float r = rr[i] + bf16_bits_to_float(dr[i]);
+    rr[i] = r;
+    sum += r * r;
+  }
+  const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
+  // Each thread reads back only the elements it wrote above.
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(rr[i] * inv * w[i]);
+}
+
+__global__ void add_residual_kernel(float* residual, const uint16_t* delta, int64_t n) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) residual[i] += bf16_bits_to_float(delta[i]);
+}
+
+__global__ void silu_mul_kernel(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out) {
+  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (idx >= rows * n) return;
+  const int64_t r = idx / n;
+  const int64_t i = idx % n;
+  const float g = bf16_bits_to_float(gate_up[r * 2 * n + i]);
+  const float u = bf16_bits_to_float(gate_up[r * 2 * n + n + i]);
+  out[idx] = float_to_bf16_bits(g / (1.0f + expf(-g)) * u);
+}
+
+__global__ void rope_kernel(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows,
+                            int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox,
+                            const float* inv_freq) {
+  const int32_t half = rope_dim / 2;
+  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (idx >= rows * num_heads * half) return;
+  const int32_t i = static_cast<int32_t>(idx % half);
+  const int64_t rh = idx / half;
+  const int32_t h = static_cast<int32_t>(rh % num_heads);
+  const int64_t r = rh / num_heads;
+  float s, c;
+  sincosf(static_cast<float>(positions[r]) * inv_freq[i], &s, &c);
+  uint16_t* head = x + r * row_stride + int64_t{h} * head_dim;
+  const int32_t a = neox ? i : 2 * i;
+  const int32_t b = neox ? i + half : 2 * i + 1;
+  const float x0 = bf16_bits_to_float(head[a]);
+  const float x1 = bf16_bits_to_float(head[b]);
+  head[a] = float_to_bf16_bits(x0 * c - x1 * s);
+  head[b] = float_to_bf16_bits(x0 * s + x1 * c);
+}
+
+__global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t n,
+                                 float* out) {
+  const int32_t token = tokens[blockIdx.x];
+  float* row = out + blockIdx.x * n;
+  const bool valid = token >= 0 && token < vocab;
+  const uint16_t* src = table + (valid ? token : 0) * n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    row[i] = valid ? bf16_bits_to_float(src[i]) : nan_value();
+}
+
+__global__ void argmax_kernel(const float* logits, int64_t vocab, int32_t* out) {
+  const float* row = logits + blockIdx.x * vocab;
+  float best = -INFINITY;
+  int64_t best_i = vocab;  // "none yet": loses every comparison below
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = row[i];
+    if (v > best || (v == best && i < best_i)) {
+      best = v;
+      best_i = i;
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, off);
+    if (ov > best || (ov == best && oi < best_i)) {
+      best = ov;
+      best_i = oi;
+    }
+  }
+  __shared__ float s_best[32];
+  __shared__ int64_t s_idx[32];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    s_best[warp] = best;
+    s_idx[warp] = best_i;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) {
+      if (s_best[w] > best || (s_best[w] == best && s_idx[w] < best_i)) {
+        best = s_best[w];
+        best_i = s_idx[w];
+      }
+    }
+    out[blockIdx.x] = best_i < vocab ? static_cast<int32_t>(best_i) : 0;  // all NaN: token 0
+  }
+}
+
+__global__ void write_kv_kernel(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride,
+                                const int32_t* slots, int64_t tokens, PagedKv kv) {
+  const int64_t width = int64_t{kv.num_kv_heads} * kv.head_dim;
+  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (idx >= tokens * width) return;
+  const int64_t t = idx / width;
+  const int64_t i = idx % width;
+  const int64_t slot = slots[t];
+  const int64_t head = i / kv.head_dim;
+  const int64_t dst =
+      ((slot / kv.block_size * kv.num_kv_heads + head) * kv.block_size + slot % kv.block_size) * kv.head_dim +
+      i % kv.head_dim;
+  kv.k[dst] = k_rows[t * row_stride + i];
+  kv.v[dst] = v_rows[t * row_stride + i];
+}
+
+// ---- decode attention ---------------------------------------------------------------------------
+// Grid (kv head, sequence, split). A CTA takes the G query heads of one kv head over one split of
+// `partition` keys: scores into shared memory (each key row read by HEAD_DIM/8 lanes, 16 bytes
+// each, kUnroll rows in flight per lane group), softmax of the split, then V rows weighted the
+// same way, reduced across the CTA in a fixed order. With several splits, a second kernel merges
+// them (max, sum and weighted outputs). The partition shrinks (512 down to 64 keys) until the grid
+// fills the GPU twice over, so a single long sequence still spreads over every SM.
+constexpr int kAttnThreads = 128;
+constexpr int kUnroll = 4;
+constexpr int kMaxPartition = 512;
+constexpr int kMinPartition = 64;
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    out[2 * j] = __uint_as_float(w[j] << 16);
+    out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+  }
+}
+
+template <int HEAD_DIM, int GMAX>
+__global__ void __launch_bounds__(kAttnThreads)
+    decode_attention_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits, float* ws_acc,
+                            float* ws_ml) {
+  constexpr int kLanes = HEAD_DIM / 8;  // threads per key row
+  constexpr int kGroups = kAttnThreads / kLanes;
+  constexpr int kWarps = kAttnThreads / 32;
+  extern __shared__ float smem[];
+  float* scores = smem;                     // [GMAX][partition]
+  float* reduce = smem + GMAX * partition;  // [kWarps][GMAX][HEAD_DIM]
+  __shared__ float s_max[GMAX], s_sum[GMAX];
+
+  const int kv_head = blockIdx.x;
+  const int seq = blockIdx.y;
+  const int split = blockIdx.z;
+  const int num_kv_heads = a.kv.num_kv_heads;
+  const int G = a.num_heads / num_kv_heads;
+  const int seq_len = a.seq_lens[seq];
+  const int start = split * partition;
+  const int n = max(0, min(start + partition, seq_len) - start);
+  const bool overlong = seq_len > num_splits * partition;  // max_seq_len was not an upper bound
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
+  const int lane_in_row = threadIdx.x % kLanes;
+  const int group = threadIdx.x / kLanes;
+  const int bs = a.kv.block_size;
+  const int32_t* table = a.block_tables + int64_t{seq} * a.max_blocks_per_seq;
+  // Row r of block b for this kv head: ((b·num_kv_heads + kv_head)·bs + r)·HEAD_DIM.
+  const int64_t block_stride = int64_t{num_kv_heads} * bs * HEAD_DIM;
+  const uint16_t* k_base = a.kv.k + int64_t{kv_head} * bs * HEAD_DIM + lane_in_row * 8;
+  const uint16_t* v_base = a.kv.v + int64_t{kv_head} * bs * HEAD_DIM + lane_in_row * 8;
+
+  // This thread's 8 values of each query head, pre-scaled.
+  float q[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g < G) {
+      const uint16_t* qh = a.q + seq * q_stride + int64_t{kv_head * G + g} * HEAD_DIM + lane_in_row * 8;
+      bf16x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[g][j] *= a.scale;
+    }
+  }
+
+  // 1. Scores of the split's keys. Every lane runs the same trip count (shuffles need it).
+  for (int base = 0; base < n; base += kGroups * kUnroll) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + u * kGroups + group;
+      raw[u] = make_uint4(0, 0, 0, 0);
+      if (t < n) {
+        const int pos = start + t;
+        const int64_t offset = table[pos / bs] * block_stride + (pos % bs) * HEAD_DIM;
+        raw[u] = *reinterpret_cast<const uint4*>(k_base + offset);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + u * kGroups + group;
+      float kf[8];
+      bf16x8_to_float(raw[u], kf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        if (g < G) {
+          float dot = 0;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) dot += q[g][j] * kf[j];
+#pragma unroll
+          for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+          if (lane_in_row == 0 && t < n) scores[g * partition + t] = dot;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. Softmax of the split per head: warp w takes heads w, w + kWarps, ...
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int g = warp; g < G; g += kWarps) {
+    float m = -INFINITY;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, scores[g * partition + t]);
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float sum = 0;
+    for (int t = lane; t < n; t += 32) {
+      const float p = expf(scores[g * partition + t] - m);
+      scores[g * partition + t] = p;
+      sum += p;
+    }
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+      s_max[g] = m;
+      s_sum[g] = sum;
+    }
+  }
+  __syncthreads();
+
+  // 3. Weighted V rows: each thread sums its 8 dims over the keys of its group.
+  float acc[GMAX][8] = {};
+  for (int base = 0; base < n; base += kGroups * kUnroll) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + u * kGroups + group;
+      raw[u] = make_uint4(0, 0, 0, 0);
+      if (t < n) {
+        const int pos = start + t;
+        const int64_t offset = table[pos / bs] * block_stride + (pos % bs) * HEAD_DIM;
+        raw[u] = *reinterpret_cast<const uint4*>(v_base + offset);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + u * kGroups + group;
+      if (t < n) {
+        float vf[8];
+        bf16x8_to_float(raw[u], vf);
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+          if (g < G) {
+            const float p = scores[g * partition + t];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] += p * vf[j];
+          }
+        }
+      }
+    }
+  }
+  // Groups of one warp first (shuffles), then the warps through shared memory.
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int off = 16; off >= kLanes; off /= 2) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], off);
+    }
+  }
+  if (lane < kLanes) {
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g < G) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) reduce[(warp * GMAX + g) * HEAD_DIM + lane * 8 + j] = acc[g][j];
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < G * HEAD_DIM; e += kAttnThreads) {
+    const int g = e / HEAD_DIM;
+    const int d = e % HEAD_DIM;
+    float total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += reduce[(w * GMAX + g) * HEAD_DIM + d];
+    const int head = kv_head * G + g;
+    if (num_splits == 1) {
+      const float o = overlong ? nan_value() : (n == 0 ? 0.0f : total / s_sum[g]);
+      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(o);
+    } else {
+      const int64_t part = (int64_t{seq} * a.num_heads + head) * num_splits + split;
+      ws_acc[part * HEAD_DIM + d] = total;
+      if (d == 0) {
+        ws_ml[part * 2] = s_max[g];
+        ws_ml[part * 2 + 1] = s_sum[g];
+      }
+    }
+  }
+}
+
+template <int HEAD_DIM>
+__global__ void decode_attention_merge_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
+                                              const float* ws_acc, const float* ws_ml) {
+  const int head = blockIdx.x;
+  const int seq = blockIdx.y;
+  const int d = threadIdx.x;
+  const int seq_len = a.seq_lens[seq];
+  const int used = min(num_splits, (seq_len + partition - 1) / partition);
+  const int64_t base = (int64_t{seq} * a.num_heads + head) * num_splits;
+  float m = -INFINITY;
+  for (int s = 0; s < used; ++s) m = fmaxf(m, ws_ml[(base + s) * 2]);
+  float l = 0, o = 0;
+  for (int s = 0; s < used; ++s) {
+    const float w = expf(ws_ml[(base + s) * 2] - m);
+    l += ws_ml[(base + s) * 2 + 1] * w;
+    o += ws_acc[(base + s) * HEAD_DIM + d] * w;
+  }
+  float result = used == 0 ? 0.0f : o / l;
+  if (seq_len > num_splits * partition) result = nan_value();
+  a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(result);
+}
+
+int multiprocessor_count() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    return n;
+  }();
+  return count;
+}
+
+struct SplitPlan {
+  int32_t partition = kMaxPartition;
+  int32_t splits = 1;
+};
+
+// The largest partition whose grid still covers every SM twice (at least kMinPartition keys).
+SplitPlan plan_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len) {
+  const int64_t want_ctas = 2 * int64_t{multiprocessor_count()};
+  SplitPlan p;
+  const int32_t len = std::max(1, max_seq_len);
+  for (;;) {
+    p.splits = (len + p.partition - 1) / p.partition;
+    if (p.partition <= kMinPartition || int64_t{num_seqs} * num_kv_heads * p.splits >= want_ctas) break;
+    p.partition /= 2;
+  }
+  return p;
+}
+
+template <int HEAD_DIM, int GMAX>
+Status launch_decode_attention(const DecodeAttentionArgs& a, SplitPlan plan, float* ws_acc, float* ws_ml,
+                               StreamHandle stream) {
+  const size_t smem = sizeof(float) * (GMAX * plan.partition + (kAttnThreads / 32) * GMAX * HEAD_DIM);
+  const dim3 grid(static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_seqs),
+                  static_cast<unsigned>(plan.splits));
+  decode_attention_kernel<HEAD_DIM, GMAX>
+      <<<grid, kAttnThreads, smem, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
+  PD_RETURN_IF_ERROR(check_last_error("decode_attention"));
+  if (plan.splits > 1) {
+    const dim3 merge_grid(static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.num_seqs));
+    decode_attention_merge_kernel<HEAD_DIM>
+        <<<merge_grid, HEAD_DIM, 0, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
+    PD_RETURN_IF_ERROR(check_last_error("decode_attention merge"));
+  }
+  return ok_status();
+}
+
+template <int HEAD_DIM>
+Status dispatch_group(const DecodeAttentionArgs& a, int32_t group, SplitPlan plan, float* ws_acc,
+                      float* ws_ml, StreamHandle stream) {
+  if (group == 1) return launch_decode_attention<HEAD_DIM, 1>(a, plan, ws_acc, ws_ml, stream);
+  if (group == 2) return launch_decode_attention<HEAD_DIM, 2>(a, plan, ws_acc, ws_ml, stream);
+  if (group <= 4) return launch_decode_attention<HEAD_DIM, 4>(a, plan, ws_acc, ws_ml, stream);
+  return launch_decode_attention<HEAD_DIM, 8>(a, plan, ws_acc, ws_ml, stream);
+}
+
+unsigned blocks_for(int64_t total, int threads) {
+  return static_cast<unsigned>((total + threads - 1) / threads);
+}
+
+}  // namespace
+
+Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
+                StreamHandle stream) {
+  if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("rms_norm: empty row");
+  rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(x, w, eps, n, y);
+  return check_last_error("rms_norm");
+}
+
+Status add_rms_norm(float* residual, const uint16_t* delta, const float* w, float eps, int64_t rows,
+                    int64_t n, uint16_t* y, StreamHandle stream) {
+  if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
+  add_rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(residual, delta, w, eps, n,
+                                                                                   y);
+  return check_last_error("add_rms_norm");
+}
+
+Status add_residual(float* residual, const uint16_t* delta, int64_t n, StreamHandle stream) {
+  if (n <= 0) return ok_status();
+  add_residual_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(residual, delta, n);
+  return check_last_error("add_residual");
+}
+
+Status silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
+  if (rows * n <= 0) return ok_status();
+  silu_mul_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(gate_up, rows, n, out);
+  return check_last_error("silu_mul");
+}
+
+Status rope(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows, int32_t num_heads,
+            int32_t head_dim, int32_t rope_dim, bool neox, const float* inv_freq, StreamHandle stream) {
+  if (rope_dim <= 0 || rope_dim % 2 != 0 || rope_dim > head_dim)
+    return invalid_argument("rope: rope_dim must be even and at most head_dim");
+  const int64_t total = rows * num_heads * (rope_dim / 2);
+  if (total <= 0) return ok_status();
+  rope_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(x, row_stride, positions, rows, num_heads, head_dim,
+                                                          rope_dim, neox, inv_freq);
+  return check_last_error("rope");
+}
+
+Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
+                 float* out, StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  embedding_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(table, vocab, tokens, n, out);
+  return check_last_error("embedding");
+}
+
+Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  if (vocab <= 0) return invalid_argument("argmax: empty vocabulary");
+  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(logits, vocab, out);
+  return check_last_error("argmax");
+}
+
+Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,
+                int64_t tokens, const PagedKv& kv, StreamHandle stream) {
+  const int64_t total = tokens * kv.num_kv_heads * kv.head_dim;
+  if (total <= 0) return ok_status();
+  write_kv_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(k_rows, v_rows, row_stride, slots, tokens, kv);
+  return check_last_error("write_kv");
+}
+
+size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& a) {
+  const SplitPlan plan = plan_splits(a.num_seqs, a.kv.num_kv_heads, a.max_seq_len);
+  if (plan.splits == 1) return 0;
+  return sizeof(float) * static_cast<size_t>(a.num_seqs) * a.num_heads * plan.splits * (a.kv.head_dim + 2);
+}
+
+Status decode_attention(const DecodeAttentionArgs& a, void* workspace, size_t workspace_bytes,
+                        StreamHandle stream) {
+  if (a.num_seqs == 0) return ok_status();
+  const PagedKv& kv = a.kv;
+  if (kv.num_kv_heads <= 0 || a.num_heads % kv.num_kv_heads != 0)
+    return invalid_argument("decode_attention: num_heads must be a positive multiple of num_kv_heads");
+  const int32_t group = a.num_heads / kv.num_kv_heads;
+  if (group > 8) return unimplemented("decode_attention: more than 8 query heads per kv head");
+  if (kv.head_dim != 64 && kv.head_dim != 128)
+    return unimplemented("decode_attention: head_dim must be 64 or 128");
+  if (kv.block_size <= 0) return invalid_argument("decode_attention: block_size must be positive");
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
+  if (q_stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.q) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
+    return invalid_argument(
+        "decode_attention: q, k and v must be 16-byte aligned (q_stride a multiple of 8)");
+  const SplitPlan plan = plan_splits(a.num_seqs, kv.num_kv_heads, a.max_seq_len);
+  if (workspace_bytes < decode_attention_workspace_bytes(a))
+    return invalid_argument("decode_attention: workspace smaller than decode_attention_workspace_bytes()");
+  float* ws_acc = static_cast<float*>(workspace);
+  float* ws_ml = ws_acc == nullptr
+                     ? nullptr
+                     : ws_acc + static_cast<size_t>(a.num_seqs) * a.num_heads * plan.splits * kv.head_dim;
+  if (kv.head_dim == 64) return dispatch_group<64>(a, group, plan, ws_acc, ws_ml, stream);
+  return dispatch_group<128>(a, group, plan, ws_acc, ws_ml, stream);
+}
+
+}  // namespace pdserve::cuda

@@ -1,0 +1,88 @@
+// Kernels of the CUDA backend. Know nothing of requests or models: device pointers, shapes and
+// units in the signatures. bf16 values travel as their raw 16 bits (uint16_t); the residual
+// stream and norm weights are float. Every op is enqueued on `stream` and returns at once; the
+// Status reports a launch that could not be made (bad shape, bad configuration), while a fault
+// during execution shows at the next synchronisation. Includes no CUDA header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/status.h"
+#include "kernels/cuda/runtime.h"
+
+namespace pdserve::cuda {
+
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in bf16.
+Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
+                StreamHandle stream);
+
+// residual[r] += delta[r] (bf16), then y[r] = rms_norm(residual[r]) · w (bf16). One pass over the
+// row: the sum that the norm needs is taken from the updated residual as it is written.
+Status add_rms_norm(float* residual, const uint16_t* delta, const float* w, float eps, int64_t rows,
+                    int64_t n, uint16_t* y, StreamHandle stream);
+
+// residual[i] += delta[i] (bf16), n elements.
+Status add_residual(float* residual, const uint16_t* delta, int64_t n, StreamHandle stream);
+
+// out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i]: rows of 2n (gate, then up) to rows of n.
+Status silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream);
+
+// Rotates, in place, the first rope_dim values of each of num_heads heads (head_dim apart) of
+// each row, by angles positions[r] · inv_freq[i] for i < rope_dim/2 (inv_freq in device memory).
+// neox: pairs (i, i + rope_dim/2); otherwise adjacent pairs (2i, 2i+1). Rows are row_stride
+// values apart, so q and k inside one fused qkv row can be rotated where they are.
+Status rope(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows, int32_t num_heads,
+            int32_t head_dim, int32_t rope_dim, bool neox, const float* inv_freq, StreamHandle stream);
+
+// out[r] = table[tokens[r]] (rows of n bf16) widened to float. Token ids outside [0, vocab) give
+// rows of NaN, so a bad id cannot read outside the table and does not pass unnoticed.
+Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
+                 float* out, StreamHandle stream);
+
+// out[r] = the index of the largest of vocab logits in row r (the lowest index among equals).
+Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, StreamHandle stream);
+
+// One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
+// block_size) holds head_dim bf16 values at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
+// and the same for V. One head's rows of a block are contiguous, so decode attention, which reads
+// one kv head per CTA, streams whole block_size·head_dim runs.
+struct PagedKv {
+  uint16_t* k = nullptr;
+  uint16_t* v = nullptr;
+  int32_t block_size = 16;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+};
+
+// Writes the K and V rows of `tokens` tokens (k_rows/v_rows: row r at r·row_stride, num_kv_heads
+// × head_dim values) to cache slots slots[r] = block · block_size + row in block.
+Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,
+                int64_t tokens, const PagedKv& kv, StreamHandle stream);
+
+// Decode attention, one query token per sequence, split over the keys (flash-decoding):
+// out[s][h] = softmax(scale · q[s][h]·Kᵀ) · V over the seq_lens[s] keys of sequence s, whose
+// blocks are block_tables[s·max_blocks_per_seq ...]. q and out are [num_seqs][num_heads][head_dim]
+// bf16 (q rows q_stride values apart, out rows packed). num_heads is a multiple of
+// num_kv_heads, at most 8 query heads per kv head; head_dim is 64 or 128. `workspace` holds
+// decode_attention_workspace_bytes(args) bytes of device memory. A sequence longer than
+// max_seq_len gets NaN outputs.
+struct DecodeAttentionArgs {
+  const uint16_t* q = nullptr;
+  int64_t q_stride = 0;  // values from one sequence's q to the next; 0: num_heads × head_dim
+  int32_t num_seqs = 0;
+  int32_t num_heads = 0;
+  PagedKv kv;
+  const int32_t* block_tables = nullptr;
+  int32_t max_blocks_per_seq = 0;
+  const int32_t* seq_lens = nullptr;
+  int32_t max_seq_len = 0;  // an upper bound of seq_lens (sizes the split)
+  float scale = 1.0f;
+  uint16_t* out = nullptr;
+};
+// Workspace for these shapes (pointers in `args` are not read); 0 when one split suffices.
+size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args);
+Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t workspace_bytes,
+                        StreamHandle stream);
+
+}  // namespace pdserve::cuda

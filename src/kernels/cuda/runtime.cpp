@@ -1,0 +1,194 @@
+#include "kernels/cuda/runtime.h"
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <utility>
+
+namespace pdserve::cuda {
+namespace {
+
+Status from_cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return ok_status();
+  std::string message = fmt::format("{}: {} ({})", what, cudaGetErrorString(err), cudaGetErrorName(err));
+  switch (err) {
+    case cudaErrorMemoryAllocation:
+      return resource_exhausted(std::move(message) + "; free GPU memory or ask for less");
+    case cudaErrorInvalidValue:
+    case cudaErrorInvalidConfiguration:
+    case cudaErrorInvalidDevice: return invalid_argument(std::move(message));
+    case cudaErrorNoDevice:
+    case cudaErrorInsufficientDriver: return unavailable(std::move(message));
+    default: return internal_error(std::move(message));
+  }
+}
+
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clears the sticky "no device" error for later calls
+    return 0;
+  }
+  return n;
+}
+
+std::string no_device_reason() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err == cudaSuccess && n > 0) return "";
+  (void)cudaGetLastError();
+  if (err == cudaSuccess) return "the CUDA driver reports no device";
+  if (err == cudaErrorInsufficientDriver)
+    return fmt::format(
+        "no NVIDIA driver is loaded, or it is older than this build's CUDA runtime ({}.{}) needs",
+        CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+  return fmt::format("{} ({})", cudaGetErrorString(err), cudaGetErrorName(err));
+}
+
+StatusOr<DeviceInfo> device_info(int device) {
+  cudaDeviceProp prop{};
+  PD_RETURN_IF_ERROR(from_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+  DeviceInfo info;
+  info.name = prop.name;
+  info.compute_major = prop.major;
+  info.compute_minor = prop.minor;
+  info.multiprocessors = prop.multiProcessorCount;
+  info.memory_bytes = prop.totalGlobalMem;
+  info.l2_bytes = static_cast<size_t>(prop.l2CacheSize);
+  return info;
+}
+
+Status set_device(int device) { return from_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+
+Status synchronize() { return from_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+Status check_last_error(const char* what) { return from_cuda(cudaGetLastError(), what); }
+
+StatusOr<DeviceBuffer> DeviceBuffer::allocate(size_t bytes) {
+  DeviceBuffer buffer;
+  if (bytes == 0) return buffer;
+  void* ptr = nullptr;
+  cudaError_t err = cudaMalloc(&ptr, bytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return from_cuda(err, fmt::format("cudaMalloc of {} bytes", bytes).c_str());
+  }
+  buffer.ptr_ = ptr;
+  buffer.bytes_ = bytes;
+  return buffer;
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ != nullptr) cudaFree(ptr_);
+}
+
+Status copy_to_device(void* dst, const void* src, size_t bytes) {
+  return from_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+}
+
+Status copy_to_host(void* dst, const void* src, size_t bytes) {
+  return from_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+}
+
+Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream) {
+  return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream),
+                   "cudaMemcpyAsync device to device");
+}
+
+Status fill_bytes(void* dst, uint8_t value, size_t bytes, StreamHandle stream) {
+  return from_cuda(cudaMemsetAsync(dst, value, bytes, stream), "cudaMemsetAsync");
+}
+
+Status enable_peer_access(int peer) {
+  int current = 0;
+  PD_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&current), "cudaGetDevice"));
+  int can = 0;
+  PD_RETURN_IF_ERROR(from_cuda(cudaDeviceCanAccessPeer(&can, current, peer), "cudaDeviceCanAccessPeer"));
+  if (can == 0)
+    return unavailable(
+        fmt::format("GPU {} cannot access GPU {} directly (no NVLink or PCIe peer path)", current, peer));
+  cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    (void)cudaGetLastError();
+    return ok_status();
+  }
+  return from_cuda(err, "cudaDeviceEnablePeerAccess");
+}
+
+Status copy_peer(void* dst, int dst_device, const void* src, int src_device, size_t bytes,
+                 StreamHandle stream) {
+  return from_cuda(cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, stream),
+                   "cudaMemcpyPeerAsync");
+}
+
+StatusOr<Stream> Stream::create() {
+  Stream s;
+  PD_RETURN_IF_ERROR(
+      from_cuda(cudaStreamCreateWithFlags(&s.stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"));
+  return s;
+}
+
+Stream::Stream(Stream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
+
+Stream& Stream::operator=(Stream&& other) noexcept {
+  if (this != &other) {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    stream_ = std::exchange(other.stream_, nullptr);
+  }
+  return *this;
+}
+
+Stream::~Stream() {
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+Status Stream::synchronize() const {
+  return from_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+}
+
+StatusOr<Event> Event::create() {
+  Event e;
+  PD_RETURN_IF_ERROR(from_cuda(cudaEventCreate(&e.event_), "cudaEventCreate"));
+  return e;
+}
+
+Event::Event(Event&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+
+Event& Event::operator=(Event&& other) noexcept {
+  if (this != &other) {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+    event_ = std::exchange(other.event_, nullptr);
+  }
+  return *this;
+}
+
+Event::~Event() {
+  if (event_ != nullptr) cudaEventDestroy(event_);
+}
+
+Status Event::record(StreamHandle stream) {
+  return from_cuda(cudaEventRecord(event_, stream), "cudaEventRecord");
+}
+
+StatusOr<float> Event::elapsed_ms(const Event& start, const Event& stop) {
+  PD_RETURN_IF_ERROR(from_cuda(cudaEventSynchronize(stop.event_), "cudaEventSynchronize"));
+  float ms = 0;
+  PD_RETURN_IF_ERROR(from_cuda(cudaEventElapsedTime(&ms, start.event_, stop.event_), "cudaEventElapsedTime"));
+  return ms;
+}
+
+}  // namespace pdserve::cuda

@@ -1,0 +1,114 @@
+// The CUDA runtime as the rest of pdserve sees it: devices, device memory, streams, events, and
+// CUDA errors as Status. Includes no CUDA header, so code that uses it builds with the host
+// compiler alone. Knows nothing of requests or models.
+// Thread-safety: the free functions are thread-safe (the CUDA runtime is); a DeviceBuffer, Stream
+// or Event is used by one thread at a time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+
+struct CUstream_st;
+struct CUevent_st;
+
+namespace pdserve::cuda {
+
+using StreamHandle = CUstream_st*;  // cudaStream_t; nullptr is the legacy default stream
+
+struct DeviceInfo {
+  std::string name;
+  int compute_major = 0;
+  int compute_minor = 0;
+  int multiprocessors = 0;
+  size_t memory_bytes = 0;
+  size_t l2_bytes = 0;
+};
+
+// Number of usable devices; 0 when there is no driver or no device (never an error).
+int device_count();
+// Why device_count() is 0 (the driver's own words), or "" when it is not.
+std::string no_device_reason();
+StatusOr<DeviceInfo> device_info(int device);
+// Makes `device` current for the calling thread.
+Status set_device(int device);
+// Waits for all work on the current device; reports an error any earlier kernel hit.
+Status synchronize();
+// The error state after enqueuing work: a launch with a bad configuration, or an earlier
+// asynchronous failure. `what` names the operation in the message.
+Status check_last_error(const char* what);
+
+// Device memory, freed on destruction. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  static StatusOr<DeviceBuffer> allocate(size_t bytes);
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer();
+
+  void* data() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Synchronous copies (host memory may be pageable) and fills.
+Status copy_to_device(void* dst, const void* src, size_t bytes);
+Status copy_to_host(void* dst, const void* src, size_t bytes);
+Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream);
+Status fill_bytes(void* dst, uint8_t value, size_t bytes, StreamHandle stream);
+
+// Lets the current device read and write `peer`'s memory directly (NVLink or PCIe); fails where
+// the two cannot. Calling it again for the same pair is not an error.
+Status enable_peer_access(int peer);
+// Copies bytes from src on src_device to dst on dst_device, enqueued on `stream`.
+Status copy_peer(void* dst, int dst_device, const void* src, int src_device, size_t bytes,
+                 StreamHandle stream);
+
+// A non-blocking stream of the current device. Move-only.
+class Stream {
+ public:
+  static StatusOr<Stream> create();
+  Stream(Stream&& other) noexcept;
+  Stream& operator=(Stream&& other) noexcept;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream();
+  StreamHandle get() const { return stream_; }
+  Status synchronize() const;
+
+ private:
+  Stream() = default;
+  StreamHandle stream_ = nullptr;
+};
+
+// Times work on a stream: record(start), enqueue, record(stop), then elapsed_ms(start, stop).
+class Event {
+ public:
+  static StatusOr<Event> create();
+  Event(Event&& other) noexcept;
+  Event& operator=(Event&& other) noexcept;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event();
+  Status record(StreamHandle stream);
+  // Waits for `stop`; milliseconds between the two recordings.
+  static StatusOr<float> elapsed_ms(const Event& start, const Event& stop);
+
+ private:
+  Event() = default;
+  CUevent_st* event_ = nullptr;
+};
+
+}  // namespace pdserve::cuda
