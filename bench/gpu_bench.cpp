@@ -1,16 +1,21 @@
 // pdserve_gpu_bench: the GPU's own ceilings, then our CUDA kernels against them
 // (docs/perf/gpu.md). Every figure is the median of repeated runs timed with CUDA events.
 //
-//   pdserve_gpu_bench [--json PATH] [--quick]
+//   pdserve_gpu_bench [--json PATH] [--quick] [--model NAME | --no-model]
 //
 // Ceilings: a large device-to-device copy (bytes read + written per second), a large bf16 matrix
 // product (FLOP/s, random data), and a 1 GiB peer copy each way between GPUs 0 and 1 where there
 // are two. Kernels: decode attention with Llama-3.1-8B's heads (32 query, 8 kv, head_dim 128,
 // 16-token blocks) at batch 1, 16, 64 and contexts 1k, 4k, as a fraction of the copy bandwidth
-// (the bytes it must read: the whole KV of the batch, one layer).
+// (the bytes it must read: the whole KV of the batch, one layer). Model (default
+// synthetic:llama-3.1-8b): a whole decode step (greedy token chosen on the GPU) at batch 1, 16,
+// 64 and contexts 1k, 4k against the memory floor (weights + the batch's KV read once at the copy
+// bandwidth), and prefill of 1 × 4096 and 8 × 512 tokens against the FLOP floor (2 · parameters ·
+// tokens plus causal attention, at the measured matrix rate).
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -23,6 +28,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
+#include "model/cuda_model.h"
 
 namespace {
 
@@ -97,21 +103,148 @@ struct Json {
   }
 };
 
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Median wall time of `reps` synchronous calls (each returns when its result is on the host).
+double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
+  for (int i = 0; i < warmup; ++i) work();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    const double t0 = now_ms();
+    work();
+    ms.push_back(now_ms() - t0);
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+std::string model_section(const std::string& name, bool quick, double copy_gbps, double gemm_tflops) {
+  const int reps = quick ? 3 : 10;
+  const int32_t bs = 16;
+  struct DecodeCase {
+    int32_t batch, ctx;
+  };
+  std::vector<DecodeCase> decode_cases;
+  for (int32_t batch : {1, 16, 64})
+    for (int32_t ctx : {1024, 4096})
+      if (!quick || batch * ctx <= 16 * 1024) decode_cases.push_back({batch, ctx});
+  int32_t max_blocks = 0;
+  for (const DecodeCase& c : decode_cases) max_blocks = std::max(max_blocks, c.batch * (c.ctx / bs + 1));
+  max_blocks = std::max(max_blocks, 4096 / bs + 8 * (512 / bs));
+  std::unique_ptr<CudaLlamaModel> m = value_or_die(
+      CudaLlamaModel::synthetic(name, CudaModelOptions{0, max_blocks, bs}, 1234), "synthetic model");
+  const ModelConfig& c = m->config();
+  CHECK_OK(m->randomize_kv(99));
+  std::printf("model %s: %.2f GB of bf16 weights, %zu KiB of KV per token, KV cache %d blocks of %d tokens\n",
+              name.c_str(), m->weight_bytes() / 1e9, m->kv_bytes_per_token() / 1024, max_blocks, bs);
+  std::string rows = "{\"name\": \"" + name + "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) +
+                     ", \"decode\": [";
+
+  // Decode: `batch` sequences of `ctx` cached tokens (random KV) each take one more token.
+  for (size_t i = 0; i < decode_cases.size(); ++i) {
+    const DecodeCase& dc = decode_cases[i];
+    const int32_t per_seq = dc.ctx / bs + 1;
+    std::vector<std::vector<int32_t>> tables(dc.batch);
+    for (int32_t s = 0; s < dc.batch; ++s) {
+      tables[s].resize(per_seq);
+      std::iota(tables[s].begin(), tables[s].end(), s * per_seq);
+    }
+    std::vector<int32_t> tokens(dc.batch, 42), next(dc.batch);
+    ForwardBatch b;
+    b.tokens = tokens;
+    for (int32_t s = 0; s < dc.batch; ++s) b.chunks.push_back({dc.ctx, 1, tables[s], true});
+    m->set_cuda_graphs(false);
+    const double eager_ms = median_wall_ms(2, reps, [&] { CHECK_OK(m->forward_argmax(b, next.data())); });
+    m->set_cuda_graphs(true);
+    const double ms = median_wall_ms(2, reps, [&] { CHECK_OK(m->forward_argmax(b, next.data())); });
+    const double bytes =
+        static_cast<double>(m->weight_bytes()) +
+        static_cast<double>(dc.batch) * (dc.ctx + 1) * static_cast<double>(m->kv_bytes_per_token());
+    const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+    std::printf(
+        "decode step batch %2d ctx %4d: %.3f ms (%.3f ms launched one by one), floor %.3f ms, %.0f%% of "
+        "floor, "
+        "%.0f tokens/s\n",
+        dc.batch, dc.ctx, ms, eager_ms, floor_ms, 100.0 * floor_ms / ms, dc.batch / (ms * 1e-3));
+    Json row;
+    row.add("batch", dc.batch);
+    row.add("ctx", dc.ctx);
+    row.add("ms", ms);
+    row.add("eager_ms", eager_ms);
+    row.add("floor_ms", floor_ms);
+    rows += (i ? ", " : "") + row.str();
+  }
+  rows += "], \"prefill\": [";
+
+  // Prefill: `seqs` prompts of `len` tokens from an empty cache, logits of each last token.
+  const int64_t layer_params =
+      int64_t{c.num_layers} * (int64_t{c.q_dim() + 2 * c.kv_dim()} * c.hidden_size +
+                               int64_t{c.hidden_size} * c.q_dim() + 3 * int64_t{c.ffn_size} * c.hidden_size);
+  struct PrefillCase {
+    int32_t seqs, len;
+  };
+  std::vector<PrefillCase> prefill_cases = {{1, 4096}, {8, 512}};
+  if (quick) prefill_cases = {{1, 1024}};
+  for (size_t i = 0; i < prefill_cases.size(); ++i) {
+    const PrefillCase& pc = prefill_cases[i];
+    const int32_t per_seq = pc.len / bs + 1;
+    std::vector<std::vector<int32_t>> tables(pc.seqs);
+    std::vector<int32_t> tokens;
+    ForwardBatch b;
+    for (int32_t s = 0; s < pc.seqs; ++s) {
+      tables[s].resize(per_seq);
+      std::iota(tables[s].begin(), tables[s].end(), s * per_seq);
+      for (int32_t t = 0; t < pc.len; ++t) tokens.push_back((s * 7919 + t * 31) % c.vocab_size);
+    }
+    b.tokens = tokens;
+    for (int32_t s = 0; s < pc.seqs; ++s) b.chunks.push_back({0, pc.len, tables[s], true});
+    std::vector<int32_t> next(pc.seqs);
+    const double ms = median_wall_ms(1, quick ? 2 : 5, [&] { CHECK_OK(m->forward_argmax(b, next.data())); });
+    const double tokens_total = static_cast<double>(pc.seqs) * pc.len;
+    const double attention_flops =
+        static_cast<double>(c.num_layers) * pc.seqs * 2.0 * pc.len * (pc.len + 1.0) * c.q_dim();
+    const double flops = 2.0 * static_cast<double>(layer_params) * tokens_total +
+                         2.0 * c.vocab_size * static_cast<double>(c.hidden_size) * pc.seqs + attention_flops;
+    const double floor_ms = flops / (gemm_tflops * 1e12) * 1e3;
+    std::printf("prefill %d x %d tokens: %.2f ms, floor %.2f ms (%.1f TFLOP), %.0f%% of the matrix rate\n",
+                pc.seqs, pc.len, ms, floor_ms, flops / 1e12, 100.0 * floor_ms / ms);
+    Json row;
+    row.add("seqs", pc.seqs);
+    row.add("len", pc.len);
+    row.add("ms", ms);
+    row.add("floor_ms", floor_ms);
+    rows += (i ? ", " : "") + row.str();
+  }
+  return rows + "]}";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
+  std::string model_name = "synthetic:llama-3.1-8b";
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+      model_name = argv[++i];
+    } else if (std::strcmp(argv[i], "--no-model") == 0) {
+      model_name.clear();
     } else {
-      std::fprintf(stderr,
-                   "usage: pdserve_gpu_bench [--json PATH] [--quick]\n"
-                   "  --json PATH  also write the results as JSON to PATH\n"
-                   "  --quick      fewer repetitions and smaller sizes (a smoke run)\n");
+      std::fprintf(
+          stderr,
+          "usage: pdserve_gpu_bench [--json PATH] [--quick] [--model NAME | --no-model]\n"
+          "  --json PATH   also write the results as JSON to PATH\n"
+          "  --quick       fewer repetitions and smaller sizes (a smoke run)\n"
+          "  --model NAME  the model of the decode and prefill figures (default\n"
+          "                synthetic:llama-3.1-8b; also synthetic:qwen2.5-7b, synthetic:smollm2-1.7b)\n"
+          "  --no-model    only the ceilings and the attention kernel\n");
       return 2;
     }
   }
@@ -244,6 +377,8 @@ int main(int argc, char** argv) {
     }
     out.add_raw("decode_attention", rows + "]");
   }
+
+  if (!model_name.empty()) out.add_raw("model", model_section(model_name, quick, copy_gbps, gemm_tflops));
 
   CHECK_OK(synchronize());
   if (!json_path.empty()) {

@@ -44,31 +44,6 @@ StatusOr<const float*> vector_f32(const GgufFile& f, const std::string& name, in
   return reinterpret_cast<const float*>(t->data);
 }
 
-// Llama 3 frequency scaling as divisors of each rotary frequency (used when the file carries the
-// scaling parameters but no rope_freqs tensor).
-std::vector<float> llama3_freq_factors(const ModelConfig& c) {
-  std::vector<float> out(static_cast<size_t>(c.rope_dim / 2));
-  const RopeScaling& s = c.rope_scaling;
-  const double low_wavelen = s.original_context_length / s.low_freq_factor;
-  const double high_wavelen = s.original_context_length / s.high_freq_factor;
-  for (int32_t i = 0; i < c.rope_dim / 2; ++i) {
-    double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.rope_dim);
-    double wavelen = 2 * M_PI / freq;
-    double new_freq;
-    if (wavelen < high_wavelen) {
-      new_freq = freq;
-    } else if (wavelen > low_wavelen) {
-      new_freq = freq / s.factor;
-    } else {
-      double smooth = (s.original_context_length / wavelen - s.low_freq_factor) /
-                      (s.high_freq_factor - s.low_freq_factor);
-      new_freq = (1 - smooth) * freq / s.factor + smooth * freq;
-    }
-    out[static_cast<size_t>(i)] = static_cast<float>(freq / new_freq);
-  }
-  return out;
-}
-
 }  // namespace
 
 StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::load(std::shared_ptr<const GgufFile> file) {

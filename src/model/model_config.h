@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 #include "model/gguf.h"
@@ -51,5 +52,9 @@ struct ModelConfig {
 
   static StatusOr<ModelConfig> from_gguf(const GgufFile& file);
 };
+
+// Llama 3 frequency scaling as divisors of each of the rope_dim/2 rotary frequencies (for a file
+// that carries the scaling parameters but no rope_freqs tensor).
+std::vector<float> llama3_freq_factors(const ModelConfig& c);
 
 }  // namespace pdserve

@@ -91,15 +91,13 @@ TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
   SEED_TRACE();
   for (int64_t n : {64, 576, 4096}) {
     const int64_t rows = 7;
-    std::vector<float> x = randn(rows * n, 3.0f), w = randn(n);
-    std::vector<float> delta_f;
-    std::vector<uint16_t> delta = randn_bf16(rows * n, &delta_f);
-    auto dx = upload(x), dw = upload(w), dd = upload(delta);
+    std::vector<float> x = randn(rows * n, 3.0f), w = randn(n), delta_f = randn(rows * n);
+    auto dx = upload(x), dw = upload(w), dd = upload(delta_f);
     auto y = poisoned<uint16_t>(rows * n);
     ASSERT_TRUE(rms_norm(dx.as<float>(), dw.as<float>(), 1e-5f, rows, n, y.as<uint16_t>(), nullptr).ok());
     std::vector<float> got = widen(download<uint16_t>(y, rows * n));
     auto y2 = poisoned<uint16_t>(rows * n);
-    ASSERT_TRUE(add_rms_norm(dx.as<float>(), dd.as<uint16_t>(), dw.as<float>(), 1e-5f, rows, n,
+    ASSERT_TRUE(add_rms_norm(dx.as<float>(), dd.as<float>(), dw.as<float>(), 1e-5f, rows, n,
                              y2.as<uint16_t>(), nullptr)
                     .ok());
     std::vector<float> got2 = widen(download<uint16_t>(y2, rows * n));
@@ -124,60 +122,111 @@ TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
   }
 }
 
-TEST_F(CudaKernels, SiluMulAndAddResidual) {
+TEST_F(CudaKernels, SiluMul) {
   SEED_TRACE();
   const int64_t rows = 5, n = 1536;
-  std::vector<float> gu_f;
-  std::vector<uint16_t> gu = randn_bf16(rows * 2 * n, &gu_f, 2.0f);
+  std::vector<float> gu = randn(rows * 2 * n, 2.0f);
   auto dgu = upload(gu);
   auto out = poisoned<uint16_t>(rows * n);
-  ASSERT_TRUE(silu_mul(dgu.as<uint16_t>(), rows, n, out.as<uint16_t>(), nullptr).ok());
+  ASSERT_TRUE(silu_mul(dgu.as<float>(), rows, n, out.as<uint16_t>(), nullptr).ok());
   std::vector<float> got = widen(download<uint16_t>(out, rows * n));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < n; ++i) {
-      const double g = gu_f[r * 2 * n + i], u = gu_f[r * 2 * n + n + i];
+      const double g = gu[r * 2 * n + i], u = gu[r * 2 * n + n + i];
       const double want = g / (1 + std::exp(-g)) * u;
       ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6) << r << "," << i;
     }
   }
-  std::vector<float> res = randn(rows * n);
-  auto dres = upload(res);
-  ASSERT_TRUE(add_residual(dres.as<float>(), out.as<uint16_t>(), rows * n, nullptr).ok());
-  std::vector<float> res2 = download<float>(dres, rows * n);
-  for (int64_t i = 0; i < rows * n; ++i) ASSERT_EQ(res2[i], res[i] + got[i]) << i;
 }
 
-TEST_F(CudaKernels, RopeBothOrderings) {
+struct RopeCase {
+  int32_t heads, kv_heads, head_dim, rope_dim;
+  bool neox, bias;
+};
+
+TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
   SEED_TRACE();
-  const int64_t rows = 6;
-  const int32_t heads = 4, head_dim = 64, rope_dim = 64;
-  const int64_t stride = heads * head_dim + 32;  // rows with room after the rotated heads
   std::vector<int32_t> pos = {0, 1, 7, 100, 2047, 4095};
-  std::vector<float> inv_freq(rope_dim / 2);
-  for (int i = 0; i < rope_dim / 2; ++i)
-    inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / rope_dim));
-  for (bool neox : {false, true}) {
-    std::vector<float> xf;
-    std::vector<uint16_t> x = randn_bf16(rows * stride, &xf);
-    auto dx = upload(x), dpos = upload(pos), dfreq = upload(inv_freq);
-    ASSERT_TRUE(rope(dx.as<uint16_t>(), stride, dpos.as<int32_t>(), rows, heads, head_dim, rope_dim, neox,
-                     dfreq.as<float>(), nullptr)
-                    .ok());
-    std::vector<float> got = widen(download<uint16_t>(dx, rows * stride));
+  const int64_t rows = static_cast<int64_t>(pos.size());
+  for (const RopeCase& c : {RopeCase{4, 2, 64, 64, false, false}, RopeCase{4, 2, 64, 64, true, true},
+                            RopeCase{6, 2, 128, 96, true, false}, RopeCase{3, 1, 64, 32, false, true}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim << " rope_dim "
+                 << c.rope_dim << " neox " << c.neox << " bias " << c.bias);
+    const int64_t width = int64_t{c.heads + 2 * c.kv_heads} * c.head_dim;
+    const int64_t ld = width + 16;  // rows with room after the projections
+    std::vector<float> qkv = randn(rows * ld), bias = randn(width, 0.5f);
+    std::vector<float> inv_freq(c.rope_dim / 2);
+    for (int i = 0; i < c.rope_dim / 2; ++i)
+      inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / c.rope_dim));
+    const int32_t block_size = 16, blocks = 2;
+    std::vector<int32_t> slots = {17, 3, 0, 31, 16, 5};
+    auto dqkv = upload(qkv), dbias = upload(bias), dpos = upload(pos), dfreq = upload(inv_freq),
+         dslots = upload(slots);
+    const int64_t cache_values = int64_t{blocks} * block_size * c.kv_heads * c.head_dim;
+    auto dk = poisoned<uint16_t>(cache_values), dv = poisoned<uint16_t>(cache_values);
+    auto dq = poisoned<uint16_t>(rows * c.heads * c.head_dim);
+    RopeQkvArgs a;
+    a.qkv = dqkv.as<float>();
+    a.ld = ld;
+    a.bias = c.bias ? dbias.as<float>() : nullptr;
+    a.positions = dpos.as<int32_t>();
+    a.slots = dslots.as<int32_t>();
+    a.rows = rows;
+    a.num_heads = c.heads;
+    a.rope_dim = c.rope_dim;
+    a.neox = c.neox;
+    a.inv_freq = dfreq.as<float>();
+    a.q_out = dq.as<uint16_t>();
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, c.kv_heads, c.head_dim};
+    ASSERT_TRUE(rope_qkv(a, nullptr).ok());
+    std::vector<float> q = widen(download<uint16_t>(dq, rows * c.heads * c.head_dim));
+    std::vector<float> k = widen(download<uint16_t>(dk, cache_values));
+    std::vector<float> v = widen(download<uint16_t>(dv, cache_values));
+    std::vector<bool> slot_used(blocks * block_size, false);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = heads * head_dim; i < stride; ++i) ASSERT_EQ(got[r * stride + i], xf[r * stride + i]);
-      for (int h = 0; h < heads; ++h) {
-        for (int i = 0; i < rope_dim / 2; ++i) {
-          const int64_t a = r * stride + h * head_dim + (neox ? i : 2 * i);
-          const int64_t b = r * stride + h * head_dim + (neox ? i + rope_dim / 2 : 2 * i + 1);
-          const double angle = static_cast<double>(pos[r]) * inv_freq[i];
-          const double want_a = xf[a] * std::cos(angle) - xf[b] * std::sin(angle);
-          const double want_b = xf[a] * std::sin(angle) + xf[b] * std::cos(angle);
-          // The float angle itself is off by up to half an ulp of pos·inv_freq.
-          const double tol = (kBf16Rel + 5e-4) * (std::abs(xf[a]) + std::abs(xf[b]));
-          ASSERT_NEAR(got[a], want_a, tol) << "neox=" << neox << " r=" << r << " h=" << h << " i=" << i;
-          ASSERT_NEAR(got[b], want_b, tol) << "neox=" << neox << " r=" << r << " h=" << h << " i=" << i;
+      slot_used[slots[r]] = true;
+      for (int h = 0; h < c.heads + 2 * c.kv_heads; ++h) {
+        // The expected head: bias added, then (q and k) rotated over the first rope_dim values.
+        std::vector<double> in(c.head_dim);
+        for (int i = 0; i < c.head_dim; ++i)
+          in[i] = double{qkv[r * ld + h * c.head_dim + i]} + (c.bias ? bias[h * c.head_dim + i] : 0.0);
+        const bool is_v = h >= c.heads + c.kv_heads;
+        std::vector<double> want = in;
+        std::vector<double> mag(c.head_dim);
+        for (int i = 0; i < c.head_dim; ++i) mag[i] = std::abs(in[i]);
+        if (!is_v) {
+          for (int i = 0; i < c.rope_dim / 2; ++i) {
+            const int ia = c.neox ? i : 2 * i, ib = c.neox ? i + c.rope_dim / 2 : 2 * i + 1;
+            const double angle = static_cast<double>(pos[r]) * inv_freq[i];
+            want[ia] = in[ia] * std::cos(angle) - in[ib] * std::sin(angle);
+            want[ib] = in[ia] * std::sin(angle) + in[ib] * std::cos(angle);
+            mag[ia] = mag[ib] = std::abs(in[ia]) + std::abs(in[ib]);
+          }
         }
+        for (int i = 0; i < c.head_dim; ++i) {
+          float got;
+          if (h < c.heads) {
+            got = q[(r * c.heads + h) * c.head_dim + i];
+          } else {
+            const int kvh = is_v ? h - c.heads - c.kv_heads : h - c.heads;
+            const int64_t off =
+                ((slots[r] / block_size * c.kv_heads + kvh) * block_size + slots[r] % block_size) *
+                    c.head_dim +
+                i;
+            got = is_v ? v[off] : k[off];
+          }
+          // One bf16 rounding, and a float angle off by up to half an ulp of pos·inv_freq.
+          ASSERT_NEAR(got, want[i], (kBf16Rel + 5e-4) * mag[i] + 1e-6)
+              << "row " << r << " head " << h << " dim " << i;
+        }
+      }
+    }
+    for (int32_t s = 0; s < blocks * block_size; ++s) {
+      if (slot_used[s]) continue;
+      for (int kvh = 0; kvh < c.kv_heads; ++kvh) {
+        const int64_t off = ((s / block_size * c.kv_heads + kvh) * block_size + s % block_size) * c.head_dim;
+        ASSERT_TRUE(std::isnan(k[off]) && std::isnan(v[off])) << "slot " << s << " was not to be written";
       }
     }
   }

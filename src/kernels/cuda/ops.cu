@@ -41,14 +41,14 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(xr[i] * inv * w[i]);
 }
 
-__global__ void add_rms_norm_kernel(float* residual, const uint16_t* delta, const float* w, float eps,
-                                    int64_t n, uint16_t* y) {
+__global__ void add_rms_norm_kernel(float* residual, const float* delta, const float* w, float eps, int64_t n,
+                                    uint16_t* y) {
   float* rr = residual + blockIdx.x * n;
-  const uint16_t* dr = delta + blockIdx.x * n;
+  const float* dr = delta + blockIdx.x * n;
   uint16_t* yr = y + blockIdx.x * n;
   float sum = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float r = rr[i] + bf16_bits_to_float(dr[i]);
+    const float r = rr[i] + dr[i];
     rr[i] = r;
     sum += r * r;
   }
@@ -57,40 +57,64 @@ __global__ void add_rms_norm_kernel(float* residual, const uint16_t* delta, cons
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(rr[i] * inv * w[i]);
 }
 
-__global__ void add_residual_kernel(float* residual, const uint16_t* delta, int64_t n) {
-  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i < n) residual[i] += bf16_bits_to_float(delta[i]);
-}
-
-__global__ void silu_mul_kernel(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out) {
+__global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, uint16_t* out) {
   const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (idx >= rows * n) return;
   const int64_t r = idx / n;
   const int64_t i = idx % n;
-  const float g = bf16_bits_to_float(gate_up[r * 2 * n + i]);
-  const float u = bf16_bits_to_float(gate_up[r * 2 * n + n + i]);
+  const float g = gate_up[r * 2 * n + i];
+  const float u = gate_up[r * 2 * n + n + i];
   out[idx] = float_to_bf16_bits(g / (1.0f + expf(-g)) * u);
 }
 
-__global__ void rope_kernel(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows,
-                            int32_t num_heads, int32_t head_dim, int32_t rope_dim, bool neox,
-                            const float* inv_freq) {
-  const int32_t half = rope_dim / 2;
+// One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
+// is a rotation pair; the rest copy dims rope_dim + 2(j - rope_dim/2) and the next one.
+__global__ void rope_qkv_kernel(RopeQkvArgs a) {
+  const int32_t hd = a.kv.head_dim;
+  const int32_t pairs = hd / 2;
+  const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
   const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (idx >= rows * num_heads * half) return;
-  const int32_t i = static_cast<int32_t>(idx % half);
-  const int64_t rh = idx / half;
-  const int32_t h = static_cast<int32_t>(rh % num_heads);
-  const int64_t r = rh / num_heads;
-  float s, c;
-  sincosf(static_cast<float>(positions[r]) * inv_freq[i], &s, &c);
-  uint16_t* head = x + r * row_stride + int64_t{h} * head_dim;
-  const int32_t a = neox ? i : 2 * i;
-  const int32_t b = neox ? i + half : 2 * i + 1;
-  const float x0 = bf16_bits_to_float(head[a]);
-  const float x1 = bf16_bits_to_float(head[b]);
-  head[a] = float_to_bf16_bits(x0 * c - x1 * s);
-  head[b] = float_to_bf16_bits(x0 * s + x1 * c);
+  if (idx >= a.rows * heads * pairs) return;
+  const int32_t j = static_cast<int32_t>(idx % pairs);
+  const int32_t h = static_cast<int32_t>(idx / pairs % heads);
+  const int64_t r = idx / pairs / heads;
+  const int32_t half = a.rope_dim / 2;
+  const bool is_v = h >= a.num_heads + a.kv.num_kv_heads;
+  int32_t ia, ib;
+  if (!is_v && j < half) {
+    ia = a.neox ? j : 2 * j;
+    ib = a.neox ? j + half : 2 * j + 1;
+  } else {
+    ia = (is_v ? 0 : a.rope_dim) + 2 * (is_v ? j : j - half);
+    ib = ia + 1;
+  }
+  const int64_t col = int64_t{h} * hd;
+  const float* row = a.qkv + r * a.ld + col;
+  float x0 = row[ia], x1 = row[ib];
+  if (a.bias != nullptr) {
+    x0 += a.bias[col + ia];
+    x1 += a.bias[col + ib];
+  }
+  if (!is_v && j < half) {
+    float s, c;
+    sincosf(static_cast<float>(a.positions[r]) * a.inv_freq[j], &s, &c);
+    const float y0 = x0 * c - x1 * s;
+    const float y1 = x0 * s + x1 * c;
+    x0 = y0;
+    x1 = y1;
+  }
+  uint16_t* dst;
+  if (h < a.num_heads) {
+    dst = a.q_out + r * a.num_heads * hd + col;
+  } else {
+    const int32_t kvh = is_v ? h - a.num_heads - a.kv.num_kv_heads : h - a.num_heads;
+    const int64_t slot = a.slots[r];
+    const int64_t off =
+        ((slot / a.kv.block_size * a.kv.num_kv_heads + kvh) * a.kv.block_size + slot % a.kv.block_size) * hd;
+    dst = (is_v ? a.kv.v : a.kv.k) + off;
+  }
+  dst[ia] = float_to_bf16_bits(x0);
+  dst[ib] = float_to_bf16_bits(x1);
 }
 
 __global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t n,
@@ -139,6 +163,33 @@ __global__ void argmax_kernel(const float* logits, int64_t vocab, int32_t* out) 
     }
     out[blockIdx.x] = best_i < vocab ? static_cast<int32_t>(best_i) : 0;  // all NaN: token 0
   }
+}
+
+__global__ void gather_rows_kernel(const uint16_t* in, int64_t n, const int32_t* index, uint16_t* out) {
+  const uint16_t* src = in + int64_t{index[blockIdx.x]} * n;
+  uint16_t* dst = out + blockIdx.x * n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+}
+
+// A counter-based generator (splitmix64 of seed and index): any element, in any order.
+__device__ __forceinline__ float uniform_at(uint64_t seed, int64_t i) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(i) + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;  // [-1, 1)
+}
+
+__global__ void fill_uniform_bf16_kernel(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    x[i] = float_to_bf16_bits(mean + scale * uniform_at(seed, i));
+}
+
+__global__ void fill_uniform_f32_kernel(float* x, int64_t n, float mean, float scale, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    x[i] = mean + scale * uniform_at(seed, i);
 }
 
 __global__ void write_kv_kernel(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride,
@@ -199,6 +250,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int start = split * partition;
   const int n = max(0, min(start + partition, seq_len) - start);
   const bool overlong = seq_len > num_splits * partition;  // max_seq_len was not an upper bound
+  // A split past the end of a shorter sequence has nothing to do (the merge skips it).
+  if (n == 0 && num_splits > 1) return;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
   const int lane_in_row = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
@@ -440,35 +493,28 @@ Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t
   return check_last_error("rms_norm");
 }
 
-Status add_rms_norm(float* residual, const uint16_t* delta, const float* w, float eps, int64_t rows,
-                    int64_t n, uint16_t* y, StreamHandle stream) {
+Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
+                    uint16_t* y, StreamHandle stream) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
   add_rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(residual, delta, w, eps, n,
                                                                                    y);
   return check_last_error("add_rms_norm");
 }
 
-Status add_residual(float* residual, const uint16_t* delta, int64_t n, StreamHandle stream) {
-  if (n <= 0) return ok_status();
-  add_residual_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(residual, delta, n);
-  return check_last_error("add_residual");
-}
-
-Status silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
+Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
   if (rows * n <= 0) return ok_status();
   silu_mul_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(gate_up, rows, n, out);
   return check_last_error("silu_mul");
 }
 
-Status rope(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows, int32_t num_heads,
-            int32_t head_dim, int32_t rope_dim, bool neox, const float* inv_freq, StreamHandle stream) {
-  if (rope_dim <= 0 || rope_dim % 2 != 0 || rope_dim > head_dim)
-    return invalid_argument("rope: rope_dim must be even and at most head_dim");
-  const int64_t total = rows * num_heads * (rope_dim / 2);
+Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
+  const int32_t hd = a.kv.head_dim;
+  if (hd <= 0 || hd % 2 != 0 || a.rope_dim < 0 || a.rope_dim % 2 != 0 || a.rope_dim > hd)
+    return invalid_argument("rope_qkv: head_dim must be even and rope_dim even and at most head_dim");
+  const int64_t total = a.rows * (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
   if (total <= 0) return ok_status();
-  rope_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(x, row_stride, positions, rows, num_heads, head_dim,
-                                                          rope_dim, neox, inv_freq);
-  return check_last_error("rope");
+  rope_qkv_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(a);
+  return check_last_error("rope_qkv");
 }
 
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
@@ -483,6 +529,28 @@ Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, St
   if (vocab <= 0) return invalid_argument("argmax: empty vocabulary");
   argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(logits, vocab, out);
   return check_last_error("argmax");
+}
+
+Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,
+                   StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  gather_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(in, n, index, out);
+  return check_last_error("gather_rows");
+}
+
+Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed,
+                         StreamHandle stream) {
+  if (n <= 0) return ok_status();
+  fill_uniform_bf16_kernel<<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, stream>>>(x, n, mean,
+                                                                                               scale, seed);
+  return check_last_error("fill_uniform_bf16");
+}
+
+Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream) {
+  if (n <= 0) return ok_status();
+  fill_uniform_f32_kernel<<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, stream>>>(x, n, mean,
+                                                                                              scale, seed);
+  return check_last_error("fill_uniform_f32");
 }
 
 Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,
@@ -510,6 +578,7 @@ Status decode_attention(const DecodeAttentionArgs& a, void* workspace, size_t wo
   if (kv.head_dim != 64 && kv.head_dim != 128)
     return unimplemented("decode_attention: head_dim must be 64 or 128");
   if (kv.block_size <= 0) return invalid_argument("decode_attention: block_size must be positive");
+  if (a.num_seqs > 65535) return invalid_argument("decode_attention: more than 65535 queries in one call");
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
   if (q_stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.q) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)

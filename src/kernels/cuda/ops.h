@@ -17,28 +17,28 @@ namespace pdserve::cuda {
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream);
 
-// residual[r] += delta[r] (bf16), then y[r] = rms_norm(residual[r]) · w (bf16). One pass over the
-// row: the sum that the norm needs is taken from the updated residual as it is written.
-Status add_rms_norm(float* residual, const uint16_t* delta, const float* w, float eps, int64_t rows,
-                    int64_t n, uint16_t* y, StreamHandle stream);
+// residual[r] += delta[r] (a matrix product's float output), then y[r] = rms_norm(residual[r]) · w
+// in bf16. One pass over the row: the norm's sum is taken from the residual as it is written.
+Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
+                    uint16_t* y, StreamHandle stream);
 
-// residual[i] += delta[i] (bf16), n elements.
-Status add_residual(float* residual, const uint16_t* delta, int64_t n, StreamHandle stream);
-
-// out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i]: rows of 2n (gate, then up) to rows of n.
-Status silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream);
-
-// Rotates, in place, the first rope_dim values of each of num_heads heads (head_dim apart) of
-// each row, by angles positions[r] · inv_freq[i] for i < rope_dim/2 (inv_freq in device memory).
-// neox: pairs (i, i + rope_dim/2); otherwise adjacent pairs (2i, 2i+1). Rows are row_stride
-// values apart, so q and k inside one fused qkv row can be rotated where they are.
-Status rope(uint16_t* x, int64_t row_stride, const int32_t* positions, int64_t rows, int32_t num_heads,
-            int32_t head_dim, int32_t rope_dim, bool neox, const float* inv_freq, StreamHandle stream);
+// out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i] in bf16: float rows of 2n (gate, then up) to
+// rows of n.
+Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream);
 
 // out[r] = table[tokens[r]] (rows of n bf16) widened to float. Token ids outside [0, vocab) give
 // rows of NaN, so a bad id cannot read outside the table and does not pass unnoticed.
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
                  float* out, StreamHandle stream);
+
+// out[r] = in[index[r]], rows of n bf16 values.
+Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,
+                   StreamHandle stream);
+
+// Pseudo-random values, uniform in [mean - scale, mean + scale], the same for the same seed
+// (synthetic weights and benchmark inputs, made on the GPU).
+Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
+Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
 
 // out[r] = the index of the largest of vocab logits in row r (the lowest index among equals).
 Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, StreamHandle stream);
@@ -59,6 +59,28 @@ struct PagedKv {
 // × head_dim values) to cache slots slots[r] = block · block_size + row in block.
 Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,
                 int64_t tokens, const PagedKv& kv, StreamHandle stream);
+
+// Rotary embedding and the KV-cache write of one layer, fused. Row r of qkv (float, ld values
+// apart) holds the projections q | k | v (num_heads, then 2 × kv.num_kv_heads heads of
+// kv.head_dim), to which bias (that many floats) is added when not null. q and k are rotated by
+// angles positions[r] · inv_freq[i], i < rope_dim/2 (inv_freq in device memory; values past
+// rope_dim in a head are kept); neox: pairs (i, i + rope_dim/2), otherwise (2i, 2i+1). q goes to
+// q_out (bf16 rows of num_heads × head_dim), k and v to cache slot slots[r] (see write_kv).
+struct RopeQkvArgs {
+  const float* qkv = nullptr;
+  int64_t ld = 0;
+  const float* bias = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* slots = nullptr;
+  int64_t rows = 0;
+  int32_t num_heads = 0;
+  int32_t rope_dim = 0;
+  bool neox = true;
+  const float* inv_freq = nullptr;
+  uint16_t* q_out = nullptr;
+  PagedKv kv;
+};
+Status rope_qkv(const RopeQkvArgs& args, StreamHandle stream);
 
 // Decode attention, one query token per sequence, split over the keys (flash-decoding):
 // out[s][h] = softmax(scale · q[s][h]·Kᵀ) · V over the seq_lens[s] keys of sequence s, whose

@@ -104,6 +104,11 @@ Status copy_to_host(void* dst, const void* src, size_t bytes) {
   return from_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
 }
 
+Status copy_to_device_async(void* dst, const void* src, size_t bytes, StreamHandle stream) {
+  return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream),
+                   "cudaMemcpyAsync to device");
+}
+
 Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream) {
   return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream),
                    "cudaMemcpyAsync device to device");
@@ -189,6 +194,39 @@ StatusOr<float> Event::elapsed_ms(const Event& start, const Event& stop) {
   float ms = 0;
   PD_RETURN_IF_ERROR(from_cuda(cudaEventElapsedTime(&ms, start.event_, stop.event_), "cudaEventElapsedTime"));
   return ms;
+}
+
+Status Graph::begin_capture(StreamHandle stream) {
+  return from_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                   "cudaStreamBeginCapture");
+}
+
+StatusOr<Graph> Graph::end_capture(StreamHandle stream) {
+  cudaGraph_t graph = nullptr;
+  PD_RETURN_IF_ERROR(from_cuda(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture"));
+  Graph g;
+  cudaError_t err = cudaGraphInstantiate(&g.exec_, graph, 0);
+  cudaGraphDestroy(graph);
+  PD_RETURN_IF_ERROR(from_cuda(err, "cudaGraphInstantiate"));
+  return g;
+}
+
+Graph::Graph(Graph&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+
+Graph& Graph::operator=(Graph&& other) noexcept {
+  if (this != &other) {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+Graph::~Graph() {
+  if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+}
+
+Status Graph::launch(StreamHandle stream) const {
+  return from_cuda(cudaGraphLaunch(exec_, stream), "cudaGraphLaunch");
 }
 
 }  // namespace pdserve::cuda

@@ -13,6 +13,7 @@
 
 struct CUstream_st;
 struct CUevent_st;
+struct CUgraphExec_st;
 
 namespace pdserve::cuda {
 
@@ -66,6 +67,9 @@ class DeviceBuffer {
 // Synchronous copies (host memory may be pageable) and fills.
 Status copy_to_device(void* dst, const void* src, size_t bytes);
 Status copy_to_host(void* dst, const void* src, size_t bytes);
+// Enqueued on `stream`, so later work on that stream sees the bytes; pageable host memory is
+// staged before the call returns, so `src` may be reused at once.
+Status copy_to_device_async(void* dst, const void* src, size_t bytes, StreamHandle stream);
 Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream);
 Status fill_bytes(void* dst, uint8_t value, size_t bytes, StreamHandle stream);
 
@@ -109,6 +113,27 @@ class Event {
  private:
   Event() = default;
   CUevent_st* event_ = nullptr;
+};
+
+// Work captured from one stream and replayed as a single launch (a CUDA graph): the kernels see
+// the same pointers and sizes at every replay, so whatever changes between replays must live in
+// device memory they read. Move-only.
+class Graph {
+ public:
+  // Starts recording what is enqueued on `stream` (nothing runs until the graph is launched).
+  static Status begin_capture(StreamHandle stream);
+  // Stops recording and makes the graph. Always ends the capture, also on error.
+  static StatusOr<Graph> end_capture(StreamHandle stream);
+  Graph(Graph&& other) noexcept;
+  Graph& operator=(Graph&& other) noexcept;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  ~Graph();
+  Status launch(StreamHandle stream) const;
+
+ private:
+  Graph() = default;
+  CUgraphExec_st* exec_ = nullptr;
 };
 
 }  // namespace pdserve::cuda

@@ -1,0 +1,537 @@
+#include "model/cuda_model.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <map>
+#include <optional>
+
+#include "kernels/cpu/fp16.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/cuda/blas.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+
+namespace pdserve {
+namespace {
+
+using cuda::DeviceBuffer;
+
+// Published shapes (their config.json files), for synthetic models.
+struct SyntheticShape {
+  std::string_view name;
+  ModelConfig config;
+};
+
+ModelConfig shape(std::string arch, std::string name, int32_t layers, int32_t hidden, int32_t ffn,
+                  int32_t heads, int32_t kv_heads, int32_t head_dim, int32_t vocab, float eps, float theta,
+                  bool bias, bool tied, RopeOrdering ordering) {
+  ModelConfig c;
+  c.architecture = std::move(arch);
+  c.name = std::move(name);
+  c.num_layers = layers;
+  c.hidden_size = hidden;
+  c.ffn_size = ffn;
+  c.num_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.rope_dim = head_dim;
+  c.vocab_size = vocab;
+  c.context_length = 32768;
+  c.rms_norm_eps = eps;
+  c.rope_theta = theta;
+  c.has_qkv_bias = bias;
+  c.tied_embeddings = tied;
+  c.rope_ordering = ordering;
+  return c;
+}
+
+std::vector<SyntheticShape> synthetic_shapes() {
+  ModelConfig llama = shape("llama", "synthetic:llama-3.1-8b", 32, 4096, 14336, 32, 8, 128, 128256, 1e-5f,
+                            500000.0f, false, false, RopeOrdering::kNeox);
+  llama.rope_scaling.factor = 8.0f;
+  llama.rope_scaling.low_freq_factor = 1.0f;
+  llama.rope_scaling.high_freq_factor = 4.0f;
+  llama.rope_scaling.original_context_length = 8192;
+  return {
+      {"synthetic:llama-3.1-8b", llama},
+      {"synthetic:qwen2.5-7b", shape("qwen2", "synthetic:qwen2.5-7b", 28, 3584, 18944, 28, 4, 128, 152064,
+                                     1e-6f, 1000000.0f, true, false, RopeOrdering::kNeox)},
+      {"synthetic:smollm2-1.7b", shape("llama", "synthetic:smollm2-1.7b", 24, 2048, 8192, 32, 32, 64, 49152,
+                                       1e-5f, 130000.0f, false, true, RopeOrdering::kNeox)},
+  };
+}
+
+// The rotary frequencies as the CPU engine computes its angles: base^(-2i/d) / factor[i].
+std::vector<float> inverse_frequencies(const ModelConfig& c, const std::vector<float>& factors) {
+  std::vector<float> out(static_cast<size_t>(c.rope_dim / 2));
+  for (int32_t i = 0; i < c.rope_dim / 2; ++i) {
+    double f = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.rope_dim);
+    if (!factors.empty()) f /= factors[static_cast<size_t>(i)];
+    out[static_cast<size_t>(i)] = static_cast<float>(f);
+  }
+  return out;
+}
+
+#define PD_ASSIGN_BUFFER(lhs, bytes)                               \
+  do {                                                             \
+    auto pd_buf_ = ::pdserve::cuda::DeviceBuffer::allocate(bytes); \
+    if (!pd_buf_.ok()) return pd_buf_.status();                    \
+    (lhs) = std::move(*pd_buf_);                                   \
+  } while (0)
+
+}  // namespace
+
+struct CudaLlamaModel::Impl {
+  struct Layer {
+    DeviceBuffer attn_norm, ffn_norm;  // float [d]
+    DeviceBuffer wqkv;                 // bf16 [q + 2kv][d]
+    DeviceBuffer bqkv;                 // float [q + 2kv] (qwen2), else empty
+    DeviceBuffer wo;                   // bf16 [d][q]
+    DeviceBuffer w_gate_up;            // bf16 [2 ffn][d]: gate rows, then up rows
+    DeviceBuffer w_down;               // bf16 [d][ffn]
+  };
+  std::vector<Layer> layers;
+  DeviceBuffer embd;    // bf16 [vocab][d]
+  DeviceBuffer output;  // bf16 [vocab][d]; empty when tied to embd
+  DeviceBuffer output_norm, inv_freq;
+  DeviceBuffer kv;              // [layer][K, V][block][kv head][row][head_dim] bf16
+  int64_t kv_layer_values = 0;  // values of one layer's K (or V)
+
+  std::optional<cuda::Stream> stream;
+  std::optional<cuda::Blas> blas;
+
+  // Scratch, grown as batches grow.
+  int64_t capacity_tokens = 0;
+  int64_t capacity_logits = 0;
+  DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace;
+
+  std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
+
+  const uint16_t* lm_head() const {
+    return output.data() != nullptr ? output.as<uint16_t>() : embd.as<uint16_t>();
+  }
+  cuda::PagedKv layer_kv(const ModelConfig& c, int32_t layer, int32_t block_size) const {
+    uint16_t* k = kv.as<uint16_t>() + 2 * kv_layer_values * layer;
+    return {k, k + kv_layer_values, block_size, c.num_kv_heads, c.head_dim};
+  }
+};
+
+CudaLlamaModel::CudaLlamaModel(std::unique_ptr<Impl> impl, ModelConfig config, CudaModelOptions options)
+    : impl_(std::move(impl)), config_(std::move(config)), options_(options) {}
+
+CudaLlamaModel::~CudaLlamaModel() = default;
+
+size_t CudaLlamaModel::kv_bytes_per_token() const {
+  return static_cast<size_t>(config_.kv_bytes_per_token(static_cast<int32_t>(sizeof(uint16_t))));
+}
+
+StatusOr<ModelConfig> CudaLlamaModel::synthetic_config(std::string_view name) {
+  std::string names;
+  for (const SyntheticShape& s : synthetic_shapes()) {
+    if (s.name == name) return s.config;
+    names += (names.empty() ? "" : ", ") + std::string(s.name);
+  }
+  return not_found(fmt::format("no synthetic model '{}'; there are: {}", name, names));
+}
+
+StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConfig& c,
+                                                                 const CudaModelOptions& options) {
+  if (cuda::device_count() == 0) return unavailable("no CUDA device: " + cuda::no_device_reason());
+  if (options.device < 0 || options.device >= cuda::device_count())
+    return invalid_argument(
+        fmt::format("--device cuda:{}: there are {} GPUs", options.device, cuda::device_count()));
+  if (options.num_blocks <= 0 || options.block_size <= 0)
+    return invalid_argument("the GPU KV cache needs a positive number of blocks and block size");
+  if (c.head_dim != 64 && c.head_dim != 128)
+    return unimplemented(fmt::format("the CUDA backend runs head_dim 64 or 128, not {}", c.head_dim));
+  if (c.num_heads % c.num_kv_heads != 0 || c.num_heads / c.num_kv_heads > 8)
+    return unimplemented("the CUDA backend runs at most 8 query heads per kv head");
+  PD_RETURN_IF_ERROR(cuda::set_device(options.device));
+  auto impl = std::make_unique<Impl>();
+  auto stream = cuda::Stream::create();
+  if (!stream.ok()) return stream.status();
+  impl->stream.emplace(std::move(*stream));
+  auto blas = cuda::Blas::create();
+  if (!blas.ok()) return blas.status();
+  impl->blas.emplace(std::move(*blas));
+
+  const int64_t d = c.hidden_size, qkv = c.q_dim() + 2 * int64_t{c.kv_dim()}, ffn = c.ffn_size;
+  impl->layers.resize(static_cast<size_t>(c.num_layers));
+  for (Impl::Layer& l : impl->layers) {
+    PD_ASSIGN_BUFFER(l.attn_norm, d * 4);
+    PD_ASSIGN_BUFFER(l.ffn_norm, d * 4);
+    PD_ASSIGN_BUFFER(l.wqkv, qkv * d * 2);
+    if (c.has_qkv_bias) PD_ASSIGN_BUFFER(l.bqkv, qkv * 4);
+    PD_ASSIGN_BUFFER(l.wo, d * c.q_dim() * 2);
+    PD_ASSIGN_BUFFER(l.w_gate_up, 2 * ffn * d * 2);
+    PD_ASSIGN_BUFFER(l.w_down, d * ffn * 2);
+  }
+  PD_ASSIGN_BUFFER(impl->embd, int64_t{c.vocab_size} * d * 2);
+  if (!c.tied_embeddings) PD_ASSIGN_BUFFER(impl->output, int64_t{c.vocab_size} * d * 2);
+  PD_ASSIGN_BUFFER(impl->output_norm, d * 4);
+  PD_ASSIGN_BUFFER(impl->inv_freq, int64_t{c.rope_dim / 2} * 4);
+  impl->kv_layer_values = int64_t{options.num_blocks} * options.block_size * c.kv_dim();
+  auto kv = DeviceBuffer::allocate(static_cast<size_t>(2 * impl->kv_layer_values * c.num_layers) * 2);
+  if (!kv.ok())
+    return kv.status().with_context(
+        fmt::format("GPU KV cache of {} blocks × {} tokens", options.num_blocks, options.block_size));
+  impl->kv = std::move(*kv);
+
+  std::unique_ptr<CudaLlamaModel> m(new CudaLlamaModel(std::move(impl), c, options));
+  m->weight_bytes_ =
+      static_cast<size_t>(c.num_layers) * static_cast<size_t>(qkv * d + d * c.q_dim() + 3 * ffn * d) * 2 +
+      static_cast<size_t>(c.vocab_size) * static_cast<size_t>(d) * 2;
+  return m;
+}
+
+StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_view name,
+                                                                    const CudaModelOptions& options,
+                                                                    uint64_t seed) {
+  PD_ASSIGN_OR_RETURN(ModelConfig c, synthetic_config(name));
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  Impl& im = *m->impl_;
+  cuda::StreamHandle s = im.stream->get();
+  const int64_t d = c.hidden_size;
+  // Small weights keep activations in range through every layer (values only matter for speed).
+  const float w_scale = 1.0f / std::sqrt(static_cast<float>(d));
+  uint64_t n = 0;
+  auto bf16 = [&](DeviceBuffer& b, float scale) {
+    return cuda::fill_uniform_bf16(b.as<uint16_t>(), static_cast<int64_t>(b.bytes() / 2), 0.0f, scale,
+                                   seed + ++n, s);
+  };
+  auto f32 = [&](DeviceBuffer& b, float mean, float scale) {
+    return cuda::fill_uniform_f32(b.as<float>(), static_cast<int64_t>(b.bytes() / 4), mean, scale, seed + ++n,
+                                  s);
+  };
+  for (Impl::Layer& l : im.layers) {
+    PD_RETURN_IF_ERROR(f32(l.attn_norm, 1.0f, 0.1f));
+    PD_RETURN_IF_ERROR(f32(l.ffn_norm, 1.0f, 0.1f));
+    PD_RETURN_IF_ERROR(bf16(l.wqkv, w_scale));
+    if (l.bqkv.data() != nullptr) PD_RETURN_IF_ERROR(f32(l.bqkv, 0.0f, 0.1f));
+    PD_RETURN_IF_ERROR(bf16(l.wo, w_scale));
+    PD_RETURN_IF_ERROR(bf16(l.w_gate_up, w_scale));
+    PD_RETURN_IF_ERROR(bf16(l.w_down, 1.0f / std::sqrt(static_cast<float>(c.ffn_size))));
+  }
+  PD_RETURN_IF_ERROR(bf16(im.embd, 1.0f));
+  if (im.output.data() != nullptr) PD_RETURN_IF_ERROR(bf16(im.output, w_scale));
+  PD_RETURN_IF_ERROR(f32(im.output_norm, 1.0f, 0.1f));
+  const std::vector<float> inv =
+      inverse_frequencies(c, c.rope_scaling.factor > 0 ? llama3_freq_factors(c) : std::vector<float>{});
+  PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
+  PD_RETURN_IF_ERROR(im.stream->synchronize());
+  return m;
+}
+
+StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFile& f,
+                                                                    const CudaModelOptions& options) {
+  PD_ASSIGN_OR_RETURN(ModelConfig c, ModelConfig::from_gguf(f));
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  Impl& im = *m->impl_;
+  const int64_t d = c.hidden_size;
+
+  // Rows of a 2-D weight [rows][cols] (GGML dims {cols, rows}) as bf16 into `dst` at row `at`.
+  std::vector<float> row_f;
+  std::vector<uint16_t> staging;
+  auto upload_matrix = [&](const std::string& name, int64_t cols, int64_t rows, DeviceBuffer& dst,
+                           int64_t at) -> Status {
+    const GgufTensorInfo* t = f.find_tensor(name);
+    if (t == nullptr) return invalid_argument(fmt::format("model file has no tensor '{}'", name));
+    if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows)
+      return invalid_argument(fmt::format("tensor '{}' is not [{}, {}]", name, cols, rows));
+    if (!cpu::is_supported_weight_type(t->type))
+      return unimplemented(fmt::format("tensor '{}' has type {}, which pdserve cannot dequantize", name,
+                                       ggml_type_name(t->type)));
+    const size_t rb = cpu::row_bytes(t->type, cols);
+    row_f.resize(static_cast<size_t>(cols));
+    staging.resize(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      cpu::dequantize_row(t->type, t->data + static_cast<size_t>(r) * rb, row_f.data(), cols);
+      for (int64_t i = 0; i < cols; ++i)
+        staging[static_cast<size_t>(r * cols + i)] = cpu::fp32_to_bf16(row_f[static_cast<size_t>(i)]);
+    }
+    return cuda::copy_to_device(dst.as<uint16_t>() + at * cols, staging.data(), staging.size() * 2);
+  };
+  auto upload_vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
+    const GgufTensorInfo* t = f.find_tensor(name);
+    if (t == nullptr) return invalid_argument(fmt::format("model file has no tensor '{}'", name));
+    if (t->type != GgmlType::kF32 || t->num_elements() != n)
+      return invalid_argument(fmt::format("tensor '{}' is not F32 of {} values", name, n));
+    return cuda::copy_to_device(dst.as<float>() + at, t->data, static_cast<size_t>(n) * 4);
+  };
+
+  const int64_t q = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    Impl::Layer& l = im.layers[static_cast<size_t>(i)];
+    const std::string p = fmt::format("blk.{}.", i);
+    PD_RETURN_IF_ERROR(upload_vector(p + "attn_norm.weight", d, l.attn_norm, 0));
+    PD_RETURN_IF_ERROR(upload_vector(p + "ffn_norm.weight", d, l.ffn_norm, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_q.weight", d, q, l.wqkv, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_k.weight", d, kvd, l.wqkv, q));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_v.weight", d, kvd, l.wqkv, q + kvd));
+    if (c.has_qkv_bias) {
+      PD_RETURN_IF_ERROR(upload_vector(p + "attn_q.bias", q, l.bqkv, 0));
+      PD_RETURN_IF_ERROR(upload_vector(p + "attn_k.bias", kvd, l.bqkv, q));
+      PD_RETURN_IF_ERROR(upload_vector(p + "attn_v.bias", kvd, l.bqkv, q + kvd));
+    }
+    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_output.weight", q, d, l.wo, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_gate.weight", d, ffn, l.w_gate_up, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_up.weight", d, ffn, l.w_gate_up, ffn));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_down.weight", ffn, d, l.w_down, 0));
+  }
+  PD_RETURN_IF_ERROR(upload_matrix("token_embd.weight", d, c.vocab_size, im.embd, 0));
+  if (!c.tied_embeddings) PD_RETURN_IF_ERROR(upload_matrix("output.weight", d, c.vocab_size, im.output, 0));
+  PD_RETURN_IF_ERROR(upload_vector("output_norm.weight", d, im.output_norm, 0));
+  std::vector<float> factors;
+  if (f.find_tensor("rope_freqs.weight") != nullptr) {
+    const GgufTensorInfo* t = f.find_tensor("rope_freqs.weight");
+    if (t->type != GgmlType::kF32 || t->num_elements() != c.rope_dim / 2)
+      return invalid_argument("tensor 'rope_freqs.weight' is not F32 of rope_dim/2 values");
+    const auto* ff = reinterpret_cast<const float*>(t->data);
+    factors.assign(ff, ff + c.rope_dim / 2);
+  } else if (c.rope_scaling.factor > 0) {
+    factors = llama3_freq_factors(c);
+  }
+  const std::vector<float> inv = inverse_frequencies(c, factors);
+  PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
+  return m;
+}
+
+Status CudaLlamaModel::randomize_kv(uint64_t seed) {
+  PD_RETURN_IF_ERROR(cuda::set_device(options_.device));
+  PD_RETURN_IF_ERROR(cuda::fill_uniform_bf16(impl_->kv.as<uint16_t>(),
+                                             static_cast<int64_t>(impl_->kv.bytes() / 2), 0.0f, 1.0f, seed,
+                                             impl_->stream->get()));
+  return impl_->stream->synchronize();
+}
+
+Status CudaLlamaModel::forward(const ForwardBatch& batch, float* logits) {
+  int32_t rows = 0;
+  PD_RETURN_IF_ERROR(run(batch, &rows));
+  PD_RETURN_IF_ERROR(impl_->stream->synchronize());
+  if (rows == 0) return ok_status();
+  return cuda::copy_to_host(logits, impl_->logits.data(), static_cast<size_t>(rows) * config_.vocab_size * 4);
+}
+
+Status CudaLlamaModel::forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) {
+  int32_t rows = 0;
+  PD_RETURN_IF_ERROR(run(batch, &rows));
+  if (rows > 0) {
+    if (static_cast<size_t>(rows) * 4 > impl_->argmax.bytes()) PD_ASSIGN_BUFFER(impl_->argmax, rows * 4);
+    PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size,
+                                    impl_->argmax.as<int32_t>(), impl_->stream->get()));
+  }
+  PD_RETURN_IF_ERROR(impl_->stream->synchronize());
+  if (rows == 0) return ok_status();
+  return cuda::copy_to_host(next_tokens, impl_->argmax.data(), static_cast<size_t>(rows) * 4);
+}
+
+Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
+  *rows_out = 0;
+  const ModelConfig& c = config_;
+  Impl& im = *impl_;
+  const int64_t T = static_cast<int64_t>(batch.tokens.size());
+  if (T == 0) return ok_status();
+  const int32_t bs = options_.block_size;
+
+  // Validation, and whether this is a decode batch that a CUDA graph can replay: one token per
+  // sequence, every one with logits.
+  int32_t need_max = 1, max_len = 1, num_logits = 0;
+  bool graphable = options_.cuda_graphs && T <= kMaxGraphBatch;
+  int64_t t = 0;
+  for (const SequenceChunk& ch : batch.chunks) {
+    if (ch.num_tokens <= 0 || t + ch.num_tokens > T)
+      return invalid_argument("forward: chunks do not cover the batch");
+    const int64_t need_blocks = (int64_t{ch.first_position} + ch.num_tokens + bs - 1) / bs;
+    if (ch.first_position < 0 || static_cast<int64_t>(ch.block_table.size()) < need_blocks)
+      return invalid_argument("forward: a chunk's block table does not cover its positions");
+    for (int32_t b : ch.block_table.first(static_cast<size_t>(need_blocks))) {
+      if (b < 0 || b >= options_.num_blocks)
+        return invalid_argument(
+            fmt::format("forward: block {} outside the GPU KV cache ({} blocks)", b, options_.num_blocks));
+    }
+    for (int32_t i = 0; i < ch.num_tokens; ++i) {
+      const int32_t tok = batch.tokens[static_cast<size_t>(t + i)];
+      if (tok < 0 || tok >= c.vocab_size)
+        return invalid_argument(
+            fmt::format("forward: token id {} outside the vocabulary (size {})", tok, c.vocab_size));
+    }
+    t += ch.num_tokens;
+    need_max = std::max(need_max, static_cast<int32_t>(need_blocks));
+    max_len = std::max(max_len, ch.first_position + ch.num_tokens);
+    num_logits += ch.want_logits ? 1 : 0;
+    graphable = graphable && ch.num_tokens == 1 && ch.want_logits;
+  }
+  if (t != T) return invalid_argument("forward: chunks do not cover the batch");
+
+  // A graph is kept per (batch size, table width); widths are powers of two, and the attention's
+  // split plan is made for the longest sequence the width allows.
+  Shape shape;
+  shape.tokens = T;
+  shape.num_logits = num_logits;
+  shape.width =
+      graphable ? std::max<int32_t>(16, static_cast<int32_t>(std::bit_ceil(static_cast<uint32_t>(need_max))))
+                : need_max;
+  shape.max_len = graphable ? shape.width * bs : max_len;
+
+  // Per token: id, position, cache slot, keys to attend, and its attention row (its chunk's block
+  // table: every token is one query over its own sequence); one logits row per chunk asking.
+  std::vector<int32_t> meta(static_cast<size_t>(T * (5 + shape.width)), 0);
+  int32_t* tokens = meta.data();
+  int32_t* positions = tokens + T;
+  int32_t* slots = positions + T;
+  int32_t* seq_lens = slots + T;
+  int32_t* logit_rows = seq_lens + T;
+  int32_t* tables = logit_rows + T;
+  t = 0;
+  int32_t row = 0;
+  for (const SequenceChunk& ch : batch.chunks) {
+    const int64_t need_blocks = (int64_t{ch.first_position} + ch.num_tokens + bs - 1) / bs;
+    for (int32_t i = 0; i < ch.num_tokens; ++i, ++t) {
+      const int32_t pos = ch.first_position + i;
+      tokens[t] = batch.tokens[static_cast<size_t>(t)];
+      positions[t] = pos;
+      slots[t] = ch.block_table[static_cast<size_t>(pos / bs)] * bs + pos % bs;
+      seq_lens[t] = pos + 1;
+      std::copy(ch.block_table.begin(), ch.block_table.begin() + need_blocks, tables + t * shape.width);
+    }
+    if (ch.want_logits) logit_rows[row++] = static_cast<int32_t>(t - 1);
+  }
+
+  PD_RETURN_IF_ERROR(cuda::set_device(options_.device));
+  PD_RETURN_IF_ERROR(reserve(shape, meta.size() * 4));
+  cuda::StreamHandle s = im.stream->get();
+  PD_RETURN_IF_ERROR(cuda::copy_to_device_async(im.meta.data(), meta.data(), meta.size() * 4, s));
+  *rows_out = num_logits;
+  if (!graphable) return enqueue(shape);
+  const auto key = std::make_pair(T, shape.width);
+  auto it = im.graphs.find(key);
+  if (it == im.graphs.end()) {
+    PD_RETURN_IF_ERROR(cuda::Graph::begin_capture(s));
+    Status enqueued = enqueue(shape);
+    auto graph = cuda::Graph::end_capture(s);
+    PD_RETURN_IF_ERROR(enqueued);
+    if (!graph.ok()) return graph.status();
+    it = im.graphs.emplace(key, std::move(*graph)).first;
+  }
+  return it->second.launch(s);
+}
+
+Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
+  const ModelConfig& c = config_;
+  Impl& im = *impl_;
+  const int64_t T = shape.tokens, d = c.hidden_size, q = c.q_dim(), qkv = q + 2 * int64_t{c.kv_dim()};
+  const int64_t ffn = c.ffn_size, V = c.vocab_size;
+  // Captured graphs hold these pointers: any buffer that moves invalidates them all.
+  bool moved = false;
+  if (T > im.capacity_tokens) {
+    PD_ASSIGN_BUFFER(im.x, T * d * 4);
+    PD_ASSIGN_BUFFER(im.xn, T * d * 2);
+    PD_ASSIGN_BUFFER(im.qkv, T * qkv * 4);
+    PD_ASSIGN_BUFFER(im.q, T * q * 2);
+    PD_ASSIGN_BUFFER(im.attn, T * q * 2);
+    PD_ASSIGN_BUFFER(im.delta, T * d * 4);
+    PD_ASSIGN_BUFFER(im.gate_up, T * 2 * ffn * 4);
+    PD_ASSIGN_BUFFER(im.hidden, T * ffn * 2);
+    im.capacity_tokens = T;
+    moved = true;
+  }
+  if (shape.num_logits > im.capacity_logits) {
+    PD_ASSIGN_BUFFER(im.final_rows, shape.num_logits * d * 2);
+    PD_ASSIGN_BUFFER(im.logits, shape.num_logits * V * 4);
+    im.capacity_logits = shape.num_logits;
+    moved = true;
+  }
+  if (meta_bytes > im.meta.bytes()) {
+    PD_ASSIGN_BUFFER(im.meta, meta_bytes);
+    moved = true;
+  }
+  const size_t ws = cuda::decode_attention_workspace_bytes(attention_args(shape, 0));
+  if (ws > im.workspace.bytes()) {
+    PD_ASSIGN_BUFFER(im.workspace, ws);
+    moved = true;
+  }
+  if (moved) im.graphs.clear();
+  return ok_status();
+}
+
+cuda::DecodeAttentionArgs CudaLlamaModel::attention_args(const Shape& shape, int32_t layer) const {
+  const ModelConfig& c = config_;
+  const Impl& im = *impl_;
+  const int64_t T = shape.tokens;
+  const int32_t* meta = im.meta.as<int32_t>();
+  cuda::DecodeAttentionArgs a;
+  a.q = im.q.as<uint16_t>();
+  a.num_seqs = static_cast<int32_t>(T);
+  a.num_heads = c.num_heads;
+  a.kv = im.layer_kv(c, layer, options_.block_size);
+  a.seq_lens = meta == nullptr ? nullptr : meta + 3 * T;
+  a.block_tables = meta == nullptr ? nullptr : meta + 5 * T;
+  a.max_blocks_per_seq = shape.width;
+  a.max_seq_len = shape.max_len;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  a.out = im.attn.as<uint16_t>();
+  return a;
+}
+
+Status CudaLlamaModel::enqueue(const Shape& shape) {
+  const ModelConfig& c = config_;
+  Impl& im = *impl_;
+  cuda::StreamHandle s = im.stream->get();
+  const int64_t T = shape.tokens, d = c.hidden_size, q = c.q_dim(), qkv = q + 2 * int64_t{c.kv_dim()};
+  const int64_t ffn = c.ffn_size, V = c.vocab_size;
+  const int32_t* d_tokens = im.meta.as<int32_t>();
+  const int32_t* d_logit_rows = d_tokens + 4 * T;
+
+  float* x = im.x.as<float>();
+  uint16_t* xn = im.xn.as<uint16_t>();
+  float* qkv_rows = im.qkv.as<float>();
+  float* delta = im.delta.as<float>();
+  cuda::Blas& blas = *im.blas;
+  cuda::DecodeAttentionArgs attn = attention_args(shape, 0);
+  cuda::RopeQkvArgs rope;
+  rope.qkv = qkv_rows;
+  rope.ld = qkv;
+  rope.positions = d_tokens + T;
+  rope.slots = d_tokens + 2 * T;
+  rope.rows = T;
+  rope.num_heads = c.num_heads;
+  rope.rope_dim = c.rope_dim;
+  rope.neox = c.rope_ordering == RopeOrdering::kNeox;
+  rope.inv_freq = im.inv_freq.as<float>();
+  rope.q_out = im.q.as<uint16_t>();
+  PD_RETURN_IF_ERROR(cuda::embedding(im.embd.as<uint16_t>(), V, d_tokens, T, d, x, s));
+  PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.layers[0].attn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+  for (int32_t li = 0; li < c.num_layers; ++li) {
+    const Impl::Layer& L = im.layers[static_cast<size_t>(li)];
+    // Products write float, so each activation is rounded to bf16 once, where a product reads it.
+    PD_RETURN_IF_ERROR(blas.matmul_f32(xn, L.wqkv.as<uint16_t>(), T, qkv, d, qkv_rows, s));
+    attn.kv = im.layer_kv(c, li, options_.block_size);
+    rope.bias = L.bqkv.data() != nullptr ? L.bqkv.as<float>() : nullptr;
+    rope.kv = attn.kv;
+    PD_RETURN_IF_ERROR(cuda::rope_qkv(rope, s));
+    PD_RETURN_IF_ERROR(cuda::decode_attention(attn, im.workspace.data(), im.workspace.bytes(), s));
+    PD_RETURN_IF_ERROR(blas.matmul_f32(im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), T, d, q, delta, s));
+    PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+    PD_RETURN_IF_ERROR(
+        blas.matmul_f32(xn, L.w_gate_up.as<uint16_t>(), T, 2 * ffn, d, im.gate_up.as<float>(), s));
+    PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s));
+    PD_RETURN_IF_ERROR(
+        blas.matmul_f32(im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), T, d, ffn, delta, s));
+    const float* next_norm = li + 1 < c.num_layers
+                                 ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
+                                 : im.output_norm.as<float>();
+    PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s));
+  }
+  if (shape.num_logits > 0) {
+    PD_RETURN_IF_ERROR(
+        cuda::gather_rows(xn, d, d_logit_rows, shape.num_logits, im.final_rows.as<uint16_t>(), s));
+    PD_RETURN_IF_ERROR(blas.matmul_f32(im.final_rows.as<uint16_t>(), im.lm_head(), shape.num_logits, V, d,
+                                       im.logits.as<float>(), s));
+  }
+  return ok_status();
+}
+
+}  // namespace pdserve

@@ -1,0 +1,96 @@
+// CudaLlamaModel: the Llama-family forward pass (llama, qwen2) on one NVIDIA GPU, in bf16 with
+// float accumulation and a float residual stream, over a paged KV cache in device memory.
+//
+// The same contract as LlamaModel::forward: one call runs a batch of sequence chunks (prefill
+// chunks of any length and single decode tokens mixed) and returns logits for the chunks that
+// ask for them. Weights come from a GGUF file (every supported type dequantized to bf16 at
+// load) or are synthetic: the shapes of a published model with seeded random values made on
+// the GPU (benchmarks; no file needed). Not batch-invariant: cuBLAS may pick another algorithm
+// for another batch size, so logits differ in the last bits between batch compositions.
+// Thread-safety: one thread at a time (forward() uses the model's scratch and stream).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/cuda/ops.h"
+#include "model/gguf.h"
+#include "model/llama_model.h"
+#include "model/model_config.h"
+
+namespace pdserve {
+
+struct CudaModelOptions {
+  int device = 0;
+  int32_t num_blocks = 0;  // KV cache blocks (each block_size tokens of every layer)
+  int32_t block_size = 16;
+  bool cuda_graphs = true;  // replay decode steps (one token per sequence) as CUDA graphs
+};
+
+class CudaLlamaModel {
+ public:
+  // Dequantizes every weight of `file` to bf16 and uploads it; allocates the KV cache.
+  static StatusOr<std::unique_ptr<CudaLlamaModel>> load_gguf(const GgufFile& file,
+                                                             const CudaModelOptions& options);
+  // "synthetic:llama-3.1-8b", "synthetic:qwen2.5-7b", "synthetic:smollm2-1.7b": that model's
+  // shapes, random weights from `seed`.
+  static StatusOr<std::unique_ptr<CudaLlamaModel>> synthetic(std::string_view name,
+                                                             const CudaModelOptions& options, uint64_t seed);
+  // The config of a synthetic model name (errors list the names there are).
+  static StatusOr<ModelConfig> synthetic_config(std::string_view name);
+
+  ~CudaLlamaModel();
+
+  const ModelConfig& config() const { return config_; }
+  int32_t num_blocks() const { return options_.num_blocks; }
+  int32_t block_size() const { return options_.block_size; }
+  // Bytes of every weight read by one forward pass (the LM head once).
+  size_t weight_bytes() const { return weight_bytes_; }
+  // Bytes of K and V of one token, all layers.
+  size_t kv_bytes_per_token() const;
+
+  // Runs the batch; writes vocab_size floats per chunk with want_logits, in chunk order, to
+  // `logits` (host memory, that many rows). Returns after the logits are there.
+  Status forward(const ForwardBatch& batch, float* logits);
+  // forward(), then the greedy choice of each logits row on the GPU: one token id per row (host
+  // memory); only the ids leave the GPU.
+  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens);
+  // Turns the replay of decode steps as CUDA graphs on or off (CudaModelOptions::cuda_graphs).
+  void set_cuda_graphs(bool on) { options_.cuda_graphs = on; }
+  // Fills the whole KV cache with random values (benchmarks that start from a long context).
+  Status randomize_kv(uint64_t seed);
+
+ private:
+  struct Impl;
+  explicit CudaLlamaModel(std::unique_ptr<Impl> impl, ModelConfig config, CudaModelOptions options);
+  static constexpr int64_t kMaxGraphBatch = 512;
+  // What one pass enqueues: tokens, logits rows, block-table width, and the longest sequence the
+  // attention plans for.
+  struct Shape {
+    int64_t tokens = 0;
+    int32_t num_logits = 0;
+    int32_t width = 0;
+    int32_t max_len = 0;
+  };
+  // Validates and uploads the batch, then enqueues the pass (or replays its graph); *rows gets the
+  // number of logits rows (left in Impl::logits).
+  Status run(const ForwardBatch& batch, int32_t* rows);
+  // Grows the scratch buffers for `shape` (dropping captured graphs if any buffer moves).
+  Status reserve(const Shape& shape, size_t meta_bytes);
+  cuda::DecodeAttentionArgs attention_args(const Shape& shape, int32_t layer) const;
+  // Enqueues every kernel of the pass; no synchronous call (it may be captured).
+  Status enqueue(const Shape& shape);
+  static StatusOr<std::unique_ptr<CudaLlamaModel>> create(const ModelConfig& config,
+                                                          const CudaModelOptions& options);
+
+  std::unique_ptr<Impl> impl_;
+  ModelConfig config_;
+  CudaModelOptions options_;
+  size_t weight_bytes_ = 0;
+};
+
+}  // namespace pdserve
