@@ -26,6 +26,7 @@
 
 #include "kernels/cpu/fp16.h"
 #include "kernels/cuda/blas.h"
+#include "kernels/cuda/gemv_tuning.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
@@ -221,12 +222,39 @@ std::string model_section(const std::string& name, bool quick, double copy_gbps,
   return rows + "]}";
 }
 
+// Three decode steps, kernels launched one by one, the third between profiler_start() and
+// profiler_stop(): for a profiler.
+int profile_decode(const std::string& name, int32_t batch, int32_t ctx) {
+  const int32_t bs = 16, per_seq = ctx / bs + 1;
+  CudaModelOptions options{0, batch * per_seq, bs, false};
+  std::unique_ptr<CudaLlamaModel> m =
+      value_or_die(CudaLlamaModel::synthetic(name, options, 1234), "synthetic model");
+  CHECK_OK(m->randomize_kv(99));
+  std::vector<std::vector<int32_t>> tables(batch);
+  ForwardBatch b;
+  std::vector<int32_t> tokens(batch, 42), next(batch);
+  b.tokens = tokens;
+  for (int32_t s = 0; s < batch; ++s) {
+    tables[s].resize(per_seq);
+    std::iota(tables[s].begin(), tables[s].end(), s * per_seq);
+    b.chunks.push_back({ctx, 1, tables[s], true});
+  }
+  for (int i = 0; i < 2; ++i) CHECK_OK(m->forward_argmax(b, next.data()));
+  CHECK_OK(profiler_start());
+  CHECK_OK(m->forward_argmax(b, next.data()));
+  CHECK_OK(profiler_stop());
+  std::printf("profiled the third of 3 decode steps of %s at batch %d, context %d\n", name.c_str(), batch,
+              ctx);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
+  int profile_batch = 0, profile_ctx = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -236,6 +264,12 @@ int main(int argc, char** argv) {
       model_name = argv[++i];
     } else if (std::strcmp(argv[i], "--no-model") == 0) {
       model_name.clear();
+    } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 || profile_batch <= 0 ||
+          profile_ctx <= 0) {
+        std::fprintf(stderr, "pdserve_gpu_bench: --profile-decode wants BATCH,CONTEXT (e.g. 1,1024)\n");
+        return 2;
+      }
     } else {
       std::fprintf(
           stderr,
@@ -244,10 +278,13 @@ int main(int argc, char** argv) {
           "  --quick       fewer repetitions and smaller sizes (a smoke run)\n"
           "  --model NAME  the model of the decode and prefill figures (default\n"
           "                synthetic:llama-3.1-8b; also synthetic:qwen2.5-7b, synthetic:smollm2-1.7b)\n"
-          "  --no-model    only the ceilings and the attention kernel\n");
+          "  --no-model    only the ceilings and the attention kernel\n"
+          "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
+          "                launched one by one (for a profiler such as ncu)\n");
       return 2;
     }
   }
+  if (profile_batch > 0) return profile_decode(model_name, profile_batch, profile_ctx);
   const int devices = device_count();
   if (devices == 0) {
     std::fprintf(stderr, "pdserve_gpu_bench: no CUDA device (%s)\n", no_device_reason().c_str());
@@ -322,7 +359,67 @@ int main(int argc, char** argv) {
     out.add("peer_gbps_1to0", bytes / (ms10 * 1e-3) / 1e9);
   }
 
-  // 4. Decode attention vs the bandwidth floor (one layer of Llama-3.1-8B).
+  // 4. Matrix-vector products at one row (a batch-1 decode step's projections), as a share of the
+  // copy bandwidth: cuBLAS, and each shape of work per warp of our gemv.
+  {
+    struct Proj {
+      const char* name;
+      int64_t n, k;
+      bool normed;
+    };
+    const Proj projs[] = {{"qkv", 6144, 4096, true},
+                          {"o", 4096, 4096, false},
+                          {"gate_up", 28672, 4096, true},
+                          {"down", 4096, 14336, false}};
+    DeviceBuffer w = upload(random_bf16(size_t{28672} * 4096, 0.05f, 11));
+    DeviceBuffer xb = upload(random_bf16(14336, 1.0f, 12));
+    DeviceBuffer x = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
+    DeviceBuffer nw = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
+    DeviceBuffer y = value_or_die(DeviceBuffer::allocate(28672 * 4), "allocate");
+    CHECK_OK(fill_uniform_f32(x.as<float>(), 14336, 0.0f, 1.0f, 13, stream.get()));
+    CHECK_OK(fill_uniform_f32(nw.as<float>(), 14336, 1.0f, 0.1f, 14, stream.get()));
+    Blas blas = value_or_die(Blas::create(), "blas");
+    const int variants[][2] = {{1, 2}, {1, 4}, {2, 1}, {2, 2}, {4, 1}, {4, 2}};
+    std::string rows = "[";
+    for (const Proj& p : projs) {
+      const double bytes = 2.0 * p.n * p.k;
+      auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / (copy_gbps * 1e9); };
+      const double cublas_ms = median_ms(3, reps, stream.get(), [&] {
+        CHECK_OK(
+            blas.matmul_f32(xb.as<uint16_t>(), w.as<uint16_t>(), 1, p.n, p.k, y.as<float>(), stream.get()));
+      });
+      std::printf("gemv %-7s %5ldx%5ld: cuBLAS %.1f us (%.0f%%)", p.name, static_cast<long>(p.n),
+                  static_cast<long>(p.k), cublas_ms * 1e3, pct(cublas_ms));
+      Json row;
+      row.add("name", std::string(p.name));
+      row.add("cublas_ms", cublas_ms);
+      for (const auto& v : variants) {
+        for (int ctas : {0, 8, 16}) {
+          GemvArgs g;
+          if (p.normed) {
+            g.x = x.as<float>();
+            g.norm_w = nw.as<float>();
+          } else {
+            g.xb = xb.as<uint16_t>();
+          }
+          g.w = w.as<uint16_t>();
+          g.m = 1;
+          g.n = p.n;
+          g.k = p.k;
+          g.y = y.as<float>();
+          const double ms = median_ms(3, reps, stream.get(),
+                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], ctas, stream.get())); });
+          std::printf(" | %dx%d/%d %.0f%%", v[0], v[1], ctas, pct(ms));
+          row.add(fmt::format("r{}d{}c{}_ms", v[0], v[1], ctas), ms);
+        }
+      }
+      std::printf("\n");
+      rows += (rows.size() > 1 ? ", " : "") + row.str();
+    }
+    out.add_raw("gemv", rows + "]");
+  }
+
+  // 5. Decode attention vs the bandwidth floor (one layer of Llama-3.1-8B).
   {
     const int32_t heads = 32, kv_heads = 8, head_dim = 128, block = 16;
     std::string rows = "[";

@@ -319,13 +319,16 @@ Status CudaLlamaModel::forward_argmax(const ForwardBatch& batch, int32_t* next_t
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
   if (rows > 0) {
-    if (static_cast<size_t>(rows) * 4 > impl_->argmax.bytes()) PD_ASSIGN_BUFFER(impl_->argmax, rows * 4);
-    PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size,
-                                    impl_->argmax.as<int32_t>(), impl_->stream->get()));
+    const size_t ws = cuda::argmax_workspace_bytes(rows);
+    if (ws + static_cast<size_t>(rows) * 4 > impl_->argmax.bytes())
+      PD_ASSIGN_BUFFER(impl_->argmax, ws + rows * 4);
+    PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size, impl_->argmax.data(),
+                                    ws, impl_->argmax.as<int32_t>() + ws / 4, impl_->stream->get()));
   }
   PD_RETURN_IF_ERROR(impl_->stream->synchronize());
   if (rows == 0) return ok_status();
-  return cuda::copy_to_host(next_tokens, impl_->argmax.data(), static_cast<size_t>(rows) * 4);
+  return cuda::copy_to_host(next_tokens, impl_->argmax.as<int32_t>() + cuda::argmax_workspace_bytes(rows) / 4,
+                            static_cast<size_t>(rows) * 4);
 }
 
 Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
@@ -338,7 +341,7 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
 
   // Validation, and whether this is a decode batch that a CUDA graph can replay: one token per
   // sequence, every one with logits.
-  int32_t need_max = 1, max_len = 1, num_logits = 0;
+  int32_t need_max = 1, max_len = 1, max_chunk = 1, num_logits = 0;
   bool graphable = options_.cuda_graphs && T <= kMaxGraphBatch;
   int64_t t = 0;
   for (const SequenceChunk& ch : batch.chunks) {
@@ -361,6 +364,7 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
     t += ch.num_tokens;
     need_max = std::max(need_max, static_cast<int32_t>(need_blocks));
     max_len = std::max(max_len, ch.first_position + ch.num_tokens);
+    max_chunk = std::max(max_chunk, ch.num_tokens);
     num_logits += ch.want_logits ? 1 : 0;
     graphable = graphable && ch.num_tokens == 1 && ch.want_logits;
   }
@@ -370,32 +374,42 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
   // split plan is made for the longest sequence the width allows.
   Shape shape;
   shape.tokens = T;
+  shape.chunks = static_cast<int32_t>(batch.chunks.size());
+  shape.max_chunk = max_chunk;
   shape.num_logits = num_logits;
   shape.width =
       graphable ? std::max<int32_t>(16, static_cast<int32_t>(std::bit_ceil(static_cast<uint32_t>(need_max))))
                 : need_max;
   shape.max_len = graphable ? shape.width * bs : max_len;
 
-  // Per token: id, position, cache slot, keys to attend, and its attention row (its chunk's block
-  // table: every token is one query over its own sequence); one logits row per chunk asking.
-  std::vector<int32_t> meta(static_cast<size_t>(T * (5 + shape.width)), 0);
+  // Per token: id, position, cache slot; one logits row per chunk asking; per chunk: keys it
+  // attends to (for decode), first token, tokens, first position, and its block table.
+  const int64_t C = shape.chunks;
+  std::vector<int32_t> meta(static_cast<size_t>(4 * T + C * (4 + shape.width)), 0);
   int32_t* tokens = meta.data();
   int32_t* positions = tokens + T;
   int32_t* slots = positions + T;
-  int32_t* seq_lens = slots + T;
-  int32_t* logit_rows = seq_lens + T;
-  int32_t* tables = logit_rows + T;
+  int32_t* logit_rows = slots + T;
+  int32_t* seq_lens = logit_rows + T;
+  int32_t* q_start = seq_lens + C;
+  int32_t* lens = q_start + C;
+  int32_t* firsts = lens + C;
+  int32_t* tables = firsts + C;
   t = 0;
   int32_t row = 0;
-  for (const SequenceChunk& ch : batch.chunks) {
+  for (int64_t ci = 0; ci < C; ++ci) {
+    const SequenceChunk& ch = batch.chunks[static_cast<size_t>(ci)];
     const int64_t need_blocks = (int64_t{ch.first_position} + ch.num_tokens + bs - 1) / bs;
+    seq_lens[ci] = ch.first_position + ch.num_tokens;
+    q_start[ci] = static_cast<int32_t>(t);
+    lens[ci] = ch.num_tokens;
+    firsts[ci] = ch.first_position;
+    std::copy(ch.block_table.begin(), ch.block_table.begin() + need_blocks, tables + ci * shape.width);
     for (int32_t i = 0; i < ch.num_tokens; ++i, ++t) {
       const int32_t pos = ch.first_position + i;
       tokens[t] = batch.tokens[static_cast<size_t>(t)];
       positions[t] = pos;
       slots[t] = ch.block_table[static_cast<size_t>(pos / bs)] * bs + pos % bs;
-      seq_lens[t] = pos + 1;
-      std::copy(ch.block_table.begin(), ch.block_table.begin() + need_blocks, tables + t * shape.width);
     }
     if (ch.want_logits) logit_rows[row++] = static_cast<int32_t>(t - 1);
   }
@@ -464,11 +478,12 @@ cuda::DecodeAttentionArgs CudaLlamaModel::attention_args(const Shape& shape, int
   const int32_t* meta = im.meta.as<int32_t>();
   cuda::DecodeAttentionArgs a;
   a.q = im.q.as<uint16_t>();
-  a.num_seqs = static_cast<int32_t>(T);
   a.num_heads = c.num_heads;
   a.kv = im.layer_kv(c, layer, options_.block_size);
-  a.seq_lens = meta == nullptr ? nullptr : meta + 3 * T;
-  a.block_tables = meta == nullptr ? nullptr : meta + 5 * T;
+  const int64_t C = shape.chunks;
+  a.num_seqs = static_cast<int32_t>(C);
+  a.seq_lens = meta == nullptr ? nullptr : meta + 4 * T;
+  a.block_tables = meta == nullptr ? nullptr : meta + 4 * T + 4 * C;
   a.max_blocks_per_seq = shape.width;
   a.max_seq_len = shape.max_len;
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
@@ -483,7 +498,23 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int64_t T = shape.tokens, d = c.hidden_size, q = c.q_dim(), qkv = q + 2 * int64_t{c.kv_dim()};
   const int64_t ffn = c.ffn_size, V = c.vocab_size;
   const int32_t* d_tokens = im.meta.as<int32_t>();
-  const int32_t* d_logit_rows = d_tokens + 4 * T;
+  const int32_t* d_logit_rows = d_tokens + 3 * T;
+  const int64_t C = shape.chunks;
+  // One token per chunk: the split-KV decode kernel; otherwise the tensor-core prefill kernel
+  // (which takes any decode tokens in the batch along).
+  const bool decode_only = shape.max_chunk == 1;
+  cuda::PrefillAttentionArgs prefill;
+  prefill.q = im.q.as<uint16_t>();
+  prefill.num_heads = c.num_heads;
+  prefill.num_chunks = static_cast<int32_t>(C);
+  prefill.chunk_q_start = d_tokens + 4 * T + C;
+  prefill.chunk_len = d_tokens + 4 * T + 2 * C;
+  prefill.chunk_first_pos = d_tokens + 4 * T + 3 * C;
+  prefill.block_tables = d_tokens + 4 * T + 4 * C;
+  prefill.max_blocks_per_seq = shape.width;
+  prefill.max_chunk_len = shape.max_chunk;
+  prefill.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  prefill.out = im.attn.as<uint16_t>();
 
   float* x = im.x.as<float>();
   uint16_t* xn = im.xn.as<uint16_t>();
@@ -503,28 +534,63 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   rope.inv_freq = im.inv_freq.as<float>();
   rope.q_out = im.q.as<uint16_t>();
   PD_RETURN_IF_ERROR(cuda::embedding(im.embd.as<uint16_t>(), V, d_tokens, T, d, x, s));
-  PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.layers[0].attn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+  // A few rows (small decode batches): matrix-vector kernels that normalise their input on the
+  // fly and add output projections straight into the residual; otherwise cuBLAS products between
+  // norm kernels. Products write float either way, so each activation is rounded to bf16 once,
+  // where a product reads it.
+  const bool few_rows = T <= cuda::kGemvMaxRows;
+  auto product = [&](const float* normed_from, const float* norm_w, const uint16_t* in, const uint16_t* w,
+                     int64_t n, int64_t k, float* out, bool accumulate) -> Status {
+    if (few_rows) {
+      cuda::GemvArgs g;
+      g.x = normed_from;
+      g.norm_w = norm_w;
+      g.eps = c.rms_norm_eps;
+      g.xb = normed_from != nullptr ? nullptr : in;
+      g.w = w;
+      g.m = T;
+      g.n = n;
+      g.k = k;
+      g.y = out;
+      g.accumulate = accumulate;
+      return cuda::gemv(g, s);
+    }
+    return blas.matmul_f32(in, w, T, n, k, out, s);
+  };
+  if (!few_rows)
+    PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.layers[0].attn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
   for (int32_t li = 0; li < c.num_layers; ++li) {
     const Impl::Layer& L = im.layers[static_cast<size_t>(li)];
-    // Products write float, so each activation is rounded to bf16 once, where a product reads it.
-    PD_RETURN_IF_ERROR(blas.matmul_f32(xn, L.wqkv.as<uint16_t>(), T, qkv, d, qkv_rows, s));
+    PD_RETURN_IF_ERROR(
+        product(x, L.attn_norm.as<float>(), xn, L.wqkv.as<uint16_t>(), qkv, d, qkv_rows, false));
     attn.kv = im.layer_kv(c, li, options_.block_size);
     rope.bias = L.bqkv.data() != nullptr ? L.bqkv.as<float>() : nullptr;
     rope.kv = attn.kv;
     PD_RETURN_IF_ERROR(cuda::rope_qkv(rope, s));
-    PD_RETURN_IF_ERROR(cuda::decode_attention(attn, im.workspace.data(), im.workspace.bytes(), s));
-    PD_RETURN_IF_ERROR(blas.matmul_f32(im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), T, d, q, delta, s));
-    PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
-    PD_RETURN_IF_ERROR(
-        blas.matmul_f32(xn, L.w_gate_up.as<uint16_t>(), T, 2 * ffn, d, im.gate_up.as<float>(), s));
+    if (decode_only) {
+      PD_RETURN_IF_ERROR(cuda::decode_attention(attn, im.workspace.data(), im.workspace.bytes(), s));
+    } else {
+      prefill.kv = attn.kv;
+      PD_RETURN_IF_ERROR(cuda::prefill_attention(prefill, s));
+    }
+    PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), d, q,
+                               few_rows ? x : delta, few_rows));
+    if (!few_rows)
+      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+    PD_RETURN_IF_ERROR(product(x, L.ffn_norm.as<float>(), xn, L.w_gate_up.as<uint16_t>(), 2 * ffn, d,
+                               im.gate_up.as<float>(), false));
     PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s));
-    PD_RETURN_IF_ERROR(
-        blas.matmul_f32(im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), T, d, ffn, delta, s));
-    const float* next_norm = li + 1 < c.num_layers
-                                 ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
-                                 : im.output_norm.as<float>();
-    PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s));
+    PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), d, ffn,
+                               few_rows ? x : delta, few_rows));
+    if (!few_rows) {
+      const float* next_norm = li + 1 < c.num_layers
+                                   ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
+                                   : im.output_norm.as<float>();
+      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s));
+    }
   }
+  if (few_rows)
+    PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.output_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
   if (shape.num_logits > 0) {
     PD_RETURN_IF_ERROR(
         cuda::gather_rows(xn, d, d_logit_rows, shape.num_logits, im.final_rows.as<uint16_t>(), s));

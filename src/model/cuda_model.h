@@ -72,6 +72,8 @@ class CudaLlamaModel {
   // attention plans for.
   struct Shape {
     int64_t tokens = 0;
+    int32_t chunks = 0;
+    int32_t max_chunk = 0;  // tokens of the longest chunk
     int32_t num_logits = 0;
     int32_t width = 0;
     int32_t max_len = 0;

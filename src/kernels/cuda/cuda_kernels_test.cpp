@@ -89,7 +89,7 @@ class CudaKernels : public ::testing::Test {
 
 TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
   SEED_TRACE();
-  for (int64_t n : {64, 576, 4096}) {
+  for (int64_t n : {64, 66, 576, 4096, 40000}) {
     const int64_t rows = 7;
     std::vector<float> x = randn(rows * n, 3.0f), w = randn(n), delta_f = randn(rows * n);
     auto dx = upload(x), dw = upload(w), dd = upload(delta_f);
@@ -259,15 +259,25 @@ TEST_F(CudaKernels, EmbeddingAndArgmax) {
   logits[1 * v + 40000] = 50.0f;
   logits[1 * v + 30000] = 50.0f;  // a tie: the lower index wins
   logits[3 * v + v - 1] = 50.0f;
+  logits[2 * v + 5] = std::nanf("");  // NaN never wins
+  logits[2 * v + 6] = 60.0f;
   auto dl = upload(logits);
   auto ids = poisoned<int32_t>(rows);
-  ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
+  auto ws = poisoned<uint8_t>(argmax_workspace_bytes(rows));
+  ASSERT_TRUE(
+      argmax(dl.as<float>(), rows, v, ws.data(), argmax_workspace_bytes(rows), ids.as<int32_t>(), nullptr)
+          .ok());
   std::vector<int32_t> got_ids = download<int32_t>(ids, rows);
   for (int64_t r = 0; r < rows; ++r) {
-    const auto it = std::max_element(logits.begin() + r * v, logits.begin() + (r + 1) * v);
-    EXPECT_EQ(got_ids[r], static_cast<int32_t>(it - (logits.begin() + r * v))) << r;
+    int64_t best = 0;  // the first largest, NaN never
+    for (int64_t i = 1; i < v; ++i) {
+      const float x = logits[r * v + i], b = logits[r * v + best];
+      if (!std::isnan(x) && (std::isnan(b) || x > b)) best = i;
+    }
+    EXPECT_EQ(got_ids[r], best) << r;
   }
   EXPECT_EQ(got_ids[1], 30000);
+  EXPECT_EQ(got_ids[2], 6);
 }
 
 TEST_F(CudaKernels, MatmulBf16AndF32Out) {
@@ -312,6 +322,65 @@ TEST_F(CudaKernels, MatmulBf16AndF32Out) {
     }
   }
   EXPECT_FALSE(blas->matmul(nullptr, nullptr, 2, 2, 4, nullptr, nullptr, 2).ok()) << "ldx < k is refused";
+}
+
+TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
+  SEED_TRACE();
+  struct Shape {
+    int64_t m, n, k;
+  };
+  for (const Shape& s : {Shape{1, 1, 64}, Shape{3, 37, 576}, Shape{8, 1000, 4096}, Shape{5, 96, 1536}}) {
+    SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
+    std::vector<float> wf, xbf;
+    std::vector<uint16_t> w = randn_bf16(s.n * s.k, &wf, 0.05f), xb = randn_bf16(s.m * s.k, &xbf);
+    std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k), base = randn(s.m * s.n);
+    auto dw = upload(w), dxb = upload(xb), dx = upload(x), dnw = upload(norm_w), dbase = upload(base);
+    for (bool normed : {false, true}) {
+      for (bool accumulate : {false, true}) {
+        auto y = accumulate ? upload(base) : poisoned<float>(s.m * s.n);
+        GemvArgs a;
+        a.w = dw.as<uint16_t>();
+        a.m = s.m;
+        a.n = s.n;
+        a.k = s.k;
+        a.y = y.as<float>();
+        a.accumulate = accumulate;
+        if (normed) {
+          a.x = dx.as<float>();
+          a.norm_w = dnw.as<float>();
+        } else {
+          a.xb = dxb.as<uint16_t>();
+        }
+        ASSERT_TRUE(gemv(a, nullptr).ok());
+        std::vector<float> got = download<float>(y, s.m * s.n);
+        for (int64_t i = 0; i < s.m; ++i) {
+          // The activations as the kernel must see them: bf16 rows, or normed rows rounded to bf16.
+          std::vector<double> act(s.k);
+          double ss = 0;
+          for (int64_t p = 0; p < s.k; ++p) ss += double{x[i * s.k + p]} * x[i * s.k + p];
+          const float inv = static_cast<float>(1.0 / std::sqrt(ss / s.k + 1e-5));
+          for (int64_t p = 0; p < s.k; ++p)
+            act[p] = normed ? bf16_round(x[i * s.k + p] * inv * norm_w[p]) : xbf[i * s.k + p];
+          for (int64_t j = 0; j < s.n; ++j) {
+            double want = accumulate ? base[i * s.n + j] : 0.0, mag = std::abs(want);
+            for (int64_t p = 0; p < s.k; ++p) {
+              want += act[p] * wf[j * s.k + p];
+              mag += std::abs(act[p] * wf[j * s.k + p]);
+            }
+            // Float accumulation, and a normed activation may round the other way (one bf16 step).
+            const double tol = 1e-5 * mag + (normed ? kBf16Rel * mag / std::sqrt(double(s.k)) * 4 : 0.0);
+            ASSERT_NEAR(got[i * s.n + j], want, tol + 1e-6)
+                << "normed " << normed << " accumulate " << accumulate << " at " << i << "," << j;
+          }
+        }
+      }
+    }
+  }
+  GemvArgs bad;
+  bad.m = 9;
+  bad.n = 1;
+  bad.k = 8;
+  EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "more than 8 rows";
 }
 
 TEST_F(CudaKernels, WriteKvScattersIntoSlots) {
@@ -459,6 +528,110 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
           EXPECT_TRUE(std::isnan(g)) << "seq " << s;
         else
           EXPECT_FALSE(std::isnan(g)) << "seq " << s;
+      }
+    }
+  }
+}
+
+struct PrefillCase {
+  int32_t head_dim, num_heads, num_kv_heads, block_size;
+  std::vector<std::pair<int32_t, int32_t>> chunks;  // (first position, tokens)
+};
+
+TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
+  SEED_TRACE();
+  const std::vector<PrefillCase> cases = {
+      {64, 9, 3, 16, {{0, 37}, {20, 5}, {100, 1}}},  // SmolLM2-135M's heads; a decode token too
+      {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
+      {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
+      {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
+  };
+  for (const PrefillCase& c : cases) {
+    const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
+    int32_t tokens = 0, max_len = 0, max_end = 0;
+    for (auto [first, len] : c.chunks) {
+      tokens += len;
+      max_len = std::max(max_len, len);
+      max_end = std::max(max_end, first + len);
+    }
+    const int32_t max_blocks = (max_end + c.block_size - 1) / c.block_size;
+    const int32_t total_blocks = num_chunks * max_blocks + 2;
+    const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
+    const int64_t q_stride = int64_t{c.num_heads} * c.head_dim + 8;  // rows with room after the heads
+    std::vector<float> kf, vf, qf;
+    std::vector<uint16_t> k = randn_bf16(total_blocks * c.block_size * width, &kf);
+    std::vector<uint16_t> v = randn_bf16(total_blocks * c.block_size * width, &vf);
+    std::vector<uint16_t> q = randn_bf16(int64_t{tokens} * q_stride, &qf);
+    std::vector<int32_t> pool(total_blocks);
+    std::iota(pool.begin(), pool.end(), 0);
+    std::shuffle(pool.begin(), pool.end(), rng_);
+    std::vector<int32_t> tables(int64_t{num_chunks} * max_blocks, -1), q_start, len, first;
+    int32_t at = 0;
+    for (int32_t ch = 0; ch < num_chunks; ++ch) {
+      const auto [f, n] = c.chunks[ch];
+      for (int32_t b = 0; b < (f + n + c.block_size - 1) / c.block_size; ++b)
+        tables[ch * max_blocks + b] = pool[ch * max_blocks + b];
+      q_start.push_back(at);
+      len.push_back(n);
+      first.push_back(f);
+      at += n;
+    }
+    auto dk = upload(k), dv = upload(v), dq = upload(q), dtab = upload(tables), dstart = upload(q_start),
+         dlen = upload(len), dfirst = upload(first);
+    auto out = poisoned<uint16_t>(int64_t{tokens} * c.num_heads * c.head_dim);
+    PrefillAttentionArgs a;
+    a.q = dq.as<uint16_t>();
+    a.q_stride = q_stride;
+    a.num_heads = c.num_heads;
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim};
+    a.num_chunks = num_chunks;
+    a.chunk_q_start = dstart.as<int32_t>();
+    a.chunk_len = dlen.as<int32_t>();
+    a.chunk_first_pos = dfirst.as<int32_t>();
+    a.block_tables = dtab.as<int32_t>();
+    a.max_blocks_per_seq = max_blocks;
+    a.max_chunk_len = max_len;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    a.out = out.as<uint16_t>();
+    ASSERT_TRUE(prefill_attention(a, nullptr).ok());
+    std::vector<float> got = widen(download<uint16_t>(out, int64_t{tokens} * c.num_heads * c.head_dim));
+
+    const int32_t group = c.num_heads / c.num_kv_heads;
+    for (int32_t ch = 0; ch < num_chunks; ++ch) {
+      for (int32_t t = 0; t < len[ch]; ++t) {
+        const int32_t keys = first[ch] + t + 1;
+        for (int32_t h = 0; h < c.num_heads; ++h) {
+          const int32_t kvh = h / group;
+          const float* qh = &qf[int64_t{q_start[ch] + t} * q_stride + int64_t{h} * c.head_dim];
+          auto row = [&](int32_t key) {
+            return (int64_t{tables[ch * max_blocks + key / c.block_size]} * c.num_kv_heads + kvh) *
+                       c.block_size +
+                   key % c.block_size;
+          };
+          std::vector<double> score(keys);
+          double m = -INFINITY;
+          for (int32_t key = 0; key < keys; ++key) {
+            double dot = 0;
+            for (int32_t d = 0; d < c.head_dim; ++d) dot += double{qh[d]} * kf[row(key) * c.head_dim + d];
+            score[key] = dot * a.scale;
+            m = std::max(m, score[key]);
+          }
+          double l = 0;
+          for (double& p : score) l += (p = std::exp(p - m));
+          for (int32_t d = 0; d < c.head_dim; ++d) {
+            double want = 0, vmax = 0;
+            for (int32_t key = 0; key < keys; ++key) {
+              const double val = vf[row(key) * c.head_dim + d];
+              want += score[key] / l * val;
+              vmax = std::max(vmax, std::abs(val));
+            }
+            const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
+            // P is rounded to bf16 before P·V (up to 2^-9 of each weight), then the output.
+            ASSERT_NEAR(g, want, kBf16Rel * std::abs(want) + 4e-3 * vmax)
+                << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h << " d "
+                << d;
+          }
+        }
       }
     }
   }

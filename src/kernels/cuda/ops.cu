@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "kernels/cuda/ops.h"
@@ -31,6 +32,63 @@ __device__ float block_sum(float v) {
 }
 
 int norm_threads(int64_t n) { return n >= 1024 ? 512 : (n >= 256 ? 256 : 128); }
+
+// The norms, vectorised: one row per CTA, each thread keeping its (at most kNormVec) float4s of the
+// row in registers, so every load is in flight before the reduction waits and the row is read
+// once. Rows of n % 4 == 0 values, n <= 4 · kNormVec · 1024; the scalar kernels below do the rest.
+constexpr int kNormVec = 8;
+
+__device__ __forceinline__ uint2 pack_bf16x4(float a, float b, float c, float d) {
+  return make_uint2(uint32_t{float_to_bf16_bits(a)} | (uint32_t{float_to_bf16_bits(b)} << 16),
+                    uint32_t{float_to_bf16_bits(c)} | (uint32_t{float_to_bf16_bits(d)} << 16));
+}
+
+template <bool kAdd>
+__global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__ delta,
+                                const float* __restrict__ w, float eps, int64_t n, uint16_t* __restrict__ y) {
+  const int64_t nvec = n / 4;
+  float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
+  const float4* dr = reinterpret_cast<const float4*>(delta + (kAdd ? blockIdx.x * n : 0));
+  float4 v[kNormVec];
+  float sum = 0;
+#pragma unroll
+  for (int k = 0; k < kNormVec; ++k) {
+    const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < nvec) {
+      v[k] = xr[i];
+      if constexpr (kAdd) {
+        const float4 d = dr[i];
+        v[k].x += d.x;
+        v[k].y += d.y;
+        v[k].z += d.z;
+        v[k].w += d.w;
+        xr[i] = v[k];
+      }
+      sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+  }
+  const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
+  const float4* wr = reinterpret_cast<const float4*>(w);
+  uint2* yr = reinterpret_cast<uint2*>(y + blockIdx.x * n);
+#pragma unroll
+  for (int k = 0; k < kNormVec; ++k) {
+    const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < nvec) {
+      const float4 wv = wr[i];
+      yr[i] = pack_bf16x4(v[k].x * inv * wv.x, v[k].y * inv * wv.y, v[k].z * inv * wv.z, v[k].w * inv * wv.w);
+    }
+  }
+}
+
+// Threads for norm_vec_kernel over rows of n, or 0 where it cannot take them.
+int norm_vec_threads(int64_t n, const void* a, const void* b, const void* c, const void* d) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (n % 4 != 0 || n / 4 > int64_t{kNormVec} * 1024 || !aligned(a) || !aligned(b) || !aligned(c) ||
+      !aligned(d))
+    return 0;
+  const int64_t per_thread = (n / 4 + kNormVec - 1) / kNormVec;
+  return static_cast<int>(std::max<int64_t>(32, (per_thread + 31) / 32 * 32));
+}
 
 __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, uint16_t* y) {
   const float* xr = x + blockIdx.x * n;
@@ -127,42 +185,33 @@ __global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int
     row[i] = valid ? bf16_bits_to_float(src[i]) : nan_value();
 }
 
-__global__ void argmax_kernel(const float* logits, int64_t vocab, int32_t* out) {
-  const float* row = logits + blockIdx.x * vocab;
-  float best = -INFINITY;
-  int64_t best_i = vocab;  // "none yet": loses every comparison below
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = row[i];
-    if (v > best || (v == best && i < best_i)) {
-      best = v;
-      best_i = i;
-    }
-  }
-  for (int off = 16; off > 0; off /= 2) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, off);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, best_i, off);
-    if (ov > best || (ov == best && oi < best_i)) {
-      best = ov;
-      best_i = oi;
-    }
-  }
-  __shared__ float s_best[32];
-  __shared__ int64_t s_idx[32];
-  const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0) {
-    s_best[warp] = best;
-    s_idx[warp] = best_i;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) {
-      if (s_best[w] > best || (s_best[w] == best && s_idx[w] < best_i)) {
-        best = s_best[w];
-        best_i = s_idx[w];
-      }
-    }
-    out[blockIdx.x] = best_i < vocab ? static_cast<int32_t>(best_i) : 0;  // all NaN: token 0
-  }
+// argmax in two steps: many CTAs per row fold their slice into one 64-bit key per row with
+// atomicMax — the value in order-preserving bits above the complement of its index, so the
+// largest value wins and, among equals, the lowest index, whatever order the CTAs run in — then
+// the keys become indices. NaN counts as the lowest value.
+constexpr int kArgmaxSlice = 4096;
+
+__device__ __forceinline__ uint64_t argmax_key(float v, int64_t i) {
+  uint32_t u = __float_as_uint(isnan(v) ? -INFINITY : v);
+  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
+  return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+}
+
+__global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t vocab,
+                                   unsigned long long* keys) {
+  const float* row = logits + blockIdx.y * vocab;
+  const int64_t begin = int64_t{blockIdx.x} * kArgmaxSlice;
+  const int64_t end = min(vocab, begin + kArgmaxSlice);
+  uint64_t best = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) best = max(best, argmax_key(row[i], i));
+  for (int off = 16; off > 0; off /= 2)
+    best = max(best, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, best, off)));
+  if (threadIdx.x % 32 == 0) atomicMax(keys + blockIdx.y, static_cast<unsigned long long>(best));
+}
+
+__global__ void argmax_index_kernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
+  const int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (r < rows) out[r] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[r] & 0xFFFFFFFFu));
 }
 
 __global__ void gather_rows_kernel(const uint16_t* in, int64_t n, const int32_t* index, uint16_t* out) {
@@ -489,15 +538,24 @@ unsigned blocks_for(int64_t total, int threads) {
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("rms_norm: empty row");
-  rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(x, w, eps, n, y);
+  if (const int t = norm_vec_threads(n, x, w, y, x); t > 0) {
+    norm_vec_kernel<false>
+        <<<static_cast<unsigned>(rows), t, 0, stream>>>(const_cast<float*>(x), nullptr, w, eps, n, y);
+  } else {
+    rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(x, w, eps, n, y);
+  }
   return check_last_error("rms_norm");
 }
 
 Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
                     uint16_t* y, StreamHandle stream) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
-  add_rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(residual, delta, w, eps, n,
-                                                                                   y);
+  if (const int t = norm_vec_threads(n, residual, delta, w, y); t > 0) {
+    norm_vec_kernel<true><<<static_cast<unsigned>(rows), t, 0, stream>>>(residual, delta, w, eps, n, y);
+  } else {
+    add_rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(residual, delta, w, eps,
+                                                                                     n, y);
+  }
   return check_last_error("add_rms_norm");
 }
 
@@ -524,10 +582,21 @@ Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, in
   return check_last_error("embedding");
 }
 
-Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, StreamHandle stream) {
+size_t argmax_workspace_bytes(int64_t rows) { return static_cast<size_t>(std::max<int64_t>(rows, 0)) * 8; }
+
+Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace, size_t workspace_bytes,
+              int32_t* out, StreamHandle stream) {
   if (rows <= 0) return ok_status();
-  if (vocab <= 0) return invalid_argument("argmax: empty vocabulary");
-  argmax_kernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(logits, vocab, out);
+  if (vocab <= 0 || vocab > INT32_MAX) return invalid_argument("argmax: vocabulary size out of range");
+  if (rows > 65535) return invalid_argument("argmax: more than 65535 rows");
+  if (workspace_bytes < argmax_workspace_bytes(rows)) return invalid_argument("argmax: workspace too small");
+  auto* keys = static_cast<unsigned long long*>(workspace);
+  PD_RETURN_IF_ERROR(fill_bytes(keys, 0, argmax_workspace_bytes(rows), stream));
+  const dim3 grid(static_cast<unsigned>((vocab + kArgmaxSlice - 1) / kArgmaxSlice),
+                  static_cast<unsigned>(rows));
+  argmax_fold_kernel<<<grid, 256, 0, stream>>>(logits, vocab, keys);
+  PD_RETURN_IF_ERROR(check_last_error("argmax"));
+  argmax_index_kernel<<<blocks_for(rows, 256), 256, 0, stream>>>(keys, rows, out);
   return check_last_error("argmax");
 }
 

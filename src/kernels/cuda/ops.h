@@ -41,7 +41,10 @@ Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64
 Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
 
 // out[r] = the index of the largest of vocab logits in row r (the lowest index among equals).
-Status argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, StreamHandle stream);
+// `workspace` holds argmax_workspace_bytes(rows) bytes of device memory.
+size_t argmax_workspace_bytes(int64_t rows);
+Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace, size_t workspace_bytes,
+              int32_t* out, StreamHandle stream);
 
 // One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
 // block_size) holds head_dim bf16 values at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
@@ -106,5 +109,47 @@ struct DecodeAttentionArgs {
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args);
 Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t workspace_bytes,
                         StreamHandle stream);
+
+// Matrix–vector products for 1 to kGemvMaxRows rows (small decode batches), bandwidth-bound on w:
+// y[m][n] = x'[m] · w[n]ᵀ with w [n][k] bf16 and x' either the bf16 rows `xb` ([m][k]) or, with
+// `norm_w`, the float rows `x` normalised as rms_norm does (rounded to bf16 the same way), so no
+// separate norm runs. With `accumulate`, y += the product (an output projection's residual add).
+// y is float, rows ldy apart (0: n). k a multiple of 8; x, xb, w, norm_w 16-byte aligned.
+constexpr int64_t kGemvMaxRows = 8;
+struct GemvArgs {
+  const float* x = nullptr;
+  const float* norm_w = nullptr;
+  float eps = 1e-5f;
+  const uint16_t* xb = nullptr;
+  const uint16_t* w = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool accumulate = false;
+};
+Status gemv(const GemvArgs& args, StreamHandle stream);
+
+// Prefill attention on tensor cores, causal, over the paged cache (FlashAttention-2 style): for
+// each chunk c, its chunk_len[c] query tokens (rows chunk_q_start[c]... of q and out, bf16
+// [token][num_heads][head_dim], q rows q_stride values apart) attend to the keys of positions
+// [0, chunk_first_pos[c] + t] — the cached prefix and the chunk's own tokens up to themselves,
+// all already written to the cache — through block table row c (max_blocks_per_seq wide).
+// head_dim 64 or 128; any number of query heads per kv head. Per-chunk arrays in device memory.
+struct PrefillAttentionArgs {
+  const uint16_t* q = nullptr;
+  int64_t q_stride = 0;  // 0: num_heads × head_dim
+  int32_t num_heads = 0;
+  PagedKv kv;
+  int32_t num_chunks = 0;
+  const int32_t* chunk_q_start = nullptr;
+  const int32_t* chunk_len = nullptr;
+  const int32_t* chunk_first_pos = nullptr;
+  const int32_t* block_tables = nullptr;
+  int32_t max_blocks_per_seq = 0;
+  int32_t max_chunk_len = 0;  // the longest chunk_len (sizes the grid)
+  float scale = 1.0f;
+  uint16_t* out = nullptr;
+};
+Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
 
 }  // namespace pdserve::cuda

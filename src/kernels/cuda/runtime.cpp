@@ -1,5 +1,6 @@
 #include "kernels/cuda/runtime.h"
 
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
@@ -95,6 +96,9 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
 DeviceBuffer::~DeviceBuffer() {
   if (ptr_ != nullptr) cudaFree(ptr_);
 }
+
+Status profiler_start() { return from_cuda(cudaProfilerStart(), "cudaProfilerStart"); }
+Status profiler_stop() { return from_cuda(cudaProfilerStop(), "cudaProfilerStop"); }
 
 Status copy_to_device(void* dst, const void* src, size_t bytes) {
   return from_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");

@@ -64,6 +64,10 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Brackets the work a profiler started with profiling off (ncu --profile-from-start off) looks at.
+Status profiler_start();
+Status profiler_stop();
+
 // Synchronous copies (host memory may be pageable) and fills.
 Status copy_to_device(void* dst, const void* src, size_t bytes);
 Status copy_to_host(void* dst, const void* src, size_t bytes);

@@ -1,0 +1,206 @@
+// Matrix–vector products for a few rows (small decode batches), bandwidth-bound on the weights.
+// A warp takes R weight rows at a time and walks K in 16-byte pieces (8 bf16 per lane), D pieces
+// of every row loaded before any is used so that enough bytes are in flight to cover the memory
+// latency; each lane holds the matching activations of each of the M rows, and the partial sums
+// are folded across the warp at the end. The grid is persistent (a few CTAs per SM, each warp
+// taking row groups in turn), so the per-CTA prologue is paid once per CTA: with norm weights the
+// activations are the float residual rows normalised on the fly, and each CTA first computes the
+// M inverse norms — no separate norm kernel runs.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/gemv_tuning.h"
+#include "kernels/cuda/ops.h"
+
+namespace pdserve::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+
+__device__ __forceinline__ void bf16x8(const uint4& raw, float* out) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    out[2 * j] = __uint_as_float(w[j] << 16);
+    out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
+  }
+}
+
+__device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+
+template <int M, bool kNorm, int R, int D>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t K = a.k;
+  __shared__ float s_inv[M];
+  if constexpr (kNorm) {
+    // Warp w computes the inverse norm of rows w, w + kWarps, ...
+    for (int m = warp; m < M; m += kWarps) {
+      const float4* row = reinterpret_cast<const float4*>(a.x + m * K);
+      float sum = 0;
+      for (int64_t i = lane; i < K / 4; i += 32) {
+        const float4 v = row[i];
+        sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      }
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) s_inv[m] = rsqrtf(sum / static_cast<float>(K) + a.eps);
+    }
+    __syncthreads();
+  }
+  const int64_t groups = (a.n + R - 1) / R;
+  for (int64_t g = int64_t{blockIdx.x} * kWarps + warp; g < groups; g += int64_t{gridDim.x} * kWarps) {
+    const int64_t n0 = g * R;
+    float acc[M][R] = {};
+#pragma unroll 2
+    for (int64_t k0 = int64_t{lane} * 8; k0 < K; k0 += 256 * D) {
+      uint4 wraw[D][R];
+#pragma unroll
+      for (int h = 0; h < D; ++h) {
+        const int64_t k = k0 + h * 256;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          wraw[h][r] = k < K && n0 + r < a.n ? __ldg(reinterpret_cast<const uint4*>(a.w + (n0 + r) * K + k))
+                                             : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int h = 0; h < D; ++h) {
+        const int64_t k = k0 + h * 256;
+        if (k >= K) break;
+        float xv[M][8];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if constexpr (kNorm) {
+            const float4 x0 = *reinterpret_cast<const float4*>(a.x + m * K + k);
+            const float4 x1 = *reinterpret_cast<const float4*>(a.x + m * K + k + 4);
+            const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
+            const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
+            const float inv = s_inv[m];
+            xv[m][0] = round_bf16(x0.x * inv * w0.x);
+            xv[m][1] = round_bf16(x0.y * inv * w0.y);
+            xv[m][2] = round_bf16(x0.z * inv * w0.z);
+            xv[m][3] = round_bf16(x0.w * inv * w0.w);
+            xv[m][4] = round_bf16(x1.x * inv * w1.x);
+            xv[m][5] = round_bf16(x1.y * inv * w1.y);
+            xv[m][6] = round_bf16(x1.z * inv * w1.z);
+            xv[m][7] = round_bf16(x1.w * inv * w1.w);
+          } else {
+            bf16x8(*reinterpret_cast<const uint4*>(a.xb + m * K + k), xv[m]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float wv[8];
+          bf16x8(wraw[h][r], wv);
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m][r] += xv[m][j] * wv[j];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = acc[m][r];
+        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+        acc[m][r] = v;
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (n0 + r >= a.n) continue;
+          float* y = a.y + m * a.ldy + n0 + r;
+          *y = a.accumulate ? *y + acc[m][r] : acc[m][r];
+        }
+      }
+    }
+  }
+}
+
+int multiprocessors() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    return n;
+  }();
+  return count;
+}
+
+template <int M, int R, int D>
+Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
+  const int64_t groups = (a.n + R - 1) / R;
+  const int64_t needed = (groups + kWarps - 1) / kWarps;
+  // ctas_per_sm 0: one CTA for every kWarps row groups (no warp takes a second group).
+  const unsigned grid = static_cast<unsigned>(
+      ctas_per_sm == 0 ? needed : std::min<int64_t>(needed, int64_t{multiprocessors()} * ctas_per_sm));
+  if (a.norm_w != nullptr) {
+    gemv_kernel<M, true, R, D><<<grid, kWarps * 32, 0, stream>>>(a);
+  } else {
+    gemv_kernel<M, false, R, D><<<grid, kWarps * 32, 0, stream>>>(a);
+  }
+  return check_last_error("gemv");
+}
+
+// The configuration every M uses (from pdserve_gpu_bench's gemv tuning, docs/perf/gpu-kernel-notes.md).
+constexpr int kRows = 2;
+constexpr int kDepth = 1;
+constexpr int kCtasPerSm = 0;
+
+Status check(const GemvArgs& a) {
+  if (a.m < 0 || a.m > kGemvMaxRows) return invalid_argument("gemv: 1 to 8 rows");
+  if (a.k <= 0 || a.k % 8 != 0) return invalid_argument("gemv: K must be a positive multiple of 8");
+  if ((a.norm_w != nullptr) != (a.x != nullptr) || (a.x == nullptr) == (a.xb == nullptr))
+    return invalid_argument("gemv: give float rows with norm weights, or bf16 rows");
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(a.x) || !aligned(a.xb) || !aligned(a.norm_w) || !aligned(a.w))
+    return invalid_argument("gemv: x, w and the norm weights must be 16-byte aligned");
+  return ok_status();
+}
+
+}  // namespace
+
+Status gemv(const GemvArgs& args, StreamHandle stream) {
+  if (args.m == 0 || args.n == 0) return ok_status();
+  PD_RETURN_IF_ERROR(check(args));
+  GemvArgs a = args;
+  if (a.ldy == 0) a.ldy = a.n;
+  switch (a.m) {
+    case 1: return launch<1, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 2: return launch<2, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 3: return launch<3, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 4: return launch<4, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 5: return launch<5, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 6: return launch<6, kRows, kDepth>(a, kCtasPerSm, stream);
+    case 7: return launch<7, kRows, kDepth>(a, kCtasPerSm, stream);
+    default: return launch<8, kRows, kDepth>(a, kCtasPerSm, stream);
+  }
+}
+
+Status gemv_variant(const GemvArgs& args, int rows_per_warp, int depth, int ctas_per_sm,
+                    StreamHandle stream) {
+  if (args.m != 1) return unimplemented("gemv_variant: one row only");
+  PD_RETURN_IF_ERROR(check(args));
+  GemvArgs a = args;
+  if (a.ldy == 0) a.ldy = a.n;
+  if (rows_per_warp == 1 && depth == 2) return launch<1, 1, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 1 && depth == 4) return launch<1, 1, 4>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 1) return launch<1, 2, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 2) return launch<1, 2, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 1) return launch<1, 4, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 2) return launch<1, 4, 2>(a, ctas_per_sm, stream);
+  return unimplemented("gemv_variant: no such variant");
+}
+
+}  // namespace pdserve::cuda

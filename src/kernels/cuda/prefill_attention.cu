@@ -1,0 +1,308 @@
+// Prefill attention on tensor cores (FlashAttention-2 style) over the paged KV cache.
+//
+// A CTA of 4 warps takes 64 query rows of one chunk and one kv head — rows are (token, query head
+// of the kv head's group) pairs, so grouped heads share every K/V tile — and walks the chunk's
+// keys in tiles of 64: K and V tiles are gathered from the cache blocks into shared memory with
+// cp.async (two stages, so the next tile loads while this one is used), S = Q·Kᵀ and O += P·V run
+// as mma.sync m16n8k16 (bf16 in, float accumulation), and the softmax is kept online per row in
+// registers. Each warp owns 16 rows. Causal: row (token t) sees keys [0, first_position + t].
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/ops.h"
+
+namespace pdserve::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 16;
+constexpr int kRows = kWarps * kRowsPerWarp;  // query rows per CTA
+constexpr int kKeys = 64;                     // keys per tile
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared, asynchronously; with `valid` false the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a · b for one m16n8k16 tile (bf16 in, float accumulators).
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
+  const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+  return l | (h << 16);
+}
+
+// A tile row of HEAD_DIM bf16 is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is stored at
+// chunk c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8 different bank groups.
+template <int HEAD_DIM>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * HEAD_DIM + ((chunk ^ (row & 7)) * 8);
+}
+
+template <int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
+  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
+  constexpr int kSteps = HEAD_DIM / 16;  // k-steps of Q·Kᵀ
+  constexpr int kDimTiles = HEAD_DIM / 8;
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* k_tiles = smem;                           // [2][kKeys][HEAD_DIM], swizzled
+  uint16_t* v_tiles = smem + 2 * kKeys * HEAD_DIM;    // [2][kKeys][HEAD_DIM], swizzled
+
+  const int chunk = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const int group = a.num_heads / a.kv.num_kv_heads;
+  const int len = a.chunk_len[chunk];
+  const int rows = len * group;
+  const int row0 = blockIdx.x * kRows;
+  if (row0 >= rows) return;
+  const int first_pos = a.chunk_first_pos[chunk];
+  const int q_start = a.chunk_q_start[chunk];
+  const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
+  const int bs = a.kv.block_size;
+  const int64_t head_block = int64_t{bs} * HEAD_DIM;                  // one head's rows of a block
+  const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  // Keys this CTA needs: up to the last row's limit.
+  const int last_row = min(rows, row0 + kRows) - 1;
+  const int keys_end = first_pos + last_row / group + 1;
+  const int num_tiles = (keys_end + kKeys - 1) / kKeys;
+
+  auto load_tile = [&](int tile, int stage) {
+    // kKeys rows × kChunks chunks for K and for V; each thread takes every kThreads-th chunk.
+    for (int i = threadIdx.x; i < kKeys * kChunks; i += kThreads) {
+      const int r = i / kChunks;
+      const int c = i % kChunks;
+      const int key = tile * kKeys + r;
+      const bool valid = key < keys_end;
+      const int64_t off = valid ? table[key / bs] * block_stride + int64_t{kv_head} * head_block +
+                                      int64_t{key % bs} * HEAD_DIM + c * 8
+                                : 0;
+      cp_async16(k_tiles + stage * kKeys * HEAD_DIM + swizzle<HEAD_DIM>(r, c), a.kv.k + off, valid);
+      cp_async16(v_tiles + stage * kKeys * HEAD_DIM + swizzle<HEAD_DIM>(r, c), a.kv.v + off, valid);
+    }
+    cp_async_commit();
+  };
+  load_tile(0, 0);
+
+  // This warp's 16 rows: lane holds rows r_lo = lane/4 and r_hi = lane/4 + 8 of them.
+  const int wrow = row0 + warp * kRowsPerWarp;
+  const int r_lo = wrow + lane / 4;
+  const int r_hi = r_lo + 8;
+  // Keys each row sees (0 for padding rows past the chunk).
+  const int limit_lo = r_lo < rows ? first_pos + r_lo / group + 1 : 0;
+  const int limit_hi = r_hi < rows ? first_pos + r_hi / group + 1 : 0;
+
+  // Q fragments (A operand, 16 × HEAD_DIM), straight from global memory.
+  uint32_t qf[kSteps][4];
+  {
+    auto q_ptr = [&](int r) -> const uint16_t* {
+      const int token = r / group;
+      const int head = kv_head * group + r % group;
+      return a.q + int64_t{q_start + token} * q_stride + int64_t{head} * HEAD_DIM;
+    };
+    const uint16_t* q_lo = r_lo < rows ? q_ptr(r_lo) : nullptr;
+    const uint16_t* q_hi = r_hi < rows ? q_ptr(r_hi) : nullptr;
+    const int col = (lane % 4) * 2;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      auto ld = [&](const uint16_t* p, int c) {
+        return p != nullptr ? *reinterpret_cast<const uint32_t*>(p + c) : 0u;
+      };
+      qf[s][0] = ld(q_lo, s * 16 + col);
+      qf[s][1] = ld(q_hi, s * 16 + col);
+      qf[s][2] = ld(q_lo, s * 16 + col + 8);
+      qf[s][3] = ld(q_hi, s * 16 + col + 8);
+    }
+  }
+
+  const float scale_log2 = a.scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0, l_hi = 0;
+  float o[kDimTiles][4];
+#pragma unroll
+  for (int t = 0; t < kDimTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile & 1;
+    if (tile + 1 < num_tiles) {
+      load_tile(tile + 1, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const uint16_t* kt = k_tiles + stage * kKeys * HEAD_DIM;
+    const uint16_t* vt = v_tiles + stage * kKeys * HEAD_DIM;
+
+    // S = Q · Kᵀ: 16 rows × 64 keys as 8 n-tiles of 8 keys.
+    float s[kKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+      for (int n2 = 0; n2 < kKeys / 16; ++n2) {
+        // Four 8×8 matrices: keys n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15).
+        const int mat = lane / 8;
+        const int key = n2 * 16 + (mat / 2) * 8 + lane % 8;
+        const int chunk = ks * 2 + mat % 2;
+        uint32_t b[4];
+        ldmatrix_x4(b, kt + swizzle<HEAD_DIM>(key, chunk));
+        mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
+        mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
+      }
+    }
+
+    // Mask, then the online softmax of rows lo and hi.
+    const int key0 = tile * kKeys + (lane % 4) * 2;
+    float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + n * 8 + e;
+        s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
+        tmax_lo = fmaxf(tmax_lo, s[n][e]);
+        tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
+      tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
+    }
+    const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
+    // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
+    const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
+    const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
+    const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0, sum_hi = 0;
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+      s[n][0] = exp2f(s[n][0] - base_lo);
+      s[n][1] = exp2f(s[n][1] - base_lo);
+      s[n][2] = exp2f(s[n][2] - base_hi);
+      s[n][3] = exp2f(s[n][3] - base_hi);
+      sum_lo += s[n][0] + s[n][1];
+      sum_hi += s[n][2] + s[n][3];
+    }
+    l_lo = l_lo * corr_lo + sum_lo;  // per-thread partial sums; the quad is summed at the end
+    l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+    for (int t = 0; t < kDimTiles; ++t) {
+      o[t][0] *= corr_lo;
+      o[t][1] *= corr_lo;
+      o[t][2] *= corr_hi;
+      o[t][3] *= corr_hi;
+    }
+
+    // O += P · V: P as the A operand (16 rows × 16 keys per k-step, from two S n-tiles).
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t p[4];
+      p[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+      p[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+      p[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
+        // Four 8×8 matrices, transposed: keys kk·16 + (0..7 | 8..15) × dims d2·16 + (0..7 | 8..15).
+        const int mat = lane / 8;
+        const int key = kk * 16 + (mat % 2) * 8 + lane % 8;
+        const int chunk = d2 * 2 + mat / 2;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vt + swizzle<HEAD_DIM>(key, chunk));
+        mma_bf16(o[2 * d2], p, b[0], b[1]);
+        mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the stage is refilled two tiles from now
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off *= 2) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  auto store = [&](int r, int half, float l) {
+    if (r >= rows) return;
+    const int token = r / group;
+    const int head = kv_head * group + r % group;
+    uint16_t* out = a.out + (int64_t{q_start + token} * a.num_heads + head) * HEAD_DIM + (lane % 4) * 2;
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int t = 0; t < kDimTiles; ++t)
+      *reinterpret_cast<uint32_t*>(out + t * 8) = pack_bf16x2(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+  };
+  store(r_lo, 0, l_lo);
+  store(r_hi, 1, l_hi);
+}
+
+template <int HEAD_DIM>
+Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
+  const size_t smem = sizeof(uint16_t) * 4 * kKeys * HEAD_DIM;  // K and V, two stages
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (attr != cudaSuccess) return internal_error("prefill_attention: cannot reserve shared memory");
+  const int group = a.num_heads / a.kv.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
+                  static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
+  prefill_attention_kernel<HEAD_DIM><<<grid, kThreads, smem, stream>>>(a);
+  return check_last_error("prefill_attention");
+}
+
+}  // namespace
+
+Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
+  if (a.num_chunks == 0 || a.max_chunk_len == 0) return ok_status();
+  const PagedKv& kv = a.kv;
+  if (kv.num_kv_heads <= 0 || a.num_heads % kv.num_kv_heads != 0)
+    return invalid_argument("prefill_attention: num_heads must be a positive multiple of num_kv_heads");
+  if (kv.head_dim != 64 && kv.head_dim != 128) return unimplemented("prefill_attention: head_dim must be 64 or 128");
+  if (kv.block_size <= 0) return invalid_argument("prefill_attention: block_size must be positive");
+  if (a.num_chunks > 65535) return invalid_argument("prefill_attention: more than 65535 chunks in one call");
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
+  if (q_stride % 2 != 0 || reinterpret_cast<uintptr_t>(a.q) % 4 != 0 || reinterpret_cast<uintptr_t>(a.out) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
+    return invalid_argument("prefill_attention: q and out must be 4-byte aligned, k and v 16-byte aligned");
+  if (kv.head_dim == 64) return launch<64>(a, stream);
+  return launch<128>(a, stream);
+}
+
+}  // namespace pdserve::cuda
