@@ -102,6 +102,7 @@ struct CudaLlamaModel::Impl {
 
   std::optional<cuda::Stream> stream;
   std::optional<cuda::Blas> blas;
+  int multiprocessors = 132;
 
   // Scratch, grown as batches grow.
   int64_t capacity_tokens = 0;
@@ -157,6 +158,9 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
   auto blas = cuda::Blas::create();
   if (!blas.ok()) return blas.status();
   impl->blas.emplace(std::move(*blas));
+  auto info = cuda::device_info(options.device);
+  if (!info.ok()) return info.status();
+  impl->multiprocessors = info->multiprocessors;
 
   const int64_t d = c.hidden_size, qkv = c.q_dim() + 2 * int64_t{c.kv_dim()}, ffn = c.ffn_size;
   impl->layers.resize(static_cast<size_t>(c.num_layers));
@@ -500,9 +504,12 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int32_t* d_tokens = im.meta.as<int32_t>();
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
-  // One token per chunk: the split-KV decode kernel; otherwise the tensor-core prefill kernel
-  // (which takes any decode tokens in the batch along).
-  const bool decode_only = shape.max_chunk == 1;
+  // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
+  // pairs to fill the GPU twice over and the sequences are short, where the tensor-core kernel
+  // (one CTA a pair, over all its keys, one warp busy) is faster (docs/perf/gpu-kernel-notes.md).
+  // Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
+  const bool wide_and_short = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors} && shape.max_len <= 2048;
+  const bool decode_only = shape.max_chunk == 1 && !wide_and_short;
   cuda::PrefillAttentionArgs prefill;
   prefill.q = im.q.as<uint16_t>();
   prefill.num_heads = c.num_heads;

@@ -303,6 +303,49 @@ TEST_F(CudaModelTest, DecodeStepsReplayedAsGraphsMatchEagerOnes) {
   EXPECT_LE(worst, kChunkTolerance);
 }
 
+TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleSteps) {
+  // 96 sequences × 3 kv heads fill the GPU: their decode step takes the tensor-core attention
+  // kernel; one sequence alone takes the split-KV kernel.
+  auto fx = load_fixtures();
+  const int32_t vocab = cpu_->config().vocab_size;
+  const int32_t n = 96;
+  std::vector<std::vector<int32_t>> prompts(n), tables(n);
+  std::vector<int32_t> all_tokens;
+  ForwardBatch prefill;
+  for (int32_t i = 0; i < n; ++i) {
+    prompts[i] = fx["cases"][i % 22]["tokens"].get<std::vector<int32_t>>();
+    all_tokens.insert(all_tokens.end(), prompts[i].begin(), prompts[i].end());
+  }
+  prefill.tokens = all_tokens;
+  for (int32_t i = 0; i < n; ++i) {
+    // Sequence i gets blocks 2i+1, 2i+2 and 300+i (prompts are at most 41 tokens).
+    tables[i] = {2 * i + 1, 2 * i + 2, 300 + i};
+    prefill.chunks.push_back({0, static_cast<int32_t>(prompts[i].size()), tables[i], false});
+  }
+  ASSERT_TRUE(gpu_->forward(prefill, nullptr).ok());
+  std::vector<int32_t> next(n, 42);
+  ForwardBatch step;
+  step.tokens = next;
+  for (int32_t i = 0; i < n; ++i)
+    step.chunks.push_back({static_cast<int32_t>(prompts[i].size()), 1, tables[i], true});
+  std::vector<float> wide(static_cast<size_t>(n) * vocab);
+  ASSERT_TRUE(gpu_->forward(step, wide.data()).ok());
+  double worst = 0;
+  for (int32_t i : {0, 1, 17, 95}) {
+    ForwardBatch one;
+    one.tokens = std::span<const int32_t>(next).subspan(static_cast<size_t>(i), 1);
+    one.chunks.push_back({static_cast<int32_t>(prompts[i].size()), 1, tables[i], true});
+    std::vector<float> alone(static_cast<size_t>(vocab));
+    ASSERT_TRUE(gpu_->forward(one, alone.data()).ok());
+    worst =
+        std::max(worst, centered_max_diff(wide.data() + static_cast<size_t>(i) * vocab, alone.data(), vocab));
+  }
+  std::printf(
+      "a 96-sequence decode step vs the same sequences alone: largest centered logit difference %.4f\n",
+      worst);
+  EXPECT_LE(worst, kChunkTolerance);
+}
+
 TEST_F(CudaModelTest, RefusesWhatItCannotRun) {
   std::vector<int32_t> tokens = {1, 2, 3};
   std::vector<int32_t> table = {0};

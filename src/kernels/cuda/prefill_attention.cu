@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   constexpr int kSteps = HEAD_DIM / 16;  // k-steps of Q·Kᵀ
   constexpr int kDimTiles = HEAD_DIM / 8;
   extern __shared__ __align__(128) uint16_t smem[];
-  uint16_t* k_tiles = smem;                           // [2][kKeys][HEAD_DIM], swizzled
-  uint16_t* v_tiles = smem + 2 * kKeys * HEAD_DIM;    // [2][kKeys][HEAD_DIM], swizzled
+  uint16_t* k_tiles = smem;                         // [2][kKeys][HEAD_DIM], swizzled
+  uint16_t* v_tiles = smem + 2 * kKeys * HEAD_DIM;  // [2][kKeys][HEAD_DIM], swizzled
 
   const int chunk = blockIdx.z;
   const int kv_head = blockIdx.y;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
   const int bs = a.kv.block_size;
-  const int64_t head_block = int64_t{bs} * HEAD_DIM;                  // one head's rows of a block
+  const int64_t head_block = int64_t{bs} * HEAD_DIM;  // one head's rows of a block
   const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   // Keys each row sees (0 for padding rows past the chunk).
   const int limit_lo = r_lo < rows ? first_pos + r_lo / group + 1 : 0;
   const int limit_hi = r_hi < rows ? first_pos + r_hi / group + 1 : 0;
+  const bool warp_active = wrow < rows;
 
   // Q fragments (A operand, 16 × HEAD_DIM), straight from global memory.
   uint32_t qf[kSteps][4];
@@ -166,6 +167,12 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
     __syncthreads();
     const uint16_t* kt = k_tiles + stage * kKeys * HEAD_DIM;
     const uint16_t* vt = v_tiles + stage * kKeys * HEAD_DIM;
+    // A warp whose 16 rows are all past the chunk (decode tokens: a group's few rows) only helps
+    // load the tiles.
+    if (!warp_active) {
+      __syncthreads();
+      continue;
+    }
 
     // S = Q · Kᵀ: 16 rows × 64 keys as 8 n-tiles of 8 keys.
     float s[kKeys / 8][4];
@@ -277,8 +284,9 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 template <int HEAD_DIM>
 Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   const size_t smem = sizeof(uint16_t) * 4 * kKeys * HEAD_DIM;  // K and V, two stages
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
   if (attr != cudaSuccess) return internal_error("prefill_attention: cannot reserve shared memory");
   const int group = a.num_heads / a.kv.num_kv_heads;
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
@@ -294,12 +302,14 @@ Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
   const PagedKv& kv = a.kv;
   if (kv.num_kv_heads <= 0 || a.num_heads % kv.num_kv_heads != 0)
     return invalid_argument("prefill_attention: num_heads must be a positive multiple of num_kv_heads");
-  if (kv.head_dim != 64 && kv.head_dim != 128) return unimplemented("prefill_attention: head_dim must be 64 or 128");
+  if (kv.head_dim != 64 && kv.head_dim != 128)
+    return unimplemented("prefill_attention: head_dim must be 64 or 128");
   if (kv.block_size <= 0) return invalid_argument("prefill_attention: block_size must be positive");
   if (a.num_chunks > 65535) return invalid_argument("prefill_attention: more than 65535 chunks in one call");
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
-  if (q_stride % 2 != 0 || reinterpret_cast<uintptr_t>(a.q) % 4 != 0 || reinterpret_cast<uintptr_t>(a.out) % 4 != 0 ||
-      reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
+  if (q_stride % 2 != 0 || reinterpret_cast<uintptr_t>(a.q) % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(a.out) % 4 != 0 || reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
     return invalid_argument("prefill_attention: q and out must be 4-byte aligned, k and v 16-byte aligned");
   if (kv.head_dim == 64) return launch<64>(a, stream);
   return launch<128>(a, stream);
