@@ -224,6 +224,150 @@ std::string model_section(const std::string& name, bool quick, double copy_gbps,
 
 // Three decode steps, kernels launched one by one, the third between profiler_start() and
 // profiler_stop(): for a profiler.
+int write_json(const std::string& path, const Json& out) {
+  if (path.empty()) return 0;
+  FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr) {
+    std::fprintf(stderr, "pdserve_gpu_bench: cannot write %s\n", path.c_str());
+    return 1;
+  }
+  std::fprintf(f, "%s\n", out.str().c_str());
+  std::fclose(f);
+  return 0;
+}
+
+// One request's KV from GPU 0 to GPU 1: Llama-3.1-8B's 32 layers × 8 kv heads × 128, 4096 tokens
+// (512 MiB) in 16-token blocks, each side its own shuffled block table. Times, as a share of the
+// measured cudaMemcpyPeer bandwidth: the sender's gather into its contiguous buffer; the
+// receiver's RecvScatter kernel reading that buffer over the link (what CUDA IPC gives a process);
+// a peer copy into a local buffer then a local scatter; and the block-fixed baseline, one copy and
+// one confirmation (the sender waits for it) per block and layer, K and V. Checks the bytes.
+std::string transfer_section(double peer_gbps, bool quick) {
+  const int reps = quick ? 3 : 7;
+  PagedKvCache geo;
+  geo.num_layers = 32;
+  geo.block_size = 16;
+  geo.num_kv_heads = 8;
+  geo.head_dim = 128;
+  const int64_t tokens = quick ? 1024 : 4096;
+  const int32_t used = static_cast<int32_t>(tokens / geo.block_size), pool = used + 44;
+  geo.layer_stride = 2 * int64_t{pool} * geo.block_size * geo.row_values();
+  geo.v_offset = geo.layer_stride / 2;
+  const size_t cache_bytes = static_cast<size_t>(geo.layer_stride * geo.num_layers * 2);
+  const size_t wire_bytes = static_cast<size_t>(geo.bytes(tokens));
+  std::vector<int32_t> table0(pool), table1(pool);
+  std::iota(table0.begin(), table0.end(), 0);
+  std::iota(table1.begin(), table1.end(), 0);
+  std::shuffle(table0.begin(), table0.end(), std::mt19937(1));
+  std::shuffle(table1.begin(), table1.end(), std::mt19937(2));
+  table0.resize(used);
+  table1.resize(used);
+
+  CHECK_OK(set_device(0));
+  Stream s0 = value_or_die(Stream::create(), "stream");
+  DeviceBuffer cache0 = value_or_die(DeviceBuffer::allocate(cache_bytes), "allocate");
+  DeviceBuffer wire0 = value_or_die(DeviceBuffer::allocate(wire_bytes), "allocate");
+  DeviceBuffer dtable0 = value_or_die(DeviceBuffer::allocate(table0.size() * 4), "allocate");
+  CHECK_OK(copy_to_device(dtable0.data(), table0.data(), table0.size() * 4));
+  CHECK_OK(
+      fill_uniform_bf16(cache0.as<uint16_t>(), static_cast<int64_t>(cache_bytes / 2), 0, 1, 5, s0.get()));
+  PagedKvCache c0 = geo;
+  c0.base = cache0.as<uint16_t>();
+
+  CHECK_OK(set_device(1));
+  Stream s1 = value_or_die(Stream::create(), "stream");
+  DeviceBuffer cache1 = value_or_die(DeviceBuffer::allocate(cache_bytes), "allocate");
+  DeviceBuffer staging1 = value_or_die(DeviceBuffer::allocate(wire_bytes), "allocate");
+  DeviceBuffer dtable1 = value_or_die(DeviceBuffer::allocate(table1.size() * 4), "allocate");
+  CHECK_OK(copy_to_device(dtable1.data(), table1.data(), table1.size() * 4));
+  PagedKvCache c1 = geo;
+  c1.base = cache1.as<uint16_t>();
+
+  // Verifies GPU 1's cache against the sender's wire buffer (gathered back on GPU 1).
+  auto verify = [&](const char* what) {
+    CHECK_OK(set_device(1));
+    CHECK_OK(fill_bytes(staging1.data(), 0, wire_bytes, s1.get()));
+    CHECK_OK(gather_kv(c1, dtable1.as<int32_t>(), tokens, staging1.as<uint16_t>(), s1.get()));
+    CHECK_OK(s1.synchronize());
+    std::vector<uint8_t> want(wire_bytes), got(wire_bytes);
+    CHECK_OK(copy_to_host(want.data(), wire0.data(), wire_bytes));
+    CHECK_OK(copy_to_host(got.data(), staging1.data(), wire_bytes));
+    if (want != got) {
+      std::fprintf(stderr, "pdserve_gpu_bench: %s delivered wrong KV bytes\n", what);
+      std::exit(1);
+    }
+  };
+
+  CHECK_OK(set_device(0));
+  const double gather_ms = median_ms(2, reps, s0.get(), [&] {
+    CHECK_OK(gather_kv(c0, dtable0.as<int32_t>(), tokens, wire0.as<uint16_t>(), s0.get()));
+  });
+  CHECK_OK(s0.synchronize());
+
+  CHECK_OK(set_device(1));
+  CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
+  const double direct_ms = median_ms(2, reps, s1.get(), [&] {
+    CHECK_OK(scatter_kv(wire0.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
+  });
+  verify("RecvScatter over the link");
+
+  CHECK_OK(set_device(1));
+  CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
+  const double copy_ms = median_ms(2, reps, s1.get(), [&] {
+    CHECK_OK(copy_peer(staging1.data(), 1, wire0.data(), 0, wire_bytes, s1.get()));
+  });
+  const double scatter_ms = median_ms(2, reps, s1.get(), [&] {
+    CHECK_OK(scatter_kv(staging1.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
+  });
+  const double copy_scatter_ms = median_ms(2, reps, s1.get(), [&] {
+    CHECK_OK(copy_peer(staging1.data(), 1, wire0.data(), 0, wire_bytes, s1.get()));
+    CHECK_OK(scatter_kv(staging1.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
+  });
+  verify("peer copy + scatter");
+
+  // Block-fixed: for each block and layer, K then V of that block (all kv heads: one contiguous
+  // piece in this layout) straight from cache to cache, then the sender waits for it.
+  CHECK_OK(set_device(1));
+  CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
+  CHECK_OK(s1.synchronize());
+  const size_t piece = static_cast<size_t>(geo.block_size * geo.row_values() * 2);
+  auto block_fixed = [&] {
+    for (int32_t b = 0; b < used; ++b) {
+      for (int32_t l = 0; l < geo.num_layers; ++l) {
+        for (int kv = 0; kv < 2; ++kv) {
+          const int64_t off0 = l * geo.layer_stride + kv * geo.v_offset +
+                               int64_t{table0[b]} * geo.block_size * geo.row_values();
+          const int64_t off1 = l * geo.layer_stride + kv * geo.v_offset +
+                               int64_t{table1[b]} * geo.block_size * geo.row_values();
+          CHECK_OK(copy_peer(c1.base + off1, 1, c0.base + off0, 0, piece, s1.get()));
+        }
+        CHECK_OK(s1.synchronize());  // the confirmation of this (block, layer)
+      }
+    }
+  };
+  const double fixed_ms = median_wall_ms(1, quick ? 2 : 3, block_fixed);
+  verify("block-fixed");
+
+  auto share = [&](double ms) { return 100.0 * wire_bytes / (ms * 1e-3) / (peer_gbps * 1e9); };
+  std::printf(
+      "KV transfer %zu MiB GPU0 -> GPU1 (peer copy %.0f GB/s): gather %.3f ms; RecvScatter over the link "
+      "%.3f ms (%.0f%%); peer copy %.3f ms (%.0f%%) + scatter %.3f ms = %.3f ms together (%.0f%%); "
+      "block-fixed %.2f ms (%.0f%%)\n",
+      wire_bytes >> 20, peer_gbps, gather_ms, direct_ms, share(direct_ms), copy_ms, share(copy_ms),
+      scatter_ms, copy_scatter_ms, share(copy_scatter_ms), fixed_ms, share(fixed_ms));
+  Json j;
+  j.add("bytes", static_cast<double>(wire_bytes));
+  j.add("peer_gbps", peer_gbps);
+  j.add("gather_ms", gather_ms);
+  j.add("recv_scatter_ms", direct_ms);
+  j.add("peer_copy_ms", copy_ms);
+  j.add("local_scatter_ms", scatter_ms);
+  j.add("copy_then_scatter_ms", copy_scatter_ms);
+  j.add("block_fixed_ms", fixed_ms);
+  CHECK_OK(set_device(0));
+  return j.str();
+}
+
 int profile_decode(const std::string& name, int32_t batch, int32_t ctx) {
   const int32_t bs = 16, per_seq = ctx / bs + 1;
   CudaModelOptions options{0, batch * per_seq, bs, false};
@@ -255,6 +399,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0;
+  bool transfer_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -262,6 +407,8 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       model_name = argv[++i];
+    } else if (std::strcmp(argv[i], "--transfer-only") == 0) {
+      transfer_only = true;
     } else if (std::strcmp(argv[i], "--no-model") == 0) {
       model_name.clear();
     } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
@@ -279,6 +426,7 @@ int main(int argc, char** argv) {
           "  --model NAME  the model of the decode and prefill figures (default\n"
           "                synthetic:llama-3.1-8b; also synthetic:qwen2.5-7b, synthetic:smollm2-1.7b)\n"
           "  --no-model    only the ceilings and the attention kernel\n"
+          "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n");
       return 2;
@@ -301,7 +449,7 @@ int main(int argc, char** argv) {
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;
 
-  // 1. Copy bandwidth: far larger than L2.
+  // 1. Copy bandwidth: far larger than L2 (needed by the sections after the transfer).
   const size_t copy_bytes = quick ? (size_t{256} << 20) : (size_t{2} << 30);
   double copy_gbps = 0;
   {
@@ -357,6 +505,17 @@ int main(int argc, char** argv) {
                 bytes / (ms01 * 1e-3) / 1e9, ms10, bytes / (ms10 * 1e-3) / 1e9);
     out.add("peer_gbps_0to1", bytes / (ms01 * 1e-3) / 1e9);
     out.add("peer_gbps_1to0", bytes / (ms10 * 1e-3) / 1e9);
+    a = DeviceBuffer();
+    b = DeviceBuffer();
+    if (peer10.ok()) {
+      out.add_raw("kv_transfer", transfer_section(bytes / (ms01 * 1e-3) / 1e9, quick));
+    } else {
+      std::printf("KV transfer between GPUs skipped: GPU 1 cannot read GPU 0's memory\n");
+    }
+  }
+  if (transfer_only) {
+    CHECK_OK(synchronize());
+    return write_json(json_path, out);
   }
 
   // 4. Matrix-vector products at one row (a batch-1 decode step's projections), as a share of the
@@ -505,14 +664,5 @@ int main(int argc, char** argv) {
   if (!model_name.empty()) out.add_raw("model", model_section(model_name, quick, copy_gbps, gemm_tflops));
 
   CHECK_OK(synchronize());
-  if (!json_path.empty()) {
-    FILE* f = std::fopen(json_path.c_str(), "w");
-    if (f == nullptr) {
-      std::fprintf(stderr, "pdserve_gpu_bench: cannot write %s\n", json_path.c_str());
-      return 1;
-    }
-    std::fprintf(f, "%s\n", out.str().c_str());
-    std::fclose(f);
-  }
-  return 0;
+  return write_json(json_path, out);
 }

@@ -383,6 +383,58 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
   EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "more than 8 rows";
 }
 
+TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {
+  SEED_TRACE();
+  PagedKvCache c;
+  c.num_layers = 3;
+  c.block_size = 16;
+  c.num_kv_heads = 2;
+  c.head_dim = 64;
+  const int32_t blocks = 12;
+  const int64_t layer_values = 2 * int64_t{blocks} * c.block_size * c.row_values();
+  c.layer_stride = layer_values;
+  c.v_offset = layer_values / 2;
+  const int64_t tokens = 77;  // 5 blocks, the last partly filled
+  std::vector<int32_t> src_table = {9, 2, 11, 0, 5}, dst_table = {3, 10, 1, 7, 4};
+  std::vector<float> unused;
+  std::vector<uint16_t> src = randn_bf16(c.num_layers * layer_values, &unused);
+  auto dsrc = upload(src), dst = poisoned<uint16_t>(c.num_layers * layer_values);
+  auto dsrc_table = upload(src_table), ddst_table = upload(dst_table);
+  auto wire = poisoned<uint16_t>(c.bytes(tokens) / 2), wire2 = poisoned<uint16_t>(c.bytes(tokens) / 2);
+  PagedKvCache a = c, b = c;
+  a.base = dsrc.as<uint16_t>();
+  b.base = dst.as<uint16_t>();
+  ASSERT_TRUE(gather_kv(a, dsrc_table.as<int32_t>(), tokens, wire.as<uint16_t>(), nullptr).ok());
+  ASSERT_TRUE(scatter_kv(wire.as<uint16_t>(), b, ddst_table.as<int32_t>(), tokens, nullptr).ok());
+  ASSERT_TRUE(gather_kv(b, ddst_table.as<int32_t>(), tokens, wire2.as<uint16_t>(), nullptr).ok());
+  std::vector<uint16_t> w = download<uint16_t>(wire, c.bytes(tokens) / 2);
+  std::vector<uint16_t> w2 = download<uint16_t>(wire2, c.bytes(tokens) / 2);
+  std::vector<uint16_t> out = download<uint16_t>(dst, c.num_layers * layer_values);
+  // The wire: layer by layer, K then V, token rows of heads × head_dim.
+  int64_t i = 0;
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        for (int32_t h = 0; h < c.num_kv_heads; ++h) {
+          for (int32_t d = 0; d < c.head_dim; ++d, ++i) {
+            const int64_t off = l * c.layer_stride + kv * c.v_offset +
+                                ((int64_t{src_table[t / c.block_size]} * c.num_kv_heads + h) * c.block_size +
+                                 t % c.block_size) *
+                                    c.head_dim +
+                                d;
+            ASSERT_EQ(w[i], src[off]) << "layer " << l << " kv " << kv << " token " << t << " head " << h;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(w, w2) << "scatter then gather gives the wire back";
+  // Blocks the destination table does not name stay untouched.
+  for (int32_t blk : {0, 2, 5, 6, 8, 9, 11}) {
+    ASSERT_EQ(out[static_cast<size_t>(blk) * c.num_kv_heads * c.block_size * c.head_dim], 0xFFFF) << blk;
+  }
+}
+
 TEST_F(CudaKernels, WriteKvScattersIntoSlots) {
   SEED_TRACE();
   PagedKv kv{nullptr, nullptr, 16, 2, 64};

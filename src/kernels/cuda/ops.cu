@@ -241,6 +241,44 @@ __global__ void fill_uniform_f32_kernel(float* x, int64_t n, float mean, float s
     x[i] = mean + scale * uniform_at(seed, i);
 }
 
+// One thread per 16-byte piece of the wire: (layer, K|V, token, 8 values of a row).
+template <bool kToWire>
+__global__ void move_kv_kernel(PagedKvCache c, const int32_t* __restrict__ table, int64_t tokens,
+                               uint16_t* __restrict__ wire) {
+  const int64_t pieces_per_row = int64_t{c.num_kv_heads} * c.head_dim / 8;
+  const int64_t total = 2 * int64_t{c.num_layers} * tokens * pieces_per_row;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t piece = i % pieces_per_row;
+    const int64_t t = i / pieces_per_row % tokens;
+    const int64_t kv = i / pieces_per_row / tokens % 2;
+    const int64_t layer = i / pieces_per_row / tokens / 2;
+    const int64_t head = piece * 8 / c.head_dim;
+    const int64_t dim = piece * 8 % c.head_dim;
+    const int64_t cache_off =
+        layer * c.layer_stride + kv * c.v_offset +
+        ((int64_t{table[t / c.block_size]} * c.num_kv_heads + head) * c.block_size + t % c.block_size) *
+            c.head_dim +
+        dim;
+    uint4* cache_p = reinterpret_cast<uint4*>(c.base + cache_off);
+    uint4* wire_p = reinterpret_cast<uint4*>(wire + i * 8);
+    if constexpr (kToWire) {
+      *wire_p = *cache_p;
+    } else {
+      *cache_p = *wire_p;
+    }
+  }
+}
+
+Status check_move_kv(const PagedKvCache& c, const void* wire) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (c.head_dim <= 0 || c.head_dim % 8 != 0 || c.block_size <= 0 || c.num_kv_heads <= 0 || c.num_layers <= 0)
+    return invalid_argument("KV move: head_dim must be a positive multiple of 8, the other sizes positive");
+  if (!aligned(c.base) || !aligned(wire) || c.layer_stride % 8 != 0 || c.v_offset % 8 != 0)
+    return invalid_argument("KV move: the cache and the wire buffer must be 16-byte aligned");
+  return ok_status();
+}
+
 __global__ void write_kv_kernel(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride,
                                 const int32_t* slots, int64_t tokens, PagedKv kv) {
   const int64_t width = int64_t{kv.num_kv_heads} * kv.head_dim;
@@ -620,6 +658,26 @@ Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t s
   fill_uniform_f32_kernel<<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, stream>>>(x, n, mean,
                                                                                               scale, seed);
   return check_last_error("fill_uniform_f32");
+}
+
+Status gather_kv(const PagedKvCache& cache, const int32_t* block_table, int64_t tokens, uint16_t* wire,
+                 StreamHandle stream) {
+  if (tokens <= 0) return ok_status();
+  PD_RETURN_IF_ERROR(check_move_kv(cache, wire));
+  const int64_t pieces = cache.bytes(tokens) / 16;
+  move_kv_kernel<true><<<std::min<unsigned>(blocks_for(pieces, 256), 8192u), 256, 0, stream>>>(
+      cache, block_table, tokens, wire);
+  return check_last_error("gather_kv");
+}
+
+Status scatter_kv(const uint16_t* wire, const PagedKvCache& cache, const int32_t* block_table, int64_t tokens,
+                  StreamHandle stream) {
+  if (tokens <= 0) return ok_status();
+  PD_RETURN_IF_ERROR(check_move_kv(cache, wire));
+  const int64_t pieces = cache.bytes(tokens) / 16;
+  move_kv_kernel<false><<<std::min<unsigned>(blocks_for(pieces, 256), 8192u), 256, 0, stream>>>(
+      cache, block_table, tokens, const_cast<uint16_t*>(wire));
+  return check_last_error("scatter_kv");
 }
 
 Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,

@@ -63,6 +63,32 @@ struct PagedKv {
 Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stride, const int32_t* slots,
                 int64_t tokens, const PagedKv& kv, StreamHandle stream);
 
+// A whole paged KV cache: layer l's K blocks at base + l·layer_stride, its V blocks v_offset values
+// further, each laid out as PagedKv says ([block][kv head][row][head_dim], bf16).
+struct PagedKvCache {
+  uint16_t* base = nullptr;
+  int32_t num_layers = 0;
+  int64_t layer_stride = 0;  // values
+  int64_t v_offset = 0;      // values
+  int32_t block_size = 16;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int64_t row_values() const { return int64_t{num_kv_heads} * head_dim; }
+  // Bytes of `tokens` tokens' K and V, all layers: what one request's KV is on the wire.
+  int64_t bytes(int64_t tokens) const { return 2 * int64_t{num_layers} * tokens * row_values() * 2; }
+};
+
+// The KV of one sequence's first `tokens` tokens, whose blocks are block_table (device memory),
+// between the paged cache and one contiguous buffer in the wire order of the KV transfer (layer by
+// layer, K then V, token rows of num_kv_heads × head_dim; docs/decisions/kv-wire.md).
+// gather_kv fills `wire` from the cache; scatter_kv writes the cache from `wire`, which may be
+// another GPU's memory (peer access) — the RecvScatter of a transfer. 16-byte aligned buffers,
+// head_dim a multiple of 8.
+Status gather_kv(const PagedKvCache& cache, const int32_t* block_table, int64_t tokens, uint16_t* wire,
+                 StreamHandle stream);
+Status scatter_kv(const uint16_t* wire, const PagedKvCache& cache, const int32_t* block_table, int64_t tokens,
+                  StreamHandle stream);
+
 // Rotary embedding and the KV-cache write of one layer, fused. Row r of qkv (float, ld values
 // apart) holds the projections q | k | v (num_heads, then 2 × kv.num_kv_heads heads of
 // kv.head_dim), to which bias (that many floats) is added when not null. q and k are rotated by
