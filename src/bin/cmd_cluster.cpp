@@ -92,12 +92,29 @@ int run_instance(void* p) {
   PD_LOG_INFO("instance: {} role, listening on http://{}:{}; loading {}", a.role, a.host, server->port(),
               a.model);
 
-  StatusOr<LoadedModel> loaded = load_model(a.model, /*weights=*/true);
+  StatusOr<DeviceChoice> device = parse_device(a.engine.device);
+  if (!device.ok()) {
+    fmt::print(stderr, "error: {}\n", device.status().message());
+    return 2;
+  }
+  if (device->cuda && role != EngineRole::kMixed) {
+    fmt::print(
+        stderr,
+        "error: --device cuda needs --role mixed: prefill and decode instances move the KV cache between "
+        "host buffers, and the GPU KV transport between instances is not built yet\n");
+    return 2;
+  }
+  StatusOr<LoadedModel> loaded = load_model_for(a.model, *device);
   if (!loaded.ok()) {
     fmt::print(stderr, "error: {}\n", loaded.status().message());
     return 1;
   }
-  const ModelConfig& cfg = loaded->model->config();
+  StatusOr<ModelConfig> config = ModelConfig::from_gguf(*loaded->file);
+  if (!config.ok()) {
+    fmt::print(stderr, "error: {}\n", config.status().message());
+    return 1;
+  }
+  const ModelConfig& cfg = *config;
   StatusOr<EngineOptions> options = engine_options(a.engine, cfg);
   if (!options.ok()) {
     fmt::print(stderr, "error: {}\n", options.status().message());
@@ -132,7 +149,12 @@ int run_instance(void* p) {
     return 2;
   }
   ThreadPool pool(a.engine.threads);
-  auto engine = std::make_unique<Engine>(*loaded->model, *loaded->tokenizer, pool, eo);
+  StatusOr<std::unique_ptr<ModelExecutor>> executor = make_executor(*device, *loaded, pool, eo);
+  if (!executor.ok()) {
+    fmt::print(stderr, "error: {}\n", executor.status().message());
+    return executor.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  auto engine = std::make_unique<Engine>(std::move(executor).value(), *loaded->tokenizer, eo);
   const std::string token = internal_token_or_env(a.internal_token);
   if (token.empty()) {
     PD_LOG_WARN("instance: no --internal-token: anyone who reaches {}:{} may submit requests and release KV",
@@ -142,8 +164,8 @@ int run_instance(void* p) {
   service.store(&instance_service);
   set_loading(false);
   PD_LOG_INFO(
-      "instance: ready: {} role, KV cache {} blocks x {} tokens ({}){}", a.role, eo.num_blocks, eo.block_size,
-      format_bytes(engine->kv_bytes()),
+      "instance: ready: {} role on {}, KV cache {} blocks x {} tokens ({}){}", a.role, engine->device(),
+      eo.num_blocks, eo.block_size, format_bytes(engine->kv_bytes()),
       transport.pool ? fmt::format(", KV send pool at {}", transport.pool->endpoint()) : std::string());
 
   while (signals_received() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));

@@ -19,7 +19,7 @@ namespace pdserve {
 namespace {
 
 struct ServeArgs {
-  std::string mode = "disaggregated";
+  std::string mode;  // empty: disaggregated on the CPU, aggregated on a GPU
   FrontOptions front{.command = "serve"};
   EngineFlags engine;
   RouterFlags router;
@@ -64,14 +64,21 @@ StatusOr<std::pair<int32_t, int32_t>> split_kv_blocks(int32_t blocks, int32_t bl
   return std::pair{prefill, blocks - prefill};
 }
 
-StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const LoadedModel& m, ThreadPool& pool,
+StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const DeviceChoice& device,
+                                             const LoadedModel& m, ThreadPool& pool,
                                              const EngineOptions& base) {
   auto d = std::make_unique<Deployment>();
   if (a.mode == "aggregated") {
     PD_RETURN_IF_ERROR(base.validate());
-    d->engines.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, pool, base));
+    PD_ASSIGN_OR_RETURN(std::unique_ptr<ModelExecutor> executor, make_executor(device, m, pool, base));
+    d->engines.push_back(std::make_unique<Engine>(std::move(executor), *m.tokenizer, base));
     return d;
   }
+  if (device.cuda)
+    return invalid_argument(
+        "--mode disaggregated moves the KV cache between host buffers; on a GPU use --mode aggregated (the "
+        "GPU "
+        "KV transport between instances is not built yet)");
   const ModelConfig& cfg = m.model->config();
   PD_ASSIGN_OR_RETURN(auto split, split_kv_blocks(base.num_blocks, base.block_size, base.max_context));
   const auto [prefill_blocks, decode_blocks] = split;
@@ -112,25 +119,35 @@ int run_serve(void* p) {
   auto& a = *static_cast<ServeArgs*>(p);
   return run_openai_front(a.front, [&a](api::ApiService& service) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<ServeState>();
-    PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/true));
-    const ModelConfig& cfg = state->model.model->config();
+    PD_ASSIGN_OR_RETURN(DeviceChoice device, parse_device(a.engine.device));
+    if (a.mode.empty()) a.mode = device.cuda ? "aggregated" : "disaggregated";
+    if (device.cuda && a.mode != "aggregated")
+      return invalid_argument(
+          "--device cuda needs --mode aggregated: the disaggregated mode moves the KV cache between host "
+          "buffers, and the GPU KV transport between instances is not built yet");
+    PD_ASSIGN_OR_RETURN(state->model, load_model_for(a.front.model_path, device));
+    PD_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::from_gguf(*state->model.file));
     PD_ASSIGN_OR_RETURN(EngineOptions eo, engine_options(a.engine, cfg));
     eo.on_step = [&service](double seconds, int32_t tokens) { service.observe_step(seconds, tokens); };
     // NOTE: one pool for every engine of this process: their forward passes take turns (the model
     // runs one at a time), so the cores are not oversubscribed.
     state->pool = std::make_unique<ThreadPool>(a.engine.threads);
-    StatusOr<std::unique_ptr<Deployment>> deployed = deploy(a, state->model, *state->pool, eo);
-    if (!deployed.ok()) return invalid_argument(deployed.status().message());
+    StatusOr<std::unique_ptr<Deployment>> deployed = deploy(a, device, state->model, *state->pool, eo);
+    if (!deployed.ok()) {
+      // A bad setting is exit status 2; a GPU that cannot run it is not.
+      if (deployed.status().code() == StatusCode::kInvalidArgument) return deployed.status();
+      return unavailable(deployed.status().message());
+    }
     state->deployment = std::move(deployed).value();
     FrontBackend b;
     b.backend = {.engine = state->deployment->backend(),
                  .tokenizer = state->model.tokenizer.get(),
                  .chat_template = state->model.chat_template ? &*state->model.chat_template : nullptr};
     b.description = fmt::format(
-        "{} mode{}, model '{}' ({} layers, context {} tokens), KV cache {} blocks x {} tokens ({}), {} "
+        "{} mode on {}{}, model '{}' ({} layers, context {} tokens), KV cache {} blocks x {} tokens ({}), {} "
         "engine "
         "threads",
-        a.mode,
+        a.mode, state->deployment->engines.front()->device(),
         a.mode == "aggregated"
             ? ""
             : fmt::format(" (1 prefill with {} slots, 1 decode, in-process KV transfer, {} admission)",
@@ -152,11 +169,12 @@ void register_serve_command(CLI::App& app) {
       "serve",
       "Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
       "/tokenize, /detokenize; GET /v1/models, /health, /metrics)");
-  cmd->add_option("--mode", a->mode,
-                  "disaggregated: a prefill and a decode instance in this process (in-process KV transfer) "
-                  "behind the gateway's router; aggregated: one engine instance runs prefill and decode (the "
-                  "baseline)")
-      ->capture_default_str()
+  cmd->add_option(
+         "--mode", a->mode,
+         "disaggregated: a prefill and a decode instance in this process (in-process KV transfer) "
+         "behind the gateway's router; aggregated: one engine instance runs prefill and decode (the "
+         "baseline). Default: disaggregated on the CPU, aggregated with --device cuda (the only mode "
+         "on a GPU so far)")
       ->check(CLI::IsMember({"aggregated", "disaggregated"}));
   cmd->add_option("-m,--model", a->front.model_path,
                   "GGUF model file (default: the default model, or $PDSERVE_MODEL)")

@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -118,7 +119,44 @@ StatusOr<int32_t> kv_blocks(const EngineFlags& f, const ModelConfig& cfg, int32_
 
 }  // namespace
 
+StatusOr<DeviceChoice> parse_device(const std::string& text) {
+  DeviceChoice d;
+  if (text == "cpu") return d;
+  if (text == "cuda") {
+    d.cuda = true;
+    return d;
+  }
+  if (text.starts_with("cuda:")) {
+    const std::string n = text.substr(5);
+    if (!n.empty() && n.size() <= 3 &&
+        std::all_of(n.begin(), n.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) {
+      d.cuda = true;
+      d.index = std::stoi(n);
+      return d;
+    }
+  }
+  return invalid_argument(fmt::format("--device '{}': give cpu, cuda (GPU 0) or cuda:N", text));
+}
+
+StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice& device) {
+  return load_model(path, /*weights=*/!device.cuda);
+}
+
+StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
+                                                       ThreadPool& pool, const EngineOptions& o) {
+  if (device.cuda) return make_cuda_executor(*m.file, device.index, o.num_blocks, o.block_size);
+  if (m.model == nullptr) return internal_error("make_executor: the model was loaded without weights");
+  return std::unique_ptr<ModelExecutor>(
+      std::make_unique<CpuExecutor>(*m.model, pool, o.num_blocks, o.block_size));
+}
+
 void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
+  cmd.add_option(
+         "--device", f.device,
+         "Where the model runs: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are dequantized to "
+         "bf16 and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a fraction is of "
+         "host memory); prefill and decode roles need the CPU for now")
+      ->capture_default_str();
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));

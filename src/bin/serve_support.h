@@ -14,6 +14,7 @@
 #include "engine/engine.h"
 #include "gateway/router.h"
 #include "kvcache/kv_types.h"
+#include "model/executor.h"
 #include "model/gguf.h"
 #include "model/llama_model.h"
 #include "tokenizer/chat_template.h"
@@ -46,6 +47,7 @@ StatusOr<LoadedModel> load_model(const std::string& path, bool weights);
 
 // The engine flags of `serve` and `instance`.
 struct EngineFlags {
+  std::string device = "cpu";  // --device: cpu, cuda or cuda:N
   int threads = 0;
   std::string kv_cache_memory;  // empty: 1GiB, capped at max_running full contexts
   int block_size = kDefaultBlockSize;
@@ -63,6 +65,23 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& flags);
 // The engine options the flags ask for on this model (the KV budget in blocks, the context);
 // kInvalidArgument names the flag at fault.
 StatusOr<EngineOptions> engine_options(const EngineFlags& flags, const ModelConfig& cfg);
+// --device: where the model runs.
+struct DeviceChoice {
+  bool cuda = false;
+  int index = 0;  // the GPU, with cuda
+};
+StatusOr<DeviceChoice> parse_device(const std::string& text);
+// Loads what `model` needs for the device (the weights on the CPU only for the CPU).
+StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice& device);
+// The backend an engine runs on: the CPU engine over m.model (sharing `pool`), or the GGUF file's
+// weights on the GPU; a KV cache of o.num_blocks × o.block_size either way.
+StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
+                                                       ThreadPool& pool, const EngineOptions& o);
+// The CUDA backend's half of make_executor (cuda_backend.cpp, or no_cuda_backend.cpp in a build
+// without nvcc, which says so).
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const GgufFile& file, int device,
+                                                            int32_t num_blocks, int32_t block_size);
+
 // KV transport options for a prefill's send pool: room for prefill_slots prompts of the longest
 // context (reserved, touched only where used), a lease a little longer than the engine's.
 KvTransportOptions send_pool_options(const EngineFlags& flags, const ModelConfig& cfg, int32_t max_context);

@@ -72,22 +72,33 @@ Status EngineOptions::validate() const {
 }
 
 Engine::Engine(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, const EngineOptions& options)
-    : model_(model),
+    : Engine(std::make_unique<CpuExecutor>(model, pool, options.num_blocks, options.block_size), tokenizer,
+             options) {}
+
+Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokenizer,
+               const EngineOptions& options)
+    : executor_(std::move(executor)),
+      config_(executor_->config()),
       tokenizer_(tokenizer),
-      pool_(pool),
       options_(options),
-      max_context_(options.max_context > 0 ? std::min(options.max_context, model.config().context_length)
-                                           : model.config().context_length),
-      kv_storage_(model.config(), options.num_blocks, options.block_size),
+      max_context_(options.max_context > 0 ? std::min(options.max_context, config_.context_length)
+                                           : config_.context_length),
       kv_(KvCacheConfig{options.num_blocks, options.block_size, options.prefix_caching, nullptr}),
       scheduler_(kv_, SchedulerOptions{options.step_token_budget, options.max_running}) {
   Status st = options.validate();
   PD_CHECK_MSG(st.ok(), st.message().c_str());
   metrics_.kv = kv_.stats();
-  const ModelConfig& c = model.config();
-  kv_view_ =
-      PagedKvView{kv_storage_.block_data(0), kv_storage_.block_bytes(), options.num_blocks,
-                  options.block_size, KvLayout{model.fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()}};
+  const ModelConfig& c = config_;
+  KvStorage* host = executor_->host_kv();
+  PD_CHECK_MSG(host != nullptr || options.role == EngineRole::kMixed,
+               "a prefill or decode engine needs its KV cache in host memory");
+  if (host != nullptr) {
+    PD_CHECK(host->num_blocks() == options.num_blocks && host->block_size() == options.block_size);
+    kv_view_ = PagedKvView{host->block_data(0), host->block_bytes(), options.num_blocks, options.block_size,
+                           KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()}};
+  } else {
+    kv_view_.layout = KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()};
+  }
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -167,7 +178,7 @@ Status check_request_limits(const EngineRequest& r, int32_t max_context) {
 Status Engine::validate(const EngineRequest& r) const {
   PD_RETURN_IF_ERROR(check_request_limits(r, max_context_));
   const int64_t n_prompt = static_cast<int64_t>(r.prompt.size());
-  const int32_t vocab = model_.config().vocab_size;
+  const int32_t vocab = config_.vocab_size;
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= vocab) {
       return invalid_argument(fmt::format("token id {} is outside the vocabulary (0..{})", t, vocab - 1));
@@ -222,9 +233,9 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit_handoff(EngineRequest re
     return invalid_argument(fmt::format("the handoff has {} prompt tokens but the request has {}",
                                         handoff.num_prompt_tokens, request.prompt.size()));
   }
-  if (handoff.first_token < 0 || handoff.first_token >= model_.config().vocab_size) {
+  if (handoff.first_token < 0 || handoff.first_token >= config_.vocab_size) {
     return invalid_argument(fmt::format("the handoff's first token {} is outside the vocabulary (0..{})",
-                                        handoff.first_token, model_.config().vocab_size - 1));
+                                        handoff.first_token, config_.vocab_size - 1));
   }
   if (handoff.kv.kind != options_.kv_puller->kind()) {
     return invalid_argument(
@@ -552,10 +563,10 @@ void Engine::step() {
     num_logits += c.want_logits ? 1 : 0;
   }
   batch.tokens = batch_tokens_;
-  const size_t vocab = static_cast<size_t>(model_.config().vocab_size);
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
   if (logits_.size() < static_cast<size_t>(num_logits) * vocab)
     logits_.resize(static_cast<size_t>(num_logits) * vocab);
-  Status st = model_.forward(batch, kv_storage_, pool_, logits_.data());
+  Status st = executor_->forward(batch, logits_.data());
   if (!st.ok()) {
     // A forward error is a bug or a corrupt model; fail this step's requests, keep serving.
     PD_LOG_ERROR("engine: forward pass failed: {}", st.message());

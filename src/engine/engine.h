@@ -49,6 +49,7 @@
 #include "common/thread_pool.h"
 #include "engine/sampler.h"
 #include "kvcache/kv_cache_manager.h"
+#include "model/executor.h"
 #include "model/llama_model.h"
 #include "scheduler/scheduler.h"
 #include "tokenizer/tokenizer.h"
@@ -223,6 +224,9 @@ class Engine : public Instance {
   // used only inside the model's forward pass, which runs one at a time per model, so engines of
   // one process may share a pool.
   Engine(LlamaModel& model, const Tokenizer& tokenizer, ThreadPool& pool, const EngineOptions& options);
+  // The same over any backend: `executor`'s KV cache must hold options.num_blocks blocks of
+  // options.block_size. A prefill or decode role needs its KV in host memory (host_kv()).
+  Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokenizer, const EngineOptions& options);
   ~Engine() override;  // shutdown()
   // Finishes every request as "cancelled" and joins the engine thread; later submissions fail
   // (kUnavailable). release_handoff() still works. Idempotent.
@@ -258,7 +262,8 @@ class Engine : public Instance {
   int64_t max_sequence_tokens() const override {
     return std::min<int64_t>(max_context_, int64_t{options_.num_blocks} * options_.block_size);
   }
-  size_t kv_bytes() const { return kv_storage_.bytes(); }
+  size_t kv_bytes() const { return executor_->kv_bytes(); }
+  std::string device() const { return executor_->device(); }
 
  private:
   struct Pending {
@@ -289,14 +294,13 @@ class Engine : public Instance {
   // Copies the fields guarded by mu_ that change off the engine thread into metrics_ (mu_ held).
   void sync_transfer_metrics();
 
-  LlamaModel& model_;
+  std::unique_ptr<ModelExecutor> executor_;
+  const ModelConfig& config_;
   const Tokenizer& tokenizer_;
-  ThreadPool& pool_;
   EngineOptions options_;
   int32_t max_context_;
 
   // Engine thread only.
-  KvStorage kv_storage_;
   KvCacheManager kv_;
   Scheduler scheduler_;
   std::unordered_map<SequenceId, std::unique_ptr<Active>> active_;
@@ -309,7 +313,7 @@ class Engine : public Instance {
   int64_t steps_total_ = 0;
   double step_seconds_total_ = 0;
   std::unordered_map<std::string, int64_t> finished_by_reason_;
-  PagedKvView kv_view_;              // kv_storage_ for the transfer layer
+  PagedKvView kv_view_;              // the executor's host KV for the transfer layer
   std::deque<SequenceId> to_pull_;   // decode role: pending handoffs, in arrival order
   std::vector<SequenceId> pulling_;  // decode role: KV on its way
   bool pull_blocked_ = false;        // decode role: the head of to_pull_ waits for a seat

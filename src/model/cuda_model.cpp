@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <optional>
 
@@ -125,6 +126,8 @@ CudaLlamaModel::CudaLlamaModel(std::unique_ptr<Impl> impl, ModelConfig config, C
 
 CudaLlamaModel::~CudaLlamaModel() = default;
 
+size_t CudaLlamaModel::kv_bytes() const { return impl_->kv.bytes(); }
+
 size_t CudaLlamaModel::kv_bytes_per_token() const {
   return static_cast<size_t>(config_.kv_bytes_per_token(static_cast<int32_t>(sizeof(uint16_t))));
 }
@@ -185,6 +188,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
   impl->kv = std::move(*kv);
 
   std::unique_ptr<CudaLlamaModel> m(new CudaLlamaModel(std::move(impl), c, options));
+  m->device_ = fmt::format("cuda:{} ({})", options.device, info->name);
   m->weight_bytes_ =
       static_cast<size_t>(c.num_layers) * static_cast<size_t>(qkv * d + d * c.q_dim() + 3 * ffn * d) * 2 +
       static_cast<size_t>(c.vocab_size) * static_cast<size_t>(d) * 2;
@@ -196,6 +200,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_
                                                                     uint64_t seed) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, synthetic_config(name));
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  m->fingerprint_ = std::hash<std::string_view>{}(name) ^ (seed * 0x9E3779B97F4A7C15ull);
   Impl& im = *m->impl_;
   cuda::StreamHandle s = im.stream->get();
   const int64_t d = c.hidden_size;
@@ -233,6 +238,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
                                                                     const CudaModelOptions& options) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, ModelConfig::from_gguf(f));
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  m->fingerprint_ = f.fingerprint();
   Impl& im = *m->impl_;
   const int64_t d = c.hidden_size;
 

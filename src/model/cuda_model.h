@@ -18,6 +18,7 @@
 
 #include "common/status.h"
 #include "kernels/cuda/ops.h"
+#include "model/executor.h"
 #include "model/gguf.h"
 #include "model/llama_model.h"
 #include "model/model_config.h"
@@ -31,7 +32,7 @@ struct CudaModelOptions {
   bool cuda_graphs = true;  // replay decode steps (one token per sequence) as CUDA graphs
 };
 
-class CudaLlamaModel {
+class CudaLlamaModel final : public ModelExecutor {
  public:
   // Dequantizes every weight of `file` to bf16 and uploads it; allocates the KV cache.
   static StatusOr<std::unique_ptr<CudaLlamaModel>> load_gguf(const GgufFile& file,
@@ -43,9 +44,14 @@ class CudaLlamaModel {
   // The config of a synthetic model name (errors list the names there are).
   static StatusOr<ModelConfig> synthetic_config(std::string_view name);
 
-  ~CudaLlamaModel();
+  ~CudaLlamaModel() override;
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const override { return config_; }
+  // The GGUF file's fingerprint, or one made of a synthetic model's name and seed.
+  uint64_t fingerprint() const override { return fingerprint_; }
+  KvStorage* host_kv() override { return nullptr; }
+  size_t kv_bytes() const override;
+  std::string device() const override { return device_; }
   int32_t num_blocks() const { return options_.num_blocks; }
   int32_t block_size() const { return options_.block_size; }
   // Bytes of every weight read by one forward pass (the LM head once).
@@ -55,7 +61,7 @@ class CudaLlamaModel {
 
   // Runs the batch; writes vocab_size floats per chunk with want_logits, in chunk order, to
   // `logits` (host memory, that many rows). Returns after the logits are there.
-  Status forward(const ForwardBatch& batch, float* logits);
+  Status forward(const ForwardBatch& batch, float* logits) override;
   // forward(), then the greedy choice of each logits row on the GPU: one token id per row (host
   // memory); only the ids leave the GPU.
   Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens);
@@ -93,6 +99,8 @@ class CudaLlamaModel {
   ModelConfig config_;
   CudaModelOptions options_;
   size_t weight_bytes_ = 0;
+  uint64_t fingerprint_ = 0;
+  std::string device_;
 };
 
 }  // namespace pdserve

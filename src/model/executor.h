@@ -1,0 +1,57 @@
+// ModelExecutor: one backend's forward pass with the KV cache memory it runs over — the seam
+// where the device is chosen (at start-up, in one place: `--device`). The engine holds one and
+// never asks which backend it is. CpuExecutor is the CPU engine (LlamaModel + KvStorage + a
+// thread pool); the CUDA backend's CudaLlamaModel (model/cuda_model.h) is the other.
+// Thread-safety: forward() from one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+#include "common/thread_pool.h"
+#include "model/kv_storage.h"
+#include "model/llama_model.h"
+#include "model/model_config.h"
+
+namespace pdserve {
+
+class ModelExecutor {
+ public:
+  virtual ~ModelExecutor() = default;
+  virtual const ModelConfig& config() const = 0;
+  // Of the weights' source (the GGUF file), so instances can check they run the same model.
+  virtual uint64_t fingerprint() const = 0;
+  // Runs the batch over the executor's KV cache (block ids index it); writes vocab_size floats
+  // per chunk with want_logits, in chunk order, to `logits` (host memory).
+  virtual Status forward(const ForwardBatch& batch, float* logits) = 0;
+  // The KV cache as host memory, which the KV transports read and write; nullptr where it lives
+  // on a GPU (no transport moves it yet).
+  virtual KvStorage* host_kv() = 0;
+  virtual size_t kv_bytes() const = 0;
+  // "cpu", "cuda:0 (NVIDIA H200)": for logs.
+  virtual std::string device() const = 0;
+};
+
+class CpuExecutor final : public ModelExecutor {
+ public:
+  // The model and the pool must outlive the executor; the pool is used only inside forward(),
+  // which runs one at a time per model, so executors of one process may share it.
+  CpuExecutor(LlamaModel& model, ThreadPool& pool, int32_t num_blocks, int32_t block_size)
+      : model_(model), pool_(pool), kv_(model.config(), num_blocks, block_size) {}
+  const ModelConfig& config() const override { return model_.config(); }
+  uint64_t fingerprint() const override { return model_.fingerprint(); }
+  Status forward(const ForwardBatch& batch, float* logits) override {
+    return model_.forward(batch, kv_, pool_, logits);
+  }
+  KvStorage* host_kv() override { return &kv_; }
+  size_t kv_bytes() const override { return kv_.bytes(); }
+  std::string device() const override { return "cpu"; }
+
+ private:
+  LlamaModel& model_;
+  ThreadPool& pool_;
+  KvStorage kv_;
+};
+
+}  // namespace pdserve
