@@ -222,8 +222,6 @@ std::string model_section(const std::string& name, bool quick, double copy_gbps,
   return rows + "]}";
 }
 
-// Three decode steps, kernels launched one by one, the third between profiler_start() and
-// profiler_stop(): for a profiler.
 int write_json(const std::string& path, const Json& out) {
   if (path.empty()) return 0;
   FILE* f = std::fopen(path.c_str(), "w");
@@ -368,6 +366,8 @@ std::string transfer_section(double peer_gbps, bool quick) {
   return j.str();
 }
 
+// Three decode steps, kernels launched one by one, the third between profiler_start() and
+// profiler_stop(): for a profiler.
 int profile_decode(const std::string& name, int32_t batch, int32_t ctx) {
   const int32_t bs = 16, per_seq = ctx / bs + 1;
   CudaModelOptions options{0, batch * per_seq, bs, false};

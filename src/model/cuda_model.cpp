@@ -106,8 +106,10 @@ struct CudaLlamaModel::Impl {
   int multiprocessors = 132;
 
   // Scratch, grown as batches grow.
-  int64_t capacity_tokens = 0;
+  int64_t capacity_tokens = 0;  // rows every token buffer holds (0 while one is missing)
   int64_t capacity_logits = 0;
+  int64_t capacity_tokens_target = 0;  // what they were last grown to
+  int64_t capacity_logits_target = 0;
   DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace;
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
@@ -163,7 +165,16 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
   impl->blas.emplace(std::move(*blas));
   auto info = cuda::device_info(options.device);
   if (!info.ok()) return info.status();
+  // The kernels use sm_80 instructions (cp.async, ldmatrix, mma) and are built for
+  // CMAKE_CUDA_ARCHITECTURES (sm_90 by default; newer GPUs run its PTX).
+  if (info->compute_major < 8 || !cuda::kernels_built_for_current_device())
+    return unimplemented(fmt::format(
+        "GPU {} is {} (sm_{}{}), which this build's CUDA kernels do not run on: they need sm_80 or newer and "
+        "a build for it (-DCMAKE_CUDA_ARCHITECTURES={}{})",
+        options.device, info->name, info->compute_major, info->compute_minor, info->compute_major,
+        info->compute_minor));
   impl->multiprocessors = info->multiprocessors;
+  PD_RETURN_IF_ERROR(cuda::prepare_prefill_attention());
 
   const int64_t d = c.hidden_size, qkv = c.q_dim() + 2 * int64_t{c.kv_dim()}, ffn = c.ffn_size;
   impl->layers.resize(static_cast<size_t>(c.num_layers));
@@ -230,7 +241,9 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_
   const std::vector<float> inv =
       inverse_frequencies(c, c.rope_scaling.factor > 0 ? llama3_freq_factors(c) : std::vector<float>{});
   PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
-  PD_RETURN_IF_ERROR(im.stream->synchronize());
+  // NOTE: cudaMemcpy from pageable memory may return before its DMA lands, and the model's
+  // stream does not wait for the legacy stream: wait for the whole device once here.
+  PD_RETURN_IF_ERROR(cuda::synchronize());
   return m;
 }
 
@@ -306,6 +319,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
   }
   const std::vector<float> inv = inverse_frequencies(c, factors);
   PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
+  PD_RETURN_IF_ERROR(cuda::synchronize());  // see synthetic(): every upload has landed
   return m;
 }
 
@@ -438,6 +452,7 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
     auto graph = cuda::Graph::end_capture(s);
     PD_RETURN_IF_ERROR(enqueued);
     if (!graph.ok()) return graph.status();
+    if (im.graphs.size() >= kMaxGraphs) im.graphs.clear();  // many shapes seen: start over
     it = im.graphs.emplace(key, std::move(*graph)).first;
   }
   return it->second.launch(s);
@@ -448,36 +463,36 @@ Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
   Impl& im = *impl_;
   const int64_t T = shape.tokens, d = c.hidden_size, q = c.q_dim(), qkv = q + 2 * int64_t{c.kv_dim()};
   const int64_t ffn = c.ffn_size, V = c.vocab_size;
-  // Captured graphs hold these pointers: any buffer that moves invalidates them all.
-  bool moved = false;
-  if (T > im.capacity_tokens) {
-    PD_ASSIGN_BUFFER(im.x, T * d * 4);
-    PD_ASSIGN_BUFFER(im.xn, T * d * 2);
-    PD_ASSIGN_BUFFER(im.qkv, T * qkv * 4);
-    PD_ASSIGN_BUFFER(im.q, T * q * 2);
-    PD_ASSIGN_BUFFER(im.attn, T * q * 2);
-    PD_ASSIGN_BUFFER(im.delta, T * d * 4);
-    PD_ASSIGN_BUFFER(im.gate_up, T * 2 * ffn * 4);
-    PD_ASSIGN_BUFFER(im.hidden, T * ffn * 2);
-    im.capacity_tokens = T;
-    moved = true;
-  }
-  if (shape.num_logits > im.capacity_logits) {
-    PD_ASSIGN_BUFFER(im.final_rows, shape.num_logits * d * 2);
-    PD_ASSIGN_BUFFER(im.logits, shape.num_logits * V * 4);
-    im.capacity_logits = shape.num_logits;
-    moved = true;
-  }
-  if (meta_bytes > im.meta.bytes()) {
-    PD_ASSIGN_BUFFER(im.meta, meta_bytes);
-    moved = true;
-  }
+  // Captured graphs hold these pointers: before any buffer moves, they all go (also when an
+  // allocation below fails half-way, which frees some buffers already). Buffers grow by half again
+  // at least, so a batch growing one row at a time does not reallocate at every step.
   const size_t ws = cuda::decode_attention_workspace_bytes(attention_args(shape, 0));
-  if (ws > im.workspace.bytes()) {
-    PD_ASSIGN_BUFFER(im.workspace, ws);
-    moved = true;
+  const bool grow_tokens = T > im.capacity_tokens, grow_logits = shape.num_logits > im.capacity_logits;
+  if (grow_tokens || grow_logits || meta_bytes > im.meta.bytes() || ws > im.workspace.bytes())
+    im.graphs.clear();
+  auto grown = [](int64_t need, int64_t have) { return std::max(need, have + have / 2); };
+  if (grow_tokens) {
+    im.capacity_tokens = 0;  // until every buffer below is there
+    const int64_t n = grown(T, im.capacity_tokens_target);
+    PD_ASSIGN_BUFFER(im.x, n * d * 4);
+    PD_ASSIGN_BUFFER(im.xn, n * d * 2);
+    PD_ASSIGN_BUFFER(im.qkv, n * qkv * 4);
+    PD_ASSIGN_BUFFER(im.q, n * q * 2);
+    PD_ASSIGN_BUFFER(im.attn, n * q * 2);
+    PD_ASSIGN_BUFFER(im.delta, n * d * 4);
+    PD_ASSIGN_BUFFER(im.gate_up, n * 2 * ffn * 4);
+    PD_ASSIGN_BUFFER(im.hidden, n * ffn * 2);
+    im.capacity_tokens = im.capacity_tokens_target = n;
   }
-  if (moved) im.graphs.clear();
+  if (grow_logits) {
+    im.capacity_logits = 0;
+    const int64_t n = grown(shape.num_logits, im.capacity_logits_target);
+    PD_ASSIGN_BUFFER(im.final_rows, n * d * 2);
+    PD_ASSIGN_BUFFER(im.logits, n * V * 4);
+    im.capacity_logits = im.capacity_logits_target = n;
+  }
+  if (meta_bytes > im.meta.bytes()) PD_ASSIGN_BUFFER(im.meta, std::max(meta_bytes, im.meta.bytes() * 3 / 2));
+  if (ws > im.workspace.bytes()) PD_ASSIGN_BUFFER(im.workspace, std::max(ws, im.workspace.bytes() * 3 / 2));
   return ok_status();
 }
 

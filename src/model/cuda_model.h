@@ -74,6 +74,7 @@ class CudaLlamaModel final : public ModelExecutor {
   struct Impl;
   explicit CudaLlamaModel(std::unique_ptr<Impl> impl, ModelConfig config, CudaModelOptions options);
   static constexpr int64_t kMaxGraphBatch = 512;
+  static constexpr size_t kMaxGraphs = 64;  // kept at once; more shapes start the cache over
   // What one pass enqueues: tokens, logits rows, block-table width, and the longest sequence the
   // attention plans for.
   struct Shape {

@@ -24,9 +24,9 @@ namespace {
 constexpr double kLogitTolerance = 1.5;      // whole vocabulary, centered, GPU vs CPU engine (seen 1.15)
 constexpr double kTopLogitTolerance = 0.75;  // over the CPU engine's top-10 tokens (seen 0.52)
 constexpr double kLlamaCppTolerance = 1.0;   // GPU vs llama.cpp's top 10 (seen 0.73; CPU engine 0.65)
-// A greedy divergence is accepted only at a near tie: where the CPU engine's top-2 gap is within
-// what two top logits, each off by the tolerance, can swap.
-constexpr double kNearTie = 2 * kTopLogitTolerance;
+// A greedy divergence is accepted only at a near tie: where the CPU engine's top-2 gap is small.
+// Seen on an H200 and an H100: every divergence at a gap of 0.33 or less.
+constexpr double kNearTie = 0.5;
 // NOTE: the issue asks that at least 18 of 20 greedy continuations equal the CPU engine's. Two
 // engines of different rounding cannot promise that on a 135M model whose continuations pass near
 // ties every few tokens (llama.cpp with flash attention on vs off diverges in 14 of these 22); the
@@ -288,8 +288,15 @@ TEST_F(CudaModelTest, DecodeStepsReplayedAsGraphsMatchEagerOnes) {
   auto fx = load_fixtures();
   const int32_t vocab = cpu_->config().vocab_size;
   double worst = 0;
-  for (int i : {0, 8, 14}) {
-    auto prompt = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
+  // The last prompt is long: its prefill grows every scratch buffer, which must drop the graphs
+  // captured before (they point at the old buffers) and capture anew.
+  std::vector<int32_t> long_prompt;
+  for (int i = 13; i < 22; ++i) {  // 349 tokens
+    auto t = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
+    long_prompt.insert(long_prompt.end(), t.begin(), t.end());
+  }
+  for (int i : {0, 8, 14, -1}) {
+    auto prompt = i >= 0 ? fx["cases"][i]["tokens"].get<std::vector<int32_t>>() : long_prompt;
     std::vector<std::vector<float>> with_graphs, without;
     auto a = greedy(prompt, gpu_, nullptr, &with_graphs);
     auto b = greedy(prompt, eager->get(), nullptr, &without);

@@ -47,6 +47,9 @@ def test_cuda_without_a_gpu_says_why():
 def test_serve_on_the_gpu_answers_the_openai_client():
     if not has_gpu():
         pytest.skip("no GPU here: `serve --device cuda` is covered by the refusal test above")
+    probe = run("serve", "--port", "0", "--device", "cuda:999")
+    if "built without the CUDA backend" in probe.stderr:
+        pytest.skip("this pdserve was built without the CUDA backend")
     s = Server("--device", "cuda", "--kv-cache-memory", "1GiB")
     try:
         assert any("on cuda:0" in line for line in s.log), "".join(s.log)

@@ -253,8 +253,9 @@ TEST_F(CudaKernels, EmbeddingAndArgmax) {
     }
   }
 
-  const int64_t rows = 4, v = 49152;
+  const int64_t rows = 5, v = 50000;  // not a multiple of the 4096-value slices
   std::vector<float> logits = randn(rows * v);
+  for (int64_t i = 0; i < v; ++i) logits[4 * v + i] = -100.0f - std::abs(logits[4 * v + i]);  // all negative
   logits[0 * v + 123] = 50.0f;
   logits[1 * v + 40000] = 50.0f;
   logits[1 * v + 30000] = 50.0f;  // a tie: the lower index wins
@@ -307,6 +308,7 @@ TEST_F(CudaKernels, MatmulBf16AndF32Out) {
       for (int64_t j = 0; j < ldy; ++j) {
         if (j >= s.n) {  // columns past n are not ours to write
           ASSERT_TRUE(std::isnan(got_f[i * ldy + j])) << "wrote past n at " << i << "," << j;
+          ASSERT_TRUE(std::isnan(got[i * ldy + j])) << "wrote past n (bf16) at " << i << "," << j;
           continue;
         }
         double want = 0, mag = 0;
@@ -331,19 +333,21 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
   };
   for (const Shape& s : {Shape{1, 1, 64}, Shape{3, 37, 576}, Shape{8, 1000, 4096}, Shape{5, 96, 1536}}) {
     SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
+    const int64_t ldy = s.n + 3;  // output rows with room after them, which stay untouched
     std::vector<float> wf, xbf;
     std::vector<uint16_t> w = randn_bf16(s.n * s.k, &wf, 0.05f), xb = randn_bf16(s.m * s.k, &xbf);
-    std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k), base = randn(s.m * s.n);
+    std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k), base = randn(s.m * ldy);
     auto dw = upload(w), dxb = upload(xb), dx = upload(x), dnw = upload(norm_w), dbase = upload(base);
     for (bool normed : {false, true}) {
       for (bool accumulate : {false, true}) {
-        auto y = accumulate ? upload(base) : poisoned<float>(s.m * s.n);
+        auto y = accumulate ? upload(base) : poisoned<float>(s.m * ldy);
         GemvArgs a;
         a.w = dw.as<uint16_t>();
         a.m = s.m;
         a.n = s.n;
         a.k = s.k;
         a.y = y.as<float>();
+        a.ldy = ldy;
         a.accumulate = accumulate;
         if (normed) {
           a.x = dx.as<float>();
@@ -352,7 +356,7 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
           a.xb = dxb.as<uint16_t>();
         }
         ASSERT_TRUE(gemv(a, nullptr).ok());
-        std::vector<float> got = download<float>(y, s.m * s.n);
+        std::vector<float> got = download<float>(y, s.m * ldy);
         for (int64_t i = 0; i < s.m; ++i) {
           // The activations as the kernel must see them: bf16 rows, or normed rows rounded to bf16.
           std::vector<double> act(s.k);
@@ -362,15 +366,19 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
           for (int64_t p = 0; p < s.k; ++p)
             act[p] = normed ? bf16_round(x[i * s.k + p] * inv * norm_w[p]) : xbf[i * s.k + p];
           for (int64_t j = 0; j < s.n; ++j) {
-            double want = accumulate ? base[i * s.n + j] : 0.0, mag = std::abs(want);
+            double want = accumulate ? base[i * ldy + j] : 0.0, mag = std::abs(want);
             for (int64_t p = 0; p < s.k; ++p) {
               want += act[p] * wf[j * s.k + p];
               mag += std::abs(act[p] * wf[j * s.k + p]);
             }
             // Float accumulation, and a normed activation may round the other way (one bf16 step).
             const double tol = 1e-5 * mag + (normed ? kBf16Rel * mag / std::sqrt(double(s.k)) * 4 : 0.0);
-            ASSERT_NEAR(got[i * s.n + j], want, tol + 1e-6)
+            ASSERT_NEAR(got[i * ldy + j], want, tol + 1e-6)
                 << "normed " << normed << " accumulate " << accumulate << " at " << i << "," << j;
+          }
+          for (int64_t j = s.n; j < ldy; ++j) {
+            const float untouched = accumulate ? base[i * ldy + j] : got[i * ldy + j];
+            ASSERT_TRUE(accumulate ? got[i * ldy + j] == untouched : std::isnan(untouched)) << "wrote past n";
           }
         }
       }
@@ -487,7 +495,10 @@ struct AttnCase {
 
 TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
   SEED_TRACE();
+  std::vector<int32_t> many(64);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int32_t>(1 + (i * 37) % 500);
   const std::vector<AttnCase> cases = {
+      {128, 32, 8, 16, many},                 // 512 (sequence, kv head) pairs, short: one split
       {64, 9, 3, 16, {1, 17, 300}},           // SmolLM2-135M's heads
       {128, 32, 8, 16, {256, 257, 1000, 2}},  // Llama-3.1-8B's
       {128, 28, 4, 32, {4096, 33}},           // Qwen2.5-7B's, a long one

@@ -125,26 +125,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   }
 }
 
-int multiprocessors() {
-  static const int count = [] {
-    int device = 0, n = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 132;
-    }
-    return n;
-  }();
-  return count;
-}
-
 template <int M, int R, int D>
 Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
   const int64_t groups = (a.n + R - 1) / R;
   const int64_t needed = (groups + kWarps - 1) / kWarps;
   // ctas_per_sm 0: one CTA for every kWarps row groups (no warp takes a second group).
   const unsigned grid = static_cast<unsigned>(
-      ctas_per_sm == 0 ? needed : std::min<int64_t>(needed, int64_t{multiprocessors()} * ctas_per_sm));
+      ctas_per_sm == 0 ? needed
+                       : std::min<int64_t>(needed, int64_t{current_multiprocessors()} * ctas_per_sm));
   if (a.norm_w != nullptr) {
     gemv_kernel<M, true, R, D><<<grid, kWarps * 32, 0, stream>>>(a);
   } else {

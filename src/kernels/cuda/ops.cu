@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int seq_len = a.seq_lens[seq];
   const int start = split * partition;
   const int n = max(0, min(start + partition, seq_len) - start);
-  const bool overlong = seq_len > num_splits * partition;  // max_seq_len was not an upper bound
+  const bool overlong = seq_len > a.max_seq_len;  // max_seq_len was not an upper bound
   // A split past the end of a shorter sequence has nothing to do (the merge skips it).
   if (n == 0 && num_splits > 1) return;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
@@ -505,21 +505,8 @@ __global__ void decode_attention_merge_kernel(DecodeAttentionArgs a, int32_t par
     o += ws_acc[(base + s) * HEAD_DIM + d] * w;
   }
   float result = used == 0 ? 0.0f : o / l;
-  if (seq_len > num_splits * partition) result = nan_value();
+  if (seq_len > a.max_seq_len) result = nan_value();
   a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(result);
-}
-
-int multiprocessor_count() {
-  static const int count = [] {
-    int device = 0, n = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 132;
-    }
-    return n;
-  }();
-  return count;
 }
 
 struct SplitPlan {
@@ -529,7 +516,7 @@ struct SplitPlan {
 
 // The largest partition whose grid still covers every SM twice (at least kMinPartition keys).
 SplitPlan plan_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len) {
-  const int64_t want_ctas = 2 * int64_t{multiprocessor_count()};
+  const int64_t want_ctas = 2 * int64_t{current_multiprocessors()};
   SplitPlan p;
   const int32_t len = std::max(1, max_seq_len);
   for (;;) {
@@ -572,6 +559,15 @@ unsigned blocks_for(int64_t total, int threads) {
 }
 
 }  // namespace
+
+bool kernels_built_for_current_device() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, rms_norm_kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
 
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream) {

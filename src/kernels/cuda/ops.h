@@ -13,6 +13,9 @@
 
 namespace pdserve::cuda {
 
+// Whether this build holds code the current device can run (false: built for other GPUs).
+bool kernels_built_for_current_device();
+
 // y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in bf16.
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream);
@@ -177,5 +180,8 @@ struct PrefillAttentionArgs {
   uint16_t* out = nullptr;
 };
 Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
+// Makes the current device's per-kernel settings prefill_attention needs (call it before capturing
+// a CUDA graph that may contain it; a first launch otherwise does it).
+Status prepare_prefill_attention();
 
 }  // namespace pdserve::cuda

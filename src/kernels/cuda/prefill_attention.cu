@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "kernels/cuda/ops.h"
 
@@ -282,12 +284,30 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 }
 
 template <int HEAD_DIM>
+constexpr size_t smem_bytes() {
+  return sizeof(uint16_t) * 4 * kKeys * HEAD_DIM;  // K and V, two stages
+}
+
+// The shared-memory opt-in is a setting of each device's context: made once per device (by
+// prepare_prefill_attention() before any graph capture, or at the first launch).
+template <int HEAD_DIM>
+Status opt_in() {
+  static std::array<std::atomic<bool>, 64> done{};
+  const int device = current_device();
+  if (device < 64 && done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return ok_status();
+  if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_bytes<HEAD_DIM>())) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return internal_error("prefill_attention: cannot reserve shared memory");
+  }
+  if (device < 64) done[static_cast<size_t>(device)].store(true, std::memory_order_release);
+  return ok_status();
+}
+
+template <int HEAD_DIM>
 Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
-  const size_t smem = sizeof(uint16_t) * 4 * kKeys * HEAD_DIM;  // K and V, two stages
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-  if (attr != cudaSuccess) return internal_error("prefill_attention: cannot reserve shared memory");
+  constexpr size_t smem = smem_bytes<HEAD_DIM>();
+  PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
   const int group = a.num_heads / a.kv.num_kv_heads;
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
@@ -296,6 +316,11 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
 }
 
 }  // namespace
+
+Status prepare_prefill_attention() {
+  PD_RETURN_IF_ERROR(opt_in<64>());
+  return opt_in<128>();
+}
 
 Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
   if (a.num_chunks == 0 || a.max_chunk_len == 0) return ok_status();

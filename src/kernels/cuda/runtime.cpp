@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <array>
+#include <atomic>
 #include <utility>
 
 namespace pdserve::cuda {
@@ -59,6 +61,31 @@ StatusOr<DeviceInfo> device_info(int device) {
   info.memory_bytes = prop.totalGlobalMem;
   info.l2_bytes = static_cast<size_t>(prop.l2CacheSize);
   return info;
+}
+
+int current_device() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return device;
+}
+
+int current_multiprocessors() {
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int>, kDevices> counts{};  // 0: not read yet
+  const int device = current_device();
+  if (device < 0 || device >= kDevices) return 132;
+  int n = counts[static_cast<size_t>(device)].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    counts[static_cast<size_t>(device)].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 Status set_device(int device) { return from_cuda(cudaSetDevice(device), "cudaSetDevice"); }

@@ -33,6 +33,11 @@ int device_count();
 // Why device_count() is 0 (the driver's own words), or "" when it is not.
 std::string no_device_reason();
 StatusOr<DeviceInfo> device_info(int device);
+// Multiprocessors of the calling thread's current device (read once per device; 132 if unknown).
+int current_multiprocessors();
+// The current device's index (0 if unknown).
+int current_device();
+
 // Makes `device` current for the calling thread.
 Status set_device(int device);
 // Waits for all work on the current device; reports an error any earlier kernel hit.
