@@ -1,10 +1,12 @@
 #include "model/cuda_model.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <optional>
@@ -318,6 +320,81 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
     factors = llama3_freq_factors(c);
   }
   const std::vector<float> inv = inverse_frequencies(c, factors);
+  PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
+  PD_RETURN_IF_ERROR(cuda::synchronize());  // see synthetic(): every upload has landed
+  return m;
+}
+
+StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckpoint& ck,
+                                                                  const CudaModelOptions& options) {
+  const ModelConfig& c = ck.config();
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  m->fingerprint_ = ck.fingerprint();
+  Impl& im = *m->impl_;
+  const int64_t d = c.hidden_size, q = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;
+
+  auto tensor = [&](const std::string& name,
+                    std::vector<int64_t> shape) -> StatusOr<const SafetensorsTensor*> {
+    const SafetensorsTensor* t = ck.find(name);
+    if (t == nullptr) return invalid_argument(fmt::format("checkpoint has no tensor '{}'", name));
+    if (t->shape != shape)
+      return invalid_argument(fmt::format("tensor '{}' has shape [{}], expected [{}]", name,
+                                          fmt::join(t->shape, ", "), fmt::join(shape, ", ")));
+    if (t->dtype == SafetensorsDtype::kOther)
+      return unimplemented(
+          fmt::format("tensor '{}' is {}; pdserve reads BF16, F16 and F32", name, t->dtype_name));
+    return t;
+  };
+  auto to_float = [](const SafetensorsTensor& t, int64_t i) {
+    uint16_t h;
+    float f;
+    switch (t.dtype) {
+      case SafetensorsDtype::kBF16: std::memcpy(&h, t.data + i * 2, 2); return cpu::bf16_to_fp32(h);
+      case SafetensorsDtype::kF16: std::memcpy(&h, t.data + i * 2, 2); return cpu::fp16_to_fp32(h);
+      default: std::memcpy(&f, t.data + i * 4, 4); return f;
+    }
+  };
+  std::vector<uint16_t> staging;
+  auto upload_matrix = [&](const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst,
+                           int64_t at) -> Status {
+    PD_ASSIGN_OR_RETURN(const SafetensorsTensor* t, tensor(name, {rows, cols}));
+    uint16_t* out = dst.as<uint16_t>() + at * cols;
+    if (t->dtype == SafetensorsDtype::kBF16) return cuda::copy_to_device(out, t->data, t->bytes);
+    staging.resize(static_cast<size_t>(rows * cols));
+    for (int64_t i = 0; i < rows * cols; ++i)
+      staging[static_cast<size_t>(i)] = cpu::fp32_to_bf16(to_float(*t, i));
+    return cuda::copy_to_device(out, staging.data(), staging.size() * 2);
+  };
+  std::vector<float> floats;
+  auto upload_vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
+    PD_ASSIGN_OR_RETURN(const SafetensorsTensor* t, tensor(name, {n}));
+    floats.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) floats[static_cast<size_t>(i)] = to_float(*t, i);
+    return cuda::copy_to_device(dst.as<float>() + at, floats.data(), floats.size() * 4);
+  };
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    Impl::Layer& l = im.layers[static_cast<size_t>(i)];
+    const std::string p = fmt::format("model.layers.{}.", i);
+    PD_RETURN_IF_ERROR(upload_vector(p + "input_layernorm.weight", d, l.attn_norm, 0));
+    PD_RETURN_IF_ERROR(upload_vector(p + "post_attention_layernorm.weight", d, l.ffn_norm, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.q_proj.weight", q, d, l.wqkv, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.k_proj.weight", kvd, d, l.wqkv, q));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.v_proj.weight", kvd, d, l.wqkv, q + kvd));
+    if (c.has_qkv_bias) {
+      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.q_proj.bias", q, l.bqkv, 0));
+      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.k_proj.bias", kvd, l.bqkv, q));
+      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.v_proj.bias", kvd, l.bqkv, q + kvd));
+    }
+    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.o_proj.weight", d, q, l.wo, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.gate_proj.weight", ffn, d, l.w_gate_up, 0));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.up_proj.weight", ffn, d, l.w_gate_up, ffn));
+    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.down_proj.weight", d, ffn, l.w_down, 0));
+  }
+  PD_RETURN_IF_ERROR(upload_matrix("model.embed_tokens.weight", c.vocab_size, d, im.embd, 0));
+  if (!c.tied_embeddings) PD_RETURN_IF_ERROR(upload_matrix("lm_head.weight", c.vocab_size, d, im.output, 0));
+  PD_RETURN_IF_ERROR(upload_vector("model.norm.weight", d, im.output_norm, 0));
+  const std::vector<float> inv =
+      inverse_frequencies(c, c.rope_scaling.factor > 0 ? llama3_freq_factors(c) : std::vector<float>{});
   PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));
   PD_RETURN_IF_ERROR(cuda::synchronize());  // see synthetic(): every upload has landed
   return m;

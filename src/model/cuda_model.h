@@ -22,6 +22,7 @@
 #include "model/gguf.h"
 #include "model/llama_model.h"
 #include "model/model_config.h"
+#include "model/safetensors.h"
 
 namespace pdserve {
 
@@ -37,6 +38,9 @@ class CudaLlamaModel final : public ModelExecutor {
   // Dequantizes every weight of `file` to bf16 and uploads it; allocates the KV cache.
   static StatusOr<std::unique_ptr<CudaLlamaModel>> load_gguf(const GgufFile& file,
                                                              const CudaModelOptions& options);
+  // A Hugging Face checkpoint's weights (bf16, fp16 or fp32 safetensors) as bf16.
+  static StatusOr<std::unique_ptr<CudaLlamaModel>> load_hf(const HfCheckpoint& checkpoint,
+                                                           const CudaModelOptions& options);
   // "synthetic:llama-3.1-8b", "synthetic:qwen2.5-7b", "synthetic:smollm2-1.7b": that model's
   // shapes, random weights from `seed`.
   static StatusOr<std::unique_ptr<CudaLlamaModel>> synthetic(std::string_view name,
