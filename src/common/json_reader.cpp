@@ -91,7 +91,7 @@ class Parser {
       skip_space();
       JsonValue member;
       PD_RETURN_IF_ERROR(value(&member, depth + 1));
-      v->object.emplace_back(std::move(key), std::move(member));
+      v->object.push_back(JsonMember{std::move(key), std::move(member)});
       skip_space();
       if (at_end()) return error("the object is not closed");
       if (peek() == ',') {

@@ -12,12 +12,13 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
-#include <utility>
 #include <vector>
 
 #include "common/status.h"
 
 namespace pdserve {
+
+struct JsonMember;
 
 struct JsonValue {
   enum class Type { kNull, kBool, kNumber, kString, kArray, kObject };
@@ -28,13 +29,18 @@ struct JsonValue {
   int64_t integer = 0;      // its exact value, when is_integer
   std::string string;
   std::vector<JsonValue> array;
-  std::vector<std::pair<std::string, JsonValue>> object;
-  size_t offset = 0;  // where the value starts in the text
+  std::vector<JsonMember> object;  // members in file order
+  size_t offset = 0;               // where the value starts in the text
 
   // The member `key` of an object, or nullptr.
   const JsonValue* find(std::string_view key) const;
   // "a string", "an object", ... for error messages.
   std::string_view type_name() const;
+};
+
+struct JsonMember {
+  std::string key;
+  JsonValue value;
 };
 
 // Parses a whole document (surrounding whitespace allowed, nothing else). `source` names the text

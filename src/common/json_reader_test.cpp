@@ -29,7 +29,7 @@ TEST(JsonReader, ReadsEveryKindOfValue) {
   EXPECT_FALSE(v->find("big")->is_integer) << "past int64: a double only";
   EXPECT_EQ(v->find("max")->integer, 9223372036854775807);
   EXPECT_EQ(v->find("missing"), nullptr);
-  EXPECT_EQ(v->object[0].first, "a") << "members keep their order";
+  EXPECT_EQ(v->object[0].key, "a") << "members keep their order";
 }
 
 TEST(JsonReader, RefusesWhatIsNotJsonWithTheOffset) {

@@ -68,7 +68,9 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::parse(std::span<cons
   if (header.type != JsonValue::Type::kObject) return fail("the header is not a JSON object");
   const uint8_t* data = bytes.data() + 8 + n;
   const uint64_t data_size = bytes.size() - 8 - n;
-  for (const auto& [name, entry] : header.object) {
+  for (const JsonMember& member : header.object) {
+    const std::string& name = member.key;
+    const JsonValue& entry = member.value;
     if (name == "__metadata__") continue;
     auto bad = [&](const std::string& what) { return fail(fmt::format("tensor '{}': {}", name, what)); };
     if (entry.type != JsonValue::Type::kObject) return bad("its entry is not an object");

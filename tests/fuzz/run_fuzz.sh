@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -82,6 +82,27 @@ for target in "${targets[@]}"; do
       printf '[instance_defaults]\nthreads = 1\n[[instance]]\nrole = "prefill"\nport = 1\n[[instance]]\nrole = "decode"\nport = 2\nno_prefix_caching = true\n' > "$corpus/small.toml"
       build/fuzz/tests/fuzz/cluster_config_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 \
         -dict=tests/fuzz/cluster_config.dict "$corpus" 2>&1 | tail -n 5
+      ;;
+    json_fuzz)
+      # Seeds: a Hugging Face config.json, a shard index, escapes and numbers.
+      corpus="build/fuzz/corpus/json"
+      mkdir -p "$corpus"
+      printf '{"model_type": "llama", "hidden_size": 4096, "rope_scaling": {"factor": 8.0, "rope_type": "llama3"}, "tie_word_embeddings": false, "x": null}' > "$corpus/config"
+      printf '{"metadata": {"total_size": 16}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}' > "$corpus/index"
+      printf '["\\u00e9\\ud83d\\ude00\\n", -0.5e-3, 1e308, 9223372036854775807, [[[]]], {}]' > "$corpus/values"
+      build/fuzz/tests/fuzz/json_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
+      ;;
+    safetensors_fuzz)
+      # Seeds: a file of two tensors (8-byte header length, JSON header, data).
+      corpus="build/fuzz/corpus/safetensors"
+      mkdir -p "$corpus"
+      header='{"__metadata__":{"format":"pt"},"w":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}'
+      {
+        printf "$(printf '\\x%02x' $(( ${#header} & 255 )) $(( ${#header} >> 8 )))\x00\x00\x00\x00\x00\x00"
+        printf '%s' "$header"
+        printf '\x80\x3f\x00\x40\x40\x40\x80\x40\x00\x00\x80\x3f'
+      } > "$corpus/two"
+      build/fuzz/tests/fuzz/safetensors_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
       ;;
     *) echo "run_fuzz: unknown target $target" >&2; exit 2 ;;
   esac
