@@ -603,11 +603,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
   // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
-  // pairs to fill the GPU twice over and the sequences are short, where the tensor-core kernel
-  // (one CTA a pair, over all its keys, one warp busy) is faster (docs/perf/gpu-kernel-notes.md).
+  // pairs to fill the GPU twice over, where the tensor-core kernel's decode form (one CTA a pair,
+  // its 4 warps streaming interleaved 16-key tiles) is faster (docs/perf/gpu-kernel-notes.md).
   // Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
-  const bool wide_and_short = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors} && shape.max_len <= 2048;
-  const bool decode_only = shape.max_chunk == 1 && !wide_and_short;
+  const bool wide = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors};
+  const bool decode_only = shape.max_chunk == 1 && !wide;
   cuda::PrefillAttentionArgs prefill;
   prefill.q = im.q.as<uint16_t>();
   prefill.num_heads = c.num_heads;

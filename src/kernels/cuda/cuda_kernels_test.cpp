@@ -608,6 +608,10 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
+      // Every chunk one token (decode): the 4-warp decode form of the kernel, tile edges around 32 and 128.
+      {128, 32, 8, 16, {{0, 1}, {30, 1}, {31, 1}, {127, 1}, {128, 1}, {200, 1}, {4095, 1}}},
+      {64, 9, 3, 16, {{5, 1}, {300, 1}}},
+      {128, 28, 4, 32, {{1000, 1}}},
   };
   for (const PrefillCase& c : cases) {
     const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
