@@ -11,7 +11,13 @@ $B serve --device cuda --port 8101 --served-model-name smol --kv-cache-memory 8G
 $B serve --mode aggregated --port 8102 --served-model-name smol --threads 12 --max-running 64 > $OUT/cpu_server.log 2>&1 &
 for p in 8101 8102; do
   for i in $(seq 1 120); do curl -sf http://127.0.0.1:$p/health >/dev/null && break; sleep 0.5; done
+  if ! curl -sf http://127.0.0.1:$p/health >/dev/null; then
+    echo "gpu_serve_ab: the server on port $p did not start; see $OUT/*_server.log" >&2
+    kill %1 %2 2>/dev/null
+    exit 1
+  fi
 done
+# NOTE: the two arms differ in --max-running and --step-token-budget; at 32 users neither binds.
 grep -h "ready" $OUT/gpu_server.log $OUT/cpu_server.log
 $B bench --base-url http://127.0.0.1:8101 --ab-base-url http://127.0.0.1:8102 --ab-rounds 2 --arrival closed \
   --users 32 -n 128 --input-len normal:256:64 --output-len fixed:64 --ignore-eos --client-threads 2 -q \

@@ -17,7 +17,8 @@ constexpr int kMaxDepth = 64;
 
 class Parser {
  public:
-  Parser(std::string_view text, std::string_view source) : text_(text), source_(source) {}
+  Parser(std::string_view text, std::string_view source, size_t max_values)
+      : text_(text), source_(source), values_left_(max_values) {}
 
   Status parse(JsonValue* out) {
     skip_space();
@@ -43,7 +44,9 @@ class Parser {
   }
 
   Status value(JsonValue* v, int depth) {
-    if (depth > kMaxDepth) return error("values nested more than 64 deep");
+    if (depth >= kMaxDepth) return error("values nested more than 64 deep");
+    if (values_left_ == 0) return error("more values than a model file's JSON may hold");
+    --values_left_;
     if (at_end()) return error("a value is missing");
     v->offset = pos_;
     const char c = peek();
@@ -247,6 +250,7 @@ class Parser {
 
   std::string_view text_;
   std::string_view source_;
+  size_t values_left_;
   size_t pos_ = 0;
 };
 
@@ -272,9 +276,9 @@ std::string_view JsonValue::type_name() const {
   return "a value";
 }
 
-StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source) {
+StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source, size_t max_values) {
   JsonValue root;
-  Parser p(text, source);
+  Parser p(text, source, max_values);
   PD_RETURN_IF_ERROR(p.parse(&root));
   return root;
 }

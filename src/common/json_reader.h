@@ -3,7 +3,8 @@
 // library (DESIGN.md: JSON objects stay in `api`). Read-only: values, no writer.
 //
 // The text is untrusted: every failure is a Status "SOURCE: byte OFFSET: not valid JSON: what",
-// never an exception, abort or unbounded recursion (values nest at most 64 deep). Strings must be
+// never an exception, abort or unbounded recursion (values nest at most 64 deep), and the tree is
+// bounded: at most `max_values` values (each takes about 120 bytes of memory). Strings must be
 // valid UTF-8; escapes (\uXXXX with surrogate pairs too) are decoded. Numbers keep their double
 // value and, when written as an integer that fits, their exact 64-bit value. Object members keep
 // their order; a repeated key is an error. Thread-safe: pure functions over plain data.
@@ -45,6 +46,7 @@ struct JsonMember {
 
 // Parses a whole document (surrounding whitespace allowed, nothing else). `source` names the text
 // in errors.
-StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source);
+StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source,
+                               size_t max_values = size_t{1} << 20);
 
 }  // namespace pdserve

@@ -75,7 +75,18 @@ TEST(JsonReader, DeepNestingIsAnErrorNotACrash) {
   EXPECT_NE(v.status().message().find("64 deep"), std::string::npos);
   std::string ok(64, '[');
   ok += std::string(64, ']');
-  EXPECT_TRUE(parse_json(ok, "ok").ok());
+  EXPECT_TRUE(parse_json(ok, "ok").ok()) << "64 levels are allowed";
+  EXPECT_FALSE(parse_json("[" + ok + "]", "65").ok()) << "65 are not";
+}
+
+TEST(JsonReader, TheNumberOfValuesIsBounded) {
+  std::string many = "[";
+  for (int i = 0; i < 1000; ++i) many += "0,";
+  many += "0]";
+  EXPECT_TRUE(parse_json(many, "a", 1001 + 1).ok());
+  auto v = parse_json(many, "b", 1000);
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.status().message().find("more values"), std::string::npos) << v.status().message();
 }
 
 }  // namespace

@@ -604,9 +604,10 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int64_t C = shape.chunks;
   // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
   // pairs to fill the GPU twice over, where the tensor-core kernel's decode form (one CTA a pair,
-  // its 4 warps streaming interleaved 16-key tiles) is faster (docs/perf/gpu-kernel-notes.md).
-  // Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
-  const bool wide = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors};
+  // its 4 warps streaming interleaved 16-key tiles) is faster (docs/perf/gpu-kernel-notes.md) — up
+  // to 8192 keys: one CTA walks a whole sequence there, so a very long one among short ones is
+  // better split. Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
+  const bool wide = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors} && shape.max_len <= 8192;
   const bool decode_only = shape.max_chunk == 1 && !wide;
   cuda::PrefillAttentionArgs prefill;
   prefill.q = im.q.as<uint16_t>();

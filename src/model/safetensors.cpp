@@ -7,19 +7,22 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <sstream>
 
 #include "common/json_reader.h"
 
 namespace pdserve {
 namespace {
 
-constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;  // the format's own limit
+// The format allows 100 MB; real headers are kilobytes (a few MB for thousands of tensors). Our
+// limit, with the JSON reader's value budget, bounds the tree built from an untrusted header.
+constexpr uint64_t kMaxHeaderBytes = uint64_t{16} << 20;
+constexpr size_t kMaxJsonValues = size_t{1} << 20;
 constexpr size_t kMaxDims = 8;
 
 // Bytes per element of every dtype the format defines (so other tensors' sizes are checked too).
@@ -35,15 +38,31 @@ size_t dtype_bytes(std::string_view name, SafetensorsDtype* dtype) {
   return 0;
 }
 
+// A small regular file's text (its size checked before reading: never a device or a FIFO).
 StatusOr<std::string> read_text(const std::filesystem::path& path, size_t max_bytes) {
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(status))
+    return not_found(fmt::format("cannot read '{}'", path.string()));
+  if (!std::filesystem::is_regular_file(status))
+    return invalid_argument(fmt::format("'{}' is not a regular file", path.string()));
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) return invalid_argument(fmt::format("cannot read '{}': {}", path.string(), ec.message()));
+  if (size > max_bytes)
+    return invalid_argument(fmt::format("'{}' is larger than {} bytes", path.string(), max_bytes));
   std::ifstream in(path, std::ios::binary);
   if (!in) return not_found(fmt::format("cannot read '{}'", path.string()));
-  std::ostringstream s;
-  s << in.rdbuf();
-  std::string text = s.str();
-  if (text.size() > max_bytes)
-    return invalid_argument(fmt::format("'{}' is larger than {} bytes", path.string(), max_bytes));
+  std::string text(static_cast<size_t>(size), '\0');
+  in.read(text.data(), static_cast<std::streamsize>(size));
+  text.resize(static_cast<size_t>(in.gcount()));
   return text;
+}
+
+bool has_control_chars(std::string_view s) {
+  for (char c : s) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7F) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -64,14 +83,16 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::parse(std::span<cons
     return fail(fmt::format("header length {} does not fit in the file of {} bytes", n, bytes.size()));
   std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->header_ = std::string_view(reinterpret_cast<const char*>(bytes.data() + 8), static_cast<size_t>(n));
-  PD_ASSIGN_OR_RETURN(JsonValue header, parse_json(f->header_, source + " header"));
+  PD_ASSIGN_OR_RETURN(JsonValue header, parse_json(f->header_, source + " header", kMaxJsonValues));
   if (header.type != JsonValue::Type::kObject) return fail("the header is not a JSON object");
   const uint8_t* data = bytes.data() + 8 + n;
   const uint64_t data_size = bytes.size() - 8 - n;
+  f->data_ = std::string_view(reinterpret_cast<const char*>(data), static_cast<size_t>(data_size));
   for (const JsonMember& member : header.object) {
     const std::string& name = member.key;
     const JsonValue& entry = member.value;
     if (name == "__metadata__") continue;
+    if (has_control_chars(name)) return fail("a tensor name with control characters");
     auto bad = [&](const std::string& what) { return fail(fmt::format("tensor '{}': {}", name, what)); };
     if (entry.type != JsonValue::Type::kObject) return bad("its entry is not an object");
     const JsonValue* dtype = entry.find("dtype");
@@ -114,7 +135,8 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::parse(std::span<cons
 }
 
 StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // NOTE: O_NONBLOCK so a FIFO cannot block the open; it is refused as not a regular file below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     return Status(err == ENOENT ? StatusCode::kNotFound : StatusCode::kInvalidArgument,
@@ -171,16 +193,21 @@ StatusOr<ModelConfig> model_config_from_hf(std::string_view text, std::string_vi
     *out = v->integer;
     return ok_status();
   };
-  auto number = [&](const JsonValue& obj, const char* key, double fallback, double* out) -> Status {
+  auto number = [&](const JsonValue& obj, const char* key, double fallback, double min, double max,
+                    double* out) -> Status {
     const JsonValue* v = obj.find(key);
     if (v == nullptr || v->type == JsonValue::Type::kNull) {
       *out = fallback;
       return ok_status();
     }
-    if (v->type != JsonValue::Type::kNumber || !(v->number > 0))
-      return fail(fmt::format("\"{}\" must be a positive number", key));
+    if (v->type != JsonValue::Type::kNumber || !(v->number > min) || !(v->number <= max))
+      return fail(fmt::format("\"{}\" must be a number above {} and at most {}", key, min, max));
     *out = v->number;
     return ok_status();
+  };
+  auto flag = [&](const char* key) {
+    const JsonValue* v = j.find(key);
+    return v != nullptr && v->type == JsonValue::Type::kBool && v->boolean;
   };
   ModelConfig c;
   const JsonValue* type = j.find("model_type");
@@ -211,32 +238,53 @@ StatusOr<ModelConfig> model_config_from_hf(std::string_view text, std::string_vi
   c.rope_dim = c.head_dim;
   c.vocab_size = static_cast<int32_t>(vocab);
   c.context_length = static_cast<int32_t>(ctx);
+  // What pdserve does not compute is refused, never silently dropped.
+  if (const JsonValue* act = j.find("hidden_act");
+      act != nullptr && (act->type != JsonValue::Type::kString || act->string != "silu"))
+    return unimplemented(fmt::format("{}: hidden_act other than silu", source));
+  if (flag("mlp_bias")) return unimplemented(fmt::format("{}: mlp_bias (biases on the MLP)", source));
+  if (c.architecture == "llama" && flag("attention_bias"))
+    return unimplemented(fmt::format("{}: attention_bias (pdserve loads no o_proj bias)", source));
+  if (flag("use_sliding_window")) return unimplemented(fmt::format("{}: use_sliding_window", source));
+  // transformers 5 keeps rope_theta and the scaling inside "rope_parameters".
+  const JsonValue* rope_params = j.find("rope_parameters");
+  if (rope_params != nullptr && rope_params->type != JsonValue::Type::kObject) rope_params = nullptr;
   double eps = 1e-6, theta = 10000;
-  PD_RETURN_IF_ERROR(number(j, "rms_norm_eps", 1e-6, &eps));
-  PD_RETURN_IF_ERROR(number(j, "rope_theta", 10000, &theta));
+  PD_RETURN_IF_ERROR(number(j, "rms_norm_eps", 1e-6, 0, 0.1, &eps));
+  const JsonValue& theta_from =
+      rope_params != nullptr && rope_params->find("rope_theta") != nullptr ? *rope_params : j;
+  PD_RETURN_IF_ERROR(number(theta_from, "rope_theta", 10000, 0, 1e12, &theta));
   c.rms_norm_eps = static_cast<float>(eps);
   c.rope_theta = static_cast<float>(theta);
   c.rope_ordering = RopeOrdering::kNeox;  // Hugging Face's rotate_half
-  const JsonValue* tie = j.find("tie_word_embeddings");
-  c.tied_embeddings = tie != nullptr && tie->type == JsonValue::Type::kBool && tie->boolean;
-  const JsonValue* bias = j.find("attention_bias");
-  c.has_qkv_bias =
-      c.architecture == "qwen2" || (bias != nullptr && bias->type == JsonValue::Type::kBool && bias->boolean);
-  if (const JsonValue* rs = j.find("rope_scaling"); rs != nullptr && rs->type == JsonValue::Type::kObject) {
+  c.tied_embeddings = flag("tie_word_embeddings");
+  c.has_qkv_bias = c.architecture == "qwen2" || flag("attention_bias");
+  const JsonValue* rs = j.find("rope_scaling");
+  if (rs == nullptr || rs->type != JsonValue::Type::kObject) rs = rope_params;
+  if (rs != nullptr) {
     const JsonValue* kind = rs->find("rope_type");
     if (kind == nullptr) kind = rs->find("type");
-    if (kind == nullptr || kind->type != JsonValue::Type::kString || kind->string != "llama3")
-      return unimplemented(fmt::format("{}: rope_scaling of a type other than llama3", source));
-    double factor, low, high, orig;
-    PD_RETURN_IF_ERROR(number(*rs, "factor", 8, &factor));
-    PD_RETURN_IF_ERROR(number(*rs, "low_freq_factor", 1, &low));
-    PD_RETURN_IF_ERROR(number(*rs, "high_freq_factor", 4, &high));
-    PD_RETURN_IF_ERROR(number(*rs, "original_max_position_embeddings", 8192, &orig));
-    if (high <= low) return fail("rope_scaling: high_freq_factor must exceed low_freq_factor");
-    c.rope_scaling.factor = static_cast<float>(factor);
-    c.rope_scaling.low_freq_factor = static_cast<float>(low);
-    c.rope_scaling.high_freq_factor = static_cast<float>(high);
-    c.rope_scaling.original_context_length = static_cast<int32_t>(orig);
+    const bool none =
+        kind == nullptr || (kind->type == JsonValue::Type::kString && kind->string == "default");
+    if (!none) {
+      if (kind->type != JsonValue::Type::kString || kind->string != "llama3")
+        return unimplemented(fmt::format("{}: rope scaling of a type other than llama3", source));
+      double factor, low, high;
+      PD_RETURN_IF_ERROR(number(*rs, "factor", 8, 0.5, 1e4, &factor));
+      PD_RETURN_IF_ERROR(number(*rs, "low_freq_factor", 1, 0, 1e4, &low));
+      PD_RETURN_IF_ERROR(number(*rs, "high_freq_factor", 4, 0, 1e4, &high));
+      int64_t orig_ctx = 8192;
+      if (const JsonValue* orig = rs->find("original_max_position_embeddings"); orig != nullptr) {
+        if (!orig->is_integer || orig->integer <= 0 || orig->integer > (1 << 24))
+          return fail("rope scaling: original_max_position_embeddings must be an integer from 1 to 16777216");
+        orig_ctx = orig->integer;
+      }
+      if (high <= low) return fail("rope scaling: high_freq_factor must exceed low_freq_factor");
+      c.rope_scaling.factor = static_cast<float>(factor);
+      c.rope_scaling.low_freq_factor = static_cast<float>(low);
+      c.rope_scaling.high_freq_factor = static_cast<float>(high);
+      c.rope_scaling.original_context_length = static_cast<int32_t>(orig_ctx);
+    }
   }
   return c;
 }
@@ -248,16 +296,18 @@ StatusOr<std::unique_ptr<HfCheckpoint>> HfCheckpoint::open(const std::string& di
   PD_ASSIGN_OR_RETURN(ck->config_, model_config_from_hf(config_text, (root / "config.json").string()));
   std::vector<std::string> shard_names;
   const std::filesystem::path index = root / "model.safetensors.index.json";
-  if (std::filesystem::exists(index)) {
-    PD_ASSIGN_OR_RETURN(std::string index_text, read_text(index, size_t{64} << 20));
-    PD_ASSIGN_OR_RETURN(JsonValue j, parse_json(index_text, index.string()));
+  std::error_code ec;
+  if (std::filesystem::exists(index, ec)) {
+    PD_ASSIGN_OR_RETURN(std::string index_text, read_text(index, size_t{16} << 20));
+    PD_ASSIGN_OR_RETURN(JsonValue j, parse_json(index_text, index.string(), kMaxJsonValues));
     const JsonValue* map = j.find("weight_map");
     if (map == nullptr || map->type != JsonValue::Type::kObject)
       return invalid_argument(fmt::format("{}: no \"weight_map\" object", index.string()));
     std::set<std::string> seen;
     for (const auto& [tensor, file] : map->object) {
       if (file.type != JsonValue::Type::kString || file.string.empty() ||
-          file.string.find('/') != std::string::npos || file.string.starts_with("."))
+          file.string.find('/') != std::string::npos || file.string.starts_with(".") ||
+          has_control_chars(file.string))
         return invalid_argument(
             fmt::format("{}: tensor '{}' names a bad shard file", index.string(), tensor));
       if (seen.insert(file.string).second) shard_names.push_back(file.string);
@@ -275,6 +325,11 @@ StatusOr<std::unique_ptr<HfCheckpoint>> HfCheckpoint::open(const std::string& di
       return shard.status();
     }
     XXH3_64bits_update(state, (*shard)->header().data(), (*shard)->header().size());
+    // Samples of the data too (first and last 64 KiB): fine-tunes of one base share headers.
+    const std::string_view data = (*shard)->data();
+    const size_t sample = std::min<size_t>(data.size(), size_t{64} << 10);
+    XXH3_64bits_update(state, data.data(), sample);
+    XXH3_64bits_update(state, data.data() + data.size() - sample, sample);
     ck->shards_.push_back(std::move(shard).value());
   }
   ck->fingerprint_ = XXH3_64bits_digest(state);

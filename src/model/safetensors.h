@@ -10,7 +10,10 @@
 // A checkpoint directory holds config.json (the architecture) and either model.safetensors or
 // model.safetensors.index.json with the shards its "weight_map" names. Architectures: LlamaForCausalLM
 // ("llama") and Qwen2ForCausalLM ("qwen2"); Hugging Face's rotary embedding rotates halves (NeoX
-// ordering). Immutable after opening; share freely across threads.
+// ordering). What pdserve does not compute (another activation, MLP or output biases, a sliding
+// window, rope scaling other than llama3) is refused, never silently dropped; rope_theta and its
+// scaling are also read from "rope_parameters" (transformers 5). Headers are read up to 16 MB.
+// Immutable after opening; share freely across threads.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +36,7 @@ struct SafetensorsTensor {
   SafetensorsDtype dtype = SafetensorsDtype::kOther;
   std::string dtype_name;  // as written ("BF16", "I64", ...)
   std::vector<int64_t> shape;
-  const uint8_t* data = nullptr;
+  const uint8_t* data = nullptr;  // no alignment promised: copy it out (memcpy), never cast it
   size_t bytes = 0;
   int64_t num_elements() const;
 };
@@ -49,14 +52,16 @@ class SafetensorsFile {
 
   const SafetensorsTensor* find(std::string_view name) const;
   const std::vector<SafetensorsTensor>& tensors() const { return tensors_; }
-  // The JSON header's bytes (for fingerprints).
+  // The JSON header's bytes and the data section (for fingerprints).
   std::string_view header() const { return header_; }
+  std::string_view data() const { return data_; }
 
  private:
   SafetensorsFile() = default;
   std::vector<SafetensorsTensor> tensors_;
   std::map<std::string, size_t, std::less<>> index_;
   std::string_view header_;
+  std::string_view data_;
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
 };

@@ -124,6 +124,34 @@ TEST(HfConfig, ReadsLlamaAndQwen2Configs) {
   EXPECT_NE(bad.status().message().find("integer from 1"), std::string::npos) << bad.status().message();
 }
 
+TEST(HfConfig, RefusesWhatPdserveDoesNotComputeAndReadsTransformers5) {
+  const std::string base = R"("model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100)";
+  auto with = [&](const std::string& more) {
+    return model_config_from_hf("{" + base + ", " + more + "}", "c.json");
+  };
+  for (const char* more : {R"("mlp_bias": true)", R"("attention_bias": true)", R"("hidden_act": "gelu")",
+                           R"("use_sliding_window": true)", R"("rope_scaling": {"rope_type": "yarn"})"}) {
+    auto c = with(more);
+    EXPECT_EQ(c.status().code(), StatusCode::kUnimplemented) << more << ": " << c.status().to_string();
+  }
+  for (const char* more :
+       {R"("rms_norm_eps": 1e300)", R"("rope_theta": -1)",
+        R"("rope_scaling": {"rope_type": "llama3", "original_max_position_embeddings": 1e10})",
+        R"("rope_scaling": {"rope_type": "llama3", "factor": 1e-320})"}) {
+    auto c = with(more);
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << more << ": " << c.status().to_string();
+  }
+  auto v5 = with(R"("hidden_act": "silu", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3",
+      "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})");
+  ASSERT_TRUE(v5.ok()) << v5.status().to_string();
+  EXPECT_FLOAT_EQ(v5->rope_theta, 500000.0f);
+  EXPECT_FLOAT_EQ(v5->rope_scaling.factor, 8.0f);
+  auto plain = with(R"("rope_scaling": {"rope_type": "default"})");
+  ASSERT_TRUE(plain.ok()) << plain.status().to_string();
+  EXPECT_EQ(plain->rope_scaling.factor, 0.0f);
+}
+
 TEST(HfCheckpoint, OpensShardsThroughTheIndex) {
   const auto dir = std::filesystem::temp_directory_path() / ("pdserve_hf_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
@@ -147,11 +175,28 @@ TEST(HfCheckpoint, OpensShardsThroughTheIndex) {
   ASSERT_NE((*ck)->find("x"), nullptr);
   EXPECT_NE((*ck)->fingerprint(), 0u);
 
+  // Different data under the same headers: another fingerprint.
+  const uint64_t first = (*ck)->fingerprint();
+  ASSERT_TRUE(write_safetensors((dir / "model-00002-of-00002.safetensors").string(),
+                                {{"y", "F32", {2}, bytes_of({8, 10})}})
+                  .ok());
+  auto changed = HfCheckpoint::open(dir.string());
+  ASSERT_TRUE(changed.ok());
+  EXPECT_NE((*changed)->fingerprint(), first);
+
   std::ofstream(dir / "model.safetensors.index.json") << R"({"weight_map": {"x": "../etc/passwd"}})";
   auto escaped = HfCheckpoint::open(dir.string());
   ASSERT_FALSE(escaped.ok());
   EXPECT_NE(escaped.status().message().find("bad shard file"), std::string::npos)
       << escaped.status().message();
+
+  // config.json must be a small regular file (a device would be read forever).
+  std::filesystem::remove(dir / "config.json");
+  std::filesystem::create_symlink("/dev/zero", dir / "config.json");
+  auto device = HfCheckpoint::open(dir.string());
+  ASSERT_FALSE(device.ok());
+  EXPECT_NE(device.status().message().find("not a regular file"), std::string::npos)
+      << device.status().message();
   std::filesystem::remove_all(dir);
 }
 

@@ -1,7 +1,9 @@
-// Fuzz target: safetensors headers and tensor tables (model/safetensors.h) on arbitrary bytes.
+// Fuzz target: safetensors headers and tensor tables, and Hugging Face config.json, on arbitrary
+// bytes (model/safetensors.h).
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "model/safetensors.h"
 
@@ -13,5 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (t.bytes > 0 && (t.data < data || t.data + t.bytes > data + size)) __builtin_trap();
     }
   }
+  // The same bytes as a Hugging Face config.json.
+  auto c = pdserve::model_config_from_hf(std::string_view(reinterpret_cast<const char*>(data), size), "fuzz");
+  (void)c;
   return 0;
 }

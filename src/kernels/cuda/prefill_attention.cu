@@ -304,6 +304,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
   const int chunk = blockIdx.z;
   const int kv_head = blockIdx.y;
   const int group = a.num_heads / a.kv.num_kv_heads;
+  if (a.chunk_len[chunk] == 0) return;  // nothing to attend for (uniform per CTA)
   const int first_pos = a.chunk_first_pos[chunk];
   const int q_start = a.chunk_q_start[chunk];
   const int keys = first_pos + 1;
@@ -535,7 +536,9 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   constexpr size_t smem = smem_bytes<HEAD_DIM>();
   PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
   const int group = a.num_heads / a.kv.num_kv_heads;
-  if (a.max_chunk_len == 1 && group <= 16) {
+  // NOTE: the decode form handles up to 16 rows, but groups above 8 are not tested: they take the
+  // general form.
+  if (a.max_chunk_len == 1 && group <= 8) {
     const dim3 grid(1, static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
     decode_attention_tc_kernel<HEAD_DIM><<<grid, kThreads, decode_smem_bytes<HEAD_DIM>(), stream>>>(a);
     return check_last_error("prefill_attention (decode)");
