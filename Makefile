@@ -46,7 +46,7 @@ asan tsan:
 	@ctest --test-dir build/$@ --output-on-failure -j $(JOBS) -L fast
 
 format:
-	@find src tests bench -name '*.h' -o -name '*.cpp' -o -name '*.cu' | xargs clang-format -i
+	@find src tests bench -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i
 
 clean:
 	rm -rf build/release build/debug build/asan build/tsan build/fuzz

@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -249,19 +250,60 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_
   return m;
 }
 
+// How one checkpoint format hands over its tensors: a matrix [rows][cols] as bf16 rows into a
+// buffer at row `at`, a vector of floats at `at`, and the names of every weight (layer weights
+// after the layer's prefix, "{}" standing for its index).
+struct CudaLlamaModel::WeightSource {
+  std::function<Status(const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst, int64_t at)>
+      matrix;
+  std::function<Status(const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at)> vector;
+  std::string layer_prefix;
+  // attn_norm, ffn_norm, q, k, v, q bias, k bias, v bias, o, gate, up, down; embeddings, LM head,
+  // output norm.
+  std::array<std::string, 15> names;
+};
+
+Status CudaLlamaModel::upload_weights(const WeightSource& src) {
+  const ModelConfig& c = config_;
+  Impl& im = *impl_;
+  const int64_t d = c.hidden_size, q = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;
+  const auto& n = src.names;
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    Impl::Layer& l = im.layers[static_cast<size_t>(i)];
+    const std::string p = fmt::format(fmt::runtime(src.layer_prefix), i);
+    PD_RETURN_IF_ERROR(src.vector(p + n[0], d, l.attn_norm, 0));
+    PD_RETURN_IF_ERROR(src.vector(p + n[1], d, l.ffn_norm, 0));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[2], q, d, l.wqkv, 0));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[3], kvd, d, l.wqkv, q));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[4], kvd, d, l.wqkv, q + kvd));
+    if (c.has_qkv_bias) {
+      PD_RETURN_IF_ERROR(src.vector(p + n[5], q, l.bqkv, 0));
+      PD_RETURN_IF_ERROR(src.vector(p + n[6], kvd, l.bqkv, q));
+      PD_RETURN_IF_ERROR(src.vector(p + n[7], kvd, l.bqkv, q + kvd));
+    }
+    PD_RETURN_IF_ERROR(src.matrix(p + n[8], d, q, l.wo, 0));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[9], ffn, d, l.w_gate_up, 0));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[10], ffn, d, l.w_gate_up, ffn));
+    PD_RETURN_IF_ERROR(src.matrix(p + n[11], d, ffn, l.w_down, 0));
+  }
+  PD_RETURN_IF_ERROR(src.matrix(n[12], c.vocab_size, d, im.embd, 0));
+  if (!c.tied_embeddings) PD_RETURN_IF_ERROR(src.matrix(n[13], c.vocab_size, d, im.output, 0));
+  return src.vector(n[14], d, im.output_norm, 0);
+}
+
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFile& f,
                                                                     const CudaModelOptions& options) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, ModelConfig::from_gguf(f));
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
   m->fingerprint_ = f.fingerprint();
   Impl& im = *m->impl_;
-  const int64_t d = c.hidden_size;
 
   // Rows of a 2-D weight [rows][cols] (GGML dims {cols, rows}) as bf16 into `dst` at row `at`.
   std::vector<float> row_f;
   std::vector<uint16_t> staging;
-  auto upload_matrix = [&](const std::string& name, int64_t cols, int64_t rows, DeviceBuffer& dst,
-                           int64_t at) -> Status {
+  WeightSource src;
+  src.matrix = [&](const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst,
+                   int64_t at) -> Status {
     const GgufTensorInfo* t = f.find_tensor(name);
     if (t == nullptr) return invalid_argument(fmt::format("model file has no tensor '{}'", name));
     if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows)
@@ -279,7 +321,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
     }
     return cuda::copy_to_device(dst.as<uint16_t>() + at * cols, staging.data(), staging.size() * 2);
   };
-  auto upload_vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
+  src.vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
     const GgufTensorInfo* t = f.find_tensor(name);
     if (t == nullptr) return invalid_argument(fmt::format("model file has no tensor '{}'", name));
     if (t->type != GgmlType::kF32 || t->num_elements() != n)
@@ -287,28 +329,12 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
     return cuda::copy_to_device(dst.as<float>() + at, t->data, static_cast<size_t>(n) * 4);
   };
 
-  const int64_t q = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    Impl::Layer& l = im.layers[static_cast<size_t>(i)];
-    const std::string p = fmt::format("blk.{}.", i);
-    PD_RETURN_IF_ERROR(upload_vector(p + "attn_norm.weight", d, l.attn_norm, 0));
-    PD_RETURN_IF_ERROR(upload_vector(p + "ffn_norm.weight", d, l.ffn_norm, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_q.weight", d, q, l.wqkv, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_k.weight", d, kvd, l.wqkv, q));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_v.weight", d, kvd, l.wqkv, q + kvd));
-    if (c.has_qkv_bias) {
-      PD_RETURN_IF_ERROR(upload_vector(p + "attn_q.bias", q, l.bqkv, 0));
-      PD_RETURN_IF_ERROR(upload_vector(p + "attn_k.bias", kvd, l.bqkv, q));
-      PD_RETURN_IF_ERROR(upload_vector(p + "attn_v.bias", kvd, l.bqkv, q + kvd));
-    }
-    PD_RETURN_IF_ERROR(upload_matrix(p + "attn_output.weight", q, d, l.wo, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_gate.weight", d, ffn, l.w_gate_up, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_up.weight", d, ffn, l.w_gate_up, ffn));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "ffn_down.weight", ffn, d, l.w_down, 0));
-  }
-  PD_RETURN_IF_ERROR(upload_matrix("token_embd.weight", d, c.vocab_size, im.embd, 0));
-  if (!c.tied_embeddings) PD_RETURN_IF_ERROR(upload_matrix("output.weight", d, c.vocab_size, im.output, 0));
-  PD_RETURN_IF_ERROR(upload_vector("output_norm.weight", d, im.output_norm, 0));
+  src.layer_prefix = "blk.{}.";
+  src.names = {"attn_norm.weight",   "ffn_norm.weight", "attn_q.weight",     "attn_k.weight",
+               "attn_v.weight",      "attn_q.bias",     "attn_k.bias",       "attn_v.bias",
+               "attn_output.weight", "ffn_gate.weight", "ffn_up.weight",     "ffn_down.weight",
+               "token_embd.weight",  "output.weight",   "output_norm.weight"};
+  PD_RETURN_IF_ERROR(m->upload_weights(src));
   std::vector<float> factors;
   if (f.find_tensor("rope_freqs.weight") != nullptr) {
     const GgufTensorInfo* t = f.find_tensor("rope_freqs.weight");
@@ -331,7 +357,6 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
   m->fingerprint_ = ck.fingerprint();
   Impl& im = *m->impl_;
-  const int64_t d = c.hidden_size, q = c.q_dim(), kvd = c.kv_dim(), ffn = c.ffn_size;
 
   auto tensor = [&](const std::string& name,
                     std::vector<int64_t> shape) -> StatusOr<const SafetensorsTensor*> {
@@ -355,8 +380,9 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
     }
   };
   std::vector<uint16_t> staging;
-  auto upload_matrix = [&](const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst,
-                           int64_t at) -> Status {
+  WeightSource src;
+  src.matrix = [&](const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst,
+                   int64_t at) -> Status {
     PD_ASSIGN_OR_RETURN(const SafetensorsTensor* t, tensor(name, {rows, cols}));
     uint16_t* out = dst.as<uint16_t>() + at * cols;
     if (t->dtype == SafetensorsDtype::kBF16) return cuda::copy_to_device(out, t->data, t->bytes);
@@ -366,33 +392,22 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
     return cuda::copy_to_device(out, staging.data(), staging.size() * 2);
   };
   std::vector<float> floats;
-  auto upload_vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
+  src.vector = [&](const std::string& name, int64_t n, DeviceBuffer& dst, int64_t at) -> Status {
     PD_ASSIGN_OR_RETURN(const SafetensorsTensor* t, tensor(name, {n}));
     floats.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) floats[static_cast<size_t>(i)] = to_float(*t, i);
     return cuda::copy_to_device(dst.as<float>() + at, floats.data(), floats.size() * 4);
   };
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    Impl::Layer& l = im.layers[static_cast<size_t>(i)];
-    const std::string p = fmt::format("model.layers.{}.", i);
-    PD_RETURN_IF_ERROR(upload_vector(p + "input_layernorm.weight", d, l.attn_norm, 0));
-    PD_RETURN_IF_ERROR(upload_vector(p + "post_attention_layernorm.weight", d, l.ffn_norm, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.q_proj.weight", q, d, l.wqkv, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.k_proj.weight", kvd, d, l.wqkv, q));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.v_proj.weight", kvd, d, l.wqkv, q + kvd));
-    if (c.has_qkv_bias) {
-      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.q_proj.bias", q, l.bqkv, 0));
-      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.k_proj.bias", kvd, l.bqkv, q));
-      PD_RETURN_IF_ERROR(upload_vector(p + "self_attn.v_proj.bias", kvd, l.bqkv, q + kvd));
-    }
-    PD_RETURN_IF_ERROR(upload_matrix(p + "self_attn.o_proj.weight", d, q, l.wo, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.gate_proj.weight", ffn, d, l.w_gate_up, 0));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.up_proj.weight", ffn, d, l.w_gate_up, ffn));
-    PD_RETURN_IF_ERROR(upload_matrix(p + "mlp.down_proj.weight", d, ffn, l.w_down, 0));
-  }
-  PD_RETURN_IF_ERROR(upload_matrix("model.embed_tokens.weight", c.vocab_size, d, im.embd, 0));
-  if (!c.tied_embeddings) PD_RETURN_IF_ERROR(upload_matrix("lm_head.weight", c.vocab_size, d, im.output, 0));
-  PD_RETURN_IF_ERROR(upload_vector("model.norm.weight", d, im.output_norm, 0));
+  src.layer_prefix = "model.layers.{}.";
+  src.names = {"input_layernorm.weight",    "post_attention_layernorm.weight",
+               "self_attn.q_proj.weight",   "self_attn.k_proj.weight",
+               "self_attn.v_proj.weight",   "self_attn.q_proj.bias",
+               "self_attn.k_proj.bias",     "self_attn.v_proj.bias",
+               "self_attn.o_proj.weight",   "mlp.gate_proj.weight",
+               "mlp.up_proj.weight",        "mlp.down_proj.weight",
+               "model.embed_tokens.weight", "lm_head.weight",
+               "model.norm.weight"};
+  PD_RETURN_IF_ERROR(m->upload_weights(src));
   const std::vector<float> inv =
       inverse_frequencies(c, c.rope_scaling.factor > 0 ? llama3_freq_factors(c) : std::vector<float>{});
   PD_RETURN_IF_ERROR(cuda::copy_to_device(im.inv_freq.data(), inv.data(), inv.size() * 4));

@@ -97,6 +97,9 @@ class CudaLlamaModel final : public ModelExecutor {
   cuda::DecodeAttentionArgs attention_args(const Shape& shape, int32_t layer) const;
   // Enqueues every kernel of the pass; no synchronous call (it may be captured).
   Status enqueue(const Shape& shape);
+  struct WeightSource;
+  // Every weight, through one format's source.
+  Status upload_weights(const WeightSource& source);
   static StatusOr<std::unique_ptr<CudaLlamaModel>> create(const ModelConfig& config,
                                                           const CudaModelOptions& options);
 

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/gemv_tuning.h"
 #include "kernels/cuda/ops.h"
 
@@ -18,15 +19,6 @@ namespace pdserve::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-
-__device__ __forceinline__ void bf16x8(const uint4& raw, float* out) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    out[2 * j] = __uint_as_float(w[j] << 16);
-    out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
-  }
-}
 
 __device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
 
@@ -87,13 +79,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
             xv[m][6] = round_bf16(x1.z * inv * w1.z);
             xv[m][7] = round_bf16(x1.w * inv * w1.w);
           } else {
-            bf16x8(*reinterpret_cast<const uint4*>(a.xb + m * K + k), xv[m]);
+            bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + m * K + k), xv[m]);
           }
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wv[8];
-          bf16x8(wraw[h][r], wv);
+          bf16x8_to_float(wraw[h][r], wv);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
 #pragma unroll

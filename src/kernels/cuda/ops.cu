@@ -5,16 +5,13 @@
 #include <climits>
 #include <cmath>
 
+#include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace pdserve::cuda {
 namespace {
 
 __device__ __forceinline__ float nan_value() { return __int_as_float(0x7fc00000); }
-__device__ __forceinline__ float bf16_bits_to_float(uint16_t b) { return __uint_as_float(uint32_t{b} << 16); }
-__device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
 
 // Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
 __device__ float block_sum(float v) {
@@ -307,15 +304,6 @@ constexpr int kUnroll = 4;
 constexpr int kMaxPartition = 512;
 constexpr int kMinPartition = 64;
 
-__device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    out[2 * j] = __uint_as_float(w[j] << 16);
-    out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
-  }
-}
-
 template <int HEAD_DIM, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads)
     decode_attention_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits, float* ws_acc,
@@ -361,19 +349,24 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
   }
 
-  // 1. Scores of the split's keys. Every lane runs the same trip count (shuffles need it).
-  for (int base = 0; base < n; base += kGroups * kUnroll) {
-    uint4 raw[kUnroll];
+  // This lane's 16 bytes of the kUnroll key rows base + u·kGroups + group (zeros past the split).
+  auto load_rows = [&](const uint16_t* rows, int base, uint4* raw) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * kGroups + group;
       raw[u] = make_uint4(0, 0, 0, 0);
       if (t < n) {
         const int pos = start + t;
-        const int64_t offset = table[pos / bs] * block_stride + (pos % bs) * HEAD_DIM;
-        raw[u] = *reinterpret_cast<const uint4*>(k_base + offset);
+        raw[u] =
+            *reinterpret_cast<const uint4*>(rows + table[pos / bs] * block_stride + (pos % bs) * HEAD_DIM);
       }
     }
+  };
+
+  // 1. Scores of the split's keys. Every lane runs the same trip count (shuffles need it).
+  for (int base = 0; base < n; base += kGroups * kUnroll) {
+    uint4 raw[kUnroll];
+    load_rows(k_base, base, raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * kGroups + group;
@@ -419,16 +412,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   float acc[GMAX][8] = {};
   for (int base = 0; base < n; base += kGroups * kUnroll) {
     uint4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = base + u * kGroups + group;
-      raw[u] = make_uint4(0, 0, 0, 0);
-      if (t < n) {
-        const int pos = start + t;
-        const int64_t offset = table[pos / bs] * block_stride + (pos % bs) * HEAD_DIM;
-        raw[u] = *reinterpret_cast<const uint4*>(v_base + offset);
-      }
-    }
+    load_rows(v_base, base, raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * kGroups + group;

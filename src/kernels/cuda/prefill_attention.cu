@@ -72,10 +72,132 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * HEAD_DIM + ((chunk ^ (row & 7)) * 8);
 }
 
+// One warp's part of attention: 16 query rows (lane holds rows lane/4, "lo", and lane/4 + 8, "hi"),
+// their Q fragments, and the online softmax state (m, l in the log2 domain; O in registers).
+template <int HEAD_DIM>
+struct WarpAttention {
+  static constexpr int kSteps = HEAD_DIM / 16;    // k-steps of Q·Kᵀ
+  static constexpr int kDimTiles = HEAD_DIM / 8;  // n-tiles of O
+  uint32_t qf[kSteps][4];
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0, l_hi = 0;
+  float o[kDimTiles][4];
+
+  // Q fragments (A operand, 16 × HEAD_DIM) straight from global memory; a null row reads zeros.
+  __device__ __forceinline__ void load_q(const uint16_t* q_lo, const uint16_t* q_hi, int lane) {
+    const int col = (lane % 4) * 2;
+    auto ld = [](const uint16_t* p, int c) {
+      return p != nullptr ? *reinterpret_cast<const uint32_t*>(p + c) : 0u;
+    };
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      qf[s][0] = ld(q_lo, s * 16 + col);
+      qf[s][1] = ld(q_hi, s * 16 + col);
+      qf[s][2] = ld(q_lo, s * 16 + col + 8);
+      qf[s][3] = ld(q_hi, s * 16 + col + 8);
+    }
+#pragma unroll
+    for (int t = 0; t < kDimTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0;
+  }
+
+  // One tile of KEYS keys from shared memory (kt, vt: KEYS swizzled rows), the first being key
+  // `key_base`: S = Q·Kᵀ, keys at or past a row's limit masked, the online softmax, O += P·V.
+  template <int KEYS>
+  __device__ __forceinline__ void tile(const uint16_t* kt, const uint16_t* vt, int key_base, int limit_lo,
+                                       int limit_hi, float scale_log2, int lane) {
+    // S: 16 rows × KEYS keys as n-tiles of 8 keys. Four 8×8 matrices per ldmatrix: keys
+    // n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15).
+    float s[KEYS / 8][4];
+#pragma unroll
+    for (int n = 0; n < KEYS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+      for (int n2 = 0; n2 < KEYS / 16; ++n2) {
+        const int mat = lane / 8;
+        uint32_t b[4];
+        ldmatrix_x4(b, kt + swizzle<HEAD_DIM>(n2 * 16 + (mat / 2) * 8 + lane % 8, ks * 2 + mat % 2));
+        mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
+        mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
+      }
+    }
+    // Mask, then the online softmax of rows lo and hi.
+    const int key0 = key_base + (lane % 4) * 2;
+    float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < KEYS / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + n * 8 + e;
+        s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
+        tmax_lo = fmaxf(tmax_lo, s[n][e]);
+        tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
+      tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
+    }
+    const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
+    // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
+    const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
+    const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
+    const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0, sum_hi = 0;
+#pragma unroll
+    for (int n = 0; n < KEYS / 8; ++n) {
+      s[n][0] = exp2f(s[n][0] - base_lo);
+      s[n][1] = exp2f(s[n][1] - base_lo);
+      s[n][2] = exp2f(s[n][2] - base_hi);
+      s[n][3] = exp2f(s[n][3] - base_hi);
+      sum_lo += s[n][0] + s[n][1];
+      sum_hi += s[n][2] + s[n][3];
+    }
+    l_lo = l_lo * corr_lo + sum_lo;  // per-thread partial sums; finish() folds the quad
+    l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+    for (int t = 0; t < kDimTiles; ++t) {
+      o[t][0] *= corr_lo;
+      o[t][1] *= corr_lo;
+      o[t][2] *= corr_hi;
+      o[t][3] *= corr_hi;
+    }
+    // O += P · V: P as the A operand (16 rows × 16 keys per k-step, from two S n-tiles); V through
+    // transposed ldmatrix: keys kk·16 + (0..7 | 8..15) × dims d2·16 + (0..7 | 8..15).
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; ++kk) {
+      uint32_t p[4];
+      p[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+      p[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+      p[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
+        const int mat = lane / 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vt + swizzle<HEAD_DIM>(kk * 16 + (mat % 2) * 8 + lane % 8, d2 * 2 + mat / 2));
+        mma_bf16(o[2 * d2], p, b[0], b[1]);
+        mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
+      }
+    }
+  }
+
+  // Folds each row's l over the quad of lanes that hold it (after the last tile).
+  __device__ __forceinline__ void finish() {
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+      l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    }
+  }
+};
+
 template <int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
   constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
-  constexpr int kSteps = HEAD_DIM / 16;  // k-steps of Q·Kᵀ
   constexpr int kDimTiles = HEAD_DIM / 8;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* k_tiles = smem;                         // [2][kKeys][HEAD_DIM], swizzled
@@ -129,34 +251,17 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int limit_hi = r_hi < rows ? first_pos + r_hi / group + 1 : 0;
   const bool warp_active = wrow < rows;
 
-  // Q fragments (A operand, 16 × HEAD_DIM), straight from global memory.
-  uint32_t qf[kSteps][4];
+  WarpAttention<HEAD_DIM> w;
   {
     auto q_ptr = [&](int r) -> const uint16_t* {
+      if (r >= rows) return nullptr;
       const int token = r / group;
       const int head = kv_head * group + r % group;
       return a.q + int64_t{q_start + token} * q_stride + int64_t{head} * HEAD_DIM;
     };
-    const uint16_t* q_lo = r_lo < rows ? q_ptr(r_lo) : nullptr;
-    const uint16_t* q_hi = r_hi < rows ? q_ptr(r_hi) : nullptr;
-    const int col = (lane % 4) * 2;
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      auto ld = [&](const uint16_t* p, int c) {
-        return p != nullptr ? *reinterpret_cast<const uint32_t*>(p + c) : 0u;
-      };
-      qf[s][0] = ld(q_lo, s * 16 + col);
-      qf[s][1] = ld(q_hi, s * 16 + col);
-      qf[s][2] = ld(q_lo, s * 16 + col + 8);
-      qf[s][3] = ld(q_hi, s * 16 + col + 8);
-    }
+    w.load_q(q_ptr(r_lo), q_ptr(r_hi), lane);
   }
-
   const float scale_log2 = a.scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0, l_hi = 0;
-  float o[kDimTiles][4];
-#pragma unroll
-  for (int t = 0; t < kDimTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile & 1;
@@ -176,99 +281,11 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
       continue;
     }
 
-    // S = Q · Kᵀ: 16 rows × 64 keys as 8 n-tiles of 8 keys.
-    float s[kKeys / 8][4];
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-#pragma unroll
-      for (int n2 = 0; n2 < kKeys / 16; ++n2) {
-        // Four 8×8 matrices: keys n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15).
-        const int mat = lane / 8;
-        const int key = n2 * 16 + (mat / 2) * 8 + lane % 8;
-        const int chunk = ks * 2 + mat % 2;
-        uint32_t b[4];
-        ldmatrix_x4(b, kt + swizzle<HEAD_DIM>(key, chunk));
-        mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
-        mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
-      }
-    }
-
-    // Mask, then the online softmax of rows lo and hi.
-    const int key0 = tile * kKeys + (lane % 4) * 2;
-    float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + n * 8 + e;
-        s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
-        s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
-        tmax_lo = fmaxf(tmax_lo, s[n][e]);
-        tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
-      }
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off *= 2) {
-      tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
-      tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
-    }
-    const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
-    // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
-    const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
-    const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
-    const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
-    m_lo = new_lo;
-    m_hi = new_hi;
-    float sum_lo = 0, sum_hi = 0;
-#pragma unroll
-    for (int n = 0; n < kKeys / 8; ++n) {
-      s[n][0] = exp2f(s[n][0] - base_lo);
-      s[n][1] = exp2f(s[n][1] - base_lo);
-      s[n][2] = exp2f(s[n][2] - base_hi);
-      s[n][3] = exp2f(s[n][3] - base_hi);
-      sum_lo += s[n][0] + s[n][1];
-      sum_hi += s[n][2] + s[n][3];
-    }
-    l_lo = l_lo * corr_lo + sum_lo;  // per-thread partial sums; the quad is summed at the end
-    l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-    for (int t = 0; t < kDimTiles; ++t) {
-      o[t][0] *= corr_lo;
-      o[t][1] *= corr_lo;
-      o[t][2] *= corr_hi;
-      o[t][3] *= corr_hi;
-    }
-
-    // O += P · V: P as the A operand (16 rows × 16 keys per k-step, from two S n-tiles).
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      uint32_t p[4];
-      p[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-      p[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-      p[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
-        // Four 8×8 matrices, transposed: keys kk·16 + (0..7 | 8..15) × dims d2·16 + (0..7 | 8..15).
-        const int mat = lane / 8;
-        const int key = kk * 16 + (mat % 2) * 8 + lane % 8;
-        const int chunk = d2 * 2 + mat / 2;
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + swizzle<HEAD_DIM>(key, chunk));
-        mma_bf16(o[2 * d2], p, b[0], b[1]);
-        mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
-      }
-    }
+    w.template tile<kKeys>(kt, vt, tile * kKeys, limit_lo, limit_hi, scale_log2, lane);
     __syncthreads();  // the stage is refilled two tiles from now
   }
 
-#pragma unroll
-  for (int off = 1; off <= 2; off *= 2) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
+  w.finish();
   auto store = [&](int r, int half, float l) {
     if (r >= rows) return;
     const int token = r / group;
@@ -277,10 +294,11 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
     const float inv = l > 0 ? 1.0f / l : 0.0f;
 #pragma unroll
     for (int t = 0; t < kDimTiles; ++t)
-      *reinterpret_cast<uint32_t*>(out + t * 8) = pack_bf16x2(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out + t * 8) =
+          pack_bf16x2(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
   };
-  store(r_lo, 0, l_lo);
-  store(r_hi, 1, l_hi);
+  store(r_lo, 0, w.l_lo);
+  store(r_hi, 1, w.l_hi);
 }
 
 // ---- decode: one query token per chunk ---------------------------------------------------------
@@ -294,7 +312,6 @@ constexpr int kDecodeKeys = 16;  // keys per warp tile
 template <int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAttentionArgs a) {
   constexpr int kChunks = HEAD_DIM / 8;
-  constexpr int kSteps = HEAD_DIM / 16;
   constexpr int kDimTiles = HEAD_DIM / 8;
   constexpr int kTileValues = kDecodeKeys * HEAD_DIM;     // one warp's K (or V) tile
   constexpr int kStageValues = 2 * kWarps * kTileValues;  // K then V, for the 4 warps
@@ -336,33 +353,17 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
   load_round(0, 0);
 
   const int r_lo = lane / 4, r_hi = r_lo + 8;
-  uint32_t qf[kSteps][4];
+  WarpAttention<HEAD_DIM> w;
   {
     auto q_ptr = [&](int r) -> const uint16_t* {
       return r < group ? a.q + int64_t{q_start} * q_stride + int64_t{kv_head * group + r} * HEAD_DIM
                        : nullptr;
     };
-    const uint16_t* q_lo = q_ptr(r_lo);
-    const uint16_t* q_hi = q_ptr(r_hi);
-    const int col = (lane % 4) * 2;
-#pragma unroll
-    for (int st = 0; st < kSteps; ++st) {
-      auto ld = [&](const uint16_t* p, int c) {
-        return p != nullptr ? *reinterpret_cast<const uint32_t*>(p + c) : 0u;
-      };
-      qf[st][0] = ld(q_lo, st * 16 + col);
-      qf[st][1] = ld(q_hi, st * 16 + col);
-      qf[st][2] = ld(q_lo, st * 16 + col + 8);
-      qf[st][3] = ld(q_hi, st * 16 + col + 8);
-    }
+    w.load_q(q_ptr(r_lo), q_ptr(r_hi), lane);
   }
   const int limit_lo = r_lo < group ? keys : 0;
   const int limit_hi = r_hi < group ? keys : 0;
   const float scale_log2 = a.scale * 1.4426950408889634f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0, l_hi = 0;
-  float o[kDimTiles][4];
-#pragma unroll
-  for (int t = 0; t < kDimTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0;
 
   for (int round = 0; round < rounds; ++round) {
     const int stage = round & 1;
@@ -376,111 +377,30 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
     const uint16_t* kt = smem + stage * kStageValues + warp * kTileValues;
     const uint16_t* vt = smem + stage * kStageValues + (kWarps + warp) * kTileValues;
     const int tile_key0 = round * kRoundKeys + warp * kDecodeKeys;
-    if (tile_key0 < keys) {
-      float s[kDecodeKeys / 8][4];
-#pragma unroll
-      for (int n = 0; n < kDecodeKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-#pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) {
-#pragma unroll
-        for (int n2 = 0; n2 < kDecodeKeys / 16; ++n2) {
-          const int mat = lane / 8;
-          const int key = n2 * 16 + (mat / 2) * 8 + lane % 8;
-          const int chunk_i = ks * 2 + mat % 2;
-          uint32_t b[4];
-          ldmatrix_x4(b, kt + swizzle<HEAD_DIM>(key, chunk_i));
-          mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
-          mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
-        }
-      }
-      const int key0 = tile_key0 + (lane % 4) * 2;
-      float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < kDecodeKeys / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = key0 + n * 8 + e;
-          s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
-          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
-          tmax_lo = fmaxf(tmax_lo, s[n][e]);
-          tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
-        }
-      }
-#pragma unroll
-      for (int off = 1; off <= 2; off *= 2) {
-        tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
-        tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
-      }
-      const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
-      const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
-      const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
-      const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
-      m_lo = new_lo;
-      m_hi = new_hi;
-      float sum_lo = 0, sum_hi = 0;
-#pragma unroll
-      for (int n = 0; n < kDecodeKeys / 8; ++n) {
-        s[n][0] = exp2f(s[n][0] - base_lo);
-        s[n][1] = exp2f(s[n][1] - base_lo);
-        s[n][2] = exp2f(s[n][2] - base_hi);
-        s[n][3] = exp2f(s[n][3] - base_hi);
-        sum_lo += s[n][0] + s[n][1];
-        sum_hi += s[n][2] + s[n][3];
-      }
-      l_lo = l_lo * corr_lo + sum_lo;
-      l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-      for (int t = 0; t < kDimTiles; ++t) {
-        o[t][0] *= corr_lo;
-        o[t][1] *= corr_lo;
-        o[t][2] *= corr_hi;
-        o[t][3] *= corr_hi;
-      }
-#pragma unroll
-      for (int kk = 0; kk < kDecodeKeys / 16; ++kk) {
-        uint32_t p[4];
-        p[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-        p[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-        p[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-        for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
-          const int mat = lane / 8;
-          const int key = kk * 16 + (mat % 2) * 8 + lane % 8;
-          const int chunk_i = d2 * 2 + mat / 2;
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, vt + swizzle<HEAD_DIM>(key, chunk_i));
-          mma_bf16(o[2 * d2], p, b[0], b[1]);
-          mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
-        }
-      }
-    }
+    if (tile_key0 < keys)
+      w.template tile<kDecodeKeys>(kt, vt, tile_key0, limit_lo, limit_hi, scale_log2, lane);
     __syncthreads();  // the stage is refilled two rounds from now
   }
 
   // Merge the 4 warps' states: m and l per row, O per row and dim, through shared memory.
-#pragma unroll
-  for (int off = 1; off <= 2; off *= 2) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-  }
+  w.finish();
   float* fs = reinterpret_cast<float*>(smem);
   float* s_m = fs;                    // [kWarps][16]
   float* s_l = fs + kWarps * 16;      // [kWarps][16]
   float* s_o = fs + 2 * kWarps * 16;  // [kWarps][16][HEAD_DIM]
   if (lane % 4 == 0) {
-    s_m[warp * 16 + r_lo] = m_lo;
-    s_m[warp * 16 + r_hi] = m_hi;
-    s_l[warp * 16 + r_lo] = l_lo;
-    s_l[warp * 16 + r_hi] = l_hi;
+    s_m[warp * 16 + r_lo] = w.m_lo;
+    s_m[warp * 16 + r_hi] = w.m_hi;
+    s_l[warp * 16 + r_lo] = w.l_lo;
+    s_l[warp * 16 + r_hi] = w.l_hi;
   }
 #pragma unroll
   for (int t = 0; t < kDimTiles; ++t) {
     const int d = t * 8 + (lane % 4) * 2;
-    s_o[(warp * 16 + r_lo) * HEAD_DIM + d] = o[t][0];
-    s_o[(warp * 16 + r_lo) * HEAD_DIM + d + 1] = o[t][1];
-    s_o[(warp * 16 + r_hi) * HEAD_DIM + d] = o[t][2];
-    s_o[(warp * 16 + r_hi) * HEAD_DIM + d + 1] = o[t][3];
+    s_o[(warp * 16 + r_lo) * HEAD_DIM + d] = w.o[t][0];
+    s_o[(warp * 16 + r_lo) * HEAD_DIM + d + 1] = w.o[t][1];
+    s_o[(warp * 16 + r_hi) * HEAD_DIM + d] = w.o[t][2];
+    s_o[(warp * 16 + r_hi) * HEAD_DIM + d + 1] = w.o[t][3];
   }
   __syncthreads();
   for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
