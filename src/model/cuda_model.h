@@ -4,9 +4,11 @@
 // The same contract as LlamaModel::forward: one call runs a batch of sequence chunks (prefill
 // chunks of any length and single decode tokens mixed) and returns logits for the chunks that
 // ask for them. Weights come from a GGUF file (every supported type dequantized to bf16 at
-// load) or are synthetic: the shapes of a published model with seeded random values made on
-// the GPU (benchmarks; no file needed). Not batch-invariant: cuBLAS may pick another algorithm
-// for another batch size, so logits differ in the last bits between batch compositions.
+// load), a Hugging Face checkpoint, or are synthetic: the shapes of a published model with
+// seeded random values made on the GPU (benchmarks; no file needed). Not batch-invariant: the
+// kernels chosen (cuBLAS algorithms, matrix-vector kernels for up to 8 rows, the attention
+// form for wide decode batches) depend on the batch, so logits differ in the last bits between
+// batch compositions.
 // Thread-safety: one thread at a time (forward() uses the model's scratch and stream).
 #pragma once
 
@@ -51,7 +53,8 @@ class CudaLlamaModel final : public ModelExecutor {
   ~CudaLlamaModel() override;
 
   const ModelConfig& config() const override { return config_; }
-  // The GGUF file's fingerprint, or one made of a synthetic model's name and seed.
+  // The GGUF file's or the checkpoint's fingerprint, or one made of a synthetic model's name and
+  // seed.
   uint64_t fingerprint() const override { return fingerprint_; }
   KvStorage* host_kv() override { return nullptr; }
   size_t kv_bytes() const override;
