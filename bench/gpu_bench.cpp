@@ -24,7 +24,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cpu/fp16.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/gemv_tuning.h"
 #include "kernels/cuda/ops.h"
@@ -68,23 +67,11 @@ double median_ms(int warmup, int reps, StreamHandle stream, const std::function<
   return ms[ms.size() / 2];
 }
 
-// Uniform bf16 values in [-scale, scale] (a cheap generator: this fills hundreds of MiB).
-std::vector<uint16_t> random_bf16(size_t n, float scale, uint64_t seed) {
-  std::vector<uint16_t> v(n);
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (size_t i = 0; i < n; ++i) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    const float u = static_cast<float>(x >> 40) / static_cast<float>(1u << 24) * 2.0f - 1.0f;
-    v[i] = cpu::fp32_to_bf16(u * scale);
-  }
-  return v;
-}
-
-DeviceBuffer upload(const std::vector<uint16_t>& v) {
-  DeviceBuffer b = value_or_die(DeviceBuffer::allocate(v.size() * 2), "allocate");
-  CHECK_OK(copy_to_device(b.data(), v.data(), v.size() * 2));
+// n bf16 values, uniform in [-scale, scale], made on the GPU (cuda::fill_uniform_bf16).
+DeviceBuffer random_bf16(size_t n, float scale, uint64_t seed) {
+  DeviceBuffer b = value_or_die(DeviceBuffer::allocate(n * 2), "allocate");
+  CHECK_OK(fill_uniform_bf16(b.as<uint16_t>(), static_cast<int64_t>(n), 0.0f, scale, seed, nullptr));
+  CHECK_OK(synchronize());
   return b;
 }
 
@@ -471,8 +458,8 @@ int main(int argc, char** argv) {
   {
     const int64_t n = quick ? 4096 : 8192;
     Blas blas = value_or_die(Blas::create(), "blas");
-    DeviceBuffer x = upload(random_bf16(n * n, 1.0f, 1));
-    DeviceBuffer w = upload(random_bf16(n * n, 1.0f, 2));
+    DeviceBuffer x = random_bf16(n * n, 1.0f, 1);
+    DeviceBuffer w = random_bf16(n * n, 1.0f, 2);
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(n * n * 2), "allocate");
     const double ms = median_ms(3, reps, stream.get(), [&] {
       CHECK_OK(blas.matmul(x.as<uint16_t>(), w.as<uint16_t>(), n, n, n, y.as<uint16_t>(), stream.get()));
@@ -530,8 +517,8 @@ int main(int argc, char** argv) {
                           {"o", 4096, 4096, false},
                           {"gate_up", 28672, 4096, true},
                           {"down", 4096, 14336, false}};
-    DeviceBuffer w = upload(random_bf16(size_t{28672} * 4096, 0.05f, 11));
-    DeviceBuffer xb = upload(random_bf16(14336, 1.0f, 12));
+    DeviceBuffer w = random_bf16(size_t{28672} * 4096, 0.05f, 11);
+    DeviceBuffer xb = random_bf16(14336, 1.0f, 12);
     DeviceBuffer x = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer nw = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(28672 * 4), "allocate");
@@ -588,9 +575,9 @@ int main(int argc, char** argv) {
         const int32_t blocks_per_seq = ctx / block;
         const int64_t blocks = int64_t{batch} * blocks_per_seq;
         const int64_t kv_values = blocks * block * kv_heads * head_dim;
-        DeviceBuffer k = upload(random_bf16(kv_values, 1.0f, 3));
-        DeviceBuffer v = upload(random_bf16(kv_values, 1.0f, 4));
-        DeviceBuffer q = upload(random_bf16(int64_t{batch} * heads * head_dim, 1.0f, 5));
+        DeviceBuffer k = random_bf16(kv_values, 1.0f, 3);
+        DeviceBuffer v = random_bf16(kv_values, 1.0f, 4);
+        DeviceBuffer q = random_bf16(int64_t{batch} * heads * head_dim, 1.0f, 5);
         DeviceBuffer o =
             value_or_die(DeviceBuffer::allocate(int64_t{batch} * heads * head_dim * 2), "allocate");
         // Blocks of each sequence spread over the pool, as after a while of serving.

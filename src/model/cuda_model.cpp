@@ -106,7 +106,6 @@ struct CudaLlamaModel::Impl {
 
   std::optional<cuda::Stream> stream;
   std::optional<cuda::Blas> blas;
-  int multiprocessors = 132;
 
   // Scratch, grown as batches grow.
   int64_t capacity_tokens = 0;  // rows every token buffer holds (0 while one is missing)
@@ -176,7 +175,6 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
         "a build for it (-DCMAKE_CUDA_ARCHITECTURES={}{})",
         options.device, info->name, info->compute_major, info->compute_minor, info->compute_major,
         info->compute_minor));
-  impl->multiprocessors = info->multiprocessors;
   PD_RETURN_IF_ERROR(cuda::prepare_prefill_attention());
 
   const int64_t d = c.hidden_size, qkv = c.q_dim() + 2 * int64_t{c.kv_dim()}, ffn = c.ffn_size;
@@ -622,7 +620,8 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   // its 4 warps streaming interleaved 16-key tiles) is faster (docs/perf/gpu-kernel-notes.md) — up
   // to 8192 keys: one CTA walks a whole sequence there, so a very long one among short ones is
   // better split. Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
-  const bool wide = C * c.num_kv_heads >= 2 * int64_t{im.multiprocessors} && shape.max_len <= 8192;
+  const bool wide =
+      C * c.num_kv_heads >= 2 * int64_t{cuda::current_multiprocessors()} && shape.max_len <= 8192;
   const bool decode_only = shape.max_chunk == 1 && !wide;
   cuda::PrefillAttentionArgs prefill;
   prefill.q = im.q.as<uint16_t>();
