@@ -97,11 +97,19 @@ int run_instance(void* p) {
     fmt::print(stderr, "error: {}\n", device.status().message());
     return 2;
   }
-  if (device->cuda && role != EngineRole::kMixed) {
-    fmt::print(
-        stderr,
-        "error: --device cuda needs --role mixed: prefill and decode instances move the KV cache between "
-        "host buffers, and the GPU KV transport between instances is not built yet\n");
+  if (role != EngineRole::kMixed && device->cuda != (a.transport == "cuda-ipc")) {
+    if (device->cuda)
+      fmt::print(
+          stderr,
+          "error: a {} instance on a GPU keeps its KV cache in GPU memory: give --transport cuda-ipc (GPU to "
+          "GPU on this host), not {}\n",
+          a.role, a.transport);
+    else
+      fmt::print(
+          stderr,
+          "error: a {} instance on the CPU keeps its KV cache in host memory: give --transport shm or tcp, "
+          "not {}\n",
+          a.role, a.transport);
     return 2;
   }
   StatusOr<LoadedModel> loaded = load_model_for(a.model, *device);
@@ -109,7 +117,7 @@ int run_instance(void* p) {
     fmt::print(stderr, "error: {}\n", loaded.status().message());
     return 1;
   }
-  StatusOr<ModelConfig> config = ModelConfig::from_gguf(*loaded->file);
+  StatusOr<ModelConfig> config = loaded_model_config(*loaded);
   if (!config.ok()) {
     fmt::print(stderr, "error: {}\n", config.status().message());
     return 1;
@@ -134,7 +142,8 @@ int run_instance(void* p) {
     to.send = role == EngineRole::kPrefill;
     to.receive = role == EngineRole::kDecode;
     to.tcp_listen = a.kv_listen;
-    StatusOr<KvTransport> t = make_transport(*kind, to);
+    to.cuda_device = device->index;
+    StatusOr<KvTransport> t = make_instance_transport(*kind, to);
     if (!t.ok()) {
       fmt::print(stderr, "error: KV transport '{}': {}\n", a.transport, t.status().message());
       return 1;
@@ -287,7 +296,7 @@ int run_gateway(void* p) {
   return run_openai_front(a.front, [&a, cluster](api::ApiService&) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<GatewayState>();
     PD_ASSIGN_OR_RETURN(state->model, load_model(a.front.model_path, /*weights=*/false));
-    const uint64_t fingerprint = state->model.file->fingerprint();
+    const uint64_t fingerprint = loaded_model_fingerprint(state->model);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
     RemoteInstanceOptions remote;
     remote.token = internal_token_or_env(a.internal_token);
@@ -371,9 +380,10 @@ void register_cluster_commands(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
   inst->add_option("--transport", ia->transport,
-                   "How KV moves between prefill and decode: shm (same host) or tcp (across hosts)")
+                   "How KV moves between prefill and decode: shm (same host) or tcp (across hosts) for "
+                   "instances on the CPU; cuda-ipc (GPU to GPU, same host) for instances on GPUs")
       ->capture_default_str()
-      ->check(CLI::IsMember({"shm", "tcp"}));
+      ->check(CLI::IsMember({"shm", "tcp", "cuda-ipc"}));
   inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")
       ->capture_default_str();
   inst->add_option("--internal-token", ia->internal_token, kInternalTokenHelp);

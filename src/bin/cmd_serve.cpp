@@ -123,10 +123,11 @@ int run_serve(void* p) {
     if (a.mode.empty()) a.mode = device.cuda ? "aggregated" : "disaggregated";
     if (device.cuda && a.mode != "aggregated")
       return invalid_argument(
-          "--device cuda needs --mode aggregated: the disaggregated mode moves the KV cache between host "
-          "buffers, and the GPU KV transport between instances is not built yet");
+          "--device cuda needs --mode aggregated here: this process's in-process KV transfer moves host "
+          "memory; for prefill and decode on GPUs run `pdserve launch` with instances on GPUs and transport "
+          "= \"cuda-ipc\"");
     PD_ASSIGN_OR_RETURN(state->model, load_model_for(a.front.model_path, device));
-    PD_ASSIGN_OR_RETURN(ModelConfig cfg, ModelConfig::from_gguf(*state->model.file));
+    PD_ASSIGN_OR_RETURN(ModelConfig cfg, loaded_model_config(state->model));
     PD_ASSIGN_OR_RETURN(EngineOptions eo, engine_options(a.engine, cfg));
     eo.on_step = [&service](double seconds, int32_t tokens) { service.observe_step(seconds, tokens); };
     // NOTE: one pool for every engine of this process: their forward passes take turns (the model

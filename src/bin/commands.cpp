@@ -22,4 +22,6 @@ const char* default_model_path() {
   return PDSERVE_DEFAULT_MODEL;
 }
 
+const char* builtin_model_path() { return PDSERVE_DEFAULT_MODEL; }
+
 }  // namespace pdserve

@@ -22,5 +22,7 @@ void set_command_action(int (*action)(void*), void* state);
 // The default model path: $PDSERVE_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf
 // under the directory the project was built from.
 const char* default_model_path();
+// The default model as built in ($PDSERVE_MODEL aside): synthetic models borrow its tokenizer.
+const char* builtin_model_path();
 
 }  // namespace pdserve

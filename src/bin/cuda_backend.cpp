@@ -1,22 +1,38 @@
-// make_cuda_executor in a build with the CUDA backend.
+// The CUDA backend's half of serve_support.h, in a build with it: the executor on a GPU (a GGUF
+// file's weights dequantized to bf16, or a synthetic model), and the cuda-ipc KV transport.
 #include <fmt/format.h>
 
 #include "bin/serve_support.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
+#include "transfer/cuda_ipc.h"
 
 namespace pdserve {
 
-StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const GgufFile& file, int device,
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, int device,
                                                             int32_t num_blocks, int32_t block_size) {
   if (cuda::device_count() == 0)
     return unavailable("--device cuda: no GPU here (" + cuda::no_device_reason() + "); use --device cpu");
   if (device >= cuda::device_count())
     return invalid_argument(fmt::format("--device cuda:{}: this machine has {} GPU(s), cuda:0 to cuda:{}",
                                         device, cuda::device_count(), cuda::device_count() - 1));
-  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m,
-                      CudaLlamaModel::load_gguf(file, CudaModelOptions{device, num_blocks, block_size}));
-  return std::unique_ptr<ModelExecutor>(std::move(m));
+  const CudaModelOptions options{device, num_blocks, block_size};
+  std::unique_ptr<CudaLlamaModel> model;
+  if (!m.synthetic.empty()) {
+    PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::synthetic(m.synthetic, options, kServedSyntheticSeed,
+                                                         m.tokenizer->vocab_size()));
+  } else {
+    PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::load_gguf(*m.file, options));
+  }
+  return std::unique_ptr<ModelExecutor>(std::move(model));
+}
+
+StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size) {
+  return CudaLlamaModel::synthetic_config(name, vocab_size);
+}
+
+StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& options) {
+  return make_cuda_ipc_transport(options);
 }
 
 }  // namespace pdserve

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "api/http_server.h"
+#include "bin/commands.h"
 #include "common/log.h"
 #include "kvcache/budget.h"
 
@@ -78,7 +79,15 @@ void raise_fd_limit() {
 
 StatusOr<LoadedModel> load_model(const std::string& path, bool weights) {
   LoadedModel l;
-  PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(path));
+  std::string file_path = path;
+  if (path.starts_with("synthetic:")) {
+    if (weights)
+      return invalid_argument(fmt::format(
+          "{} is a synthetic model (random weights made on a GPU): run it with --device cuda", path));
+    l.synthetic = path;
+    file_path = builtin_model_path();
+  }
+  PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(file_path));
   l.file = std::shared_ptr<const GgufFile>(std::move(file));
   if (weights) {
     PD_ASSIGN_OR_RETURN(l.model, LlamaModel::load(l.file));
@@ -142,9 +151,25 @@ StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice
   return load_model(path, /*weights=*/!device.cuda);
 }
 
+StatusOr<ModelConfig> loaded_model_config(const LoadedModel& m) {
+  if (!m.synthetic.empty()) return synthetic_model_config(m.synthetic, m.tokenizer->vocab_size());
+  return ModelConfig::from_gguf(*m.file);
+}
+
+uint64_t loaded_model_fingerprint(const LoadedModel& m) {
+  if (!m.synthetic.empty())
+    return synthetic_model_fingerprint(m.synthetic, kServedSyntheticSeed, m.tokenizer->vocab_size());
+  return m.file->fingerprint();
+}
+
+StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options) {
+  if (kind == TransportKind::kCudaIpc) return make_cuda_transport(options);
+  return make_transport(kind, options);
+}
+
 StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
                                                        ThreadPool& pool, const EngineOptions& o) {
-  if (device.cuda) return make_cuda_executor(*m.file, device.index, o.num_blocks, o.block_size);
+  if (device.cuda) return make_cuda_executor(m, device.index, o.num_blocks, o.block_size);
   if (m.model == nullptr) return internal_error("make_executor: the model was loaded without weights");
   return std::unique_ptr<ModelExecutor>(
       std::make_unique<CpuExecutor>(*m.model, pool, o.num_blocks, o.block_size));
@@ -155,7 +180,7 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
          "--device", f.device,
          "Where the model runs: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are dequantized to "
          "bf16 and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a fraction is of "
-         "host memory); prefill and decode roles need the CPU for now")
+         "host memory); prefill and decode roles on GPUs move KV with --transport cuda-ipc")
       ->capture_default_str();
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
       ->capture_default_str()
@@ -284,7 +309,10 @@ int run_openai_front(FrontOptions o, const FrontLoader& load) {
   if (o.api_key.empty()) {
     if (const char* env = std::getenv("PDSERVE_API_KEY"); env && *env) o.api_key = env;
   }
-  if (o.served_model_name.empty()) o.served_model_name = std::filesystem::path(o.model_path).stem().string();
+  if (o.served_model_name.empty())
+    o.served_model_name = o.model_path.starts_with("synthetic:")
+                              ? o.model_path
+                              : std::filesystem::path(o.model_path).stem().string();
   std::signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();
   start_signal_thread();  // before any other thread, so that they all inherit the blocked mask

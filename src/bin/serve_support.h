@@ -36,14 +36,26 @@ void set_loading(bool loading);
 void raise_fd_limit();
 
 struct LoadedModel {
+  // A synthetic model ("synthetic:llama-3.1-8b": a published model's shapes, random weights made
+  // on the GPU, for benchmarks) has no file of its own: `file` is then the built-in default model,
+  // whose tokenizer and chat template it borrows, and its vocabulary is that tokenizer's.
+  std::string synthetic;
   std::shared_ptr<const GgufFile> file;
   std::unique_ptr<LlamaModel> model;  // null when loaded without weights
   std::unique_ptr<Tokenizer> tokenizer;
   std::optional<ChatTemplate> chat_template;  // none: chat completions answer 400
 };
 // The GGUF file, its tokenizer and chat template, and (weights = true) the model itself. A
-// gateway tokenizes and applies the template but runs no model.
+// gateway tokenizes and applies the template but runs no model. "synthetic:NAME" loads the
+// borrowed tokenizer (weights = true is refused: such a model runs on a GPU only).
 StatusOr<LoadedModel> load_model(const std::string& path, bool weights);
+// The model's configuration (a synthetic model's from the CUDA backend).
+StatusOr<ModelConfig> loaded_model_config(const LoadedModel& m);
+// Seed of a served synthetic model's weights: the same in every process, so the prefills and
+// decodes of a cluster run one model.
+inline constexpr uint64_t kServedSyntheticSeed = 1;
+// What the model's instances report as its fingerprint (the file's, or the synthetic model's).
+uint64_t loaded_model_fingerprint(const LoadedModel& m);
 
 // The engine flags of `serve` and `instance`.
 struct EngineFlags {
@@ -77,10 +89,14 @@ StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice
 // weights on the GPU; a KV cache of o.num_blocks × o.block_size either way.
 StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
                                                        ThreadPool& pool, const EngineOptions& o);
-// The CUDA backend's half of make_executor (cuda_backend.cpp, or no_cuda_backend.cpp in a build
-// without nvcc, which says so).
-StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const GgufFile& file, int device,
+// The CUDA backend's half of make_executor and of loaded_model_config, and its KV transport
+// (cuda_backend.cpp, or no_cuda_backend.cpp in a build without nvcc, which says so).
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, int device,
                                                             int32_t num_blocks, int32_t block_size);
+StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size);
+StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& options);
+// The KV transport of an instance: cuda-ipc from the CUDA backend, the others from make_transport.
+StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options);
 
 // KV transport options for a prefill's send pool: room for prefill_slots prompts of the longest
 // context (reserved, touched only where used), a lease a little longer than the engine's.

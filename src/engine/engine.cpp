@@ -90,12 +90,25 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
   metrics_.kv = kv_.stats();
   const ModelConfig& c = config_;
   KvStorage* host = executor_->host_kv();
-  PD_CHECK_MSG(host != nullptr || options.role == EngineRole::kMixed,
-               "a prefill or decode engine needs its KV cache in host memory");
+  const std::optional<DeviceKv> device_kv = executor_->device_kv();
+  PD_CHECK_MSG(host != nullptr || device_kv.has_value() || options.role == EngineRole::kMixed,
+               "a prefill or decode engine needs a KV cache a transport can move");
   if (host != nullptr) {
     PD_CHECK(host->num_blocks() == options.num_blocks && host->block_size() == options.block_size);
     kv_view_ = PagedKvView{host->block_data(0), host->block_bytes(), options.num_blocks, options.block_size,
                            KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()}};
+  } else if (device_kv.has_value()) {
+    kv_view_ = PagedKvView{device_kv->base,
+                           static_cast<size_t>(options.block_size) * static_cast<size_t>(c.kv_dim()) * 2,
+                           options.num_blocks, options.block_size,
+                           KvLayout{executor_->fingerprint(), KvDtype::kBF16, c.num_layers, c.kv_dim()}};
+    kv_view_.memory = KvMemory::kCuda;
+    kv_view_.cuda_device = device_kv->device;
+    kv_view_.num_kv_heads = c.num_kv_heads;
+    kv_view_.layer_bytes = device_kv->layer_bytes;
+    kv_view_.v_offset_bytes = device_kv->v_offset_bytes;
+    Status view_ok = kv_view_.validate();
+    PD_CHECK_MSG(view_ok.ok(), view_ok.message().c_str());
   } else {
     kv_view_.layout = KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()};
   }
@@ -555,18 +568,31 @@ void Engine::step() {
   ForwardBatch batch;
   batch_tokens_.clear();
   int32_t num_logits = 0;
+  // Where every row is plain greedy without log-probabilities, a GPU picks the tokens itself and
+  // only their ids cross to the host (not vocab_size floats per row).
+  bool on_device = executor_->greedy_on_device();
   for (const ScheduledChunk& c : plan.chunks) {
     auto toks = scheduler_.tokens(c.seq).subspan(static_cast<size_t>(c.first_position),
                                                  static_cast<size_t>(c.num_tokens));
     batch_tokens_.insert(batch_tokens_.end(), toks.begin(), toks.end());
     batch.chunks.push_back({c.first_position, c.num_tokens, scheduler_.block_table(c.seq), c.want_logits});
     num_logits += c.want_logits ? 1 : 0;
+    if (c.want_logits) {
+      const Active& a = *active_.at(c.seq);
+      on_device = on_device && a.sampler.plain_greedy() && !a.request.logprobs;
+    }
   }
   batch.tokens = batch_tokens_;
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
-  if (logits_.size() < static_cast<size_t>(num_logits) * vocab)
-    logits_.resize(static_cast<size_t>(num_logits) * vocab);
-  Status st = executor_->forward(batch, logits_.data());
+  Status st;
+  if (on_device) {
+    next_tokens_.resize(static_cast<size_t>(num_logits));
+    st = executor_->forward_argmax(batch, next_tokens_.data());
+  } else {
+    if (logits_.size() < static_cast<size_t>(num_logits) * vocab)
+      logits_.resize(static_cast<size_t>(num_logits) * vocab);
+    st = executor_->forward(batch, logits_.data());
+  }
   if (!st.ok()) {
     // A forward error is a bug or a corrupt model; fail this step's requests, keep serving.
     PD_LOG_ERROR("engine: forward pass failed: {}", st.message());
@@ -586,11 +612,16 @@ void Engine::step() {
   size_t row = 0;
   for (const ScheduledChunk& c : plan.chunks) {
     if (!c.want_logits) continue;
-    float* lg = logits_.data() + row * vocab;
-    ++row;
     Active& a = *active_.at(c.seq);
     if (a.stream.num_tokens() == 0) a.cached_prompt_tokens = scheduler_.num_cached_prompt_tokens(c.seq);
-    SampleResult r = a.sampler.sample(std::span<float>(lg, vocab), scheduler_.tokens(c.seq));
+    SampleResult r;
+    if (on_device) {
+      r.token = next_tokens_[row];
+    } else {
+      r = a.sampler.sample(std::span<float>(logits_.data() + row * vocab, vocab), scheduler_.tokens(c.seq),
+                           a.request.logprobs);
+    }
+    ++row;
     scheduler_.append_token(c.seq, r.token);
     ++generated_tokens_total_;
     TextStream::Update u = a.stream.feed(r.token);

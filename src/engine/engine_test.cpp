@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <future>
 
 #include "engine/test_model.h"
@@ -93,6 +95,68 @@ TEST_F(EngineTest, ConcurrentGreedyRequestsMatchRunningAlone) {
   EXPECT_EQ(m.kv.num_blocks_used, 0);
   EXPECT_EQ(m.running, 0);
   EXPECT_EQ(m.finished_by_reason["length"] + m.finished_by_reason["stop"], 32);
+}
+
+// A backend that picks greedy tokens where its logits are (as a GPU does): here the CPU engine
+// with its own argmax over the logits, counting which path each step took.
+class ArgmaxExecutor final : public ModelExecutor {
+ public:
+  ArgmaxExecutor(LlamaModel& model, ThreadPool& pool, int32_t blocks, int32_t block_size)
+      : cpu_(model, pool, blocks, block_size) {}
+  const ModelConfig& config() const override { return cpu_.config(); }
+  uint64_t fingerprint() const override { return cpu_.fingerprint(); }
+  Status forward(const ForwardBatch& batch, float* logits) override {
+    ++logits_steps;
+    return cpu_.forward(batch, logits);
+  }
+  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) override {
+    ++argmax_steps;
+    size_t rows = 0;
+    for (const SequenceChunk& c : batch.chunks) rows += c.want_logits ? 1 : 0;
+    const size_t vocab = static_cast<size_t>(cpu_.config().vocab_size);
+    std::vector<float> logits(rows * vocab);
+    PD_RETURN_IF_ERROR(cpu_.forward(batch, logits.data()));
+    for (size_t r = 0; r < rows; ++r) {
+      const float* row = logits.data() + r * vocab;
+      next_tokens[r] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+    }
+    return ok_status();
+  }
+  bool greedy_on_device() const override { return true; }
+  KvStorage* host_kv() override { return cpu_.host_kv(); }
+  size_t kv_bytes() const override { return cpu_.kv_bytes(); }
+  std::string device() const override { return "argmax test backend"; }
+
+  std::atomic<int> logits_steps{0};
+  std::atomic<int> argmax_steps{0};
+
+ private:
+  CpuExecutor cpu_;
+};
+
+TEST_F(EngineTest, GreedyTokensChosenOnTheBackendEqualTheSamplers) {
+  const EngineOptions o = options();
+  auto exec = std::make_unique<ArgmaxExecutor>(*model_, *pool_, o.num_blocks, o.block_size);
+  ArgmaxExecutor* x = exec.get();
+  Engine on_device(std::move(exec), *tokenizer_, o);
+  Engine on_host(*model_, *tokenizer_, *pool_, o);
+  for (int i = 0; i < 4; ++i) {
+    const Result a = run_one(on_device, request(kPrompts[i], 16));
+    EXPECT_EQ(a.tokens, run_one(on_host, request(kPrompts[i], 16)).tokens) << kPrompts[i];
+  }
+  EXPECT_GT(x->argmax_steps.load(), 0);
+  EXPECT_EQ(x->logits_steps.load(), 0);
+  // Log-probabilities and penalties need the logits on the host.
+  EngineRequest with_logprobs = request(kPrompts[0], 4);
+  with_logprobs.logprobs = true;
+  Result r = run_one(on_device, with_logprobs);
+  EXPECT_EQ(r.finish_reason, "length");
+  const int after_logprobs = x->logits_steps.load();
+  EXPECT_GT(after_logprobs, 0);
+  EngineRequest penalised = request(kPrompts[1], 4);
+  penalised.sampling.repetition_penalty = 1.3f;
+  run_one(on_device, penalised);
+  EXPECT_GT(x->logits_steps.load(), after_logprobs);
 }
 
 TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {

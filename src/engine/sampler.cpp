@@ -30,7 +30,7 @@ Status SamplingParams::validate() const {
   return ok_status();
 }
 
-SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
+SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
   // Penalties, over each distinct token of the history.
   if (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
@@ -48,11 +48,15 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
     }
   }
 
-  // Log-softmax of the penalized logits, for reported log-probabilities.
-  float max_logit = *std::max_element(logits.begin(), logits.end());
-  double sum = 0.0;
-  for (float l : logits) sum += std::exp(static_cast<double>(l - max_logit));
-  const float log_z = max_logit + static_cast<float>(std::log(sum));
+  // Log-softmax of the penalized logits, for reported log-probabilities (a pass of exp over the
+  // vocabulary: skipped when nobody reads them).
+  float log_z = 0.0f;
+  if (want_logprob || params_.top_logprobs > 0) {
+    float max_logit = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    for (float l : logits) sum += std::exp(static_cast<double>(l - max_logit));
+    log_z = max_logit + static_cast<float>(std::log(sum));
+  }
 
   SampleResult result;
   if (params_.temperature <= 0.0f) {
@@ -111,7 +115,7 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
     }
     result.token = candidates_[pick];
   }
-  result.logprob = logits[static_cast<size_t>(result.token)] - log_z;
+  if (want_logprob) result.logprob = logits[static_cast<size_t>(result.token)] - log_z;
 
   if (params_.top_logprobs > 0) {
     std::vector<int32_t> ids(static_cast<size_t>(vocab));

@@ -45,8 +45,15 @@ class Sampler {
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
 
   // `logits` (vocab_size floats) is modified in place. `history` is the tokens the penalties
-  // look at (prompt and generated so far).
-  SampleResult sample(std::span<float> logits, std::span<const int32_t> history);
+  // look at (prompt and generated so far). Without want_logprob the result's logprob is left 0
+  // (unless top_logprobs asks for alternatives): the log-softmax over the vocabulary is skipped.
+  SampleResult sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob = true);
+  // Whether the next token is the plain argmax of the logits: greedy, no penalties (so the
+  // backend may choose it where the logits are).
+  bool plain_greedy() const {
+    return params_.temperature <= 0.0f && params_.repetition_penalty == 1.0f &&
+           params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f && params_.top_logprobs == 0;
+  }
   // Advances the random state as if `num_samples` tokens had been sampled (a decode instance
   // continuing a request whose first token a prefill instance sampled with the same seed).
   // NOTE: each non-greedy sample draws exactly one 64-bit value (generate_canonical<double, 64>).

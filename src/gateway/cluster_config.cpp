@@ -136,7 +136,7 @@ const std::map<std::string, FlagType, std::less<>>& engine_keys() {
       {"max_context", FlagType::kInteger},      {"no_prefix_caching", FlagType::kBoolean},
       {"prefill_slots", FlagType::kInteger},    {"decode_pending", FlagType::kInteger},
       {"handoff_lease_ms", FlagType::kInteger}, {"http_threads", FlagType::kInteger},
-      {"kv_listen", FlagType::kString},
+      {"kv_listen", FlagType::kString},         {"device", FlagType::kString},
   };
   return keys;
 }
@@ -352,9 +352,11 @@ StatusOr<ClusterConfig> parse_cluster_config(std::string_view text, std::string_
   TableReader r(root, "", source);
   PD_RETURN_IF_ERROR(r.string("model", &c.model));
   PD_RETURN_IF_ERROR(r.string("transport", &c.transport));
-  if (c.transport != "shm" && c.transport != "tcp") {
-    return r.error_at(*root.find("transport"), "transport",
-                      fmt::format("must be \"shm\" (one host) or \"tcp\", not \"{}\"", c.transport));
+  if (c.transport != "shm" && c.transport != "tcp" && c.transport != "cuda-ipc") {
+    return r.error_at(
+        *root.find("transport"), "transport",
+        fmt::format("must be \"shm\" (one host), \"tcp\" or \"cuda-ipc\" (GPUs of one host), not \"{}\"",
+                    c.transport));
   }
   if (const TomlValue* g = r.get("gateway")) {
     PD_RETURN_IF_ERROR(r.expect(*g, "gateway", TomlValue::Type::kTable));

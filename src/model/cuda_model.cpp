@@ -132,14 +132,24 @@ CudaLlamaModel::~CudaLlamaModel() = default;
 
 size_t CudaLlamaModel::kv_bytes() const { return impl_->kv.bytes(); }
 
+std::optional<DeviceKv> CudaLlamaModel::device_kv() {
+  const uint64_t part = static_cast<uint64_t>(impl_->kv_layer_values) * sizeof(uint16_t);
+  return DeviceKv{options_.device, impl_->kv.as<uint8_t>(), 2 * part, part};
+}
+
 size_t CudaLlamaModel::kv_bytes_per_token() const {
   return static_cast<size_t>(config_.kv_bytes_per_token(static_cast<int32_t>(sizeof(uint16_t))));
 }
 
-StatusOr<ModelConfig> CudaLlamaModel::synthetic_config(std::string_view name) {
+StatusOr<ModelConfig> CudaLlamaModel::synthetic_config(std::string_view name, int32_t vocab_size) {
+  if (vocab_size < 0) return invalid_argument(fmt::format("vocabulary size {} is negative", vocab_size));
   std::string names;
   for (const SyntheticShape& s : synthetic_shapes()) {
-    if (s.name == name) return s.config;
+    if (s.name == name) {
+      ModelConfig c = s.config;
+      if (vocab_size > 0) c.vocab_size = vocab_size;
+      return c;
+    }
     names += (names.empty() ? "" : ", ") + std::string(s.name);
   }
   return not_found(fmt::format("no synthetic model '{}'; there are: {}", name, names));
@@ -209,10 +219,10 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
 
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_view name,
                                                                     const CudaModelOptions& options,
-                                                                    uint64_t seed) {
-  PD_ASSIGN_OR_RETURN(ModelConfig c, synthetic_config(name));
+                                                                    uint64_t seed, int32_t vocab_size) {
+  PD_ASSIGN_OR_RETURN(ModelConfig c, synthetic_config(name, vocab_size));
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
-  m->fingerprint_ = std::hash<std::string_view>{}(name) ^ (seed * 0x9E3779B97F4A7C15ull);
+  m->fingerprint_ = synthetic_model_fingerprint(name, seed, c.vocab_size);
   Impl& im = *m->impl_;
   cuda::StreamHandle s = im.stream->get();
   const int64_t d = c.hidden_size;

@@ -44,11 +44,14 @@ class CudaLlamaModel final : public ModelExecutor {
   static StatusOr<std::unique_ptr<CudaLlamaModel>> load_hf(const HfCheckpoint& checkpoint,
                                                            const CudaModelOptions& options);
   // "synthetic:llama-3.1-8b", "synthetic:qwen2.5-7b", "synthetic:smollm2-1.7b": that model's
-  // shapes, random weights from `seed`.
+  // shapes, random weights from `seed`; vocab_size > 0 replaces the published vocabulary's size
+  // (to serve it with another model's tokenizer).
   static StatusOr<std::unique_ptr<CudaLlamaModel>> synthetic(std::string_view name,
-                                                             const CudaModelOptions& options, uint64_t seed);
-  // The config of a synthetic model name (errors list the names there are).
-  static StatusOr<ModelConfig> synthetic_config(std::string_view name);
+                                                             const CudaModelOptions& options, uint64_t seed,
+                                                             int32_t vocab_size = 0);
+  // The config of a synthetic model name (errors list the names there are), with vocab_size as
+  // synthetic() takes it.
+  static StatusOr<ModelConfig> synthetic_config(std::string_view name, int32_t vocab_size = 0);
 
   ~CudaLlamaModel() override;
 
@@ -57,6 +60,7 @@ class CudaLlamaModel final : public ModelExecutor {
   // seed.
   uint64_t fingerprint() const override { return fingerprint_; }
   KvStorage* host_kv() override { return nullptr; }
+  std::optional<DeviceKv> device_kv() override;
   size_t kv_bytes() const override;
   std::string device() const override { return device_; }
   int32_t num_blocks() const { return options_.num_blocks; }
@@ -71,7 +75,8 @@ class CudaLlamaModel final : public ModelExecutor {
   Status forward(const ForwardBatch& batch, float* logits) override;
   // forward(), then the greedy choice of each logits row on the GPU: one token id per row (host
   // memory); only the ids leave the GPU.
-  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens);
+  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) override;
+  bool greedy_on_device() const override { return true; }
   // Turns the replay of decode steps as CUDA graphs on or off (CudaModelOptions::cuda_graphs).
   void set_cuda_graphs(bool on) { options_.cuda_graphs = on; }
   // Fills the whole KV cache with random values (benchmarks that start from a long context).

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "common/status.h"
@@ -16,6 +17,16 @@
 
 namespace pdserve {
 
+// A KV cache in a GPU's memory, as the CUDA backend lays it out (kernels/cuda/ops.h
+// PagedKvCache): layer l's K blocks at base + l * layer_bytes, its V blocks v_offset_bytes
+// further, each block [kv head][row][head_dim] of bf16.
+struct DeviceKv {
+  int32_t device = 0;
+  uint8_t* base = nullptr;
+  uint64_t layer_bytes = 0;
+  uint64_t v_offset_bytes = 0;
+};
+
 class ModelExecutor {
  public:
   virtual ~ModelExecutor() = default;
@@ -25,9 +36,18 @@ class ModelExecutor {
   // Runs the batch over the executor's KV cache (block ids index it); writes vocab_size floats
   // per chunk with want_logits, in chunk order, to `logits` (host memory).
   virtual Status forward(const ForwardBatch& batch, float* logits) = 0;
-  // The KV cache as host memory, which the KV transports read and write; nullptr where it lives
-  // on a GPU (no transport moves it yet).
+  // forward(), then the greedy choice of each logits row (the lowest id among equal maxima) made
+  // where the logits are: one token id per chunk with want_logits, to `next_tokens` (host memory).
+  // Only where greedy_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
+  virtual Status forward_argmax(const ForwardBatch& /*batch*/, int32_t* /*next_tokens*/) {
+    return unimplemented("this backend samples on the host: call forward()");
+  }
+  virtual bool greedy_on_device() const { return false; }
+  // The KV cache as host memory, which the host KV transports read and write; nullptr where it
+  // lives on a GPU.
   virtual KvStorage* host_kv() = 0;
+  // The KV cache in GPU memory (the cuda-ipc transport moves it); none for host memory.
+  virtual std::optional<DeviceKv> device_kv() { return std::nullopt; }
   virtual size_t kv_bytes() const = 0;
   // "cpu", "cuda:0 (NVIDIA H200)": for logs.
   virtual std::string device() const = 0;

@@ -1,6 +1,7 @@
 #include "model/model_config.h"
 
 #include <fmt/format.h>
+#include <xxhash.h>
 
 #include <cmath>
 
@@ -121,6 +122,11 @@ std::vector<float> llama3_freq_factors(const ModelConfig& c) {
     out[static_cast<size_t>(i)] = static_cast<float>(freq / new_freq);
   }
   return out;
+}
+
+uint64_t synthetic_model_fingerprint(std::string_view name, uint64_t seed, int32_t vocab_size) {
+  const uint64_t h = XXH3_64bits_withSeed(name.data(), name.size(), seed);
+  return XXH3_64bits_withSeed(&vocab_size, sizeof vocab_size, h);
 }
 
 }  // namespace pdserve

@@ -57,4 +57,9 @@ struct ModelConfig {
 // that carries the scaling parameters but no rope_freqs tensor).
 std::vector<float> llama3_freq_factors(const ModelConfig& c);
 
+// The fingerprint of a synthetic model ("synthetic:llama-3.1-8b" with weights from `seed`, a
+// vocabulary of vocab_size): what its instances report, and what a gateway serving that name
+// expects of them.
+uint64_t synthetic_model_fingerprint(std::string_view name, uint64_t seed, int32_t vocab_size);
+
 }  // namespace pdserve

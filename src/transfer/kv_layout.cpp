@@ -16,6 +16,7 @@ std::string_view kv_dtype_name(KvDtype dtype) {
   switch (dtype) {
     case KvDtype::kF16: return "f16";
     case KvDtype::kF32: return "f32";
+    case KvDtype::kBF16: return "bf16";
   }
   return "unknown";
 }
@@ -24,6 +25,7 @@ size_t kv_dtype_bytes(KvDtype dtype) {
   switch (dtype) {
     case KvDtype::kF16: return 2;
     case KvDtype::kF32: return 4;
+    case KvDtype::kBF16: return 2;
   }
   return 0;
 }
@@ -31,7 +33,7 @@ size_t kv_dtype_bytes(KvDtype dtype) {
 Status KvLayout::validate() const {
   if (kv_dtype_bytes(dtype) == 0)
     return invalid_argument(
-        fmt::format("KV dtype {} is unknown (f16 = 1, f32 = 2)", static_cast<int>(dtype)));
+        fmt::format("KV dtype {} is unknown (f16 = 1, f32 = 2, bf16 = 3)", static_cast<int>(dtype)));
   if (num_layers < 1 || num_layers > kMaxKvLayers)
     return out_of_range(fmt::format("KV num_layers {} is outside [1, {}]", num_layers, kMaxKvLayers));
   if (kv_width < 1 || kv_width > kMaxKvWidth)
@@ -54,6 +56,9 @@ Status PagedKvView::validate() const {
   // used_block_bytes() < 2 * 1024 * 2^31 * 2^18 could overflow 64 bits only beyond these limits.
   if (block_size > (1 << 24))
     return out_of_range(fmt::format("KV view block_size {} exceeds {}", block_size, 1 << 24));
+  if (memory == KvMemory::kCuda) return validate_cuda();
+  if (memory != KvMemory::kHost)
+    return invalid_argument(fmt::format("KV view memory kind {} is unknown", static_cast<int>(memory)));
   if (block_bytes < used_block_bytes())
     return invalid_argument(
         fmt::format("KV view block_bytes {} < {} needed by {} layers x {} tokens x 2 x {} bytes", block_bytes,
@@ -62,6 +67,44 @@ Status PagedKvView::validate() const {
   if (num_blocks > 0 && block_bytes > std::numeric_limits<size_t>::max() / static_cast<size_t>(num_blocks))
     return out_of_range("KV view num_blocks x block_bytes overflows the address space");
   return ok_status();
+}
+
+Status PagedKvView::validate_cuda() const {
+  if (cuda_device < 0)
+    return invalid_argument(fmt::format("KV view CUDA device {} is negative", cuda_device));
+  if (num_kv_heads < 1 || layout.kv_width % num_kv_heads != 0 || (layout.kv_width / num_kv_heads) % 8 != 0)
+    return invalid_argument(
+        fmt::format("KV view of {} KV heads for rows of {} values: each head needs a "
+                    "multiple of 8 values",
+                    num_kv_heads, layout.kv_width));
+  if (layout.dtype != KvDtype::kBF16)
+    return invalid_argument(
+        fmt::format("a KV view in GPU memory holds bf16, not {}", kv_dtype_name(layout.dtype)));
+  const uint64_t rows = static_cast<uint64_t>(block_size) * layout.row_bytes();
+  if (block_bytes < rows)
+    return invalid_argument(
+        fmt::format("KV view block_bytes {} < the {} bytes of a block's rows", block_bytes, rows));
+  if (num_blocks > 0 && base == nullptr) return invalid_argument("KV view has blocks but no base address");
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || block_bytes % 16 != 0 || layer_bytes % 16 != 0 ||
+      v_offset_bytes % 16 != 0)
+    return invalid_argument("a KV view in GPU memory needs 16-byte aligned base and strides");
+  // block_bytes, layer_bytes and v_offset_bytes are local values; the products stay far below 2^64
+  // for any cache that fits a GPU, but are checked anyway.
+  const uint64_t region = static_cast<uint64_t>(num_blocks) * block_bytes;
+  if (num_blocks > 0 && region / static_cast<uint64_t>(num_blocks) != block_bytes)
+    return out_of_range("KV view num_blocks x block_bytes overflows");
+  if (v_offset_bytes < region || layer_bytes < v_offset_bytes || layer_bytes - v_offset_bytes < region)
+    return invalid_argument(
+        fmt::format("KV view strides overlap: {} blocks of {} bytes, V at +{}, layers {} apart", num_blocks,
+                    block_bytes, v_offset_bytes, layer_bytes));
+  return ok_status();
+}
+
+Status PagedKvView::require_host(std::string_view what) const {
+  if (memory == KvMemory::kHost) return ok_status();
+  return failed_precondition(
+      fmt::format("{} moves KV caches in host memory; this one is on GPU {} (use the cuda-ipc transport)",
+                  what, cuda_device));
 }
 
 Status check_kv_block_table(const PagedKvView& view, std::span<const int32_t> block_table,
@@ -201,6 +244,7 @@ void copy_runs(const PagedKvView& view, std::span<const int32_t> table, int32_t 
 
 Status gather_kv_range(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
                        uint64_t body_offset, std::span<uint8_t> out) {
+  PD_RETURN_IF_ERROR(src.require_host("gather_kv"));
   PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
   PD_RETURN_IF_ERROR(check_range(src.layout, num_tokens, body_offset, out.size()));
   copy_runs<false>(src, block_table, num_tokens, body_offset, out.size(), out.data());
@@ -227,6 +271,7 @@ Status gather_kv_layer(const PagedKvView& src, std::span<const int32_t> block_ta
 
 Status scatter_kv_range(std::span<const uint8_t> bytes, uint64_t body_offset, int32_t num_tokens,
                         const PagedKvView& dst, std::span<const int32_t> block_table) {
+  PD_RETURN_IF_ERROR(dst.require_host("scatter_kv"));
   PD_RETURN_IF_ERROR(check_kv_block_table(dst, block_table, num_tokens));
   PD_RETURN_IF_ERROR(check_range(dst.layout, num_tokens, body_offset, bytes.size()));
   // NOTE: copy_runs only reads from `flat` when scattering.

@@ -29,8 +29,9 @@ namespace pdserve {
 
 // The element type of K and V rows. The numeric values are the wire encoding.
 enum class KvDtype : uint8_t {
-  kF16 = 1,  // IEEE half: the only dtype the engine stores today
-  kF32 = 2,  // reserved for KV caches kept in fp32
+  kF16 = 1,   // IEEE half: the CPU engine's KV cache
+  kF32 = 2,   // reserved for KV caches kept in fp32
+  kBF16 = 3,  // bfloat16: the CUDA backend's KV cache
 };
 
 std::string_view kv_dtype_name(KvDtype dtype);  // "f16", "f32", "unknown"
@@ -71,22 +72,45 @@ struct KvLayout {
   bool operator==(const KvLayout&) const = default;
 };
 
+// Where a paged KV cache's bytes are.
+enum class KvMemory : uint8_t {
+  kHost,  // host memory, block-major (above); every transport moves it
+  kCuda,  // a GPU's memory in the CUDA backend's layout (below); only the cuda-ipc transport moves it
+};
+
 // One instance's paged KV memory. Does not own the memory; blocks may be larger than their rows
 // need (padding at the end of a block is never read or written).
+//
+// kCuda views describe the CUDA backend's layout instead (kernels/cuda/ops.h PagedKvCache): layer
+// l's K blocks start at base + l * layer_bytes and its V blocks v_offset_bytes further; each of
+// those blocks (block_bytes apart) is [kv head][row][head_dim]: num_kv_heads planes of block_size
+// rows. The host-memory copies below refuse such views.
 struct PagedKvView {
   uint8_t* base = nullptr;
   size_t block_bytes = 0;  // stride between blocks
   int32_t num_blocks = 0;
   int32_t block_size = 0;  // tokens per block
   KvLayout layout;
+  KvMemory memory = KvMemory::kHost;
+  // kCuda only.
+  int32_t cuda_device = 0;
+  int32_t num_kv_heads = 0;     // layout.kv_width = num_kv_heads * head_dim
+  uint64_t layer_bytes = 0;     // stride between layers
+  uint64_t v_offset_bytes = 0;  // from a layer's K blocks to its V blocks
 
   // Bytes the rows of one block occupy: 2 * num_layers * block_size * row_bytes.
   size_t used_block_bytes() const {
     return 2 * static_cast<size_t>(layout.num_layers) * static_cast<size_t>(block_size) * layout.row_bytes();
   }
   // Layout valid, block_size >= 1, block_bytes >= used_block_bytes(), base set when there are
-  // blocks, and the whole range addressable.
+  // blocks, and the whole range addressable (kCuda: the layer, K/V and block strides hold their
+  // rows, heads divide kv_width into multiples of 8 values).
   Status validate() const;
+  // OK for host memory; otherwise FAILED_PRECONDITION naming `what` and the transport to use.
+  Status require_host(std::string_view what) const;
+
+ private:
+  Status validate_cuda() const;
 };
 
 // Checks that the first ceil(num_tokens / block_size) entries of block_table exist and name

@@ -44,7 +44,8 @@ Status check_endpoint(TransportKind kind, std::string_view ep) {
     case TransportKind::kInproc:
       if (ep.starts_with("inproc/") && all_digits(ep.substr(7))) return ok_status();
       return invalid_argument(fmt::format("inproc endpoint '{}' is not inproc/<number>", ep));
-    case TransportKind::kShm: {
+    case TransportKind::kShm:
+    case TransportKind::kCudaIpc: {  // both name a shared-memory file (cuda-ipc: its control segment)
       constexpr std::string_view kDevShm = "/dev/shm/pdserve-kv-";
       if (ep.starts_with(kDevShm)) {
         const std::string_view rest = ep.substr(kDevShm.size());
@@ -61,11 +62,20 @@ Status check_endpoint(TransportKind kind, std::string_view ep) {
           return ok_status();
       }
       return invalid_argument(
-          fmt::format("shm endpoint '{}' is neither /proc/<pid>/fd/<fd> nor /dev/shm/pdserve-kv-<name>", ep));
+          fmt::format("{} endpoint '{}' is neither /proc/<pid>/fd/<fd> nor /dev/shm/pdserve-kv-<name>",
+                      transport_kind_name(kind), ep));
     }
     case TransportKind::kTcp: return transfer_internal::parse_host_port(ep, false).status();
   }
   return invalid_argument("unknown transport kind");
+}
+
+// The cuda-ipc transport moves GPU memory and is built with the CUDA backend, which makes it
+// (transfer/cuda_ipc.h); this library has no CUDA in it.
+Status cuda_ipc_elsewhere() {
+  return failed_precondition(
+      "the cuda-ipc KV transport is made by the CUDA backend (make_cuda_ipc_transport), not by "
+      "make_transport");
 }
 
 }  // namespace
@@ -75,15 +85,18 @@ std::string_view transport_kind_name(TransportKind kind) {
     case TransportKind::kInproc: return "inproc";
     case TransportKind::kShm: return "shm";
     case TransportKind::kTcp: return "tcp";
+    case TransportKind::kCudaIpc: return "cuda-ipc";
   }
   return "unknown";
 }
 
 StatusOr<TransportKind> parse_transport_kind(std::string_view name) {
-  for (TransportKind k : {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp}) {
+  for (TransportKind k :
+       {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp, TransportKind::kCudaIpc}) {
     if (name == transport_kind_name(k)) return k;
   }
-  return invalid_argument(fmt::format("unknown KV transport '{}': expected inproc, shm or tcp", name));
+  return invalid_argument(
+      fmt::format("unknown KV transport '{}': expected inproc, shm, tcp or cuda-ipc", name));
 }
 
 std::string_view transfer_mode_name(KvTransferMode mode) {
@@ -126,8 +139,10 @@ StatusOr<KvHandle> KvHandle::parse(std::string_view text) {
     return invalid_argument(fmt::format("KV handle mode '{}' is unknown: expected contiguous or block-fixed",
                                         f[2].substr(0, 32)));
   }
-  if (h.kind == TransportKind::kInproc && h.mode == KvTransferMode::kBlockFixed)
-    return invalid_argument("KV handle asks block-fixed over inproc, which does not exist");
+  if ((h.kind == TransportKind::kInproc || h.kind == TransportKind::kCudaIpc) &&
+      h.mode == KvTransferMode::kBlockFixed)
+    return invalid_argument(
+        fmt::format("KV handle asks block-fixed over {}, which does not exist", transport_kind_name(h.kind)));
   if (!parse_uint(f[3], &h.buffer_id))
     return invalid_argument(
         fmt::format("KV handle buffer id '{}' is not a 32-bit number", f[3].substr(0, 32)));
@@ -163,6 +178,7 @@ StatusOr<std::unique_ptr<KvSendPool>> make_send_pool(TransportKind kind, const K
     case TransportKind::kInproc: return transfer_internal::make_inproc_pool(options);
     case TransportKind::kShm: return transfer_internal::make_shm_pool(options);
     case TransportKind::kTcp: return transfer_internal::make_tcp_pool(options);
+    case TransportKind::kCudaIpc: return cuda_ipc_elsewhere();
   }
   return invalid_argument("unknown transport kind");
 }
@@ -174,6 +190,7 @@ StatusOr<std::unique_ptr<KvPuller>> make_puller(TransportKind kind, const KvTran
     case TransportKind::kInproc: return transfer_internal::make_inproc_puller(options);
     case TransportKind::kShm: return transfer_internal::make_shm_puller(options);
     case TransportKind::kTcp: return transfer_internal::make_tcp_puller(options);
+    case TransportKind::kCudaIpc: return cuda_ipc_elsewhere();
   }
   return invalid_argument("unknown transport kind");
 }
@@ -192,6 +209,13 @@ StatusOr<KvTransport> make_transport(TransportKind kind, const KvTransportOption
 
 StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::span<const int32_t> block_table,
                               int32_t num_tokens, uint32_t flags) {
+  return pool.publish(src, block_table, num_tokens, flags);
+}
+
+StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const int32_t> block_table,
+                                       int32_t num_tokens, uint32_t flags) {
+  KvSendPool& pool = *this;
+  PD_RETURN_IF_ERROR(src.require_host(fmt::format("the {} transport", transport_kind_name(kind()))));
   PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
   if (num_tokens > kKvWireMaxTokens)
     return out_of_range(
@@ -221,6 +245,7 @@ namespace transfer_internal {
 StatusOr<std::unique_ptr<PagedSource>> make_paged_source(const PagedKvView& view,
                                                          std::span<const int32_t> block_table,
                                                          int32_t num_tokens, uint32_t flags) {
+  PD_RETURN_IF_ERROR(view.require_host("the block-fixed mode"));
   PD_RETURN_IF_ERROR(check_kv_block_table(view, block_table, num_tokens));
   if (num_tokens > kKvWireMaxTokens)
     return out_of_range(

@@ -20,8 +20,11 @@
 //   tcp     the pool serves buffers from a small TCP server; the puller keeps connections per
 //           endpoint and receives the body straight into its KV blocks (recvmsg into the runs of
 //           the block table: no staging copy)
-// Each also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no contiguous
-// buffer, one message and one confirmation per (block, layer) straight from the prefill's paged
+//   cuda-ipc  GPU to GPU on one host (transfer/cuda_ipc.h, built with the CUDA backend): the pool's
+//           buffers are one device allocation shared through a CUDA IPC handle; the decode's
+//           RecvScatter kernel reads the prefill GPU's buffer over NVLink/PCIe into its paged blocks
+// Each but cuda-ipc also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no
+// contiguous buffer, one message and one confirmation per (block, layer) straight from the prefill's paged
 // memory (expose_paged()). Kept for comparison (bench/transfer_bench.cpp); tcp and shm only.
 //
 // NOTE: layer-wise transfer (start pulling layer l while the prefill computes layer l + 1) fits
@@ -51,8 +54,8 @@
 
 namespace pdserve {
 
-enum class TransportKind : uint8_t { kInproc, kShm, kTcp };
-std::string_view transport_kind_name(TransportKind kind);  // "inproc", "shm", "tcp"
+enum class TransportKind : uint8_t { kInproc, kShm, kTcp, kCudaIpc };
+std::string_view transport_kind_name(TransportKind kind);  // "inproc", "shm", "tcp", "cuda-ipc"
 StatusOr<TransportKind> parse_transport_kind(std::string_view name);
 
 enum class KvTransferMode : uint8_t {
@@ -73,9 +76,9 @@ struct KvBufferRef {
 struct KvHandle {
   TransportKind kind = TransportKind::kInproc;
   KvTransferMode mode = KvTransferMode::kContiguous;
-  // inproc: "inproc/<pool number>"; shm: the segment's path ("/proc/<pid>/fd/<fd>" or
-  // "/dev/shm/pdserve-kv-..."); tcp: "host:port". At most kMaxEndpointBytes printable
-  // characters, no ';' or spaces.
+  // inproc: "inproc/<pool number>"; shm and cuda-ipc: the (control) segment's path
+  // ("/proc/<pid>/fd/<fd>" or "/dev/shm/pdserve-kv-..."); tcp: "host:port". At most kMaxEndpointBytes
+  // printable characters, no ';' or spaces.
   std::string endpoint;
   uint32_t buffer_id = 0;
   uint64_t generation = 0;  // a handle for a buffer that was since released and reused is refused
@@ -131,6 +134,12 @@ class KvSendPool {
   // contiguous copy. The memory must stay untouched until release. UNIMPLEMENTED for inproc.
   virtual StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                           int32_t num_tokens, uint32_t flags = 0) = 0;
+  // The whole send path of one request (what publish_kv() calls): acquires a buffer for
+  // num_tokens tokens, writes the header and the body gathered from `src`, commits, and returns
+  // the handle; the buffer is released on failure. This implementation gathers host memory; the
+  // cuda-ipc pool gathers on its GPU.
+  virtual StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table,
+                                     int32_t num_tokens, uint32_t flags);
   // Gives the buffer back (after the decode has pulled it, or on cancellation). A pull in flight
   // finishes first (tcp, inproc: release waits for it) or fails cleanly (shm). NOT_FOUND for a
   // stale or released ref, DEADLINE_EXCEEDED for one whose lease expired.
@@ -209,6 +218,8 @@ struct KvTransportOptions {
   // (empty: the listen host).
   std::string tcp_listen = "127.0.0.1:0";
   std::string tcp_advertise_host;
+  // cuda-ipc: the GPU whose memory holds the pool's buffers and the puller's target KV cache.
+  int32_t cuda_device = 0;
 
   // Both sides.
   int32_t tcp_socket_buffer_bytes = 4 << 20;  // SO_SNDBUF/SO_RCVBUF; 0: kernel autotuning
@@ -226,9 +237,9 @@ struct KvTransport {
 };
 StatusOr<KvTransport> make_transport(TransportKind kind, const KvTransportOptions& options);
 
-// The prefill's whole send path: acquires a buffer for num_tokens tokens, writes the header
-// (flags: kKvWireBodyChecksum to add a body checksum), gathers the body from `src`, commits, and
-// returns the handle. The buffer is released on failure.
+// The prefill's whole send path: pool.publish(): acquires a buffer for num_tokens tokens, writes
+// the header (flags: kKvWireBodyChecksum to add a body checksum), gathers the body from `src`,
+// commits, and returns the handle. The buffer is released on failure.
 StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::span<const int32_t> block_table,
                               int32_t num_tokens, uint32_t flags = 0);
 

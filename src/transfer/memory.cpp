@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -105,6 +106,62 @@ SharedSegment& SharedSegment::operator=(SharedSegment&& o) noexcept {
   std::swap(fd_, o.fd_);
   std::swap(path_, o.path_);
   std::swap(shm_name_, o.shm_name_);
+  return *this;
+}
+
+StatusOr<PeerSegment> PeerSegment::open(const std::string& path, uint64_t min_bytes) {
+  PeerSegment seg;
+  seg.fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (seg.fd_ < 0 && errno == ENOENT)
+    return unavailable(
+        fmt::format("KV segment {} is gone ({}): its prefill exited", path, std::strerror(errno)));
+  if (seg.fd_ < 0)
+    return unavailable(fmt::format("cannot open KV segment {}: {}", path, std::strerror(errno)));
+  struct stat st {};
+  if (::fstat(seg.fd_, &st) != 0 || !S_ISREG(st.st_mode))
+    return unavailable(fmt::format("KV segment {} is not a regular file", path));
+  seg.dev_ = static_cast<uint64_t>(st.st_dev);
+  seg.ino_ = static_cast<uint64_t>(st.st_ino);
+  const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
+  if (file_bytes < min_bytes)
+    return data_loss(fmt::format("KV segment {} has only {} bytes", path, file_bytes));
+  // A memfd must be sealed against shrinking, or its owner could make our reads fault.
+  // NOTE: a /dev/shm file cannot be sealed; its owner is trusted not to shrink it.
+  const int seals = ::fcntl(seg.fd_, F_GET_SEALS);
+  if (path.starts_with("/proc/") && (seals < 0 || !(seals & F_SEAL_SHRINK)))
+    return failed_precondition(fmt::format("KV segment {} is a memfd not sealed against shrinking", path));
+  void* ro = ::mmap(nullptr, file_bytes, PROT_READ, MAP_SHARED, seg.fd_, 0);
+  if (ro == MAP_FAILED)
+    return unavailable(fmt::format("cannot map KV segment {}: {}", path, std::strerror(errno)));
+  seg.data_ = static_cast<const uint8_t*>(ro);
+  seg.size_ = file_bytes;
+  return seg;
+}
+
+bool PeerSegment::same_file(const std::string& path) const {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return false;
+  return static_cast<uint64_t>(st.st_dev) == dev_ && static_cast<uint64_t>(st.st_ino) == ino_;
+}
+
+PeerSegment::~PeerSegment() {
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+PeerSegment::PeerSegment(PeerSegment&& o) noexcept
+    : data_(std::exchange(o.data_, nullptr)),
+      size_(std::exchange(o.size_, 0)),
+      fd_(std::exchange(o.fd_, -1)),
+      dev_(o.dev_),
+      ino_(o.ino_) {}
+
+PeerSegment& PeerSegment::operator=(PeerSegment&& o) noexcept {
+  std::swap(data_, o.data_);
+  std::swap(size_, o.size_);
+  std::swap(fd_, o.fd_);
+  std::swap(dev_, o.dev_);
+  std::swap(ino_, o.ino_);
   return *this;
 }
 

@@ -59,4 +59,31 @@ class SharedSegment {
   std::string shm_name_;  // kDevShm: unlinked on destruction
 };
 
+// Another process's SharedSegment, opened by its path and mapped read-only: the whole file, which
+// must be a regular file of at least min_bytes and (a memfd) sealed against shrinking, so reads
+// never fault. The fd stays open (more mappings of it, e.g. a writable mailbox). Move-only.
+class PeerSegment {
+ public:
+  PeerSegment() = default;
+  static StatusOr<PeerSegment> open(const std::string& path, uint64_t min_bytes);
+  ~PeerSegment();
+  PeerSegment(PeerSegment&& o) noexcept;
+  PeerSegment& operator=(PeerSegment&& o) noexcept;
+  PeerSegment(const PeerSegment&) = delete;
+  PeerSegment& operator=(const PeerSegment&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+  int fd() const { return fd_; }
+  // Whether `path` still names this file (not gone, not a new file at the same path).
+  bool same_file(const std::string& path) const;
+
+ private:
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+  int fd_ = -1;
+  uint64_t dev_ = 0;
+  uint64_t ino_ = 0;
+};
+
 }  // namespace pdserve::transfer_internal

@@ -26,6 +26,8 @@ StatusOr<TransferId> QueuedPuller::submit(const KvHandle& handle, const KvScatte
     return invalid_argument(fmt::format("a {} puller cannot pull a {} handle", transport_kind_name(kind_),
                                         transport_kind_name(handle.kind)));
   PD_RETURN_IF_ERROR(target.view.validate().with_context("KV pull target"));
+  if (kind_ != TransportKind::kCudaIpc)
+    PD_RETURN_IF_ERROR(target.view.require_host(fmt::format("the {} transport", transport_kind_name(kind_))));
   if (target.expected_num_tokens < -1)
     return invalid_argument(fmt::format("expected_num_tokens {} must be >= -1", target.expected_num_tokens));
   std::lock_guard lock(mu_);

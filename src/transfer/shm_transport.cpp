@@ -48,6 +48,7 @@
 #include "transfer/memory.h"
 #include "transfer/net.h"
 #include "transfer/pull_common.h"
+#include "transfer/slot_record.h"
 #include "transfer/transports.h"
 
 namespace pdserve::transfer_internal {
@@ -57,7 +58,6 @@ constexpr uint32_t kSegmentMagic = 0x534B4450;  // "PDKS"
 constexpr uint32_t kSegmentVersion = 1;
 constexpr uint64_t kPageBytes = 4096;
 constexpr uint64_t kSegmentHeaderBytes = 128;
-constexpr uint64_t kSlotRecordBytes = 64;
 constexpr uint64_t kMailboxHeaderBytes = 64;
 constexpr uint64_t kChannelHeaderBytes = 128;
 constexpr uint32_t kMaxSegmentBuffers = 1 << 20;
@@ -68,8 +68,6 @@ constexpr uint32_t kMaxMessageBytes = 1024;
 constexpr size_t kSegMagic = 0, kSegVersion = 4, kSegMaxBuffers = 8, kSegNumChannels = 12,
                  kSegTableOffset = 16, kSegMailboxOffset = 24, kSegMailboxBytes = 32, kSegDataOffset = 40,
                  kSegDataBytes = 48, kSegChannelStride = 56, kSegSlotBytes = 64, kSegTotalBytes = 72;
-// Slot record offsets.
-constexpr size_t kRecGeneration = 0, kRecState = 8, kRecMode = 12, kRecOffset = 16, kRecBytes = 24;
 // Channel header offsets.
 constexpr size_t kChOwner = 0, kChRequestSeq = 4, kChReadySeq = 8, kChAckSeq = 12, kChBufferId = 16,
                  kChAckCode = 20, kChGeneration = 24, kChMsgKind = 32, kChMsgBytes = 36, kChBlockIdx = 40,
@@ -80,24 +78,6 @@ constexpr uint32_t kAckGo = 1;
 constexpr uint32_t kAckAbort = 2;
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-// Atomic views of fields in shared memory. Loads from a read-only mapping are plain loads.
-template <typename T>
-std::atomic_ref<T> field(const uint8_t* base, size_t offset) {
-  return std::atomic_ref<T>(*reinterpret_cast<T*>(const_cast<uint8_t*>(base + offset)));
-}
-
-// Fences of the seqlock over slot records. NOTE: ThreadSanitizer does not model fences (GCC
-// refuses them under -fsanitize=thread); there a compiler barrier stands in, which is enough on
-// x86-64 (stores are not reordered with stores, nor loads with loads). The records are shared
-// with other processes, which TSan does not see anyway.
-inline void seqlock_fence(std::memory_order order) {
-#if defined(__SANITIZE_THREAD__)
-  std::atomic_signal_fence(order);
-#else
-  std::atomic_thread_fence(order);
-#endif
-}
 
 void futex_wait(const uint8_t* word, uint32_t expected, int64_t timeout_ms) {
   timespec ts{static_cast<time_t>(timeout_ms / 1000), static_cast<long>((timeout_ms % 1000) * 1000000)};
@@ -213,17 +193,6 @@ StatusOr<SegmentGeometry> read_geometry(const uint8_t* p, uint64_t file_bytes) {
   return g;
 }
 
-std::string_view slot_state_name(uint32_t s) {
-  switch (static_cast<SlotState>(s)) {
-    case SlotState::kFree: return "free";
-    case SlotState::kWriting: return "being written";
-    case SlotState::kCommitted: return "committed";
-    case SlotState::kReleased: return "released";
-    case SlotState::kExpired: return "expired";
-  }
-  return "in an unknown state";
-}
-
 class ShmSendPool final : public KvSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
@@ -308,21 +277,7 @@ class ShmSendPool final : public KvSendPool {
 
   // Called by the core, under its lock, on every slot change.
   void mirror(uint32_t id, const SlotSnapshot& s) {
-    const uint8_t* rec = segment_.data() + geometry_.record(id);
-    auto state = field<uint32_t>(rec, kRecState);
-    if (s.state != SlotState::kCommitted) {
-      // Leaving the committed state: the state first, so a reader's final check sees it before
-      // any of the new bytes.
-      state.store(static_cast<uint32_t>(s.state), std::memory_order_relaxed);
-      seqlock_fence(std::memory_order_release);
-    }
-    field<uint64_t>(rec, kRecGeneration).store(s.generation, std::memory_order_relaxed);
-    field<uint32_t>(rec, kRecMode).store(static_cast<uint32_t>(s.mode), std::memory_order_relaxed);
-    field<uint64_t>(rec, kRecOffset).store(s.offset, std::memory_order_relaxed);
-    field<uint64_t>(rec, kRecBytes).store(s.bytes, std::memory_order_relaxed);
-    // Entering it: the other fields (and the buffer's bytes) first.
-    if (s.state == SlotState::kCommitted)
-      state.store(static_cast<uint32_t>(s.state), std::memory_order_release);
+    write_slot_record(segment_.data() + geometry_.record(id), s);
   }
 
   uint8_t* channel(uint32_t c) const {
@@ -416,19 +371,15 @@ class ShmSendPool final : public KvSendPool {
 
 // One mapped peer segment (decode side).
 struct MappedSegment {
-  dev_t dev = 0;
-  ino_t ino = 0;
-  Fd fd;
-  const uint8_t* base = nullptr;  // whole file, read-only
-  uint64_t bytes = 0;
+  PeerSegment file;            // the whole file, read-only
   uint8_t* mailbox = nullptr;  // the mailbox, read-write
   SegmentGeometry geometry;
+  const uint8_t* base() const { return file.data(); }
 
   MappedSegment() = default;
   MappedSegment(const MappedSegment&) = delete;
   MappedSegment& operator=(const MappedSegment&) = delete;
   ~MappedSegment() {
-    if (base) ::munmap(const_cast<uint8_t*>(base), bytes);
     if (mailbox) ::munmap(mailbox, geometry.mailbox_bytes);
   }
 };
@@ -452,52 +403,18 @@ class ShmPuller final : public QueuedPuller {
 
  private:
   StatusOr<MappedSegment*> map_segment(const std::string& path) {
-    struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) {
-      segments_.erase(path);
-      return unavailable(
-          fmt::format("KV segment {} is gone ({}): its prefill exited", path, std::strerror(errno)));
-    }
     auto it = segments_.find(path);
-    if (it != segments_.end() && it->second->dev == st.st_dev && it->second->ino == st.st_ino)
-      return it->second.get();
-    if (it != segments_.end()) segments_.erase(it);  // another file at this path now
+    if (it != segments_.end() && it->second->file.same_file(path)) return it->second.get();
+    if (it != segments_.end()) segments_.erase(it);  // gone, or another file at this path now
     // Drop the mappings of prefills that have gone (their paths vanished or were reused), so a
     // long-lived decode does not keep every segment it ever pulled from.
-    for (auto old = segments_.begin(); old != segments_.end();) {
-      struct stat ost {};
-      const bool alive = ::stat(old->first.c_str(), &ost) == 0 && ost.st_dev == old->second->dev &&
-                         ost.st_ino == old->second->ino;
-      old = alive ? std::next(old) : segments_.erase(old);
-    }
+    std::erase_if(segments_, [](const auto& kv) { return !kv.second->file.same_file(kv.first); });
 
     auto seg = std::make_unique<MappedSegment>();
-    seg->fd = Fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
-    if (!seg->fd.valid())
-      return unavailable(fmt::format("cannot open KV segment {}: {}", path, std::strerror(errno)));
-    if (::fstat(seg->fd.get(), &st) != 0 || !S_ISREG(st.st_mode))
-      return unavailable(fmt::format("KV segment {} is not a regular file", path));
-    seg->dev = st.st_dev;
-    seg->ino = st.st_ino;
-    const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
-    if (file_bytes < kPageBytes)
-      return data_loss(fmt::format("KV segment {} has only {} bytes", path, file_bytes));
-    // A memfd must be sealed against shrinking, or its owner could make our reads fault.
-    // NOTE: a /dev/shm file cannot be sealed; its owner is trusted not to shrink it.
-    const int seals = ::fcntl(seg->fd.get(), F_GET_SEALS);
-    if (path.starts_with("/proc/") && (seals < 0 || !(seals & F_SEAL_SHRINK)))
-      return failed_precondition(fmt::format("KV segment {} is a memfd not sealed against shrinking", path));
-    uint8_t head[kSegmentHeaderBytes];
-    if (::pread(seg->fd.get(), head, sizeof head, 0) != static_cast<ssize_t>(sizeof head))
-      return data_loss(fmt::format("cannot read the header of KV segment {}", path));
-    PD_ASSIGN_OR_RETURN(seg->geometry, read_geometry(head, file_bytes));
-    void* ro = ::mmap(nullptr, file_bytes, PROT_READ, MAP_SHARED, seg->fd.get(), 0);
-    if (ro == MAP_FAILED)
-      return unavailable(fmt::format("cannot map KV segment {}: {}", path, std::strerror(errno)));
-    seg->base = static_cast<const uint8_t*>(ro);
-    seg->bytes = file_bytes;
-    void* rw = ::mmap(nullptr, seg->geometry.mailbox_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, seg->fd.get(),
-                      static_cast<off_t>(seg->geometry.mailbox_offset));
+    PD_ASSIGN_OR_RETURN(seg->file, PeerSegment::open(path, kPageBytes));
+    PD_ASSIGN_OR_RETURN(seg->geometry, read_geometry(seg->base(), seg->file.size()));
+    void* rw = ::mmap(nullptr, seg->geometry.mailbox_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+                      seg->file.fd(), static_cast<off_t>(seg->geometry.mailbox_offset));
     if (rw == MAP_FAILED)
       return unavailable(
           fmt::format("cannot map the mailbox of KV segment {}: {}", path, std::strerror(errno)));
@@ -514,43 +431,11 @@ class ShmPuller final : public QueuedPuller {
     if (handle.buffer_id >= g.max_buffers)
       return not_found(
           fmt::format("KV buffer {} does not exist (the segment has {})", handle.buffer_id, g.max_buffers));
-    const uint8_t* rec = seg.base + g.record(handle.buffer_id);
-    const uint32_t state = field<uint32_t>(rec, kRecState).load(std::memory_order_acquire);
-    const uint64_t generation = field<uint64_t>(rec, kRecGeneration).load(std::memory_order_acquire);
-    if (generation != handle.generation)
-      return not_found(
-          fmt::format("stale handle: KV buffer {} is at generation {}, the handle has {} (it was "
-                      "released and reused)",
-                      handle.buffer_id, generation, handle.generation));
-    if (state == static_cast<uint32_t>(SlotState::kExpired))
-      return Status(StatusCode::kDeadlineExceeded,
-                    fmt::format("KV buffer {} generation {}: lease expired (reclaimed by the prefill's pool)",
-                                handle.buffer_id, handle.generation));
-    if (state != static_cast<uint32_t>(SlotState::kCommitted))
-      return failed_precondition(fmt::format("KV buffer {} generation {} is {}", handle.buffer_id,
-                                             handle.generation, slot_state_name(state)));
-    const uint32_t rec_mode = field<uint32_t>(rec, kRecMode).load(std::memory_order_relaxed);
-    if (rec_mode != static_cast<uint32_t>(mode))
-      return invalid_argument(fmt::format("KV buffer {} was published as mode {}, the handle asks {}",
-                                          handle.buffer_id, rec_mode, transfer_mode_name(mode)));
-    *offset = field<uint64_t>(rec, kRecOffset).load(std::memory_order_relaxed);
-    *bytes = field<uint64_t>(rec, kRecBytes).load(std::memory_order_relaxed);
-    return ok_status();
+    return check_slot_record(seg.base() + g.record(handle.buffer_id), handle, mode, offset, bytes);
   }
 
   static Status check_unchanged(const MappedSegment& seg, const KvHandle& handle) {
-    seqlock_fence(std::memory_order_acquire);
-    const uint8_t* rec = seg.base + seg.geometry.record(handle.buffer_id);
-    const uint32_t state = field<uint32_t>(rec, kRecState).load(std::memory_order_relaxed);
-    const uint64_t generation = field<uint64_t>(rec, kRecGeneration).load(std::memory_order_relaxed);
-    if (state != static_cast<uint32_t>(SlotState::kCommitted) || generation != handle.generation)
-      return failed_precondition(fmt::format(
-          "KV buffer {} generation {} was {} while the decode read it (now generation {}): the "
-          "KV in the target is unusable",
-          handle.buffer_id, handle.generation,
-          state == static_cast<uint32_t>(SlotState::kExpired) ? "reclaimed (lease expired)" : "released",
-          generation));
-    return ok_status();
+    return check_slot_unchanged(seg.base() + seg.geometry.record(handle.buffer_id), handle);
   }
 
   StatusOr<PullResult> pull_contiguous(const MappedSegment& seg, const KvHandle& handle,
@@ -562,7 +447,7 @@ class ShmPuller final : public QueuedPuller {
     if (bytes < kKvWireHeaderBytes || bytes > g.data_bytes || offset > g.data_bytes - bytes)
       return data_loss(fmt::format("KV buffer {} record [{}, +{}) lies outside the {}-byte data region",
                                    handle.buffer_id, offset, bytes, g.data_bytes));
-    const std::span<const uint8_t> message(seg.base + g.data_offset + offset, bytes);
+    const std::span<const uint8_t> message(seg.base() + g.data_offset + offset, bytes);
     PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(message));
     PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes));
     const auto body = message.subspan(kKvWireHeaderBytes);

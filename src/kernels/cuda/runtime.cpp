@@ -6,6 +6,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 namespace pdserve::cuda {
@@ -169,6 +170,54 @@ Status copy_peer(void* dst, int dst_device, const void* src, int src_device, siz
                  StreamHandle stream) {
   return from_cuda(cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, stream),
                    "cudaMemcpyPeerAsync");
+}
+
+StatusOr<IpcHandle> ipc_handle(const void* allocation) {
+  static_assert(sizeof(cudaIpcMemHandle_t) == sizeof(IpcHandle));
+  cudaIpcMemHandle_t h{};
+  PD_RETURN_IF_ERROR(
+      from_cuda(cudaIpcGetMemHandle(&h, const_cast<void*>(allocation)), "cudaIpcGetMemHandle"));
+  IpcHandle out{};
+  std::memcpy(out.data(), &h, out.size());
+  return out;
+}
+
+StatusOr<IpcMapping> IpcMapping::open(const IpcHandle& handle) {
+  cudaIpcMemHandle_t h{};
+  std::memcpy(&h, handle.data(), handle.size());
+  IpcMapping m;
+  PD_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&m.device_), "cudaGetDevice"));
+  PD_RETURN_IF_ERROR(
+      from_cuda(cudaIpcOpenMemHandle(&m.ptr_, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle"));
+  return m;
+}
+
+IpcMapping::~IpcMapping() {
+  if (ptr_ == nullptr) return;
+  int current = 0;
+  (void)cudaGetDevice(&current);
+  if (current != device_) (void)cudaSetDevice(device_);
+  (void)cudaIpcCloseMemHandle(ptr_);
+  if (current != device_) (void)cudaSetDevice(current);
+}
+
+IpcMapping::IpcMapping(IpcMapping&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), device_(other.device_) {}
+
+IpcMapping& IpcMapping::operator=(IpcMapping&& other) noexcept {
+  if (this != &other) {
+    IpcMapping old(std::move(*this));
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    device_ = other.device_;
+  }
+  return *this;
+}
+
+StatusOr<int> pointer_device(const void* ptr) {
+  cudaPointerAttributes a{};
+  PD_RETURN_IF_ERROR(from_cuda(cudaPointerGetAttributes(&a, ptr), "cudaPointerGetAttributes"));
+  if (a.type != cudaMemoryTypeDevice) return invalid_argument("the pointer is not device memory");
+  return a.device;
 }
 
 StatusOr<Stream> Stream::create() {

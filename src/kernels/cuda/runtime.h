@@ -5,6 +5,7 @@
 // or Event is used by one thread at a time.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -88,6 +89,32 @@ Status enable_peer_access(int peer);
 // Copies bytes from src on src_device to dst on dst_device, enqueued on `stream`.
 Status copy_peer(void* dst, int dst_device, const void* src, int src_device, size_t bytes,
                  StreamHandle stream);
+
+// CUDA IPC: another process of this host maps memory of this one. The handle is 64 opaque bytes
+// naming one whole allocation (DeviceBuffer::allocate's, from its start).
+using IpcHandle = std::array<uint8_t, 64>;
+StatusOr<IpcHandle> ipc_handle(const void* allocation);
+// The peer process's allocation mapped into this one (on the current device; peer access to the
+// owning GPU is enabled as needed). Closed on destruction. Move-only. A process cannot open its
+// own handles (the driver refuses): use the pointer itself there.
+class IpcMapping {
+ public:
+  static StatusOr<IpcMapping> open(const IpcHandle& handle);
+  IpcMapping() = default;
+  ~IpcMapping();
+  IpcMapping(IpcMapping&& other) noexcept;
+  IpcMapping& operator=(IpcMapping&& other) noexcept;
+  IpcMapping(const IpcMapping&) = delete;
+  IpcMapping& operator=(const IpcMapping&) = delete;
+  void* data() const { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+  int device_ = 0;  // current when opened; current again when closed
+};
+
+// The device that owns the memory at `ptr` (a device pointer of this process, mapped ones too).
+StatusOr<int> pointer_device(const void* ptr);
 
 // A non-blocking stream of the current device. Move-only.
 class Stream {

@@ -1,0 +1,30 @@
+// The cuda-ipc KV transport: GPU to GPU between processes of one host (DESIGN.md §1.3, block-free
+// KV transfer on accelerators). Built only with the CUDA backend (pdserve_transfer_cuda); the
+// interface is kv_transport.h's.
+//
+// Prefill side: the pool's send buffers are one device allocation on options.cuda_device, shared
+// with decodes through a CUDA IPC handle. publish() gathers a request's KV from the prefill's
+// paged cache (a KvMemory::kCuda view) into a buffer on the GPU with a kernel, behind the 64-byte
+// wire header, then commits it. A small shared-memory control segment holds the IPC handle and
+// one slot record per buffer (transfer/slot_record.h); its path is the handles' endpoint.
+//
+// Decode side: the puller maps the prefill's allocation once per control segment (cudaIpcOpen-
+// MemHandle; inside the prefill's own process, the pointer itself), reads and checks the header,
+// and runs the RecvScatter kernel on its GPU: it reads the peer buffer over NVLink or PCIe and
+// writes the decode's paged blocks — no staging copy. The slot record is checked before and
+// after (a buffer released or reclaimed meanwhile fails the pull).
+//
+// There is no block-fixed mode and no body checksum (both refused with the reason); the wire
+// dtype is bf16. Thread-safety as kv_transport.h: pools and pullers are thread-safe.
+#pragma once
+
+#include "common/status.h"
+#include "transfer/kv_transport.h"
+
+namespace pdserve {
+
+// The pool (options.send) and the puller (options.receive) of the cuda-ipc transport on GPU
+// options.cuda_device. UNAVAILABLE where there is no such GPU.
+StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options);
+
+}  // namespace pdserve

@@ -1,0 +1,272 @@
+// The cuda-ipc KV transport on real GPUs: random KV published from one paged cache and pulled
+// into another with a fragmented block table, compared in wire order (gather_kv of both sides,
+// itself checked against a host reference in cuda_kernels_test); across GPUs where there are
+// two, and across processes (this binary started again as the prefill). Skips without a GPU.
+#include "transfer/cuda_ipc.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+
+extern char** environ;
+
+namespace pdserve {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int32_t kLayers = 3;
+constexpr int32_t kKvHeads = 2;
+constexpr int32_t kHeadDim = 64;
+constexpr int32_t kBlockSize = 16;
+constexpr int32_t kBlocks = 24;
+constexpr uint64_t kFingerprint = 0x1234;
+constexpr const char* kChildEnv = "PDSERVE_CUDA_IPC_TEST_CHILD";
+
+// A paged KV cache of the CUDA backend's layout on one GPU, and its view.
+struct DeviceCache {
+  cuda::DeviceBuffer memory;
+  PagedKvView view;
+  cuda::PagedKvCache kernel;
+
+  static DeviceCache make(int device, uint64_t seed) {
+    EXPECT_TRUE(cuda::set_device(device).ok());
+    DeviceCache c;
+    const int64_t row = int64_t{kKvHeads} * kHeadDim;
+    const int64_t part = int64_t{kBlocks} * kBlockSize * row;  // one layer's K (or V), values
+    auto m = cuda::DeviceBuffer::allocate(static_cast<size_t>(2 * part * kLayers) * 2);
+    EXPECT_TRUE(m.ok());
+    c.memory = std::move(*m);
+    EXPECT_TRUE(
+        cuda::fill_uniform_bf16(c.memory.as<uint16_t>(), 2 * part * kLayers, 0.0f, 1.0f, seed, nullptr).ok());
+    EXPECT_TRUE(cuda::synchronize().ok());
+    c.view.base = c.memory.as<uint8_t>();
+    c.view.block_bytes = static_cast<size_t>(kBlockSize * row * 2);
+    c.view.num_blocks = kBlocks;
+    c.view.block_size = kBlockSize;
+    c.view.layout = KvLayout{kFingerprint, KvDtype::kBF16, kLayers, kKvHeads * kHeadDim};
+    c.view.memory = KvMemory::kCuda;
+    c.view.cuda_device = device;
+    c.view.num_kv_heads = kKvHeads;
+    c.view.layer_bytes = static_cast<uint64_t>(2 * part * 2);
+    c.view.v_offset_bytes = static_cast<uint64_t>(part * 2);
+    c.kernel =
+        cuda::PagedKvCache{c.memory.as<uint16_t>(), kLayers, 2 * part, part, kBlockSize, kKvHeads, kHeadDim};
+    return c;
+  }
+
+  // The first `tokens` tokens named by `table`, in wire order, on the host.
+  std::vector<uint16_t> wire(const std::vector<int32_t>& table, int32_t tokens) const {
+    EXPECT_TRUE(cuda::set_device(view.cuda_device).ok());
+    const auto values = static_cast<size_t>(kernel.bytes(tokens) / 2);
+    auto w = cuda::DeviceBuffer::allocate(values * 2);
+    auto t = cuda::DeviceBuffer::allocate(table.size() * sizeof(int32_t));
+    EXPECT_TRUE(w.ok() && t.ok());
+    EXPECT_TRUE(cuda::copy_to_device(t->data(), table.data(), table.size() * sizeof(int32_t)).ok());
+    EXPECT_TRUE(cuda::gather_kv(kernel, t->as<int32_t>(), tokens, w->as<uint16_t>(), nullptr).ok());
+    std::vector<uint16_t> out(values);
+    EXPECT_TRUE(cuda::copy_to_host(out.data(), w->data(), values * 2).ok());
+    return out;
+  }
+};
+
+std::vector<int32_t> shuffled_blocks(uint64_t seed) {
+  std::vector<int32_t> t(kBlocks);
+  std::iota(t.begin(), t.end(), 0);
+  std::shuffle(t.begin(), t.end(), std::mt19937_64(seed));
+  return t;
+}
+
+KvTransportOptions options(int device) {
+  KvTransportOptions o;
+  o.cuda_device = device;
+  o.pool_capacity_bytes = 8 << 20;
+  o.max_buffers = 4;
+  return o;
+}
+
+class CudaIpc : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device here (" << cuda::no_device_reason() << ")";
+  }
+};
+
+// Publishes 150 tokens (a partial last block) from GPU `src`, pulls them into GPU `dst`.
+void round_trip(int src_device, int dst_device) {
+  DeviceCache src = DeviceCache::make(src_device, 1);
+  DeviceCache dst = DeviceCache::make(dst_device, 2);
+  KvTransportOptions so = options(src_device);
+  so.receive = false;
+  KvTransportOptions ro = options(dst_device);
+  ro.send = false;
+  StatusOr<KvTransport> sender = make_cuda_ipc_transport(so);
+  StatusOr<KvTransport> receiver = make_cuda_ipc_transport(ro);
+  ASSERT_TRUE(sender.ok()) << sender.status().message();
+  ASSERT_TRUE(receiver.ok()) << receiver.status().message();
+  const int32_t tokens = 150;
+  const std::vector<int32_t> src_table = shuffled_blocks(3);
+  const std::vector<int32_t> dst_table = shuffled_blocks(4);
+  ASSERT_TRUE(cuda::set_device(src_device).ok());
+  StatusOr<KvHandle> h = publish_kv(*sender->pool, src.view, src_table, tokens);
+  ASSERT_TRUE(h.ok()) << h.status().message();
+  EXPECT_EQ(h->kind, TransportKind::kCudaIpc);
+  // The handle travels as text.
+  StatusOr<KvHandle> parsed = KvHandle::parse(h->to_string());
+  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  TransferState st = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
+  EXPECT_EQ(st.num_tokens, tokens);
+  EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens));
+  // Blocks past the sequence were left alone: the 10 unused blocks of dst still differ from src.
+  ASSERT_TRUE(sender->pool->release(h->ref()).ok());
+  // A released buffer cannot be pulled again.
+  TransferState again = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
+  ASSERT_EQ(again.phase, TransferPhase::kFailed);
+  EXPECT_THAT(again.error.message(), HasSubstr("released"));
+}
+
+TEST_F(CudaIpc, RoundTripOnOneGpu) { round_trip(0, 0); }
+
+TEST_F(CudaIpc, RoundTripBetweenGpus) {
+  if (cuda::device_count() < 2) GTEST_SKIP() << "one GPU here; this needs two";
+  round_trip(0, 1);
+}
+
+TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
+  DeviceCache src = DeviceCache::make(0, 5);
+  DeviceCache dst = DeviceCache::make(0, 6);
+  StatusOr<KvTransport> t = make_cuda_ipc_transport(options(0));
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  const std::vector<int32_t> table = shuffled_blocks(7);
+  StatusOr<KvHandle> h = publish_kv(*t->pool, src.view, table, 40);
+  ASSERT_TRUE(h.ok()) << h.status().message();
+
+  // Another model.
+  PagedKvView other = dst.view;
+  other.layout.model_fingerprint = 99;
+  TransferState st = t->puller->pull(*h, KvScatterTarget{other, table, 40});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("fingerprint"));
+  // A stale generation.
+  KvHandle stale = *h;
+  stale.generation += 1000;
+  st = t->puller->pull(stale, KvScatterTarget{dst.view, table, 40});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("stale"));
+  // A block table too short for the tokens.
+  st = t->puller->pull(*h, KvScatterTarget{dst.view, std::span<const int32_t>(table).first(2), 40});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  // Host memory is not this transport's.
+  std::vector<uint8_t> host(dst.memory.bytes());
+  PagedKvView host_view{host.data(),
+                        2 * dst.view.layout.num_layers * kBlockSize * dst.view.layout.row_bytes(), kBlocks,
+                        kBlockSize, dst.view.layout};
+  host_view.layout.dtype = KvDtype::kBF16;
+  st = t->puller->pull(*h, KvScatterTarget{host_view, table, 40});
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("host memory"));
+  EXPECT_FALSE(publish_kv(*t->pool, host_view, table, 40).ok());
+  // The good pull still works after all of that.
+  st = t->puller->pull(*h, KvScatterTarget{dst.view, table, 40});
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
+  EXPECT_EQ(dst.wire(table, 40), src.wire(table, 40));
+  // The other transports refuse GPU memory with the reason.
+  StatusOr<KvTransport> shm = make_transport(TransportKind::kShm, KvTransportOptions{});
+  ASSERT_TRUE(shm.ok());
+  StatusOr<KvHandle> bad = publish_kv(*shm->pool, src.view, table, 40);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("cuda-ipc"));
+}
+
+// Across processes: this binary, started again with kChildEnv set, is the prefill; it prints
+// its handle, then waits for a line on stdin before it exits (its pool must outlive the pull).
+TEST_F(CudaIpc, RoundTripBetweenProcesses) {
+  const int dst_device = cuda::device_count() > 1 ? 1 : 0;
+  int to_child[2];
+  int from_child[2];
+  ASSERT_EQ(pipe(to_child), 0);
+  ASSERT_EQ(pipe(from_child), 0);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
+  posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
+  posix_spawn_file_actions_addclose(&fa, to_child[1]);
+  posix_spawn_file_actions_addclose(&fa, from_child[0]);
+  std::string env = std::string(kChildEnv) + "=1";
+  std::vector<char*> envp;
+  for (char** e = environ; *e; ++e) envp.push_back(*e);
+  envp.push_back(env.data());
+  envp.push_back(nullptr);
+  std::string exe = "/proc/self/exe";
+  std::string filter = "--gtest_filter=CudaIpcChild.Prefill";
+  char* argv[] = {exe.data(), filter.data(), nullptr};
+  pid_t pid = 0;
+  ASSERT_EQ(posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv, envp.data()), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  close(to_child[0]);
+  close(from_child[1]);
+  FILE* in = fdopen(from_child[0], "r");
+  std::string handle_text;
+  char line[1024];
+  while (fgets(line, sizeof line, in)) {
+    std::string l(line);
+    if (l.starts_with("HANDLE ")) {
+      handle_text = l.substr(7, l.size() - 8);
+      break;
+    }
+  }
+  ASSERT_FALSE(handle_text.empty()) << "the prefill process printed no handle";
+  StatusOr<KvHandle> h = KvHandle::parse(handle_text);
+  ASSERT_TRUE(h.ok()) << h.status().message();
+  DeviceCache dst = DeviceCache::make(dst_device, 8);
+  KvTransportOptions ro = options(dst_device);
+  ro.send = false;
+  StatusOr<KvTransport> receiver = make_cuda_ipc_transport(ro);
+  ASSERT_TRUE(receiver.ok()) << receiver.status().message();
+  const std::vector<int32_t> dst_table = shuffled_blocks(9);
+  TransferState st = receiver->puller->pull(*h, KvScatterTarget{dst.view, dst_table, 150});
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
+  // The child's cache: the same seed and table, made again here on the child's GPU.
+  DeviceCache expected = DeviceCache::make(0, 1);
+  EXPECT_EQ(dst.wire(dst_table, 150), expected.wire(shuffled_blocks(3), 150));
+  ASSERT_EQ(write(to_child[1], "done\n", 5), 5);
+  close(to_child[1]);
+  while (fgets(line, sizeof line, in)) {  // the child's test output, to its end
+  }
+  fclose(in);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "prefill process status " << status;
+}
+
+TEST(CudaIpcChild, Prefill) {
+  if (std::getenv(kChildEnv) == nullptr) GTEST_SKIP() << "the prefill half of RoundTripBetweenProcesses";
+  DeviceCache src = DeviceCache::make(0, 1);
+  KvTransportOptions so = options(0);
+  so.receive = false;
+  StatusOr<KvTransport> sender = make_cuda_ipc_transport(so);
+  ASSERT_TRUE(sender.ok()) << sender.status().message();
+  StatusOr<KvHandle> h = publish_kv(*sender->pool, src.view, shuffled_blocks(3), 150);
+  ASSERT_TRUE(h.ok()) << h.status().message();
+  std::printf("HANDLE %s\n", h->to_string().c_str());
+  std::fflush(stdout);
+  char line[16];
+  ASSERT_NE(std::fgets(line, sizeof line, stdin), nullptr);
+}
+
+}  // namespace
+}  // namespace pdserve

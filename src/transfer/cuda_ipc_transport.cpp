@@ -1,0 +1,348 @@
+// cuda-ipc: the pool's buffers are one device allocation shared through a CUDA IPC handle; the
+// decode's RecvScatter kernel reads them in place (transfer/cuda_ipc.h).
+//
+// Control segment (a SharedSegment; little-endian; the decode validates all of it):
+//   [0, 128)   header: magic "PDKC", version 1, max_buffers, the pool's GPU, the owner's pid,
+//              capacity bytes, the allocation's address in the owner's process, and at 64 the
+//              64-byte CUDA IPC handle of the allocation
+//   [128, ...) slot records, 64 bytes per buffer (transfer/slot_record.h); offsets are into the
+//              allocation
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <array>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+
+#include "kernels/cuda/ops.h"
+#include "kernels/cuda/runtime.h"
+#include "transfer/byte_order.h"
+#include "transfer/cuda_ipc.h"
+#include "transfer/memory.h"
+#include "transfer/pull_common.h"
+#include "transfer/send_pool_core.h"
+#include "transfer/slot_record.h"
+#include "transfer/transports.h"
+
+namespace pdserve {
+namespace {
+
+using transfer_internal::load_le;
+using transfer_internal::PeerSegment;
+using transfer_internal::PullResult;
+using transfer_internal::SendPoolCore;
+using transfer_internal::SharedSegment;
+using transfer_internal::SlotSnapshot;
+using transfer_internal::store_le;
+
+constexpr uint32_t kControlMagic = 0x434B4450;  // "PDKC"
+constexpr uint32_t kControlVersion = 1;
+constexpr uint64_t kControlHeaderBytes = 128;
+constexpr uint64_t kPageBytes = 4096;
+constexpr uint32_t kMaxControlBuffers = 1 << 20;
+constexpr size_t kCtlMagic = 0, kCtlVersion = 4, kCtlMaxBuffers = 8, kCtlDevice = 12, kCtlPid = 16,
+                 kCtlCapacity = 24, kCtlAddress = 32, kCtlIpcHandle = 64;
+
+uint64_t control_bytes(uint32_t max_buffers) {
+  const uint64_t n = kControlHeaderBytes + uint64_t{max_buffers} * transfer_internal::kSlotRecordBytes;
+  return (n + kPageBytes - 1) / kPageBytes * kPageBytes;
+}
+
+// The kernels' description of a kCuda view (validated by the caller), or why it cannot be one.
+StatusOr<cuda::PagedKvCache> kernel_cache(const PagedKvView& v) {
+  if (v.memory != KvMemory::kCuda)
+    return failed_precondition(
+        "the cuda-ipc transport moves KV caches in GPU memory; this one is in host memory");
+  const uint64_t rows = static_cast<uint64_t>(v.block_size) * v.layout.row_bytes();
+  if (v.block_bytes != rows)
+    return invalid_argument(fmt::format("the KV kernels need blocks of exactly their rows ({} bytes), not {}",
+                                        rows, v.block_bytes));
+  cuda::PagedKvCache c;
+  c.base = reinterpret_cast<uint16_t*>(v.base);
+  c.num_layers = v.layout.num_layers;
+  c.layer_stride = static_cast<int64_t>(v.layer_bytes / 2);
+  c.v_offset = static_cast<int64_t>(v.v_offset_bytes / 2);
+  c.block_size = v.block_size;
+  c.num_kv_heads = v.num_kv_heads;
+  c.head_dim = v.layout.kv_width / v.num_kv_heads;
+  return c;
+}
+
+// A block table in device memory, grown as needed; with the stream the copies run on. One user
+// at a time.
+class DeviceTable {
+ public:
+  Status init() {
+    PD_ASSIGN_OR_RETURN(stream_, cuda::Stream::create());
+    return ok_status();
+  }
+  StatusOr<const int32_t*> upload(std::span<const int32_t> table, int64_t entries) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(entries, 1)) * sizeof(int32_t);
+    if (buffer_.bytes() < bytes) {
+      PD_ASSIGN_OR_RETURN(buffer_, cuda::DeviceBuffer::allocate(std::max(bytes, buffer_.bytes() * 2)));
+    }
+    PD_RETURN_IF_ERROR(cuda::copy_to_device_async(buffer_.data(), table.data(),
+                                                  static_cast<size_t>(entries) * sizeof(int32_t), stream()));
+    return buffer_.as<int32_t>();
+  }
+  cuda::StreamHandle stream() const { return stream_->get(); }
+  Status sync() const { return stream_->synchronize(); }
+
+ private:
+  std::optional<cuda::Stream> stream_;
+  cuda::DeviceBuffer buffer_;
+};
+
+int64_t blocks_for(int32_t num_tokens, int32_t block_size) {
+  return (static_cast<int64_t>(num_tokens) + block_size - 1) / block_size;
+}
+
+class CudaIpcSendPool final : public KvSendPool {
+ public:
+  static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
+    if (options.max_buffers < 1 || static_cast<uint32_t>(options.max_buffers) > kMaxControlBuffers)
+      return invalid_argument(
+          fmt::format("max_buffers {} is outside [1, {}]", options.max_buffers, kMaxControlBuffers));
+    if (options.pool_capacity_bytes < kKvWireHeaderBytes)
+      return invalid_argument(
+          fmt::format("a cuda-ipc pool of {} bytes holds no KV", options.pool_capacity_bytes));
+    PD_RETURN_IF_ERROR(cuda::set_device(options.cuda_device));
+    auto pool = std::unique_ptr<CudaIpcSendPool>(new CudaIpcSendPool(options.cuda_device));
+    PD_ASSIGN_OR_RETURN(pool->memory_, cuda::DeviceBuffer::allocate(options.pool_capacity_bytes));
+    PD_ASSIGN_OR_RETURN(const cuda::IpcHandle ipc, cuda::ipc_handle(pool->memory_.data()));
+    PD_RETURN_IF_ERROR(pool->table_.init());
+    const auto max_buffers = static_cast<uint32_t>(options.max_buffers);
+    PD_ASSIGN_OR_RETURN(pool->control_,
+                        SharedSegment::create(control_bytes(max_buffers), options.shm_backing, true));
+    uint8_t* h = pool->control_.data();
+    store_le<uint32_t>(h + kCtlMagic, kControlMagic);
+    store_le<uint32_t>(h + kCtlVersion, kControlVersion);
+    store_le<uint32_t>(h + kCtlMaxBuffers, max_buffers);
+    store_le<uint32_t>(h + kCtlDevice, static_cast<uint32_t>(options.cuda_device));
+    store_le<uint32_t>(h + kCtlPid, static_cast<uint32_t>(::getpid()));
+    store_le<uint64_t>(h + kCtlCapacity, options.pool_capacity_bytes);
+    store_le<uint64_t>(h + kCtlAddress, reinterpret_cast<uintptr_t>(pool->memory_.data()));
+    std::memcpy(h + kCtlIpcHandle, ipc.data(), ipc.size());
+    pool->core_ = std::make_unique<SendPoolCore>(
+        transfer_internal::core_config(options), pool->memory_.as<uint8_t>(),
+        [p = pool.get()](uint32_t id, const SlotSnapshot& s) {
+          transfer_internal::write_slot_record(
+              p->control_.data() + kControlHeaderBytes + uint64_t{id} * transfer_internal::kSlotRecordBytes,
+              s);
+        });
+    return std::unique_ptr<KvSendPool>(std::move(pool));
+  }
+
+  TransportKind kind() const override { return TransportKind::kCudaIpc; }
+  std::string endpoint() const override { return control_.path(); }
+
+  // NOTE: the span is device memory of this pool's GPU: write it with CUDA copies or kernels.
+  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
+    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
+    return KvSendBuffer{a.ref, a.bytes,
+                        KvHandle{TransportKind::kCudaIpc, KvTransferMode::kContiguous, control_.path(),
+                                 a.ref.buffer_id, a.ref.generation, bytes}};
+  }
+  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
+  StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {
+    return unimplemented("the cuda-ipc transport has no block-fixed mode (it exists for shm and tcp only)");
+  }
+
+  StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
+                             uint32_t flags) override {
+    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
+    PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
+    if (src.cuda_device != device_)
+      return failed_precondition(fmt::format(
+          "this cuda-ipc pool lives on GPU {}, the KV cache to send on GPU {}", device_, src.cuda_device));
+    if (num_tokens > kKvWireMaxTokens)
+      return out_of_range(
+          fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
+    if (flags != 0)
+      return unimplemented(
+          fmt::format("the cuda-ipc transport sends no KV wire flags (asked 0x{:x})", flags));
+    KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
+    PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, acquire(kKvWireHeaderBytes + header.body_bytes));
+    header.generation = buffer.ref.generation;
+    Status st = write(buffer, header, cache, block_table, num_tokens);
+    if (st.ok()) st = core_->commit(buffer.ref);
+    if (!st.ok()) {
+      (void)core_->release(buffer.ref);
+      return st;
+    }
+    return buffer.handle;
+  }
+
+  Status release(KvBufferRef ref) override { return core_->release(ref); }
+  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
+  KvSendPoolStats stats() const override { return core_->stats(); }
+
+ private:
+  explicit CudaIpcSendPool(int device) : device_(device) {}
+
+  // The header and the gathered body into the buffer; returns once they are there.
+  Status write(const KvSendBuffer& buffer, const KvWireHeader& header, const cuda::PagedKvCache& cache,
+               std::span<const int32_t> block_table, int32_t num_tokens) {
+    const std::array<uint8_t, kKvWireHeaderBytes> head = encode_kv_wire_header(header);
+    std::lock_guard lock(mu_);
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    PD_ASSIGN_OR_RETURN(const int32_t* table,
+                        table_.upload(block_table, blocks_for(num_tokens, cache.block_size)));
+    PD_RETURN_IF_ERROR(
+        cuda::copy_to_device_async(buffer.bytes.data(), head.data(), head.size(), table_.stream()));
+    PD_RETURN_IF_ERROR(cuda::gather_kv(cache, table, num_tokens,
+                                       reinterpret_cast<uint16_t*>(buffer.bytes.data() + kKvWireHeaderBytes),
+                                       table_.stream()));
+    // NOTE: the stream is of this pool; the caller's forward pass that wrote the cache has
+    // returned (CudaLlamaModel::forward synchronises), so the gather sees its writes.
+    return table_.sync();
+  }
+
+  const int device_;
+  cuda::DeviceBuffer memory_;
+  SharedSegment control_;
+  std::unique_ptr<SendPoolCore> core_;
+  std::mutex mu_;
+  DeviceTable table_;  // guarded by mu_
+};
+
+// One prefill's pool as a decode sees it: the control segment and the allocation, mapped.
+struct PeerPool {
+  PeerSegment control;
+  uint32_t max_buffers = 0;
+  uint64_t capacity = 0;
+  int device = 0;
+  std::optional<cuda::IpcMapping> mapping;  // none when the pool is in this process
+  const uint8_t* memory = nullptr;
+
+  const uint8_t* record(uint32_t id) const {
+    return control.data() + kControlHeaderBytes + uint64_t{id} * transfer_internal::kSlotRecordBytes;
+  }
+};
+
+class CudaIpcPuller final : public transfer_internal::QueuedPuller {
+ public:
+  explicit CudaIpcPuller(int device) : QueuedPuller(TransportKind::kCudaIpc), device_(device) {}
+  ~CudaIpcPuller() override { stop(); }
+
+ protected:
+  StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
+    if (handle.mode != KvTransferMode::kContiguous)
+      return unimplemented("the cuda-ipc transport has no block-fixed mode");
+    PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(target.view));
+    if (target.view.cuda_device != device_)
+      return failed_precondition(
+          fmt::format("this cuda-ipc puller writes GPU {}, the target KV cache is on GPU {}", device_,
+                      target.view.cuda_device));
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    if (!table_initialised_) {
+      PD_RETURN_IF_ERROR(table_.init());
+      table_initialised_ = true;
+    }
+    PD_ASSIGN_OR_RETURN(PeerPool * peer, map_pool(handle.endpoint));
+    StatusOr<PullResult> r = pull(*peer, handle, target, cache);
+    if (!r.ok()) return r.status().with_context(fmt::format("prefill KV pool {}", handle.endpoint));
+    return r;
+  }
+
+ private:
+  StatusOr<PullResult> pull(const PeerPool& peer, const KvHandle& handle, const KvScatterTarget& target,
+                            const cuda::PagedKvCache& cache) {
+    if (handle.buffer_id >= peer.max_buffers)
+      return not_found(
+          fmt::format("KV buffer {} does not exist (the pool has {})", handle.buffer_id, peer.max_buffers));
+    const uint8_t* rec = peer.record(handle.buffer_id);
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+    PD_RETURN_IF_ERROR(
+        transfer_internal::check_slot_record(rec, handle, KvTransferMode::kContiguous, &offset, &bytes));
+    if (bytes < kKvWireHeaderBytes || bytes > peer.capacity || offset > peer.capacity - bytes ||
+        offset % 16 != 0)
+      return data_loss(fmt::format("KV buffer {} record [{}, +{}) lies outside the {}-byte pool",
+                                   handle.buffer_id, offset, bytes, peer.capacity));
+    const uint8_t* message = peer.memory + offset;
+    std::array<uint8_t, kKvWireHeaderBytes> head{};
+    PD_RETURN_IF_ERROR(cuda::copy_to_host(head.data(), message, head.size()));
+    PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(head));
+    PD_RETURN_IF_ERROR(transfer_internal::check_header_for_pull(header, handle, target, bytes));
+    if (header.flags & kKvWireBodyChecksum)
+      return unimplemented(
+          "the cuda-ipc transport does not verify body checksums (the prefill asked for one)");
+    PD_ASSIGN_OR_RETURN(const int32_t* table,
+                        table_.upload(target.block_table, blocks_for(header.num_tokens, cache.block_size)));
+    PD_RETURN_IF_ERROR(cuda::scatter_kv(reinterpret_cast<const uint16_t*>(message + kKvWireHeaderBytes),
+                                        cache, table, header.num_tokens, table_.stream()));
+    PD_RETURN_IF_ERROR(table_.sync());
+    PD_RETURN_IF_ERROR(transfer_internal::check_slot_unchanged(rec, handle));
+    return PullResult{header.num_tokens, bytes};
+  }
+
+  StatusOr<PeerPool*> map_pool(const std::string& path) {
+    auto it = pools_.find(path);
+    if (it != pools_.end() && it->second->control.same_file(path)) return it->second.get();
+    if (it != pools_.end()) pools_.erase(it);
+    std::erase_if(pools_, [](const auto& kv) { return !kv.second->control.same_file(kv.first); });
+
+    auto peer = std::make_unique<PeerPool>();
+    PD_ASSIGN_OR_RETURN(peer->control, PeerSegment::open(path, kPageBytes));
+    const uint8_t* h = peer->control.data();
+    if (load_le<uint32_t>(h + kCtlMagic) != kControlMagic)
+      return data_loss(fmt::format("{} is not a cuda-ipc KV control segment (magic 0x{:08x})", path,
+                                   load_le<uint32_t>(h + kCtlMagic)));
+    if (load_le<uint32_t>(h + kCtlVersion) != kControlVersion)
+      return unimplemented(
+          fmt::format("cuda-ipc control segment version {} is not supported (this build speaks {})",
+                      load_le<uint32_t>(h + kCtlVersion), kControlVersion));
+    peer->max_buffers = load_le<uint32_t>(h + kCtlMaxBuffers);
+    peer->capacity = load_le<uint64_t>(h + kCtlCapacity);
+    peer->device = static_cast<int>(load_le<uint32_t>(h + kCtlDevice));
+    if (peer->max_buffers < 1 || peer->max_buffers > kMaxControlBuffers ||
+        control_bytes(peer->max_buffers) > peer->control.size())
+      return data_loss(fmt::format("cuda-ipc control segment {} claims {} buffers in {} bytes", path,
+                                   peer->max_buffers, peer->control.size()));
+    if (load_le<uint32_t>(h + kCtlPid) == static_cast<uint32_t>(::getpid())) {
+      // The prefill is in this process: its allocation is addressable as it is.
+      peer->memory =
+          reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(load_le<uint64_t>(h + kCtlAddress)));
+      PD_ASSIGN_OR_RETURN(const int owner, cuda::pointer_device(peer->memory));
+      if (owner != device_) PD_RETURN_IF_ERROR(cuda::enable_peer_access(owner));
+    } else {
+      cuda::IpcHandle ipc{};
+      std::memcpy(ipc.data(), h + kCtlIpcHandle, ipc.size());
+      PD_ASSIGN_OR_RETURN(peer->mapping, cuda::IpcMapping::open(ipc));
+      peer->memory = static_cast<const uint8_t*>(peer->mapping->data());
+    }
+    PeerPool* p = peer.get();
+    pools_[path] = std::move(peer);
+    return p;
+  }
+
+  const int device_;
+  // The progress thread's own (run_pull runs there only).
+  bool table_initialised_ = false;
+  DeviceTable table_;
+  std::unordered_map<std::string, std::unique_ptr<PeerPool>> pools_;
+};
+
+}  // namespace
+
+StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options) {
+  if (options.cuda_device < 0 || options.cuda_device >= cuda::device_count())
+    return unavailable(fmt::format("the cuda-ipc KV transport needs GPU {}, and this machine has {} ({})",
+                                   options.cuda_device, cuda::device_count(), cuda::no_device_reason()));
+  KvTransport t;
+  t.kind = TransportKind::kCudaIpc;
+  if (options.send) {
+    PD_ASSIGN_OR_RETURN(t.pool, CudaIpcSendPool::create(options));
+  }
+  if (options.receive) {
+    if (options.io_timeout_ms < 1)
+      return invalid_argument(fmt::format("io_timeout_ms {} must be >= 1", options.io_timeout_ms));
+    t.puller = std::make_unique<CudaIpcPuller>(options.cuda_device);
+  }
+  return t;
+}
+
+}  // namespace pdserve
