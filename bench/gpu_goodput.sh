@@ -11,7 +11,7 @@
 # Environment: PDSERVE (the binary, build/release/src/bin/pdserve), MODEL (synthetic:llama-3.1-8b),
 # RATES (req/s, "2 4 8 12 16"), SECONDS_PER_RATE (20: requests = rate x this), INPUT (pdserve
 # bench --input-len, normal:1024:384), OUTPUT (normal:128:32), SLO_TTFT_MS (1000), SLO_TPOT_MS (50),
-# KV_MEMORY (per instance, 40GiB), PREFILL_SLOTS (b_p of each prefill, 16), ENGINE (more engine
+# KV_MEMORY (per instance, 40GiB), MAX_RUNNING (128), PREFILL_SLOTS (b_p of each prefill, 16), ENGINE (more engine
 # flags for the aggregated instances). Writes
 # OUT_DIR/<arm>_rate_<r>.json (one per bench process) and OUT_DIR/goodput.json, prints a table.
 set -euo pipefail
@@ -30,8 +30,9 @@ slo_ttft=${SLO_TTFT_MS:-1000}
 slo_tpot=${SLO_TPOT_MS:-50}
 kv=${KV_MEMORY:-40GiB}
 prefill_slots=${PREFILL_SLOTS:-16}
+max_running=${MAX_RUNNING:-128}
 # The same engine settings for every instance of both arms.
-engine=(--kv-cache-memory "$kv" --max-context 8192 --max-running 128 --step-token-budget 2048 ${ENGINE:-})
+engine=(--kv-cache-memory "$kv" --max-context 8192 --max-running "$max_running" --step-token-budget 2048 ${ENGINE:-})
 tokenizer=models/SmolLM2-135M-Instruct.Q4_1.gguf  # the tokenizer a synthetic model is served with
 [ $# -ge 1 ] || { echo "usage: bench/gpu_goodput.sh PxD..." >&2; exit 2; }
 gpus=$(nvidia-smi -L | grep -c "^GPU ")
@@ -65,7 +66,7 @@ run_pd() {  # P D
     echo "[instance_defaults]"
     echo "kv_cache_memory = \"$kv\""
     echo "max_context = 8192"
-    echo "max_running = 128"
+    echo "max_running = $max_running"
     echo "step_token_budget = 2048"
     echo "prefill_slots = $prefill_slots"
     for i in $(seq 1 "$p"); do
