@@ -11,8 +11,7 @@
 # Environment: PDSERVE (the binary, build/release/src/bin/pdserve), MODEL (synthetic:llama-3.1-8b),
 # RATES (req/s, "2 4 8 12 16"), SECONDS_PER_RATE (20: requests = rate x this), INPUT (pdserve
 # bench --input-len, normal:1024:384), OUTPUT (normal:128:32), SLO_TTFT_MS (1000), SLO_TPOT_MS (50),
-# KV_MEMORY (per instance, 40GiB), MAX_RUNNING (128), PREFILL_SLOTS (b_p of each prefill, 16), ENGINE (more engine
-# flags for the aggregated instances). Writes
+# KV_MEMORY (per instance, 40GiB), MAX_RUNNING (128), PREFILL_SLOTS (b_p of each prefill, 16). Writes
 # OUT_DIR/<arm>_rate_<r>.json (one per bench process) and OUT_DIR/goodput.json, prints a table.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,6 +20,7 @@ source bench/common.sh
 B=${PDSERVE:-build/release/src/bin/pdserve}
 out=${OUT_DIR:-build/bench/gpu_goodput}
 mkdir -p "$out"
+rm -f "$out"/*_rate_*.json "$out"/*_rate_*.txt "$out"/goodput.json  # the summary reads every result here
 model=${MODEL:-synthetic:llama-3.1-8b}
 rates=${RATES:-2 4 8 12 16}
 secs=${SECONDS_PER_RATE:-20}
@@ -32,7 +32,7 @@ kv=${KV_MEMORY:-40GiB}
 prefill_slots=${PREFILL_SLOTS:-16}
 max_running=${MAX_RUNNING:-128}
 # The same engine settings for every instance of both arms.
-engine=(--kv-cache-memory "$kv" --max-context 8192 --max-running "$max_running" --step-token-budget 2048 ${ENGINE:-})
+engine=(--kv-cache-memory "$kv" --max-context 8192 --max-running "$max_running" --step-token-budget 2048)
 tokenizer=models/SmolLM2-135M-Instruct.Q4_1.gguf  # the tokenizer a synthetic model is served with
 [ $# -ge 1 ] || { echo "usage: bench/gpu_goodput.sh PxD..." >&2; exit 2; }
 gpus=$(nvidia-smi -L | grep -c "^GPU ")
@@ -143,6 +143,7 @@ for f in sorted(glob.glob(os.path.join(out, "*_rate_*.json"))):
     rate = round(share * n_inst, 6)
     a = arms.setdefault(arm, {}).setdefault(rate, {"goodput_rps": 0.0, "requests": 0, "ok": 0, "met": 0.0,
                                                    "ttft_p99_ms": 0.0, "tpot_p99_ms": 0.0})
+    a["files"] = a.get("files", 0) + 1
     a["goodput_rps"] += s["goodput_rps"]
     a["requests"] += s["num_requests"]
     a["ok"] += s["num_ok"]
@@ -154,6 +155,11 @@ print(f"{'arm':>10} {'rate':>6} {'goodput':>8} {'SLO %':>6} {'ok/sent':>9} {'TTF
 for arm, rows in sorted(arms.items()):
     for rate, a in sorted(rows.items()):
         a["slo_attainment"] = a.pop("met") / max(1, a["requests"])
+        n_inst = int(arm.split("_")[1]) if arm.startswith("agg_") else 1
+        if a.pop("files") != n_inst:  # a bench run that wrote nothing (see its .txt)
+            print(f"{arm:>10} {rate:>6g}  INCOMPLETE: results of {n_inst} bench runs expected")
+            a["incomplete"] = True
+            continue
         print(f"{arm:>10} {rate:>6g} {a['goodput_rps']:>8.2f} {100 * a['slo_attainment']:>6.1f} "
               f"{a['ok']:>4}/{a['requests']:<4} {a['ttft_p99_ms']:>9.0f} {a['tpot_p99_ms']:>9.1f}")
 json.dump({arm: {str(r): v for r, v in rows.items()} for arm, rows in arms.items()},

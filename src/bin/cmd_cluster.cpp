@@ -138,7 +138,12 @@ int run_instance(void* p) {
       fmt::print(stderr, "error: --transport: {}\n", kind.status().message());
       return 2;
     }
-    KvTransportOptions to = send_pool_options(a.engine, cfg, eo.max_context);
+    StatusOr<KvTransportOptions> pool_options = send_pool_options(a.engine, cfg, eo.max_context);
+    if (!pool_options.ok()) {
+      fmt::print(stderr, "error: {}\n", pool_options.status().message());
+      return 2;
+    }
+    KvTransportOptions to = *pool_options;
     to.send = role == EngineRole::kPrefill;
     to.receive = role == EngineRole::kDecode;
     to.tcp_listen = a.kv_listen;
@@ -172,10 +177,12 @@ int run_instance(void* p) {
   api::InstanceService instance_service(*engine, transport_name, token);
   service.store(&instance_service);
   set_loading(false);
-  PD_LOG_INFO(
-      "instance: ready: {} role on {}, KV cache {} blocks x {} tokens ({}){}", a.role, engine->device(),
-      eo.num_blocks, eo.block_size, format_bytes(engine->kv_bytes()),
-      transport.pool ? fmt::format(", KV send pool at {}", transport.pool->endpoint()) : std::string());
+  PD_LOG_INFO("instance: ready: {} role on {}, KV cache {} blocks x {} tokens ({}){}", a.role,
+              engine->device(), eo.num_blocks, eo.block_size, format_bytes(engine->kv_bytes()),
+              transport.pool ? fmt::format(", KV send pool of {} at {}",
+                                           format_bytes(transport.pool->stats().capacity_bytes),
+                                           transport.pool->endpoint())
+                             : std::string());
 
   while (signals_received() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   PD_LOG_INFO("instance: shutting down");

@@ -76,14 +76,13 @@ StatusOr<std::unique_ptr<Deployment>> deploy(const ServeArgs& a, const DeviceCho
   }
   if (device.cuda)
     return invalid_argument(
-        "--mode disaggregated moves the KV cache between host buffers; on a GPU use --mode aggregated (the "
-        "GPU "
-        "KV transport between instances is not built yet)");
+        "--mode disaggregated moves the KV cache between host buffers in this process; on a GPU use --mode "
+        "aggregated, or `pdserve launch` with prefill and decode instances on GPUs (transport \"cuda-ipc\")");
   const ModelConfig& cfg = m.model->config();
   PD_ASSIGN_OR_RETURN(auto split, split_kv_blocks(base.num_blocks, base.block_size, base.max_context));
   const auto [prefill_blocks, decode_blocks] = split;
-  PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc,
-                                                   send_pool_options(a.engine, cfg, base.max_context)));
+  PD_ASSIGN_OR_RETURN(KvTransportOptions to, send_pool_options(a.engine, cfg, base.max_context));
+  PD_ASSIGN_OR_RETURN(d->transport, make_transport(TransportKind::kInproc, to));
   Deployment* raw = d.get();
   auto notify = [raw] {
     if (Router* r = raw->router_ptr.load()) r->notify_capacity();

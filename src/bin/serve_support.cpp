@@ -217,6 +217,11 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
                  "Decode: handed-off requests kept waiting for a running seat")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
+  cmd.add_option(
+      "--kv-send-memory", f.kv_send_memory,
+      "Prefill: memory of the KV send buffers, in bytes with a unit (default: --prefill-slots prompts "
+      "of --max-context tokens). On a GPU it is device memory, reserved at start besides "
+      "--kv-cache-memory");
   cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,
                  "Prefill: a handed-off request's slot and KV are freed after this long even if no decode "
                  "fetched it")
@@ -239,11 +244,26 @@ StatusOr<EngineOptions> engine_options(const EngineFlags& f, const ModelConfig& 
   return o;
 }
 
-KvTransportOptions send_pool_options(const EngineFlags& f, const ModelConfig& cfg, int32_t max_context) {
+StatusOr<KvTransportOptions> send_pool_options(const EngineFlags& f, const ModelConfig& cfg,
+                                               int32_t max_context) {
   KvTransportOptions to;
   const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
-  to.pool_capacity_bytes = static_cast<uint64_t>(f.prefill_slots) *
-                           (static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes);
+  const uint64_t one_prompt = static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes;
+  to.pool_capacity_bytes = static_cast<uint64_t>(f.prefill_slots) * one_prompt;
+  if (!f.kv_send_memory.empty()) {
+    StatusOr<KvMemoryBudget> b = parse_kv_memory_budget(f.kv_send_memory);
+    if (!b.ok() || b->kind != KvMemoryBudget::Kind::kBytes)
+      return invalid_argument(
+          fmt::format("--kv-send-memory '{}': give a size in bytes with a unit (4GiB, 512MiB){}",
+                      f.kv_send_memory, b.ok() ? "" : ": " + b.status().message()));
+    if (b->bytes < one_prompt)
+      return invalid_argument(
+          fmt::format("--kv-send-memory {} cannot hold one prompt of --max-context {} tokens ({}); give at "
+                      "least that, or "
+                      "lower --max-context",
+                      f.kv_send_memory, max_context, format_bytes(one_prompt)));
+    to.pool_capacity_bytes = b->bytes;
+  }
   to.max_buffers = f.prefill_slots + 4;
   to.lease_ms = f.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
   to.prefault_pool = false;

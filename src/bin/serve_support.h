@@ -62,6 +62,7 @@ struct EngineFlags {
   std::string device = "cpu";  // --device: cpu, cuda or cuda:N
   int threads = 0;
   std::string kv_cache_memory;  // empty: 1GiB, capped at max_running full contexts
+  std::string kv_send_memory;   // prefill send buffers; empty: prefill_slots prompts of max_context
   int block_size = kDefaultBlockSize;
   int max_running = 64;
   int max_waiting = 1024;
@@ -99,8 +100,11 @@ StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& options);
 StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options);
 
 // KV transport options for a prefill's send pool: room for prefill_slots prompts of the longest
-// context (reserved, touched only where used), a lease a little longer than the engine's.
-KvTransportOptions send_pool_options(const EngineFlags& flags, const ModelConfig& cfg, int32_t max_context);
+// context, or --kv-send-memory (host memory is reserved and touched only where used; GPU memory
+// is allocated whole), a lease a little longer than the engine's. INVALID_ARGUMENT for a bad
+// --kv-send-memory.
+StatusOr<KvTransportOptions> send_pool_options(const EngineFlags& flags, const ModelConfig& cfg,
+                                               int32_t max_context);
 
 // The OpenAI-compatible front of `serve` and `gateway`.
 struct FrontOptions {

@@ -98,7 +98,8 @@ TEST_F(EngineTest, ConcurrentGreedyRequestsMatchRunningAlone) {
 }
 
 // A backend that picks greedy tokens where its logits are (as a GPU does): here the CPU engine
-// with its own argmax over the logits, counting which path each step took.
+// with its own argmax over the logits, counting which path each step took. It checks the
+// engine's routing between the two paths, not a GPU's argmax (cuda_kernels_test does that).
 class ArgmaxExecutor final : public ModelExecutor {
  public:
   ArgmaxExecutor(LlamaModel& model, ThreadPool& pool, int32_t blocks, int32_t block_size)

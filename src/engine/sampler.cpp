@@ -62,58 +62,7 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
   if (params_.temperature <= 0.0f) {
     result.token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   } else {
-    // Candidates sorted by logit (ties by id, so the order is deterministic).
-    candidates_.resize(static_cast<size_t>(vocab));
-    std::iota(candidates_.begin(), candidates_.end(), 0);
-    auto by_logit = [&](int32_t a, int32_t b) {
-      float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
-      return la > lb || (la == lb && a < b);
-    };
-    size_t keep = candidates_.size();
-    if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < keep) {
-      keep = static_cast<size_t>(params_.top_k);
-      std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<long>(keep), candidates_.end(),
-                        by_logit);
-    } else {
-      std::sort(candidates_.begin(), candidates_.end(), by_logit);
-    }
-    candidates_.resize(keep);
-    probs_.resize(keep);
-    const float top = logits[static_cast<size_t>(candidates_[0])];
-    double total = 0.0;
-    for (size_t i = 0; i < keep; ++i) {
-      probs_[i] = std::exp((logits[static_cast<size_t>(candidates_[i])] - top) / params_.temperature);
-      total += probs_[i];
-    }
-    // top-p: the smallest prefix whose mass reaches p; min-p: drop tokens below min_p · p(top).
-    size_t n = keep;
-    if (params_.top_p < 1.0f) {
-      double acc = 0.0;
-      for (size_t i = 0; i < keep; ++i) {
-        acc += probs_[i] / total;
-        if (acc >= params_.top_p) {
-          n = i + 1;
-          break;
-        }
-      }
-    }
-    if (params_.min_p > 0.0f) {
-      size_t m = 1;
-      while (m < n && probs_[m] >= params_.min_p * probs_[0]) ++m;
-      n = m;
-    }
-    double mass = 0.0;
-    for (size_t i = 0; i < n; ++i) mass += probs_[i];
-    double u = std::generate_canonical<double, 64>(rng_) * mass;
-    size_t pick = n - 1;
-    for (size_t i = 0; i < n; ++i) {
-      u -= probs_[i];
-      if (u < 0) {
-        pick = i;
-        break;
-      }
-    }
-    result.token = candidates_[pick];
+    result.token = sample_tempered(logits);
   }
   if (want_logprob) result.logprob = logits[static_cast<size_t>(result.token)] - log_z;
 
@@ -129,6 +78,80 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
       result.top.push_back({ids[i], logits[static_cast<size_t>(ids[i])] - log_z});
   }
   return result;
+}
+
+int32_t Sampler::sample_tempered(std::span<const float> logits) {
+  const size_t vocab = logits.size();
+  // Candidates in order of logit (ties by id, so the order is deterministic), sorted only as far
+  // as the walk below needs: a full sort of the vocabulary costs milliseconds per token, while
+  // top-k, top-p and the draw itself usually end within the first few hundred candidates. The
+  // sorted prefix is grown geometrically; elements past it all rank below it, so each growth
+  // sorts the rest only.
+  candidates_.resize(vocab);
+  std::iota(candidates_.begin(), candidates_.end(), 0);
+  auto by_logit = [&](int32_t a, int32_t b) {
+    float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
+    return la > lb || (la == lb && a < b);
+  };
+  size_t sorted = 0;
+  auto ensure_sorted = [&](size_t n) {
+    if (n <= sorted) return;
+    const size_t target = std::min(vocab, std::max({n, 2 * sorted, size_t{64}}));
+    std::partial_sort(candidates_.begin() + static_cast<long>(sorted),
+                      candidates_.begin() + static_cast<long>(target), candidates_.end(), by_logit);
+    sorted = target;
+  };
+  // Unnormalised probabilities by token id, relative to the largest logit.
+  const float top = *std::max_element(logits.begin(), logits.end());
+  probs_.resize(vocab);
+  for (size_t t = 0; t < vocab; ++t) probs_[t] = std::exp((logits[t] - top) / params_.temperature);
+  auto prob = [&](size_t i) { return static_cast<double>(probs_[static_cast<size_t>(candidates_[i])]); };
+
+  size_t keep = vocab;  // top-k
+  double total = 0.0;   // their mass, summed in candidate order
+  if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < vocab) {
+    keep = static_cast<size_t>(params_.top_k);
+    ensure_sorted(keep);
+    for (size_t i = 0; i < keep; ++i) total += prob(i);
+  } else {
+    for (size_t t = 0; t < vocab; ++t) total += static_cast<double>(probs_[t]);
+  }
+  // top-p: the smallest prefix whose mass reaches p; min-p: drop tokens below min_p · p(top).
+  size_t n = keep;
+  double mass = total;
+  if (params_.top_p < 1.0f) {
+    double acc = 0.0;
+    for (size_t i = 0; i < keep; ++i) {
+      ensure_sorted(i + 1);
+      acc += prob(i) / total;
+      if (acc >= params_.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  if (params_.min_p > 0.0f) {
+    ensure_sorted(1);
+    size_t m = 1;
+    while (m < n) {
+      ensure_sorted(m + 1);
+      if (prob(m) < params_.min_p * prob(0)) break;
+      ++m;
+    }
+    n = m;
+  }
+  if (n < keep) {
+    mass = 0.0;
+    for (size_t i = 0; i < n; ++i) mass += prob(i);
+  }
+  double u = std::generate_canonical<double, 64>(rng_) * mass;
+  for (size_t i = 0; i < n; ++i) {
+    ensure_sorted(i + 1);
+    u -= prob(i);
+    if (u < 0) return candidates_[i];
+  }
+  ensure_sorted(n);
+  return candidates_[n - 1];
 }
 
 }  // namespace pdserve

@@ -63,6 +63,9 @@ class Sampler {
   }
 
  private:
+  // A draw from the tempered, truncated distribution (temperature > 0).
+  int32_t sample_tempered(std::span<const float> logits);
+
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<int32_t> counts_;

@@ -2,8 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <numeric>
+#include <random>
 
 namespace pdserve {
 namespace {
@@ -64,6 +67,84 @@ TEST(Sampler, TopKTopPAndMinPRestrictTheCandidates) {
     EXPECT_EQ(tp.sample(l2, {}).token, 1);  // p(top) ≈ 0.47 ≥ 0.4: the top token alone
     int32_t c = mp.sample(l3, {}).token;    // exp(-0.5) ≈ 0.61 < 0.7: only the top survives
     EXPECT_EQ(c, 1);
+  }
+}
+
+// The sampler sorts only as much of the vocabulary as it needs; this reference sorts all of it
+// and otherwise does the same arithmetic in the same order, so every draw must agree.
+int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p, std::mt19937_64& rng) {
+  const size_t v = logits.size();
+  std::vector<int32_t> c(v);
+  std::iota(c.begin(), c.end(), 0);
+  std::sort(c.begin(), c.end(),
+            [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  const float top = *std::max_element(logits.begin(), logits.end());
+  std::vector<float> pr(v);
+  for (size_t t = 0; t < v; ++t) pr[t] = std::exp((logits[t] - top) / p.temperature);
+  auto prob = [&](size_t i) { return static_cast<double>(pr[c[i]]); };
+  size_t keep = v;
+  double total = 0;
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < v) {
+    keep = p.top_k;
+    for (size_t i = 0; i < keep; ++i) total += prob(i);
+  } else {
+    for (size_t t = 0; t < v; ++t) total += pr[t];
+  }
+  size_t n = keep;
+  double mass = total;
+  if (p.top_p < 1.0f) {
+    double acc = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      acc += prob(i) / total;
+      if (acc >= p.top_p) {
+        n = i + 1;
+        break;
+      }
+    }
+  }
+  if (p.min_p > 0.0f) {
+    size_t m = 1;
+    while (m < n && prob(m) >= p.min_p * prob(0)) ++m;
+    n = m;
+  }
+  if (n < keep) {
+    mass = 0;
+    for (size_t i = 0; i < n; ++i) mass += prob(i);
+  }
+  double u = std::generate_canonical<double, 64>(rng) * mass;
+  for (size_t i = 0; i < n; ++i) {
+    u -= prob(i);
+    if (u < 0) return c[i];
+  }
+  return c[n - 1];
+}
+
+TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
+  std::mt19937_64 gen(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const SamplingParams shapes[] = {
+      {.temperature = 1.0f},
+      {.temperature = 0.7f, .top_p = 0.9f},
+      {.temperature = 1.3f, .top_k = 40},
+      {.temperature = 0.8f, .top_k = 500, .top_p = 0.95f, .min_p = 0.01f},
+      {.temperature = 2.0f, .min_p = 0.05f},
+      {.temperature = 5.0f, .top_p = 0.999f},  // a flat distribution: most of the vocabulary
+  };
+  for (const SamplingParams& shape : shapes) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> l(4096 + trial * 97);
+      for (float& x : l) x = normal(gen);
+      l[trial % l.size()] = l[(trial * 31) % l.size()];  // a tie
+      SamplingParams p = shape;
+      p.seed = 100 + trial;
+      Sampler s(p);
+      std::mt19937_64 rng(p.seed);
+      for (int draw = 0; draw < 5; ++draw) {
+        std::vector<float> copy = l;
+        const int32_t want = reference_draw(l, p, rng);
+        ASSERT_EQ(s.sample(copy, {}, false).token, want) << "shape T=" << p.temperature << " trial " << trial;
+      }
+    }
   }
 }
 

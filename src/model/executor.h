@@ -36,9 +36,9 @@ class ModelExecutor {
   // Runs the batch over the executor's KV cache (block ids index it); writes vocab_size floats
   // per chunk with want_logits, in chunk order, to `logits` (host memory).
   virtual Status forward(const ForwardBatch& batch, float* logits) = 0;
-  // forward(), then the greedy choice of each logits row (the lowest id among equal maxima) made
-  // where the logits are: one token id per chunk with want_logits, to `next_tokens` (host memory).
-  // Only where greedy_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
+  // forward(), then the greedy choice of each logits row (the lowest id among equal maxima; NaN
+  // ranks lowest) made where the logits are: one token id per chunk with want_logits, to `next_tokens` (host
+  // memory). Only where greedy_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
   virtual Status forward_argmax(const ForwardBatch& /*batch*/, int32_t* /*next_tokens*/) {
     return unimplemented("this backend samples on the host: call forward()");
   }

@@ -68,6 +68,29 @@ struct DeviceCache {
     return c;
   }
 
+  // All of the cache's values, on the host.
+  std::vector<uint16_t> all() const {
+    EXPECT_TRUE(cuda::set_device(view.cuda_device).ok());
+    std::vector<uint16_t> out(memory.bytes() / 2);
+    EXPECT_TRUE(cuda::copy_to_host(out.data(), memory.data(), memory.bytes()).ok());
+    return out;
+  }
+
+  // Whether value i of all() holds one of the first `tokens` tokens of a sequence with `table`.
+  static std::vector<bool> used(const std::vector<int32_t>& table, int32_t tokens) {
+    const int64_t part = int64_t{kBlocks} * kBlockSize * kKvHeads * kHeadDim;
+    std::vector<bool> mask(static_cast<size_t>(2 * part * kLayers), false);
+    for (int64_t kv = 0; kv < 2 * kLayers; ++kv)
+      for (int32_t t = 0; t < tokens; ++t)
+        for (int32_t h = 0; h < kKvHeads; ++h) {
+          const int64_t at =
+              kv * part +
+              ((int64_t{table[t / kBlockSize]} * kKvHeads + h) * kBlockSize + t % kBlockSize) * kHeadDim;
+          std::fill(mask.begin() + at, mask.begin() + at + kHeadDim, true);
+        }
+    return mask;
+  }
+
   // The first `tokens` tokens named by `table`, in wire order, on the host.
   std::vector<uint16_t> wire(const std::vector<int32_t>& table, int32_t tokens) const {
     EXPECT_TRUE(cuda::set_device(view.cuda_device).ok());
@@ -127,11 +150,17 @@ void round_trip(int src_device, int dst_device) {
   // The handle travels as text.
   StatusOr<KvHandle> parsed = KvHandle::parse(h->to_string());
   ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  const std::vector<uint16_t> before = dst.all();
   TransferState st = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
   ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
   EXPECT_EQ(st.num_tokens, tokens);
   EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens));
-  // Blocks past the sequence were left alone: the 10 unused blocks of dst still differ from src.
+  // Nothing else was written: the 14 unused blocks and the last block's rows past token 150.
+  const std::vector<uint16_t> after = dst.all();
+  const std::vector<bool> mask = DeviceCache::used(dst_table, tokens);
+  size_t changed_elsewhere = 0;
+  for (size_t i = 0; i < after.size(); ++i) changed_elsewhere += !mask[i] && after[i] != before[i];
+  EXPECT_EQ(changed_elsewhere, 0u);
   ASSERT_TRUE(sender->pool->release(h->ref()).ok());
   // A released buffer cannot be pulled again.
   TransferState again = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
@@ -170,6 +199,7 @@ TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
   // A block table too short for the tokens.
   st = t->puller->pull(*h, KvScatterTarget{dst.view, std::span<const int32_t>(table).first(2), 40});
   ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_THAT(st.error.message(), HasSubstr("block table"));
   // Host memory is not this transport's.
   std::vector<uint8_t> host(dst.memory.bytes());
   PagedKvView host_view{host.data(),

@@ -2,18 +2,21 @@
 // decode's RecvScatter kernel reads them in place (transfer/cuda_ipc.h).
 //
 // Control segment (a SharedSegment; little-endian; the decode validates all of it):
-//   [0, 128)   header: magic "PDKC", version 1, max_buffers, the pool's GPU, the owner's pid,
-//              capacity bytes, the allocation's address in the owner's process, and at 64 the
-//              64-byte CUDA IPC handle of the allocation
+//   [0, 128)   header: magic "PDKC", version 1, max_buffers, the pool's GPU, a random 64-bit
+//              token naming the pool, capacity bytes, and at 64 the 64-byte CUDA IPC handle of
+//              the allocation
+// A decode trusts none of it for device addresses: the capacity must fit the allocation the
+// driver maps, and a pool of its own process (whose handle it cannot open) is found by its token
+// in a process-wide registry, which holds the real address and size.
 //   [128, ...) slot records, 64 bytes per buffer (transfer/slot_record.h); offsets are into the
 //              allocation
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <array>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <unordered_map>
 
 #include "kernels/cuda/ops.h"
@@ -42,8 +45,44 @@ constexpr uint32_t kControlVersion = 1;
 constexpr uint64_t kControlHeaderBytes = 128;
 constexpr uint64_t kPageBytes = 4096;
 constexpr uint32_t kMaxControlBuffers = 1 << 20;
-constexpr size_t kCtlMagic = 0, kCtlVersion = 4, kCtlMaxBuffers = 8, kCtlDevice = 12, kCtlPid = 16,
-                 kCtlCapacity = 24, kCtlAddress = 32, kCtlIpcHandle = 64;
+constexpr size_t kCtlMagic = 0, kCtlVersion = 4, kCtlMaxBuffers = 8, kCtlDevice = 12, kCtlToken = 16,
+                 kCtlCapacity = 24, kCtlIpcHandle = 64;
+
+// The pools of this process by token: where a puller of the same process reads them.
+class LocalPools {
+ public:
+  struct Pool {
+    const uint8_t* memory = nullptr;
+    uint64_t bytes = 0;
+  };
+  uint64_t add(Pool pool) {
+    std::lock_guard lock(mu_);
+    uint64_t token = 0;
+    while (token == 0 || pools_.contains(token)) token = rng_();
+    pools_[token] = pool;
+    return token;
+  }
+  void remove(uint64_t token) {
+    std::lock_guard lock(mu_);
+    pools_.erase(token);
+  }
+  std::optional<Pool> find(uint64_t token) {
+    std::lock_guard lock(mu_);
+    auto it = pools_.find(token);
+    if (it == pools_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ private:
+  std::mutex mu_;
+  std::mt19937_64 rng_{std::random_device{}()};  // guarded by mu_
+  std::unordered_map<uint64_t, Pool> pools_;     // guarded by mu_
+};
+
+LocalPools& local_pools() {
+  static LocalPools* p = new LocalPools();  // never destroyed: pools may outlive static destruction
+  return *p;
+}
 
 uint64_t control_bytes(uint32_t max_buffers) {
   const uint64_t n = kControlHeaderBytes + uint64_t{max_buffers} * transfer_internal::kSlotRecordBytes;
@@ -121,9 +160,9 @@ class CudaIpcSendPool final : public KvSendPool {
     store_le<uint32_t>(h + kCtlVersion, kControlVersion);
     store_le<uint32_t>(h + kCtlMaxBuffers, max_buffers);
     store_le<uint32_t>(h + kCtlDevice, static_cast<uint32_t>(options.cuda_device));
-    store_le<uint32_t>(h + kCtlPid, static_cast<uint32_t>(::getpid()));
+    pool->token_ = local_pools().add({pool->memory_.as<uint8_t>(), options.pool_capacity_bytes});
+    store_le<uint64_t>(h + kCtlToken, pool->token_);
     store_le<uint64_t>(h + kCtlCapacity, options.pool_capacity_bytes);
-    store_le<uint64_t>(h + kCtlAddress, reinterpret_cast<uintptr_t>(pool->memory_.data()));
     std::memcpy(h + kCtlIpcHandle, ipc.data(), ipc.size());
     pool->core_ = std::make_unique<SendPoolCore>(
         transfer_internal::core_config(options), pool->memory_.as<uint8_t>(),
@@ -133,6 +172,10 @@ class CudaIpcSendPool final : public KvSendPool {
               s);
         });
     return std::unique_ptr<KvSendPool>(std::move(pool));
+  }
+
+  ~CudaIpcSendPool() override {
+    if (token_ != 0) local_pools().remove(token_);
   }
 
   TransportKind kind() const override { return TransportKind::kCudaIpc; }
@@ -201,6 +244,7 @@ class CudaIpcSendPool final : public KvSendPool {
   }
 
   const int device_;
+  uint64_t token_ = 0;  // in local_pools() while the pool exists
   cuda::DeviceBuffer memory_;
   SharedSegment control_;
   std::unique_ptr<SendPoolCore> core_;
@@ -258,10 +302,12 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
     uint64_t bytes = 0;
     PD_RETURN_IF_ERROR(
         transfer_internal::check_slot_record(rec, handle, KvTransferMode::kContiguous, &offset, &bytes));
-    if (bytes < kKvWireHeaderBytes || bytes > peer.capacity || offset > peer.capacity - bytes ||
-        offset % 16 != 0)
+    if (bytes < kKvWireHeaderBytes || bytes > peer.capacity || offset > peer.capacity - bytes)
       return data_loss(fmt::format("KV buffer {} record [{}, +{}) lies outside the {}-byte pool",
                                    handle.buffer_id, offset, bytes, peer.capacity));
+    if (offset % 16 != 0)
+      return data_loss(
+          fmt::format("KV buffer {} record offset {} is not 16-byte aligned", handle.buffer_id, offset));
     const uint8_t* message = peer.memory + offset;
     std::array<uint8_t, kKvWireHeaderBytes> head{};
     PD_RETURN_IF_ERROR(cuda::copy_to_host(head.data(), message, head.size()));
@@ -302,10 +348,12 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
         control_bytes(peer->max_buffers) > peer->control.size())
       return data_loss(fmt::format("cuda-ipc control segment {} claims {} buffers in {} bytes", path,
                                    peer->max_buffers, peer->control.size()));
-    if (load_le<uint32_t>(h + kCtlPid) == static_cast<uint32_t>(::getpid())) {
-      // The prefill is in this process: its allocation is addressable as it is.
-      peer->memory =
-          reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(load_le<uint64_t>(h + kCtlAddress)));
+    if (std::optional<LocalPools::Pool> local = local_pools().find(load_le<uint64_t>(h + kCtlToken))) {
+      // The prefill is in this process (whose own IPC handles the driver refuses): its allocation
+      // is addressable as it is. NOTE: the entry goes with the pool, and so does its control file,
+      // so a later pull finds the file gone (same_file) before it could use this pointer.
+      peer->memory = local->memory;
+      peer->capacity = std::min(peer->capacity, local->bytes);
       PD_ASSIGN_OR_RETURN(const int owner, cuda::pointer_device(peer->memory));
       if (owner != device_) PD_RETURN_IF_ERROR(cuda::enable_peer_access(owner));
     } else {
@@ -313,6 +361,11 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
       std::memcpy(ipc.data(), h + kCtlIpcHandle, ipc.size());
       PD_ASSIGN_OR_RETURN(peer->mapping, cuda::IpcMapping::open(ipc));
       peer->memory = static_cast<const uint8_t*>(peer->mapping->data());
+      if (peer->capacity > peer->mapping->bytes())
+        return data_loss(
+            fmt::format("cuda-ipc control segment {} claims {} bytes of buffers; the allocation it "
+                        "names has {}",
+                        path, peer->capacity, peer->mapping->bytes()));
     }
     PeerPool* p = peer.get();
     pools_[path] = std::move(peer);

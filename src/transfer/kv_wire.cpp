@@ -109,7 +109,8 @@ StatusOr<KvWireHeader> decode_kv_wire_header(std::span<const uint8_t> bytes) {
                                      kOffFlags, h.flags & ~kKvWireKnownFlags));
   const uint8_t dtype = p[kOffDtype];
   if (kv_dtype_bytes(static_cast<KvDtype>(dtype)) == 0)
-    return data_loss(fmt::format("KV dtype {} at byte {} is unknown (f16 = 1, f32 = 2)", dtype, kOffDtype));
+    return data_loss(
+        fmt::format("KV dtype {} at byte {} is unknown (f16 = 1, f32 = 2, bf16 = 3)", dtype, kOffDtype));
   h.layout.dtype = static_cast<KvDtype>(dtype);
   for (size_t i = kOffReserved; i < kOffFingerprint; ++i) {
     if (p[i] != 0)

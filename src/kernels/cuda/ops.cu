@@ -185,11 +185,11 @@ __global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int
 // argmax in two steps: many CTAs per row fold their slice into one 64-bit key per row with
 // atomicMax — the value in order-preserving bits above the complement of its index, so the
 // largest value wins and, among equals, the lowest index, whatever order the CTAs run in — then
-// the keys become indices. NaN counts as the lowest value.
+// the keys become indices. NaN counts as the lowest value; -0 and +0 are equal (as on the host).
 constexpr int kArgmaxSlice = 4096;
 
 __device__ __forceinline__ uint64_t argmax_key(float v, int64_t i) {
-  uint32_t u = __float_as_uint(isnan(v) ? -INFINITY : v);
+  uint32_t u = __float_as_uint(isnan(v) ? -INFINITY : (v == 0.0f ? 0.0f : v));
   u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
   return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
 }

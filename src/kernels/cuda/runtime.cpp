@@ -189,6 +189,25 @@ StatusOr<IpcMapping> IpcMapping::open(const IpcHandle& handle) {
   PD_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&m.device_), "cudaGetDevice"));
   PD_RETURN_IF_ERROR(
       from_cuda(cudaIpcOpenMemHandle(&m.ptr_, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle"));
+  // The runtime API has no call for an allocation's extent: the driver's, found at run time (so the
+  // binary does not link the driver library, which machines without a GPU lack).
+  using AddressRange = int (*)(unsigned long long* base, size_t* size, unsigned long long ptr);
+  static const AddressRange range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return static_cast<AddressRange>(nullptr);
+    return reinterpret_cast<AddressRange>(fn);
+  }();
+  if (range == nullptr) return internal_error("the CUDA driver has no cuMemGetAddressRange");
+  unsigned long long base = 0;
+  if (int err = range(&base, &m.bytes_, reinterpret_cast<uintptr_t>(m.ptr_)); err != 0)
+    return internal_error(
+        fmt::format("cuMemGetAddressRange of an IPC mapping failed (driver error {})", err));
+  if (base != reinterpret_cast<uintptr_t>(m.ptr_))
+    return internal_error("an IPC mapping does not start at its allocation's base");
   return m;
 }
 
@@ -202,12 +221,15 @@ IpcMapping::~IpcMapping() {
 }
 
 IpcMapping::IpcMapping(IpcMapping&& other) noexcept
-    : ptr_(std::exchange(other.ptr_, nullptr)), device_(other.device_) {}
+    : ptr_(std::exchange(other.ptr_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)),
+      device_(other.device_) {}
 
 IpcMapping& IpcMapping::operator=(IpcMapping&& other) noexcept {
   if (this != &other) {
     IpcMapping old(std::move(*this));
     ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
     device_ = other.device_;
   }
   return *this;

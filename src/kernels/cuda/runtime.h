@@ -107,9 +107,12 @@ class IpcMapping {
   IpcMapping(const IpcMapping&) = delete;
   IpcMapping& operator=(const IpcMapping&) = delete;
   void* data() const { return ptr_; }
+  // The size of the mapped allocation (what the driver says, not what the peer claims).
+  size_t bytes() const { return bytes_; }
 
  private:
   void* ptr_ = nullptr;
+  size_t bytes_ = 0;
   int device_ = 0;  // current when opened; current again when closed
 };
 
