@@ -29,7 +29,7 @@ EngineOptions base_options(EngineRole role) {
 class Cluster {
  public:
   Cluster(const testing::TestModel& m, int num_prefills, int32_t prefill_slots, const RouterOptions& ro,
-          int32_t decode_block_size = 16) {
+          int32_t decode_block_size = 16, int32_t decode_blocks = 256) {
     KvTransportOptions to;
     to.pool_capacity_bytes = uint64_t{64} << 20;
     to.prefault_pool = false;
@@ -48,6 +48,7 @@ class Cluster {
     }
     EngineOptions o = base_options(EngineRole::kDecode);
     o.block_size = decode_block_size;
+    o.num_blocks = decode_blocks;
     o.kv_puller = transport_.puller.get();
     o.on_capacity = notify;
     decode = std::make_unique<Engine>(*m.model, *m.tokenizer, *m.pool, o);
@@ -179,6 +180,27 @@ TEST_F(RouterTest, GreedyOutputEqualsAggregatedMode) {
     EXPECT_GE(m.handoffs_total, 1);
     c.expect_idle();
   }
+}
+
+// A decode with room for a few sequences only: running ones are preempted (recomputed later) while
+// handed-off requests keep arriving; outputs stay exact and everything is freed.
+TEST_F(RouterTest, DecodePreemptionUnderImportsKeepsOutputsExact) {
+  const std::vector<EngineRequest> requests = prompts(40);
+  std::vector<Result> expected;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    expected = run_all(aggregated, requests);
+  }
+  // 16 blocks of 16 = 256 slots for 20 sequences of up to ~80 tokens.
+  Cluster c(*model_, 2, 4, RouterOptions{}, 16, 16);
+  std::vector<Result> got = run_all(*c.router, requests);
+  ASSERT_EQ(got.size(), expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].tokens, expected[i].tokens) << "prompt " << i;
+    EXPECT_EQ(got[i].finish_reason, expected[i].finish_reason) << "prompt " << i;
+  }
+  EXPECT_GT(c.decode->metrics().preemptions_total, 0);
+  c.expect_idle();
 }
 
 TEST_F(RouterTest, SeededSamplingEqualsAggregatedMode) {
