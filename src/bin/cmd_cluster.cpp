@@ -97,19 +97,12 @@ int run_instance(void* p) {
     fmt::print(stderr, "error: {}\n", device.status().message());
     return 2;
   }
-  if (role != EngineRole::kMixed && device->cuda != (a.transport == "cuda-ipc")) {
-    if (device->cuda)
-      fmt::print(
-          stderr,
-          "error: a {} instance on a GPU keeps its KV cache in GPU memory: give --transport cuda-ipc (GPU to "
-          "GPU on this host), not {}\n",
-          a.role, a.transport);
-    else
-      fmt::print(
-          stderr,
-          "error: a {} instance on the CPU keeps its KV cache in host memory: give --transport shm or tcp, "
-          "not {}\n",
-          a.role, a.transport);
+  if (role != EngineRole::kMixed && !device->cuda && a.transport == "cuda-ipc") {
+    fmt::print(
+        stderr,
+        "error: a {} instance on the CPU keeps its KV cache in host memory: give --transport shm or tcp, "
+        "not cuda-ipc (which moves GPU memory)\n",
+        a.role);
     return 2;
   }
   StatusOr<LoadedModel> loaded = load_model_for(a.model, *device);
@@ -148,7 +141,7 @@ int run_instance(void* p) {
     to.receive = role == EngineRole::kDecode;
     to.tcp_listen = a.kv_listen;
     to.cuda_device = device->index;
-    StatusOr<KvTransport> t = make_instance_transport(*kind, to);
+    StatusOr<KvTransport> t = make_instance_transport(*kind, to, device->cuda);
     if (!t.ok()) {
       fmt::print(stderr, "error: KV transport '{}': {}\n", a.transport, t.status().message());
       return 1;
@@ -386,9 +379,11 @@ void register_cluster_commands(CLI::App& app) {
   inst->add_option("--port", ia->port, "Port of the internal API (0: any free port)")
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
-  inst->add_option("--transport", ia->transport,
-                   "How KV moves between prefill and decode: shm (same host) or tcp (across hosts) for "
-                   "instances on the CPU; cuda-ipc (GPU to GPU, same host) for instances on GPUs")
+  inst->add_option(
+          "--transport", ia->transport,
+          "How KV moves between prefill and decode: shm (same host) or tcp (across hosts); cuda-ipc (GPU "
+          "to GPU, same host) for instances on GPUs, which can also use shm or tcp, staged through host "
+          "memory")
       ->capture_default_str()
       ->check(CLI::IsMember({"shm", "tcp", "cuda-ipc"}));
   inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")

@@ -1,11 +1,11 @@
 // The CUDA backend's half of serve_support.h, in a build with it: the executor on a GPU (a GGUF
-// file's weights dequantized to bf16, or a synthetic model), and the cuda-ipc KV transport.
+// file's weights dequantized to bf16, or a synthetic model), and the KV transports of GPU caches.
 #include <fmt/format.h>
 
 #include "bin/serve_support.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
-#include "transfer/cuda_ipc.h"
+#include "transfer/cuda_transports.h"
 
 namespace pdserve {
 
@@ -31,8 +31,9 @@ StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vo
   return CudaLlamaModel::synthetic_config(name, vocab_size);
 }
 
-StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& options) {
-  return make_cuda_ipc_transport(options);
+StatusOr<KvTransport> make_cuda_transport(TransportKind kind, const KvTransportOptions& options) {
+  if (kind == TransportKind::kCudaIpc) return make_cuda_ipc_transport(options);
+  return make_cuda_staged_transport(kind, options);
 }
 
 }  // namespace pdserve

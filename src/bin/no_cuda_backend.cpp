@@ -23,8 +23,8 @@ StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t /*
   return no_cuda(name.c_str());
 }
 
-StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& /*options*/) {
-  return no_cuda("the cuda-ipc KV transport");
+StatusOr<KvTransport> make_cuda_transport(TransportKind /*kind*/, const KvTransportOptions& /*options*/) {
+  return no_cuda("a KV transport for GPU caches");
 }
 
 }  // namespace pdserve

@@ -162,8 +162,9 @@ uint64_t loaded_model_fingerprint(const LoadedModel& m) {
   return m.file->fingerprint();
 }
 
-StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options) {
-  if (kind == TransportKind::kCudaIpc) return make_cuda_transport(options);
+StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options,
+                                              bool gpu) {
+  if (gpu) return make_cuda_transport(kind, options);
   return make_transport(kind, options);
 }
 
@@ -180,7 +181,8 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
          "--device", f.device,
          "Where the model runs: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are dequantized to "
          "bf16 and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a fraction is of "
-         "host memory); prefill and decode roles on GPUs move KV with --transport cuda-ipc")
+         "host memory); prefill and decode instances on GPUs move KV with --transport cuda-ipc (GPUs of one "
+         "host) or staged through host memory over shm or tcp")
       ->capture_default_str();
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
       ->capture_default_str()

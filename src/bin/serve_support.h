@@ -95,9 +95,11 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& devic
 StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, int device,
                                                             int32_t num_blocks, int32_t block_size);
 StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size);
-StatusOr<KvTransport> make_cuda_transport(const KvTransportOptions& options);
-// The KV transport of an instance: cuda-ipc from the CUDA backend, the others from make_transport.
-StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options);
+// A KV transport for a KV cache on a GPU: cuda-ipc, or shm/tcp staged through host memory.
+StatusOr<KvTransport> make_cuda_transport(TransportKind kind, const KvTransportOptions& options);
+// The KV transport of an instance: for a GPU's cache from the CUDA backend, else make_transport.
+StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options,
+                                              bool gpu);
 
 // KV transport options for a prefill's send pool: room for prefill_slots prompts of the longest
 // context, or --kv-send-memory (host memory is reserved and touched only where used; GPU memory

@@ -71,7 +71,7 @@ Status check_endpoint(TransportKind kind, std::string_view ep) {
 }
 
 // The cuda-ipc transport moves GPU memory and is built with the CUDA backend, which makes it
-// (transfer/cuda_ipc.h); this library has no CUDA in it.
+// (transfer/cuda_transports.h); this library has no CUDA in it.
 Status cuda_ipc_elsewhere() {
   return failed_precondition(
       "the cuda-ipc KV transport is made by the CUDA backend (make_cuda_ipc_transport), not by "

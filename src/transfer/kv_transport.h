@@ -20,7 +20,7 @@
 //   tcp     the pool serves buffers from a small TCP server; the puller keeps connections per
 //           endpoint and receives the body straight into its KV blocks (recvmsg into the runs of
 //           the block table: no staging copy)
-//   cuda-ipc  GPU to GPU on one host (transfer/cuda_ipc.h, built with the CUDA backend): the pool's
+//   cuda-ipc  GPU to GPU on one host (transfer/cuda_transports.h, built with the CUDA backend): the pool's
 //           buffers are one device allocation shared through a CUDA IPC handle; the decode's
 //           RecvScatter kernel reads the prefill GPU's buffer over NVLink/PCIe into its paged blocks
 // Each but cuda-ipc also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no

@@ -5,7 +5,7 @@
 
 namespace pdserve::transfer_internal {
 
-QueuedPuller::QueuedPuller(TransportKind kind) : kind_(kind) {
+QueuedPuller::QueuedPuller(TransportKind kind, KvMemory memory) : kind_(kind), memory_(memory) {
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -26,8 +26,14 @@ StatusOr<TransferId> QueuedPuller::submit(const KvHandle& handle, const KvScatte
     return invalid_argument(fmt::format("a {} puller cannot pull a {} handle", transport_kind_name(kind_),
                                         transport_kind_name(handle.kind)));
   PD_RETURN_IF_ERROR(target.view.validate().with_context("KV pull target"));
-  if (kind_ != TransportKind::kCudaIpc)
+  if (memory_ == KvMemory::kHost)
     PD_RETURN_IF_ERROR(target.view.require_host(fmt::format("the {} transport", transport_kind_name(kind_))));
+  else if (target.view.memory != memory_)
+    return failed_precondition(
+        fmt::format("this {} puller writes KV caches in GPU memory; the target is in host memory (a CPU "
+                    "instance uses the "
+                    "host transports)",
+                    transport_kind_name(kind_)));
   if (target.expected_num_tokens < -1)
     return invalid_argument(fmt::format("expected_num_tokens {} must be >= -1", target.expected_num_tokens));
   std::lock_guard lock(mu_);

@@ -26,7 +26,9 @@ struct PullResult {
 
 class QueuedPuller : public KvPuller {
  public:
-  explicit QueuedPuller(TransportKind kind);
+  // `memory`: where the targets it writes must be (a host transport's pulls land in host memory;
+  // the GPU transports' in a GPU's).
+  explicit QueuedPuller(TransportKind kind, KvMemory memory = KvMemory::kHost);
   ~QueuedPuller() override;
 
   TransportKind kind() const override { return kind_; }
@@ -51,6 +53,7 @@ class QueuedPuller : public KvPuller {
   TransferState take_finished_locked(TransferId id);
 
   const TransportKind kind_;
+  const KvMemory memory_;
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;

@@ -44,7 +44,6 @@ def run(*args, timeout=60):
         (["serve", "--port", "0", "--device", "gpu"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda:x"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda", "--mode", "disaggregated"], "--mode aggregated"),
-        (["instance", "--port", "0", "--role", "prefill", "--device", "cuda"], "give --transport cuda-ipc"),
         (["instance", "--port", "0", "--role", "decode", "--transport", "cuda-ipc"], "give --transport shm or tcp"),
     ],
 )

@@ -1,7 +1,8 @@
-// The cuda-ipc KV transport: GPU to GPU between processes of one host (DESIGN.md §1.3, block-free
-// KV transfer on accelerators). Built only with the CUDA backend (pdserve_transfer_cuda); the
-// interface is kv_transport.h's.
+// KV transports for instances whose KV cache is on a GPU (DESIGN.md §1.3, block-free KV transfer
+// on accelerators). Built only with the CUDA backend (pdserve_transfer_cuda); the interface is
+// kv_transport.h's, the views KvMemory::kCuda ones.
 //
+// cuda-ipc: GPU to GPU between processes of one host.
 // Prefill side: the pool's send buffers are one device allocation on options.cuda_device, shared
 // with decodes through a CUDA IPC handle. publish() gathers a request's KV from the prefill's
 // paged cache (a KvMemory::kCuda view) into a buffer on the GPU with a kernel, behind the 64-byte
@@ -26,5 +27,13 @@ namespace pdserve {
 // The pool (options.send) and the puller (options.receive) of the cuda-ipc transport on GPU
 // options.cuda_device. UNAVAILABLE where there is no such GPU.
 StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options);
+
+// Host-staged: a host transport (shm, or tcp across hosts) carrying GPU caches. The prefill
+// gathers a request's KV on its GPU and copies the body into the host transport's send buffer;
+// the decode receives the body into host memory, copies it to its GPU and scatters it into its
+// blocks there (one extra copy each side against a host cache). Handles are of the host kind, so
+// both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls
+// run one after another on the puller's own thread. No block-fixed mode.
+StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const KvTransportOptions& options);
 
 }  // namespace pdserve

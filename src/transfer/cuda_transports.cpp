@@ -1,5 +1,6 @@
-// cuda-ipc: the pool's buffers are one device allocation shared through a CUDA IPC handle; the
-// decode's RecvScatter kernel reads them in place (transfer/cuda_ipc.h).
+// The KV transports of GPU caches (transfer/cuda_transports.h). cuda-ipc: the pool's buffers are
+// one device allocation shared through a CUDA IPC handle; the decode's RecvScatter kernel reads
+// them in place. Host-staged: a host transport with a copy between GPU and host on each side.
 //
 // Control segment (a SharedSegment; little-endian; the decode validates all of it):
 //   [0, 128)   header: magic "PDKC", version 1, max_buffers, the pool's GPU, a random 64-bit
@@ -10,6 +11,8 @@
 // in a process-wide registry, which holds the real address and size.
 //   [128, ...) slot records, 64 bytes per buffer (transfer/slot_record.h); offsets are into the
 //              allocation
+#include "transfer/cuda_transports.h"
+
 #include <fmt/format.h>
 
 #include <array>
@@ -22,7 +25,6 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "transfer/byte_order.h"
-#include "transfer/cuda_ipc.h"
 #include "transfer/memory.h"
 #include "transfer/pull_common.h"
 #include "transfer/send_pool_core.h"
@@ -268,7 +270,8 @@ struct PeerPool {
 
 class CudaIpcPuller final : public transfer_internal::QueuedPuller {
  public:
-  explicit CudaIpcPuller(int device) : QueuedPuller(TransportKind::kCudaIpc), device_(device) {}
+  explicit CudaIpcPuller(int device)
+      : QueuedPuller(TransportKind::kCudaIpc, KvMemory::kCuda), device_(device) {}
   ~CudaIpcPuller() override { stop(); }
 
  protected:
@@ -379,7 +382,175 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
   std::unordered_map<std::string, std::unique_ptr<PeerPool>> pools_;
 };
 
+// A device buffer that only grows.
+class DeviceScratch {
+ public:
+  StatusOr<uint8_t*> get(size_t bytes) {
+    if (buffer_.bytes() < bytes) {
+      buffer_ = cuda::DeviceBuffer();  // the old one first: GPU memory may not hold both
+      PD_ASSIGN_OR_RETURN(buffer_, cuda::DeviceBuffer::allocate(bytes));
+    }
+    return buffer_.as<uint8_t>();
+  }
+
+ private:
+  cuda::DeviceBuffer buffer_;
+};
+
+// Host-staged, prefill side: a host pool (shm, tcp) whose buffers are filled from a GPU cache.
+class StagedSendPool final : public KvSendPool {
+ public:
+  StagedSendPool(std::unique_ptr<KvSendPool> inner, int device) : inner_(std::move(inner)), device_(device) {}
+
+  Status init() {
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    return table_.init();
+  }
+
+  TransportKind kind() const override { return inner_->kind(); }
+  std::string endpoint() const override { return inner_->endpoint(); }
+  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override { return inner_->acquire(bytes); }
+  Status commit(KvBufferRef ref) override { return inner_->commit(ref); }
+  StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {
+    return unimplemented("the block-fixed mode does not carry KV caches in GPU memory");
+  }
+  Status release(KvBufferRef ref) override { return inner_->release(ref); }
+  int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
+  KvSendPoolStats stats() const override { return inner_->stats(); }
+
+  StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
+                             uint32_t flags) override {
+    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
+    PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
+    if (src.cuda_device != device_)
+      return failed_precondition(
+          fmt::format("this KV send pool stages from GPU {}, the KV cache to send is on GPU {}", device_,
+                      src.cuda_device));
+    if (num_tokens > kKvWireMaxTokens)
+      return out_of_range(
+          fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
+    if ((flags & ~kKvWireBodyChecksum) != 0)
+      return unimplemented(
+          fmt::format("a host-staged GPU send supports no KV wire flags but the body checksum "
+                      "(asked 0x{:x})",
+                      flags));
+    KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
+    header.flags = flags;
+    PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, inner_->acquire(kKvWireHeaderBytes + header.body_bytes));
+    header.generation = buffer.ref.generation;
+    const std::span<uint8_t> body = buffer.bytes.subspan(kKvWireHeaderBytes);
+    Status st = stage(cache, block_table, num_tokens, body);
+    if (st.ok()) {
+      if (flags & kKvWireBodyChecksum) header.body_checksum = kv_body_checksum(body);
+      encode_kv_wire_header(header, buffer.bytes);
+      st = inner_->commit(buffer.ref);
+    }
+    if (!st.ok()) {
+      (void)inner_->release(buffer.ref);
+      return st;
+    }
+    return buffer.handle;
+  }
+
+ private:
+  // Gathers on the GPU, then copies the body to the host buffer; returns once it is there.
+  Status stage(const cuda::PagedKvCache& cache, std::span<const int32_t> block_table, int32_t num_tokens,
+               std::span<uint8_t> body) {
+    std::lock_guard lock(mu_);
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    PD_ASSIGN_OR_RETURN(const int32_t* table,
+                        table_.upload(block_table, blocks_for(num_tokens, cache.block_size)));
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(body.size()));
+    PD_RETURN_IF_ERROR(
+        cuda::gather_kv(cache, table, num_tokens, reinterpret_cast<uint16_t*>(wire), table_.stream()));
+    PD_RETURN_IF_ERROR(table_.sync());
+    return cuda::copy_to_host(body.data(), wire, body.size());
+  }
+
+  std::unique_ptr<KvSendPool> inner_;
+  const int device_;
+  std::mutex mu_;
+  DeviceTable table_;      // guarded by mu_
+  DeviceScratch scratch_;  // guarded by mu_
+};
+
+// Host-staged, decode side: the host puller lands the body in host memory laid out as the wire
+// (one block of all the tokens: a block-major block of N rows is the wire body of N tokens); then
+// it goes to the GPU and is scattered into the target's blocks.
+class StagedPuller final : public transfer_internal::QueuedPuller {
+ public:
+  StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device)
+      : QueuedPuller(kind, KvMemory::kCuda), inner_(std::move(inner)), device_(device) {}
+  ~StagedPuller() override { stop(); }
+
+ protected:
+  StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
+    PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(target.view));
+    if (target.view.cuda_device != device_)
+      return failed_precondition(fmt::format("this KV puller writes GPU {}, the target KV cache is on GPU {}",
+                                             device_, target.view.cuda_device));
+    const int32_t tokens = target.expected_num_tokens;
+    if (tokens < 1)
+      return invalid_argument(
+          "a host-staged pull into GPU memory needs the expected token count (to size its stage)");
+    PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, tokens));
+    const uint64_t body = target.view.layout.body_bytes(tokens);
+    staging_.resize(body);
+    PagedKvView host;
+    host.base = staging_.data();
+    host.block_bytes = body;
+    host.num_blocks = 1;
+    host.block_size = tokens;
+    host.layout = target.view.layout;
+    const int32_t one_block[] = {0};
+    TransferState st = inner_->pull(handle, KvScatterTarget{host, one_block, tokens});
+    if (st.phase != TransferPhase::kDone) return st.error;
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    if (!table_initialised_) {
+      PD_RETURN_IF_ERROR(table_.init());
+      table_initialised_ = true;
+    }
+    PD_ASSIGN_OR_RETURN(const int32_t* table,
+                        table_.upload(target.block_table, blocks_for(tokens, cache.block_size)));
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(body));
+    PD_RETURN_IF_ERROR(cuda::copy_to_device_async(wire, staging_.data(), body, table_.stream()));
+    PD_RETURN_IF_ERROR(
+        cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), cache, table, tokens, table_.stream()));
+    PD_RETURN_IF_ERROR(table_.sync());
+    return PullResult{st.num_tokens, st.bytes};
+  }
+
+ private:
+  std::unique_ptr<KvPuller> inner_;
+  const int device_;
+  // The progress thread's own.
+  std::vector<uint8_t> staging_;
+  bool table_initialised_ = false;
+  DeviceTable table_;
+  DeviceScratch scratch_;
+};
+
 }  // namespace
+
+StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const KvTransportOptions& options) {
+  if (host_kind != TransportKind::kShm && host_kind != TransportKind::kTcp)
+    return invalid_argument(
+        fmt::format("GPU KV caches are staged through shm or tcp, not {}", transport_kind_name(host_kind)));
+  if (options.cuda_device < 0 || options.cuda_device >= cuda::device_count())
+    return unavailable(fmt::format("a GPU KV transport needs GPU {}, and this machine has {} ({})",
+                                   options.cuda_device, cuda::device_count(), cuda::no_device_reason()));
+  PD_ASSIGN_OR_RETURN(KvTransport host, make_transport(host_kind, options));
+  KvTransport t;
+  t.kind = host_kind;
+  if (host.pool) {
+    auto pool = std::make_unique<StagedSendPool>(std::move(host.pool), options.cuda_device);
+    PD_RETURN_IF_ERROR(pool->init());
+    t.pool = std::move(pool);
+  }
+  if (host.puller)
+    t.puller = std::make_unique<StagedPuller>(std::move(host.puller), host_kind, options.cuda_device);
+  return t;
+}
 
 StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options) {
   if (options.cuda_device < 0 || options.cuda_device >= cuda::device_count())
