@@ -51,7 +51,7 @@ bench() {
   n=$(python3 -c "print(max(1, round($rate * $secs)))")
   "$B" bench --base-url "$url" --api completions --input-len "$input" --output-len "$output" --ignore-eos \
     --arrival poisson --rate "$rate" -n "$n" --seed "$seed" --tokenizer-model "$tokenizer" \
-    --slo-ttft-ms "$slo_ttft" --slo-tpot-ms "$slo_tpot" --client-threads 2 --no-metrics -q \
+    --slo-ttft-ms "$slo_ttft" --slo-tpot-ms "$slo_tpot" --client-threads 2 --metrics-interval 1 -q \
     --json "$out/${arm}_rate_${rate}_${seed}.json" >"$out/${arm}_rate_${rate}_${seed}.txt" 2>&1 || true
 }
 
@@ -149,6 +149,13 @@ for f in sorted(glob.glob(os.path.join(out, "*_rate_*.json"))):
     a["ok"] += s["num_ok"]
     a["met"] += s["slo_attainment"] * s["num_requests"]
     a["ttft_p99_ms"] = max(a["ttft_p99_ms"], s["ttft_ms"]["p99"])
+    # Where requests queue (P/D arm, the gateway's view of its instances, scraped each second).
+    for sample in json.load(open(f))["runs"][0].get("server_metrics_series", []):
+        for k in ("pdserve_gateway_waiting", "pdserve_prefill_slots_in_use", "pdserve_decode_pending",
+                  "pdserve_kv_pulls_in_flight", "pdserve_sequences_running"):
+            v = sample["values"].get(k)
+            if v is not None:
+                a["peak_" + k[len("pdserve_"):]] = max(a.get("peak_" + k[len("pdserve_"):], 0), v)
     a["tpot_p99_ms"] = max(a["tpot_p99_ms"], s["tpot_ms"]["p99"])
 print(f"goodput (req/s meeting TTFT <= {ttft} ms and TPOT <= {tpot} ms)")
 print(f"{'arm':>10} {'rate':>6} {'goodput':>8} {'SLO %':>6} {'ok/sent':>9} {'TTFT p99':>9} {'TPOT p99':>9}")
@@ -162,6 +169,12 @@ for arm, rows in sorted(arms.items()):
             continue
         print(f"{arm:>10} {rate:>6g} {a['goodput_rps']:>8.2f} {100 * a['slo_attainment']:>6.1f} "
               f"{a['ok']:>4}/{a['requests']:<4} {a['ttft_p99_ms']:>9.0f} {a['tpot_p99_ms']:>9.1f}")
+print("peaks of the queues each second (gateway waiting / prefill slots / decode pending / pulls / running):")
+for arm, rows in sorted(arms.items()):
+    for rate, a in sorted(rows.items()):
+        peaks = [a.get("peak_" + k) for k in ("gateway_waiting", "prefill_slots_in_use", "decode_pending",
+                                              "kv_pulls_in_flight", "sequences_running")]
+        print(f"{arm:>10} {rate:>6g} " + " / ".join("-" if p is None else f"{p:g}" for p in peaks))
 json.dump({arm: {str(r): v for r, v in rows.items()} for arm, rows in arms.items()},
           open(os.path.join(out, "goodput.json"), "w"), indent=1)
 EOF
