@@ -101,20 +101,23 @@ int32_t Sampler::sample_tempered(std::span<const float> logits) {
                       candidates_.begin() + static_cast<long>(target), candidates_.end(), by_logit);
     sorted = target;
   };
-  // Unnormalised probabilities by token id, relative to the largest logit.
+  // Unnormalised probabilities relative to the largest logit, computed where needed: over the
+  // whole vocabulary only when its mass is the normaliser (no top-k).
   const float top = *std::max_element(logits.begin(), logits.end());
-  probs_.resize(vocab);
-  for (size_t t = 0; t < vocab; ++t) probs_[t] = std::exp((logits[t] - top) / params_.temperature);
-  auto prob = [&](size_t i) { return static_cast<double>(probs_[static_cast<size_t>(candidates_[i])]); };
+  const float temperature = params_.temperature;
+  auto unnormalised = [&](int32_t token) {
+    return std::exp((logits[static_cast<size_t>(token)] - top) / temperature);
+  };
+  auto prob = [&](size_t i) { return static_cast<double>(unnormalised(candidates_[i])); };
 
   size_t keep = vocab;  // top-k
-  double total = 0.0;   // their mass, summed in candidate order
+  double total = 0.0;   // their mass
   if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < vocab) {
     keep = static_cast<size_t>(params_.top_k);
     ensure_sorted(keep);
     for (size_t i = 0; i < keep; ++i) total += prob(i);
   } else {
-    for (size_t t = 0; t < vocab; ++t) total += static_cast<double>(probs_[t]);
+    for (size_t t = 0; t < vocab; ++t) total += static_cast<double>(unnormalised(static_cast<int32_t>(t)));
   }
   // top-p: the smallest prefix whose mass reaches p; min-p: drop tokens below min_p · p(top).
   size_t n = keep;

@@ -70,7 +70,6 @@ class Sampler {
   std::mt19937_64 rng_;
   std::vector<int32_t> counts_;
   std::vector<int32_t> candidates_;
-  std::vector<float> probs_;
 };
 
 }  // namespace pdserve
