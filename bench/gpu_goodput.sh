@@ -8,6 +8,9 @@
 #
 #   OUT_DIR=DIR bench/gpu_goodput.sh LAYOUT...     LAYOUT: PxD, e.g. 1x1 (2 GPUs), 2x2 1x3 3x1 (4)
 #
+# Each arm's fronts get 4 HTTP threads per GPU: the P/D gateway relays every token of every stream
+# alone (4 × GPUs threads), each aggregated server its own share (4).
+#
 # Environment: PDSERVE (the binary, build/release/src/bin/pdserve), MODEL (synthetic:llama-3.1-8b),
 # RATES (req/s, "2 4 8 12 16"), SECONDS_PER_RATE (20: requests = rate x this), INPUT (pdserve
 # bench --input-len, normal:1024:384), OUTPUT (normal:128:32), SLO_TTFT_MS (1000), SLO_TPOT_MS (50),
@@ -63,6 +66,7 @@ run_pd() {  # P D
     echo 'transport = "cuda-ipc"'
     echo "[gateway]"
     echo "port = $port"
+    echo "http_threads = $((4 * (p + d)))"
     echo "[instance_defaults]"
     echo "kv_cache_memory = \"$kv\""
     echo "max_context = 8192"
@@ -98,7 +102,7 @@ run_pd() {  # P D
 run_aggregated() {  # N
   local n=$1 arm="agg_$1" i ports=()
   for i in $(seq 0 $((n - 1))); do
-    "$B" serve --mode aggregated --device "cuda:$i" --model "$model" --port $((18500 + i)) "${engine[@]}" \
+    "$B" serve --mode aggregated --device "cuda:$i" --model "$model" --port $((18500 + i)) --http-threads 4 "${engine[@]}" \
       >"$out/${arm}_$i.log" 2>&1 &
     pids+=($!)
     ports+=($((18500 + i)))
