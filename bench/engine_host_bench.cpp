@@ -1,7 +1,7 @@
 // pdserve_engine_host_bench: the engine's own host work per decode step — scheduling, choosing
 // tokens, detokenizing and handing outputs to the request sinks — with a backend that costs
-// nothing: it answers every step at once with greedy tokens, as a GPU does through
-// forward_argmax, or with a row of logits for the host sampler. What the engine thread spends
+// nothing: it answers every step at once with token ids, as a GPU does through
+// forward_draw, or with a row of logits for the host sampler. What the engine thread spends
 // here bounds the step rate of a fast GPU at that batch size.
 //
 //   pdserve_engine_host_bench [--model GGUF] [--batch 16,64,192] [--steps N] [--reps N] [--logits]
@@ -48,13 +48,11 @@ class NullExecutor final : public ModelExecutor {
     }
     return ok_status();
   }
-  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) override {
-    size_t row = 0;
-    for (const SequenceChunk& c : batch.chunks)
-      if (c.want_logits) next_tokens[row++] = token_;
+  Status forward_draw(const ForwardBatch&, std::span<const RowDraw> draws, int32_t* next_tokens) override {
+    for (size_t row = 0; row < draws.size(); ++row) next_tokens[row] = token_;
     return ok_status();
   }
-  bool greedy_on_device() const override { return on_device_; }
+  bool draws_on_device() const override { return on_device_; }
   KvStorage* host_kv() override { return nullptr; }
   size_t kv_bytes() const override { return 0; }
   std::string device() const override { return "null backend"; }

@@ -572,9 +572,12 @@ void Engine::step() {
   ForwardBatch batch;
   batch_tokens_.clear();
   int32_t num_logits = 0;
-  // Where every row is plain greedy without log-probabilities, a GPU picks the tokens itself and
-  // only their ids cross to the host (not vocab_size floats per row).
-  bool on_device = executor_->greedy_on_device();
+  // Where every row's draw needs only the logits (greedy or plain tempered, no penalties, no
+  // log-probabilities), a GPU draws the tokens itself and only their ids cross to the host (not
+  // vocab_size floats per row). The host sampler makes the same draws, so a request's tokens do
+  // not depend on which path a step took.
+  bool on_device = executor_->draws_on_device();
+  draws_.clear();
   for (const ScheduledChunk& c : plan.chunks) {
     auto toks = scheduler_.tokens(c.seq).subspan(static_cast<size_t>(c.first_position),
                                                  static_cast<size_t>(c.num_tokens));
@@ -583,7 +586,8 @@ void Engine::step() {
     num_logits += c.want_logits ? 1 : 0;
     if (c.want_logits) {
       const Active& a = *active_.at(c.seq);
-      on_device = on_device && a.sampler.plain_greedy() && !a.request.logprobs;
+      on_device = on_device && a.sampler.device_drawable() && !a.request.logprobs;
+      draws_.push_back({a.sampler.params().temperature, a.sampler.params().seed, a.sampler.draws()});
     }
   }
   batch.tokens = batch_tokens_;
@@ -591,7 +595,7 @@ void Engine::step() {
   Status st;
   if (on_device) {
     next_tokens_.resize(static_cast<size_t>(num_logits));
-    st = executor_->forward_argmax(batch, next_tokens_.data());
+    st = executor_->forward_draw(batch, draws_, next_tokens_.data());
   } else {
     if (logits_.size() < static_cast<size_t>(num_logits) * vocab)
       logits_.resize(static_cast<size_t>(num_logits) * vocab);
@@ -621,6 +625,7 @@ void Engine::step() {
     SampleResult r;
     if (on_device) {
       r.token = next_tokens_[row];
+      a.sampler.skip(1);
     } else {
       r = a.sampler.sample(std::span<float>(logits_.data() + row * vocab, vocab), scheduler_.tokens(c.seq),
                            a.request.logprobs);

@@ -306,7 +306,8 @@ class Engine : public Instance {
   std::unordered_map<SequenceId, std::unique_ptr<Active>> active_;
   SequenceId next_id_ = 1;
   std::vector<float> logits_;
-  std::vector<int32_t> next_tokens_;  // chosen on the device (every row plain greedy)
+  std::vector<int32_t> next_tokens_;  // drawn on the device (every row device_drawable())
+  std::vector<RowDraw> draws_;        // their draws
   std::vector<int32_t> batch_tokens_;
   int64_t prompt_tokens_total_ = 0;
   int64_t generated_tokens_total_ = 0;

@@ -7,6 +7,7 @@
 #include <future>
 
 #include "engine/test_model.h"
+#include "kernels/gumbel.h"
 
 namespace pdserve {
 namespace {
@@ -110,20 +111,25 @@ class ArgmaxExecutor final : public ModelExecutor {
     ++logits_steps;
     return cpu_.forward(batch, logits);
   }
-  Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) override {
+  Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws,
+                      int32_t* next_tokens) override {
     ++argmax_steps;
-    size_t rows = 0;
-    for (const SequenceChunk& c : batch.chunks) rows += c.want_logits ? 1 : 0;
+    const size_t rows = draws.size();
     const size_t vocab = static_cast<size_t>(cpu_.config().vocab_size);
     std::vector<float> logits(rows * vocab);
     PD_RETURN_IF_ERROR(cpu_.forward(batch, logits.data()));
     for (size_t r = 0; r < rows; ++r) {
-      const float* row = logits.data() + r * vocab;
+      float* row = logits.data() + r * vocab;
+      if (draws[r].temperature > 0.0f) {  // what the GPU kernel does: perturb, then argmax
+        const float inv_t = 1.0f / draws[r].temperature;
+        for (size_t i = 0; i < vocab; ++i)
+          row[i] = gumbel_key(row[i], inv_t, draws[r].seed, draws[r].counter, static_cast<uint32_t>(i));
+      }
       next_tokens[r] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
     }
     return ok_status();
   }
-  bool greedy_on_device() const override { return true; }
+  bool draws_on_device() const override { return true; }
   KvStorage* host_kv() override { return cpu_.host_kv(); }
   size_t kv_bytes() const override { return cpu_.kv_bytes(); }
   std::string device() const override { return "argmax test backend"; }
@@ -135,7 +141,7 @@ class ArgmaxExecutor final : public ModelExecutor {
   CpuExecutor cpu_;
 };
 
-TEST_F(EngineTest, GreedyTokensChosenOnTheBackendEqualTheSamplers) {
+TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   const EngineOptions o = options();
   auto exec = std::make_unique<ArgmaxExecutor>(*model_, *pool_, o.num_blocks, o.block_size);
   ArgmaxExecutor* x = exec.get();
@@ -147,7 +153,17 @@ TEST_F(EngineTest, GreedyTokensChosenOnTheBackendEqualTheSamplers) {
   }
   EXPECT_GT(x->argmax_steps.load(), 0);
   EXPECT_EQ(x->logits_steps.load(), 0);
-  // Log-probabilities and penalties need the logits on the host.
+  // Plain tempered draws too: the same tokens as the host sampler's (same seed, same counters).
+  const int before_tempered = x->argmax_steps.load();
+  for (int i = 0; i < 3; ++i) {
+    EngineRequest t = request(kPrompts[i], 12);
+    t.sampling.temperature = 0.9f;
+    t.sampling.seed = 42 + i;
+    EXPECT_EQ(run_one(on_device, t).tokens, run_one(on_host, t).tokens) << kPrompts[i];
+  }
+  EXPECT_GT(x->argmax_steps.load(), before_tempered);
+  EXPECT_EQ(x->logits_steps.load(), 0);
+  // Log-probabilities, penalties and truncated draws need the logits on the host.
   EngineRequest with_logprobs = request(kPrompts[0], 4);
   with_logprobs.logprobs = true;
   Result r = run_one(on_device, with_logprobs);
@@ -158,6 +174,12 @@ TEST_F(EngineTest, GreedyTokensChosenOnTheBackendEqualTheSamplers) {
   penalised.sampling.repetition_penalty = 1.3f;
   run_one(on_device, penalised);
   EXPECT_GT(x->logits_steps.load(), after_logprobs);
+  const int after_penalties = x->logits_steps.load();
+  EngineRequest top_p = request(kPrompts[2], 4);
+  top_p.sampling.temperature = 0.9f;
+  top_p.sampling.top_p = 0.8f;
+  run_one(on_device, top_p);
+  EXPECT_GT(x->logits_steps.load(), after_penalties);
 }
 
 TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/gumbel.h"
+
 namespace pdserve {
 
 Status SamplingParams::validate() const {
@@ -61,9 +63,12 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
   SampleResult result;
   if (params_.temperature <= 0.0f) {
     result.token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  } else if (plain_tempered()) {
+    result.token = sample_gumbel(logits);
   } else {
     result.token = sample_tempered(logits);
   }
+  ++draws_;
   if (want_logprob) result.logprob = logits[static_cast<size_t>(result.token)] - log_z;
 
   if (params_.top_logprobs > 0) {
@@ -78,6 +83,21 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
       result.top.push_back({ids[i], logits[static_cast<size_t>(ids[i])] - log_z});
   }
   return result;
+}
+
+int32_t Sampler::sample_gumbel(std::span<const float> logits) const {
+  const float inv_t = 1.0f / params_.temperature;
+  int32_t best = 0;
+  float best_key = -INFINITY;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    // NaN logits never win (as on the GPU, where argmax ranks NaN lowest).
+    const float key = gumbel_key(logits[i], inv_t, params_.seed, draws_, static_cast<uint32_t>(i));
+    if (key > best_key) {
+      best_key = key;
+      best = static_cast<int32_t>(i);
+    }
+  }
+  return best;
 }
 
 int32_t Sampler::sample_tempered(std::span<const float> logits) {

@@ -48,26 +48,44 @@ class Sampler {
   // look at (prompt and generated so far). Without want_logprob the result's logprob is left 0
   // (unless top_logprobs asks for alternatives): the log-softmax over the vocabulary is skipped.
   SampleResult sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob = true);
-  // Whether the next token is the plain argmax of the logits: greedy, no penalties (so the
-  // backend may choose it where the logits are).
-  bool plain_greedy() const {
-    return params_.temperature <= 0.0f && params_.repetition_penalty == 1.0f &&
-           params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f && params_.top_logprobs == 0;
+  // Whether the draw needs nothing but the logits, the temperature, the seed and draws(): greedy,
+  // or a plain tempered draw (no top-k, top-p, min-p), without penalties or alternatives — so a
+  // backend may make it where the logits are. Plain tempered draws are Gumbel-max draws over
+  // kernels/gumbel.h's hash (the same on the host and a GPU); truncated ones use the generator.
+  bool device_drawable() const {
+    return no_penalties() && params_.top_logprobs == 0 && (params_.temperature <= 0.0f || plain_tempered());
   }
+  const SamplingParams& params() const { return params_; }
+  // Draws made so far (sample() calls and skipped ones): the counter of the next Gumbel draw.
+  uint64_t draws() const { return draws_; }
   // Advances the random state as if `num_samples` tokens had been sampled (a decode instance
-  // continuing a request whose first token a prefill instance sampled with the same seed).
-  // NOTE: each non-greedy sample draws exactly one 64-bit value (generate_canonical<double, 64>).
+  // continuing a request whose first token a prefill instance sampled with the same seed, or a
+  // backend that drew tokens itself).
+  // NOTE: each truncated sample draws exactly one 64-bit value (generate_canonical<double, 64>);
+  // a plain tempered one draws nothing from the generator (Gumbel-max, keyed by draws()).
   void skip(int32_t num_samples) {
-    if (params_.temperature > 0.0f && num_samples > 0)
+    if (num_samples <= 0) return;
+    draws_ += static_cast<uint64_t>(num_samples);
+    if (params_.temperature > 0.0f && !plain_tempered())
       rng_.discard(static_cast<unsigned long long>(num_samples));
   }
 
  private:
   // A draw from the tempered, truncated distribution (temperature > 0).
   int32_t sample_tempered(std::span<const float> logits);
+  // A Gumbel-max draw from softmax(logits / T) (plain_tempered()).
+  int32_t sample_gumbel(std::span<const float> logits) const;
+  bool plain_tempered() const {
+    return params_.temperature > 0.0f && params_.top_k == 0 && params_.top_p >= 1.0f && params_.min_p <= 0.0f;
+  }
+  bool no_penalties() const {
+    return params_.repetition_penalty == 1.0f && params_.presence_penalty == 0.0f &&
+           params_.frequency_penalty == 0.0f;
+  }
 
   SamplingParams params_;
   std::mt19937_64 rng_;
+  uint64_t draws_ = 0;
   std::vector<int32_t> counts_;
   std::vector<int32_t> candidates_;
 };

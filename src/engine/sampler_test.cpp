@@ -70,8 +70,9 @@ TEST(Sampler, TopKTopPAndMinPRestrictTheCandidates) {
   }
 }
 
-// The sampler sorts only as much of the vocabulary as it needs; this reference sorts all of it
-// and otherwise does the same arithmetic in the same order, so every draw must agree.
+// The sampler sorts only as much of the vocabulary as it needs for a truncated draw (top-k, top-p,
+// min-p); this reference sorts all of it and otherwise does the same arithmetic in the same
+// order, so every draw must agree. (Plain tempered draws are Gumbel-max draws: see below.)
 int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p, std::mt19937_64& rng) {
   const size_t v = logits.size();
   std::vector<int32_t> c(v);
@@ -123,7 +124,6 @@ TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
   std::mt19937_64 gen(7);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   const SamplingParams shapes[] = {
-      {.temperature = 1.0f},
       {.temperature = 0.7f, .top_p = 0.9f},
       {.temperature = 1.3f, .top_k = 40},
       {.temperature = 0.8f, .top_k = 500, .top_p = 0.95f, .min_p = 0.01f},
@@ -146,6 +146,35 @@ TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
       }
     }
   }
+}
+
+// Plain tempered draws are Gumbel-max draws keyed by (seed, draw number): a decode that skips
+// the prefill's draw continues the same sequence, and T scales the distribution.
+TEST(Sampler, PlainTemperatureDrawsContinueAcrossSkipAndFollowTheTemperature) {
+  SamplingParams p;
+  p.temperature = 0.5f;
+  p.seed = 7;
+  Sampler whole(p), prefill(p), decode(p);
+  decode.skip(1);
+  for (int i = 0; i < 50; ++i) {
+    auto a = logits(), b = logits();
+    const int32_t t = whole.sample(a, {}).token;
+    if (i == 0) {
+      EXPECT_EQ(prefill.sample(b, {}).token, t);
+    } else {
+      EXPECT_EQ(decode.sample(b, {}).token, t) << "draw " << i;
+    }
+  }
+  std::map<int32_t, int> counts;
+  Sampler s(p);
+  for (int i = 0; i < 20000; ++i) {
+    auto l = logits();
+    counts[s.sample(l, {}, false).token]++;
+  }
+  double z = 0;
+  for (float x : logits()) z += std::exp(x / 0.5);
+  for (int32_t t = 0; t < 5; ++t)
+    EXPECT_NEAR(counts[t] / 20000.0, std::exp(logits()[static_cast<size_t>(t)] / 0.5) / z, 0.015) << t;
 }
 
 TEST(Sampler, PenaltiesLowerRepeatedTokens) {

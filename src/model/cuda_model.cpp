@@ -112,7 +112,8 @@ struct CudaLlamaModel::Impl {
   int64_t capacity_logits = 0;
   int64_t capacity_tokens_target = 0;  // what they were last grown to
   int64_t capacity_logits_target = 0;
-  DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace;
+  DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace,
+      draws;
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
 
@@ -440,9 +441,29 @@ Status CudaLlamaModel::forward(const ForwardBatch& batch, float* logits) {
 }
 
 Status CudaLlamaModel::forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) {
+  return forward_draw(batch, {}, next_tokens);
+}
+
+Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws,
+                                    int32_t* next_tokens) {
+  size_t want = 0;
+  for (const SequenceChunk& ch : batch.chunks) want += ch.want_logits ? 1 : 0;
+  if (!draws.empty() && draws.size() != want)
+    return invalid_argument(fmt::format("forward_draw: {} draws for {} rows of logits", draws.size(), want));
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
   if (rows > 0) {
+    if (std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) { return d.temperature > 0.0f; })) {
+      std::vector<cuda::SampleDraw> d(draws.size());
+      for (size_t i = 0; i < draws.size(); ++i)
+        d[i] = {draws[i].temperature, draws[i].seed, draws[i].counter};
+      const size_t bytes = d.size() * sizeof(cuda::SampleDraw);
+      if (bytes > impl_->draws.bytes()) PD_ASSIGN_BUFFER(impl_->draws, bytes);
+      PD_RETURN_IF_ERROR(
+          cuda::copy_to_device_async(impl_->draws.data(), d.data(), bytes, impl_->stream->get()));
+      PD_RETURN_IF_ERROR(cuda::gumbel_perturb(impl_->logits.as<float>(), rows, config_.vocab_size,
+                                              impl_->draws.as<cuda::SampleDraw>(), impl_->stream->get()));
+    }
     const size_t ws = cuda::argmax_workspace_bytes(rows);
     if (ws + static_cast<size_t>(rows) * 4 > impl_->argmax.bytes())
       PD_ASSIGN_BUFFER(impl_->argmax, ws + rows * 4);

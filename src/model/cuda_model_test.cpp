@@ -16,6 +16,7 @@
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/gumbel.h"
 #include "model/llama_model.h"
 #include "model/safetensors_writer.h"
 
@@ -191,6 +192,23 @@ TEST_F(CudaModelTest, LogitsCloseToCpuEngine) {
     ASSERT_TRUE(gpu_->forward_argmax(b, &on_gpu).ok());
     EXPECT_EQ(on_gpu, std::max_element(got.begin(), got.end()) - got.begin())
         << "argmax on the GPU, case " << cases;
+    // A tempered draw on the GPU is the host's Gumbel-max draw over the same logits.
+    for (uint64_t counter = 0; counter < 4; ++counter) {
+      const RowDraw draw{0.8f, 1234 + static_cast<uint64_t>(cases), counter};
+      int32_t drawn = -1;
+      ASSERT_TRUE(gpu_->forward_draw(b, std::span<const RowDraw>(&draw, 1), &drawn).ok());
+      int32_t host = 0;
+      float best = -INFINITY;
+      for (int32_t i = 0; i < vocab; ++i) {
+        const float key =
+            gumbel_key(got[i], 1.0f / draw.temperature, draw.seed, draw.counter, static_cast<uint32_t>(i));
+        if (key > best) {
+          best = key;
+          host = i;
+        }
+      }
+      EXPECT_EQ(drawn, host) << "tempered draw on the GPU, case " << cases << ", draw " << counter;
+    }
     const double diff = centered_max_diff(got.data(), want.data(), vocab);
     worst = std::max(worst, diff);
     EXPECT_LE(diff, kLogitTolerance) << "case " << cases;

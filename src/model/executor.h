@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 
 #include "common/status.h"
@@ -27,6 +28,13 @@ struct DeviceKv {
   uint64_t v_offset_bytes = 0;
 };
 
+// One row's draw for ModelExecutor::forward_draw.
+struct RowDraw {
+  float temperature = 0.0f;  // 0: greedy
+  uint64_t seed = 0;
+  uint64_t counter = 0;  // the request's draws so far
+};
+
 class ModelExecutor {
  public:
   virtual ~ModelExecutor() = default;
@@ -36,13 +44,16 @@ class ModelExecutor {
   // Runs the batch over the executor's KV cache (block ids index it); writes vocab_size floats
   // per chunk with want_logits, in chunk order, to `logits` (host memory).
   virtual Status forward(const ForwardBatch& batch, float* logits) = 0;
-  // forward(), then the greedy choice of each logits row (the lowest id among equal maxima; NaN
-  // ranks lowest) made where the logits are: one token id per chunk with want_logits, to `next_tokens` (host
-  // memory). Only where greedy_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
-  virtual Status forward_argmax(const ForwardBatch& /*batch*/, int32_t* /*next_tokens*/) {
+  // forward(), then one token per logits row chosen where the logits are, to `next_tokens` (host
+  // memory), as draws[row] says: temperature 0, the greedy choice (the lowest id among equal
+  // maxima; NaN ranks lowest); else a Gumbel-max draw from softmax(logits / temperature) keyed by
+  // (seed, counter) as kernels/gumbel.h defines it, which the host Sampler makes alike. Only where
+  // draws_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
+  virtual Status forward_draw(const ForwardBatch& /*batch*/, std::span<const RowDraw> /*draws*/,
+                              int32_t* /*next_tokens*/) {
     return unimplemented("this backend samples on the host: call forward()");
   }
-  virtual bool greedy_on_device() const { return false; }
+  virtual bool draws_on_device() const { return false; }
   // The KV cache as host memory, which the host KV transports read and write; nullptr where it
   // lives on a GPU.
   virtual KvStorage* host_kv() = 0;

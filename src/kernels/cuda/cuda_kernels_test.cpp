@@ -14,6 +14,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
+#include "kernels/gumbel.h"
 
 namespace pdserve::cuda {
 namespace {
@@ -280,6 +281,56 @@ TEST_F(CudaKernels, EmbeddingAndArgmax) {
   }
   EXPECT_EQ(got_ids[1], 30000);
   EXPECT_EQ(got_ids[2], 6);
+}
+
+// Gumbel-max sampling: the perturbed logits equal the host's gumbel_key() (the same hash, logf on
+// both sides: a few ulps apart at most), greedy rows are left alone, and the draws follow
+// softmax(logits / T).
+TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
+  const int64_t v = 50000;
+  const std::vector<float> logits = randn(static_cast<size_t>(3 * v), 2.0f);
+  const std::vector<SampleDraw> draws = {{0.8f, 11, 3}, {0.0f, 12, 0}, {1.7f, 13, 0}};
+  DeviceBuffer dl = upload(logits);
+  DeviceBuffer dd = upload(draws);
+  ASSERT_TRUE(gumbel_perturb(dl.as<float>(), 3, v, dd.as<SampleDraw>(), nullptr).ok());
+  const std::vector<float> got = download<float>(dl, static_cast<size_t>(3 * v));
+  double worst = 0;
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t i = 0; i < v; ++i) {
+      const size_t at = static_cast<size_t>(r * v + i);
+      const float want = draws[r].temperature > 0
+                             ? gumbel_key(logits[at], 1.0f / draws[r].temperature, draws[r].seed,
+                                          draws[r].counter, static_cast<uint32_t>(i))
+                             : logits[at];
+      worst = std::max(worst, static_cast<double>(std::abs(got[at] - want)) / (1.0 + std::abs(want)));
+    }
+  EXPECT_LT(worst, 1e-5);
+
+  // 4000 draws over 4 tokens (one row per draw, counters 0..3999) against softmax(l / T).
+  const std::vector<float> four = {1.0f, 2.0f, 0.5f, -1.0f};
+  const int n = 4000;
+  std::vector<float> rows;
+  std::vector<SampleDraw> many;
+  for (int i = 0; i < n; ++i) {
+    rows.insert(rows.end(), four.begin(), four.end());
+    many.push_back({0.7f, 99, static_cast<uint64_t>(i)});
+  }
+  DeviceBuffer dr = upload(rows);
+  DeviceBuffer dm = upload(many);
+  ASSERT_TRUE(gumbel_perturb(dr.as<float>(), n, 4, dm.as<SampleDraw>(), nullptr).ok());
+  auto ws = poisoned<uint8_t>(argmax_workspace_bytes(n));
+  auto ids = poisoned<int32_t>(n);
+  ASSERT_TRUE(
+      argmax(dr.as<float>(), n, 4, ws.data(), argmax_workspace_bytes(n), ids.as<int32_t>(), nullptr).ok());
+  const std::vector<int32_t> picked = download<int32_t>(ids, n);
+  std::vector<int> counts(4, 0);
+  for (int32_t t : picked) {
+    ASSERT_TRUE(t >= 0 && t < 4) << t;
+    ++counts[static_cast<size_t>(t)];
+  }
+  double z = 0;
+  for (float x : four) z += std::exp(x / 0.7);
+  for (size_t t = 0; t < 4; ++t) EXPECT_NEAR(counts[t] / double(n), std::exp(four[t] / 0.7) / z, 0.03) << t;
 }
 
 TEST_F(CudaKernels, MatmulBf16AndF32Out) {

@@ -7,6 +7,7 @@
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
+#include "kernels/gumbel.h"
 
 namespace pdserve::cuda {
 namespace {
@@ -192,6 +193,16 @@ __device__ __forceinline__ uint64_t argmax_key(float v, int64_t i) {
   uint32_t u = __float_as_uint(isnan(v) ? -INFINITY : (v == 0.0f ? 0.0f : v));
   u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
   return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+}
+
+__global__ void gumbel_kernel(float* logits, int64_t vocab, const SampleDraw* __restrict__ draws) {
+  const SampleDraw d = draws[blockIdx.y];
+  if (!(d.temperature > 0.0f)) return;
+  float* row = logits + static_cast<int64_t>(blockIdx.y) * vocab;
+  const float inv_t = 1.0f / d.temperature;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < vocab;
+       i += int64_t{gridDim.x} * blockDim.x)
+    row[i] = gumbel_key(row[i], inv_t, d.seed, d.counter, static_cast<uint32_t>(i));
 }
 
 __global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t vocab,
@@ -616,6 +627,18 @@ Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace,
   PD_RETURN_IF_ERROR(check_last_error("argmax"));
   argmax_index_kernel<<<blocks_for(rows, 256), 256, 0, stream>>>(keys, rows, out);
   return check_last_error("argmax");
+}
+
+Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
+                      StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  if (vocab <= 0 || vocab > INT32_MAX)
+    return invalid_argument("gumbel_perturb: vocabulary size out of range");
+  if (rows > 65535) return invalid_argument("gumbel_perturb: more than 65535 rows");
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((vocab + 1023) / 1024, 64)),
+                  static_cast<unsigned>(rows));
+  gumbel_kernel<<<grid, 256, 0, stream>>>(logits, vocab, draws);
+  return check_last_error("gumbel_perturb");
 }
 
 Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,

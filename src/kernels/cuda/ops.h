@@ -49,6 +49,17 @@ size_t argmax_workspace_bytes(int64_t rows);
 Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace, size_t workspace_bytes,
               int32_t* out, StreamHandle stream);
 
+// One row's draw (device memory, one per row): temperature 0 keeps the row as it is (greedy).
+struct SampleDraw {
+  float temperature = 0.0f;
+  uint64_t seed = 0;
+  uint64_t counter = 0;
+};
+// Gumbel-max sampling (kernels/gumbel.h): replaces each logit of a row whose temperature is > 0
+// by gumbel_key(), so that argmax() then draws from softmax(logits / T). In place.
+Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
+                      StreamHandle stream);
+
 // One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
 // block_size) holds head_dim bf16 values at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
 // and the same for V. One head's rows of a block are contiguous, so decode attention, which reads
