@@ -129,8 +129,8 @@ int run(int argc, char** argv) {
       std::unique_lock lock(mu);
       cv.wait(lock, [&] { return done == batch; });
       const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-      // steps + 1 engine steps: the prefill step (which samples the first token) and the decodes.
-      per_step_us.push_back(us / (steps + 1));
+      // `steps` engine steps: the prefill step (which samples the first token) and steps - 1 decodes.
+      per_step_us.push_back(us / steps);
     }
     std::sort(per_step_us.begin(), per_step_us.end());
     const double med = per_step_us[per_step_us.size() / 2];

@@ -2,7 +2,8 @@
 // decode step pays per sequence when the logits come to the host), for a 49152-token vocabulary
 // (the default model's). Each case against the reference in the same run: what the sampler did
 // before — the whole vocabulary sorted for a tempered draw, a log-softmax before every greedy
-// choice — where it now sorts only the prefix it needs and skips the log-softmax unless asked.
+// choice — where it now makes a plain tempered draw by Gumbel-max (one pass, no sort), sorts only
+// the prefix a truncated draw needs, and skips the log-softmax unless asked.
 //
 //   pdserve_sampler_bench [--vocab N] [--reps N]
 //

@@ -362,6 +362,7 @@ std::string encode_instance_stats(const InstanceStats& s) {
                    {"max_sequence_tokens", s.max_sequence_tokens},
                    {"model_fingerprint", s.model_fingerprint},
                    {"transport", s.transport},
+                   {"kv_dtype", s.kv_dtype},
                    {"metrics", std::move(metrics)}});
 }
 
@@ -385,6 +386,7 @@ StatusOr<InstanceStats> decode_instance_stats(std::string_view text) {
   PD_RETURN_IF_ERROR(r.integer("model_fingerprint", s.model_fingerprint, uint64_t{0},
                                std::numeric_limits<uint64_t>::max(), true));
   PD_RETURN_IF_ERROR(r.string("transport", s.transport));
+  PD_RETURN_IF_ERROR(r.string("kv_dtype", s.kv_dtype));
   if (const json* m = r.find("metrics")) {
     if (!m->is_object()) return r.type("metrics", "an object");
     Reader mr(*m, "stats.metrics");

@@ -30,7 +30,8 @@ struct InstanceStats {
   int32_t max_context = 0;
   int64_t max_sequence_tokens = 0;
   uint64_t model_fingerprint = 0;
-  std::string transport;  // the KV transport's kind ("inproc", "shm", "tcp"), or ""
+  std::string transport;  // the KV transport's kind ("inproc", "shm", "tcp", "cuda-ipc"), or ""
+  std::string kv_dtype;   // of the KV it sends and takes: "f16" (CPU), "bf16" (GPU); "" when unsaid
   EngineMetrics metrics;
 };
 

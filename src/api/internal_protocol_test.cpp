@@ -120,6 +120,7 @@ TEST(InternalProtocol, StatsRoundTrip) {
   s.max_sequence_tokens = 4096;
   s.model_fingerprint = 0xfedcba9876543210ull;
   s.transport = "shm";
+  s.kv_dtype = "bf16";
   s.metrics.running = 3;
   s.metrics.kv.num_blocks_used = 17;
   s.metrics.handoffs_total = 5;
@@ -131,6 +132,7 @@ TEST(InternalProtocol, StatsRoundTrip) {
   EXPECT_EQ(b->max_sequence_tokens, 4096);
   EXPECT_EQ(b->model_fingerprint, s.model_fingerprint);
   EXPECT_EQ(b->transport, "shm");
+  EXPECT_EQ(b->kv_dtype, "bf16");
   EXPECT_EQ(b->metrics.running, 3);
   EXPECT_EQ(b->metrics.kv.num_blocks_used, 17);
   EXPECT_EQ(b->metrics.handoffs_total, 5);

@@ -301,6 +301,7 @@ int run_gateway(void* p) {
     RemoteInstanceOptions remote;
     remote.token = internal_token_or_env(a.internal_token);
     std::string transport = cluster->transport;
+    std::string kv_dtype, kv_dtype_from;  // of the first instance that says
     std::vector<ScenarioGroup> groups;
     for (const ScenarioConfig& scenario : cluster->scenarios) {
       std::vector<Instance*> prefills, decodes;
@@ -329,6 +330,18 @@ int run_gateway(void* p) {
               cluster->transport.empty() ? "the others" : "the configuration", transport));
         }
         transport = inst.transport();
+        // A CPU's KV (f16) cannot go to a GPU (bf16) or back: refused here, not per request.
+        if (!inst.kv_dtype().empty() && !kv_dtype.empty() && inst.kv_dtype() != kv_dtype) {
+          return invalid_argument(
+              fmt::format("instance {} ({}) keeps its KV cache as {}, {} as {}: prefills and decodes must "
+                          "all run on the CPU "
+                          "or all on GPUs",
+                          ic.name, address, inst.kv_dtype(), kv_dtype_from, kv_dtype));
+        }
+        if (kv_dtype.empty()) {
+          kv_dtype = inst.kv_dtype();
+          kv_dtype_from = fmt::format("instance {}", ic.name);
+        }
         (want == EngineRole::kPrefill ? prefills : decodes).push_back(&inst);
         state->instances.push_back(std::move(r).value());
       }

@@ -255,6 +255,8 @@ class Engine : public Instance {
   Status release_handoff(const KvBufferRef& kv) override;
   EngineRole role() const override { return options_.role; }
   uint64_t model_fingerprint() const { return kv_view_.layout.model_fingerprint; }
+  // The element type of the KV it sends or takes (f16 on the CPU, bf16 on a GPU).
+  KvDtype kv_dtype() const { return kv_view_.layout.dtype; }
 
   EngineMetrics metrics() const override;
   const EngineOptions& options() const { return options_; }

@@ -8,6 +8,8 @@
 #include <numeric>
 #include <random>
 
+#include "kernels/gumbel.h"
+
 namespace pdserve {
 namespace {
 
@@ -175,6 +177,34 @@ TEST(Sampler, PlainTemperatureDrawsContinueAcrossSkipAndFollowTheTemperature) {
   for (float x : logits()) z += std::exp(x / 0.5);
   for (int32_t t = 0; t < 5; ++t)
     EXPECT_NEAR(counts[t] / 20000.0, std::exp(logits()[static_cast<size_t>(t)] / 0.5) / z, 0.015) << t;
+}
+
+// The uniform behind a Gumbel key stays inside (0, 1) at both ends of its bits, so every key is
+// finite: no token can win whatever its logit.
+TEST(Sampler, GumbelKeysAreFiniteAtTheExtremes) {
+  for (uint64_t bits : {uint64_t{0}, ~uint64_t{0}, uint64_t{1} << 63, (uint64_t{1} << 41) - 1}) {
+    const float u = gumbel_uniform_from_bits(bits);
+    EXPECT_GT(u, 0.0f) << bits;
+    EXPECT_LT(u, 1.0f) << bits;
+    EXPECT_TRUE(std::isfinite(-std::log(-std::log(u)))) << bits;
+  }
+  // Over a large vocabulary and many draws, the winner is always among the largest logits: one
+  // logit 40 above the rest (at T = 1 the rest together have probability ~1e-13).
+  std::vector<float> l(152064, 0.0f);
+  l[777] = 40.0f;
+  for (uint64_t counter = 0; counter < 50; ++counter) {
+    int32_t best = -1;
+    float best_key = -INFINITY;
+    for (size_t i = 0; i < l.size(); ++i) {
+      const float k = gumbel_key(l[i], 1.0f, 5, counter, static_cast<uint32_t>(i));
+      ASSERT_TRUE(std::isfinite(k)) << i;
+      if (k > best_key) {
+        best_key = k;
+        best = static_cast<int32_t>(i);
+      }
+    }
+    EXPECT_EQ(best, 777) << "draw " << counter;
+  }
 }
 
 TEST(Sampler, PenaltiesLowerRepeatedTokens) {

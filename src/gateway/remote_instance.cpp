@@ -183,6 +183,7 @@ Status RemoteInstance::refresh_stats() {
     max_sequence_tokens_ = stats->max_sequence_tokens;
     fingerprint_ = stats->model_fingerprint;
     transport_ = stats->transport;
+    kv_dtype_ = stats->kv_dtype;
     identified_ = true;
   } else if (stats->role != role_ || stats->model_fingerprint != fingerprint_) {
     return failed_precondition(

@@ -58,6 +58,8 @@ class RemoteInstance : public Instance {
   const std::string& address() const { return address_; }
   uint64_t model_fingerprint() const { return fingerprint_; }
   const std::string& transport() const { return transport_; }
+  // "f16" (a CPU's KV), "bf16" (a GPU's), or "" from an instance that does not say.
+  const std::string& kv_dtype() const { return kv_dtype_; }
 
   EngineRole role() const override { return role_; }
   int32_t max_context() const override { return max_context_; }
@@ -92,6 +94,7 @@ class RemoteInstance : public Instance {
   int64_t max_sequence_tokens_ = 0;
   uint64_t fingerprint_ = 0;
   std::string transport_;
+  std::string kv_dtype_;
   bool identified_ = false;  // guarded by mu_; the fields above are set once, by connect()
 
   std::atomic<bool> up_{true};

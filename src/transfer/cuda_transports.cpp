@@ -382,6 +382,14 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
   std::unordered_map<std::string, std::unique_ptr<PeerPool>> pools_;
 };
 
+// Layer l of a cache, as a cache of one layer (its part of the wire body is contiguous).
+cuda::PagedKvCache one_layer(const cuda::PagedKvCache& cache, int32_t l) {
+  cuda::PagedKvCache one = cache;
+  one.base = cache.base + static_cast<int64_t>(l) * cache.layer_stride;
+  one.num_layers = 1;
+  return one;
+}
+
 // A device buffer that only grows.
 class DeviceScratch {
  public:
@@ -460,11 +468,17 @@ class StagedSendPool final : public KvSendPool {
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
     PD_ASSIGN_OR_RETURN(const int32_t* table,
                         table_.upload(block_table, blocks_for(num_tokens, cache.block_size)));
-    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(body.size()));
-    PD_RETURN_IF_ERROR(
-        cuda::gather_kv(cache, table, num_tokens, reinterpret_cast<uint16_t*>(wire), table_.stream()));
-    PD_RETURN_IF_ERROR(table_.sync());
-    return cuda::copy_to_host(body.data(), wire, body.size());
+    // Layer by layer through a scratch of one layer's part (the wire body is layer by layer), so
+    // the GPU memory this takes stays small.
+    const size_t part = body.size() / static_cast<size_t>(cache.num_layers);
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
+    for (int32_t l = 0; l < cache.num_layers; ++l) {
+      PD_RETURN_IF_ERROR(cuda::gather_kv(one_layer(cache, l), table, num_tokens,
+                                         reinterpret_cast<uint16_t*>(wire), table_.stream()));
+      PD_RETURN_IF_ERROR(table_.sync());
+      PD_RETURN_IF_ERROR(cuda::copy_to_host(body.data() + static_cast<size_t>(l) * part, wire, part));
+    }
+    return ok_status();
   }
 
   std::unique_ptr<KvSendPool> inner_;
@@ -512,10 +526,15 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
     }
     PD_ASSIGN_OR_RETURN(const int32_t* table,
                         table_.upload(target.block_table, blocks_for(tokens, cache.block_size)));
-    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(body));
-    PD_RETURN_IF_ERROR(cuda::copy_to_device_async(wire, staging_.data(), body, table_.stream()));
-    PD_RETURN_IF_ERROR(
-        cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), cache, table, tokens, table_.stream()));
+    const size_t part = body / static_cast<size_t>(cache.num_layers);  // one layer's part of the body
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
+    for (int32_t l = 0; l < cache.num_layers; ++l) {
+      // In stream order: a layer's copy into the scratch follows the previous layer's scatter.
+      PD_RETURN_IF_ERROR(cuda::copy_to_device_async(wire, staging_.data() + static_cast<size_t>(l) * part,
+                                                    part, table_.stream()));
+      PD_RETURN_IF_ERROR(cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), one_layer(cache, l), table,
+                                          tokens, table_.stream()));
+    }
     PD_RETURN_IF_ERROR(table_.sync());
     return PullResult{st.num_tokens, st.bytes};
   }

@@ -302,6 +302,7 @@ TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
                              ? gumbel_key(logits[at], 1.0f / draws[r].temperature, draws[r].seed,
                                           draws[r].counter, static_cast<uint32_t>(i))
                              : logits[at];
+      ASSERT_TRUE(std::isfinite(got[at]) && std::isfinite(want)) << "row " << r << ", element " << i;
       worst = std::max(worst, static_cast<double>(std::abs(got[at] - want)) / (1.0 + std::abs(want)));
     }
   EXPECT_LT(worst, 1e-5);
