@@ -562,9 +562,16 @@ void Engine::step() {
   if (plan.empty()) {
     publish_metrics(0);
     if (!scheduler_.idle() && scheduler_.num_running() == 0) {
-      // Nothing can run although requests wait: validate() makes this impossible; do not spin.
-      PD_LOG_ERROR("engine: {} requests wait but none can be admitted", scheduler_.num_waiting());
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (!pulling_.empty()) {
+        // Decode role: the blocks the waiting (preempted) sequences need are held by KV pulls in
+        // flight, which the loop lands (and runs) on its next turns; not an error. A short pause,
+        // not a blocking wait, so cancellations keep being served meanwhile.
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      } else {
+        // Nothing can run although requests wait: validate() makes this impossible; do not spin.
+        PD_LOG_ERROR("engine: {} requests wait but none can be admitted", scheduler_.num_waiting());
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
     }
     return;
   }
