@@ -450,23 +450,30 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   for (const SequenceChunk& ch : batch.chunks) want += ch.want_logits ? 1 : 0;
   if (!draws.empty() && draws.size() != want)
     return invalid_argument(fmt::format("forward_draw: {} draws for {} rows of logits", draws.size(), want));
+  // The draws go up first, on the model's stream: from pageable memory a copy waits for the
+  // stream, which after the forward pass would idle the host until the pass is done.
+  const bool tempered =
+      std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) { return d.temperature > 0.0f; });
+  if (tempered) {
+    std::vector<cuda::SampleDraw> d(draws.size());
+    for (size_t i = 0; i < draws.size(); ++i) d[i] = {draws[i].temperature, draws[i].seed, draws[i].counter};
+    const size_t bytes = d.size() * sizeof(cuda::SampleDraw);
+    if (bytes > impl_->draws.bytes())
+      PD_ASSIGN_BUFFER(impl_->draws, std::max(bytes, 2 * impl_->draws.bytes()));
+    PD_RETURN_IF_ERROR(
+        cuda::copy_to_device_async(impl_->draws.data(), d.data(), bytes, impl_->stream->get()));
+  }
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
   if (rows > 0) {
-    if (std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) { return d.temperature > 0.0f; })) {
-      std::vector<cuda::SampleDraw> d(draws.size());
-      for (size_t i = 0; i < draws.size(); ++i)
-        d[i] = {draws[i].temperature, draws[i].seed, draws[i].counter};
-      const size_t bytes = d.size() * sizeof(cuda::SampleDraw);
-      if (bytes > impl_->draws.bytes()) PD_ASSIGN_BUFFER(impl_->draws, bytes);
-      PD_RETURN_IF_ERROR(
-          cuda::copy_to_device_async(impl_->draws.data(), d.data(), bytes, impl_->stream->get()));
+    if (tempered)
       PD_RETURN_IF_ERROR(cuda::gumbel_perturb(impl_->logits.as<float>(), rows, config_.vocab_size,
                                               impl_->draws.as<cuda::SampleDraw>(), impl_->stream->get()));
-    }
     const size_t ws = cuda::argmax_workspace_bytes(rows);
-    if (ws + static_cast<size_t>(rows) * 4 > impl_->argmax.bytes())
-      PD_ASSIGN_BUFFER(impl_->argmax, ws + rows * 4);
+    if (ws + static_cast<size_t>(rows) * 4 >
+        impl_->argmax.bytes())  // grown geometrically: batches grow by ones
+      PD_ASSIGN_BUFFER(impl_->argmax,
+                       std::max(ws + static_cast<size_t>(rows) * 4, 2 * impl_->argmax.bytes()));
     PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size, impl_->argmax.data(),
                                     ws, impl_->argmax.as<int32_t>() + ws / 4, impl_->stream->get()));
   }

@@ -37,10 +37,6 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   PD_RETURN_IF_ERROR(positive("attention.head_count", heads, 1024));
   PD_RETURN_IF_ERROR(positive("attention.head_count_kv", kv_heads, heads));
   PD_RETURN_IF_ERROR(positive("context_length", ctx, 1 << 24));
-  if (heads % kv_heads != 0) {
-    return invalid_argument(
-        fmt::format("model metadata: head_count {} is not a multiple of head_count_kv {}", heads, kv_heads));
-  }
   int64_t head_dim = hidden / heads;
   PD_ASSIGN_OR_RETURN(int64_t key_len, f.get_int_or(a + "attention.key_length", head_dim));
   head_dim = key_len;
@@ -52,10 +48,8 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
                     head_dim));
   }
   PD_ASSIGN_OR_RETURN(int64_t rope_dim, f.get_int_or(a + "rope.dimension_count", head_dim));
-  if (rope_dim <= 0 || rope_dim > head_dim || rope_dim % 2 != 0) {
-    return invalid_argument(fmt::format(
-        "model metadata: rope.dimension_count {} is invalid for head dimension {}", rope_dim, head_dim));
-  }
+  PD_RETURN_IF_ERROR(c.set_shape({layers, hidden, ffn, heads, kv_heads, head_dim, rope_dim, ctx})
+                         .with_context("model metadata"));
   PD_ASSIGN_OR_RETURN(double eps, f.get_float_or(a + "attention.layer_norm_rms_epsilon", 1e-5));
   PD_ASSIGN_OR_RETURN(double theta, f.get_float_or(a + "rope.freq_base", 10000.0));
   if (!(eps > 0 && eps < 1))
@@ -63,14 +57,6 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   if (!(theta > 0))
     return invalid_argument(fmt::format("model metadata: rope.freq_base {} is out of range", theta));
 
-  c.num_layers = static_cast<int32_t>(layers);
-  c.hidden_size = static_cast<int32_t>(hidden);
-  c.ffn_size = static_cast<int32_t>(ffn);
-  c.num_heads = static_cast<int32_t>(heads);
-  c.num_kv_heads = static_cast<int32_t>(kv_heads);
-  c.head_dim = static_cast<int32_t>(head_dim);
-  c.rope_dim = static_cast<int32_t>(rope_dim);
-  c.context_length = static_cast<int32_t>(ctx);
   c.rms_norm_eps = static_cast<float>(eps);
   c.rope_theta = static_cast<float>(theta);
   c.rope_ordering = c.architecture == "qwen2" ? RopeOrdering::kNeox : RopeOrdering::kNormal;
@@ -99,6 +85,24 @@ StatusOr<ModelConfig> ModelConfig::from_gguf(const GgufFile& f) {
   }
   c.vocab_size = static_cast<int32_t>(embd->dims[1]);
   return c;
+}
+
+Status ModelConfig::set_shape(const ModelShape& s) {
+  if (s.kv_heads <= 0 || s.heads % s.kv_heads != 0)
+    return invalid_argument(
+        fmt::format("{} attention heads are not a multiple of {} KV heads", s.heads, s.kv_heads));
+  if (s.rope_dim <= 0 || s.rope_dim > s.head_dim || s.rope_dim % 2 != 0)
+    return invalid_argument(
+        fmt::format("a rotary dimension of {} is invalid for heads of {} values", s.rope_dim, s.head_dim));
+  num_layers = static_cast<int32_t>(s.layers);
+  hidden_size = static_cast<int32_t>(s.hidden);
+  ffn_size = static_cast<int32_t>(s.ffn);
+  num_heads = static_cast<int32_t>(s.heads);
+  num_kv_heads = static_cast<int32_t>(s.kv_heads);
+  head_dim = static_cast<int32_t>(s.head_dim);
+  rope_dim = static_cast<int32_t>(s.rope_dim);
+  context_length = static_cast<int32_t>(s.context);
+  return ok_status();
 }
 
 std::vector<float> llama3_freq_factors(const ModelConfig& c) {

@@ -24,6 +24,19 @@ struct RopeScaling {
   int32_t original_context_length = 8192;
 };
 
+// The sizes a model file gives (GGUF metadata, a Hugging Face config.json), each already within
+// its own range; ModelConfig::set_shape() checks how they fit together.
+struct ModelShape {
+  int64_t layers = 0;
+  int64_t hidden = 0;
+  int64_t ffn = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t rope_dim = 0;
+  int64_t context = 0;
+};
+
 struct ModelConfig {
   std::string architecture;  // "llama" or "qwen2"
   std::string name;
@@ -49,6 +62,10 @@ struct ModelConfig {
   int64_t kv_bytes_per_token(int32_t bytes_per_element) const {
     return int64_t{2} * num_layers * kv_dim() * bytes_per_element;
   }
+
+  // Sets the size fields from `shape` once they fit together: heads a multiple of kv heads, an
+  // even rope_dim within the head. INVALID_ARGUMENT says which does not (the caller adds where).
+  Status set_shape(const ModelShape& shape);
 
   static StatusOr<ModelConfig> from_gguf(const GgufFile& file);
 };

@@ -228,16 +228,9 @@ StatusOr<ModelConfig> model_config_from_hf(std::string_view text, std::string_vi
   PD_RETURN_IF_ERROR(integer("head_dim", hidden / heads, 1024, &head_dim));
   PD_RETURN_IF_ERROR(integer("vocab_size", -1, 1 << 22, &vocab));
   PD_RETURN_IF_ERROR(integer("max_position_embeddings", 4096, 1 << 24, &ctx));
-  if (heads % kv_heads != 0) return fail("num_attention_heads is not a multiple of num_key_value_heads");
-  c.num_layers = static_cast<int32_t>(layers);
-  c.hidden_size = static_cast<int32_t>(hidden);
-  c.ffn_size = static_cast<int32_t>(ffn);
-  c.num_heads = static_cast<int32_t>(heads);
-  c.num_kv_heads = static_cast<int32_t>(kv_heads);
-  c.head_dim = static_cast<int32_t>(head_dim);
-  c.rope_dim = c.head_dim;
+  PD_RETURN_IF_ERROR(
+      c.set_shape({layers, hidden, ffn, heads, kv_heads, head_dim, head_dim, ctx}).with_context(source));
   c.vocab_size = static_cast<int32_t>(vocab);
-  c.context_length = static_cast<int32_t>(ctx);
   // What pdserve does not compute is refused, never silently dropped.
   if (const JsonValue* act = j.find("hidden_act");
       act != nullptr && (act->type != JsonValue::Type::kString || act->string != "silu"))

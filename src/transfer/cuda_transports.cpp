@@ -197,17 +197,11 @@ class CudaIpcSendPool final : public KvSendPool {
 
   StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
                              uint32_t flags) override {
-    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
+    PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags, 0, "the cuda-ipc transport"));
     PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
     if (src.cuda_device != device_)
       return failed_precondition(fmt::format(
           "this cuda-ipc pool lives on GPU {}, the KV cache to send on GPU {}", device_, src.cuda_device));
-    if (num_tokens > kKvWireMaxTokens)
-      return out_of_range(
-          fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
-    if (flags != 0)
-      return unimplemented(
-          fmt::format("the cuda-ipc transport sends no KV wire flags (asked 0x{:x})", flags));
     KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
     PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, acquire(kKvWireHeaderBytes + header.body_bytes));
     header.generation = buffer.ref.generation;
@@ -428,20 +422,13 @@ class StagedSendPool final : public KvSendPool {
 
   StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
                              uint32_t flags) override {
-    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
+    PD_RETURN_IF_ERROR(
+        check_send(src, block_table, num_tokens, flags, kKvWireBodyChecksum, "a host-staged GPU send"));
     PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
     if (src.cuda_device != device_)
       return failed_precondition(
           fmt::format("this KV send pool stages from GPU {}, the KV cache to send is on GPU {}", device_,
                       src.cuda_device));
-    if (num_tokens > kKvWireMaxTokens)
-      return out_of_range(
-          fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
-    if ((flags & ~kKvWireBodyChecksum) != 0)
-      return unimplemented(
-          fmt::format("a host-staged GPU send supports no KV wire flags but the body checksum "
-                      "(asked 0x{:x})",
-                      flags));
     KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
     header.flags = flags;
     PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, inner_->acquire(kKvWireHeaderBytes + header.body_bytes));

@@ -207,6 +207,19 @@ StatusOr<KvTransport> make_transport(TransportKind kind, const KvTransportOption
   return t;
 }
 
+Status check_send(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
+                  uint32_t flags, uint32_t supported, std::string_view sender) {
+  PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
+  if (num_tokens > kKvWireMaxTokens)
+    return out_of_range(
+        fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
+  if ((flags & ~kKvWireKnownFlags) != 0)
+    return invalid_argument(fmt::format("unknown KV wire flags 0x{:x}", flags & ~kKvWireKnownFlags));
+  if ((flags & ~supported) != 0)
+    return unimplemented(fmt::format("{} does not send KV wire flags 0x{:x}", sender, flags & ~supported));
+  return ok_status();
+}
+
 StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::span<const int32_t> block_table,
                               int32_t num_tokens, uint32_t flags) {
   return pool.publish(src, block_table, num_tokens, flags);
@@ -216,12 +229,7 @@ StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const i
                                        int32_t num_tokens, uint32_t flags) {
   KvSendPool& pool = *this;
   PD_RETURN_IF_ERROR(src.require_host(fmt::format("the {} transport", transport_kind_name(kind()))));
-  PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
-  if (num_tokens > kKvWireMaxTokens)
-    return out_of_range(
-        fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
-  if ((flags & ~kKvWireKnownFlags) != 0)
-    return invalid_argument(fmt::format("unknown KV wire flags 0x{:x}", flags & ~kKvWireKnownFlags));
+  PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags));
   KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
   header.flags = flags;
   PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
@@ -246,12 +254,7 @@ StatusOr<std::unique_ptr<PagedSource>> make_paged_source(const PagedKvView& view
                                                          std::span<const int32_t> block_table,
                                                          int32_t num_tokens, uint32_t flags) {
   PD_RETURN_IF_ERROR(view.require_host("the block-fixed mode"));
-  PD_RETURN_IF_ERROR(check_kv_block_table(view, block_table, num_tokens));
-  if (num_tokens > kKvWireMaxTokens)
-    return out_of_range(
-        fmt::format("{} tokens exceed the KV wire's limit of {}", num_tokens, kKvWireMaxTokens));
-  if ((flags & ~kKvWireKnownFlags) != 0)
-    return invalid_argument(fmt::format("unknown KV wire flags 0x{:x}", flags & ~kKvWireKnownFlags));
+  PD_RETURN_IF_ERROR(check_send(view, block_table, num_tokens, flags));
   auto src = std::make_unique<PagedSource>();
   src->view = view;
   const size_t used =

@@ -237,6 +237,14 @@ struct KvTransport {
 };
 StatusOr<KvTransport> make_transport(TransportKind kind, const KvTransportOptions& options);
 
+// What every send path checks of what it is asked to send: the block table covers num_tokens
+// (check_kv_block_table), num_tokens is within the wire's limit, the flags are known
+// (INVALID_ARGUMENT) and among `supported`, those this path can honour (UNIMPLEMENTED, naming
+// `sender`).
+Status check_send(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
+                  uint32_t flags, uint32_t supported = kKvWireKnownFlags,
+                  std::string_view sender = "this KV send path");
+
 // The prefill's whole send path: pool.publish(): acquires a buffer for num_tokens tokens, writes
 // the header (flags: kKvWireBodyChecksum to add a body checksum), gathers the body from `src`,
 // commits, and returns the handle. The buffer is released on failure.
