@@ -416,10 +416,6 @@ void Engine::start_pulls() {
     const EngineHandoff& h = *a.handoff;
     Status st = ok_status();
     if (!a.handle->cancelled()) {
-      // A sequence preempted here waits for blocks: it goes first (an import now would take the
-      // blocks it needs, and a stream of imports could keep it waiting). The engine keeps stepping
-      // while it waits, so this is tried again next iteration.
-      if (scheduler_.num_waiting() > 0) break;
       std::vector<int32_t> tokens = a.request.prompt;
       tokens.push_back(h.first_token);
       st = scheduler_.import(id, std::move(tokens), h.num_prompt_tokens);

@@ -132,6 +132,9 @@ Status Scheduler::import(SequenceId id, std::vector<int32_t> tokens, int32_t num
   if (static_cast<int32_t>(running_.size()) + num_landing_ >= options_.max_running) {
     return resource_exhausted("every running seat is taken");
   }
+  // First come, first served: what waits (on a decode, sequences preempted for blocks) goes
+  // before an import, which would take the blocks it waits for.
+  if (!waiting_.empty()) return resource_exhausted("sequences wait for blocks; they go first");
   StatusOr<SequenceAllocation> a =
       kv_.allocate_for(id, std::span<const int32_t>(tokens).first(static_cast<size_t>(num_prompt)),
                        /*use_prefix_cache=*/false);

@@ -74,8 +74,9 @@ class Scheduler {
   // Decode role: a sequence whose prompt KV is computed elsewhere (a prefill instance) and lands
   // here. `tokens` is the prompt followed by the first generated token. Allocates fresh blocks
   // for the prompt now; the caller writes the prompt's KV into block_table(seq), then calls
-  // activate(). kResourceExhausted: no blocks now, or running plus landing sequences are at the
-  // cap. A landing sequence is neither running nor waiting; remove() drops it.
+  // activate(). kResourceExhausted: no blocks now, running plus landing sequences are at the cap,
+  // or sequences wait (they go first). A landing sequence is neither running nor waiting;
+  // remove() drops it.
   Status import(SequenceId seq, std::vector<int32_t> tokens, int32_t num_prompt);
   // The imported KV has landed: the sequence runs (decoding) from the next plan.
   void activate(SequenceId seq);

@@ -236,6 +236,20 @@ TEST(SchedulerImport, LandingSequencesHoldBlocksAndSeatsButDoNotRunUntilActivate
   EXPECT_TRUE(d.kv.validate().ok());
 }
 
+TEST(SchedulerImport, WaitingSequencesGoBeforeImports) {
+  Driver d(/*blocks=*/16, SchedulerOptions{64, 8});
+  d.add(1, 4, 5);  // waits until a plan admits it
+  std::vector<int32_t> tokens = prompt_of(4, 50);
+  tokens.push_back(5);
+  EXPECT_EQ(d.sched.import(2, tokens, 4).code(), StatusCode::kResourceExhausted);
+  d.step();  // admitted: nothing waits now
+  ASSERT_EQ(d.sched.num_waiting(), 0);
+  EXPECT_TRUE(d.sched.import(2, tokens, 4).ok());
+  d.sched.remove(2);
+  d.sched.remove(1);
+  EXPECT_TRUE(d.kv.validate().ok());
+}
+
 TEST(SchedulerImport, RemovingALandingSequenceFreesItsBlocks) {
   Driver d(/*blocks=*/4, SchedulerOptions{64, 8});
   std::vector<int32_t> tokens = prompt_of(13);
