@@ -14,7 +14,9 @@
 # Environment: PDSERVE (the binary, build/release/src/bin/pdserve), MODEL (synthetic:llama-3.1-8b),
 # RATES (req/s, "2 4 8 12 16"), SECONDS_PER_RATE (20: requests = rate x this), INPUT (pdserve
 # bench --input-len, normal:1024:384), OUTPUT (normal:128:32), SLO_TTFT_MS (1000), SLO_TPOT_MS (50),
-# KV_MEMORY (per instance, 40GiB), MAX_RUNNING (128), PREFILL_SLOTS (b_p of each prefill, 16). Writes
+# KV_MEMORY (per instance, 90GiB: an H200's 141 GB less the weights; about 50GiB on an 80 GB GPU),
+# MAX_RUNNING (512: a lone decode GPU carries the running sequences of several aggregated ones, and
+# a lower cap turns into queueing at its prefills), PREFILL_SLOTS (b_p of each prefill, 16). Writes
 # OUT_DIR/<arm>_rate_<r>.json (one per bench process) and OUT_DIR/goodput.json, prints a table.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,9 +33,9 @@ input=${INPUT:-normal:1024:384}
 output=${OUTPUT:-normal:128:32}
 slo_ttft=${SLO_TTFT_MS:-1000}
 slo_tpot=${SLO_TPOT_MS:-50}
-kv=${KV_MEMORY:-40GiB}
+kv=${KV_MEMORY:-90GiB}
 prefill_slots=${PREFILL_SLOTS:-16}
-max_running=${MAX_RUNNING:-128}
+max_running=${MAX_RUNNING:-512}
 # The same engine settings for every instance of both arms.
 engine=(--kv-cache-memory "$kv" --max-context 8192 --max-running "$max_running" --step-token-budget 2048)
 tokenizer=models/SmolLM2-135M-Instruct.Q4_1.gguf  # the tokenizer a synthetic model is served with
@@ -42,7 +44,8 @@ gpus=$(nvidia-smi -L | grep -c "^GPU ")
 
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  local pid  # not p: the layout loop below reads p and d after each arm
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   pids=()
 }
