@@ -1,7 +1,8 @@
 // pdserve_transfer_bench: moving one request's KV from a prefill instance's paged memory to a
 // decode instance's paged memory, as deployed — prefill and decode are separate processes (the
 // prefill is a forked child). For each transport (shm, tcp over loopback), KV size and block
-// size it measures, as medians over --reps repetitions after one warm-up:
+// size it measures, as medians over --reps repetitions after one warm-up (ucx too, in builds with
+// libucx: contiguous only, it offers no block-fixed mode):
 //
 //   gather      prefill: publish_kv() — acquire a send buffer, gather the blocks into it
 //               (contiguous, wire order), header, commit
@@ -13,11 +14,12 @@
 //   raw         the transport's own ceiling for the same bytes, contiguous, no KV logic: shm, a
 //               memcpy from a shared mapping written by the prefill process into private memory;
 //               tcp, one bulk send over a loopback connection with the same socket options into
-//               one buffer
+//               one buffer; ucx, one active message of the bytes by rendezvous into one buffer
 //
 // Both processes' KV memory and buffers are prefaulted (huge pages advised) and the contents
 // random; every configuration's first timed pull is verified against the prefill's body checksum.
 // Progress goes to stderr, a table to stdout, and --json FILE writes every measurement.
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/mman.h>
@@ -29,13 +31,19 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
+
+#ifdef PDSERVE_HAVE_UCX
+#include <ucp/api/ucp.h>
+#endif
 
 #include "transfer/kv_layout.h"
 #include "transfer/kv_transport.h"
@@ -207,6 +215,165 @@ Reply reply_with(std::string_view text, int32_t ok = 1) {
   return r;
 }
 
+#ifdef PDSERVE_HAVE_UCX
+// The raw-ucx ceiling: one UCX worker each side (the prefill listens, the decode connects), and the
+// bytes sent as one active message by rendezvous into one buffer. Busy progress: a benchmark. Its
+// endpoints handle peer failures as the transport's do (UCX then leaves out transports that cannot,
+// such as cross-memory attach on one host: the same choice the transport gets).
+class RawUcx {
+ public:
+  RawUcx() {
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_AM;
+    ucp_config_t* config = nullptr;
+    if (ucp_config_read(nullptr, nullptr, &config) != UCS_OK) die("raw ucx: config");
+    if (ucp_init(&params, config, &context_) != UCS_OK) die("raw ucx: init");
+    ucp_config_release(config);
+    ucp_worker_params_t wp{};
+    if (ucp_worker_create(context_, &wp, &worker_) != UCS_OK) die("raw ucx: worker");
+    ucp_am_handler_param_t h{};
+    h.field_mask =
+        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    h.id = kAmId;
+    h.cb = &RawUcx::on_message;
+    h.arg = this;
+    if (ucp_worker_set_am_recv_handler(worker_, &h) != UCS_OK) die("raw ucx: handler");
+    h.id = kHelloId;
+    h.cb = [](void* arg, const void*, size_t, void*, size_t, const ucp_am_recv_param_t*) {
+      static_cast<RawUcx*>(arg)->hello_ = true;
+      return UCS_OK;
+    };
+    if (ucp_worker_set_am_recv_handler(worker_, &h) != UCS_OK) die("raw ucx: handler");
+  }
+  ~RawUcx() {
+    if (hello_request_ != nullptr) wait(hello_request_);
+    if (ep_ != nullptr) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      void* req = ucp_ep_close_nbx(ep_, &p);  // its status does not matter any more
+      if (req != nullptr && !UCS_PTR_IS_ERR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+        ucp_request_free(req);
+      }
+    }
+    if (listener_ != nullptr) ucp_listener_destroy(listener_);
+    ucp_worker_destroy(worker_);
+    ucp_cleanup(context_);
+  }
+  RawUcx(const RawUcx&) = delete;
+  RawUcx& operator=(const RawUcx&) = delete;
+
+  // Prefill: listens on loopback; returns the port.
+  uint16_t listen() {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ucp_listener_params_t lp{};
+    lp.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+    lp.sockaddr.addr = reinterpret_cast<const sockaddr*>(&a);
+    lp.sockaddr.addrlen = sizeof a;
+    lp.conn_handler.cb = [](ucp_conn_request_h r, void* arg) { static_cast<RawUcx*>(arg)->conn_ = r; };
+    lp.conn_handler.arg = this;
+    if (ucp_listener_create(worker_, &lp, &listener_) != UCS_OK) die("raw ucx: listen");
+    ucp_listener_attr_t la{};
+    la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    if (ucp_listener_query(listener_, &la) != UCS_OK) die("raw ucx: listener address");
+    return ntohs(reinterpret_cast<const sockaddr_in*>(&la.sockaddr)->sin_port);
+  }
+  // Decode: connects to the prefill's port.
+  void connect(uint16_t port) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    ucp_ep_params_t p{};
+    p.field_mask =
+        UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // as the transport's endpoints
+    p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&a);
+    p.sockaddr.addrlen = sizeof a;
+    if (ucp_ep_create(worker_, &p, &ep_) != UCS_OK) die("raw ucx: connect");
+    // A first small message, so the connection is wired up before the prefill's first rendezvous
+    // (UCX 1.13 asserts on a rendezvous send replayed at the end of wire-up).
+    // Not waited for here: it completes while the prefill progresses too (the first send()).
+    ucp_request_param_t hp{};
+    hello_request_ = ucp_am_send_nbx(ep_, kHelloId, nullptr, 0, nullptr, 0, &hp);
+    if (UCS_PTR_IS_ERR(hello_request_)) die("raw ucx: hello");
+  }
+  // Prefill: sends `bytes` from `data` to the connected decode (accepting it on first use).
+  void send(const uint8_t* data, size_t bytes) {
+    while (ep_ == nullptr || !hello_) {
+      ucp_worker_progress(worker_);
+      if (ep_ == nullptr && conn_ != nullptr) {
+        ucp_ep_params_t p{};
+        p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+        p.conn_request = conn_;
+        p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+        if (ucp_ep_create(worker_, &p, &ep_) != UCS_OK) die("raw ucx: accept");
+      }
+    }
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_AM_SEND_FLAG_RNDV;
+    wait(ucp_am_send_nbx(ep_, kAmId, nullptr, 0, data, bytes, &p));
+  }
+  // Decode: receives the next message into `dst`.
+  void receive(uint8_t* dst, size_t bytes) {
+    if (hello_request_ != nullptr) {
+      wait(hello_request_);
+      hello_request_ = nullptr;
+    }
+    while (desc_ == nullptr) ucp_worker_progress(worker_);
+    if (length_ != bytes) die("raw ucx: unexpected message size");
+    ucp_request_param_t p{};
+    void* desc = desc_;
+    desc_ = nullptr;
+    if (!rndv_) {  // arrived eagerly: already here
+      std::memcpy(dst, desc, bytes);
+      ucp_am_data_release(worker_, desc);
+      return;
+    }
+    wait(ucp_am_recv_data_nbx(worker_, desc, dst, bytes, &p));
+  }
+
+ private:
+  static constexpr unsigned kAmId = 7;
+  static constexpr unsigned kHelloId = 8;
+  static ucs_status_t on_message(void* arg, const void*, size_t, void* data, size_t length,
+                                 const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<RawUcx*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    if (!rndv && !(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA))
+      die("raw ucx: eager data that cannot be kept");
+    self->desc_ = data;
+    self->length_ = length;
+    self->rndv_ = rndv;
+    return UCS_INPROGRESS;
+  }
+  void wait(void* req) {
+    if (req == nullptr) return;
+    if (UCS_PTR_IS_ERR(req)) die(std::string("raw ucx: ") + ucs_status_string(UCS_PTR_STATUS(req)));
+    while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+    if (ucp_request_check_status(req) != UCS_OK) die("raw ucx: a transfer failed");
+    ucp_request_free(req);
+  }
+
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_listener_h listener_ = nullptr;
+  ucp_conn_request_h conn_ = nullptr;
+  ucp_ep_h ep_ = nullptr;
+  void* desc_ = nullptr;
+  size_t length_ = 0;
+  bool rndv_ = false;
+  bool hello_ = false;
+  void* hello_request_ = nullptr;
+};
+#endif
+
 struct Options {
   std::vector<std::string> transports = {"shm", "tcp"};
   std::vector<int64_t> sizes_mib = {1, 4, 16, 64, 256, 1024};
@@ -243,6 +410,9 @@ void run_prefill(int ctl, const Options& o) {
   std::unique_ptr<KvSendPool> pool;
   Fd raw_listener;
   Fd raw_conn;
+#ifdef PDSERVE_HAVE_UCX
+  std::unique_ptr<RawUcx> raw_ucx;
+#endif
   int raw_memfd = -1;
   uint8_t* raw_map = nullptr;
   size_t raw_map_bytes = 0;
@@ -271,6 +441,12 @@ void run_prefill(int ctl, const Options& o) {
           transfer_internal::set_socket_options(raw_conn.get(), o.tcp_buffer_bytes, 60'000);
           continue;
         }
+#ifdef PDSERVE_HAVE_UCX
+        if (kind == TransportKind::kUcx) {
+          raw_ucx = std::make_unique<RawUcx>();
+          r = reply_with(std::to_string(raw_ucx->listen()));
+        }
+#endif
         break;
       }
       case Op::kConfig: {
@@ -320,12 +496,21 @@ void run_prefill(int ctl, const Options& o) {
         have_handle = false;
         break;
       case Op::kRawSend: {
+#ifdef PDSERVE_HAVE_UCX
+        if (raw_ucx) {
+          raw_ucx->send(arena.data, c.kv_bytes);
+          break;
+        }
+#endif
         uint8_t go = 0;
         check(transfer_internal::recv_all(raw_conn.get(), &go, 1, "raw go"), "raw go");
         check(transfer_internal::send_all(raw_conn.get(), arena.data, c.kv_bytes, "raw bytes"), "raw send");
         break;
       }
       case Op::kStopTransport:
+#ifdef PDSERVE_HAVE_UCX
+        raw_ucx.reset();
+#endif
         raw_conn.reset();
         raw_listener.reset();
         pool.reset();
@@ -371,6 +556,12 @@ class Decode {
         raw = check(transfer_internal::tcp_connect(where, o_.tcp_buffer_bytes, 60'000), "raw connect");
         // The child answers kStartTransport before accepting; its accept happens now.
       }
+#ifdef PDSERVE_HAVE_UCX
+      if (kind == TransportKind::kUcx) {
+        raw_ucx_ = std::make_unique<RawUcx>();
+        raw_ucx_->connect(static_cast<uint16_t>(std::stoi(started.text)));
+      }
+#endif
       for (int64_t mib : o_.sizes_mib) {
         std::vector<double> raw_times;  // the same for every block size: measured once per size
         for (int32_t bs : o_.block_sizes) {
@@ -378,6 +569,9 @@ class Decode {
         }
       }
       command({Op::kStopTransport});
+#ifdef PDSERVE_HAVE_UCX
+      raw_ucx_.reset();
+#endif
     }
     command({Op::kExit}, /*expect_reply=*/false);
     return rows;
@@ -421,16 +615,19 @@ class Decode {
       if (st.phase != TransferPhase::kDone) die("contiguous pull: " + st.error.to_string());
       if (verify) verify_landed(dst, dst_table, shape, pub.checksum, "contiguous");
       command({Op::kRelease});
-      // Block-fixed.
-      if (verify) std::memset(dst.base, 0, dst_bytes);
-      Reply exp = command({Op::kExpose});
-      const KvHandle bh = check(KvHandle::parse(exp.text), "handle");
-      t0 = Clock::now();
-      st = puller.pull(bh, target);
-      const double block_fixed_ms = ms_since(t0);
-      if (st.phase != TransferPhase::kDone) die("block-fixed pull: " + st.error.to_string());
-      if (verify) verify_landed(dst, dst_table, shape, pub.checksum, "block-fixed");
-      command({Op::kRelease});
+      // Block-fixed (not offered by ucx).
+      double block_fixed_ms = std::nan("");
+      if (kind != TransportKind::kUcx) {
+        if (verify) std::memset(dst.base, 0, dst_bytes);
+        Reply exp = command({Op::kExpose});
+        const KvHandle bh = check(KvHandle::parse(exp.text), "handle");
+        t0 = Clock::now();
+        st = puller.pull(bh, target);
+        block_fixed_ms = ms_since(t0);
+        if (st.phase != TransferPhase::kDone) die("block-fixed pull: " + st.error.to_string());
+        if (verify) verify_landed(dst, dst_table, shape, pub.checksum, "block-fixed");
+        command({Op::kRelease});
+      }
       // Raw, once per size (the first block size measures it).
       if (raw_times->size() < static_cast<size_t>(o_.reps) + 1) {
         raw_times->push_back(raw_once(kind, raw, config, shape.kv_bytes));
@@ -439,7 +636,7 @@ class Decode {
         row.gather.push_back(pub.gather_ms);
         row.contiguous.push_back(contiguous_ms);
         row.total.push_back(pub.gather_ms + contiguous_ms);
-        row.block_fixed.push_back(block_fixed_ms);
+        if (!std::isnan(block_fixed_ms)) row.block_fixed.push_back(block_fixed_ms);
       }
       std::fputc('.', stderr);
       std::fflush(stderr);
@@ -448,7 +645,7 @@ class Decode {
     row.gather_ms = median(row.gather);
     row.contiguous_ms = median(row.contiguous);
     row.contiguous_total_ms = median(row.total);
-    row.block_fixed_ms = median(row.block_fixed);
+    row.block_fixed_ms = row.block_fixed.empty() ? std::nan("") : median(row.block_fixed);
     row.raw_ms = median(row.raw);
     std::fprintf(stderr, " contiguous %.2f ms (+ gather %.2f), block-fixed %.2f ms, raw %.2f ms\n",
                  row.contiguous_ms, row.gather_ms, row.block_fixed_ms, row.raw_ms);
@@ -473,6 +670,17 @@ class Decode {
       return ms_since(t0);
     }
     Command c{Op::kRawSend, 0, bytes};
+#ifdef PDSERVE_HAVE_UCX
+    if (kind == TransportKind::kUcx) {
+      const auto t0 = Clock::now();
+      write_exact(ctl_, &c, sizeof c);
+      raw_ucx_->receive(raw_dst_.data, bytes);
+      const double ms = ms_since(t0);
+      Reply r;
+      read_exact(ctl_, &r, sizeof r);
+      return ms;
+    }
+#endif
     write_exact(ctl_, &c, sizeof c);
     const uint8_t go = 1;
     const auto t0 = Clock::now();
@@ -500,6 +708,9 @@ class Decode {
   std::string raw_path_;
   const uint8_t* raw_map_ = nullptr;
   size_t raw_map_bytes_ = 0;
+#ifdef PDSERVE_HAVE_UCX
+  std::unique_ptr<RawUcx> raw_ucx_;
+#endif
 };
 
 std::string cpu_model() {
@@ -519,11 +730,12 @@ void print_table(const std::vector<Row>& rows) {
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& r : rows) {
     const double gb = static_cast<double>(r.kv_bytes) / 1e9;
-    std::printf("| %s | %.0f | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f %% | %.2f |\n",
+    const bool bf = !std::isnan(r.block_fixed_ms);  // ucx has no block-fixed mode
+    std::printf("| %s | %.0f | %d | %.2f | %.2f | %.2f | %s | %.2f | %.2f | %.2f | %.0f %% | %s |\n",
                 r.transport.c_str(), r.kv_bytes / 1048576.0, r.block_size, r.gather_ms, r.contiguous_ms,
-                r.contiguous_total_ms, r.block_fixed_ms, r.raw_ms, gb / (r.contiguous_ms / 1e3),
-                gb / (r.raw_ms / 1e3), 100.0 * r.raw_ms / r.contiguous_ms,
-                r.contiguous_total_ms / r.block_fixed_ms);
+                r.contiguous_total_ms, bf ? fmt::format("{:.2f}", r.block_fixed_ms).c_str() : "—", r.raw_ms,
+                gb / (r.contiguous_ms / 1e3), gb / (r.raw_ms / 1e3), 100.0 * r.raw_ms / r.contiguous_ms,
+                bf ? fmt::format("{:.2f}", r.contiguous_total_ms / r.block_fixed_ms).c_str() : "—");
   }
 }
 
@@ -546,11 +758,12 @@ void write_json(const std::string& path, const Options& o, const std::vector<Row
     std::fprintf(f,
                  "    {\"transport\": \"%s\", \"kv_bytes\": %llu, \"block_size\": %d, \"tokens\": %d, "
                  "\"median_ms\": {\"gather\": %.4f, \"contiguous\": %.4f, \"contiguous_plus_gather\": %.4f, "
-                 "\"block_fixed\": %.4f, \"raw\": %.4f}, \"ms\": {\"gather\": %s, \"contiguous\": %s, "
+                 "\"block_fixed\": %s, \"raw\": %.4f}, \"ms\": {\"gather\": %s, \"contiguous\": %s, "
                  "\"block_fixed\": %s, \"raw\": %s}}%s\n",
                  r.transport.c_str(), static_cast<unsigned long long>(r.kv_bytes), r.block_size, r.tokens,
-                 r.gather_ms, r.contiguous_ms, r.contiguous_total_ms, r.block_fixed_ms, r.raw_ms,
-                 list(r.gather).c_str(), list(r.contiguous).c_str(), list(r.block_fixed).c_str(),
+                 r.gather_ms, r.contiguous_ms, r.contiguous_total_ms,
+                 std::isnan(r.block_fixed_ms) ? "null" : fmt::format("{:.4f}", r.block_fixed_ms).c_str(),
+                 r.raw_ms, list(r.gather).c_str(), list(r.contiguous).c_str(), list(r.block_fixed).c_str(),
                  list(r.raw).c_str(), i + 1 < rows.size() ? "," : "");
   }
   std::fprintf(f, "  ]\n}\n");
@@ -564,7 +777,9 @@ int main(int argc, char** argv) {
   using namespace pdserve;
   Options o;
   CLI::App app{"KV transfer between a prefill and a decode process: contiguous vs block-fixed vs raw"};
-  app.add_option("--transports", o.transports, "shm and/or tcp")->delimiter(',')->capture_default_str();
+  app.add_option("--transports", o.transports, "shm, tcp and/or ucx (ucx: builds with libucx)")
+      ->delimiter(',')
+      ->capture_default_str();
   app.add_option("--sizes-mib", o.sizes_mib, "KV sizes per request, MiB")
       ->delimiter(',')
       ->capture_default_str();

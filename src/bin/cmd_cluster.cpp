@@ -394,12 +394,13 @@ void register_cluster_commands(CLI::App& app) {
       ->check(CLI::Range(0, 65535));
   inst->add_option(
           "--transport", ia->transport,
-          "How KV moves between prefill and decode: shm (same host) or tcp (across hosts); cuda-ipc (GPU "
-          "to GPU, same host) for instances on GPUs, which can also use shm or tcp, staged through host "
-          "memory")
+          "How KV moves between prefill and decode: shm (same host) or tcp (across hosts); ucx (across "
+          "hosts over UCX: RDMA where the NIC has it, in builds with libucx); cuda-ipc (GPU to GPU, same "
+          "host) for instances on GPUs, which can also use shm or tcp, staged through host memory")
       ->capture_default_str()
-      ->check(CLI::IsMember({"shm", "tcp", "cuda-ipc"}));
-  inst->add_option("--kv-listen", ia->kv_listen, "Prefill with --transport tcp: where its KV server listens")
+      ->check(CLI::IsMember({"shm", "tcp", "ucx", "cuda-ipc"}));
+  inst->add_option("--kv-listen", ia->kv_listen,
+                   "Prefill with --transport tcp or ucx: where its KV server listens (port 0: any free port)")
       ->capture_default_str();
   inst->add_option("--internal-token", ia->internal_token, kInternalTokenHelp);
   inst->add_option("--http-threads", ia->http_threads, "I/O threads of the internal API")

@@ -31,6 +31,8 @@ StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vo
   return CudaLlamaModel::synthetic_config(name, vocab_size);
 }
 
+bool cuda_backend_built() { return true; }
+
 StatusOr<KvTransport> make_cuda_transport(TransportKind kind, const KvTransportOptions& options) {
   if (kind == TransportKind::kCudaIpc) return make_cuda_ipc_transport(options);
   return make_cuda_staged_transport(kind, options);

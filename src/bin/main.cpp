@@ -9,7 +9,7 @@ int main(int argc, char** argv) {
       "pdserve — serves large language models with prefill and decode disaggregated.\n"
       "Run 'pdserve COMMAND --help' for the options of a command."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "pdserve 0.1.0");
+  app.set_version_flag("--version", pdserve::version_text());
 
   pdserve::register_model_commands(app);
   pdserve::register_generate_command(app);

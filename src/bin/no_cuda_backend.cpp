@@ -27,4 +27,6 @@ StatusOr<KvTransport> make_cuda_transport(TransportKind /*kind*/, const KvTransp
   return no_cuda("a KV transport for GPU caches");
 }
 
+bool cuda_backend_built() { return false; }
+
 }  // namespace pdserve

@@ -97,6 +97,8 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m
 StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size);
 // A KV transport for a KV cache on a GPU: cuda-ipc, or shm/tcp staged through host memory.
 StatusOr<KvTransport> make_cuda_transport(TransportKind kind, const KvTransportOptions& options);
+// Whether this build has the CUDA backend (nvcc was found when it was configured).
+bool cuda_backend_built();
 // The KV transport of an instance: for a GPU's cache from the CUDA backend, else make_transport.
 StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransportOptions& options,
                                               bool gpu);

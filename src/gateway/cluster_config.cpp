@@ -353,11 +353,11 @@ StatusOr<ClusterConfig> parse_cluster_config(std::string_view text, std::string_
   TableReader r(root, "", source);
   PD_RETURN_IF_ERROR(r.string("model", &c.model));
   PD_RETURN_IF_ERROR(r.string("transport", &c.transport));
-  if (c.transport != "shm" && c.transport != "tcp" && c.transport != "cuda-ipc") {
-    return r.error_at(
-        *root.find("transport"), "transport",
-        fmt::format("must be \"shm\" (one host), \"tcp\" or \"cuda-ipc\" (GPUs of one host), not \"{}\"",
-                    c.transport));
+  if (c.transport != "shm" && c.transport != "tcp" && c.transport != "ucx" && c.transport != "cuda-ipc") {
+    return r.error_at(*root.find("transport"), "transport",
+                      fmt::format("must be \"shm\" (one host), \"tcp\", \"ucx\" or \"cuda-ipc\" (GPUs of one "
+                                  "host), not \"{}\"",
+                                  c.transport));
   }
   if (const TomlValue* g = r.get("gateway")) {
     PD_RETURN_IF_ERROR(r.expect(*g, "gateway", TomlValue::Type::kTable));

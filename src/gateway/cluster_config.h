@@ -57,7 +57,7 @@ struct GatewayConfig {
 
 struct ClusterConfig {
   std::string model;              // GGUF path; empty: the default model
-  std::string transport = "shm";  // how KV moves between instances: "shm", "tcp" or "cuda-ipc"
+  std::string transport = "shm";  // how KV moves between instances: "shm", "tcp", "ucx" or "cuda-ipc"
   GatewayConfig gateway;
   std::vector<ScenarioConfig> scenarios;  // non-empty (a file without any gets "default")
   std::vector<InstanceConfig> instances;  // each scenario has at least one prefill and one decode

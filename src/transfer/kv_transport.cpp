@@ -65,7 +65,8 @@ Status check_endpoint(TransportKind kind, std::string_view ep) {
           fmt::format("{} endpoint '{}' is neither /proc/<pid>/fd/<fd> nor /dev/shm/pdserve-kv-<name>",
                       transport_kind_name(kind), ep));
     }
-    case TransportKind::kTcp: return transfer_internal::parse_host_port(ep, false).status();
+    case TransportKind::kTcp:
+    case TransportKind::kUcx: return transfer_internal::parse_host_port(ep, false).status();
   }
   return invalid_argument("unknown transport kind");
 }
@@ -78,7 +79,23 @@ Status cuda_ipc_elsewhere() {
       "make_transport");
 }
 
+#ifndef PDSERVE_HAVE_UCX
+Status ucx_not_built() {
+  return failed_precondition(
+      "this pdserve was built without UCX: install libucx-dev (Debian) and rebuild (cmake -DPDSERVE_UCX=ON), "
+      "or use --transport tcp");
+}
+#endif
+
 }  // namespace
+
+bool ucx_transport_built() {
+#ifdef PDSERVE_HAVE_UCX
+  return true;
+#else
+  return false;
+#endif
+}
 
 std::string_view transport_kind_name(TransportKind kind) {
   switch (kind) {
@@ -86,17 +103,18 @@ std::string_view transport_kind_name(TransportKind kind) {
     case TransportKind::kShm: return "shm";
     case TransportKind::kTcp: return "tcp";
     case TransportKind::kCudaIpc: return "cuda-ipc";
+    case TransportKind::kUcx: return "ucx";
   }
   return "unknown";
 }
 
 StatusOr<TransportKind> parse_transport_kind(std::string_view name) {
-  for (TransportKind k :
-       {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp, TransportKind::kCudaIpc}) {
+  for (TransportKind k : {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp,
+                          TransportKind::kCudaIpc, TransportKind::kUcx}) {
     if (name == transport_kind_name(k)) return k;
   }
   return invalid_argument(
-      fmt::format("unknown KV transport '{}': expected inproc, shm, tcp or cuda-ipc", name));
+      fmt::format("unknown KV transport '{}': expected inproc, shm, tcp, ucx or cuda-ipc", name));
 }
 
 std::string_view transfer_mode_name(KvTransferMode mode) {
@@ -179,6 +197,12 @@ StatusOr<std::unique_ptr<KvSendPool>> make_send_pool(TransportKind kind, const K
     case TransportKind::kShm: return transfer_internal::make_shm_pool(options);
     case TransportKind::kTcp: return transfer_internal::make_tcp_pool(options);
     case TransportKind::kCudaIpc: return cuda_ipc_elsewhere();
+    case TransportKind::kUcx:
+#ifdef PDSERVE_HAVE_UCX
+      return transfer_internal::make_ucx_pool(options);
+#else
+      return ucx_not_built();
+#endif
   }
   return invalid_argument("unknown transport kind");
 }
@@ -191,6 +215,12 @@ StatusOr<std::unique_ptr<KvPuller>> make_puller(TransportKind kind, const KvTran
     case TransportKind::kShm: return transfer_internal::make_shm_puller(options);
     case TransportKind::kTcp: return transfer_internal::make_tcp_puller(options);
     case TransportKind::kCudaIpc: return cuda_ipc_elsewhere();
+    case TransportKind::kUcx:
+#ifdef PDSERVE_HAVE_UCX
+      return transfer_internal::make_ucx_puller(options);
+#else
+      return ucx_not_built();
+#endif
   }
   return invalid_argument("unknown transport kind");
 }

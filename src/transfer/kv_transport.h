@@ -20,6 +20,9 @@
 //   tcp     the pool serves buffers from a small TCP server; the puller keeps connections per
 //           endpoint and receives the body straight into its KV blocks (recvmsg into the runs of
 //           the block table: no staging copy)
+//   ucx     as tcp, over UCX (optional build, transfer/ucx_transport.cpp): the puller asks with an
+//           active message and receives the body into an iov of its block runs; UCX picks RDMA
+//           (zero-copy rendezvous) where a NIC has it, shared memory or TCP otherwise. Contiguous only
 //   cuda-ipc  GPU to GPU on one host (transfer/cuda_transports.h, built with the CUDA backend): the pool's
 //           buffers are one device allocation shared through a CUDA IPC handle; the decode's
 //           RecvScatter kernel reads the prefill GPU's buffer over NVLink/PCIe into its paged blocks
@@ -31,7 +34,7 @@
 // this design without a new wire format: the header sets kKvWireLayerWise, the send buffer gets a
 // per-layer ready counter next to it (in the shm segment's slot record, or sent as a per-layer
 // frame over tcp) that the prefill bumps after gather_kv_layer(l), and the puller scatters each
-// layer with scatter_kv_layer() once the counter passes it. Not in this step; nor is UCX.
+// layer with scatter_kv_layer() once the counter passes it. Not in this step.
 //
 // Thread-safety: KvSendPool and KvPuller methods are thread-safe. Transports run their own threads
 // (the tcp server, the shm block-fixed server, each puller's progress thread) behind these
@@ -54,9 +57,12 @@
 
 namespace pdserve {
 
-enum class TransportKind : uint8_t { kInproc, kShm, kTcp, kCudaIpc };
-std::string_view transport_kind_name(TransportKind kind);  // "inproc", "shm", "tcp", "cuda-ipc"
+enum class TransportKind : uint8_t { kInproc, kShm, kTcp, kCudaIpc, kUcx };
+std::string_view transport_kind_name(TransportKind kind);  // "inproc", "shm", "tcp", "cuda-ipc", "ucx"
 StatusOr<TransportKind> parse_transport_kind(std::string_view name);
+// Whether this build has the ucx transport (an optional build: libucx found at configure time);
+// without it, making one fails with the fix.
+bool ucx_transport_built();
 
 enum class KvTransferMode : uint8_t {
   kContiguous,  // one header + one contiguous body (block-free)
@@ -214,8 +220,8 @@ struct KvTransportOptions {
   ShmBacking shm_backing = ShmBacking::kMemfd;
   int32_t shm_block_fixed_channels = 2;                     // concurrent block-fixed pulls per shm pool
   uint64_t shm_block_fixed_slot_bytes = uint64_t{4} << 20;  // largest (block, layer) piece
-  // tcp: the address the server listens on (port 0: any free port) and the host put in handles
-  // (empty: the listen host).
+  // tcp and ucx: the address the server listens on (port 0: any free port) and the host put in
+  // handles (empty: the listen host).
   std::string tcp_listen = "127.0.0.1:0";
   std::string tcp_advertise_host;
   // cuda-ipc: the GPU whose memory holds the pool's buffers and the puller's target KV cache.

@@ -17,6 +17,7 @@
 
 #include "transfer/net.h"
 #include "transfer/transfer_test_util.h"
+#include "transfer/ucx_protocol.h"
 
 namespace pdserve {
 namespace {
@@ -278,13 +279,92 @@ TEST_P(TransportTest, HandleOfAnotherKindIsRefusedAtSubmit) {
   EXPECT_THAT(id.status().message(), HasSubstr("cannot pull"));
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, TransportTest,
-                         ::testing::Values(Case{TransportKind::kInproc, KvTransferMode::kContiguous},
-                                           Case{TransportKind::kShm, KvTransferMode::kContiguous},
-                                           Case{TransportKind::kTcp, KvTransferMode::kContiguous},
-                                           Case{TransportKind::kShm, KvTransferMode::kBlockFixed},
-                                           Case{TransportKind::kTcp, KvTransferMode::kBlockFixed}),
-                         case_name);
+// The transports this build has (ucx where libucx was found at configure time).
+std::vector<Case> built_cases(std::vector<Case> cases) {
+  if (ucx_transport_built()) cases.push_back({TransportKind::kUcx, KvTransferMode::kContiguous});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Transports, TransportTest,
+    ::testing::ValuesIn(built_cases({{TransportKind::kInproc, KvTransferMode::kContiguous},
+                                     {TransportKind::kShm, KvTransferMode::kContiguous},
+                                     {TransportKind::kTcp, KvTransferMode::kContiguous},
+                                     {TransportKind::kShm, KvTransferMode::kBlockFixed},
+                                     {TransportKind::kTcp, KvTransferMode::kBlockFixed}})),
+    case_name);
+
+// ucx: a KV large enough to go by rendezvous (received straight into the block runs), many pulls
+// over one connection, and a puller that outlives its prefill.
+TEST(UcxTransportTest, LargeKvByRendezvousIntoFragmentedBlocks) {
+  if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
+  KvTransportOptions o = small_options();
+  o.pool_capacity_bytes = 32 << 20;
+  StatusOr<KvTransport> t = make_transport(TransportKind::kUcx, o);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  const KvLayout layout = test_layout(0x5eed, 8, 256);
+  const int32_t tokens = 1000;  // 2 x 8 layers x 1000 tokens x 512 bytes: 8 MiB of body
+  std::mt19937 rng(5);
+  TestKv src(layout, 16, 80);
+  src.fill_random(rng);
+  const std::vector<int32_t> src_table = random_table(rng, 80, blocks_for(tokens, 16));
+  for (int round = 0; round < 3; ++round) {
+    TestKv dst(layout, 8, 160, 0, 0xCD);
+    const std::vector<int32_t> dst_table = random_table(rng, 160, blocks_for(tokens, 8));
+    StatusOr<KvHandle> h = publish_kv(*t->pool, src.view, src_table, tokens, kKvWireBodyChecksum);
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    TransferState st = t->puller->pull(*h, {dst.view, dst_table, tokens});
+    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+    EXPECT_EQ(st.bytes, h->bytes);
+    EXPECT_EQ(reference_body(dst, dst_table, tokens), reference_body(src, src_table, tokens)) << round;
+    ASSERT_TRUE(t->pool->release(h->ref()).ok());
+  }
+  EXPECT_EQ(t->pool->stats().pulls_served_total, 3);
+  // Block-fixed is not offered: said at once.
+  StatusOr<KvHandle> paged = t->pool->expose_paged(src.view, src_table, tokens);
+  EXPECT_EQ(paged.status().code(), StatusCode::kUnimplemented);
+  EXPECT_THAT(paged.status().message(), HasSubstr("contiguous buffers only"));
+}
+
+// The ucx messages (built in every configuration): round trips and what a peer's bytes may not do.
+TEST(UcxProtocolTest, RoundTripsAndRefusesMalformedHeaders) {
+  using namespace transfer_internal::ucx_protocol;
+  const auto req = encode_request({7, 99, 3});
+  StatusOr<Request> r = decode_request(req);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_EQ(r->buffer_id, 7u);
+  EXPECT_EQ(r->generation, 99u);
+  EXPECT_EQ(r->sequence, 3u);
+  EXPECT_THAT(decode_request(std::span(req).first(31)).status().message(), HasSubstr("31 bytes"));
+  auto bad = req;
+  bad[6] = 1;  // block-fixed
+  EXPECT_EQ(decode_request(bad).status().code(), StatusCode::kUnimplemented);
+  bad = req;
+  bad[12] = 1;
+  EXPECT_THAT(decode_request(bad).status().message(), HasSubstr("reserved"));
+
+  std::vector<uint8_t> ok(kResponseBytes + kKvWireHeaderBytes);
+  const auto head = encode_response({0, 0, 4160, 3});
+  std::copy(head.begin(), head.end(), ok.begin());
+  StatusOr<Response> resp = decode_response(ok);
+  ASSERT_TRUE(resp.ok()) << resp.status().to_string();
+  EXPECT_EQ(resp->payload_bytes, 4160u);
+  EXPECT_EQ(resp->sequence, 3u);
+  ok.pop_back();  // a header one byte short of the wire header
+  EXPECT_THAT(decode_response(ok).status().message(), HasSubstr("expected 96"));
+  const auto too_long = encode_response({5, kMaxMessageBytes + 1, 0, 3});
+  EXPECT_THAT(decode_response(too_long).status().message(), HasSubstr("exceeds 1024"));
+  auto magic = encode_response({0, 0, 0, 0});
+  magic[0] = 'X';
+  EXPECT_THAT(decode_response(magic).status().message(), HasSubstr("not a KV response"));
+}
+
+TEST(UcxTransportTest, RefusedWithTheFixWhenNotBuilt) {
+  if (ucx_transport_built()) GTEST_SKIP() << "this build has UCX";
+  StatusOr<KvTransport> t = make_transport(TransportKind::kUcx, small_options());
+  EXPECT_EQ(t.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_THAT(t.status().message(), HasSubstr("libucx-dev"));
+}
 
 // Contiguous buffers whose bytes the test writes itself: corrupt headers must fail the pull
 // (nothing scattered), and the next good pull on the same pool and puller must succeed.
@@ -381,11 +461,15 @@ TEST_P(CorruptBufferTest, CorruptMessagesFailCleanly) {
   EXPECT_THAT(st.error.message(), HasSubstr("checksum"));
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, CorruptBufferTest,
-                         ::testing::Values(TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp),
-                         [](const ::testing::TestParamInfo<TransportKind>& i) {
-                           return std::string(transport_kind_name(i.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Transports, CorruptBufferTest, ::testing::ValuesIn([] {
+      std::vector<TransportKind> kinds = {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp};
+      if (ucx_transport_built()) kinds.push_back(TransportKind::kUcx);
+      return kinds;
+    }()),
+    [](const ::testing::TestParamInfo<TransportKind>& i) {
+      return std::string(transport_kind_name(i.param));
+    });
 
 TEST(KvSendPoolTest, CapacityAndBufferLimits) {
   KvTransportOptions o = small_options();
@@ -424,7 +508,9 @@ TEST(KvPullerTest, GonePeers) {
     ASSERT_EQ(st.phase, TransferPhase::kFailed);
     EXPECT_THAT(st.error.message(), HasSubstr("is gone"));
   }
-  for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
+  std::vector<TransportKind> kinds = {TransportKind::kShm, TransportKind::kTcp};
+  if (ucx_transport_built()) kinds.push_back(TransportKind::kUcx);
+  for (TransportKind kind : kinds) {
     StatusOr<KvTransport> t = make_transport(kind, o);
     ASSERT_TRUE(t.ok());
     StatusOr<KvHandle> h = publish_kv(*t->pool, s.src.view, s.src_table, s.tokens);
@@ -508,7 +594,8 @@ TEST(KvHandleTest, RoundTripAndGarbage) {
 
 TEST(KvTransportTest, Factory) {
   EXPECT_EQ(*parse_transport_kind("shm"), TransportKind::kShm);
-  EXPECT_FALSE(parse_transport_kind("ucx").ok());
+  EXPECT_EQ(*parse_transport_kind("ucx"), TransportKind::kUcx);
+  EXPECT_THAT(parse_transport_kind("rdma").status().message(), HasSubstr("expected inproc, shm, tcp, ucx"));
   KvTransportOptions o = small_options();
   o.send = false;
   StatusOr<KvTransport> t = make_transport(TransportKind::kTcp, o);
@@ -698,10 +785,11 @@ TEST_P(TwoProcessTest, RoundTripsAcrossProcesses) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, TwoProcessTest,
-                         ::testing::Values(Case{TransportKind::kShm, KvTransferMode::kContiguous},
-                                           Case{TransportKind::kTcp, KvTransferMode::kContiguous},
-                                           Case{TransportKind::kShm, KvTransferMode::kBlockFixed},
-                                           Case{TransportKind::kTcp, KvTransferMode::kBlockFixed}),
+                         ::testing::ValuesIn(built_cases({{TransportKind::kShm, KvTransferMode::kContiguous},
+                                                          {TransportKind::kTcp, KvTransferMode::kContiguous},
+                                                          {TransportKind::kShm, KvTransferMode::kBlockFixed},
+                                                          {TransportKind::kTcp,
+                                                           KvTransferMode::kBlockFixed}})),
                          case_name);
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Constructors of the transport implementations (internal to src/transfer); make_send_pool()
 // and make_puller() in kv_transport.cpp are the only callers. Each implementation lives in its
-// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp. Free functions without
-// state; each returns an object its caller owns.
+// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp, ucx_transport.cpp. Free functions
+// without state; each returns an object its caller owns.
 #pragma once
 
 #include <memory>
@@ -18,6 +18,9 @@ StatusOr<std::unique_ptr<KvSendPool>> make_shm_pool(const KvTransportOptions& op
 StatusOr<std::unique_ptr<KvPuller>> make_shm_puller(const KvTransportOptions& options);
 StatusOr<std::unique_ptr<KvSendPool>> make_tcp_pool(const KvTransportOptions& options);
 StatusOr<std::unique_ptr<KvPuller>> make_tcp_puller(const KvTransportOptions& options);
+// ucx_transport.cpp, built where libucx is (PDSERVE_HAVE_UCX).
+StatusOr<std::unique_ptr<KvSendPool>> make_ucx_pool(const KvTransportOptions& options);
+StatusOr<std::unique_ptr<KvPuller>> make_ucx_puller(const KvTransportOptions& options);
 
 // The SendPoolCore settings from the options.
 inline SendPoolCore::Config core_config(const KvTransportOptions& options) {

@@ -1,16 +1,17 @@
 """End-to-end tests of disaggregated serving across processes: `pdserve instance --role prefill`,
 `pdserve instance --role decode` and `pdserve gateway`, on loopback, with the KV moving over shared
-memory or TCP; compared with `pdserve serve --mode aggregated`. Faults are real: kill -9."""
+memory, TCP or UCX; compared with `pdserve serve --mode aggregated`. Faults are real: kill -9."""
 
 import concurrent.futures
 import json
+import subprocess
 import time
 import urllib.request
 
 import openai
 import pytest
 
-from conftest import MODEL_NAME, Server
+from conftest import BIN, MODEL_NAME, Server
 from test_server import PROMPTS, chat, stream_text
 
 
@@ -56,8 +57,16 @@ def complete(client, prompt, **kw):
     return client.completions.create(model=MODEL_NAME, prompt=prompt, **kw)
 
 
-@pytest.fixture(scope="module", params=["shm", "tcp"])
+def has_ucx():
+    """Whether this pdserve was built with the ucx KV transport (`--version` lists it)."""
+    r = subprocess.run([BIN, "--version"], capture_output=True, text=True, timeout=30)
+    return "ucx" in r.stdout
+
+
+@pytest.fixture(scope="module", params=["shm", "tcp", "ucx"])
 def cluster(request):
+    if request.param == "ucx" and not has_ucx():
+        pytest.skip("this pdserve was built without UCX (install libucx-dev and rebuild)")
     c = Cluster(request.param)
     yield c
     assert c.stop() == [0, 0, 0], "".join(c.gateway.log)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -73,6 +73,16 @@ for target in "${targets[@]}"; do
       cmake --build build/fuzz --target kv_wire_seeds >/dev/null
       build/fuzz/tests/fuzz/kv_wire_seeds "$corpus"
       build/fuzz/tests/fuzz/kv_wire_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
+      ;;
+    ucx_protocol_fuzz)
+      # Seeds: a request, an OK response (with a 64-byte wire header after it) and an error one.
+      corpus="build/fuzz/corpus/ucx_protocol"
+      mkdir -p "$corpus"
+      printf 'PDUQ\x01\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00' > "$corpus/request"
+      { printf 'PDUR\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x40\x10\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00'
+        head -c 64 /dev/zero; } > "$corpus/ok"
+      printf 'PDUR\x01\x00\x00\x00\x05\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00gone' > "$corpus/error"
+      build/fuzz/tests/fuzz/ucx_protocol_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=2048 "$corpus" 2>&1 | tail -n 5
       ;;
     cluster_config_fuzz)
       # Seeds: the example cluster and a small one with defaults; the dictionary holds the keys.
