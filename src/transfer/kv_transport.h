@@ -20,13 +20,14 @@
 //   tcp     the pool serves buffers from a small TCP server; the puller keeps connections per
 //           endpoint and receives the body straight into its KV blocks (recvmsg into the runs of
 //           the block table: no staging copy)
-//   ucx     as tcp, over UCX (optional build, transfer/ucx_transport.cpp): the puller asks with an
-//           active message and receives the body into an iov of its block runs; UCX picks RDMA
-//           (zero-copy rendezvous) where a NIC has it, shared memory or TCP otherwise. Contiguous only
+//   ucx     as tcp, over UCX (optional build, transfer/ucx_transport.cpp, libucp opened at run
+//           time): the puller asks with an active message and receives the body by rendezvous into
+//           a staging buffer, then scatters it; UCX picks RDMA where a NIC has it, TCP otherwise
+//           (peer-failure handling leaves shared memory out). Contiguous only
 //   cuda-ipc  GPU to GPU on one host (transfer/cuda_transports.h, built with the CUDA backend): the pool's
 //           buffers are one device allocation shared through a CUDA IPC handle; the decode's
 //           RecvScatter kernel reads the prefill GPU's buffer over NVLink/PCIe into its paged blocks
-// Each but cuda-ipc also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no
+// Each but cuda-ipc and ucx also serves KvTransferMode::kBlockFixed, the baseline of the P/D-Serve paper: no
 // contiguous buffer, one message and one confirmation per (block, layer) straight from the prefill's paged
 // memory (expose_paged()). Kept for comparison (bench/transfer_bench.cpp); tcp and shm only.
 //
@@ -115,8 +116,10 @@ struct KvSendPoolStats {
   int64_t acquired_total = 0;
   int64_t released_total = 0;
   int64_t leases_expired_total = 0;
-  int64_t pulls_served_total = 0;  // tcp and shm block-fixed (pulls the pool sees)
-  int64_t pull_errors_total = 0;   // refused or broken pulls the pool saw
+  // tcp, ucx and shm block-fixed (pulls the pool sees; ucx also counts a body the decode refused
+  // after reading its header, which UCX reports to the sender as delivered).
+  int64_t pulls_served_total = 0;
+  int64_t pull_errors_total = 0;  // refused or broken pulls the pool saw
 };
 
 // Milliseconds on a monotonic clock; injectable for tests.

@@ -294,8 +294,8 @@ INSTANTIATE_TEST_SUITE_P(
                                      {TransportKind::kTcp, KvTransferMode::kBlockFixed}})),
     case_name);
 
-// ucx: a KV large enough to go by rendezvous (received straight into the block runs), many pulls
-// over one connection, and a puller that outlives its prefill.
+// ucx: a KV large enough to go by rendezvous (into the staging buffer, then scattered into
+// fragmented blocks), several pulls over one connection, and no block-fixed mode.
 TEST(UcxTransportTest, LargeKvByRendezvousIntoFragmentedBlocks) {
   if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
   KvTransportOptions o = small_options();

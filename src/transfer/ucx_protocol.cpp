@@ -53,6 +53,7 @@ StatusOr<Response> decode_response(std::span<const uint8_t> h) {
   if (version != kProtocolVersion)
     return unimplemented(fmt::format("KV response version {} is not supported (this build speaks {})",
                                      version, kProtocolVersion));
+  if (load_le<uint16_t>(h.data() + 6) != 0) return data_loss("KV response reserved bytes are not zero");
   Response r{load_le<uint32_t>(h.data() + 8), load_le<uint32_t>(h.data() + 12),
              load_le<uint64_t>(h.data() + 16), load_le<uint64_t>(h.data() + 24)};
   if (r.code != 0 && r.message_bytes > kMaxMessageBytes)

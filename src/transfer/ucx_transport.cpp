@@ -1,7 +1,8 @@
 // ucx: the tcp transport's shape over UCX (Debian's libucx, an optional build): the prefill's pool
 // runs a UCX listener; the decode's puller asks for a buffer with an active message and receives
-// the body straight into its KV blocks (an iov of the block table's runs). UCX picks the wire
-// underneath — RDMA (rendezvous, zero-copy) where a NIC has it, shared memory or TCP otherwise.
+// the body by rendezvous into a staging buffer, then scatters it into its KV blocks. UCX picks the
+// wire underneath: RDMA where a NIC has it, TCP otherwise (the endpoints handle peer failure,
+// which leaves UCX 1.13's shared-memory transports out).
 //
 // Protocol (active messages; little-endian; a puller has one pull at a time in flight):
 //   decode → prefill  AM 1, header 32 bytes, no data: magic "PDUQ", u16 version 1, u8 mode (0:
@@ -18,6 +19,7 @@
 // Threads: the pool's UCX worker runs on its own thread (listener, requests, sends); the puller's
 // on its progress thread. Neither is touched from elsewhere.
 #include <arpa/inet.h>
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <netdb.h>
@@ -56,8 +58,73 @@ constexpr size_t kRendezvousBytes = 64 << 10;
 // A puller keeps its staging buffer between pulls up to this size.
 constexpr uint64_t kKeptStagingBytes = uint64_t{1} << 30;
 
+// libucp is opened when the first ucx pool or puller is made, not linked: loading UCX installs
+// its memory hooks (libucm patches mmap, madvise and friends in the whole process), which no
+// process that does not move KV over UCX should carry, and ThreadSanitizer cannot run under.
+#define PD_UCX_FUNCTIONS(X)         \
+  X(ucp_am_data_release)            \
+  X(ucp_am_recv_data_nbx)           \
+  X(ucp_am_send_nbx)                \
+  X(ucp_cleanup)                    \
+  X(ucp_config_read)                \
+  X(ucp_config_release)             \
+  X(ucp_ep_close_nbx)               \
+  X(ucp_ep_create)                  \
+  X(ucp_init_version)               \
+  X(ucp_listener_create)            \
+  X(ucp_listener_destroy)           \
+  X(ucp_listener_query)             \
+  X(ucp_listener_reject)            \
+  X(ucp_request_cancel)             \
+  X(ucp_request_check_status)       \
+  X(ucp_request_free)               \
+  X(ucp_worker_arm)                 \
+  X(ucp_worker_create)              \
+  X(ucp_worker_destroy)             \
+  X(ucp_worker_get_efd)             \
+  X(ucp_worker_progress)            \
+  X(ucp_worker_query)               \
+  X(ucp_worker_set_am_recv_handler) \
+  X(ucs_status_string)
+
+struct UcxLibrary {
+#define PD_UCX_POINTER(name) decltype(&::name) name = nullptr;
+  PD_UCX_FUNCTIONS(PD_UCX_POINTER)
+#undef PD_UCX_POINTER
+  Status status;  // why it could not be loaded
+};
+
+// Loaded once per process and never unloaded (UCX cannot be).
+const UcxLibrary& ucx_library() {
+  static const UcxLibrary lib = [] {
+    UcxLibrary l;
+    void* h = ::dlopen("libucp.so.0", RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      l.status = failed_precondition(fmt::format(
+          "the ucx KV transport cannot load UCX ({}): install it (Debian: apt-get install libucx0) "
+          "or use --transport tcp",
+          ::dlerror()));
+      return l;
+    }
+#define PD_UCX_LOAD(name)                                                                                 \
+  l.name = reinterpret_cast<decltype(&::name)>(::dlsym(h, #name));                                        \
+  if (l.name == nullptr) {                                                                                \
+    l.status =                                                                                            \
+        failed_precondition(fmt::format("the UCX library lacks {}: UCX 1.13 or newer is needed", #name)); \
+    return l;                                                                                             \
+  }
+    PD_UCX_FUNCTIONS(PD_UCX_LOAD)
+#undef PD_UCX_LOAD
+    return l;
+  }();
+  return lib;
+}
+
+// The loaded library: only after ucx_library().status was checked (UcxWorker::create does).
+const UcxLibrary& ucx() { return ucx_library(); }
+
 Status ucx_error(ucs_status_t st, std::string_view what) {
-  return unavailable(fmt::format("UCX: {}: {}", what, ucs_status_string(st)));
+  return unavailable(fmt::format("UCX: {}: {}", what, ucx().ucs_status_string(st)));
 }
 
 // A UCP context and one worker with a wake-up fd (AM + WAKEUP features), used by one thread at a
@@ -65,26 +132,27 @@ Status ucx_error(ucs_status_t st, std::string_view what) {
 class UcxWorker {
  public:
   static StatusOr<std::unique_ptr<UcxWorker>> create() {
+    PD_RETURN_IF_ERROR(ucx_library().status);
     auto w = std::unique_ptr<UcxWorker>(new UcxWorker());
     ucp_config_t* config = nullptr;
-    ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+    ucs_status_t st = ucx().ucp_config_read(nullptr, nullptr, &config);
     if (st != UCS_OK) return ucx_error(st, "reading the configuration (UCX_* environment)");
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES;
     params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
-    st = ucp_init(&params, config, &w->context_);
-    ucp_config_release(config);
+    st = ucx().ucp_init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &w->context_);
+    ucx().ucp_config_release(config);
     if (st != UCS_OK) return ucx_error(st, "ucp_init");
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
     wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
-    st = ucp_worker_create(w->context_, &wp, &w->worker_);
+    st = ucx().ucp_worker_create(w->context_, &wp, &w->worker_);
     if (st != UCS_OK) return ucx_error(st, "creating a worker");
-    st = ucp_worker_get_efd(w->worker_, &w->efd_);
+    st = ucx().ucp_worker_get_efd(w->worker_, &w->efd_);
     if (st != UCS_OK) return ucx_error(st, "the worker's event fd");
     ucp_worker_attr_t attr{};
     attr.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
-    st = ucp_worker_query(w->worker_, &attr);
+    st = ucx().ucp_worker_query(w->worker_, &attr);
     if (st != UCS_OK) return ucx_error(st, "querying the worker");
     if (attr.max_am_header < kResponseBytes + kMaxMessageBytes)
       return failed_precondition(
@@ -95,8 +163,8 @@ class UcxWorker {
   }
 
   ~UcxWorker() {
-    if (worker_ != nullptr) ucp_worker_destroy(worker_);
-    if (context_ != nullptr) ucp_cleanup(context_);
+    if (worker_ != nullptr) ucx().ucp_worker_destroy(worker_);
+    if (context_ != nullptr) ucx().ucp_cleanup(context_);
   }
   UcxWorker(const UcxWorker&) = delete;
   UcxWorker& operator=(const UcxWorker&) = delete;
@@ -110,14 +178,14 @@ class UcxWorker {
     p.id = id;
     p.cb = cb;
     p.arg = arg;
-    const ucs_status_t st = ucp_worker_set_am_recv_handler(worker_, &p);
+    const ucs_status_t st = ucx().ucp_worker_set_am_recv_handler(worker_, &p);
     return st == UCS_OK ? ok_status() : ucx_error(st, "setting an active-message handler");
   }
 
   // Progresses until nothing is left to do; whether anything was (callbacks may have run).
   bool progress() {
     bool any = false;
-    while (ucp_worker_progress(worker_) != 0) any = true;
+    while (ucx().ucp_worker_progress(worker_) != 0) any = true;
     return any;
   }
 
@@ -126,7 +194,7 @@ class UcxWorker {
   // have left work for the caller, which must look before it waits again.
   void wait(int timeout_ms, int wake_fd = -1) {
     if (progress()) return;
-    if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) return;  // events came in meanwhile
+    if (ucx().ucp_worker_arm(worker_) == UCS_ERR_BUSY) return;  // events came in meanwhile
     pollfd fds[2] = {{efd_, POLLIN, 0}, {wake_fd, POLLIN, 0}};
     (void)::poll(fds, wake_fd >= 0 ? 2 : 1, timeout_ms);
   }
@@ -136,12 +204,13 @@ class UcxWorker {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* req = ucp_ep_close_nbx(ep, &p);
+    void* req = ucx().ucp_ep_close_nbx(ep, &p);
     if (req == nullptr || UCS_PTR_IS_ERR(req)) return;
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (ucp_request_check_status(req) == UCS_INPROGRESS && std::chrono::steady_clock::now() < deadline)
+    while (ucx().ucp_request_check_status(req) == UCS_INPROGRESS &&
+           std::chrono::steady_clock::now() < deadline)
       wait(10);
-    ucp_request_free(req);
+    ucx().ucp_request_free(req);
   }
 
  private:
@@ -190,7 +259,7 @@ class UcxSendPool final : public KvSendPool {
           fmt::format("tcp_listen '{}' listens on all addresses: set tcp_advertise_host to the "
                       "address decode instances reach this one at",
                       options.tcp_listen));
-    auto pool = std::unique_ptr<UcxSendPool>(new UcxSendPool());
+    auto pool = std::unique_ptr<UcxSendPool>(new UcxSendPool(options.io_timeout_ms));
     PD_ASSIGN_OR_RETURN(pool->memory_,
                         AnonymousMemory::create(options.pool_capacity_bytes, options.prefault_pool));
     pool->core_ = std::make_unique<SendPoolCore>(core_config(options), pool->memory_.data());
@@ -205,11 +274,11 @@ class UcxSendPool final : public KvSendPool {
     lp.sockaddr.addrlen = len;
     lp.conn_handler.cb = &UcxSendPool::on_connection;
     lp.conn_handler.arg = pool.get();
-    ucs_status_t st = ucp_listener_create(pool->worker_->get(), &lp, &pool->listener_);
+    ucs_status_t st = ucx().ucp_listener_create(pool->worker_->get(), &lp, &pool->listener_);
     if (st != UCS_OK) return ucx_error(st, fmt::format("listening at {}", options.tcp_listen));
     ucp_listener_attr_t la{};
     la.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-    st = ucp_listener_query(pool->listener_, &la);
+    st = ucx().ucp_listener_query(pool->listener_, &la);
     if (st != UCS_OK) return ucx_error(st, "querying the listener");
     const auto* sa = reinterpret_cast<const sockaddr*>(&la.sockaddr);
     const uint16_t port =
@@ -235,15 +304,15 @@ class UcxSendPool final : public KvSendPool {
     // Sends still in flight end with the endpoints; their buffers are unpinned as they complete.
     for (ucp_ep_h ep : eps_) worker_->close_endpoint(ep);
     for (Send& s : sends_) {
-      if (s.request != nullptr && !s.op.done) ucp_request_cancel(worker_->get(), s.request);
+      if (s.request != nullptr && !s.op.done) ucx().ucp_request_cancel(worker_->get(), s.request);
     }
     worker_->progress();
     finish_sends();
     for (Send& s : sends_) {  // still not complete: given up on (their callbacks cannot run any more)
       if (s.pinned) core_->unpin(s.buffer_id);
     }
-    for (ucp_conn_request_h r : conn_requests_) ucp_listener_reject(listener_, r);
-    if (listener_ != nullptr) ucp_listener_destroy(listener_);
+    for (ucp_conn_request_h r : conn_requests_) ucx().ucp_listener_reject(listener_, r);
+    if (listener_ != nullptr) ucx().ucp_listener_destroy(listener_);
     worker_.reset();
   }
 
@@ -275,12 +344,14 @@ class UcxSendPool final : public KvSendPool {
   struct Send {
     std::vector<uint8_t> header;
     void* request = nullptr;  // UCX's, freed when done
+    ucp_ep_h ep = nullptr;
+    std::chrono::steady_clock::time_point deadline;  // then its endpoint is closed (it unpins)
     uint32_t buffer_id = 0;
     bool pinned = false;
     OpState op;
   };
 
-  UcxSendPool() = default;
+  explicit UcxSendPool(int64_t io_timeout_ms) : io_timeout_ms_(io_timeout_ms) {}
 
   static void on_connection(ucp_conn_request_h request, void* arg) {
     static_cast<UcxSendPool*>(arg)->conn_requests_.push_back(request);
@@ -310,10 +381,11 @@ class UcxSendPool final : public KvSendPool {
       worker_->progress();
       accept_connections();
       for (Queued& q : queued_) {
-        if (broken_.contains(q.reply_ep)) continue;
+        if (!eps_.contains(q.reply_ep) || broken_.contains(q.reply_ep)) continue;
         serve(q);
       }
       queued_.clear();
+      expire_sends();
       close_broken();
       finish_sends();
       worker_->wait(1000, wake_read_.get());
@@ -330,9 +402,9 @@ class UcxSendPool final : public KvSendPool {
       p.err_handler.cb = &UcxSendPool::on_ep_error;
       p.err_handler.arg = this;
       ucp_ep_h ep = nullptr;
-      const ucs_status_t st = ucp_ep_create(worker_->get(), &p, &ep);
+      const ucs_status_t st = ucx().ucp_ep_create(worker_->get(), &p, &ep);
       if (st != UCS_OK) {
-        PD_LOG_WARN("KV server at {}: accepting a connection: {}", endpoint_, ucs_status_string(st));
+        PD_LOG_WARN("KV server at {}: accepting a connection: {}", endpoint_, ucx().ucs_status_string(st));
         continue;
       }
       eps_.insert(ep);
@@ -340,16 +412,34 @@ class UcxSendPool final : public KvSendPool {
     conn_requests_.clear();
   }
 
+  // Closing progresses the worker, whose callbacks may break more endpoints meanwhile.
   void close_broken() {
-    for (ucp_ep_h ep : broken_) {
-      if (eps_.erase(ep) != 0) worker_->close_endpoint(ep);
+    while (!broken_.empty()) {
+      const std::unordered_set<ucp_ep_h> broken = std::exchange(broken_, {});
+      for (ucp_ep_h ep : broken) {
+        if (eps_.erase(ep) != 0) worker_->close_endpoint(ep);
+      }
     }
-    broken_.clear();
+  }
+
+  // A response the decode has not taken within the I/O timeout (a stalled or stopped peer) would
+  // keep its buffer pinned, and release() waits for pins: its endpoint is closed, which fails it.
+  void expire_sends() {
+    const auto now = std::chrono::steady_clock::now();
+    for (const Send& s : sends_) {
+      if (!s.op.done && now > s.deadline) {
+        PD_LOG_WARN("KV server at {}: a decode took no response for {} ms; closing its connection", endpoint_,
+                    io_timeout_ms_);
+        broken_.insert(s.ep);
+      }
+    }
   }
 
   // Answers one request: the buffer's header and body, or the reason it cannot be pulled.
   void serve(const Queued& q) {
     Send& s = sends_.emplace_back();
+    s.ep = q.reply_ep;
+    s.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(io_timeout_ms_);
     Response resp;
     std::span<const uint8_t> bytes;
     Status refused = q.request.status();
@@ -391,8 +481,8 @@ class UcxSendPool final : public KvSendPool {
     // Large bodies by rendezvous: the decode pulls them straight into its blocks (zero-copy where
     // the wire allows), instead of UCX staging them in eager fragments.
     p.flags = body.size() >= kRendezvousBytes ? UCP_AM_SEND_FLAG_RNDV : 0;
-    void* req = ucp_am_send_nbx(q.reply_ep, kAmResponse, s.header.data(), s.header.size(), body.data(),
-                                body.size(), &p);
+    void* req = ucx().ucp_am_send_nbx(q.reply_ep, kAmResponse, s.header.data(), s.header.size(), body.data(),
+                                      body.size(), &p);
     if (req == nullptr)
       s.op.done = true;
     else if (UCS_PTR_IS_ERR(req))
@@ -408,15 +498,17 @@ class UcxSendPool final : public KvSendPool {
         ++it;
         continue;
       }
-      if (it->request != nullptr) ucp_request_free(it->request);
+      if (it->request != nullptr) ucx().ucp_request_free(it->request);
+      core_->count_pull(it->pinned && it->op.status == UCS_OK);  // before unpin: release() waits for it
       if (it->pinned) core_->unpin(it->buffer_id);
-      core_->count_pull(it->pinned && it->op.status == UCS_OK);
       if (it->op.status != UCS_OK)
-        PD_LOG_WARN("KV server at {}: sending a response: {}", endpoint_, ucs_status_string(it->op.status));
+        PD_LOG_WARN("KV server at {}: sending a response: {}", endpoint_,
+                    ucx().ucs_status_string(it->op.status));
       it = sends_.erase(it);
     }
   }
 
+  const int64_t io_timeout_ms_;
   AnonymousMemory memory_;
   std::unique_ptr<SendPoolCore> core_;
   std::unique_ptr<UcxWorker> worker_;
@@ -450,12 +542,17 @@ class UcxPuller final : public QueuedPuller {
     if (handle.mode != KvTransferMode::kContiguous)
       return unimplemented("the ucx transport moves contiguous buffers only");
     if (worker_ == nullptr) {
-      PD_ASSIGN_OR_RETURN(worker_, UcxWorker::create());
-      PD_RETURN_IF_ERROR(worker_->set_am_handler(kAmResponse, &UcxPuller::on_response, this));
+      PD_ASSIGN_OR_RETURN(std::unique_ptr<UcxWorker> w, UcxWorker::create());
+      PD_RETURN_IF_ERROR(w->set_am_handler(kAmResponse, &UcxPuller::on_response, this));
+      worker_ = std::move(w);
     }
     const std::string peer = fmt::format("prefill at {}", handle.endpoint);
     connection_failed_ = false;
     StatusOr<PullResult> r = pull_once(handle, target, peer);
+    if (worker_abandoned_) {
+      abandon_worker();
+      return r;
+    }
     drop_response();
     // A refused pull leaves the connection usable; one that broke or timed out is replaced.
     if (connection_failed_) forget_endpoint(handle.endpoint);
@@ -505,9 +602,13 @@ class UcxPuller final : public QueuedPuller {
     self->broken_[ep] = status;
   }
 
-  // Releases a response's data that was kept and not received.
+  // Releases a response's data that was kept and not received (a refused rendezvous: the release
+  // answers the prefill, whose send then completes and unpins; progressed now, not at the next pull).
   void drop_response() {
-    if (pending_.desc != nullptr) ucp_am_data_release(worker_->get(), pending_.desc);
+    if (pending_.desc != nullptr) {
+      ucx().ucp_am_data_release(worker_->get(), pending_.desc);
+      worker_->progress();
+    }
     pending_ = Pending{};
   }
 
@@ -526,10 +627,13 @@ class UcxPuller final : public QueuedPuller {
     p.err_handler.cb = &UcxPuller::on_ep_error;
     p.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
-    const ucs_status_t st = ucp_ep_create(worker_->get(), &p, &ep);
+    const ucs_status_t st = ucx().ucp_ep_create(worker_->get(), &p, &ep);
     if (st != UCS_OK) return ucx_error(st, fmt::format("connecting to {}", endpoint));
     if (eps_.size() >= kMaxIdleEndpoints) {
-      for (auto& [name, old] : eps_) worker_->close_endpoint(old);
+      for (auto& [name, old] : eps_) {
+        broken_.erase(old);  // UCX may hand the same address to a new endpoint
+        worker_->close_endpoint(old);
+      }
       eps_.clear();
     }
     eps_[endpoint] = ep;
@@ -540,6 +644,18 @@ class UcxPuller final : public QueuedPuller {
     drop_response();
     auto it = eps_.find(endpoint);
     if (it != eps_.end()) close_now(it->second);
+  }
+
+  // After a request that would not end: nothing the worker may still write to is freed or reused.
+  void abandon_worker() {
+    (void)worker_.release();
+    (void)new AnonymousMemory(std::move(staging_));
+    (void)request_.release();
+    request_ = std::make_unique<std::array<uint8_t, kRequestBytes>>();
+    eps_.clear();
+    broken_.clear();
+    pending_ = Pending{};  // its descriptor belongs to the abandoned worker
+    worker_abandoned_ = false;
   }
 
   // Closes an endpoint now and forgets it.
@@ -587,16 +703,22 @@ class UcxPuller final : public QueuedPuller {
     Status st = wait_for(
         ep, [&op] { return op->done; }, what);
     if (!st.ok()) {
-      ucp_request_cancel(worker_->get(), req);
+      ucx().ucp_request_cancel(worker_->get(), req);
       worker_->progress();
       if (!op->done) close_now(ep);
     }
     if (!op->done) {
-      PD_LOG_WARN("UCX request for {} did not end after cancelling it; abandoned", what);
-      abandoned_.push_back(std::move(op));
+      // The request may still write (a NIC into the staging buffer): the whole worker, its
+      // buffers and the request's state are given up on (leaked), and the next pull starts anew.
+      PD_LOG_ERROR(
+          "UCX request for {} did not end after cancelling it and closing its connection; this "
+          "puller's UCX worker is abandoned",
+          what);
+      worker_abandoned_ = true;
+      (void)op.release();
       return st;
     }
-    ucp_request_free(req);
+    ucx().ucp_request_free(req);
     PD_RETURN_IF_ERROR(st);
     if (op->status == UCS_OK) return ok_status();
     connection_failed_ = true;
@@ -607,14 +729,14 @@ class UcxPuller final : public QueuedPuller {
                                  const std::string& peer) {
     PD_ASSIGN_OR_RETURN(ucp_ep_h ep, endpoint_for(handle.endpoint));
     drop_response();
-    request_ = encode_request(Request{handle.buffer_id, handle.generation, ++sequence_});
+    *request_ = encode_request(Request{handle.buffer_id, handle.generation, ++sequence_});
     auto sent = std::make_unique<OpState>();
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
     p.cb.send = [](void*, ucs_status_t status, void* user_data) { on_op_done(user_data, status); };
     p.user_data = sent.get();
     p.flags = UCP_AM_SEND_FLAG_REPLY;
-    void* req = ucp_am_send_nbx(ep, kAmRequest, request_.data(), request_.size(), nullptr, 0, &p);
+    void* req = ucx().ucp_am_send_nbx(ep, kAmRequest, request_->data(), request_->size(), nullptr, 0, &p);
     PD_RETURN_IF_ERROR(finish_request(ep, req, std::move(sent), "sending the KV request").with_context(peer));
     PD_RETURN_IF_ERROR(wait_for(
                            ep, [this] { return pending_.arrived; }, "the KV response")
@@ -658,7 +780,7 @@ class UcxPuller final : public QueuedPuller {
       rp.datatype = ucp_dt_make_contig(1);
       void* desc = pending_.desc;
       pending_.desc = nullptr;  // UCX owns it from here
-      void* rreq = ucp_am_recv_data_nbx(worker_->get(), desc, staging_.data(), header->body_bytes, &rp);
+      void* rreq = ucx().ucp_am_recv_data_nbx(worker_->get(), desc, staging_.data(), header->body_bytes, &rp);
       PD_RETURN_IF_ERROR(finish_request(ep, rreq, std::move(received), "the KV body").with_context(peer));
       src = staging_.data();
     } else {
@@ -681,8 +803,6 @@ class UcxPuller final : public QueuedPuller {
 
   const int64_t io_timeout_ms_;
   // The progress thread's own (and the callbacks', which run inside its progress calls).
-  // Before worker_: a late callback of an abandoned request may run while the worker is destroyed.
-  std::vector<std::unique_ptr<OpState>> abandoned_;
   std::unique_ptr<UcxWorker> worker_;
   std::unordered_map<std::string, ucp_ep_h> eps_;
   std::unordered_map<ucp_ep_h, ucs_status_t> broken_;
@@ -690,7 +810,10 @@ class UcxPuller final : public QueuedPuller {
   bool connection_failed_ = false;
   AnonymousMemory staging_;  // rendezvous bodies land here (huge pages advised), then are scattered // the
                              // pull in flight met a UCX error: reconnect for the next
-  std::array<uint8_t, kRequestBytes> request_{};  // the request in flight (UCX may read it until sent)
+  // The request in flight (UCX may read it until sent).
+  std::unique_ptr<std::array<uint8_t, kRequestBytes>> request_ =
+      std::make_unique<std::array<uint8_t, kRequestBytes>>();
+  bool worker_abandoned_ = false;
   Pending pending_;
 };
 
@@ -701,6 +824,7 @@ StatusOr<std::unique_ptr<KvSendPool>> make_ucx_pool(const KvTransportOptions& op
 }
 
 StatusOr<std::unique_ptr<KvPuller>> make_ucx_puller(const KvTransportOptions& options) {
+  PD_RETURN_IF_ERROR(ucx_library().status);  // said at start-up, not at the first pull
   return std::unique_ptr<KvPuller>(std::make_unique<UcxPuller>(options));
 }
 
