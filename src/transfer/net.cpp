@@ -1,6 +1,7 @@
 #include "transfer/net.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -14,6 +15,32 @@
 #include <cstring>
 
 namespace pdserve::transfer_internal {
+
+StatusOr<WakePipe> WakePipe::create() {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return internal_error("pipe2 failed for the KV server's wake-up");
+  WakePipe p;
+  p.read_ = Fd(fds[0]);
+  p.write_ = Fd(fds[1]);
+  return p;
+}
+
+void WakePipe::signal() {
+  if (!write_.valid()) return;
+  const char c = 0;
+  [[maybe_unused]] ssize_t n = ::write(write_.get(), &c, 1);
+}
+
+StatusOr<std::string> advertised_kv_host(std::string_view listen_text, const HostPort& listen,
+                                         const std::string& advertise_host) {
+  std::string host = advertise_host.empty() ? listen.host : advertise_host;
+  if (host == "0.0.0.0" || host == "::")
+    return invalid_argument(
+        fmt::format("tcp_listen '{}' listens on all addresses: set tcp_advertise_host to the "
+                    "address decode instances reach this one at",
+                    listen_text));
+  return host;
+}
 namespace {
 
 Status io_error(int err, std::string_view op, std::string_view what, uint64_t done, uint64_t total) {

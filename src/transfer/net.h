@@ -47,8 +47,26 @@ class Fd {
   int fd_ = -1;
 };
 
+using pdserve::format_host_port;
 using pdserve::HostPort;  // common/host_port.h
 using pdserve::parse_host_port;
+
+// A pipe that wakes a server thread's poll() (stop): signal() from any thread, poll fd().
+class WakePipe {
+ public:
+  static StatusOr<WakePipe> create();
+  void signal();
+  int fd() const { return read_.get(); }
+
+ private:
+  Fd read_;
+  Fd write_;
+};
+
+// The host a KV server puts in its handles: `advertise_host`, else the listen address's host;
+// refused when that is a wildcard (0.0.0.0, ::), which no peer can connect to.
+StatusOr<std::string> advertised_kv_host(std::string_view listen_text, const HostPort& listen,
+                                         const std::string& advertise_host);
 
 // TCP_NODELAY, buffer sizes (0: leave autotuning on), send/receive timeouts (0: none).
 void set_socket_options(int fd, int buffer_bytes, int64_t timeout_ms);

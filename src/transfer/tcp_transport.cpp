@@ -155,34 +155,23 @@ class TcpSendPool final : public KvSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     PD_ASSIGN_OR_RETURN(HostPort listen, parse_host_port(options.tcp_listen, true));
-    std::string host = options.tcp_advertise_host.empty() ? listen.host : options.tcp_advertise_host;
-    if (host == "0.0.0.0" || host == "::")
-      return invalid_argument(
-          fmt::format("tcp_listen '{}' listens on all addresses: set tcp_advertise_host to the "
-                      "address decode instances reach this one at",
-                      options.tcp_listen));
+    PD_ASSIGN_OR_RETURN(std::string host,
+                        advertised_kv_host(options.tcp_listen, listen, options.tcp_advertise_host));
     auto pool = std::unique_ptr<TcpSendPool>(new TcpSendPool(options));
     PD_ASSIGN_OR_RETURN(pool->memory_,
                         AnonymousMemory::create(options.pool_capacity_bytes, options.prefault_pool));
     pool->core_ = std::make_unique<SendPoolCore>(core_config(options), pool->memory_.data());
     uint16_t port = 0;
     PD_ASSIGN_OR_RETURN(pool->listen_, tcp_listen(listen, options.tcp_socket_buffer_bytes, &port));
-    pool->endpoint_ = host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
-                                                          : fmt::format("{}:{}", host, port);
-    int pipe_fds[2];
-    if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return internal_error("pipe2 failed for the KV server's wake-up");
-    pool->wake_read_ = Fd(pipe_fds[0]);
-    pool->wake_write_ = Fd(pipe_fds[1]);
+    pool->endpoint_ = format_host_port(host, port);
+    PD_ASSIGN_OR_RETURN(pool->wake_, WakePipe::create());
     pool->accept_thread_ = std::thread([p = pool.get()] { p->accept_loop(); });
     return std::unique_ptr<KvSendPool>(std::move(pool));
   }
 
   ~TcpSendPool() override {
     stop_.store(true);
-    if (wake_write_.valid()) {
-      const char c = 0;
-      [[maybe_unused]] ssize_t n = ::write(wake_write_.get(), &c, 1);
-    }
+    wake_.signal();
     if (accept_thread_.joinable()) accept_thread_.join();
     std::list<Conn> conns;
     {
@@ -228,7 +217,7 @@ class TcpSendPool final : public KvSendPool {
 
   void accept_loop() {
     for (;;) {
-      pollfd fds[2] = {{listen_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
+      pollfd fds[2] = {{listen_.get(), POLLIN, 0}, {wake_.fd(), POLLIN, 0}};
       const int rc = ::poll(fds, 2, -1);
       if (stop_.load()) return;
       if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
@@ -353,8 +342,7 @@ class TcpSendPool final : public KvSendPool {
   AnonymousMemory memory_;
   std::unique_ptr<SendPoolCore> core_;
   Fd listen_;
-  Fd wake_read_;
-  Fd wake_write_;
+  WakePipe wake_;
   std::string endpoint_;
   const int64_t io_timeout_ms_;
   const int buffer_bytes_;

@@ -253,12 +253,8 @@ class UcxSendPool final : public KvSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     PD_ASSIGN_OR_RETURN(HostPort listen, parse_host_port(options.tcp_listen, true));
-    std::string host = options.tcp_advertise_host.empty() ? listen.host : options.tcp_advertise_host;
-    if (host == "0.0.0.0" || host == "::")
-      return invalid_argument(
-          fmt::format("tcp_listen '{}' listens on all addresses: set tcp_advertise_host to the "
-                      "address decode instances reach this one at",
-                      options.tcp_listen));
+    PD_ASSIGN_OR_RETURN(std::string host,
+                        advertised_kv_host(options.tcp_listen, listen, options.tcp_advertise_host));
     auto pool = std::unique_ptr<UcxSendPool>(new UcxSendPool(options.io_timeout_ms));
     PD_ASSIGN_OR_RETURN(pool->memory_,
                         AnonymousMemory::create(options.pool_capacity_bytes, options.prefault_pool));
@@ -285,20 +281,14 @@ class UcxSendPool final : public KvSendPool {
         ntohs(sa->sa_family == AF_INET6 ? reinterpret_cast<const sockaddr_in6*>(sa)->sin6_port
                                         : reinterpret_cast<const sockaddr_in*>(sa)->sin_port);
     pool->endpoint_ = format_host_port(host, port);
-    int pipe_fds[2];
-    if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return internal_error("pipe2 failed for the KV server's wake-up");
-    pool->wake_read_ = Fd(pipe_fds[0]);
-    pool->wake_write_ = Fd(pipe_fds[1]);
+    PD_ASSIGN_OR_RETURN(pool->wake_, WakePipe::create());
     pool->thread_ = std::thread([p = pool.get()] { p->loop(); });
     return std::unique_ptr<KvSendPool>(std::move(pool));
   }
 
   ~UcxSendPool() override {
     stop_.store(true);
-    if (wake_write_.valid()) {
-      const char c = 0;
-      [[maybe_unused]] ssize_t n = ::write(wake_write_.get(), &c, 1);
-    }
+    wake_.signal();
     if (thread_.joinable()) thread_.join();
     if (worker_ == nullptr) return;
     // Sends still in flight end with the endpoints; their buffers are unpinned as they complete.
@@ -388,7 +378,7 @@ class UcxSendPool final : public KvSendPool {
       expire_sends();
       close_broken();
       finish_sends();
-      worker_->wait(1000, wake_read_.get());
+      worker_->wait(1000, wake_.fd());
     }
   }
 
@@ -514,8 +504,7 @@ class UcxSendPool final : public KvSendPool {
   std::unique_ptr<UcxWorker> worker_;
   ucp_listener_h listener_ = nullptr;
   std::string endpoint_;
-  Fd wake_read_;
-  Fd wake_write_;
+  WakePipe wake_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
   // The server thread's own (and the callbacks', which run inside its progress calls).
