@@ -17,19 +17,30 @@
 # b_p, 1), LONG_SHARE (share of long prompts, 0.2), LONG_IN (long prompt lengths, normal:600:100).
 # TRACE=FILE replays a Mooncake or Azure trace instead, scaled down: TRACE_SPEEDUP_A (0.25: load A's
 # speedup), TRACE_INPUT_SCALE (0.03), TRACE_OUTPUT_SCALE (0.05), TRACE_MAX_INPUT (1500 tokens).
-# The workload mixes short prompts (normal 64±16 tokens) and long ones, 16 output tokens each.
-# Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
+# The workload mixes short prompts (SHORT_IN, normal 64±16 tokens) and long ones, 16 output tokens
+# each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
+#
+# On GPUs (one instance per GPU, KV over cuda-ipc): PREFILL_DEVICES (one prefill per entry, "cpu
+# cpu"), DECODE_DEVICE (cpu), TRANSPORT (shm), MODEL (the default model; e.g. synthetic:llama-3.1-8b,
+# whose tokenizer is the default model's), KV_MEMORY (256MiB), INSTANCE_ARGS (more instance flags,
+# e.g. "--max-context 8192"), PDSERVE (build/release/src/bin/pdserve).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 source bench/common.sh
 out="${1:-build/bench/pd_forwarding}"
 mkdir -p "$out"
-model="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-pdserve=build/release/src/bin/pdserve
-for f in "$model" "$pdserve"; do
+tokenizer="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+model="${MODEL:-$tokenizer}"
+pdserve="${PDSERVE:-build/release/src/bin/pdserve}"
+for f in "$tokenizer" "$pdserve"; do
   [ -e "$f" ] || { echo "missing $f: run make build" >&2; exit 1; }
 done
+read -r -a prefill_devices <<<"${PREFILL_DEVICES:-cpu cpu}"
+decode_device="${DECODE_DEVICE:-cpu}"
+transport="${TRANSPORT:-shm}"
+kv_memory="${KV_MEMORY:-256MiB}"
+short_in="${SHORT_IN:-normal:64:16}"
 rate_a="${RATE_A:-0.8}"
 n="${N:-60}"
 slo="${SLO_TTFT_MS:-1000}"
@@ -51,13 +62,20 @@ start() {  # start LOG ARGS...: a pdserve process in the background
 }
 
 # NOTE: no prefix caching: both policies see the same prompts, the second would hit the cache.
-instance=(instance --model "$model" --threads 1 --transport shm --kv-cache-memory 256MiB --prefill-slots "$slots"
-          --no-prefix-caching)
-start prefill0.log "${instance[@]}" --role prefill --port 18201
-start prefill1.log "${instance[@]}" --role prefill --port 18202
-start decode.log "${instance[@]}" --role decode --port 18203
-wait_ready 18201 18202 18203
-gateway=(gateway --model "$model" --prefill 127.0.0.1:18201 --prefill 127.0.0.1:18202 --decode 127.0.0.1:18203)
+instance=(instance --model "$model" --threads 1 --transport "$transport" --kv-cache-memory "$kv_memory"
+          --prefill-slots "$slots" --no-prefix-caching)
+read -r -a extra_args <<<"${INSTANCE_ARGS:-}"
+instance+=("${extra_args[@]}")
+gateway=(gateway --model "$model")
+ports=()
+for i in "${!prefill_devices[@]}"; do
+  start "prefill$i.log" "${instance[@]}" --role prefill --port $((18201 + i)) --device "${prefill_devices[$i]}"
+  gateway+=(--prefill "127.0.0.1:$((18201 + i))")
+  ports+=($((18201 + i)))
+done
+start decode.log "${instance[@]}" --role decode --port 18200 --device "$decode_device"
+gateway+=(--decode 127.0.0.1:18200)
+wait_ready "${ports[@]}" 18200
 start gateway_baseline.log "${gateway[@]}" --port 18210 --admission baseline
 start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand --ttft-budget-ms "$budget" \
   --ttft-budget-ms-per-token "$budget_per_token"
@@ -74,12 +92,12 @@ for mult in $loads; do
     total=$(python3 -c "print($rate_a * $mult)")
     short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
     long=$(python3 -c "print($rate_a * $mult * $long_share)")
-    scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"normal:64:16\"},
+    scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"$short_in\"},
                 {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
     workload=(--scenarios "$scenarios" --output-len fixed:16)
     echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
   fi
   "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
     --api completions "${workload[@]}" --ignore-eos -n "$n" \
-    --tokenizer-model "$model" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
+    --tokenizer-model "$tokenizer" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
 done
