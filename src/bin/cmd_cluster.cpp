@@ -98,11 +98,11 @@ int run_instance(void* p) {
     return 2;
   }
   if (role != EngineRole::kMixed && !device->cuda && a.transport == "cuda-ipc") {
-    fmt::print(
-        stderr,
-        "error: a {} instance on the CPU keeps its KV cache in host memory: give --transport shm or tcp, "
-        "not cuda-ipc (which moves GPU memory)\n",
-        a.role);
+    fmt::print(stderr,
+               "error: a {} instance on the CPU keeps its KV cache in host memory: give --transport shm, tcp "
+               "or ucx, "
+               "not cuda-ipc (which moves GPU memory)\n",
+               a.role);
     return 2;
   }
   StatusOr<LoadedModel> loaded = load_model_for(a.model, *device);
@@ -396,7 +396,7 @@ void register_cluster_commands(CLI::App& app) {
           "--transport", ia->transport,
           "How KV moves between prefill and decode: shm (same host) or tcp (across hosts); ucx (across "
           "hosts over UCX: RDMA where the NIC has it, in builds with libucx); cuda-ipc (GPU to GPU, same "
-          "host) for instances on GPUs, which can also use shm or tcp, staged through host memory")
+          "host) for instances on GPUs, which can also use shm, tcp or ucx, staged through host memory")
       ->capture_default_str()
       ->check(CLI::IsMember({"shm", "tcp", "ucx", "cuda-ipc"}));
   inst->add_option("--kv-listen", ia->kv_listen,

@@ -182,7 +182,7 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
          "Where the model runs: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are dequantized to "
          "bf16 and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a fraction is of "
          "host memory); prefill and decode instances on GPUs move KV with --transport cuda-ipc (GPUs of one "
-         "host) or staged through host memory over shm or tcp")
+         "host) or staged through host memory over shm, tcp or ucx")
       ->capture_default_str();
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
       ->capture_default_str()

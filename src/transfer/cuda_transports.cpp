@@ -539,9 +539,10 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
 }  // namespace
 
 StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const KvTransportOptions& options) {
-  if (host_kind != TransportKind::kShm && host_kind != TransportKind::kTcp)
-    return invalid_argument(
-        fmt::format("GPU KV caches are staged through shm or tcp, not {}", transport_kind_name(host_kind)));
+  if (host_kind != TransportKind::kShm && host_kind != TransportKind::kTcp &&
+      host_kind != TransportKind::kUcx)
+    return invalid_argument(fmt::format("GPU KV caches are staged through shm, tcp or ucx, not {}",
+                                        transport_kind_name(host_kind)));
   if (options.cuda_device < 0 || options.cuda_device >= cuda::device_count())
     return unavailable(fmt::format("a GPU KV transport needs GPU {}, and this machine has {} ({})",
                                    options.cuda_device, cuda::device_count(), cuda::no_device_reason()));

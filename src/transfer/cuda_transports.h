@@ -28,7 +28,7 @@ namespace pdserve {
 // options.cuda_device. UNAVAILABLE where there is no such GPU.
 StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options);
 
-// Host-staged: a host transport (shm, or tcp across hosts) carrying GPU caches. The prefill
+// Host-staged: a host transport (shm, or tcp or ucx across hosts) carrying GPU caches. The prefill
 // gathers a request's KV on its GPU and copies the body into the host transport's send buffer;
 // the decode receives the body into host memory, copies it to its GPU and scatters it into its
 // blocks there (one extra copy each side against a host cache). Handles are of the host kind, so

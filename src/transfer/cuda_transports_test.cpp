@@ -177,9 +177,11 @@ TEST_F(CudaIpc, RoundTripBetweenGpus) {
   round_trip(0, 1);
 }
 
-TEST_F(CudaIpc, StagedThroughHostMemoryOverShmAndTcp) {
+TEST_F(CudaIpc, StagedThroughHostMemoryOverShmTcpAndUcx) {
   const int dst = cuda::device_count() > 1 ? 1 : 0;
-  for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
+  std::vector<TransportKind> kinds = {TransportKind::kShm, TransportKind::kTcp};
+  if (ucx_transport_built()) kinds.push_back(TransportKind::kUcx);
+  for (TransportKind kind : kinds) {
     SCOPED_TRACE(std::string(transport_kind_name(kind)));
     round_trip(0, dst, [kind](const KvTransportOptions& o) { return make_cuda_staged_transport(kind, o); });
   }

@@ -44,7 +44,7 @@ def run(*args, timeout=60):
         (["serve", "--port", "0", "--device", "gpu"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda:x"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda", "--mode", "disaggregated"], "--mode aggregated"),
-        (["instance", "--port", "0", "--role", "decode", "--transport", "cuda-ipc"], "give --transport shm or tcp"),
+        (["instance", "--port", "0", "--role", "decode", "--transport", "cuda-ipc"], "give --transport shm, tcp or ucx"),
     ],
 )
 def test_bad_device_settings_are_refused_with_the_fix(args, says):
