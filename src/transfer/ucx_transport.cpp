@@ -468,8 +468,8 @@ class UcxSendPool final : public KvSendPool {
     p.cb.send = [](void*, ucs_status_t status, void* user_data) { on_op_done(user_data, status); };
     p.user_data = &s.op;
     p.datatype = ucp_dt_make_contig(1);
-    // Large bodies by rendezvous: the decode pulls them straight into its blocks (zero-copy where
-    // the wire allows), instead of UCX staging them in eager fragments.
+    // Large bodies by rendezvous: the decode receives them in one piece into its staging buffer
+    // (zero-copy where the wire allows), instead of UCX cutting them into eager fragments.
     p.flags = body.size() >= kRendezvousBytes ? UCP_AM_SEND_FLAG_RNDV : 0;
     void* req = ucx().ucp_am_send_nbx(q.reply_ep, kAmResponse, s.header.data(), s.header.size(), body.data(),
                                       body.size(), &p);
