@@ -10,6 +10,8 @@
 #include <xxhash.h>
 
 #include <atomic>
+#include <chrono>
+#include <csignal>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -357,6 +359,55 @@ TEST(UcxProtocolTest, RoundTripsAndRefusesMalformedHeaders) {
   auto magic = encode_response({0, 0, 0, 0});
   magic[0] = 'X';
   EXPECT_THAT(decode_response(magic).status().message(), HasSubstr("not a KV response"));
+}
+
+// A prefill that stops answering (SIGSTOP: its process alive, its UCX silent) fails the pull after
+// the I/O timeout, as tcp does, instead of hanging the puller.
+TEST(UcxTransportTest, SilentPrefillTimesOut) {
+  if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
+  int to_parent[2];
+  ASSERT_EQ(::pipe(to_parent), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(to_parent[0]);
+    StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kUcx, small_options());
+    Scenario s(31);
+    StatusOr<KvHandle> h =
+        pool.ok() ? publish_kv(**pool, s.src.view, s.src_table, s.tokens) : StatusOr<KvHandle>(pool.status());
+    const std::string text = h.ok() ? h->to_string() : "error: " + h.status().to_string();
+    const uint32_t n = static_cast<uint32_t>(text.size());
+    if (::write(to_parent[1], &n, 4) != 4 || ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
+      ::_exit(2);
+    ::pause();  // until killed
+    ::_exit(0);
+  }
+  ::close(to_parent[1]);
+  uint32_t n = 0;
+  ASSERT_EQ(::read(to_parent[0], &n, 4), 4);
+  ASSERT_LT(n, 4096u);
+  std::string text(n, '\0');
+  ASSERT_EQ(::read(to_parent[0], text.data(), n), static_cast<ssize_t>(n));
+  ::close(to_parent[0]);
+  StatusOr<KvHandle> h = KvHandle::parse(text);
+  ASSERT_TRUE(h.ok()) << text;
+  KvTransportOptions o = small_options();
+  o.io_timeout_ms = 1000;
+  StatusOr<std::unique_ptr<KvPuller>> puller = make_puller(TransportKind::kUcx, o);
+  ASSERT_TRUE(puller.ok());
+  Scenario s(31);
+  TransferState st = (*puller)->pull(*h, s.target());
+  EXPECT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  st = (*puller)->pull(*h, s.target());
+  const double waited_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  ASSERT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_TRUE(st.error.code() == StatusCode::kDeadlineExceeded || st.error.code() == StatusCode::kUnavailable)
+      << st.error.to_string();
+  EXPECT_LT(waited_s, 10.0);
 }
 
 TEST(UcxTransportTest, RefusedWithTheFixWhenNotBuilt) {

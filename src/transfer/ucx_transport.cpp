@@ -54,6 +54,7 @@ using namespace ucx_protocol;
 constexpr unsigned kAmRequest = 1;
 constexpr unsigned kAmResponse = 2;
 constexpr size_t kMaxIdleEndpoints = 64;
+constexpr size_t kMaxConnections = 256;  // decode endpoints a prefill's server keeps (as tcp's)
 constexpr size_t kRendezvousBytes = 64 << 10;
 // A puller keeps its staging buffer between pulls up to this size.
 constexpr uint64_t kKeptStagingBytes = uint64_t{1} << 30;
@@ -384,6 +385,11 @@ class UcxSendPool final : public KvSendPool {
 
   void accept_connections() {
     for (ucp_conn_request_h r : conn_requests_) {
+      if (eps_.size() >= kMaxConnections) {
+        PD_LOG_WARN("KV server at {}: {} connections open, refusing another", endpoint_, eps_.size());
+        ucx().ucp_listener_reject(listener_, r);
+        continue;
+      }
       ucp_ep_params_t p{};
       p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLER |
                      UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
@@ -659,12 +665,14 @@ class UcxPuller final : public QueuedPuller {
     worker_->close_endpoint(ep);
   }
 
-  // Progresses until done() or the I/O timeout; the error names `what`.
+  // Progresses until done(), or until the worker has been idle for the I/O timeout (as tcp's
+  // "silent this long": a long transfer that keeps moving is not cut); the error names `what`.
   template <typename Done>
   Status wait_for(ucp_ep_h ep, Done&& done, std::string_view what) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(io_timeout_ms_);
+    const auto timeout = std::chrono::milliseconds(io_timeout_ms_);
+    auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
-      worker_->progress();
+      if (worker_->progress()) deadline = std::chrono::steady_clock::now() + timeout;
       if (done()) return ok_status();
       if (auto it = broken_.find(ep); it != broken_.end()) {
         connection_failed_ = true;
@@ -674,7 +682,8 @@ class UcxPuller final : public QueuedPuller {
           std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) {
         connection_failed_ = true;
-        return Status(StatusCode::kDeadlineExceeded, fmt::format("no {} within {} ms", what, io_timeout_ms_));
+        return Status(StatusCode::kDeadlineExceeded,
+                      fmt::format("no {}: nothing moved for {} ms", what, io_timeout_ms_));
       }
       worker_->wait(static_cast<int>(std::min<int64_t>(left.count(), 100)));
     }
