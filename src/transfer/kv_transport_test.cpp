@@ -4,6 +4,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -361,36 +362,121 @@ TEST(UcxProtocolTest, RoundTripsAndRefusesMalformedHeaders) {
   EXPECT_THAT(decode_response(magic).status().message(), HasSubstr("not a KV response"));
 }
 
+// A ucx prefill in a process of its own: this binary started again (posix_spawn, not fork: UCX
+// state inherited from a parent that used UCX is not safe to use) with kUcxChildEnv set to a
+// scenario seed runs UcxChild.Prefill, which publishes that scenario's KV, prints its handle and
+// waits for a line on stdin before it exits.
+constexpr const char* kUcxChildEnv = "PDSERVE_UCX_TEST_CHILD";
+
+struct SpawnedPrefill {
+  pid_t pid = -1;
+  FILE* out = nullptr;
+  int to_child = -1;
+  std::string handle;
+
+  explicit SpawnedPrefill(uint32_t seed) {
+    ::signal(SIGPIPE, SIG_IGN);  // finish() writes to a child that may have been killed
+    int to[2];
+    int from[2];
+    if (::pipe(to) != 0 || ::pipe(from) != 0) return;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, to[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, from[1], 1);
+    posix_spawn_file_actions_addclose(&fa, to[1]);
+    posix_spawn_file_actions_addclose(&fa, from[0]);
+    std::string env = fmt::format("{}={}", kUcxChildEnv, seed);
+    std::vector<char*> envp;
+    for (char** e = environ; *e; ++e) envp.push_back(*e);
+    envp.push_back(env.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe";
+    std::string filter = "--gtest_filter=UcxChild.Prefill";
+    char* argv[] = {exe.data(), filter.data(), nullptr};
+    const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv, envp.data());
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(to[0]);
+    ::close(from[1]);
+    to_child = to[1];
+    out = ::fdopen(from[0], "r");
+    if (rc != 0) {
+      pid = -1;
+      return;
+    }
+    char line[1024];
+    while (std::fgets(line, sizeof line, out)) {
+      const std::string l(line);
+      if (l.starts_with("HANDLE ")) {
+        handle = l.substr(7, l.size() - 8);
+        break;
+      }
+    }
+  }
+  SpawnedPrefill(const SpawnedPrefill&) = delete;
+  SpawnedPrefill& operator=(const SpawnedPrefill&) = delete;
+  // Lets the child exit; its exit status (0 when all went well), or -1.
+  int finish() {
+    if (to_child >= 0) {
+      [[maybe_unused]] ssize_t n = ::write(to_child, "done\n", 5);
+      ::close(to_child);
+      to_child = -1;
+    }
+    char line[1024];
+    while (out != nullptr && std::fgets(line, sizeof line, out)) {  // the child's test output, to its end
+    }
+    if (out != nullptr) std::fclose(out);
+    out = nullptr;
+    int status = 0;
+    if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return -1;
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  ~SpawnedPrefill() {
+    if (pid > 0) ::kill(pid, SIGKILL);
+    finish();
+  }
+};
+
+TEST(UcxChild, Prefill) {
+  const char* seed = std::getenv(kUcxChildEnv);
+  if (seed == nullptr) GTEST_SKIP() << "the prefill half of the ucx two-process tests";
+  StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kUcx, small_options());
+  ASSERT_TRUE(pool.ok()) << pool.status().to_string();
+  Scenario s(static_cast<uint32_t>(std::atoi(seed)));
+  StatusOr<KvHandle> h = publish_kv(**pool, s.src.view, s.src_table, s.tokens, kKvWireBodyChecksum);
+  ASSERT_TRUE(h.ok()) << h.status().to_string();
+  std::printf("HANDLE %s\n", h->to_string().c_str());
+  std::fflush(stdout);
+  char line[16];
+  ASSERT_NE(std::fgets(line, sizeof line, stdin), nullptr);
+  EXPECT_TRUE((*pool)->release(h->ref()).ok());
+}
+
+TEST(UcxTransportTest, RoundTripsAcrossProcesses) {
+  if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
+  SpawnedPrefill child(21);
+  ASSERT_FALSE(child.handle.empty()) << "the prefill process printed no handle";
+  StatusOr<KvHandle> h = KvHandle::parse(child.handle);
+  ASSERT_TRUE(h.ok()) << child.handle;
+  {
+    StatusOr<std::unique_ptr<KvPuller>> puller = make_puller(TransportKind::kUcx, small_options());
+    ASSERT_TRUE(puller.ok());
+    Scenario s(21);
+    TransferState st = (*puller)->pull(*h, s.target());
+    EXPECT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+    EXPECT_TRUE(s.landed());
+  }
+  EXPECT_EQ(child.finish(), 0);
+}
+
 // A prefill that stops answering (SIGSTOP: its process alive, its UCX silent) fails the pull after
 // the I/O timeout, as tcp does, instead of hanging the puller.
 TEST(UcxTransportTest, SilentPrefillTimesOut) {
   if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
-  int to_parent[2];
-  ASSERT_EQ(::pipe(to_parent), 0);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::close(to_parent[0]);
-    StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kUcx, small_options());
-    Scenario s(31);
-    StatusOr<KvHandle> h =
-        pool.ok() ? publish_kv(**pool, s.src.view, s.src_table, s.tokens) : StatusOr<KvHandle>(pool.status());
-    const std::string text = h.ok() ? h->to_string() : "error: " + h.status().to_string();
-    const uint32_t n = static_cast<uint32_t>(text.size());
-    if (::write(to_parent[1], &n, 4) != 4 || ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
-      ::_exit(2);
-    ::pause();  // until killed
-    ::_exit(0);
-  }
-  ::close(to_parent[1]);
-  uint32_t n = 0;
-  ASSERT_EQ(::read(to_parent[0], &n, 4), 4);
-  ASSERT_LT(n, 4096u);
-  std::string text(n, '\0');
-  ASSERT_EQ(::read(to_parent[0], text.data(), n), static_cast<ssize_t>(n));
-  ::close(to_parent[0]);
-  StatusOr<KvHandle> h = KvHandle::parse(text);
-  ASSERT_TRUE(h.ok()) << text;
+  SpawnedPrefill child(31);
+  ASSERT_FALSE(child.handle.empty()) << "the prefill process printed no handle";
+  StatusOr<KvHandle> h = KvHandle::parse(child.handle);
+  ASSERT_TRUE(h.ok()) << child.handle;
   KvTransportOptions o = small_options();
   o.io_timeout_ms = 1000;
   StatusOr<std::unique_ptr<KvPuller>> puller = make_puller(TransportKind::kUcx, o);
@@ -398,12 +484,14 @@ TEST(UcxTransportTest, SilentPrefillTimesOut) {
   Scenario s(31);
   TransferState st = (*puller)->pull(*h, s.target());
   EXPECT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
-  ASSERT_EQ(::kill(pid, SIGSTOP), 0);
+  ASSERT_EQ(::kill(child.pid, SIGSTOP), 0);
+  int stopped = 0;  // the signal lands asynchronously: wait until the child has stopped
+  ASSERT_EQ(::waitpid(child.pid, &stopped, WUNTRACED), child.pid);
+  ASSERT_TRUE(WIFSTOPPED(stopped));
   const auto t0 = std::chrono::steady_clock::now();
   st = (*puller)->pull(*h, s.target());
   const double waited_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ::kill(pid, SIGKILL);
-  ::waitpid(pid, nullptr, 0);
+  ::kill(child.pid, SIGKILL);  // the destructor reaps it
   ASSERT_EQ(st.phase, TransferPhase::kFailed);
   EXPECT_TRUE(st.error.code() == StatusCode::kDeadlineExceeded || st.error.code() == StatusCode::kUnavailable)
       << st.error.to_string();
@@ -835,12 +923,12 @@ TEST_P(TwoProcessTest, RoundTripsAcrossProcesses) {
   ::close(to_child[1]);
 }
 
+// (ucx: UcxTransportTest.RoundTripsAcrossProcesses, with a spawned process instead of a fork.)
 INSTANTIATE_TEST_SUITE_P(Transports, TwoProcessTest,
-                         ::testing::ValuesIn(built_cases({{TransportKind::kShm, KvTransferMode::kContiguous},
-                                                          {TransportKind::kTcp, KvTransferMode::kContiguous},
-                                                          {TransportKind::kShm, KvTransferMode::kBlockFixed},
-                                                          {TransportKind::kTcp,
-                                                           KvTransferMode::kBlockFixed}})),
+                         ::testing::Values(Case{TransportKind::kShm, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kTcp, KvTransferMode::kContiguous},
+                                           Case{TransportKind::kShm, KvTransferMode::kBlockFixed},
+                                           Case{TransportKind::kTcp, KvTransferMode::kBlockFixed}),
                          case_name);
 
 }  // namespace

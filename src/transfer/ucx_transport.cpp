@@ -665,14 +665,14 @@ class UcxPuller final : public QueuedPuller {
     worker_->close_endpoint(ep);
   }
 
-  // Progresses until done(), or until the worker has been idle for the I/O timeout (as tcp's
-  // "silent this long": a long transfer that keeps moving is not cut); the error names `what`.
+  // Progresses until done() or the I/O timeout; the error names `what`. NOTE: a deadline for the
+  // whole wait, not tcp's "silent this long": UCX's progress reports work (keepalives, retries to a
+  // stopped peer) that is no sign of the transfer moving, so it cannot tell silence apart.
   template <typename Done>
   Status wait_for(ucp_ep_h ep, Done&& done, std::string_view what) {
-    const auto timeout = std::chrono::milliseconds(io_timeout_ms_);
-    auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(io_timeout_ms_);
     for (;;) {
-      if (worker_->progress()) deadline = std::chrono::steady_clock::now() + timeout;
+      worker_->progress();
       if (done()) return ok_status();
       if (auto it = broken_.find(ep); it != broken_.end()) {
         connection_failed_ = true;
@@ -682,8 +682,7 @@ class UcxPuller final : public QueuedPuller {
           std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) {
         connection_failed_ = true;
-        return Status(StatusCode::kDeadlineExceeded,
-                      fmt::format("no {}: nothing moved for {} ms", what, io_timeout_ms_));
+        return Status(StatusCode::kDeadlineExceeded, fmt::format("no {} within {} ms", what, io_timeout_ms_));
       }
       worker_->wait(static_cast<int>(std::min<int64_t>(left.count(), 100)));
     }
