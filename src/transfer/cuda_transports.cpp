@@ -34,6 +34,7 @@
 namespace pdserve {
 namespace {
 
+using transfer_internal::CoreSendPool;
 using transfer_internal::load_le;
 using transfer_internal::PeerSegment;
 using transfer_internal::PullResult;
@@ -140,7 +141,7 @@ int64_t blocks_for(int32_t num_tokens, int32_t block_size) {
   return (static_cast<int64_t>(num_tokens) + block_size - 1) / block_size;
 }
 
-class CudaIpcSendPool final : public KvSendPool {
+class CudaIpcSendPool final : public CoreSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     if (options.max_buffers < 1 || static_cast<uint32_t>(options.max_buffers) > kMaxControlBuffers)
@@ -183,14 +184,8 @@ class CudaIpcSendPool final : public KvSendPool {
   TransportKind kind() const override { return TransportKind::kCudaIpc; }
   std::string endpoint() const override { return control_.path(); }
 
-  // NOTE: the span is device memory of this pool's GPU: write it with CUDA copies or kernels.
-  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
-    return KvSendBuffer{a.ref, a.bytes,
-                        KvHandle{TransportKind::kCudaIpc, KvTransferMode::kContiguous, control_.path(),
-                                 a.ref.buffer_id, a.ref.generation, bytes}};
-  }
-  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
+  // NOTE: acquire()'s span is device memory of this pool's GPU: write it with CUDA copies or
+  // kernels.
   StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {
     return unimplemented("the cuda-ipc transport has no block-fixed mode (it exists for shm and tcp only)");
   }
@@ -213,10 +208,6 @@ class CudaIpcSendPool final : public KvSendPool {
     }
     return buffer.handle;
   }
-
-  Status release(KvBufferRef ref) override { return core_->release(ref); }
-  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
-  KvSendPoolStats stats() const override { return core_->stats(); }
 
  private:
   explicit CudaIpcSendPool(int device) : device_(device) {}
@@ -243,7 +234,6 @@ class CudaIpcSendPool final : public KvSendPool {
   uint64_t token_ = 0;  // in local_pools() while the pool exists
   cuda::DeviceBuffer memory_;
   SharedSegment control_;
-  std::unique_ptr<SendPoolCore> core_;
   std::mutex mu_;
   DeviceTable table_;  // guarded by mu_
 };

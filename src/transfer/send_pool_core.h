@@ -132,4 +132,24 @@ class SendPoolCore {
   KvSendPoolStats counters_;                  // the *_total fields; guarded by mu_
 };
 
+// A KvSendPool over a SendPoolCore: acquire (the handle names kind() and endpoint()), commit,
+// release, reclaim and stats forward to core_, which the derived pool makes. The pools of shm,
+// tcp, ucx and cuda-ipc are; each adds its memory, its server and expose_paged.
+class CoreSendPool : public KvSendPool {
+ public:
+  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
+    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
+    return KvSendBuffer{
+        a.ref, a.bytes,
+        KvHandle{kind(), KvTransferMode::kContiguous, endpoint(), a.ref.buffer_id, a.ref.generation, bytes}};
+  }
+  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
+  Status release(KvBufferRef ref) override { return core_->release(ref); }
+  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
+  KvSendPoolStats stats() const override { return core_->stats(); }
+
+ protected:
+  std::unique_ptr<SendPoolCore> core_;
+};
+
 }  // namespace pdserve::transfer_internal

@@ -193,7 +193,7 @@ StatusOr<SegmentGeometry> read_geometry(const uint8_t* p, uint64_t file_bytes) {
   return g;
 }
 
-class ShmSendPool final : public KvSendPool {
+class ShmSendPool final : public CoreSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     if (options.max_buffers < 1 || static_cast<uint32_t>(options.max_buffers) > kMaxSegmentBuffers)
@@ -242,13 +242,6 @@ class ShmSendPool final : public KvSendPool {
   TransportKind kind() const override { return TransportKind::kShm; }
   std::string endpoint() const override { return segment_.path(); }
 
-  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
-    return KvSendBuffer{a.ref, a.bytes,
-                        KvHandle{TransportKind::kShm, KvTransferMode::kContiguous, segment_.path(),
-                                 a.ref.buffer_id, a.ref.generation, bytes}};
-  }
-  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
   StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                   int32_t num_tokens, uint32_t flags) override {
     if (geometry_.num_channels == 0)
@@ -267,9 +260,6 @@ class ShmSendPool final : public KvSendPool {
                     segment_.path(),     ref.buffer_id,
                     ref.generation,      bytes};
   }
-  Status release(KvBufferRef ref) override { return core_->release(ref); }
-  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
-  KvSendPoolStats stats() const override { return core_->stats(); }
 
  private:
   ShmSendPool(const KvTransportOptions& options, const SegmentGeometry& g)
@@ -363,7 +353,6 @@ class ShmSendPool final : public KvSendPool {
   const SegmentGeometry geometry_;
   const int64_t io_timeout_ms_;
   SharedSegment segment_;
-  std::unique_ptr<SendPoolCore> core_;
   std::atomic<bool> stop_{false};
   std::vector<uint32_t> served_;  // last request_seq served per channel; server thread only
   std::thread server_;

@@ -151,7 +151,7 @@ void append_runs(const PagedKvView& view, std::span<const int32_t> table, int32_
   });
 }
 
-class TcpSendPool final : public KvSendPool {
+class TcpSendPool final : public CoreSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     PD_ASSIGN_OR_RETURN(HostPort listen, parse_host_port(options.tcp_listen, true));
@@ -185,13 +185,6 @@ class TcpSendPool final : public KvSendPool {
   TransportKind kind() const override { return TransportKind::kTcp; }
   std::string endpoint() const override { return endpoint_; }
 
-  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
-    return KvSendBuffer{a.ref, a.bytes,
-                        KvHandle{TransportKind::kTcp, KvTransferMode::kContiguous, endpoint_, a.ref.buffer_id,
-                                 a.ref.generation, bytes}};
-  }
-  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
   StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                   int32_t num_tokens, uint32_t flags) override {
     PD_ASSIGN_OR_RETURN(std::unique_ptr<PagedSource> source,
@@ -201,9 +194,6 @@ class TcpSendPool final : public KvSendPool {
     return KvHandle{
         TransportKind::kTcp, KvTransferMode::kBlockFixed, endpoint_, ref.buffer_id, ref.generation, bytes};
   }
-  Status release(KvBufferRef ref) override { return core_->release(ref); }
-  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
-  KvSendPoolStats stats() const override { return core_->stats(); }
 
  private:
   struct Conn {
@@ -340,7 +330,6 @@ class TcpSendPool final : public KvSendPool {
   }
 
   AnonymousMemory memory_;
-  std::unique_ptr<SendPoolCore> core_;
   Fd listen_;
   WakePipe wake_;
   std::string endpoint_;

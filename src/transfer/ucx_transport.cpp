@@ -250,7 +250,7 @@ void on_op_done(void* user_data, ucs_status_t status) {
   op->status = status;
 }
 
-class UcxSendPool final : public KvSendPool {
+class UcxSendPool final : public CoreSendPool {
  public:
   static StatusOr<std::unique_ptr<KvSendPool>> create(const KvTransportOptions& options) {
     PD_ASSIGN_OR_RETURN(HostPort listen, parse_host_port(options.tcp_listen, true));
@@ -310,21 +310,11 @@ class UcxSendPool final : public KvSendPool {
   TransportKind kind() const override { return TransportKind::kUcx; }
   std::string endpoint() const override { return endpoint_; }
 
-  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(bytes));
-    return KvSendBuffer{a.ref, a.bytes,
-                        KvHandle{TransportKind::kUcx, KvTransferMode::kContiguous, endpoint_, a.ref.buffer_id,
-                                 a.ref.generation, bytes}};
-  }
-  Status commit(KvBufferRef ref) override { return core_->commit(ref); }
   StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {
     return unimplemented(
         "the ucx transport moves contiguous buffers only (the block-fixed baseline is on tcp "
         "and shm)");
   }
-  Status release(KvBufferRef ref) override { return core_->release(ref); }
-  int32_t reclaim_expired() override { return core_->reclaim_expired(); }
-  KvSendPoolStats stats() const override { return core_->stats(); }
 
  private:
   struct Queued {
@@ -506,7 +496,6 @@ class UcxSendPool final : public KvSendPool {
 
   const int64_t io_timeout_ms_;
   AnonymousMemory memory_;
-  std::unique_ptr<SendPoolCore> core_;
   std::unique_ptr<UcxWorker> worker_;
   ucp_listener_h listener_ = nullptr;
   std::string endpoint_;
