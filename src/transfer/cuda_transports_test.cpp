@@ -7,7 +7,6 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -22,8 +21,7 @@
 
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
-
-extern char** environ;
+#include "transfer/transfer_test_util.h"
 
 namespace pdserve {
 namespace {
@@ -238,41 +236,9 @@ TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
 // its handle, then waits for a line on stdin before it exits (its pool must outlive the pull).
 TEST_F(CudaIpc, RoundTripBetweenProcesses) {
   const int dst_device = cuda::device_count() > 1 ? 1 : 0;
-  int to_child[2];
-  int from_child[2];
-  ASSERT_EQ(pipe(to_child), 0);
-  ASSERT_EQ(pipe(from_child), 0);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
-  posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
-  posix_spawn_file_actions_addclose(&fa, to_child[1]);
-  posix_spawn_file_actions_addclose(&fa, from_child[0]);
-  std::string env = std::string(kChildEnv) + "=1";
-  std::vector<char*> envp;
-  for (char** e = environ; *e; ++e) envp.push_back(*e);
-  envp.push_back(env.data());
-  envp.push_back(nullptr);
-  std::string exe = "/proc/self/exe";
-  std::string filter = "--gtest_filter=CudaIpcChild.Prefill";
-  char* argv[] = {exe.data(), filter.data(), nullptr};
-  pid_t pid = 0;
-  ASSERT_EQ(posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv, envp.data()), 0);
-  posix_spawn_file_actions_destroy(&fa);
-  close(to_child[0]);
-  close(from_child[1]);
-  FILE* in = fdopen(from_child[0], "r");
-  std::string handle_text;
-  char line[1024];
-  while (fgets(line, sizeof line, in)) {
-    std::string l(line);
-    if (l.starts_with("HANDLE ")) {
-      handle_text = l.substr(7, l.size() - 8);
-      break;
-    }
-  }
-  ASSERT_FALSE(handle_text.empty()) << "the prefill process printed no handle";
-  StatusOr<KvHandle> h = KvHandle::parse(handle_text);
+  testing::SpawnedPrefill child(kChildEnv, "1", "CudaIpcChild.Prefill");
+  ASSERT_FALSE(child.handle.empty()) << "the prefill process printed no handle";
+  StatusOr<KvHandle> h = KvHandle::parse(child.handle);
   ASSERT_TRUE(h.ok()) << h.status().message();
   DeviceCache dst = DeviceCache::make(dst_device, 8);
   KvTransportOptions ro = options(dst_device);
@@ -285,14 +251,7 @@ TEST_F(CudaIpc, RoundTripBetweenProcesses) {
   // The child's cache: the same seed and table, made again here on the child's GPU.
   DeviceCache expected = DeviceCache::make(0, 1);
   EXPECT_EQ(dst.wire(dst_table, 150), expected.wire(shuffled_blocks(3), 150));
-  ASSERT_EQ(write(to_child[1], "done\n", 5), 5);
-  close(to_child[1]);
-  while (fgets(line, sizeof line, in)) {  // the child's test output, to its end
-  }
-  fclose(in);
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "prefill process status " << status;
+  EXPECT_EQ(child.finish(), 0) << "the prefill process failed";
 }
 
 TEST(CudaIpcChild, Prefill) {

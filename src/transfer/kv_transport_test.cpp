@@ -4,7 +4,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -29,6 +28,7 @@ using testing::blocks_for;
 using ::testing::HasSubstr;
 using testing::random_table;
 using testing::reference_body;
+using testing::SpawnedPrefill;
 using testing::test_layout;
 using testing::TestKv;
 
@@ -362,80 +362,10 @@ TEST(UcxProtocolTest, RoundTripsAndRefusesMalformedHeaders) {
   EXPECT_THAT(decode_response(magic).status().message(), HasSubstr("not a KV response"));
 }
 
-// A ucx prefill in a process of its own: this binary started again (posix_spawn, not fork: UCX
-// state inherited from a parent that used UCX is not safe to use) with kUcxChildEnv set to a
-// scenario seed runs UcxChild.Prefill, which publishes that scenario's KV, prints its handle and
-// waits for a line on stdin before it exits.
+// A ucx prefill in a process of its own (SpawnedPrefill: spawned, not forked, since UCX state
+// inherited from a parent that used UCX is not safe to use): UcxChild.Prefill publishes the KV of
+// the scenario whose seed kUcxChildEnv holds.
 constexpr const char* kUcxChildEnv = "PDSERVE_UCX_TEST_CHILD";
-
-struct SpawnedPrefill {
-  pid_t pid = -1;
-  FILE* out = nullptr;
-  int to_child = -1;
-  std::string handle;
-
-  explicit SpawnedPrefill(uint32_t seed) {
-    ::signal(SIGPIPE, SIG_IGN);  // finish() writes to a child that may have been killed
-    int to[2];
-    int from[2];
-    if (::pipe(to) != 0 || ::pipe(from) != 0) return;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, to[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, from[1], 1);
-    posix_spawn_file_actions_addclose(&fa, to[1]);
-    posix_spawn_file_actions_addclose(&fa, from[0]);
-    std::string env = fmt::format("{}={}", kUcxChildEnv, seed);
-    std::vector<char*> envp;
-    for (char** e = environ; *e; ++e) envp.push_back(*e);
-    envp.push_back(env.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe";
-    std::string filter = "--gtest_filter=UcxChild.Prefill";
-    char* argv[] = {exe.data(), filter.data(), nullptr};
-    const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv, envp.data());
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(to[0]);
-    ::close(from[1]);
-    to_child = to[1];
-    out = ::fdopen(from[0], "r");
-    if (rc != 0) {
-      pid = -1;
-      return;
-    }
-    char line[1024];
-    while (std::fgets(line, sizeof line, out)) {
-      const std::string l(line);
-      if (l.starts_with("HANDLE ")) {
-        handle = l.substr(7, l.size() - 8);
-        break;
-      }
-    }
-  }
-  SpawnedPrefill(const SpawnedPrefill&) = delete;
-  SpawnedPrefill& operator=(const SpawnedPrefill&) = delete;
-  // Lets the child exit; its exit status (0 when all went well), or -1.
-  int finish() {
-    if (to_child >= 0) {
-      [[maybe_unused]] ssize_t n = ::write(to_child, "done\n", 5);
-      ::close(to_child);
-      to_child = -1;
-    }
-    char line[1024];
-    while (out != nullptr && std::fgets(line, sizeof line, out)) {  // the child's test output, to its end
-    }
-    if (out != nullptr) std::fclose(out);
-    out = nullptr;
-    int status = 0;
-    if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return -1;
-    pid = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  ~SpawnedPrefill() {
-    if (pid > 0) ::kill(pid, SIGKILL);
-    finish();
-  }
-};
 
 TEST(UcxChild, Prefill) {
   const char* seed = std::getenv(kUcxChildEnv);
@@ -454,7 +384,7 @@ TEST(UcxChild, Prefill) {
 
 TEST(UcxTransportTest, RoundTripsAcrossProcesses) {
   if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
-  SpawnedPrefill child(21);
+  SpawnedPrefill child(kUcxChildEnv, "21", "UcxChild.Prefill");
   ASSERT_FALSE(child.handle.empty()) << "the prefill process printed no handle";
   StatusOr<KvHandle> h = KvHandle::parse(child.handle);
   ASSERT_TRUE(h.ok()) << child.handle;
@@ -473,7 +403,7 @@ TEST(UcxTransportTest, RoundTripsAcrossProcesses) {
 // the I/O timeout, as tcp does, instead of hanging the puller.
 TEST(UcxTransportTest, SilentPrefillTimesOut) {
   if (!ucx_transport_built()) GTEST_SKIP() << "built without UCX";
-  SpawnedPrefill child(31);
+  SpawnedPrefill child(kUcxChildEnv, "31", "UcxChild.Prefill");
   ASSERT_FALSE(child.handle.empty()) << "the prefill process printed no handle";
   StatusOr<KvHandle> h = KvHandle::parse(child.handle);
   ASSERT_TRUE(h.ok()) << child.handle;

@@ -1,13 +1,21 @@
 // Test helpers for src/transfer (tests only): paged KV memory owned by a vector, random
-// contents and fragmented block tables, and an independent, row-by-row oracle of the wire body.
+// contents and fragmented block tables, an independent, row-by-row oracle of the wire body, and
+// a prefill in a process of its own (SpawnedPrefill).
 // Not thread-safe; plain values.
 #pragma once
 
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "transfer/kv_layout.h"
@@ -77,5 +85,79 @@ inline std::vector<uint8_t> reference_body(const TestKv& kv, const std::vector<i
       }
   return body;
 }
+
+// A prefill in a process of its own: this test binary started again (posix_spawn, not fork) with
+// an environment variable that makes `child_test` do the prefill's half. That test prints
+// "HANDLE <handle>" on stdout, then waits for a line on stdin before it exits (its pool must
+// outlive the pull); finish() sends the line and returns the child's exit status.
+struct SpawnedPrefill {
+  pid_t pid = -1;
+  FILE* out = nullptr;
+  int to_child = -1;
+  std::string handle;
+
+  // env_name=env_value is set for the child, which runs only the test `child_test`.
+  SpawnedPrefill(const std::string& env_name, const std::string& env_value, const std::string& child_test) {
+    ::signal(SIGPIPE, SIG_IGN);  // finish() writes to a child that may have been killed
+    int to[2];
+    int from[2];
+    if (::pipe(to) != 0 || ::pipe(from) != 0) return;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, to[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, from[1], 1);
+    posix_spawn_file_actions_addclose(&fa, to[1]);
+    posix_spawn_file_actions_addclose(&fa, from[0]);
+    std::string env = env_name + "=" + env_value;
+    std::vector<char*> envp;
+    for (char** e = environ; *e; ++e) envp.push_back(*e);
+    envp.push_back(env.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe";
+    std::string filter = "--gtest_filter=" + child_test;
+    char* argv[] = {exe.data(), filter.data(), nullptr};
+    const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv, envp.data());
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(to[0]);
+    ::close(from[1]);
+    to_child = to[1];
+    out = ::fdopen(from[0], "r");
+    if (rc != 0) {
+      pid = -1;
+      return;
+    }
+    char line[1024];
+    while (std::fgets(line, sizeof line, out)) {
+      const std::string l(line);
+      if (l.starts_with("HANDLE ")) {
+        handle = l.substr(7, l.size() - 8);
+        break;
+      }
+    }
+  }
+  SpawnedPrefill(const SpawnedPrefill&) = delete;
+  SpawnedPrefill& operator=(const SpawnedPrefill&) = delete;
+  // Lets the child exit; its exit status (0 when all went well), or -1.
+  int finish() {
+    if (to_child >= 0) {
+      [[maybe_unused]] ssize_t n = ::write(to_child, "done\n", 5);
+      ::close(to_child);
+      to_child = -1;
+    }
+    char line[1024];
+    while (out != nullptr && std::fgets(line, sizeof line, out)) {  // the child's test output, to its end
+    }
+    if (out != nullptr) std::fclose(out);
+    out = nullptr;
+    int status = 0;
+    if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return -1;
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  ~SpawnedPrefill() {
+    if (pid > 0) ::kill(pid, SIGKILL);
+    finish();
+  }
+};
 
 }  // namespace pdserve::testing
