@@ -78,6 +78,10 @@ class InprocSendPool final : public KvSendPool {
     return unimplemented("the inproc transport has no block-fixed mode (it exists for shm and tcp only)");
   }
   Status release(KvBufferRef ref) override { return shared_->core->release(ref); }
+  bool supports_layer_wise() const override { return true; }
+  Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) override {
+    return shared_->core->set_progress(ref, layers_ready, first_token);
+  }
   int32_t reclaim_expired() override { return shared_->core->reclaim_expired(); }
   KvSendPoolStats stats() const override { return shared_->core->stats(); }
 
@@ -89,7 +93,8 @@ class InprocSendPool final : public KvSendPool {
 
 class InprocPuller final : public QueuedPuller {
  public:
-  InprocPuller() : QueuedPuller(TransportKind::kInproc) {}
+  explicit InprocPuller(const KvTransportOptions& options)
+      : QueuedPuller(TransportKind::kInproc), io_timeout_ms_(options.io_timeout_ms) {}
   ~InprocPuller() override { stop(); }
 
  protected:
@@ -106,21 +111,32 @@ class InprocPuller final : public QueuedPuller {
     std::shared_ptr<InprocShared> pool = registry().find(n);
     if (!pool) return unavailable(fmt::format("inproc KV pool {} is gone (its prefill shut down)", ep));
     PD_ASSIGN_OR_RETURN(PinnedBuffer pinned, pool->core->pin(handle.ref(), KvTransferMode::kContiguous));
-    StatusOr<PullResult> result = scatter(pinned.bytes, handle, target);
+    StatusOr<PullResult> result = scatter(pinned.bytes, handle, target, *pool->core);
     pool->core->unpin(handle.buffer_id);
     return result;
   }
 
  private:
-  static StatusOr<PullResult> scatter(std::span<const uint8_t> bytes, const KvHandle& handle,
-                                      const KvScatterTarget& target) {
+  StatusOr<PullResult> scatter(std::span<const uint8_t> bytes, const KvHandle& handle,
+                               const KvScatterTarget& target, SendPoolCore& core) {
     PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(bytes));
-    PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes.size()));
+    PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes.size(), /*layer_wise_ok=*/true));
     const auto body = bytes.subspan(kKvWireHeaderBytes);
+    if (header.flags & kKvWireLayerWise) {
+      auto wait = [&](int32_t layers, bool need_token) -> StatusOr<LayerProgress> {
+        PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p,
+                            core.wait_progress(handle.ref(), layers, need_token, io_timeout_ms_, cancel_flag()));
+        return LayerProgress{p.layers_ready, p.first_token};
+      };
+      PD_ASSIGN_OR_RETURN(int32_t first_token, scatter_layer_wise(body, header, target, wait));
+      return PullResult{header.num_tokens, bytes.size(), first_token};
+    }
     PD_RETURN_IF_ERROR(verify_kv_body_checksum(header, body));
     PD_RETURN_IF_ERROR(scatter_kv(body, header.num_tokens, target.view, target.block_table));
     return PullResult{header.num_tokens, bytes.size()};
   }
+
+  const int64_t io_timeout_ms_;
 };
 
 }  // namespace
@@ -133,8 +149,8 @@ StatusOr<std::unique_ptr<KvSendPool>> make_inproc_pool(const KvTransportOptions&
   return std::unique_ptr<KvSendPool>(std::make_unique<InprocSendPool>(std::move(shared)));
 }
 
-StatusOr<std::unique_ptr<KvPuller>> make_inproc_puller(const KvTransportOptions&) {
-  return std::unique_ptr<KvPuller>(std::make_unique<InprocPuller>());
+StatusOr<std::unique_ptr<KvPuller>> make_inproc_puller(const KvTransportOptions& options) {
+  return std::unique_ptr<KvPuller>(std::make_unique<InprocPuller>(options));
 }
 
 }  // namespace pdserve::transfer_internal

@@ -259,7 +259,9 @@ StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const i
                                        int32_t num_tokens, uint32_t flags) {
   KvSendPool& pool = *this;
   PD_RETURN_IF_ERROR(src.require_host(fmt::format("the {} transport", transport_kind_name(kind()))));
-  PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags));
+  // A layer-wise header promises progress that a whole-buffer publish never sends.
+  PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags, kKvWireBodyChecksum,
+                                "a whole-buffer publish (begin_layer_wise_kv sends layer-wise)"));
   KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
   header.flags = flags;
   PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
@@ -276,6 +278,40 @@ StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const i
     return st;
   }
   return buffer.handle;
+}
+
+Status KvSendPool::publish_progress(KvBufferRef, int32_t, int32_t) {
+  return unimplemented(fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(kind())));
+}
+
+StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens) {
+  if (!pool.supports_layer_wise())
+    return failed_precondition(
+        fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(pool.kind())));
+  PD_RETURN_IF_ERROR(layout.validate());
+  if (num_tokens < 1 || num_tokens > kKvWireMaxTokens)
+    return invalid_argument(fmt::format("a layer-wise send of {} tokens (1..{})", num_tokens, kKvWireMaxTokens));
+  KvWireHeader header = make_kv_wire_header(layout, num_tokens);
+  header.flags = kKvWireLayerWise;
+  PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
+  header.generation = buffer.ref.generation;
+  encode_kv_wire_header(header, buffer.bytes);
+  if (Status st = pool.commit(buffer.ref); !st.ok()) {
+    (void)pool.release(buffer.ref);
+    return st;
+  }
+  return LayerWiseSend{buffer.handle, buffer.bytes.subspan(kKvWireHeaderBytes), layout, num_tokens};
+}
+
+Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvView& src,
+                     std::span<const int32_t> block_table, int32_t layer) {
+  if (src.layout != send.layout) return invalid_argument("send_kv_layer: the source's layout is not the send's");
+  if (layer < 0 || layer >= send.layout.num_layers)
+    return invalid_argument(fmt::format("send_kv_layer: layer {} of {}", layer, send.layout.num_layers));
+  const uint64_t layer_bytes = send.layout.layer_body_bytes(send.num_tokens);
+  PD_RETURN_IF_ERROR(gather_kv_layer(src, block_table, send.num_tokens, layer,
+                                     send.body.subspan(static_cast<size_t>(layer) * layer_bytes, layer_bytes)));
+  return pool.publish_progress(send.handle.ref(), layer + 1, -1);
 }
 
 namespace transfer_internal {

@@ -31,11 +31,14 @@
 // contiguous buffer, one message and one confirmation per (block, layer) straight from the prefill's paged
 // memory (expose_paged()). Kept for comparison (bench/transfer_bench.cpp); tcp and shm only.
 //
-// NOTE: layer-wise transfer (start pulling layer l while the prefill computes layer l + 1) fits
-// this design without a new wire format: the header sets kKvWireLayerWise, the send buffer gets a
-// per-layer ready counter next to it (in the shm segment's slot record, or sent as a per-layer
-// frame over tcp) that the prefill bumps after gather_kv_layer(l), and the puller scatters each
-// layer with scatter_kv_layer() once the counter passes it. Not in this step.
+// Layer-wise transfer (inproc, shm and tcp; docs/decisions/layer-wise-kv.md): the prefill commits a
+// buffer whose header has kKvWireLayerWise before its body exists (begin_layer_wise_kv), hands its
+// handle to a decode at once, and then publishes progress — layers [0, n) written, after each
+// layer of its forward pass (send_kv_layer), and at last the first token it sampled
+// (publish_progress). A pull of such a buffer scatters each layer as soon as it is ready (shm: the
+// slot record carries the progress; tcp: the server sends each layer as it is ready and the first
+// token after the body) and reports the first token in its TransferState. A buffer released before
+// it is complete fails the pulls that wait on it.
 //
 // Thread-safety: KvSendPool and KvPuller methods are thread-safe. Transports run their own threads
 // (the tcp server, the shm block-fixed server, each puller's progress thread) behind these
@@ -153,6 +156,13 @@ class KvSendPool {
   // finishes first (tcp, inproc: release waits for it) or fails cleanly (shm). NOT_FOUND for a
   // stale or released ref, DEADLINE_EXCEEDED for one whose lease expired.
   virtual Status release(KvBufferRef ref) = 0;
+  // Layer-wise sending: whether pulls of this pool follow a buffer committed before its body is
+  // written, as publish_progress() says how far it is (inproc, shm, tcp).
+  virtual bool supports_layer_wise() const { return false; }
+  // A committed layer-wise buffer: layers [0, layers_ready) of its body are written (never fewer
+  // than said before) and, once first_token >= 0, the token sampled after the prompt. Wakes the
+  // pulls waiting on it. UNIMPLEMENTED where !supports_layer_wise().
+  virtual Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token);
   // Reclaims buffers held longer than the lease; returns how many. Also done by acquire().
   virtual int32_t reclaim_expired() = 0;
   virtual KvSendPoolStats stats() const = 0;
@@ -175,6 +185,7 @@ struct TransferState {
   Status error;            // kFailed: what went wrong
   int32_t num_tokens = 0;  // kDone: tokens scattered into the target
   uint64_t bytes = 0;      // kDone: wire bytes moved (header + body)
+  int32_t first_token = -1;  // kDone, a layer-wise buffer: the first token its prefill published
 };
 
 struct KvPullerStats {
@@ -197,6 +208,10 @@ class KvPuller {
   virtual TransferState poll(TransferId id) = 0;
   // Blocks until the transfer is done or failed; reports it like poll().
   virtual TransferState wait(TransferId id) = 0;
+  // Gives up a pull: a queued one fails at once (CANCELLED); a running one fails as soon as it
+  // notices — at once while it waits for a layer-wise prefill's progress, otherwise it finishes
+  // first. Unknown or finished ids are ignored.
+  virtual void cancel(TransferId id) = 0;
   virtual KvPullerStats stats() const = 0;
 
   // submit() + wait().
@@ -259,5 +274,21 @@ Status check_send(const PagedKvView& src, std::span<const int32_t> block_table, 
 // commits, and returns the handle. The buffer is released on failure.
 StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::span<const int32_t> block_table,
                               int32_t num_tokens, uint32_t flags = 0);
+
+// A layer-wise send in progress: the committed buffer and where its body lies.
+struct LayerWiseSend {
+  KvHandle handle;
+  std::span<uint8_t> body;  // layout.body_bytes(num_tokens) bytes after the header
+  KvLayout layout;
+  int32_t num_tokens = 0;
+};
+// Acquires a buffer for num_tokens tokens of `layout`, writes its header (kKvWireLayerWise, no
+// body checksum) and commits it with no layer ready: the handle may go to a decode at once.
+// FAILED_PRECONDITION where the pool does not support layer-wise sending.
+StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens);
+// Gathers layer `layer` of the sequence from `src` into the body and publishes layers
+// [0, layer + 1) as ready. Layers must be sent in order.
+Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvView& src,
+                     std::span<const int32_t> block_table, int32_t layer);
 
 }  // namespace pdserve

@@ -297,6 +297,122 @@ INSTANTIATE_TEST_SUITE_P(
                                      {TransportKind::kTcp, KvTransferMode::kBlockFixed}})),
     case_name);
 
+// Layer-wise sending: the buffer is committed before its body exists; the pull scatters each
+// layer as the prefill publishes it and ends with the first token.
+class LayerWiseTest : public ::testing::TestWithParam<TransportKind> {
+ protected:
+  void SetUp() override {
+    StatusOr<KvTransport> t = make_transport(GetParam(), options_);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    transport_ = std::move(*t);
+  }
+  // Waits (up to 5 s) until layer `layer` of the decode's blocks equals the prefill's.
+  static bool layer_lands(const Scenario& s, int32_t layer) {
+    const uint64_t n = s.layout.layer_body_bytes(s.tokens);
+    const auto want = reference_body(s.src, s.src_table, s.tokens);
+    for (int i = 0; i < 500; ++i) {
+      const auto got = reference_body(s.dst, s.dst_table, s.tokens);
+      if (std::equal(got.begin() + static_cast<std::ptrdiff_t>(layer * n),
+                     got.begin() + static_cast<std::ptrdiff_t>((layer + 1) * n),
+                     want.begin() + static_cast<std::ptrdiff_t>(layer * n)))
+        return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+  KvTransportOptions options_ = small_options();
+  KvTransport transport_;
+};
+
+TEST_P(LayerWiseTest, EachLayerLandsAsItIsPublishedThenTheFirstToken) {
+  Scenario s(31);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
+  ASSERT_TRUE(send.ok()) << send.status().to_string();
+  StatusOr<TransferId> id = transport_.puller->submit(send->handle, s.target());
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  for (int32_t l = 0; l < s.layout.num_layers; ++l) {
+    ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, l).ok());
+    // tcp sends what is ready as one run; the layers before this one have landed by now.
+    EXPECT_TRUE(layer_lands(s, l)) << "layer " << l;
+    EXPECT_EQ(transport_.puller->poll(*id).phase, TransferPhase::kPending);
+  }
+  // Every layer is there but the pull waits for the first token.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(transport_.puller->poll(*id).phase, TransferPhase::kPending);
+  ASSERT_TRUE(transport_.pool->publish_progress(send->handle.ref(), s.layout.num_layers, 4242).ok());
+  TransferState st = transport_.puller->wait(*id);
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  EXPECT_EQ(st.first_token, 4242);
+  EXPECT_EQ(st.num_tokens, s.tokens);
+  EXPECT_TRUE(s.landed());
+  // Progress never goes back.
+  EXPECT_FALSE(transport_.pool->publish_progress(send->handle.ref(), 1, -1).ok());
+  ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
+}
+
+TEST_P(LayerWiseTest, ABufferGivenUpFailsThePullWaitingOnIt) {
+  Scenario s(32);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
+  ASSERT_TRUE(send.ok()) << send.status().to_string();
+  ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, 0).ok());
+  StatusOr<TransferId> id = transport_.puller->submit(send->handle, s.target());
+  ASSERT_TRUE(id.ok());
+  EXPECT_TRUE(layer_lands(s, 0));
+  const auto t0 = std::chrono::steady_clock::now();
+  // inproc: release() waits for the pinned pull, which gives up at once.
+  ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
+  TransferState st = transport_.puller->wait(*id);
+  EXPECT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2)) << st.error.to_string();
+  EXPECT_EQ(transport_.pool->stats().buffers_in_use, 0);
+}
+
+TEST_P(LayerWiseTest, CancelOrSilenceEndsTheWait) {
+  Scenario s(33);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
+  ASSERT_TRUE(send.ok());
+  StatusOr<TransferId> id = transport_.puller->submit(send->handle, s.target());
+  ASSERT_TRUE(id.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // the pull is waiting now
+  const auto t0 = std::chrono::steady_clock::now();
+  if (GetParam() == TransportKind::kTcp) {
+    // A tcp pull waits in recv: cancelling it takes effect only when the silent prefill's server
+    // gives up after its I/O timeout (5 s here) and closes the connection.
+    transport_.puller->cancel(*id);
+    TransferState st = transport_.puller->wait(*id);
+    EXPECT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_THAT(st.error.message(), HasSubstr("connection closed")) << st.error.to_string();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  } else {
+    transport_.puller->cancel(*id);
+    TransferState st = transport_.puller->wait(*id);
+    EXPECT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_EQ(st.error.code(), StatusCode::kCancelled) << st.error.to_string();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  }
+  ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, LayerWiseTest,
+                         ::testing::Values(TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp),
+                         [](const ::testing::TestParamInfo<TransportKind>& p) {
+                           return std::string(transport_kind_name(p.param));
+                         });
+
+TEST(LayerWiseKvTest, WholeBufferPublishAndOtherTransportsRefuseIt) {
+  Scenario s(34);
+  StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kShm, small_options());
+  ASSERT_TRUE(pool.ok());
+  StatusOr<KvHandle> h = publish_kv(**pool, s.src.view, s.src_table, s.tokens, kKvWireLayerWise);
+  EXPECT_EQ(h.status().code(), StatusCode::kUnimplemented);
+  if (ucx_transport_built()) {
+    StatusOr<std::unique_ptr<KvSendPool>> ucx = make_send_pool(TransportKind::kUcx, small_options());
+    ASSERT_TRUE(ucx.ok()) << ucx.status().to_string();
+    EXPECT_FALSE((*ucx)->supports_layer_wise());
+    EXPECT_EQ(begin_layer_wise_kv(**ucx, s.layout, s.tokens).status().code(), StatusCode::kFailedPrecondition);
+  }
+}
+
 // ucx: a KV large enough to go by rendezvous (into the staging buffer, then scattered into
 // fragmented blocks), several pulls over one connection, and no block-fixed mode.
 TEST(UcxTransportTest, LargeKvByRendezvousIntoFragmentedBlocks) {
@@ -852,6 +968,90 @@ TEST_P(TwoProcessTest, RoundTripsAcrossProcesses) {
   ::close(to_parent[0]);
   ::close(to_child[1]);
 }
+
+// A layer-wise prefill in another process: it sends two layers, then either finishes (the pull
+// succeeds with its first token) or dies (the pull fails well before the I/O timeout).
+class LayerWiseTwoProcessTest : public ::testing::TestWithParam<std::tuple<TransportKind, bool>> {};
+
+TEST_P(LayerWiseTwoProcessTest, FinishesOrDies) {
+  const auto [kind, dies] = GetParam();
+  int to_parent[2];
+  int to_child[2];
+  ASSERT_EQ(::pipe(to_parent), 0);
+  ASSERT_EQ(::pipe(to_child), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(to_parent[0]);
+    ::close(to_child[1]);
+    int code = 0;
+    {
+      StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(kind, small_options());
+      Scenario s(41);
+      StatusOr<LayerWiseSend> send = pool.ok() ? begin_layer_wise_kv(**pool, s.layout, s.tokens)
+                                               : StatusOr<LayerWiseSend>(pool.status());
+      const std::string text = send.ok() ? send->handle.to_string() : "error";
+      const uint32_t n = static_cast<uint32_t>(text.size());
+      if (::write(to_parent[1], &n, 4) != 4 || ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
+        code = 2;
+      if (!send.ok()) ::_exit(5);
+      for (int32_t l = 0; l < 2; ++l) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        if (!send_kv_layer(**pool, *send, s.src.view, s.src_table, l).ok()) code = 3;
+      }
+      if (dies) ::_exit(code);  // no release, no goodbye
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (!send_kv_layer(**pool, *send, s.src.view, s.src_table, 2).ok()) code = 3;
+      if (!(*pool)->publish_progress(send->handle.ref(), 3, 777).ok()) code = 4;
+      char done = 0;
+      if (::read(to_child[0], &done, 1) != 1) code = 6;  // the parent has pulled
+    }
+    ::_exit(code);
+  }
+  ::close(to_parent[1]);
+  ::close(to_child[0]);
+  uint32_t n = 0;
+  ASSERT_EQ(::read(to_parent[0], &n, 4), 4);
+  ASSERT_LT(n, 4096u);
+  std::string text(n, '\0');
+  ASSERT_EQ(::read(to_parent[0], text.data(), n), static_cast<ssize_t>(n));
+  StatusOr<KvHandle> h = KvHandle::parse(text);
+  ASSERT_TRUE(h.ok()) << text;
+  {
+    StatusOr<std::unique_ptr<KvPuller>> puller = make_puller(kind, small_options());
+    ASSERT_TRUE(puller.ok());
+    Scenario s(41);
+    ASSERT_EQ(s.layout.num_layers, 3);
+    const auto t0 = std::chrono::steady_clock::now();
+    TransferState st = (*puller)->pull(*h, s.target());
+    if (dies) {
+      EXPECT_EQ(st.phase, TransferPhase::kFailed);
+      EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3)) << st.error.to_string();
+    } else {
+      ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+      EXPECT_EQ(st.first_token, 777);
+      EXPECT_TRUE(s.landed());
+    }
+  }
+  const char done = 1;
+  if (!dies) {
+    ASSERT_EQ(::write(to_child[1], &done, 1), 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  ::close(to_parent[0]);
+  ::close(to_child[1]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, LayerWiseTwoProcessTest,
+                         ::testing::Combine(::testing::Values(TransportKind::kShm, TransportKind::kTcp),
+                                            ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<TransportKind, bool>>& p) {
+                           return fmt::format("{}_{}", transport_kind_name(std::get<0>(p.param)),
+                                              std::get<1>(p.param) ? "dies" : "finishes");
+                         });
 
 // (ucx: UcxTransportTest.RoundTripsAcrossProcesses, with a spawned process instead of a fork.)
 INSTANTIATE_TEST_SUITE_P(Transports, TwoProcessTest,

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
+#include <algorithm>
+
 namespace pdserve::transfer_internal {
 
 QueuedPuller::QueuedPuller(TransportKind kind, KvMemory memory) : kind_(kind), memory_(memory) {
@@ -73,6 +75,23 @@ TransferState QueuedPuller::wait(TransferId id) {
   return take_finished_locked(id);
 }
 
+void QueuedPuller::cancel(TransferId id) {
+  std::lock_guard lock(mu_);
+  if (id == running_) {
+    cancel_running_.store(true);
+    return;
+  }
+  auto it = std::find_if(queue_.begin(), queue_.end(), [id](const Job& j) { return j.id == id; });
+  if (it == queue_.end()) return;
+  queue_.erase(it);
+  TransferState& st = states_[id];
+  st.phase = TransferPhase::kFailed;
+  st.error = Status(StatusCode::kCancelled, "the pull was cancelled before it ran");
+  --stats_.pulls_pending;
+  ++stats_.pulls_failed_total;
+  done_cv_.notify_all();
+}
+
 KvPullerStats QueuedPuller::stats() const {
   std::lock_guard lock(mu_);
   return stats_;
@@ -85,15 +104,19 @@ void QueuedPuller::loop() {
     if (stopping_) break;
     Job job = std::move(queue_.front());
     queue_.pop_front();
+    running_ = job.id;
+    cancel_running_.store(false);
     lock.unlock();
     StatusOr<PullResult> result = run_pull(job.handle, job.target);
     lock.lock();
+    running_ = 0;
     TransferState& st = states_[job.id];
     --stats_.pulls_pending;
     if (result.ok()) {
       st.phase = TransferPhase::kDone;
       st.num_tokens = result->num_tokens;
       st.bytes = result->bytes;
+      st.first_token = result->first_token;
       ++stats_.pulls_done_total;
       stats_.bytes_total += result->bytes;
     } else {
@@ -115,7 +138,11 @@ void QueuedPuller::loop() {
 }
 
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
-                             const KvScatterTarget& target, uint64_t sender_bytes) {
+                             const KvScatterTarget& target, uint64_t sender_bytes, bool layer_wise_ok) {
+  if ((header.flags & kKvWireLayerWise) && (!layer_wise_ok || handle.mode != KvTransferMode::kContiguous))
+    return unimplemented(fmt::format("the KV was sent layer-wise, which the {} transport does not follow{}",
+                                     transport_kind_name(handle.kind),
+                                     handle.mode != KvTransferMode::kContiguous ? " in block-fixed mode" : ""));
   if (header.generation != handle.generation)
     return failed_precondition(
         fmt::format("KV header generation {} != handle generation {}: the buffer was reused",
@@ -136,6 +163,26 @@ Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
                     "sender holds {}",
                     header.body_bytes, wire_bytes, sender_bytes));
   return ok_status();
+}
+
+StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWireHeader& header,
+                                     const KvScatterTarget& target, const WaitLayerProgress& wait) {
+  const int32_t num_layers = header.layout.num_layers;
+  const uint64_t layer_bytes = header.layout.layer_body_bytes(header.num_tokens);
+  PD_CHECK(body.size() == header.body_bytes);
+  int32_t done = 0;
+  while (done < num_layers) {
+    PD_ASSIGN_OR_RETURN(LayerProgress p, wait(done + 1, false));
+    const int32_t ready = std::min(p.layers_ready, num_layers);
+    if (ready <= done) return internal_error("layer-wise progress went backwards");
+    const uint64_t from = static_cast<uint64_t>(done) * layer_bytes;
+    const uint64_t len = static_cast<uint64_t>(ready - done) * layer_bytes;
+    PD_RETURN_IF_ERROR(scatter_kv_range(body.subspan(from, len), from, header.num_tokens, target.view,
+                                        target.block_table));
+    done = ready;
+  }
+  PD_ASSIGN_OR_RETURN(LayerProgress p, wait(num_layers, true));
+  return p.first_token;
 }
 
 uint64_t scattered_body_checksum(const PagedKvView& view, std::span<const int32_t> block_table,

@@ -7,7 +7,9 @@
 // gone before the members run_pull() uses.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <cstdint>
 #include <deque>
 #include <mutex>
@@ -22,6 +24,7 @@ namespace pdserve::transfer_internal {
 struct PullResult {
   int32_t num_tokens = 0;
   uint64_t bytes = 0;
+  int32_t first_token = -1;  // a layer-wise buffer's
 };
 
 class QueuedPuller : public KvPuller {
@@ -36,8 +39,11 @@ class QueuedPuller : public KvPuller {
   TransferState poll(TransferId id) override;
   TransferState wait(TransferId id) override;
   KvPullerStats stats() const override;
+  void cancel(TransferId id) override;
 
  protected:
+  // Set while the running pull has been cancelled (waits for a layer-wise prefill check it).
+  const std::atomic<bool>* cancel_flag() const { return &cancel_running_; }
   // One pull, on the progress thread: fetch, validate, scatter.
   virtual StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) = 0;
   // Fails the queued pulls (CANCELLED), lets the running one finish, joins the thread. Idempotent.
@@ -60,6 +66,8 @@ class QueuedPuller : public KvPuller {
   std::deque<Job> queue_;                                 // guarded by mu_
   std::unordered_map<TransferId, TransferState> states_;  // guarded by mu_
   TransferId next_id_ = 1;                                // guarded by mu_
+  TransferId running_ = 0;                                // guarded by mu_; 0: none
+  std::atomic<bool> cancel_running_{false};
   bool stopping_ = false;                                 // guarded by mu_
   KvPullerStats stats_;                                   // guarded by mu_
   std::thread thread_;
@@ -67,9 +75,24 @@ class QueuedPuller : public KvPuller {
 
 // The checks between a peer's decoded header and the pull: the generation the handle names, the
 // local layout (check_compatible), the expected token count, room in the block table, and the
-// total size against the handle (and against what the sender says it holds, when it says).
+// total size against the handle (and against what the sender says it holds, when it says), and
+// that a layer-wise header reaches a puller that follows progress (`layer_wise_ok`).
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
-                             const KvScatterTarget& target, uint64_t sender_bytes);
+                             const KvScatterTarget& target, uint64_t sender_bytes, bool layer_wise_ok = false);
+
+// A layer-wise buffer's progress as its sender published it.
+struct LayerProgress {
+  int32_t layers_ready = 0;
+  int32_t first_token = -1;
+};
+// Waits until at least `layers` layers are ready (and the first token, if need_first_token), or
+// fails saying why (buffer given up, sender gone, no progress within the I/O timeout, cancelled).
+using WaitLayerProgress = std::function<StatusOr<LayerProgress>(int32_t layers, bool need_first_token)>;
+// A layer-wise pull from memory its sender fills in place (inproc, shm): scatters the layers of
+// `body` as `wait` says they are ready, then waits for the first token and returns it (checked
+// against vocab limits by the caller).
+StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWireHeader& header,
+                                     const KvScatterTarget& target, const WaitLayerProgress& wait);
 
 // XXH3-64 of the wire body as it lies scattered in `view` (for the body checksum after a
 // scatter that went straight into the blocks).

@@ -96,7 +96,8 @@ int32_t SendPoolCore::pick_slot_locked() const {
 
 void SendPoolCore::notify_locked(uint32_t id, const Slot& slot) {
   if (!listener_) return;
-  listener_(id, SlotSnapshot{slot.state, slot.generation, slot.mode, slot.offset, slot.bytes});
+  listener_(id, SlotSnapshot{slot.state, slot.generation, slot.mode, slot.offset, slot.bytes, slot.layers_ready,
+                             slot.first_token});
 }
 
 bool SendPoolCore::expired_locked(const Slot& slot, int64_t now) const {
@@ -120,6 +121,7 @@ void SendPoolCore::expire_locked(uint32_t id, Slot& slot) {
   ++counters_.leases_expired_total;
   free_storage_locked(slot);
   notify_locked(id, slot);
+  progress_.notify_all();
 }
 
 int32_t SendPoolCore::reclaim_expired() {
@@ -164,6 +166,8 @@ StatusOr<SendPoolCore::Acquired> SendPoolCore::acquire(uint64_t bytes) {
   s.bytes = bytes;
   s.reserved = reserved;
   s.acquired_ms = now;
+  s.layers_ready = 0;
+  s.first_token = -1;
   bytes_in_use_ += reserved;
   ++counters_.acquired_total;
   notify_locked(static_cast<uint32_t>(id), s);
@@ -239,6 +243,7 @@ Status SendPoolCore::release(KvBufferRef ref) {
   s->state = SlotState::kReleased;
   ++counters_.released_total;
   notify_locked(ref.buffer_id, *s);
+  progress_.notify_all();  // layer-wise readers waiting on it give up (and unpin)
   // A local reader still sending from it finishes first (bounded by its I/O timeout).
   unpinned_.wait(lock, [s] { return s->pins == 0; });
   free_storage_locked(*s);
@@ -274,6 +279,53 @@ void SendPoolCore::unpin(uint32_t buffer_id) {
   if (--s.pins == 0) {
     if (!holds_buffer(s.state)) free_storage_locked(s);
     unpinned_.notify_all();
+  }
+}
+
+Status SendPoolCore::set_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) {
+  std::lock_guard lock(mu_);
+  PD_ASSIGN_OR_RETURN(Slot * s, find_locked(ref, "publish progress of"));
+  if (s->state != SlotState::kCommitted || s->mode != KvTransferMode::kContiguous)
+    return failed_precondition(
+        fmt::format("KV buffer {} is {}: progress is for a committed contiguous buffer", ref.buffer_id,
+                    state_name(s->state)));
+  if (layers_ready < s->layers_ready)
+    return invalid_argument(fmt::format("KV buffer {}: {} layers ready, fewer than the {} published before",
+                                        ref.buffer_id, layers_ready, s->layers_ready));
+  s->layers_ready = layers_ready;
+  if (first_token >= 0) s->first_token = first_token;
+  notify_locked(ref.buffer_id, *s);
+  progress_.notify_all();
+  return ok_status();
+}
+
+StatusOr<SendPoolCore::Progress> SendPoolCore::wait_progress(KvBufferRef ref, int32_t layers,
+                                                             bool need_first_token, int64_t timeout_ms,
+                                                             const std::atomic<bool>* cancelled) {
+  std::unique_lock lock(mu_);
+  using Clock = std::chrono::steady_clock;
+  auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  int32_t seen = -1;
+  for (;;) {
+    PD_ASSIGN_OR_RETURN(Slot * s, find_locked(ref, "pull"));
+    if (s->state != SlotState::kCommitted)
+      return failed_precondition(fmt::format("KV buffer {} is {}: its prefill gave it up before it was complete",
+                                             ref.buffer_id, state_name(s->state)));
+    if (s->layers_ready >= layers && (!need_first_token || s->first_token >= 0))
+      return Progress{s->layers_ready, s->first_token};
+    if (s->layers_ready != seen) {  // the timeout counts from the latest progress
+      seen = s->layers_ready;
+      deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    }
+    if (cancelled && cancelled->load()) return Status(StatusCode::kCancelled, "the pull was cancelled");
+    const auto now = Clock::now();
+    if (now >= deadline)
+      return Status(StatusCode::kDeadlineExceeded,
+                    fmt::format("KV buffer {}: the prefill published no progress for {} ms ({} layers ready, "
+                                "waiting for {}{})",
+                                ref.buffer_id, timeout_ms, s->layers_ready, layers,
+                                need_first_token ? " and the first token" : ""));
+    progress_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(5)));
   }
 }
 

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -57,6 +58,9 @@ struct SlotSnapshot {
   KvTransferMode mode = KvTransferMode::kContiguous;
   uint64_t offset = 0;
   uint64_t bytes = 0;
+  // A layer-wise buffer's progress (publish_progress): layers written, and the first token (-1: not yet).
+  int32_t layers_ready = 0;
+  int32_t first_token = -1;
 };
 
 using SlotListener = std::function<void(uint32_t buffer_id, const SlotSnapshot& slot)>;
@@ -88,6 +92,20 @@ class SendPoolCore {
   StatusOr<PinnedBuffer> pin(KvBufferRef ref, KvTransferMode mode);
   void unpin(uint32_t buffer_id);
 
+  // A committed buffer's layer-wise progress (KvSendPool::publish_progress): layers_ready never
+  // goes down, the first token is set once. Wakes wait_progress().
+  Status set_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token);
+  struct Progress {
+    int32_t layers_ready = 0;
+    int32_t first_token = -1;
+  };
+  // Waits until the buffer has at least `layers` layers ready (and its first token, if
+  // need_first_token). Fails when the buffer is released, reclaimed or reused meanwhile, when
+  // `cancelled` becomes true (CANCELLED; checked every few milliseconds), or when no progress
+  // comes within timeout_ms (DEADLINE_EXCEEDED).
+  StatusOr<Progress> wait_progress(KvBufferRef ref, int32_t layers, bool need_first_token, int64_t timeout_ms,
+                                   const std::atomic<bool>* cancelled = nullptr);
+
   // Pulls the pool saw (tcp, shm block-fixed), for stats.
   void count_pull(bool ok);
   KvSendPoolStats stats() const;
@@ -104,6 +122,8 @@ class SendPoolCore {
     uint64_t reserved = 0;  // of the range, page-rounded; 0 when none
     int64_t acquired_ms = 0;
     int32_t pins = 0;
+    int32_t layers_ready = 0;
+    int32_t first_token = -1;
     std::unique_ptr<PagedSource> paged;
   };
 
@@ -125,6 +145,7 @@ class SendPoolCore {
 
   mutable std::mutex mu_;
   std::condition_variable unpinned_;
+  std::condition_variable progress_;  // a layer-wise buffer moved on, or left the committed state
   std::vector<Slot> slots_;                   // guarded by mu_
   std::map<uint64_t, uint64_t> free_ranges_;  // offset → bytes; guarded by mu_
   uint64_t next_generation_;                  // guarded by mu_
@@ -145,6 +166,10 @@ class CoreSendPool : public KvSendPool {
   }
   Status commit(KvBufferRef ref) override { return core_->commit(ref); }
   Status release(KvBufferRef ref) override { return core_->release(ref); }
+  Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) override {
+    if (!supports_layer_wise()) return KvSendPool::publish_progress(ref, layers_ready, first_token);
+    return core_->set_progress(ref, layers_ready, first_token);
+  }
   int32_t reclaim_expired() override { return core_->reclaim_expired(); }
   KvSendPoolStats stats() const override { return core_->stats(); }
 

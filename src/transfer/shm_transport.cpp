@@ -14,7 +14,11 @@
 // Contiguous pull, seqlock style: read the record (state committed, generation = the handle's),
 // validate offset and size against the segment, decode and check the header, scatter, then read
 // the record again; if the buffer was released, reclaimed or reused meanwhile the pull fails
-// (the target's contents are then unusable). The prefill writes a record's state before its
+// (the target's contents are then unusable). A layer-wise buffer is committed before its body is
+// written: the puller scatters each layer once the record's progress counts it (polling the
+// record, backing off to 1 ms), gives up when the buffer leaves the committed state, when the
+// segment's path no longer names it (a memfd segment's owner has exited) or when no progress
+// comes within the I/O timeout, and takes the first token from the record at the end. The prefill writes a record's state before its
 // other fields when a buffer leaves the committed state, and after them when it enters it.
 //
 // Block-fixed pull (the baseline): a decode claims a channel (CAS owner 0 → its pid; a dead
@@ -241,6 +245,7 @@ class ShmSendPool final : public CoreSendPool {
 
   TransportKind kind() const override { return TransportKind::kShm; }
   std::string endpoint() const override { return segment_.path(); }
+  bool supports_layer_wise() const override { return true; }
 
   StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                   int32_t num_tokens, uint32_t flags) override {
@@ -438,12 +443,51 @@ class ShmPuller final : public QueuedPuller {
                                    handle.buffer_id, offset, bytes, g.data_bytes));
     const std::span<const uint8_t> message(seg.base() + g.data_offset + offset, bytes);
     PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(message));
-    PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes));
+    PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes, /*layer_wise_ok=*/true));
     const auto body = message.subspan(kKvWireHeaderBytes);
+    if (header.flags & kKvWireLayerWise) {
+      auto wait = [&](int32_t layers, bool need_token) { return wait_progress(seg, handle, layers, need_token); };
+      PD_ASSIGN_OR_RETURN(int32_t first_token, scatter_layer_wise(body, header, target, wait));
+      PD_RETURN_IF_ERROR(check_unchanged(seg, handle));
+      return PullResult{header.num_tokens, bytes, first_token};
+    }
     PD_RETURN_IF_ERROR(verify_kv_body_checksum(header, body));
     PD_RETURN_IF_ERROR(scatter_kv(body, header.num_tokens, target.view, target.block_table));
     PD_RETURN_IF_ERROR(check_unchanged(seg, handle));
     return PullResult{header.num_tokens, bytes};
+  }
+
+  // Polls a layer-wise buffer's record until it counts `layers` layers (and the first token).
+  StatusOr<LayerProgress> wait_progress(const MappedSegment& seg, const KvHandle& handle, int32_t layers,
+                                        bool need_token) {
+    const uint8_t* record = seg.base() + seg.geometry.record(handle.buffer_id);
+    auto deadline = Clock::now() + std::chrono::milliseconds(io_timeout_ms_);
+    int32_t seen = -1;
+    int64_t sleep_us = 20;
+    for (int polls = 0;; ++polls) {
+      PD_RETURN_IF_ERROR(check_unchanged(seg, handle));
+      const SlotProgress p = read_slot_progress(record);
+      if (p.layers_ready >= layers && (!need_token || p.first_token >= 0))
+        return LayerProgress{p.layers_ready, p.first_token};
+      if (p.layers_ready != seen) {  // the timeout counts from the latest progress
+        seen = p.layers_ready;
+        deadline = Clock::now() + std::chrono::milliseconds(io_timeout_ms_);
+        sleep_us = 20;
+      }
+      if (cancel_flag()->load()) return Status(StatusCode::kCancelled, "the pull was cancelled");
+      // A memfd segment's path (/proc/<pid>/fd/<fd>) vanishes when its process exits.
+      if (polls % 16 == 15 && !seg.file.same_file(handle.endpoint))
+        return unavailable(fmt::format("the prefill that owns {} has gone before its layer-wise KV was complete "
+                                       "({} layers ready)",
+                                       handle.endpoint, p.layers_ready));
+      if (Clock::now() >= deadline)
+        return Status(StatusCode::kDeadlineExceeded,
+                      fmt::format("the prefill published no progress for {} ms ({} layers ready, waiting for "
+                                  "{}{})",
+                                  io_timeout_ms_, p.layers_ready, layers, need_token ? " and the first token" : ""));
+      std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      sleep_us = std::min<int64_t>(sleep_us * 2, 1000);
+    }
   }
 
   StatusOr<uint32_t> claim_channel(const MappedSegment& seg) {

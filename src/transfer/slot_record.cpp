@@ -25,6 +25,9 @@ void write_slot_record(uint8_t* record, const SlotSnapshot& slot) {
   field<uint32_t>(record, kRecMode).store(static_cast<uint32_t>(slot.mode), std::memory_order_relaxed);
   field<uint64_t>(record, kRecOffset).store(slot.offset, std::memory_order_relaxed);
   field<uint64_t>(record, kRecBytes).store(slot.bytes, std::memory_order_relaxed);
+  // Progress: the token first, then the layer count, each after what it vouches for.
+  field<int32_t>(record, kRecFirstToken).store(slot.first_token, std::memory_order_release);
+  field<int32_t>(record, kRecLayersReady).store(slot.layers_ready, std::memory_order_release);
   if (slot.state == SlotState::kCommitted)
     state.store(static_cast<uint32_t>(slot.state), std::memory_order_release);
 }
@@ -52,6 +55,13 @@ Status check_slot_record(const uint8_t* record, const KvHandle& handle, KvTransf
   *offset = field<uint64_t>(record, kRecOffset).load(std::memory_order_relaxed);
   *bytes = field<uint64_t>(record, kRecBytes).load(std::memory_order_relaxed);
   return ok_status();
+}
+
+SlotProgress read_slot_progress(const uint8_t* record) {
+  SlotProgress p;
+  p.layers_ready = field<int32_t>(record, kRecLayersReady).load(std::memory_order_acquire);
+  p.first_token = field<int32_t>(record, kRecFirstToken).load(std::memory_order_acquire);
+  return p;
 }
 
 Status check_slot_unchanged(const uint8_t* record, const KvHandle& handle) {

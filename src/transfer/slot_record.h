@@ -4,8 +4,11 @@
 // release, reclaim or reuse a buffer while a decode reads it.
 //
 // A record is 64 little-endian bytes: u64 generation, u32 state (SlotState), u32 mode
-// (KvTransferMode), u64 offset and u64 bytes of the buffer in the pool's range. The pool writes
-// it (write_slot_record, from its SlotListener); readers only load.
+// (KvTransferMode), u64 offset and u64 bytes of the buffer in the pool's range, then a layer-wise
+// buffer's progress: u32 layers ready and i32 first token (-1: not yet); the rest is zero. The
+// pool writes it (write_slot_record, from its SlotListener); readers only load.
+// NOTE: records of pools older than the progress fields read as 0 layers ready, which only a
+// layer-wise pull waits on, and those pools never send layer-wise.
 // Thread-safe: atomic accesses to shared memory.
 #pragma once
 
@@ -21,7 +24,8 @@
 namespace pdserve::transfer_internal {
 
 inline constexpr uint64_t kSlotRecordBytes = 64;
-inline constexpr size_t kRecGeneration = 0, kRecState = 8, kRecMode = 12, kRecOffset = 16, kRecBytes = 24;
+inline constexpr size_t kRecGeneration = 0, kRecState = 8, kRecMode = 12, kRecOffset = 16, kRecBytes = 24,
+                        kRecLayersReady = 32, kRecFirstToken = 36;
 
 // Atomic views of fields in shared memory. Loads from a read-only mapping are plain loads.
 template <typename T>
@@ -51,6 +55,13 @@ void write_slot_record(uint8_t* record, const SlotSnapshot& slot);
 // lease expired, not committed, other mode); on success its offset and size.
 Status check_slot_record(const uint8_t* record, const KvHandle& handle, KvTransferMode mode, uint64_t* offset,
                          uint64_t* bytes);
+
+// A layer-wise buffer's progress as the record says (acquire: the layers it counts are readable).
+struct SlotProgress {
+  int32_t layers_ready = 0;
+  int32_t first_token = -1;
+};
+SlotProgress read_slot_progress(const uint8_t* record);
 
 // After the read: fails if the buffer was released, reclaimed or reused meanwhile (the data read
 // is then unusable).

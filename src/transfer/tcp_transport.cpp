@@ -9,7 +9,9 @@
 //                     u64 payload bytes (OK: header + body), u32 source block size (block-fixed),
 //                     u32 0; on OK the 64-byte KV wire header follows
 //   decode → prefill  1 byte: 1 go, 0 abort (the header was refused; the connection stays usable)
-//   contiguous:       prefill → decode the body, payload - 64 bytes
+//   contiguous:       prefill → decode the body, payload - 64 bytes; for a layer-wise header
+//                     (kKvWireLayerWise) each layer is sent once the prefill has written it, and
+//                     an i32 first token follows the body
 //   block-fixed:      per (block, layer), block-major: prefill → decode a 16-byte frame (magic
 //                     "PDKB", u32 block index in the sequence, u32 layer, u32 piece bytes) and the
 //                     piece (the block's n K rows, then its n V rows); decode → prefill 1 ack
@@ -184,6 +186,7 @@ class TcpSendPool final : public CoreSendPool {
 
   TransportKind kind() const override { return TransportKind::kTcp; }
   std::string endpoint() const override { return endpoint_; }
+  bool supports_layer_wise() const override { return true; }
 
   StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                   int32_t num_tokens, uint32_t flags) override {
@@ -267,7 +270,7 @@ class TcpSendPool final : public CoreSendPool {
       return send_error(fd, pinned.status());
     }
     bool served = false;
-    Status st = r.mode == KvTransferMode::kContiguous ? serve_contiguous(fd, pinned->bytes, &served)
+    Status st = r.mode == KvTransferMode::kContiguous ? serve_contiguous(fd, r, pinned->bytes, &served)
                                                       : serve_block_fixed(fd, *pinned->paged, &served);
     core_->unpin(r.buffer_id);
     core_->count_pull(st.ok() && served);
@@ -288,12 +291,35 @@ class TcpSendPool final : public CoreSendPool {
     return ok_status();
   }
 
-  Status serve_contiguous(int fd, std::span<const uint8_t> bytes, bool* served) {
+  Status serve_contiguous(int fd, const Request& r, std::span<const uint8_t> bytes, bool* served) {
     bool go = false;
     PD_RETURN_IF_ERROR(send_header(fd, bytes.size(), 0, bytes.data(), &go));
     if (!go) return ok_status();  // the decode refused the header
-    PD_RETURN_IF_ERROR(
-        send_all(fd, bytes.data() + kKvWireHeaderBytes, bytes.size() - kKvWireHeaderBytes, "KV body"));
+    const uint8_t* body = bytes.data() + kKvWireHeaderBytes;
+    if ((load_le<uint32_t>(bytes.data() + 8) & kKvWireLayerWise) == 0) {
+      PD_RETURN_IF_ERROR(send_all(fd, body, bytes.size() - kKvWireHeaderBytes, "KV body"));
+      *served = true;
+      return ok_status();
+    }
+    // Layer-wise: each layer as the prefill finishes it, then the first token. A buffer given up
+    // meanwhile breaks the connection (the decode's pull fails).
+    PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(bytes));
+    const KvBufferRef ref{r.buffer_id, r.generation};
+    const int32_t num_layers = header.layout.num_layers;
+    const uint64_t layer_bytes = header.layout.layer_body_bytes(header.num_tokens);
+    int32_t sent = 0;
+    while (sent < num_layers) {
+      PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p,
+                          core_->wait_progress(ref, sent + 1, false, io_timeout_ms_, &stop_));
+      const int32_t ready = std::min(p.layers_ready, num_layers);
+      PD_RETURN_IF_ERROR(send_all(fd, body + static_cast<uint64_t>(sent) * layer_bytes,
+                                  static_cast<uint64_t>(ready - sent) * layer_bytes, "KV layers"));
+      sent = ready;
+    }
+    PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p, core_->wait_progress(ref, num_layers, true, io_timeout_ms_, &stop_));
+    uint8_t trailer[4];
+    store_le<int32_t>(trailer, p.first_token);
+    PD_RETURN_IF_ERROR(send_all(fd, trailer, sizeof trailer, "KV first token"));
     *served = true;
     return ok_status();
   }
@@ -374,7 +400,8 @@ class TcpPuller final : public QueuedPuller {
     PD_RETURN_IF_ERROR(recv_all(fd.get(), header_bytes, sizeof header_bytes, "KV header").with_context(peer));
     StatusOr<KvWireHeader> header = decode_kv_wire_header(header_bytes);
     Status checked =
-        header.ok() ? check_header_for_pull(*header, handle, target, resp.payload_bytes) : header.status();
+        header.ok() ? check_header_for_pull(*header, handle, target, resp.payload_bytes, /*layer_wise_ok=*/true)
+                    : header.status();
     if (checked.ok()) checked = check_block_size(handle, resp);
     if (!checked.ok()) {
       const uint8_t abort = kAbort;
@@ -387,6 +414,12 @@ class TcpPuller final : public QueuedPuller {
                           ? receive_contiguous(fd.get(), *header, target)
                           : receive_block_fixed(fd.get(), *header, target, resp.block_size_tokens);
     PD_RETURN_IF_ERROR(received.with_context(peer));
+    int32_t first_token = -1;
+    if (header->flags & kKvWireLayerWise) {
+      uint8_t trailer[4];
+      PD_RETURN_IF_ERROR(recv_all(fd.get(), trailer, sizeof trailer, "KV first token").with_context(peer));
+      first_token = load_le<int32_t>(trailer);
+    }
     give_back(handle.endpoint, std::move(fd));
     if (header->flags & kKvWireBodyChecksum) {
       const uint64_t computed = scattered_body_checksum(target.view, target.block_table, header->num_tokens);
@@ -395,7 +428,7 @@ class TcpPuller final : public QueuedPuller {
             fmt::format("{}: KV body checksum 0x{:016x} != header's 0x{:016x}: body corrupted in transit",
                         peer, computed, header->body_checksum));
     }
-    return PullResult{header->num_tokens, resp.payload_bytes};
+    return PullResult{header->num_tokens, resp.payload_bytes, first_token};
   }
 
  private:
