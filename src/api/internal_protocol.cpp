@@ -178,7 +178,7 @@ StatusOr<EngineHandoff> handoff_from(const json& j) {
   StatusOr<KvHandle> handle = KvHandle::parse(kv);
   if (!handle.ok()) return handle.status().with_context("handoff.kv");
   h.kv = std::move(*handle);
-  PD_RETURN_IF_ERROR(r.integer("first_token", h.first_token, 0, kI32Max, true));
+  PD_RETURN_IF_ERROR(r.integer("first_token", h.first_token, -1, kI32Max, true));
   PD_RETURN_IF_ERROR(r.integer("num_prompt_tokens", h.num_prompt_tokens, 1, kI32Max, true));
   return h;
 }
@@ -215,7 +215,11 @@ json output_json(const EngineOutput& o) {
     j["completion_tokens"] = o.completion_tokens;
     j["cached_prompt_tokens"] = o.cached_prompt_tokens;
     if (!o.error.ok()) j["error"] = status_json(o.error);
-    if (o.handoff) j["handoff"] = handoff_json(*o.handoff);
+  }
+  // An early (layer-wise) handoff comes in an unfinished output.
+  if (o.handoff) {
+    j["handoff"] = handoff_json(*o.handoff);
+    j["cached_prompt_tokens"] = o.cached_prompt_tokens;
   }
   return j;
 }
@@ -253,9 +257,14 @@ StatusOr<EngineOutput> output_from(const json& j) {
     if (const json* e = r.find("error")) o.error = status_from(*e);
     if (o.finish_reason == "error" && o.error.ok())
       o.error = internal_error("the instance failed the request");
-    if (const json* h = r.find("handoff")) {
-      PD_ASSIGN_OR_RETURN(EngineHandoff handoff, handoff_from(*h));
-      o.handoff = std::move(handoff);
+  }
+  if (const json* h = r.find("handoff")) {
+    PD_ASSIGN_OR_RETURN(EngineHandoff handoff, handoff_from(*h));
+    o.handoff = std::move(handoff);
+    if (!o.finished) {
+      PD_RETURN_IF_ERROR(r.integer("cached_prompt_tokens", o.cached_prompt_tokens, 0, kI32Max));
+      if (o.handoff->first_token != -1)
+        return invalid_argument("output: an unfinished output's handoff must have first_token -1 (layer-wise)");
     }
   }
   return o;
@@ -304,6 +313,7 @@ void for_each_metric(EngineMetrics& m, Fn&& fn) {
   fn("prefill_slots_in_use", m.prefill_slots_in_use);
   fn("handoffs_outstanding", m.handoffs_outstanding);
   fn("handoffs_total", m.handoffs_total);
+  fn("layer_wise_handoffs_total", m.layer_wise_handoffs_total);
   fn("handoff_leases_expired_total", m.handoff_leases_expired_total);
   fn("decode_pending", m.decode_pending);
   fn("kv_pulls_in_flight", m.kv_pulls_in_flight);

@@ -742,6 +742,9 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
           m.handoffs_outstanding);
   w.counter("pdserve_handoffs_total", "Requests handed from a prefill to a decode instance.",
             static_cast<double>(m.handoffs_total));
+  w.counter("pdserve_layer_wise_handoffs_total",
+            "Handoffs whose KV left the prefill layer by layer during its forward pass (--kv-layer-wise).",
+            static_cast<double>(m.layer_wise_handoffs_total));
   w.counter("pdserve_handoff_leases_expired_total", "Handoffs freed because no decode fetched them in time.",
             static_cast<double>(m.handoff_leases_expired_total));
   w.gauge("pdserve_decode_pending", "Handed-off requests waiting for a decode seat.", m.decode_pending);

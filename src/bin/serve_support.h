@@ -73,6 +73,7 @@ struct EngineFlags {
   int prefill_slots = 4;
   int decode_pending = 8;
   int64_t handoff_lease_ms = 30'000;
+  bool kv_layer_wise = false;
 };
 void add_engine_flags(CLI::App& cmd, EngineFlags& flags);
 // The engine options the flags ask for on this model (the KV budget in blocks, the context);

@@ -29,6 +29,11 @@ struct Engine::Active {
   PulledCallback on_pulled;
   TransferId transfer = 0;
   bool pulling = false;
+  bool pull_cancelled = false;  // the puller was told
+  // Prefill role: the layer-wise send of this step (begin_early_handoff), and whether a layer
+  // failed to go.
+  std::optional<LayerWiseSend> early;
+  Status early_error;
 };
 
 std::string_view engine_role_name(EngineRole role) {
@@ -112,6 +117,14 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
   } else {
     kv_view_.layout = KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()};
   }
+  if (options.role == EngineRole::kPrefill && options.layer_wise_kv) {
+    layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise() &&
+                  kv_view_.memory == KvMemory::kHost;
+    if (!layer_wise_)
+      PD_LOG_WARN("engine: layer-wise KV transfer needs the CPU engine and the inproc, shm or tcp transport "
+                  "(this is {} over {}); the KV leaves whole after the first token",
+                  executor_->device(), transport_kind_name(options.kv_send->kind()));
+  }
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -155,6 +168,7 @@ void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
   a.prefill_slots_in_use += b.prefill_slots_in_use;
   a.handoffs_outstanding += b.handoffs_outstanding;
   a.handoffs_total += b.handoffs_total;
+  a.layer_wise_handoffs_total += b.layer_wise_handoffs_total;
   a.handoff_leases_expired_total += b.handoff_leases_expired_total;
   a.decode_pending += b.decode_pending;
   a.kv_pulls_in_flight += b.kv_pulls_in_flight;
@@ -246,9 +260,10 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit_handoff(EngineRequest re
     return invalid_argument(fmt::format("the handoff has {} prompt tokens but the request has {}",
                                         handoff.num_prompt_tokens, request.prompt.size()));
   }
-  if (handoff.first_token < 0 || handoff.first_token >= config_.vocab_size) {
-    return invalid_argument(fmt::format("the handoff's first token {} is outside the vocabulary (0..{})",
-                                        handoff.first_token, config_.vocab_size - 1));
+  if (handoff.first_token < -1 || handoff.first_token >= config_.vocab_size) {
+    return invalid_argument(fmt::format(
+        "the handoff's first token {} is outside the vocabulary (0..{}, or -1 when it comes with the KV)",
+        handoff.first_token, config_.vocab_size - 1));
   }
   if (handoff.kv.kind != options_.kv_puller->kind()) {
     return invalid_argument(
@@ -276,11 +291,15 @@ Status Engine::release_handoff(const KvBufferRef& kv) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldHandoff& h) { return h.kv == kv; });
-    if (it == held_.end()) {
+    if (it == held_.end() || it->release_asked) {
       return not_found(
           fmt::format("no handoff holds KV buffer {} (generation {}): released before, or its "
                       "lease ran out",
                       kv.buffer_id, kv.generation));
+    }
+    if (it->writing) {  // layer-wise, still being written: the engine frees it when it is done
+      it->release_asked = true;
+      return ok_status();
     }
     held_.erase(it);
     --slots_in_use_;
@@ -314,7 +333,7 @@ void Engine::expire_handoffs() {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = std::chrono::steady_clock::now();
     for (auto it = held_.begin(); it != held_.end();) {
-      if (it->deadline <= now) {
+      if (it->deadline <= now && !it->writing) {
         expired.push_back(it->kv);
         it = held_.erase(it);
         --slots_in_use_;
@@ -395,9 +414,12 @@ void Engine::admit_incoming(std::deque<Pending>& incoming) {
         std::make_unique<Active>(std::move(p.request), std::move(p.sink), std::move(p.handle), tokenizer_);
     if (p.handoff) {
       // The prefill sampled and streamed the first token: replay it into the text stream (its
-      // text is already out) and the sampler's random state, then wait for the KV.
-      (void)a->stream.feed(p.handoff->first_token);
-      a->sampler.skip(1);
+      // text is already out) and the sampler's random state, then wait for the KV. A layer-wise
+      // handoff's first token comes with the KV (land_pulls).
+      if (p.handoff->first_token >= 0) {
+        (void)a->stream.feed(p.handoff->first_token);
+        a->sampler.skip(1);
+      }
       a->handoff = std::move(p.handoff);
       a->on_pulled = std::move(p.on_pulled);
       to_pull_.push_back(id);
@@ -417,7 +439,7 @@ void Engine::start_pulls() {
     Status st = ok_status();
     if (!a.handle->cancelled()) {
       std::vector<int32_t> tokens = a.request.prompt;
-      tokens.push_back(h.first_token);
+      tokens.push_back(std::max(h.first_token, 0));  // a placeholder until a layer-wise pull lands
       st = scheduler_.import(id, std::move(tokens), h.num_prompt_tokens);
       if (st.code() == StatusCode::kResourceExhausted) {  // one pull per freed seat
         pull_blocked_ = true;
@@ -475,6 +497,18 @@ void Engine::land_pulls(bool wait) {
     a.on_pulled = nullptr;
     if (on_pulled) on_pulled(ts.phase == TransferPhase::kDone ? ok_status() : ts.error);
     EngineOutput out;
+    if (ts.phase == TransferPhase::kDone && a.handoff->first_token < 0) {
+      // Layer-wise: the first token came with the KV.
+      if (ts.first_token < 0 || ts.first_token >= config_.vocab_size) {
+        ts.phase = TransferPhase::kFailed;
+        ts.error = data_loss(fmt::format("the layer-wise KV came with first token {}, outside the vocabulary",
+                                         ts.first_token));
+      } else {
+        a.handoff->first_token = ts.first_token;
+        (void)a.stream.feed(ts.first_token);
+        a.sampler.skip(1);
+      }
+    }
     if (ts.phase != TransferPhase::kDone) {
       ++kv_pulls_failed_total_;
       out.finish_reason = "error";
@@ -485,20 +519,96 @@ void Engine::land_pulls(bool wait) {
       out.finish_reason = "cancelled";
       finish(id, std::move(out));
     } else {
-      scheduler_.activate(id);
+      scheduler_.activate(id, a.handoff->first_token);
     }
   }
+}
+
+void Engine::begin_early_handoff(SequenceId id) {
+  Active& a = *active_.at(id);
+  const int32_t num_prompt = static_cast<int32_t>(a.request.prompt.size());
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*options_.kv_send, kv_view_.layout, num_prompt);
+  if (!send.ok()) return;  // e.g. no buffer free now: the KV leaves whole after sampling (or fails then)
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    held_.push_back({send->handle.ref(),
+                     std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.handoff_lease_ms),
+                     /*writing=*/true, /*release_asked=*/false});
+    sync_transfer_metrics();
+  }
+  EngineOutput out;
+  out.handoff = EngineHandoff{send->handle, -1, num_prompt};
+  out.cached_prompt_tokens = scheduler_.num_cached_prompt_tokens(id);
+  a.early = std::move(*send);
+  a.early_error = ok_status();
+  early_.push_back(id);
+  a.sink(std::move(out));
+}
+
+void Engine::send_layer(int32_t layer) {
+  for (SequenceId id : early_) {
+    Active& a = *active_.at(id);
+    if (!a.early || !a.early_error.ok()) continue;
+    a.early_error = send_kv_layer(*options_.kv_send, *a.early, kv_view_, scheduler_.block_table(id), layer);
+  }
+}
+
+bool Engine::end_early_writing(Active& a, bool give_up) {
+  const KvBufferRef ref = a.early->handle.ref();
+  a.early.reset();
+  bool free_it = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldHandoff& h) { return h.kv == ref; });
+    PD_CHECK(it != held_.end());
+    it->writing = false;
+    free_it = give_up || it->release_asked;
+    if (free_it) {  // the slot goes with the request, which then finishes otherwise than "handoff"
+      held_.erase(it);
+      sync_transfer_metrics();
+    }
+  }
+  if (free_it) {
+    Status st = options_.kv_send->release(ref);
+    if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", ref.buffer_id, st.message());
+  }
+  return free_it;
 }
 
 void Engine::hand_off(SequenceId id, EngineOutput& out) {
   Active& a = *active_.at(id);
   const int32_t num_prompt = static_cast<int32_t>(a.request.prompt.size());
   const int32_t first_token = out.tokens.back().id;
-  // The first token goes out before the KV is gathered: the client sees it at once.
+  // The first token goes out before the KV is gathered: the client sees it at once. (Layer-wise:
+  // before the first token is published, so no decode streams past it.)
   a.sink(std::move(out));
   EngineOutput last;
   if (a.handle->cancelled()) {  // nobody would take or release the staged KV
     last.finish_reason = "cancelled";
+    finish(id, std::move(last));
+    return;
+  }
+  if (a.early) {
+    Status st = a.early_error;
+    if (st.ok()) st = options_.kv_send->publish_progress(a.early->handle.ref(), config_.num_layers, first_token);
+    if (!st.ok()) {
+      last.finish_reason = "error";
+      last.error = unavailable(
+          fmt::format("the prefill could not send this request's KV layer-wise: {}", st.message()));
+      finish(id, std::move(last));
+      return;
+    }
+    KvHandle kv = a.early->handle;
+    if (end_early_writing(a, /*give_up=*/false)) {
+      // The decode that took the early handoff gave it up meanwhile (its error ends the request).
+      last.finish_reason = "cancelled";
+      finish(id, std::move(last));
+      return;
+    }
+    ++handoffs_total_;
+    ++layer_wise_handoffs_total_;
+    last.handoff = EngineHandoff{std::move(kv), first_token, num_prompt};
+    last.finish_reason = "handoff";
     finish(id, std::move(last));
     return;
   }
@@ -528,8 +638,15 @@ void Engine::step() {
   std::vector<SequenceId> cancelled;
   for (auto& [id, a] : active_) {
     // NOTE: a sequence whose KV is still arriving keeps its blocks until the pull ends
-    // (land_pulls() finishes it then); one waiting for its pull ends here.
-    if (a->handle->cancelled() && !a->pulling) cancelled.push_back(id);
+    // (land_pulls() finishes it then; a pull waiting on a layer-wise prefill gives up at once);
+    // one waiting for its pull ends here.
+    if (!a->handle->cancelled()) continue;
+    if (!a->pulling) {
+      cancelled.push_back(id);
+    } else if (!a->pull_cancelled) {
+      options_.kv_puller->cancel(a->transfer);
+      a->pull_cancelled = true;
+    }
   }
   for (SequenceId id : cancelled) {
     if (auto w = std::find(to_pull_.begin(), to_pull_.end(), id); w != to_pull_.end()) {
@@ -594,6 +711,17 @@ void Engine::step() {
     }
   }
   batch.tokens = batch_tokens_;
+  early_.clear();
+  if (layer_wise_) {
+    for (const ScheduledChunk& c : plan.chunks) {
+      if (!c.want_logits) continue;
+      const Active& a = *active_.at(c.seq);
+      // A request that may end at its first token (max_tokens 1) would send its KV for nothing.
+      if (a.stream.num_tokens() == 0 && a.request.max_tokens > 1 && !a.handle->cancelled())
+        begin_early_handoff(c.seq);
+    }
+    if (!early_.empty()) batch.after_layer = [this](int32_t layer) { send_layer(layer); };
+  }
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   Status st;
   if (on_device) {
@@ -655,6 +783,7 @@ void Engine::step() {
       a.sink(std::move(out));
     }
   }
+  early_.clear();
   ++steps_total_;
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   step_seconds_total_ += secs;
@@ -666,6 +795,7 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   auto it = active_.find(id);
   PD_CHECK(it != active_.end());
   Active& a = *it->second;
+  if (a.early) (void)end_early_writing(a, /*give_up=*/true);  // pulls waiting on it fail
   if (last.finish_reason == "cancelled" || last.finish_reason == "error") {
     TextStream::Update u = a.stream.finish(last.finish_reason);
     last.text += u.text;
@@ -698,6 +828,7 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.computed_tokens_total = computed_tokens_total_;
   sync_transfer_metrics();
   metrics_.handoffs_total = handoffs_total_;
+  metrics_.layer_wise_handoffs_total = layer_wise_handoffs_total_;
   metrics_.kv_pulls_in_flight = static_cast<int32_t>(pulling_.size());
   metrics_.kv_pulls_failed_total = kv_pulls_failed_total_;
   metrics_.steps_total = steps_total_;

@@ -21,10 +21,17 @@
 //            contiguous send buffer (transfer/), its blocks are freed, and its last output carries
 //            an EngineHandoff (finish reason "handoff"). The slot stays held until
 //            release_handoff() — the decode has the KV — or until the handoff's lease runs out.
+//            With layer_wise_kv, the KV leaves layer by layer instead: before the step that
+//            completes a prompt, a send buffer is committed and an early output carries its
+//            handoff (first_token -1, not finished); each layer is gathered into it as the forward
+//            pass finishes it, and the first token is published into it after sampling. A request
+//            that ends otherwise at its first token (stop, error, cancel) gives the buffer up, which
+//            fails the pulls waiting on it.
 //   decode   continues handed-off requests (submit_handoff()): a small pending queue; when a
 //            running seat and blocks are free, the KV is pulled into fresh blocks (one pull per
 //            freed seat), `on_pulled` tells the caller (who tells the prefill), and the request
-//            joins the batch at the next step. Outputs continue after the first token.
+//            joins the batch at the next step. Outputs continue after the first token. A handoff
+//            with first_token -1 (layer-wise) takes its first token from the KV transfer.
 // Thread-safety: submit(), submit_handoff(), release_handoff(), validate(), metrics() and
 // RequestHandle::cancel() are thread-safe.
 #pragma once
@@ -75,6 +82,11 @@ struct EngineOptions {
   // Prefill role: a handed-off request's slot and send buffer are freed after this long even if
   // nobody calls release_handoff() (a decode that never pulls).
   int64_t handoff_lease_ms = 30'000;
+  // Prefill role: send each prompt's KV layer by layer during the forward pass that completes it
+  // (early handoff, see above), where the executor reports layers and the send pool supports it
+  // (KvSendPool::supports_layer_wise); otherwise, or when no buffer is free at that moment, the
+  // KV leaves whole after the first token as usual.
+  bool layer_wise_kv = false;
   // Decode role: handed-off requests waiting for a running seat and their KV (the pending queue).
   int32_t decode_pending = 8;
   KvSendPool* kv_send = nullptr;  // prefill role: where prompt KV leaves from (required)
@@ -107,8 +119,10 @@ struct GeneratedToken {
 
 // What a prefill hands to a decode instance besides the request itself.
 struct EngineHandoff {
-  KvHandle kv;              // the prompt's KV in the prefill's send pool
-  int32_t first_token = 0;  // sampled by the prefill (already in this output's tokens)
+  KvHandle kv;  // the prompt's KV in the prefill's send pool
+  // Sampled by the prefill (already in this output's tokens); -1 in an early (layer-wise)
+  // handoff, whose first token comes with the KV.
+  int32_t first_token = 0;
   int32_t num_prompt_tokens = 0;
 };
 
@@ -122,7 +136,8 @@ struct EngineOutput {
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
   int32_t cached_prompt_tokens = 0;  // prompt tokens taken from the prefix cache
-  // Prefill role, finish reason "handoff": where the prompt KV waits and what was sampled.
+  // Prefill role, finish reason "handoff": where the prompt KV waits and what was sampled. Also
+  // in an early output (not finished, no tokens) when the KV leaves layer-wise.
   std::optional<EngineHandoff> handoff;
 };
 
@@ -134,11 +149,16 @@ using PulledCallback = std::function<void(const Status&)>;
 
 class RequestHandle {
  public:
+  RequestHandle() = default;
+  // A handle also cancelled with `parent` (one attempt of a request that a router may give up
+  // alone).
+  explicit RequestHandle(std::shared_ptr<const RequestHandle> parent) : parent_(std::move(parent)) {}
   void cancel() { cancelled_.store(true, std::memory_order_relaxed); }
-  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed) || (parent_ && parent_->cancelled()); }
 
  private:
   std::atomic<bool> cancelled_{false};
+  const std::shared_ptr<const RequestHandle> parent_;
 };
 
 // A consistent snapshot, refreshed after every step.
@@ -153,6 +173,7 @@ struct EngineMetrics {
   int32_t prefill_slots_in_use = 0;    // prefill role: accepted, KV not yet released
   int32_t handoffs_outstanding = 0;    // prefill role: KV waiting in send buffers
   int64_t handoffs_total = 0;          // prefill role
+  int64_t layer_wise_handoffs_total = 0;  // prefill role: of which the KV left layer by layer
   int64_t handoff_leases_expired_total = 0;
   int32_t decode_pending = 0;         // decode role: handed-off requests waiting for a seat
   int32_t kv_pulls_in_flight = 0;     // decode role
@@ -278,6 +299,8 @@ class Engine : public Instance {
   struct HeldHandoff {
     KvBufferRef kv;
     std::chrono::steady_clock::time_point deadline;
+    bool writing = false;        // layer-wise: the engine still writes it (no lease expiry)
+    bool release_asked = false;  // layer-wise: released while writing; freed when the writing ends
   };
   struct Active;
 
@@ -288,6 +311,13 @@ class Engine : public Instance {
   void admit_incoming(std::deque<Pending>& incoming);
   // Prefill role: streams the first token, stages the prompt KV, ends the request "handoff".
   void hand_off(SequenceId id, EngineOutput& out);
+  // Prefill role, layer-wise: commits a buffer for the prompt of `id` and streams the early
+  // handoff (nothing when the pool has no buffer free now); send_layer() fills it.
+  void begin_early_handoff(SequenceId id);
+  void send_layer(int32_t layer);
+  // Ends the engine's writing of a layer-wise buffer: frees it when `give_up` (the request ended
+  // otherwise) or when a release came meanwhile. Whether it was freed.
+  bool end_early_writing(Active& a, bool give_up);
   // Decode role: starts pulls for pending handoffs while seats and blocks allow; lands finished ones.
   void start_pulls();
   void land_pulls(bool wait);
@@ -311,6 +341,8 @@ class Engine : public Instance {
   std::vector<int32_t> next_tokens_;  // drawn on the device (every row device_drawable())
   std::vector<RowDraw> draws_;        // their draws
   std::vector<int32_t> batch_tokens_;
+  std::vector<SequenceId> early_;  // prefill role: this step's layer-wise sends
+  bool layer_wise_ = false;         // prefill role: layer_wise_kv and the executor and pool allow it
   int64_t prompt_tokens_total_ = 0;
   int64_t generated_tokens_total_ = 0;
   int64_t computed_tokens_total_ = 0;
@@ -322,6 +354,7 @@ class Engine : public Instance {
   std::vector<SequenceId> pulling_;  // decode role: KV on its way
   bool pull_blocked_ = false;        // decode role: the head of to_pull_ waits for a seat
   int64_t handoffs_total_ = 0;
+  int64_t layer_wise_handoffs_total_ = 0;
   int64_t kv_pulls_failed_total_ = 0;
 
   mutable std::mutex mu_;

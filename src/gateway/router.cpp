@@ -42,6 +42,16 @@ struct Router::Flight {
   std::optional<EngineHandoff> handoff;
   Clock::time_point decode_deadline;  // handed off: a decode must take it by then
   int32_t cached_prompt_tokens = 0;
+
+  // What reaches the client, serialized: the prefill's first token before any decode output,
+  // nothing after the end. Guards the fields below.
+  std::mutex out_mu;
+  bool ended = false;
+  bool first_forwarded = false;
+  std::vector<EngineOutput> held;  // decode outputs that came before the first token
+  int attempt = 0;                 // the decode attempt whose outputs count
+  bool early_decode = false;       // a decode took an early (layer-wise) handoff: attempt `attempt`
+  std::shared_ptr<RequestHandle> early_handle;  // that attempt's
 };
 
 Router::Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, const RouterOptions& options)
@@ -284,7 +294,12 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
       std::lock_guard<std::mutex> lock(mu_);
       ++decode_open_[idx];
     }
-    auto sink = [this, f, idx](EngineOutput&& o) { on_decode_output(f, idx, std::move(o)); };
+    int attempt;
+    {
+      std::lock_guard<std::mutex> lock(f->out_mu);
+      attempt = f->attempt;
+    }
+    auto sink = [this, f, idx, attempt](EngineOutput&& o) { on_decode_output(f, idx, attempt, std::move(o)); };
     // The decode has the KV (or gave up on it): the prefill frees the slot and the buffer.
     auto on_pulled = [this, prefill, kv](const Status&) {
       (void)prefill->release_handoff(kv);
@@ -312,10 +327,70 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
   return false;
 }
 
+void Router::hand_early(const std::shared_ptr<Flight>& f, size_t prefill_idx, const EngineHandoff& handoff) {
+  if (f->handle->cancelled()) return;  // the prefill ends it
+  Instance* prefill = prefills_[prefill_idx];
+  const KvBufferRef kv = handoff.kv.ref();
+  auto child = std::make_shared<RequestHandle>(f->handle);
+  int attempt;
+  {
+    std::lock_guard<std::mutex> lock(f->out_mu);
+    attempt = ++f->attempt;
+  }
+  std::vector<size_t> order;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    order = ranked(decode_open_, {});
+  }
+  for (size_t idx : order) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++decode_open_[idx];
+    }
+    auto sink = [this, f, idx, attempt](EngineOutput&& o) { on_decode_output(f, idx, attempt, std::move(o)); };
+    auto on_pulled = [this, prefill, kv](const Status&) {
+      (void)prefill->release_handoff(kv);
+      notify_capacity();
+    };
+    auto accepted = decodes_[idx]->submit_handoff(f->request, handoff, std::move(sink), std::move(on_pulled), child);
+    if (accepted.ok()) {
+      std::lock_guard<std::mutex> lock(f->out_mu);
+      f->early_decode = true;
+      f->early_handle = child;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --decode_open_[idx];
+    }
+    if (accepted.status().code() != StatusCode::kResourceExhausted &&
+        accepted.status().code() != StatusCode::kUnavailable) {
+      // The handoff after the first token tries again, and reports what fails then.
+      PD_LOG_WARN("gateway: decode {} refused an early handoff: {}", idx, accepted.status().message());
+      return;
+    }
+  }
+}
+
 void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, EngineOutput&& out) {
   if (!out.finished) {
-    if (!out.tokens.empty()) f->got_first_token = true;
+    if (out.handoff) {  // early (layer-wise): a decode may pull while the prefill still computes
+      f->prefill_idx = idx;
+      f->cached_prompt_tokens = out.cached_prompt_tokens;
+      hand_early(f, idx, *out.handoff);
+      return;
+    }
+    const bool token = !out.tokens.empty();
+    if (token) f->got_first_token = true;
+    std::lock_guard<std::mutex> lock(f->out_mu);
+    if (f->ended) return;
     f->sink(std::move(out));
+    if (token && !f->first_forwarded) {
+      f->first_forwarded = true;
+      std::vector<EngineOutput> held = std::move(f->held);
+      f->held.clear();
+      for (EngineOutput& h : held) deliver_decode_locked(*f, std::move(h));
+    }
     return;
   }
   {
@@ -323,6 +398,18 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
     --prefill_open_[idx];
   }
   notify_capacity();
+  {
+    std::lock_guard<std::mutex> lock(f->out_mu);
+    if (f->early_decode) {
+      // The decode that took the early handoff has the request (and releases the prefill).
+      if (out.handoff) return;
+      // The prefill ended it otherwise: that attempt is void.
+      f->early_decode = false;
+      ++f->attempt;
+      f->held.clear();
+      f->early_handle->cancel();
+    }
+  }
   if (out.handoff) {
     f->prefill_idx = idx;
     f->handoff = std::move(out.handoff);
@@ -358,18 +445,30 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
   end(f, std::move(out));
 }
 
-void Router::on_decode_output(const std::shared_ptr<Flight>& f, size_t idx, EngineOutput&& out) {
-  if (!out.finished) {
-    f->sink(std::move(out));
+void Router::on_decode_output(const std::shared_ptr<Flight>& f, size_t idx, int attempt, EngineOutput&& out) {
+  if (out.finished) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --decode_open_[idx];
+    }
+    notify_capacity();
+  }
+  std::lock_guard<std::mutex> lock(f->out_mu);
+  if (attempt != f->attempt || f->ended) return;  // an attempt given up
+  if (!f->first_forwarded) {
+    f->held.push_back(std::move(out));
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    --decode_open_[idx];
+  deliver_decode_locked(*f, std::move(out));
+}
+
+void Router::deliver_decode_locked(Flight& f, EngineOutput&& out) {
+  if (!out.finished) {
+    if (!f.ended) f.sink(std::move(out));
+    return;
   }
-  notify_capacity();
-  out.cached_prompt_tokens = f->cached_prompt_tokens;
-  end(f, std::move(out));
+  out.cached_prompt_tokens = f.cached_prompt_tokens;
+  end_locked(f, std::move(out));
 }
 
 void Router::end_cancelled(const std::shared_ptr<Flight>& f) {
@@ -379,9 +478,16 @@ void Router::end_cancelled(const std::shared_ptr<Flight>& f) {
 }
 
 void Router::end(const std::shared_ptr<Flight>& f, EngineOutput&& last) {
+  std::lock_guard<std::mutex> lock(f->out_mu);
+  end_locked(*f, std::move(last));
+}
+
+void Router::end_locked(Flight& f, EngineOutput&& last) {
+  if (f.ended) return;
+  f.ended = true;
   last.finished = true;
-  if (last.prompt_tokens == 0) last.prompt_tokens = static_cast<int32_t>(f->request.prompt.size());
-  f->sink(std::move(last));
+  if (last.prompt_tokens == 0) last.prompt_tokens = static_cast<int32_t>(f.request.prompt.size());
+  f.sink(std::move(last));
 }
 
 void Router::loop() {

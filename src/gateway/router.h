@@ -20,6 +20,14 @@
 // retried on another prefill (once per prefill). The client's RequestHandle is shared with
 // whichever engine holds the request, so cancellation reaches it.
 //
+// Layer-wise KV (a prefill's early handoff, before its forward pass ends): the handoff goes to a
+// decode at once, as one attempt with its own RequestHandle (a child of the client's), so the
+// decode pulls each layer as the prefill writes it. If no decode takes it then, the handoff after
+// the first token goes the usual way. If the prefill then ends the request otherwise (an error
+// before the first token, a stop at it, a cancel), that attempt is cancelled and its outputs
+// dropped; the request is retried or ended as above. Outputs reach the client in order: a
+// decode's before the prefill's first token are held back until it has gone.
+//
 // Thread-safety: all public methods are thread-safe. Sinks run on engine threads; one router
 // thread retries waiting requests and enforces budgets. The engines must outlive the router.
 #pragma once
@@ -88,8 +96,13 @@ class Router : public GenerationBackend {
   bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
+  // An early (layer-wise) handoff: offers it to the decodes now, as a new attempt.
+  void hand_early(const std::shared_ptr<Flight>& f, size_t prefill_idx, const EngineHandoff& handoff);
   void on_prefill_output(const std::shared_ptr<Flight>& f, size_t prefill_idx, EngineOutput&& out);
-  void on_decode_output(const std::shared_ptr<Flight>& f, size_t decode_idx, EngineOutput&& out);
+  void on_decode_output(const std::shared_ptr<Flight>& f, size_t decode_idx, int attempt, EngineOutput&& out);
+  // To the client, in order (Flight::out_mu held): a decode's output; the end.
+  void deliver_decode_locked(Flight& f, EngineOutput&& out);
+  void end_locked(Flight& f, EngineOutput&& last);
   void end(const std::shared_ptr<Flight>& f, EngineOutput&& last);
   void end_cancelled(const std::shared_ptr<Flight>& f);
   // Holds an unplaced request: at the gateway (on-demand) or in its prefill's queue (baseline).

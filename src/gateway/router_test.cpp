@@ -28,8 +28,10 @@ EngineOptions base_options(EngineRole role) {
 // Router — what `pdserve serve` runs.
 class Cluster {
  public:
+  // layer_wise: the prefills send KV layer by layer, with a small step budget so that longer
+  // prompts are prefilled in several chunks (only the last chunk's pass sends).
   Cluster(const testing::TestModel& m, int num_prefills, int32_t prefill_slots, const RouterOptions& ro,
-          int32_t decode_block_size = 16, int32_t decode_blocks = 256) {
+          int32_t decode_block_size = 16, int32_t decode_blocks = 256, bool layer_wise = false) {
     KvTransportOptions to;
     to.pool_capacity_bytes = uint64_t{64} << 20;
     to.prefault_pool = false;
@@ -43,6 +45,8 @@ class Cluster {
       EngineOptions o = base_options(EngineRole::kPrefill);
       o.prefill_slots = prefill_slots;
       o.kv_send = transport_.pool.get();
+      o.layer_wise_kv = layer_wise;
+      if (layer_wise) o.step_token_budget = 16;
       o.on_capacity = notify;
       prefills.push_back(std::make_unique<Engine>(*m.model, *m.tokenizer, *m.pool, o));
     }
@@ -79,6 +83,10 @@ class Cluster {
       EXPECT_EQ(m.prefill_slots_in_use, 0);
       EXPECT_EQ(m.handoffs_outstanding, 0);
       EXPECT_EQ(m.kv.num_blocks_used, 0);
+    }
+    // A decode attempt given up (layer-wise) ends when its pull notices, a moment later.
+    for (int i = 0; i < 200 && decode->metrics().kv.num_blocks_used > 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     EngineMetrics d = decode->metrics();
     EXPECT_EQ(d.kv.num_blocks_used, 0);
@@ -151,6 +159,8 @@ class RouterTest : public ::testing::Test {
     for (const auto& t : texts) out.push_back(request(t, max_tokens));
     return out;
   }
+
+  static void cancel_everywhere(bool layer_wise);
 
   static const testing::TestModel* model_;
 };
@@ -277,7 +287,14 @@ TEST_F(RouterTest, ExcessRequestsTimeOutWithinTheirBudgetAndNothingLeaks) {
 }
 
 TEST_F(RouterTest, CancellationReachesWhereverTheRequestIs) {
-  Cluster c(*model_, 1, 1, RouterOptions{});
+  for (bool layer_wise : {false, true}) {
+    SCOPED_TRACE(layer_wise ? "layer-wise" : "whole KV");
+    cancel_everywhere(layer_wise);
+  }
+}
+
+void RouterTest::cancel_everywhere(bool layer_wise) {
+  Cluster c(*model_, 1, 1, RouterOptions{}, 16, 256, layer_wise);
   // The first occupies the only slot and then decodes for long; the second waits at the gateway.
   Collector long_one, waiting_one;
   EngineRequest r1 = request("Tell me a very long story about a dragon.", 400);
@@ -327,6 +344,66 @@ TEST_F(RouterTest, APrefillThatIsGoneIsSkippedAndOthersServe) {
     EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
   }
   EXPECT_GE(c.router->metrics().gateway_prefill_retries_total, 1);
+  c.expect_idle();
+}
+
+// Layer-wise KV: the decode pulls each layer while the prefill's last pass computes it and takes
+// the first token from the transfer; greedy and seeded outputs stay those of aggregated mode.
+TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
+  std::vector<EngineRequest> requests = prompts(24);
+  for (size_t i = 0; i < 6; ++i) {
+    requests[i].sampling.temperature = 0.8f;
+    requests[i].sampling.top_k = 40;
+    requests[i].sampling.seed = 77 + i;
+  }
+  requests[6].max_tokens = 2;  // the decode computes one step
+  std::vector<Result> expected;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    expected = run_all(aggregated, requests);
+  }
+  for (int32_t decode_block_size : {16, 5}) {
+    Cluster c(*model_, 2, 2, RouterOptions{}, decode_block_size, 256, /*layer_wise=*/true);
+    std::vector<Result> got = run_all(*c.router, requests);
+    ASSERT_EQ(got.size(), expected.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].tokens, expected[i].tokens) << "prompt " << i << ", decode block size " << decode_block_size;
+      EXPECT_EQ(got[i].text, expected[i].text) << "prompt " << i;
+      EXPECT_EQ(got[i].finish_reason, expected[i].finish_reason) << "prompt " << i << " " << got[i].error.to_string();
+    }
+    int64_t handoffs = 0, layer_wise = 0;
+    for (auto& p : c.prefills) {
+      handoffs += p->metrics().handoffs_total;
+      layer_wise += p->metrics().layer_wise_handoffs_total;
+    }
+    EXPECT_EQ(handoffs, static_cast<int64_t>(requests.size()));
+    EXPECT_EQ(layer_wise, handoffs) << "every KV left layer-wise";
+    c.expect_idle();
+  }
+}
+
+// A request that ends at its first token after its early handoff (a stop string there) gives the
+// decode attempt up: the client sees the prefill's end, and nothing is left behind.
+TEST_F(RouterTest, LayerWiseRequestEndingAtItsFirstTokenLeavesNothing) {
+  std::vector<EngineRequest> requests = prompts(1);
+  requests.resize(5);
+  std::vector<Result> first;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    first = run_all(aggregated, requests);
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_FALSE(first[i].text.empty());
+    requests[i].max_tokens = 16;
+    requests[i].stop = {first[i].text};
+  }
+  Cluster c(*model_, 1, 2, RouterOptions{}, 16, 256, /*layer_wise=*/true);
+  for (const Result& r : run_all(*c.router, requests)) {
+    EXPECT_EQ(r.finish_reason, "stop") << r.error.to_string();
+    EXPECT_EQ(r.completion_tokens, 1);
+    EXPECT_TRUE(r.text.empty()) << r.text;
+  }
+  EXPECT_EQ(c.prefills[0]->metrics().layer_wise_handoffs_total, 0);
   c.expect_idle();
 }
 

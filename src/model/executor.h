@@ -54,6 +54,8 @@ class ModelExecutor {
     return unimplemented("this backend samples on the host: call forward()");
   }
   virtual bool draws_on_device() const { return false; }
+  // Whether forward() calls ForwardBatch::after_layer after each layer (the CPU engine does).
+  virtual bool reports_layers() const { return false; }
   // The KV cache as host memory, which the host KV transports read and write; nullptr where it
   // lives on a GPU.
   virtual KvStorage* host_kv() = 0;
@@ -75,6 +77,7 @@ class CpuExecutor final : public ModelExecutor {
   Status forward(const ForwardBatch& batch, float* logits) override {
     return model_.forward(batch, kv_, pool_, logits);
   }
+  bool reports_layers() const override { return true; }
   KvStorage* host_kv() override { return &kv_; }
   size_t kv_bytes() const override { return kv_.bytes(); }
   std::string device() const override { return "cpu"; }

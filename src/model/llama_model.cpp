@@ -264,6 +264,7 @@ Status LlamaModel::forward(const ForwardBatch& batch, KvStorage& kv, ThreadPool&
     });
     cpu::matmul(L.w_down, acts_, tmp_.data(), d, pool);
     // The FFN residual is added by the next layer's first region (or below, for logits rows).
+    if (batch.after_layer) batch.after_layer(li);
   }
 
   if (num_logits == 0) return ok_status();

@@ -8,6 +8,7 @@
 // model's weights are immutable.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -33,6 +34,9 @@ struct SequenceChunk {
 struct ForwardBatch {
   std::span<const int32_t> tokens;  // all chunks' tokens, chunk after chunk
   std::vector<SequenceChunk> chunks;
+  // Called on the forward pass's thread once layer l's KV is written for every chunk, where the
+  // executor reports layers (ModelExecutor::reports_layers); a layer-wise KV send hooks in here.
+  std::function<void(int32_t layer)> after_layer;
 };
 
 class LlamaModel {

@@ -149,9 +149,10 @@ Status Scheduler::import(SequenceId id, std::vector<int32_t> tokens, int32_t num
   return ok_status();
 }
 
-void Scheduler::activate(SequenceId id) {
+void Scheduler::activate(SequenceId id, int32_t first_token) {
   Sequence& s = seqs_.at(id);
   PD_CHECK(s.landing);
+  if (first_token >= 0) s.tokens.back() = first_token;
   s.landing = false;
   --num_landing_;
   s.num_computed = s.num_prompt;

@@ -78,8 +78,10 @@ class Scheduler {
   // or sequences wait (they go first). A landing sequence is neither running nor waiting;
   // remove() drops it.
   Status import(SequenceId seq, std::vector<int32_t> tokens, int32_t num_prompt);
-  // The imported KV has landed: the sequence runs (decoding) from the next plan.
-  void activate(SequenceId seq);
+  // The imported KV has landed: the sequence runs (decoding) from the next plan. first_token >= 0
+  // replaces the last of the imported tokens (a placeholder when the first token came with the
+  // KV, as in a layer-wise transfer).
+  void activate(SequenceId seq, int32_t first_token = -1);
   int32_t num_landing() const { return num_landing_; }
 
   std::span<const int32_t> tokens(SequenceId seq) const;
