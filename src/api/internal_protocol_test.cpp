@@ -97,6 +97,22 @@ TEST(InternalProtocol, OutputsAndPulledEventsRoundTrip) {
   ASSERT_TRUE(b.handoff.has_value());
   EXPECT_EQ(b.handoff->kv, o.handoff->kv);
 
+  // An early (layer-wise) handoff: unfinished, first token -1, with the cached prompt tokens.
+  EngineOutput early;
+  early.handoff = sample_handoff();
+  early.handoff->first_token = -1;
+  early.cached_prompt_tokens = 32;
+  auto eh = decode_stream_event(encode_stream_event(StreamEvent(early)));
+  ASSERT_TRUE(eh.ok()) << eh.status().to_string();
+  const EngineOutput& be = std::get<EngineOutput>(*eh);
+  EXPECT_FALSE(be.finished);
+  ASSERT_TRUE(be.handoff.has_value());
+  EXPECT_EQ(be.handoff->first_token, -1);
+  EXPECT_EQ(be.cached_prompt_tokens, 32);
+  // ... and an unfinished one that names a first token is refused.
+  early.handoff->first_token = 5;
+  EXPECT_FALSE(decode_stream_event(encode_stream_event(StreamEvent(early))).ok());
+
   EngineOutput failed;
   failed.finished = true;
   failed.finish_reason = "error";

@@ -18,8 +18,9 @@ from test_server import PROMPTS, chat, stream_text
 class Cluster:
     """Prefill and decode instance processes and a gateway over them."""
 
-    def __init__(self, transport, prefills=1, decodes=1, gateway_args=()):
+    def __init__(self, transport, prefills=1, decodes=1, gateway_args=(), layer_wise=False):
         self.transport = transport
+        self.layer_wise = layer_wise
         self.prefills = [self.start_instance("prefill") for _ in range(prefills)]
         self.decodes = [self.start_instance("decode") for _ in range(decodes)]
         args = [a for p in self.prefills for a in ("--prefill", p.address)]
@@ -28,6 +29,8 @@ class Cluster:
 
     def start_instance(self, role, port=0):
         args = ["--role", role, "--threads", "1", "--transport", self.transport, "--kv-cache-memory", "64MiB"]
+        if self.layer_wise and role == "prefill":
+            args += ["--kv-layer-wise"]
         if port:
             args += ["--port", str(port)]
         return Server(*args, command="instance")
@@ -63,11 +66,12 @@ def has_ucx():
     return "ucx" in r.stdout
 
 
-@pytest.fixture(scope="module", params=["shm", "tcp", "ucx"])
+@pytest.fixture(scope="module", params=["shm", "tcp", "ucx", "shm-layer-wise", "tcp-layer-wise"])
 def cluster(request):
     if request.param == "ucx" and not has_ucx():
         pytest.skip("this pdserve was built without UCX (install libucx-dev and rebuild)")
-    c = Cluster(request.param)
+    transport, _, layer_wise = request.param.partition("-")
+    c = Cluster(transport, layer_wise=bool(layer_wise))
     yield c
     assert c.stop() == [0, 0, 0], "".join(c.gateway.log)
 
@@ -88,6 +92,8 @@ def test_greedy_output_equals_aggregated_mode(server, cluster):
     m = cluster.gateway.wait_idle()
     assert m["pdserve_handoffs_total"] >= len(prompts)
     assert m["pdserve_kv_pulls_failed_total"] == 0
+    # Layer-wise: every KV left during its prefill's last pass (the prompts fit one step).
+    assert m["pdserve_layer_wise_handoffs_total"] == (m["pdserve_handoffs_total"] if cluster.layer_wise else 0)
     assert wait_until(lambda: instance_stats(cluster.prefills[0])["metrics"]["prefill_slots_in_use"] == 0)
 
 
@@ -152,6 +158,32 @@ def test_killing_a_prefill_before_the_first_token_retries_on_another():
             r = fut.result(timeout=300)
         assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
         assert c.gateway.metrics()["pdserve_gateway_prefill_retries_total"] >= 1
+    finally:
+        c.stop()
+
+
+def test_killing_a_layer_wise_prefill_after_its_early_handoff_retries_on_another():
+    """The decode is already pulling the layers when the prefill dies: that attempt is given up and
+    the request is prefilled again on the other prefill."""
+    c = Cluster("shm", prefills=2, layer_wise=True)
+    try:
+        client = c.gateway.client()
+        long_prompt = "Here is a long document. " + "The river flows quietly past the old mill. " * 50
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(complete, client, long_prompt, max_tokens=8)
+            # The early handoff reached the decode, whose pull waits on the prefill's layers.
+            assert wait_until(lambda: instance_stats(c.decodes[0])["metrics"]["kv_pulls_in_flight"] == 1,
+                              timeout=60)
+            busy = [p for p in c.prefills if instance_stats(p)["metrics"]["prefill_slots_in_use"] == 1]
+            assert len(busy) == 1
+            busy[0].kill()
+            r = fut.result(timeout=300)
+        assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+        m = c.gateway.metrics()
+        assert m["pdserve_gateway_prefill_retries_total"] >= 1
+        assert m["pdserve_layer_wise_handoffs_total"] >= 1
+        d = instance_stats(c.decodes[0])["metrics"]
+        assert d["kv_pulls_in_flight"] == 0 and d["running"] == 0
     finally:
         c.stop()
 
