@@ -264,7 +264,8 @@ StatusOr<EngineOutput> output_from(const json& j) {
     if (!o.finished) {
       PD_RETURN_IF_ERROR(r.integer("cached_prompt_tokens", o.cached_prompt_tokens, 0, kI32Max));
       if (o.handoff->first_token != -1)
-        return invalid_argument("output: an unfinished output's handoff must have first_token -1 (layer-wise)");
+        return invalid_argument(
+            "output: an unfinished output's handoff must have first_token -1 (layer-wise)");
     }
   }
   return o;

@@ -229,10 +229,11 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
                  "fetched it")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{100}, int64_t{3'600'000}));
-  cmd.add_flag("--kv-layer-wise", f.kv_layer_wise,
-               "Prefill: send each prompt's KV layer by layer while the forward pass that completes it runs, so "
-               "the decode pulls it during the prefill instead of after it (CPU engine; inproc, shm and tcp "
-               "transports)");
+  cmd.add_flag(
+      "--kv-layer-wise", f.kv_layer_wise,
+      "Prefill: send each prompt's KV layer by layer while the forward pass that completes it runs, so "
+      "the decode pulls it during the prefill instead of after it (CPU engine; inproc, shm and tcp "
+      "transports)");
 }
 
 StatusOr<EngineOptions> engine_options(const EngineFlags& f, const ModelConfig& cfg) {

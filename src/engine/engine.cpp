@@ -121,9 +121,10 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise() &&
                   kv_view_.memory == KvMemory::kHost;
     if (!layer_wise_)
-      PD_LOG_WARN("engine: layer-wise KV transfer needs the CPU engine and the inproc, shm or tcp transport "
-                  "(this is {} over {}); the KV leaves whole after the first token",
-                  executor_->device(), transport_kind_name(options.kv_send->kind()));
+      PD_LOG_WARN(
+          "engine: layer-wise KV transfer needs the CPU engine and the inproc, shm or tcp transport "
+          "(this is {} over {}); the KV leaves whole after the first token",
+          executor_->device(), transport_kind_name(options.kv_send->kind()));
   }
   thread_ = std::thread([this] { loop(); });
 }
@@ -590,7 +591,8 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
   }
   if (a.early) {
     Status st = a.early_error;
-    if (st.ok()) st = options_.kv_send->publish_progress(a.early->handle.ref(), config_.num_layers, first_token);
+    if (st.ok())
+      st = options_.kv_send->publish_progress(a.early->handle.ref(), config_.num_layers, first_token);
     if (!st.ok()) {
       last.finish_reason = "error";
       last.error = unavailable(

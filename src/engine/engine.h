@@ -154,7 +154,9 @@ class RequestHandle {
   // alone).
   explicit RequestHandle(std::shared_ptr<const RequestHandle> parent) : parent_(std::move(parent)) {}
   void cancel() { cancelled_.store(true, std::memory_order_relaxed); }
-  bool cancelled() const { return cancelled_.load(std::memory_order_relaxed) || (parent_ && parent_->cancelled()); }
+  bool cancelled() const {
+    return cancelled_.load(std::memory_order_relaxed) || (parent_ && parent_->cancelled());
+  }
 
  private:
   std::atomic<bool> cancelled_{false};
@@ -167,12 +169,12 @@ struct EngineMetrics {
   int32_t waiting = 0;  // in the scheduler's queue and not yet picked up
   KvCacheStats kv;
   int64_t preemptions_total = 0;
-  int64_t prompt_tokens_total = 0;     // prompt tokens of finished requests
-  int64_t generated_tokens_total = 0;  // tokens sampled
-  int64_t computed_tokens_total = 0;   // tokens run through the model (prefill + decode)
-  int32_t prefill_slots_in_use = 0;    // prefill role: accepted, KV not yet released
-  int32_t handoffs_outstanding = 0;    // prefill role: KV waiting in send buffers
-  int64_t handoffs_total = 0;          // prefill role
+  int64_t prompt_tokens_total = 0;        // prompt tokens of finished requests
+  int64_t generated_tokens_total = 0;     // tokens sampled
+  int64_t computed_tokens_total = 0;      // tokens run through the model (prefill + decode)
+  int32_t prefill_slots_in_use = 0;       // prefill role: accepted, KV not yet released
+  int32_t handoffs_outstanding = 0;       // prefill role: KV waiting in send buffers
+  int64_t handoffs_total = 0;             // prefill role
   int64_t layer_wise_handoffs_total = 0;  // prefill role: of which the KV left layer by layer
   int64_t handoff_leases_expired_total = 0;
   int32_t decode_pending = 0;         // decode role: handed-off requests waiting for a seat
@@ -342,7 +344,7 @@ class Engine : public Instance {
   std::vector<RowDraw> draws_;        // their draws
   std::vector<int32_t> batch_tokens_;
   std::vector<SequenceId> early_;  // prefill role: this step's layer-wise sends
-  bool layer_wise_ = false;         // prefill role: layer_wise_kv and the executor and pool allow it
+  bool layer_wise_ = false;        // prefill role: layer_wise_kv and the executor and pool allow it
   int64_t prompt_tokens_total_ = 0;
   int64_t generated_tokens_total_ = 0;
   int64_t computed_tokens_total_ = 0;

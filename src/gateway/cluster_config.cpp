@@ -137,7 +137,7 @@ const std::map<std::string, FlagType, std::less<>>& engine_keys() {
       {"prefill_slots", FlagType::kInteger},    {"decode_pending", FlagType::kInteger},
       {"handoff_lease_ms", FlagType::kInteger}, {"http_threads", FlagType::kInteger},
       {"kv_listen", FlagType::kString},         {"device", FlagType::kString},
-      {"kv_send_memory", FlagType::kString},     {"kv_layer_wise", FlagType::kBoolean},
+      {"kv_send_memory", FlagType::kString},    {"kv_layer_wise", FlagType::kBoolean},
   };
   return keys;
 }

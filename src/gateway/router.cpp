@@ -299,7 +299,9 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
       std::lock_guard<std::mutex> lock(f->out_mu);
       attempt = f->attempt;
     }
-    auto sink = [this, f, idx, attempt](EngineOutput&& o) { on_decode_output(f, idx, attempt, std::move(o)); };
+    auto sink = [this, f, idx, attempt](EngineOutput&& o) {
+      on_decode_output(f, idx, attempt, std::move(o));
+    };
     // The decode has the KV (or gave up on it): the prefill frees the slot and the buffer.
     auto on_pulled = [this, prefill, kv](const Status&) {
       (void)prefill->release_handoff(kv);
@@ -347,12 +349,15 @@ void Router::hand_early(const std::shared_ptr<Flight>& f, size_t prefill_idx, co
       std::lock_guard<std::mutex> lock(mu_);
       ++decode_open_[idx];
     }
-    auto sink = [this, f, idx, attempt](EngineOutput&& o) { on_decode_output(f, idx, attempt, std::move(o)); };
+    auto sink = [this, f, idx, attempt](EngineOutput&& o) {
+      on_decode_output(f, idx, attempt, std::move(o));
+    };
     auto on_pulled = [this, prefill, kv](const Status&) {
       (void)prefill->release_handoff(kv);
       notify_capacity();
     };
-    auto accepted = decodes_[idx]->submit_handoff(f->request, handoff, std::move(sink), std::move(on_pulled), child);
+    auto accepted =
+        decodes_[idx]->submit_handoff(f->request, handoff, std::move(sink), std::move(on_pulled), child);
     if (accepted.ok()) {
       std::lock_guard<std::mutex> lock(f->out_mu);
       f->early_decode = true;

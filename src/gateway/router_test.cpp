@@ -367,9 +367,11 @@ TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
     std::vector<Result> got = run_all(*c.router, requests);
     ASSERT_EQ(got.size(), expected.size());
     for (size_t i = 0; i < got.size(); ++i) {
-      EXPECT_EQ(got[i].tokens, expected[i].tokens) << "prompt " << i << ", decode block size " << decode_block_size;
+      EXPECT_EQ(got[i].tokens, expected[i].tokens)
+          << "prompt " << i << ", decode block size " << decode_block_size;
       EXPECT_EQ(got[i].text, expected[i].text) << "prompt " << i;
-      EXPECT_EQ(got[i].finish_reason, expected[i].finish_reason) << "prompt " << i << " " << got[i].error.to_string();
+      EXPECT_EQ(got[i].finish_reason, expected[i].finish_reason)
+          << "prompt " << i << " " << got[i].error.to_string();
     }
     int64_t handoffs = 0, layer_wise = 0;
     for (auto& p : c.prefills) {

@@ -124,8 +124,8 @@ class InprocPuller final : public QueuedPuller {
     const auto body = bytes.subspan(kKvWireHeaderBytes);
     if (header.flags & kKvWireLayerWise) {
       auto wait = [&](int32_t layers, bool need_token) -> StatusOr<LayerProgress> {
-        PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p,
-                            core.wait_progress(handle.ref(), layers, need_token, io_timeout_ms_, cancel_flag()));
+        PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p, core.wait_progress(handle.ref(), layers, need_token,
+                                                                         io_timeout_ms_, cancel_flag()));
         return LayerProgress{p.layers_ready, p.first_token};
       };
       PD_ASSIGN_OR_RETURN(int32_t first_token, scatter_layer_wise(body, header, target, wait));

@@ -281,7 +281,8 @@ StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const i
 }
 
 Status KvSendPool::publish_progress(KvBufferRef, int32_t, int32_t) {
-  return unimplemented(fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(kind())));
+  return unimplemented(
+      fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(kind())));
 }
 
 StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens) {
@@ -290,7 +291,8 @@ StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& la
         fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(pool.kind())));
   PD_RETURN_IF_ERROR(layout.validate());
   if (num_tokens < 1 || num_tokens > kKvWireMaxTokens)
-    return invalid_argument(fmt::format("a layer-wise send of {} tokens (1..{})", num_tokens, kKvWireMaxTokens));
+    return invalid_argument(
+        fmt::format("a layer-wise send of {} tokens (1..{})", num_tokens, kKvWireMaxTokens));
   KvWireHeader header = make_kv_wire_header(layout, num_tokens);
   header.flags = kKvWireLayerWise;
   PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
@@ -305,12 +307,14 @@ StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& la
 
 Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvView& src,
                      std::span<const int32_t> block_table, int32_t layer) {
-  if (src.layout != send.layout) return invalid_argument("send_kv_layer: the source's layout is not the send's");
+  if (src.layout != send.layout)
+    return invalid_argument("send_kv_layer: the source's layout is not the send's");
   if (layer < 0 || layer >= send.layout.num_layers)
     return invalid_argument(fmt::format("send_kv_layer: layer {} of {}", layer, send.layout.num_layers));
   const uint64_t layer_bytes = send.layout.layer_body_bytes(send.num_tokens);
-  PD_RETURN_IF_ERROR(gather_kv_layer(src, block_table, send.num_tokens, layer,
-                                     send.body.subspan(static_cast<size_t>(layer) * layer_bytes, layer_bytes)));
+  PD_RETURN_IF_ERROR(
+      gather_kv_layer(src, block_table, send.num_tokens, layer,
+                      send.body.subspan(static_cast<size_t>(layer) * layer_bytes, layer_bytes)));
   return pool.publish_progress(send.handle.ref(), layer + 1, -1);
 }
 

@@ -182,9 +182,9 @@ enum class TransferPhase { kPending, kDone, kFailed };
 
 struct TransferState {
   TransferPhase phase = TransferPhase::kPending;
-  Status error;            // kFailed: what went wrong
-  int32_t num_tokens = 0;  // kDone: tokens scattered into the target
-  uint64_t bytes = 0;      // kDone: wire bytes moved (header + body)
+  Status error;              // kFailed: what went wrong
+  int32_t num_tokens = 0;    // kDone: tokens scattered into the target
+  uint64_t bytes = 0;        // kDone: wire bytes moved (header + body)
   int32_t first_token = -1;  // kDone, a layer-wise buffer: the first token its prefill published
 };
 

@@ -409,7 +409,8 @@ TEST(LayerWiseKvTest, WholeBufferPublishAndOtherTransportsRefuseIt) {
     StatusOr<std::unique_ptr<KvSendPool>> ucx = make_send_pool(TransportKind::kUcx, small_options());
     ASSERT_TRUE(ucx.ok()) << ucx.status().to_string();
     EXPECT_FALSE((*ucx)->supports_layer_wise());
-    EXPECT_EQ(begin_layer_wise_kv(**ucx, s.layout, s.tokens).status().code(), StatusCode::kFailedPrecondition);
+    EXPECT_EQ(begin_layer_wise_kv(**ucx, s.layout, s.tokens).status().code(),
+              StatusCode::kFailedPrecondition);
   }
 }
 
@@ -992,7 +993,8 @@ TEST_P(LayerWiseTwoProcessTest, FinishesOrDies) {
                                                : StatusOr<LayerWiseSend>(pool.status());
       const std::string text = send.ok() ? send->handle.to_string() : "error";
       const uint32_t n = static_cast<uint32_t>(text.size());
-      if (::write(to_parent[1], &n, 4) != 4 || ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
+      if (::write(to_parent[1], &n, 4) != 4 ||
+          ::write(to_parent[1], text.data(), n) != static_cast<ssize_t>(n))
         code = 2;
       if (!send.ok()) ::_exit(5);
       for (int32_t l = 0; l < 2; ++l) {

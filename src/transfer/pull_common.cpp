@@ -140,9 +140,10 @@ void QueuedPuller::loop() {
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
                              const KvScatterTarget& target, uint64_t sender_bytes, bool layer_wise_ok) {
   if ((header.flags & kKvWireLayerWise) && (!layer_wise_ok || handle.mode != KvTransferMode::kContiguous))
-    return unimplemented(fmt::format("the KV was sent layer-wise, which the {} transport does not follow{}",
-                                     transport_kind_name(handle.kind),
-                                     handle.mode != KvTransferMode::kContiguous ? " in block-fixed mode" : ""));
+    return unimplemented(
+        fmt::format("the KV was sent layer-wise, which the {} transport does not follow{}",
+                    transport_kind_name(handle.kind),
+                    handle.mode != KvTransferMode::kContiguous ? " in block-fixed mode" : ""));
   if (header.generation != handle.generation)
     return failed_precondition(
         fmt::format("KV header generation {} != handle generation {}: the buffer was reused",
@@ -177,8 +178,8 @@ StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWire
     if (ready <= done) return internal_error("layer-wise progress went backwards");
     const uint64_t from = static_cast<uint64_t>(done) * layer_bytes;
     const uint64_t len = static_cast<uint64_t>(ready - done) * layer_bytes;
-    PD_RETURN_IF_ERROR(scatter_kv_range(body.subspan(from, len), from, header.num_tokens, target.view,
-                                        target.block_table));
+    PD_RETURN_IF_ERROR(
+        scatter_kv_range(body.subspan(from, len), from, header.num_tokens, target.view, target.block_table));
     done = ready;
   }
   PD_ASSIGN_OR_RETURN(LayerProgress p, wait(num_layers, true));

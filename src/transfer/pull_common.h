@@ -9,9 +9,9 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <functional>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -68,8 +68,8 @@ class QueuedPuller : public KvPuller {
   TransferId next_id_ = 1;                                // guarded by mu_
   TransferId running_ = 0;                                // guarded by mu_; 0: none
   std::atomic<bool> cancel_running_{false};
-  bool stopping_ = false;                                 // guarded by mu_
-  KvPullerStats stats_;                                   // guarded by mu_
+  bool stopping_ = false;  // guarded by mu_
+  KvPullerStats stats_;    // guarded by mu_
   std::thread thread_;
 };
 
@@ -78,7 +78,8 @@ class QueuedPuller : public KvPuller {
 // total size against the handle (and against what the sender says it holds, when it says), and
 // that a layer-wise header reaches a puller that follows progress (`layer_wise_ok`).
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
-                             const KvScatterTarget& target, uint64_t sender_bytes, bool layer_wise_ok = false);
+                             const KvScatterTarget& target, uint64_t sender_bytes,
+                             bool layer_wise_ok = false);
 
 // A layer-wise buffer's progress as its sender published it.
 struct LayerProgress {

@@ -96,8 +96,8 @@ int32_t SendPoolCore::pick_slot_locked() const {
 
 void SendPoolCore::notify_locked(uint32_t id, const Slot& slot) {
   if (!listener_) return;
-  listener_(id, SlotSnapshot{slot.state, slot.generation, slot.mode, slot.offset, slot.bytes, slot.layers_ready,
-                             slot.first_token});
+  listener_(id, SlotSnapshot{slot.state, slot.generation, slot.mode, slot.offset, slot.bytes,
+                             slot.layers_ready, slot.first_token});
 }
 
 bool SendPoolCore::expired_locked(const Slot& slot, int64_t now) const {
@@ -309,8 +309,9 @@ StatusOr<SendPoolCore::Progress> SendPoolCore::wait_progress(KvBufferRef ref, in
   for (;;) {
     PD_ASSIGN_OR_RETURN(Slot * s, find_locked(ref, "pull"));
     if (s->state != SlotState::kCommitted)
-      return failed_precondition(fmt::format("KV buffer {} is {}: its prefill gave it up before it was complete",
-                                             ref.buffer_id, state_name(s->state)));
+      return failed_precondition(
+          fmt::format("KV buffer {} is {}: its prefill gave it up before it was complete", ref.buffer_id,
+                      state_name(s->state)));
     if (s->layers_ready >= layers && (!need_first_token || s->first_token >= 0))
       return Progress{s->layers_ready, s->first_token};
     if (s->layers_ready != seen) {  // the timeout counts from the latest progress

@@ -145,7 +145,7 @@ class SendPoolCore {
 
   mutable std::mutex mu_;
   std::condition_variable unpinned_;
-  std::condition_variable progress_;  // a layer-wise buffer moved on, or left the committed state
+  std::condition_variable progress_;          // a layer-wise buffer moved on, or left the committed state
   std::vector<Slot> slots_;                   // guarded by mu_
   std::map<uint64_t, uint64_t> free_ranges_;  // offset → bytes; guarded by mu_
   uint64_t next_generation_;                  // guarded by mu_

@@ -18,8 +18,9 @@
 // written: the puller scatters each layer once the record's progress counts it (polling the
 // record, backing off to 1 ms), gives up when the buffer leaves the committed state, when the
 // segment's path no longer names it (a memfd segment's owner has exited) or when no progress
-// comes within the I/O timeout, and takes the first token from the record at the end. The prefill writes a record's state before its
-// other fields when a buffer leaves the committed state, and after them when it enters it.
+// comes within the I/O timeout, and takes the first token from the record at the end. The prefill writes a
+// record's state before its other fields when a buffer leaves the committed state, and after them when it
+// enters it.
 //
 // Block-fixed pull (the baseline): a decode claims a channel (CAS owner 0 → its pid; a dead
 // owner's channel is taken over), writes buffer id and generation, bumps the channel's
@@ -446,7 +447,9 @@ class ShmPuller final : public QueuedPuller {
     PD_RETURN_IF_ERROR(check_header_for_pull(header, handle, target, bytes, /*layer_wise_ok=*/true));
     const auto body = message.subspan(kKvWireHeaderBytes);
     if (header.flags & kKvWireLayerWise) {
-      auto wait = [&](int32_t layers, bool need_token) { return wait_progress(seg, handle, layers, need_token); };
+      auto wait = [&](int32_t layers, bool need_token) {
+        return wait_progress(seg, handle, layers, need_token);
+      };
       PD_ASSIGN_OR_RETURN(int32_t first_token, scatter_layer_wise(body, header, target, wait));
       PD_RETURN_IF_ERROR(check_unchanged(seg, handle));
       return PullResult{header.num_tokens, bytes, first_token};
@@ -477,14 +480,16 @@ class ShmPuller final : public QueuedPuller {
       if (cancel_flag()->load()) return Status(StatusCode::kCancelled, "the pull was cancelled");
       // A memfd segment's path (/proc/<pid>/fd/<fd>) vanishes when its process exits.
       if (polls % 16 == 15 && !seg.file.same_file(handle.endpoint))
-        return unavailable(fmt::format("the prefill that owns {} has gone before its layer-wise KV was complete "
-                                       "({} layers ready)",
-                                       handle.endpoint, p.layers_ready));
+        return unavailable(
+            fmt::format("the prefill that owns {} has gone before its layer-wise KV was complete "
+                        "({} layers ready)",
+                        handle.endpoint, p.layers_ready));
       if (Clock::now() >= deadline)
-        return Status(StatusCode::kDeadlineExceeded,
-                      fmt::format("the prefill published no progress for {} ms ({} layers ready, waiting for "
-                                  "{}{})",
-                                  io_timeout_ms_, p.layers_ready, layers, need_token ? " and the first token" : ""));
+        return Status(
+            StatusCode::kDeadlineExceeded,
+            fmt::format("the prefill published no progress for {} ms ({} layers ready, waiting for "
+                        "{}{})",
+                        io_timeout_ms_, p.layers_ready, layers, need_token ? " and the first token" : ""));
       std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
       sleep_us = std::min<int64_t>(sleep_us * 2, 1000);
     }

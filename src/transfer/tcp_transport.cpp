@@ -316,7 +316,8 @@ class TcpSendPool final : public CoreSendPool {
                                   static_cast<uint64_t>(ready - sent) * layer_bytes, "KV layers"));
       sent = ready;
     }
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p, core_->wait_progress(ref, num_layers, true, io_timeout_ms_, &stop_));
+    PD_ASSIGN_OR_RETURN(SendPoolCore::Progress p,
+                        core_->wait_progress(ref, num_layers, true, io_timeout_ms_, &stop_));
     uint8_t trailer[4];
     store_le<int32_t>(trailer, p.first_token);
     PD_RETURN_IF_ERROR(send_all(fd, trailer, sizeof trailer, "KV first token"));
@@ -399,9 +400,9 @@ class TcpPuller final : public QueuedPuller {
     uint8_t header_bytes[kKvWireHeaderBytes];
     PD_RETURN_IF_ERROR(recv_all(fd.get(), header_bytes, sizeof header_bytes, "KV header").with_context(peer));
     StatusOr<KvWireHeader> header = decode_kv_wire_header(header_bytes);
-    Status checked =
-        header.ok() ? check_header_for_pull(*header, handle, target, resp.payload_bytes, /*layer_wise_ok=*/true)
-                    : header.status();
+    Status checked = header.ok() ? check_header_for_pull(*header, handle, target, resp.payload_bytes,
+                                                         /*layer_wise_ok=*/true)
+                                 : header.status();
     if (checked.ok()) checked = check_block_size(handle, resp);
     if (!checked.ok()) {
       const uint8_t abort = kAbort;
