@@ -266,6 +266,10 @@ StatusOr<EngineOutput> output_from(const json& j) {
       if (o.handoff->first_token != -1)
         return invalid_argument(
             "output: an unfinished output's handoff must have first_token -1 (layer-wise)");
+      if (!o.tokens.empty() || !o.text.empty())
+        return invalid_argument("output: an early (layer-wise) handoff carries no tokens or text");
+    } else if (o.handoff->first_token < 0) {
+      return invalid_argument("output: a final handoff must name its first token");
     }
   }
   return o;

@@ -109,9 +109,15 @@ TEST(InternalProtocol, OutputsAndPulledEventsRoundTrip) {
   ASSERT_TRUE(be.handoff.has_value());
   EXPECT_EQ(be.handoff->first_token, -1);
   EXPECT_EQ(be.cached_prompt_tokens, 32);
-  // ... and an unfinished one that names a first token is refused.
+  // ... and an unfinished one that names a first token, or carries text, is refused; so is a
+  // final one without its first token.
   early.handoff->first_token = 5;
   EXPECT_FALSE(decode_stream_event(encode_stream_event(StreamEvent(early))).ok());
+  early.handoff->first_token = -1;
+  early.text = "x";
+  EXPECT_FALSE(decode_stream_event(encode_stream_event(StreamEvent(early))).ok());
+  o.handoff->first_token = -1;
+  EXPECT_FALSE(decode_stream_event(encode_stream_event(StreamEvent(o))).ok());
 
   EngineOutput failed;
   failed.finished = true;

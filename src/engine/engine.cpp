@@ -385,6 +385,8 @@ void Engine::loop() {
     }
     admit_incoming(incoming);
     if (stopping) {
+      // A layer-wise pull may wait long on its prefill: give them up rather than wait.
+      for (SequenceId id : pulling_) options_.kv_puller->cancel(active_.at(id)->transfer);
       land_pulls(/*wait=*/true);
       std::vector<SequenceId> ids;
       for (auto& [id, a] : active_) ids.push_back(id);
@@ -494,10 +496,6 @@ void Engine::land_pulls(bool wait) {
     pulling_.erase(pulling_.begin() + static_cast<std::ptrdiff_t>(i));
     a.pulling = false;
     pull_blocked_ = false;
-    PulledCallback on_pulled = std::move(a.on_pulled);
-    a.on_pulled = nullptr;
-    if (on_pulled) on_pulled(ts.phase == TransferPhase::kDone ? ok_status() : ts.error);
-    EngineOutput out;
     if (ts.phase == TransferPhase::kDone && a.handoff->first_token < 0) {
       // Layer-wise: the first token came with the KV.
       if (ts.first_token < 0 || ts.first_token >= config_.vocab_size) {
@@ -510,14 +508,18 @@ void Engine::land_pulls(bool wait) {
         a.sampler.skip(1);
       }
     }
-    if (ts.phase != TransferPhase::kDone) {
+    PulledCallback on_pulled = std::move(a.on_pulled);
+    a.on_pulled = nullptr;
+    if (on_pulled) on_pulled(ts.phase == TransferPhase::kDone ? ok_status() : ts.error);
+    EngineOutput out;
+    if (a.handle->cancelled()) {  // whatever became of its pull (a waiting one was given up)
+      out.finish_reason = "cancelled";
+      finish(id, std::move(out));
+    } else if (ts.phase != TransferPhase::kDone) {
       ++kv_pulls_failed_total_;
       out.finish_reason = "error";
       out.error = unavailable(fmt::format(
           "the KV cache of this request could not be fetched from its prefill: {}", ts.error.message()));
-      finish(id, std::move(out));
-    } else if (a.handle->cancelled()) {
-      out.finish_reason = "cancelled";
       finish(id, std::move(out));
     } else {
       scheduler_.activate(id, a.handoff->first_token);
@@ -554,26 +556,15 @@ void Engine::send_layer(int32_t layer) {
   }
 }
 
-bool Engine::end_early_writing(Active& a, bool give_up) {
+KvBufferRef Engine::drop_early(Active& a) {
   const KvBufferRef ref = a.early->handle.ref();
   a.early.reset();
-  bool free_it = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldHandoff& h) { return h.kv == ref; });
-    PD_CHECK(it != held_.end());
-    it->writing = false;
-    free_it = give_up || it->release_asked;
-    if (free_it) {  // the slot goes with the request, which then finishes otherwise than "handoff"
-      held_.erase(it);
-      sync_transfer_metrics();
-    }
-  }
-  if (free_it) {
-    Status st = options_.kv_send->release(ref);
-    if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", ref.buffer_id, st.message());
-  }
-  return free_it;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find_if(held_.begin(), held_.end(), [&](const HeldHandoff& h) { return h.kv == ref; });
+  PD_CHECK(it != held_.end());
+  held_.erase(it);  // the slot goes with the request, which finishes otherwise than "handoff"
+  sync_transfer_metrics();
+  return ref;
 }
 
 void Engine::hand_off(SequenceId id, EngineOutput& out) {
@@ -591,8 +582,30 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
   }
   if (a.early) {
     Status st = a.early_error;
-    if (st.ok())
-      st = options_.kv_send->publish_progress(a.early->handle.ref(), config_.num_layers, first_token);
+    bool given_up = false;
+    {
+      // Under mu_, so that a release either came before (the decode gave up without the KV) or
+      // comes after the buffer is complete and an ordinary one (release_handoff checks `writing`).
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = std::find_if(held_.begin(), held_.end(),
+                             [&](const HeldHandoff& h) { return h.kv == a.early->handle.ref(); });
+      PD_CHECK(it != held_.end());
+      given_up = it->release_asked;
+      if (!given_up && st.ok()) {
+        st = options_.kv_send->publish_progress(it->kv, config_.num_layers, first_token);
+        if (st.ok()) {
+          it->writing = false;
+          // The lease counts from the first token, as for a whole-KV handoff.
+          it->deadline =
+              std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.handoff_lease_ms);
+        }
+      }
+    }
+    if (given_up) {  // the decode that took the early handoff gave it up (its error ends the request)
+      last.finish_reason = "cancelled";
+      finish(id, std::move(last));
+      return;
+    }
     if (!st.ok()) {
       last.finish_reason = "error";
       last.error = unavailable(
@@ -600,13 +613,8 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
       finish(id, std::move(last));
       return;
     }
-    KvHandle kv = a.early->handle;
-    if (end_early_writing(a, /*give_up=*/false)) {
-      // The decode that took the early handoff gave it up meanwhile (its error ends the request).
-      last.finish_reason = "cancelled";
-      finish(id, std::move(last));
-      return;
-    }
+    KvHandle kv = std::move(a.early->handle);
+    a.early.reset();
     ++handoffs_total_;
     ++layer_wise_handoffs_total_;
     last.handoff = EngineHandoff{std::move(kv), first_token, num_prompt};
@@ -797,7 +805,10 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   auto it = active_.find(id);
   PD_CHECK(it != active_.end());
   Active& a = *it->second;
-  if (a.early) (void)end_early_writing(a, /*give_up=*/true);  // pulls waiting on it fail
+  // A layer-wise buffer the request gives up is released after its last output has gone out:
+  // pulls waiting on it then fail, and a router has voided that decode attempt by then.
+  std::optional<KvBufferRef> give_up;
+  if (a.early) give_up = drop_early(a);
   if (last.finish_reason == "cancelled" || last.finish_reason == "error") {
     TextStream::Update u = a.stream.finish(last.finish_reason);
     last.text += u.text;
@@ -817,6 +828,10 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   // Metrics first, so whoever sees the final output also sees the blocks freed.
   publish_metrics(0);
   sink(std::move(last));
+  if (give_up) {
+    Status st = options_.kv_send->release(*give_up);
+    if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", give_up->buffer_id, st.message());
+  }
 }
 
 void Engine::publish_metrics(double step_seconds) {

@@ -317,9 +317,9 @@ class Engine : public Instance {
   // handoff (nothing when the pool has no buffer free now); send_layer() fills it.
   void begin_early_handoff(SequenceId id);
   void send_layer(int32_t layer);
-  // Ends the engine's writing of a layer-wise buffer: frees it when `give_up` (the request ended
-  // otherwise) or when a release came meanwhile. Whether it was freed.
-  bool end_early_writing(Active& a, bool give_up);
+  // Forgets the layer-wise buffer of a request that ends otherwise than "handoff"; the caller
+  // releases it.
+  KvBufferRef drop_early(Active& a);
   // Decode role: starts pulls for pending handoffs while seats and blocks allow; lands finished ones.
   void start_pulls();
   void land_pulls(bool wait);

@@ -209,8 +209,9 @@ class KvPuller {
   // Blocks until the transfer is done or failed; reports it like poll().
   virtual TransferState wait(TransferId id) = 0;
   // Gives up a pull: a queued one fails at once (CANCELLED); a running one fails as soon as it
-  // notices — at once while it waits for a layer-wise prefill's progress, otherwise it finishes
-  // first. Unknown or finished ids are ignored.
+  // notices — within milliseconds while it waits for a layer-wise prefill's progress over inproc
+  // or shm; otherwise (tcp, or moving bytes) it finishes first. Unknown or finished ids are
+  // ignored.
   virtual void cancel(TransferId id) = 0;
   virtual KvPullerStats stats() const = 0;
 

@@ -307,7 +307,15 @@ class LayerWiseTest : public ::testing::TestWithParam<TransportKind> {
     transport_ = std::move(*t);
   }
   // Waits (up to 5 s) until layer `layer` of the decode's blocks equals the prefill's.
+  // NOTE: it reads the target while the pull may still write other layers of it, which nothing
+  // orders (by design: the target is the puller's until the pull ends); ThreadSanitizer would
+  // report that, so under it the check is skipped and only the end result is checked.
   static bool layer_lands(const Scenario& s, int32_t layer) {
+#if defined(__SANITIZE_THREAD__)
+    (void)s;
+    (void)layer;
+    return true;
+#endif
     const uint64_t n = s.layout.layer_body_bytes(s.tokens);
     const auto want = reference_body(s.src, s.src_table, s.tokens);
     for (int i = 0; i < 500; ++i) {
@@ -874,7 +882,7 @@ TEST(TcpTransportTest, HostilePeers) {
       for (size_t i = 0; i < n; ++i) r[off + i] = static_cast<uint8_t>(v >> (8 * i));
     };
     put(0, magic, 4);
-    put(4, 1, 2);
+    put(4, 2, 2);  // protocol version
     put(8, code, 4);
     put(12, message_bytes, 4);
     put(16, payload, 8);

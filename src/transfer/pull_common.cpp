@@ -18,6 +18,7 @@ void QueuedPuller::stop() {
     std::lock_guard lock(mu_);
     if (stopping_ && !thread_.joinable()) return;
     stopping_ = true;
+    cancel_running_.store(true);  // a pull waiting on a layer-wise prefill gives up
   }
   work_cv_.notify_all();
   if (thread_.joinable()) thread_.join();

@@ -191,6 +191,8 @@ StatusOr<KvBufferRef> SendPoolCore::expose_paged(std::unique_ptr<PagedSource> so
   s.bytes = wire_bytes;
   s.reserved = 0;
   s.acquired_ms = now;
+  s.layers_ready = 0;
+  s.first_token = -1;
   // The header names the exposure's generation (a stale-buffer guard on the wire too).
   StatusOr<KvWireHeader> header = decode_kv_wire_header(source->header);
   PD_CHECK(header.ok());

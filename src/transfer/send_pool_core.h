@@ -93,7 +93,7 @@ class SendPoolCore {
   void unpin(uint32_t buffer_id);
 
   // A committed buffer's layer-wise progress (KvSendPool::publish_progress): layers_ready never
-  // goes down, the first token is set once. Wakes wait_progress().
+  // goes down; a first_token >= 0 sets the token. Wakes wait_progress().
   Status set_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token);
   struct Progress {
     int32_t layers_ready = 0;

@@ -5,7 +5,7 @@
 //
 // A record is 64 little-endian bytes: u64 generation, u32 state (SlotState), u32 mode
 // (KvTransferMode), u64 offset and u64 bytes of the buffer in the pool's range, then a layer-wise
-// buffer's progress: u32 layers ready and i32 first token (-1: not yet); the rest is zero. The
+// buffer's progress: i32 layers ready and i32 first token (-1: not yet); the rest is zero. The
 // pool writes it (write_slot_record, from its SlotListener); readers only load.
 // NOTE: records of pools older than the progress fields read as 0 layers ready, which only a
 // layer-wise pull waits on, and those pools never send layer-wise.

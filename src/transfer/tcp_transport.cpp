@@ -2,9 +2,9 @@
 // connections and receives the body straight into its KV blocks.
 //
 // Protocol (little-endian; one request at a time per connection, connections reused):
-//   decode → prefill  request, 32 bytes: magic "PDKQ", u16 version 1, u8 mode, u8 0,
+//   decode → prefill  request, 32 bytes: magic "PDKQ", u16 version 2, u8 mode, u8 0,
 //                     u32 buffer id, u32 0, u64 generation, u64 0
-//   prefill → decode  response, 32 bytes: magic "PDKR", u16 version 1, u16 0, u32 status code
+//   prefill → decode  response, 32 bytes: magic "PDKR", u16 version 2, u16 0, u32 status code
 //                     (0: OK), u32 message bytes (error: <= 1024, the message follows),
 //                     u64 payload bytes (OK: header + body), u32 source block size (block-fixed),
 //                     u32 0; on OK the 64-byte KV wire header follows
@@ -44,7 +44,8 @@ namespace {
 constexpr uint32_t kRequestMagic = 0x514B4450;   // "PDKQ"
 constexpr uint32_t kResponseMagic = 0x524B4450;  // "PDKR"
 constexpr uint32_t kPieceMagic = 0x424B4450;     // "PDKB"
-constexpr uint16_t kProtocolVersion = 1;
+// 2: a layer-wise body is followed by the first token (a version-1 peer would not read it).
+constexpr uint16_t kProtocolVersion = 2;
 constexpr size_t kRequestBytes = 32;
 constexpr size_t kResponseBytes = 32;
 constexpr size_t kPieceFrameBytes = 16;
