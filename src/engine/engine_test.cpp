@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <future>
+#include <thread>
 
 #include "engine/test_model.h"
 #include "kernels/gumbel.h"
@@ -275,6 +276,68 @@ TEST_F(EngineTest, RejectsWhatCanNeverRunAndAFullQueue) {
 
   EngineRequest empty;
   EXPECT_EQ(e.validate(empty).code(), StatusCode::kInvalidArgument);
+}
+
+// A layer-wise prefill: an early handoff (no tokens, first token -1) before the first token, then
+// the usual final handoff naming the same buffer; and a release that comes while the buffer is
+// still being written (a decode that gave up) ends the request "cancelled", freeing everything.
+TEST_F(EngineTest, LayerWisePrefillHandsOffEarlyAndHonoursAReleaseWhileWriting) {
+  KvTransportOptions to;
+  to.pool_capacity_bytes = uint64_t{16} << 20;
+  to.prefault_pool = false;
+  auto t = make_transport(TransportKind::kInproc, to);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  EngineOptions o = options();
+  o.role = EngineRole::kPrefill;
+  o.prefill_slots = 2;
+  o.kv_send = t->pool.get();
+  o.layer_wise_kv = true;
+  Engine e(*model_, *tokenizer_, *pool_, o);
+  for (bool release_early : {false, true}) {
+    SCOPED_TRACE(release_early ? "released while writing" : "plain");
+    std::vector<EngineOutput> outs;
+    std::promise<void> done;
+    auto sink = [&](EngineOutput&& out) {
+      if (out.handoff && !out.finished && release_early) {
+        EXPECT_TRUE(e.release_handoff(out.handoff->kv.ref()).ok());
+      }
+      const bool last = out.finished;
+      outs.push_back(std::move(out));
+      if (last) done.set_value();
+    };
+    ASSERT_TRUE(e.submit(request("The capital of France is", 8), sink).ok());
+    done.get_future().wait();
+    ASSERT_EQ(outs.size(), 3u);
+    ASSERT_TRUE(outs[0].handoff.has_value());
+    EXPECT_FALSE(outs[0].finished);
+    EXPECT_TRUE(outs[0].tokens.empty());
+    EXPECT_EQ(outs[0].handoff->first_token, -1);
+    ASSERT_EQ(outs[1].tokens.size(), 1u);  // the first token, streamed at once
+    EXPECT_TRUE(outs[2].finished);
+    if (release_early) {
+      EXPECT_EQ(outs[2].finish_reason, "cancelled");
+      EXPECT_FALSE(outs[2].handoff.has_value());
+    } else {
+      EXPECT_EQ(outs[2].finish_reason, "handoff");
+      ASSERT_TRUE(outs[2].handoff.has_value());
+      EXPECT_EQ(outs[2].handoff->kv, outs[0].handoff->kv);
+      EXPECT_EQ(outs[2].handoff->first_token, outs[1].tokens[0].id);
+      EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
+      // A second release of the same buffer is refused; the first frees the slot.
+      EXPECT_TRUE(e.release_handoff(outs[2].handoff->kv.ref()).ok());
+      EXPECT_EQ(e.release_handoff(outs[2].handoff->kv.ref()).code(), StatusCode::kNotFound);
+    }
+    EngineMetrics m = e.metrics();
+    EXPECT_EQ(m.prefill_slots_in_use, 0);
+    EXPECT_EQ(m.handoffs_outstanding, 0);
+    // A given-up buffer is released just after the request's last output.
+    for (int i = 0; i < 200 && t->pool->stats().buffers_in_use > 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    EXPECT_EQ(t->pool->stats().buffers_in_use, 0);
+  }
+  EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.handoffs_total, 1);
+  EXPECT_EQ(m.layer_wise_handoffs_total, 1);
 }
 
 }  // namespace

@@ -31,7 +31,8 @@ class Cluster {
   // layer_wise: the prefills send KV layer by layer, with a small step budget so that longer
   // prompts are prefilled in several chunks (only the last chunk's pass sends).
   Cluster(const testing::TestModel& m, int num_prefills, int32_t prefill_slots, const RouterOptions& ro,
-          int32_t decode_block_size = 16, int32_t decode_blocks = 256, bool layer_wise = false) {
+          int32_t decode_block_size = 16, int32_t decode_blocks = 256, bool layer_wise = false,
+          int32_t decode_pending = 8, int32_t decode_max_running = 64) {
     KvTransportOptions to;
     to.pool_capacity_bytes = uint64_t{64} << 20;
     to.prefault_pool = false;
@@ -54,6 +55,8 @@ class Cluster {
     o.block_size = decode_block_size;
     o.num_blocks = decode_blocks;
     o.kv_puller = transport_.puller.get();
+    o.decode_pending = decode_pending;
+    o.max_running = decode_max_running;
     o.on_capacity = notify;
     decode = std::make_unique<Engine>(*m.model, *m.tokenizer, *m.pool, o);
     std::vector<Instance*> ps;
@@ -362,8 +365,15 @@ TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
     Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
     expected = run_all(aggregated, requests);
   }
-  for (int32_t decode_block_size : {16, 5}) {
-    Cluster c(*model_, 2, 2, RouterOptions{}, decode_block_size, 256, /*layer_wise=*/true);
+  // Decode block size 5; and a decode with one seat and one pending place, which must refuse
+  // early handoffs while four prefill slots are busy: their KV goes by the final handoff instead.
+  struct Config {
+    int32_t block_size, pending, seats;
+  };
+  for (Config cfg : {Config{16, 8, 64}, Config{5, 8, 64}, Config{16, 1, 1}}) {
+    const int32_t decode_block_size = cfg.block_size;
+    Cluster c(*model_, 2, 2, RouterOptions{}, decode_block_size, 256, /*layer_wise=*/true, cfg.pending,
+              cfg.seats);
     std::vector<Result> got = run_all(*c.router, requests);
     ASSERT_EQ(got.size(), expected.size());
     for (size_t i = 0; i < got.size(); ++i) {

@@ -94,7 +94,8 @@ class InprocSendPool final : public KvSendPool {
 class InprocPuller final : public QueuedPuller {
  public:
   explicit InprocPuller(const KvTransportOptions& options)
-      : QueuedPuller(TransportKind::kInproc), io_timeout_ms_(options.io_timeout_ms) {}
+      : QueuedPuller(TransportKind::kInproc, KvMemory::kHost, kHostPullThreads),
+        io_timeout_ms_(options.io_timeout_ms) {}
   ~InprocPuller() override { stop(); }
 
  protected:

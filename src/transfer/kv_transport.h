@@ -195,7 +195,9 @@ struct KvPullerStats {
   int32_t pulls_pending = 0;
 };
 
-// The decode side. Thread-safe; pulls run one after another on the puller's progress thread.
+// The decode side. Thread-safe; pulls run on the puller's progress threads, in arrival order:
+// inproc, shm and tcp run up to four at once (so that pulls waiting on layer-wise prefills do not
+// hold up the others), ucx and cuda-ipc one after another.
 class KvPuller {
  public:
   virtual ~KvPuller() = default;

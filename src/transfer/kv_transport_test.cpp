@@ -401,6 +401,31 @@ TEST_P(LayerWiseTest, CancelOrSilenceEndsTheWait) {
   ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
 }
 
+// The puller runs several pulls at once: a whole buffer published later lands while a layer-wise
+// pull still waits on its prefill.
+TEST_P(LayerWiseTest, AWaitingPullDoesNotHoldUpOthers) {
+  Scenario slow(35), other(36);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, slow.layout, slow.tokens);
+  ASSERT_TRUE(send.ok());
+  StatusOr<TransferId> waiting = transport_.puller->submit(send->handle, slow.target());
+  ASSERT_TRUE(waiting.ok());
+  StatusOr<KvHandle> h = publish_kv(*transport_.pool, other.src.view, other.src_table, other.tokens);
+  ASSERT_TRUE(h.ok()) << h.status().to_string();
+  TransferState st = transport_.puller->pull(*h, other.target());
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  EXPECT_TRUE(other.landed());
+  EXPECT_EQ(transport_.puller->poll(*waiting).phase, TransferPhase::kPending);
+  for (int32_t l = 0; l < slow.layout.num_layers; ++l)
+    ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, slow.src.view, slow.src_table, l).ok());
+  ASSERT_TRUE(transport_.pool->publish_progress(send->handle.ref(), slow.layout.num_layers, 9).ok());
+  st = transport_.puller->wait(*waiting);
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  EXPECT_EQ(st.first_token, 9);
+  EXPECT_TRUE(slow.landed());
+  ASSERT_TRUE(transport_.pool->release(h->ref()).ok());
+  ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, LayerWiseTest,
                          ::testing::Values(TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp),
                          [](const ::testing::TestParamInfo<TransportKind>& p) {

@@ -5,10 +5,16 @@
 
 #include <algorithm>
 
+#include "common/check.h"
+
 namespace pdserve::transfer_internal {
 
-QueuedPuller::QueuedPuller(TransportKind kind, KvMemory memory) : kind_(kind), memory_(memory) {
-  thread_ = std::thread([this] { loop(); });
+thread_local const std::atomic<bool>* QueuedPuller::current_cancel_ = nullptr;
+
+QueuedPuller::QueuedPuller(TransportKind kind, KvMemory memory, int32_t threads)
+    : kind_(kind), memory_(memory) {
+  PD_CHECK(threads >= 1);
+  for (int32_t i = 0; i < threads; ++i) threads_.emplace_back([this] { loop(); });
 }
 
 QueuedPuller::~QueuedPuller() { stop(); }
@@ -16,12 +22,13 @@ QueuedPuller::~QueuedPuller() { stop(); }
 void QueuedPuller::stop() {
   {
     std::lock_guard lock(mu_);
-    if (stopping_ && !thread_.joinable()) return;
+    if (stopping_ && threads_.empty()) return;
     stopping_ = true;
-    cancel_running_.store(true);  // a pull waiting on a layer-wise prefill gives up
+    for (auto& [id, cancel] : running_) cancel->store(true);  // pulls waiting on a layer-wise prefill give up
   }
   work_cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  for (std::thread& t : threads_) t.join();
+  threads_.clear();
 }
 
 StatusOr<TransferId> QueuedPuller::submit(const KvHandle& handle, const KvScatterTarget& target) {
@@ -78,8 +85,8 @@ TransferState QueuedPuller::wait(TransferId id) {
 
 void QueuedPuller::cancel(TransferId id) {
   std::lock_guard lock(mu_);
-  if (id == running_) {
-    cancel_running_.store(true);
+  if (auto r = running_.find(id); r != running_.end()) {
+    r->second->store(true);
     return;
   }
   auto it = std::find_if(queue_.begin(), queue_.end(), [id](const Job& j) { return j.id == id; });
@@ -99,18 +106,20 @@ KvPullerStats QueuedPuller::stats() const {
 }
 
 void QueuedPuller::loop() {
+  std::atomic<bool> cancel{false};
+  current_cancel_ = &cancel;
   std::unique_lock lock(mu_);
   for (;;) {
     work_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
     if (stopping_) break;
     Job job = std::move(queue_.front());
     queue_.pop_front();
-    running_ = job.id;
-    cancel_running_.store(false);
+    cancel.store(false);
+    running_[job.id] = &cancel;
     lock.unlock();
     StatusOr<PullResult> result = run_pull(job.handle, job.target);
     lock.lock();
-    running_ = 0;
+    running_.erase(job.id);
     TransferState& st = states_[job.id];
     --stats_.pulls_pending;
     if (result.ok()) {

@@ -1,10 +1,12 @@
 // Shared by the pullers (internal to src/transfer): QueuedPuller, the submit/poll/wait machinery
-// around one progress thread that runs the transport's pulls one after another, and the checks
-// every pull makes on a peer's header before it writes into the target.
+// around progress threads that run the transport's pulls in arrival order (one thread: one after
+// another; several: that many at once, so a pull waiting on a layer-wise prefill does not hold up
+// the others), and the checks every pull makes on a peer's header before it writes into the target.
 //
 // Thread-safety: QueuedPuller's public methods are thread-safe; run_pull() runs on the progress
-// thread only. A derived class must call stop() first thing in its destructor, so the thread is
-// gone before the members run_pull() uses.
+// threads only, concurrently when there are several (it must then be thread-safe). A derived class
+// must call stop() first thing in its destructor, so the threads are gone before the members
+// run_pull() uses.
 #pragma once
 
 #include <atomic>
@@ -15,6 +17,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "common/status.h"
 #include "transfer/kv_transport.h"
@@ -27,11 +30,16 @@ struct PullResult {
   int32_t first_token = -1;  // a layer-wise buffer's
 };
 
+// Pulls the host transports (inproc, shm, tcp) run at once: a few, so that pulls waiting on
+// layer-wise prefills do not hold up the others.
+inline constexpr int32_t kHostPullThreads = 4;
+
 class QueuedPuller : public KvPuller {
  public:
   // `memory`: where the targets it writes must be (a host transport's pulls land in host memory;
   // the GPU transports' in a GPU's).
-  explicit QueuedPuller(TransportKind kind, KvMemory memory = KvMemory::kHost);
+  // `threads`: pulls run at once (run_pull() must be thread-safe when more than one).
+  explicit QueuedPuller(TransportKind kind, KvMemory memory = KvMemory::kHost, int32_t threads = 1);
   ~QueuedPuller() override;
 
   TransportKind kind() const override { return kind_; }
@@ -42,8 +50,9 @@ class QueuedPuller : public KvPuller {
   void cancel(TransferId id) override;
 
  protected:
-  // Set while the running pull has been cancelled (waits for a layer-wise prefill check it).
-  const std::atomic<bool>* cancel_flag() const { return &cancel_running_; }
+  // Set while the pull running on this thread has been cancelled (waits for a layer-wise prefill
+  // check it). Only from run_pull().
+  static const std::atomic<bool>* cancel_flag() { return current_cancel_; }
   // One pull, on the progress thread: fetch, validate, scatter.
   virtual StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) = 0;
   // Fails the queued pulls (CANCELLED), lets the running one finish, joins the thread. Idempotent.
@@ -66,11 +75,12 @@ class QueuedPuller : public KvPuller {
   std::deque<Job> queue_;                                 // guarded by mu_
   std::unordered_map<TransferId, TransferState> states_;  // guarded by mu_
   TransferId next_id_ = 1;                                // guarded by mu_
-  TransferId running_ = 0;                                // guarded by mu_; 0: none
-  std::atomic<bool> cancel_running_{false};
+  // The pulls running now and their threads' cancel flags; guarded by mu_.
+  std::unordered_map<TransferId, std::atomic<bool>*> running_;
+  static thread_local const std::atomic<bool>* current_cancel_;
   bool stopping_ = false;  // guarded by mu_
   KvPullerStats stats_;    // guarded by mu_
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 // The checks between a peer's decoded header and the pull: the generation the handle names, the

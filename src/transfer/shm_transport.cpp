@@ -382,12 +382,13 @@ struct MappedSegment {
 class ShmPuller final : public QueuedPuller {
  public:
   explicit ShmPuller(const KvTransportOptions& options)
-      : QueuedPuller(TransportKind::kShm), io_timeout_ms_(options.io_timeout_ms) {}
+      : QueuedPuller(TransportKind::kShm, KvMemory::kHost, kHostPullThreads),
+        io_timeout_ms_(options.io_timeout_ms) {}
   ~ShmPuller() override { stop(); }
 
  protected:
   StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
-    PD_ASSIGN_OR_RETURN(MappedSegment * seg, map_segment(handle.endpoint));
+    PD_ASSIGN_OR_RETURN(std::shared_ptr<const MappedSegment> seg, map_segment(handle.endpoint));
     const std::string peer = fmt::format("prefill segment {}", handle.endpoint);
     StatusOr<PullResult> r = handle.mode == KvTransferMode::kContiguous
                                  ? pull_contiguous(*seg, handle, target)
@@ -397,15 +398,19 @@ class ShmPuller final : public QueuedPuller {
   }
 
  private:
-  StatusOr<MappedSegment*> map_segment(const std::string& path) {
+  // The segment at `path`, mapped once and shared by the pulls that read it (a mapping dropped
+  // here stays until the last of them ends).
+  StatusOr<std::shared_ptr<const MappedSegment>> map_segment(const std::string& path) {
+    std::lock_guard lock(segments_mu_);
     auto it = segments_.find(path);
-    if (it != segments_.end() && it->second->file.same_file(path)) return it->second.get();
+    if (it != segments_.end() && it->second->file.same_file(path))
+      return std::shared_ptr<const MappedSegment>(it->second);
     if (it != segments_.end()) segments_.erase(it);  // gone, or another file at this path now
     // Drop the mappings of prefills that have gone (their paths vanished or were reused), so a
     // long-lived decode does not keep every segment it ever pulled from.
     std::erase_if(segments_, [](const auto& kv) { return !kv.second->file.same_file(kv.first); });
 
-    auto seg = std::make_unique<MappedSegment>();
+    auto seg = std::make_shared<MappedSegment>();
     PD_ASSIGN_OR_RETURN(seg->file, PeerSegment::open(path, kPageBytes));
     PD_ASSIGN_OR_RETURN(seg->geometry, read_geometry(seg->base(), seg->file.size()));
     void* rw = ::mmap(nullptr, seg->geometry.mailbox_bytes, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -414,9 +419,8 @@ class ShmPuller final : public QueuedPuller {
       return unavailable(
           fmt::format("cannot map the mailbox of KV segment {}: {}", path, std::strerror(errno)));
     seg->mailbox = static_cast<uint8_t*>(rw);
-    MappedSegment* p = seg.get();
-    segments_[path] = std::move(seg);
-    return p;
+    segments_[path] = seg;
+    return std::shared_ptr<const MappedSegment>(std::move(seg));
   }
 
   // Reads a slot record and says why it is not the committed buffer the handle names.
@@ -609,7 +613,8 @@ class ShmPuller final : public QueuedPuller {
   }
 
   const int64_t io_timeout_ms_;
-  std::unordered_map<std::string, std::unique_ptr<MappedSegment>> segments_;  // progress thread only
+  std::mutex segments_mu_;
+  std::unordered_map<std::string, std::shared_ptr<MappedSegment>> segments_;  // guarded by segments_mu_
 };
 
 }  // namespace

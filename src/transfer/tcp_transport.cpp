@@ -372,7 +372,7 @@ class TcpSendPool final : public CoreSendPool {
 class TcpPuller final : public QueuedPuller {
  public:
   explicit TcpPuller(const KvTransportOptions& options)
-      : QueuedPuller(TransportKind::kTcp),
+      : QueuedPuller(TransportKind::kTcp, KvMemory::kHost, kHostPullThreads),
         io_timeout_ms_(options.io_timeout_ms),
         buffer_bytes_(options.tcp_socket_buffer_bytes) {}
   ~TcpPuller() override { stop(); }
@@ -509,12 +509,15 @@ class TcpPuller final : public QueuedPuller {
   }
 
   StatusOr<Fd> take_connection(const std::string& endpoint, const HostPort& where, bool* reused) {
-    auto it = idle_.find(endpoint);
-    if (it != idle_.end() && !it->second.empty()) {
-      Fd fd = std::move(it->second.back());
-      it->second.pop_back();
-      *reused = true;
-      return fd;
+    {
+      std::lock_guard lock(idle_mu_);
+      auto it = idle_.find(endpoint);
+      if (it != idle_.end() && !it->second.empty()) {
+        Fd fd = std::move(it->second.back());
+        it->second.pop_back();
+        *reused = true;
+        return fd;
+      }
     }
     *reused = false;
     return tcp_connect(where, buffer_bytes_, io_timeout_ms_);
@@ -522,6 +525,7 @@ class TcpPuller final : public QueuedPuller {
 
   void give_back(const std::string& endpoint, Fd fd) {
     // Bounded: endpoints of prefills that went away are not kept forever.
+    std::lock_guard lock(idle_mu_);
     if (idle_.size() >= kMaxIdleEndpoints && !idle_.contains(endpoint)) idle_.clear();
     std::vector<Fd>& idle = idle_[endpoint];
     if (idle.size() < 4) idle.push_back(std::move(fd));
@@ -529,7 +533,8 @@ class TcpPuller final : public QueuedPuller {
 
   const int64_t io_timeout_ms_;
   const int buffer_bytes_;
-  std::unordered_map<std::string, std::vector<Fd>> idle_;  // progress thread only
+  std::mutex idle_mu_;
+  std::unordered_map<std::string, std::vector<Fd>> idle_;  // guarded by idle_mu_
 };
 
 }  // namespace
