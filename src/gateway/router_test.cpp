@@ -372,8 +372,9 @@ TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
   };
   for (Config cfg : {Config{16, 8, 64}, Config{5, 8, 64}, Config{16, 1, 1}}) {
     const int32_t decode_block_size = cfg.block_size;
-    Cluster c(*model_, 2, 2, RouterOptions{}, decode_block_size, 256, /*layer_wise=*/true, cfg.pending,
-              cfg.seats);
+    RouterOptions ro;
+    ro.ttft_budget_ms = 600'000;  // 20 requests on 4 slots wait long in a sanitizer build
+    Cluster c(*model_, 2, 2, ro, decode_block_size, 256, /*layer_wise=*/true, cfg.pending, cfg.seats);
     std::vector<Result> got = run_all(*c.router, requests);
     ASSERT_EQ(got.size(), expected.size());
     for (size_t i = 0; i < got.size(); ++i) {
