@@ -16,3 +16,17 @@ wait_ready() {
     fi
   done
 }
+
+# start LOG ARGS...: runs "$pdserve" ARGS in the background, its output in $out/LOG; stop_started
+# (the scripts' EXIT trap) kills and reaps every process started so.
+started_pids=()
+start() {
+  local log="$1"
+  shift
+  "$pdserve" "$@" >"$out/$log" 2>&1 &
+  started_pids+=($!)
+}
+stop_started() {
+  kill "${started_pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}

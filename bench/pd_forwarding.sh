@@ -52,14 +52,7 @@ slots="${SLOTS:-1}"
 long_share="${LONG_SHARE:-0.2}"
 long_in="${LONG_IN:-normal:600:100}"
 
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-start() {  # start LOG ARGS...: a pdserve process in the background
-  local log="$1"
-  shift
-  "$pdserve" "$@" >"$out/$log" 2>&1 &
-  pids+=($!)
-}
+trap stop_started EXIT
 
 # NOTE: no prefix caching: both policies see the same prompts, the second would hit the cache.
 instance=(instance --model "$model" --threads 1 --transport "$transport" --kv-cache-memory "$kv_memory"

@@ -27,14 +27,7 @@ done
 transport="${TRANSPORT:-tcp}"
 threads="${THREADS:-1}"
 
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-start() {  # start LOG ARGS...: a pdserve process in the background
-  local log="$1"
-  shift
-  "$pdserve" "$@" >"$out/$log" 2>&1 &
-  pids+=($!)
-}
+trap stop_started EXIT
 
 # NOTE: no prefix caching: A and B send the same prompts.
 instance=(instance --model "$model" --threads "$threads" --transport "$transport" --kv-cache-memory 512MiB

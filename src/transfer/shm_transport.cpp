@@ -499,19 +499,28 @@ class ShmPuller final : public QueuedPuller {
     }
   }
 
+  // A free channel of the segment: waits (up to the I/O timeout) while all are busy with other
+  // pulls, of this process or of other decodes.
   StatusOr<uint32_t> claim_channel(const MappedSegment& seg) {
     const uint32_t me = static_cast<uint32_t>(::getpid());
-    for (uint32_t c = 0; c < seg.geometry.num_channels; ++c) {
-      auto owner = field<uint32_t>(seg.mailbox, seg.geometry.channel(c) + kChOwner);
-      uint32_t expected = 0;
-      if (owner.compare_exchange_strong(expected, me)) return c;
-      // Taken over from a process that died holding it (never from a live one).
-      if (expected != me && ::kill(static_cast<pid_t>(expected), 0) != 0 && errno == ESRCH &&
-          owner.compare_exchange_strong(expected, me))
-        return c;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(io_timeout_ms_);
+    for (;;) {
+      for (uint32_t c = 0; c < seg.geometry.num_channels; ++c) {
+        auto owner = field<uint32_t>(seg.mailbox, seg.geometry.channel(c) + kChOwner);
+        uint32_t expected = 0;
+        if (owner.compare_exchange_strong(expected, me)) return c;
+        // Taken over from a process that died holding it (never from a live one).
+        if (expected != me && ::kill(static_cast<pid_t>(expected), 0) != 0 && errno == ESRCH &&
+            owner.compare_exchange_strong(expected, me))
+          return c;
+      }
+      if (cancel_flag()->load()) return Status(StatusCode::kCancelled, "the pull was cancelled");
+      if (Clock::now() >= deadline)
+        return resource_exhausted(
+            fmt::format("all {} block-fixed channels of the segment stayed busy for {} ms",
+                        seg.geometry.num_channels, io_timeout_ms_));
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
-    return resource_exhausted(
-        fmt::format("all {} block-fixed channels of the segment are busy", seg.geometry.num_channels));
   }
 
   StatusOr<PullResult> pull_block_fixed(const MappedSegment& seg, const KvHandle& handle,
