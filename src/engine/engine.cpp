@@ -126,6 +126,15 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
           "(this is {} over {}); the KV leaves whole after the first token",
           executor_->device(), transport_kind_name(options.kv_send->kind()));
   }
+  if (options.role == EngineRole::kDecode) {
+    pull_listener_ = options.kv_puller->add_done_listener([this] {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        pull_ended_ = true;
+      }
+      cv_.notify_all();
+    });
+  }
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -138,6 +147,10 @@ void Engine::shutdown() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  if (pull_listener_ != 0) {
+    options_.kv_puller->remove_done_listener(pull_listener_);
+    pull_listener_ = 0;
+  }
 }
 
 namespace {
@@ -366,11 +379,13 @@ void Engine::loop() {
       std::unique_lock<std::mutex> lock(mu_);
       // NOTE: handoffs waiting for a seat wake the loop only when a seat may have freed up.
       auto ready = [&] {
-        return stop_ || !incoming_.empty() || !scheduler_.idle() || (!to_pull_.empty() && !pull_blocked_);
+        return stop_ || !incoming_.empty() || !scheduler_.idle() || (!to_pull_.empty() && !pull_blocked_) ||
+               pull_ended_;
       };
       if (!pulling_.empty()) {
-        // NOTE: pulls finish on the transport's thread; poll them often rather than add a wake-up path.
-        cv_.wait_for(lock, std::chrono::microseconds(500), ready);
+        // Pulls end on the transport's threads, which wake this loop (pull_ended_); the timeout
+        // bounds how late a cancelled request's pull is given up.
+        cv_.wait_for(lock, std::chrono::milliseconds(20), ready);
       } else if (!held_.empty()) {
         auto first = std::min_element(
             held_.begin(), held_.end(),
@@ -379,6 +394,7 @@ void Engine::loop() {
       } else {
         cv_.wait(lock, ready);
       }
+      pull_ended_ = false;
       incoming.swap(incoming_);
       stopping = stop_;
       metrics_.waiting = scheduler_.num_waiting();
@@ -687,9 +703,11 @@ void Engine::step() {
     if (!scheduler_.idle() && scheduler_.num_running() == 0) {
       if (!pulling_.empty()) {
         // Decode role: the blocks the waiting (preempted) sequences need are held by KV pulls in
-        // flight, which the loop lands (and runs) on its next turns; not an error. A short pause,
-        // not a blocking wait, so cancellations keep being served meanwhile.
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        // flight, which the loop lands (and runs) when they end; not an error. A bounded wait, so
+        // cancellations keep being served meanwhile.
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, std::chrono::milliseconds(20),
+                     [&] { return pull_ended_ || stop_ || !incoming_.empty(); });
       } else {
         // Nothing can run although requests wait: validate() makes this impossible; do not spin.
         PD_LOG_ERROR("engine: {} requests wait but none can be admitted", scheduler_.num_waiting());

@@ -363,6 +363,8 @@ class Engine : public Instance {
   std::condition_variable cv_;
   std::deque<Pending> incoming_;      // guarded by mu_
   bool stop_ = false;                 // guarded by mu_
+  bool pull_ended_ = false;           // guarded by mu_; decode role: a KV pull ended, land it
+  uint64_t pull_listener_ = 0;        // decode role: on kv_puller (0: none)
   int32_t slots_in_use_ = 0;          // guarded by mu_; prefill role
   int32_t num_pending_ = 0;           // guarded by mu_; decode role: handoffs submitted, not yet pulling
   std::vector<HeldHandoff> held_;     // guarded by mu_; prefill role

@@ -215,6 +215,12 @@ class KvPuller {
   // or shm; otherwise (tcp, or moving bytes) it finishes first. Unknown or finished ids are
   // ignored.
   virtual void cancel(TransferId id) = 0;
+  // Calls `fn` after each pull ends (done or failed), on a progress thread (or the thread that
+  // cancels a queued pull) with the puller's lock held: it must be quick and must not call into
+  // this puller. Until remove_done_listener(id),
+  // after which it is never running. For a caller that would otherwise poll.
+  virtual uint64_t add_done_listener(std::function<void()> fn) = 0;
+  virtual void remove_done_listener(uint64_t id) = 0;
   virtual KvPullerStats stats() const = 0;
 
   // submit() + wait().

@@ -98,6 +98,19 @@ void QueuedPuller::cancel(TransferId id) {
   --stats_.pulls_pending;
   ++stats_.pulls_failed_total;
   done_cv_.notify_all();
+  for (auto& [lid, fn] : listeners_) fn();
+}
+
+uint64_t QueuedPuller::add_done_listener(std::function<void()> fn) {
+  std::lock_guard lock(mu_);
+  const uint64_t id = next_listener_++;
+  listeners_.emplace(id, std::move(fn));
+  return id;
+}
+
+void QueuedPuller::remove_done_listener(uint64_t id) {
+  std::lock_guard lock(mu_);
+  listeners_.erase(id);
 }
 
 KvPullerStats QueuedPuller::stats() const {
@@ -135,6 +148,7 @@ void QueuedPuller::loop() {
       ++stats_.pulls_failed_total;
     }
     done_cv_.notify_all();
+    for (auto& [lid, fn] : listeners_) fn();
   }
   for (Job& job : queue_) {
     TransferState& st = states_[job.id];

@@ -48,6 +48,8 @@ class QueuedPuller : public KvPuller {
   TransferState wait(TransferId id) override;
   KvPullerStats stats() const override;
   void cancel(TransferId id) override;
+  uint64_t add_done_listener(std::function<void()> fn) override;
+  void remove_done_listener(uint64_t id) override;
 
  protected:
   // Set while the pull running on this thread has been cancelled (waits for a layer-wise prefill
@@ -77,6 +79,8 @@ class QueuedPuller : public KvPuller {
   TransferId next_id_ = 1;                                // guarded by mu_
   // The pulls running now and their threads' cancel flags; guarded by mu_.
   std::unordered_map<TransferId, std::atomic<bool>*> running_;
+  std::unordered_map<uint64_t, std::function<void()>> listeners_;  // guarded by mu_
+  uint64_t next_listener_ = 1;                                     // guarded by mu_
   static thread_local const std::atomic<bool>* current_cancel_;
   bool stopping_ = false;  // guarded by mu_
   KvPullerStats stats_;    // guarded by mu_
