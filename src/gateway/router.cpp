@@ -276,14 +276,11 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   return false;
 }
 
-bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
-  Instance* prefill = prefills_[f->prefill_idx];
-  const KvBufferRef kv = f->handoff->kv.ref();
-  if (f->handle->cancelled()) {
-    (void)prefill->release_handoff(kv);
-    end_cancelled(f);
-    return true;
-  }
+Status Router::offer_to_decodes(const std::shared_ptr<Flight>& f, size_t prefill_idx,
+                                const EngineHandoff& handoff, int attempt,
+                                const std::shared_ptr<RequestHandle>& handle) {
+  Instance* prefill = prefills_[prefill_idx];
+  const KvBufferRef kv = handoff.kv.ref();
   std::vector<size_t> order;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -293,11 +290,6 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++decode_open_[idx];
-    }
-    int attempt;
-    {
-      std::lock_guard<std::mutex> lock(f->out_mu);
-      attempt = f->attempt;
     }
     auto sink = [this, f, idx, attempt](EngineOutput&& o) {
       on_decode_output(f, idx, attempt, std::move(o));
@@ -307,73 +299,62 @@ bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
       (void)prefill->release_handoff(kv);
       notify_capacity();  // a prefill slot is free
     };
-    auto accepted = decodes_[idx]->submit_handoff(f->request, *f->handoff, std::move(sink),
-                                                  std::move(on_pulled), f->handle);
-    if (accepted.ok()) return true;
+    auto accepted =
+        decodes_[idx]->submit_handoff(f->request, handoff, std::move(sink), std::move(on_pulled), handle);
+    if (accepted.ok()) return ok_status();
     {
       std::lock_guard<std::mutex> lock(mu_);
       --decode_open_[idx];
     }
     // A full decode, or one that went away: ask the next.
-    if (accepted.status().code() == StatusCode::kResourceExhausted ||
-        accepted.status().code() == StatusCode::kUnavailable) {
-      continue;
+    if (accepted.status().code() != StatusCode::kResourceExhausted &&
+        accepted.status().code() != StatusCode::kUnavailable) {
+      return accepted.status();
     }
+  }
+  return resource_exhausted("every decode instance is full or away");
+}
+
+bool Router::try_hand_to_decode(const std::shared_ptr<Flight>& f) {
+  Instance* prefill = prefills_[f->prefill_idx];
+  const KvBufferRef kv = f->handoff->kv.ref();
+  if (f->handle->cancelled()) {
     (void)prefill->release_handoff(kv);
-    EngineOutput out;
-    out.finish_reason = "error";
-    out.error = accepted.status();
-    end(f, std::move(out));
+    end_cancelled(f);
     return true;
   }
-  return false;
+  int attempt;
+  {
+    std::lock_guard<std::mutex> lock(f->out_mu);
+    attempt = f->attempt;
+  }
+  Status st = offer_to_decodes(f, f->prefill_idx, *f->handoff, attempt, f->handle);
+  if (st.ok()) return true;
+  if (st.code() == StatusCode::kResourceExhausted) return false;  // waits here for a decode
+  (void)prefill->release_handoff(kv);
+  EngineOutput out;
+  out.finish_reason = "error";
+  out.error = st;
+  end(f, std::move(out));
+  return true;
 }
 
 void Router::hand_early(const std::shared_ptr<Flight>& f, size_t prefill_idx, const EngineHandoff& handoff) {
   if (f->handle->cancelled()) return;  // the prefill ends it
-  Instance* prefill = prefills_[prefill_idx];
-  const KvBufferRef kv = handoff.kv.ref();
   auto child = std::make_shared<RequestHandle>(f->handle);
   int attempt;
   {
     std::lock_guard<std::mutex> lock(f->out_mu);
     attempt = ++f->attempt;
   }
-  std::vector<size_t> order;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    order = ranked(decode_open_, {});
-  }
-  for (size_t idx : order) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++decode_open_[idx];
-    }
-    auto sink = [this, f, idx, attempt](EngineOutput&& o) {
-      on_decode_output(f, idx, attempt, std::move(o));
-    };
-    auto on_pulled = [this, prefill, kv](const Status&) {
-      (void)prefill->release_handoff(kv);
-      notify_capacity();
-    };
-    auto accepted =
-        decodes_[idx]->submit_handoff(f->request, handoff, std::move(sink), std::move(on_pulled), child);
-    if (accepted.ok()) {
-      std::lock_guard<std::mutex> lock(f->out_mu);
-      f->early_decode = true;
-      f->early_handle = child;
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --decode_open_[idx];
-    }
-    if (accepted.status().code() != StatusCode::kResourceExhausted &&
-        accepted.status().code() != StatusCode::kUnavailable) {
-      // The handoff after the first token tries again, and reports what fails then.
-      PD_LOG_WARN("gateway: decode {} refused an early handoff: {}", idx, accepted.status().message());
-      return;
-    }
+  Status st = offer_to_decodes(f, prefill_idx, handoff, attempt, child);
+  if (st.ok()) {
+    std::lock_guard<std::mutex> lock(f->out_mu);
+    f->early_decode = true;
+    f->early_handle = child;
+  } else if (st.code() != StatusCode::kResourceExhausted) {
+    // The handoff after the first token tries again, and reports what fails then.
+    PD_LOG_WARN("gateway: a decode refused an early handoff: {}", st.message());
   }
 }
 

@@ -96,6 +96,11 @@ class Router : public GenerationBackend {
   bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
+  // Offers a prefill's handoff to the decodes, fewest requests first, as decode attempt `attempt`
+  // under `handle`: OK when one took it; RESOURCE_EXHAUSTED when each was full or away; else the
+  // first other refusal.
+  Status offer_to_decodes(const std::shared_ptr<Flight>& f, size_t prefill_idx, const EngineHandoff& handoff,
+                          int attempt, const std::shared_ptr<RequestHandle>& handle);
   // An early (layer-wise) handoff: offers it to the decodes now, as a new attempt.
   void hand_early(const std::shared_ptr<Flight>& f, size_t prefill_idx, const EngineHandoff& handoff);
   void on_prefill_output(const std::shared_ptr<Flight>& f, size_t prefill_idx, EngineOutput&& out);
