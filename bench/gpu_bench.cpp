@@ -1,7 +1,7 @@
 // pdserve_gpu_bench: the GPU's own ceilings, then our CUDA kernels against them
 // (docs/perf/gpu.md). Every figure is the median of repeated runs timed with CUDA events.
 //
-//   pdserve_gpu_bench [--json PATH] [--quick] [--model NAME | --no-model]
+//   pdserve_gpu_bench [--json PATH] [--quick] [--model NAME | --no-model] [--no-programmatic-launch]
 //
 // Ceilings: a large device-to-device copy (bytes read + written per second), a large bf16 matrix
 // product (FLOP/s, random data), and a 1 GiB peer copy each way between GPUs 0 and 1 where there
@@ -398,6 +398,8 @@ int main(int argc, char** argv) {
       transfer_only = true;
     } else if (std::strcmp(argv[i], "--no-model") == 0) {
       model_name.clear();
+    } else if (std::strcmp(argv[i], "--no-programmatic-launch") == 0) {
+      set_programmatic_launch(false);
     } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 || profile_batch <= 0 ||
           profile_ctx <= 0) {
@@ -413,6 +415,8 @@ int main(int argc, char** argv) {
           "  --model NAME  the model of the decode and prefill figures (default\n"
           "                synthetic:llama-3.1-8b; also synthetic:qwen2.5-7b, synthetic:smollm2-1.7b)\n"
           "  --no-model    only the ceilings and the attention kernel\n"
+          "  --no-programmatic-launch  every kernel starts after the one before it has\n"
+          "                ended (by default the model's kernels overlap the one ahead)\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n");
@@ -432,6 +436,7 @@ int main(int argc, char** argv) {
               info.l2_bytes / 1048576.0, devices);
   Json out;
   out.add("gpu", info.name);
+  out.add("programmatic_launch", programmatic_launch() ? 1 : 0);
   out.add("gpus", devices);
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;
@@ -602,6 +607,10 @@ int main(int argc, char** argv) {
         a.out = o.as<uint16_t>();
         const size_t ws_bytes = decode_attention_workspace_bytes(a);
         DeviceBuffer ws = value_or_die(DeviceBuffer::allocate(std::max<size_t>(ws_bytes, 1)), "allocate");
+        DeviceBuffer counters =
+            value_or_die(DeviceBuffer::allocate(static_cast<size_t>(batch) * kv_heads * 4), "allocate");
+        CHECK_OK(fill_bytes(counters.data(), 0, counters.bytes(), stream.get()));
+        a.split_counters = counters.as<int32_t>();
         const double ms = median_ms(5, reps * 2, stream.get(), [&] {
           CHECK_OK(decode_attention(a, ws.data(), ws_bytes, stream.get()));
         });

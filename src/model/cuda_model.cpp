@@ -114,6 +114,7 @@ struct CudaLlamaModel::Impl {
   int64_t capacity_logits_target = 0;
   DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace,
       draws;
+  DeviceBuffer split_counters;  // decode attention's, int32 per (sequence, kv head), kept zero
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
 
@@ -610,6 +611,9 @@ Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
     PD_ASSIGN_BUFFER(im.delta, n * d * 4);
     PD_ASSIGN_BUFFER(im.gate_up, n * 2 * ffn * 4);
     PD_ASSIGN_BUFFER(im.hidden, n * ffn * 2);
+    PD_ASSIGN_BUFFER(im.split_counters, n * c.num_kv_heads * 4);
+    PD_RETURN_IF_ERROR(
+        cuda::fill_bytes(im.split_counters.data(), 0, im.split_counters.bytes(), im.stream->get()));
     im.capacity_tokens = im.capacity_tokens_target = n;
   }
   if (grow_logits) {
@@ -641,6 +645,7 @@ cuda::DecodeAttentionArgs CudaLlamaModel::attention_args(const Shape& shape, int
   a.max_seq_len = shape.max_len;
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   a.out = im.attn.as<uint16_t>();
+  a.split_counters = im.split_counters.as<int32_t>();
   return a;
 }
 
@@ -711,6 +716,12 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
       g.k = k;
       g.y = out;
       g.accumulate = accumulate;
+      // One row: the work per warp measured fastest for each projection on an H200 (qkv 4 rows ×
+      // 2 pieces; o and down 1 row × 2 pieces: docs/perf/gpu-kernel-notes.md).
+      if (T == 1) {
+        g.rows_per_warp = n == qkv ? 4 : 1;
+        g.depth = 2;
+      }
       return cuda::gemv(g, s);
     }
     return blas.matmul_f32(in, w, T, n, k, out, s);
@@ -735,9 +746,23 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
                                few_rows ? x : delta, few_rows));
     if (!few_rows)
       PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
-    PD_RETURN_IF_ERROR(product(x, L.ffn_norm.as<float>(), xn, L.w_gate_up.as<uint16_t>(), 2 * ffn, d,
-                               im.gate_up.as<float>(), false));
-    PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s));
+    if (few_rows) {
+      // gate|up and SwiGLU in one kernel.
+      cuda::GemvArgs g;
+      g.x = x;
+      g.norm_w = L.ffn_norm.as<float>();
+      g.eps = c.rms_norm_eps;
+      g.w = L.w_gate_up.as<uint16_t>();
+      g.m = T;
+      g.n = ffn;
+      g.k = d;
+      g.swiglu_out = im.hidden.as<uint16_t>();
+      PD_RETURN_IF_ERROR(cuda::gemv(g, s));
+    } else {
+      PD_RETURN_IF_ERROR(product(x, L.ffn_norm.as<float>(), xn, L.w_gate_up.as<uint16_t>(), 2 * ffn, d,
+                                 im.gate_up.as<float>(), false));
+      PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s));
+    }
     PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), d, ffn,
                                few_rows ? x : delta, few_rows));
     if (!few_rows) {

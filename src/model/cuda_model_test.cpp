@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -331,6 +332,29 @@ TEST_F(CudaModelTest, DecodeStepsReplayedAsGraphsMatchEagerOnes) {
   std::printf("decode steps as CUDA graphs vs launched one by one: largest centered logit difference %.4f\n",
               worst);
   EXPECT_LE(worst, kChunkTolerance);
+}
+
+// Kernels that start before the one ahead of them ends (programmatic launch) must compute exactly
+// what they compute when each waits for the last: every logit of every step the same bits.
+TEST_F(CudaModelTest, ProgrammaticLaunchChangesNoLogit) {
+  auto model = CudaLlamaModel::load_gguf(*file_, CudaModelOptions{0, 512, kBlockSize, false});
+  ASSERT_TRUE(model.ok()) << model.status().to_string();
+  auto fx = load_fixtures();
+  ASSERT_TRUE(cuda::programmatic_launch()) << "on by default";
+  for (int i : {0, 8}) {
+    auto prompt = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
+    std::vector<std::vector<float>> with, without;
+    cuda::set_programmatic_launch(true);
+    auto a = greedy(prompt, model->get(), nullptr, &with);
+    cuda::set_programmatic_launch(false);
+    auto b = greedy(prompt, model->get(), nullptr, &without);
+    cuda::set_programmatic_launch(true);
+    EXPECT_EQ(a, b) << "case " << i;
+    ASSERT_EQ(with.size(), without.size());
+    for (size_t k = 0; k < with.size(); ++k)
+      ASSERT_EQ(0, std::memcmp(with[k].data(), without[k].data(), with[k].size() * sizeof(float)))
+          << "case " << i << " step " << k;
+  }
 }
 
 TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleSteps) {

@@ -444,6 +444,50 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
   EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "more than 8 rows";
 }
 
+TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
+  SEED_TRACE();
+  struct Shape {
+    int64_t m, n, k;
+  };
+  for (const Shape& s : {Shape{1, 37, 576}, Shape{3, 5, 64}, Shape{8, 1000, 4096}}) {
+    SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
+    std::vector<float> wf;
+    std::vector<uint16_t> w = randn_bf16(2 * s.n * s.k, &wf, 0.05f);  // gate rows, then up rows
+    std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k);
+    auto dw = upload(w), dx = upload(x), dnw = upload(norm_w);
+    GemvArgs a;
+    a.x = dx.as<float>();
+    a.norm_w = dnw.as<float>();
+    a.w = dw.as<uint16_t>();
+    a.m = s.m;
+    a.n = 2 * s.n;
+    a.k = s.k;
+    auto gate_up = poisoned<float>(s.m * 2 * s.n);
+    a.y = gate_up.as<float>();
+    ASSERT_TRUE(gemv(a, nullptr).ok());
+    auto want = poisoned<uint16_t>(s.m * s.n);
+    ASSERT_TRUE(silu_mul(gate_up.as<float>(), s.m, s.n, want.as<uint16_t>(), nullptr).ok());
+    GemvArgs f = a;
+    f.n = s.n;
+    f.y = nullptr;
+    auto got = poisoned<uint16_t>(s.m * s.n + 8);  // room after the output, which stays untouched
+    f.swiglu_out = got.as<uint16_t>();
+    ASSERT_TRUE(gemv(f, nullptr).ok());
+    const std::vector<uint16_t> g = download<uint16_t>(got, s.m * s.n + 8),
+                                e = download<uint16_t>(want, s.m * s.n);
+    for (int64_t i = 0; i < s.m * s.n; ++i) ASSERT_EQ(g[i], e[i]) << "at " << i;  // the same bits
+    for (int64_t i = s.m * s.n; i < s.m * s.n + 8; ++i) ASSERT_EQ(g[i], 0xFFFF) << "wrote past the output";
+  }
+  GemvArgs bad;
+  bad.xb = bad.w = reinterpret_cast<const uint16_t*>(16);
+  bad.m = 1;
+  bad.n = 1;
+  bad.k = 8;
+  bad.swiglu_out = reinterpret_cast<uint16_t*>(16);
+  EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument)
+      << "SwiGLU output from unnormalised rows";
+}
+
 TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {
   SEED_TRACE();
   PagedKvCache c;
@@ -577,10 +621,14 @@ struct AttnCase {
 
 TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
   SEED_TRACE();
-  std::vector<int32_t> many(64);
+  std::vector<int32_t> many(64), many_long(64);
   for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int32_t>(1 + (i * 37) % 500);
+  for (size_t i = 0; i < many_long.size(); ++i) many_long[i] = static_cast<int32_t>(1 + (i * 37) % 1500);
+  // On a GPU of about 132 SMs the first case and those of a few sequences take the single-pass
+  // kernel (the latter split over the keys), the second the two-pass kernel and its merge.
   const std::vector<AttnCase> cases = {
       {128, 32, 8, 16, many},                 // 512 (sequence, kv head) pairs, short: one split
+      {128, 32, 8, 16, many_long},            // 512 pairs, three splits of 512 keys: 1536 CTAs
       {64, 9, 3, 16, {1, 17, 300}},           // SmolLM2-135M's heads
       {128, 32, 8, 16, {256, 257, 1000, 2}},  // Llama-3.1-8B's
       {128, 28, 4, 32, {4096, 33}},           // Qwen2.5-7B's, a long one
@@ -621,8 +669,17 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
     a.out = out.as<uint16_t>();
     const size_t ws_bytes = decode_attention_workspace_bytes(a);
     auto ws = poisoned<uint8_t>(ws_bytes);
+    const size_t num_counters = static_cast<size_t>(num_seqs) * c.num_kv_heads;
+    auto counters = upload(std::vector<int32_t>(num_counters, 0));
+    a.split_counters = counters.as<int32_t>();
     ASSERT_TRUE(decode_attention(a, ws.data(), ws_bytes, nullptr).ok());
-    std::vector<float> got = widen(download<uint16_t>(out, int64_t{num_seqs} * c.num_heads * c.head_dim));
+    const std::vector<uint16_t> first = download<uint16_t>(out, int64_t{num_seqs} * c.num_heads * c.head_dim);
+    // Again with the same counters, which the first call must have left zero: the same bits.
+    ASSERT_TRUE(fill_bytes(out.data(), 0xFF, first.size() * 2, nullptr).ok());
+    ASSERT_TRUE(decode_attention(a, ws.data(), ws_bytes, nullptr).ok());
+    ASSERT_EQ(download<uint16_t>(out, first.size()), first);
+    ASSERT_EQ(download<int32_t>(counters, num_counters), std::vector<int32_t>(num_counters, 0));
+    std::vector<float> got = widen(first);
 
     const int32_t group = c.num_heads / c.num_kv_heads;
     for (int32_t s = 0; s < num_seqs; ++s) {
@@ -772,6 +829,14 @@ TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {
   a.num_heads = 8;
   a.kv.head_dim = 96;
   EXPECT_EQ(decode_attention(a, nullptr, 0, nullptr).code(), StatusCode::kUnimplemented) << "head_dim 96";
+  a.kv.head_dim = 128;
+  a.kv.block_size = 16;
+  a.max_seq_len = 100000;  // split over the keys: counters needed
+  const size_t ws_bytes = decode_attention_workspace_bytes(a);
+  ASSERT_GT(ws_bytes, 0u);
+  const Status no_counters = decode_attention(a, reinterpret_cast<void*>(256), ws_bytes, nullptr);
+  EXPECT_EQ(no_counters.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(no_counters.to_string().find("split_counters"), std::string::npos) << no_counters.to_string();
 }
 
 }  // namespace

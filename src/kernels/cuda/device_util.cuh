@@ -1,10 +1,15 @@
-// Device-side helpers the CUDA kernels share: bf16 bits to and from float. Included by .cu files
-// only.
+// Helpers the CUDA kernels share: bf16 bits to and from float, and programmatic dependent
+// launch. Included by .cu files only.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
+
+#include "kernels/cuda/runtime.h"
 
 namespace pdserve::cuda {
 
@@ -22,6 +27,48 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
     out[2 * j] = __uint_as_float(w[j] << 16);
     out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
   }
+}
+
+// ---- programmatic dependent launch ---------------------------------------------------------------
+// A kernel started by launch_programmatic() may begin while the kernel ahead of it in the stream is
+// still running. Before grid_dependency_wait() it may only read memory that no kernel of the step
+// writes (weights); the wait returns once every earlier kernel has ended and its writes are
+// visible. allow_dependents() lets the next programmatic kernel begin; the kernels here call it
+// right after their wait, so at most one kernel runs ahead. Both are no-ops in a kernel launched
+// the ordinary way.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the kernel ahead of it when
+// programmatic_launch() is on. `what` names the operation in an error.
+template <typename... Params, typename... Args>
+Status launch_programmatic(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                           StreamHandle stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = programmatic_launch() ? 1 : 0;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return internal_error(std::string(what) + ": " + cudaGetErrorString(err));
+  }
+  return check_last_error(what);
 }
 
 }  // namespace pdserve::cuda

@@ -5,7 +5,9 @@
 // are folded across the warp at the end. The grid is persistent (a few CTAs per SM, each warp
 // taking row groups in turn), so the per-CTA prologue is paid once per CTA: with norm weights the
 // activations are the float residual rows normalised on the fly, and each CTA first computes the
-// M inverse norms — no separate norm kernel runs.
+// M inverse norms — no separate norm kernel runs. For the MLP's gate|up product a warp takes a
+// gate row and its up row and writes silu(gate) · up, so no SwiGLU kernel runs either. Launched
+// programmatically (device_util.cuh), so that a kernel starts while the one ahead of it finishes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -22,11 +24,25 @@ constexpr int kWarps = 4;
 
 __device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
 
-template <int M, bool kNorm, int R, int D>
+// Row group g's weight rows: R consecutive rows, or with kSwiGlu gate row g and up row g + n.
+template <int R, bool kSwiGlu>
+__device__ __forceinline__ int64_t weight_row(const GemvArgs& a, int64_t g, int r) {
+  return kSwiGlu ? g + r * a.n : g * R + r;
+}
+template <int R, bool kSwiGlu>
+__device__ __forceinline__ bool has_row(const GemvArgs& a, int64_t g, int r) {
+  return kSwiGlu ? g < a.n : g * R + r < a.n;
+}
+
+template <int M, bool kNorm, int R, int D, bool kSwiGlu>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
+  static_assert(!kSwiGlu || R == 2, "a SwiGLU row group is one gate row and one up row");
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t K = a.k;
+  const int64_t groups = kSwiGlu ? a.n : (a.n + R - 1) / R;
+  grid_dependency_wait();
+  allow_dependents();
   __shared__ float s_inv[M];
   if constexpr (kNorm) {
     // Warp w computes the inverse norm of rows w, w + kWarps, ...
@@ -42,9 +58,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     }
     __syncthreads();
   }
-  const int64_t groups = (a.n + R - 1) / R;
   for (int64_t g = int64_t{blockIdx.x} * kWarps + warp; g < groups; g += int64_t{gridDim.x} * kWarps) {
-    const int64_t n0 = g * R;
     float acc[M][R] = {};
 #pragma unroll 2
     for (int64_t k0 = int64_t{lane} * 8; k0 < K; k0 += 256 * D) {
@@ -54,8 +68,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
         const int64_t k = k0 + h * 256;
 #pragma unroll
         for (int r = 0; r < R; ++r)
-          wraw[h][r] = k < K && n0 + r < a.n ? __ldg(reinterpret_cast<const uint4*>(a.w + (n0 + r) * K + k))
-                                             : make_uint4(0, 0, 0, 0);
+          wraw[h][r] =
+              k < K && has_row<R, kSwiGlu>(a, g, r)
+                  ? __ldg(reinterpret_cast<const uint4*>(a.w + weight_row<R, kSwiGlu>(a, g, r) * K + k))
+                  : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int h = 0; h < D; ++h) {
@@ -106,11 +122,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
     if (lane == 0) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
+        if constexpr (kSwiGlu) {
+          const float gate = acc[m][0];
+          a.swiglu_out[m * a.n + g] = float_to_bf16_bits(gate / (1.0f + expf(-gate)) * acc[m][1]);
+        } else {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (n0 + r >= a.n) continue;
-          float* y = a.y + m * a.ldy + n0 + r;
-          *y = a.accumulate ? *y + acc[m][r] : acc[m][r];
+          for (int r = 0; r < R; ++r) {
+            if (!has_row<R, kSwiGlu>(a, g, r)) continue;
+            float* y = a.y + m * a.ldy + g * R + r;
+            *y = a.accumulate ? *y + acc[m][r] : acc[m][r];
+          }
         }
       }
     }
@@ -119,21 +140,36 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 
 template <int M, int R, int D>
 Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
-  const int64_t groups = (a.n + R - 1) / R;
+  const int64_t groups = a.swiglu_out != nullptr ? a.n : (a.n + R - 1) / R;
   const int64_t needed = (groups + kWarps - 1) / kWarps;
   // ctas_per_sm 0: one CTA for every kWarps row groups (no warp takes a second group).
   const unsigned grid = static_cast<unsigned>(
       ctas_per_sm == 0 ? needed
                        : std::min<int64_t>(needed, int64_t{current_multiprocessors()} * ctas_per_sm));
-  if (a.norm_w != nullptr) {
-    gemv_kernel<M, true, R, D><<<grid, kWarps * 32, 0, stream>>>(a);
-  } else {
-    gemv_kernel<M, false, R, D><<<grid, kWarps * 32, 0, stream>>>(a);
+  const dim3 block(kWarps * 32);
+  if (a.swiglu_out != nullptr) {
+    if constexpr (R == 2)
+      return launch_programmatic("gemv", gemv_kernel<M, true, R, D, true>, grid, block, 0, stream, a);
+    return unimplemented("gemv: SwiGLU takes two rows a warp");
   }
-  return check_last_error("gemv");
+  if (a.norm_w != nullptr)
+    return launch_programmatic("gemv", gemv_kernel<M, true, R, D, false>, grid, block, 0, stream, a);
+  return launch_programmatic("gemv", gemv_kernel<M, false, R, D, false>, grid, block, 0, stream, a);
 }
 
-// The configuration every M uses (from pdserve_gpu_bench's gemv tuning, docs/perf/gpu-kernel-notes.md).
+// One activation row with another shape of work per warp (rows × pieces in flight).
+Status launch_one_row(const GemvArgs& a, int rows_per_warp, int depth, int ctas_per_sm, StreamHandle stream) {
+  if (rows_per_warp == 1 && depth == 2) return launch<1, 1, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 1 && depth == 4) return launch<1, 1, 4>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 1) return launch<1, 2, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 2) return launch<1, 2, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 1) return launch<1, 4, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 2) return launch<1, 4, 2>(a, ctas_per_sm, stream);
+  return invalid_argument("gemv: no such shape of work per warp");
+}
+
+// The configuration every M uses unless GemvArgs asks for another (pdserve_gpu_bench's gemv tuning,
+// docs/perf/gpu-kernel-notes.md).
 constexpr int kRows = 2;
 constexpr int kDepth = 1;
 constexpr int kCtasPerSm = 0;
@@ -143,6 +179,11 @@ Status check(const GemvArgs& a) {
   if (a.k <= 0 || a.k % 8 != 0) return invalid_argument("gemv: K must be a positive multiple of 8");
   if ((a.norm_w != nullptr) != (a.x != nullptr) || (a.x == nullptr) == (a.xb == nullptr))
     return invalid_argument("gemv: give float rows with norm weights, or bf16 rows");
+  if (a.swiglu_out != nullptr && (a.norm_w == nullptr || a.y != nullptr || a.accumulate))
+    return invalid_argument("gemv: SwiGLU output takes normalised rows and no float output");
+  if (a.swiglu_out == nullptr && a.y == nullptr) return invalid_argument("gemv: no output");
+  if ((a.rows_per_warp != 0 || a.depth != 0) && a.swiglu_out != nullptr)
+    return invalid_argument("gemv: SwiGLU output takes the default work per warp");
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!aligned(a.x) || !aligned(a.xb) || !aligned(a.norm_w) || !aligned(a.w))
     return invalid_argument("gemv: x, w and the norm weights must be 16-byte aligned");
@@ -156,6 +197,9 @@ Status gemv(const GemvArgs& args, StreamHandle stream) {
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
+  if (a.m == 1 && (a.rows_per_warp != 0 || a.depth != 0))
+    return launch_one_row(a, a.rows_per_warp != 0 ? a.rows_per_warp : kRows, a.depth != 0 ? a.depth : kDepth,
+                          kCtasPerSm, stream);
   switch (a.m) {
     case 1: return launch<1, kRows, kDepth>(a, kCtasPerSm, stream);
     case 2: return launch<2, kRows, kDepth>(a, kCtasPerSm, stream);
@@ -171,16 +215,11 @@ Status gemv(const GemvArgs& args, StreamHandle stream) {
 Status gemv_variant(const GemvArgs& args, int rows_per_warp, int depth, int ctas_per_sm,
                     StreamHandle stream) {
   if (args.m != 1) return unimplemented("gemv_variant: one row only");
+  if (args.swiglu_out != nullptr) return unimplemented("gemv_variant: no SwiGLU output");
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
-  if (rows_per_warp == 1 && depth == 2) return launch<1, 1, 2>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 1 && depth == 4) return launch<1, 1, 4>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 2 && depth == 1) return launch<1, 2, 1>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 2 && depth == 2) return launch<1, 2, 2>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 4 && depth == 1) return launch<1, 4, 1>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 4 && depth == 2) return launch<1, 4, 2>(a, ctas_per_sm, stream);
-  return unimplemented("gemv_variant: no such variant");
+  return launch_one_row(a, rows_per_warp, depth, ctas_per_sm, stream);
 }
 
 }  // namespace pdserve::cuda

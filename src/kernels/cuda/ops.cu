@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
@@ -44,6 +45,8 @@ __device__ __forceinline__ uint2 pack_bf16x4(float a, float b, float c, float d)
 template <bool kAdd>
 __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__ delta,
                                 const float* __restrict__ w, float eps, int64_t n, uint16_t* __restrict__ y) {
+  grid_dependency_wait();
+  allow_dependents();
   const int64_t nvec = n / 4;
   float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
   const float4* dr = reinterpret_cast<const float4*>(delta + (kAdd ? blockIdx.x * n : 0));
@@ -89,6 +92,8 @@ int norm_vec_threads(int64_t n, const void* a, const void* b, const void* c, con
 }
 
 __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, uint16_t* y) {
+  grid_dependency_wait();
+  allow_dependents();
   const float* xr = x + blockIdx.x * n;
   uint16_t* yr = y + blockIdx.x * n;
   float sum = 0;
@@ -99,6 +104,8 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
 
 __global__ void add_rms_norm_kernel(float* residual, const float* delta, const float* w, float eps, int64_t n,
                                     uint16_t* y) {
+  grid_dependency_wait();
+  allow_dependents();
   float* rr = residual + blockIdx.x * n;
   const float* dr = delta + blockIdx.x * n;
   uint16_t* yr = y + blockIdx.x * n;
@@ -114,6 +121,8 @@ __global__ void add_rms_norm_kernel(float* residual, const float* delta, const f
 }
 
 __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, uint16_t* out) {
+  grid_dependency_wait();
+  allow_dependents();
   const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (idx >= rows * n) return;
   const int64_t r = idx / n;
@@ -126,6 +135,8 @@ __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, u
 // One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
 // is a rotation pair; the rest copy dims rope_dim + 2(j - rope_dim/2) and the next one.
 __global__ void rope_qkv_kernel(RopeQkvArgs a) {
+  grid_dependency_wait();
+  allow_dependents();
   const int32_t hd = a.kv.head_dim;
   const int32_t pairs = hd / 2;
   const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
@@ -223,6 +234,8 @@ __global__ void argmax_index_kernel(const unsigned long long* keys, int64_t rows
 }
 
 __global__ void gather_rows_kernel(const uint16_t* in, int64_t n, const int32_t* index, uint16_t* out) {
+  grid_dependency_wait();
+  allow_dependents();
   const uint16_t* src = in + int64_t{index[blockIdx.x]} * n;
   uint16_t* dst = out + blockIdx.x * n;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
@@ -305,20 +318,234 @@ __global__ void write_kv_kernel(const uint16_t* k_rows, const uint16_t* v_rows, 
 
 // ---- decode attention ---------------------------------------------------------------------------
 // Grid (kv head, sequence, split). A CTA takes the G query heads of one kv head over one split of
-// `partition` keys: scores into shared memory (each key row read by HEAD_DIM/8 lanes, 16 bytes
-// each, kUnroll rows in flight per lane group), softmax of the split, then V rows weighted the
-// same way, reduced across the CTA in a fixed order. With several splits, a second kernel merges
-// them (max, sum and weighted outputs). The partition shrinks (512 down to 64 keys) until the grid
-// fills the GPU twice over, so a single long sequence still spreads over every SM.
+// `partition` keys. Each key row is read by HEAD_DIM/8 lanes (16 bytes each, a "lane group"), and
+// each lane group walks its own keys (group, group + kGroups, ...) with an online softmax: K and V
+// rows of kUnroll keys are loaded together, so every load of a round is in flight at once, and
+// the group keeps a running max, sum and weighted V sum per head. The groups' states are then
+// merged through shared memory in a fixed order. With several splits, each CTA leaves its state in
+// the workspace and the last CTA of a (sequence, kv head) to finish — counted in split_counters —
+// merges them (max, sum and weighted outputs) and resets the counter. The partition shrinks (512
+// down to 64 keys) until the grid fills the GPU twice over, so a single long sequence still spreads
+// over every SM.
 constexpr int kAttnThreads = 128;
 constexpr int kUnroll = 4;
 constexpr int kMaxPartition = 512;
 constexpr int kMinPartition = 64;
+// Grids of at most this many CTAs per SM take the single-pass kernel (its loads all in flight: it
+// wins where latency rules), larger ones the two-pass kernel below (fewer registers, more CTAs an
+// SM: it wins where throughput rules); docs/perf/gpu-kernel-notes.md.
+constexpr int kSinglePassMaxWaves = 4;
+
+template <int HEAD_DIM, int GMAX>
+constexpr size_t decode_attention_smem_bytes() {
+  return sizeof(float) * (kAttnThreads / (HEAD_DIM / 8)) * GMAX * (HEAD_DIM + 2);
+}
 
 template <int HEAD_DIM, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads)
-    decode_attention_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits, float* ws_acc,
-                            float* ws_ml) {
+    decode_attention_single_pass_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
+                                        float* ws_acc, float* ws_ml) {
+  constexpr int kLanes = HEAD_DIM / 8;  // threads per key row
+  constexpr int kGroups = kAttnThreads / kLanes;
+  extern __shared__ float smem[];
+  float* g_acc = smem;                             // [kGroups][GMAX][HEAD_DIM]
+  float* g_ml = smem + kGroups * GMAX * HEAD_DIM;  // [kGroups][GMAX][2]: max, sum
+  __shared__ bool s_last;
+  grid_dependency_wait();
+  allow_dependents();
+
+  const int kv_head = blockIdx.x;
+  const int seq = blockIdx.y;
+  const int split = blockIdx.z;
+  const int num_kv_heads = a.kv.num_kv_heads;
+  const int G = a.num_heads / num_kv_heads;
+  const int seq_len = a.seq_lens[seq];
+  const int start = split * partition;
+  const int n = max(0, min(start + partition, seq_len) - start);
+  const bool overlong = seq_len > a.max_seq_len;  // max_seq_len was not an upper bound
+  // Splits this sequence fills; with none (no keys at all) split 0 writes the zero output itself.
+  const int used = min(num_splits, (seq_len + partition - 1) / partition);
+  const bool direct = num_splits == 1 || used == 0;
+  if (n == 0 && !(direct && split == 0)) return;  // past the end of a shorter sequence
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
+  const int lane_in_row = threadIdx.x % kLanes;
+  const int group = threadIdx.x / kLanes;
+  const int bs = a.kv.block_size;
+  const int32_t* table = a.block_tables + int64_t{seq} * a.max_blocks_per_seq;
+  // Row r of block b for this kv head: ((b·num_kv_heads + kv_head)·bs + r)·HEAD_DIM.
+  const int64_t block_stride = int64_t{num_kv_heads} * bs * HEAD_DIM;
+  const int64_t head_offset = int64_t{kv_head} * bs * HEAD_DIM + lane_in_row * 8;
+
+  // This thread's 8 values of each query head, pre-scaled.
+  float q[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g < G) {
+      const uint16_t* qh = a.q + seq * q_stride + int64_t{kv_head * G + g} * HEAD_DIM + lane_in_row * 8;
+      bf16x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[g][j] *= a.scale;
+    }
+  }
+
+  float run_max[GMAX], run_sum[GMAX], acc[GMAX][8];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    run_max[g] = -INFINITY;
+    run_sum[g] = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = 0;
+  }
+  // Every lane runs the same trip count (the shuffles need it).
+  for (int base = 0; base < n; base += kGroups * kUnroll) {
+    uint4 kraw[kUnroll], vraw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = base + u * kGroups + group;
+      kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+      if (t < n) {
+        const int pos = start + t;
+        const int64_t off = table[pos / bs] * block_stride + head_offset + (pos % bs) * HEAD_DIM;
+        kraw[u] = *reinterpret_cast<const uint4*>(a.kv.k + off);
+        vraw[u] = *reinterpret_cast<const uint4*>(a.kv.v + off);
+      }
+    }
+    float score[kUnroll][GMAX];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[8];
+      bf16x8_to_float(kraw[u], kf);
+      const bool valid = base + u * kGroups + group < n;
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        float dot = 0;
+        if (g < G) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) dot += q[g][j] * kf[j];
+#pragma unroll
+          for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        }
+        score[u][g] = valid ? dot : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g < G) {
+        float m = run_max[g];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) m = fmaxf(m, score[u][g]);
+        // Nothing valid yet in this group (m still -inf): nothing to rescale.
+        const float correction = m == run_max[g] ? 1.0f : __expf(run_max[g] - m);
+        run_max[g] = m;
+        run_sum[g] *= correction;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] *= correction;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const float p = score[u][g] == -INFINITY ? 0.0f : __expf(score[u][g] - m);
+          run_sum[g] += p;
+          float vf[8];
+          bf16x8_to_float(vraw[u], vf);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] += p * vf[j];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g < G) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g_acc[(group * GMAX + g) * HEAD_DIM + lane_in_row * 8 + j] = acc[g][j];
+      if (lane_in_row == 0) {
+        g_ml[(group * GMAX + g) * 2] = run_max[g];
+        g_ml[(group * GMAX + g) * 2 + 1] = run_sum[g];
+      }
+    }
+  }
+  __syncthreads();
+
+  // The groups' states merged, in group order, per (head, dim).
+  for (int e = threadIdx.x; e < G * HEAD_DIM; e += kAttnThreads) {
+    const int g = e / HEAD_DIM;
+    const int d = e % HEAD_DIM;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kGroups; ++w) m = fmaxf(m, g_ml[(w * GMAX + g) * 2]);
+    float sum = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kGroups; ++w) {
+      const float gm = g_ml[(w * GMAX + g) * 2];
+      const float scale = gm == -INFINITY ? 0.0f : __expf(gm - m);
+      sum += g_ml[(w * GMAX + g) * 2 + 1] * scale;
+      total += g_acc[(w * GMAX + g) * HEAD_DIM + d] * scale;
+    }
+    const int head = kv_head * G + g;
+    if (direct) {
+      const float o = overlong ? nan_value() : (n == 0 ? 0.0f : total / sum);
+      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(o);
+    } else {
+      const int64_t part = (int64_t{seq} * a.num_heads + head) * num_splits + split;
+      ws_acc[part * HEAD_DIM + d] = total;
+      if (d == 0) {
+        ws_ml[part * 2] = m;
+        ws_ml[part * 2 + 1] = sum;
+      }
+    }
+  }
+  if (direct) return;
+
+  // The last split to finish merges them all: warp w takes heads w, w + 4, ...; each lane 4 dims.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = a.split_counters + int64_t{seq} * num_kv_heads + kv_head;
+    s_last = atomicAdd(counter, 1) == used - 1;
+    if (s_last) *counter = 0;  // ready for the next call
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int g = warp; g < G; g += kAttnThreads / 32) {
+    const int head = kv_head * G + g;
+    const int64_t first = (int64_t{seq} * a.num_heads + head) * num_splits;
+    const float* ml = ws_ml + first * 2;
+    float m = -INFINITY;
+    for (int sp = lane; sp < used; sp += 32) m = fmaxf(m, __ldcg(ml + sp * 2));
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float sum = 0;
+    for (int sp = lane; sp < used; sp += 32) sum += __ldcg(ml + sp * 2 + 1) * __expf(__ldcg(ml + sp * 2) - m);
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane * 4 < HEAD_DIM) {
+      float4 o = make_float4(0, 0, 0, 0);
+#pragma unroll 4
+      for (int sp = 0; sp < used; ++sp) {
+        const float w = __expf(__ldcg(ml + sp * 2) - m);
+        const float4 part = __ldcg(reinterpret_cast<const float4*>(ws_acc + (first + sp) * HEAD_DIM) + lane);
+        o.x += w * part.x;
+        o.y += w * part.y;
+        o.z += w * part.z;
+        o.w += w * part.w;
+      }
+      // Divided, as the one-split form does: a sequence whose keys fit one split gets the same bits
+      // whether or not the call splits (a captured graph sizes its split by the table's width).
+      if (overlong) sum = nan_value();
+      uint2* dst = reinterpret_cast<uint2*>(a.out + (int64_t{seq} * a.num_heads + head) * HEAD_DIM) + lane;
+      *dst = pack_bf16x4(o.x / sum, o.y / sum, o.z / sum, o.w / sum);
+    }
+  }
+}
+
+// The two-pass form, for long splits (more than kSinglePassMaxPartition keys), where the
+// single pass loses: scores of the split into shared memory, the split's softmax, then V rows
+// weighted the same way and reduced across the CTA in a fixed order; a second kernel merges the
+// splits.
+template <int HEAD_DIM, int GMAX>
+__global__ void __launch_bounds__(kAttnThreads)
+    decode_attention_two_pass_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
+                                     float* ws_acc, float* ws_ml) {
   constexpr int kLanes = HEAD_DIM / 8;  // threads per key row
   constexpr int kGroups = kAttnThreads / kLanes;
   constexpr int kWarps = kAttnThreads / 32;
@@ -326,6 +553,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* scores = smem;                     // [GMAX][partition]
   float* reduce = smem + GMAX * partition;  // [kWarps][GMAX][HEAD_DIM]
   __shared__ float s_max[GMAX], s_sum[GMAX];
+  grid_dependency_wait();
+  allow_dependents();
 
   const int kv_head = blockIdx.x;
   const int seq = blockIdx.y;
@@ -485,6 +714,8 @@ __global__ void __launch_bounds__(kAttnThreads)
 template <int HEAD_DIM>
 __global__ void decode_attention_merge_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
                                               const float* ws_acc, const float* ws_ml) {
+  grid_dependency_wait();
+  allow_dependents();
   const int head = blockIdx.x;
   const int seq = blockIdx.y;
   const int d = threadIdx.x;
@@ -525,19 +756,23 @@ SplitPlan plan_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_le
 template <int HEAD_DIM, int GMAX>
 Status launch_decode_attention(const DecodeAttentionArgs& a, SplitPlan plan, float* ws_acc, float* ws_ml,
                                StreamHandle stream) {
-  const size_t smem = sizeof(float) * (GMAX * plan.partition + (kAttnThreads / 32) * GMAX * HEAD_DIM);
   const dim3 grid(static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_seqs),
                   static_cast<unsigned>(plan.splits));
-  decode_attention_kernel<HEAD_DIM, GMAX>
-      <<<grid, kAttnThreads, smem, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
-  PD_RETURN_IF_ERROR(check_last_error("decode_attention"));
-  if (plan.splits > 1) {
-    const dim3 merge_grid(static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.num_seqs));
-    decode_attention_merge_kernel<HEAD_DIM>
-        <<<merge_grid, HEAD_DIM, 0, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
-    PD_RETURN_IF_ERROR(check_last_error("decode_attention merge"));
-  }
-  return ok_status();
+  if (int64_t{a.num_seqs} * a.kv.num_kv_heads * plan.splits <=
+      kSinglePassMaxWaves * int64_t{current_multiprocessors()})
+    return launch_programmatic("decode_attention", decode_attention_single_pass_kernel<HEAD_DIM, GMAX>, grid,
+                               dim3(kAttnThreads), decode_attention_smem_bytes<HEAD_DIM, GMAX>(), stream, a,
+                               plan.partition, plan.splits, ws_acc, ws_ml);
+  const size_t smem = sizeof(float) * (GMAX * plan.partition + (kAttnThreads / 32) * GMAX * HEAD_DIM);
+  PD_RETURN_IF_ERROR(launch_programmatic("decode_attention", decode_attention_two_pass_kernel<HEAD_DIM, GMAX>,
+                                         grid, dim3(kAttnThreads), smem, stream, a, plan.partition,
+                                         plan.splits, ws_acc, ws_ml));
+  if (plan.splits == 1) return ok_status();
+  // An ordinary launch: programmatic, it made batch 16 × 4k decode steps slower (gpu-kernel-notes.md).
+  const dim3 merge_grid(static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.num_seqs));
+  decode_attention_merge_kernel<HEAD_DIM>
+      <<<merge_grid, HEAD_DIM, 0, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
+  return check_last_error("decode_attention merge");
 }
 
 template <int HEAD_DIM>
@@ -567,31 +802,29 @@ bool kernels_built_for_current_device() {
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("rms_norm: empty row");
-  if (const int t = norm_vec_threads(n, x, w, y, x); t > 0) {
-    norm_vec_kernel<false>
-        <<<static_cast<unsigned>(rows), t, 0, stream>>>(const_cast<float*>(x), nullptr, w, eps, n, y);
-  } else {
-    rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(x, w, eps, n, y);
-  }
-  return check_last_error("rms_norm");
+  const dim3 grid(static_cast<unsigned>(rows));
+  if (const int t = norm_vec_threads(n, x, w, y, x); t > 0)
+    return launch_programmatic("rms_norm", norm_vec_kernel<false>, grid, dim3(t), 0, stream,
+                               const_cast<float*>(x), static_cast<const float*>(nullptr), w, eps, n, y);
+  return launch_programmatic("rms_norm", rms_norm_kernel, grid, dim3(norm_threads(n)), 0, stream, x, w, eps,
+                             n, y);
 }
 
 Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
                     uint16_t* y, StreamHandle stream) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
-  if (const int t = norm_vec_threads(n, residual, delta, w, y); t > 0) {
-    norm_vec_kernel<true><<<static_cast<unsigned>(rows), t, 0, stream>>>(residual, delta, w, eps, n, y);
-  } else {
-    add_rms_norm_kernel<<<static_cast<unsigned>(rows), norm_threads(n), 0, stream>>>(residual, delta, w, eps,
-                                                                                     n, y);
-  }
-  return check_last_error("add_rms_norm");
+  const dim3 grid(static_cast<unsigned>(rows));
+  if (const int t = norm_vec_threads(n, residual, delta, w, y); t > 0)
+    return launch_programmatic("add_rms_norm", norm_vec_kernel<true>, grid, dim3(t), 0, stream, residual,
+                               delta, w, eps, n, y);
+  return launch_programmatic("add_rms_norm", add_rms_norm_kernel, grid, dim3(norm_threads(n)), 0, stream,
+                             residual, delta, w, eps, n, y);
 }
 
 Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
   if (rows * n <= 0) return ok_status();
-  silu_mul_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(gate_up, rows, n, out);
-  return check_last_error("silu_mul");
+  return launch_programmatic("silu_mul", silu_mul_kernel, dim3(blocks_for(rows * n, 256)), dim3(256), 0,
+                             stream, gate_up, rows, n, out);
 }
 
 Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
@@ -600,8 +833,8 @@ Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
     return invalid_argument("rope_qkv: head_dim must be even and rope_dim even and at most head_dim");
   const int64_t total = a.rows * (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
   if (total <= 0) return ok_status();
-  rope_qkv_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(a);
-  return check_last_error("rope_qkv");
+  return launch_programmatic("rope_qkv", rope_qkv_kernel, dim3(blocks_for(total, 256)), dim3(256), 0, stream,
+                             a);
 }
 
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
@@ -644,8 +877,8 @@ Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDr
 Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,
                    StreamHandle stream) {
   if (rows <= 0) return ok_status();
-  gather_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(in, n, index, out);
-  return check_last_error("gather_rows");
+  return launch_programmatic("gather_rows", gather_rows_kernel, dim3(static_cast<unsigned>(rows)), dim3(256),
+                             0, stream, in, n, index, out);
 }
 
 Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed,
@@ -711,12 +944,16 @@ Status decode_attention(const DecodeAttentionArgs& a, void* workspace, size_t wo
   if (a.num_seqs > 65535) return invalid_argument("decode_attention: more than 65535 queries in one call");
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
   if (q_stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.q) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
+      reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 || reinterpret_cast<uintptr_t>(kv.v) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.out) % 8 != 0)
     return invalid_argument(
-        "decode_attention: q, k and v must be 16-byte aligned (q_stride a multiple of 8)");
+        "decode_attention: q, k and v must be 16-byte aligned (q_stride a multiple of 8), out 8-byte "
+        "aligned");
   const SplitPlan plan = plan_splits(a.num_seqs, kv.num_kv_heads, a.max_seq_len);
   if (workspace_bytes < decode_attention_workspace_bytes(a))
     return invalid_argument("decode_attention: workspace smaller than decode_attention_workspace_bytes()");
+  if (plan.splits > 1 && a.split_counters == nullptr)
+    return invalid_argument("decode_attention: these shapes split the keys and need split_counters");
   float* ws_acc = static_cast<float*>(workspace);
   float* ws_ml = ws_acc == nullptr
                      ? nullptr

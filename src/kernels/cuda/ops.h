@@ -128,10 +128,12 @@ Status rope_qkv(const RopeQkvArgs& args, StreamHandle stream);
 // Decode attention, one query token per sequence, split over the keys (flash-decoding):
 // out[s][h] = softmax(scale · q[s][h]·Kᵀ) · V over the seq_lens[s] keys of sequence s, whose
 // blocks are block_tables[s·max_blocks_per_seq ...]. q and out are [num_seqs][num_heads][head_dim]
-// bf16 (q rows q_stride values apart, out rows packed). num_heads is a multiple of
-// num_kv_heads, at most 8 query heads per kv head; head_dim is 64 or 128. `workspace` holds
-// decode_attention_workspace_bytes(args) bytes of device memory. A sequence longer than
-// max_seq_len gets NaN outputs.
+// bf16 (q rows q_stride values apart, out rows packed; q, k and v 16-byte aligned, out 8-byte). num_heads is
+// a multiple of num_kv_heads, at most 8 query heads per kv head; head_dim is 64 or 128. `workspace` holds
+// decode_attention_workspace_bytes(args) bytes of device memory; where that is not 0 (the keys are
+// split), split_counters holds num_seqs × num_kv_heads int32 that are zero before the first call
+// (zero-fill them once when allocating; every call leaves them zero). Calls running at the same
+// time need their own counters. A sequence longer than max_seq_len gets NaN outputs.
 struct DecodeAttentionArgs {
   const uint16_t* q = nullptr;
   int64_t q_stride = 0;  // values from one sequence's q to the next; 0: num_heads × head_dim
@@ -144,6 +146,7 @@ struct DecodeAttentionArgs {
   int32_t max_seq_len = 0;  // an upper bound of seq_lens (sizes the split)
   float scale = 1.0f;
   uint16_t* out = nullptr;
+  int32_t* split_counters = nullptr;
 };
 // Workspace for these shapes (pointers in `args` are not read); 0 when one split suffices.
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args);
@@ -155,6 +158,11 @@ Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t
 // `norm_w`, the float rows `x` normalised as rms_norm does (rounded to bf16 the same way), so no
 // separate norm runs. With `accumulate`, y += the product (an output projection's residual add).
 // y is float, rows ldy apart (0: n). k a multiple of 8; x, xb, w, norm_w 16-byte aligned.
+// With `swiglu_out` instead of y, w holds 2n rows (gate rows, then up rows) and the result is
+// swiglu_out[m][i] = silu(gate) · up in bf16, as silu_mul computes it from the float products.
+// With one activation row, rows_per_warp × depth (1 × 2, 1 × 4, 2 × 1, 2 × 2, 4 × 1, 4 × 2; 0:
+// the default 2 × 1) is the work a warp has in flight: weight rows × 16-byte pieces of each; which
+// is fastest depends on the matrix's shape (pdserve_gpu_bench's gemv section measures them).
 constexpr int64_t kGemvMaxRows = 8;
 struct GemvArgs {
   const float* x = nullptr;
@@ -166,6 +174,8 @@ struct GemvArgs {
   float* y = nullptr;
   int64_t ldy = 0;
   bool accumulate = false;
+  uint16_t* swiglu_out = nullptr;
+  int rows_per_warp = 0, depth = 0;  // one activation row only; more rows take the default
 };
 Status gemv(const GemvArgs& args, StreamHandle stream);
 

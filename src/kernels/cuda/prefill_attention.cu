@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 
+#include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace pdserve::cuda {
@@ -197,6 +198,8 @@ struct WarpAttention {
 
 template <int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
+  grid_dependency_wait();
+  allow_dependents();
   constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
   constexpr int kDimTiles = HEAD_DIM / 8;
   extern __shared__ __align__(128) uint16_t smem[];
@@ -311,6 +314,8 @@ constexpr int kDecodeKeys = 16;  // keys per warp tile
 
 template <int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAttentionArgs a) {
+  grid_dependency_wait();
+  allow_dependents();
   constexpr int kChunks = HEAD_DIM / 8;
   constexpr int kDimTiles = HEAD_DIM / 8;
   constexpr int kTileValues = kDecodeKeys * HEAD_DIM;     // one warp's K (or V) tile
@@ -460,13 +465,13 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   // general form.
   if (a.max_chunk_len == 1 && group <= 8) {
     const dim3 grid(1, static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
-    decode_attention_tc_kernel<HEAD_DIM><<<grid, kThreads, decode_smem_bytes<HEAD_DIM>(), stream>>>(a);
-    return check_last_error("prefill_attention (decode)");
+    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM>, grid,
+                               dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a);
   }
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
-  prefill_attention_kernel<HEAD_DIM><<<grid, kThreads, smem, stream>>>(a);
-  return check_last_error("prefill_attention");
+  return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM>, grid, dim3(kThreads),
+                             smem, stream, a);
 }
 
 }  // namespace
