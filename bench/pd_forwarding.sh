@@ -20,6 +20,11 @@
 # The workload mixes short prompts (SHORT_IN, normal 64±16 tokens) and long ones, 16 output tokens
 # each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 #
+# GATEWAYS=G (1) runs G gateways per policy over the same instances, as a deployment scaled out at
+# the gateway tier does; requests go to them in turn. Each gateway counts only the streams it opened
+# itself, so the baseline's "fewest open streams" sees 1/G of the traffic, while on-demand
+# forwarding needs no count (a full prefill refuses, whichever gateway asks).
+#
 # On GPUs (one instance per GPU, KV over cuda-ipc): PREFILL_DEVICES (one prefill per entry, "cpu
 # cpu"), DECODE_DEVICE (cpu), TRANSPORT (shm), MODEL (the default model; e.g. synthetic:llama-3.1-8b,
 # whose tokenizer is the default model's), KV_MEMORY (256MiB), INSTANCE_ARGS (more instance flags,
@@ -69,10 +74,18 @@ done
 start decode.log "${instance[@]}" --role decode --port 18200 --device "$decode_device"
 gateway+=(--decode 127.0.0.1:18200)
 wait_ready "${ports[@]}" 18200
-start gateway_baseline.log "${gateway[@]}" --port 18210 --admission baseline
-start gateway_on_demand.log "${gateway[@]}" --port 18211 --admission on-demand --ttft-budget-ms "$budget" \
-  --ttft-budget-ms-per-token "$budget_per_token"
-wait_ready 18210 18211
+gateways="${GATEWAYS:-1}"
+urls_baseline="" urls_on_demand="" gateway_ports=()
+for ((g = 0; g < gateways; g++)); do
+  pb=$((18210 + 2 * g)) po=$((18211 + 2 * g))
+  start "gateway_baseline$g.log" "${gateway[@]}" --port "$pb" --admission baseline
+  start "gateway_on_demand$g.log" "${gateway[@]}" --port "$po" --admission on-demand --ttft-budget-ms "$budget" \
+    --ttft-budget-ms-per-token "$budget_per_token"
+  urls_baseline+="${urls_baseline:+,}http://127.0.0.1:$pb"
+  urls_on_demand+="${urls_on_demand:+,}http://127.0.0.1:$po"
+  gateway_ports+=("$pb" "$po")
+done
+wait_ready "${gateway_ports[@]}"
 
 for mult in $loads; do
   if [ -n "${TRACE:-}" ]; then
@@ -90,7 +103,7 @@ for mult in $loads; do
     workload=(--scenarios "$scenarios" --output-len fixed:16)
     echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
   fi
-  "$pdserve" bench --base-url http://127.0.0.1:18210 --ab-base-url http://127.0.0.1:18211 --ab-rounds 1 \
+  "$pdserve" bench --base-url "$urls_baseline" --ab-base-url "$urls_on_demand" --ab-rounds 1 \
     --api completions "${workload[@]}" --ignore-eos -n "$n" \
     --tokenizer-model "$tokenizer" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
 done

@@ -127,8 +127,8 @@ StreamEvent apply_stream_event(std::string_view data, double now_s, bool save_ch
 // ---------------------------------------------------------------------------------------------
 
 struct LoadClient::Impl {
-  Endpoint endpoint;
-  tcp::resolver::results_type endpoints;
+  std::vector<Endpoint> endpoints;                     // the servers, taken in turn
+  std::vector<tcp::resolver::results_type> addresses;  // each one's, resolved
 };
 
 namespace {
@@ -145,7 +145,7 @@ struct Shard {
   int32_t users = 0;  // closed loop
   int64_t in_flight = 0;
   bool stopping = false;
-  std::vector<std::unique_ptr<beast::tcp_stream>> idle;
+  std::vector<std::vector<std::unique_ptr<beast::tcp_stream>>> idle;  // per endpoint
   std::unordered_set<Session*> active;
 };
 
@@ -167,7 +167,12 @@ void session_done(RunContext& ctx, Shard& shard, Session* s);
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(RunContext& ctx, Shard& shard, size_t idx)
-      : ctx_(ctx), shard_(shard), req_((*ctx.requests)[idx]), rec_((*ctx.records)[idx]) {}
+      : ctx_(ctx),
+        shard_(shard),
+        req_((*ctx.requests)[idx]),
+        rec_((*ctx.records)[idx]),
+        // Request i goes to endpoint i mod n: several gateways of one deployment share the load.
+        server_(idx % ctx.client->endpoints.size()) {}
 
   void start() {
     shard_.active.insert(this);
@@ -175,7 +180,8 @@ class Session : public std::enable_shared_from_this<Session> {
     ctx_.started.fetch_add(1, std::memory_order_relaxed);
     rec_.send_s = ctx_.now_s();
     if (ctx_.options.closed_loop) rec_.scheduled_s = rec_.send_s;  // a user sends when ready: no lag
-    const Endpoint& ep = ctx_.client->endpoint;
+    rec_.endpoint = static_cast<int32_t>(server_);
+    const Endpoint& ep = ctx_.client->endpoints[server_];
     hreq_.method(http::verb::post);
     hreq_.target(ep.base_path + req_.path);
     hreq_.version(11);
@@ -188,9 +194,10 @@ class Session : public std::enable_shared_from_this<Session> {
     hreq_.keep_alive(ctx_.options.keep_alive);
     hreq_.body() = req_.body;
     hreq_.prepare_payload();
-    if (ctx_.options.keep_alive && !shard_.idle.empty()) {
-      stream_ = std::move(shard_.idle.back());
-      shard_.idle.pop_back();
+    auto& idle = shard_.idle[server_];
+    if (ctx_.options.keep_alive && !idle.empty()) {
+      stream_ = std::move(idle.back());
+      idle.pop_back();
       rec_.reused_connection = true;
       write();
     } else {
@@ -211,13 +218,13 @@ class Session : public std::enable_shared_from_this<Session> {
   void connect() {
     stream_ = std::make_unique<beast::tcp_stream>(shard_.ioc);
     stream_->expires_after(timeout());
-    stream_->async_connect(
-        ctx_.client->endpoints, [self = shared_from_this()](beast::error_code ec, const tcp::endpoint&) {
-          if (ec) return self->fail(ec == beast::error::timeout ? "timeout" : "connect", ec.message());
-          beast::error_code ignored;
-          self->stream_->socket().set_option(tcp::no_delay(true), ignored);
-          self->write();
-        });
+    stream_->async_connect(ctx_.client->addresses[server_], [self = shared_from_this()](
+                                                                beast::error_code ec, const tcp::endpoint&) {
+      if (ec) return self->fail(ec == beast::error::timeout ? "timeout" : "connect", ec.message());
+      beast::error_code ignored;
+      self->stream_->socket().set_option(tcp::no_delay(true), ignored);
+      self->write();
+    });
   }
 
   std::chrono::steady_clock::duration timeout() const {
@@ -344,7 +351,7 @@ class Session : public std::enable_shared_from_this<Session> {
       reusable = false;
     }
     if (reusable && ctx_.options.keep_alive && !shard_.stopping) {
-      shard_.idle.push_back(std::move(stream_));
+      shard_.idle[server_].push_back(std::move(stream_));
     } else if (stream_) {
       beast::error_code ignored;
       stream_->socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -371,6 +378,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Shard& shard_;
   const PreparedRequest& req_;
   RequestRecord& rec_;
+  size_t server_;  // index into the client's endpoints
   std::unique_ptr<beast::tcp_stream> stream_;
   http::request<http::string_body> hreq_;
   beast::flat_buffer buffer_;
@@ -452,7 +460,7 @@ void tick(RunContext& ctx, Shard& shard) {
   }
   if (shard_finished(ctx, shard)) {
     shard.arrival_timer.cancel();
-    shard.idle.clear();
+    for (auto& idle : shard.idle) idle.clear();
     return;
   }
   shard.tick_timer.expires_after(std::chrono::milliseconds(20));
@@ -466,10 +474,11 @@ StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, http::verb verb
                                       const std::string& body, double timeout_s) {
   net::io_context ioc;
   beast::tcp_stream stream(ioc);
-  http::request<http::string_body> req{verb, c.endpoint.base_path + path, 11};
-  req.set(http::field::host, c.endpoint.host + ":" + c.endpoint.port);
+  const Endpoint& ep = c.endpoints.front();
+  http::request<http::string_body> req{verb, ep.base_path + path, 11};
+  req.set(http::field::host, ep.host + ":" + ep.port);
   req.set(http::field::user_agent, "pdserve-bench");
-  if (!c.endpoint.api_key.empty()) req.set(http::field::authorization, "Bearer " + c.endpoint.api_key);
+  if (!ep.api_key.empty()) req.set(http::field::authorization, "Bearer " + ep.api_key);
   if (verb == http::verb::post) {
     req.set(http::field::content_type, "application/json");
     req.body() = body;
@@ -482,7 +491,7 @@ StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, http::verb verb
   beast::error_code result;
   std::string stage = "connect";
   stream.expires_after(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s)));
-  stream.async_connect(c.endpoints, [&](beast::error_code ec, const tcp::endpoint&) {
+  stream.async_connect(c.addresses.front(), [&](beast::error_code ec, const tcp::endpoint&) {
     if (ec) {
       result = ec;
       return;
@@ -500,7 +509,7 @@ StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, http::verb verb
   ioc.run();
   if (result) {
     return unavailable(fmt::format("{} {}:{}{}: {} failed: {}", verb == http::verb::get ? "GET" : "POST",
-                                   c.endpoint.host, c.endpoint.port, path, stage, result.message()));
+                                   ep.host, ep.port, path, stage, result.message()));
   }
   HttpResult r;
   r.status = static_cast<int>(parser.get().result_int());
@@ -515,18 +524,26 @@ LoadClient::LoadClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 LoadClient::~LoadClient() = default;
 
 StatusOr<std::unique_ptr<LoadClient>> LoadClient::create(const Endpoint& endpoint) {
+  return create(std::vector<Endpoint>{endpoint});
+}
+
+StatusOr<std::unique_ptr<LoadClient>> LoadClient::create(const std::vector<Endpoint>& endpoints) {
+  if (endpoints.empty()) return invalid_argument("no server to send to");
   auto impl = std::make_unique<Impl>();
-  impl->endpoint = endpoint;
+  impl->endpoints = endpoints;
   net::io_context ioc;
   tcp::resolver resolver(ioc);
-  beast::error_code ec;
-  impl->endpoints = resolver.resolve(endpoint.host, endpoint.port, ec);
-  if (ec)
-    return unavailable(fmt::format("cannot resolve {}:{}: {}", endpoint.host, endpoint.port, ec.message()));
+  for (const Endpoint& e : endpoints) {
+    beast::error_code ec;
+    impl->addresses.push_back(resolver.resolve(e.host, e.port, ec));
+    if (ec) return unavailable(fmt::format("cannot resolve {}:{}: {}", e.host, e.port, ec.message()));
+  }
   return std::unique_ptr<LoadClient>(new LoadClient(std::move(impl)));
 }
 
-const Endpoint& LoadClient::endpoint() const { return impl_->endpoint; }
+const Endpoint& LoadClient::endpoint() const { return impl_->endpoints.front(); }
+
+size_t LoadClient::num_endpoints() const { return impl_->endpoints.size(); }
 
 StatusOr<HttpResult> LoadClient::get(const std::string& path, double timeout_s) const {
   return blocking_request(*impl_, http::verb::get, path, "", timeout_s);
@@ -558,7 +575,10 @@ std::vector<RequestRecord> LoadClient::run(const std::vector<PreparedRequest>& r
   ctx.stop = &stop;
   int32_t num_shards = std::max(1, options.client_threads);
   std::vector<std::unique_ptr<Shard>> shards;
-  for (int32_t i = 0; i < num_shards; ++i) shards.push_back(std::make_unique<Shard>());
+  for (int32_t i = 0; i < num_shards; ++i) {
+    shards.push_back(std::make_unique<Shard>());
+    shards.back()->idle.resize(impl_->endpoints.size());
+  }
   if (options.closed_loop) {
     for (int32_t u = 0; u < std::max(1, options.users); ++u) ++shards[u % num_shards]->users;
   } else {

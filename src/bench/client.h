@@ -83,11 +83,15 @@ class LoadClient {
  public:
   // Resolves the host (errors: an unknown host).
   static StatusOr<std::unique_ptr<LoadClient>> create(const Endpoint& endpoint);
+  // Several servers of one deployment (e.g. gateways over the same instances): run() sends request
+  // i to endpoints[i mod n] (RequestRecord::endpoint); get() and post_json() use the first.
+  static StatusOr<std::unique_ptr<LoadClient>> create(const std::vector<Endpoint>& endpoints);
   ~LoadClient();
   LoadClient(const LoadClient&) = delete;
   LoadClient& operator=(const LoadClient&) = delete;
 
-  const Endpoint& endpoint() const;
+  const Endpoint& endpoint() const;  // the first
+  size_t num_endpoints() const;
 
   // Blocking requests (their own connection, `timeout_s` in all). A non-2xx status is a result,
   // not an error; errors are connection failures and timeouts.

@@ -67,6 +67,25 @@ TEST(StreamEvent, ErrorsAndMalformed) {
   EXPECT_EQ(apply_stream_event("{not json", 1, true, m), StreamEvent::kMalformed);
 }
 
+TEST(LoadClient, SeveralServersTakeTheRequestsInTurn) {
+  auto a = parse_base_url("http://127.0.0.1:1"), b = parse_base_url("http://127.0.0.1:2");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_FALSE(LoadClient::create(std::vector<Endpoint>{}).ok()) << "no server";
+  auto c = LoadClient::create(std::vector<Endpoint>{*a, *b});
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ((*c)->num_endpoints(), 2u);
+  EXPECT_EQ((*c)->endpoint().port, "1");
+  std::vector<PreparedRequest> reqs(5);
+  for (auto& q : reqs) q.path = "/v1/completions";
+  std::atomic<bool> stop{false};
+  auto records = (*c)->run(reqs, RunOptions{}, stop, nullptr);
+  ASSERT_EQ(records.size(), 5u);
+  for (size_t i = 0; i < records.size(); ++i) {
+    EXPECT_EQ(records[i].endpoint, static_cast<int32_t>(i % 2)) << "request " << i;
+    EXPECT_EQ(records[i].error, "connect") << "request " << i;
+  }
+}
+
 TEST(LoadClient, UnreachableServerIsAConnectError) {
   auto e = parse_base_url("http://127.0.0.1:1");
   auto c = LoadClient::create(*e);

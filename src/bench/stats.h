@@ -28,8 +28,9 @@ struct RequestRecord {
   int32_t num_chunks = 0;       // content chunks received
   std::vector<double> chunk_s;  // arrival time of each content chunk
   bool reused_connection = false;
-  int http_status = 0;  // 0: no response
-  std::string error;    // empty: success; else a type (see error types in client.h)
+  int32_t endpoint = 0;  // which of the client's servers it went to
+  int http_status = 0;   // 0: no response
+  std::string error;     // empty: success; else a type (see error types in client.h)
   std::string error_message;
 
   bool ok() const { return error.empty(); }

@@ -252,12 +252,26 @@ int run_bench(void* p) {
     fmt::print(stderr, "error: {}\n", s.message());
     return 2;
   };
-  auto endpoint = parse_base_url(a.base_url);
-  if (!endpoint.ok()) return fail(endpoint.status());
   if (a.api_key.empty()) {
     if (const char* k = std::getenv("PDSERVE_API_KEY"); k && *k) a.api_key = k;
   }
-  endpoint->api_key = a.api_key;
+  // One URL, or several comma-separated (gateways of one deployment, taking requests in turn).
+  auto parse_urls = [&](const std::string& list) -> StatusOr<std::vector<Endpoint>> {
+    std::vector<Endpoint> out;
+    size_t from = 0;
+    for (;;) {
+      const size_t comma = list.find(',', from);
+      auto e = parse_base_url(
+          std::string_view(list).substr(from, comma == std::string::npos ? comma : comma - from));
+      if (!e.ok()) return e.status();
+      e->api_key = a.api_key;
+      out.push_back(std::move(*e));
+      if (comma == std::string::npos) return out;
+      from = comma + 1;
+    }
+  };
+  auto endpoint = parse_urls(a.base_url);
+  if (!endpoint.ok()) return fail(endpoint.status());
   if (a.api != "completions" && a.api != "chat") return fail(invalid_argument("--api: completions or chat"));
   if (a.rate <= 0 || a.cv <= 0 || a.tidal_period_s <= 0)
     return fail(invalid_argument("--rate, --burstiness-cv and --tidal-period must be > 0"));
@@ -320,9 +334,8 @@ int run_bench(void* p) {
   if (!a.ab_base_url.empty()) {
     if (!a.sweep_rates.empty() || searching)
       return fail(invalid_argument("--ab-base-url cannot be combined with a sweep"));
-    auto eb = parse_base_url(a.ab_base_url);
+    auto eb = parse_urls(a.ab_base_url);
     if (!eb.ok()) return fail(eb.status().with_context("--ab-base-url"));
-    eb->api_key = a.api_key;
     auto cb = LoadClient::create(*eb);
     if (!cb.ok()) return fail(cb.status());
     client_b = std::move(*cb);
@@ -574,7 +587,10 @@ void register_bench_command(CLI::App& app) {
                                      "partial report; a second Ctrl-C quits).");
   cmd->option_defaults()->always_capture_default();
   auto* g = "Target";
-  cmd->add_option("--base-url", a.base_url, "Server URL http://HOST[:PORT][/PATH] (routes are appended)")
+  cmd->add_option(
+         "--base-url", a.base_url,
+         "Server URL http://HOST[:PORT][/PATH] (routes are appended); several, comma-separated, take "
+         "the requests in turn (gateways of one deployment)")
       ->group(g);
   cmd->add_option("--api", a.api, "completions (/v1/completions, prompt text) or chat (/v1/chat/completions)")
       ->check(CLI::IsMember({"completions", "chat"}))
@@ -716,7 +732,9 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option(
          "--ab-base-url", a.ab_base_url,
          "Compare with a second server: the same requests run on --base-url (A) and on this one (B), "
-         "alternating A B, B A, ... for --ab-rounds rounds; prints B/A ratios")
+         "alternating A B, B A, ... for --ab-rounds rounds; prints B/A ratios (several URLs, "
+         "comma-separated, "
+         "as for --base-url)")
       ->group(g);
   cmd->add_option("--ab-rounds", a.ab_rounds, "A/B: rounds (each runs the workload once on each server)")
       ->check(CLI::Range(1, 100))

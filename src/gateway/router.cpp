@@ -180,6 +180,23 @@ void Router::notify_capacity() {
   cv_.notify_one();
 }
 
+size_t Router::least_loaded_locked(const Flight& f, size_t skip) {
+  size_t best = prefills_.size();
+  int32_t best_load = 0, equals = 0;
+  for (size_t i = 0; i < prefills_.size(); ++i) {
+    if (i == skip || f.failed_on[i]) continue;
+    const int32_t load = prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size());
+    if (best == prefills_.size() || load < best_load) {
+      best = i;
+      best_load = load;
+      equals = 1;
+    } else if (load == best_load && std::uniform_int_distribution<int32_t>(0, equals++)(tie_rng_) == 0) {
+      best = i;  // each of the equals is kept with the same chance
+    }
+  }
+  return best;
+}
+
 bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -207,14 +224,7 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     // streams (queued ones included) and waits there, whatever the other prefills do.
     if (f->assigned < 0 || f->failed_on[static_cast<size_t>(f->assigned)]) {
       std::lock_guard<std::mutex> lock(mu_);
-      size_t best = order[0];
-      for (size_t idx : order) {
-        if (prefill_open_[idx] + static_cast<int32_t>(prefill_queues_[idx].size()) <
-            prefill_open_[best] + static_cast<int32_t>(prefill_queues_[best].size())) {
-          best = idx;
-        }
-      }
-      f->assigned = static_cast<int>(best);
+      f->assigned = static_cast<int>(least_loaded_locked(*f, prefills_.size()));
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -253,16 +263,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       if (options_.admission == AdmissionPolicy::kBaseline) {
         // Its queue would wait behind a prefill that is not there: join the shortest other one.
         std::lock_guard<std::mutex> lock(mu_);
-        size_t best = prefills_.size();
-        for (size_t i = 0; i < prefills_.size(); ++i) {
-          if (i == idx || f->failed_on[i]) continue;
-          if (best == prefills_.size() ||
-              prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size()) <
-                  prefill_open_[best] + static_cast<int32_t>(prefill_queues_[best].size())) {
-            best = i;
-          }
-        }
-        if (best != prefills_.size()) f->assigned = static_cast<int>(best);
+        if (const size_t best = least_loaded_locked(*f, idx); best != prefills_.size())
+          f->assigned = static_cast<int>(best);
         return false;
       }
       continue;

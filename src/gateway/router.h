@@ -10,7 +10,8 @@
 // and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
 //
 // Baseline admission (the paper's comparison): each request joins, at once, the queue of the
-// prefill with the fewest open streams (queued requests included) and waits there in order,
+// prefill with the fewest open streams (queued requests included; among equals, one at random, so
+// that gateways that do not share their counts do not all pick the same) and waits there in order,
 // whatever the other prefills do — a FIFO queue per prefill, kept here so that both policies run
 // on the same instances. No TTFT budget applies to it.
 //
@@ -37,6 +38,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -94,6 +96,9 @@ class Router : public GenerationBackend {
   // Offers the request to the prefills; true when one took it (or it ended).
   // `queued`: the router thread (or a retry) places a request that already waited, ahead of new ones.
   bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
+  // Baseline admission: the prefill with the fewest open and queued streams among those `f` has
+  // not failed on, other than `skip` (a random one among equals); prefills_.size() if none. Holds mu_.
+  size_t least_loaded_locked(const Flight& f, size_t skip);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
   // Offers a prefill's handoff to the decodes, fewest requests first, as decode attempt `attempt`
@@ -128,8 +133,9 @@ class Router : public GenerationBackend {
   // guarded by mu_: baseline admission, the requests queued for each prefill. Sized once: its
   // elements are never moved (references to them are taken outside the lock).
   std::vector<std::deque<std::shared_ptr<Flight>>> prefill_queues_;
-  std::vector<int32_t> decode_open_;   // guarded by mu_: requests per decode
-  bool retry_ = false;                 // guarded by mu_
+  std::minstd_rand tie_rng_{std::random_device{}()};  // guarded by mu_: baseline ties
+  std::vector<int32_t> decode_open_;                  // guarded by mu_: requests per decode
+  bool retry_ = false;                                // guarded by mu_
   bool dispatching_ = false;           // guarded by mu_: the router thread holds the queues' contents
   bool stop_ = false;                  // guarded by mu_
   int64_t requests_total_ = 0;         // guarded by mu_

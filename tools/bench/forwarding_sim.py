@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Queueing model of the forwarding benchmark (bench/pd_forwarding.sh, docs/perf/pd.md).
+
+Simulates c prefill instances of one slot each (b_p = 1) under Poisson arrivals of two kinds of
+prompts, and counts the requests whose time to first token meets an SLO of
+base + per-token x prompt tokens, under the two admission policies the router implements:
+
+- baseline: each request joins, at arrival, the FIFO queue of the prefill with the fewest open
+  streams (in service + queued), ties to the lowest index — `AdmissionPolicy::kBaseline`. With
+  --gateways G > 1, requests arrive at G gateways in turn and each gateway counts only the streams
+  it opened itself (G gateways that do not share their counts). --ties random breaks ties at
+  random instead of by index.
+- on-demand: requests wait at the gateway, first come first served, for whichever prefill frees
+  first; one still waiting when its budget (base + per-token x prompt tokens) runs out is dropped
+  and counts as a failure — `AdmissionPolicy::kOnDemand`.
+
+The model leaves out the decode, the KV transfer and every overhead; prefill time is linear in
+the prompt. It answers "which loads and mixes can separate the two policies at all", not what the
+system measures.
+
+  forwarding_sim.py compare [options]   success of both policies at loads A, 2A, 4A, ...
+  forwarding_sim.py scan [options]      over many mixes and loads: where on-demand stays >= 99 %,
+                                        the worst the baseline does there
+"""
+import argparse
+import collections
+import random
+
+
+def workload(rate, n, long_share, short_tokens, long_tokens, seed):
+    """(arrival s, prompt tokens) of n requests: Poisson arrivals, normal prompt lengths."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        mean, sd = long_tokens if rng.random() < long_share else short_tokens
+        out.append((t, max(1, int(rng.gauss(mean, sd)))))
+    return out
+
+
+def baseline(reqs, c, sec_per_token, slo, gateways, ties):
+    rng = random.Random(7)
+    free = [0.0] * c  # when each prefill's queue drains
+    ends = [[collections.deque() for _ in range(c)] for _ in range(gateways)]  # per gateway's view
+    ok = 0
+    for i, (arrival, tokens) in enumerate(reqs):
+        view = ends[i % gateways]
+        for q in view:
+            while q and q[0] <= arrival:
+                q.popleft()
+        tie = [rng.random() for _ in range(c)] if ties == "random" else range(c)
+        k = min(range(c), key=lambda j: (len(view[j]), tie[j]))
+        start = max(arrival, free[k])
+        free[k] = start + tokens * sec_per_token
+        view[k].append(free[k])
+        ok += free[k] - arrival <= slo(tokens)
+    return ok / len(reqs)
+
+
+def on_demand(reqs, c, sec_per_token, slo, budget):
+    free = [0.0] * c
+    ok = 0
+    for arrival, tokens in reqs:  # FIFO: each takes the prefill that frees first
+        k = min(range(c), key=lambda j: free[j])
+        start = max(arrival, free[k])
+        if start - arrival > budget(tokens):
+            continue  # dropped at the gateway
+        free[k] = start + tokens * sec_per_token
+        ok += free[k] - arrival <= slo(tokens)
+    return ok / len(reqs)
+
+
+def run(args, rate, long_share, short_tokens, long_tokens, slo_base, slo_per_token):
+    def slo(t):
+        return slo_base + slo_per_token * t
+
+    def budget(t):  # the SLO less the prefill's own time
+        return max(0.0, slo(t) - t * args.sec_per_token)
+
+    reqs = workload(rate, args.n, long_share, short_tokens, long_tokens, args.seed)
+    return (baseline(reqs, args.prefills, args.sec_per_token, slo, args.gateways, args.ties),
+            on_demand(reqs, args.prefills, args.sec_per_token, slo, budget))
+
+
+def mean_tokens(long_share, short_tokens, long_tokens):
+    return long_share * long_tokens[0] + (1 - long_share) * short_tokens[0]
+
+
+def compare(args):
+    short, long_ = (args.short, args.short_sd), (args.long, args.long_sd)
+    capacity = args.prefills / (mean_tokens(args.long_share, short, long_) * args.sec_per_token)
+    print(f"{args.prefills} prefills, {args.sec_per_token * 1e3:.2f} ms per prompt token: capacity "
+          f"{capacity:.2f} req/s for this mix")
+    for load in args.loads:
+        rate = args.rate_a * load
+        b, o = run(args, rate, args.long_share, short, long_, args.slo_ms / 1e3, args.slo_ms_per_token / 1e3)
+        print(f"load {load:g}A ({rate:.2f} req/s, utilisation {rate / capacity:.0%}): "
+              f"baseline {b:.1%}, on-demand {o:.1%}")
+
+
+def scan(args):
+    found = []
+    for long_share in (0.02, 0.05, 0.1, 0.2, 0.3):
+        for ratio in (5, 10, 25, 50):  # long prompt / short prompt
+            for slo_in_shorts in (2, 5, 10, 20):  # short prompt's SLO in units of its prefill time
+                short = (args.short, args.short * 0.25)
+                long_ = (args.short * ratio, args.short * ratio * 0.15)
+                for utilisation in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95):
+                    capacity = args.prefills / (mean_tokens(long_share, short, long_) * args.sec_per_token)
+                    slo_base = slo_in_shorts * args.short * args.sec_per_token
+                    b, o = run(args, utilisation * capacity, long_share, short, long_, slo_base,
+                               args.sec_per_token * 1.5)
+                    if o >= 0.99:
+                        found.append((b, o, long_share, ratio, slo_in_shorts, utilisation))
+    found.sort()
+    print(f"{args.prefills} prefills, {args.gateways} gateway(s): the mixes and loads where on-demand "
+          f"forwarding meets the SLO for >= 99 %, worst baseline first")
+    print("baseline  on-demand  long share  long/short  short SLO (x its prefill)  utilisation")
+    for b, o, share, ratio, slo_in_shorts, utilisation in found[:args.top]:
+        print(f"{b:8.1%}  {o:9.1%}  {share:10.2f}  {ratio:10d}  {slo_in_shorts:25d}  {utilisation:11.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["compare", "scan"])
+    p.add_argument("--prefills", type=int, default=2, help="prefill instances, one slot each (2)")
+    p.add_argument("--gateways", type=int, default=1,
+                   help="baseline gateways that do not share their stream counts (1)")
+    p.add_argument("--ties", choices=["index", "random"], default="index",
+                   help="baseline: among prefills of equal count, the lowest index (as the router) or "
+                        "a random one")
+    p.add_argument("--sec-per-token", type=float, default=0.0025,
+                   help="prefill seconds per prompt token (0.0025: one engine thread on the 2-vCPU VM)")
+    p.add_argument("--n", type=int, default=20000, help="requests per run (20000)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--short", type=float, default=64, help="short prompt tokens, mean (64)")
+    p.add_argument("--short-sd", type=float, default=16)
+    p.add_argument("--long", type=float, default=600, help="long prompt tokens, mean (600)")
+    p.add_argument("--long-sd", type=float, default=100)
+    p.add_argument("--long-share", type=float, default=0.2)
+    p.add_argument("--rate-a", type=float, default=0.8, help="req/s of load A (0.8)")
+    p.add_argument("--loads", type=float, nargs="+", default=[1, 2, 4, 6])
+    p.add_argument("--slo-ms", type=float, default=1000)
+    p.add_argument("--slo-ms-per-token", type=float, default=3)
+    p.add_argument("--top", type=int, default=12, help="scan: rows to print (12)")
+    args = p.parse_args()
+    compare(args) if args.mode == "compare" else scan(args)
+
+
+if __name__ == "__main__":
+    main()
