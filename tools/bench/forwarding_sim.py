@@ -6,10 +6,10 @@ prompts, and counts the requests whose time to first token meets an SLO of
 base + per-token x prompt tokens, under the two admission policies the router implements:
 
 - baseline: each request joins, at arrival, the FIFO queue of the prefill with the fewest open
-  streams (in service + queued), ties to the lowest index — `AdmissionPolicy::kBaseline`. With
+  streams (in service + queued), a random one among equals — `AdmissionPolicy::kBaseline`. With
   --gateways G > 1, requests arrive at G gateways in turn and each gateway counts only the streams
-  it opened itself (G gateways that do not share their counts). --ties random breaks ties at
-  random instead of by index.
+  it opened itself (G gateways that do not share their counts). --ties index breaks ties by the
+  lowest index instead (independent gateways then all pick the same prefill).
 - on-demand: requests wait at the gateway, first come first served, for whichever prefill frees
   first; one still waiting when its budget (base + per-token x prompt tokens) runs out is dropped
   and counts as a failure — `AdmissionPolicy::kOnDemand`.
@@ -126,9 +126,9 @@ def main():
     p.add_argument("--prefills", type=int, default=2, help="prefill instances, one slot each (2)")
     p.add_argument("--gateways", type=int, default=1,
                    help="baseline gateways that do not share their stream counts (1)")
-    p.add_argument("--ties", choices=["index", "random"], default="index",
-                   help="baseline: among prefills of equal count, the lowest index (as the router) or "
-                        "a random one")
+    p.add_argument("--ties", choices=["index", "random"], default="random",
+                   help="baseline: among prefills of equal count, a random one (as the router) or the "
+                        "lowest index")
     p.add_argument("--sec-per-token", type=float, default=0.0025,
                    help="prefill seconds per prompt token (0.0025: one engine thread on the 2-vCPU VM)")
     p.add_argument("--n", type=int, default=20000, help="requests per run (20000)")
