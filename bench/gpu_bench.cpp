@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -517,16 +518,18 @@ int main(int argc, char** argv) {
       const char* name;
       int64_t n, k;
       bool normed;
+      bool normed_swiglu = false;  // the model runs it with SwiGLU fused (no split-K form)
     };
     const Proj projs[] = {{"qkv", 6144, 4096, true},
                           {"o", 4096, 4096, false},
-                          {"gate_up", 28672, 4096, true},
+                          {"gate_up", 28672, 4096, true, true},
                           {"down", 4096, 14336, false}};
     DeviceBuffer w = random_bf16(size_t{28672} * 4096, 0.05f, 11);
     DeviceBuffer xb = random_bf16(14336, 1.0f, 12);
     DeviceBuffer x = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer nw = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(28672 * 4), "allocate");
+    DeviceBuffer hidden = value_or_die(DeviceBuffer::allocate(14336 * 2), "allocate");
     CHECK_OK(fill_uniform_f32(x.as<float>(), 14336, 0.0f, 1.0f, 13, stream.get()));
     CHECK_OK(fill_uniform_f32(nw.as<float>(), 14336, 1.0f, 0.1f, 14, stream.get()));
     Blas blas = value_or_die(Blas::create(), "blas");
@@ -562,6 +565,43 @@ int main(int argc, char** argv) {
                                       [&] { CHECK_OK(gemv_variant(g, v[0], v[1], ctas, stream.get())); });
           std::printf(" | %dx%d/%d %.0f%%", v[0], v[1], ctas, pct(ms));
           row.add(fmt::format("r{}d{}c{}_ms", v[0], v[1], ctas), ms);
+        }
+      }
+      if (p.normed_swiglu) {  // as the model runs it: gate|up with SwiGLU, bf16 out
+        for (const auto& v : {std::array<int, 2>{2, 1}, {2, 2}, {4, 1}, {4, 2}}) {
+          GemvArgs g;
+          g.x = x.as<float>();
+          g.norm_w = nw.as<float>();
+          g.w = w.as<uint16_t>();
+          g.m = 1;
+          g.n = p.n / 2;
+          g.k = p.k;
+          g.swiglu_out = hidden.as<uint16_t>();
+          const double ms = median_ms(3, reps, stream.get(),
+                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], 0, stream.get())); });
+          std::printf(" | SwiGLU %dx%d %.0f%%", v[0], v[1], pct(ms));
+          row.add(fmt::format("swiglu_r{}d{}_ms", v[0], v[1]), ms);
+        }
+      }
+      if (p.k % 2048 == 0 && !p.normed_swiglu) {
+        GemvArgs g;
+        if (p.normed) {
+          g.x = x.as<float>();
+          g.norm_w = nw.as<float>();
+        } else {
+          g.xb = xb.as<uint16_t>();
+        }
+        g.w = w.as<uint16_t>();
+        g.m = 1;
+        g.n = p.n;
+        g.k = p.k;
+        g.y = y.as<float>();
+        for (int per_cta : {1, 2, 4, 8, 16}) {
+          if (per_cta * (p.k / 2048) > 32) continue;
+          const double ms = median_ms(3, reps, stream.get(),
+                                      [&] { CHECK_OK(gemv_variant(g, 0, per_cta, 0, stream.get())); });
+          std::printf(" | split-K/%d %.0f%%", per_cta, pct(ms));
+          row.add(fmt::format("split_k{}_ms", per_cta), ms);
         }
       }
       std::printf("\n");

@@ -716,9 +716,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
       g.k = k;
       g.y = out;
       g.accumulate = accumulate;
-      // One row: the work per warp measured fastest for each projection on an H200 (qkv 4 rows ×
-      // 2 pieces; o and down 1 row × 2 pieces: docs/perf/gpu-kernel-notes.md).
+      // One row: the split-K form where K allows it, else the work per warp measured fastest for
+      // each projection on an H200 (qkv 4 rows × 2 pieces; o and down 1 row × 2 pieces:
+      // docs/perf/gpu-kernel-notes.md).
       if (T == 1) {
+        g.split_k = true;
         g.rows_per_warp = n == qkv ? 4 : 1;
         g.depth = 2;
       }
@@ -757,6 +759,10 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
       g.n = ffn;
       g.k = d;
       g.swiglu_out = im.hidden.as<uint16_t>();
+      if (T == 1) {  // 2 gate and 2 up rows × 2 pieces a warp: measured fastest on an H200
+        g.rows_per_warp = 4;
+        g.depth = 2;
+      }
       PD_RETURN_IF_ERROR(cuda::gemv(g, s));
     } else {
       PD_RETURN_IF_ERROR(product(x, L.ffn_norm.as<float>(), xn, L.w_gate_up.as<uint16_t>(), 2 * ffn, d,

@@ -384,17 +384,24 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
   struct Shape {
     int64_t m, n, k;
   };
-  for (const Shape& s : {Shape{1, 1, 64}, Shape{3, 37, 576}, Shape{8, 1000, 4096}, Shape{5, 96, 1536}}) {
+  for (const Shape& s : {Shape{1, 1, 64}, Shape{3, 37, 576}, Shape{8, 1000, 4096}, Shape{5, 96, 1536},
+                         Shape{1, 300, 6144}, Shape{1, 77, 14336}}) {
     SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
     const int64_t ldy = s.n + 3;  // output rows with room after them, which stay untouched
     std::vector<float> wf, xbf;
     std::vector<uint16_t> w = randn_bf16(s.n * s.k, &wf, 0.05f), xb = randn_bf16(s.m * s.k, &xbf);
     std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k), base = randn(s.m * ldy);
     auto dw = upload(w), dxb = upload(xb), dx = upload(x), dnw = upload(norm_w), dbase = upload(base);
-    for (bool normed : {false, true}) {
-      for (bool accumulate : {false, true}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool normed = (variant & 1) != 0, accumulate = (variant & 2) != 0;
+      for (bool split_k : {false, true}) {
         auto y = accumulate ? upload(base) : poisoned<float>(s.m * ldy);
         GemvArgs a;
+        a.split_k = split_k;  // one row and K a multiple of 2048 take the split-K form
+        if (!split_k && s.m == 1) {
+          a.rows_per_warp = 4;  // and the other one-row shapes of work
+          a.depth = 2;
+        }
         a.w = dw.as<uint16_t>();
         a.m = s.m;
         a.n = s.n;
@@ -427,7 +434,8 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
             // Float accumulation, and a normed activation may round the other way (one bf16 step).
             const double tol = 1e-5 * mag + (normed ? kBf16Rel * mag / std::sqrt(double(s.k)) * 4 : 0.0);
             ASSERT_NEAR(got[i * ldy + j], want, tol + 1e-6)
-                << "normed " << normed << " accumulate " << accumulate << " at " << i << "," << j;
+                << "normed " << normed << " accumulate " << accumulate << " split-K " << split_k << " at "
+                << i << "," << j;
           }
           for (int64_t j = s.n; j < ldy; ++j) {
             const float untouched = accumulate ? base[i * ldy + j] : got[i * ldy + j];
@@ -467,16 +475,22 @@ TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
     ASSERT_TRUE(gemv(a, nullptr).ok());
     auto want = poisoned<uint16_t>(s.m * s.n);
     ASSERT_TRUE(silu_mul(gate_up.as<float>(), s.m, s.n, want.as<uint16_t>(), nullptr).ok());
-    GemvArgs f = a;
-    f.n = s.n;
-    f.y = nullptr;
-    auto got = poisoned<uint16_t>(s.m * s.n + 8);  // room after the output, which stays untouched
-    f.swiglu_out = got.as<uint16_t>();
-    ASSERT_TRUE(gemv(f, nullptr).ok());
-    const std::vector<uint16_t> g = download<uint16_t>(got, s.m * s.n + 8),
-                                e = download<uint16_t>(want, s.m * s.n);
-    for (int64_t i = 0; i < s.m * s.n; ++i) ASSERT_EQ(g[i], e[i]) << "at " << i;  // the same bits
-    for (int64_t i = s.m * s.n; i < s.m * s.n + 8; ++i) ASSERT_EQ(g[i], 0xFFFF) << "wrote past the output";
+    const std::vector<uint16_t> e = download<uint16_t>(want, s.m * s.n);
+    // The default work per warp, and (one row) 2 gate and 2 up rows × 2 pieces.
+    for (int rows : {0, 4}) {
+      GemvArgs f = a;
+      f.n = s.n;
+      f.y = nullptr;
+      f.rows_per_warp = rows;
+      f.depth = rows == 0 ? 0 : 2;
+      auto got = poisoned<uint16_t>(s.m * s.n + 8);  // room after the output, which stays untouched
+      f.swiglu_out = got.as<uint16_t>();
+      ASSERT_TRUE(gemv(f, nullptr).ok());
+      const std::vector<uint16_t> g = download<uint16_t>(got, s.m * s.n + 8);
+      for (int64_t i = 0; i < s.m * s.n; ++i)
+        ASSERT_EQ(g[i], e[i]) << "rows " << rows << " at " << i;  // same bits
+      for (int64_t i = s.m * s.n; i < s.m * s.n + 8; ++i) ASSERT_EQ(g[i], 0xFFFF) << "wrote past the output";
+    }
   }
   GemvArgs bad;
   bad.xb = bad.w = reinterpret_cast<const uint16_t*>(16);
@@ -486,6 +500,10 @@ TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
   bad.swiglu_out = reinterpret_cast<uint16_t*>(16);
   EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument)
       << "SwiGLU output from unnormalised rows";
+  bad.xb = nullptr;
+  bad.x = bad.norm_w = reinterpret_cast<const float*>(16);
+  bad.rows_per_warp = 1;
+  EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "SwiGLU with one row a warp";
 }
 
 TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {

@@ -24,23 +24,27 @@ constexpr int kWarps = 4;
 
 __device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
 
-// Row group g's weight rows: R consecutive rows, or with kSwiGlu gate row g and up row g + n.
+// Row group g's weight rows: R consecutive rows, or with kSwiGlu the R/2 gate rows g·R/2 ... and
+// their up rows (n further on).
 template <int R, bool kSwiGlu>
 __device__ __forceinline__ int64_t weight_row(const GemvArgs& a, int64_t g, int r) {
-  return kSwiGlu ? g + r * a.n : g * R + r;
+  if constexpr (kSwiGlu) return g * (R / 2) + r % (R / 2) + (r < R / 2 ? 0 : a.n);
+  return g * R + r;
 }
 template <int R, bool kSwiGlu>
 __device__ __forceinline__ bool has_row(const GemvArgs& a, int64_t g, int r) {
-  return kSwiGlu ? g < a.n : g * R + r < a.n;
+  if constexpr (kSwiGlu) return g * (R / 2) + r % (R / 2) < a.n;
+  return g * R + r < a.n;
 }
 
 template <int M, bool kNorm, int R, int D, bool kSwiGlu>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
-  static_assert(!kSwiGlu || R == 2, "a SwiGLU row group is one gate row and one up row");
+  static_assert(!kSwiGlu || R % 2 == 0, "a SwiGLU row group is gate rows and their up rows");
+  constexpr int kPairs = R / 2 > 0 ? R / 2 : 1;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t K = a.k;
-  const int64_t groups = kSwiGlu ? a.n : (a.n + R - 1) / R;
+  const int64_t groups = kSwiGlu ? (a.n + kPairs - 1) / kPairs : (a.n + R - 1) / R;
   grid_dependency_wait();
   allow_dependents();
   __shared__ float s_inv[M];
@@ -123,8 +127,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         if constexpr (kSwiGlu) {
-          const float gate = acc[m][0];
-          a.swiglu_out[m * a.n + g] = float_to_bf16_bits(gate / (1.0f + expf(-gate)) * acc[m][1]);
+#pragma unroll
+          for (int r = 0; r < R / 2; ++r) {
+            if (!has_row<R, kSwiGlu>(a, g, r)) continue;
+            const float gate = acc[m][r];
+            a.swiglu_out[m * a.n + g * (R / 2) + r] =
+                float_to_bf16_bits(gate / (1.0f + expf(-gate)) * acc[m][r + R / 2]);
+          }
         } else {
 #pragma unroll
           for (int r = 0; r < R; ++r) {
@@ -138,9 +147,145 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   }
 }
 
+// Split-K form for one activation row, for rows of K = 2048·P (P ≤ 8): a CTA of kSplitWarps warps
+// takes R rows, warp w the K range [w·256·P, (w+1)·256·P) of each, every lane P 16-byte pieces of
+// each row — all R·P loads issued before anything is used, and before waiting for the kernel
+// ahead (weights are not written by any kernel of the step), so one memory latency covers a
+// CTA's whole share. The warps' partial sums meet in shared memory. Where a warp walking whole
+// rows has too long a chain of dependent rounds (the short rows of the attention projections).
+constexpr int kSplitWarps = 8;
+
+template <bool kNorm, int R, int P>
+__global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs a) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t K = a.k;
+  const int64_t n0 = int64_t{blockIdx.x} * R;
+  const int64_t k_first = int64_t{warp} * P * 256 + lane * 8;  // piece p: k_first + 256·p
+  uint4 wraw[R][P];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+      wraw[r][p] = n0 + r < a.n
+                       ? __ldg(reinterpret_cast<const uint4*>(a.w + (n0 + r) * K + k_first + 256 * p))
+                       : make_uint4(0, 0, 0, 0);
+  }
+  grid_dependency_wait();
+  allow_dependents();
+  __shared__ float s_part[kSplitWarps][R > kSplitWarps ? R : kSplitWarps];
+  float inv = 1.0f;
+  if constexpr (kNorm) {
+    float sum = 0;
+    const float4* row = reinterpret_cast<const float4*>(a.x);
+    for (int64_t i = threadIdx.x; i < K / 4; i += kSplitWarps * 32) {
+      const float4 v = row[i];
+      sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) s_part[warp][0] = sum;
+    __syncthreads();
+    float total = 0;
+#pragma unroll
+    for (int w = 0; w < kSplitWarps; ++w) total += s_part[w][0];
+    inv = rsqrtf(total / static_cast<float>(K) + a.eps);
+    __syncthreads();  // s_part is reused below
+  }
+  float acc[R] = {};
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t k = k_first + 256 * p;
+    float xv[8];
+    if constexpr (kNorm) {
+      const float4 x0 = *reinterpret_cast<const float4*>(a.x + k);
+      const float4 x1 = *reinterpret_cast<const float4*>(a.x + k + 4);
+      const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
+      const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
+      xv[0] = round_bf16(x0.x * inv * w0.x);
+      xv[1] = round_bf16(x0.y * inv * w0.y);
+      xv[2] = round_bf16(x0.z * inv * w0.z);
+      xv[3] = round_bf16(x0.w * inv * w0.w);
+      xv[4] = round_bf16(x1.x * inv * w1.x);
+      xv[5] = round_bf16(x1.y * inv * w1.y);
+      xv[6] = round_bf16(x1.z * inv * w1.z);
+      xv[7] = round_bf16(x1.w * inv * w1.w);
+    } else {
+      bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + k), xv);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float wv[8];
+      bf16x8_to_float(wraw[r][p], wv);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r] += xv[j] * wv[j];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = acc[r];
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) s_part[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < R && n0 + threadIdx.x < a.n) {
+    float total = 0;
+#pragma unroll
+    for (int w = 0; w < kSplitWarps; ++w) total += s_part[w][threadIdx.x];
+    float* y = a.y + n0 + threadIdx.x;
+    *y = a.accumulate ? *y + total : total;
+  }
+}
+
+template <int R, int P>
+Status launch_split_k_rows(const GemvArgs& a, StreamHandle stream) {
+  const dim3 grid(static_cast<unsigned>((a.n + R - 1) / R)), block(kSplitWarps * 32);
+  if (a.norm_w != nullptr)
+    return launch_programmatic("gemv", gemv_split_k_kernel<true, R, P>, grid, block, 0, stream, a);
+  return launch_programmatic("gemv", gemv_split_k_kernel<false, R, P>, grid, block, 0, stream, a);
+}
+
+// rows: rows per CTA (1, 2, 4, 8 or 16, at most 32 pieces in flight a lane), or 0 for the default
+// (16 pieces a lane).
+template <int P>
+Status launch_split_k(const GemvArgs& a, int rows, StreamHandle stream) {
+  constexpr int kDefault = P <= 1 ? 16 : (P <= 2 ? 8 : (P <= 4 ? 4 : 2));
+  switch (rows == 0 ? kDefault : rows) {
+    case 1: return launch_split_k_rows<1, P>(a, stream);
+    case 2: return launch_split_k_rows<2, P>(a, stream);
+    case 4: return launch_split_k_rows<(P <= 8 ? 4 : 2), P>(a, stream);
+    case 8:
+      if constexpr (8 * P <= 32) return launch_split_k_rows<8, P>(a, stream);
+      break;
+    case 16:
+      if constexpr (16 * P <= 32) return launch_split_k_rows<16, P>(a, stream);
+      break;
+    default: break;
+  }
+  return invalid_argument("gemv: no split-K form with that many rows a CTA");
+}
+
+// The split-K form where K allows it (a multiple of 2048, at most 16384); else false.
+bool split_k_fits(const GemvArgs& a) {
+  return a.m == 1 && a.k % 2048 == 0 && a.k <= 16384 && a.swiglu_out == nullptr;
+}
+
+Status launch_split_k(const GemvArgs& a, int rows, StreamHandle stream) {
+  switch (a.k / 2048) {
+    case 1: return launch_split_k<1>(a, rows, stream);
+    case 2: return launch_split_k<2>(a, rows, stream);
+    case 3: return launch_split_k<3>(a, rows, stream);
+    case 4: return launch_split_k<4>(a, rows, stream);
+    case 5: return launch_split_k<5>(a, rows, stream);
+    case 6: return launch_split_k<6>(a, rows, stream);
+    case 7: return launch_split_k<7>(a, rows, stream);
+    default: return launch_split_k<8>(a, rows, stream);
+  }
+}
+
 template <int M, int R, int D>
 Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
-  const int64_t groups = a.swiglu_out != nullptr ? a.n : (a.n + R - 1) / R;
+  constexpr int kPairs = R / 2 > 0 ? R / 2 : 1;
+  const int64_t groups = a.swiglu_out != nullptr ? (a.n + kPairs - 1) / kPairs : (a.n + R - 1) / R;
   const int64_t needed = (groups + kWarps - 1) / kWarps;
   // ctas_per_sm 0: one CTA for every kWarps row groups (no warp takes a second group).
   const unsigned grid = static_cast<unsigned>(
@@ -148,9 +293,9 @@ Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
                        : std::min<int64_t>(needed, int64_t{current_multiprocessors()} * ctas_per_sm));
   const dim3 block(kWarps * 32);
   if (a.swiglu_out != nullptr) {
-    if constexpr (R == 2)
+    if constexpr (R % 2 == 0)
       return launch_programmatic("gemv", gemv_kernel<M, true, R, D, true>, grid, block, 0, stream, a);
-    return unimplemented("gemv: SwiGLU takes two rows a warp");
+    return invalid_argument("gemv: SwiGLU takes an even number of rows a warp");
   }
   if (a.norm_w != nullptr)
     return launch_programmatic("gemv", gemv_kernel<M, true, R, D, false>, grid, block, 0, stream, a);
@@ -182,8 +327,8 @@ Status check(const GemvArgs& a) {
   if (a.swiglu_out != nullptr && (a.norm_w == nullptr || a.y != nullptr || a.accumulate))
     return invalid_argument("gemv: SwiGLU output takes normalised rows and no float output");
   if (a.swiglu_out == nullptr && a.y == nullptr) return invalid_argument("gemv: no output");
-  if ((a.rows_per_warp != 0 || a.depth != 0) && a.swiglu_out != nullptr)
-    return invalid_argument("gemv: SwiGLU output takes the default work per warp");
+  if (a.swiglu_out != nullptr && (a.split_k || a.rows_per_warp % 2 != 0))
+    return invalid_argument("gemv: SwiGLU output takes an even number of rows a warp, no split-K");
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!aligned(a.x) || !aligned(a.xb) || !aligned(a.norm_w) || !aligned(a.w))
     return invalid_argument("gemv: x, w and the norm weights must be 16-byte aligned");
@@ -197,6 +342,7 @@ Status gemv(const GemvArgs& args, StreamHandle stream) {
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
+  if (a.split_k && split_k_fits(a)) return launch_split_k(a, a.split_k_rows, stream);
   if (a.m == 1 && (a.rows_per_warp != 0 || a.depth != 0))
     return launch_one_row(a, a.rows_per_warp != 0 ? a.rows_per_warp : kRows, a.depth != 0 ? a.depth : kDepth,
                           kCtasPerSm, stream);
@@ -215,10 +361,14 @@ Status gemv(const GemvArgs& args, StreamHandle stream) {
 Status gemv_variant(const GemvArgs& args, int rows_per_warp, int depth, int ctas_per_sm,
                     StreamHandle stream) {
   if (args.m != 1) return unimplemented("gemv_variant: one row only");
-  if (args.swiglu_out != nullptr) return unimplemented("gemv_variant: no SwiGLU output");
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
+  if (rows_per_warp == 0) {
+    if (!split_k_fits(a))
+      return unimplemented("gemv_variant: split-K wants K a multiple of 2048, at most 16384");
+    return launch_split_k(a, depth, stream);
+  }
   return launch_one_row(a, rows_per_warp, depth, ctas_per_sm, stream);
 }
 

@@ -161,8 +161,9 @@ Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t
 // With `swiglu_out` instead of y, w holds 2n rows (gate rows, then up rows) and the result is
 // swiglu_out[m][i] = silu(gate) · up in bf16, as silu_mul computes it from the float products.
 // With one activation row, rows_per_warp × depth (1 × 2, 1 × 4, 2 × 1, 2 × 2, 4 × 1, 4 × 2; 0:
-// the default 2 × 1) is the work a warp has in flight: weight rows × 16-byte pieces of each; which
-// is fastest depends on the matrix's shape (pdserve_gpu_bench's gemv section measures them).
+// the default 2 × 1) is the work a warp has in flight: weight rows × 16-byte pieces of each (with
+// SwiGLU an even number of rows: gate rows and their up rows); which is fastest depends on the
+// matrix's shape (pdserve_gpu_bench's gemv section measures them).
 constexpr int64_t kGemvMaxRows = 8;
 struct GemvArgs {
   const float* x = nullptr;
@@ -176,6 +177,10 @@ struct GemvArgs {
   bool accumulate = false;
   uint16_t* swiglu_out = nullptr;
   int rows_per_warp = 0, depth = 0;  // one activation row only; more rows take the default
+  // One activation row and K a multiple of 2048 (at most 16384): each row's K split over the 8
+  // warps of a CTA instead (rows_per_warp and depth then unused); otherwise ignored.
+  bool split_k = false;
+  int split_k_rows = 0;  // rows a CTA of the split-K form takes: 1, 2, 4, 8, 16 (0: by K)
 };
 Status gemv(const GemvArgs& args, StreamHandle stream);
 
