@@ -547,43 +547,8 @@ int main(int argc, char** argv) {
       Json row;
       row.add("name", std::string(p.name));
       row.add("cublas_ms", cublas_ms);
-      for (const auto& v : variants) {
-        for (int ctas : {0, 8, 16}) {
-          GemvArgs g;
-          if (p.normed) {
-            g.x = x.as<float>();
-            g.norm_w = nw.as<float>();
-          } else {
-            g.xb = xb.as<uint16_t>();
-          }
-          g.w = w.as<uint16_t>();
-          g.m = 1;
-          g.n = p.n;
-          g.k = p.k;
-          g.y = y.as<float>();
-          const double ms = median_ms(3, reps, stream.get(),
-                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], ctas, stream.get())); });
-          std::printf(" | %dx%d/%d %.0f%%", v[0], v[1], ctas, pct(ms));
-          row.add(fmt::format("r{}d{}c{}_ms", v[0], v[1], ctas), ms);
-        }
-      }
-      if (p.normed_swiglu) {  // as the model runs it: gate|up with SwiGLU, bf16 out
-        for (const auto& v : {std::array<int, 2>{2, 1}, {2, 2}, {4, 1}, {4, 2}}) {
-          GemvArgs g;
-          g.x = x.as<float>();
-          g.norm_w = nw.as<float>();
-          g.w = w.as<uint16_t>();
-          g.m = 1;
-          g.n = p.n / 2;
-          g.k = p.k;
-          g.swiglu_out = hidden.as<uint16_t>();
-          const double ms = median_ms(3, reps, stream.get(),
-                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], 0, stream.get())); });
-          std::printf(" | SwiGLU %dx%d %.0f%%", v[0], v[1], pct(ms));
-          row.add(fmt::format("swiglu_r{}d{}_ms", v[0], v[1]), ms);
-        }
-      }
-      if (p.k % 2048 == 0 && !p.normed_swiglu) {
+      // One row of the projection's input (normalised on the fly where the model does), float out.
+      auto one_row = [&] {
         GemvArgs g;
         if (p.normed) {
           g.x = x.as<float>();
@@ -596,6 +561,31 @@ int main(int argc, char** argv) {
         g.n = p.n;
         g.k = p.k;
         g.y = y.as<float>();
+        return g;
+      };
+      for (const auto& v : variants) {
+        for (int ctas : {0, 8, 16}) {
+          const GemvArgs g = one_row();
+          const double ms = median_ms(3, reps, stream.get(),
+                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], ctas, stream.get())); });
+          std::printf(" | %dx%d/%d %.0f%%", v[0], v[1], ctas, pct(ms));
+          row.add(fmt::format("r{}d{}c{}_ms", v[0], v[1], ctas), ms);
+        }
+      }
+      if (p.normed_swiglu) {  // as the model runs it: gate|up with SwiGLU, bf16 out
+        for (const auto& v : {std::array<int, 2>{2, 1}, {2, 2}, {4, 1}, {4, 2}}) {
+          GemvArgs g = one_row();
+          g.n = p.n / 2;
+          g.y = nullptr;
+          g.swiglu_out = hidden.as<uint16_t>();
+          const double ms = median_ms(3, reps, stream.get(),
+                                      [&] { CHECK_OK(gemv_variant(g, v[0], v[1], 0, stream.get())); });
+          std::printf(" | SwiGLU %dx%d %.0f%%", v[0], v[1], pct(ms));
+          row.add(fmt::format("swiglu_r{}d{}_ms", v[0], v[1]), ms);
+        }
+      }
+      if (p.k % 2048 == 0 && !p.normed_swiglu) {
+        const GemvArgs g = one_row();
         for (int per_cta : {1, 2, 4, 8, 16}) {
           if (per_cta * (p.k / 2048) > 32) continue;
           const double ms = median_ms(3, reps, stream.get(),

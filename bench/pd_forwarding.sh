@@ -77,7 +77,7 @@ wait_ready "${ports[@]}" 18200
 gateways="${GATEWAYS:-1}"
 urls_baseline="" urls_on_demand="" gateway_ports=()
 for ((g = 0; g < gateways; g++)); do
-  pb=$((18210 + 2 * g)) po=$((18211 + 2 * g))
+  pb=$((18300 + 2 * g)) po=$((18301 + 2 * g))
   start "gateway_baseline$g.log" "${gateway[@]}" --port "$pb" --admission baseline
   start "gateway_on_demand$g.log" "${gateway[@]}" --port "$po" --admission on-demand --ttft-budget-ms "$budget" \
     --ttft-budget-ms-per-token "$budget_per_token"

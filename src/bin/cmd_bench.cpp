@@ -590,7 +590,8 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option(
          "--base-url", a.base_url,
          "Server URL http://HOST[:PORT][/PATH] (routes are appended); several, comma-separated, take "
-         "the requests in turn (gateways of one deployment)")
+         "the requests in turn (gateways of one deployment; the model, tokenizer and /metrics are read from "
+         "the first)")
       ->group(g);
   cmd->add_option("--api", a.api, "completions (/v1/completions, prompt text) or chat (/v1/chat/completions)")
       ->check(CLI::IsMember({"completions", "chat"}))

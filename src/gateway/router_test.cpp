@@ -420,6 +420,25 @@ TEST_F(RouterTest, LayerWiseRequestEndingAtItsFirstTokenLeavesNothing) {
   c.expect_idle();
 }
 
+// Gateways that do not share their counts must not all pick the same prefill among equals.
+TEST_F(RouterTest, BaselineBreaksTiesBetweenIdlePrefillsAtRandom) {
+  RouterOptions ro;
+  ro.admission = AdmissionPolicy::kBaseline;
+  Cluster c(*model_, 3, 1, ro);
+  const std::vector<EngineRequest> all = prompts(2);
+  for (int i = 0; i < 12; ++i) {  // one at a time: every prefill is idle when each arrives
+    std::vector<Result> got = run_all(*c.router, {all[static_cast<size_t>(i) % all.size()]});
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_TRUE(got[0].finish_reason == "length" || got[0].finish_reason == "stop")
+        << got[0].error.to_string();
+  }
+  int used = 0;
+  for (auto& p : c.prefills) used += p->metrics().handoffs_total > 0 ? 1 : 0;
+  // By index every request would go to the first prefill; at random all 12 do with chance 3^-11.
+  EXPECT_GE(used, 2);
+  c.expect_idle();
+}
+
 TEST_F(RouterTest, BaselineAdmissionQueuesPerPrefillWithoutABudget) {
   RouterOptions ro;
   ro.admission = AdmissionPolicy::kBaseline;

@@ -647,7 +647,7 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
   const std::vector<AttnCase> cases = {
       {128, 32, 8, 16, many},                 // 512 (sequence, kv head) pairs, short: one split
       {128, 32, 8, 16, many_long},            // 512 pairs, three splits of 512 keys: 1536 CTAs
-      {64, 9, 3, 16, {1, 17, 300}},           // SmolLM2-135M's heads
+      {64, 9, 3, 16, {1, 17, 300, 0}},        // SmolLM2-135M's heads; a sequence with no keys
       {128, 32, 8, 16, {256, 257, 1000, 2}},  // Llama-3.1-8B's
       {128, 28, 4, 32, {4096, 33}},           // Qwen2.5-7B's, a long one
       {64, 8, 8, 16, {255, 512, 513}},        // no grouping

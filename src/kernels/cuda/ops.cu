@@ -367,6 +367,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int used = min(num_splits, (seq_len + partition - 1) / partition);
   const bool direct = num_splits == 1 || used == 0;
   if (n == 0 && !(direct && split == 0)) return;  // past the end of a shorter sequence
+  // An overlong sequence (NaN out) reads no keys: its table row need not cover them.
+  const int keys = overlong ? 0 : n;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
   const int lane_in_row = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
@@ -397,13 +399,13 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int j = 0; j < 8; ++j) acc[g][j] = 0;
   }
   // Every lane runs the same trip count (the shuffles need it).
-  for (int base = 0; base < n; base += kGroups * kUnroll) {
+  for (int base = 0; base < keys; base += kGroups * kUnroll) {
     uint4 kraw[kUnroll], vraw[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * kGroups + group;
       kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
-      if (t < n) {
+      if (t < keys) {
         const int pos = start + t;
         const int64_t off = table[pos / bs] * block_stride + head_offset + (pos % bs) * HEAD_DIM;
         kraw[u] = *reinterpret_cast<const uint4*>(a.kv.k + off);
@@ -415,7 +417,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
       bf16x8_to_float(kraw[u], kf);
-      const bool valid = base + u * kGroups + group < n;
+      const bool valid = base + u * kGroups + group < keys;
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         float dot = 0;
@@ -538,10 +540,13 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
-// The two-pass form, for long splits (more than kSinglePassMaxPartition keys), where the
-// single pass loses: scores of the split into shared memory, the split's softmax, then V rows
-// weighted the same way and reduced across the CTA in a fixed order; a second kernel merges the
-// splits.
+// The two-pass form, for grids of more than kSinglePassMaxWaves CTAs an SM, where the single pass
+// loses: scores of the split into shared memory, the split's softmax, then V rows weighted the
+// same way and reduced across the CTA in a fixed order; a second kernel merges the splits.
+// NOTE: its set-up repeats the single-pass kernel's. A version sharing it through a helper (and
+// reading no keys of overlong sequences, as the single pass does) ran a third slower at batch
+// 16 × 4k, cause not found; so an overlong sequence's CTAs still read past its table row here
+// (the output is NaN either way).
 template <int HEAD_DIM, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads)
     decode_attention_two_pass_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
@@ -768,7 +773,7 @@ Status launch_decode_attention(const DecodeAttentionArgs& a, SplitPlan plan, flo
                                          grid, dim3(kAttnThreads), smem, stream, a, plan.partition,
                                          plan.splits, ws_acc, ws_ml));
   if (plan.splits == 1) return ok_status();
-  // An ordinary launch: programmatic, it made batch 16 × 4k decode steps slower (gpu-kernel-notes.md).
+  // An ordinary launch: programmatic, it made batch-16 decode graphs slower (gpu-kernel-notes.md).
   const dim3 merge_grid(static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.num_seqs));
   decode_attention_merge_kernel<HEAD_DIM>
       <<<merge_grid, HEAD_DIM, 0, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);

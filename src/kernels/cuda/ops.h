@@ -178,9 +178,12 @@ struct GemvArgs {
   uint16_t* swiglu_out = nullptr;
   int rows_per_warp = 0, depth = 0;  // one activation row only; more rows take the default
   // One activation row and K a multiple of 2048 (at most 16384): each row's K split over the 8
-  // warps of a CTA instead (rows_per_warp and depth then unused); otherwise ignored.
+  // warps of a CTA instead (rows_per_warp and depth then unused); otherwise ignored. Not with
+  // swiglu_out.
   bool split_k = false;
-  int split_k_rows = 0;  // rows a CTA of the split-K form takes: 1, 2, 4, 8, 16 (0: by K)
+  // Rows a CTA of the split-K form takes: 1, 2, 4, 8 (K ≤ 8192) or 16 (K ≤ 4096); 0: 16 pieces a
+  // lane (16, 8, 4 or 2 rows by K).
+  int split_k_rows = 0;
 };
 Status gemv(const GemvArgs& args, StreamHandle stream);
 

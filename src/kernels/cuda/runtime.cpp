@@ -89,24 +89,6 @@ int current_multiprocessors() {
   return n;
 }
 
-size_t current_l2_bytes() {
-  constexpr int kDevices = 64;
-  static std::array<std::atomic<int64_t>, kDevices> bytes{};  // 0: not read yet
-  const int device = current_device();
-  if (device < 0 || device >= kDevices) return 0;
-  int64_t n = bytes[static_cast<size_t>(device)].load(std::memory_order_relaxed);
-  if (n == 0) {
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, device) != cudaSuccess || v <= 0) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    n = v;
-    bytes[static_cast<size_t>(device)].store(n, std::memory_order_relaxed);
-  }
-  return static_cast<size_t>(n);
-}
-
 namespace {
 std::atomic<bool> g_programmatic_launch{true};
 }  // namespace

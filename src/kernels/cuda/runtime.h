@@ -38,13 +38,12 @@ StatusOr<DeviceInfo> device_info(int device);
 int current_multiprocessors();
 // The current device's index (0 if unknown).
 int current_device();
-// L2 cache bytes of the calling thread's current device (read once per device; 0 if unknown).
-size_t current_l2_bytes();
 
 // Programmatic dependent launch (compute capability 9.0): the kernels of a model step may start
 // while the kernel ahead of them is still running, and wait inside for its results
 // (device_util.cuh). On by default; off, each kernel starts after the one before it has ended —
-// for comparison in benchmarks. Process-wide.
+// for comparison in benchmarks. Process-wide; read when a kernel is launched or captured, so CUDA
+// graphs captured before a change keep the way they were captured.
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
 
