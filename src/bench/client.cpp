@@ -470,11 +470,11 @@ void tick(RunContext& ctx, Shard& shard) {
 }
 
 // A blocking request on a private event loop.
-StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, http::verb verb, const std::string& path,
-                                      const std::string& body, double timeout_s) {
+StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, size_t server, http::verb verb,
+                                      const std::string& path, const std::string& body, double timeout_s) {
   net::io_context ioc;
   beast::tcp_stream stream(ioc);
-  const Endpoint& ep = c.endpoints.front();
+  const Endpoint& ep = c.endpoints.at(server);
   http::request<http::string_body> req{verb, ep.base_path + path, 11};
   req.set(http::field::host, ep.host + ":" + ep.port);
   req.set(http::field::user_agent, "pdserve-bench");
@@ -491,7 +491,7 @@ StatusOr<HttpResult> blocking_request(const LoadClient::Impl& c, http::verb verb
   beast::error_code result;
   std::string stage = "connect";
   stream.expires_after(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s)));
-  stream.async_connect(c.addresses.front(), [&](beast::error_code ec, const tcp::endpoint&) {
+  stream.async_connect(c.addresses.at(server), [&](beast::error_code ec, const tcp::endpoint&) {
     if (ec) {
       result = ec;
       return;
@@ -546,12 +546,17 @@ const Endpoint& LoadClient::endpoint() const { return impl_->endpoints.front(); 
 size_t LoadClient::num_endpoints() const { return impl_->endpoints.size(); }
 
 StatusOr<HttpResult> LoadClient::get(const std::string& path, double timeout_s) const {
-  return blocking_request(*impl_, http::verb::get, path, "", timeout_s);
+  return blocking_request(*impl_, 0, http::verb::get, path, "", timeout_s);
+}
+
+StatusOr<HttpResult> LoadClient::get_from(size_t server, const std::string& path, double timeout_s) const {
+  if (server >= impl_->endpoints.size()) return invalid_argument("no such server");
+  return blocking_request(*impl_, server, http::verb::get, path, "", timeout_s);
 }
 
 StatusOr<HttpResult> LoadClient::post_json(const std::string& path, const std::string& body,
                                            double timeout_s) const {
-  return blocking_request(*impl_, http::verb::post, path, body, timeout_s);
+  return blocking_request(*impl_, 0, http::verb::post, path, body, timeout_s);
 }
 
 std::vector<RequestRecord> LoadClient::run(const std::vector<PreparedRequest>& requests,

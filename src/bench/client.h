@@ -96,6 +96,8 @@ class LoadClient {
   // Blocking requests (their own connection, `timeout_s` in all). A non-2xx status is a result,
   // not an error; errors are connection failures and timeouts.
   StatusOr<HttpResult> get(const std::string& path, double timeout_s = 10) const;
+  // get() from endpoints[server].
+  StatusOr<HttpResult> get_from(size_t server, const std::string& path, double timeout_s = 10) const;
   StatusOr<HttpResult> post_json(const std::string& path, const std::string& body,
                                  double timeout_s = 30) const;
 

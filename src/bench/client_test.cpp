@@ -75,6 +75,11 @@ TEST(LoadClient, SeveralServersTakeTheRequestsInTurn) {
   ASSERT_TRUE(c.ok());
   EXPECT_EQ((*c)->num_endpoints(), 2u);
   EXPECT_EQ((*c)->endpoint().port, "1");
+  EXPECT_EQ((*c)->get_from(2, "/metrics", 1).status().code(), StatusCode::kInvalidArgument)
+      << "no third server";
+  auto second = (*c)->get_from(1, "/metrics", 1);
+  ASSERT_FALSE(second.ok());
+  EXPECT_NE(second.status().message().find("127.0.0.1:2"), std::string::npos) << second.status().to_string();
   std::vector<PreparedRequest> reqs(5);
   for (auto& q : reqs) q.path = "/v1/completions";
   std::atomic<bool> stop{false};

@@ -459,11 +459,16 @@ int run_bench(void* p) {
     }
 
     std::map<std::string, double> metrics_before;
+    // Every server's /metrics, summed series by series (several gateways of one deployment).
     auto scrape = [&]() -> std::optional<std::map<std::string, double>> {
       if (a.no_metrics) return std::nullopt;
-      auto m = client_x.get("/metrics", 5);
-      if (!m.ok() || m->status != 200) return std::nullopt;
-      return parse_prometheus_text(m->body);
+      std::map<std::string, double> sum;
+      for (size_t i = 0; i < client_x.num_endpoints(); ++i) {
+        auto m = client_x.get_from(i, "/metrics", 5);
+        if (!m.ok() || m->status != 200) return std::nullopt;
+        for (const auto& [name, value] : parse_prometheus_text(m->body)) sum[name] += value;
+      }
+      return sum;
     };
     auto before = scrape();
     RunOptions ro;
@@ -520,7 +525,12 @@ int run_bench(void* p) {
       std::fputs(format_summary(s, fmt::format("{} / scenario {}", result.label, name)).c_str(), stdout);
     }
     if (!result.metric_deltas.empty()) {
-      std::fputs("  server metrics (change during the run):\n", stdout);
+      const size_t servers = (spec.side == 0 ? client : *client_b).num_endpoints();
+      const std::string heading =
+          servers > 1
+              ? fmt::format("  server metrics (change during the run, summed over {} servers):\n", servers)
+              : std::string("  server metrics (change during the run):\n");
+      std::fputs(heading.c_str(), stdout);
       std::fputs(format_metric_deltas(result.metric_deltas, 30).c_str(), stdout);
     }
     std::fflush(stdout);
@@ -590,8 +600,8 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option(
          "--base-url", a.base_url,
          "Server URL http://HOST[:PORT][/PATH] (routes are appended); several, comma-separated, take "
-         "the requests in turn (gateways of one deployment; the model, tokenizer and /metrics are read from "
-         "the first)")
+         "the requests in turn (gateways of one deployment; the model and tokenizer are read from the first, "
+         "/metrics from all, summed)")
       ->group(g);
   cmd->add_option("--api", a.api, "completions (/v1/completions, prompt text) or chat (/v1/chat/completions)")
       ->check(CLI::IsMember({"completions", "chat"}))
