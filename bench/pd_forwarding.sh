@@ -20,6 +20,12 @@
 # The workload mixes short prompts (SHORT_IN, normal 64±16 tokens) and long ones, 16 output tokens
 # each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 #
+# UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix (a closed
+# loop through the baseline gateways, CAL_USERS users — default 4 per prefill slot — and CAL_N
+# requests, default 100), then run at those fractions of it; the capacity goes to
+# OUT_DIR/capacity.json and load A is 1 req/s × capacity (a load "0.6A" is 60 % of it). A fixed
+# RATE_A means a different utilisation on every host.
+#
 # GATEWAYS=G (1) runs G gateways per policy over the same instances, as a deployment scaled out at
 # the gateway tier does; requests go to them in turn. Each gateway counts only the streams it opened
 # itself, so the baseline's "fewest open streams" sees 1/G of the traffic, while on-demand
@@ -86,6 +92,19 @@ for ((g = 0; g < gateways; g++)); do
   gateway_ports+=("$pb" "$po")
 done
 wait_ready "${gateway_ports[@]}"
+
+if [ -n "${UTILS:-}" ]; then
+  [ -z "${TRACE:-}" ] || { echo "UTILS needs the synthetic mix, not TRACE" >&2; exit 1; }
+  cal_users="${CAL_USERS:-$((4 * ${#prefill_devices[@]} * slots))}"
+  echo "== capacity: closed loop, $cal_users users, ${CAL_N:-100} requests of the mix, through the baseline gateways"
+  "$pdserve" bench --base-url "$urls_baseline" --api completions --arrival closed --users "$cal_users" \
+    -n "${CAL_N:-100}" --scenarios "[{\"name\": \"short\", \"weight\": $(python3 -c "print(1 - $long_share)"), \"input\": \"$short_in\"},
+                {\"name\": \"long\", \"weight\": $long_share, \"input\": \"$long_in\"}]" \
+    --output-len fixed:16 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
+  rate_a=$(python3 -c "import json; print(round(json.load(open('$out/capacity.json'))['runs'][0]['summary']['requests_per_s'], 3))")
+  loads="$UTILS"
+  echo "   capacity $rate_a req/s; the loads below are fractions of it"
+fi
 
 for mult in $loads; do
   if [ -n "${TRACE:-}" ]; then
