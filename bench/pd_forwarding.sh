@@ -22,7 +22,8 @@
 #
 # UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix (a closed
 # loop through the baseline gateways, CAL_USERS users — default 4 per prefill slot — and CAL_N
-# requests, default 100), then run at those fractions of it; the capacity goes to
+# requests, default 100, of one output token each, so that decode latency does not bound the
+# loop), then run at those fractions of it; the capacity goes to
 # OUT_DIR/capacity.json and load A is 1 req/s × capacity (a load "0.6A" is 60 % of it). A fixed
 # RATE_A means a different utilisation on every host.
 #
@@ -100,7 +101,7 @@ if [ -n "${UTILS:-}" ]; then
   "$pdserve" bench --base-url "$urls_baseline" --api completions --arrival closed --users "$cal_users" \
     -n "${CAL_N:-100}" --scenarios "[{\"name\": \"short\", \"weight\": $(python3 -c "print(1 - $long_share)"), \"input\": \"$short_in\"},
                 {\"name\": \"long\", \"weight\": $long_share, \"input\": \"$long_in\"}]" \
-    --output-len fixed:16 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
+    --output-len fixed:1 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
   rate_a=$(python3 -c "import json; print(round(json.load(open('$out/capacity.json'))['runs'][0]['summary']['requests_per_s'], 3))")
   loads="$UTILS"
   echo "   capacity $rate_a req/s; the loads below are fractions of it"
