@@ -546,7 +546,7 @@ const Endpoint& LoadClient::endpoint() const { return impl_->endpoints.front(); 
 size_t LoadClient::num_endpoints() const { return impl_->endpoints.size(); }
 
 StatusOr<HttpResult> LoadClient::get(const std::string& path, double timeout_s) const {
-  return blocking_request(*impl_, 0, http::verb::get, path, "", timeout_s);
+  return get_from(0, path, timeout_s);
 }
 
 StatusOr<HttpResult> LoadClient::get_from(size_t server, const std::string& path, double timeout_s) const {

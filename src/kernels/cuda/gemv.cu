@@ -24,6 +24,30 @@ constexpr int kWarps = 4;
 
 __device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
 
+// Activation row m's 8 values at k as the product sees them: the bf16 row xb, or (kNorm) the float
+// row x times its inverse norm (*inv) and the norm weights, rounded to bf16 as rms_norm rounds.
+template <bool kNorm>
+__device__ __forceinline__ void activations(const GemvArgs& a, int m, int64_t k, const float* inv_of_row,
+                                            float* xv) {
+  if constexpr (kNorm) {
+    const float4 x0 = *reinterpret_cast<const float4*>(a.x + m * a.k + k);
+    const float4 x1 = *reinterpret_cast<const float4*>(a.x + m * a.k + k + 4);
+    const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
+    const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
+    const float inv = *inv_of_row;
+    xv[0] = round_bf16(x0.x * inv * w0.x);
+    xv[1] = round_bf16(x0.y * inv * w0.y);
+    xv[2] = round_bf16(x0.z * inv * w0.z);
+    xv[3] = round_bf16(x0.w * inv * w0.w);
+    xv[4] = round_bf16(x1.x * inv * w1.x);
+    xv[5] = round_bf16(x1.y * inv * w1.y);
+    xv[6] = round_bf16(x1.z * inv * w1.z);
+    xv[7] = round_bf16(x1.w * inv * w1.w);
+  } else {
+    bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + m * a.k + k), xv);
+  }
+}
+
 // Row group g's weight rows: R consecutive rows, or with kSwiGlu the R/2 gate rows g·R/2 ... and
 // their up rows (n further on).
 template <int R, bool kSwiGlu>
@@ -83,25 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
         if (k >= K) break;
         float xv[M][8];
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if constexpr (kNorm) {
-            const float4 x0 = *reinterpret_cast<const float4*>(a.x + m * K + k);
-            const float4 x1 = *reinterpret_cast<const float4*>(a.x + m * K + k + 4);
-            const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
-            const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
-            const float inv = s_inv[m];
-            xv[m][0] = round_bf16(x0.x * inv * w0.x);
-            xv[m][1] = round_bf16(x0.y * inv * w0.y);
-            xv[m][2] = round_bf16(x0.z * inv * w0.z);
-            xv[m][3] = round_bf16(x0.w * inv * w0.w);
-            xv[m][4] = round_bf16(x1.x * inv * w1.x);
-            xv[m][5] = round_bf16(x1.y * inv * w1.y);
-            xv[m][6] = round_bf16(x1.z * inv * w1.z);
-            xv[m][7] = round_bf16(x1.w * inv * w1.w);
-          } else {
-            bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + m * K + k), xv[m]);
-          }
-        }
+        for (int m = 0; m < M; ++m) activations<kNorm>(a, m, k, s_inv + m, xv[m]);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wv[8];
@@ -196,22 +202,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs
   for (int p = 0; p < P; ++p) {
     const int64_t k = k_first + 256 * p;
     float xv[8];
-    if constexpr (kNorm) {
-      const float4 x0 = *reinterpret_cast<const float4*>(a.x + k);
-      const float4 x1 = *reinterpret_cast<const float4*>(a.x + k + 4);
-      const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
-      const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
-      xv[0] = round_bf16(x0.x * inv * w0.x);
-      xv[1] = round_bf16(x0.y * inv * w0.y);
-      xv[2] = round_bf16(x0.z * inv * w0.z);
-      xv[3] = round_bf16(x0.w * inv * w0.w);
-      xv[4] = round_bf16(x1.x * inv * w1.x);
-      xv[5] = round_bf16(x1.y * inv * w1.y);
-      xv[6] = round_bf16(x1.z * inv * w1.z);
-      xv[7] = round_bf16(x1.w * inv * w1.w);
-    } else {
-      bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + k), xv);
-    }
+    activations<kNorm>(a, 0, k, &inv, xv);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float wv[8];
