@@ -6,6 +6,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <unordered_set>
 
 #include "common/utf8.h"
@@ -281,6 +283,26 @@ StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source, s
   Parser p(text, source, max_values);
   PD_RETURN_IF_ERROR(p.parse(&root));
   return root;
+}
+
+StatusOr<std::string> read_text_file(const std::string& file, size_t max_bytes) {
+  const std::filesystem::path path(file);
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(status))
+    return not_found(fmt::format("cannot read '{}'", path.string()));
+  if (!std::filesystem::is_regular_file(status))
+    return invalid_argument(fmt::format("'{}' is not a regular file", path.string()));
+  const auto size = std::filesystem::file_size(path, ec);
+  if (ec) return invalid_argument(fmt::format("cannot read '{}': {}", path.string(), ec.message()));
+  if (size > max_bytes)
+    return invalid_argument(fmt::format("'{}' is larger than {} bytes", path.string(), max_bytes));
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return not_found(fmt::format("cannot read '{}'", path.string()));
+  std::string text(static_cast<size_t>(size), '\0');
+  in.read(text.data(), static_cast<std::streamsize>(size));
+  text.resize(static_cast<size_t>(in.gcount()));
+  return text;
 }
 
 }  // namespace pdserve

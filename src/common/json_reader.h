@@ -49,4 +49,9 @@ struct JsonMember {
 StatusOr<JsonValue> parse_json(std::string_view text, std::string_view source,
                                size_t max_values = size_t{1} << 20);
 
+// A small regular file's whole text, its size checked before reading (never a device or a FIFO):
+// NOT_FOUND when it does not exist, INVALID_ARGUMENT when it is no regular file or is larger than
+// `max_bytes`.
+StatusOr<std::string> read_text_file(const std::string& path, size_t max_bytes);
+
 }  // namespace pdserve

@@ -417,6 +417,16 @@ StatusOr<std::unique_ptr<GgufFile>> GgufFile::parse(std::span<const uint8_t> byt
   return f;
 }
 
+StatusOr<std::unique_ptr<GgufFile>> GgufFile::parse_owned(std::vector<uint8_t> bytes,
+                                                          const GgufLimits& limits) {
+  std::unique_ptr<GgufFile> f(new GgufFile());
+  f->owned_ = std::move(bytes);
+  f->bytes_ = f->owned_;
+  GgufParser parser(f->bytes_, limits);
+  PD_RETURN_IF_ERROR(parser.parse(*f));
+  return f;
+}
+
 StatusOr<std::unique_ptr<GgufFile>> GgufFile::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {

@@ -83,6 +83,9 @@ class GgufFile {
   // Parses bytes the caller keeps alive for the GgufFile's lifetime (tests, fuzzing).
   static StatusOr<std::unique_ptr<GgufFile>> parse(std::span<const uint8_t> bytes,
                                                    const GgufLimits& limits = {});
+  // Parses bytes it keeps (a file made in memory, e.g. a tokenizer converted from another format).
+  static StatusOr<std::unique_ptr<GgufFile>> parse_owned(std::vector<uint8_t> bytes,
+                                                         const GgufLimits& limits = {});
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
@@ -119,6 +122,7 @@ class GgufFile {
   friend class GgufParser;
 
   std::span<const uint8_t> bytes_;
+  std::vector<uint8_t> owned_;  // parse_owned's bytes (bytes_ views them)
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
   uint32_t version_ = 0;

@@ -11,7 +11,6 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <set>
 
 #include "common/json_reader.h"
@@ -36,26 +35,6 @@ size_t dtype_bytes(std::string_view name, SafetensorsDtype* dtype) {
   if (name == "I16" || name == "U16") return 2;
   if (name == "I8" || name == "U8" || name == "BOOL" || name == "F8_E4M3" || name == "F8_E5M2") return 1;
   return 0;
-}
-
-// A small regular file's text (its size checked before reading: never a device or a FIFO).
-StatusOr<std::string> read_text(const std::filesystem::path& path, size_t max_bytes) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (ec || !std::filesystem::exists(status))
-    return not_found(fmt::format("cannot read '{}'", path.string()));
-  if (!std::filesystem::is_regular_file(status))
-    return invalid_argument(fmt::format("'{}' is not a regular file", path.string()));
-  const auto size = std::filesystem::file_size(path, ec);
-  if (ec) return invalid_argument(fmt::format("cannot read '{}': {}", path.string(), ec.message()));
-  if (size > max_bytes)
-    return invalid_argument(fmt::format("'{}' is larger than {} bytes", path.string(), max_bytes));
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found(fmt::format("cannot read '{}'", path.string()));
-  std::string text(static_cast<size_t>(size), '\0');
-  in.read(text.data(), static_cast<std::streamsize>(size));
-  text.resize(static_cast<size_t>(in.gcount()));
-  return text;
 }
 
 bool has_control_chars(std::string_view s) {
@@ -285,13 +264,14 @@ StatusOr<ModelConfig> model_config_from_hf(std::string_view text, std::string_vi
 StatusOr<std::unique_ptr<HfCheckpoint>> HfCheckpoint::open(const std::string& dir) {
   const std::filesystem::path root(dir);
   std::unique_ptr<HfCheckpoint> ck(new HfCheckpoint());
-  PD_ASSIGN_OR_RETURN(std::string config_text, read_text(root / "config.json", size_t{1} << 20));
+  PD_ASSIGN_OR_RETURN(std::string config_text,
+                      read_text_file((root / "config.json").string(), size_t{1} << 20));
   PD_ASSIGN_OR_RETURN(ck->config_, model_config_from_hf(config_text, (root / "config.json").string()));
   std::vector<std::string> shard_names;
   const std::filesystem::path index = root / "model.safetensors.index.json";
   std::error_code ec;
   if (std::filesystem::exists(index, ec)) {
-    PD_ASSIGN_OR_RETURN(std::string index_text, read_text(index, size_t{16} << 20));
+    PD_ASSIGN_OR_RETURN(std::string index_text, read_text_file(index.string(), size_t{16} << 20));
     PD_ASSIGN_OR_RETURN(JsonValue j, parse_json(index_text, index.string(), kMaxJsonValues));
     const JsonValue* map = j.find("weight_map");
     if (map == nullptr || map->type != JsonValue::Type::kObject)

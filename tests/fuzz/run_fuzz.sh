@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -113,6 +113,20 @@ for target in "${targets[@]}"; do
         printf '\x80\x3f\x00\x40\x40\x40\x80\x40\x00\x00\x80\x3f'
       } > "$corpus/two"
       build/fuzz/tests/fuzz/safetensors_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
+      ;;
+    hf_tokenizer_fuzz)
+      # Seeds: a byte-level BPE tokenizer.json of each pre-tokenizer pdserve reads, a NUL, then a
+      # tokenizer_config.json.
+      corpus="build/fuzz/corpus/hf_tokenizer"
+      mkdir -p "$corpus"
+      vocab='"vocab":{"<s>":0,"H":1,"e":2,"l":3,"o":4,"He":5,"ll":6,"Ġ":7,"1":8,"2":9,"3":10},"merges":["H e",["l","l"]]'
+      added='"added_tokens":[{"id":0,"content":"<s>","special":true,"normalized":false}]'
+      byte_level='{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":false}'
+      split='{"type":"Split","pattern":{"Regex":"(?i:'"'"'s|'"'"'t|'"'"'re|'"'"'ve|'"'"'m|'"'"'ll|'"'"'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},"behavior":"Isolated","invert":false}'
+      printf '%s' "{$added,\"normalizer\":null,\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[$split,$byte_level]},\"post_processor\":{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{\"id\":\"<s>\",\"type_id\":0}},{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}]},\"decoder\":{\"type\":\"ByteLevel\"},\"model\":{\"type\":\"BPE\",$vocab}}" > "$corpus/llama3"
+      { printf '%s' "{$added,\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":true},{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"use_regex\":true}]},\"model\":{\"type\":\"BPE\",$vocab}}"
+        printf '\x00{"bos_token":{"content":"<s>"},"eos_token":"<s>","add_bos_token":true,"chat_template":"{{ messages }}"}'; } > "$corpus/smollm"
+      build/fuzz/tests/fuzz/hf_tokenizer_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
       ;;
     *) echo "run_fuzz: unknown target $target" >&2; exit 2 ;;
   esac

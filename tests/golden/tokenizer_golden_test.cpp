@@ -4,10 +4,12 @@
 // other pre-tokenizers and a SentencePiece-style conversion), written by
 // tools/reference/gen_tokenizer_fixtures.py from llama.cpp's llama_tokenize / llama_detokenize.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -18,6 +20,7 @@
 
 #include "model/gguf.h"
 #include "model/gguf_writer.h"
+#include "tokenizer/hf_tokenizer.h"
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
 
@@ -304,50 +307,254 @@ TEST_F(TokenizerGolden, RoundTripAndStreaming) {
   EXPECT_GE(round_trips, 100);
 }
 
-TEST_F(TokenizerGolden, DerivedVocabulariesMatchReference) {
+// The five results of every corpus text against a variant's fixture (hashes of llama.cpp's).
+void expect_variant_matches(const Tokenizer& tok, const json& expected,
+                            const std::vector<std::pair<std::string, std::string>>& texts,
+                            const std::string& what) {
+  expect_vocab_matches(tok, expected.at("vocab"), what);
+  const json& cases = expected.at("cases");
+  ASSERT_EQ(cases.size(), texts.size()) << what;
+  int passed = 0;
+  std::vector<std::string> failures;
+  for (const auto& [name, text] : texts) {
+    const auto ids_special = tok.encode(text, false, true);
+    const std::string actual[] = {
+        hash_hex(ids_text(ids_special)),
+        hash_hex(ids_text(tok.encode(text, false, false))),
+        hash_hex(ids_text(tok.encode(text, true, true))),
+        hash_hex(tok.decode(ids_special)),
+        hash_hex(tok.decode(ids_special, /*skip_special=*/true)),
+    };
+    static constexpr const char* kKeys[] = {"ids_special", "ids_plain", "ids_add_special", "detok_special",
+                                            "detok_plain"};
+    const json& want = cases.at(name);
+    bool ok = true;
+    for (size_t k = 0; k < 5; ++k) {
+      if (actual[k] != want.at(k).get<std::string>()) {
+        ok = false;
+        failures.push_back(name + " [" + kKeys[k] + "]");
+      }
+    }
+    passed += ok;
+  }
+  std::printf("[tokenizer golden] %s: %d of %zu cases match llama.cpp in all five results\n", what.c_str(),
+              passed, texts.size());
+  for (const std::string& f : failures) std::printf("  mismatch: %s\n", f.c_str());
+  EXPECT_TRUE(failures.empty()) << what << ": " << failures.size() << " mismatching results";
+}
+
+json variants_fixture() {
   const std::string path = std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/tokenizer_variants.json";
   std::ifstream in(path);
-  ASSERT_TRUE(in) << "fixture missing: " << path;
-  const json variants = json::parse(in).at("variants");
+  if (!in) return json();
+  return json::parse(in).at("variants");
+}
+
+std::vector<std::pair<std::string, std::string>> corpus_texts(const json& fixture) {
   std::vector<std::pair<std::string, std::string>> texts;
-  for (const json& c : fixture_->at("cases")) texts.emplace_back(c.at("name"), text_field(c, "text"));
-  ASSERT_EQ(variants.size(), 5u);
+  for (const json& c : fixture.at("cases")) texts.emplace_back(c.at("name"), text_field(c, "text"));
+  return texts;
+}
+
+TEST_F(TokenizerGolden, DerivedVocabulariesMatchReference) {
+  const json variants = variants_fixture();
+  ASSERT_EQ(variants.size(), 5u) << "tests/golden/data/tokenizer_variants.json missing or incomplete";
+  const auto texts = corpus_texts(*fixture_);
   for (const auto& [variant, expected] : variants.items()) {
     const std::vector<uint8_t> bytes = variant_gguf(*gguf_, variant);
     auto gguf = GgufFile::parse(bytes);
     ASSERT_TRUE(gguf.ok()) << gguf.status().to_string();
     auto tok = Tokenizer::from_gguf(**gguf);
     ASSERT_TRUE(tok.ok()) << variant << ": " << tok.status().to_string();
-    expect_vocab_matches(*tok, expected.at("vocab"), variant);
-    const json& cases = expected.at("cases");
-    ASSERT_EQ(cases.size(), texts.size()) << variant;
-    int passed = 0;
-    std::vector<std::string> failures;
-    for (const auto& [name, text] : texts) {
-      const auto ids_special = tok->encode(text, false, true);
-      const std::string actual[] = {
-          hash_hex(ids_text(ids_special)),
-          hash_hex(ids_text(tok->encode(text, false, false))),
-          hash_hex(ids_text(tok->encode(text, true, true))),
-          hash_hex(tok->decode(ids_special)),
-          hash_hex(tok->decode(ids_special, /*skip_special=*/true)),
-      };
-      static constexpr const char* kKeys[] = {"ids_special", "ids_plain", "ids_add_special", "detok_special",
-                                              "detok_plain"};
-      const json& want = cases.at(name);
-      bool ok = true;
-      for (size_t k = 0; k < 5; ++k) {
-        if (actual[k] != want.at(k).get<std::string>()) {
-          ok = false;
-          failures.push_back(name + " [" + kKeys[k] + "]");
-        }
-      }
-      passed += ok;
+    expect_variant_matches(*tok, expected, texts, "variant " + variant);
+  }
+}
+
+// ---- the same vocabularies as Hugging Face tokenizer.json files ----
+
+// Writes the model's vocabulary as a Hugging Face tokenizer directory (tokenizer.json,
+// tokenizer_config.json, config.json) in the form `transformers` saves SmolLM2's, with the
+// pre-tokenizer of `variant` ("smollm2" for the model's own, or a byte-level variant of the
+// fixtures). tools/reference/check_hf_tokenizer.py checks such files with Hugging Face's own
+// tokenizer against the same llama.cpp fixtures.
+void write_hf_tokenizer(const GgufFile& model, const std::string& variant, const std::filesystem::path& dir) {
+  std::filesystem::create_directories(dir);
+  const auto& tokens = model.find("tokenizer.ggml.tokens")->as_array()->items;
+  const auto& types = model.find("tokenizer.ggml.token_type")->as_array()->items;
+  const auto& merges = model.find("tokenizer.ggml.merges")->as_array()->items;
+  json vocab = json::object();
+  json added = json::array();
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string& text = std::get<std::string>(tokens[i].value);
+    vocab[text] = i;
+    if (std::get<int64_t>(types[i].value) == 3) {
+      added.push_back({{"id", i},
+                       {"content", text},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false},
+                       {"special", true}});
     }
-    std::printf("[tokenizer golden] variant %s: %d of %zu cases match llama.cpp in all five results\n",
-                variant.c_str(), passed, texts.size());
-    for (const std::string& f : failures) std::printf("  mismatch: %s\n", f.c_str());
-    EXPECT_TRUE(failures.empty()) << variant << ": " << failures.size() << " mismatching results";
+  }
+  json merge_list = json::array();
+  for (const auto& m : merges) {
+    const std::string& text = std::get<std::string>(m.value);
+    if (variant == "smollm2") {
+      merge_list.push_back(text);  // the older form; the variants use pairs, as newer files do
+    } else {
+      const size_t space = text.find(' ', 1);
+      merge_list.push_back(json::array({text.substr(0, space), text.substr(space + 1)}));
+    }
+  }
+  const json byte_level_regex = {
+      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  const json byte_level_plain = {
+      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}};
+  const auto split = [](const std::string& digits) {
+    return json{{"type", "Split"},
+                {"pattern",
+                 {{"Regex", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}" + digits +
+                                "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}},
+                {"behavior", "Isolated"},
+                {"invert", false}};
+  };
+  json pre;
+  json normalizer = nullptr;
+  json post = {
+      {"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
+  if (variant == "smollm2") {
+    pre = {{"type", "Sequence"},
+           {"pretokenizers",
+            json::array({{{"type", "Digits"}, {"individual_digits", true}}, byte_level_regex})}};
+  } else if (variant == "bpe_gpt2") {
+    pre = byte_level_regex;
+  } else if (variant == "bpe_llama_bpe") {
+    pre = {{"type", "Sequence"}, {"pretokenizers", json::array({split("{1,3}"), byte_level_plain})}};
+    // llama-bpe adds BOS (the fixture's GGUF leaves add_bos_token out, llama.cpp's default for it).
+    post = {{"type", "TemplateProcessing"},
+            {"single", json::array({{{"SpecialToken", {{"id", "<|im_start|>"}, {"type_id", 0}}}},
+                                    {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+            {"pair", json::array()},
+            {"special_tokens",
+             {{"<|im_start|>", {{"id", "<|im_start|>"}, {"ids", {1}}, {"tokens", {"<|im_start|>"}}}}}}};
+  } else if (variant == "bpe_qwen2") {
+    pre = {{"type", "Sequence"}, {"pretokenizers", json::array({split(""), byte_level_plain})}};
+    normalizer = {{"type", "NFC"}};
+  }
+  const json tokenizer = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", normalizer},
+      {"pre_tokenizer", pre},
+      {"post_processor", post},
+      {"decoder",
+       {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", nullptr},
+        {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr},
+        {"fuse_unk", false},
+        {"byte_fallback", false},
+        {"vocab", vocab},
+        {"merges", merge_list}}}};
+  json config = {{"add_prefix_space", false},
+                 {"bos_token", "<|im_start|>"},
+                 {"clean_up_tokenization_spaces", variant == "bpe_gpt2" || variant == "bpe_llama_bpe"},
+                 {"eos_token", "<|im_end|>"},
+                 {"model_max_length", 8192},
+                 {"pad_token", "<|im_end|>"},
+                 {"tokenizer_class", "GPT2Tokenizer"},
+                 {"unk_token", "<|endoftext|>"},
+                 {"vocab_size", tokens.size()}};
+  if (auto tmpl = model.get_string("tokenizer.chat_template"); tmpl.ok()) config["chat_template"] = *tmpl;
+  std::ofstream(dir / "tokenizer.json") << tokenizer.dump();
+  std::ofstream(dir / "tokenizer_config.json") << config.dump(2);
+  std::ofstream(dir / "config.json") << json{
+      {"vocab_size", tokens.size()},
+      {"bos_token_id", 1},
+      {"eos_token_id", 2}}.dump();
+}
+
+// Where to write the directories: $PDSERVE_HF_TOKENIZER_DIR keeps them (for
+// tools/reference/check_hf_tokenizer.py), else a temporary directory removed afterwards.
+struct HfTokenizerDirs {
+  std::filesystem::path root;
+  bool keep = false;
+  HfTokenizerDirs() {
+    if (const char* env = std::getenv("PDSERVE_HF_TOKENIZER_DIR"); env != nullptr && *env != '\0') {
+      root = env;
+      keep = true;
+    } else {
+      root = std::filesystem::temp_directory_path() / ("pdserve_hf_tokenizer_" + std::to_string(::getpid()));
+    }
+  }
+  ~HfTokenizerDirs() {
+    std::error_code ec;
+    if (!keep) std::filesystem::remove_all(root, ec);
+  }
+};
+
+TEST_F(TokenizerGolden, HfTokenizerJsonGivesTheModelsMetadata) {
+  // The converted tokenizer.json carries what llama.cpp's converter wrote into the GGUF from the
+  // published files, key by key.
+  HfTokenizerDirs dirs;
+  write_hf_tokenizer(*gguf_, "smollm2", dirs.root / "smollm2");
+  auto converted = load_hf_tokenizer((dirs.root / "smollm2").string());
+  ASSERT_TRUE(converted.ok()) << converted.status().to_string();
+  for (const char* key :
+       {"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template"}) {
+    const GgufValue* want = gguf_->find(key);
+    const GgufValue* got = (*converted)->find(key);
+    ASSERT_NE(want, nullptr) << key;
+    ASSERT_NE(got, nullptr) << key << " missing from the conversion";
+    EXPECT_EQ(got->to_display(1u << 20), want->to_display(1u << 20)) << key;
+  }
+  // The GGUF leaves add_eos_token out (false); the conversion says false, from the post-processor.
+  auto add_eos = (*converted)->get_bool_or("tokenizer.ggml.add_eos_token", true);
+  ASSERT_TRUE(add_eos.ok());
+  EXPECT_FALSE(*add_eos);
+}
+
+TEST_F(TokenizerGolden, HfTokenizerJsonMatchesReference) {
+  // The model's own vocabulary: every corpus text against llama.cpp's ids.
+  HfTokenizerDirs dirs;
+  write_hf_tokenizer(*gguf_, "smollm2", dirs.root / "smollm2");
+  auto converted = load_hf_tokenizer((dirs.root / "smollm2").string());
+  ASSERT_TRUE(converted.ok()) << converted.status().to_string();
+  auto tok = Tokenizer::from_gguf(**converted);
+  ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+  expect_vocab_matches(*tok, fixture_->at("vocab"), "tokenizer.json of SmolLM2");
+  int passed = 0;
+  for (const json& c : fixture_->at("cases")) {
+    const std::string text = text_field(c, "text");
+    const bool ok = tok->encode(text, false, true) == c.at("ids_special").get<std::vector<int32_t>>() &&
+                    tok->encode(text, false, false) == c.at("ids_plain").get<std::vector<int32_t>>() &&
+                    tok->encode(text, true, true) == c.at("ids_add_special").get<std::vector<int32_t>>();
+    EXPECT_TRUE(ok) << c.at("name").get<std::string>() << ": " << printable(text);
+    passed += ok;
+  }
+  std::printf(
+      "[tokenizer golden] tokenizer.json of SmolLM2: %d of %zu cases match llama.cpp in all three modes\n",
+      passed, fixture_->at("cases").size());
+  // The byte-level variants, with their pre-tokenizers written the way Hugging Face writes them.
+  const json variants = variants_fixture();
+  ASSERT_FALSE(variants.is_null()) << "tests/golden/data/tokenizer_variants.json missing";
+  const auto texts = corpus_texts(*fixture_);
+  for (const std::string variant : {"bpe_gpt2", "bpe_llama_bpe", "bpe_qwen2"}) {
+    write_hf_tokenizer(*gguf_, variant, dirs.root / variant);
+    auto gguf = load_hf_tokenizer((dirs.root / variant).string());
+    ASSERT_TRUE(gguf.ok()) << variant << ": " << gguf.status().to_string();
+    auto variant_tok = Tokenizer::from_gguf(**gguf);
+    ASSERT_TRUE(variant_tok.ok()) << variant << ": " << variant_tok.status().to_string();
+    expect_variant_matches(*variant_tok, variants.at(variant), texts, "tokenizer.json of variant " + variant);
   }
 }
 
