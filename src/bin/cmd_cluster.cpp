@@ -386,7 +386,10 @@ void register_cluster_commands(CLI::App& app) {
   inst->add_option("--role", ia->role, "prefill, decode or mixed")
       ->capture_default_str()
       ->check(CLI::IsMember({"prefill", "decode", "mixed"}));
-  inst->add_option("-m,--model", ia->model, "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
+  inst->add_option(
+          "-m,--model", ia->model,
+          "GGUF model file, a Hugging Face checkpoint directory (with --device cuda), or synthetic:NAME "
+          "(default: the default model, or $PDSERVE_MODEL)")
       ->capture_default_str();
   inst->add_option("--host", ia->host, "Address of the internal API")->capture_default_str();
   inst->add_option("--port", ia->port, "Port of the internal API (0: any free port)")
@@ -424,7 +427,8 @@ void register_cluster_commands(CLI::App& app) {
   gw->add_option("--decode", ga->decodes,
                  "Without --config: HOST:PORT of a decode instance's internal API (repeat for more)");
   gw->add_option("-m,--model", ga->front.model_path,
-                 "The GGUF model the instances serve: its tokenizer and chat template are used here")
+                 "The model the instances serve (GGUF file, checkpoint directory or synthetic:NAME): its "
+                 "tokenizer and chat template are used here")
       ->capture_default_str();
   add_front_flags(*gw, ga->front);
   gw->add_option("--internal-token", ga->internal_token, kInternalTokenHelp);

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "bin/commands.h"
@@ -37,6 +38,14 @@ struct Session {
 
 StatusOr<Session> load(const GenerateArgs& a) {
   Session s;
+  std::error_code ec;
+  if (std::filesystem::is_directory(a.model, ec))
+    return invalid_argument(
+        fmt::format("'{}' is a Hugging Face checkpoint: generate runs GGUF files on the CPU; serve the "
+                    "checkpoint on a GPU "
+                    "with `pdserve serve --model {} --device cuda`, or convert it to GGUF (llama.cpp's "
+                    "convert_hf_to_gguf.py)",
+                    a.model, a.model));
   PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(a.model));
   s.file = std::shared_ptr<const GgufFile>(std::move(file));
   PD_ASSIGN_OR_RETURN(s.model, LlamaModel::load(s.file));

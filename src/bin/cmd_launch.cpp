@@ -385,7 +385,8 @@ void register_launch_command(CLI::App& app) {
       ->required()
       ->check(CLI::ExistingFile);
   cmd->add_option("-m,--model", la->model,
-                  "GGUF model for every process (default: the file's `model`, else the default model)");
+                  "GGUF model, checkpoint directory or synthetic:NAME for every process (default: the file's "
+                  "`model`, else the default model)");
   cmd->add_option("--stop-timeout", la->stop_timeout_s,
                   "Seconds the gateway may drain open requests on Ctrl-C (its --shutdown-timeout)")
       ->capture_default_str()

@@ -177,7 +177,9 @@ void register_serve_command(CLI::App& app) {
          "on a GPU so far)")
       ->check(CLI::IsMember({"aggregated", "disaggregated"}));
   cmd->add_option("-m,--model", a->front.model_path,
-                  "GGUF model file (default: the default model, or $PDSERVE_MODEL)")
+                  "GGUF model file, a Hugging Face checkpoint directory (config.json, *.safetensors, "
+                  "tokenizer.json; with --device cuda), or synthetic:NAME (default: the default model, or "
+                  "$PDSERVE_MODEL)")
       ->capture_default_str();
   add_front_flags(*cmd, a->front);
   add_engine_flags(*cmd, a->engine);

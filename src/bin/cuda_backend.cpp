@@ -1,5 +1,6 @@
 // The CUDA backend's half of serve_support.h, in a build with it: the executor on a GPU (a GGUF
-// file's weights dequantized to bf16, or a synthetic model), and the KV transports of GPU caches.
+// file's weights dequantized to bf16, a Hugging Face checkpoint's, or a synthetic model), and the KV
+// transports of GPU caches.
 #include <fmt/format.h>
 
 #include "bin/serve_support.h"
@@ -21,6 +22,8 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m
   if (!m.synthetic.empty()) {
     PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::synthetic(m.synthetic, options, kServedSyntheticSeed,
                                                          m.tokenizer->vocab_size()));
+  } else if (m.checkpoint != nullptr) {
+    PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::load_hf(*m.checkpoint, options));
   } else {
     PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::load_gguf(*m.file, options));
   }

@@ -19,6 +19,7 @@
 #include "bin/commands.h"
 #include "common/log.h"
 #include "kvcache/budget.h"
+#include "tokenizer/hf_tokenizer.h"
 
 namespace pdserve {
 
@@ -87,8 +88,22 @@ StatusOr<LoadedModel> load_model(const std::string& path, bool weights) {
     l.synthetic = path;
     file_path = builtin_model_path();
   }
-  PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(file_path));
-  l.file = std::shared_ptr<const GgufFile>(std::move(file));
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    if (weights)
+      return invalid_argument(
+          fmt::format("'{}' is a Hugging Face checkpoint, whose bf16/fp16 weights run on a GPU only: pass "
+                      "--device cuda, or "
+                      "convert it to GGUF (llama.cpp's convert_hf_to_gguf.py) for the CPU",
+                      path));
+    PD_ASSIGN_OR_RETURN(auto checkpoint, HfCheckpoint::open(path));
+    l.checkpoint = std::shared_ptr<const HfCheckpoint>(std::move(checkpoint));
+    PD_ASSIGN_OR_RETURN(auto tokenizer_file, load_hf_tokenizer(path));
+    l.file = std::shared_ptr<const GgufFile>(std::move(tokenizer_file));
+  } else {
+    PD_ASSIGN_OR_RETURN(auto file, GgufFile::open(file_path));
+    l.file = std::shared_ptr<const GgufFile>(std::move(file));
+  }
   if (weights) {
     PD_ASSIGN_OR_RETURN(l.model, LlamaModel::load(l.file));
   }
@@ -153,12 +168,14 @@ StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice
 
 StatusOr<ModelConfig> loaded_model_config(const LoadedModel& m) {
   if (!m.synthetic.empty()) return synthetic_model_config(m.synthetic, m.tokenizer->vocab_size());
+  if (m.checkpoint != nullptr) return m.checkpoint->config();
   return ModelConfig::from_gguf(*m.file);
 }
 
 uint64_t loaded_model_fingerprint(const LoadedModel& m) {
   if (!m.synthetic.empty())
     return synthetic_model_fingerprint(m.synthetic, kServedSyntheticSeed, m.tokenizer->vocab_size());
+  if (m.checkpoint != nullptr) return m.checkpoint->fingerprint();
   return m.file->fingerprint();
 }
 
@@ -337,10 +354,16 @@ int run_openai_front(FrontOptions o, const FrontLoader& load) {
   if (o.api_key.empty()) {
     if (const char* env = std::getenv("PDSERVE_API_KEY"); env && *env) o.api_key = env;
   }
-  if (o.served_model_name.empty())
-    o.served_model_name = o.model_path.starts_with("synthetic:")
-                              ? o.model_path
-                              : std::filesystem::path(o.model_path).stem().string();
+  if (o.served_model_name.empty()) {
+    // A file's name without its extension; a checkpoint directory's whole name ("Qwen2.5-7B").
+    const std::filesystem::path path = std::filesystem::path(o.model_path).lexically_normal();
+    std::error_code ec;
+    o.served_model_name =
+        o.model_path.starts_with("synthetic:") ? o.model_path
+        : std::filesystem::is_directory(path, ec)
+            ? (path.has_filename() ? path.filename() : path.parent_path().filename()).string()
+            : path.stem().string();
+  }
   std::signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();
   start_signal_thread();  // before any other thread, so that they all inherit the blocked mask

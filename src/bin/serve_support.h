@@ -17,6 +17,7 @@
 #include "model/executor.h"
 #include "model/gguf.h"
 #include "model/llama_model.h"
+#include "model/safetensors.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -40,6 +41,9 @@ struct LoadedModel {
   // on the GPU, for benchmarks) has no file of its own: `file` is then the built-in default model,
   // whose tokenizer and chat template it borrows, and its vocabulary is that tokenizer's.
   std::string synthetic;
+  // A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json): its
+  // weights run on a GPU only, and `file` holds its tokenizer as GGUF metadata (no tensors).
+  std::shared_ptr<const HfCheckpoint> checkpoint;
   std::shared_ptr<const GgufFile> file;
   std::unique_ptr<LlamaModel> model;  // null when loaded without weights
   std::unique_ptr<Tokenizer> tokenizer;
@@ -47,7 +51,8 @@ struct LoadedModel {
 };
 // The GGUF file, its tokenizer and chat template, and (weights = true) the model itself. A
 // gateway tokenizes and applies the template but runs no model. "synthetic:NAME" loads the
-// borrowed tokenizer (weights = true is refused: such a model runs on a GPU only).
+// borrowed tokenizer, a directory a Hugging Face checkpoint (its tokenizer.json and headers;
+// weights = true is refused for both: they run on a GPU only).
 StatusOr<LoadedModel> load_model(const std::string& path, bool weights);
 // The model's configuration (a synthetic model's from the CUDA backend).
 StatusOr<ModelConfig> loaded_model_config(const LoadedModel& m);

@@ -19,7 +19,7 @@
 #include "kernels/cuda/runtime.h"
 #include "kernels/gumbel.h"
 #include "model/llama_model.h"
-#include "model/safetensors_writer.h"
+#include "tests/support/hf_export.h"
 
 namespace pdserve {
 namespace {
@@ -400,88 +400,11 @@ TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleStep
   EXPECT_LE(worst, kChunkTolerance);
 }
 
-// The default model as a Hugging Face checkpoint in two shards: every weight dequantized and
-// rounded to bf16 (as load_gguf does), q and k rows put back in Hugging Face's order (GGUF's llama
-// permutes them so that adjacent pairs rotate), norms in F32, config.json from the metadata.
-std::string write_hf_checkpoint(const GgufFile& f, const ModelConfig& c) {
-  const auto dir = std::filesystem::temp_directory_path() / ("pdserve_hf_gpu_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  auto matrix = [&](const std::string& name, int32_t unpermute_heads) {
-    const GgufTensorInfo* t = f.find_tensor(name);
-    if (t == nullptr) {
-      ADD_FAILURE() << "no tensor " << name;
-      return SafetensorsEntry{};
-    }
-    const int64_t cols = t->dims[0], rows = t->dims[1];
-    std::vector<float> row(static_cast<size_t>(cols));
-    std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
-    const size_t rb = cpu::row_bytes(t->type, cols);
-    for (int64_t r = 0; r < rows; ++r) {
-      cpu::dequantize_row(t->type, t->data + static_cast<size_t>(r) * rb, row.data(), cols);
-      int64_t dst = r;
-      if (unpermute_heads > 0) {  // GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j
-        const int64_t hd = rows / unpermute_heads, h = r / hd, i = r % hd;
-        dst = h * hd + (i % 2) * (hd / 2) + i / 2;
-      }
-      for (int64_t k = 0; k < cols; ++k) {
-        const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
-        std::memcpy(out.data() + (dst * cols + k) * 2, &b, 2);
-      }
-    }
-    return SafetensorsEntry{"", "BF16", {rows, cols}, std::move(out)};
-  };
-  auto vector = [&](const std::string& name) {
-    const GgufTensorInfo* t = f.find_tensor(name);
-    if (t == nullptr) {
-      ADD_FAILURE() << "no tensor " << name;
-      return SafetensorsEntry{};
-    }
-    return SafetensorsEntry{
-        "", "F32", {t->num_elements()}, std::vector<uint8_t>(t->data, t->data + t->size_bytes)};
-  };
-  auto named = [](SafetensorsEntry e, std::string name) {
-    e.name = std::move(name);
-    return e;
-  };
-  std::vector<SafetensorsEntry> shard[2];
-  std::string weight_map;
-  auto add = [&](int s, SafetensorsEntry e) {
-    weight_map += fmt::format("{}\"{}\": \"model-0000{}-of-00002.safetensors\"",
-                              weight_map.empty() ? "" : ", ", e.name, s + 1);
-    shard[s].push_back(std::move(e));
-  };
-  add(0, named(matrix("token_embd.weight", 0), "model.embed_tokens.weight"));
-  add(1, named(vector("output_norm.weight"), "model.norm.weight"));
-  if (!c.tied_embeddings) add(1, named(matrix("output.weight", 0), "lm_head.weight"));
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    const int s = i < c.num_layers / 2 ? 0 : 1;
-    const std::string g = fmt::format("blk.{}.", i), h = fmt::format("model.layers.{}.", i);
-    add(s, named(vector(g + "attn_norm.weight"), h + "input_layernorm.weight"));
-    add(s, named(vector(g + "ffn_norm.weight"), h + "post_attention_layernorm.weight"));
-    add(s, named(matrix(g + "attn_q.weight", c.num_heads), h + "self_attn.q_proj.weight"));
-    add(s, named(matrix(g + "attn_k.weight", c.num_kv_heads), h + "self_attn.k_proj.weight"));
-    add(s, named(matrix(g + "attn_v.weight", 0), h + "self_attn.v_proj.weight"));
-    add(s, named(matrix(g + "attn_output.weight", 0), h + "self_attn.o_proj.weight"));
-    add(s, named(matrix(g + "ffn_gate.weight", 0), h + "mlp.gate_proj.weight"));
-    add(s, named(matrix(g + "ffn_up.weight", 0), h + "mlp.up_proj.weight"));
-    add(s, named(matrix(g + "ffn_down.weight", 0), h + "mlp.down_proj.weight"));
-  }
-  for (int s = 0; s < 2; ++s)
-    EXPECT_TRUE(
-        write_safetensors((dir / fmt::format("model-0000{}-of-00002.safetensors", s + 1)).string(), shard[s])
-            .ok());
-  std::ofstream(dir / "model.safetensors.index.json") << "{\"weight_map\": {" << weight_map << "}}";
-  std::ofstream(dir / "config.json") << fmt::format(
-      R"({{"model_type": "llama", "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {},
-          "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "rms_norm_eps": {},
-          "rope_theta": {}, "max_position_embeddings": {}, "tie_word_embeddings": {}}})",
-      c.hidden_size, c.ffn_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size, c.rms_norm_eps,
-      c.rope_theta, c.context_length, c.tied_embeddings ? "true" : "false");
-  return dir.string();
-}
-
 TEST_F(CudaModelTest, HuggingFaceCheckpointGivesTheSameModel) {
-  const std::string dir = write_hf_checkpoint(*file_, cpu_->config());
+  // The default model as a two-shard bf16 checkpoint (tests/support/hf_export.h).
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("pdserve_hf_gpu_" + std::to_string(::getpid()))).string();
+  ASSERT_TRUE(write_hf_checkpoint(*file_, cpu_->config(), dir).ok());
   auto ck = HfCheckpoint::open(dir);
   ASSERT_TRUE(ck.ok()) << ck.status().to_string();
   EXPECT_EQ((*ck)->config().rope_ordering, RopeOrdering::kNeox);

@@ -20,6 +20,7 @@
 
 #include "model/gguf.h"
 #include "model/gguf_writer.h"
+#include "tests/support/hf_export.h"
 #include "tokenizer/hf_tokenizer.h"
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
@@ -372,116 +373,9 @@ TEST_F(TokenizerGolden, DerivedVocabulariesMatchReference) {
 
 // ---- the same vocabularies as Hugging Face tokenizer.json files ----
 
-// Writes the model's vocabulary as a Hugging Face tokenizer directory (tokenizer.json,
-// tokenizer_config.json, config.json) in the form `transformers` saves SmolLM2's, with the
-// pre-tokenizer of `variant` ("smollm2" for the model's own, or a byte-level variant of the
-// fixtures). tools/reference/check_hf_tokenizer.py checks such files with Hugging Face's own
-// tokenizer against the same llama.cpp fixtures.
-void write_hf_tokenizer(const GgufFile& model, const std::string& variant, const std::filesystem::path& dir) {
-  std::filesystem::create_directories(dir);
-  const auto& tokens = model.find("tokenizer.ggml.tokens")->as_array()->items;
-  const auto& types = model.find("tokenizer.ggml.token_type")->as_array()->items;
-  const auto& merges = model.find("tokenizer.ggml.merges")->as_array()->items;
-  json vocab = json::object();
-  json added = json::array();
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    const std::string& text = std::get<std::string>(tokens[i].value);
-    vocab[text] = i;
-    if (std::get<int64_t>(types[i].value) == 3) {
-      added.push_back({{"id", i},
-                       {"content", text},
-                       {"single_word", false},
-                       {"lstrip", false},
-                       {"rstrip", false},
-                       {"normalized", false},
-                       {"special", true}});
-    }
-  }
-  json merge_list = json::array();
-  for (const auto& m : merges) {
-    const std::string& text = std::get<std::string>(m.value);
-    if (variant == "smollm2") {
-      merge_list.push_back(text);  // the older form; the variants use pairs, as newer files do
-    } else {
-      const size_t space = text.find(' ', 1);
-      merge_list.push_back(json::array({text.substr(0, space), text.substr(space + 1)}));
-    }
-  }
-  const json byte_level_regex = {
-      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
-  const json byte_level_plain = {
-      {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}};
-  const auto split = [](const std::string& digits) {
-    return json{{"type", "Split"},
-                {"pattern",
-                 {{"Regex", "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}" + digits +
-                                "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}}},
-                {"behavior", "Isolated"},
-                {"invert", false}};
-  };
-  json pre;
-  json normalizer = nullptr;
-  json post = {
-      {"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
-  if (variant == "smollm2") {
-    pre = {{"type", "Sequence"},
-           {"pretokenizers",
-            json::array({{{"type", "Digits"}, {"individual_digits", true}}, byte_level_regex})}};
-  } else if (variant == "bpe_gpt2") {
-    pre = byte_level_regex;
-  } else if (variant == "bpe_llama_bpe") {
-    pre = {{"type", "Sequence"}, {"pretokenizers", json::array({split("{1,3}"), byte_level_plain})}};
-    // llama-bpe adds BOS (the fixture's GGUF leaves add_bos_token out, llama.cpp's default for it).
-    post = {{"type", "TemplateProcessing"},
-            {"single", json::array({{{"SpecialToken", {{"id", "<|im_start|>"}, {"type_id", 0}}}},
-                                    {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
-            {"pair", json::array()},
-            {"special_tokens",
-             {{"<|im_start|>", {{"id", "<|im_start|>"}, {"ids", {1}}, {"tokens", {"<|im_start|>"}}}}}}};
-  } else if (variant == "bpe_qwen2") {
-    pre = {{"type", "Sequence"}, {"pretokenizers", json::array({split(""), byte_level_plain})}};
-    normalizer = {{"type", "NFC"}};
-  }
-  const json tokenizer = {
-      {"version", "1.0"},
-      {"truncation", nullptr},
-      {"padding", nullptr},
-      {"added_tokens", added},
-      {"normalizer", normalizer},
-      {"pre_tokenizer", pre},
-      {"post_processor", post},
-      {"decoder",
-       {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"},
-        {"dropout", nullptr},
-        {"unk_token", nullptr},
-        {"continuing_subword_prefix", nullptr},
-        {"end_of_word_suffix", nullptr},
-        {"fuse_unk", false},
-        {"byte_fallback", false},
-        {"vocab", vocab},
-        {"merges", merge_list}}}};
-  json config = {{"add_prefix_space", false},
-                 {"bos_token", "<|im_start|>"},
-                 {"clean_up_tokenization_spaces", variant == "bpe_gpt2" || variant == "bpe_llama_bpe"},
-                 {"eos_token", "<|im_end|>"},
-                 {"model_max_length", 8192},
-                 {"pad_token", "<|im_end|>"},
-                 {"tokenizer_class", "GPT2Tokenizer"},
-                 {"unk_token", "<|endoftext|>"},
-                 {"vocab_size", tokens.size()}};
-  if (auto tmpl = model.get_string("tokenizer.chat_template"); tmpl.ok()) config["chat_template"] = *tmpl;
-  std::ofstream(dir / "tokenizer.json") << tokenizer.dump();
-  std::ofstream(dir / "tokenizer_config.json") << config.dump(2);
-  std::ofstream(dir / "config.json") << json{
-      {"vocab_size", tokens.size()},
-      {"bos_token_id", 1},
-      {"eos_token_id", 2}}.dump();
-}
-
-// Where to write the directories: $PDSERVE_HF_TOKENIZER_DIR keeps them (for
-// tools/reference/check_hf_tokenizer.py), else a temporary directory removed afterwards.
+// Where the tokenizer directories go (tests/support/hf_export.h writes them): $PDSERVE_HF_TOKENIZER_DIR
+// keeps them (for tools/reference/check_hf_tokenizer.py, which reads the same files with Hugging
+// Face's tokenizer), else a temporary directory removed afterwards.
 struct HfTokenizerDirs {
   std::filesystem::path root;
   bool keep = false;
@@ -503,7 +397,7 @@ TEST_F(TokenizerGolden, HfTokenizerJsonGivesTheModelsMetadata) {
   // The converted tokenizer.json carries what llama.cpp's converter wrote into the GGUF from the
   // published files, key by key.
   HfTokenizerDirs dirs;
-  write_hf_tokenizer(*gguf_, "smollm2", dirs.root / "smollm2");
+  ASSERT_TRUE(write_hf_tokenizer(*gguf_, "smollm2", (dirs.root / "smollm2").string()).ok());
   auto converted = load_hf_tokenizer((dirs.root / "smollm2").string());
   ASSERT_TRUE(converted.ok()) << converted.status().to_string();
   for (const char* key :
@@ -526,7 +420,7 @@ TEST_F(TokenizerGolden, HfTokenizerJsonGivesTheModelsMetadata) {
 TEST_F(TokenizerGolden, HfTokenizerJsonMatchesReference) {
   // The model's own vocabulary: every corpus text against llama.cpp's ids.
   HfTokenizerDirs dirs;
-  write_hf_tokenizer(*gguf_, "smollm2", dirs.root / "smollm2");
+  ASSERT_TRUE(write_hf_tokenizer(*gguf_, "smollm2", (dirs.root / "smollm2").string()).ok());
   auto converted = load_hf_tokenizer((dirs.root / "smollm2").string());
   ASSERT_TRUE(converted.ok()) << converted.status().to_string();
   auto tok = Tokenizer::from_gguf(**converted);
@@ -549,7 +443,7 @@ TEST_F(TokenizerGolden, HfTokenizerJsonMatchesReference) {
   ASSERT_FALSE(variants.is_null()) << "tests/golden/data/tokenizer_variants.json missing";
   const auto texts = corpus_texts(*fixture_);
   for (const std::string variant : {"bpe_gpt2", "bpe_llama_bpe", "bpe_qwen2"}) {
-    write_hf_tokenizer(*gguf_, variant, dirs.root / variant);
+    ASSERT_TRUE(write_hf_tokenizer(*gguf_, variant, (dirs.root / variant).string()).ok());
     auto gguf = load_hf_tokenizer((dirs.root / variant).string());
     ASSERT_TRUE(gguf.ok()) << variant << ": " << gguf.status().to_string();
     auto variant_tok = Tokenizer::from_gguf(**gguf);

@@ -1,0 +1,28 @@
+// Test support: the default model (or any llama-family GGUF) written out as a Hugging Face
+// checkpoint directory, for the tests of pdserve's readers of such directories. Not part of
+// pdserve: tests and the make_hf_checkpoint tool link it.
+#pragma once
+
+#include <string>
+
+#include "common/status.h"
+#include "model/gguf.h"
+#include "model/model_config.h"
+
+namespace pdserve {
+
+// The GGUF's weights as a two-shard checkpoint in `dir`: every weight dequantized and rounded to
+// bf16 (as CudaLlamaModel::load_gguf does), q and k rows put back in Hugging Face's order (GGUF's
+// llama permutes them so that adjacent pairs rotate), norms in F32; the shard index and a
+// config.json made from the metadata. Overwrites what is there.
+Status write_hf_checkpoint(const GgufFile& model, const ModelConfig& config, const std::string& dir);
+
+// The GGUF's byte-level BPE vocabulary as tokenizer.json and tokenizer_config.json in `dir`, in
+// the form `transformers` saves SmolLM2's (and a config.json with vocab_size and the BOS/EOS ids
+// when `dir` has none). `variant` picks the pre-tokenizer: "smollm2" (the model's own, Digits +
+// ByteLevel, merges as "a b"), or one of the byte-level variants of
+// tests/golden/data/tokenizer_variants.json — "bpe_gpt2", "bpe_llama_bpe" (with a BOS template),
+// "bpe_qwen2" (with an NFC normalizer) — written with merges as pairs, as newer files are.
+Status write_hf_tokenizer(const GgufFile& model, const std::string& variant, const std::string& dir);
+
+}  // namespace pdserve
