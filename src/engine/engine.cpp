@@ -735,7 +735,8 @@ void Engine::step() {
     if (c.want_logits) {
       const Active& a = *active_.at(c.seq);
       on_device = on_device && a.sampler.device_drawable() && !a.request.logprobs;
-      draws_.push_back({a.sampler.params().temperature, a.sampler.params().seed, a.sampler.draws()});
+      const SamplingParams& sp = a.sampler.params();
+      draws_.push_back({sp.temperature, sp.seed, a.sampler.draws(), sp.top_k, sp.top_p, sp.min_p});
     }
   }
   batch.tokens = batch_tokens_;

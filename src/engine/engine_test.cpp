@@ -9,6 +9,7 @@
 
 #include "engine/test_model.h"
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 
 namespace pdserve {
 namespace {
@@ -121,6 +122,13 @@ class ArgmaxExecutor final : public ModelExecutor {
     PD_RETURN_IF_ERROR(cpu_.forward(batch, logits.data()));
     for (size_t r = 0; r < rows; ++r) {
       float* row = logits.data() + r * vocab;
+      const RowDraw& d = draws[r];
+      if (d.temperature > 0.0f && (d.top_k > 0 || d.top_p < 1.0f || d.min_p > 0.0f)) {
+        // What the GPU's truncated kernel does: kernels/truncation.h's definition.
+        next_tokens[r] = truncated_draw_reference(std::vector<float>(row, row + vocab), d.temperature,
+                                                  d.top_k, d.top_p, d.min_p, d.seed, d.counter);
+        continue;
+      }
       if (draws[r].temperature > 0.0f) {  // what the GPU kernel does: perturb, then argmax
         const float inv_t = 1.0f / draws[r].temperature;
         for (size_t i = 0; i < vocab; ++i)
@@ -164,7 +172,20 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   }
   EXPECT_GT(x->argmax_steps.load(), before_tempered);
   EXPECT_EQ(x->logits_steps.load(), 0);
-  // Log-probabilities, penalties and truncated draws need the logits on the host.
+  // Truncated draws (top-k, top-p, min-p) too.
+  const int before_truncated = x->argmax_steps.load();
+  for (int i = 0; i < 3; ++i) {
+    EngineRequest t = request(kPrompts[i], 12);
+    t.sampling.temperature = 0.9f;
+    t.sampling.top_k = 40;
+    t.sampling.top_p = 0.8f;
+    t.sampling.min_p = 0.02f;
+    t.sampling.seed = 7 + i;
+    EXPECT_EQ(run_one(on_device, t).tokens, run_one(on_host, t).tokens) << kPrompts[i];
+  }
+  EXPECT_GT(x->argmax_steps.load(), before_truncated);
+  EXPECT_EQ(x->logits_steps.load(), 0);
+  // Log-probabilities and penalties need the logits on the host.
   EngineRequest with_logprobs = request(kPrompts[0], 4);
   with_logprobs.logprobs = true;
   Result r = run_one(on_device, with_logprobs);
@@ -175,12 +196,6 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   penalised.sampling.repetition_penalty = 1.3f;
   run_one(on_device, penalised);
   EXPECT_GT(x->logits_steps.load(), after_logprobs);
-  const int after_penalties = x->logits_steps.load();
-  EngineRequest top_p = request(kPrompts[2], 4);
-  top_p.sampling.temperature = 0.9f;
-  top_p.sampling.top_p = 0.8f;
-  run_one(on_device, top_p);
-  EXPECT_GT(x->logits_steps.load(), after_penalties);
 }
 
 TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 
 namespace pdserve {
 
@@ -101,80 +102,71 @@ int32_t Sampler::sample_gumbel(std::span<const float> logits) const {
 }
 
 int32_t Sampler::sample_tempered(std::span<const float> logits) {
+  // The candidates of kernels/truncation.h, in order of order_key(), sorted only as far as the
+  // walk below needs: a full sort of the vocabulary costs milliseconds per token, while top-k,
+  // top-p and min-p usually end within the first few hundred candidates. The sorted prefix is
+  // grown geometrically; elements past it all rank below it, so each growth sorts the rest only.
   const size_t vocab = logits.size();
-  // Candidates in order of logit (ties by id, so the order is deterministic), sorted only as far
-  // as the walk below needs: a full sort of the vocabulary costs milliseconds per token, while
-  // top-k, top-p and the draw itself usually end within the first few hundred candidates. The
-  // sorted prefix is grown geometrically; elements past it all rank below it, so each growth
-  // sorts the rest only.
   candidates_.resize(vocab);
   std::iota(candidates_.begin(), candidates_.end(), 0);
-  auto by_logit = [&](int32_t a, int32_t b) {
-    float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
-    return la > lb || (la == lb && a < b);
-  };
+  auto key = [&](int32_t t) { return order_key(logits[static_cast<size_t>(t)], static_cast<uint32_t>(t)); };
+  auto by_key = [&](int32_t a, int32_t b) { return key(a) > key(b); };
   size_t sorted = 0;
   auto ensure_sorted = [&](size_t n) {
     if (n <= sorted) return;
     const size_t target = std::min(vocab, std::max({n, 2 * sorted, size_t{64}}));
     std::partial_sort(candidates_.begin() + static_cast<long>(sorted),
-                      candidates_.begin() + static_cast<long>(target), candidates_.end(), by_logit);
+                      candidates_.begin() + static_cast<long>(target), candidates_.end(), by_key);
     sorted = target;
   };
-  // Unnormalised probabilities relative to the largest logit, computed where needed: over the
-  // whole vocabulary only when its mass is the normaliser (no top-k).
-  const float top = *std::max_element(logits.begin(), logits.end());
-  const float temperature = params_.temperature;
-  auto unnormalised = [&](int32_t token) {
-    return std::exp((logits[static_cast<size_t>(token)] - top) / temperature);
+  float top = -INFINITY;
+  for (float l : logits) top = l > top ? l : top;  // NaN never counts
+  const float inv_t = 1.0f / params_.temperature;
+  auto weight = [&](size_t i) {
+    ensure_sorted(i + 1);
+    return truncation_weight(logits[static_cast<size_t>(candidates_[i])], top, inv_t);
   };
-  auto prob = [&](size_t i) { return static_cast<double>(unnormalised(candidates_[i])); };
 
-  size_t keep = vocab;  // top-k
-  double total = 0.0;   // their mass
+  size_t n = vocab;  // top-k
+  uint64_t total = 0;
   if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < vocab) {
-    keep = static_cast<size_t>(params_.top_k);
-    ensure_sorted(keep);
-    for (size_t i = 0; i < keep; ++i) total += prob(i);
-  } else {
-    for (size_t t = 0; t < vocab; ++t) total += static_cast<double>(unnormalised(static_cast<int32_t>(t)));
+    n = static_cast<size_t>(params_.top_k);
+    for (size_t i = 0; i < n; ++i) total += weight(i);
+  } else if (params_.top_p < 1.0f) {
+    for (size_t t = 0; t < vocab; ++t) total += truncation_weight(logits[t], top, inv_t);
   }
-  // top-p: the smallest prefix whose mass reaches p; min-p: drop tokens below min_p · p(top).
-  size_t n = keep;
-  double mass = total;
-  if (params_.top_p < 1.0f) {
-    double acc = 0.0;
-    for (size_t i = 0; i < keep; ++i) {
-      ensure_sorted(i + 1);
-      acc += prob(i) / total;
-      if (acc >= params_.top_p) {
+  if (params_.top_p < 1.0f) {  // the shortest prefix that reaches the target
+    const uint64_t target = top_p_target(total, params_.top_p);
+    uint64_t acc = 0;
+    for (size_t i = 0; i < n; ++i) {
+      acc += weight(i);
+      if (acc >= target) {
         n = i + 1;
         break;
       }
     }
   }
-  if (params_.min_p > 0.0f) {
-    ensure_sorted(1);
+  if (params_.min_p > 0.0f) {  // the top candidate always stays
+    const uint64_t least = min_p_weight(params_.min_p);
     size_t m = 1;
-    while (m < n) {
-      ensure_sorted(m + 1);
-      if (prob(m) < params_.min_p * prob(0)) break;
-      ++m;
-    }
+    while (m < n && weight(m) >= least) ++m;
     n = m;
   }
-  if (n < keep) {
-    mass = 0.0;
-    for (size_t i = 0; i < n; ++i) mass += prob(i);
-  }
-  double u = std::generate_canonical<double, 64>(rng_) * mass;
-  for (size_t i = 0; i < n; ++i) {
-    ensure_sorted(i + 1);
-    u -= prob(i);
-    if (u < 0) return candidates_[i];
-  }
+  // Gumbel-max among the kept candidates, ties to the lower id.
   ensure_sorted(n);
-  return candidates_[n - 1];
+  int32_t best = -1;
+  float best_key = -INFINITY;
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t t = candidates_[i];
+    float k =
+        gumbel_key(logits[static_cast<size_t>(t)], inv_t, params_.seed, draws_, static_cast<uint32_t>(t));
+    if (k != k) k = -INFINITY;  // NaN
+    if (best < 0 || k > best_key || (k == best_key && t < best)) {
+      best_key = k;
+      best = t;
+    }
+  }
+  return best;
 }
 
 }  // namespace pdserve

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cstdint>
-#include <random>
 #include <span>
 #include <vector>
 
@@ -42,36 +41,29 @@ struct SampleResult {
 
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+  explicit Sampler(const SamplingParams& params) : params_(params) {}
 
   // `logits` (vocab_size floats) is modified in place. `history` is the tokens the penalties
   // look at (prompt and generated so far). Without want_logprob the result's logprob is left 0
   // (unless top_logprobs asks for alternatives): the log-softmax over the vocabulary is skipped.
   SampleResult sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob = true);
-  // Whether the draw needs nothing but the logits, the temperature, the seed and draws(): greedy,
-  // or a plain tempered draw (no top-k, top-p, min-p), without penalties or alternatives — so a
-  // backend may make it where the logits are. Plain tempered draws are Gumbel-max draws over
-  // kernels/gumbel.h's hash (the same on the host and a GPU); truncated ones use the generator.
-  bool device_drawable() const {
-    return no_penalties() && params_.top_logprobs == 0 && (params_.temperature <= 0.0f || plain_tempered());
-  }
+  // Whether the draw needs nothing but the logits, the sampling parameters, the seed and draws():
+  // no penalties and no alternatives — so a backend may make it where the logits are. Tempered
+  // draws are Gumbel-max draws over kernels/gumbel.h's hash, among the candidates
+  // kernels/truncation.h keeps for top-k, top-p and min-p: the same on the host and a GPU.
+  bool device_drawable() const { return no_penalties() && params_.top_logprobs == 0; }
   const SamplingParams& params() const { return params_; }
   // Draws made so far (sample() calls and skipped ones): the counter of the next Gumbel draw.
   uint64_t draws() const { return draws_; }
-  // Advances the random state as if `num_samples` tokens had been sampled (a decode instance
-  // continuing a request whose first token a prefill instance sampled with the same seed, or a
-  // backend that drew tokens itself).
-  // NOTE: each truncated sample draws exactly one 64-bit value (generate_canonical<double, 64>);
-  // a plain tempered one draws nothing from the generator (Gumbel-max, keyed by draws()).
+  // Advances the draws as if `num_samples` tokens had been sampled (a decode instance continuing
+  // a request whose first token a prefill instance sampled with the same seed, or a backend that
+  // drew tokens itself): every draw is keyed by (seed, draws()), with no other state.
   void skip(int32_t num_samples) {
-    if (num_samples <= 0) return;
-    draws_ += static_cast<uint64_t>(num_samples);
-    if (params_.temperature > 0.0f && !plain_tempered())
-      rng_.discard(static_cast<unsigned long long>(num_samples));
+    if (num_samples > 0) draws_ += static_cast<uint64_t>(num_samples);
   }
 
  private:
-  // A draw from the tempered, truncated distribution (temperature > 0).
+  // A Gumbel-max draw among the candidates top-k, top-p and min-p keep (kernels/truncation.h).
   int32_t sample_tempered(std::span<const float> logits);
   // A Gumbel-max draw from softmax(logits / T) (plain_tempered()).
   int32_t sample_gumbel(std::span<const float> logits) const;
@@ -84,7 +76,6 @@ class Sampler {
   }
 
   SamplingParams params_;
-  std::mt19937_64 rng_;
   uint64_t draws_ = 0;
   std::vector<int32_t> counts_;
   std::vector<int32_t> candidates_;

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 
 namespace pdserve {
 namespace {
@@ -73,53 +74,11 @@ TEST(Sampler, TopKTopPAndMinPRestrictTheCandidates) {
 }
 
 // The sampler sorts only as much of the vocabulary as it needs for a truncated draw (top-k, top-p,
-// min-p); this reference sorts all of it and otherwise does the same arithmetic in the same
-// order, so every draw must agree. (Plain tempered draws are Gumbel-max draws: see below.)
-int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p, std::mt19937_64& rng) {
-  const size_t v = logits.size();
-  std::vector<int32_t> c(v);
-  std::iota(c.begin(), c.end(), 0);
-  std::sort(c.begin(), c.end(),
-            [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
-  const float top = *std::max_element(logits.begin(), logits.end());
-  std::vector<float> pr(v);
-  for (size_t t = 0; t < v; ++t) pr[t] = std::exp((logits[t] - top) / p.temperature);
-  auto prob = [&](size_t i) { return static_cast<double>(pr[c[i]]); };
-  size_t keep = v;
-  double total = 0;
-  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < v) {
-    keep = p.top_k;
-    for (size_t i = 0; i < keep; ++i) total += prob(i);
-  } else {
-    for (size_t t = 0; t < v; ++t) total += pr[t];
-  }
-  size_t n = keep;
-  double mass = total;
-  if (p.top_p < 1.0f) {
-    double acc = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      acc += prob(i) / total;
-      if (acc >= p.top_p) {
-        n = i + 1;
-        break;
-      }
-    }
-  }
-  if (p.min_p > 0.0f) {
-    size_t m = 1;
-    while (m < n && prob(m) >= p.min_p * prob(0)) ++m;
-    n = m;
-  }
-  if (n < keep) {
-    mass = 0;
-    for (size_t i = 0; i < n; ++i) mass += prob(i);
-  }
-  double u = std::generate_canonical<double, 64>(rng) * mass;
-  for (size_t i = 0; i < n; ++i) {
-    u -= prob(i);
-    if (u < 0) return c[i];
-  }
-  return c[n - 1];
+// min-p); kernels/truncation.h's reference follows the definition literally (the whole vocabulary
+// sorted, every weight computed), so every draw must agree. (The GPU kernel is held to the same
+// reference in cuda_kernels_test.)
+int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p, uint64_t counter) {
+  return truncated_draw_reference(logits, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, counter);
 }
 
 TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
@@ -131,6 +90,7 @@ TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
       {.temperature = 0.8f, .top_k = 500, .top_p = 0.95f, .min_p = 0.01f},
       {.temperature = 2.0f, .min_p = 0.05f},
       {.temperature = 5.0f, .top_p = 0.999f},  // a flat distribution: most of the vocabulary
+      {.temperature = 1.0f, .top_k = 1},
   };
   for (const SamplingParams& shape : shapes) {
     for (int trial = 0; trial < 20; ++trial) {
@@ -140,14 +100,50 @@ TEST(Sampler, PartialSortingDrawsWhatAFullSortWould) {
       SamplingParams p = shape;
       p.seed = 100 + trial;
       Sampler s(p);
-      std::mt19937_64 rng(p.seed);
-      for (int draw = 0; draw < 5; ++draw) {
+      for (uint64_t draw = 0; draw < 5; ++draw) {
         std::vector<float> copy = l;
-        const int32_t want = reference_draw(l, p, rng);
+        const int32_t want = reference_draw(l, p, draw);
         ASSERT_EQ(s.sample(copy, {}, false).token, want) << "shape T=" << p.temperature << " trial " << trial;
       }
     }
   }
+}
+
+TEST(Sampler, TruncatedDrawsContinueAcrossSkip) {
+  // Keyed by (seed, draw number) alone: a decode that skips the prefill's draw continues the
+  // same sequence of tokens.
+  SamplingParams p{.temperature = 0.9f, .top_k = 50, .top_p = 0.9f, .seed = 11};
+  std::mt19937_64 gen(3);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> l(1000);
+  for (float& x : l) x = normal(gen);
+  Sampler whole(p), decode(p);
+  decode.skip(1);
+  auto a = l;
+  whole.sample(a, {}, false);
+  for (int i = 0; i < 20; ++i) {
+    auto x = l, y = l;
+    EXPECT_EQ(whole.sample(x, {}, false).token, decode.sample(y, {}, false).token) << i;
+  }
+}
+
+TEST(Sampler, TruncationWeightsFollowExp) {
+  // The weight's exp (basic operations only, so the GPU gets the same bits) against the library's.
+  for (float x = -27.9f; x <= 0.0f; x += 0.0137f) {
+    const double want = std::ldexp(std::exp(static_cast<double>(x)), 40);
+    const double got = static_cast<double>(truncation_weight(x, 0.0f, 1.0f));
+    EXPECT_NEAR(got, want, want * 4e-7 + 1.0) << x;
+  }
+  EXPECT_EQ(truncation_weight(0.0f, 0.0f, 1.0f), uint64_t{1} << 40);
+  EXPECT_EQ(truncation_weight(-30.0f, 0.0f, 1.0f), 0u);
+  EXPECT_EQ(truncation_weight(NAN, 0.0f, 1.0f), 0u);
+  EXPECT_EQ(truncation_weight(-INFINITY, 0.0f, 1.0f), 0u);
+  EXPECT_GT(order_key(1.0f, 5), order_key(-1.0f, 0));
+  EXPECT_GT(order_key(1.0f, 4), order_key(1.0f, 5));      // equal logits: the lower id first
+  EXPECT_GT(order_key(-INFINITY, 0), order_key(NAN, 9));  // NaN ranks as -inf
+  EXPECT_EQ(order_key(-0.0f, 3), order_key(0.0f, 3));
+  EXPECT_EQ(top_p_target(10, 0.5f), 5u);
+  EXPECT_EQ(top_p_target(10, 0.55f), 6u);
 }
 
 // Plain tempered draws are Gumbel-max draws keyed by (seed, draw number): a decode that skips

@@ -455,9 +455,17 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   // stream, which after the forward pass would idle the host until the pass is done.
   const bool tempered =
       std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) { return d.temperature > 0.0f; });
+  // Top-k, top-p or min-p on a tempered row: one kernel draws every row (a CTA each); otherwise
+  // Gumbel keys over whole rows, then the many-CTA argmax.
+  const bool truncated = std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) {
+    return d.temperature > 0.0f && (d.top_k > 0 || d.top_p < 1.0f || d.min_p > 0.0f);
+  });
   if (tempered) {
     std::vector<cuda::SampleDraw> d(draws.size());
-    for (size_t i = 0; i < draws.size(); ++i) d[i] = {draws[i].temperature, draws[i].seed, draws[i].counter};
+    for (size_t i = 0; i < draws.size(); ++i) {
+      const RowDraw& r = draws[i];
+      d[i] = {r.temperature, r.seed, r.counter, r.top_k, r.top_p, r.min_p};
+    }
     const size_t bytes = d.size() * sizeof(cuda::SampleDraw);
     if (bytes > impl_->draws.bytes())
       PD_ASSIGN_BUFFER(impl_->draws, std::max(bytes, 2 * impl_->draws.bytes()));
@@ -467,16 +475,23 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
   if (rows > 0) {
-    if (tempered)
-      PD_RETURN_IF_ERROR(cuda::gumbel_perturb(impl_->logits.as<float>(), rows, config_.vocab_size,
-                                              impl_->draws.as<cuda::SampleDraw>(), impl_->stream->get()));
     const size_t ws = cuda::argmax_workspace_bytes(rows);
     if (ws + static_cast<size_t>(rows) * 4 >
         impl_->argmax.bytes())  // grown geometrically: batches grow by ones
       PD_ASSIGN_BUFFER(impl_->argmax,
                        std::max(ws + static_cast<size_t>(rows) * 4, 2 * impl_->argmax.bytes()));
-    PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size, impl_->argmax.data(),
-                                    ws, impl_->argmax.as<int32_t>() + ws / 4, impl_->stream->get()));
+    int32_t* tokens = impl_->argmax.as<int32_t>() + ws / 4;
+    if (truncated) {
+      PD_RETURN_IF_ERROR(cuda::sample_truncated(impl_->logits.as<float>(), rows, config_.vocab_size,
+                                                impl_->draws.as<cuda::SampleDraw>(), tokens,
+                                                impl_->stream->get()));
+    } else {
+      if (tempered)
+        PD_RETURN_IF_ERROR(cuda::gumbel_perturb(impl_->logits.as<float>(), rows, config_.vocab_size,
+                                                impl_->draws.as<cuda::SampleDraw>(), impl_->stream->get()));
+      PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size,
+                                      impl_->argmax.data(), ws, tokens, impl_->stream->get()));
+    }
   }
   PD_RETURN_IF_ERROR(impl_->stream->synchronize());
   if (rows == 0) return ok_status();

@@ -18,6 +18,7 @@
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 #include "model/llama_model.h"
 #include "tests/support/hf_export.h"
 
@@ -208,6 +209,23 @@ TEST_F(CudaModelTest, LogitsCloseToCpuEngine) {
       if (drawn != host) {
         EXPECT_LE(keys[host] - keys[drawn], 1e-5f * (1.0f + std::abs(keys[host])))
             << "tempered draw on the GPU, case " << cases << ", draw " << counter;
+      }
+    }
+    // A truncated draw (top-k, top-p, min-p) on the GPU is kernels/truncation.h's draw over the same
+    // logits, as the host Sampler makes it.
+    for (uint64_t counter = 0; counter < 4; ++counter) {
+      const RowDraw draw{0.8f, 77 + static_cast<uint64_t>(cases), counter, 40, 0.9f, 0.02f};
+      int32_t drawn = -1;
+      ASSERT_TRUE(gpu_->forward_draw(b, std::span<const RowDraw>(&draw, 1), &drawn).ok());
+      const int32_t host = truncated_draw_reference(got, draw.temperature, draw.top_k, draw.top_p, draw.min_p,
+                                                    draw.seed, draw.counter);
+      if (drawn != host) {  // only where two Gumbel keys are within logf's rounding
+        ASSERT_TRUE(drawn >= 0 && drawn < vocab);
+        const float inv_t = 1.0f / draw.temperature;
+        const float kh = gumbel_key(got[host], inv_t, draw.seed, draw.counter, static_cast<uint32_t>(host));
+        const float kd = gumbel_key(got[drawn], inv_t, draw.seed, draw.counter, static_cast<uint32_t>(drawn));
+        EXPECT_LE(kh - kd, 1e-5f * (1.0f + std::abs(kh)))
+            << "truncated draw on the GPU, case " << cases << ", draw " << counter;
       }
     }
     const double diff = centered_max_diff(got.data(), want.data(), vocab);

@@ -33,6 +33,9 @@ struct RowDraw {
   float temperature = 0.0f;  // 0: greedy
   uint64_t seed = 0;
   uint64_t counter = 0;  // the request's draws so far
+  int32_t top_k = 0;     // kernels/truncation.h's limits: 0, 1 and 0 are off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
 };
 
 class ModelExecutor {
@@ -47,7 +50,8 @@ class ModelExecutor {
   // forward(), then one token per logits row chosen where the logits are, to `next_tokens` (host
   // memory), as draws[row] says: temperature 0, the greedy choice (the lowest id among equal
   // maxima; NaN ranks lowest); else a Gumbel-max draw from softmax(logits / temperature) keyed by
-  // (seed, counter) as kernels/gumbel.h defines it, which the host Sampler makes alike. Only where
+  // (seed, counter) as kernels/gumbel.h defines it, among the candidates top_k, top_p and min_p
+  // keep (kernels/truncation.h), which the host Sampler makes alike. Only where
   // draws_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
   virtual Status forward_draw(const ForwardBatch& /*batch*/, std::span<const RowDraw> /*draws*/,
                               int32_t* /*next_tokens*/) {

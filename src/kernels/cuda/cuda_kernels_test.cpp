@@ -15,6 +15,7 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 
 namespace pdserve::cuda {
 namespace {
@@ -332,6 +333,91 @@ TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
   double z = 0;
   for (float x : four) z += std::exp(x / 0.7);
   for (size_t t = 0; t < 4; ++t) EXPECT_NEAR(counts[t] / double(n), std::exp(four[t] / 0.7) / z, 0.03) << t;
+}
+
+// Truncated sampling on the GPU: every row's token equals kernels/truncation.h's reference (the
+// whole row sorted on the host) over the limits, two vocabulary sizes, ties, NaN and -inf, greedy
+// and plain tempered rows among them; and draws follow the softmax of the kept candidates.
+TEST_F(CudaKernels, SampleTruncatedMatchesTheReference) {
+  SEED_TRACE();
+  struct Shape {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    float min_p;
+  };
+  const Shape shapes[] = {{0.7f, 0, 0.9f, 0.0f},    {1.3f, 40, 1.0f, 0.0f},    {0.8f, 500, 0.95f, 0.01f},
+                          {2.0f, 0, 1.0f, 0.05f},   {5.0f, 0, 0.999f, 0.0f},   {1.0f, 1, 1.0f, 0.0f},
+                          {0.0f, 0, 1.0f, 0.0f},    {1.0f, 0, 1.0f, 0.0f},     {0.5f, 3, 0.5f, 0.3f},
+                          {1.0f, 0, 0.0001f, 0.0f}, {0.9f, 100000, 0.8f, 0.0f}};
+  for (const int64_t v : {int64_t{49152}, int64_t{128256}}) {
+    std::vector<float> logits;
+    std::vector<SampleDraw> draws;
+    int64_t rows = 0;
+    for (const Shape& shape : shapes) {
+      for (int trial = 0; trial < 4; ++trial, ++rows) {
+        std::vector<float> row = randn(static_cast<size_t>(v), 3.0f);
+        row[static_cast<size_t>((trial * 7919) % v)] =
+            row[static_cast<size_t>((trial * 104729 + 1) % v)];  // a tie
+        row[static_cast<size_t>((trial * 31 + 5) % v)] = std::nanf("");
+        row[static_cast<size_t>((trial * 37 + 9) % v)] = -INFINITY;
+        if (trial == 3) row[static_cast<size_t>(v / 2)] = 40.0f;  // one dominant token
+        logits.insert(logits.end(), row.begin(), row.end());
+        draws.push_back({shape.temperature, 1000u + static_cast<uint64_t>(rows), static_cast<uint64_t>(trial),
+                         shape.top_k, shape.top_p, shape.min_p});
+      }
+    }
+    DeviceBuffer dl = upload(logits);
+    DeviceBuffer dd = upload(draws);
+    auto ids = poisoned<int32_t>(rows);
+    ASSERT_TRUE(
+        sample_truncated(dl.as<float>(), rows, v, dd.as<SampleDraw>(), ids.as<int32_t>(), nullptr).ok());
+    const std::vector<int32_t> got = download<int32_t>(ids, rows);
+    int equal = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<float> row(logits.begin() + r * v, logits.begin() + (r + 1) * v);
+      const SampleDraw& d = draws[static_cast<size_t>(r)];
+      int32_t want = 0;
+      if (d.temperature > 0.0f) {
+        want = truncated_draw_reference(row, d.temperature, d.top_k, d.top_p, d.min_p, d.seed, d.counter);
+      } else {
+        uint64_t best = 0;
+        for (int64_t i = 0; i < v; ++i) best = std::max(best, order_key(row[i], static_cast<uint32_t>(i)));
+        want = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(best));
+      }
+      EXPECT_EQ(got[static_cast<size_t>(r)], want)
+          << "vocabulary " << v << ", row " << r << ": T " << d.temperature << " top_k " << d.top_k
+          << " top_p " << d.top_p << " min_p " << d.min_p;
+      equal += got[static_cast<size_t>(r)] == want;
+    }
+    std::printf("sample_truncated, vocabulary %lld: %d of %lld rows equal the host reference\n",
+                static_cast<long long>(v), equal, static_cast<long long>(rows));
+  }
+
+  // 4000 draws over five tokens with top_k 3 (counters 0..3999) against the softmax of the top 3.
+  const std::vector<float> five = {1.0f, 2.0f, 0.5f, -1.0f, 1.5f};
+  const int n = 4000;
+  std::vector<float> many_rows;
+  std::vector<SampleDraw> many;
+  for (int i = 0; i < n; ++i) {
+    many_rows.insert(many_rows.end(), five.begin(), five.end());
+    many.push_back({0.7f, 99, static_cast<uint64_t>(i), 3, 1.0f, 0.0f});
+  }
+  DeviceBuffer dr = upload(many_rows);
+  DeviceBuffer dm = upload(many);
+  auto picked_ids = poisoned<int32_t>(n);
+  ASSERT_TRUE(
+      sample_truncated(dr.as<float>(), n, 5, dm.as<SampleDraw>(), picked_ids.as<int32_t>(), nullptr).ok());
+  std::vector<int> counts(5, 0);
+  for (int32_t t : download<int32_t>(picked_ids, n)) {
+    ASSERT_TRUE(t >= 0 && t < 5) << t;
+    ++counts[static_cast<size_t>(t)];
+  }
+  double z = 0;
+  for (size_t t : {size_t{0}, size_t{1}, size_t{4}}) z += std::exp(five[t] / 0.7);
+  EXPECT_EQ(counts[2] + counts[3], 0);
+  for (size_t t : {size_t{0}, size_t{1}, size_t{4}})
+    EXPECT_NEAR(counts[t] / double(n), std::exp(five[t] / 0.7) / z, 0.03) << t;
 }
 
 TEST_F(CudaKernels, MatmulBf16AndF32Out) {

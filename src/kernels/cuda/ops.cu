@@ -9,6 +9,7 @@
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/gumbel.h"
+#include "kernels/truncation.h"
 
 namespace pdserve::cuda {
 namespace {
@@ -231,6 +232,186 @@ __global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t voc
 __global__ void argmax_index_kernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
   const int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (r < rows) out[r] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[r] & 0xFFFFFFFFu));
+}
+
+// Truncated sampling (kernels/truncation.h), one CTA of kSampleThreads per row. The kept
+// candidates are those whose order_key() is at least a threshold key, the largest of:
+//   - top-k: the k-th largest key, by radix selection over the 64-bit keys (8 passes of 8 bits,
+//     a histogram of counts per pass);
+//   - top-p: the key where the weight summed from the top first reaches the target, by the same
+//     selection over histograms of weights (integers: the sums are exact in any order);
+//   - min-p: the smallest key whose weight reaches min_p_weight() (a prefix of the order, as the
+//     weight falls with the logit).
+// Then the largest Gumbel key among the kept, ties to the lower id. Every pass reads the row again
+// (from L2 after the first).
+constexpr int kSampleThreads = 1024;
+
+struct SampleShared {
+  unsigned long long mass[256];
+  unsigned int count[256];
+  unsigned long long u64[32];
+  float f32[32];
+  int32_t i32[32];
+  unsigned long long chosen;  // the selection's prefix so far
+  unsigned long long need;    // the rank or weight still to find below it
+};
+
+__device__ uint64_t block_max_u64(uint64_t v, SampleShared& sh) {
+  for (int off = 16; off > 0; off /= 2)
+    v = max(v, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, v, off)));
+  if (threadIdx.x % 32 == 0) sh.u64[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint64_t r = 0;
+  for (int w = 0; w < kSampleThreads / 32; ++w) r = max(r, static_cast<uint64_t>(sh.u64[w]));
+  __syncthreads();
+  return r;
+}
+
+__device__ uint64_t block_min_u64(uint64_t v, SampleShared& sh) {
+  for (int off = 16; off > 0; off /= 2)
+    v = min(v, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, v, off)));
+  if (threadIdx.x % 32 == 0) sh.u64[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint64_t r = ~uint64_t{0};
+  for (int w = 0; w < kSampleThreads / 32; ++w) r = min(r, static_cast<uint64_t>(sh.u64[w]));
+  __syncthreads();
+  return r;
+}
+
+__device__ uint64_t block_sum_u64(uint64_t v, SampleShared& sh) {
+  for (int off = 16; off > 0; off /= 2) v += static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) sh.u64[threadIdx.x / 32] = v;
+  __syncthreads();
+  uint64_t r = 0;
+  for (int w = 0; w < kSampleThreads / 32; ++w) r += sh.u64[w];
+  __syncthreads();
+  return r;
+}
+
+__device__ float block_max_f32(float v, SampleShared& sh) {
+  for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) sh.f32[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = -INFINITY;
+  for (int w = 0; w < kSampleThreads / 32; ++w) r = fmaxf(r, sh.f32[w]);
+  __syncthreads();
+  return r;
+}
+
+// Radix selection over the row's keys. By count (weights == false): the key of rank `need`
+// (1 = the largest). By weight: the largest key whose prefix of the order, it included, weighs at
+// least `need`. `need` must be reachable (at most the row's count or weight).
+__device__ uint64_t select_key(const float* row, int64_t vocab, bool weights, uint64_t need, float top,
+                               float inv_t, SampleShared& sh) {
+  if (weights && need == 0) {  // nothing weighs (no finite logit): the prefix of one, as on the host
+    weights = false;
+    need = 1;
+  }
+  if (threadIdx.x == 0) {
+    sh.chosen = 0;
+    sh.need = need;
+  }
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += kSampleThreads) {
+      sh.mass[d] = 0;
+      sh.count[d] = 0;
+    }
+    __syncthreads();
+    const uint64_t prefix = sh.chosen;
+    const uint64_t high_mask = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
+    for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads) {
+      const float l = row[i];
+      const uint64_t key = order_key(l, static_cast<uint32_t>(i));
+      if ((key & high_mask) != prefix) continue;
+      const int digit = static_cast<int>((key >> shift) & 255);
+      if (weights) {
+        const uint64_t w = truncation_weight(l, top, inv_t);
+        if (w != 0) atomicAdd(&sh.mass[digit], static_cast<unsigned long long>(w));
+      } else {
+        atomicAdd(&sh.count[digit], 1u);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint64_t left = sh.need;
+      int digit = 0;
+      for (int d = 255; d >= 0; --d) {
+        const uint64_t here = weights ? sh.mass[d] : sh.count[d];
+        if (here >= left) {
+          digit = d;
+          break;
+        }
+        left -= here;
+      }
+      sh.chosen = prefix | (static_cast<uint64_t>(digit) << shift);
+      sh.need = left;
+    }
+    __syncthreads();
+  }
+  const uint64_t key = sh.chosen;
+  __syncthreads();
+  return key;
+}
+
+__global__ void __launch_bounds__(kSampleThreads)
+    sample_truncated_kernel(const float* __restrict__ logits, int64_t vocab,
+                            const SampleDraw* __restrict__ draws, int32_t* out) {
+  __shared__ SampleShared sh;
+  const SampleDraw d = draws[blockIdx.x];
+  const float* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  const auto token_of = [](uint64_t key) {
+    return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key));
+  };
+  if (!(d.temperature > 0.0f)) {  // greedy: the largest key
+    uint64_t best = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads)
+      best = max(best, order_key(row[i], static_cast<uint32_t>(i)));
+    best = block_max_u64(best, sh);
+    if (threadIdx.x == 0) out[blockIdx.x] = token_of(best);
+    return;
+  }
+  float top = -INFINITY;  // fmaxf drops NaN
+  uint64_t top_key = 0;   // the first candidate, which every limit keeps
+  for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads) {
+    top = fmaxf(top, row[i]);
+    top_key = max(top_key, order_key(row[i], static_cast<uint32_t>(i)));
+  }
+  top = block_max_f32(top, sh);
+  top_key = block_max_u64(top_key, sh);
+  const float inv_t = 1.0f / d.temperature;
+
+  uint64_t threshold = 0;  // keep the keys at or above it
+  if (d.top_k > 0 && d.top_k < vocab)
+    threshold = select_key(row, vocab, false, static_cast<uint64_t>(d.top_k), top, inv_t, sh);
+  if (d.top_p < 1.0f) {
+    uint64_t total = 0;
+    for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads) {
+      const float l = row[i];
+      if (order_key(l, static_cast<uint32_t>(i)) >= threshold) total += truncation_weight(l, top, inv_t);
+    }
+    total = block_sum_u64(total, sh);
+    threshold = max(threshold, select_key(row, vocab, true, top_p_target(total, d.top_p), top, inv_t, sh));
+  }
+  if (d.min_p > 0.0f) {
+    const uint64_t least = min_p_weight(d.min_p);
+    uint64_t lowest = ~uint64_t{0};
+    for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads) {
+      const float l = row[i];
+      if (truncation_weight(l, top, inv_t) >= least)
+        lowest = min(lowest, order_key(l, static_cast<uint32_t>(i)));
+    }
+    threshold = max(threshold, min(top_key, block_min_u64(lowest, sh)));
+  }
+  // The draw: the largest (Gumbel key, lower id) among the kept, packed as one 64-bit key.
+  uint64_t best = 0;
+  for (int64_t i = threadIdx.x; i < vocab; i += kSampleThreads) {
+    const float l = row[i];
+    if (order_key(l, static_cast<uint32_t>(i)) < threshold) continue;
+    const float g = gumbel_key(l, inv_t, d.seed, d.counter, static_cast<uint32_t>(i));
+    best = max(best, order_key(g, static_cast<uint32_t>(i)));
+  }
+  best = block_max_u64(best, sh);
+  if (threadIdx.x == 0) out[blockIdx.x] = token_of(best);
 }
 
 __global__ void gather_rows_kernel(const uint16_t* in, int64_t n, const int32_t* index, uint16_t* out) {
@@ -877,6 +1058,17 @@ Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDr
                   static_cast<unsigned>(rows));
   gumbel_kernel<<<grid, 256, 0, stream>>>(logits, vocab, draws);
   return check_last_error("gumbel_perturb");
+}
+
+Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
+                        int32_t* out, StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  if (vocab <= 0 || vocab >= (int64_t{1} << 22))
+    return invalid_argument("sample_truncated: vocabulary size out of range (up to 2^22 - 1 tokens)");
+  if (rows > INT32_MAX) return invalid_argument("sample_truncated: too many rows");
+  sample_truncated_kernel<<<static_cast<unsigned>(rows), kSampleThreads, 0, stream>>>(logits, vocab, draws,
+                                                                                      out);
+  return check_last_error("sample_truncated");
 }
 
 Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,

@@ -50,15 +50,25 @@ Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace,
               int32_t* out, StreamHandle stream);
 
 // One row's draw (device memory, one per row): temperature 0 keeps the row as it is (greedy).
+// top_k, top_p and min_p truncate it (kernels/truncation.h; sample_truncated only).
 struct SampleDraw {
   float temperature = 0.0f;
   uint64_t seed = 0;
   uint64_t counter = 0;
+  int32_t top_k = 0;   // 0: off
+  float top_p = 1.0f;  // 1: off
+  float min_p = 0.0f;  // 0: off
 };
 // Gumbel-max sampling (kernels/gumbel.h): replaces each logit of a row whose temperature is > 0
 // by gumbel_key(), so that argmax() then draws from softmax(logits / T). In place.
 Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
                       StreamHandle stream);
+// out[r] = row r's token as kernels/truncation.h defines it: a Gumbel-max draw among the
+// candidates top-k, top-p and min-p keep (the same bits as the host Sampler's, up to logf's last
+// bit), or the argmax where the temperature is 0. One CTA per row; the logits are left as they
+// are. Up to 2^22 - 1 tokens a row.
+Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
+                        int32_t* out, StreamHandle stream);
 
 // One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
 // block_size) holds head_dim bf16 values at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
