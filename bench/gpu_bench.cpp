@@ -11,7 +11,9 @@
 // synthetic:llama-3.1-8b): a whole decode step (greedy token chosen on the GPU) at batch 1, 16,
 // 64 and contexts 1k, 4k against the memory floor (weights + the batch's KV read once at the copy
 // bandwidth), and prefill of 1 × 4096 and 8 × 512 tokens against the FLOP floor (2 · parameters ·
-// tokens plus causal attention, at the measured matrix rate).
+// tokens plus causal attention, at the measured matrix rate). Sampling: a token drawn from 128256
+// logits a row on the GPU (greedy, tempered, top-k / top-p / min-p) against the logits' copy to
+// the host that a draw made there needs first.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -685,6 +687,72 @@ int main(int argc, char** argv) {
       }
     }
     out.add_raw("decode_attention", rows + "]");
+  }
+
+  // 6. Sampling a token from Llama 3's 128256 logits a row: on the GPU (greedy, a plain tempered
+  // draw, truncated draws), against copying the logits to host memory, which a draw made on the
+  // host needs first (the host Sampler's own cost: docs/perf/cpu.md).
+  {
+    const int64_t vocab = 128256;
+    std::string rows = "[";
+    for (const int64_t batch : {int64_t{1}, int64_t{16}, int64_t{64}}) {
+      DeviceBuffer logits = value_or_die(DeviceBuffer::allocate(batch * vocab * 4), "allocate");
+      DeviceBuffer scratch = value_or_die(DeviceBuffer::allocate(batch * vocab * 4), "allocate");
+      DeviceBuffer draws = value_or_die(DeviceBuffer::allocate(batch * sizeof(SampleDraw)), "allocate");
+      DeviceBuffer ws =
+          value_or_die(DeviceBuffer::allocate(argmax_workspace_bytes(batch) + batch * 4), "allocate");
+      CHECK_OK(fill_uniform_f32(logits.as<float>(), batch * vocab, 0.0f, 8.0f, 21, stream.get()));
+      std::vector<float> host(static_cast<size_t>(batch * vocab));
+      int32_t* tokens = ws.as<int32_t>() + argmax_workspace_bytes(batch) / 4;
+      auto set_draws = [&](const SampleDraw& d) {
+        std::vector<SampleDraw> all(static_cast<size_t>(batch), d);
+        CHECK_OK(copy_to_device(draws.data(), all.data(), all.size() * sizeof(SampleDraw)));
+      };
+      Json row;
+      row.add("batch", static_cast<double>(batch));
+      const double greedy_ms = median_ms(3, reps, stream.get(), [&] {
+        CHECK_OK(argmax(logits.as<float>(), batch, vocab, ws.data(), argmax_workspace_bytes(batch), tokens,
+                        stream.get()));
+      });
+      set_draws({0.8f, 5, 0});
+      const double plain_ms = median_ms(3, reps, stream.get(), [&] {
+        CHECK_OK(copy_device_to_device(scratch.data(), logits.data(), batch * vocab * 4, stream.get()));
+        CHECK_OK(gumbel_perturb(scratch.as<float>(), batch, vocab, draws.as<SampleDraw>(), stream.get()));
+        CHECK_OK(argmax(scratch.as<float>(), batch, vocab, ws.data(), argmax_workspace_bytes(batch), tokens,
+                        stream.get()));
+      });
+      const double copy_ms = median_ms(3, reps, stream.get(), [&] {
+        CHECK_OK(copy_device_to_device(scratch.data(), logits.data(), batch * vocab * 4, stream.get()));
+      });
+      struct Limits {
+        const char* name;
+        SampleDraw draw;
+      };
+      const Limits limits[] = {{"top_p_0.9", {0.8f, 5, 0, 0, 0.9f, 0.0f}},
+                               {"top_k_40", {0.8f, 5, 0, 40, 1.0f, 0.0f}},
+                               {"min_p_0.05", {0.8f, 5, 0, 0, 1.0f, 0.05f}},
+                               {"all_three", {0.8f, 5, 0, 40, 0.9f, 0.02f}}};
+      std::printf(
+          "sample batch %2ld x %ld logits: greedy %.1f us, plain tempered %.1f us (of which a %.1f us copy)",
+          static_cast<long>(batch), static_cast<long>(vocab), greedy_ms * 1e3, plain_ms * 1e3, copy_ms * 1e3);
+      row.add("greedy_ms", greedy_ms);
+      row.add("plain_ms", plain_ms);
+      for (const Limits& l : limits) {
+        set_draws(l.draw);
+        const double ms = median_ms(3, reps, stream.get(), [&] {
+          CHECK_OK(sample_truncated(logits.as<float>(), batch, vocab, draws.as<SampleDraw>(), tokens,
+                                    stream.get()));
+        });
+        std::printf(", %s %.1f us", l.name, ms * 1e3);
+        row.add(std::string(l.name) + "_ms", ms);
+      }
+      const double to_host_ms = median_wall_ms(
+          2, reps, [&] { CHECK_OK(copy_to_host(host.data(), logits.data(), host.size() * 4)); });
+      std::printf("; logits to the host %.1f us\n", to_host_ms * 1e3);
+      row.add("logits_to_host_ms", to_host_ms);
+      rows += (rows.size() > 1 ? ", " : "") + row.str();
+    }
+    out.add_raw("sampling", rows + "]");
   }
 
   if (!model_name.empty()) out.add_raw("model", model_section(model_name, quick, copy_gbps, gemm_tflops));

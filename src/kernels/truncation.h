@@ -57,6 +57,15 @@ PDSERVE_HOST_DEVICE inline uint32_t float_bits(float f) {
   return u;
 #endif
 }
+PDSERVE_HOST_DEVICE inline float float_of_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
 }  // namespace truncation_detail
 
 // The candidate order as one unique 64-bit key, larger first: the logit's bits made monotone in
@@ -87,7 +96,9 @@ PDSERVE_HOST_DEVICE inline uint64_t truncation_weight(float logit, float max_log
   p = add(mul(p, r), 0.5f);
   p = add(mul(p, r), 1.0f);
   p = add(mul(p, r), 1.0f);
-  const float e = ldexpf(p, static_cast<int>(k));
+  // 2^k exactly (k in [-41, 0]: a normal float), so the product is exact, like ldexpf.
+  const float e =
+      mul(p, truncation_detail::float_of_bits(static_cast<uint32_t>(127 + static_cast<int>(k)) << 23));
   const float scaled = mul(e, kTruncationWeightScale);
   return scaled >= kTruncationWeightScale ? uint64_t{1} << 40 : static_cast<uint64_t>(scaled);
 }
