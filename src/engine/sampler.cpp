@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "kernels/gumbel.h"
@@ -102,29 +103,32 @@ int32_t Sampler::sample_gumbel(std::span<const float> logits) const {
 }
 
 int32_t Sampler::sample_tempered(std::span<const float> logits) {
-  // The candidates of kernels/truncation.h, in order of order_key(), sorted only as far as the
-  // walk below needs: a full sort of the vocabulary costs milliseconds per token, while top-k,
-  // top-p and min-p usually end within the first few hundred candidates. The sorted prefix is
-  // grown geometrically; elements past it all rank below it, so each growth sorts the rest only.
+  // The candidates of kernels/truncation.h as their order keys (each holds its id), sorted only as
+  // far as the walk below needs: a full sort of the vocabulary costs milliseconds per token, while
+  // top-k, top-p and min-p usually end within the first few hundred candidates. The sorted prefix
+  // is grown geometrically; elements past it all rank below it, so each growth sorts the rest only.
   const size_t vocab = logits.size();
-  candidates_.resize(vocab);
-  std::iota(candidates_.begin(), candidates_.end(), 0);
-  auto key = [&](int32_t t) { return order_key(logits[static_cast<size_t>(t)], static_cast<uint32_t>(t)); };
-  auto by_key = [&](int32_t a, int32_t b) { return key(a) > key(b); };
+  keys_.resize(vocab);
+  float top = -INFINITY;
+  for (size_t t = 0; t < vocab; ++t) {
+    keys_[t] = order_key(logits[t], static_cast<uint32_t>(t));
+    top = logits[t] > top ? logits[t] : top;  // NaN never counts
+  }
   size_t sorted = 0;
   auto ensure_sorted = [&](size_t n) {
     if (n <= sorted) return;
     const size_t target = std::min(vocab, std::max({n, 2 * sorted, size_t{64}}));
-    std::partial_sort(candidates_.begin() + static_cast<long>(sorted),
-                      candidates_.begin() + static_cast<long>(target), candidates_.end(), by_key);
+    std::partial_sort(keys_.begin() + static_cast<long>(sorted), keys_.begin() + static_cast<long>(target),
+                      keys_.end(), std::greater<>());
     sorted = target;
   };
-  float top = -INFINITY;
-  for (float l : logits) top = l > top ? l : top;  // NaN never counts
+  auto token = [&](size_t i) {
+    ensure_sorted(i + 1);
+    return static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys_[i]));
+  };
   const float inv_t = 1.0f / params_.temperature;
   auto weight = [&](size_t i) {
-    ensure_sorted(i + 1);
-    return truncation_weight(logits[static_cast<size_t>(candidates_[i])], top, inv_t);
+    return truncation_weight(logits[static_cast<size_t>(token(i))], top, inv_t);
   };
 
   size_t n = vocab;  // top-k
@@ -153,11 +157,10 @@ int32_t Sampler::sample_tempered(std::span<const float> logits) {
     n = m;
   }
   // Gumbel-max among the kept candidates, ties to the lower id.
-  ensure_sorted(n);
   int32_t best = -1;
   float best_key = -INFINITY;
   for (size_t i = 0; i < n; ++i) {
-    const int32_t t = candidates_[i];
+    const int32_t t = token(i);
     float k =
         gumbel_key(logits[static_cast<size_t>(t)], inv_t, params_.seed, draws_, static_cast<uint32_t>(t));
     if (k != k) k = -INFINITY;  // NaN

@@ -78,7 +78,7 @@ class Sampler {
   SamplingParams params_;
   uint64_t draws_ = 0;
   std::vector<int32_t> counts_;
-  std::vector<int32_t> candidates_;
+  std::vector<uint64_t> keys_;  // sample_tempered's candidates, as order keys
 };
 
 }  // namespace pdserve

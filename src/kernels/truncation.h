@@ -86,7 +86,9 @@ PDSERVE_HOST_DEVICE inline uint64_t truncation_weight(float logit, float max_log
   using truncation_detail::mul;
   const float x = mul(add(logit, -max_logit), inv_temperature);
   if (!(x >= -28.0f)) return 0;  // also NaN
-  const float k = rintf(mul(x, 1.44269504088896341f));
+  // k = rint(x / ln 2) by adding and subtracting 1.5 · 2^23 (round to nearest even, |x / ln 2| ≤ 41):
+  // two IEEE additions, where rintf may be a library call on the host.
+  const float k = add(add(mul(x, 1.44269504088896341f), 12582912.0f), -12582912.0f);
   const float r = add(add(x, -mul(k, 0.693145751953125f)), -mul(k, 1.42860682030941723e-06f));
   float p = 1.0f / 5040.0f;
   p = add(mul(p, r), 1.0f / 720.0f);
@@ -100,7 +102,9 @@ PDSERVE_HOST_DEVICE inline uint64_t truncation_weight(float logit, float max_log
   const float e =
       mul(p, truncation_detail::float_of_bits(static_cast<uint32_t>(127 + static_cast<int>(k)) << 23));
   const float scaled = mul(e, kTruncationWeightScale);
-  return scaled >= kTruncationWeightScale ? uint64_t{1} << 40 : static_cast<uint64_t>(scaled);
+  // Truncated through int64 (scaled < 2^41): one instruction on both sides.
+  return scaled >= kTruncationWeightScale ? uint64_t{1} << 40
+                                          : static_cast<uint64_t>(static_cast<int64_t>(scaled));
 }
 
 // The weight a top-p prefix must reach: ceil(p · total), computed in double (one rounding).
