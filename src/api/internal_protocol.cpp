@@ -160,6 +160,8 @@ StatusOr<EngineRequest> request_from(const json& j) {
     PD_RETURN_IF_ERROR(s.number("frequency_penalty", p.frequency_penalty));
     PD_RETURN_IF_ERROR(s.integer("seed", p.seed, uint64_t{0}, std::numeric_limits<uint64_t>::max()));
     PD_RETURN_IF_ERROR(s.integer("top_logprobs", p.top_logprobs, 0, 1000));
+    // The ranges the public API enforces (a peer's bytes are checked as strictly).
+    if (Status valid = p.validate(); !valid.ok()) return valid.with_context("request.sampling");
   }
   return out;
 }
@@ -323,6 +325,9 @@ void for_each_metric(EngineMetrics& m, Fn&& fn) {
   fn("decode_pending", m.decode_pending);
   fn("kv_pulls_in_flight", m.kv_pulls_in_flight);
   fn("kv_pulls_failed_total", m.kv_pulls_failed_total);
+  fn("kv_pulls_total", m.kv_pulls_total);
+  fn("kv_pulled_bytes_total", m.kv_pulled_bytes_total);
+  fn("kv_pull_microseconds_total", m.kv_pull_microseconds_total);
   fn("steps_total", m.steps_total);
 }
 

@@ -189,6 +189,8 @@ TEST(InternalProtocol, MalformedPeerBytesAreErrorsNamingTheField) {
       {"negative max_tokens", R"({"prompt":[1],"max_tokens":-3})", "'max_tokens' is out of range"},
       {"stop not strings", R"({"prompt":[1],"max_tokens":3,"stop":[1]})",
        "'stop' must be an array of strings"},
+      {"top_p out of range", R"({"prompt":[1],"max_tokens":3,"sampling":{"temperature":1,"top_p":-0.5}})",
+       "top_p -0.5 is outside (0, 1]"},
       {"sampling not object", R"({"prompt":[1],"max_tokens":3,"sampling":1})",
        "'sampling' must be an object"},
       {"temperature string", R"({"prompt":[1],"max_tokens":3,"sampling":{"temperature":"hot"}})",

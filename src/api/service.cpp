@@ -752,6 +752,13 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
           m.kv_pulls_in_flight);
   w.counter("pdserve_kv_pulls_failed_total", "KV transfers that failed (the request ended with an error).",
             static_cast<double>(m.kv_pulls_failed_total));
+  w.counter("pdserve_kv_pulls_total", "KV transfers that landed in decode instances.",
+            static_cast<double>(m.kv_pulls_total));
+  w.counter("pdserve_kv_pulled_bytes_total", "Wire bytes of the KV transfers that landed (header and body).",
+            static_cast<double>(m.kv_pulled_bytes_total));
+  w.counter("pdserve_kv_pull_seconds_total",
+            "Time of the KV transfers that landed, from the decode's request to the KV in its blocks.",
+            static_cast<double>(m.kv_pull_microseconds_total) / 1e6);
   w.gauge("pdserve_gateway_waiting", "Requests held at the gateway for a prefill or decode instance.",
           m.gateway_waiting);
   w.counter("pdserve_gateway_timeouts_total", "Requests that waited at the gateway beyond their TTFT budget.",

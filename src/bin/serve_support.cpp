@@ -175,7 +175,7 @@ StatusOr<ModelConfig> loaded_model_config(const LoadedModel& m) {
 uint64_t loaded_model_fingerprint(const LoadedModel& m) {
   if (!m.synthetic.empty())
     return synthetic_model_fingerprint(m.synthetic, kServedSyntheticSeed, m.tokenizer->vocab_size());
-  if (m.checkpoint != nullptr) return m.checkpoint->fingerprint();
+  if (m.checkpoint != nullptr) return m.checkpoint->fingerprint();  // its tokenizer files included
   return m.file->fingerprint();
 }
 
@@ -356,13 +356,14 @@ int run_openai_front(FrontOptions o, const FrontLoader& load) {
   }
   if (o.served_model_name.empty()) {
     // A file's name without its extension; a checkpoint directory's whole name ("Qwen2.5-7B").
-    const std::filesystem::path path = std::filesystem::path(o.model_path).lexically_normal();
+    // (weakly_canonical, so that ".", ".." and "dir/" name the directory itself.)
     std::error_code ec;
+    const std::filesystem::path path = std::filesystem::weakly_canonical(o.model_path, ec);
     o.served_model_name =
         o.model_path.starts_with("synthetic:") ? o.model_path
         : std::filesystem::is_directory(path, ec)
             ? (path.has_filename() ? path.filename() : path.parent_path().filename()).string()
-            : path.stem().string();
+            : std::filesystem::path(o.model_path).stem().string();
   }
   std::signal(SIGPIPE, SIG_IGN);
   raise_fd_limit();

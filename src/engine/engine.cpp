@@ -28,6 +28,7 @@ struct Engine::Active {
   std::optional<EngineHandoff> handoff;
   PulledCallback on_pulled;
   TransferId transfer = 0;
+  std::chrono::steady_clock::time_point pull_started;
   bool pulling = false;
   bool pull_cancelled = false;  // the puller was told
   // Prefill role: the layer-wise send of this step (begin_early_handoff), and whether a layer
@@ -187,6 +188,9 @@ void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
   a.decode_pending += b.decode_pending;
   a.kv_pulls_in_flight += b.kv_pulls_in_flight;
   a.kv_pulls_failed_total += b.kv_pulls_failed_total;
+  a.kv_pulls_total += b.kv_pulls_total;
+  a.kv_pulled_bytes_total += b.kv_pulled_bytes_total;
+  a.kv_pull_microseconds_total += b.kv_pull_microseconds_total;
   a.steps_total += b.steps_total;
   a.step_seconds_total += b.step_seconds_total;
   a.last_step_seconds = std::max(a.last_step_seconds, b.last_step_seconds);
@@ -484,6 +488,7 @@ void Engine::start_pulls() {
           h.kv, KvScatterTarget{kv_view_, scheduler_.block_table(id), h.num_prompt_tokens});
       if (t.ok()) {
         a.transfer = *t;
+        a.pull_started = std::chrono::steady_clock::now();
         a.pulling = true;
         pulling_.push_back(id);
         continue;
@@ -511,6 +516,13 @@ void Engine::land_pulls(bool wait) {
     }
     pulling_.erase(pulling_.begin() + static_cast<std::ptrdiff_t>(i));
     a.pulling = false;
+    if (ts.phase == TransferPhase::kDone) {
+      ++kv_pulls_total_;
+      kv_pulled_bytes_total_ += static_cast<int64_t>(ts.bytes);
+      kv_pull_microseconds_total_ += std::chrono::duration_cast<std::chrono::microseconds>(
+                                         std::chrono::steady_clock::now() - a.pull_started)
+                                         .count();
+    }
     pull_blocked_ = false;
     if (ts.phase == TransferPhase::kDone && a.handoff->first_token < 0) {
       // Layer-wise: the first token came with the KV.
@@ -867,6 +879,9 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.layer_wise_handoffs_total = layer_wise_handoffs_total_;
   metrics_.kv_pulls_in_flight = static_cast<int32_t>(pulling_.size());
   metrics_.kv_pulls_failed_total = kv_pulls_failed_total_;
+  metrics_.kv_pulls_total = kv_pulls_total_;
+  metrics_.kv_pulled_bytes_total = kv_pulled_bytes_total_;
+  metrics_.kv_pull_microseconds_total = kv_pull_microseconds_total_;
   metrics_.steps_total = steps_total_;
   metrics_.step_seconds_total = step_seconds_total_;
   if (step_seconds > 0) metrics_.last_step_seconds = step_seconds;

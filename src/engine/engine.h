@@ -180,6 +180,11 @@ struct EngineMetrics {
   int32_t decode_pending = 0;         // decode role: handed-off requests waiting for a seat
   int32_t kv_pulls_in_flight = 0;     // decode role
   int64_t kv_pulls_failed_total = 0;  // decode role
+  // Decode role: pulls that landed, their wire bytes, and their time from submission to landing
+  // (microseconds; with the layer-wise option this includes waiting for the prefill's layers).
+  int64_t kv_pulls_total = 0;
+  int64_t kv_pulled_bytes_total = 0;
+  int64_t kv_pull_microseconds_total = 0;
   // A router over several engines (gateway/): requests held at the gateway, budget timeouts,
   // refusals by full prefills, prefill failures retried elsewhere. Zero for one engine.
   int32_t gateway_waiting = 0;
@@ -358,6 +363,9 @@ class Engine : public Instance {
   int64_t handoffs_total_ = 0;
   int64_t layer_wise_handoffs_total_ = 0;
   int64_t kv_pulls_failed_total_ = 0;
+  int64_t kv_pulls_total_ = 0;
+  int64_t kv_pulled_bytes_total_ = 0;
+  int64_t kv_pull_microseconds_total_ = 0;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

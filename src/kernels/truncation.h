@@ -3,14 +3,15 @@
 //
 // A row's candidates are ordered by order_key(): logit descending, then id ascending.
 // With temperature T and the row's largest logit m, each candidate weighs
-// truncation_weight(logit, m, 1/T) = floor(2^40 · exp((logit - m) / T)), an integer, so sums of
-// weights are exact in any order (a GPU adds them in parallel). The kept candidates are the
-// shortest prefix of the order that satisfies all three limits:
+// truncation_weight(logit, m, 1/T) ≈ 2^40 · exp((logit - m) / T) (a polynomial, within about 4e-7
+// relative; it need not fall strictly with the logit), an integer, so sums of weights are exact in
+// any order (a GPU adds them in parallel). The kept candidates are the shortest prefix of the
+// order that satisfies all three limits:
 //   - top-k: at most k candidates (k = 0: no limit);
 //   - top-p: the prefix's weight reaches top_p_target(W, p), W the weight of the top-k prefix
 //     (p = 1: no limit);
-//   - min-p: every kept candidate weighs at least min_p_weight(min_p) — min_p times the top
-//     candidate's weight, 2^40 (min_p = 0: no limit).
+//   - min-p: the prefix ends before the first candidate after the top one that weighs less than
+//     min_p_weight(min_p) — min_p times the top candidate's weight, 2^40 (min_p = 0: no limit).
 // The token is then the Gumbel-max draw (kernels/gumbel.h) among the kept candidates: the largest
 // gumbel_key (NaN as -inf), ties to the lower id. The weight's exp is written with single IEEE operations
 // only (no library call, no fused multiply-add), so it has the same bits on both sides; only the
@@ -107,8 +108,11 @@ PDSERVE_HOST_DEVICE inline uint64_t truncation_weight(float logit, float max_log
                                           : static_cast<uint64_t>(static_cast<int64_t>(scaled));
 }
 
-// The weight a top-p prefix must reach: ceil(p · total), computed in double (one rounding).
+// The weight a top-p prefix must reach: ceil(p · total), computed in double (the same roundings on
+// both sides); p is clamped to [0, 1].
 PDSERVE_HOST_DEVICE inline uint64_t top_p_target(uint64_t total, float top_p) {
+  if (!(top_p > 0.0f)) return 0;  // also NaN
+  if (top_p >= 1.0f) return total;
   const double t = static_cast<double>(top_p) * static_cast<double>(total);
   const uint64_t floor_t = static_cast<uint64_t>(t);
   return static_cast<double>(floor_t) < t ? floor_t + 1 : floor_t;

@@ -455,7 +455,7 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   // stream, which after the forward pass would idle the host until the pass is done.
   const bool tempered =
       std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) { return d.temperature > 0.0f; });
-  // Top-k, top-p or min-p on a tempered row: one kernel draws every row (a CTA each); otherwise
+  // Top-k, top-p or min-p on a tempered row: one kernel draws every row (a cluster of CTAs each); otherwise
   // Gumbel keys over whole rows, then the many-CTA argmax.
   const bool truncated = std::any_of(draws.begin(), draws.end(), [](const RowDraw& d) {
     return d.temperature > 0.0f && (d.top_k > 0 || d.top_p < 1.0f || d.min_p > 0.0f);

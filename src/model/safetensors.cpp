@@ -305,6 +305,14 @@ StatusOr<std::unique_ptr<HfCheckpoint>> HfCheckpoint::open(const std::string& di
     XXH3_64bits_update(state, data.data() + data.size() - sample, sample);
     ck->shards_.push_back(std::move(shard).value());
   }
+  // The tokenizer files where they are: instances and a gateway must read the same tokenizer too.
+  for (const char* name :
+       {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"}) {
+    auto text = read_text_file((root / name).string(), size_t{256} << 20);
+    if (!text.ok()) continue;  // absent (or unreadable: the tokenizer's reader says why)
+    XXH3_64bits_update(state, name, std::strlen(name));
+    XXH3_64bits_update(state, text->data(), text->size());
+  }
   ck->fingerprint_ = XXH3_64bits_digest(state);
   XXH3_freeState(state);
   return ck;

@@ -19,6 +19,7 @@ constexpr size_t kMaxTokenizerJsonBytes = size_t{256} << 20;
 constexpr size_t kMaxSmallFileBytes = size_t{16} << 20;
 // Ids past this are refused (the largest published vocabularies are about 260k tokens).
 constexpr int64_t kMaxVocab = int64_t{1} << 22;
+constexpr int64_t kMaxUnusedIds = 65536;
 
 // The pre-tokenizer regexes of tokenizer.json files that llama.cpp knows by name.
 constexpr std::string_view kLlama3Regex =
@@ -293,6 +294,12 @@ StatusOr<Vocabulary> read_vocabulary(const Reader& r, const JsonValue& root, con
         "config.json: vocab_size {} is not above the tokenizer's largest id {}", vocab_size, largest));
   const int64_t n = std::max(vocab_size, largest + 1);
   if (n > kMaxVocab) return invalid_argument(fmt::format("config.json: vocab_size {} is too large", n));
+  // Ids the tokenizer leaves unused become placeholder tokens; a few hundred are usual (an
+  // embedding padded to a round size), millions would only be an attack on memory.
+  if (n - static_cast<int64_t>(by_id.size()) > kMaxUnusedIds)
+    return invalid_argument(fmt::format(
+        "tokenizer.json and config.json leave {} of {} token ids unused (at most {} are accepted)",
+        n - static_cast<int64_t>(by_id.size()), n, kMaxUnusedIds));
   Vocabulary v;
   v.tokens.resize(static_cast<size_t>(n));
   v.types.assign(static_cast<size_t>(n), 1);
@@ -314,7 +321,9 @@ StatusOr<Vocabulary> read_vocabulary(const Reader& r, const JsonValue& root, con
         type = 4;  // user-defined
       }
     }
-    v.ids.emplace(text, static_cast<int32_t>(i));
+    if (const auto [same, fresh] = v.ids.emplace(text, static_cast<int32_t>(i)); !fresh)
+      return invalid_argument(
+          fmt::format("tokenizer.json: tokens {} and {} have the same text \"{}\"", same->second, i, text));
   }
   return v;
 }

@@ -194,6 +194,16 @@ TEST(HfTokenizer, MalformedFilesNameTheFileAndOffset) {
   expect_error(f, StatusCode::kInvalidArgument, "vocab_size 5 is not above");
   f.config_json = R"({"vocab_size":1e30})";
   expect_error(f, StatusCode::kInvalidArgument, "config.json");
+  f.config_json = R"({"vocab_size":4000000})";  // millions of placeholder tokens
+  expect_error(f, StatusCode::kInvalidArgument, "token ids unused");
+  f.config_json.clear();
+  f.tokenizer_json = R"({"pre_tokenizer":)" + std::string(kByteLevelRegex) +
+                     R"(,"model":{"type":"BPE","vocab":{"a":0,"b":4000000},"merges":[]}})";
+  expect_error(f, StatusCode::kInvalidArgument, "token ids unused");
+  f.tokenizer_json = R"({"added_tokens":[{"id":2,"content":"x▁y"}],"pre_tokenizer":)" +
+                     std::string(kByteLevelRegex) +
+                     R"(,"model":{"type":"BPE","vocab":{"x y":0,"b":1},"merges":[]}})";
+  expect_error(f, StatusCode::kInvalidArgument, "tokens 0 and 2 have the same text");
 }
 
 TEST(HfTokenizer, ReadsADirectory) {

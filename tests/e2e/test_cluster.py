@@ -92,6 +92,9 @@ def test_greedy_output_equals_aggregated_mode(server, cluster):
     m = cluster.gateway.wait_idle()
     assert m["pdserve_handoffs_total"] >= len(prompts)
     assert m["pdserve_kv_pulls_failed_total"] == 0
+    # Every pull landed, with its bytes and time counted (the decode's view of the transfers).
+    assert m["pdserve_kv_pulls_total"] >= len(prompts)
+    assert m["pdserve_kv_pulled_bytes_total"] > 0 and m["pdserve_kv_pull_seconds_total"] > 0
     # Layer-wise: every KV left during its prefill's last pass (the prompts fit one step).
     assert m["pdserve_layer_wise_handoffs_total"] == (m["pdserve_handoffs_total"] if cluster.layer_wise else 0)
     assert wait_until(lambda: instance_stats(cluster.prefills[0])["metrics"]["prefill_slots_in_use"] == 0)

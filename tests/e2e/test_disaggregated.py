@@ -52,6 +52,9 @@ def test_greedy_output_equals_aggregated_mode(server, pd_server):
     m = pd_server.wait_idle()
     assert m["pdserve_handoffs_total"] >= len(prompts)
     assert m["pdserve_kv_pulls_failed_total"] == 0
+    # Every pull landed, with its bytes and time counted (the decode's view of the transfers).
+    assert m["pdserve_kv_pulls_total"] >= len(prompts)
+    assert m["pdserve_kv_pulled_bytes_total"] > 0 and m["pdserve_kv_pull_seconds_total"] > 0
 
 
 def test_streamed_chat_equals_aggregated_and_non_streamed(server, pd_server):

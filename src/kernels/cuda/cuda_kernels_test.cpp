@@ -346,16 +346,20 @@ TEST_F(CudaKernels, SampleTruncatedMatchesTheReference) {
     float top_p;
     float min_p;
   };
-  const Shape shapes[] = {{0.7f, 0, 0.9f, 0.0f},    {1.3f, 40, 1.0f, 0.0f},    {0.8f, 500, 0.95f, 0.01f},
-                          {2.0f, 0, 1.0f, 0.05f},   {5.0f, 0, 0.999f, 0.0f},   {1.0f, 1, 1.0f, 0.0f},
-                          {0.0f, 0, 1.0f, 0.0f},    {1.0f, 0, 1.0f, 0.0f},     {0.5f, 3, 0.5f, 0.3f},
-                          {1.0f, 0, 0.0001f, 0.0f}, {0.9f, 100000, 0.8f, 0.0f}};
-  for (const int64_t v : {int64_t{49152}, int64_t{128256}}) {
+  const Shape shapes[] = {{0.7f, 0, 0.9f, 0.0f},    {1.3f, 40, 1.0f, 0.0f},     {0.8f, 500, 0.95f, 0.01f},
+                          {2.0f, 0, 1.0f, 0.05f},   {5.0f, 0, 0.999f, 0.0f},    {1.0f, 1, 1.0f, 0.0f},
+                          {0.0f, 0, 1.0f, 0.0f},    {1.0f, 0, 1.0f, 0.0f},      {0.5f, 3, 0.5f, 0.3f},
+                          {1.0f, 0, 0.0001f, 0.0f}, {0.9f, 100000, 0.8f, 0.0f}, {0.6f, 0, 1.0f, 0.9f},
+                          {1.0f, 50, 1.0f, 0.97f}};
+  // Rows per size set the cluster (8 CTAs a row up to 16 rows, 2 up to 66); 49153 logits leave
+  // the slices unaligned (no float4 loads).
+  const std::pair<int64_t, int> sizes[] = {{49152, 4}, {128256, 4}, {49153, 1}};
+  for (const auto& [v, trials] : sizes) {
     std::vector<float> logits;
     std::vector<SampleDraw> draws;
     int64_t rows = 0;
     for (const Shape& shape : shapes) {
-      for (int trial = 0; trial < 4; ++trial, ++rows) {
+      for (int trial = 0; trial < trials; ++trial, ++rows) {
         std::vector<float> row = randn(static_cast<size_t>(v), 3.0f);
         row[static_cast<size_t>((trial * 7919) % v)] =
             row[static_cast<size_t>((trial * 104729 + 1) % v)];  // a tie
@@ -367,6 +371,19 @@ TEST_F(CudaKernels, SampleTruncatedMatchesTheReference) {
                          shape.top_k, shape.top_p, shape.min_p});
       }
     }
+    // Odd rows: nothing finite, a +inf, and weights that rise by an ulp as the logit falls (the
+    // min-p cut must stop where the host's walk stops).
+    const auto add_row = [&](std::vector<float> row, SampleDraw d) {
+      row.resize(static_cast<size_t>(v), -INFINITY);
+      logits.insert(logits.end(), row.begin(), row.end());
+      draws.push_back(d);
+      ++rows;
+    };
+    add_row({}, {1.0f, 3, 0, 0, 0.9f, 0.0f});
+    add_row({std::nanf(""), std::nanf("")}, {1.0f, 4, 0, 0, 1.0f, 0.5f});
+    add_row({1.0f, 2.0f, INFINITY, 3.0f}, {0.7f, 5, 0, 3, 0.9f, 0.5f});
+    for (uint64_t seed = 0; seed < 4; ++seed)
+      add_row({0.0f, -0.0311628506f, -0.0311628524f}, {1.0f, seed, 0, 0, 1.0f, 0.969317734f});
     DeviceBuffer dl = upload(logits);
     DeviceBuffer dd = upload(draws);
     auto ids = poisoned<int32_t>(rows);

@@ -6,6 +6,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
@@ -197,16 +198,11 @@ __global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int
 }
 
 // argmax in two steps: many CTAs per row fold their slice into one 64-bit key per row with
-// atomicMax — the value in order-preserving bits above the complement of its index, so the
-// largest value wins and, among equals, the lowest index, whatever order the CTAs run in — then
-// the keys become indices. NaN counts as the lowest value; -0 and +0 are equal (as on the host).
+// atomicMax — kernels/truncation.h's order_key(): the value in order-preserving bits above the
+// complement of its index, so the largest value wins and, among equals, the lowest index, whatever
+// order the CTAs run in — then the keys become indices. NaN counts as -inf; -0 and +0 are equal
+// (as on the host).
 constexpr int kArgmaxSlice = 4096;
-
-__device__ __forceinline__ uint64_t argmax_key(float v, int64_t i) {
-  uint32_t u = __float_as_uint(isnan(v) ? -INFINITY : (v == 0.0f ? 0.0f : v));
-  u = (u & 0x80000000u) != 0 ? ~u : (u | 0x80000000u);
-  return (uint64_t{u} << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
-}
 
 __global__ void gumbel_kernel(float* logits, int64_t vocab, const SampleDraw* __restrict__ draws) {
   const SampleDraw d = draws[blockIdx.y];
@@ -224,7 +220,8 @@ __global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t voc
   const int64_t begin = int64_t{blockIdx.x} * kArgmaxSlice;
   const int64_t end = min(vocab, begin + kArgmaxSlice);
   uint64_t best = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) best = max(best, argmax_key(row[i], i));
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
+    best = max(best, order_key(row[i], static_cast<uint32_t>(i)));
   for (int off = 16; off > 0; off /= 2)
     best = max(best, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, best, off)));
   if (threadIdx.x % 32 == 0) atomicMax(keys + blockIdx.y, static_cast<unsigned long long>(best));
@@ -243,8 +240,8 @@ __global__ void argmax_index_kernel(const unsigned long long* keys, int64_t rows
 //     a histogram of counts per pass);
 //   - top-p: the key where the weight summed from the top first reaches the target, by the same
 //     selection over histograms of weights (integers: the sums are exact in any order);
-//   - min-p: the smallest key whose weight reaches min_p_weight() (a prefix of the order, as the
-//     weight falls with the logit), never past the first candidate.
+//   - min-p: the keys above the largest one (after the first candidate) that weighs less than
+//     min_p_weight(), which is where the host's walk down the order stops.
 // Then the largest Gumbel key among the kept, ties to the lower id. Every pass reads the slice
 // again (from L2 after the first); the passes are bound by arithmetic, hence the clusters.
 constexpr int kSampleThreads = 1024;
@@ -255,12 +252,9 @@ struct SampleShared {
   unsigned int count[256];
   unsigned long long total_mass[256];  // the cluster's (first CTA only)
   unsigned int total_count[256];
-  unsigned long long u64[32];  // one value per warp
-  float f32[32];
+  unsigned long long u64[32];                  // one value per warp (cluster_reduce)
   unsigned long long part[kSampleMaxCluster];  // one value per CTA (first CTA only)
-  float part_f32[kSampleMaxCluster];
   unsigned long long result;
-  float result_f32;
   unsigned long long chosen;  // the selection's prefix so far
   unsigned long long need;    // the rank or weight still to find below it
   int unique;                 // the chosen bucket holds one element
@@ -268,54 +262,40 @@ struct SampleShared {
 
 enum class Reduce { kMax, kMin, kSum };
 
-__device__ __forceinline__ uint64_t combine(Reduce op, uint64_t a, uint64_t b) {
+template <typename T>
+__device__ __forceinline__ T combine(Reduce op, T a, T b) {
+  if constexpr (std::is_same_v<T, float>) return fmaxf(a, b);  // floats: only the maximum (NaN dropped)
   return op == Reduce::kMax ? max(a, b) : op == Reduce::kMin ? min(a, b) : a + b;
 }
 
-// `v` reduced over the whole cluster; every thread of every CTA gets the result.
-__device__ uint64_t cluster_reduce(Reduce op, uint64_t v, SampleShared& sh) {
+// Clusters and distributed shared memory exist from compute capability 9.0 on.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// `v` reduced over the whole cluster (T: uint64_t, or float for a maximum); every thread of every
+// CTA gets the result. The CTAs' partial results meet in the first CTA's shared memory.
+template <typename T>
+__device__ T cluster_reduce(Reduce op, T v, SampleShared& sh) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
+  T* warp_part = reinterpret_cast<T*>(sh.u64);
+  T* cta_part = reinterpret_cast<T*>(sh.part);
   for (int off = 16; off > 0; off /= 2)
-    v = combine(op, v, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, v, off)));
-  if (threadIdx.x % 32 == 0) sh.u64[threadIdx.x / 32] = v;
+    v = combine(op, v, static_cast<T>(__shfl_xor_sync(0xffffffffu, v, off)));
+  if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
-    uint64_t r = sh.u64[0];
-    for (int w = 1; w < kSampleThreads / 32; ++w) r = combine(op, r, sh.u64[w]);
-    cluster.map_shared_rank(sh.part, 0)[cluster.block_rank()] = r;
+    T r = warp_part[0];
+    for (int w = 1; w < kSampleThreads / 32; ++w) r = combine(op, r, warp_part[w]);
+    cluster.map_shared_rank(cta_part, 0)[cluster.block_rank()] = r;
   }
   cluster.sync();
   if (threadIdx.x == 0) {
-    const unsigned long long* parts = cluster.map_shared_rank(sh.part, 0);
-    uint64_t r = parts[0];
+    const T* parts = cluster.map_shared_rank(cta_part, 0);
+    T r = parts[0];
     for (unsigned k = 1; k < cluster.num_blocks(); ++k) r = combine(op, r, parts[k]);
-    sh.result = r;
+    *reinterpret_cast<T*>(&sh.result) = r;
   }
   cluster.sync();  // the parts are read before any CTA writes them again
-  return sh.result;
-}
-
-__device__ float cluster_max_f32(float v, SampleShared& sh) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if (threadIdx.x % 32 == 0) sh.f32[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float r = sh.f32[0];
-    for (int w = 1; w < kSampleThreads / 32; ++w) r = fmaxf(r, sh.f32[w]);
-    cluster.map_shared_rank(sh.part_f32, 0)[cluster.block_rank()] = r;
-  }
-  cluster.sync();
-  if (threadIdx.x == 0) {
-    const float* parts = cluster.map_shared_rank(sh.part_f32, 0);
-    float r = parts[0];
-    for (unsigned k = 1; k < cluster.num_blocks(); ++k) r = fmaxf(r, parts[k]);
-    sh.result_f32 = r;
-  }
-  cluster.sync();
-  return sh.result_f32;
+  return *reinterpret_cast<const T*>(&sh.result);
 }
 
 // Calls f(logit, index, valid) for every element of this CTA's slice of a row, each thread the
@@ -447,9 +427,14 @@ __device__ uint64_t select_key(const float* row, int64_t begin, int64_t end, boo
   return sh.chosen;
 }
 
+#endif  // clusters
+
 __global__ void __launch_bounds__(kSampleThreads)
     sample_truncated_kernel(const float* __restrict__ logits, int64_t vocab,
                             const SampleDraw* __restrict__ draws, int32_t* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need Hopper; sample_truncated refuses older GPUs before launching
+#else
   namespace cg = cooperative_groups;
   __shared__ SampleShared sh;
   cg::cluster_group cluster = cg::this_cluster();
@@ -481,7 +466,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     top = fmaxf(top, l);
     top_key = max(top_key, order_key(l, static_cast<uint32_t>(i)));
   });
-  top = cluster_max_f32(top, sh);
+  top = cluster_reduce(Reduce::kMax, top, sh);
   top_key = cluster_reduce(Reduce::kMax, top_key, sh);
   const float inv_t = 1.0f / d.temperature;
 
@@ -499,13 +484,16 @@ __global__ void __launch_bounds__(kSampleThreads)
         max(threshold, select_key(row, begin, end, true, top_p_target(total, d.top_p), top, inv_t, sh));
   }
   if (d.min_p > 0.0f) {
+    // The host walks the order from the second candidate and stops at the first that weighs less
+    // than `least`: keep the keys above the largest such key (the weight is not strictly monotone
+    // in the logit, so "every key whose weight reaches least" would not be the same set).
     const uint64_t least = min_p_weight(d.min_p);
-    uint64_t lowest = ~uint64_t{0};
+    uint64_t cut = 0;
     for_each_logit(row, begin, end, [&](float l, int64_t i, bool valid) {
-      if (valid && truncation_weight(l, top, inv_t) >= least)
-        lowest = min(lowest, order_key(l, static_cast<uint32_t>(i)));
+      const uint64_t k = order_key(l, static_cast<uint32_t>(i));
+      if (valid && k < top_key && truncation_weight(l, top, inv_t) < least) cut = max(cut, k);
     });
-    threshold = max(threshold, min(top_key, cluster_reduce(Reduce::kMin, lowest, sh)));
+    threshold = max(threshold, cluster_reduce(Reduce::kMax, cut, sh) + 1);
   }
   // The draw: the largest (Gumbel key, lower id) among the kept, packed as one 64-bit key.
   uint64_t best = 0;
@@ -516,6 +504,7 @@ __global__ void __launch_bounds__(kSampleThreads)
   });
   best = cluster_reduce(Reduce::kMax, best, sh);
   if (writer) out[r] = token_of(best);
+#endif
 }
 
 __global__ void gather_rows_kernel(const uint16_t* in, int64_t n, const int32_t* index, uint16_t* out) {
@@ -1170,19 +1159,35 @@ Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const 
   if (vocab <= 0 || vocab >= (int64_t{1} << 22))
     return invalid_argument("sample_truncated: vocabulary size out of range (up to 2^22 - 1 tokens)");
   if (rows > 65535) return invalid_argument("sample_truncated: more than 65535 rows");
-  // A cluster of CTAs per row while the batch leaves SMs idle (132 on an H100), one CTA from 67 rows.
-  const unsigned cluster = rows <= 16 ? 8 : rows <= 33 ? 4 : rows <= 66 ? 2 : 1;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9) {
+    (void)cudaGetLastError();
+    return unimplemented(
+        "sample_truncated: top-k, top-p and min-p draws on the GPU need compute capability 9.0 "
+        "(Hopper) or newer");
+  }
+  // A cluster of CTAs per row while the batch leaves SMs idle (132 on an H100), one CTA from 67
+  // rows; smaller where the GPU cannot place that many CTAs together (a MIG slice, a busy GPU).
+  unsigned cluster = rows <= 16 ? 8 : rows <= 33 ? 4 : rows <= 66 ? 2 : 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(rows) * cluster);
   config.blockDim = dim3(kSampleThreads);
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster;
   attribute[0].val.clusterDim.y = 1;
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
+  for (;; cluster /= 2) {
+    attribute[0].val.clusterDim.x = cluster;
+    config.gridDim = dim3(static_cast<unsigned>(rows) * cluster);
+    int fits = 0;
+    if (cluster == 1 ||
+        (cudaOccupancyMaxActiveClusters(&fits, sample_truncated_kernel, &config) == cudaSuccess && fits > 0))
+      break;
+    (void)cudaGetLastError();
+  }
   const cudaError_t err = cudaLaunchKernelEx(&config, sample_truncated_kernel, logits, vocab, draws, out);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();

@@ -65,8 +65,8 @@ Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDr
                       StreamHandle stream);
 // out[r] = row r's token as kernels/truncation.h defines it: a Gumbel-max draw among the
 // candidates top-k, top-p and min-p keep (the same bits as the host Sampler's, up to logf's last
-// bit), or the argmax where the temperature is 0. One CTA per row; the logits are left as they
-// are. Up to 2^22 - 1 tokens a row.
+// bit), or the argmax where the temperature is 0. A cluster of up to 8 CTAs per row; the logits
+// are left as they are. Up to 2^22 - 1 tokens a row; UNIMPLEMENTED before compute capability 9.0.
 Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
                         int32_t* out, StreamHandle stream);
 
