@@ -486,7 +486,11 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
           "a host-staged pull into GPU memory needs the expected token count (to size its stage)");
     PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, tokens));
     const uint64_t body = target.view.layout.body_bytes(tokens);
-    staging_.resize(body);
+    if (staging_.bytes() < body) {  // page-locked, so the copies to the GPU run at the bus's rate
+      PD_RETURN_IF_ERROR(cuda::set_device(device_));
+      staging_ = cuda::PinnedHostBuffer();
+      PD_ASSIGN_OR_RETURN(staging_, cuda::PinnedHostBuffer::allocate(body));
+    }
     PagedKvView host;
     host.base = staging_.data();
     host.block_bytes = body;
@@ -519,8 +523,8 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
  private:
   std::unique_ptr<KvPuller> inner_;
   const int device_;
-  // The progress thread's own.
-  std::vector<uint8_t> staging_;
+  // The progress thread's own: the largest body pulled so far.
+  cuda::PinnedHostBuffer staging_;
   bool table_initialised_ = false;
   DeviceTable table_;
   DeviceScratch scratch_;

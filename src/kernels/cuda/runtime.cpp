@@ -133,6 +133,36 @@ DeviceBuffer::~DeviceBuffer() {
   if (ptr_ != nullptr) cudaFree(ptr_);
 }
 
+StatusOr<PinnedHostBuffer> PinnedHostBuffer::allocate(size_t bytes) {
+  PinnedHostBuffer buffer;
+  if (bytes == 0) return buffer;
+  void* ptr = nullptr;
+  const cudaError_t err = cudaMallocHost(&ptr, bytes);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return from_cuda(err, fmt::format("cudaMallocHost of {} bytes", bytes).c_str());
+  }
+  buffer.ptr_ = static_cast<uint8_t*>(ptr);
+  buffer.bytes_ = bytes;
+  return buffer;
+}
+
+PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+PinnedHostBuffer::~PinnedHostBuffer() {
+  if (ptr_ != nullptr) cudaFreeHost(ptr_);
+}
+
 Status profiler_start() { return from_cuda(cudaProfilerStart(), "cudaProfilerStart"); }
 Status profiler_stop() { return from_cuda(cudaProfilerStop(), "cudaProfilerStop"); }
 

@@ -78,6 +78,27 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Page-locked host memory (cudaMallocHost): copies between it and a GPU run at the bus's rate, and
+// an asynchronous copy from it reads it when the stream gets there (keep it unchanged until then).
+// Move-only; freed with the object.
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer() = default;
+  static StatusOr<PinnedHostBuffer> allocate(size_t bytes);
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  ~PinnedHostBuffer();
+
+  uint8_t* data() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  uint8_t* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // Brackets the work a profiler started with profiling off (ncu --profile-from-start off) looks at.
 Status profiler_start();
 Status profiler_stop();
