@@ -123,6 +123,30 @@ PDSERVE_HOST_DEVICE inline uint64_t min_p_weight(float min_p) {
   return top_p_target(uint64_t{1} << 40, min_p);
 }
 
+// The Gumbel-max draw among n >= 1 candidates, token_at(i) giving the i-th one's id: the largest
+// gumbel_key (NaN as -inf), ties to the lower id (host side; the GPU kernels reduce in parallel
+// to the same choice).
+template <typename TokenAt>
+int32_t gumbel_draw(const float* logits, size_t n, TokenAt token_at, float inv_temperature, uint64_t seed,
+                    uint64_t counter) {
+  const auto key = [&](int32_t t) {
+    const float k =
+        gumbel_key(logits[static_cast<size_t>(t)], inv_temperature, seed, counter, static_cast<uint32_t>(t));
+    return k != k ? -INFINITY : k;
+  };
+  int32_t best = token_at(0);  // n >= 1
+  float best_key = key(best);
+  for (size_t i = 1; i < n; ++i) {
+    const int32_t t = token_at(i);
+    const float k = key(t);
+    if (k > best_key || (k == best_key && t < best)) {
+      best_key = k;
+      best = t;
+    }
+  }
+  return best;
+}
+
 // The definition above, literally (host only): the whole row sorted, every weight computed,
 // O(V log V). Tests hold the fast forms to it — the host Sampler's partial sort, the GPU kernel.
 // temperature > 0; top_k 0 and top_p 1 and min_p 0 are off.
@@ -155,18 +179,8 @@ inline int32_t truncated_draw_reference(const std::vector<float>& logits, float 
     while (kept < n && w[kept] >= min_p_weight(min_p)) ++kept;
     n = kept;
   }
-  int32_t best = -1;
-  float best_key = -INFINITY;
-  for (size_t i = 0; i < n; ++i) {
-    const int32_t t = c[i];
-    float k = gumbel_key(logits[static_cast<size_t>(t)], inv_t, seed, counter, static_cast<uint32_t>(t));
-    if (k != k) k = -INFINITY;
-    if (best < 0 || k > best_key || (k == best_key && t < best)) {
-      best_key = k;
-      best = t;
-    }
-  }
-  return best;
+  return gumbel_draw(
+      logits.data(), n, [&](size_t i) { return c[i]; }, inv_t, seed, counter);
 }
 
 }  // namespace pdserve
