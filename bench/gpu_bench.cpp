@@ -112,7 +112,8 @@ double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
   return ms[ms.size() / 2];
 }
 
-std::string model_section(const std::string& name, bool quick, double copy_gbps, double gemm_tflops) {
+std::string model_section(const std::string& name, bool quick, bool decode_only, double copy_gbps,
+                          double gemm_tflops) {
   const int reps = quick ? 3 : 10;
   const int32_t bs = 16;
   struct DecodeCase {
@@ -179,6 +180,7 @@ std::string model_section(const std::string& name, bool quick, double copy_gbps,
   };
   std::vector<PrefillCase> prefill_cases = {{1, 4096}, {8, 512}};
   if (quick) prefill_cases = {{1, 1024}};
+  if (decode_only) prefill_cases.clear();
   for (size_t i = 0; i < prefill_cases.size(); ++i) {
     const PrefillCase& pc = prefill_cases[i];
     const int32_t per_seq = pc.len / bs + 1;
@@ -389,7 +391,8 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0;
-  bool transfer_only = false;
+  bool transfer_only = false, decode_only = false;
+  int key_splits = 4;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -403,6 +406,11 @@ int main(int argc, char** argv) {
       model_name.clear();
     } else if (std::strcmp(argv[i], "--no-programmatic-launch") == 0) {
       set_programmatic_launch(false);
+    } else if (std::strcmp(argv[i], "--decode-key-splits") == 0 && i + 1 < argc) {
+      key_splits = std::atoi(argv[++i]);
+      set_decode_key_splits(key_splits);
+    } else if (std::strcmp(argv[i], "--decode-only") == 0) {
+      decode_only = true;
     } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 || profile_batch <= 0 ||
           profile_ctx <= 0) {
@@ -420,6 +428,10 @@ int main(int argc, char** argv) {
           "  --no-model    only the ceilings and the attention kernel\n"
           "  --no-programmatic-launch  every kernel starts after the one before it has\n"
           "                ended (by default the model's kernels overlap the one ahead)\n"
+          "  --decode-key-splits N  the most CTAs the tensor-core decode attention splits a\n"
+          "                (sequence, kv head) pair's keys over when the pairs are too few to keep\n"
+          "                the GPU busy to the end (default 4; 1: never)\n"
+          "  --decode-only only the ceilings and the model's decode steps\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n");
@@ -440,6 +452,7 @@ int main(int argc, char** argv) {
   Json out;
   out.add("gpu", info.name);
   out.add("programmatic_launch", programmatic_launch() ? 1 : 0);
+  out.add("decode_key_splits", key_splits);
   out.add("gpus", devices);
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;
@@ -477,6 +490,13 @@ int main(int argc, char** argv) {
                 static_cast<long>(n), static_cast<long>(n), ms, gemm_tflops);
     out.add("gemm_n", static_cast<double>(n));
     out.add("gemm_tflops", gemm_tflops);
+  }
+
+  if (decode_only) {
+    if (!model_name.empty())
+      out.add_raw("model", model_section(model_name, quick, true, copy_gbps, gemm_tflops));
+    CHECK_OK(synchronize());
+    return write_json(json_path, out);
   }
 
   // 3. Peer copy between GPUs 0 and 1.
@@ -702,6 +722,8 @@ int main(int argc, char** argv) {
       DeviceBuffer ws =
           value_or_die(DeviceBuffer::allocate(argmax_workspace_bytes(batch) + batch * 4), "allocate");
       CHECK_OK(fill_uniform_f32(logits.as<float>(), batch * vocab, 0.0f, 8.0f, 21, stream.get()));
+      CHECK_OK(
+          fill_bytes(ws.data(), 0, argmax_workspace_bytes(batch), stream.get()));  // argmax keeps it zero
       std::vector<float> host(static_cast<size_t>(batch * vocab));
       int32_t* tokens = ws.as<int32_t>() + argmax_workspace_bytes(batch) / 4;
       auto set_draws = [&](const SampleDraw& d) {
@@ -755,7 +777,8 @@ int main(int argc, char** argv) {
     out.add_raw("sampling", rows + "]");
   }
 
-  if (!model_name.empty()) out.add_raw("model", model_section(model_name, quick, copy_gbps, gemm_tflops));
+  if (!model_name.empty())
+    out.add_raw("model", model_section(model_name, quick, false, copy_gbps, gemm_tflops));
 
   CHECK_OK(synchronize());
   return write_json(json_path, out);

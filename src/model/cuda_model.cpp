@@ -114,7 +114,9 @@ struct CudaLlamaModel::Impl {
   int64_t capacity_logits_target = 0;
   DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace,
       draws;
-  DeviceBuffer split_counters;  // decode attention's, int32 per (sequence, kv head), kept zero
+  DeviceBuffer split_counters;   // decode attention's, int32 per (sequence, kv head), kept zero
+  cuda::PinnedHostBuffer drawn;  // the drawn token ids land here, so their copy is enqueued too
+  int64_t argmax_rows = 0;       // rows `argmax` has room for
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
 
@@ -475,11 +477,16 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
   if (rows > 0) {
-    const size_t ws = cuda::argmax_workspace_bytes(rows);
-    if (ws + static_cast<size_t>(rows) * 4 >
-        impl_->argmax.bytes())  // grown geometrically: batches grow by ones
-      PD_ASSIGN_BUFFER(impl_->argmax,
-                       std::max(ws + static_cast<size_t>(rows) * 4, 2 * impl_->argmax.bytes()));
+    // argmax's workspace for argmax_rows rows (zero between calls), then the drawn token ids.
+    if (rows > impl_->argmax_rows) {  // grown geometrically: batches grow by ones
+      const int64_t cap = std::max<int64_t>(rows, 2 * impl_->argmax_rows);
+      impl_->argmax_rows = 0;
+      const size_t slots = cuda::argmax_workspace_bytes(cap);
+      PD_ASSIGN_BUFFER(impl_->argmax, slots + static_cast<size_t>(cap) * 4);
+      PD_RETURN_IF_ERROR(cuda::fill_bytes(impl_->argmax.data(), 0, slots, impl_->stream->get()));
+      impl_->argmax_rows = cap;
+    }
+    const size_t ws = cuda::argmax_workspace_bytes(impl_->argmax_rows);
     int32_t* tokens = impl_->argmax.as<int32_t>() + ws / 4;
     if (truncated) {
       PD_RETURN_IF_ERROR(cuda::sample_truncated(impl_->logits.as<float>(), rows, config_.vocab_size,
@@ -492,11 +499,18 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
       PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size,
                                       impl_->argmax.data(), ws, tokens, impl_->stream->get()));
     }
+    // Into page-locked memory behind the draw on the stream: one wait for both, no second round trip.
+    const size_t bytes = static_cast<size_t>(rows) * 4;
+    if (bytes > impl_->drawn.bytes()) {
+      auto drawn = cuda::PinnedHostBuffer::allocate(std::max<size_t>(bytes, 2 * impl_->drawn.bytes()));
+      if (!drawn.ok()) return drawn.status();
+      impl_->drawn = std::move(*drawn);
+    }
+    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(impl_->drawn.data(), tokens, bytes, impl_->stream->get()));
   }
   PD_RETURN_IF_ERROR(impl_->stream->synchronize());
-  if (rows == 0) return ok_status();
-  return cuda::copy_to_host(next_tokens, impl_->argmax.as<int32_t>() + cuda::argmax_workspace_bytes(rows) / 4,
-                            static_cast<size_t>(rows) * 4);
+  if (rows > 0) std::memcpy(next_tokens, impl_->drawn.data(), static_cast<size_t>(rows) * 4);
+  return ok_status();
 }
 
 Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
@@ -610,7 +624,14 @@ Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
   // Captured graphs hold these pointers: before any buffer moves, they all go (also when an
   // allocation below fails half-way, which frees some buffers already). Buffers grow by half again
   // at least, so a batch growing one row at a time does not reallocate at every step.
-  const size_t ws = cuda::decode_attention_workspace_bytes(attention_args(shape, 0));
+  cuda::PrefillAttentionArgs split_shape;  // the decode form may split its keys too
+  split_shape.num_heads = c.num_heads;
+  split_shape.kv = im.layer_kv(c, 0, options_.block_size);
+  split_shape.num_chunks = shape.chunks;
+  split_shape.max_chunk_len = shape.max_chunk;
+  split_shape.max_seq_len = shape.max_len;
+  const size_t ws = std::max(cuda::decode_attention_workspace_bytes(attention_args(shape, 0)),
+                             cuda::prefill_attention_workspace_bytes(split_shape));
   const bool grow_tokens = T > im.capacity_tokens, grow_logits = shape.num_logits > im.capacity_logits;
   if (grow_tokens || grow_logits || meta_bytes > im.meta.bytes() || ws > im.workspace.bytes())
     im.graphs.clear();
@@ -674,10 +695,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
   // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
-  // pairs to fill the GPU twice over, where the tensor-core kernel's decode form (one CTA a pair,
-  // its 4 warps streaming interleaved 16-key tiles) is faster (docs/perf/gpu-kernel-notes.md) — up
-  // to 8192 keys: one CTA walks a whole sequence there, so a very long one among short ones is
-  // better split. Prefill chunks, with any decode tokens beside them: the tensor-core kernel.
+  // pairs to fill the GPU twice over, where the tensor-core kernel's decode form (a CTA's 4 warps
+  // streaming interleaved 16-key tiles of a pair; a long sequence's keys shared by up to 4 CTAs
+  // where the pairs are too few for the GPU) is faster (docs/perf/gpu-kernel-notes.md) — up to 8192
+  // keys (not measured beyond). Prefill chunks, with any decode tokens beside them: the tensor-core
+  // kernel.
   const bool wide =
       C * c.num_kv_heads >= 2 * int64_t{cuda::current_multiprocessors()} && shape.max_len <= 8192;
   const bool decode_only = shape.max_chunk == 1 && !wide;
@@ -693,6 +715,10 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   prefill.max_chunk_len = shape.max_chunk;
   prefill.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   prefill.out = im.attn.as<uint16_t>();
+  prefill.workspace = im.workspace.data();
+  prefill.workspace_bytes = im.workspace.bytes();
+  prefill.split_counters = im.split_counters.as<int32_t>();
+  prefill.max_seq_len = shape.max_len;
 
   float* x = im.x.as<float>();
   uint16_t* xn = im.xn.as<uint16_t>();
@@ -793,15 +819,32 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
       PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s));
     }
   }
+  if (shape.num_logits == 0) return ok_status();
+  if (T == 1 && shape.num_logits == 1) {
+    // One sequence's decode step: the LM head as a matrix–vector product that normalises its input
+    // itself, so neither the final norm nor the gather of rows runs, and it starts while the kernel
+    // ahead ends; 4 rows × 2 pieces a warp (gate|up's shape with the norm: 86–89 % of the copy
+    // bandwidth, cuBLAS 81–86 %, in two runs). The step: −9 µs (gpu-kernel-notes.md). Not for 2 to 8
+    // rows: every CTA would normalise all of them again, over 16 k CTAs (unmeasured).
+    cuda::GemvArgs g;
+    g.x = x;
+    g.norm_w = im.output_norm.as<float>();
+    g.eps = c.rms_norm_eps;
+    g.w = im.lm_head();
+    g.m = 1;
+    g.n = V;
+    g.k = d;
+    g.y = im.logits.as<float>();
+    g.rows_per_warp = 4;
+    g.depth = 2;
+    return cuda::gemv(g, s);
+  }
   if (few_rows)
     PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.output_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
-  if (shape.num_logits > 0) {
-    PD_RETURN_IF_ERROR(
-        cuda::gather_rows(xn, d, d_logit_rows, shape.num_logits, im.final_rows.as<uint16_t>(), s));
-    PD_RETURN_IF_ERROR(blas.matmul_f32(im.final_rows.as<uint16_t>(), im.lm_head(), shape.num_logits, V, d,
-                                       im.logits.as<float>(), s));
-  }
-  return ok_status();
+  PD_RETURN_IF_ERROR(
+      cuda::gather_rows(xn, d, d_logit_rows, shape.num_logits, im.final_rows.as<uint16_t>(), s));
+  return blas.matmul_f32(im.final_rows.as<uint16_t>(), im.lm_head(), shape.num_logits, V, d,
+                         im.logits.as<float>(), s);
 }
 
 }  // namespace pdserve

@@ -267,11 +267,18 @@ TEST_F(CudaKernels, EmbeddingAndArgmax) {
   logits[2 * v + 6] = 60.0f;
   auto dl = upload(logits);
   auto ids = poisoned<int32_t>(rows);
-  auto ws = poisoned<uint8_t>(argmax_workspace_bytes(rows));
-  ASSERT_TRUE(
-      argmax(dl.as<float>(), rows, v, ws.data(), argmax_workspace_bytes(rows), ids.as<int32_t>(), nullptr)
-          .ok());
+  const size_t ws_bytes = argmax_workspace_bytes(rows);
+  auto ws = upload(std::vector<uint8_t>(ws_bytes, 0));  // zero before the first call
+  ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
   std::vector<int32_t> got_ids = download<int32_t>(ids, rows);
+  // Every call leaves the workspace zero: again, the same ids; then a prefix of the rows.
+  ASSERT_EQ(download<uint8_t>(ws, ws_bytes), std::vector<uint8_t>(ws_bytes, 0));
+  ASSERT_TRUE(fill_bytes(ids.data(), 0xFF, rows * 4, nullptr).ok());
+  ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
+  ASSERT_EQ(download<int32_t>(ids, rows), got_ids);
+  ASSERT_TRUE(argmax(dl.as<float>(), 2, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
+  ASSERT_EQ(download<int32_t>(ids, 2), std::vector<int32_t>(got_ids.begin(), got_ids.begin() + 2));
+  ASSERT_EQ(download<uint8_t>(ws, ws_bytes), std::vector<uint8_t>(ws_bytes, 0));
   for (int64_t r = 0; r < rows; ++r) {
     int64_t best = 0;  // the first largest, NaN never
     for (int64_t i = 1; i < v; ++i) {
@@ -320,7 +327,7 @@ TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
   DeviceBuffer dr = upload(rows);
   DeviceBuffer dm = upload(many);
   ASSERT_TRUE(gumbel_perturb(dr.as<float>(), n, 4, dm.as<SampleDraw>(), nullptr).ok());
-  auto ws = poisoned<uint8_t>(argmax_workspace_bytes(n));
+  auto ws = upload(std::vector<uint8_t>(argmax_workspace_bytes(n), 0));
   auto ids = poisoned<int32_t>(n);
   ASSERT_TRUE(
       argmax(dr.as<float>(), n, 4, ws.data(), argmax_workspace_bytes(n), ids.as<int32_t>(), nullptr).ok());
@@ -848,17 +855,24 @@ struct PrefillCase {
 
 TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
   SEED_TRACE();
+  const std::vector<std::pair<int32_t, int32_t>> decode_chunks = {{0, 1},    {15, 1},   {16, 1},  {63, 1},
+                                                                  {64, 1},   {127, 1},  {128, 1}, {200, 1},
+                                                                  {4095, 1}, {2500, 1}, {3100, 1}};
   const std::vector<PrefillCase> cases = {
       {64, 9, 3, 16, {{0, 37}, {20, 5}, {100, 1}}},  // SmolLM2-135M's heads; a decode token too
       {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
       // Every chunk one token (decode): the 4-warp decode form, around its 16-key tiles and 64-key
-      // rounds.
-      {128, 32, 8, 16, {{0, 1}, {15, 1}, {16, 1}, {63, 1}, {64, 1}, {127, 1}, {128, 1}, {200, 1}, {4095, 1}}},
-      {64, 9, 3, 16, {{5, 1}, {300, 1}}},
-      {128, 28, 4, 32, {{1000, 1}}},
+      // rounds; long chunks for its split below.
+      {128, 32, 8, 16, decode_chunks},
+      {64, 9, 3, 16, {{5, 1}, {300, 1}, {5000, 1}}},
+      {128, 28, 4, 32, {{1000, 1}, {4999, 1}}},
   };
+  int split_runs = 0;
+  struct RestoreSplits {
+    ~RestoreSplits() { set_decode_key_splits(4); }  // the default, also when an assertion returns
+  } restore_splits;
   for (const PrefillCase& c : cases) {
     const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
     int32_t tokens = 0, max_len = 0, max_end = 0;
@@ -906,34 +920,73 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
     a.max_chunk_len = max_len;
     a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
     a.out = out.as<uint16_t>();
-    ASSERT_TRUE(prefill_attention(a, nullptr).ok());
-    std::vector<float> got = widen(download<uint16_t>(out, int64_t{tokens} * c.num_heads * c.head_dim));
-
-    const int32_t group = c.num_heads / c.num_kv_heads;
-    for (int32_t ch = 0; ch < num_chunks; ++ch) {
-      for (int32_t t = 0; t < len[ch]; ++t) {
-        const int32_t keys = first[ch] + t + 1;
-        for (int32_t h = 0; h < c.num_heads; ++h) {
-          const int32_t kvh = h / group;
-          const float* qh = &qf[int64_t{q_start[ch] + t} * q_stride + int64_t{h} * c.head_dim];
-          auto row = [&](int32_t key) {
-            return (int64_t{tables[ch * max_blocks + key / c.block_size]} * c.num_kv_heads + kvh) *
-                       c.block_size +
-                   key % c.block_size;
-          };
-          const HeadReference want = reference_head(qh, c.head_dim, keys, row, kf, vf, a.scale);
-          for (int32_t d = 0; d < c.head_dim; ++d) {
-            const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
-            // P is rounded to bf16 before P·V (up to 2^-9 of each weight: at most 2^-9 Σ p|v|, twice
-            // that allowed), then the output (one more bf16 rounding).
-            ASSERT_NEAR(g, want.out[d], kBf16Rel * std::abs(want.out[d]) + kBf16Rel * want.weighted[d] + 1e-6)
-                << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h << " d "
-                << d;
+    const int64_t out_values = int64_t{tokens} * c.num_heads * c.head_dim;
+    // Decode chunks again with a workspace, so that long chunks' keys are split over several CTAs
+    // (too few (chunk, kv head) pairs here to fill the GPU), merged by the last one to finish; with
+    // at most 4, 3 and 2 CTAs a pair (chunks of 2500 and 3100 keys use 2 and 3 of a grid's 4).
+    struct SplitRun {
+      int32_t bound, most;
+    };
+    for (const SplitRun run :
+         {SplitRun{0, 4}, SplitRun{max_end, 4}, SplitRun{max_end, 3}, SplitRun{max_end, 2}}) {
+      const bool split = run.bound > 0;
+      if (split && (max_len != 1 || run.bound > max_end)) break;
+      set_decode_key_splits(run.most);
+      DeviceBuffer ws, counters;
+      const size_t num_counters = static_cast<size_t>(num_chunks) * c.num_kv_heads;
+      if (split) {
+        a.max_seq_len = run.bound;
+        const size_t ws_bytes = prefill_attention_workspace_bytes(a);
+        if (ws_bytes == 0) continue;  // too few keys to split
+        ++split_runs;
+        ws = poisoned<uint8_t>(ws_bytes);
+        counters = upload(std::vector<int32_t>(num_counters, 0));
+        a.workspace = ws.data();
+        a.workspace_bytes = ws_bytes;
+        a.split_counters = counters.as<int32_t>();
+      }
+      ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
+      ASSERT_TRUE(prefill_attention(a, nullptr).ok());
+      const std::vector<uint16_t> bits = download<uint16_t>(out, out_values);
+      if (split) {
+        // The split ran: the CTAs of the long chunks wrote their states to the workspace.
+        const std::vector<uint8_t> after = download<uint8_t>(ws, a.workspace_bytes);
+        ASSERT_NE(after, std::vector<uint8_t>(after.size(), 0xFF)) << "the workspace was not used";
+        // Again with the counters the first call must have left zero: the same bits.
+        ASSERT_EQ(download<int32_t>(counters, num_counters), std::vector<int32_t>(num_counters, 0));
+        ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
+        ASSERT_TRUE(prefill_attention(a, nullptr).ok());
+        ASSERT_EQ(download<uint16_t>(out, out_values), bits);
+      }
+      const std::vector<float> got = widen(bits);
+      const int32_t group = c.num_heads / c.num_kv_heads;
+      for (int32_t ch = 0; ch < num_chunks; ++ch) {
+        for (int32_t t = 0; t < len[ch]; ++t) {
+          const int32_t keys = first[ch] + t + 1;
+          for (int32_t h = 0; h < c.num_heads; ++h) {
+            const int32_t kvh = h / group;
+            const float* qh = &qf[int64_t{q_start[ch] + t} * q_stride + int64_t{h} * c.head_dim];
+            auto row = [&](int32_t key) {
+              return (int64_t{tables[ch * max_blocks + key / c.block_size]} * c.num_kv_heads + kvh) *
+                         c.block_size +
+                     key % c.block_size;
+            };
+            const HeadReference want = reference_head(qh, c.head_dim, keys, row, kf, vf, a.scale);
+            for (int32_t d = 0; d < c.head_dim; ++d) {
+              const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
+              // P is rounded to bf16 before P·V (up to 2^-9 of each weight: at most 2^-9 Σ p|v|, twice
+              // that allowed), then the output (one more bf16 rounding).
+              ASSERT_NEAR(g, want.out[d],
+                          kBf16Rel * std::abs(want.out[d]) + kBf16Rel * want.weighted[d] + 1e-6)
+                  << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h << " d "
+                  << d;
+            }
           }
         }
       }
     }
   }
+  EXPECT_GE(split_runs, 6) << "the decode form's keys were not split where they should be";
 }
 
 TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {

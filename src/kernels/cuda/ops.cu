@@ -214,8 +214,21 @@ __global__ void gumbel_kernel(float* logits, int64_t vocab, const SampleDraw* __
     row[i] = gumbel_key(row[i], inv_t, d.seed, d.counter, static_cast<uint32_t>(i));
 }
 
-__global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t vocab,
-                                   unsigned long long* keys) {
+// A row's 16 bytes of argmax workspace: the best key so far and the slices done.
+struct ArgmaxSlot {
+  unsigned long long key;
+  unsigned int done;
+  unsigned int unused;
+};
+static_assert(sizeof(ArgmaxSlot) == 16);
+
+// One CTA a slice of a row: the largest order_key() of the slice into the row's key (atomicMax);
+// the last CTA of the row to finish (counted in `done`) writes the index and leaves the slot zero
+// for the next call. One launch, overlapping the kernel ahead until it waits.
+__global__ void argmax_kernel(const float* __restrict__ logits, int64_t vocab, ArgmaxSlot* slots,
+                              int32_t* out) {
+  grid_dependency_wait();
+  allow_dependents();
   const float* row = logits + blockIdx.y * vocab;
   const int64_t begin = int64_t{blockIdx.x} * kArgmaxSlice;
   const int64_t end = min(vocab, begin + kArgmaxSlice);
@@ -224,12 +237,18 @@ __global__ void argmax_fold_kernel(const float* __restrict__ logits, int64_t voc
     best = max(best, order_key(row[i], static_cast<uint32_t>(i)));
   for (int off = 16; off > 0; off /= 2)
     best = max(best, static_cast<uint64_t>(__shfl_xor_sync(0xffffffffu, best, off)));
-  if (threadIdx.x % 32 == 0) atomicMax(keys + blockIdx.y, static_cast<unsigned long long>(best));
-}
-
-__global__ void argmax_index_kernel(const unsigned long long* keys, int64_t rows, int32_t* out) {
-  const int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (r < rows) out[r] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[r] & 0xFFFFFFFFu));
+  ArgmaxSlot* slot = slots + blockIdx.y;
+  if (threadIdx.x % 32 == 0) {
+    atomicMax(&slot->key, static_cast<unsigned long long>(best));
+    __threadfence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(&slot->done, 1u) == gridDim.x - 1) {
+    __threadfence();
+    const unsigned long long key = atomicExch(&slot->key, 0ull);
+    slot->done = 0;
+    out[blockIdx.y] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu));
+  }
 }
 
 // Truncated sampling (kernels/truncation.h). A row is shared by a cluster of CTAs (up to 8,
@@ -1123,7 +1142,9 @@ Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, in
   return check_last_error("embedding");
 }
 
-size_t argmax_workspace_bytes(int64_t rows) { return static_cast<size_t>(std::max<int64_t>(rows, 0)) * 8; }
+size_t argmax_workspace_bytes(int64_t rows) {
+  return static_cast<size_t>(std::max<int64_t>(rows, 0)) * sizeof(ArgmaxSlot);
+}
 
 Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace, size_t workspace_bytes,
               int32_t* out, StreamHandle stream) {
@@ -1131,14 +1152,12 @@ Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace,
   if (vocab <= 0 || vocab > INT32_MAX) return invalid_argument("argmax: vocabulary size out of range");
   if (rows > 65535) return invalid_argument("argmax: more than 65535 rows");
   if (workspace_bytes < argmax_workspace_bytes(rows)) return invalid_argument("argmax: workspace too small");
-  auto* keys = static_cast<unsigned long long*>(workspace);
-  PD_RETURN_IF_ERROR(fill_bytes(keys, 0, argmax_workspace_bytes(rows), stream));
+  if (reinterpret_cast<uintptr_t>(workspace) % alignof(ArgmaxSlot) != 0)
+    return invalid_argument("argmax: workspace not 8-byte aligned");
   const dim3 grid(static_cast<unsigned>((vocab + kArgmaxSlice - 1) / kArgmaxSlice),
                   static_cast<unsigned>(rows));
-  argmax_fold_kernel<<<grid, 256, 0, stream>>>(logits, vocab, keys);
-  PD_RETURN_IF_ERROR(check_last_error("argmax"));
-  argmax_index_kernel<<<blocks_for(rows, 256), 256, 0, stream>>>(keys, rows, out);
-  return check_last_error("argmax");
+  return launch_programmatic("argmax", argmax_kernel, grid, dim3(256), 0, stream, logits, vocab,
+                             static_cast<ArgmaxSlot*>(workspace), out);
 }
 
 Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,

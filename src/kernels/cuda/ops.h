@@ -44,7 +44,9 @@ Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64
 Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
 
 // out[r] = the index of the largest of vocab logits in row r (the lowest index among equals).
-// `workspace` holds argmax_workspace_bytes(rows) bytes of device memory.
+// `workspace` holds argmax_workspace_bytes(rows) bytes of device memory (8-byte aligned), zero
+// before the first call (zero-fill it once when allocating; every call leaves it zero; the bytes
+// of fewer rows are a prefix of those of more). Calls running at the same time need their own.
 size_t argmax_workspace_bytes(int64_t rows);
 Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace, size_t workspace_bytes,
               int32_t* out, StreamHandle stream);
@@ -217,7 +219,21 @@ struct PrefillAttentionArgs {
   int32_t max_chunk_len = 0;  // the longest chunk_len (sizes the grid)
   float scale = 1.0f;
   uint16_t* out = nullptr;
+  // Decode steps (every chunk one token): given prefill_attention_workspace_bytes(args) bytes of
+  // `workspace` and split_counters (num_chunks × num_kv_heads int32, zero before the first call,
+  // left zero by every call, as decode_attention's), a chunk's keys may be split over several CTAs
+  // when there are too few (chunk, kv head) pairs to keep the GPU busy to the end. max_seq_len, the
+  // most keys of a chunk (chunk_first_pos + 1), sizes the split; a longer chunk is still right.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  int32_t* split_counters = nullptr;
+  int32_t max_seq_len = 0;
 };
+// Workspace for these shapes (pointers in `args` are not read); 0 where the keys are not split.
+size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& args);
+// The most CTAs the decode form may split a chunk's keys over (default 4; 1: never split).
+// Process-wide, read when a launch is made or captured; pdserve_gpu_bench compares.
+void set_decode_key_splits(int32_t most);
 Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
 // Makes the current device's per-kernel settings prefill_attention needs (call it before capturing
 // a CUDA graph that may contain it; a first launch otherwise does it).

@@ -312,8 +312,19 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 // share an SM (32-key tiles, one CTA an SM: batch 64 × 4k 561 µs; 16-key: 358 µs).
 constexpr int kDecodeKeys = 16;  // keys per warp tile
 
-template <int HEAD_DIM>
-__global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAttentionArgs a) {
+// With kSplit, a chunk's keys are shared by as many of the gridDim.x CTAs of its (chunk, kv head)
+// as there are whole kMinDecodePartition-key parts in it, in equal partitions rounded up to 64 keys
+// (the last CTA takes what remains; the others have nothing to do): each writes its rows' state (max, sum,
+// weighted V) to the workspace, and the last one to finish merges them, as decode_attention's single pass
+// does. Several CTAs a pair instead of one: no long last wave when the pairs are not a multiple of what the
+// GPU holds at once. Shared per chunk, so a grid sized for a longer bound (a captured graph's) still
+// balances. Below 1024 keys a CTA, the split cost more than it saved; the form without it is its own
+// instantiation, which made a difference too (gpu-kernel-notes.md).
+constexpr int kMinDecodePartition = 1024;
+
+template <int HEAD_DIM, bool kSplit>
+__global__ void __launch_bounds__(kThreads)
+    decode_attention_tc_kernel(PrefillAttentionArgs a, float* ws_acc, float* ws_ml) {
   grid_dependency_wait();
   allow_dependents();
   constexpr int kChunks = HEAD_DIM / 8;
@@ -330,6 +341,16 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
   const int first_pos = a.chunk_first_pos[chunk];
   const int q_start = a.chunk_q_start[chunk];
   const int keys = first_pos + 1;
+  const int split = kSplit ? static_cast<int>(blockIdx.x) : 0;
+  int key_begin = 0, key_end = keys, used = 1;  // used: CTAs with keys
+  if constexpr (kSplit) {
+    const int ways = max(1, min(static_cast<int>(gridDim.x), keys / kMinDecodePartition));
+    const int partition = (((keys + ways - 1) / ways + kRoundKeys - 1) / kRoundKeys) * kRoundKeys;
+    key_begin = split * partition;
+    if (key_begin >= keys) return;  // a short sequence needs fewer CTAs
+    key_end = min(keys, key_begin + partition);
+    used = (keys + partition - 1) / partition;
+  }
   const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
   const int bs = a.kv.block_size;
@@ -337,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
   const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int rounds = (keys + kRoundKeys - 1) / kRoundKeys;
+  const int rounds = (key_end - key_begin + kRoundKeys - 1) / kRoundKeys;
 
   auto load_round = [&](int round, int stage) {
     uint16_t* base = smem + stage * kStageValues;
@@ -345,8 +366,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
       const int w = i / (kDecodeKeys * kChunks);
       const int r = i / kChunks % kDecodeKeys;
       const int c = i % kChunks;
-      const int key = round * kRoundKeys + w * kDecodeKeys + r;
-      const bool valid = key < keys;
+      const int key = key_begin + round * kRoundKeys + w * kDecodeKeys + r;
+      const bool valid = key < key_end;
       const int64_t off = valid ? table[key / bs] * block_stride + int64_t{kv_head} * head_block +
                                       int64_t{key % bs} * HEAD_DIM + c * 8
                                 : 0;
@@ -366,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
     };
     w.load_q(q_ptr(r_lo), q_ptr(r_hi), lane);
   }
-  const int limit_lo = r_lo < group ? keys : 0;
-  const int limit_hi = r_hi < group ? keys : 0;
+  const int limit_lo = r_lo < group ? key_end : 0;
+  const int limit_hi = r_hi < group ? key_end : 0;
   const float scale_log2 = a.scale * 1.4426950408889634f;
 
   for (int round = 0; round < rounds; ++round) {
@@ -381,8 +402,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
     __syncthreads();
     const uint16_t* kt = smem + stage * kStageValues + warp * kTileValues;
     const uint16_t* vt = smem + stage * kStageValues + (kWarps + warp) * kTileValues;
-    const int tile_key0 = round * kRoundKeys + warp * kDecodeKeys;
-    if (tile_key0 < keys)
+    const int tile_key0 = key_begin + round * kRoundKeys + warp * kDecodeKeys;
+    if (tile_key0 < key_end)
       w.template tile<kDecodeKeys>(kt, vt, tile_key0, limit_lo, limit_hi, scale_log2, lane);
     __syncthreads();  // the stage is refilled two rounds from now
   }
@@ -422,6 +443,45 @@ __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAt
       l += s_l[w * 16 + r] * f;
       acc += s_o[(w * 16 + r) * HEAD_DIM + d] * f;
     }
+    const int64_t row = int64_t{q_start} * a.num_heads + kv_head * group + r;
+    if (!kSplit || used == 1) {
+      const float v = l > 0 ? acc / l : 0.0f;
+      a.out[row * HEAD_DIM + d] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    } else {
+      const int64_t part = (int64_t{chunk} * a.num_heads + kv_head * group + r) * gridDim.x + split;
+      ws_acc[part * HEAD_DIM + d] = acc;
+      if (d == 0) {
+        ws_ml[part * 2] = base;
+        ws_ml[part * 2 + 1] = l;
+      }
+    }
+  }
+  if (!kSplit || used == 1) return;
+
+  // The last split to finish merges them all, each thread its (row, dim) elements in split order.
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = a.split_counters + int64_t{chunk} * a.kv.num_kv_heads + kv_head;
+    s_last = atomicAdd(counter, 1) == used - 1;
+    if (s_last) *counter = 0;  // ready for the next call
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
+    const int r = e / HEAD_DIM;
+    const int d = e % HEAD_DIM;
+    const int64_t first = (int64_t{chunk} * a.num_heads + kv_head * group + r) * gridDim.x;
+    float m = -INFINITY;
+    for (int sp = 0; sp < used; ++sp) m = fmaxf(m, __ldcg(ws_ml + (first + sp) * 2));
+    float l = 0, acc = 0;
+    for (int sp = 0; sp < used; ++sp) {
+      const float f = exp2f(__ldcg(ws_ml + (first + sp) * 2) - m);
+      l += __ldcg(ws_ml + (first + sp) * 2 + 1) * f;
+      acc += __ldcg(ws_acc + (first + sp) * HEAD_DIM + d) * f;
+    }
     const float v = l > 0 ? acc / l : 0.0f;
     a.out[(int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + d] =
         __bfloat16_as_ushort(__float2bfloat16_rn(v));
@@ -447,7 +507,11 @@ Status opt_in() {
   if (device < 64 && done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return ok_status();
   if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem_bytes<HEAD_DIM>())) != cudaSuccess ||
-      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM, false>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(decode_smem_bytes<HEAD_DIM>())) != cudaSuccess ||
+      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM, true>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(decode_smem_bytes<HEAD_DIM>())) != cudaSuccess) {
     (void)cudaGetLastError();
     return internal_error("prefill_attention: cannot reserve shared memory");
@@ -456,17 +520,66 @@ Status opt_in() {
   return ok_status();
 }
 
+// NOTE: the decode form handles up to 16 rows, but groups above 8 are not tested: they take the
+// general form.
+bool decode_form(const PrefillAttentionArgs& a) {
+  return a.max_chunk_len == 1 && a.kv.num_kv_heads > 0 && a.num_heads / a.kv.num_kv_heads <= 8;
+}
+
+// The decode form's split: none while the (chunk, kv head) pairs fill kDecodeWaves waves of the GPU
+// (kDecodeCtasPerSm CTAs an SM, by shared memory); otherwise enough CTAs a pair for those waves, as
+// long as each gets kMinDecodePartition keys of the longest chunk, and at most g_decode_key_splits.
+constexpr int64_t kDecodeWaves = 4;
+constexpr int64_t kDecodeCtasPerSm = 3;
+// Not below this bound: a captured graph's bound can be twice the longest chunk (its table width
+// is a power of two), and where the chunks are too short to share, the CTAs the split adds only
+// start and end (1k keys at batch 64: +0.1 ms a step).
+constexpr int32_t kMinSplitKeys = 4 * kMinDecodePartition;
+
+struct DecodeSplit {
+  int32_t splits = 1;  // CTAs a (chunk, kv head)
+};
+
+std::atomic<int32_t> g_decode_key_splits{4};
+
+DecodeSplit decode_split(const PrefillAttentionArgs& a) {
+  DecodeSplit p;
+  const int32_t most = g_decode_key_splits.load(std::memory_order_relaxed);
+  if (most <= 1 || !decode_form(a) || a.max_seq_len < kMinSplitKeys) return p;
+  const int64_t pairs = int64_t{a.num_chunks} * a.kv.num_kv_heads;
+  const int64_t want = kDecodeWaves * kDecodeCtasPerSm * current_multiprocessors();
+  if (pairs <= 0 || pairs >= want) return p;
+  p.splits = static_cast<int32_t>(std::min<int64_t>(
+      {(want + pairs - 1) / pairs, int64_t{a.max_seq_len} / kMinDecodePartition, int64_t{most}}));
+  return p;
+}
+
+size_t split_workspace_bytes(const PrefillAttentionArgs& a, DecodeSplit split) {
+  if (split.splits == 1) return 0;
+  return sizeof(float) * static_cast<size_t>(a.num_chunks) * a.num_heads * split.splits * (a.kv.head_dim + 2);
+}
+
 template <int HEAD_DIM>
 Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   constexpr size_t smem = smem_bytes<HEAD_DIM>();
   PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
   const int group = a.num_heads / a.kv.num_kv_heads;
-  // NOTE: the decode form handles up to 16 rows, but groups above 8 are not tested: they take the
-  // general form.
-  if (a.max_chunk_len == 1 && group <= 8) {
-    const dim3 grid(1, static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
-    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM>, grid,
-                               dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a);
+  if (decode_form(a)) {
+    DecodeSplit split = decode_split(a);  // read once: the setting may change meanwhile
+    if (a.workspace == nullptr || a.split_counters == nullptr ||
+        a.workspace_bytes < split_workspace_bytes(a, split))
+      split = DecodeSplit{};
+    float* ws_acc = static_cast<float*>(a.workspace);
+    float* ws_ml =
+        ws_acc == nullptr ? nullptr : ws_acc + int64_t{a.num_chunks} * a.num_heads * split.splits * HEAD_DIM;
+    const dim3 grid(static_cast<unsigned>(split.splits), static_cast<unsigned>(a.kv.num_kv_heads),
+                    static_cast<unsigned>(a.num_chunks));
+    if (split.splits > 1)
+      return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM, true>,
+                                 grid, dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a, ws_acc,
+                                 ws_ml);
+    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM, false>,
+                               grid, dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a, ws_acc, ws_ml);
   }
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
@@ -475,6 +588,12 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
 }
 
 }  // namespace
+
+void set_decode_key_splits(int32_t most) { g_decode_key_splits.store(most, std::memory_order_relaxed); }
+
+size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& a) {
+  return split_workspace_bytes(a, decode_split(a));
+}
 
 Status prepare_prefill_attention() {
   PD_RETURN_IF_ERROR(opt_in<64>());

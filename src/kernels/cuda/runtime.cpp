@@ -179,6 +179,11 @@ Status copy_to_device_async(void* dst, const void* src, size_t bytes, StreamHand
                    "cudaMemcpyAsync to device");
 }
 
+Status copy_to_host_async(void* dst, const void* src, size_t bytes, StreamHandle stream) {
+  return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream),
+                   "cudaMemcpyAsync to host");
+}
+
 Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream) {
   return from_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream),
                    "cudaMemcpyAsync device to device");

@@ -109,6 +109,9 @@ Status copy_to_host(void* dst, const void* src, size_t bytes);
 // Enqueued on `stream`, so later work on that stream sees the bytes; pageable host memory is
 // staged before the call returns, so `src` may be reused at once.
 Status copy_to_device_async(void* dst, const void* src, size_t bytes, StreamHandle stream);
+// Enqueued on `stream`; `dst` must be page-locked (PinnedHostBuffer) for the call not to wait, and
+// holds the bytes once the stream has reached the copy.
+Status copy_to_host_async(void* dst, const void* src, size_t bytes, StreamHandle stream);
 Status copy_device_to_device(void* dst, const void* src, size_t bytes, StreamHandle stream);
 Status fill_bytes(void* dst, uint8_t value, size_t bytes, StreamHandle stream);
 
