@@ -815,7 +815,9 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane * 4 < HEAD_DIM) {
       float4 o = make_float4(0, 0, 0, 0);
-#pragma unroll 4
+      // 16 splits' loads in flight at a time: a long sequence has 64 (batch 1 × 4k), and by 4 the
+      // merge was a chain of 16 round trips to L2 (gpu-kernel-notes.md).
+#pragma unroll 16
       for (int sp = 0; sp < used; ++sp) {
         const float w = __expf(__ldcg(ml + sp * 2) - m);
         const float4 part = __ldcg(reinterpret_cast<const float4*>(ws_acc + (first + sp) * HEAD_DIM) + lane);
