@@ -29,6 +29,23 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
   }
 }
 
+// Whether this CTA is the last of `expected` to arrive at `counter` (every thread of the CTA gets the
+// answer; call it from all of them, after the CTA's results are written). The writes of the CTAs
+// before are visible to the last one, which leaves the counter zero for the next use. The
+// "last CTA merges the splits" pattern of the kernels that split a reduction over CTAs.
+__device__ __forceinline__ bool last_cta_to_finish(int32_t* counter, int32_t expected) {
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counter, 1) == expected - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last;
+}
+
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // A kernel started by launch_programmatic() may begin while the kernel ahead of it in the stream is
 // still running. Before grid_dependency_wait() it may only read memory that no kernel of the step

@@ -643,7 +643,6 @@ __global__ void __launch_bounds__(kAttnThreads)
   extern __shared__ float smem[];
   float* g_acc = smem;                             // [kGroups][GMAX][HEAD_DIM]
   float* g_ml = smem + kGroups * GMAX * HEAD_DIM;  // [kGroups][GMAX][2]: max, sum
-  __shared__ bool s_last;
   grid_dependency_wait();
   allow_dependents();
 
@@ -791,16 +790,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   if (direct) return;
 
   // The last split to finish merges them all: warp w takes heads w, w + 4, ...; each lane 4 dims.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t* counter = a.split_counters + int64_t{seq} * num_kv_heads + kv_head;
-    s_last = atomicAdd(counter, 1) == used - 1;
-    if (s_last) *counter = 0;  // ready for the next call
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_cta_to_finish(a.split_counters + int64_t{seq} * num_kv_heads + kv_head, used)) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   for (int g = warp; g < G; g += kAttnThreads / 32) {

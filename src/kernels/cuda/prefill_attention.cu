@@ -459,17 +459,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!kSplit || used == 1) return;
 
   // The last split to finish merges them all, each thread its (row, dim) elements in split order.
-  __shared__ bool s_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t* counter = a.split_counters + int64_t{chunk} * a.kv.num_kv_heads + kv_head;
-    s_last = atomicAdd(counter, 1) == used - 1;
-    if (s_last) *counter = 0;  // ready for the next call
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_cta_to_finish(a.split_counters + int64_t{chunk} * a.kv.num_kv_heads + kv_head, used)) return;
   for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
     const int r = e / HEAD_DIM;
     const int d = e % HEAD_DIM;
@@ -536,27 +526,22 @@ constexpr int64_t kDecodeCtasPerSm = 3;
 // start and end (1k keys at batch 64: +0.1 ms a step).
 constexpr int32_t kMinSplitKeys = 4 * kMinDecodePartition;
 
-struct DecodeSplit {
-  int32_t splits = 1;  // CTAs a (chunk, kv head)
-};
-
 std::atomic<int32_t> g_decode_key_splits{4};
 
-DecodeSplit decode_split(const PrefillAttentionArgs& a) {
-  DecodeSplit p;
+// CTAs a (chunk, kv head) gets: 1 where the keys are not split.
+int32_t decode_splits(const PrefillAttentionArgs& a) {
   const int32_t most = g_decode_key_splits.load(std::memory_order_relaxed);
-  if (most <= 1 || !decode_form(a) || a.max_seq_len < kMinSplitKeys) return p;
+  if (most <= 1 || !decode_form(a) || a.max_seq_len < kMinSplitKeys) return 1;
   const int64_t pairs = int64_t{a.num_chunks} * a.kv.num_kv_heads;
   const int64_t want = kDecodeWaves * kDecodeCtasPerSm * current_multiprocessors();
-  if (pairs <= 0 || pairs >= want) return p;
-  p.splits = static_cast<int32_t>(std::min<int64_t>(
+  if (pairs <= 0 || pairs >= want) return 1;
+  return static_cast<int32_t>(std::min<int64_t>(
       {(want + pairs - 1) / pairs, int64_t{a.max_seq_len} / kMinDecodePartition, int64_t{most}}));
-  return p;
 }
 
-size_t split_workspace_bytes(const PrefillAttentionArgs& a, DecodeSplit split) {
-  if (split.splits == 1) return 0;
-  return sizeof(float) * static_cast<size_t>(a.num_chunks) * a.num_heads * split.splits * (a.kv.head_dim + 2);
+size_t split_workspace_bytes(const PrefillAttentionArgs& a, int32_t splits) {
+  if (splits == 1) return 0;
+  return sizeof(float) * static_cast<size_t>(a.num_chunks) * a.num_heads * splits * (a.kv.head_dim + 2);
 }
 
 template <int HEAD_DIM>
@@ -565,16 +550,16 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
   const int group = a.num_heads / a.kv.num_kv_heads;
   if (decode_form(a)) {
-    DecodeSplit split = decode_split(a);  // read once: the setting may change meanwhile
+    int32_t splits = decode_splits(a);  // read once: the setting may change meanwhile
     if (a.workspace == nullptr || a.split_counters == nullptr ||
-        a.workspace_bytes < split_workspace_bytes(a, split))
-      split = DecodeSplit{};
+        a.workspace_bytes < split_workspace_bytes(a, splits))
+      splits = 1;
     float* ws_acc = static_cast<float*>(a.workspace);
     float* ws_ml =
-        ws_acc == nullptr ? nullptr : ws_acc + int64_t{a.num_chunks} * a.num_heads * split.splits * HEAD_DIM;
-    const dim3 grid(static_cast<unsigned>(split.splits), static_cast<unsigned>(a.kv.num_kv_heads),
+        ws_acc == nullptr ? nullptr : ws_acc + int64_t{a.num_chunks} * a.num_heads * splits * HEAD_DIM;
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv.num_kv_heads),
                     static_cast<unsigned>(a.num_chunks));
-    if (split.splits > 1)
+    if (splits > 1)
       return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM, true>,
                                  grid, dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a, ws_acc,
                                  ws_ml);
@@ -592,7 +577,7 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
 void set_decode_key_splits(int32_t most) { g_decode_key_splits.store(most, std::memory_order_relaxed); }
 
 size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& a) {
-  return split_workspace_bytes(a, decode_split(a));
+  return split_workspace_bytes(a, decode_splits(a));
 }
 
 Status prepare_prefill_attention() {
