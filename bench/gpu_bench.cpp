@@ -392,7 +392,8 @@ int main(int argc, char** argv) {
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0;
   bool transfer_only = false, decode_only = false;
-  int key_splits = 4;
+  int balance_keys = kDefaultDecodeBalanceKeys;
+  double tc_pairs_per_sm = 0.5;  // the library's default
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -406,9 +407,12 @@ int main(int argc, char** argv) {
       model_name.clear();
     } else if (std::strcmp(argv[i], "--no-programmatic-launch") == 0) {
       set_programmatic_launch(false);
-    } else if (std::strcmp(argv[i], "--decode-key-splits") == 0 && i + 1 < argc) {
-      key_splits = std::atoi(argv[++i]);
-      set_decode_key_splits(key_splits);
+    } else if (std::strcmp(argv[i], "--decode-balance-keys") == 0 && i + 1 < argc) {
+      balance_keys = std::atoi(argv[++i]);
+      set_decode_balance_keys(balance_keys);
+    } else if (std::strcmp(argv[i], "--decode-tc-pairs-per-sm") == 0 && i + 1 < argc) {
+      tc_pairs_per_sm = std::atof(argv[++i]);
+      set_decode_tensor_core_pairs_per_sm(tc_pairs_per_sm);
     } else if (std::strcmp(argv[i], "--decode-only") == 0) {
       decode_only = true;
     } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
@@ -428,9 +432,12 @@ int main(int argc, char** argv) {
           "  --no-model    only the ceilings and the attention kernel\n"
           "  --no-programmatic-launch  every kernel starts after the one before it has\n"
           "                ended (by default the model's kernels overlap the one ahead)\n"
-          "  --decode-key-splits N  the most CTAs the tensor-core decode attention splits a\n"
-          "                (sequence, kv head) pair's keys over when the pairs are too few to keep\n"
-          "                the GPU busy to the end (default 4; 1: never)\n"
+          "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"
+          "                takes when it shares all (sequence, kv head) pairs' keys evenly among one\n"
+          "                wave of CTAs (default 512; 0: one CTA a pair, no balancing)\n"
+          "  --decode-tc-pairs-per-sm X  decode steps with at least X (sequence, kv head) pairs\n"
+          "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
+          "                (default 0.5)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
@@ -452,7 +459,8 @@ int main(int argc, char** argv) {
   Json out;
   out.add("gpu", info.name);
   out.add("programmatic_launch", programmatic_launch() ? 1 : 0);
-  out.add("decode_key_splits", key_splits);
+  out.add("decode_balance_keys", balance_keys);
+  out.add("decode_tc_pairs_per_sm", tc_pairs_per_sm);
   out.add("gpus", devices);
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;
@@ -690,10 +698,31 @@ int main(int argc, char** argv) {
         p.out = a.out;
         const double tc_ms =
             median_ms(5, reps * 2, stream.get(), [&] { CHECK_OK(prefill_attention(p, stream.get())); });
+        // Again with the workspace of the balanced form (all pairs' keys shared by one wave of CTAs),
+        // at a few settings of the fewest keys a CTA.
+        std::vector<std::pair<int32_t, double>> balanced;
+        for (const int32_t min_keys : {256, 512, 1024}) {
+          set_decode_balance_keys(min_keys);
+          p.workspace_bytes = prefill_attention_workspace_bytes(p);
+          DeviceBuffer pws =
+              value_or_die(DeviceBuffer::allocate(std::max<size_t>(p.workspace_bytes, 1)), "allocate");
+          p.workspace = pws.data();
+          p.split_counters = counters.as<int32_t>();
+          balanced.emplace_back(min_keys, median_ms(5, reps * 2, stream.get(),
+                                                    [&] { CHECK_OK(prefill_attention(p, stream.get())); }));
+          p.workspace = nullptr;
+          p.workspace_bytes = 0;
+        }
+        set_decode_balance_keys(balance_keys);
         const double bytes = 2.0 * kv_values * 2;
         const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
         std::printf("decode attention batch %2d ctx %4d, tensor-core kernel: %.4f ms, %.0f%% of floor\n",
                     batch, ctx, tc_ms, 100.0 * floor_ms / tc_ms);
+        for (const auto& [min_keys, b_ms] : balanced)
+          std::printf(
+              "decode attention batch %2d ctx %4d, tensor-core balanced, %d keys a CTA at least: %.4f ms, "
+              "%.0f%% of floor\n",
+              batch, ctx, min_keys, b_ms, 100.0 * floor_ms / b_ms);
         std::printf(
             "decode attention batch %2d ctx %4d: %.4f ms, floor %.4f ms (%.1f MiB KV), %.0f%% of floor\n",
             batch, ctx, ms, floor_ms, bytes / 1048576.0, 100.0 * floor_ms / ms);
@@ -702,6 +731,8 @@ int main(int argc, char** argv) {
         row.add("ctx", ctx);
         row.add("ms", ms);
         row.add("tensor_core_ms", tc_ms);
+        for (const auto& [min_keys, b_ms] : balanced)
+          row.add(fmt::format("tensor_core_balanced{}_ms", min_keys), b_ms);
         row.add("floor_ms", floor_ms);
         rows += (rows.size() > 1 ? ", " : "") + row.str();
       }

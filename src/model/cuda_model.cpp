@@ -629,7 +629,6 @@ Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
   split_shape.kv = im.layer_kv(c, 0, options_.block_size);
   split_shape.num_chunks = shape.chunks;
   split_shape.max_chunk_len = shape.max_chunk;
-  split_shape.max_seq_len = shape.max_len;
   const size_t ws = std::max(cuda::decode_attention_workspace_bytes(attention_args(shape, 0)),
                              cuda::prefill_attention_workspace_bytes(split_shape));
   const bool grow_tokens = T > im.capacity_tokens, grow_logits = shape.num_logits > im.capacity_logits;
@@ -695,13 +694,12 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
   // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
-  // pairs to fill the GPU twice over, where the tensor-core kernel's decode form (a CTA's 4 warps
-  // streaming interleaved 16-key tiles of a pair; a long sequence's keys shared by up to 4 CTAs
-  // where the pairs are too few for the GPU) is faster (docs/perf/gpu-kernel-notes.md) — up to 8192
-  // keys (not measured beyond). Prefill chunks, with any decode tokens beside them: the tensor-core
-  // kernel.
+  // pairs for the tensor-core kernel's decode form (a CTA's 4 warps streaming interleaved 16-key
+  // tiles; all pairs' keys shared evenly by one wave of CTAs) to be faster
+  // (docs/perf/gpu-kernel-notes.md). Prefill chunks, with any decode tokens beside them: the
+  // tensor-core kernel.
   const bool wide =
-      C * c.num_kv_heads >= 2 * int64_t{cuda::current_multiprocessors()} && shape.max_len <= 8192;
+      cuda::decode_step_uses_tensor_cores(C * c.num_kv_heads, shape.max_len, options_.block_size);
   const bool decode_only = shape.max_chunk == 1 && !wide;
   cuda::PrefillAttentionArgs prefill;
   prefill.q = im.q.as<uint16_t>();
@@ -718,7 +716,6 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   prefill.workspace = im.workspace.data();
   prefill.workspace_bytes = im.workspace.bytes();
   prefill.split_counters = im.split_counters.as<int32_t>();
-  prefill.max_seq_len = shape.max_len;
 
   float* x = im.x.as<float>();
   uint16_t* xn = im.xn.as<uint16_t>();

@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/gumbel.h"
 #include "kernels/truncation.h"
@@ -376,11 +377,16 @@ TEST_F(CudaModelTest, ProgrammaticLaunchChangesNoLogit) {
 }
 
 TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleSteps) {
-  // 96 sequences × 3 kv heads fill the GPU: their decode step takes the tensor-core attention
-  // kernel; one sequence alone takes the split-KV kernel.
+  // 96 sequences × 3 kv heads: their decode steps take the tensor-core attention kernel, balanced
+  // over one wave of CTAs (cuda::decode_step_uses_tensor_cores); one sequence alone takes the
+  // split-KV kernel. Three steps, so that the graph captured at the first is replayed with other
+  // lengths, against a model that launches every kernel one by one.
+  auto eager = CudaLlamaModel::load_gguf(*file_, CudaModelOptions{0, 512, kBlockSize, false});
+  ASSERT_TRUE(eager.ok()) << eager.status().to_string();
   auto fx = load_fixtures();
   const int32_t vocab = cpu_->config().vocab_size;
-  const int32_t n = 96;
+  const int32_t n = 96, steps = 3;
+  ASSERT_TRUE(cuda::decode_step_uses_tensor_cores(int64_t{n} * cpu_->config().num_kv_heads, 64, kBlockSize));
   std::vector<std::vector<int32_t>> prompts(n), tables(n);
   std::vector<int32_t> all_tokens;
   ForwardBatch prefill;
@@ -390,32 +396,48 @@ TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleStep
   }
   prefill.tokens = all_tokens;
   for (int32_t i = 0; i < n; ++i) {
-    // Sequence i gets blocks 2i+1, 2i+2 and 300+i (prompts are at most 41 tokens).
+    // Sequence i gets blocks 2i+1, 2i+2 and 300+i (prompts are at most 41 tokens, + 3 steps).
     tables[i] = {2 * i + 1, 2 * i + 2, 300 + i};
     prefill.chunks.push_back({0, static_cast<int32_t>(prompts[i].size()), tables[i], false});
   }
-  ASSERT_TRUE(gpu_->forward(prefill, nullptr).ok());
-  std::vector<int32_t> next(n, 42);
-  ForwardBatch step;
-  step.tokens = next;
-  for (int32_t i = 0; i < n; ++i)
-    step.chunks.push_back({static_cast<int32_t>(prompts[i].size()), 1, tables[i], true});
-  std::vector<float> wide(static_cast<size_t>(n) * vocab);
-  ASSERT_TRUE(gpu_->forward(step, wide.data()).ok());
+  // wide[m][k]: model m's logits of step k (0: graphs, 1: one by one).
+  std::vector<std::vector<std::vector<float>>> wide(2);
+  CudaLlamaModel* models[2] = {gpu_, eager->get()};
+  for (int m = 0; m < 2; ++m) {
+    ASSERT_TRUE(models[m]->forward(prefill, nullptr).ok());
+    for (int32_t k = 0; k < steps; ++k) {
+      std::vector<int32_t> next(n, 42 + k);
+      ForwardBatch step;
+      step.tokens = next;
+      for (int32_t i = 0; i < n; ++i)
+        step.chunks.push_back({static_cast<int32_t>(prompts[i].size()) + k, 1, tables[i], true});
+      wide[m].emplace_back(static_cast<size_t>(n) * vocab);
+      ASSERT_TRUE(models[m]->forward(step, wide[m].back().data()).ok());
+    }
+  }
+  double graph_worst = 0;
+  for (int32_t k = 0; k < steps; ++k)
+    for (int32_t i = 0; i < n; ++i)
+      graph_worst =
+          std::max(graph_worst, centered_max_diff(wide[0][k].data() + static_cast<size_t>(i) * vocab,
+                                                  wide[1][k].data() + static_cast<size_t>(i) * vocab, vocab));
   double worst = 0;
+  const std::vector<int32_t> first(n, 42);
   for (int32_t i : {0, 1, 17, 95}) {
     ForwardBatch one;
-    one.tokens = std::span<const int32_t>(next).subspan(static_cast<size_t>(i), 1);
+    one.tokens = std::span<const int32_t>(first).subspan(static_cast<size_t>(i), 1);
     one.chunks.push_back({static_cast<int32_t>(prompts[i].size()), 1, tables[i], true});
     std::vector<float> alone(static_cast<size_t>(vocab));
     ASSERT_TRUE(gpu_->forward(one, alone.data()).ok());
-    worst =
-        std::max(worst, centered_max_diff(wide.data() + static_cast<size_t>(i) * vocab, alone.data(), vocab));
+    worst = std::max(
+        worst, centered_max_diff(wide[0][0].data() + static_cast<size_t>(i) * vocab, alone.data(), vocab));
   }
   std::printf(
-      "a 96-sequence decode step vs the same sequences alone: largest centered logit difference %.4f\n",
-      worst);
+      "a 96-sequence decode step vs the same sequences alone: largest centered logit difference %.4f; "
+      "three such steps as a CUDA graph vs launched one by one: %.4f\n",
+      worst, graph_worst);
   EXPECT_LE(worst, kChunkTolerance);
+  EXPECT_LE(graph_worst, kChunkTolerance);
 }
 
 TEST_F(CudaModelTest, HuggingFaceCheckpointGivesTheSameModel) {

@@ -127,17 +127,22 @@ TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
 
 TEST_F(CudaKernels, SiluMul) {
   SEED_TRACE();
-  const int64_t rows = 5, n = 1536;
-  std::vector<float> gu = randn(rows * 2 * n, 2.0f);
-  auto dgu = upload(gu);
-  auto out = poisoned<uint16_t>(rows * n);
-  ASSERT_TRUE(silu_mul(dgu.as<float>(), rows, n, out.as<uint16_t>(), nullptr).ok());
-  std::vector<float> got = widen(download<uint16_t>(out, rows * n));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < n; ++i) {
-      const double g = gu[r * 2 * n + i], u = gu[r * 2 * n + n + i];
-      const double want = g / (1 + std::exp(-g)) * u;
-      ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6) << r << "," << i;
+  const int64_t rows = 5;
+  // Four values a thread where n and the alignment allow (1536, 8), else one (1001; input one float
+  // past a 16-byte boundary).
+  for (const auto& [n, skip] : {std::pair<int64_t, int64_t>{1536, 0}, {1001, 0}, {8, 0}, {1536, 1}}) {
+    std::vector<float> gu = randn(rows * 2 * n + skip, 2.0f);
+    auto dgu = upload(gu);
+    auto out = poisoned<uint16_t>(rows * n);
+    ASSERT_TRUE(silu_mul(dgu.as<float>() + skip, rows, n, out.as<uint16_t>(), nullptr).ok());
+    std::vector<float> got = widen(download<uint16_t>(out, rows * n));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        const double g = gu[skip + r * 2 * n + i], u = gu[skip + r * 2 * n + n + i];
+        const double want = g / (1 + std::exp(-g)) * u;
+        ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6)
+            << "n=" << n << " skip " << skip << " " << r << "," << i;
+      }
     }
   }
 }
@@ -858,21 +863,33 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
   const std::vector<std::pair<int32_t, int32_t>> decode_chunks = {{0, 1},    {15, 1},   {16, 1},  {63, 1},
                                                                   {64, 1},   {127, 1},  {128, 1}, {200, 1},
                                                                   {4095, 1}, {2500, 1}, {3100, 1}};
+  // More chunks than a CTA has threads (the balanced form finds its first pair in several passes),
+  // some with no token.
+  PrefillCase many_decode_chunks{64, 9, 3, 16, {}};
+  for (int32_t i = 0; i < 300; ++i)
+    many_decode_chunks.chunks.emplace_back(static_cast<int32_t>(rng_() % 700),
+                                           i == 0 || i % 37 == 5 || i % 37 == 6 ? 0 : 1);
   const std::vector<PrefillCase> cases = {
       {64, 9, 3, 16, {{0, 37}, {20, 5}, {100, 1}}},  // SmolLM2-135M's heads; a decode token too
       {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
       // Every chunk one token (decode): the 4-warp decode form, around its 16-key tiles and 64-key
-      // rounds; long chunks for its split below.
+      // rounds; long chunks that the balanced form below shares between CTAs.
       {128, 32, 8, 16, decode_chunks},
       {64, 9, 3, 16, {{5, 1}, {300, 1}, {5000, 1}}},
       {128, 28, 4, 32, {{1000, 1}, {4999, 1}}},
+      {64, 8, 8, 16, {{50, 1}, {0, 1}, {5000, 1}}},  // no grouping
+      many_decode_chunks,
+      // Blocks that are not a power of two: decode chunks in the general form.
+      {128, 32, 8, 24, {{0, 1}, {23, 1}, {24, 1}, {1000, 1}}},
   };
-  int split_runs = 0;
-  struct RestoreSplits {
-    ~RestoreSplits() { set_decode_key_splits(4); }  // the default, also when an assertion returns
-  } restore_splits;
+  int balanced_runs = 0;
+  struct RestoreBalance {
+    ~RestoreBalance() {
+      set_decode_balance_keys(kDefaultDecodeBalanceKeys);
+    }  // also when an assertion returns
+  } restore_balance;
   for (const PrefillCase& c : cases) {
     const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
     int32_t tokens = 0, max_len = 0, max_end = 0;
@@ -921,24 +938,23 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
     a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
     a.out = out.as<uint16_t>();
     const int64_t out_values = int64_t{tokens} * c.num_heads * c.head_dim;
-    // Decode chunks again with a workspace, so that long chunks' keys are split over several CTAs
-    // (too few (chunk, kv head) pairs here to fill the GPU), merged by the last one to finish; with
-    // at most 4, 3 and 2 CTAs a pair (chunks of 2500 and 3100 keys use 2 and 3 of a grid's 4).
-    struct SplitRun {
-      int32_t bound, most;
-    };
-    for (const SplitRun run :
-         {SplitRun{0, 4}, SplitRun{max_end, 4}, SplitRun{max_end, 3}, SplitRun{max_end, 2}}) {
-      const bool split = run.bound > 0;
-      if (split && (max_len != 1 || run.bound > max_end)) break;
-      set_decode_key_splits(run.most);
+    // Decode chunks again with a workspace: the balanced form, all pairs' keys shared by one wave of
+    // CTAs, pairs split between CTAs and merged by the last one to finish. From 64 keys a CTA (pairs
+    // across many CTAs) to 4096 (a few CTAs, each over several pairs).
+    for (const int32_t min_keys : {0, 64, 256, 4096}) {
+      const bool balanced = min_keys > 0;
+      if (balanced && max_len != 1) break;
       DeviceBuffer ws, counters;
       const size_t num_counters = static_cast<size_t>(num_chunks) * c.num_kv_heads;
-      if (split) {
-        a.max_seq_len = run.bound;
+      if (balanced) {
+        set_decode_balance_keys(min_keys);
         const size_t ws_bytes = prefill_attention_workspace_bytes(a);
-        if (ws_bytes == 0) continue;  // too few keys to split
-        ++split_runs;
+        if ((c.block_size & (c.block_size - 1)) != 0) {
+          ASSERT_EQ(ws_bytes, 0u) << "the decode form takes power-of-two blocks only";
+          break;
+        }
+        ASSERT_GT(ws_bytes, 0u) << "the decode form is not balanced";
+        ++balanced_runs;
         ws = poisoned<uint8_t>(ws_bytes);
         counters = upload(std::vector<int32_t>(num_counters, 0));
         a.workspace = ws.data();
@@ -948,8 +964,8 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
       ASSERT_TRUE(prefill_attention(a, nullptr).ok());
       const std::vector<uint16_t> bits = download<uint16_t>(out, out_values);
-      if (split) {
-        // The split ran: the CTAs of the long chunks wrote their states to the workspace.
+      if (balanced) {
+        // Pairs were split: their CTAs wrote their states to the workspace.
         const std::vector<uint8_t> after = download<uint8_t>(ws, a.workspace_bytes);
         ASSERT_NE(after, std::vector<uint8_t>(after.size(), 0xFF)) << "the workspace was not used";
         // Again with the counters the first call must have left zero: the same bits.
@@ -986,7 +1002,7 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       }
     }
   }
-  EXPECT_GE(split_runs, 6) << "the decode form's keys were not split where they should be";
+  EXPECT_EQ(balanced_runs, 15) << "the balanced decode form did not run where it should";
 }
 
 TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {

@@ -48,39 +48,52 @@ __device__ __forceinline__ uint2 pack_bf16x4(float a, float b, float c, float d)
 template <bool kAdd>
 __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__ delta,
                                 const float* __restrict__ w, float eps, int64_t n, uint16_t* __restrict__ y) {
+  const int64_t nvec = n / 4;
+  // The norm's weights before the kernel ahead has ended: no kernel of a step writes them.
+  const float4* wr = reinterpret_cast<const float4*>(w);
+  float4 wv[kNormVec];
+#pragma unroll
+  for (int k = 0; k < kNormVec; ++k) {
+    const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < nvec) wv[k] = wr[i];
+  }
   grid_dependency_wait();
   allow_dependents();
-  const int64_t nvec = n / 4;
   float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
   const float4* dr = reinterpret_cast<const float4*>(delta + (kAdd ? blockIdx.x * n : 0));
   float4 v[kNormVec];
+  float4 dv[kNormVec];
+#pragma unroll
+  for (int k = 0; k < kNormVec; ++k) {  // every load in flight before the first use
+    const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
+    if (i < nvec) {
+      v[k] = xr[i];
+      if constexpr (kAdd) dv[k] = dr[i];
+    }
+  }
   float sum = 0;
 #pragma unroll
   for (int k = 0; k < kNormVec; ++k) {
     const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
     if (i < nvec) {
-      v[k] = xr[i];
       if constexpr (kAdd) {
-        const float4 d = dr[i];
-        v[k].x += d.x;
-        v[k].y += d.y;
-        v[k].z += d.z;
-        v[k].w += d.w;
+        v[k].x += dv[k].x;
+        v[k].y += dv[k].y;
+        v[k].z += dv[k].z;
+        v[k].w += dv[k].w;
         xr[i] = v[k];
       }
       sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     }
   }
   const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
-  const float4* wr = reinterpret_cast<const float4*>(w);
   uint2* yr = reinterpret_cast<uint2*>(y + blockIdx.x * n);
 #pragma unroll
   for (int k = 0; k < kNormVec; ++k) {
     const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
-    if (i < nvec) {
-      const float4 wv = wr[i];
-      yr[i] = pack_bf16x4(v[k].x * inv * wv.x, v[k].y * inv * wv.y, v[k].z * inv * wv.z, v[k].w * inv * wv.w);
-    }
+    if (i < nvec)
+      yr[i] = pack_bf16x4(v[k].x * inv * wv[k].x, v[k].y * inv * wv[k].y, v[k].z * inv * wv[k].z,
+                          v[k].w * inv * wv[k].w);
   }
 }
 
@@ -123,6 +136,22 @@ __global__ void add_rms_norm_kernel(float* residual, const float* delta, const f
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(rr[i] * inv * w[i]);
 }
 
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// Four values a thread, row blockIdx.y: n % 4 == 0, gate_up 16-byte and out 8-byte aligned.
+__global__ void silu_mul_vec_kernel(const float* __restrict__ gate_up, int64_t n,
+                                    uint16_t* __restrict__ out) {
+  grid_dependency_wait();
+  allow_dependents();
+  const int64_t i = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) * 4;
+  if (i >= n) return;
+  const float* row = gate_up + blockIdx.y * 2 * n;
+  const float4 g = *reinterpret_cast<const float4*>(row + i);
+  const float4 u = *reinterpret_cast<const float4*>(row + n + i);
+  *reinterpret_cast<uint2*>(out + blockIdx.y * n + i) =
+      pack_bf16x4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z), silu_times(g.w, u.w));
+}
+
 __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, uint16_t* out) {
   grid_dependency_wait();
   allow_dependents();
@@ -132,7 +161,7 @@ __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, u
   const int64_t i = idx % n;
   const float g = gate_up[r * 2 * n + i];
   const float u = gate_up[r * 2 * n + n + i];
-  out[idx] = float_to_bf16_bits(g / (1.0f + expf(-g)) * u);
+  out[idx] = float_to_bf16_bits(silu_times(g, u));
 }
 
 // One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
@@ -1113,6 +1142,11 @@ Status add_rms_norm(float* residual, const float* delta, const float* w, float e
 
 Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
   if (rows * n <= 0) return ok_status();
+  if (n % 4 == 0 && rows <= 65535 && reinterpret_cast<uintptr_t>(gate_up) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(out) % 8 == 0)
+    return launch_programmatic("silu_mul", silu_mul_vec_kernel,
+                               dim3(blocks_for(n / 4, 256), static_cast<unsigned>(rows)), dim3(256), 0,
+                               stream, gate_up, n, out);
   return launch_programmatic("silu_mul", silu_mul_kernel, dim3(blocks_for(rows * n, 256)), dim3(256), 0,
                              stream, gate_up, rows, n, out);
 }

@@ -16,7 +16,9 @@ namespace pdserve::cuda {
 // Whether this build holds code the current device can run (false: built for other GPUs).
 bool kernels_built_for_current_device();
 
-// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in bf16.
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in bf16. Both norms
+// may read w before the kernel ahead of them in the stream has ended (device_util.cuh): it must not
+// write w.
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream);
 
@@ -221,20 +223,34 @@ struct PrefillAttentionArgs {
   uint16_t* out = nullptr;
   // Decode steps (every chunk one token): given prefill_attention_workspace_bytes(args) bytes of
   // `workspace` and split_counters (num_chunks × num_kv_heads int32, zero before the first call,
-  // left zero by every call, as decode_attention's), a chunk's keys may be split over several CTAs
-  // when there are too few (chunk, kv head) pairs to keep the GPU busy to the end. max_seq_len, the
-  // most keys of a chunk (chunk_first_pos + 1), sizes the split; a longer chunk is still right.
+  // left zero by every call, as decode_attention's), the keys of all (chunk, kv head) pairs are
+  // shared evenly by the CTAs one wave of the GPU holds, a pair's keys split between CTAs where
+  // they fall, so that the batch ends together instead of in a mostly idle last wave. The result's
+  // bits then depend on the batch's lengths and the GPU, not on the order CTAs finish in.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   int32_t* split_counters = nullptr;
-  int32_t max_seq_len = 0;
 };
-// Workspace for these shapes (pointers in `args` are not read); 0 where the keys are not split.
+// Workspace for these shapes (pointers in `args` are not read; the current device's size counts);
+// 0 where the decode form is not balanced.
 size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& args);
-// The most CTAs the decode form may split a chunk's keys over (default 4; 1: never split).
+// The least work a CTA of the balanced decode form takes, in keys (rounded up to whole 64-key
+// rounds, a pair's last round counting whole however few keys it has; default
+// kDefaultDecodeBalanceKeys), which bounds its grid for short batches; 0: not balanced, one CTA
+// per (chunk, kv head) pair.
 // Process-wide, read when a launch is made or captured; pdserve_gpu_bench compares.
-void set_decode_key_splits(int32_t most);
+constexpr int32_t kDefaultDecodeBalanceKeys = 512;
+void set_decode_balance_keys(int32_t min_keys);
 Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
+// Whether a decode step (one query token a sequence) with `pairs` (sequence, kv head) pairs, at
+// most `max_keys` keys a sequence and blocks of `block_size` tokens is faster through
+// prefill_attention's decode form (given its workspace) than through decode_attention on the
+// current device: from `pairs_per_sm` pairs an SM where the form is balanced (default 0.5, set by
+// set_decode_tensor_core_pairs_per_sm; process-wide, for pdserve_gpu_bench), from 2 where it is
+// not (set_decode_balance_keys(0)); up to 8192 keys (not measured beyond); block sizes that are
+// powers of two (others leave the decode form for the general one).
+bool decode_step_uses_tensor_cores(int64_t pairs, int32_t max_keys, int32_t block_size);
+void set_decode_tensor_core_pairs_per_sm(double pairs_per_sm);
 // Makes the current device's per-kernel settings prefill_attention needs (call it before capturing
 // a CUDA graph that may contain it; a first launch otherwise does it).
 Status prepare_prefill_attention();

@@ -311,68 +311,54 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 // end through shared memory. 16-key tiles keep a CTA at 64 KiB of shared memory (head_dim 128), so three
 // share an SM (32-key tiles, one CTA an SM: batch 64 × 4k 561 µs; 16-key: 358 µs).
 constexpr int kDecodeKeys = 16;  // keys per warp tile
+constexpr int kRoundKeys = kWarps * kDecodeKeys;
 
-// With kSplit, a chunk's keys are shared by as many of the gridDim.x CTAs of its (chunk, kv head)
-// as there are whole kMinDecodePartition-key parts in it, in equal partitions rounded up to 64 keys
-// (the last CTA takes what remains; the others have nothing to do): each writes its rows' state (max, sum,
-// weighted V) to the workspace, and the last one to finish merges them, as decode_attention's single pass
-// does. Several CTAs a pair instead of one: no long last wave when the pairs are not a multiple of what the
-// GPU holds at once. Shared per chunk, so a grid sized for a longer bound (a captured graph's) still
-// balances. Below 1024 keys a CTA, the split cost more than it saved; the form without it is its own
-// instantiation, which made a difference too (gpu-kernel-notes.md).
-constexpr int kMinDecodePartition = 1024;
-
-template <int HEAD_DIM, bool kSplit>
-__global__ void __launch_bounds__(kThreads)
-    decode_attention_tc_kernel(PrefillAttentionArgs a, float* ws_acc, float* ws_ml) {
-  grid_dependency_wait();
-  allow_dependents();
+// Keys [key_begin, key_end) of one (chunk, kv head) pair — key_begin a multiple of kRoundKeys — by
+// the CTA's 4 warps, their states merged. With `part_acc` null the rows' outputs are written;
+// otherwise the rows' states for a later merge: part_acc[r][d], the weighted V relative to the base
+// part_ml[r][0], and the sum of weights part_ml[r][1]. Uses all of `smem`; returns without a
+// barrier after its last read of it.
+template <int HEAD_DIM>
+__device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, int chunk, int kv_head,
+                                                 int key_begin, int key_end, uint16_t* smem, float* part_acc,
+                                                 float* part_ml) {
   constexpr int kChunks = HEAD_DIM / 8;
   constexpr int kDimTiles = HEAD_DIM / 8;
   constexpr int kTileValues = kDecodeKeys * HEAD_DIM;     // one warp's K (or V) tile
   constexpr int kStageValues = 2 * kWarps * kTileValues;  // K then V, for the 4 warps
-  constexpr int kRoundKeys = kWarps * kDecodeKeys;
-  extern __shared__ __align__(128) uint16_t smem[];
-
-  const int chunk = blockIdx.z;
-  const int kv_head = blockIdx.y;
   const int group = a.num_heads / a.kv.num_kv_heads;
-  if (a.chunk_len[chunk] == 0) return;  // nothing to attend for (uniform per CTA)
-  const int first_pos = a.chunk_first_pos[chunk];
   const int q_start = a.chunk_q_start[chunk];
-  const int keys = first_pos + 1;
-  const int split = kSplit ? static_cast<int>(blockIdx.x) : 0;
-  int key_begin = 0, key_end = keys, used = 1;  // used: CTAs with keys
-  if constexpr (kSplit) {
-    const int ways = max(1, min(static_cast<int>(gridDim.x), keys / kMinDecodePartition));
-    const int partition = (((keys + ways - 1) / ways + kRoundKeys - 1) / kRoundKeys) * kRoundKeys;
-    key_begin = split * partition;
-    if (key_begin >= keys) return;  // a short sequence needs fewer CTAs
-    key_end = min(keys, key_begin + partition);
-    used = (keys + partition - 1) / partition;
-  }
   const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
-  const int bs = a.kv.block_size;
+  const int bs = a.kv.block_size;  // a power of two (decode_form)
+  const int bs_shift = __ffs(bs) - 1;
   const int64_t head_block = int64_t{bs} * HEAD_DIM;
   const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int rounds = (key_end - key_begin + kRoundKeys - 1) / kRoundKeys;
 
+  // A round is kRoundKeys rows of K and of V, kChunks 16-byte chunks a row: this thread copies
+  // chunk c of rows r0, r0 + kRowStep, ... Every one of its rows has the same row % 8, so the same
+  // swizzled chunk.
+  constexpr int kRowStep = kThreads / kChunks;
+  const int c = threadIdx.x % kChunks;
+  const int r0 = threadIdx.x / kChunks;
+  const int swizzled = (c ^ (r0 & 7)) * 8;
+  const uint16_t* k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
+  const uint16_t* v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
   auto load_round = [&](int round, int stage) {
     uint16_t* base = smem + stage * kStageValues;
-    for (int i = threadIdx.x; i < kWarps * kDecodeKeys * kChunks; i += kThreads) {
-      const int w = i / (kDecodeKeys * kChunks);
-      const int r = i / kChunks % kDecodeKeys;
-      const int c = i % kChunks;
-      const int key = key_begin + round * kRoundKeys + w * kDecodeKeys + r;
+    const int key0 = key_begin + round * kRoundKeys;
+#pragma unroll
+    for (int row = r0; row < kRoundKeys; row += kRowStep) {  // row / kDecodeKeys: the warp's tile
+      const int key = key0 + row;
       const bool valid = key < key_end;
-      const int64_t off = valid ? table[key / bs] * block_stride + int64_t{kv_head} * head_block +
-                                      int64_t{key % bs} * HEAD_DIM + c * 8
-                                : 0;
-      cp_async16(base + w * kTileValues + swizzle<HEAD_DIM>(r, c), a.kv.k + off, valid);
-      cp_async16(base + (kWarps + w) * kTileValues + swizzle<HEAD_DIM>(r, c), a.kv.v + off, valid);
+      const int64_t off =
+          valid ? table[key >> bs_shift] * block_stride + int64_t{key & (bs - 1)} * HEAD_DIM : 0;
+      const int at = (row / kDecodeKeys) * kTileValues + (row % kDecodeKeys) * HEAD_DIM + swizzled;
+      cp_async16(base + at, k_at + off, valid);
+      cp_async16(base + kWarps * kTileValues + at, v_at + off, valid);
     }
     cp_async_commit();
   };
@@ -408,12 +394,15 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the stage is refilled two rounds from now
   }
 
-  // Merge the 4 warps' states: m and l per row, O per row and dim, through shared memory.
+  // Merge the 4 warps' states through shared memory: per row its max and sum of weights, then each
+  // warp's factor; per row and dim the weighted V (rows kOStride floats apart, so that the lanes'
+  // 8-byte stores of a fragment fall in distinct banks).
+  constexpr int kOStride = HEAD_DIM + 8;
   w.finish();
   float* fs = reinterpret_cast<float*>(smem);
-  float* s_m = fs;                    // [kWarps][16]
-  float* s_l = fs + kWarps * 16;      // [kWarps][16]
-  float* s_o = fs + 2 * kWarps * 16;  // [kWarps][16][HEAD_DIM]
+  float* s_m = fs;                    // [kWarps][16]: max, then the warp's factor
+  float* s_l = fs + kWarps * 16;      // [kWarps][16]: sum of weights; then [0] the row's sum, [1] its base
+  float* s_o = fs + 2 * kWarps * 16;  // [kWarps][16][kOStride]
   if (lane % 4 == 0) {
     s_m[warp * 16 + r_lo] = w.m_lo;
     s_m[warp * 16 + r_hi] = w.m_hi;
@@ -423,58 +412,189 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < kDimTiles; ++t) {
     const int d = t * 8 + (lane % 4) * 2;
-    s_o[(warp * 16 + r_lo) * HEAD_DIM + d] = w.o[t][0];
-    s_o[(warp * 16 + r_lo) * HEAD_DIM + d + 1] = w.o[t][1];
-    s_o[(warp * 16 + r_hi) * HEAD_DIM + d] = w.o[t][2];
-    s_o[(warp * 16 + r_hi) * HEAD_DIM + d + 1] = w.o[t][3];
+    *reinterpret_cast<float2*>(s_o + (warp * 16 + r_lo) * kOStride + d) = make_float2(w.o[t][0], w.o[t][1]);
+    *reinterpret_cast<float2*>(s_o + (warp * 16 + r_hi) * kOStride + d) = make_float2(w.o[t][2], w.o[t][3]);
+  }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    const int r = threadIdx.x;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_m[w * 16 + r]);
+    const float base = m == -INFINITY ? 0.0f : m;
+    float l = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = exp2f(s_m[w * 16 + r] - base);
+      l += s_l[w * 16 + r] * f;
+      s_m[w * 16 + r] = f;
+    }
+    s_l[r] = l;
+    s_l[16 + r] = base;
   }
   __syncthreads();
   for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
     const int r = e / HEAD_DIM;
     const int d = e % HEAD_DIM;
-    float m = -INFINITY;
+    float acc = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_m[w * 16 + r]);
-    const float base = m == -INFINITY ? 0.0f : m;
-    float l = 0, acc = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = exp2f(s_m[w * 16 + r] - base);
-      l += s_l[w * 16 + r] * f;
-      acc += s_o[(w * 16 + r) * HEAD_DIM + d] * f;
-    }
-    const int64_t row = int64_t{q_start} * a.num_heads + kv_head * group + r;
-    if (!kSplit || used == 1) {
+    for (int w = 0; w < kWarps; ++w) acc += s_o[(w * 16 + r) * kOStride + d] * s_m[w * 16 + r];
+    const float l = s_l[r];
+    if (part_acc == nullptr) {
+      const int64_t row = int64_t{q_start} * a.num_heads + kv_head * group + r;
       const float v = l > 0 ? acc / l : 0.0f;
       a.out[row * HEAD_DIM + d] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
     } else {
-      const int64_t part = (int64_t{chunk} * a.num_heads + kv_head * group + r) * gridDim.x + split;
-      ws_acc[part * HEAD_DIM + d] = acc;
+      part_acc[r * HEAD_DIM + d] = acc;
       if (d == 0) {
-        ws_ml[part * 2] = base;
-        ws_ml[part * 2 + 1] = l;
+        part_ml[r * 2] = s_l[16 + r];
+        part_ml[r * 2 + 1] = l;
       }
     }
   }
-  if (!kSplit || used == 1) return;
+}
 
-  // The last split to finish merges them all, each thread its (row, dim) elements in split order.
-  if (!last_cta_to_finish(a.split_counters + int64_t{chunk} * a.kv.num_kv_heads + kv_head, used)) return;
-  for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
-    const int r = e / HEAD_DIM;
-    const int d = e % HEAD_DIM;
-    const int64_t first = (int64_t{chunk} * a.num_heads + kv_head * group + r) * gridDim.x;
-    float m = -INFINITY;
-    for (int sp = 0; sp < used; ++sp) m = fmaxf(m, __ldcg(ws_ml + (first + sp) * 2));
-    float l = 0, acc = 0;
-    for (int sp = 0; sp < used; ++sp) {
-      const float f = exp2f(__ldcg(ws_ml + (first + sp) * 2) - m);
-      l += __ldcg(ws_ml + (first + sp) * 2 + 1) * f;
-      acc += __ldcg(ws_acc + (first + sp) * HEAD_DIM + d) * f;
+// One CTA per (chunk, kv head) pair: grid (1, num_kv_heads, num_chunks).
+template <int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAttentionArgs a) {
+  grid_dependency_wait();
+  allow_dependents();
+  extern __shared__ __align__(128) uint16_t smem[];
+  const int chunk = blockIdx.z;
+  if (a.chunk_len[chunk] == 0) return;  // nothing to attend for (uniform per CTA)
+  decode_pair_keys<HEAD_DIM>(a, chunk, static_cast<int>(blockIdx.y), 0, a.chunk_first_pos[chunk] + 1, smem,
+                             nullptr, nullptr);
+}
+
+// Exclusive prefix sum of v over the CTA's threads; *total gets the sum of all. scratch: kWarps ints
+// of shared memory, free again when it returns.
+__device__ __forceinline__ int cta_exclusive_sum(int v, int* scratch, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += n;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  int before = 0, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int t = scratch[w];
+    if (w < warp) before += t;
+    sum += t;
+  }
+  __syncthreads();
+  *total = sum;
+  return before + incl - v;
+}
+
+// The balanced decode form. The keys of every (chunk, kv head) pair, in rounds of kRoundKeys and
+// pairs in order (chunk-major), are one sequence of work units that the CTAs of one wave of the GPU
+// share evenly: CTA c takes units [c·U/n, (c+1)·U/n) of U, with n the grid, or fewer CTAs where each
+// would get less than min_units. So no CTA waits on a last, mostly idle wave, whatever the batch. A
+// pair that lies across CTAs is computed in parts, each CTA writing its rows' state to the
+// workspace (2 parts a CTA: a part that ends its range, one that starts it), and the last of them to
+// finish merges the parts in CTA order — the bits depend on the batch's lengths and the grid, not on
+// which CTA ends first. The grid depends on the GPU only, so a captured graph and an eager launch of
+// the same batch agree bit for bit.
+template <int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads, 3)
+    decode_attention_balanced_kernel(PrefillAttentionArgs a, int min_units) {
+  grid_dependency_wait();
+  allow_dependents();
+  extern __shared__ __align__(128) uint16_t smem[];
+  const int heads = a.kv.num_kv_heads;
+  const int group = a.num_heads / heads;
+  auto units_of = [&](int c) -> int {
+    return c < a.num_chunks && a.chunk_len[c] != 0 ? a.chunk_first_pos[c] / kRoundKeys + 1 : 0;
+  };
+  // Before the first tile: a few ints of shared memory for the sums.
+  int* scratch = reinterpret_cast<int*>(smem);
+  int* found = scratch + kWarps;  // [0] the chunk, [1] its pairs' first unit (low), [2] (high)
+
+  int mine = 0;
+  for (int c = threadIdx.x; c < a.num_chunks; c += kThreads) mine += units_of(c);
+  int sum = 0;
+  (void)cta_exclusive_sum(mine, scratch, &sum);
+  const int64_t total = int64_t{sum} * heads;
+  const int64_t ctas = min(static_cast<int64_t>(gridDim.x), max(int64_t{1}, total / min_units));
+  const int64_t cta = blockIdx.x;
+  if (total == 0 || cta >= ctas) return;
+  const int64_t begin = cta * total / ctas, end = (cta + 1) * total / ctas;
+
+  // The chunk whose pairs hold unit `begin`.
+  if (threadIdx.x == 0) found[0] = -1;
+  for (int base = 0, carry = 0; base < a.num_chunks; base += kThreads) {
+    const int u = units_of(base + static_cast<int>(threadIdx.x));
+    int batch = 0;
+    const int before = carry + cta_exclusive_sum(u, scratch, &batch);  // its barriers order found[0]
+    const int64_t lo = int64_t{before} * heads;
+    if (u > 0 && lo <= begin && begin < lo + int64_t{u} * heads) {
+      found[0] = base + static_cast<int>(threadIdx.x);
+      found[1] = static_cast<int>(lo & 0x7fffffff);
+      found[2] = static_cast<int>(lo >> 31);
     }
-    const float v = l > 0 ? acc / l : 0.0f;
-    a.out[(int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + d] =
-        __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    __syncthreads();
+    if (found[0] >= 0) break;
+    carry += batch;
+  }
+  int chunk = found[0];
+  int64_t region = (int64_t{found[2]} << 31) | found[1];  // the first unit of the chunk's pairs
+  __syncthreads();  // everyone has read `found` before the tiles overwrite it
+
+  float* ws_acc = static_cast<float*>(a.workspace);
+  float* ws_ml = ws_acc + int64_t{gridDim.x} * 2 * group * HEAD_DIM;
+  for (int64_t unit = begin;;) {
+    const int units = units_of(chunk);
+    const int kv_head = static_cast<int>((unit - region) / units);
+    const int off = static_cast<int>((unit - region) % units);
+    const int64_t pair_first = unit - off;
+    const int64_t seg_end = min(end, pair_first + units);
+    const int key_end =
+        min(a.chunk_first_pos[chunk] + 1, static_cast<int>(seg_end - pair_first) * kRoundKeys);
+    if (off == 0 && seg_end == pair_first + units) {
+      decode_pair_keys<HEAD_DIM>(a, chunk, kv_head, 0, key_end, smem, nullptr, nullptr);
+    } else {
+      const int64_t part = (cta * 2 + (pair_first > begin ? 1 : 0)) * group;
+      decode_pair_keys<HEAD_DIM>(a, chunk, kv_head, off * kRoundKeys, key_end, smem, ws_acc + part * HEAD_DIM,
+                                 ws_ml + part * 2);
+      // The CTAs holding the pair's first and last units; the last of them to finish merges.
+      const int64_t first_cta = ((pair_first + 1) * ctas - 1) / total;
+      const int64_t last_cta = ((pair_first + units) * ctas - 1) / total;
+      if (last_cta_to_finish(a.split_counters + int64_t{chunk} * heads + kv_head,
+                             static_cast<int32_t>(last_cta - first_cta + 1))) {
+        const int q_start = a.chunk_q_start[chunk];
+        for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
+          const int r = e / HEAD_DIM;
+          const int d = e % HEAD_DIM;
+          auto part_of = [&](int64_t k) {  // CTA k's part of this pair, row r
+            return (k * 2 + (pair_first > k * total / ctas ? 1 : 0)) * group + r;
+          };
+          float m = -INFINITY;
+          for (int64_t k = first_cta; k <= last_cta; ++k) m = fmaxf(m, __ldcg(ws_ml + part_of(k) * 2));
+          float l = 0, acc = 0;
+          for (int64_t k = first_cta; k <= last_cta; ++k) {
+            const int64_t p = part_of(k);
+            const float f = exp2f(__ldcg(ws_ml + p * 2) - m);
+            l += __ldcg(ws_ml + p * 2 + 1) * f;
+            acc += __ldcg(ws_acc + p * HEAD_DIM + d) * f;
+          }
+          const float v = l > 0 ? acc / l : 0.0f;
+          a.out[(int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + d] =
+              __bfloat16_as_ushort(__float2bfloat16_rn(v));
+        }
+      }
+    }
+    unit = seg_end;
+    if (unit >= end) break;
+    __syncthreads();                                // the next pair's tiles overwrite shared memory
+    if (unit == region + int64_t{units} * heads) {  // on to the next chunk with keys
+      region = unit;
+      do ++chunk;
+      while (units_of(chunk) == 0);
+    }
   }
 }
 
@@ -495,14 +615,13 @@ Status opt_in() {
   static std::array<std::atomic<bool>, 64> done{};
   const int device = current_device();
   if (device < 64 && done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return ok_status();
+  const int decode_smem = static_cast<int>(decode_smem_bytes<HEAD_DIM>());
   if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem_bytes<HEAD_DIM>())) != cudaSuccess ||
-      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM, false>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(decode_smem_bytes<HEAD_DIM>())) != cudaSuccess ||
-      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM, true>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(decode_smem_bytes<HEAD_DIM>())) != cudaSuccess) {
+      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           decode_smem) != cudaSuccess ||
+      cudaFuncSetAttribute(decode_attention_balanced_kernel<HEAD_DIM>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem) != cudaSuccess) {
     (void)cudaGetLastError();
     return internal_error("prefill_attention: cannot reserve shared memory");
   }
@@ -510,38 +629,44 @@ Status opt_in() {
   return ok_status();
 }
 
+// The balanced decode form's grid: the CTAs the current device holds at once (0 where unknown).
+template <int HEAD_DIM>
+int64_t balanced_ctas() {
+  static std::array<std::atomic<int>, 64> per_sm{};
+  const int device = current_device();
+  int n = device < 64 ? per_sm[static_cast<size_t>(device)].load(std::memory_order_acquire) : 0;
+  if (n == 0) {
+    if (!opt_in<HEAD_DIM>().ok() || cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                        &n, decode_attention_balanced_kernel<HEAD_DIM>, kThreads,
+                                        decode_smem_bytes<HEAD_DIM>()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    if (device < 64) per_sm[static_cast<size_t>(device)].store(n, std::memory_order_release);
+  }
+  return int64_t{n} * current_multiprocessors();
+}
+
 // NOTE: the decode form handles up to 16 rows, but groups above 8 are not tested: they take the
-// general form.
+// general form, as do block sizes that are not powers of two.
 bool decode_form(const PrefillAttentionArgs& a) {
-  return a.max_chunk_len == 1 && a.kv.num_kv_heads > 0 && a.num_heads / a.kv.num_kv_heads <= 8;
+  return a.max_chunk_len == 1 && a.kv.num_kv_heads > 0 && a.num_heads / a.kv.num_kv_heads <= 8 &&
+         a.kv.block_size > 0 && (a.kv.block_size & (a.kv.block_size - 1)) == 0;
 }
 
-// The decode form's split: none while the (chunk, kv head) pairs fill kDecodeWaves waves of the GPU
-// (kDecodeCtasPerSm CTAs an SM, by shared memory); otherwise enough CTAs a pair for those waves, as
-// long as each gets kMinDecodePartition keys of the longest chunk, and at most g_decode_key_splits.
-constexpr int64_t kDecodeWaves = 4;
-constexpr int64_t kDecodeCtasPerSm = 3;
-// Not below this bound: a captured graph's bound can be twice the longest chunk (its table width
-// is a power of two), and where the chunks are too short to share, the CTAs the split adds only
-// start and end (1k keys at batch 64: +0.1 ms a step).
-constexpr int32_t kMinSplitKeys = 4 * kMinDecodePartition;
+std::atomic<int32_t> g_decode_balance_keys{kDefaultDecodeBalanceKeys};
+std::atomic<double> g_decode_tc_pairs_per_sm{0.5};
 
-std::atomic<int32_t> g_decode_key_splits{4};
-
-// CTAs a (chunk, kv head) gets: 1 where the keys are not split.
-int32_t decode_splits(const PrefillAttentionArgs& a) {
-  const int32_t most = g_decode_key_splits.load(std::memory_order_relaxed);
-  if (most <= 1 || !decode_form(a) || a.max_seq_len < kMinSplitKeys) return 1;
-  const int64_t pairs = int64_t{a.num_chunks} * a.kv.num_kv_heads;
-  const int64_t want = kDecodeWaves * kDecodeCtasPerSm * current_multiprocessors();
-  if (pairs <= 0 || pairs >= want) return 1;
-  return static_cast<int32_t>(std::min<int64_t>(
-      {(want + pairs - 1) / pairs, int64_t{a.max_seq_len} / kMinDecodePartition, int64_t{most}}));
+// The balanced form's grid for these shapes; 0 where the decode form is not balanced.
+int64_t balanced_grid(const PrefillAttentionArgs& a) {
+  if (!decode_form(a) || g_decode_balance_keys.load(std::memory_order_relaxed) <= 0) return 0;
+  return a.kv.head_dim == 64 ? balanced_ctas<64>() : balanced_ctas<128>();
 }
 
-size_t split_workspace_bytes(const PrefillAttentionArgs& a, int32_t splits) {
-  if (splits == 1) return 0;
-  return sizeof(float) * static_cast<size_t>(a.num_chunks) * a.num_heads * splits * (a.kv.head_dim + 2);
+size_t balanced_workspace_bytes(const PrefillAttentionArgs& a, int64_t grid) {
+  // Two parts a CTA, a group of rows each: weighted V, then (base, sum).
+  return sizeof(float) * static_cast<size_t>(grid) * 2 *
+         static_cast<size_t>(a.num_heads / a.kv.num_kv_heads) * static_cast<size_t>(a.kv.head_dim + 2);
 }
 
 template <int HEAD_DIM>
@@ -550,21 +675,20 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
   const int group = a.num_heads / a.kv.num_kv_heads;
   if (decode_form(a)) {
-    int32_t splits = decode_splits(a);  // read once: the setting may change meanwhile
-    if (a.workspace == nullptr || a.split_counters == nullptr ||
-        a.workspace_bytes < split_workspace_bytes(a, splits))
-      splits = 1;
-    float* ws_acc = static_cast<float*>(a.workspace);
-    float* ws_ml =
-        ws_acc == nullptr ? nullptr : ws_acc + int64_t{a.num_chunks} * a.num_heads * splits * HEAD_DIM;
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv.num_kv_heads),
-                    static_cast<unsigned>(a.num_chunks));
-    if (splits > 1)
-      return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM, true>,
-                                 grid, dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a, ws_acc,
-                                 ws_ml);
-    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM, false>,
-                               grid, dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a, ws_acc, ws_ml);
+    const int32_t keys = g_decode_balance_keys.load(std::memory_order_relaxed);  // read once
+    const int64_t grid = keys > 0 ? balanced_grid(a) : 0;
+    if (grid > 0 && a.workspace != nullptr && a.split_counters != nullptr &&
+        a.workspace_bytes >= balanced_workspace_bytes(a, grid)) {
+      const int min_units =
+          static_cast<int>(std::max<int64_t>(1, (int64_t{keys} + kRoundKeys - 1) / kRoundKeys));
+      return launch_programmatic("prefill_attention (decode, balanced)",
+                                 decode_attention_balanced_kernel<HEAD_DIM>,
+                                 dim3(static_cast<unsigned>(grid)), dim3(kThreads),
+                                 decode_smem_bytes<HEAD_DIM>(), stream, a, min_units);
+    }
+    const dim3 grid1(1, static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
+    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM>, grid1,
+                               dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a);
   }
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
@@ -574,10 +698,27 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
 
 }  // namespace
 
-void set_decode_key_splits(int32_t most) { g_decode_key_splits.store(most, std::memory_order_relaxed); }
+void set_decode_balance_keys(int32_t min_keys) {
+  g_decode_balance_keys.store(min_keys, std::memory_order_relaxed);
+}
+
+bool decode_step_uses_tensor_cores(int64_t pairs, int32_t max_keys, int32_t block_size) {
+  if (max_keys > 8192 || block_size <= 0 || (block_size & (block_size - 1)) != 0) return false;
+  // One CTA a pair: only where the pairs fill the GPU twice over.
+  const double per_sm = g_decode_balance_keys.load(std::memory_order_relaxed) > 0
+                            ? g_decode_tc_pairs_per_sm.load(std::memory_order_relaxed)
+                            : 2.0;
+  return static_cast<double>(pairs) >= per_sm * current_multiprocessors();
+}
+
+void set_decode_tensor_core_pairs_per_sm(double pairs_per_sm) {
+  g_decode_tc_pairs_per_sm.store(pairs_per_sm, std::memory_order_relaxed);
+}
 
 size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& a) {
-  return split_workspace_bytes(a, decode_splits(a));
+  if (a.kv.num_kv_heads <= 0 || (a.kv.head_dim != 64 && a.kv.head_dim != 128)) return 0;
+  const int64_t grid = balanced_grid(a);
+  return grid > 0 ? balanced_workspace_bytes(a, grid) : 0;
 }
 
 Status prepare_prefill_attention() {
