@@ -393,7 +393,8 @@ int main(int argc, char** argv) {
   int profile_batch = 0, profile_ctx = 0;
   bool transfer_only = false, decode_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
-  double tc_pairs_per_sm = 0.5;  // the library's default
+  double tc_pairs_per_sm = 0.5;    // the library's default
+  double split_ctas_per_sm = 2.0;  // the library's default
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -410,6 +411,9 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--decode-balance-keys") == 0 && i + 1 < argc) {
       balance_keys = std::atoi(argv[++i]);
       set_decode_balance_keys(balance_keys);
+    } else if (std::strcmp(argv[i], "--decode-split-ctas-per-sm") == 0 && i + 1 < argc) {
+      split_ctas_per_sm = std::atof(argv[++i]);
+      set_decode_split_ctas_per_sm(split_ctas_per_sm);
     } else if (std::strcmp(argv[i], "--decode-tc-pairs-per-sm") == 0 && i + 1 < argc) {
       tc_pairs_per_sm = std::atof(argv[++i]);
       set_decode_tensor_core_pairs_per_sm(tc_pairs_per_sm);
@@ -435,6 +439,8 @@ int main(int argc, char** argv) {
           "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"
           "                takes when it shares all (sequence, kv head) pairs' keys evenly among one\n"
           "                wave of CTAs (default 512; 0: one CTA a pair, no balancing)\n"
+          "  --decode-split-ctas-per-sm X  the CTAs an SM the split-KV decode attention's\n"
+          "                split of a sequence's keys aims at (default 2)\n"
           "  --decode-tc-pairs-per-sm X  decode steps with at least X (sequence, kv head) pairs\n"
           "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
           "                (default 0.5)\n"
@@ -461,6 +467,7 @@ int main(int argc, char** argv) {
   out.add("programmatic_launch", programmatic_launch() ? 1 : 0);
   out.add("decode_balance_keys", balance_keys);
   out.add("decode_tc_pairs_per_sm", tc_pairs_per_sm);
+  out.add("decode_split_ctas_per_sm", split_ctas_per_sm);
   out.add("gpus", devices);
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;

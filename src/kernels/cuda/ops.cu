@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -1059,14 +1060,19 @@ struct SplitPlan {
   int32_t splits = 1;
 };
 
-// The largest partition whose grid still covers every SM twice (at least kMinPartition keys).
+std::atomic<double> g_split_ctas_per_sm{2.0};
+
+// The largest partition whose grid still has g_split_ctas_per_sm CTAs an SM (at least
+// kMinPartition keys).
 SplitPlan plan_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_len) {
-  const int64_t want_ctas = 2 * int64_t{current_multiprocessors()};
+  const double want_ctas = g_split_ctas_per_sm.load(std::memory_order_relaxed) * current_multiprocessors();
   SplitPlan p;
   const int32_t len = std::max(1, max_seq_len);
   for (;;) {
     p.splits = (len + p.partition - 1) / p.partition;
-    if (p.partition <= kMinPartition || int64_t{num_seqs} * num_kv_heads * p.splits >= want_ctas) break;
+    if (p.partition <= kMinPartition ||
+        static_cast<double>(int64_t{num_seqs} * num_kv_heads * p.splits) >= want_ctas)
+      break;
     p.partition /= 2;
   }
   return p;
@@ -1289,6 +1295,10 @@ Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stri
   if (total <= 0) return ok_status();
   write_kv_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(k_rows, v_rows, row_stride, slots, tokens, kv);
   return check_last_error("write_kv");
+}
+
+void set_decode_split_ctas_per_sm(double ctas_per_sm) {
+  g_split_ctas_per_sm.store(ctas_per_sm, std::memory_order_relaxed);
 }
 
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& a) {

@@ -164,6 +164,11 @@ struct DecodeAttentionArgs {
 };
 // Workspace for these shapes (pointers in `args` are not read); 0 when one split suffices.
 size_t decode_attention_workspace_bytes(const DecodeAttentionArgs& args);
+// The CTAs an SM decode_attention's split aims at (default 2): the largest partition of a
+// sequence's keys (at least 64) whose grid still has this many CTAs an SM. Process-wide, read
+// when a launch is made or captured (and by decode_attention_workspace_bytes); pdserve_gpu_bench
+// compares.
+void set_decode_split_ctas_per_sm(double ctas_per_sm);
 Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t workspace_bytes,
                         StreamHandle stream);
 
