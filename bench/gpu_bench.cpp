@@ -112,8 +112,8 @@ double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
   return ms[ms.size() / 2];
 }
 
-std::string model_section(const std::string& name, bool quick, bool decode_only, double copy_gbps,
-                          double gemm_tflops) {
+std::string model_section(const std::string& name, bool quick, bool with_decode, bool with_prefill,
+                          double copy_gbps, double gemm_tflops) {
   const int reps = quick ? 3 : 10;
   const int32_t bs = 16;
   struct DecodeCase {
@@ -122,7 +122,7 @@ std::string model_section(const std::string& name, bool quick, bool decode_only,
   std::vector<DecodeCase> decode_cases;
   for (int32_t batch : {1, 16, 64})
     for (int32_t ctx : {1024, 4096})
-      if (!quick || batch * ctx <= 16 * 1024) decode_cases.push_back({batch, ctx});
+      if (with_decode && (!quick || batch * ctx <= 16 * 1024)) decode_cases.push_back({batch, ctx});
   int32_t max_blocks = 0;
   for (const DecodeCase& c : decode_cases) max_blocks = std::max(max_blocks, c.batch * (c.ctx / bs + 1));
   max_blocks = std::max(max_blocks, 4096 / bs + 8 * (512 / bs));
@@ -180,7 +180,7 @@ std::string model_section(const std::string& name, bool quick, bool decode_only,
   };
   std::vector<PrefillCase> prefill_cases = {{1, 4096}, {8, 512}};
   if (quick) prefill_cases = {{1, 1024}};
-  if (decode_only) prefill_cases.clear();
+  if (!with_prefill) prefill_cases.clear();
   for (size_t i = 0; i < prefill_cases.size(); ++i) {
     const PrefillCase& pc = prefill_cases[i];
     const int32_t per_seq = pc.len / bs + 1;
@@ -358,29 +358,34 @@ std::string transfer_section(double peer_gbps, bool quick) {
   return j.str();
 }
 
-// Three decode steps, kernels launched one by one, the third between profiler_start() and
-// profiler_stop(): for a profiler.
-int profile_decode(const std::string& name, int32_t batch, int32_t ctx) {
-  const int32_t bs = 16, per_seq = ctx / bs + 1;
+// Three forward passes, kernels launched one by one, the third between profiler_start() and
+// profiler_stop(): for a profiler. Decode steps at position ctx (prompt_len 0), or prefills of
+// prompt_len tokens.
+int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t prompt_len) {
+  const bool decode = prompt_len == 0;
+  const int32_t bs = 16, per_seq = (decode ? ctx : prompt_len) / bs + 1;
   CudaModelOptions options{0, batch * per_seq, bs, false};
   std::unique_ptr<CudaLlamaModel> m =
       value_or_die(CudaLlamaModel::synthetic(name, options, 1234), "synthetic model");
   CHECK_OK(m->randomize_kv(99));
   std::vector<std::vector<int32_t>> tables(batch);
   ForwardBatch b;
-  std::vector<int32_t> tokens(batch, 42), next(batch);
+  std::vector<int32_t> tokens(static_cast<size_t>(batch) * (decode ? 1 : prompt_len), 42), next(batch);
   b.tokens = tokens;
   for (int32_t s = 0; s < batch; ++s) {
     tables[s].resize(per_seq);
     std::iota(tables[s].begin(), tables[s].end(), s * per_seq);
-    b.chunks.push_back({ctx, 1, tables[s], true});
+    b.chunks.push_back({decode ? ctx : 0, decode ? 1 : prompt_len, tables[s], true});
   }
   for (int i = 0; i < 2; ++i) CHECK_OK(m->forward_argmax(b, next.data()));
   CHECK_OK(profiler_start());
   CHECK_OK(m->forward_argmax(b, next.data()));
   CHECK_OK(profiler_stop());
-  std::printf("profiled the third of 3 decode steps of %s at batch %d, context %d\n", name.c_str(), batch,
-              ctx);
+  if (decode)
+    std::printf("profiled the third of 3 decode steps of %s at batch %d, context %d\n", name.c_str(), batch,
+                ctx);
+  else
+    std::printf("profiled the third of 3 prefills of %s, %d x %d tokens\n", name.c_str(), batch, prompt_len);
   return 0;
 }
 
@@ -390,8 +395,8 @@ int main(int argc, char** argv) {
   std::string json_path;
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
-  int profile_batch = 0, profile_ctx = 0;
-  bool transfer_only = false, decode_only = false;
+  int profile_batch = 0, profile_ctx = 0, profile_prompt = 0;
+  bool transfer_only = false, decode_only = false, prefill_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
   double tc_pairs_per_sm = 0.5;    // the library's default
   double split_ctas_per_sm = 2.0;  // the library's default
@@ -419,6 +424,14 @@ int main(int argc, char** argv) {
       set_decode_tensor_core_pairs_per_sm(tc_pairs_per_sm);
     } else if (std::strcmp(argv[i], "--decode-only") == 0) {
       decode_only = true;
+    } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
+      prefill_only = true;
+    } else if (std::strcmp(argv[i], "--profile-prefill") == 0 && i + 1 < argc) {
+      if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_prompt) != 2 || profile_batch <= 0 ||
+          profile_prompt <= 0) {
+        std::fprintf(stderr, "pdserve_gpu_bench: --profile-prefill wants PROMPTS,TOKENS (e.g. 1,4096)\n");
+        return 2;
+      }
     } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 || profile_batch <= 0 ||
           profile_ctx <= 0) {
@@ -445,13 +458,15 @@ int main(int argc, char** argv) {
           "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
           "                (default 0.5)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
+          "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
-          "                launched one by one (for a profiler such as ncu)\n");
+          "                launched one by one (for a profiler such as ncu)\n"
+          "  --profile-prefill P,T  the same with three prefills of P prompts of T tokens\n");
       return 2;
     }
   }
-  if (profile_batch > 0) return profile_decode(model_name, profile_batch, profile_ctx);
+  if (profile_batch > 0) return profile_steps(model_name, profile_batch, profile_ctx, profile_prompt);
   const int devices = device_count();
   if (devices == 0) {
     std::fprintf(stderr, "pdserve_gpu_bench: no CUDA device (%s)\n", no_device_reason().c_str());
@@ -507,9 +522,10 @@ int main(int argc, char** argv) {
     out.add("gemm_tflops", gemm_tflops);
   }
 
-  if (decode_only) {
+  if (decode_only || prefill_only) {
     if (!model_name.empty())
-      out.add_raw("model", model_section(model_name, quick, true, copy_gbps, gemm_tflops));
+      out.add_raw("model",
+                  model_section(model_name, quick, decode_only, prefill_only, copy_gbps, gemm_tflops));
     CHECK_OK(synchronize());
     return write_json(json_path, out);
   }
@@ -816,7 +832,7 @@ int main(int argc, char** argv) {
   }
 
   if (!model_name.empty())
-    out.add_raw("model", model_section(model_name, quick, false, copy_gbps, gemm_tflops));
+    out.add_raw("model", model_section(model_name, quick, true, true, copy_gbps, gemm_tflops));
 
   CHECK_OK(synchronize());
   return write_json(json_path, out);

@@ -240,6 +240,50 @@ TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
   }
 }
 
+// More rows than a grid's y dimension holds take the kernel's flat form: the same bits as the rows
+// in two calls of the row-per-grid-row form (whose values the test above checks).
+TEST_F(CudaKernels, RopeQkvOverManyRowsEqualsItInPieces) {
+  SEED_TRACE();
+  const int64_t rows = 65600, split = 40000;
+  const int32_t heads = 2, kv_heads = 1, head_dim = 8, block_size = 16;
+  const int64_t width = int64_t{heads + 2 * kv_heads} * head_dim;
+  std::vector<float> qkv = randn(rows * width);
+  std::vector<int32_t> pos(rows), slots(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    pos[r] = static_cast<int32_t>(r % 4096);
+    slots[r] = static_cast<int32_t>(r);
+  }
+  std::vector<float> inv_freq = {1.0f, 0.1f, 0.01f, 0.001f};
+  auto dqkv = upload(qkv), dpos = upload(pos), dslots = upload(slots), dfreq = upload(inv_freq);
+  const int64_t cache_values = rows * kv_heads * head_dim;  // rows is a multiple of block_size
+  std::vector<std::vector<uint16_t>> got;
+  for (const bool pieces : {false, true}) {
+    auto dk = poisoned<uint16_t>(cache_values), dv = poisoned<uint16_t>(cache_values);
+    auto dq = poisoned<uint16_t>(rows * heads * head_dim);
+    for (const auto& [first, n] :
+         pieces ? std::vector<std::pair<int64_t, int64_t>>{{0, split}, {split, rows - split}}
+                : std::vector<std::pair<int64_t, int64_t>>{{0, rows}}) {
+      RopeQkvArgs a;
+      a.qkv = dqkv.as<float>() + first * width;
+      a.ld = width;
+      a.positions = dpos.as<int32_t>() + first;
+      a.slots = dslots.as<int32_t>() + first;
+      a.rows = n;
+      a.num_heads = heads;
+      a.rope_dim = head_dim;
+      a.inv_freq = dfreq.as<float>();
+      a.q_out = dq.as<uint16_t>() + first * heads * head_dim;
+      a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, kv_heads, head_dim};
+      ASSERT_TRUE(rope_qkv(a, nullptr).ok());
+    }
+    got.push_back(download<uint16_t>(dq, rows * heads * head_dim));
+    got.push_back(download<uint16_t>(dk, cache_values));
+    got.push_back(download<uint16_t>(dv, cache_values));
+  }
+  for (size_t i = 0; i < 3; ++i) ASSERT_EQ(got[i], got[i + 3]) << "output " << i << " (q, k, v)";
+  ASSERT_NE(got[0], std::vector<uint16_t>(got[0].size(), got[0][0])) << "nothing was written";
+}
+
 TEST_F(CudaKernels, EmbeddingAndArgmax) {
   SEED_TRACE();
   const int64_t vocab = 1000, n = 96;

@@ -167,17 +167,29 @@ __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, u
 
 // One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
 // is a rotation pair; the rest copy dims rope_dim + 2(j - rope_dim/2) and the next one.
+// Row r: blockIdx.y (kRowsInY), or the rows in one flat index (a longer batch).
+template <bool kRowsInY>
 __global__ void rope_qkv_kernel(RopeQkvArgs a) {
   grid_dependency_wait();
   allow_dependents();
   const int32_t hd = a.kv.head_dim;
   const int32_t pairs = hd / 2;
   const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
-  const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (idx >= a.rows * heads * pairs) return;
-  const int32_t j = static_cast<int32_t>(idx % pairs);
-  const int32_t h = static_cast<int32_t>(idx / pairs % heads);
-  const int64_t r = idx / pairs / heads;
+  int32_t j, h;
+  int64_t r;
+  if constexpr (kRowsInY) {
+    const int32_t idx = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
+    if (idx >= heads * pairs) return;
+    j = idx % pairs;
+    h = idx / pairs;
+    r = blockIdx.y;
+  } else {
+    const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+    if (idx >= a.rows * heads * pairs) return;
+    j = static_cast<int32_t>(idx % pairs);
+    h = static_cast<int32_t>(idx / pairs % heads);
+    r = idx / pairs / heads;
+  }
   const int32_t half = a.rope_dim / 2;
   const bool is_v = h >= a.num_heads + a.kv.num_kv_heads;
   int32_t ia, ib;
@@ -1161,10 +1173,15 @@ Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
   const int32_t hd = a.kv.head_dim;
   if (hd <= 0 || hd % 2 != 0 || a.rope_dim < 0 || a.rope_dim % 2 != 0 || a.rope_dim > hd)
     return invalid_argument("rope_qkv: head_dim must be even and rope_dim even and at most head_dim");
-  const int64_t total = a.rows * (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
+  const int64_t per_row = (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
+  const int64_t total = a.rows * per_row;
   if (total <= 0) return ok_status();
-  return launch_programmatic("rope_qkv", rope_qkv_kernel, dim3(blocks_for(total, 256)), dim3(256), 0, stream,
-                             a);
+  if (a.rows <= 65535 && per_row <= INT_MAX)
+    return launch_programmatic("rope_qkv", rope_qkv_kernel<true>,
+                               dim3(blocks_for(per_row, 256), static_cast<unsigned>(a.rows)), dim3(256), 0,
+                               stream, a);
+  return launch_programmatic("rope_qkv", rope_qkv_kernel<false>, dim3(blocks_for(total, 256)), dim3(256), 0,
+                             stream, a);
 }
 
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,

@@ -196,7 +196,8 @@ struct WarpAttention {
   }
 };
 
-template <int HEAD_DIM>
+// kPow2Blocks: the block size is a power of two (a key's block and row by shift and mask).
+template <int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
   grid_dependency_wait();
   allow_dependents();
@@ -228,18 +229,26 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int keys_end = first_pos + last_row / group + 1;
   const int num_tiles = (keys_end + kKeys - 1) / kKeys;
 
+  // kKeys rows × kChunks 16-byte chunks for K and for V: this thread copies chunk c of rows r0,
+  // r0 + kRowStep, ..., which all have the same row % 8, so the same swizzled chunk.
+  constexpr int kRowStep = kThreads / kChunks;
+  const int c = threadIdx.x % kChunks;
+  const int r0 = threadIdx.x / kChunks;
+  const int swizzled = (c ^ (r0 & 7)) * 8;
+  const int bs_shift = __ffs(bs) - 1;  // used with kPow2Blocks only
+  const uint16_t* k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
+  const uint16_t* v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
   auto load_tile = [&](int tile, int stage) {
-    // kKeys rows × kChunks chunks for K and for V; each thread takes every kThreads-th chunk.
-    for (int i = threadIdx.x; i < kKeys * kChunks; i += kThreads) {
-      const int r = i / kChunks;
-      const int c = i % kChunks;
-      const int key = tile * kKeys + r;
+#pragma unroll
+    for (int row = r0; row < kKeys; row += kRowStep) {
+      const int key = tile * kKeys + row;
       const bool valid = key < keys_end;
-      const int64_t off = valid ? table[key / bs] * block_stride + int64_t{kv_head} * head_block +
-                                      int64_t{key % bs} * HEAD_DIM + c * 8
-                                : 0;
-      cp_async16(k_tiles + stage * kKeys * HEAD_DIM + swizzle<HEAD_DIM>(r, c), a.kv.k + off, valid);
-      cp_async16(v_tiles + stage * kKeys * HEAD_DIM + swizzle<HEAD_DIM>(r, c), a.kv.v + off, valid);
+      const int block = kPow2Blocks ? key >> bs_shift : key / bs;
+      const int in_block = kPow2Blocks ? key & (bs - 1) : key - block * bs;
+      const int64_t off = valid ? table[block] * block_stride + int64_t{in_block} * HEAD_DIM : 0;
+      const int at = stage * kKeys * HEAD_DIM + row * HEAD_DIM + swizzled;
+      cp_async16(k_tiles + at, k_at + off, valid);
+      cp_async16(v_tiles + at, v_at + off, valid);
     }
     cp_async_commit();
   };
@@ -616,8 +625,11 @@ Status opt_in() {
   const int device = current_device();
   if (device < 64 && done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return ok_status();
   const int decode_smem = static_cast<int>(decode_smem_bytes<HEAD_DIM>());
-  if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem_bytes<HEAD_DIM>())) != cudaSuccess ||
+  const int prefill_smem = static_cast<int>(smem_bytes<HEAD_DIM>());
+  if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM, true>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) != cudaSuccess ||
+      cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM, false>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) != cudaSuccess ||
       cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            decode_smem) != cudaSuccess ||
       cudaFuncSetAttribute(decode_attention_balanced_kernel<HEAD_DIM>,
@@ -692,8 +704,11 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   }
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
-  return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM>, grid, dim3(kThreads),
-                             smem, stream, a);
+  if ((a.kv.block_size & (a.kv.block_size - 1)) == 0)
+    return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM, true>, grid,
+                               dim3(kThreads), smem, stream, a);
+  return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM, false>, grid,
+                             dim3(kThreads), smem, stream, a);
 }
 
 }  // namespace
