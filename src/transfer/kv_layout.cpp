@@ -3,8 +3,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -205,11 +209,11 @@ void stream_fence() {
 }
 
 // Copies the wire range [offset, offset + bytes) between `flat` and the view's blocks (kToView:
-// scatter, else gather).
+// scatter, else gather); `streaming`: with non-temporal stores (a part of a large copy).
 template <bool kToView>
 void copy_runs(const PagedKvView& view, std::span<const int32_t> table, int32_t num_tokens, uint64_t offset,
-               uint64_t bytes, uint8_t* flat) {
-  if (bytes < kStreamingCopyMinBytes) {
+               uint64_t bytes, uint8_t* flat, bool streaming) {
+  if (!streaming) {
     for_each_kv_run(view, table, num_tokens, offset, bytes, [flat](uint8_t* p, uint64_t off, size_t len) {
       if constexpr (kToView) {
         std::memcpy(p, flat + off, len);
@@ -240,14 +244,76 @@ void copy_runs(const PagedKvView& view, std::span<const int32_t> table, int32_t 
   stream_fence();
 }
 
+// Splitting a copy over threads: from this size, in parts of at least kCopyPartMinBytes (a split
+// copy is at least kStreamingCopyMinBytes, so every part streams).
+// Measured on the 2-vCPU benchmark VM: docs/perf/pd.md.
+constexpr uint64_t kParallelCopyMinBytes = uint64_t{32} << 20;
+constexpr uint64_t kCopyPartMinBytes = uint64_t{8} << 20;
+constexpr int kMaxCopyThreads = 4;
+std::atomic<int> g_copy_threads{0};
+
+int copy_threads() {
+  const int set = g_copy_threads.load(std::memory_order_relaxed);
+  if (set > 0) return set;
+  static const int hardware =
+      std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, kMaxCopyThreads);
+  return hardware;
+}
+
 }  // namespace
+
+int kv_copy_threads_for(uint64_t bytes) {
+  if (bytes < kParallelCopyMinBytes) return 1;
+  return static_cast<int>(
+      std::min<uint64_t>(static_cast<uint64_t>(copy_threads()), bytes / kCopyPartMinBytes));
+}
+
+namespace {
+
+// copy_runs over [offset, offset + bytes), large ranges in parts on several threads (each part a
+// wire range of its own, so any split point is fine; 64-byte multiples keep the streams aligned).
+template <bool kToView>
+void copy_runs_split(const PagedKvView& view, std::span<const int32_t> table, int32_t num_tokens,
+                     uint64_t offset, uint64_t bytes, uint8_t* flat) {
+  const bool streaming = bytes >= kStreamingCopyMinBytes;
+  const uint64_t threads = static_cast<uint64_t>(kv_copy_threads_for(bytes));
+  if (threads <= 1) {
+    copy_runs<kToView>(view, table, num_tokens, offset, bytes, flat, streaming);
+    return;
+  }
+  const uint64_t part = (bytes / threads + 63) / 64 * 64;
+  std::vector<std::thread> helpers;
+  helpers.reserve(threads);
+  std::vector<uint64_t> left;  // starts of the parts no thread took
+  for (uint64_t start = part; start < bytes; start += part) {
+    const uint64_t len = std::min(part, bytes - start);
+    try {
+      helpers.emplace_back([&view, table, num_tokens, offset, start, len, flat] {
+        copy_runs<kToView>(view, table, num_tokens, offset + start, len, flat + start, true);
+      });
+    } catch (const std::system_error&) {
+      left.push_back(start);
+    }
+  }
+  copy_runs<kToView>(view, table, num_tokens, offset, std::min(part, bytes), flat, true);
+  for (const uint64_t start : left)
+    copy_runs<kToView>(view, table, num_tokens, offset + start, std::min(part, bytes - start), flat + start,
+                       true);
+  for (std::thread& t : helpers) t.join();
+}
+
+}  // namespace
+
+void set_kv_copy_threads(int threads) {
+  g_copy_threads.store(std::max(0, threads), std::memory_order_relaxed);
+}
 
 Status gather_kv_range(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
                        uint64_t body_offset, std::span<uint8_t> out) {
   PD_RETURN_IF_ERROR(src.require_host("gather_kv"));
   PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, num_tokens));
   PD_RETURN_IF_ERROR(check_range(src.layout, num_tokens, body_offset, out.size()));
-  copy_runs<false>(src, block_table, num_tokens, body_offset, out.size(), out.data());
+  copy_runs_split<false>(src, block_table, num_tokens, body_offset, out.size(), out.data());
   return ok_status();
 }
 
@@ -275,8 +341,8 @@ Status scatter_kv_range(std::span<const uint8_t> bytes, uint64_t body_offset, in
   PD_RETURN_IF_ERROR(check_kv_block_table(dst, block_table, num_tokens));
   PD_RETURN_IF_ERROR(check_range(dst.layout, num_tokens, body_offset, bytes.size()));
   // NOTE: copy_runs only reads from `flat` when scattering.
-  copy_runs<true>(dst, block_table, num_tokens, body_offset, bytes.size(),
-                  const_cast<uint8_t*>(bytes.data()));
+  copy_runs_split<true>(dst, block_table, num_tokens, body_offset, bytes.size(),
+                        const_cast<uint8_t*>(bytes.data()));
   return ok_status();
 }
 

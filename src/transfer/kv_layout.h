@@ -12,9 +12,9 @@
 // (T = num_tokens, R = row bytes). It depends on no block size, so prefill and decode may page
 // their KV differently (docs/decisions/kv-wire.md).
 //
-// Plain data and free functions; no state. The copies read and write the memory the views name
-// and are as thread-safe as that memory is (concurrent copies into disjoint blocks are fine).
-// Views do not own memory.
+// Plain data and free functions; one process-wide setting (set_kv_copy_threads). The copies read
+// and write the memory the views name and are as thread-safe as that memory is (concurrent copies
+// into disjoint blocks are fine). Views do not own memory.
 #pragma once
 
 #include <cstddef>
@@ -150,6 +150,13 @@ void for_each_kv_run(const PagedKvView& view, std::span<const int32_t> block_tab
     pos += run;
   }
 }
+
+// Threads a gather or scatter of at least 32 MiB is split over, the calling one included (parts of
+// at least 8 MiB): 0 (the default) for up to 4, as the hardware allows; 1: never split. A copy that
+// cannot start a thread does that part itself. Process-wide; pdserve_transfer_bench compares.
+void set_kv_copy_threads(int threads);
+// The threads a gather or scatter of `bytes` is split over now.
+int kv_copy_threads_for(uint64_t bytes);
 
 // Gather (prefill side): copies the KV of tokens [0, num_tokens) into `out` in wire order.
 // out.size() must be layout.body_bytes(num_tokens).

@@ -169,8 +169,9 @@ TEST(KvLayoutTest, LayerAndRangePiecesAssembleTheSameBlocks) {
   EXPECT_EQ(out, body);
 }
 
-// Copies of 32 MiB and more take the streaming-store path: odd row sizes, a misaligned flat
-// buffer and different block sizes must still round-trip exactly.
+// Copies of 32 MiB and more take the streaming-store path, split over threads: odd row sizes, a
+// misaligned flat buffer, different block sizes and any number of parts must still round-trip
+// exactly.
 TEST(KvLayoutTest, LargeCopiesRoundTrip) {
   std::mt19937 rng(4);
   const KvLayout layout = test_layout(9, 40, 7);  // 14-byte rows: nothing is 16-byte aligned
@@ -180,24 +181,31 @@ TEST(KvLayoutTest, LargeCopiesRoundTrip) {
   const auto src_table = random_table(rng, src.view.num_blocks, blocks_for(tokens, 5));
   const uint64_t body_bytes = layout.body_bytes(tokens);
   ASSERT_GE(body_bytes, uint64_t{32} << 20);
-
-  std::vector<uint8_t> storage(body_bytes + 1);
-  const std::span<uint8_t> body(storage.data() + 1, body_bytes);  // misaligned on purpose
-  ASSERT_TRUE(gather_kv(src.view, src_table, tokens, body).ok());
   const std::vector<uint8_t> expected = reference_body(src, src_table, tokens);
-  ASSERT_TRUE(std::equal(body.begin(), body.end(), expected.begin()));
+  struct RestoreThreads {
+    ~RestoreThreads() { set_kv_copy_threads(0); }
+  } restore;
+  for (const int threads : {1, 3, 4}) {
+    SCOPED_TRACE(::testing::Message() << threads << " threads");
+    set_kv_copy_threads(threads);
+    ASSERT_EQ(kv_copy_threads_for(body_bytes), threads);
+    std::vector<uint8_t> storage(body_bytes + 1);
+    const std::span<uint8_t> body(storage.data() + 1, body_bytes);  // misaligned on purpose
+    ASSERT_TRUE(gather_kv(src.view, src_table, tokens, body).ok());
+    ASSERT_TRUE(std::equal(body.begin(), body.end(), expected.begin()));
 
-  TestKv dst(layout, 16, blocks_for(tokens, 16) + 2);
-  const auto dst_table = random_table(rng, dst.view.num_blocks, blocks_for(tokens, 16));
-  ASSERT_TRUE(scatter_kv(body, tokens, dst.view, dst_table).ok());
-  // Read back in 1 MiB pieces (the plain memcpy path).
-  std::vector<uint8_t> piece(1 << 20);
-  for (uint64_t off = 0; off < body_bytes; off += piece.size()) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(piece.size(), body_bytes - off));
-    ASSERT_TRUE(gather_kv_range(dst.view, dst_table, tokens, off, {piece.data(), n}).ok());
-    ASSERT_TRUE(std::equal(piece.begin(), piece.begin() + static_cast<ptrdiff_t>(n),
-                           expected.begin() + static_cast<ptrdiff_t>(off)))
-        << "at body offset " << off;
+    TestKv dst(layout, 16, blocks_for(tokens, 16) + 2);
+    const auto dst_table = random_table(rng, dst.view.num_blocks, blocks_for(tokens, 16));
+    ASSERT_TRUE(scatter_kv(body, tokens, dst.view, dst_table).ok());
+    // Read back in 1 MiB pieces (the plain memcpy path).
+    std::vector<uint8_t> piece(1 << 20);
+    for (uint64_t off = 0; off < body_bytes; off += piece.size()) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(piece.size(), body_bytes - off));
+      ASSERT_TRUE(gather_kv_range(dst.view, dst_table, tokens, off, {piece.data(), n}).ok());
+      ASSERT_TRUE(std::equal(piece.begin(), piece.begin() + static_cast<ptrdiff_t>(n),
+                             expected.begin() + static_cast<ptrdiff_t>(off)))
+          << "at body offset " << off;
+    }
   }
 }
 
