@@ -281,17 +281,18 @@ void copy_runs_split(const PagedKvView& view, std::span<const int32_t> table, in
     copy_runs<kToView>(view, table, num_tokens, offset, bytes, flat, streaming);
     return;
   }
-  const uint64_t part = (bytes / threads + 63) / 64 * 64;
+  const uint64_t part = ((bytes + threads - 1) / threads + 63) / 64 * 64;  // at most `threads` parts
   std::vector<std::thread> helpers;
   helpers.reserve(threads);
   std::vector<uint64_t> left;  // starts of the parts no thread took
+  left.reserve(threads);
   for (uint64_t start = part; start < bytes; start += part) {
     const uint64_t len = std::min(part, bytes - start);
     try {
       helpers.emplace_back([&view, table, num_tokens, offset, start, len, flat] {
         copy_runs<kToView>(view, table, num_tokens, offset + start, len, flat + start, true);
       });
-    } catch (const std::system_error&) {
+    } catch (...) {  // no thread (std::system_error, or no memory for one): this thread copies it
       left.push_back(start);
     }
   }

@@ -153,7 +153,9 @@ void for_each_kv_run(const PagedKvView& view, std::span<const int32_t> block_tab
 
 // Threads a gather or scatter of at least 32 MiB is split over, the calling one included (parts of
 // at least 8 MiB): 0 (the default) for up to 4, as the hardware allows; 1: never split. A copy that
-// cannot start a thread does that part itself. Process-wide; pdserve_transfer_bench compares.
+// cannot start a thread does that part itself. The parts write disjoint blocks only if the block
+// table names each block once (as every caller's does). Process-wide; pdserve_transfer_bench
+// compares.
 void set_kv_copy_threads(int threads);
 // The threads a gather or scatter of `bytes` is split over now.
 int kv_copy_threads_for(uint64_t bytes);

@@ -185,7 +185,7 @@ TEST(KvLayoutTest, LargeCopiesRoundTrip) {
   struct RestoreThreads {
     ~RestoreThreads() { set_kv_copy_threads(0); }
   } restore;
-  for (const int threads : {1, 3, 4}) {
+  for (const int threads : {1, 2, 3, 4}) {
     SCOPED_TRACE(::testing::Message() << threads << " threads");
     set_kv_copy_threads(threads);
     ASSERT_EQ(kv_copy_threads_for(body_bytes), threads);

@@ -1176,7 +1176,7 @@ Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
   const int64_t per_row = (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
   const int64_t total = a.rows * per_row;
   if (total <= 0) return ok_status();
-  if (a.rows <= 65535 && per_row <= INT_MAX)
+  if (a.rows <= 65535 && per_row <= INT_MAX - 256)  // the last CTA's 32-bit indices do not wrap
     return launch_programmatic("rope_qkv", rope_qkv_kernel<true>,
                                dim3(blocks_for(per_row, 256), static_cast<unsigned>(a.rows)), dim3(256), 0,
                                stream, a);

@@ -232,6 +232,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   // kKeys rows × kChunks 16-byte chunks for K and for V: this thread copies chunk c of rows r0,
   // r0 + kRowStep, ..., which all have the same row % 8, so the same swizzled chunk.
   constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kRowStep % 8 == 0, "a thread's rows must share row % 8 (the swizzle)");
   const int c = threadIdx.x % kChunks;
   const int r0 = threadIdx.x / kChunks;
   const int swizzled = (c ^ (r0 & 7)) * 8;
@@ -351,6 +352,7 @@ __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, 
   // chunk c of rows r0, r0 + kRowStep, ... Every one of its rows has the same row % 8, so the same
   // swizzled chunk.
   constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kRowStep % 8 == 0, "a thread's rows must share row % 8 (the swizzle)");
   const int c = threadIdx.x % kChunks;
   const int r0 = threadIdx.x / kChunks;
   const int swizzled = (c ^ (r0 & 7)) * 8;
