@@ -197,11 +197,55 @@ struct WarpAttention {
 };
 
 // kPow2Blocks: the block size is a power of two (a key's block and row by shift and mask).
+// Copies kKeys consecutive key rows of one (chunk, kv head) pair's K and V from the paged cache
+// into shared memory as [kKeys][HEAD_DIM] swizzled tiles (cp.async; the caller commits); keys at
+// or past key_end are zero-filled. Thread t copies 16-byte chunk t % kChunks of rows r0 = t /
+// kChunks, r0 + kRowStep, ...: all with the same row % 8, so the same swizzled chunk. kPow2Blocks:
+// the block size is a power of two (a key's block and row by shift and mask, not a division).
+template <int HEAD_DIM, bool kPow2Blocks>
+struct KeyTileCopier {
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kRowStep % 8 == 0 && kKeys % kRowStep == 0, "a thread's rows must share row % 8");
+  const int32_t* table;
+  const uint16_t* k_at;
+  const uint16_t* v_at;
+  int64_t block_stride;
+  int bs, bs_shift, r0, swizzled;
+
+  __device__ __forceinline__ KeyTileCopier(const PrefillAttentionArgs& a, int chunk, int kv_head) {
+    const int c = threadIdx.x % kChunks;
+    bs = a.kv.block_size;
+    bs_shift = __ffs(bs) - 1;  // used with kPow2Blocks only
+    r0 = threadIdx.x / kChunks;
+    swizzled = (c ^ (r0 & 7)) * 8;
+    table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
+    const int64_t head_block = int64_t{bs} * HEAD_DIM;  // one head's rows of a block
+    block_stride = int64_t{a.kv.num_kv_heads} * head_block;
+    k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
+    v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
+  }
+
+  __device__ __forceinline__ void copy(uint16_t* k_tile, uint16_t* v_tile, int key0, int key_end) const {
+#pragma unroll
+    for (int i = 0; i < kKeys / kRowStep; ++i) {
+      const int row = r0 + i * kRowStep;
+      const int key = key0 + row;
+      const bool valid = key < key_end;
+      const int block = kPow2Blocks ? key >> bs_shift : key / bs;
+      const int in_block = kPow2Blocks ? key & (bs - 1) : key - block * bs;
+      const int64_t off = valid ? table[block] * block_stride + int64_t{in_block} * HEAD_DIM : 0;
+      const int at = row * HEAD_DIM + swizzled;
+      cp_async16(k_tile + at, k_at + off, valid);
+      cp_async16(v_tile + at, v_at + off, valid);
+    }
+  }
+};
+
 template <int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
   grid_dependency_wait();
   allow_dependents();
-  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks per row
   constexpr int kDimTiles = HEAD_DIM / 8;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* k_tiles = smem;                         // [2][kKeys][HEAD_DIM], swizzled
@@ -216,11 +260,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   if (row0 >= rows) return;
   const int first_pos = a.chunk_first_pos[chunk];
   const int q_start = a.chunk_q_start[chunk];
-  const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
-  const int bs = a.kv.block_size;
-  const int64_t head_block = int64_t{bs} * HEAD_DIM;  // one head's rows of a block
-  const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
@@ -229,28 +269,10 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int keys_end = first_pos + last_row / group + 1;
   const int num_tiles = (keys_end + kKeys - 1) / kKeys;
 
-  // kKeys rows × kChunks 16-byte chunks for K and for V: this thread copies chunk c of rows r0,
-  // r0 + kRowStep, ..., which all have the same row % 8, so the same swizzled chunk.
-  constexpr int kRowStep = kThreads / kChunks;
-  static_assert(kRowStep % 8 == 0, "a thread's rows must share row % 8 (the swizzle)");
-  const int c = threadIdx.x % kChunks;
-  const int r0 = threadIdx.x / kChunks;
-  const int swizzled = (c ^ (r0 & 7)) * 8;
-  const int bs_shift = __ffs(bs) - 1;  // used with kPow2Blocks only
-  const uint16_t* k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
-  const uint16_t* v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
+  const KeyTileCopier<HEAD_DIM, kPow2Blocks> copier(a, chunk, kv_head);
   auto load_tile = [&](int tile, int stage) {
-#pragma unroll
-    for (int row = r0; row < kKeys; row += kRowStep) {
-      const int key = tile * kKeys + row;
-      const bool valid = key < keys_end;
-      const int block = kPow2Blocks ? key >> bs_shift : key / bs;
-      const int in_block = kPow2Blocks ? key & (bs - 1) : key - block * bs;
-      const int64_t off = valid ? table[block] * block_stride + int64_t{in_block} * HEAD_DIM : 0;
-      const int at = stage * kKeys * HEAD_DIM + row * HEAD_DIM + swizzled;
-      cp_async16(k_tiles + at, k_at + off, valid);
-      cp_async16(v_tiles + at, v_at + off, valid);
-    }
+    copier.copy(k_tiles + stage * kKeys * HEAD_DIM, v_tiles + stage * kKeys * HEAD_DIM, tile * kKeys,
+                keys_end);
     cp_async_commit();
   };
   load_tile(0, 0);
@@ -332,45 +354,23 @@ template <int HEAD_DIM>
 __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, int chunk, int kv_head,
                                                  int key_begin, int key_end, uint16_t* smem, float* part_acc,
                                                  float* part_ml) {
-  constexpr int kChunks = HEAD_DIM / 8;
   constexpr int kDimTiles = HEAD_DIM / 8;
   constexpr int kTileValues = kDecodeKeys * HEAD_DIM;     // one warp's K (or V) tile
   constexpr int kStageValues = 2 * kWarps * kTileValues;  // K then V, for the 4 warps
+  static_assert(kRoundKeys == kKeys, "a round is one copier tile: the 4 warps' tiles in a row");
   const int group = a.num_heads / a.kv.num_kv_heads;
   const int q_start = a.chunk_q_start[chunk];
-  const int32_t* table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
-  const int bs = a.kv.block_size;  // a power of two (decode_form)
-  const int bs_shift = __ffs(bs) - 1;
-  const int64_t head_block = int64_t{bs} * HEAD_DIM;
-  const int64_t block_stride = int64_t{a.kv.num_kv_heads} * head_block;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int rounds = (key_end - key_begin + kRoundKeys - 1) / kRoundKeys;
 
-  // A round is kRoundKeys rows of K and of V, kChunks 16-byte chunks a row: this thread copies
-  // chunk c of rows r0, r0 + kRowStep, ... Every one of its rows has the same row % 8, so the same
-  // swizzled chunk.
-  constexpr int kRowStep = kThreads / kChunks;
-  static_assert(kRowStep % 8 == 0, "a thread's rows must share row % 8 (the swizzle)");
-  const int c = threadIdx.x % kChunks;
-  const int r0 = threadIdx.x / kChunks;
-  const int swizzled = (c ^ (r0 & 7)) * 8;
-  const uint16_t* k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
-  const uint16_t* v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
+  // A round's K rows are the 4 warps' 16-key tiles one after another (warp w's tile: rows 16w..),
+  // then its V rows: one copier tile each. The block size is a power of two (decode_form).
+  const KeyTileCopier<HEAD_DIM, true> copier(a, chunk, kv_head);
   auto load_round = [&](int round, int stage) {
     uint16_t* base = smem + stage * kStageValues;
-    const int key0 = key_begin + round * kRoundKeys;
-#pragma unroll
-    for (int row = r0; row < kRoundKeys; row += kRowStep) {  // row / kDecodeKeys: the warp's tile
-      const int key = key0 + row;
-      const bool valid = key < key_end;
-      const int64_t off =
-          valid ? table[key >> bs_shift] * block_stride + int64_t{key & (bs - 1)} * HEAD_DIM : 0;
-      const int at = (row / kDecodeKeys) * kTileValues + (row % kDecodeKeys) * HEAD_DIM + swizzled;
-      cp_async16(base + at, k_at + off, valid);
-      cp_async16(base + kWarps * kTileValues + at, v_at + off, valid);
-    }
+    copier.copy(base, base + kWarps * kTileValues, key_begin + round * kRoundKeys, key_end);
     cp_async_commit();
   };
   load_round(0, 0);
