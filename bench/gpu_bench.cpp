@@ -398,7 +398,7 @@ int main(int argc, char** argv) {
   int profile_batch = 0, profile_ctx = 0, profile_prompt = 0;
   bool transfer_only = false, decode_only = false, prefill_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
-  double tc_pairs_per_sm = 0.5;    // the library's default
+  double tc_pairs_per_sm = kDefaultDecodeTensorCorePairsPerSm;
   double split_ctas_per_sm = 2.0;  // the library's default
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
@@ -451,12 +451,12 @@ int main(int argc, char** argv) {
           "                ended (by default the model's kernels overlap the one ahead)\n"
           "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"
           "                takes when it shares all (sequence, kv head) pairs' keys evenly among one\n"
-          "                wave of CTAs (default 512; 0: one CTA a pair, no balancing)\n"
+          "                wave of CTAs (default 64; 0: one CTA a pair, no balancing)\n"
           "  --decode-split-ctas-per-sm X  the CTAs an SM the split-KV decode attention's\n"
           "                split of a sequence's keys aims at (default 2)\n"
           "  --decode-tc-pairs-per-sm X  decode steps with at least X (sequence, kv head) pairs\n"
           "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
-          "                (default 0.5)\n"
+          "                (default 0: always the tensor-core attention where its form allows)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
@@ -724,7 +724,7 @@ int main(int argc, char** argv) {
         // Again with the workspace of the balanced form (all pairs' keys shared by one wave of CTAs),
         // at a few settings of the fewest keys a CTA.
         std::vector<std::pair<int32_t, double>> balanced;
-        for (const int32_t min_keys : {256, 512, 1024}) {
+        for (const int32_t min_keys : {64, 256, 1024}) {
           set_decode_balance_keys(min_keys);
           p.workspace_bytes = prefill_attention_workspace_bytes(p);
           DeviceBuffer pws =

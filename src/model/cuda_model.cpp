@@ -693,11 +693,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   const int32_t* d_tokens = im.meta.as<int32_t>();
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
-  // Every chunk one token: the split-KV decode kernel, unless there are enough (sequence, kv head)
-  // pairs for the tensor-core kernel's decode form (a CTA's 4 warps streaming interleaved 16-key
-  // tiles; all pairs' keys shared evenly by one wave of CTAs) to be faster
-  // (docs/perf/gpu-kernel-notes.md). Prefill chunks, with any decode tokens beside them: the
-  // tensor-core kernel.
+  // Every chunk one token: the tensor-core kernel's decode form (a CTA's 4 warps streaming
+  // interleaved 16-key tiles; all pairs' keys shared evenly by one wave of CTAs), or the split-KV
+  // decode kernel where that form does not apply (block sizes that are not powers of two, more than
+  // 8192 keys; docs/perf/gpu-kernel-notes.md). Prefill chunks, with any decode tokens beside them:
+  // the tensor-core kernel.
   const bool wide =
       cuda::decode_step_uses_tensor_cores(C * c.num_kv_heads, shape.max_len, options_.block_size);
   const bool decode_only = shape.max_chunk == 1 && !wide;

@@ -378,9 +378,9 @@ TEST_F(CudaModelTest, ProgrammaticLaunchChangesNoLogit) {
 
 TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleSteps) {
   // 96 sequences × 3 kv heads: their decode steps take the tensor-core attention kernel, balanced
-  // over one wave of CTAs (cuda::decode_step_uses_tensor_cores); one sequence alone takes the
-  // split-KV kernel. Three steps, so that the graph captured at the first is replayed with other
-  // lengths, against a model that launches every kernel one by one.
+  // over one wave of CTAs (cuda::decode_step_uses_tensor_cores). Three steps, so that the graph
+  // captured at the first is replayed with other lengths, against a model that launches every
+  // kernel one by one; then single sequences through the split-KV kernel, the other decode form.
   auto eager = CudaLlamaModel::load_gguf(*file_, CudaModelOptions{0, 512, kBlockSize, false});
   ASSERT_TRUE(eager.ok()) << eager.status().to_string();
   auto fx = load_fixtures();
@@ -423,12 +423,18 @@ TEST_F(CudaModelTest, WideDecodeBatchesThroughTheTensorCoreKernelMatchSingleStep
                                                   wide[1][k].data() + static_cast<size_t>(i) * vocab, vocab));
   double worst = 0;
   const std::vector<int32_t> first(n, 42);
+  // One by one (no graph captured with the other choice), split-KV forced.
+  cuda::set_decode_tensor_core_pairs_per_sm(1e9);
+  struct RestoreChoice {
+    ~RestoreChoice() { cuda::set_decode_tensor_core_pairs_per_sm(cuda::kDefaultDecodeTensorCorePairsPerSm); }
+  } restore_choice;  // also when an assertion returns
+  ASSERT_FALSE(cuda::decode_step_uses_tensor_cores(cpu_->config().num_kv_heads, 64, kBlockSize));
   for (int32_t i : {0, 1, 17, 95}) {
     ForwardBatch one;
     one.tokens = std::span<const int32_t>(first).subspan(static_cast<size_t>(i), 1);
     one.chunks.push_back({static_cast<int32_t>(prompts[i].size()), 1, tables[i], true});
     std::vector<float> alone(static_cast<size_t>(vocab));
-    ASSERT_TRUE(gpu_->forward(one, alone.data()).ok());
+    ASSERT_TRUE((*eager)->forward(one, alone.data()).ok());
     worst = std::max(
         worst, centered_max_diff(wide[0][0].data() + static_cast<size_t>(i) * vocab, alone.data(), vocab));
   }

@@ -811,6 +811,10 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
       {128, 28, 4, 32, {4096, 33}},           // Qwen2.5-7B's, a long one
       {64, 8, 8, 16, {255, 512, 513}},        // no grouping
       {128, 16, 2, 16, {700}},                // 8 query heads per kv head
+      // Key tiles of 64 over other block sizes: not a power of two, larger than a tile, one key.
+      {128, 32, 8, 24, {700, 65, 1}},
+      {128, 32, 8, 128, {1000, 129}},
+      {64, 9, 3, 1, {130, 5}},
   };
   for (const AttnCase& c : cases) {
     const int32_t num_seqs = static_cast<int32_t>(c.seq_lens.size());

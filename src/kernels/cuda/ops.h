@@ -241,20 +241,22 @@ struct PrefillAttentionArgs {
 size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& args);
 // The least work a CTA of the balanced decode form takes, in keys (rounded up to whole 64-key
 // rounds, a pair's last round counting whole however few keys it has; default
-// kDefaultDecodeBalanceKeys), which bounds its grid for short batches; 0: not balanced, one CTA
-// per (chunk, kv head) pair.
+// kDefaultDecodeBalanceKeys: one round, so that even one sequence spreads over the GPU), which
+// bounds its grid for short batches; 0: not balanced, one CTA per (chunk, kv head) pair.
 // Process-wide, read when a launch is made or captured; pdserve_gpu_bench compares.
-constexpr int32_t kDefaultDecodeBalanceKeys = 512;
+constexpr int32_t kDefaultDecodeBalanceKeys = 64;
 void set_decode_balance_keys(int32_t min_keys);
 Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
 // Whether a decode step (one query token a sequence) with `pairs` (sequence, kv head) pairs, at
 // most `max_keys` keys a sequence and blocks of `block_size` tokens is faster through
 // prefill_attention's decode form (given its workspace) than through decode_attention on the
-// current device: from `pairs_per_sm` pairs an SM where the form is balanced (default 0.5, set by
+// current device: from `pairs_per_sm` pairs an SM where the form is balanced (default
+// kDefaultDecodeTensorCorePairsPerSm: always, down to one sequence; set by
 // set_decode_tensor_core_pairs_per_sm; process-wide, for pdserve_gpu_bench), from 2 where it is
 // not (set_decode_balance_keys(0)); up to 8192 keys (not measured beyond); block sizes that are
 // powers of two (others leave the decode form for the general one).
 bool decode_step_uses_tensor_cores(int64_t pairs, int32_t max_keys, int32_t block_size);
+constexpr double kDefaultDecodeTensorCorePairsPerSm = 0.0;
 void set_decode_tensor_core_pairs_per_sm(double pairs_per_sm);
 // Makes the current device's per-kernel settings prefill_attention needs (call it before capturing
 // a CUDA graph that may contain it; a first launch otherwise does it).

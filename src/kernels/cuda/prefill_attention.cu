@@ -577,24 +577,53 @@ __global__ void __launch_bounds__(kThreads, 3)
       if (last_cta_to_finish(a.split_counters + int64_t{chunk} * heads + kv_head,
                              static_cast<int32_t>(last_cta - first_cta + 1))) {
         const int q_start = a.chunk_q_start[chunk];
-        for (int e = threadIdx.x; e < group * HEAD_DIM; e += kThreads) {
-          const int r = e / HEAD_DIM;
-          const int d = e % HEAD_DIM;
-          auto part_of = [&](int64_t k) {  // CTA k's part of this pair, row r
-            return (k * 2 + (pair_first > k * total / ctas ? 1 : 0)) * group + r;
-          };
+        const int parts = static_cast<int>(last_cta - first_cta + 1);
+        // CTA k's part of the pair: slot 1 of the first CTA where the pair starts inside its range,
+        // else slot 0 (the pair starts the range of every later CTA).
+        const int first_slot = pair_first > first_cta * total / ctas ? 1 : 0;
+        auto part_of = [&](int i, int r) -> int64_t {
+          return ((first_cta + i) * 2 + (i == 0 ? first_slot : 0)) * group + r;
+        };
+        // Warp w merges rows w, w + kWarps, ...: the parts' maxima and sums over its lanes, then
+        // each lane kDims dims of the weighted V with 16 parts' loads in flight (a pair can lie
+        // across dozens of CTAs when the batch is small).
+        constexpr int kDims = HEAD_DIM / 32;
+        const int lane = threadIdx.x % 32;
+        for (int r = static_cast<int>(threadIdx.x) / 32; r < group; r += kWarps) {
           float m = -INFINITY;
-          for (int64_t k = first_cta; k <= last_cta; ++k) m = fmaxf(m, __ldcg(ws_ml + part_of(k) * 2));
-          float l = 0, acc = 0;
-          for (int64_t k = first_cta; k <= last_cta; ++k) {
-            const int64_t p = part_of(k);
-            const float f = exp2f(__ldcg(ws_ml + p * 2) - m);
-            l += __ldcg(ws_ml + p * 2 + 1) * f;
-            acc += __ldcg(ws_acc + p * HEAD_DIM + d) * f;
+          for (int i = lane; i < parts; i += 32) m = fmaxf(m, __ldcg(ws_ml + part_of(i, r) * 2));
+#pragma unroll
+          for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+          float l = 0;
+          for (int i = lane; i < parts; i += 32) {
+            const int64_t p = part_of(i, r);
+            l += __ldcg(ws_ml + p * 2 + 1) * exp2f(__ldcg(ws_ml + p * 2) - m);
           }
-          const float v = l > 0 ? acc / l : 0.0f;
-          a.out[(int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + d] =
-              __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#pragma unroll
+          for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+          float acc[kDims] = {};
+#pragma unroll 16
+          for (int i = 0; i < parts; ++i) {
+            const int64_t p = part_of(i, r);
+            const float f = exp2f(__ldcg(ws_ml + p * 2) - m);
+            const float* src = ws_acc + p * HEAD_DIM + lane * kDims;
+            if constexpr (kDims == 4) {
+              const float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+              acc[0] += v.x * f;
+              acc[1] += v.y * f;
+              acc[2] += v.z * f;
+              acc[3] += v.w * f;
+            } else {
+              const float2 v = __ldcg(reinterpret_cast<const float2*>(src));
+              acc[0] += v.x * f;
+              acc[1] += v.y * f;
+            }
+          }
+          uint16_t* dst =
+              a.out + (int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + lane * kDims;
+#pragma unroll
+          for (int j = 0; j < kDims; ++j)
+            dst[j] = __bfloat16_as_ushort(__float2bfloat16_rn(l > 0 ? acc[j] / l : 0.0f));
         }
       }
     }
@@ -669,7 +698,7 @@ bool decode_form(const PrefillAttentionArgs& a) {
 }
 
 std::atomic<int32_t> g_decode_balance_keys{kDefaultDecodeBalanceKeys};
-std::atomic<double> g_decode_tc_pairs_per_sm{0.5};
+std::atomic<double> g_decode_tc_pairs_per_sm{kDefaultDecodeTensorCorePairsPerSm};
 
 // The balanced form's grid for these shapes; 0 where the decode form is not balanced.
 int64_t balanced_grid(const PrefillAttentionArgs& a) {
