@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -86,6 +88,21 @@ Status launch_programmatic(const char* what, void (*kernel)(Params...), dim3 gri
     return internal_error(std::string(what) + ": " + cudaGetErrorString(err));
   }
   return check_last_error(what);
+}
+
+// Asks for kKernel's on-chip memory as L1 cache rather than shared memory (the largest L1 the SM
+// offers), once per device; a hint, ignored where the driver cannot follow it. For kernels with next
+// to no shared memory whose CTAs all read the same small inputs: the matrix-vector products of
+// small decode batches, whose activation rows then stay in L1 (docs/perf/gpu-kernel-notes.md).
+template <auto kKernel>
+void prefer_l1_cache() {
+  static std::array<std::atomic<bool>, 64> done{};
+  const int device = current_device();
+  if (device < 0 || device >= 64 || done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return;
+  if (cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxL1) != cudaSuccess)
+    (void)cudaGetLastError();
+  done[static_cast<size_t>(device)].store(true, std::memory_order_release);
 }
 
 }  // namespace pdserve::cuda

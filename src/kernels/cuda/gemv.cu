@@ -230,8 +230,11 @@ __global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs
 template <int R, int P>
 Status launch_split_k_rows(const GemvArgs& a, StreamHandle stream) {
   const dim3 grid(static_cast<unsigned>((a.n + R - 1) / R)), block(kSplitWarps * 32);
-  if (a.norm_w != nullptr)
+  if (a.norm_w != nullptr) {
+    prefer_l1_cache<gemv_split_k_kernel<true, R, P>>();
     return launch_programmatic("gemv", gemv_split_k_kernel<true, R, P>, grid, block, 0, stream, a);
+  }
+  prefer_l1_cache<gemv_split_k_kernel<false, R, P>>();
   return launch_programmatic("gemv", gemv_split_k_kernel<false, R, P>, grid, block, 0, stream, a);
 }
 
@@ -284,12 +287,17 @@ Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
                        : std::min<int64_t>(needed, int64_t{current_multiprocessors()} * ctas_per_sm));
   const dim3 block(kWarps * 32);
   if (a.swiglu_out != nullptr) {
-    if constexpr (R % 2 == 0)
+    if constexpr (R % 2 == 0) {
+      prefer_l1_cache<gemv_kernel<M, true, R, D, true>>();
       return launch_programmatic("gemv", gemv_kernel<M, true, R, D, true>, grid, block, 0, stream, a);
+    }
     return invalid_argument("gemv: SwiGLU takes an even number of rows a warp");
   }
-  if (a.norm_w != nullptr)
+  if (a.norm_w != nullptr) {
+    prefer_l1_cache<gemv_kernel<M, true, R, D, false>>();
     return launch_programmatic("gemv", gemv_kernel<M, true, R, D, false>, grid, block, 0, stream, a);
+  }
+  prefer_l1_cache<gemv_kernel<M, false, R, D, false>>();
   return launch_programmatic("gemv", gemv_kernel<M, false, R, D, false>, grid, block, 0, stream, a);
 }
 
