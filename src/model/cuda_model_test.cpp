@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -141,6 +142,9 @@ TEST_F(CudaModelTest, GreedyContinuationsMatchCpuEngine) {
   auto fx = load_fixtures();
   int equal = 0, cases = 0;
   double matched_total = 0, matched_llama = 0;
+  // How many continuations agree over their first n tokens, for the lengths below.
+  const std::array<size_t, 5> lengths = {8, 16, 32, 48, kGenerate};
+  std::array<int, 5> equal_over{};
   for (const auto& c : fx["cases"]) {
     if (cases == kCases) break;
     ++cases;
@@ -151,6 +155,7 @@ TEST_F(CudaModelTest, GreedyContinuationsMatchCpuEngine) {
     size_t i = 0;
     while (i < want.size() && i < got.size() && want[i] == got[i]) ++i;
     matched_total += static_cast<double>(i);
+    for (size_t k = 0; k < lengths.size(); ++k) equal_over[k] += i >= lengths[k] ? 1 : 0;
     auto llama = c["greedy"].get<std::vector<int32_t>>();
     size_t j = 0;
     while (j < llama.size() && j < got.size() && llama[j] == got[j]) ++j;
@@ -169,6 +174,8 @@ TEST_F(CudaModelTest, GreedyContinuationsMatchCpuEngine) {
       "with "
       "llama.cpp's continuations, %.0f %% in common on average\n",
       equal, cases, kGenerate, matched_total / cases, 100.0 * matched_llama / cases);
+  std::printf("equal over the first 8 / 16 / 32 / 48 / %zu tokens: %d / %d / %d / %d / %d of %d\n", kGenerate,
+              equal_over[0], equal_over[1], equal_over[2], equal_over[3], equal_over[4], cases);
   EXPECT_EQ(cases, kCases);
   EXPECT_GE(matched_total / cases, kMinMeanMatchedTokens);
 }

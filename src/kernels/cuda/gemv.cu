@@ -288,16 +288,16 @@ Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
   const dim3 block(kWarps * 32);
   if (a.swiglu_out != nullptr) {
     if constexpr (R % 2 == 0) {
-      prefer_l1_cache<gemv_kernel<M, true, R, D, true>>();
+      if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, true, R, D, true>>();  // measured at one row only
       return launch_programmatic("gemv", gemv_kernel<M, true, R, D, true>, grid, block, 0, stream, a);
     }
     return invalid_argument("gemv: SwiGLU takes an even number of rows a warp");
   }
   if (a.norm_w != nullptr) {
-    prefer_l1_cache<gemv_kernel<M, true, R, D, false>>();
+    if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, true, R, D, false>>();  // measured at one row only
     return launch_programmatic("gemv", gemv_kernel<M, true, R, D, false>, grid, block, 0, stream, a);
   }
-  prefer_l1_cache<gemv_kernel<M, false, R, D, false>>();
+  if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, false, R, D, false>>();  // measured at one row only
   return launch_programmatic("gemv", gemv_kernel<M, false, R, D, false>, grid, block, 0, stream, a);
 }
 

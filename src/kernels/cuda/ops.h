@@ -227,11 +227,11 @@ struct PrefillAttentionArgs {
   float scale = 1.0f;
   uint16_t* out = nullptr;
   // Decode steps (every chunk one token): given prefill_attention_workspace_bytes(args) bytes of
-  // `workspace` and split_counters (num_chunks × num_kv_heads int32, zero before the first call,
-  // left zero by every call, as decode_attention's), the keys of all (chunk, kv head) pairs are
-  // shared evenly by the CTAs one wave of the GPU holds, a pair's keys split between CTAs where
-  // they fall, so that the batch ends together instead of in a mostly idle last wave. The result's
-  // bits then depend on the batch's lengths and the GPU, not on the order CTAs finish in.
+  // `workspace` (16-byte aligned) and split_counters (num_chunks × num_kv_heads int32, zero before the first
+  // call, left zero by every call, as decode_attention's), the keys of all (chunk, kv head) pairs are shared
+  // evenly by the CTAs one wave of the GPU holds, a pair's keys split between CTAs where they fall, so that
+  // the batch ends together instead of in a mostly idle last wave. The result's bits then depend on the
+  // batch's lengths and the GPU, not on the order CTAs finish in.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   int32_t* split_counters = nullptr;

@@ -507,9 +507,9 @@ __device__ __forceinline__ int cta_exclusive_sum(int v, int* scratch, int* total
 // would get less than min_units. So no CTA waits on a last, mostly idle wave, whatever the batch. A
 // pair that lies across CTAs is computed in parts, each CTA writing its rows' state to the
 // workspace (2 parts a CTA: a part that ends its range, one that starts it), and the last of them to
-// finish merges the parts in CTA order — the bits depend on the batch's lengths and the grid, not on
-// which CTA ends first. The grid depends on the GPU only, so a captured graph and an eager launch of
-// the same batch agree bit for bit.
+// finish merges the parts, a warp per query row, in an order fixed by the parts' CTAs and the
+// lanes — the bits depend on the batch's lengths and the grid, not on which CTA ends first. The grid depends
+// on the GPU only, so a captured graph and an eager launch of the same batch agree bit for bit.
 template <int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads, 3)
     decode_attention_balanced_kernel(PrefillAttentionArgs a, int min_units) {
@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         const int q_start = a.chunk_q_start[chunk];
         const int parts = static_cast<int>(last_cta - first_cta + 1);
         // CTA k's part of the pair: slot 1 of the first CTA where the pair starts inside its range,
-        // else slot 0 (the pair starts the range of every later CTA).
+        // else slot 0 (in every later CTA the pair, begun before its range, is its first segment).
         const int first_slot = pair_first > first_cta * total / ctas ? 1 : 0;
         auto part_of = [&](int i, int r) -> int64_t {
           return ((first_cta + i) * 2 + (i == 0 ? first_slot : 0)) * group + r;
@@ -784,8 +784,9 @@ Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
   const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * kv.head_dim;
   if (q_stride % 2 != 0 || reinterpret_cast<uintptr_t>(a.q) % 4 != 0 ||
       reinterpret_cast<uintptr_t>(a.out) % 4 != 0 || reinterpret_cast<uintptr_t>(kv.k) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(kv.v) % 16 != 0)
-    return invalid_argument("prefill_attention: q and out must be 4-byte aligned, k and v 16-byte aligned");
+      reinterpret_cast<uintptr_t>(kv.v) % 16 != 0 || reinterpret_cast<uintptr_t>(a.workspace) % 16 != 0)
+    return invalid_argument(
+        "prefill_attention: q and out must be 4-byte aligned, k, v and the workspace 16-byte aligned");
   if (kv.head_dim == 64) return launch<64>(a, stream);
   return launch<128>(a, stream);
 }
