@@ -20,6 +20,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -112,6 +113,9 @@ double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
   return ms[ms.size() / 2];
 }
 
+// The batch sizes of the model's decode steps (--decode-batches).
+std::vector<int32_t> g_decode_batches = {1, 16, 64};
+
 std::string model_section(const std::string& name, bool quick, bool with_decode, bool with_prefill,
                           double copy_gbps, double gemm_tflops) {
   const int reps = quick ? 3 : 10;
@@ -120,7 +124,7 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
     int32_t batch, ctx;
   };
   std::vector<DecodeCase> decode_cases;
-  for (int32_t batch : {1, 16, 64})
+  for (int32_t batch : g_decode_batches)
     for (int32_t ctx : {1024, 4096})
       if (with_decode && (!quick || batch * ctx <= 16 * 1024)) decode_cases.push_back({batch, ctx});
   int32_t max_blocks = 0;
@@ -416,6 +420,26 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--decode-balance-keys") == 0 && i + 1 < argc) {
       balance_keys = std::atoi(argv[++i]);
       set_decode_balance_keys(balance_keys);
+    } else if (std::strcmp(argv[i], "--gemv-max-rows") == 0 && i + 1 < argc) {
+      set_gemv_max_rows(std::atoi(argv[++i]));
+    } else if (std::strcmp(argv[i], "--decode-batches") == 0 && i + 1 < argc) {
+      g_decode_batches.clear();
+      for (const char* p = argv[++i]; *p != '\0';) {
+        char* end = nullptr;
+        const long b = std::strtol(p, &end, 10);
+        if (end == p || b < 1 || b > 4096) {
+          std::fprintf(stderr,
+                       "--decode-batches: expected batch sizes 1 to 4096 separated by commas, got '%s'\n",
+                       argv[i]);
+          return 2;
+        }
+        g_decode_batches.push_back(static_cast<int32_t>(b));
+        p = *end == ',' ? end + 1 : end;
+        if (*end != ',' && *end != '\0') {
+          std::fprintf(stderr, "--decode-batches: unexpected '%s'\n", end);
+          return 2;
+        }
+      }
     } else if (std::strcmp(argv[i], "--decode-split-ctas-per-sm") == 0 && i + 1 < argc) {
       split_ctas_per_sm = std::atof(argv[++i]);
       set_decode_split_ctas_per_sm(split_ctas_per_sm);
@@ -457,6 +481,10 @@ int main(int argc, char** argv) {
           "  --decode-tc-pairs-per-sm X  decode steps with at least X (sequence, kv head) pairs\n"
           "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
           "                (default 0: always the tensor-core attention where its form allows)\n"
+          "  --gemv-max-rows N  model steps of at most N rows (0 to 8, default 8) use the\n"
+          "                matrix-vector kernels, larger ones cuBLAS\n"
+          "  --decode-batches B1,B2,...  the batch sizes of the model's decode steps (default\n"
+          "                1,16,64; each at contexts 1024 and 4096)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"

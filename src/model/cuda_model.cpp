@@ -739,7 +739,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
   // fly and add output projections straight into the residual; otherwise cuBLAS products between
   // norm kernels. Products write float either way, so each activation is rounded to bf16 once,
   // where a product reads it.
-  const bool few_rows = T <= cuda::kGemvMaxRows;
+  const bool few_rows = T <= cuda::gemv_max_rows();
   auto product = [&](const float* normed_from, const float* norm_w, const uint16_t* in, const uint16_t* w,
                      int64_t n, int64_t k, float* out, bool accumulate) -> Status {
     if (few_rows) {

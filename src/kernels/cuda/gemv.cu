@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/gemv_tuning.h"
@@ -335,6 +336,16 @@ Status check(const GemvArgs& a) {
 }
 
 }  // namespace
+
+namespace {
+std::atomic<int64_t> g_gemv_max_rows{kGemvMaxRows};
+}  // namespace
+
+void set_gemv_max_rows(int64_t rows) {
+  g_gemv_max_rows.store(std::clamp<int64_t>(rows, 0, kGemvMaxRows), std::memory_order_relaxed);
+}
+
+int64_t gemv_max_rows() { return g_gemv_max_rows.load(std::memory_order_relaxed); }
 
 Status gemv(const GemvArgs& args, StreamHandle stream) {
   if (args.m == 0 || args.n == 0) return ok_status();

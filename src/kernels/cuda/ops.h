@@ -184,6 +184,12 @@ Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t
 // SwiGLU an even number of rows: gate rows and their up rows); which is fastest depends on the
 // matrix's shape (pdserve_gpu_bench's gemv section measures them).
 constexpr int64_t kGemvMaxRows = 8;
+// The most rows a model step sends through gemv rather than cuBLAS (0 to kGemvMaxRows; default
+// kGemvMaxRows). Process-wide, read when a step is launched or captured; pdserve_gpu_bench
+// --gemv-max-rows compares (decode steps of 2-8 sequences measured far below batch 16's share of
+// the floor: docs/perf/gpu.md).
+void set_gemv_max_rows(int64_t rows);
+int64_t gemv_max_rows();
 struct GemvArgs {
   const float* x = nullptr;
   const float* norm_w = nullptr;
