@@ -667,9 +667,8 @@ class Decode {
         raw_map_bytes_ = bytes;
         raw_path_ = config.text;
       }
-      // As many threads as the KV copies of this size use (one below 32 MiB).
-      const uint64_t threads = static_cast<uint64_t>(kv_copy_threads_for(bytes));
-      const uint64_t part = ((bytes + threads - 1) / threads + 63) / 64 * 64;
+      // In the parts the KV copies of this size use (one below 32 MiB).
+      const uint64_t part = kv_copy_part_bytes(bytes);
       const auto t0 = Clock::now();
       std::vector<std::thread> helpers;
       for (uint64_t start = part; start < bytes; start += part)

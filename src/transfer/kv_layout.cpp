@@ -268,6 +268,11 @@ int kv_copy_threads_for(uint64_t bytes) {
       std::min<uint64_t>(static_cast<uint64_t>(copy_threads()), bytes / kCopyPartMinBytes));
 }
 
+uint64_t kv_copy_part_bytes(uint64_t bytes) {
+  const uint64_t threads = static_cast<uint64_t>(kv_copy_threads_for(bytes));
+  return ((bytes + threads - 1) / threads + 63) / 64 * 64;  // at most `threads` parts
+}
+
 namespace {
 
 // copy_runs over [offset, offset + bytes), large ranges in parts on several threads (each part a
@@ -281,7 +286,7 @@ void copy_runs_split(const PagedKvView& view, std::span<const int32_t> table, in
     copy_runs<kToView>(view, table, num_tokens, offset, bytes, flat, streaming);
     return;
   }
-  const uint64_t part = ((bytes + threads - 1) / threads + 63) / 64 * 64;  // at most `threads` parts
+  const uint64_t part = kv_copy_part_bytes(bytes);
   std::vector<std::thread> helpers;
   helpers.reserve(threads);
   std::vector<uint64_t> left;  // starts of the parts no thread took

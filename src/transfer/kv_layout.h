@@ -157,8 +157,10 @@ void for_each_kv_run(const PagedKvView& view, std::span<const int32_t> block_tab
 // table names each block once (as every caller's does). Process-wide; pdserve_transfer_bench
 // compares.
 void set_kv_copy_threads(int threads);
-// The threads a gather or scatter of `bytes` is split over now.
+// The threads a gather or scatter of `bytes` is split over now, and the bytes of each part (a
+// multiple of 64; the last part may be shorter).
 int kv_copy_threads_for(uint64_t bytes);
+uint64_t kv_copy_part_bytes(uint64_t bytes);
 
 // Gather (prefill side): copies the KV of tokens [0, num_tokens) into `out` in wire order.
 // out.size() must be layout.body_bytes(num_tokens).

@@ -189,6 +189,9 @@ TEST(KvLayoutTest, LargeCopiesRoundTrip) {
     SCOPED_TRACE(::testing::Message() << threads << " threads");
     set_kv_copy_threads(threads);
     ASSERT_EQ(kv_copy_threads_for(body_bytes), threads);
+    const uint64_t part = kv_copy_part_bytes(body_bytes);
+    ASSERT_EQ(part % 64, 0u);
+    ASSERT_EQ((body_bytes + part - 1) / part, static_cast<uint64_t>(threads)) << "parts";
     std::vector<uint8_t> storage(body_bytes + 1);
     const std::span<uint8_t> body(storage.data() + 1, body_bytes);  // misaligned on purpose
     ASSERT_TRUE(gather_kv(src.view, src_table, tokens, body).ok());

@@ -335,10 +335,8 @@ Status check(const GemvArgs& a) {
   return ok_status();
 }
 
-}  // namespace
-
-namespace {
 std::atomic<int64_t> g_gemv_max_rows{kGemvMaxRows};
+
 }  // namespace
 
 void set_gemv_max_rows(int64_t rows) {
