@@ -481,7 +481,7 @@ int main(int argc, char** argv) {
           "  --decode-tc-pairs-per-sm X  decode steps with at least X (sequence, kv head) pairs\n"
           "                an SM take the tensor-core attention, fewer the split-KV kernel\n"
           "                (default 0: always the tensor-core attention where its form allows)\n"
-          "  --gemv-max-rows N  model steps of at most N rows (0 to 8, default 8) use the\n"
+          "  --gemv-max-rows N  model steps of at most N rows (0 to 8, default 1) use the\n"
           "                matrix-vector kernels, larger ones cuBLAS\n"
           "  --decode-batches B1,B2,...  the batch sizes of the model's decode steps (default\n"
           "                1,16,64; each at contexts 1024 and 4096)\n"

@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
+#include "model/gguf_writer.h"
 #include "model/safetensors_writer.h"
 
 namespace pdserve {
@@ -94,6 +95,36 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
       c.hidden_size, c.ffn_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size, c.rms_norm_eps,
       c.rope_theta, c.context_length, c.tied_embeddings ? "true" : "false");
   return ok_status();
+}
+
+StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
+  constexpr uint32_t kFileTypeBf16 = 32;  // llama.cpp's LLAMA_FTYPE_MOSTLY_BF16
+  GgufWriter w(3, model.alignment());
+  for (const auto& [key, value] : model.metadata()) {
+    if (key == "general.file_type")
+      w.add_u32(key, kFileTypeBf16);
+    else
+      w.add(key, value);
+  }
+  for (const GgufTensorInfo& t : model.tensors()) {
+    if (t.type == GgmlType::kF32) {
+      w.add_tensor(t.name, t.type, t.dims, std::vector<uint8_t>(t.data, t.data + t.size_bytes));
+      continue;
+    }
+    const int64_t cols = t.dims[0], rows = t.num_elements() / cols;
+    const size_t rb = cpu::row_bytes(t.type, cols);
+    std::vector<float> row(static_cast<size_t>(cols));
+    std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
+    for (int64_t r = 0; r < rows; ++r) {
+      cpu::dequantize_row(t.type, t.data + static_cast<size_t>(r) * rb, row.data(), cols);
+      for (int64_t k = 0; k < cols; ++k) {
+        const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
+        std::memcpy(out.data() + (r * cols + k) * 2, &b, 2);
+      }
+    }
+    w.add_tensor(t.name, GgmlType::kBF16, t.dims, std::move(out));
+  }
+  return GgufFile::parse_owned(w.finish());
 }
 
 Status write_hf_tokenizer(const GgufFile& model, const std::string& variant, const std::string& out) {

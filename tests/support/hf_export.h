@@ -1,8 +1,10 @@
 // Test support: the default model (or any llama-family GGUF) written out as a Hugging Face
-// checkpoint directory, for the tests of pdserve's readers of such directories. Not part of
+// checkpoint directory, for the tests of pdserve's readers of such directories, or as a bf16 GGUF
+// (the GPU tests' CPU reference). Not part of
 // pdserve: tests and the make_hf_checkpoint tool link it.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "common/status.h"
@@ -16,6 +18,11 @@ namespace pdserve {
 // llama permutes them so that adjacent pairs rotate), norms in F32; the shard index and a
 // config.json made from the metadata. Overwrites what is there.
 Status write_hf_checkpoint(const GgufFile& model, const ModelConfig& config, const std::string& dir);
+
+// The GGUF with every tensor that is not F32 dequantized and rounded to bf16 (as
+// CudaLlamaModel::load_gguf does), the F32 tensors and the metadata as they are (general.file_type
+// set to bf16): the weights the GPU computes with, in a file the CPU engine runs.
+StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model);
 
 // The GGUF's byte-level BPE vocabulary as tokenizer.json and tokenizer_config.json in `dir`, in
 // the form `transformers` saves SmolLM2's (and a config.json with vocab_size and the BOS/EOS ids

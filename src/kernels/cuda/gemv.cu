@@ -335,7 +335,7 @@ Status check(const GemvArgs& a) {
   return ok_status();
 }
 
-std::atomic<int64_t> g_gemv_max_rows{kGemvMaxRows};
+std::atomic<int64_t> g_gemv_max_rows{kDefaultGemvMaxRows};
 
 }  // namespace
 

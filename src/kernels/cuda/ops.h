@@ -185,9 +185,11 @@ Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t
 // matrix's shape (pdserve_gpu_bench's gemv section measures them).
 constexpr int64_t kGemvMaxRows = 8;
 // The most rows a model step sends through gemv rather than cuBLAS (0 to kGemvMaxRows; default
-// kGemvMaxRows). Process-wide, read when a step is launched or captured; pdserve_gpu_bench
-// --gemv-max-rows compares (decode steps of 2-8 sequences measured far below batch 16's share of
-// the floor: docs/perf/gpu.md).
+// kDefaultGemvMaxRows). Process-wide, read when a step is launched or captured; pdserve_gpu_bench
+// --gemv-max-rows compares. One row by default: on an H200 decode steps of 2 to 8 sequences ran at
+// 32-63 % of the floor through gemv and at 74-77 % through cuBLAS (docs/perf/gpu.md), while one
+// row is fastest through gemv.
+constexpr int64_t kDefaultGemvMaxRows = 1;
 void set_gemv_max_rows(int64_t rows);
 int64_t gemv_max_rows();
 struct GemvArgs {
