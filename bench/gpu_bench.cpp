@@ -26,6 +26,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda/blas.h"
@@ -33,6 +34,7 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
+#include "transfer/kv_wire.h"
 
 namespace {
 
@@ -305,6 +307,73 @@ std::string transfer_section(double peer_gbps, bool quick) {
   });
   verify("RecvScatter over the link");
 
+  // The same from a body 64 bytes past a 4 KiB boundary: where a send pool's buffer puts it,
+  // after the wire header.
+  CHECK_OK(set_device(0));
+  DeviceBuffer wire0_shifted = value_or_die(DeviceBuffer::allocate(wire_bytes + 4096), "allocate");
+  const uint16_t* body64 =
+      reinterpret_cast<const uint16_t*>(wire0_shifted.as<uint8_t>() + kKvWireHeaderBytes);
+  CHECK_OK(
+      copy_peer(wire0_shifted.as<uint8_t>() + kKvWireHeaderBytes, 0, wire0.data(), 0, wire_bytes, s0.get()));
+  CHECK_OK(s0.synchronize());
+  CHECK_OK(set_device(1));
+  CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
+  const double shifted_ms = median_ms(
+      2, reps, s1.get(), [&] { CHECK_OK(scatter_kv(body64, c1, dtable1.as<int32_t>(), tokens, s1.get())); });
+  verify("RecvScatter over the link, body after a header");
+  wire0_shifted = DeviceBuffer();
+
+  // The same, each after 100 ms in which neither GPU works (as between a serving decode's pulls).
+  double idle_ms = 0;
+  {
+    CHECK_OK(set_device(1));
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+      CHECK_OK(s1.synchronize());
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      Event start = value_or_die(Event::create(), "event");
+      Event stop = value_or_die(Event::create(), "event");
+      CHECK_OK(start.record(s1.get()));
+      CHECK_OK(scatter_kv(wire0.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
+      CHECK_OK(stop.record(s1.get()));
+      ms.push_back(value_or_die(Event::elapsed_ms(start, stop), "elapsed"));
+    }
+    std::sort(ms.begin(), ms.end());
+    idle_ms = ms[ms.size() / 2];
+  }
+
+  // The same into a 16 GiB cache whose blocks lie spread over it, as a serving decode's may.
+  double spread_ms = 0;
+  {
+    CHECK_OK(set_device(1));
+    PagedKvCache big = geo;
+    const int32_t big_pool = static_cast<int32_t>(
+        (int64_t{16} << 30) / (2 * geo.block_size * geo.row_values() * 2 * int64_t{geo.num_layers}));
+    big.layer_stride = 2 * int64_t{big_pool} * geo.block_size * geo.row_values();
+    big.v_offset = big.layer_stride / 2;
+    DeviceBuffer cache_big = value_or_die(
+        DeviceBuffer::allocate(static_cast<size_t>(big.layer_stride * geo.num_layers * 2)), "allocate");
+    big.base = cache_big.as<uint16_t>();
+    std::vector<int32_t> table_big(static_cast<size_t>(big_pool));
+    std::iota(table_big.begin(), table_big.end(), 0);
+    std::shuffle(table_big.begin(), table_big.end(), std::mt19937(3));
+    table_big.resize(used);
+    DeviceBuffer dtable_big = value_or_die(DeviceBuffer::allocate(table_big.size() * 4), "allocate");
+    CHECK_OK(copy_to_device(dtable_big.data(), table_big.data(), table_big.size() * 4));
+    spread_ms = median_ms(2, reps, s1.get(), [&] {
+      CHECK_OK(scatter_kv(wire0.as<uint16_t>(), big, dtable_big.as<int32_t>(), tokens, s1.get()));
+    });
+    CHECK_OK(gather_kv(big, dtable_big.as<int32_t>(), tokens, staging1.as<uint16_t>(), s1.get()));
+    CHECK_OK(s1.synchronize());
+    std::vector<uint8_t> want(wire_bytes), got(wire_bytes);
+    CHECK_OK(copy_to_host(want.data(), wire0.data(), wire_bytes));
+    CHECK_OK(copy_to_host(got.data(), staging1.data(), wire_bytes));
+    if (want != got) {
+      std::fprintf(stderr, "pdserve_gpu_bench: RecvScatter into a 16 GiB cache delivered wrong KV bytes\n");
+      std::exit(1);
+    }
+  }
+
   CHECK_OK(set_device(1));
   CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
   const double copy_ms = median_ms(2, reps, s1.get(), [&] {
@@ -345,15 +414,22 @@ std::string transfer_section(double peer_gbps, bool quick) {
   auto share = [&](double ms) { return 100.0 * wire_bytes / (ms * 1e-3) / (peer_gbps * 1e9); };
   std::printf(
       "KV transfer %zu MiB GPU0 -> GPU1 (peer copy %.0f GB/s): gather %.3f ms; RecvScatter over the link "
-      "%.3f ms (%.0f%%); peer copy %.3f ms (%.0f%%) + scatter %.3f ms = %.3f ms together (%.0f%%); "
+      "%.3f ms (%.0f%%), from a body %d bytes past a 4 KiB boundary %.3f ms (%.0f%%), into a 16 GiB cache "
+      "%.3f ms (%.0f%%), after 100 ms idle %.3f ms (%.0f%%); peer copy %.3f ms (%.0f%%) + scatter %.3f ms = "
+      "%.3f ms together (%.0f%%); "
       "block-fixed %.2f ms (%.0f%%)\n",
-      wire_bytes >> 20, peer_gbps, gather_ms, direct_ms, share(direct_ms), copy_ms, share(copy_ms),
-      scatter_ms, copy_scatter_ms, share(copy_scatter_ms), fixed_ms, share(fixed_ms));
+      wire_bytes >> 20, peer_gbps, gather_ms, direct_ms, share(direct_ms),
+      static_cast<int>(kKvWireHeaderBytes), shifted_ms, share(shifted_ms), spread_ms, share(spread_ms),
+      idle_ms, share(idle_ms), copy_ms, share(copy_ms), scatter_ms, copy_scatter_ms, share(copy_scatter_ms),
+      fixed_ms, share(fixed_ms));
   Json j;
   j.add("bytes", static_cast<double>(wire_bytes));
   j.add("peer_gbps", peer_gbps);
   j.add("gather_ms", gather_ms);
   j.add("recv_scatter_ms", direct_ms);
+  j.add("recv_scatter_after_header_ms", shifted_ms);
+  j.add("recv_scatter_16gib_cache_ms", spread_ms);
+  j.add("recv_scatter_after_idle_ms", idle_ms);
   j.add("peer_copy_ms", copy_ms);
   j.add("local_scatter_ms", scatter_ms);
   j.add("copy_then_scatter_ms", copy_scatter_ms);

@@ -1,10 +1,23 @@
 // pdserve: one binary, subcommands (DESIGN.md §2). main() and subcommand wiring only.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 
 #include "bin/commands.h"
+#include "common/log.h"
 
 int main(int argc, char** argv) {
+  // The log level of this process and of the instances `pdserve launch` starts (they inherit it).
+  if (const char* name = std::getenv("PDSERVE_LOG_LEVEL"); name != nullptr && *name != '\0') {
+    pdserve::LogLevel level;
+    if (!pdserve::parse_log_level(name, &level)) {
+      std::fprintf(stderr,
+                   "pdserve: PDSERVE_LOG_LEVEL=%s is not a log level (debug, info, warn, error or off)\n",
+                   name);
+      return 2;
+    }
+    pdserve::set_log_level(level);
+  }
   CLI::App app{
       "pdserve — serves large language models with prefill and decode disaggregated.\n"
       "Run 'pdserve COMMAND --help' for the options of a command."};

@@ -273,7 +273,9 @@ StatusOr<KvTransportOptions> send_pool_options(const EngineFlags& f, const Model
                                                int32_t max_context) {
   KvTransportOptions to;
   const uint64_t token_bytes = 2ull * static_cast<uint64_t>(cfg.num_layers) * cfg.kv_dim() * 2;
-  const uint64_t one_prompt = static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes;
+  // What one prompt's message takes of the pool (whole pages, and room for a pool's lead).
+  const uint64_t one_prompt =
+      kv_send_buffer_bytes(static_cast<uint64_t>(max_context) * token_bytes + kKvWireHeaderBytes);
   to.pool_capacity_bytes = static_cast<uint64_t>(f.prefill_slots) * one_prompt;
   if (!f.kv_send_memory.empty()) {
     StatusOr<KvMemoryBudget> b = parse_kv_memory_budget(f.kv_send_memory);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <iterator>
 
 namespace pdserve {
 namespace {
@@ -12,6 +13,17 @@ std::atomic<LogLevel> g_level{LogLevel::kInfo};
 
 void set_log_level(LogLevel level) { g_level.store(level, std::memory_order_relaxed); }
 LogLevel log_level() { return g_level.load(std::memory_order_relaxed); }
+
+bool parse_log_level(std::string_view name, LogLevel* level) {
+  static constexpr std::string_view kNames[] = {"debug", "info", "warn", "error", "off"};
+  for (size_t i = 0; i < std::size(kNames); ++i) {
+    if (name == kNames[i]) {
+      *level = static_cast<LogLevel>(i);
+      return true;
+    }
+  }
+  return false;
+}
 
 void log_line(LogLevel level, std::string_view message) {
   static constexpr char kLetters[] = {'D', 'I', 'W', 'E', '-'};

@@ -12,6 +12,9 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3, kOff = 4 };
 
 void set_log_level(LogLevel level);
 LogLevel log_level();
+// "debug", "info", "warn", "error" or "off" (the PDSERVE_LOG_LEVEL environment variable's values);
+// false for anything else.
+bool parse_log_level(std::string_view name, LogLevel* level);
 void log_line(LogLevel level, std::string_view message);
 
 template <typename... Args>

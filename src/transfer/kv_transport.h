@@ -259,6 +259,12 @@ struct KvTransportOptions {
   int64_t io_timeout_ms = 30'000;             // a peer silent this long fails the pull
 };
 
+// The pool capacity one message of `message_bytes` (wire header and body) may take: pools reserve
+// whole 4 KiB pages, and a pool may start a message up to kKvSendBufferLeadMax bytes into its
+// buffer (cuda-ipc does, so that the body is 256-byte aligned). Size pools with it.
+inline constexpr uint64_t kKvSendBufferLeadMax = 256;
+uint64_t kv_send_buffer_bytes(uint64_t message_bytes);
+
 StatusOr<std::unique_ptr<KvSendPool>> make_send_pool(TransportKind kind, const KvTransportOptions& options);
 StatusOr<std::unique_ptr<KvPuller>> make_puller(TransportKind kind, const KvTransportOptions& options);
 

@@ -714,6 +714,24 @@ TEST(KvSendPoolTest, CapacityAndBufferLimits) {
   EXPECT_TRUE((*pool)->acquire(64 << 10).ok());
 }
 
+TEST(KvSendPoolTest, APoolSizedByKvSendBufferBytesHoldsItsMessages) {
+  EXPECT_EQ(kv_send_buffer_bytes(1), 4096u);
+  EXPECT_EQ(kv_send_buffer_bytes(4096 - kKvSendBufferLeadMax), 4096u);
+  EXPECT_EQ(kv_send_buffer_bytes(4096 - kKvSendBufferLeadMax + 1), 8192u);
+  // Three messages of a size just past a page boundary (as a prompt's KV and its header are) fit
+  // a pool of three times kv_send_buffer_bytes of it, on each host transport.
+  const uint64_t message = (64 << 10) + kKvWireHeaderBytes;
+  for (TransportKind kind : {TransportKind::kInproc, TransportKind::kShm, TransportKind::kTcp}) {
+    SCOPED_TRACE(std::string(transport_kind_name(kind)));
+    KvTransportOptions o = small_options();
+    o.pool_capacity_bytes = 3 * kv_send_buffer_bytes(message);
+    o.max_buffers = 3;
+    StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(kind, o);
+    ASSERT_TRUE(pool.ok()) << pool.status().to_string();
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE((*pool)->acquire(message).ok()) << "message " << i;
+  }
+}
+
 TEST(KvPullerTest, GonePeers) {
   Scenario s(10);
   KvTransportOptions o = small_options();

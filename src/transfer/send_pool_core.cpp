@@ -353,3 +353,11 @@ KvSendPoolStats SendPoolCore::stats() const {
 }
 
 }  // namespace pdserve::transfer_internal
+
+namespace pdserve {
+
+uint64_t kv_send_buffer_bytes(uint64_t message_bytes) {
+  return transfer_internal::align_up(message_bytes + kKvSendBufferLeadMax);
+}
+
+}  // namespace pdserve
