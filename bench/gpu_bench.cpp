@@ -327,6 +327,7 @@ std::string transfer_section(double peer_gbps, bool quick) {
   double idle_ms = 0;
   {
     CHECK_OK(set_device(1));
+    CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
     std::vector<double> ms;
     for (int i = 0; i < reps; ++i) {
       CHECK_OK(s1.synchronize());
@@ -340,6 +341,7 @@ std::string transfer_section(double peer_gbps, bool quick) {
     }
     std::sort(ms.begin(), ms.end());
     idle_ms = ms[ms.size() / 2];
+    verify("RecvScatter over the link after idling");
   }
 
   // The same into a 16 GiB cache whose blocks lie spread over it, as a serving decode's may.

@@ -16,6 +16,8 @@ LogLevel log_level() { return g_level.load(std::memory_order_relaxed); }
 
 bool parse_log_level(std::string_view name, LogLevel* level) {
   static constexpr std::string_view kNames[] = {"debug", "info", "warn", "error", "off"};
+  static_assert(static_cast<int>(LogLevel::kDebug) == 0 && static_cast<int>(LogLevel::kOff) == 4,
+                "kNames follows LogLevel's order");
   for (size_t i = 0; i < std::size(kNames); ++i) {
     if (name == kNames[i]) {
       *level = static_cast<LogLevel>(i);

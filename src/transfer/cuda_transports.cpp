@@ -12,8 +12,10 @@
 //   [128, ...) slot records, 64 bytes per buffer (transfer/slot_record.h); offsets are into the
 //              allocation, of the message itself, which starts 192 bytes into its 4 KiB-aligned
 //              buffer so that its body is 256-byte aligned
-// The decode starts scattering as soon as the record's size checks against its block table and
-// checks the header, copied beside the scatter, after.
+// The decode starts scattering as soon as the record's size checks against the handle, the tokens
+// it expects and its block table, and checks the header, copied beside the scatter, after: a
+// header that disagrees fails the pull having written only the target's own blocks, which the
+// engine frees (and never offers for prefix reuse) when a pull fails.
 #include "transfer/cuda_transports.h"
 
 #include <fmt/format.h>
@@ -184,7 +186,7 @@ class CudaIpcSendPool final : public CoreSendPool {
         transfer_internal::core_config(options), pool->memory_.as<uint8_t>(),
         [p = pool.get()](uint32_t id, const SlotSnapshot& s) {
           SlotSnapshot message = s;  // every buffer of this pool holds its message kMessageLead in
-          if (message.bytes >= kMessageLead) {
+          if (message.mode == KvTransferMode::kContiguous && message.bytes >= kMessageLead) {
             message.offset += kMessageLead;
             message.bytes -= kMessageLead;
           }
@@ -204,6 +206,10 @@ class CudaIpcSendPool final : public CoreSendPool {
 
   // The buffer's span starts kMessageLead into what the pool reserves.
   StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
+    if (bytes < kKvWireHeaderBytes)
+      return invalid_argument(fmt::format("a KV message of {} bytes is shorter than its header", bytes));
+    if (bytes > std::numeric_limits<uint64_t>::max() - kMessageLead)
+      return resource_exhausted(fmt::format("no room for a {}-byte KV send buffer", bytes));
     PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(kMessageLead + bytes));
     return KvSendBuffer{
         a.ref, a.bytes.subspan(kMessageLead),
@@ -334,6 +340,16 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
       return data_loss(fmt::format("KV buffer {} holds {} bytes, not a header and whole tokens of {} bytes",
                                    handle.buffer_id, bytes, token_bytes));
     const auto num_tokens = static_cast<int32_t>((bytes - kKvWireHeaderBytes) / token_bytes);
+    // What can be checked without the header, before anything lands.
+    if (bytes != handle.bytes)
+      return data_loss(fmt::format("KV buffer {} holds {} bytes, the handle says {}", handle.buffer_id, bytes,
+                                   handle.bytes));
+    if (num_tokens > kKvWireMaxTokens)
+      return data_loss(fmt::format("KV buffer {} holds {} tokens, more than a message may ({})",
+                                   handle.buffer_id, num_tokens, kKvWireMaxTokens));
+    if (target.expected_num_tokens >= 0 && num_tokens != target.expected_num_tokens)
+      return failed_precondition(fmt::format("KV buffer {} holds {} tokens, the decode expects {}",
+                                             handle.buffer_id, num_tokens, target.expected_num_tokens));
     PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, num_tokens)
                            .with_context("the KV does not fit the decode's block table"));
     // Where a pull's time goes, at debug level (PDSERVE_LOG_LEVEL=debug): until the scatter is
@@ -343,8 +359,10 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
     using Clock = std::chrono::steady_clock;
     const Clock::time_point t0 = Clock::now();
     if (!header_stream_) {
-      PD_ASSIGN_OR_RETURN(header_stream_, cuda::Stream::create());
-      PD_ASSIGN_OR_RETURN(header_host_, cuda::PinnedHostBuffer::allocate(kKvWireHeaderBytes));
+      PD_ASSIGN_OR_RETURN(cuda::PinnedHostBuffer host, cuda::PinnedHostBuffer::allocate(kKvWireHeaderBytes));
+      PD_ASSIGN_OR_RETURN(cuda::Stream stream, cuda::Stream::create());
+      header_host_ = std::move(host);
+      header_stream_ = std::move(stream);
     }
     PD_RETURN_IF_ERROR(
         cuda::copy_to_host_async(header_host_.data(), message, kKvWireHeaderBytes, header_stream_->get()));
@@ -356,13 +374,19 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
       }
       PD_RETURN_IF_ERROR(events_->first.record(table_.stream()));
     }
-    PD_RETURN_IF_ERROR(cuda::scatter_kv(reinterpret_cast<const uint16_t*>(message + kKvWireHeaderBytes),
-                                        cache, table, num_tokens, table_.stream()));
-    if (timed) PD_RETURN_IF_ERROR(events_->second.record(table_.stream()));
+    // Once the scatter may run, both streams are waited for before any return: the engine frees
+    // the target's blocks when a pull fails.
+    const Status launched = cuda::scatter_kv(reinterpret_cast<const uint16_t*>(message + kKvWireHeaderBytes),
+                                             cache, table, num_tokens, table_.stream());
+    const Status stop_recorded =
+        timed && launched.ok() ? events_->second.record(table_.stream()) : ok_status();
     const Clock::time_point t1 = Clock::now();
     const Status header_copied = header_stream_->synchronize();
-    PD_RETURN_IF_ERROR(table_.sync());
+    const Status scattered = table_.sync();
+    PD_RETURN_IF_ERROR(launched);
+    PD_RETURN_IF_ERROR(scattered);
     PD_RETURN_IF_ERROR(header_copied);
+    PD_RETURN_IF_ERROR(stop_recorded);
     std::array<uint8_t, kKvWireHeaderBytes> head{};
     std::memcpy(head.data(), header_host_.data(), head.size());
     PD_ASSIGN_OR_RETURN(KvWireHeader header, decode_kv_wire_header(head));

@@ -10,9 +10,11 @@
 // one slot record per buffer (transfer/slot_record.h); its path is the handles' endpoint.
 //
 // Decode side: the puller maps the prefill's allocation once per control segment (cudaIpcOpen-
-// MemHandle; inside the prefill's own process, the pointer itself), reads and checks the header,
-// and runs the RecvScatter kernel on its GPU: it reads the peer buffer over NVLink or PCIe and
-// writes the decode's paged blocks — no staging copy. The slot record is checked before and
+// MemHandle; inside the prefill's own process, the pointer itself), checks the record's size
+// against the handle, the expected tokens and its block table, and runs the RecvScatter kernel on
+// its GPU — it reads the peer buffer over NVLink or PCIe and writes the decode's paged blocks, no
+// staging copy — while the header is copied beside it; the header is checked after (a mismatch
+// fails the pull having written only the target's blocks). The slot record is checked before and
 // after (a buffer released or reclaimed meanwhile fails the pull).
 //
 // There is no block-fixed mode and no body checksum (both refused with the reason); the wire

@@ -194,12 +194,29 @@ TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
   StatusOr<KvHandle> h = publish_kv(*t->pool, src.view, table, 40);
   ASSERT_TRUE(h.ok()) << h.status().message();
 
-  // Another model.
+  // Another model: found by the header, which is checked beside the scatter; the scatter wrote
+  // nothing outside the target's blocks.
+  const std::vector<bool> mask = DeviceCache::used(table, 40);
+  const std::vector<uint16_t> before = dst.all();
   PagedKvView other = dst.view;
   other.layout.model_fingerprint = 99;
   TransferState st = t->puller->pull(*h, KvScatterTarget{other, table, 40});
   ASSERT_EQ(st.phase, TransferPhase::kFailed);
   EXPECT_THAT(st.error.message(), HasSubstr("fingerprint"));
+  {
+    const std::vector<uint16_t> after = dst.all();
+    size_t outside = 0;
+    for (size_t i = 0; i < after.size(); ++i) outside += !mask[i] && after[i] != before[i];
+    EXPECT_EQ(outside, 0u) << "a refused pull wrote outside its target's blocks";
+  }
+  // Another token count than the decode expects: refused before anything lands.
+  {
+    const std::vector<uint16_t> snapshot = dst.all();
+    st = t->puller->pull(*h, KvScatterTarget{dst.view, table, 39});
+    ASSERT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_THAT(st.error.message(), HasSubstr("expects 39"));
+    EXPECT_EQ(dst.all(), snapshot) << "a pull refused on its size wrote into the target";
+  }
   // A stale generation.
   KvHandle stale = *h;
   stale.generation += 1000;
@@ -230,6 +247,19 @@ TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
   StatusOr<KvHandle> bad = publish_kv(*shm->pool, src.view, table, 40);
   ASSERT_FALSE(bad.ok());
   EXPECT_THAT(bad.status().message(), HasSubstr("cuda-ipc"));
+}
+
+// A pool sized with kv_send_buffer_bytes holds that many messages, the lead included (a size whose
+// lead crosses a page).
+TEST_F(CudaIpc, APoolSizedByKvSendBufferBytesHoldsItsMessages) {
+  const uint64_t message = 16 * 4096 - 100;
+  KvTransportOptions o = options(0);
+  o.pool_capacity_bytes = 3 * kv_send_buffer_bytes(message);
+  o.max_buffers = 3;
+  StatusOr<KvTransport> t = make_cuda_ipc_transport(o);
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(t->pool->acquire(message).ok()) << "message " << i;
+  EXPECT_EQ(t->pool->acquire(10).status().code(), StatusCode::kInvalidArgument) << "shorter than a header";
 }
 
 // Across processes: this binary, started again with kChildEnv set, is the prefill; it prints

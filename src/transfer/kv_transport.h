@@ -11,7 +11,9 @@
 // Decode side: a KvPuller pulls a handle into a scatter target (its paged KV blocks)
 // asynchronously: submit() → TransferId, poll() → pending / done / failed(Status). A pull reads
 // and validates the wire header (check_compatible(), room in the block table) before it writes
-// anything into the target, then RecvScatters the body into the blocks.
+// anything into the target, then RecvScatters the body into the blocks — except cuda-ipc, which
+// checks the size against the block table first and the header beside the scatter (a failed pull
+// has then written only the target's blocks; callers free them).
 //
 // Transports, chosen in one place at start-up (make_transport):
 //   inproc  the puller scatters straight from the prefill's buffer (same process)

@@ -1,7 +1,8 @@
 // Shared by the pullers (internal to src/transfer): QueuedPuller, the submit/poll/wait machinery
 // around progress threads that run the transport's pulls in arrival order (one thread: one after
 // another; several: that many at once, so a pull waiting on a layer-wise prefill does not hold up
-// the others), and the checks every pull makes on a peer's header before it writes into the target.
+// the others), and the checks every pull makes on a peer's header (before it writes into the target;
+// cuda-ipc after, its size checks before).
 //
 // Thread-safety: QueuedPuller's public methods are thread-safe; run_pull() runs on the progress
 // threads only, concurrently when there are several (it must then be thread-safe). A derived class

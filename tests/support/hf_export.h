@@ -21,7 +21,9 @@ Status write_hf_checkpoint(const GgufFile& model, const ModelConfig& config, con
 
 // The GGUF with every tensor that is not F32 dequantized and rounded to bf16 (as
 // CudaLlamaModel::load_gguf does), the F32 tensors and the metadata as they are (general.file_type
-// set to bf16): the weights the GPU computes with, in a file the CPU engine runs.
+// set to bf16): for a model whose F32 tensors are its norms (the default model's are), the weights
+// the GPU computes with, in a file the CPU engine runs. (The GPU would round F32 matrices to bf16
+// too; this keeps them F32.)
 StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model);
 
 // The GGUF's byte-level BPE vocabulary as tokenizer.json and tokenizer_config.json in `dir`, in
