@@ -182,17 +182,13 @@ class CudaIpcSendPool final : public CoreSendPool {
     store_le<uint64_t>(h + kCtlToken, pool->token_);
     store_le<uint64_t>(h + kCtlCapacity, options.pool_capacity_bytes);
     std::memcpy(h + kCtlIpcHandle, ipc.data(), ipc.size());
+    SendPoolCore::Config config = transfer_internal::core_config(options);
+    config.message_lead = kMessageLead;
     pool->core_ = std::make_unique<SendPoolCore>(
-        transfer_internal::core_config(options), pool->memory_.as<uint8_t>(),
-        [p = pool.get()](uint32_t id, const SlotSnapshot& s) {
-          SlotSnapshot message = s;  // every buffer of this pool holds its message kMessageLead in
-          if (message.mode == KvTransferMode::kContiguous && message.bytes >= kMessageLead) {
-            message.offset += kMessageLead;
-            message.bytes -= kMessageLead;
-          }
+        config, pool->memory_.as<uint8_t>(), [p = pool.get()](uint32_t id, const SlotSnapshot& s) {
           transfer_internal::write_slot_record(
               p->control_.data() + kControlHeaderBytes + uint64_t{id} * transfer_internal::kSlotRecordBytes,
-              message);
+              s);
         });
     return std::unique_ptr<KvSendPool>(std::move(pool));
   }
@@ -203,18 +199,6 @@ class CudaIpcSendPool final : public CoreSendPool {
 
   TransportKind kind() const override { return TransportKind::kCudaIpc; }
   std::string endpoint() const override { return control_.path(); }
-
-  // The buffer's span starts kMessageLead into what the pool reserves.
-  StatusOr<KvSendBuffer> acquire(uint64_t bytes) override {
-    if (bytes < kKvWireHeaderBytes)
-      return invalid_argument(fmt::format("a KV message of {} bytes is shorter than its header", bytes));
-    if (bytes > std::numeric_limits<uint64_t>::max() - kMessageLead)
-      return resource_exhausted(fmt::format("no room for a {}-byte KV send buffer", bytes));
-    PD_ASSIGN_OR_RETURN(SendPoolCore::Acquired a, core_->acquire(kMessageLead + bytes));
-    return KvSendBuffer{
-        a.ref, a.bytes.subspan(kMessageLead),
-        KvHandle{kind(), KvTransferMode::kContiguous, endpoint(), a.ref.buffer_id, a.ref.generation, bytes}};
-  }
 
   // NOTE: acquire()'s span is device memory of this pool's GPU: write it with CUDA copies or
   // kernels.

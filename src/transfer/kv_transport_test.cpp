@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "transfer/net.h"
+#include "transfer/send_pool_core.h"
 #include "transfer/transfer_test_util.h"
 #include "transfer/ucx_protocol.h"
 
@@ -730,6 +731,34 @@ TEST(KvSendPoolTest, APoolSizedByKvSendBufferBytesHoldsItsMessages) {
     ASSERT_TRUE(pool.ok()) << pool.status().to_string();
     for (int i = 0; i < 3; ++i) EXPECT_TRUE((*pool)->acquire(message).ok()) << "message " << i;
   }
+}
+
+TEST(KvSendPoolTest, AMessageLeadShiftsEveryOffsetAndFreesWholeRanges) {
+  // The cuda-ipc pool's lead, in the shared core: spans, the listener's records and the freed
+  // ranges all account for it.
+  const uint64_t lead = 192, message = 16 * 4096 - 100;  // the lead takes it across a page
+  const uint64_t capacity = 3 * kv_send_buffer_bytes(message);
+  std::vector<uint8_t> memory(capacity);
+  std::vector<transfer_internal::SlotSnapshot> seen(3);
+  transfer_internal::SendPoolCore::Config config{capacity, 3, 60'000, nullptr, lead};
+  transfer_internal::SendPoolCore core(
+      config, memory.data(), [&](uint32_t id, const transfer_internal::SlotSnapshot& s) { seen[id] = s; });
+  std::vector<KvBufferRef> refs;
+  for (int i = 0; i < 3; ++i) {
+    StatusOr<transfer_internal::SendPoolCore::Acquired> a = core.acquire(message);
+    ASSERT_TRUE(a.ok()) << "message " << i << ": " << a.status().to_string();
+    EXPECT_EQ(a->offset % 4096, lead);
+    EXPECT_EQ(a->bytes.data(), memory.data() + a->offset);
+    EXPECT_EQ(a->bytes.size(), message);
+    EXPECT_EQ(seen[a->ref.buffer_id].offset, a->offset);
+    EXPECT_EQ(seen[a->ref.buffer_id].bytes, message);
+    refs.push_back(a->ref);
+  }
+  for (const KvBufferRef& r : refs) ASSERT_TRUE(core.release(r).ok());
+  // The ranges came back whole and coalesced: one message as large as the capacity allows fits.
+  StatusOr<transfer_internal::SendPoolCore::Acquired> all = core.acquire(capacity - lead);
+  ASSERT_TRUE(all.ok()) << all.status().to_string();
+  EXPECT_EQ(all->offset, lead);
 }
 
 TEST(KvPullerTest, GonePeers) {

@@ -34,6 +34,7 @@ SendPoolCore::SendPoolCore(const Config& config, uint8_t* data, SlotListener lis
   PD_CHECK(config_.max_buffers >= 1);
   PD_CHECK(config_.lease_ms >= 1);
   PD_CHECK(config_.capacity_bytes == 0 || data_ != nullptr);
+  PD_CHECK(config_.message_lead <= kKvSendBufferLeadMax);
   slots_.resize(static_cast<size_t>(config_.max_buffers));
   if (config_.capacity_bytes >= kAlignBytes)
     free_ranges_[0] = config_.capacity_bytes / kAlignBytes * kAlignBytes;
@@ -107,7 +108,7 @@ bool SendPoolCore::expired_locked(const Slot& slot, int64_t now) const {
 void SendPoolCore::free_storage_locked(Slot& slot) {
   if (slot.pins > 0) return;  // the last unpin frees it
   if (slot.reserved > 0) {
-    deallocate_locked(slot.offset, slot.reserved);
+    deallocate_locked(slot.offset - config_.message_lead, slot.reserved);
     bytes_in_use_ -= slot.reserved;
     slot.reserved = 0;
   }
@@ -153,7 +154,7 @@ StatusOr<SendPoolCore::Acquired> SendPoolCore::acquire(uint64_t bytes) {
   const int32_t id = pick_slot_locked();
   if (id < 0)
     return resource_exhausted(fmt::format("all {} KV send buffers are in use", config_.max_buffers));
-  const uint64_t reserved = align_up(bytes);
+  const uint64_t reserved = align_up(config_.message_lead + bytes);
   const std::optional<uint64_t> offset = allocate_locked(reserved);
   if (!offset)
     return resource_exhausted(fmt::format("no room for a {}-byte KV send buffer: {} of {} bytes in use",
@@ -162,7 +163,7 @@ StatusOr<SendPoolCore::Acquired> SendPoolCore::acquire(uint64_t bytes) {
   s.state = SlotState::kWriting;
   s.generation = next_generation_++;
   s.mode = KvTransferMode::kContiguous;
-  s.offset = *offset;
+  s.offset = *offset + config_.message_lead;
   s.bytes = bytes;
   s.reserved = reserved;
   s.acquired_ms = now;

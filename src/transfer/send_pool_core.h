@@ -72,6 +72,9 @@ class SendPoolCore {
     int32_t max_buffers = 0;
     int64_t lease_ms = 0;
     KvClockMs clock_ms;  // nullptr: steady clock
+    // Each message starts this far into its page-aligned buffer (at most kKvSendBufferLeadMax):
+    // offsets, sizes and spans, the listener's included, are the message's.
+    uint64_t message_lead = 0;
   };
   // `data` holds capacity_bytes (may be null when the capacity is 0).
   SendPoolCore(const Config& config, uint8_t* data, SlotListener listener = nullptr);
@@ -117,7 +120,7 @@ class SendPoolCore {
     SlotState state = SlotState::kFree;
     uint64_t generation = 0;
     KvTransferMode mode = KvTransferMode::kContiguous;
-    uint64_t offset = 0;
+    uint64_t offset = 0;    // of the message: its range starts message_lead before
     uint64_t bytes = 0;     // as asked for (wire bytes for an exposure)
     uint64_t reserved = 0;  // of the range, page-rounded; 0 when none
     int64_t acquired_ms = 0;

@@ -17,6 +17,33 @@ namespace pdserve {
 
 using nlohmann::json;
 
+namespace {
+
+// A GGUF tensor's rows dequantized and rounded to bf16 (as CudaLlamaModel::load_gguf does); with
+// unpermute_heads > 0, q or k rows put back in Hugging Face's order (GGUF's llama permutes them so
+// that adjacent pairs rotate: GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j).
+std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads) {
+  const int64_t cols = t.dims[0], rows = t.num_elements() / cols;
+  std::vector<float> row(static_cast<size_t>(cols));
+  std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
+  const size_t rb = cpu::row_bytes(t.type, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    cpu::dequantize_row(t.type, t.data + static_cast<size_t>(r) * rb, row.data(), cols);
+    int64_t dst = r;
+    if (unpermute_heads > 0) {
+      const int64_t hd = rows / unpermute_heads, h = r / hd, i = r % hd;
+      dst = h * hd + (i % 2) * (hd / 2) + i / 2;
+    }
+    for (int64_t k = 0; k < cols; ++k) {
+      const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
+      std::memcpy(out.data() + (dst * cols + k) * 2, &b, 2);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::string& out_dir) {
   const std::filesystem::path dir(out_dir);
   std::error_code ec;
@@ -30,21 +57,7 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
       return SafetensorsEntry{};
     }
     const int64_t cols = t->dims[0], rows = t->dims[1];
-    std::vector<float> row(static_cast<size_t>(cols));
-    std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
-    const size_t rb = cpu::row_bytes(t->type, cols);
-    for (int64_t r = 0; r < rows; ++r) {
-      cpu::dequantize_row(t->type, t->data + static_cast<size_t>(r) * rb, row.data(), cols);
-      int64_t dst = r;
-      if (unpermute_heads > 0) {  // GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j
-        const int64_t hd = rows / unpermute_heads, h = r / hd, i = r % hd;
-        dst = h * hd + (i % 2) * (hd / 2) + i / 2;
-      }
-      for (int64_t k = 0; k < cols; ++k) {
-        const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
-        std::memcpy(out.data() + (dst * cols + k) * 2, &b, 2);
-      }
-    }
+    std::vector<uint8_t> out = bf16_rows(*t, unpermute_heads);
     return SafetensorsEntry{"", "BF16", {rows, cols}, std::move(out)};
   };
   auto vector = [&](const std::string& name) {
@@ -111,18 +124,7 @@ StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
       w.add_tensor(t.name, t.type, t.dims, std::vector<uint8_t>(t.data, t.data + t.size_bytes));
       continue;
     }
-    const int64_t cols = t.dims[0], rows = t.num_elements() / cols;
-    const size_t rb = cpu::row_bytes(t.type, cols);
-    std::vector<float> row(static_cast<size_t>(cols));
-    std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
-    for (int64_t r = 0; r < rows; ++r) {
-      cpu::dequantize_row(t.type, t.data + static_cast<size_t>(r) * rb, row.data(), cols);
-      for (int64_t k = 0; k < cols; ++k) {
-        const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
-        std::memcpy(out.data() + (r * cols + k) * 2, &b, 2);
-      }
-    }
-    w.add_tensor(t.name, GgmlType::kBF16, t.dims, std::move(out));
+    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, 0));
   }
   return GgufFile::parse_owned(w.finish());
 }
