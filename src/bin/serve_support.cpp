@@ -239,7 +239,8 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
   cmd.add_option(
       "--kv-send-memory", f.kv_send_memory,
       "Prefill: memory of the KV send buffers, in bytes with a unit (default: --prefill-slots prompts "
-      "of --max-context tokens). On a GPU it is device memory, reserved at start besides "
+      "of --max-context tokens, which always hold --prefill-slots prompts; less packs shorter prompts, and a "
+      "prompt that finds no room then fails). On a GPU it is device memory, reserved at start besides "
       "--kv-cache-memory");
   cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,
                  "Prefill: a handed-off request's slot and KV are freed after this long even if no decode "
@@ -291,6 +292,7 @@ StatusOr<KvTransportOptions> send_pool_options(const EngineFlags& f, const Model
                       f.kv_send_memory, max_context, format_bytes(one_prompt)));
     to.pool_capacity_bytes = b->bytes;
   }
+  to.pool_region_bytes = one_prompt;  // b_p held buffers of any prompt lengths fit b_p regions
   to.max_buffers = f.prefill_slots + 4;
   to.lease_ms = f.handoff_lease_ms + 5'000;  // the engine's lease frees first, with its slot
   to.prefault_pool = false;

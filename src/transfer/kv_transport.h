@@ -244,6 +244,11 @@ struct KvTransportOptions {
   uint64_t pool_capacity_bytes = uint64_t{256} << 20;  // contiguous buffers, pre-reserved
   int32_t max_buffers = 64;                            // at most b_p in flight per prefill
   int64_t lease_ms = 60'000;                           // a buffer not released within this is reclaimed
+  // The largest buffer one message takes (kv_send_buffer_bytes of the longest prompt's KV), or 0.
+  // Buffers of at most this start at a multiple of it, so that a pool of N times it holds any N
+  // messages at once whatever their sizes and order (first-fit alone can leave the free bytes
+  // split between buffers). 0: first-fit only.
+  uint64_t pool_region_bytes = 0;
   bool prefault_pool = true;  // touch the capacity at start-up (pinned-buffer behaviour)
   KvClockMs clock_ms;         // nullptr: steady clock
   ShmBacking shm_backing = ShmBacking::kMemfd;

@@ -733,6 +733,57 @@ TEST(KvSendPoolTest, APoolSizedByKvSendBufferBytesHoldsItsMessages) {
   }
 }
 
+TEST(KvSendPoolTest, RegionsHoldAsManyMessagesAsTheyNumberWhateverTheirSizes) {
+  // Two regions of the longest message. First-fit alone places a small message at 0 and a
+  // longest one after it; once the small one goes, the free bytes (a region's worth) lie in two
+  // pieces and a second longest message does not fit.
+  const uint64_t region = kv_send_buffer_bytes((64 << 10) + kKvWireHeaderBytes);
+  const uint64_t longest = region - kKvSendBufferLeadMax;
+  for (const bool regions : {false, true}) {
+    SCOPED_TRACE(regions ? "regions" : "first-fit");
+    KvTransportOptions o = small_options();
+    o.pool_capacity_bytes = 2 * region;
+    o.max_buffers = 4;
+    o.pool_region_bytes = regions ? region : 0;
+    StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kInproc, o);
+    ASSERT_TRUE(pool.ok()) << pool.status().to_string();
+    StatusOr<KvSendBuffer> small = (*pool)->acquire(kKvWireHeaderBytes + 100);
+    ASSERT_TRUE(small.ok());
+    ASSERT_TRUE((*pool)->acquire(longest).ok());
+    ASSERT_TRUE((*pool)->release(small->ref).ok());
+    StatusOr<KvSendBuffer> second = (*pool)->acquire(longest);
+    if (regions) {
+      EXPECT_TRUE(second.ok()) << second.status().to_string();
+    } else {
+      EXPECT_THAT(second.status().message(), HasSubstr("no room"));
+    }
+  }
+
+  // Random sizes up to the longest, acquired and released in random order, never more held than
+  // there are regions: every acquire succeeds.
+  constexpr int kRegions = 4;
+  KvTransportOptions o = small_options();
+  o.pool_capacity_bytes = kRegions * region + 3 * 4096;  // a partial region at the end is not one
+  o.max_buffers = kRegions + 2;
+  o.pool_region_bytes = region;
+  StatusOr<std::unique_ptr<KvSendPool>> pool = make_send_pool(TransportKind::kInproc, o);
+  ASSERT_TRUE(pool.ok()) << pool.status().to_string();
+  std::mt19937_64 rng(7);
+  std::vector<KvBufferRef> held;
+  for (int i = 0; i < 2000; ++i) {
+    if (held.size() == kRegions || (!held.empty() && rng() % 2 == 0)) {
+      const size_t k = rng() % held.size();
+      ASSERT_TRUE((*pool)->release(held[k]).ok());
+      held.erase(held.begin() + static_cast<std::ptrdiff_t>(k));
+    }
+    const uint64_t bytes = kKvWireHeaderBytes + rng() % (longest - kKvWireHeaderBytes + 1);
+    StatusOr<KvSendBuffer> b = (*pool)->acquire(bytes);
+    ASSERT_TRUE(b.ok()) << "step " << i << ", " << held.size() << " held, " << bytes
+                        << " bytes: " << b.status().to_string();
+    held.push_back(b->ref);
+  }
+}
+
 TEST(KvSendPoolTest, AMessageLeadShiftsEveryOffsetAndFreesWholeRanges) {
   // The cuda-ipc pool's lead, in the shared core: spans, the listener's records and the freed
   // ranges all account for it.

@@ -30,7 +30,10 @@ bool holds_buffer(SlotState s) { return s == SlotState::kWriting || s == SlotSta
 }  // namespace
 
 SendPoolCore::SendPoolCore(const Config& config, uint8_t* data, SlotListener listener)
-    : config_(config), data_(data), listener_(std::move(listener)) {
+    : config_(config),
+      region_bytes_(align_up(config.region_bytes)),
+      data_(data),
+      listener_(std::move(listener)) {
   PD_CHECK(config_.max_buffers >= 1);
   PD_CHECK(config_.lease_ms >= 1);
   PD_CHECK(config_.capacity_bytes == 0 || data_ != nullptr);
@@ -51,15 +54,33 @@ int64_t SendPoolCore::now_ms() const {
 }
 
 std::optional<uint64_t> SendPoolCore::allocate_locked(uint64_t bytes) {
+  // NOTE: first-fit alone strands room: with two regions' worth, a small buffer at 0 and a full
+  // one after it leave less than a region at the end once the small one goes. Buffers of at most
+  // a region that always start at a region's start each stay within one, so while fewer buffers
+  // than regions are held a whole region is free.
+  if (region_bytes_ > 0 && bytes <= region_bytes_) {
+    for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
+      const uint64_t start = (it->first + region_bytes_ - 1) / region_bytes_ * region_bytes_;
+      if (start + region_bytes_ > it->first + it->second) continue;
+      carve_locked(it, start, bytes);
+      return start;
+    }
+  }
   for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
     if (it->second < bytes) continue;
     const uint64_t offset = it->first;
-    const uint64_t left = it->second - bytes;
-    free_ranges_.erase(it);
-    if (left > 0) free_ranges_[offset + bytes] = left;
+    carve_locked(it, offset, bytes);
     return offset;
   }
   return std::nullopt;
+}
+
+void SendPoolCore::carve_locked(std::map<uint64_t, uint64_t>::iterator it, uint64_t offset, uint64_t bytes) {
+  const uint64_t begin = it->first, end = it->first + it->second;
+  PD_CHECK(begin <= offset && offset + bytes <= end);
+  free_ranges_.erase(it);
+  if (offset > begin) free_ranges_[begin] = offset - begin;
+  if (offset + bytes < end) free_ranges_[offset + bytes] = end - offset - bytes;
 }
 
 void SendPoolCore::deallocate_locked(uint64_t offset, uint64_t bytes) {

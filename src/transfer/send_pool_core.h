@@ -75,6 +75,8 @@ class SendPoolCore {
     // Each message starts this far into its page-aligned buffer (at most kKvSendBufferLeadMax):
     // offsets, sizes and spans, the listener's included, are the message's.
     uint64_t message_lead = 0;
+    // KvTransportOptions::pool_region_bytes (0: plain first-fit).
+    uint64_t region_bytes = 0;
   };
   // `data` holds capacity_bytes (may be null when the capacity is 0).
   SendPoolCore(const Config& config, uint8_t* data, SlotListener listener = nullptr);
@@ -137,12 +139,17 @@ class SendPoolCore {
   void expire_locked(uint32_t id, Slot& slot);
   // Gives the slot's bytes back once no pin holds them. Lock held.
   void free_storage_locked(Slot& slot);
+  // A buffer no larger than a region starts at the first region wholly free; otherwise, or when
+  // none is, at the first free range that holds it.
   std::optional<uint64_t> allocate_locked(uint64_t bytes);
+  // Takes [offset, offset + bytes) out of the free range `it` that holds it.
+  void carve_locked(std::map<uint64_t, uint64_t>::iterator it, uint64_t offset, uint64_t bytes);
   void deallocate_locked(uint64_t offset, uint64_t bytes);
   int32_t pick_slot_locked() const;
   void notify_locked(uint32_t id, const Slot& slot);
 
   const Config config_;
+  const uint64_t region_bytes_;  // config_.region_bytes in whole pages; 0: no regions
   uint8_t* const data_;
   const SlotListener listener_;
 

@@ -24,8 +24,9 @@ StatusOr<std::unique_ptr<KvPuller>> make_ucx_puller(const KvTransportOptions& op
 
 // The SendPoolCore settings from the options.
 inline SendPoolCore::Config core_config(const KvTransportOptions& options) {
-  return SendPoolCore::Config{options.pool_capacity_bytes, options.max_buffers, options.lease_ms,
-                              options.clock_ms};
+  return SendPoolCore::Config{
+      options.pool_capacity_bytes, options.max_buffers,      options.lease_ms, options.clock_ms,
+      /*message_lead=*/0,          options.pool_region_bytes};
 }
 
 // A block-fixed exposure's source and wire size, validated (shared by the tcp and shm pools).
