@@ -21,9 +21,11 @@
 # each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 #
 # UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix (a closed
-# loop through the baseline gateways, CAL_USERS users — default 4 per prefill slot — and CAL_N
-# requests, default 100, of one output token each, so that decode latency does not bound the
-# loop), then run at those fractions of it; the capacity goes to
+# loop through the on-demand gateways, CAL_USERS users — default one per prefill slot, so that every
+# slot stays busy and no request waits long enough to be dropped — and CAL_N requests, default 100,
+# of one output token each, so that decode latency does not bound the loop; through the baseline
+# gateways the loop would measure the baseline's imbalance with GATEWAYS > 1, not the prefills),
+# then run at those fractions of it; the capacity goes to
 # OUT_DIR/capacity.json and load A is 1 req/s × capacity (a load "0.6A" is 60 % of it). A fixed
 # RATE_A means a different utilisation on every host.
 #
@@ -35,7 +37,8 @@
 # On GPUs (one instance per GPU, KV over cuda-ipc): PREFILL_DEVICES (one prefill per entry, "cpu
 # cpu"), DECODE_DEVICE (cpu), TRANSPORT (shm), MODEL (the default model; e.g. synthetic:llama-3.1-8b,
 # whose tokenizer is the default model's), KV_MEMORY (256MiB), INSTANCE_ARGS (more instance flags,
-# e.g. "--max-context 8192"), PDSERVE (build/release/src/bin/pdserve).
+# e.g. "--max-context 8192"), PDSERVE (build/release/src/bin/pdserve). DECODE_THREADS (1): the decode
+# instance's CPU threads, for loads whose decoding one thread cannot keep up with.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -67,18 +70,18 @@ long_in="${LONG_IN:-normal:600:100}"
 trap stop_started EXIT
 
 # NOTE: no prefix caching: both policies see the same prompts, the second would hit the cache.
-instance=(instance --model "$model" --threads 1 --transport "$transport" --kv-cache-memory "$kv_memory"
+instance=(instance --model "$model" --transport "$transport" --kv-cache-memory "$kv_memory"
           --prefill-slots "$slots" --no-prefix-caching)
 read -r -a extra_args <<<"${INSTANCE_ARGS:-}"
 instance+=("${extra_args[@]}")
 gateway=(gateway --model "$model")
 ports=()
 for i in "${!prefill_devices[@]}"; do
-  start "prefill$i.log" "${instance[@]}" --role prefill --port $((18201 + i)) --device "${prefill_devices[$i]}"
+  start "prefill$i.log" "${instance[@]}" --role prefill --threads 1 --port $((18201 + i)) --device "${prefill_devices[$i]}"
   gateway+=(--prefill "127.0.0.1:$((18201 + i))")
   ports+=($((18201 + i)))
 done
-start decode.log "${instance[@]}" --role decode --port 18200 --device "$decode_device"
+start decode.log "${instance[@]}" --role decode --port 18200 --device "$decode_device" --threads "${DECODE_THREADS:-1}"
 gateway+=(--decode 127.0.0.1:18200)
 wait_ready "${ports[@]}" 18200
 gateways="${GATEWAYS:-1}"
@@ -96,9 +99,9 @@ wait_ready "${gateway_ports[@]}"
 
 if [ -n "${UTILS:-}" ]; then
   [ -z "${TRACE:-}" ] || { echo "UTILS needs the synthetic mix, not TRACE" >&2; exit 1; }
-  cal_users="${CAL_USERS:-$((4 * ${#prefill_devices[@]} * slots))}"
-  echo "== capacity: closed loop, $cal_users users, ${CAL_N:-100} requests of the mix, through the baseline gateways"
-  "$pdserve" bench --base-url "$urls_baseline" --api completions --arrival closed --users "$cal_users" \
+  cal_users="${CAL_USERS:-$((${#prefill_devices[@]} * slots))}"
+  echo "== capacity: closed loop, $cal_users users, ${CAL_N:-100} requests of the mix, through the on-demand gateways"
+  "$pdserve" bench --base-url "$urls_on_demand" --api completions --arrival closed --users "$cal_users" \
     -n "${CAL_N:-100}" --scenarios "[{\"name\": \"short\", \"weight\": $(python3 -c "print(1 - $long_share)"), \"input\": \"$short_in\"},
                 {\"name\": \"long\", \"weight\": $long_share, \"input\": \"$long_in\"}]" \
     --output-len fixed:1 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
