@@ -81,13 +81,7 @@ int checkpoint_info(const ModelInfoArgs& args) {
   const ModelConfig& c = (*checkpoint)->config();
   fmt::print("checkpoint:      {} (Hugging Face: config.json and safetensors; runs with --device cuda)\n",
              args.path);
-  // Embedding (and output head unless tied), attention, MLP and the norms.
-  const int64_t h = c.hidden_size;
-  const int64_t attention =
-      h * (int64_t{c.num_heads} + 2 * c.num_kv_heads) * c.head_dim + int64_t{c.num_heads} * c.head_dim * h;
-  const int64_t params = int64_t{c.vocab_size} * h * (c.tied_embeddings ? 1 : 2) +
-                         c.num_layers * (attention + 3 * h * c.ffn_size + 2 * h) + h;
-  print_config(c, params);
+  print_config(c, (*checkpoint)->num_parameters());
   auto tokenizer = load_hf_tokenizer(args.path);
   if (!tokenizer.ok()) {
     fmt::print("tokenizer:       not readable by pdserve: {}\n", tokenizer.status().message());

@@ -325,4 +325,12 @@ const SafetensorsTensor* HfCheckpoint::find(std::string_view name) const {
   return nullptr;
 }
 
+int64_t HfCheckpoint::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& shard : shards_) {
+    for (const SafetensorsTensor& t : shard->tensors()) n += t.num_elements();
+  }
+  return n;
+}
+
 }  // namespace pdserve

@@ -76,6 +76,8 @@ class HfCheckpoint {
   const ModelConfig& config() const { return config_; }
   // A tensor by its Hugging Face name ("model.layers.0.self_attn.q_proj.weight"), or nullptr.
   const SafetensorsTensor* find(std::string_view name) const;
+  // Elements of every tensor in the shards (biases included; a tied output head is not stored).
+  int64_t num_parameters() const;
   // Of config.json, every shard's header (and the first and last 64 KiB of its data) and the
   // tokenizer files present (tokenizer.json, tokenizer_config.json, chat_template.*).
   uint64_t fingerprint() const { return fingerprint_; }

@@ -172,6 +172,7 @@ TEST(HfCheckpoint, OpensShardsThroughTheIndex) {
   EXPECT_EQ((*ck)->config().num_layers, 32);
   ASSERT_NE((*ck)->find("y"), nullptr);
   EXPECT_EQ((*ck)->find("y")->num_elements(), 2);
+  EXPECT_EQ((*ck)->num_parameters(), 3);  // from the shards, not from config.json's shapes
   ASSERT_NE((*ck)->find("x"), nullptr);
   EXPECT_NE((*ck)->fingerprint(), 0u);
 

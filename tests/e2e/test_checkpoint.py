@@ -40,6 +40,10 @@ def test_model_info_reads_the_directory(checkpoint):
     assert "neox ordering" in r.stdout  # Hugging Face's rotation, unlike the GGUF's
     assert "tokenizer:       gpt2 (pre-tokenizer smollm), 49152 tokens" in r.stdout
     assert "<|im_start|>" in r.stdout  # the chat template from tokenizer_config.json
+    # Counted from the shards' tensors, as the GGUF's are from its tensors: the same weights.
+    params = [line for line in r.stdout.splitlines() if line.startswith("parameters:")]
+    gguf = pdserve("model", "info", GGUF)
+    assert params and params == [line for line in gguf.stdout.splitlines() if line.startswith("parameters:")]
 
 
 def test_the_cpu_refuses_a_checkpoint_with_the_fix(checkpoint):
