@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <vector>
 
 #include "kernels/cpu/fp16.h"
@@ -42,9 +43,47 @@ std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads)
   return out;
 }
 
+// bf16 values (raw bits) in `dtype`: "BF16" as they are, "F32" exactly, "F16" rounded to nearest.
+std::vector<uint8_t> bf16_as(const std::vector<uint8_t>& bf16, const std::string& dtype) {
+  if (dtype == "BF16") return bf16;
+  const size_t n = bf16.size() / 2, width = dtype == "F32" ? 4 : 2;
+  std::vector<uint8_t> out(n * width);
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t b;
+    std::memcpy(&b, bf16.data() + 2 * i, 2);
+    const float f = cpu::bf16_to_fp32(b);
+    if (width == 4) {
+      std::memcpy(out.data() + 4 * i, &f, 4);
+    } else {
+      const uint16_t h = cpu::fp32_to_fp16(f);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+// Layer `layer`'s q (which 0), k (1) or v (2) bias of n values, in Hugging Face's row order.
+std::vector<float> qkv_bias(const HfCheckpointOptions& o, int32_t layer, int which, int64_t n) {
+  std::mt19937_64 rng(o.bias_seed * 1000003 + static_cast<uint64_t>(layer) * 3 +
+                      static_cast<uint64_t>(which));
+  std::uniform_real_distribution<float> u(-o.bias_scale, o.bias_scale);
+  std::vector<float> b(static_cast<size_t>(n));
+  for (float& x : b) x = u(rng);
+  return b;
+}
+
+std::vector<uint8_t> float_bytes(const std::vector<float>& v) {
+  std::vector<uint8_t> out(v.size() * 4);
+  std::memcpy(out.data(), v.data(), out.size());
+  return out;
+}
+
 }  // namespace
 
-Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::string& out_dir) {
+Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::string& out_dir,
+                           const HfCheckpointOptions& options) {
+  if (options.dtype != "BF16" && options.dtype != "F16" && options.dtype != "F32")
+    return invalid_argument("a checkpoint's dtype is BF16, F16 or F32, not " + options.dtype);
   const std::filesystem::path dir(out_dir);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -57,8 +96,8 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
       return SafetensorsEntry{};
     }
     const int64_t cols = t->dims[0], rows = t->dims[1];
-    std::vector<uint8_t> out = bf16_rows(*t, unpermute_heads);
-    return SafetensorsEntry{"", "BF16", {rows, cols}, std::move(out)};
+    return SafetensorsEntry{
+        "", options.dtype, {rows, cols}, bf16_as(bf16_rows(*t, unpermute_heads), options.dtype)};
   };
   auto vector = [&](const std::string& name) {
     const GgufTensorInfo* t = f.find_tensor(name);
@@ -91,6 +130,15 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
     add(s, named(matrix(g + "attn_q.weight", c.num_heads), h + "self_attn.q_proj.weight"));
     add(s, named(matrix(g + "attn_k.weight", c.num_kv_heads), h + "self_attn.k_proj.weight"));
     add(s, named(matrix(g + "attn_v.weight", 0), h + "self_attn.v_proj.weight"));
+    if (options.qwen2) {
+      const int64_t widths[3] = {c.q_dim(), c.kv_dim(), c.kv_dim()};
+      const char* names[3] = {"q_proj", "k_proj", "v_proj"};
+      for (int w = 0; w < 3; ++w)
+        add(s, SafetensorsEntry{fmt::format("{}self_attn.{}.bias", h, names[w]),
+                                "F32",
+                                {widths[w]},
+                                float_bytes(qkv_bias(options, i, w, widths[w]))});
+    }
     add(s, named(matrix(g + "attn_output.weight", 0), h + "self_attn.o_proj.weight"));
     add(s, named(matrix(g + "ffn_gate.weight", 0), h + "mlp.gate_proj.weight"));
     add(s, named(matrix(g + "ffn_up.weight", 0), h + "mlp.up_proj.weight"));
@@ -102,11 +150,11 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
         (dir / fmt::format("model-0000{}-of-00002.safetensors", s + 1)).string(), shard[s]));
   std::ofstream(dir / "model.safetensors.index.json") << "{\"weight_map\": {" << weight_map << "}}";
   std::ofstream(dir / "config.json") << fmt::format(
-      R"({{"model_type": "llama", "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {},
+      R"({{"model_type": "{}", "hidden_size": {}, "intermediate_size": {}, "num_hidden_layers": {},
           "num_attention_heads": {}, "num_key_value_heads": {}, "vocab_size": {}, "rms_norm_eps": {},
           "rope_theta": {}, "max_position_embeddings": {}, "tie_word_embeddings": {}}})",
-      c.hidden_size, c.ffn_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size, c.rms_norm_eps,
-      c.rope_theta, c.context_length, c.tied_embeddings ? "true" : "false");
+      options.qwen2 ? "qwen2" : "llama", c.hidden_size, c.ffn_size, c.num_layers, c.num_heads, c.num_kv_heads,
+      c.vocab_size, c.rms_norm_eps, c.rope_theta, c.context_length, c.tied_embeddings ? "true" : "false");
   return ok_status();
 }
 
@@ -125,6 +173,36 @@ StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
       continue;
     }
     w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, 0));
+  }
+  return GgufFile::parse_owned(w.finish());
+}
+
+StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& c,
+                                               const HfCheckpointOptions& options) {
+  GgufWriter w(3, model.alignment());
+  for (const auto& [key, value] : model.metadata()) {
+    if (key == "general.architecture") {
+      w.add_string(key, "qwen2");
+    } else if (key.rfind("llama.", 0) == 0) {
+      w.add("qwen2." + key.substr(6), value);
+    } else {
+      w.add(key, value);
+    }
+  }
+  for (const GgufTensorInfo& t : model.tensors()) {
+    if (t.type == GgmlType::kF32) {
+      w.add_tensor(t.name, t.type, t.dims, std::vector<uint8_t>(t.data, t.data + t.size_bytes));
+      continue;
+    }
+    const bool q = t.name.ends_with(".attn_q.weight"), k = t.name.ends_with(".attn_k.weight");
+    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, q ? c.num_heads : k ? c.num_kv_heads : 0));
+  }
+  const int64_t widths[3] = {c.q_dim(), c.kv_dim(), c.kv_dim()};
+  const char* names[3] = {"attn_q", "attn_k", "attn_v"};
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    for (int which = 0; which < 3; ++which)
+      w.add_tensor(fmt::format("blk.{}.{}.bias", i, names[which]), GgmlType::kF32, {widths[which]},
+                   float_bytes(qkv_bias(options, i, which, widths[which])));
   }
   return GgufFile::parse_owned(w.finish());
 }

@@ -13,11 +13,29 @@
 
 namespace pdserve {
 
+struct HfCheckpointOptions {
+  // The matrices' dtype: "BF16", "F16" or "F32". They hold the same bf16-rounded values in each (F32
+  // exactly; F16 exactly except where a value is below F16's normal range).
+  std::string dtype = "BF16";
+  // A Qwen2 checkpoint ("model_type": "qwen2"): the same weights plus q, k and v biases, uniform in
+  // ±bias_scale from bias_seed (qwen2_gguf gives the same model as a GGUF).
+  bool qwen2 = false;
+  uint64_t bias_seed = 1;
+  float bias_scale = 0.2f;
+};
+
 // The GGUF's weights as a two-shard checkpoint in `dir`: every weight dequantized and rounded to
 // bf16 (as CudaLlamaModel::load_gguf does), q and k rows put back in Hugging Face's order (GGUF's
 // llama permutes them so that adjacent pairs rotate), norms in F32; the shard index and a
 // config.json made from the metadata. Overwrites what is there.
-Status write_hf_checkpoint(const GgufFile& model, const ModelConfig& config, const std::string& dir);
+Status write_hf_checkpoint(const GgufFile& model, const ModelConfig& config, const std::string& dir,
+                           const HfCheckpointOptions& options = {});
+
+// The Qwen2 checkpoint of write_hf_checkpoint (options.qwen2) as a GGUF the CPU engine runs: the
+// bf16_gguf weights, q and k rows in Hugging Face's order (qwen2 rotates halves, as Hugging Face
+// does), the same biases in F32, "qwen2." metadata.
+StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& config,
+                                               const HfCheckpointOptions& options);
 
 // The GGUF with every tensor that is not F32 dequantized and rounded to bf16 (as
 // CudaLlamaModel::load_gguf does), the F32 tensors and the metadata as they are (general.file_type
