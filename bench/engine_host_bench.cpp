@@ -5,6 +5,7 @@
 // here bounds the step rate of a fast GPU at that batch size.
 //
 //   pdserve_engine_host_bench [--model GGUF] [--batch 16,64,192] [--steps N] [--reps N] [--logits]
+//                             [--logprobs-rows N]
 //
 // Prints one JSON object per batch size: median microseconds of host work per step and per
 // sequence (each of --reps rounds runs --batch sequences for --steps decode steps).
@@ -48,8 +49,15 @@ class NullExecutor final : public ModelExecutor {
     }
     return ok_status();
   }
-  Status forward_draw(const ForwardBatch&, std::span<const RowDraw> draws, int32_t* next_tokens) override {
+  Status forward_draw(const ForwardBatch&, std::span<const RowDraw> draws, int32_t* next_tokens,
+                      const HostLogitRows& host) override {
     for (size_t row = 0; row < draws.size(); ++row) next_tokens[row] = token_;
+    const size_t vocab = static_cast<size_t>(config_.vocab_size);
+    for (size_t j = 0; j < host.rows.size(); ++j) {
+      float* r = host.logits + j * vocab;
+      std::fill(r, r + vocab, 0.0f);
+      r[token_] = 10.0f;
+    }
     return ok_status();
   }
   bool draws_on_device() const override { return on_device_; }
@@ -70,6 +78,7 @@ int run(int argc, char** argv) {
   int steps = 64;
   int reps = 5;
   bool logits = false;
+  int logprobs_rows = 0;
   app.add_option("--model", model, "GGUF file for the tokenizer and shapes")->capture_default_str();
   app.add_option("--batch", batches, "Batch sizes")->delimiter(',')->capture_default_str();
   app.add_option("--steps", steps, "Decode steps per round")
@@ -80,6 +89,10 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--logits", logits,
                "Copy a row of logits per sequence and sample on the host (as the CPU engine)");
+  app.add_option("--logprobs-rows", logprobs_rows,
+                 "Sequences of each batch that ask for log-probabilities (their logits come to the host)")
+      ->check(CLI::Range(0, 100000))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto file = GgufFile::open(model);
@@ -115,6 +128,7 @@ int run(int argc, char** argv) {
         req.prompt = prompt;
         req.max_tokens = steps;
         req.ignore_eos = true;
+        req.logprobs = i < logprobs_rows;
         auto h = engine.submit(std::move(req), [&](EngineOutput&& out) {
           if (out.finish_reason.empty()) return;
           std::lock_guard lock(mu);
@@ -135,9 +149,10 @@ int run(int argc, char** argv) {
     std::sort(per_step_us.begin(), per_step_us.end());
     const double med = per_step_us[per_step_us.size() / 2];
     fmt::print(
-        "{{\"batch\": {}, \"steps\": {}, \"sampling\": \"{}\", \"host_us_per_step\": {:.1f}, "
-        "\"host_us_per_sequence\": {:.2f}}}\n",
-        batch, steps, logits ? "host, from logits" : "token ids from the backend", med, med / batch);
+        "{{\"batch\": {}, \"steps\": {}, \"sampling\": \"{}\", \"logprobs_rows\": {}, "
+        "\"host_us_per_step\": {:.1f}, \"host_us_per_sequence\": {:.2f}}}\n",
+        batch, steps, logits ? "host, from logits" : "token ids from the backend",
+        std::min(logprobs_rows, batch), med, med / batch);
   }
   return 0;
 }

@@ -732,11 +732,12 @@ void Engine::step() {
   ForwardBatch batch;
   batch_tokens_.clear();
   int32_t num_logits = 0;
-  // Where every row's draw needs only the logits (greedy or plain tempered, no penalties, no
-  // log-probabilities), a GPU draws the tokens itself and only their ids cross to the host (not
-  // vocab_size floats per row). The host sampler makes the same draws, so a request's tokens do
-  // not depend on which path a step took.
-  bool on_device = executor_->draws_on_device();
+  // Where a row's draw needs only the logits (greedy or plain tempered, no penalties, no
+  // log-probabilities), a GPU draws the token itself and only its id crosses to the host (not
+  // vocab_size floats); the other rows' logits come to the host sampler. The host sampler makes
+  // the same draws, so a request's tokens do not depend on which path a step took.
+  const bool on_device = executor_->draws_on_device();
+  host_rows_.clear();
   draws_.clear();
   for (const ScheduledChunk& c : plan.chunks) {
     auto toks = scheduler_.tokens(c.seq).subspan(static_cast<size_t>(c.first_position),
@@ -746,7 +747,7 @@ void Engine::step() {
     num_logits += c.want_logits ? 1 : 0;
     if (c.want_logits) {
       const Active& a = *active_.at(c.seq);
-      on_device = on_device && a.sampler.device_drawable() && !a.request.logprobs;
+      if (!a.sampler.device_drawable() || a.request.logprobs) host_rows_.push_back(num_logits - 1);
       const SamplingParams& sp = a.sampler.params();
       draws_.push_back({sp.temperature, sp.seed, a.sampler.draws(), sp.top_k, sp.top_p, sp.min_p});
     }
@@ -764,10 +765,14 @@ void Engine::step() {
     if (!early_.empty()) batch.after_layer = [this](int32_t layer) { send_layer(layer); };
   }
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  // Every row on the host: the plain forward pass (no draws to make).
+  const bool draw_on_device = on_device && host_rows_.size() < static_cast<size_t>(num_logits);
   Status st;
-  if (on_device) {
+  if (draw_on_device) {
     next_tokens_.resize(static_cast<size_t>(num_logits));
-    st = executor_->forward_draw(batch, draws_, next_tokens_.data());
+    if (logits_.size() < host_rows_.size() * vocab) logits_.resize(host_rows_.size() * vocab);
+    st = executor_->forward_draw(batch, draws_, next_tokens_.data(),
+                                 HostLogitRows{host_rows_, logits_.data()});
   } else {
     if (logits_.size() < static_cast<size_t>(num_logits) * vocab)
       logits_.resize(static_cast<size_t>(num_logits) * vocab);
@@ -789,17 +794,20 @@ void Engine::step() {
   scheduler_.complete(plan);
   computed_tokens_total_ += plan.num_tokens();
 
-  size_t row = 0;
+  size_t row = 0, host_row = 0;  // host_row: the next of host_rows_ (their logits, in order)
   for (const ScheduledChunk& c : plan.chunks) {
     if (!c.want_logits) continue;
     Active& a = *active_.at(c.seq);
     if (a.stream.num_tokens() == 0) a.cached_prompt_tokens = scheduler_.num_cached_prompt_tokens(c.seq);
     SampleResult r;
-    if (on_device) {
+    const bool on_host = !draw_on_device ||
+                         (host_row < host_rows_.size() && host_rows_[host_row] == static_cast<int32_t>(row));
+    if (!on_host) {
       r.token = next_tokens_[row];
       a.sampler.skip(1);
     } else {
-      r = a.sampler.sample(std::span<float>(logits_.data() + row * vocab, vocab), scheduler_.tokens(c.seq),
+      const size_t at = draw_on_device ? host_row++ : row;
+      r = a.sampler.sample(std::span<float>(logits_.data() + at * vocab, vocab), scheduler_.tokens(c.seq),
                            a.request.logprobs);
     }
     ++row;

@@ -345,7 +345,8 @@ class Engine : public Instance {
   std::unordered_map<SequenceId, std::unique_ptr<Active>> active_;
   SequenceId next_id_ = 1;
   std::vector<float> logits_;
-  std::vector<int32_t> next_tokens_;  // drawn on the device (every row device_drawable())
+  std::vector<int32_t> next_tokens_;  // drawn on the device
+  std::vector<int32_t> host_rows_;    // logits rows the host samples (penalties, log-probabilities)
   std::vector<RowDraw> draws_;        // their draws
   std::vector<int32_t> batch_tokens_;
   std::vector<SequenceId> early_;  // prefill role: this step's layer-wise sends

@@ -113,13 +113,16 @@ class ArgmaxExecutor final : public ModelExecutor {
     ++logits_steps;
     return cpu_.forward(batch, logits);
   }
-  Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws,
-                      int32_t* next_tokens) override {
+  Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
+                      const HostLogitRows& host) override {
     ++argmax_steps;
+    if (!host.rows.empty()) ++mixed_steps;
     const size_t rows = draws.size();
     const size_t vocab = static_cast<size_t>(cpu_.config().vocab_size);
     std::vector<float> logits(rows * vocab);
     PD_RETURN_IF_ERROR(cpu_.forward(batch, logits.data()));
+    for (size_t j = 0; j < host.rows.size(); ++j)
+      std::copy_n(logits.data() + static_cast<size_t>(host.rows[j]) * vocab, vocab, host.logits + j * vocab);
     for (size_t r = 0; r < rows; ++r) {
       float* row = logits.data() + r * vocab;
       const RowDraw& d = draws[r];
@@ -145,6 +148,7 @@ class ArgmaxExecutor final : public ModelExecutor {
 
   std::atomic<int> logits_steps{0};
   std::atomic<int> argmax_steps{0};
+  std::atomic<int> mixed_steps{0};  // forward_draw with rows for the host
 
  private:
   CpuExecutor cpu_;
@@ -185,7 +189,7 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   }
   EXPECT_GT(x->argmax_steps.load(), before_truncated);
   EXPECT_EQ(x->logits_steps.load(), 0);
-  // Log-probabilities and penalties need the logits on the host.
+  // Log-probabilities and penalties need the logits on the host: alone, the plain forward pass.
   EngineRequest with_logprobs = request(kPrompts[0], 4);
   with_logprobs.logprobs = true;
   Result r = run_one(on_device, with_logprobs);
@@ -196,6 +200,31 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   penalised.sampling.repetition_penalty = 1.3f;
   run_one(on_device, penalised);
   EXPECT_GT(x->logits_steps.load(), after_logprobs);
+
+  // Batched with rows drawn on the backend, only those rows' logits come to the host: the others
+  // keep their draws there, and every request gets the tokens (and log-probabilities) it gets alone.
+  // (The host's rows end first, so that no step has only rows for the host, which would take the
+  // plain forward pass.)
+  std::vector<EngineRequest> mixed;
+  for (int i = 0; i < 6; ++i) {
+    EngineRequest m = request(kPrompts[i % 4], i == 1 || i == 3 ? 6 : 10);
+    if (i == 1) m.logprobs = true;
+    if (i == 3) m.sampling.repetition_penalty = 1.3f;
+    if (i == 4) {
+      m.sampling.temperature = 0.8f;
+      m.sampling.seed = 99;
+    }
+    mixed.push_back(std::move(m));
+  }
+  const int logits_before = x->logits_steps.load();
+  std::vector<Result> on_device_results = run_all(on_device, mixed);
+  std::vector<Result> on_host_results = run_all(on_host, mixed);
+  for (size_t i = 0; i < mixed.size(); ++i) {
+    EXPECT_EQ(on_device_results[i].tokens, on_host_results[i].tokens) << "request " << i;
+    EXPECT_EQ(on_device_results[i].logprobs, on_host_results[i].logprobs) << "request " << i;
+  }
+  EXPECT_GT(x->mixed_steps.load(), 0);
+  EXPECT_EQ(x->logits_steps.load(), logits_before);  // no step copied every row
 }
 
 TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {

@@ -49,6 +49,7 @@ inline const TestModel* default_test_model() {
 struct Result {
   std::string text;
   std::vector<int32_t> tokens;
+  std::vector<float> logprobs;  // of the tokens (0 where the request did not ask for them)
   std::string finish_reason;
   Status error;
   int32_t prompt_tokens = 0;
@@ -64,7 +65,10 @@ class Collector {
     return [this](EngineOutput&& o) {
       std::lock_guard<std::mutex> lock(mu_);
       r_.text += o.text;
-      for (const auto& t : o.tokens) r_.tokens.push_back(t.id);
+      for (const auto& t : o.tokens) {
+        r_.tokens.push_back(t.id);
+        r_.logprobs.push_back(t.logprob);  // 0 where not asked
+      }
       ++r_.outputs;
       if (o.finished) {
         r_.finish_reason = o.finish_reason;

@@ -114,9 +114,10 @@ struct CudaLlamaModel::Impl {
   int64_t capacity_logits_target = 0;
   DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace,
       draws;
-  DeviceBuffer split_counters;   // decode attention's, int32 per (sequence, kv head), kept zero
-  cuda::PinnedHostBuffer drawn;  // the drawn token ids land here, so their copy is enqueued too
-  int64_t argmax_rows = 0;       // rows `argmax` has room for
+  DeviceBuffer split_counters;         // decode attention's, int32 per (sequence, kv head), kept zero
+  cuda::PinnedHostBuffer drawn;        // the drawn token ids land here, so their copy is enqueued too
+  cuda::PinnedHostBuffer host_logits;  // forward_draw's host rows, on their way to the caller
+  int64_t argmax_rows = 0;             // rows `argmax` has room for
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
 
@@ -447,12 +448,24 @@ Status CudaLlamaModel::forward_argmax(const ForwardBatch& batch, int32_t* next_t
   return forward_draw(batch, {}, next_tokens);
 }
 
-Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws,
-                                    int32_t* next_tokens) {
+Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws_in,
+                                    int32_t* next_tokens, const HostLogitRows& host) {
   size_t want = 0;
   for (const SequenceChunk& ch : batch.chunks) want += ch.want_logits ? 1 : 0;
-  if (!draws.empty() && draws.size() != want)
-    return invalid_argument(fmt::format("forward_draw: {} draws for {} rows of logits", draws.size(), want));
+  if (!draws_in.empty() && draws_in.size() != want)
+    return invalid_argument(
+        fmt::format("forward_draw: {} draws for {} rows of logits", draws_in.size(), want));
+  for (int32_t r : host.rows) {
+    if (r < 0 || static_cast<size_t>(r) >= want || host.logits == nullptr)
+      return invalid_argument(fmt::format("forward_draw: host row {} of {} rows of logits", r, want));
+  }
+  // The host draws its rows: greedy here, so that no draw perturbs their logits before they leave.
+  std::vector<RowDraw> adjusted;
+  if (!host.rows.empty() && !draws_in.empty()) {
+    adjusted.assign(draws_in.begin(), draws_in.end());
+    for (int32_t r : host.rows) adjusted[static_cast<size_t>(r)] = RowDraw{};
+  }
+  const std::span<const RowDraw> draws = adjusted.empty() ? draws_in : std::span<const RowDraw>(adjusted);
   // The draws go up first, on the model's stream: from pageable memory a copy waits for the
   // stream, which after the forward pass would idle the host until the pass is done.
   const bool tempered =
@@ -476,6 +489,22 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   }
   int32_t rows = 0;
   PD_RETURN_IF_ERROR(run(batch, &rows));
+  const size_t row_bytes = static_cast<size_t>(config_.vocab_size) * 4;
+  if (rows > 0 && !host.rows.empty()) {
+    // The host rows' logits, into page-locked memory before any draw on the stream.
+    const size_t bytes = host.rows.size() * row_bytes;
+    if (bytes > impl_->host_logits.bytes()) {
+      auto staging =
+          cuda::PinnedHostBuffer::allocate(std::max<size_t>(bytes, 2 * impl_->host_logits.bytes()));
+      if (!staging.ok()) return staging.status();
+      impl_->host_logits = std::move(*staging);
+    }
+    for (size_t j = 0; j < host.rows.size(); ++j)
+      PD_RETURN_IF_ERROR(cuda::copy_to_host_async(
+          impl_->host_logits.data() + j * row_bytes,
+          impl_->logits.as<uint8_t>() + static_cast<size_t>(host.rows[j]) * row_bytes, row_bytes,
+          impl_->stream->get()));
+  }
   if (rows > 0) {
     // argmax's workspace for argmax_rows rows (zero between calls), then the drawn token ids.
     if (rows > impl_->argmax_rows) {  // grown geometrically: batches grow by ones
@@ -510,6 +539,8 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
   }
   PD_RETURN_IF_ERROR(impl_->stream->synchronize());
   if (rows > 0) std::memcpy(next_tokens, impl_->drawn.data(), static_cast<size_t>(rows) * 4);
+  if (rows > 0 && !host.rows.empty())
+    std::memcpy(host.logits, impl_->host_logits.data(), host.rows.size() * row_bytes);
   return ok_status();
 }
 

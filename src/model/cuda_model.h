@@ -77,9 +77,10 @@ class CudaLlamaModel final : public ModelExecutor {
   // memory); only the ids leave the GPU.
   Status forward_argmax(const ForwardBatch& batch, int32_t* next_tokens);
   // forward(), then each row's token drawn on the GPU (ModelExecutor::forward_draw): Gumbel-max
-  // for rows with a temperature, argmax for the others; only the ids leave the GPU.
-  Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws,
-                      int32_t* next_tokens) override;
+  // for rows with a temperature, argmax for the others; only the ids leave the GPU, and the
+  // logits of the `host` rows.
+  Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
+                      const HostLogitRows& host = {}) override;
   bool draws_on_device() const override { return true; }
   // Turns the replay of decode steps as CUDA graphs on or off (CudaModelOptions::cuda_graphs).
   void set_cuda_graphs(bool on) { options_.cuda_graphs = on; }

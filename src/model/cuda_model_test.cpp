@@ -586,6 +586,47 @@ TEST_F(CudaModelTest, HuggingFaceCheckpointGivesTheSameModel) {
   std::filesystem::remove_all(dir);
 }
 
+TEST_F(CudaModelTest, HostRowsOfADrawComeBackAsLogitsAndTheOthersAsTheirDraws) {
+  // Four prompts in one pass, tempered, truncated and greedy draws; rows 1 and 3 for the host
+  // (ModelExecutor::forward_draw's HostLogitRows): their logits as forward() gives them, the other
+  // rows' tokens as a draw without host rows gives them.
+  auto fx = load_fixtures();
+  const int32_t vocab = cpu_->config().vocab_size;
+  std::vector<int32_t> tokens, sizes;
+  std::vector<std::vector<int32_t>> tables;
+  int32_t next_block = 0;
+  for (int i : {2, 5, 9, 14}) {
+    auto prompt = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
+    tokens.insert(tokens.end(), prompt.begin(), prompt.end());
+    sizes.push_back(static_cast<int32_t>(prompt.size()));
+    std::vector<int32_t> table(static_cast<size_t>((prompt.size() + kBlockSize - 1) / kBlockSize));
+    std::iota(table.begin(), table.end(), next_block);
+    next_block += static_cast<int32_t>(table.size());
+    tables.push_back(std::move(table));
+  }
+  ForwardBatch b;
+  b.tokens = tokens;
+  for (size_t i = 0; i < tables.size(); ++i) b.chunks.push_back({0, sizes[i], tables[i], true});
+  const std::array<RowDraw, 4> draws = {RowDraw{0.9f, 5, 0}, RowDraw{0.7f, 6, 1, 40, 0.9f, 0.0f}, RowDraw{},
+                                        RowDraw{1.1f, 8, 2}};
+  std::vector<float> all(4 * static_cast<size_t>(vocab));
+  ASSERT_TRUE(gpu_->forward(b, all.data()).ok());
+  std::array<int32_t, 4> plain{}, mixed{};
+  ASSERT_TRUE(gpu_->forward_draw(b, draws, plain.data()).ok());
+  const std::array<int32_t, 2> host_rows = {1, 3};
+  std::vector<float> host(2 * static_cast<size_t>(vocab), -1.0f);
+  ASSERT_TRUE(gpu_->forward_draw(b, draws, mixed.data(), HostLogitRows{host_rows, host.data()}).ok());
+  for (size_t j = 0; j < host_rows.size(); ++j) {
+    const float* want = all.data() + static_cast<size_t>(host_rows[j]) * vocab;
+    EXPECT_TRUE(std::equal(want, want + vocab, host.data() + j * vocab)) << "host row " << host_rows[j];
+  }
+  EXPECT_EQ(mixed[0], plain[0]);
+  EXPECT_EQ(mixed[2], plain[2]);
+  // A bad row is refused.
+  const std::array<int32_t, 1> bad = {4};
+  EXPECT_FALSE(gpu_->forward_draw(b, draws, mixed.data(), HostLogitRows{bad, host.data()}).ok());
+}
+
 TEST_F(CudaModelTest, F16AndF32CheckpointsGiveTheBf16CheckpointsLogits) {
   // The same bf16-rounded values stored as F16 and F32 (tests/support/hf_export.h; every value of
   // this model is exact in both, hf_export_test): after the conversion at load, the same model.

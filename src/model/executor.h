@@ -38,6 +38,14 @@ struct RowDraw {
   float min_p = 0.0f;
 };
 
+// Rows of a forward_draw whose logits the host needs (penalties, log-probabilities): copied to
+// `logits` (rows.size() × vocab_size floats, in the order of `rows`, as forward() writes them); the
+// backend's draws for them are made greedy and left for the host to replace.
+struct HostLogitRows {
+  std::span<const int32_t> rows;  // logits rows (chunks with want_logits, counted in order)
+  float* logits = nullptr;
+};
+
 class ModelExecutor {
  public:
   virtual ~ModelExecutor() = default;
@@ -52,9 +60,10 @@ class ModelExecutor {
   // maxima; NaN ranks lowest); else a Gumbel-max draw from softmax(logits / temperature) keyed by
   // (seed, counter) as kernels/gumbel.h defines it, among the candidates top_k, top_p and min_p
   // keep (kernels/truncation.h), which the host Sampler makes alike. Only where
-  // draws_on_device() (a GPU: the logits never cross to the host); UNIMPLEMENTED else.
+  // draws_on_device() (a GPU: only token ids cross to the host, and the logits of `host` rows);
+  // UNIMPLEMENTED else.
   virtual Status forward_draw(const ForwardBatch& /*batch*/, std::span<const RowDraw> /*draws*/,
-                              int32_t* /*next_tokens*/) {
+                              int32_t* /*next_tokens*/, const HostLogitRows& /*host*/ = {}) {
     return unimplemented("this backend samples on the host: call forward()");
   }
   virtual bool draws_on_device() const { return false; }
