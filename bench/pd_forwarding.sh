@@ -24,8 +24,9 @@
 # loop through the on-demand gateways, CAL_USERS users — default one per prefill slot, so that every
 # slot stays busy and no request waits long enough to be dropped — and CAL_N requests, default 100,
 # of one output token each, so that decode latency does not bound the loop; through the baseline
-# gateways the loop would measure the baseline's imbalance with GATEWAYS > 1, not the prefills),
-# then run at those fractions of it; the capacity goes to
+# gateways the loop would measure the baseline's imbalance with GATEWAYS > 1, not the prefills;
+# a slot idles between a user's requests, so this is a little under the capacity), then run at
+# those fractions of it; the capacity goes to
 # OUT_DIR/capacity.json and load A is 1 req/s × capacity (a load "0.6A" is 60 % of it). A fixed
 # RATE_A means a different utilisation on every host.
 #
@@ -37,8 +38,9 @@
 # On GPUs (one instance per GPU, KV over cuda-ipc): PREFILL_DEVICES (one prefill per entry, "cpu
 # cpu"), DECODE_DEVICE (cpu), TRANSPORT (shm), MODEL (the default model; e.g. synthetic:llama-3.1-8b,
 # whose tokenizer is the default model's), KV_MEMORY (256MiB), INSTANCE_ARGS (more instance flags,
-# e.g. "--max-context 8192"), PDSERVE (build/release/src/bin/pdserve). DECODE_THREADS (1): the decode
-# instance's CPU threads, for loads whose decoding one thread cannot keep up with.
+# e.g. "--max-context 8192"; not --threads, which the script sets), PDSERVE
+# (build/release/src/bin/pdserve). DECODE_THREADS (1): the decode instance's CPU threads, for loads
+# whose decoding one thread cannot keep up with (each prefill runs one).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

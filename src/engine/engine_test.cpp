@@ -110,7 +110,10 @@ class ArgmaxExecutor final : public ModelExecutor {
   const ModelConfig& config() const override { return cpu_.config(); }
   uint64_t fingerprint() const override { return cpu_.fingerprint(); }
   Status forward(const ForwardBatch& batch, float* logits) override {
-    ++logits_steps;
+    // Counted where logits come to the host (a pass of prompt chunks without any has none).
+    if (std::any_of(batch.chunks.begin(), batch.chunks.end(),
+                    [](const SequenceChunk& c) { return c.want_logits; }))
+      ++logits_steps;
     return cpu_.forward(batch, logits);
   }
   Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
@@ -208,6 +211,7 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   std::vector<EngineRequest> mixed;
   for (int i = 0; i < 6; ++i) {
     EngineRequest m = request(kPrompts[i % 4], i == 1 || i == 3 ? 6 : 10);
+    m.ignore_eos = true;
     if (i == 1) m.logprobs = true;
     if (i == 3) m.sampling.repetition_penalty = 1.3f;
     if (i == 4) {

@@ -325,11 +325,17 @@ const SafetensorsTensor* HfCheckpoint::find(std::string_view name) const {
   return nullptr;
 }
 
+std::vector<const SafetensorsTensor*> HfCheckpoint::tensors() const {
+  std::vector<const SafetensorsTensor*> all;
+  for (const auto& shard : shards_) {
+    for (const SafetensorsTensor& t : shard->tensors()) all.push_back(&t);
+  }
+  return all;
+}
+
 int64_t HfCheckpoint::num_parameters() const {
   int64_t n = 0;
-  for (const auto& shard : shards_) {
-    for (const SafetensorsTensor& t : shard->tensors()) n += t.num_elements();
-  }
+  for (const SafetensorsTensor* t : tensors()) n += t->num_elements();
   return n;
 }
 

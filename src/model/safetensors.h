@@ -76,6 +76,8 @@ class HfCheckpoint {
   const ModelConfig& config() const { return config_; }
   // A tensor by its Hugging Face name ("model.layers.0.self_attn.q_proj.weight"), or nullptr.
   const SafetensorsTensor* find(std::string_view name) const;
+  // Every tensor of every shard, shard by shard.
+  std::vector<const SafetensorsTensor*> tensors() const;
   // Elements of every tensor in the shards (biases included; a tied output head is not stored).
   int64_t num_parameters() const;
   // Of config.json, every shard's header (and the first and last 64 KiB of its data) and the

@@ -245,9 +245,9 @@ struct KvTransportOptions {
   int32_t max_buffers = 64;                            // at most b_p in flight per prefill
   int64_t lease_ms = 60'000;                           // a buffer not released within this is reclaimed
   // The largest buffer one message takes (kv_send_buffer_bytes of the longest prompt's KV), or 0.
-  // Buffers of at most this start at a multiple of it, so that a pool of N times it holds any N
-  // messages at once whatever their sizes and order (first-fit alone can leave the free bytes
-  // split between buffers). 0: first-fit only.
+  // Buffers of at most this never cross a multiple of it, and start at one where a whole region
+  // is free, so that while fewer than N are held a pool of N times it has room for another of any
+  // size up to it (first-fit alone can leave the free bytes split between buffers). 0: first-fit.
   uint64_t pool_region_bytes = 0;
   bool prefault_pool = true;  // touch the capacity at start-up (pinned-buffer behaviour)
   KvClockMs clock_ms;         // nullptr: steady clock

@@ -56,8 +56,8 @@ int64_t SendPoolCore::now_ms() const {
 std::optional<uint64_t> SendPoolCore::allocate_locked(uint64_t bytes) {
   // NOTE: first-fit alone strands room: with two regions' worth, a small buffer at 0 and a full
   // one after it leave less than a region at the end once the small one goes. Buffers of at most
-  // a region that always start at a region's start each stay within one, so while fewer buffers
-  // than regions are held a whole region is free.
+  // a region that never cross a region's boundary each lie within one, so while fewer buffers than
+  // regions are held a whole region is free (the first loop below finds it).
   if (region_bytes_ > 0 && bytes <= region_bytes_) {
     for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
       const uint64_t start = (it->first + region_bytes_ - 1) / region_bytes_ * region_bytes_;
@@ -65,6 +65,18 @@ std::optional<uint64_t> SendPoolCore::allocate_locked(uint64_t bytes) {
       carve_locked(it, start, bytes);
       return start;
     }
+    // No region wholly free (as many buffers held as there are regions): the first place that
+    // does not cross into the next region, so that every buffer stays within one.
+    for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
+      const uint64_t end = it->first + it->second;
+      uint64_t at = it->first;
+      if (at / region_bytes_ != (at + bytes - 1) / region_bytes_)
+        at = (at / region_bytes_ + 1) * region_bytes_;
+      if (at + bytes > end) continue;
+      carve_locked(it, at, bytes);
+      return at;
+    }
+    return std::nullopt;
   }
   for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
     if (it->second < bytes) continue;

@@ -139,8 +139,9 @@ class SendPoolCore {
   void expire_locked(uint32_t id, Slot& slot);
   // Gives the slot's bytes back once no pin holds them. Lock held.
   void free_storage_locked(Slot& slot);
-  // A buffer no larger than a region starts at the first region wholly free; otherwise, or when
-  // none is, at the first free range that holds it.
+  // A buffer no larger than a region starts at the first region wholly free, or when none is at
+  // the first free place that does not cross a region's boundary; a larger one (or any, without
+  // regions) at the first free range that holds it.
   std::optional<uint64_t> allocate_locked(uint64_t bytes);
   // Takes [offset, offset + bytes) out of the free range `it` that holds it.
   void carve_locked(std::map<uint64_t, uint64_t>::iterator it, uint64_t offset, uint64_t bytes);

@@ -20,6 +20,8 @@ using nlohmann::json;
 
 namespace {
 
+constexpr uint32_t kFileTypeBf16 = 32;  // llama.cpp's LLAMA_FTYPE_MOSTLY_BF16
+
 // A GGUF tensor's rows dequantized and rounded to bf16 (as CudaLlamaModel::load_gguf does); with
 // unpermute_heads > 0, q or k rows put back in Hugging Face's order (GGUF's llama permutes them so
 // that adjacent pairs rotate: GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j).
@@ -159,7 +161,6 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
 }
 
 StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
-  constexpr uint32_t kFileTypeBf16 = 32;  // llama.cpp's LLAMA_FTYPE_MOSTLY_BF16
   GgufWriter w(3, model.alignment());
   for (const auto& [key, value] : model.metadata()) {
     if (key == "general.file_type")
@@ -183,6 +184,8 @@ StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const Mode
   for (const auto& [key, value] : model.metadata()) {
     if (key == "general.architecture") {
       w.add_string(key, "qwen2");
+    } else if (key == "general.file_type") {
+      w.add_u32(key, kFileTypeBf16);
     } else if (key.rfind("llama.", 0) == 0) {
       w.add("qwen2." + key.substr(6), value);
     } else {
