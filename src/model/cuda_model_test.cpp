@@ -154,6 +154,24 @@ class CudaModelTest : public ::testing::Test {
     return out;
   }
 
+  // A prompt as one chunk with logits, over blocks 3.. of a CPU KV cache that holds them (the GPU
+  // models use the table with their own caches). Not copyable: the batch points into it.
+  struct PromptPass {
+    explicit PromptPass(std::vector<int32_t> p)
+        : prompt(std::move(p)),
+          table((prompt.size() + kBlockSize - 1) / kBlockSize),
+          kv(cpu_->config(), static_cast<int32_t>(table.size()) + 3, kBlockSize) {
+      std::iota(table.begin(), table.end(), 3);
+      batch.tokens = prompt;
+      batch.chunks.push_back({0, static_cast<int32_t>(prompt.size()), table, true});
+    }
+    PromptPass(const PromptPass&) = delete;
+    PromptPass& operator=(const PromptPass&) = delete;
+    std::vector<int32_t> prompt, table;
+    KvStorage kv;
+    ForwardBatch batch;
+  };
+
   static std::shared_ptr<const GgufFile> file_;
   static LlamaModel* cpu_;
   static LlamaModel* cpu_bf16_;
@@ -233,14 +251,9 @@ TEST_F(CudaModelTest, LogitsCloseToCpuEngine) {
   double worst = 0, worst_top = 0, worst_bf16 = 0;
   int top1_equal = 0, cases = 0;
   for (const auto& c : fx["cases"]) {
-    auto prompt = c["tokens"].get<std::vector<int32_t>>();
-    const int32_t blocks = static_cast<int32_t>((prompt.size() + kBlockSize - 1) / kBlockSize);
-    std::vector<int32_t> table(static_cast<size_t>(blocks));
-    std::iota(table.begin(), table.end(), 3);
-    KvStorage kv(cpu_->config(), blocks + 3, kBlockSize);
-    ForwardBatch b;
-    b.tokens = prompt;
-    b.chunks.push_back({0, static_cast<int32_t>(prompt.size()), table, true});
+    PromptPass pass(c["tokens"].get<std::vector<int32_t>>());
+    KvStorage& kv = pass.kv;
+    const ForwardBatch& b = pass.batch;
     std::vector<float> want(static_cast<size_t>(vocab)), got(static_cast<size_t>(vocab));
     std::vector<float> want_bf16(static_cast<size_t>(vocab));
     ASSERT_TRUE(cpu_->forward(b, kv, *pool_, want.data()).ok());
@@ -564,12 +577,8 @@ TEST_F(CudaModelTest, HuggingFaceCheckpointGivesTheSameModel) {
   const int32_t vocab = cpu_->config().vocab_size;
   double worst = 0;
   for (int i : {3, 14}) {
-    auto prompt = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
-    std::vector<int32_t> table(static_cast<size_t>((prompt.size() + kBlockSize - 1) / kBlockSize));
-    std::iota(table.begin(), table.end(), 1);
-    ForwardBatch b;
-    b.tokens = prompt;
-    b.chunks.push_back({0, static_cast<int32_t>(prompt.size()), table, true});
+    PromptPass pass(fx["cases"][i]["tokens"].get<std::vector<int32_t>>());
+    const ForwardBatch& b = pass.batch;
     std::vector<float> from_gguf(static_cast<size_t>(vocab)), from_hf(static_cast<size_t>(vocab));
     ASSERT_TRUE(gpu_->forward(b, from_gguf.data()).ok());
     ASSERT_TRUE((*hf)->forward(b, from_hf.data()).ok());
@@ -646,14 +655,9 @@ TEST_F(CudaModelTest, F16AndF32CheckpointsGiveTheBf16CheckpointsLogits) {
     auto hf = CudaLlamaModel::load_hf(**ck, CudaModelOptions{0, 64, kBlockSize});
     ASSERT_TRUE(hf.ok()) << dtypes[d] << ": " << hf.status().to_string();
     for (int i : {3, 14}) {
-      auto prompt = fx["cases"][i]["tokens"].get<std::vector<int32_t>>();
-      std::vector<int32_t> table(static_cast<size_t>((prompt.size() + kBlockSize - 1) / kBlockSize));
-      std::iota(table.begin(), table.end(), 1);
-      ForwardBatch b;
-      b.tokens = prompt;
-      b.chunks.push_back({0, static_cast<int32_t>(prompt.size()), table, true});
+      PromptPass pass(fx["cases"][i]["tokens"].get<std::vector<int32_t>>());
       std::vector<float> out(static_cast<size_t>(vocab));
-      ASSERT_TRUE((*hf)->forward(b, out.data()).ok());
+      ASSERT_TRUE((*hf)->forward(pass.batch, out.data()).ok());
       logits[d].push_back(std::move(out));
     }
   }
@@ -692,14 +696,9 @@ TEST_F(CudaModelTest, Qwen2CheckpointWithBiasesMatchesTheCpuEngine) {
   double worst = 0, moved = 0;
   int cases = 0, top1_equal = 0;
   for (const auto& c : fx["cases"]) {
-    auto prompt = c["tokens"].get<std::vector<int32_t>>();
-    const int32_t blocks = static_cast<int32_t>((prompt.size() + kBlockSize - 1) / kBlockSize);
-    std::vector<int32_t> table(static_cast<size_t>(blocks));
-    std::iota(table.begin(), table.end(), 3);
-    KvStorage kv(cpu_->config(), blocks + 3, kBlockSize);
-    ForwardBatch b;
-    b.tokens = prompt;
-    b.chunks.push_back({0, static_cast<int32_t>(prompt.size()), table, true});
+    PromptPass pass(c["tokens"].get<std::vector<int32_t>>());
+    KvStorage& kv = pass.kv;
+    const ForwardBatch& b = pass.batch;
     std::vector<float> want(static_cast<size_t>(vocab)), got(static_cast<size_t>(vocab)),
         unbiased(static_cast<size_t>(vocab));
     ASSERT_TRUE((*cpu)->forward(b, kv, *pool_, want.data()).ok());
