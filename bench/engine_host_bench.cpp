@@ -39,25 +39,17 @@ class NullExecutor final : public ModelExecutor {
   const ModelConfig& config() const override { return config_; }
   uint64_t fingerprint() const override { return 1; }
   Status forward(const ForwardBatch& batch, float* logits) override {
-    const size_t vocab = static_cast<size_t>(config_.vocab_size);
     size_t row = 0;
     for (const SequenceChunk& c : batch.chunks) {
-      if (!c.want_logits) continue;
-      float* r = logits + row++ * vocab;
-      std::fill(r, r + vocab, 0.0f);
-      r[token_] = 10.0f;
+      if (c.want_logits) fill_row(logits + row++ * static_cast<size_t>(config_.vocab_size));
     }
     return ok_status();
   }
   Status forward_draw(const ForwardBatch&, std::span<const RowDraw> draws, int32_t* next_tokens,
                       const HostLogitRows& host) override {
     for (size_t row = 0; row < draws.size(); ++row) next_tokens[row] = token_;
-    const size_t vocab = static_cast<size_t>(config_.vocab_size);
-    for (size_t j = 0; j < host.rows.size(); ++j) {
-      float* r = host.logits + j * vocab;
-      std::fill(r, r + vocab, 0.0f);
-      r[token_] = 10.0f;
-    }
+    for (size_t j = 0; j < host.rows.size(); ++j)
+      fill_row(host.logits + j * static_cast<size_t>(config_.vocab_size));
     return ok_status();
   }
   bool draws_on_device() const override { return on_device_; }
@@ -66,6 +58,12 @@ class NullExecutor final : public ModelExecutor {
   std::string device() const override { return "null backend"; }
 
  private:
+  // A row of zeros but for the token.
+  void fill_row(float* r) const {
+    std::fill(r, r + config_.vocab_size, 0.0f);
+    r[token_] = 10.0f;
+  }
+
   ModelConfig config_;
   int32_t token_;
   bool on_device_;

@@ -747,7 +747,8 @@ void Engine::step() {
     num_logits += c.want_logits ? 1 : 0;
     if (c.want_logits) {
       const Active& a = *active_.at(c.seq);
-      if (!a.sampler.device_drawable() || a.request.logprobs) host_rows_.push_back(num_logits - 1);
+      if (on_device && (!a.sampler.device_drawable() || a.request.logprobs))
+        host_rows_.push_back(num_logits - 1);
       const SamplingParams& sp = a.sampler.params();
       draws_.push_back({sp.temperature, sp.seed, a.sampler.draws(), sp.top_k, sp.top_p, sp.min_p});
     }

@@ -331,11 +331,8 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
     if (num_tokens > kKvWireMaxTokens)
       return data_loss(fmt::format("KV buffer {} holds {} tokens, more than a message may ({})",
                                    handle.buffer_id, num_tokens, kKvWireMaxTokens));
-    if (target.expected_num_tokens >= 0 && num_tokens != target.expected_num_tokens)
-      return failed_precondition(fmt::format("KV buffer {} holds {} tokens, the decode expects {}",
-                                             handle.buffer_id, num_tokens, target.expected_num_tokens));
-    PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, num_tokens)
-                           .with_context("the KV does not fit the decode's block table"));
+    PD_RETURN_IF_ERROR(transfer_internal::check_tokens_for_pull(
+        num_tokens, target, fmt::format("KV buffer {} holds", handle.buffer_id)));
     // Where a pull's time goes, at debug level (PDSERVE_LOG_LEVEL=debug): until the scatter is
     // launched, then until both it and the header's copy have ended (the scatter kernel alone
     // timed by CUDA events).

@@ -161,6 +161,14 @@ void QueuedPuller::loop() {
   done_cv_.notify_all();
 }
 
+Status check_tokens_for_pull(int32_t num_tokens, const KvScatterTarget& target, std::string_view what) {
+  if (target.expected_num_tokens >= 0 && num_tokens != target.expected_num_tokens)
+    return failed_precondition(
+        fmt::format("{} {} tokens, the decode expects {}", what, num_tokens, target.expected_num_tokens));
+  return check_kv_block_table(target.view, target.block_table, num_tokens)
+      .with_context("the KV does not fit the decode's block table");
+}
+
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
                              const KvScatterTarget& target, uint64_t sender_bytes, bool layer_wise_ok) {
   if ((header.flags & kKvWireLayerWise) && (!layer_wise_ok || handle.mode != KvTransferMode::kContiguous))
@@ -173,11 +181,7 @@ Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
         fmt::format("KV header generation {} != handle generation {}: the buffer was reused",
                     header.generation, handle.generation));
   PD_RETURN_IF_ERROR(check_compatible(header, target.view.layout));
-  if (target.expected_num_tokens >= 0 && header.num_tokens != target.expected_num_tokens)
-    return failed_precondition(fmt::format("KV header has {} tokens, the decode expects {}",
-                                           header.num_tokens, target.expected_num_tokens));
-  PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, header.num_tokens)
-                         .with_context("the KV does not fit the decode's block table"));
+  PD_RETURN_IF_ERROR(check_tokens_for_pull(header.num_tokens, target, "KV header has"));
   const uint64_t wire_bytes = kKvWireHeaderBytes + header.body_bytes;
   if (wire_bytes != handle.bytes)
     return data_loss(fmt::format("KV header says {} body bytes ({} with the header), the handle says {}",

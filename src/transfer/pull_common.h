@@ -16,6 +16,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -92,6 +93,11 @@ class QueuedPuller : public KvPuller {
 // local layout (check_compatible), the expected token count, room in the block table, and the
 // total size against the handle (and against what the sender says it holds, when it says), and
 // that a layer-wise header reaches a puller that follows progress (`layer_wise_ok`).
+// Of those, the checks on the token count alone (cuda-ipc makes them from the message's size before
+// its header has arrived): the expected count, and room in the block table. `what` begins the
+// message ("KV header has").
+Status check_tokens_for_pull(int32_t num_tokens, const KvScatterTarget& target, std::string_view what);
+
 Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
                              const KvScatterTarget& target, uint64_t sender_bytes,
                              bool layer_wise_ok = false);

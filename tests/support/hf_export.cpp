@@ -160,33 +160,19 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
   return ok_status();
 }
 
-StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
-  GgufWriter w(3, model.alignment());
-  for (const auto& [key, value] : model.metadata()) {
-    if (key == "general.file_type")
-      w.add_u32(key, kFileTypeBf16);
-    else
-      w.add(key, value);
-  }
-  for (const GgufTensorInfo& t : model.tensors()) {
-    if (t.type == GgmlType::kF32) {
-      w.add_tensor(t.name, t.type, t.dims, std::vector<uint8_t>(t.data, t.data + t.size_bytes));
-      continue;
-    }
-    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, 0));
-  }
-  return GgufFile::parse_owned(w.finish());
-}
+namespace {
 
-StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& c,
-                                               const HfCheckpointOptions& options) {
+// The GGUF with its tensors that are not F32 as bf16 (bf16_rows) and general.file_type bf16; with
+// `qwen2` (the model's config), as the qwen2 architecture: "qwen2." metadata, q and k rows in
+// Hugging Face's order (qwen2 rotates halves, as Hugging Face does).
+GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2) {
   GgufWriter w(3, model.alignment());
   for (const auto& [key, value] : model.metadata()) {
-    if (key == "general.architecture") {
-      w.add_string(key, "qwen2");
-    } else if (key == "general.file_type") {
+    if (key == "general.file_type") {
       w.add_u32(key, kFileTypeBf16);
-    } else if (key.rfind("llama.", 0) == 0) {
+    } else if (qwen2 != nullptr && key == "general.architecture") {
+      w.add_string(key, "qwen2");
+    } else if (qwen2 != nullptr && key.starts_with("llama.")) {
       w.add("qwen2." + key.substr(6), value);
     } else {
       w.add(key, value);
@@ -197,9 +183,23 @@ StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const Mode
       w.add_tensor(t.name, t.type, t.dims, std::vector<uint8_t>(t.data, t.data + t.size_bytes));
       continue;
     }
-    const bool q = t.name.ends_with(".attn_q.weight"), k = t.name.ends_with(".attn_k.weight");
-    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, q ? c.num_heads : k ? c.num_kv_heads : 0));
+    int32_t heads = 0;
+    if (qwen2 != nullptr && t.name.ends_with(".attn_q.weight")) heads = qwen2->num_heads;
+    if (qwen2 != nullptr && t.name.ends_with(".attn_k.weight")) heads = qwen2->num_kv_heads;
+    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, heads));
   }
+  return w;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
+  return GgufFile::parse_owned(bf16_copy(model, nullptr).finish());
+}
+
+StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& c,
+                                               const HfCheckpointOptions& options) {
+  GgufWriter w = bf16_copy(model, &c);
   const int64_t widths[3] = {c.q_dim(), c.kv_dim(), c.kv_dim()};
   const char* names[3] = {"attn_q", "attn_k", "attn_v"};
   for (int32_t i = 0; i < c.num_layers; ++i) {
