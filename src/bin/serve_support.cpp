@@ -239,8 +239,9 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
   cmd.add_option(
       "--kv-send-memory", f.kv_send_memory,
       "Prefill: memory of the KV send buffers, in bytes with a unit (default: --prefill-slots prompts "
-      "of --max-context tokens, which always hold --prefill-slots prompts; less packs shorter prompts, and a "
-      "prompt that finds no room then fails). On a GPU it is device memory, reserved at start besides "
+      "of --max-context tokens, which always hold --prefill-slots prompts; with less, a prefill refuses a "
+      "prompt it has no room for at acceptance, and the gateway offers it to another). On a GPU it is device "
+      "memory, reserved at start besides "
       "--kv-cache-memory");
   cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,
                  "Prefill: a handed-off request's slot and KV are freed after this long even if no decode "

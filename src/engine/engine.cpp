@@ -31,8 +31,9 @@ struct Engine::Active {
   std::chrono::steady_clock::time_point pull_started;
   bool pulling = false;
   bool pull_cancelled = false;  // the puller was told
-  // Prefill role: the layer-wise send of this step (begin_early_handoff), and whether a layer
-  // failed to go.
+  // Prefill role: the send buffer taken at submit() until the KV goes into it; the layer-wise
+  // send of this step (begin_early_handoff), and whether a layer failed to go.
+  std::optional<KvSendBuffer> send;
   std::optional<LayerWiseSend> early;
   Status early_error;
 };
@@ -259,7 +260,43 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
     }
     if (options_.role == EngineRole::kPrefill) ++slots_in_use_;
     sync_transfer_metrics();
-    incoming_.push_back(Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr});
+  }
+  // A prefill's slot goes back without waking a router (nothing was freed that it could use).
+  auto unreserve_slot = [this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    --slots_in_use_;
+    sync_transfer_metrics();
+  };
+  std::optional<KvSendBuffer> send;
+  if (options_.role == EngineRole::kPrefill) {
+    // The buffer is taken now, so that a prompt the pool has no room for is refused here (the
+    // router tries another prefill) rather than failing after its first token went out.
+    const int32_t num_prompt = static_cast<int32_t>(request.prompt.size());
+    StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
+    if (!b.ok()) {
+      unreserve_slot();
+      if (b.status().code() != StatusCode::kResourceExhausted) return b.status();
+      return resource_exhausted(
+          fmt::format("no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({}); "
+                      "try another prefill or later",
+                      num_prompt, b.status().message()));
+    }
+    send = std::move(*b);
+  }
+  const std::optional<KvBufferRef> send_ref = send ? std::optional<KvBufferRef>(send->ref) : std::nullopt;
+  bool queued = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stop_) {
+      incoming_.push_back(
+          Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr, std::move(send)});
+      queued = true;
+    }
+  }
+  if (!queued) {  // the engine stopped meanwhile: nothing would hand the buffer off
+    if (send_ref) (void)options_.kv_send->release(*send_ref);
+    if (options_.role == EngineRole::kPrefill) unreserve_slot();
+    return unavailable("the engine is shutting down");
   }
   cv_.notify_one();
   return handle;
@@ -447,6 +484,7 @@ void Engine::admit_incoming(std::deque<Pending>& incoming) {
       a->on_pulled = std::move(p.on_pulled);
       to_pull_.push_back(id);
     } else {
+      a->send = std::move(p.send);
       scheduler_.add(id, a->request.prompt);
     }
     active_.emplace(id, std::move(a));
@@ -558,8 +596,10 @@ void Engine::land_pulls(bool wait) {
 void Engine::begin_early_handoff(SequenceId id) {
   Active& a = *active_.at(id);
   const int32_t num_prompt = static_cast<int32_t>(a.request.prompt.size());
-  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*options_.kv_send, kv_view_.layout, num_prompt);
-  if (!send.ok()) return;  // e.g. no buffer free now: the KV leaves whole after sampling (or fails then)
+  PD_CHECK(a.send.has_value());
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*options_.kv_send, *a.send, kv_view_.layout, num_prompt);
+  if (!send.ok()) return;  // the KV leaves whole after sampling (or fails then)
+  a.send.reset();          // the layer-wise send holds it now
   {
     std::lock_guard<std::mutex> lock(mu_);
     held_.push_back({send->handle.ref(),
@@ -650,22 +690,25 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
     finish(id, std::move(last));
     return;
   }
-  StatusOr<KvHandle> kv = publish_kv(*options_.kv_send, kv_view_, scheduler_.block_table(id), num_prompt);
-  if (!kv.ok()) {
+  PD_CHECK(a.send.has_value());
+  Status st = options_.kv_send->fill(*a.send, kv_view_, scheduler_.block_table(id), num_prompt, 0);
+  if (!st.ok()) {
     last.finish_reason = "error";
-    last.error = unavailable(fmt::format(
-        "the prefill could not stage this request's KV for a decode instance: {}", kv.status().message()));
-    finish(id, std::move(last));
+    last.error = unavailable(
+        fmt::format("the prefill could not stage this request's KV for a decode instance: {}", st.message()));
+    finish(id, std::move(last));  // releases the buffer
     return;
   }
+  KvHandle kv = std::move(a.send->handle);
+  a.send.reset();
   {
     std::lock_guard<std::mutex> lock(mu_);
     held_.push_back(
-        {kv->ref(), std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.handoff_lease_ms)});
+        {kv.ref(), std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.handoff_lease_ms)});
     sync_transfer_metrics();
   }
   ++handoffs_total_;
-  last.handoff = EngineHandoff{std::move(*kv), first_token, num_prompt};
+  last.handoff = EngineHandoff{std::move(kv), first_token, num_prompt};
   last.finish_reason = "handoff";
   finish(id, std::move(last));
 }
@@ -849,6 +892,11 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   // pulls waiting on it then fail, and a router has voided that decode attempt by then.
   std::optional<KvBufferRef> give_up;
   if (a.early) give_up = drop_early(a);
+  if (a.send) {  // taken at submit() and never handed off: no peer knows it, so it goes at once
+    Status st = options_.kv_send->release(a.send->ref);
+    if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", a.send->ref.buffer_id, st.message());
+    a.send.reset();
+  }
   if (last.finish_reason == "cancelled" || last.finish_reason == "error") {
     TextStream::Update u = a.stream.finish(last.finish_reason);
     last.text += u.text;

@@ -17,12 +17,13 @@
 // Roles (EngineOptions::role) are configurations of the same engine:
 //   mixed    prefill and decode on this instance (aggregated serving)
 //   prefill  at most prefill_slots requests at once and no queue: submit() refuses the next one
-//            at once. When a request's first token is sampled, its prompt KV is gathered into a
-//            contiguous send buffer (transfer/), its blocks are freed, and its last output carries
+//            at once, and one whose KV the send pool (transfer/) has no room for. The request's
+//            contiguous send buffer is taken at submit(); when its first token is sampled, its
+//            prompt KV is gathered into it, its blocks are freed, and its last output carries
 //            an EngineHandoff (finish reason "handoff"). The slot stays held until
 //            release_handoff() — the decode has the KV — or until the handoff's lease runs out.
 //            With layer_wise_kv, the KV leaves layer by layer instead: before the step that
-//            completes a prompt, a send buffer is committed and an early output carries its
+//            completes a prompt, the send buffer is committed and an early output carries its
 //            handoff (first_token -1, not finished); each layer is gathered into it as the forward
 //            pass finishes it, and the first token is published into it after sampling. A request
 //            that ends otherwise at its first token (stop, error, cancel) gives the buffer up, which
@@ -268,7 +269,9 @@ class Engine : public Instance {
   Status validate(const EngineRequest& request) const override;
   // Queues a request. Errors: those of validate(); kResourceExhausted when max_waiting requests
   // are already queued (retry later).
-  // Prefill role: kResourceExhausted at once when every slot is held (no queue).
+  // Prefill role: kResourceExhausted at once when every slot is held (no queue), or when the
+  // send pool has no room for the prompt's KV (its buffer is taken here, so a request accepted
+  // always has one to hand off in).
   StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
                                                   std::shared_ptr<RequestHandle> handle) override;
   using GenerationBackend::submit;
@@ -302,6 +305,7 @@ class Engine : public Instance {
     std::shared_ptr<RequestHandle> handle;
     std::optional<EngineHandoff> handoff;  // decode role
     PulledCallback on_pulled;
+    std::optional<KvSendBuffer> send;  // prefill role: the KV's send buffer, acquired at acceptance
   };
   struct HeldHandoff {
     KvBufferRef kv;

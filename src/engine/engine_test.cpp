@@ -388,5 +388,69 @@ TEST_F(EngineTest, LayerWisePrefillHandsOffEarlyAndHonoursAReleaseWhileWriting) 
   EXPECT_EQ(m.layer_wise_handoffs_total, 1);
 }
 
+// The send buffer of a prefill's request is taken when the request is accepted: a prompt the
+// pool has no room for is refused at submit() (the router then tries another prefill), not
+// failed after its first token went out; the refusal gives the slot back without announcing
+// capacity, and a request that ends at its first token gives its buffer back.
+TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
+  const uint64_t token_bytes = static_cast<uint64_t>(model_->config().kv_bytes_per_token(2));  // f16 K and V
+  EngineRequest first = request("Once upon a time, in a small village,", 4);
+  const uint64_t one_message = kKvWireHeaderBytes + token_bytes * first.prompt.size();
+  KvTransportOptions to;
+  to.pool_capacity_bytes = kv_send_buffer_bytes(one_message);  // room for the first prompt only
+  to.prefault_pool = false;
+  auto t = make_transport(TransportKind::kInproc, to);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  std::atomic<int> capacity_calls{0};
+  EngineOptions o = options();
+  o.role = EngineRole::kPrefill;
+  o.prefill_slots = 2;
+  o.kv_send = t->pool.get();
+  o.on_capacity = [&] { ++capacity_calls; };
+  Engine e(*model_, *tokenizer_, *pool_, o);
+
+  struct Handoff {
+    std::promise<EngineOutput> last;
+    OutputSink sink() {
+      return [this](EngineOutput&& out) {
+        if (out.finished) last.set_value(std::move(out));
+      };
+    }
+  };
+  Handoff a;
+  ASSERT_TRUE(e.submit(std::move(first), a.sink()).ok());
+  // Taken at acceptance, before the prefill pass.
+  EXPECT_EQ(t->pool->stats().buffers_in_use, 1);
+  EngineOutput a_last = a.last.get_future().get();
+  ASSERT_EQ(a_last.finish_reason, "handoff") << a_last.error.to_string();
+  ASSERT_TRUE(a_last.handoff.has_value());
+
+  // A second prompt while the first's KV waits for its decode: a free slot, but no room.
+  const int calls_before = capacity_calls.load();
+  Handoff b;
+  auto refused = e.submit(request("The capital of France is", 4), b.sink());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("no room for this prompt's KV"), std::string::npos)
+      << refused.status().to_string();
+  EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
+  EXPECT_EQ(capacity_calls.load(), calls_before);  // a refusal frees nothing a router could use
+  EXPECT_EQ(t->pool->stats().buffers_in_use, 1);
+
+  // Once the decode has the first KV, the second is accepted and handed off.
+  ASSERT_TRUE(e.release_handoff(a_last.handoff->kv.ref()).ok());
+  ASSERT_TRUE(e.submit(request("The capital of France is", 4), b.sink()).ok());
+  EngineOutput b_last = b.last.get_future().get();
+  ASSERT_EQ(b_last.finish_reason, "handoff") << b_last.error.to_string();
+  ASSERT_TRUE(e.release_handoff(b_last.handoff->kv.ref()).ok());
+
+  // A request that ends at its first token gives its buffer back with its slot.
+  Handoff c;
+  ASSERT_TRUE(e.submit(request("The capital of France is", 1), c.sink()).ok());
+  EXPECT_EQ(c.last.get_future().get().finish_reason, "length");
+  EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
+  EXPECT_EQ(t->pool->stats().buffers_in_use, 0);
+}
+
 }  // namespace
 }  // namespace pdserve

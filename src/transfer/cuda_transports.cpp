@@ -43,6 +43,7 @@
 namespace pdserve {
 namespace {
 
+using transfer_internal::check_fill_buffer;
 using transfer_internal::CoreSendPool;
 using transfer_internal::load_le;
 using transfer_internal::PeerSegment;
@@ -206,23 +207,18 @@ class CudaIpcSendPool final : public CoreSendPool {
     return unimplemented("the cuda-ipc transport has no block-fixed mode (it exists for shm and tcp only)");
   }
 
-  StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
-                             uint32_t flags) override {
+  Status fill(const KvSendBuffer& buffer, const PagedKvView& src, std::span<const int32_t> block_table,
+              int32_t num_tokens, uint32_t flags) override {
     PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags, 0, "the cuda-ipc transport"));
     PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
     if (src.cuda_device != device_)
       return failed_precondition(fmt::format(
           "this cuda-ipc pool lives on GPU {}, the KV cache to send on GPU {}", device_, src.cuda_device));
+    PD_RETURN_IF_ERROR(check_fill_buffer(buffer, src.layout, num_tokens));
     KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
-    PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, acquire(kKvWireHeaderBytes + header.body_bytes));
     header.generation = buffer.ref.generation;
-    Status st = write(buffer, header, cache, block_table, num_tokens);
-    if (st.ok()) st = core_->commit(buffer.ref);
-    if (!st.ok()) {
-      (void)core_->release(buffer.ref);
-      return st;
-    }
-    return buffer.handle;
+    PD_RETURN_IF_ERROR(write(buffer, header, cache, block_table, num_tokens));
+    return core_->commit(buffer.ref);
   }
 
  private:
@@ -502,8 +498,8 @@ class StagedSendPool final : public KvSendPool {
   int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
   KvSendPoolStats stats() const override { return inner_->stats(); }
 
-  StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
-                             uint32_t flags) override {
+  Status fill(const KvSendBuffer& buffer, const PagedKvView& src, std::span<const int32_t> block_table,
+              int32_t num_tokens, uint32_t flags) override {
     PD_RETURN_IF_ERROR(
         check_send(src, block_table, num_tokens, flags, kKvWireBodyChecksum, "a host-staged GPU send"));
     PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
@@ -511,22 +507,15 @@ class StagedSendPool final : public KvSendPool {
       return failed_precondition(
           fmt::format("this KV send pool stages from GPU {}, the KV cache to send is on GPU {}", device_,
                       src.cuda_device));
+    PD_RETURN_IF_ERROR(check_fill_buffer(buffer, src.layout, num_tokens));
     KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
     header.flags = flags;
-    PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, inner_->acquire(kKvWireHeaderBytes + header.body_bytes));
     header.generation = buffer.ref.generation;
     const std::span<uint8_t> body = buffer.bytes.subspan(kKvWireHeaderBytes);
-    Status st = stage(cache, block_table, num_tokens, body);
-    if (st.ok()) {
-      if (flags & kKvWireBodyChecksum) header.body_checksum = kv_body_checksum(body);
-      encode_kv_wire_header(header, buffer.bytes);
-      st = inner_->commit(buffer.ref);
-    }
-    if (!st.ok()) {
-      (void)inner_->release(buffer.ref);
-      return st;
-    }
-    return buffer.handle;
+    PD_RETURN_IF_ERROR(stage(cache, block_table, num_tokens, body));
+    if (flags & kKvWireBodyChecksum) header.body_checksum = kv_body_checksum(body);
+    encode_kv_wire_header(header, buffer.bytes);
+    return inner_->commit(buffer.ref);
   }
 
  private:

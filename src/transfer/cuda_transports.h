@@ -4,8 +4,8 @@
 //
 // cuda-ipc: GPU to GPU between processes of one host.
 // Prefill side: the pool's send buffers are one device allocation on options.cuda_device, shared
-// with decodes through a CUDA IPC handle. publish() gathers a request's KV from the prefill's
-// paged cache (a KvMemory::kCuda view) into a buffer on the GPU with a kernel, behind the 64-byte
+// with decodes through a CUDA IPC handle. fill() (what publish() calls) gathers a request's KV from the
+// prefill's paged cache (a KvMemory::kCuda view) into a buffer on the GPU with a kernel, behind the 64-byte
 // wire header, then commits it. A small shared-memory control segment holds the IPC handle and
 // one slot record per buffer (transfer/slot_record.h); its path is the handles' endpoint.
 //

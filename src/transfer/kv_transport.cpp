@@ -255,29 +255,37 @@ StatusOr<KvHandle> publish_kv(KvSendPool& pool, const PagedKvView& src, std::spa
   return pool.publish(src, block_table, num_tokens, flags);
 }
 
+uint64_t kv_message_bytes(const KvLayout& layout, int32_t num_tokens) {
+  return kKvWireHeaderBytes + layout.body_bytes(num_tokens);
+}
+
 StatusOr<KvHandle> KvSendPool::publish(const PagedKvView& src, std::span<const int32_t> block_table,
                                        int32_t num_tokens, uint32_t flags) {
-  KvSendPool& pool = *this;
+  // What fill() checks too, before the layout's sizes are trusted for the acquire.
+  PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags));
+  PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, acquire(kv_message_bytes(src.layout, num_tokens)));
+  if (Status st = fill(buffer, src, block_table, num_tokens, flags); !st.ok()) {
+    (void)release(buffer.ref);
+    return st;
+  }
+  return buffer.handle;
+}
+
+Status KvSendPool::fill(const KvSendBuffer& buffer, const PagedKvView& src,
+                        std::span<const int32_t> block_table, int32_t num_tokens, uint32_t flags) {
   PD_RETURN_IF_ERROR(src.require_host(fmt::format("the {} transport", transport_kind_name(kind()))));
   // A layer-wise header promises progress that a whole-buffer publish never sends.
   PD_RETURN_IF_ERROR(check_send(src, block_table, num_tokens, flags, kKvWireBodyChecksum,
                                 "a whole-buffer publish (begin_layer_wise_kv sends layer-wise)"));
+  PD_RETURN_IF_ERROR(transfer_internal::check_fill_buffer(buffer, src.layout, num_tokens));
   KvWireHeader header = make_kv_wire_header(src.layout, num_tokens);
   header.flags = flags;
-  PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
   header.generation = buffer.ref.generation;
   const std::span<uint8_t> body = buffer.bytes.subspan(kKvWireHeaderBytes);
-  Status st = gather_kv(src, block_table, num_tokens, body);
-  if (st.ok()) {
-    if (flags & kKvWireBodyChecksum) header.body_checksum = kv_body_checksum(body);
-    encode_kv_wire_header(header, buffer.bytes);
-    st = pool.commit(buffer.ref);
-  }
-  if (!st.ok()) {
-    (void)pool.release(buffer.ref);
-    return st;
-  }
-  return buffer.handle;
+  PD_RETURN_IF_ERROR(gather_kv(src, block_table, num_tokens, body));
+  if (flags & kKvWireBodyChecksum) header.body_checksum = kv_body_checksum(body);
+  encode_kv_wire_header(header, buffer.bytes);
+  return commit(buffer.ref);
 }
 
 Status KvSendPool::publish_progress(KvBufferRef, int32_t, int32_t) {
@@ -285,7 +293,9 @@ Status KvSendPool::publish_progress(KvBufferRef, int32_t, int32_t) {
       fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(kind())));
 }
 
-StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens) {
+namespace {
+
+Status check_layer_wise(const KvSendPool& pool, const KvLayout& layout, int32_t num_tokens) {
   if (!pool.supports_layer_wise())
     return failed_precondition(
         fmt::format("the {} transport does not send KV layer-wise", transport_kind_name(pool.kind())));
@@ -293,15 +303,28 @@ StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& la
   if (num_tokens < 1 || num_tokens > kKvWireMaxTokens)
     return invalid_argument(
         fmt::format("a layer-wise send of {} tokens (1..{})", num_tokens, kKvWireMaxTokens));
+  return ok_status();
+}
+
+}  // namespace
+
+StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens) {
+  PD_RETURN_IF_ERROR(check_layer_wise(pool, layout, num_tokens));
+  PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kv_message_bytes(layout, num_tokens)));
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(pool, buffer, layout, num_tokens);
+  if (!send.ok()) (void)pool.release(buffer.ref);
+  return send;
+}
+
+StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvSendBuffer& buffer,
+                                            const KvLayout& layout, int32_t num_tokens) {
+  PD_RETURN_IF_ERROR(check_layer_wise(pool, layout, num_tokens));
+  PD_RETURN_IF_ERROR(transfer_internal::check_fill_buffer(buffer, layout, num_tokens));
   KvWireHeader header = make_kv_wire_header(layout, num_tokens);
   header.flags = kKvWireLayerWise;
-  PD_ASSIGN_OR_RETURN(KvSendBuffer buffer, pool.acquire(kKvWireHeaderBytes + header.body_bytes));
   header.generation = buffer.ref.generation;
   encode_kv_wire_header(header, buffer.bytes);
-  if (Status st = pool.commit(buffer.ref); !st.ok()) {
-    (void)pool.release(buffer.ref);
-    return st;
-  }
+  PD_RETURN_IF_ERROR(pool.commit(buffer.ref));
   return LayerWiseSend{buffer.handle, buffer.bytes.subspan(kKvWireHeaderBytes), layout, num_tokens};
 }
 
@@ -319,6 +342,14 @@ Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvV
 }
 
 namespace transfer_internal {
+
+Status check_fill_buffer(const KvSendBuffer& buffer, const KvLayout& layout, int32_t num_tokens) {
+  const uint64_t want = kv_message_bytes(layout, num_tokens);
+  if (buffer.bytes.size() != want)
+    return invalid_argument(fmt::format("KV send buffer {} holds {} bytes; {} tokens of this layout take {}",
+                                        buffer.ref.buffer_id, buffer.bytes.size(), num_tokens, want));
+  return ok_status();
+}
 
 StatusOr<std::unique_ptr<PagedSource>> make_paged_source(const PagedKvView& view,
                                                          std::span<const int32_t> block_table,

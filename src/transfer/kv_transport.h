@@ -139,21 +139,28 @@ class KvSendPool {
   virtual std::string endpoint() const = 0;
 
   // Reserves a buffer of `bytes` (>= kKvWireHeaderBytes: header + body). RESOURCE_EXHAUSTED when
-  // all buffers or the capacity are in use (after reclaiming expired leases): the prefill keeps
-  // the request's slot until one frees up.
+  // all buffers or the capacity are in use (after reclaiming expired leases): a prefill acquires
+  // a request's buffer when it accepts the request, and refuses the request when there is none.
+  // A buffer still being written has no lease (its writer releases it).
   virtual StatusOr<KvSendBuffer> acquire(uint64_t bytes) = 0;
-  // The buffer's bytes are written: peers may pull it from now on (a pull before fails).
+  // The buffer's bytes are written: peers may pull it from now on (a pull before fails). Its
+  // lease counts from here (for a layer-wise buffer, from its latest progress).
   virtual Status commit(KvBufferRef ref) = 0;
   // Block-fixed baseline: makes `view`'s blocks of a sequence pullable piece by piece, without a
   // contiguous copy. The memory must stay untouched until release. UNIMPLEMENTED for inproc.
   virtual StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                           int32_t num_tokens, uint32_t flags = 0) = 0;
-  // The whole send path of one request (what publish_kv() calls): acquires a buffer for
-  // num_tokens tokens, writes the header and the body gathered from `src`, commits, and returns
-  // the handle; the buffer is released on failure. This implementation gathers host memory; the
-  // cuda-ipc pool gathers on its GPU.
-  virtual StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table,
-                                     int32_t num_tokens, uint32_t flags);
+  // The whole send path of one request (what publish_kv() calls): acquires a buffer of
+  // kv_message_bytes(src.layout, num_tokens), fill()s it and returns its handle; the buffer is
+  // released on failure.
+  StatusOr<KvHandle> publish(const PagedKvView& src, std::span<const int32_t> block_table, int32_t num_tokens,
+                             uint32_t flags);
+  // Writes the header and the body gathered from `src` into `buffer` (acquired from this pool
+  // for exactly num_tokens tokens of src.layout, still being written) and commits it. On failure
+  // the buffer stays acquired: the caller releases it. This implementation gathers host memory;
+  // the GPU pools gather on their GPU.
+  virtual Status fill(const KvSendBuffer& buffer, const PagedKvView& src,
+                      std::span<const int32_t> block_table, int32_t num_tokens, uint32_t flags);
   // Gives the buffer back (after the decode has pulled it, or on cancellation). A pull in flight
   // finishes first (tcp, inproc: release waits for it) or fails cleanly (shm). NOT_FOUND for a
   // stale or released ref, DEADLINE_EXCEEDED for one whose lease expired.
@@ -291,6 +298,9 @@ Status check_send(const PagedKvView& src, std::span<const int32_t> block_table, 
                   uint32_t flags, uint32_t supported = kKvWireKnownFlags,
                   std::string_view sender = "this KV send path");
 
+// The bytes of one message: the wire header and the body of num_tokens tokens of `layout`.
+uint64_t kv_message_bytes(const KvLayout& layout, int32_t num_tokens);
+
 // The prefill's whole send path: pool.publish(): acquires a buffer for num_tokens tokens, writes
 // the header (flags: kKvWireBodyChecksum to add a body checksum), gathers the body from `src`,
 // commits, and returns the handle. The buffer is released on failure.
@@ -308,6 +318,10 @@ struct LayerWiseSend {
 // body checksum) and commits it with no layer ready: the handle may go to a decode at once.
 // FAILED_PRECONDITION where the pool does not support layer-wise sending.
 StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& layout, int32_t num_tokens);
+// The same in a buffer acquired before (kv_message_bytes(layout, num_tokens), still being
+// written); on failure it stays acquired.
+StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvSendBuffer& buffer,
+                                            const KvLayout& layout, int32_t num_tokens);
 // Gathers layer `layer` of the sequence from `src` into the body and publishes layers
 // [0, layer + 1) as ready. Layers must be sent in order.
 Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvView& src,

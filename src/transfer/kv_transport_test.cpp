@@ -272,6 +272,39 @@ TEST_P(TransportTest, LeaseExpiry) {
   transport_ = {};  // before the clock it reads goes out of scope
 }
 
+// A buffer taken ahead (a prefill takes it when it accepts the request) has no lease while it is
+// written, however long the prefill pass takes; the lease counts from the commit. fill() refuses
+// a buffer of another size.
+TEST_P(TransportTest, LeaseCountsFromTheCommitOfABufferTakenAhead) {
+  if (mode() != KvTransferMode::kContiguous) GTEST_SKIP() << "block-fixed exposures are committed at once";
+  std::atomic<int64_t> now_ms{1000};
+  options_.lease_ms = 500;
+  options_.clock_ms = [&now_ms] { return now_ms.load(); };
+  SetUp();
+  Scenario& s = scenario(8);
+  StatusOr<KvSendBuffer> short_one = pool().acquire(kv_message_bytes(s.layout, s.tokens - 1));
+  ASSERT_TRUE(short_one.ok()) << short_one.status().to_string();
+  const Status wrong = pool().fill(*short_one, s.src.view, s.src_table, s.tokens, 0);
+  EXPECT_EQ(wrong.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong.message(), HasSubstr("bytes"));
+  ASSERT_TRUE(pool().release(short_one->ref).ok());
+
+  StatusOr<KvSendBuffer> b = pool().acquire(kv_message_bytes(s.layout, s.tokens));
+  ASSERT_TRUE(b.ok()) << b.status().to_string();
+  now_ms += 10'000;  // a long prefill pass
+  EXPECT_EQ(pool().reclaim_expired(), 0);
+  ASSERT_TRUE(pool().fill(*b, s.src.view, s.src_table, s.tokens, 0).ok());
+  now_ms += 499;
+  EXPECT_EQ(pool().reclaim_expired(), 0);
+  TransferState st = puller().pull(b->handle, s.target());
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  EXPECT_TRUE(s.landed());
+  now_ms += 1;
+  EXPECT_EQ(pool().reclaim_expired(), 1);
+  EXPECT_EQ(pool().release(b->ref).code(), StatusCode::kDeadlineExceeded);
+  transport_ = {};  // before the clock it reads goes out of scope
+}
+
 TEST_P(TransportTest, HandleOfAnotherKindIsRefusedAtSubmit) {
   Scenario& s = scenario(8);
   KvHandle h;

@@ -135,7 +135,9 @@ void SendPoolCore::notify_locked(uint32_t id, const Slot& slot) {
 }
 
 bool SendPoolCore::expired_locked(const Slot& slot, int64_t now) const {
-  return holds_buffer(slot.state) && now - slot.acquired_ms >= config_.lease_ms;
+  // A buffer still being written belongs to its writer, which releases it; the lease is for the
+  // peers that may never pull (a sender's lease_from_ms moves on at each commit and progress).
+  return slot.state == SlotState::kCommitted && now - slot.lease_from_ms >= config_.lease_ms;
 }
 
 void SendPoolCore::free_storage_locked(Slot& slot) {
@@ -199,7 +201,7 @@ StatusOr<SendPoolCore::Acquired> SendPoolCore::acquire(uint64_t bytes) {
   s.offset = *offset + config_.message_lead;
   s.bytes = bytes;
   s.reserved = reserved;
-  s.acquired_ms = now;
+  s.lease_from_ms = now;
   s.layers_ready = 0;
   s.first_token = -1;
   bytes_in_use_ += reserved;
@@ -224,7 +226,7 @@ StatusOr<KvBufferRef> SendPoolCore::expose_paged(std::unique_ptr<PagedSource> so
   s.offset = 0;
   s.bytes = wire_bytes;
   s.reserved = 0;
-  s.acquired_ms = now;
+  s.lease_from_ms = now;
   s.layers_ready = 0;
   s.first_token = -1;
   // The header names the exposure's generation (a stale-buffer guard on the wire too).
@@ -269,6 +271,7 @@ Status SendPoolCore::commit(KvBufferRef ref) {
     return failed_precondition(
         fmt::format("KV buffer {} is {}, not being written", ref.buffer_id, state_name(s->state)));
   s->state = SlotState::kCommitted;
+  s->lease_from_ms = now_ms();
   notify_locked(ref.buffer_id, *s);
   return ok_status();
 }
@@ -330,6 +333,7 @@ Status SendPoolCore::set_progress(KvBufferRef ref, int32_t layers_ready, int32_t
                                         ref.buffer_id, layers_ready, s->layers_ready));
   s->layers_ready = layers_ready;
   if (first_token >= 0) s->first_token = first_token;
+  s->lease_from_ms = now_ms();  // its writer is alive: the lease counts from here
   notify_locked(ref.buffer_id, *s);
   progress_.notify_all();
   return ok_status();

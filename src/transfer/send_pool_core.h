@@ -4,7 +4,8 @@
 //
 // A slot's life: free → acquire → writing → commit → committed → release or lease expiry →
 // released / expired → (reused by a later acquire, with a new generation). A block-fixed
-// exposure (expose_paged) has no bytes in the range; it is committed at once.
+// exposure (expose_paged) has no bytes in the range; it is committed at once. The lease counts
+// from the commit and again from each layer-wise progress; a buffer being written has none.
 //
 // While pinned, a slot's bytes are neither reused nor freed: release() waits until the pins are
 // gone, and a lease expiry only marks the slot and returns its bytes at the last unpin.
@@ -122,10 +123,10 @@ class SendPoolCore {
     SlotState state = SlotState::kFree;
     uint64_t generation = 0;
     KvTransferMode mode = KvTransferMode::kContiguous;
-    uint64_t offset = 0;    // of the message: its range starts message_lead before
-    uint64_t bytes = 0;     // as asked for (wire bytes for an exposure)
-    uint64_t reserved = 0;  // of the range, page-rounded; 0 when none
-    int64_t acquired_ms = 0;
+    uint64_t offset = 0;        // of the message: its range starts message_lead before
+    uint64_t bytes = 0;         // as asked for (wire bytes for an exposure)
+    uint64_t reserved = 0;      // of the range, page-rounded; 0 when none
+    int64_t lease_from_ms = 0;  // a committed buffer's lease counts from here
     int32_t pins = 0;
     int32_t layers_ready = 0;
     int32_t first_token = -1;

@@ -1,7 +1,7 @@
-// Constructors of the transport implementations (internal to src/transfer); make_send_pool()
-// and make_puller() in kv_transport.cpp are the only callers. Each implementation lives in its
-// own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp, ucx_transport.cpp. Free functions
-// without state; each returns an object its caller owns.
+// Constructors of the transport implementations (internal to src/transfer), and what they share;
+// make_send_pool() and make_puller() in kv_transport.cpp are the constructors' only callers. Each
+// implementation lives in its own .cpp: inproc_transport.cpp, shm_transport.cpp, tcp_transport.cpp,
+// ucx_transport.cpp. Free functions without state; each returns an object its caller owns.
 #pragma once
 
 #include <memory>
@@ -33,5 +33,9 @@ inline SendPoolCore::Config core_config(const KvTransportOptions& options) {
 StatusOr<std::unique_ptr<PagedSource>> make_paged_source(const PagedKvView& view,
                                                          std::span<const int32_t> block_table,
                                                          int32_t num_tokens, uint32_t flags);
+
+// What KvSendPool::fill() and begin_layer_wise_kv() check of a buffer acquired before: that it
+// holds exactly the message of num_tokens tokens of `layout` (INVALID_ARGUMENT otherwise).
+Status check_fill_buffer(const KvSendBuffer& buffer, const KvLayout& layout, int32_t num_tokens);
 
 }  // namespace pdserve::transfer_internal
