@@ -132,3 +132,8 @@ for mult in $loads; do
     --api completions "${workload[@]}" --ignore-eos -n "$n" \
     --tokenizer-model "$tokenizer" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
 done
+# What the prefills refused, all loads and both policies together, as the first on-demand gateway
+# sees the instances (their metrics lag by up to a second).
+sleep 1.5
+curl -s "http://127.0.0.1:18301/metrics" |
+  grep -E "^pdserve_(prefill_priority_refusals_total|gateway_rejections_total)" || true

@@ -110,6 +110,8 @@ json request_json(const EngineRequest& r) {
               {"stop", r.stop},
               {"ignore_eos", r.ignore_eos},
               {"logprobs", r.logprobs},
+              {"wait_budget_us", r.wait_budget_us},
+              {"wait_queue", r.wait_queue},
               {"sampling",
                {{"temperature", s.temperature},
                 {"top_k", s.top_k},
@@ -140,6 +142,9 @@ StatusOr<EngineRequest> request_from(const json& j) {
   PD_RETURN_IF_ERROR(r.integer("max_tokens", out.max_tokens, 0, kI32Max, true));
   PD_RETURN_IF_ERROR(r.boolean("ignore_eos", out.ignore_eos));
   PD_RETURN_IF_ERROR(r.boolean("logprobs", out.logprobs));
+  PD_RETURN_IF_ERROR(r.integer("wait_budget_us", out.wait_budget_us, int64_t{-1}, kI64Max));
+  PD_RETURN_IF_ERROR(
+      r.integer("wait_queue", out.wait_queue, uint64_t{0}, std::numeric_limits<uint64_t>::max()));
   if (const json* stop = r.find("stop")) {
     if (!stop->is_array() || stop->size() > 64) return r.type("stop", "an array of strings");
     for (const json& s : *stop) {
@@ -322,6 +327,7 @@ void for_each_metric(EngineMetrics& m, Fn&& fn) {
   fn("handoffs_total", m.handoffs_total);
   fn("layer_wise_handoffs_total", m.layer_wise_handoffs_total);
   fn("handoff_leases_expired_total", m.handoff_leases_expired_total);
+  fn("priority_refusals_total", m.priority_refusals_total);
   fn("decode_pending", m.decode_pending);
   fn("kv_pulls_in_flight", m.kv_pulls_in_flight);
   fn("kv_pulls_failed_total", m.kv_pulls_failed_total);

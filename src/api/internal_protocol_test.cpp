@@ -21,6 +21,8 @@ EngineRequest sample_request() {
   r.sampling.frequency_penalty = -0.25f;
   r.sampling.seed = 18446744073709551557ull;  // beyond int64
   r.sampling.top_logprobs = 3;
+  r.wait_budget_us = 1'234'567;
+  r.wait_queue = 0xfedcba9876543211ull;  // beyond int64
   return r;
 }
 
@@ -51,6 +53,8 @@ void expect_same(const EngineRequest& a, const EngineRequest& b) {
   EXPECT_EQ(a.sampling.frequency_penalty, b.sampling.frequency_penalty);
   EXPECT_EQ(a.sampling.seed, b.sampling.seed);
   EXPECT_EQ(a.sampling.top_logprobs, b.sampling.top_logprobs);
+  EXPECT_EQ(a.wait_budget_us, b.wait_budget_us);
+  EXPECT_EQ(a.wait_queue, b.wait_queue);
 }
 
 TEST(InternalProtocol, RequestsAndHandoffsRoundTrip) {
@@ -198,6 +202,9 @@ TEST(InternalProtocol, MalformedPeerBytesAreErrorsNamingTheField) {
       {"negative seed", R"({"prompt":[1],"max_tokens":3,"sampling":{"seed":-1}})", "'seed' is out of range"},
       {"ignore_eos not bool", R"({"prompt":[1],"max_tokens":3,"ignore_eos":1})",
        "'ignore_eos' must be true or false"},
+      {"budget below -1", R"({"prompt":[1],"max_tokens":3,"wait_budget_us":-2})",
+       "'wait_budget_us' is out of range"},
+      {"negative queue", R"({"prompt":[1],"max_tokens":3,"wait_queue":-1})", "'wait_queue' is out of range"},
   };
   for (const Malformed& m : requests) {
     auto r = decode_engine_request(m.body);

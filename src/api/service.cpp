@@ -747,6 +747,10 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
             static_cast<double>(m.layer_wise_handoffs_total));
   w.counter("pdserve_handoff_leases_expired_total", "Handoffs freed because no decode fetched them in time.",
             static_cast<double>(m.handoff_leases_expired_total));
+  w.counter("pdserve_prefill_priority_refusals_total",
+            "Requests a prefill refused with a slot free, keeping it for a request nearer its TTFT deadline "
+            "(--deadline-priority-ms).",
+            static_cast<double>(m.priority_refusals_total));
   w.gauge("pdserve_decode_pending", "Handed-off requests waiting for a decode seat.", m.decode_pending);
   w.gauge("pdserve_kv_pulls_in_flight", "KV transfers under way into decode instances.",
           m.kv_pulls_in_flight);

@@ -253,6 +253,14 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
       "Prefill: send each prompt's KV layer by layer while the forward pass that completes it runs, so "
       "the decode pulls it during the prefill instead of after it (CPU engine; inproc, shm and tcp "
       "transports)");
+  cmd.add_option(
+         "--deadline-priority-ms", f.deadline_priority_ms,
+         "Prefill: for this long after refusing a request that waits at a gateway, keep the last free "
+         "slot for the most urgent such request (the nearest TTFT deadline) instead of giving it to "
+         "whichever gateway asks first; more than the gateways' 10 ms retry tick. 0: first come, first "
+         "served")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{10'000}));
 }
 
 StatusOr<EngineOptions> engine_options(const EngineFlags& f, const ModelConfig& cfg) {
@@ -268,6 +276,7 @@ StatusOr<EngineOptions> engine_options(const EngineFlags& f, const ModelConfig& 
   o.decode_pending = f.decode_pending;
   o.handoff_lease_ms = f.handoff_lease_ms;
   o.layer_wise_kv = f.kv_layer_wise;
+  o.deadline_priority_ms = f.deadline_priority_ms;
   return o;
 }
 

@@ -79,6 +79,7 @@ struct EngineFlags {
   int decode_pending = 8;
   int64_t handoff_lease_ms = 30'000;
   bool kv_layer_wise = false;
+  int64_t deadline_priority_ms = 15;
 };
 void add_engine_flags(CLI::App& cmd, EngineFlags& flags);
 // The engine options the flags ask for on this model (the KV budget in blocks, the context);

@@ -63,6 +63,9 @@ Status EngineOptions::validate() const {
   if (max_context < 0)
     return invalid_argument(fmt::format("max context must not be negative, got {}", max_context));
   if (role == EngineRole::kPrefill) {
+    if (deadline_priority_ms < 0)
+      return invalid_argument(
+          fmt::format("the deadline priority window must not be negative, got {} ms", deadline_priority_ms));
     if (prefill_slots < 0)
       return invalid_argument(fmt::format("prefill slots must not be negative, got {}", prefill_slots));
     if (kv_send == nullptr) return invalid_argument("a prefill instance needs a KV send pool");
@@ -186,6 +189,7 @@ void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
   a.handoffs_total += b.handoffs_total;
   a.layer_wise_handoffs_total += b.layer_wise_handoffs_total;
   a.handoff_leases_expired_total += b.handoff_leases_expired_total;
+  a.priority_refusals_total += b.priority_refusals_total;
   a.decode_pending += b.decode_pending;
   a.kv_pulls_in_flight += b.kv_pulls_in_flight;
   a.kv_pulls_failed_total += b.kv_pulls_failed_total;
@@ -246,13 +250,29 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
   }
   PD_RETURN_IF_ERROR(validate(request));
   if (!handle) handle = std::make_shared<RequestHandle>();
+  const auto now = options_.clock ? options_.clock() : std::chrono::steady_clock::now();
+  // A gateway's deadline for this request to be accepted (deadline_priority_ms).
+  const bool dated = options_.role == EngineRole::kPrefill && options_.deadline_priority_ms > 0 &&
+                     request.wait_budget_us >= 0;
+  // (At most a day ahead: a peer's value must not overflow the clock.)
+  const auto deadline =
+      now + std::chrono::microseconds(dated ? std::min<int64_t>(request.wait_budget_us, 86'400'000'000) : 0);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the engine is shutting down");
     const bool slotted = options_.role == EngineRole::kPrefill && options_.prefill_slots > 0;
     if (slotted && slots_in_use_ >= options_.prefill_slots) {
+      if (dated) note_refused_locked(deadline, request.wait_queue, now);
       return resource_exhausted(
           fmt::format("all {} prefill slots are held; try another prefill or later", options_.prefill_slots));
+    }
+    if (dated && slotted &&
+        !may_take_slot_locked(deadline, request.wait_queue, options_.prefill_slots - slots_in_use_, now)) {
+      ++priority_refusals_total_;
+      sync_transfer_metrics();
+      return resource_exhausted(
+          "a request nearer its time-to-first-token deadline waits for this prefill's free slot; try another "
+          "prefill or later");
     }
     if (!slotted && static_cast<int64_t>(incoming_.size()) + metrics_.waiting >= options_.max_waiting) {
       return resource_exhausted(
@@ -262,6 +282,8 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
     sync_transfer_metrics();
   }
   // A prefill's slot goes back without waking a router (nothing was freed that it could use).
+  // (Not noted for deadline priority: a prompt the pool has no room for may find none for long,
+  // and other requests should not wait for it meanwhile.)
   auto unreserve_slot = [this] {
     std::lock_guard<std::mutex> lock(mu_);
     --slots_in_use_;
@@ -366,10 +388,42 @@ Status Engine::release_handoff(const KvBufferRef& kv) {
   return ok_status();
 }
 
+void Engine::note_refused_locked(std::chrono::steady_clock::time_point deadline, uint64_t queue,
+                                 std::chrono::steady_clock::time_point now) {
+  const auto window = std::chrono::milliseconds(options_.deadline_priority_ms);
+  const auto tie = std::chrono::milliseconds(kDeadlineTieMs);
+  if (!urgent_ || now - urgent_seen_ > window || deadline < urgent_deadline_ - tie) {
+    urgent_ = true;
+    urgent_deadline_ = deadline;
+    urgent_queue_ = queue;
+    urgent_seen_ = now;
+  } else if (deadline <= urgent_deadline_ + tie) {
+    urgent_seen_ = now;  // the most urgent one again: it still waits
+  }
+}
+
+bool Engine::may_take_slot_locked(std::chrono::steady_clock::time_point deadline, uint64_t queue,
+                                  int32_t free_slots, std::chrono::steady_clock::time_point now) {
+  const auto tie = std::chrono::milliseconds(kDeadlineTieMs);
+  if (!urgent_ || now - urgent_seen_ > std::chrono::milliseconds(options_.deadline_priority_ms)) {
+    urgent_ = false;  // it was placed elsewhere or gave up
+    return true;
+  }
+  // Its own queue offers its most urgent request first: anything it offers now is at least as
+  // urgent as what is left of it.
+  const bool same_queue = queue != 0 && queue == urgent_queue_;
+  // One free slot is kept for it; any other may go to anyone.
+  if (!same_queue && deadline > urgent_deadline_ + tie) return free_slots > 1;
+  // That request, or its queue, takes a slot (one due sooner does, and leaves it waiting).
+  if (same_queue || deadline >= urgent_deadline_ - tie) urgent_ = false;
+  return true;
+}
+
 void Engine::sync_transfer_metrics() {
   metrics_.prefill_slots_in_use = slots_in_use_;
   metrics_.handoffs_outstanding = static_cast<int32_t>(held_.size());
   metrics_.handoff_leases_expired_total = leases_expired_total_;
+  metrics_.priority_refusals_total = priority_refusals_total_;
   metrics_.decode_pending = num_pending_;
 }
 

@@ -66,6 +66,10 @@
 namespace pdserve {
 
 enum class EngineRole { kMixed, kPrefill, kDecode };
+
+// Deadlines this close count as one (a request's deadline moves by the network's delay between
+// its retries).
+inline constexpr int64_t kDeadlineTieMs = 2;
 std::string_view engine_role_name(EngineRole role);  // "mixed", "prefill", "decode"
 
 struct EngineOptions {
@@ -85,9 +89,18 @@ struct EngineOptions {
   int64_t handoff_lease_ms = 30'000;
   // Prefill role: send each prompt's KV layer by layer during the forward pass that completes it
   // (early handoff, see above), where the executor reports layers and the send pool supports it
-  // (KvSendPool::supports_layer_wise); otherwise, or when no buffer is free at that moment, the
-  // KV leaves whole after the first token as usual.
+  // (KvSendPool::supports_layer_wise); otherwise the KV leaves whole after the first token as
+  // usual.
   bool layer_wise_kv = false;
+  // Prefill role, requests with a deadline (EngineRequest::wait_budget_us): for this long after
+  // refusing one, the last free slot goes only to a request due no later than the most urgent
+  // refused (within kDeadlineTieMs), or to one of its gateway queue: requests wait at several gateways,
+  // which retry every few ms, and this gives a freed slot to the most urgent of them rather than
+  // to whichever asks first. Each refusal of that request renews it; taking it (or a request of
+  // its queue) ends it. 0: first come, first served.
+  int64_t deadline_priority_ms = 15;
+  // The clock of deadline_priority_ms (injectable for tests); nullptr: the steady clock.
+  std::function<std::chrono::steady_clock::time_point()> clock;
   // Decode role: handed-off requests waiting for a running seat and their KV (the pending queue).
   int32_t decode_pending = 8;
   KvSendPool* kv_send = nullptr;  // prefill role: where prompt KV leaves from (required)
@@ -110,6 +123,14 @@ struct EngineRequest {
   bool ignore_eos = false;
   bool logprobs = false;  // report each token's log-probability (and sampling.top_logprobs alternatives)
   std::string scenario;   // a gateway's P/D group for it (empty: its default); engines ignore it
+  // How much longer a gateway lets the request wait for a prefill (what is left of its TTFT
+  // budget), in microseconds; -1: no deadline. A prefill favours the nearest deadline among the
+  // requests it refused (EngineOptions::deadline_priority_ms).
+  int64_t wait_budget_us = -1;
+  // The gateway queue it waits in (a router's id; 0: none). A queue goes in deadline order, so
+  // what it offers after its most urgent request was refused means that one has gone: a prefill
+  // keeping a slot for it gives the slot to that queue.
+  uint64_t wait_queue = 0;
 };
 
 struct GeneratedToken {
@@ -178,6 +199,8 @@ struct EngineMetrics {
   int64_t handoffs_total = 0;             // prefill role
   int64_t layer_wise_handoffs_total = 0;  // prefill role: of which the KV left layer by layer
   int64_t handoff_leases_expired_total = 0;
+  // Prefill role: requests refused although a slot was free, for a more urgent one (deadline_priority_ms).
+  int64_t priority_refusals_total = 0;
   int32_t decode_pending = 0;         // decode role: handed-off requests waiting for a seat
   int32_t kv_pulls_in_flight = 0;     // decode role
   int64_t kv_pulls_failed_total = 0;  // decode role
@@ -269,9 +292,10 @@ class Engine : public Instance {
   Status validate(const EngineRequest& request) const override;
   // Queues a request. Errors: those of validate(); kResourceExhausted when max_waiting requests
   // are already queued (retry later).
-  // Prefill role: kResourceExhausted at once when every slot is held (no queue), or when the
-  // send pool has no room for the prompt's KV (its buffer is taken here, so a request accepted
-  // always has one to hand off in).
+  // Prefill role: kResourceExhausted at once when every slot is held (no queue), when the send
+  // pool has no room for the prompt's KV (its buffer is taken here, so a request accepted always
+  // has one to hand off in), or when the last free slot is kept for a more urgent request
+  // (deadline_priority_ms).
   StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
                                                   std::shared_ptr<RequestHandle> handle) override;
   using GenerationBackend::submit;
@@ -334,6 +358,13 @@ class Engine : public Instance {
   void land_pulls(bool wait);
   void expire_handoffs();
   void release_slot();
+  // Prefill role, mu_ held: a request due at `deadline`, waiting in gateway queue `queue`, was
+  // refused (noted when it is the most urgent seen within deadline_priority_ms); whether such a
+  // request may take one of `free_slots` (the last is kept for the noted one).
+  void note_refused_locked(std::chrono::steady_clock::time_point deadline, uint64_t queue,
+                           std::chrono::steady_clock::time_point now);
+  bool may_take_slot_locked(std::chrono::steady_clock::time_point deadline, uint64_t queue,
+                            int32_t free_slots, std::chrono::steady_clock::time_point now);
   // Copies the fields guarded by mu_ that change off the engine thread into metrics_ (mu_ held).
   void sync_transfer_metrics();
 
@@ -374,15 +405,22 @@ class Engine : public Instance {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Pending> incoming_;      // guarded by mu_
-  bool stop_ = false;                 // guarded by mu_
-  bool pull_ended_ = false;           // guarded by mu_; decode role: a KV pull ended, land it
-  uint64_t pull_listener_ = 0;        // decode role: on kv_puller (0: none)
-  int32_t slots_in_use_ = 0;          // guarded by mu_; prefill role
-  int32_t num_pending_ = 0;           // guarded by mu_; decode role: handoffs submitted, not yet pulling
-  std::vector<HeldHandoff> held_;     // guarded by mu_; prefill role
-  int64_t leases_expired_total_ = 0;  // guarded by mu_
-  EngineMetrics metrics_;             // guarded by mu_
+  std::deque<Pending> incoming_;  // guarded by mu_
+  bool stop_ = false;             // guarded by mu_
+  bool pull_ended_ = false;       // guarded by mu_; decode role: a KV pull ended, land it
+  uint64_t pull_listener_ = 0;    // decode role: on kv_puller (0: none)
+  int32_t slots_in_use_ = 0;      // guarded by mu_; prefill role
+  // guarded by mu_; prefill role: the most urgent deadline among the requests refused, and when
+  // it was last refused (deadline_priority_ms)
+  std::chrono::steady_clock::time_point urgent_deadline_{};
+  std::chrono::steady_clock::time_point urgent_seen_{};
+  uint64_t urgent_queue_ = 0;
+  bool urgent_ = false;
+  int64_t priority_refusals_total_ = 0;  // guarded by mu_
+  int32_t num_pending_ = 0;              // guarded by mu_; decode role: handoffs submitted, not yet pulling
+  std::vector<HeldHandoff> held_;        // guarded by mu_; prefill role
+  int64_t leases_expired_total_ = 0;     // guarded by mu_
+  EngineMetrics metrics_;                // guarded by mu_
   std::thread thread_;
 };
 

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "engine/test_model.h"
@@ -450,6 +452,172 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   EXPECT_EQ(c.last.get_future().get().finish_reason, "length");
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
   EXPECT_EQ(t->pool->stats().buffers_in_use, 0);
+}
+
+// Deadline priority: a prefill that refused a request with a deadline keeps its next free slot
+// for it (or anyone due sooner, or its gateway queue) for deadline_priority_ms; the request
+// itself, retried, takes it and ends the priority; it lapses when that request stops asking.
+TEST_F(EngineTest, PrefillKeepsAFreeSlotForTheMostUrgentRequestItRefused) {
+  KvTransportOptions to;
+  to.pool_capacity_bytes = uint64_t{16} << 20;
+  to.prefault_pool = false;
+  auto t = make_transport(TransportKind::kInproc, to);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  using Clock = std::chrono::steady_clock;
+  std::atomic<int64_t> now_ms{1'000'000};
+  EngineOptions o = options();
+  o.role = EngineRole::kPrefill;
+  o.prefill_slots = 1;
+  o.kv_send = t->pool.get();
+  o.deadline_priority_ms = 15;
+  o.clock = [&] { return Clock::time_point(std::chrono::milliseconds(now_ms.load())); };
+  Engine e(*model_, *tokenizer_, *pool_, o);
+
+  // Runs a request through the prefill and frees its slot (as a decode would).
+  auto run_to_handoff = [&](EngineRequest r) {
+    std::promise<EngineOutput> last;
+    auto h = e.submit(std::move(r), [&](EngineOutput&& out) {
+      if (out.finished) last.set_value(std::move(out));
+    });
+    ASSERT_TRUE(h.ok()) << h.status().to_string();
+    EngineOutput out = last.get_future().get();
+    ASSERT_EQ(out.finish_reason, "handoff") << out.error.to_string();
+    ASSERT_TRUE(e.release_handoff(out.handoff->kv.ref()).ok());
+  };
+  auto dated = [&](int64_t budget_ms) {
+    EngineRequest r = request("The capital of France is", 2);
+    r.wait_budget_us = budget_ms * 1000;
+    return r;
+  };
+  auto refusal = [&](EngineRequest r) {
+    auto h = e.submit(std::move(r), [](EngineOutput&&) {});
+    return h.ok() ? ok_status() : h.status();
+  };
+  auto drain = [&] {  // a handoff's output comes before its slot is back
+    for (int i = 0; i < 200 && e.metrics().prefill_slots_in_use > 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_EQ(e.metrics().prefill_slots_in_use, 0);
+  };
+
+  // The slot is held; requests due in 1 s (U) and in 60 s are refused, both with a full prefill.
+  std::promise<EngineOutput> first_last;
+  auto first = e.submit(request("Once upon a time, in a small village,", 2), [&](EngineOutput&& out) {
+    if (out.finished) first_last.set_value(std::move(out));
+  });
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(refusal(dated(1000)).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(refusal(dated(60'000)).code(), StatusCode::kResourceExhausted);
+  EngineOutput out = first_last.get_future().get();
+  ASSERT_TRUE(e.release_handoff(out.handoff->kv.ref()).ok());
+  drain();
+
+  // Free, but kept for U: the later one is refused, naming why; a request with no deadline is not
+  // held back.
+  now_ms += 5;
+  Status st = refusal(dated(60'000));
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("nearer its time-to-first-token deadline"), std::string::npos)
+      << st.to_string();
+  EXPECT_EQ(e.metrics().priority_refusals_total, 1);
+  EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
+  run_to_handoff(request("Water boils at a temperature of", 2));
+  drain();
+  // Anyone due sooner than U may take it; U is still waiting, so the slot after is kept too.
+  run_to_handoff(dated(500));
+  drain();
+  EXPECT_EQ(refusal(dated(60'000)).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(e.metrics().priority_refusals_total, 2);
+  // U retries (its deadline one tie's width later, as a network delay moves it): it takes the
+  // slot, and the priority ends with it.
+  now_ms += 10;
+  run_to_handoff(dated(1000 - 15 + kDeadlineTieMs));
+  drain();
+  run_to_handoff(dated(60'000));
+  drain();
+
+  // A priority lapses when its request stops asking (placed elsewhere, or out of budget).
+  std::promise<EngineOutput> hold_last;
+  ASSERT_TRUE(e.submit(request("The quick brown fox", 2), [&](EngineOutput&& o2) {
+                 if (o2.finished) hold_last.set_value(std::move(o2));
+               }).ok());
+  EXPECT_EQ(refusal(dated(1000)).code(), StatusCode::kResourceExhausted);
+  out = hold_last.get_future().get();
+  ASSERT_TRUE(e.release_handoff(out.handoff->kv.ref()).ok());
+  drain();
+  now_ms += 15;
+  EXPECT_EQ(refusal(dated(60'000)).code(), StatusCode::kResourceExhausted);  // within the window
+  EXPECT_EQ(e.metrics().priority_refusals_total, 3);
+  now_ms += 1;
+  run_to_handoff(dated(60'000));
+
+  // A gateway offers its most urgent request first: once a request of the noted one's queue
+  // asks, that one has gone (placed elsewhere), so the queue takes the slot and the priority ends.
+  auto queued = [&](int64_t budget_ms, uint64_t queue) {
+    EngineRequest r = dated(budget_ms);
+    r.wait_queue = queue;
+    return r;
+  };
+  std::promise<EngineOutput> hold2_last;
+  ASSERT_TRUE(e.submit(request("The quick brown fox", 2), [&](EngineOutput&& o2) {
+                 if (o2.finished) hold2_last.set_value(std::move(o2));
+               }).ok());
+  EXPECT_EQ(refusal(queued(1000, 7)).code(), StatusCode::kResourceExhausted);
+  out = hold2_last.get_future().get();
+  ASSERT_TRUE(e.release_handoff(out.handoff->kv.ref()).ok());
+  drain();
+  EXPECT_EQ(refusal(queued(60'000, 9)).code(), StatusCode::kResourceExhausted);  // another queue
+  EXPECT_EQ(e.metrics().priority_refusals_total, 4);
+  run_to_handoff(queued(60'000, 7));
+  drain();
+  run_to_handoff(queued(60'000, 9));
+}
+
+// With several slots free, the priority keeps one for the noted request; the others go to anyone.
+TEST_F(EngineTest, DeadlinePriorityKeepsOneSlotNotAll) {
+  KvTransportOptions to;
+  to.pool_capacity_bytes = uint64_t{16} << 20;
+  to.prefault_pool = false;
+  auto t = make_transport(TransportKind::kInproc, to);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  const auto fixed = std::chrono::steady_clock::time_point(std::chrono::seconds(1000));
+  EngineOptions o = options();
+  o.role = EngineRole::kPrefill;
+  o.prefill_slots = 2;
+  o.kv_send = t->pool.get();
+  o.clock = [fixed] { return fixed; };
+  Engine e(*model_, *tokenizer_, *pool_, o);
+  auto dated = [&](int64_t budget_ms) {
+    EngineRequest r = request("The capital of France is", 2);
+    r.wait_budget_us = budget_ms * 1000;
+    return r;
+  };
+  // Holds both slots until their handoffs come, then frees them.
+  std::vector<KvBufferRef> held;
+  std::mutex mu;
+  std::condition_variable cv;
+  auto holding_sink = [&](EngineOutput&& out) {
+    if (!out.finished || !out.handoff) return;
+    std::lock_guard<std::mutex> lock(mu);
+    held.push_back(out.handoff->kv.ref());
+    cv.notify_all();
+  };
+  auto wait_held = [&](size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return held.size() >= n; }));
+  };
+  ASSERT_TRUE(e.submit(request("Water boils at a temperature of", 2), holding_sink).ok());
+  ASSERT_TRUE(e.submit(request("The quick brown fox", 2), holding_sink).ok());
+  EXPECT_EQ(e.submit(dated(1000), [](EngineOutput&&) {}).status().code(), StatusCode::kResourceExhausted);
+  wait_held(2);
+  for (const KvBufferRef& kv : held) ASSERT_TRUE(e.release_handoff(kv).ok());
+  held.clear();
+  ASSERT_TRUE(e.submit(dated(60'000), holding_sink).ok());  // two free: one may go
+  auto kept = e.submit(dated(60'000), [](EngineOutput&&) {});
+  ASSERT_FALSE(kept.ok());
+  EXPECT_EQ(e.metrics().priority_refusals_total, 1);
+  ASSERT_TRUE(e.submit(dated(1000), holding_sink).ok());  // the noted one takes the kept slot
+  wait_held(2);
+  for (const KvBufferRef& kv : held) ASSERT_TRUE(e.release_handoff(kv).ok());
 }
 
 }  // namespace

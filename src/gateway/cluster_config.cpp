@@ -130,14 +130,23 @@ bool valid_name(std::string_view s) {
 enum class FlagType { kInteger, kString, kBoolean };
 const std::map<std::string, FlagType, std::less<>>& engine_keys() {
   static const std::map<std::string, FlagType, std::less<>> keys = {
-      {"threads", FlagType::kInteger},          {"kv_cache_memory", FlagType::kString},
-      {"block_size", FlagType::kInteger},       {"max_running", FlagType::kInteger},
-      {"max_waiting", FlagType::kInteger},      {"step_token_budget", FlagType::kInteger},
-      {"max_context", FlagType::kInteger},      {"no_prefix_caching", FlagType::kBoolean},
-      {"prefill_slots", FlagType::kInteger},    {"decode_pending", FlagType::kInteger},
-      {"handoff_lease_ms", FlagType::kInteger}, {"http_threads", FlagType::kInteger},
-      {"kv_listen", FlagType::kString},         {"device", FlagType::kString},
-      {"kv_send_memory", FlagType::kString},    {"kv_layer_wise", FlagType::kBoolean},
+      {"threads", FlagType::kInteger},
+      {"kv_cache_memory", FlagType::kString},
+      {"block_size", FlagType::kInteger},
+      {"max_running", FlagType::kInteger},
+      {"max_waiting", FlagType::kInteger},
+      {"step_token_budget", FlagType::kInteger},
+      {"max_context", FlagType::kInteger},
+      {"no_prefix_caching", FlagType::kBoolean},
+      {"prefill_slots", FlagType::kInteger},
+      {"decode_pending", FlagType::kInteger},
+      {"handoff_lease_ms", FlagType::kInteger},
+      {"http_threads", FlagType::kInteger},
+      {"kv_listen", FlagType::kString},
+      {"device", FlagType::kString},
+      {"kv_send_memory", FlagType::kString},
+      {"kv_layer_wise", FlagType::kBoolean},
+      {"deadline_priority_ms", FlagType::kInteger},
   };
   return keys;
 }

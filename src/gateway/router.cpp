@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iterator>
 #include <numeric>
 #include <optional>
 
@@ -60,7 +61,8 @@ Router::Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, 
       options_(options),
       prefill_open_(prefills_.size(), 0),
       prefill_queues_(prefills_.size()),
-      decode_open_(decodes_.size(), 0) {
+      decode_open_(decodes_.size(), 0),
+      queue_id_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32) | 1) {
   PD_CHECK_MSG(!prefills_.empty() && !decodes_.empty(), "a router needs at least one prefill and one decode");
   for (Instance* e : prefills_) PD_CHECK(e->role() == EngineRole::kPrefill);
   for (Instance* e : decodes_) PD_CHECK(e->role() == EngineRole::kDecode);
@@ -134,10 +136,10 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the gateway is shutting down");
     ++requests_total_;
-    // First come, first served: nobody overtakes requests already waiting (baseline: the
-    // prefill's own queue, checked in try_place()).
+    // Nobody overtakes requests already waiting that are due no later (baseline: first come,
+    // first served in the prefill's own queue, checked in try_place()).
     queue_first = options_.admission == AdmissionPolicy::kOnDemand && (!waiting_.empty() || dispatching_);
-    if (queue_first) waiting_.push_back(f);
+    if (queue_first) insert_waiting_locked(f);
   }
   if (queue_first) {
     notify_capacity();
@@ -147,11 +149,21 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
   return out;
 }
 
+void Router::insert_waiting_locked(const std::shared_ptr<Flight>& f) {
+  // Behind every request due no later (first come, first served among equal budgets).
+  auto at =
+      std::upper_bound(waiting_.begin(), waiting_.end(), f->deadline,
+                       [](Clock::time_point d, const std::shared_ptr<Flight>& w) { return d < w->deadline; });
+  waiting_.insert(at, f);
+}
+
 void Router::park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stop_) {
-      if (front) {
+      if (&queue == &waiting_) {
+        insert_waiting_locked(f);
+      } else if (front) {
         queue.push_front(f);
       } else {
         queue.push_back(f);
@@ -234,14 +246,22 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     }
     order.assign(1, static_cast<size_t>(f->assigned));
   }
+  EngineRequest request = f->request;
+  if (options_.admission == AdmissionPolicy::kOnDemand) request.wait_queue = queue_id_;
   for (size_t idx : order) {
+    if (options_.admission == AdmissionPolicy::kOnDemand) {
+      // What is left of its budget, as of this offer: a prefill favours the most urgent of the
+      // requests it refused.
+      request.wait_budget_us = std::max<int64_t>(
+          0, std::chrono::duration_cast<std::chrono::microseconds>(f->deadline - Clock::now()).count());
+    }
     {
       // NOTE: counted before submit(): the engine may call the sink before submit() returns.
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_open_[idx];
     }
     auto sink = [this, f, idx](EngineOutput&& o) { on_prefill_output(f, idx, std::move(o)); };
-    auto accepted = prefills_[idx]->submit(f->request, std::move(sink), f->handle);
+    auto accepted = prefills_[idx]->submit(request, std::move(sink), f->handle);
     if (accepted.ok()) return true;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -536,7 +556,7 @@ void Router::loop() {
         continue;
       }
       if (blocked || !try_place(f, /*queued=*/true)) {
-        blocked = true;  // first come, first served: the rest wait behind it
+        blocked = true;  // the rest are due later: they wait behind it
         keep_waiting.push_back(f);
       }
     }
@@ -559,7 +579,14 @@ void Router::loop() {
     }
     std::lock_guard<std::mutex> lock(mu_);
     dispatching_ = false;
-    waiting_.insert(waiting_.begin(), keep_waiting.begin(), keep_waiting.end());
+    // Both in deadline order; among equals, those that waited here first.
+    std::deque<std::shared_ptr<Flight>> merged;
+    std::merge(keep_waiting.begin(), keep_waiting.end(), waiting_.begin(), waiting_.end(),
+               std::back_inserter(merged),
+               [](const std::shared_ptr<Flight>& a, const std::shared_ptr<Flight>& b) {
+                 return a->deadline < b->deadline;
+               });
+    waiting_.swap(merged);
     to_decode_.insert(to_decode_.begin(), keep_decode.begin(), keep_decode.end());
     for (size_t i = 0; i < keep_queues.size(); ++i) {
       prefill_queues_[i].insert(prefill_queues_[i].begin(), keep_queues[i].begin(), keep_queues[i].end());

@@ -3,9 +3,13 @@
 //
 // On-demand forwarding: a request is offered to the prefills one after another, ranked by their
 // open streams (fewest first); the first with a free slot takes it, a full one refuses at once
-// (prefills keep no queue). When none accepts, the request waits here, first come first served,
-// within its TTFT budget (a base plus a per-prompt-token allowance); capacity freed anywhere
-// (a prefill slot, a decode pending place) retries the waiting requests in order. A request still
+// (prefills keep no queue). When none accepts, the request waits here within its TTFT budget (a
+// base plus a per-prompt-token allowance), the one due first ahead (first come, first served
+// among equal budgets); capacity freed anywhere (a prefill slot, a decode pending place) retries
+// the waiting requests in that order. Each offer tells the prefill what is left of the budget
+// and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that refused
+// requests of several gateways keeps its next free slot for the most urgent of them
+// (EngineOptions::deadline_priority_ms). A request still
 // waiting when its budget runs out ends with a DEADLINE_EXCEEDED error that names the scenario
 // and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
 //
@@ -115,6 +119,8 @@ class Router : public GenerationBackend {
   void end_locked(Flight& f, EngineOutput&& last);
   void end(const std::shared_ptr<Flight>& f, EngineOutput&& last);
   void end_cancelled(const std::shared_ptr<Flight>& f);
+  // On-demand: puts `f` into waiting_ behind every request due no later. Holds mu_.
+  void insert_waiting_locked(const std::shared_ptr<Flight>& f);
   // Holds an unplaced request: at the gateway (on-demand) or in its prefill's queue (baseline).
   void hold(const std::shared_ptr<Flight>& f, bool front = false);
   // Holds a request here for the router thread (or ends it "cancelled" once stopped).
@@ -127,7 +133,7 @@ class Router : public GenerationBackend {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::shared_ptr<Flight>> waiting_;    // guarded by mu_: no prefill yet
+  std::deque<std::shared_ptr<Flight>> waiting_;    // guarded by mu_: no prefill yet, by deadline
   std::deque<std::shared_ptr<Flight>> to_decode_;  // guarded by mu_: handed off, no decode yet
   std::vector<int32_t> prefill_open_;              // guarded by mu_: open streams per prefill
   // guarded by mu_: baseline admission, the requests queued for each prefill. Sized once: its
@@ -135,7 +141,8 @@ class Router : public GenerationBackend {
   std::vector<std::deque<std::shared_ptr<Flight>>> prefill_queues_;
   std::minstd_rand tie_rng_{std::random_device{}()};  // guarded by mu_: baseline ties
   std::vector<int32_t> decode_open_;                  // guarded by mu_: requests per decode
-  bool retry_ = false;                                // guarded by mu_
+  const uint64_t queue_id_;            // names waiting_ to prefills (EngineRequest::wait_queue); never 0
+  bool retry_ = false;                 // guarded by mu_
   bool dispatching_ = false;           // guarded by mu_: the router thread holds the queues' contents
   bool stop_ = false;                  // guarded by mu_
   int64_t requests_total_ = 0;         // guarded by mu_

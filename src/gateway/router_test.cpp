@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "engine/test_model.h"
@@ -463,6 +464,92 @@ TEST_F(RouterTest, BaselineAdmissionQueuesPerPrefillWithoutABudget) {
   EXPECT_EQ(c.router->metrics().gateway_timeouts_total, 0);
   for (auto& p : c.prefills) EXPECT_GT(p->metrics().handoffs_total, 0) << "both prefills take requests";
   c.expect_idle();
+}
+
+// An instance that records what it is offered and accepts only while open (never answers).
+class ScriptedInstance : public Instance {
+ public:
+  explicit ScriptedInstance(EngineRole role) : role_(role) {}
+  int32_t max_context() const override { return 4096; }
+  int64_t max_sequence_tokens() const override { return 4096; }
+  Status validate(const EngineRequest&) const override { return ok_status(); }
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink,
+                                                  std::shared_ptr<RequestHandle> handle) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!open_) return resource_exhausted("closed");
+    accepted_.push_back(std::move(request));
+    return handle;
+  }
+  EngineMetrics metrics() const override { return {}; }
+  EngineRole role() const override { return role_; }
+  StatusOr<std::shared_ptr<RequestHandle>> submit_handoff(EngineRequest, const EngineHandoff&, OutputSink,
+                                                          PulledCallback,
+                                                          std::shared_ptr<RequestHandle>) override {
+    return resource_exhausted("closed");
+  }
+  Status release_handoff(const KvBufferRef&) override { return ok_status(); }
+
+  void open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+  }
+  std::vector<EngineRequest> accepted() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return accepted_;
+  }
+
+ private:
+  const EngineRole role_;
+  mutable std::mutex mu_;
+  bool open_ = false;
+  std::vector<EngineRequest> accepted_;
+};
+
+// Requests waiting at the gateway are offered in the order of their deadlines (a per-token
+// budget gives a long prompt more time, so a short one that came later goes first), each with
+// what is left of its budget; the baseline sends no budget.
+TEST(RouterOrderTest, WaitingRequestsGoByDeadlineWithTheirBudgetLeft) {
+  for (AdmissionPolicy policy : {AdmissionPolicy::kOnDemand, AdmissionPolicy::kBaseline}) {
+    SCOPED_TRACE(policy == AdmissionPolicy::kOnDemand ? "on-demand" : "baseline");
+    ScriptedInstance prefill(EngineRole::kPrefill), decode(EngineRole::kDecode);
+    RouterOptions ro;
+    ro.admission = policy;
+    ro.ttft_budget_ms = 10'000;
+    ro.ttft_budget_ms_per_token = 100;
+    Router router({&prefill}, {&decode}, ro);
+    auto prompt = [](int32_t n, int32_t tag) {
+      EngineRequest r;
+      r.prompt.assign(static_cast<size_t>(n), tag);
+      return r;
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(router.submit(prompt(50, 1), [](EngineOutput&&) {}).ok());  // due in 15 s
+    ASSERT_TRUE(router.submit(prompt(2, 2), [](EngineOutput&&) {}).ok());   // due in 10.2 s
+    ASSERT_TRUE(router.submit(prompt(50, 3), [](EngineOutput&&) {}).ok());  // due in 15 s, after the first
+    prefill.open();
+    router.notify_capacity();
+    std::vector<EngineRequest> got;
+    for (int i = 0; i < 400 && (got = prefill.accepted()).size() < 3; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_EQ(got.size(), 3u);
+    const int64_t waited_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
+    if (policy == AdmissionPolicy::kBaseline) {
+      for (int k = 0; k < 3; ++k) {
+        EXPECT_EQ(got[static_cast<size_t>(k)].prompt[0], k + 1);  // first come, first served
+        EXPECT_EQ(got[static_cast<size_t>(k)].wait_budget_us, -1);
+      }
+    } else {
+      EXPECT_EQ(got[0].prompt[0], 2);
+      EXPECT_EQ(got[1].prompt[0], 1);
+      EXPECT_EQ(got[2].prompt[0], 3);
+      EXPECT_LE(got[0].wait_budget_us, 10'200'000);
+      EXPECT_GE(got[0].wait_budget_us, 10'200'000 - waited_us);
+      EXPECT_LE(got[1].wait_budget_us, 15'000'000);
+      EXPECT_GE(got[1].wait_budget_us, 15'000'000 - waited_us);
+    }
+    router.stop();
+  }
 }
 
 }  // namespace

@@ -12,7 +12,13 @@ base + per-token x prompt tokens, under the two admission policies the router im
   lowest index instead (independent gateways then all pick the same prefill).
 - on-demand: requests wait at the gateway, first come first served, for whichever prefill frees
   first; one still waiting when its budget (base + per-token x prompt tokens) runs out is dropped
-  and counts as a failure — `AdmissionPolicy::kOnDemand`.
+  and counts as a failure — `AdmissionPolicy::kOnDemand`. That is one gateway with instant
+  retries. With --gateways G > 1 the model also runs what G gateways do: requests arrive at them
+  in turn, each holds its own in deadline order and offers them on arrival and every --tick
+  seconds (its own phase), and a freed slot goes to whichever gateway asks first ("on-demand, G
+  gateways"); and the same with each prefill's deadline priority (`--deadline-priority-ms` of
+  `pdserve instance`: for that long after refusing a request, a free slot is kept for the most
+  urgent refused one or its gateway).
 
 The model leaves out the decode, the KV transfer and every overhead; prefill time is linear in
 the prompt. It answers "which loads and mixes can separate the two policies at all", not what the
@@ -23,7 +29,9 @@ system measures.
                                         the worst the baseline does there
 """
 import argparse
+import bisect
 import collections
+import heapq
 import random
 
 
@@ -70,6 +78,67 @@ def on_demand(reqs, c, sec_per_token, slo, budget):
     return ok / len(reqs)
 
 
+def on_demand_gateways(reqs, c, sec_per_token, slo, budget, gateways, tick, priority, seed=3):
+    """On-demand admission through `gateways` gateways that retry every `tick` s; `priority`: the
+    prefills' deadline-priority window in seconds (0: none)."""
+    rng = random.Random(seed)
+    tie = 0.002  # kDeadlineTieMs
+    free_at = [0.0] * c
+    noted = [None] * c  # per prefill: (deadline, last refused at, gateway) of the most urgent refused
+    queues = [[] for _ in range(gateways)]
+    due = [a + budget(t) for a, t in reqs]
+    ok = 0
+    events = [(a, 0, i) for i, (a, _) in enumerate(reqs)]
+    events += [(rng.random() * tick, 1, g) for g in range(gateways)]
+    heapq.heapify(events)
+    end = reqs[-1][0] + 100.0
+
+    def offer(now, i, g):  # True/False: placed (meets the SLO or not); None: every prefill refused
+        arrival, tokens = reqs[i]
+        for k in range(c):  # in a fixed order (the router ranks by its own open streams)
+            n = noted[k]
+            fresh = n is not None and now - n[1] <= priority
+            if free_at[k] > now:  # full: the prefill notes the request (Engine::note_refused_locked)
+                if priority > 0 and (not fresh or due[i] < n[0] - tie):
+                    noted[k] = (due[i], now, g)
+                elif priority > 0 and due[i] <= n[0] + tie:
+                    noted[k] = (n[0], now, n[2])  # the noted one again
+                continue
+            if fresh and n[2] != g and due[i] > n[0] + tie:
+                continue  # its one slot is kept for the noted request
+            if fresh and (n[2] == g or due[i] >= n[0] - tie):
+                noted[k] = None
+            free_at[k] = now + tokens * sec_per_token
+            return free_at[k] - arrival <= slo(tokens)
+        return None
+
+    while events:
+        now, kind, x = heapq.heappop(events)
+        if now > end:
+            break
+        if kind == 0:  # an arrival at gateway x % gateways
+            g = x % gateways
+            placed = None if queues[g] else offer(now, x, g)
+            if placed is None:
+                bisect.insort(queues[g], (due[x], x))
+            else:
+                ok += placed
+            continue
+        q = queues[x]  # gateway x's retry: its requests in deadline order, until one is refused
+        while q:
+            d, i = q[0]
+            if now - reqs[i][0] > budget(reqs[i][1]):
+                q.pop(0)  # dropped: budget expired
+                continue
+            placed = offer(now, i, x)
+            if placed is None:
+                break
+            ok += placed
+            q.pop(0)
+        heapq.heappush(events, (now + tick, 1, x))
+    return ok / len(reqs)
+
+
 def run(args, rate, long_share, short_tokens, long_tokens, slo_base, slo_per_token):
     def slo(t):
         return slo_base + slo_per_token * t
@@ -94,8 +163,17 @@ def compare(args):
     for load in args.loads:
         rate = args.rate_a * load
         b, o = run(args, rate, args.long_share, short, long_, args.slo_ms / 1e3, args.slo_ms_per_token / 1e3)
-        print(f"load {load:g}A ({rate:.2f} req/s, utilisation {rate / capacity:.0%}): "
-              f"baseline {b:.1%}, on-demand {o:.1%}")
+        line = (f"load {load:g}A ({rate:.2f} req/s, utilisation {rate / capacity:.0%}): "
+                f"baseline {b:.1%}, on-demand {o:.1%}")
+        if args.gateways > 1:
+            reqs = workload(rate, args.n, args.long_share, short, long_, args.seed)
+            slo = lambda t: args.slo_ms / 1e3 + args.slo_ms_per_token / 1e3 * t  # noqa: E731
+            budget = lambda t: args.budget_ms / 1e3 + args.budget_ms_per_token / 1e3 * t  # noqa: E731
+            g = [on_demand_gateways(reqs, args.prefills, args.sec_per_token, slo, budget, args.gateways,
+                                    args.tick, p) for p in (0.0, args.deadline_priority_ms / 1e3)]
+            line += (f"; on-demand through {args.gateways} gateways {g[0]:.1%}, with deadline priority "
+                     f"{g[1]:.1%}")
+        print(line)
 
 
 def scan(args):
@@ -125,7 +203,8 @@ def main():
     p.add_argument("mode", choices=["compare", "scan"])
     p.add_argument("--prefills", type=int, default=2, help="prefill instances, one slot each (2)")
     p.add_argument("--gateways", type=int, default=1,
-                   help="baseline gateways that do not share their stream counts (1)")
+                   help="gateways that do not share their stream counts (baseline) or their queues "
+                        "(on-demand, with G > 1) (1)")
     p.add_argument("--ties", choices=["index", "random"], default="random",
                    help="baseline: among prefills of equal count, a random one (as the router) or the "
                         "lowest index")
@@ -143,7 +222,19 @@ def main():
     p.add_argument("--slo-ms", type=float, default=1000)
     p.add_argument("--slo-ms-per-token", type=float, default=3)
     p.add_argument("--top", type=int, default=12, help="scan: rows to print (12)")
+    p.add_argument("--tick", type=float, default=0.010, help="compare, G gateways: their retry period, s (0.010)")
+    p.add_argument("--deadline-priority-ms", type=float, default=15,
+                   help="compare, G gateways: the prefills' deadline-priority window (15)")
+    p.add_argument("--budget-ms", type=float, default=None,
+                   help="compare, G gateways: the gateways' budget base (default: the SLO's)")
+    p.add_argument("--budget-ms-per-token", type=float, default=None,
+                   help="compare, G gateways: the budget per prompt token (default: the SLO's less the "
+                        "prefill's own time)")
     args = p.parse_args()
+    if args.budget_ms is None:
+        args.budget_ms = args.slo_ms
+    if args.budget_ms_per_token is None:
+        args.budget_ms_per_token = max(0.0, args.slo_ms_per_token - args.sec_per_token * 1e3)
     compare(args) if args.mode == "compare" else scan(args)
 
 
