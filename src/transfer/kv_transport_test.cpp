@@ -392,6 +392,30 @@ TEST_P(LayerWiseTest, EachLayerLandsAsItIsPublishedThenTheFirstToken) {
   ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
 }
 
+// A layer-wise buffer is committed before the prefill pass that writes it: each progress renews
+// its lease, so a long pass does not lose it; a writer that falls silent does.
+TEST_P(LayerWiseTest, EachProgressRenewsTheLease) {
+  std::atomic<int64_t> now_ms{1000};
+  options_.lease_ms = 500;
+  options_.clock_ms = [&now_ms] { return now_ms.load(); };
+  SetUp();
+  Scenario s(34);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
+  ASSERT_TRUE(send.ok()) << send.status().to_string();
+  for (int32_t l = 0; l < s.layout.num_layers; ++l) {
+    now_ms += 400;  // each layer takes most of a lease
+    ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, l).ok()) << "layer " << l;
+    EXPECT_EQ(transport_.pool->reclaim_expired(), 0);
+  }
+  now_ms += 499;
+  EXPECT_EQ(transport_.pool->reclaim_expired(), 0);
+  now_ms += 1;
+  EXPECT_EQ(transport_.pool->reclaim_expired(), 1);
+  EXPECT_EQ(transport_.pool->publish_progress(send->handle.ref(), s.layout.num_layers, 7).code(),
+            StatusCode::kDeadlineExceeded);
+  transport_ = {};  // before the clock it reads goes out of scope
+}
+
 TEST_P(LayerWiseTest, ABufferGivenUpFailsThePullWaitingOnIt) {
   Scenario s(32);
   StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
