@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "common/check.h"
 #include "engine/test_model.h"
 #include "kernels/gumbel.h"
 #include "kernels/truncation.h"
@@ -35,6 +36,23 @@ class EngineTest : public ::testing::Test {
     o.block_size = 16;
     o.step_token_budget = 256;
     o.max_running = 64;
+    return o;
+  }
+
+  // An in-process KV send pool of `capacity` bytes for a prefill engine.
+  static KvTransport send_pool(uint64_t capacity = uint64_t{16} << 20) {
+    KvTransportOptions to;
+    to.pool_capacity_bytes = capacity;
+    to.prefault_pool = false;
+    StatusOr<KvTransport> t = make_transport(TransportKind::kInproc, to);
+    PD_CHECK_MSG(t.ok(), t.status().message().c_str());
+    return std::move(t).value();
+  }
+  static EngineOptions prefill_options(KvSendPool& pool, int32_t slots) {
+    EngineOptions o = options();
+    o.role = EngineRole::kPrefill;
+    o.prefill_slots = slots;
+    o.kv_send = &pool;
     return o;
   }
 
@@ -332,15 +350,8 @@ TEST_F(EngineTest, RejectsWhatCanNeverRunAndAFullQueue) {
 // the usual final handoff naming the same buffer; and a release that comes while the buffer is
 // still being written (a decode that gave up) ends the request "cancelled", freeing everything.
 TEST_F(EngineTest, LayerWisePrefillHandsOffEarlyAndHonoursAReleaseWhileWriting) {
-  KvTransportOptions to;
-  to.pool_capacity_bytes = uint64_t{16} << 20;
-  to.prefault_pool = false;
-  auto t = make_transport(TransportKind::kInproc, to);
-  ASSERT_TRUE(t.ok()) << t.status().to_string();
-  EngineOptions o = options();
-  o.role = EngineRole::kPrefill;
-  o.prefill_slots = 2;
-  o.kv_send = t->pool.get();
+  KvTransport t = send_pool();
+  EngineOptions o = prefill_options(*t.pool, 2);
   o.layer_wise_kv = true;
   Engine e(*model_, *tokenizer_, *pool_, o);
   for (bool release_early : {false, true}) {
@@ -381,9 +392,9 @@ TEST_F(EngineTest, LayerWisePrefillHandsOffEarlyAndHonoursAReleaseWhileWriting) 
     EXPECT_EQ(m.prefill_slots_in_use, 0);
     EXPECT_EQ(m.handoffs_outstanding, 0);
     // A given-up buffer is released just after the request's last output.
-    for (int i = 0; i < 200 && t->pool->stats().buffers_in_use > 0; ++i)
+    for (int i = 0; i < 200 && t.pool->stats().buffers_in_use > 0; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    EXPECT_EQ(t->pool->stats().buffers_in_use, 0);
+    EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
   }
   EngineMetrics m = e.metrics();
   EXPECT_EQ(m.handoffs_total, 1);
@@ -398,16 +409,9 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   const uint64_t token_bytes = static_cast<uint64_t>(model_->config().kv_bytes_per_token(2));  // f16 K and V
   EngineRequest first = request("Once upon a time, in a small village,", 4);
   const uint64_t one_message = kKvWireHeaderBytes + token_bytes * first.prompt.size();
-  KvTransportOptions to;
-  to.pool_capacity_bytes = kv_send_buffer_bytes(one_message);  // room for the first prompt only
-  to.prefault_pool = false;
-  auto t = make_transport(TransportKind::kInproc, to);
-  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  KvTransport t = send_pool(kv_send_buffer_bytes(one_message));  // room for the first prompt only
   std::atomic<int> capacity_calls{0};
-  EngineOptions o = options();
-  o.role = EngineRole::kPrefill;
-  o.prefill_slots = 2;
-  o.kv_send = t->pool.get();
+  EngineOptions o = prefill_options(*t.pool, 2);
   o.on_capacity = [&] { ++capacity_calls; };
   Engine e(*model_, *tokenizer_, *pool_, o);
 
@@ -422,7 +426,7 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   Handoff a;
   ASSERT_TRUE(e.submit(std::move(first), a.sink()).ok());
   // Taken at acceptance, before the prefill pass.
-  EXPECT_EQ(t->pool->stats().buffers_in_use, 1);
+  EXPECT_EQ(t.pool->stats().buffers_in_use, 1);
   EngineOutput a_last = a.last.get_future().get();
   ASSERT_EQ(a_last.finish_reason, "handoff") << a_last.error.to_string();
   ASSERT_TRUE(a_last.handoff.has_value());
@@ -437,7 +441,7 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
       << refused.status().to_string();
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
   EXPECT_EQ(capacity_calls.load(), calls_before);  // a refusal frees nothing a router could use
-  EXPECT_EQ(t->pool->stats().buffers_in_use, 1);
+  EXPECT_EQ(t.pool->stats().buffers_in_use, 1);
 
   // Once the decode has the first KV, the second is accepted and handed off.
   ASSERT_TRUE(e.release_handoff(a_last.handoff->kv.ref()).ok());
@@ -451,24 +455,17 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   ASSERT_TRUE(e.submit(request("The capital of France is", 1), c.sink()).ok());
   EXPECT_EQ(c.last.get_future().get().finish_reason, "length");
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
-  EXPECT_EQ(t->pool->stats().buffers_in_use, 0);
+  EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
 }
 
 // Deadline priority: a prefill that refused a request with a deadline keeps its next free slot
 // for it (or anyone due sooner, or its gateway queue) for deadline_priority_ms; the request
 // itself, retried, takes it and ends the priority; it lapses when that request stops asking.
 TEST_F(EngineTest, PrefillKeepsAFreeSlotForTheMostUrgentRequestItRefused) {
-  KvTransportOptions to;
-  to.pool_capacity_bytes = uint64_t{16} << 20;
-  to.prefault_pool = false;
-  auto t = make_transport(TransportKind::kInproc, to);
-  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  KvTransport t = send_pool();
   using Clock = std::chrono::steady_clock;
   std::atomic<int64_t> now_ms{1'000'000};
-  EngineOptions o = options();
-  o.role = EngineRole::kPrefill;
-  o.prefill_slots = 1;
-  o.kv_send = t->pool.get();
+  EngineOptions o = prefill_options(*t.pool, 1);
   o.deadline_priority_ms = 15;
   o.clock = [&] { return Clock::time_point(std::chrono::milliseconds(now_ms.load())); };
   Engine e(*model_, *tokenizer_, *pool_, o);
@@ -574,16 +571,9 @@ TEST_F(EngineTest, PrefillKeepsAFreeSlotForTheMostUrgentRequestItRefused) {
 
 // With several slots free, the priority keeps one for the noted request; the others go to anyone.
 TEST_F(EngineTest, DeadlinePriorityKeepsOneSlotNotAll) {
-  KvTransportOptions to;
-  to.pool_capacity_bytes = uint64_t{16} << 20;
-  to.prefault_pool = false;
-  auto t = make_transport(TransportKind::kInproc, to);
-  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  KvTransport t = send_pool();
   const auto fixed = std::chrono::steady_clock::time_point(std::chrono::seconds(1000));
-  EngineOptions o = options();
-  o.role = EngineRole::kPrefill;
-  o.prefill_slots = 2;
-  o.kv_send = t->pool.get();
+  EngineOptions o = prefill_options(*t.pool, 2);
   o.clock = [fixed] { return fixed; };
   Engine e(*model_, *tokenizer_, *pool_, o);
   auto dated = [&](int64_t budget_ms) {
