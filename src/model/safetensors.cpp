@@ -335,7 +335,13 @@ std::vector<const SafetensorsTensor*> HfCheckpoint::tensors() const {
 
 int64_t HfCheckpoint::num_parameters() const {
   int64_t n = 0;
-  for (const SafetensorsTensor* t : tensors()) n += t->num_elements();
+  for (const SafetensorsTensor* t : tensors()) {
+    // Not parameters: rotary tables some checkpoints store as buffers, and a stored copy of a
+    // tied output head (the embedding, counted once).
+    if (t->name.ends_with(".inv_freq")) continue;
+    if (config_.tied_embeddings && t->name == "lm_head.weight") continue;
+    n += t->num_elements();
+  }
   return n;
 }
 

@@ -78,7 +78,8 @@ class HfCheckpoint {
   const SafetensorsTensor* find(std::string_view name) const;
   // Every tensor of every shard, shard by shard.
   std::vector<const SafetensorsTensor*> tensors() const;
-  // Elements of every tensor in the shards (biases included; a tied output head is not stored).
+  // Elements of the parameters in the shards (biases included; not rotary `inv_freq` buffers,
+  // nor a stored `lm_head.weight` of a model whose output head is tied to its embedding).
   int64_t num_parameters() const;
   // Of config.json, every shard's header (and the first and last 64 KiB of its data) and the
   // tokenizer files present (tokenizer.json, tokenizer_config.json, chat_template.*).

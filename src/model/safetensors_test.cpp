@@ -152,6 +152,31 @@ TEST(HfConfig, RefusesWhatPdserveDoesNotComputeAndReadsTransformers5) {
   EXPECT_EQ(plain->rope_scaling.factor, 0.0f);
 }
 
+// Stored buffers and a stored copy of a tied head are not parameters.
+TEST(HfCheckpoint, CountsParametersOnly) {
+  for (bool tied : {true, false}) {
+    const auto dir = std::filesystem::temp_directory_path() /
+                     ("pdserve_hf_params_" + std::to_string(::getpid()) + (tied ? "_tied" : "_untied"));
+    std::filesystem::create_directories(dir);
+    std::string config = kLlama31Config;
+    const std::string untied = R"("tie_word_embeddings": false)";
+    ASSERT_NE(config.find(untied), std::string::npos);
+    if (tied) config.replace(config.find(untied), untied.size(), R"("tie_word_embeddings": true)");
+    std::ofstream(dir / "config.json") << config;
+    ASSERT_TRUE(
+        write_safetensors((dir / "model.safetensors").string(),
+                          {{"model.embed_tokens.weight", "F32", {2, 3}, bytes_of({1, 2, 3, 4, 5, 6})},
+                           {"lm_head.weight", "F32", {2, 3}, bytes_of({1, 2, 3, 4, 5, 6})},
+                           {"model.layers.0.self_attn.rotary_emb.inv_freq", "F32", {2}, bytes_of({1, 2})},
+                           {"model.norm.weight", "F32", {3}, bytes_of({1, 1, 1})}})
+            .ok());
+    auto ck = HfCheckpoint::open(dir.string());
+    ASSERT_TRUE(ck.ok()) << ck.status().to_string();
+    EXPECT_EQ((*ck)->num_parameters(), tied ? 9 : 15) << (tied ? "tied" : "untied");
+    std::filesystem::remove_all(dir);
+  }
+}
+
 TEST(HfCheckpoint, OpensShardsThroughTheIndex) {
   const auto dir = std::filesystem::temp_directory_path() / ("pdserve_hf_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
