@@ -195,6 +195,7 @@ struct GatewayArgs {
   std::vector<std::string> decodes;
   std::string internal_token;
   int connect_timeout_s = 60;
+  int stream_threads = 4;
   FrontOptions front{.command = "gateway"};
   RouterFlags router;
   CLI::App* cmd = nullptr;
@@ -278,6 +279,7 @@ StatusOr<ClusterConfig> gateway_cluster(GatewayArgs& a) {
   if (!given("--http-threads")) a.front.http_threads = c.gateway.http_threads;
   if (!given("--served-model-name")) a.front.served_model_name = c.gateway.served_model_name;
   if (!given("--connect-timeout")) a.connect_timeout_s = c.gateway.connect_timeout_s;
+  if (!given("--stream-threads")) a.stream_threads = c.gateway.stream_threads;
   if (given("--admission")) c.gateway.admission = a.router.admission;
   return c;
 }
@@ -300,6 +302,8 @@ int run_gateway(void* p) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(a.connect_timeout_s);
     RemoteInstanceOptions remote;
     remote.token = internal_token_or_env(a.internal_token);
+    // Every instance's streams on the same few threads, however many requests are open.
+    remote.reactor = std::make_shared<StreamReactor>(a.stream_threads);
     std::string transport = cluster->transport;
     std::string kv_dtype, kv_dtype_from;  // of the first instance that says
     std::vector<ScenarioGroup> groups;
@@ -436,6 +440,12 @@ void register_cluster_commands(CLI::App& app) {
                  "Seconds to wait for the instances to answer at start")
       ->capture_default_str()
       ->check(CLI::Range(0, 3600));
+  gw->add_option("--stream-threads", ga->stream_threads,
+                 "Threads that read the instances' event streams and relay them to clients, shared by "
+                 "every open request (a relay that calls another instance, such as a handoff, holds "
+                 "one for that round trip)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
   add_router_flags(*gw, ga->router);
   gw->callback([ga] { set_command_action(run_gateway, ga); });
 }

@@ -250,6 +250,7 @@ Status parse_gateway(const TomlValue& t, std::string_view source, GatewayConfig*
   PD_RETURN_IF_ERROR(r.string("host", &g->host));
   PD_RETURN_IF_ERROR(r.integer("port", 0, 65535, &g->port));
   PD_RETURN_IF_ERROR(r.integer("http_threads", 1, 256, &g->http_threads));
+  PD_RETURN_IF_ERROR(r.integer("stream_threads", 1, 256, &g->stream_threads));
   PD_RETURN_IF_ERROR(r.string("admission", &g->admission));
   if (g->admission != "on-demand" && g->admission != "baseline") {
     return r.error_at(*t.find("admission"), "admission",
@@ -259,7 +260,8 @@ Status parse_gateway(const TomlValue& t, std::string_view source, GatewayConfig*
   PD_RETURN_IF_ERROR(r.integer("connect_timeout_s", 0, 3600, &g->connect_timeout_s));
   PD_RETURN_IF_ERROR(r.string("served_model_name", &g->served_model_name));
   return r.unknown_keys(
-      "host, port, http_threads, admission, default_scenario, connect_timeout_s, served_model_name");
+      "host, port, http_threads, stream_threads, admission, default_scenario, connect_timeout_s, "
+      "served_model_name");
 }
 
 // Cross-checks: unique names and addresses, every instance in a known scenario, every scenario

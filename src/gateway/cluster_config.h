@@ -49,6 +49,7 @@ struct GatewayConfig {
   std::string host = "127.0.0.1";
   int port = 8000;
   int http_threads = 2;
+  int stream_threads = 4;               // read the instances' event streams and run their sinks
   std::string admission = "on-demand";  // or "baseline"
   std::string default_scenario;         // unlabelled requests; default: the first scenario
   int connect_timeout_s = 60;

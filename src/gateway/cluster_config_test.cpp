@@ -14,6 +14,7 @@ transport = "tcp"
 [gateway]
 port = 9000
 default_scenario = "chat"
+stream_threads = 8
 
 [instance_defaults]
 threads = 1
@@ -62,6 +63,7 @@ TEST(ClusterConfig, ParsesScenariosInstancesAndDefaults) {
   EXPECT_EQ(c->gateway.port, 9000);
   EXPECT_EQ(c->gateway.host, "127.0.0.1");
   EXPECT_EQ(c->gateway.admission, "on-demand");
+  EXPECT_EQ(c->gateway.stream_threads, 8);
   ASSERT_EQ(c->scenarios.size(), 2u);
   EXPECT_EQ(c->scenarios[0].name, "chat");
   EXPECT_EQ(c->scenarios[0].models, std::vector<std::string>{"chat"});
@@ -104,6 +106,7 @@ TEST(ClusterConfig, AFileWithOnlyInstancesServesOneDefaultScenario) {
   ASSERT_EQ(c->scenarios.size(), 1u);
   EXPECT_EQ(c->scenarios[0].name, "default");
   EXPECT_EQ(c->gateway.default_scenario, "default");
+  EXPECT_EQ(c->gateway.stream_threads, 4);
   EXPECT_EQ(c->transport, "shm");
 }
 
@@ -125,6 +128,8 @@ TEST(ClusterConfig, BadFilesFailWithTheLineAndKey) {
       {"transport = \"udp\"\n" + ok_instances, "transport: must be \"shm\""},
       {"[gateway]\nport = 70000\n" + ok_instances, "gateway.port: must be in [0, 65535], not 70000"},
       {"[gateway]\nadmission = \"fifo\"\n" + ok_instances, "gateway.admission"},
+      {"[gateway]\nstream_threads = 0\n" + ok_instances,
+       "gateway.stream_threads: must be in [1, 256], not 0"},
       {"[gateway]\ndefault_scenario = \"x\"\n" + ok_instances,
        "default_scenario \"x\" is not a [[scenario]]"},
       {"[[scenario]]\nname = \"a b\"\n" + ok_instances, "scenario[0].name: must be 1 to 64 characters"},

@@ -3,21 +3,24 @@
 //
 // submit() and submit_handoff() are try-accept calls: they return once the instance has accepted
 // (200) or refused (429 → kResourceExhausted, other errors as sent); an instance that cannot be
-// reached is kUnavailable, so the router asks the next one. An accepted request streams its
-// events on a thread of its own, which calls the sink (and on_pulled) in order. Cancelling the
-// request's handle closes the connection (the instance cancels it) and ends it "cancelled" here.
-// A stream that breaks before its final event (the instance died) ends with an error naming the
-// instance, within poll_interval of the break (a peer that vanishes without closing: within about
-// 10 s, by TCP keepalive). Control calls (stats, release) time out after connect_timeout.
+// reached is kUnavailable, so the router asks the next one. An accepted request's events are read
+// asynchronously by a StreamReactor's threads, shared by every stream (of every instance given the
+// same reactor), which call the sink (and on_pulled) in order — one stream's calls never overlap,
+// different streams' run side by side. Cancelling the request's handle closes the connection
+// within poll_interval (the instance cancels it) and ends it "cancelled" here. A stream that
+// breaks before its final event (the instance died) ends with an error naming the instance at
+// once (a peer that vanishes without closing: within about 10 s, by TCP keepalive). Control calls
+// (stats, release) time out after connect_timeout.
 //
 // A background thread reads the instance's stats every stats_interval: metrics() reports the
 // latest, and an instance that stops answering is marked down (submissions fail at once with
 // kUnavailable) until it answers again — a restarted instance rejoins by itself.
 //
-// NOTE: one thread per open stream keeps sinks free to make blocking calls to other instances;
-// an asynchronous client is the next step when a gateway holds thousands of streams.
+// NOTE: sinks run on the reactor's threads and may make blocking calls to other instances (a
+// handoff's try-accept, a release): each such call holds one thread for its round trip, so a
+// reactor has a few threads, not one per stream; the try-accepts themselves stay synchronous.
 // Thread-safety: every method is thread-safe. shutdown() before destroying the router that owns
-// the sinks.
+// the sinks; never from a sink.
 #pragma once
 
 #include <atomic>
@@ -35,12 +38,37 @@
 
 namespace pdserve {
 
+// The threads that read remote instances' event streams and run their sinks. Shared by the
+// instances of a gateway; it outlives them (they hold it).
+class StreamReactor {
+ public:
+  explicit StreamReactor(int threads);
+  ~StreamReactor();  // stops and joins its threads
+  StreamReactor(const StreamReactor&) = delete;
+  StreamReactor& operator=(const StreamReactor&) = delete;
+
+  int threads() const { return threads_; }
+
+  struct Impl;  // Asio's io_context and the threads that run it (remote_instance.cpp)
+  Impl& impl() { return *impl_; }
+
+ private:
+  int threads_;
+  std::unique_ptr<Impl> impl_;
+};
+
 struct RemoteInstanceOptions {
   std::chrono::milliseconds connect_timeout{2'000};
   std::chrono::milliseconds stats_interval{200};
-  std::chrono::milliseconds poll_interval{20};  // how often a stream checks for cancellation
+  // How often the instance looks for cancelled streams (also how long shutdown() may wait for them).
+  std::chrono::milliseconds poll_interval{20};
   std::string token;  // sent as "Authorization: Bearer TOKEN" on every call (empty: none)
+  // Reads the streams (null: the instance makes its own of kDefaultStreamThreads threads; a
+  // gateway shares one among its instances, `--stream-threads`).
+  std::shared_ptr<StreamReactor> reactor;
 };
+
+inline constexpr int kDefaultStreamThreads = 2;
 
 class RemoteInstance : public Instance {
  public:
@@ -52,7 +80,9 @@ class RemoteInstance : public Instance {
   RemoteInstance(const RemoteInstance&) = delete;
   RemoteInstance& operator=(const RemoteInstance&) = delete;
 
-  // Cancels every open stream (their sinks get "cancelled") and joins the threads. Idempotent.
+  // Cancels every open stream and returns once each has ended (its sink got its last call: the
+  // final event if it had already arrived, else "cancelled"); joins the stats thread. Later
+  // submissions are kUnavailable. Idempotent.
   void shutdown();
 
   const std::string& address() const { return address_; }
@@ -84,6 +114,14 @@ class RemoteInstance : public Instance {
                                                  PulledCallback on_pulled,
                                                  std::shared_ptr<RequestHandle> handle);
   void poll_stats();
+  // Every poll_interval on the reactor: hands cancelled streams (all of them once stopping) their
+  // cancellation; ends itself once stopping.
+  void sweep();
+  void arm_sweep();
+  // On a stream's strand: the next read, what it brought, and the stream's end.
+  void read_next(const std::shared_ptr<Stream>& s);
+  void on_read(const std::shared_ptr<Stream>& s);
+  void finish(const std::shared_ptr<Stream>& s);
 
   std::string address_;
   std::string host_;
@@ -101,9 +139,13 @@ class RemoteInstance : public Instance {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   EngineMetrics metrics_;                       // guarded by mu_
-  std::list<std::shared_ptr<Stream>> streams_;  // guarded by mu_
+  std::list<std::shared_ptr<Stream>> streams_;  // guarded by mu_: open streams
   bool stop_ = false;                           // guarded by mu_
+  bool sweeping_ = false;                       // guarded by mu_: the sweep is armed
   std::thread stats_thread_;
+  std::shared_ptr<StreamReactor> reactor_;
+  struct Sweep;  // the sweep's timer (remote_instance.cpp)
+  std::unique_ptr<Sweep> sweep_;
 };
 
 }  // namespace pdserve
