@@ -46,10 +46,10 @@ constexpr double kNearTie = 0.5;
 // tokens are within 0.03 of each other (three within 0.003), ties that any difference of rounding
 // breaks either way: on the CPU engine alone, rounding only K/V to bf16 parts 4 of these 20, only
 // the queries 3 (tools/experiments/bf16_rounding.sh). So the test requires every divergence from the
-// bf16 model at such a tie and a floor a little under what was seen. Against the Q4_1 model, whose continuations pass near ties
-// every few tokens (llama.cpp with flash attention on vs off diverges in 14 of these 22), the
-// count is printed, and every divergence must be at a near tie with a long mean common prefix, as
-// the CPU engine's own test against llama.cpp requires.
+// bf16 model at such a tie and a floor a little under what was seen. Against the Q4_1 model, whose
+// continuations pass near ties every few tokens (llama.cpp with flash attention on vs off diverges in 14 of
+// these 22), the count is printed, and every divergence must be at a near tie with a long mean common prefix,
+// as the CPU engine's own test against llama.cpp requires.
 constexpr int kMinEqualToBf16 = 15;
 constexpr double kBf16NearTie = 0.1;
 constexpr double kMinMeanMatchedTokens = 20;
