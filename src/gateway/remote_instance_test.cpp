@@ -253,11 +253,24 @@ TEST(RemoteInstanceTest, ManyStreamsOnAFewThreadsEachInOrder) {
   remote->shutdown();
 }
 
-// Opens a gate when it goes (a failed assertion must not leave a sink blocked).
+// Holds a sink's first call until let_through() — or until the gate goes, so that a failed
+// assertion never leaves a sink blocked.
 struct Gate {
-  std::promise<void> open;
+  std::promise<void> open, entered;
   std::shared_future<void> opened = open.get_future().share();
   bool is_open = false;
+  bool first = true;  // read by the sink (one stream's calls never overlap)
+
+  OutputSink hold_first(OutputSink inner) {
+    return [this, inner = std::move(inner)](EngineOutput&& o) {
+      if (std::exchange(first, false)) {
+        entered.set_value();
+        opened.wait();
+      }
+      inner(std::move(o));
+    };
+  }
+  bool wait_entered() { return entered.get_future().wait_for(10s) == std::future_status::ready; }
   void let_through() {
     if (!std::exchange(is_open, true)) open.set_value();
   }
@@ -266,25 +279,15 @@ struct Gate {
 
 TEST(RemoteInstanceTest, ABlockedSinkDoesNotHoldTheOtherStreams) {
   Seen a, b;
-  std::promise<void> entered;
   Gate gate;
-  OutputSink inner = a.sink();
   ScriptedInstance inst;
   auto remote = connect_to(inst, std::make_shared<StreamReactor>(2));
   // Stream 1's sink blocks (as a sink's call to another instance would) until stream 2 has ended.
-  bool first = true;
-  OutputSink blocking = [&, opened = gate.opened](EngineOutput&& o) {
-    if (std::exchange(first, false)) {
-      entered.set_value();
-      opened.wait();
-    }
-    inner(std::move(o));
-  };
-  ASSERT_TRUE(remote->submit(request(1), std::move(blocking), nullptr).ok());
+  ASSERT_TRUE(remote->submit(request(1), gate.hold_first(a.sink()), nullptr).ok());
   ASSERT_TRUE(remote->submit(request(2), b.sink(), nullptr).ok());
   ASSERT_TRUE(inst.wait_accepted(2));
   inst.send(1, token_event(11));
-  ASSERT_EQ(entered.get_future().wait_for(10s), std::future_status::ready);
+  ASSERT_TRUE(gate.wait_entered());
   inst.send(2, token_event(21));
   inst.send(2, final_event(22));
   ASSERT_TRUE(b.wait_finished());
@@ -349,24 +352,14 @@ TEST(RemoteInstanceTest, CancelClosesTheConnectionAndEndsTheStream) {
 // prefill's handoff: the router must see it to release the staged KV).
 TEST(RemoteInstanceTest, AFinalEventThatArrivedIsDeliveredDespiteACancel) {
   Seen s;
-  std::promise<void> entered;
   Gate gate;
-  OutputSink inner = s.sink();
   ScriptedInstance inst;
   auto remote = connect_to(inst, nullptr);
-  bool first = true;
-  OutputSink sink = [&, opened = gate.opened](EngineOutput&& o) {
-    if (std::exchange(first, false)) {
-      entered.set_value();
-      opened.wait();
-    }
-    inner(std::move(o));
-  };
-  auto handle = remote->submit(request(4), std::move(sink), nullptr);
+  auto handle = remote->submit(request(4), gate.hold_first(s.sink()), nullptr);
   ASSERT_TRUE(handle.ok());
   ASSERT_TRUE(inst.wait_accepted(1));
   inst.send(4, token_event(40));
-  ASSERT_EQ(entered.get_future().wait_for(10s), std::future_status::ready);
+  ASSERT_TRUE(gate.wait_entered());
   inst.send(4, final_event(41));
   (*handle)->cancel();
   std::this_thread::sleep_for(100ms);  // several sweeps see the cancellation meanwhile
