@@ -126,10 +126,17 @@ struct StreamReactor::Impl {
 };
 
 StreamReactor::StreamReactor(int threads) : threads_(std::max(1, threads)), impl_(std::make_unique<Impl>()) {
-  for (int i = 0; i < threads_; ++i) impl_->threads.emplace_back([io = &impl_->ioc] { io->run(); });
+  try {
+    for (int i = 0; i < threads_; ++i) impl_->threads.emplace_back([io = &impl_->ioc] { io->run(); });
+  } catch (...) {
+    stop_and_join();  // the threads already started (a joinable thread destroyed would terminate)
+    throw;
+  }
 }
 
-StreamReactor::~StreamReactor() {
+StreamReactor::~StreamReactor() { stop_and_join(); }
+
+void StreamReactor::stop_and_join() {
   impl_->work.reset();
   impl_->ioc.stop();
   for (std::thread& t : impl_->threads) t.join();

@@ -9,8 +9,8 @@
 // different streams' run side by side. Cancelling the request's handle closes the connection
 // within poll_interval (the instance cancels it) and ends it "cancelled" here. A stream that
 // breaks before its final event (the instance died) ends with an error naming the instance at
-// once (a peer that vanishes without closing: within about 10 s, by TCP keepalive). Control calls
-// (stats, release) time out after connect_timeout.
+// once (a peer that vanishes without closing: within about 10 s, by TCP keepalive). A try-accept's
+// answer and the control calls (stats, release) time out after connect_timeout.
 //
 // A background thread reads the instance's stats every stats_interval: metrics() reports the
 // latest, and an instance that stops answering is marked down (submissions fail at once with
@@ -53,6 +53,8 @@ class StreamReactor {
   Impl& impl() { return *impl_; }
 
  private:
+  void stop_and_join();
+
   int threads_;
   std::unique_ptr<Impl> impl_;
 };
@@ -115,7 +117,7 @@ class RemoteInstance : public Instance {
                                                  std::shared_ptr<RequestHandle> handle);
   void poll_stats();
   // Every poll_interval on the reactor: hands cancelled streams (all of them once stopping) their
-  // cancellation; ends itself once stopping.
+  // cancellation, again each time until they end; ends itself once stopping and no stream is left.
   void sweep();
   void arm_sweep();
   // On a stream's strand: the next read, what it brought, and the stream's end.
