@@ -20,15 +20,23 @@
 # The workload mixes short prompts (SHORT_IN, normal 64±16 tokens) and long ones, 16 output tokens
 # each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
 #
-# UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix (a closed
-# loop through the on-demand gateways, CAL_USERS users — default one per prefill slot, so that every
-# slot stays busy and no request waits long enough to be dropped — and CAL_N requests, default 100,
-# of one output token each, so that decode latency does not bound the loop; through the baseline
-# gateways the loop would measure the baseline's imbalance with GATEWAYS > 1, not the prefills;
-# a slot idles between a user's requests, so this is a little under the capacity), then run at
-# those fractions of it; the capacity goes to
-# OUT_DIR/capacity.json and load A is 1 req/s × capacity (a load "0.6A" is 60 % of it). A fixed
-# RATE_A means a different utilisation on every host.
+# UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix, then run
+# at those fractions of it. The measurement is a closed loop through one on-demand gateway of its
+# own (started before, stopped after; through baseline gateways it would measure the baseline's
+# imbalance, not the prefills): CAL_USERS users — default one per prefill slot, so that every slot
+# stays busy and none waits — and CAL_N requests (100) of one output token each, so that decode
+# latency does not bound it; its requests go to OUT_DIR/capacity.json. The capacity is the slots
+# over the mix's mean time a request took in the loop (each kind's mean, weighted by LONG_SHARE),
+# written with what it came from to OUT_DIR/slo.json; load A is 1 req/s × capacity (a load "0.6A"
+# is 60 % of it). A fixed RATE_A means a different utilisation on every host.
+#
+# SLO_IN_PREFILL="B P" (with UTILS) sets the SLO from the same measurement, so that it means the
+# same on every host: from the loop, a short prompt's mean time s and the time per prompt token t
+# between the two kinds (the difference of their mean times over that of their mean lengths), the
+# SLO is B × s + P × t per prompt token, and the on-demand budget the SLO less the prefill's own
+# time with a margin: B × s − 30 ms + (P − BUDGET_MARGIN) × t per token (BUDGET_MARGIN 1.1).
+# SLO_TTFT_MS* and BUDGET_MS* are then ignored; the values used are printed and written to
+# OUT_DIR/slo.json.
 #
 # GATEWAYS=G (1) runs G gateways per policy over the same instances, as a deployment scaled out at
 # the gateway tier does; requests go to them in turn. Each gateway counts only the streams it opened
@@ -86,6 +94,58 @@ done
 start decode.log "${instance[@]}" --role decode --port 18200 --device "$decode_device" --threads "${DECODE_THREADS:-1}"
 gateway+=(--decode 127.0.0.1:18200)
 wait_ready "${ports[@]}" 18200
+
+if [ -n "${UTILS:-}" ]; then
+  [ -z "${TRACE:-}" ] || { echo "UTILS needs the synthetic mix, not TRACE" >&2; exit 1; }
+  cal_users="${CAL_USERS:-$((${#prefill_devices[@]} * slots))}"
+  start gateway_calibration.log "${gateway[@]}" --port 18299 --admission on-demand --ttft-budget-ms 60000
+  wait_ready 18299
+  echo "== capacity: closed loop, $cal_users users, ${CAL_N:-100} requests of the mix, through an on-demand gateway"
+  "$pdserve" bench --base-url http://127.0.0.1:18299 --api completions --arrival closed --users "$cal_users" \
+    -n "${CAL_N:-100}" --scenarios "[{\"name\": \"short\", \"weight\": $(python3 -c "print(1 - $long_share)"), \"input\": \"$short_in\"},
+                {\"name\": \"long\", \"weight\": $long_share, \"input\": \"$long_in\"}]" \
+    --output-len fixed:1 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
+  kill "${started_pids[-1]}" 2>/dev/null || true
+  wait "${started_pids[-1]}" 2>/dev/null || true
+  # The capacity for the mix, from each kind's mean time in the loop (share-weighted): the loop's
+  # CAL_N requests are a sample whose share of long prompts is not LONG_SHARE (the 200 of --seed 99
+  # hold 28.5 % long ones against 20 %), and its own requests per second would be off by as much.
+  read -r rate_a slo slo_per_token budget budget_per_token < <(python3 - "$out/capacity.json" "$cal_users" \
+    "$long_share" "${SLO_IN_PREFILL:-0 0}" "${BUDGET_MARGIN:-1.1}" "$out/slo.json" "$slo" "$slo_per_token" \
+    "$budget" "$budget_per_token" <<'PY'
+import json, sys
+requests = json.load(open(sys.argv[1]))["runs"][0]["requests"]
+slots, share = float(sys.argv[2]), float(sys.argv[3])
+b, p = map(float, sys.argv[4].split())
+margin = float(sys.argv[5])
+def mean(kind, field):  # scenario 0: short, 1: long
+    v = [r[field] for r in requests if r["scenario"] == kind and r.get("http_status") == 200]
+    if not v:
+        sys.exit(f"the capacity loop finished no request of scenario {kind}: raise CAL_N")
+    return sum(v) / len(v)
+short_ms, long_ms = mean(0, "e2e_ms"), mean(1, "e2e_ms")
+short_tok, long_tok = mean(0, "prompt_tokens"), mean(1, "prompt_tokens")
+capacity = slots * 1e3 / ((1 - share) * short_ms + share * long_ms)  # req/s of the mix
+out = {"short_ms": short_ms, "long_ms": long_ms, "short_tokens": short_tok, "long_tokens": long_tok,
+       "capacity_rps": capacity}
+if b > 0:
+    t = (long_ms - short_ms) / (long_tok - short_tok)  # ms per prompt token beyond a short prompt
+    slo, slo_tok = b * short_ms, p * t
+    budget, budget_tok = max(0.0, slo - 30.0), max(0.0, slo_tok - margin * t)
+    out.update(prefill_ms_per_token=t, slo_ttft_ms=slo, slo_ttft_ms_per_token=slo_tok, budget_ms=budget,
+               budget_ms_per_token=budget_tok)
+    print(f"{capacity:.3f} {slo:.1f} {slo_tok:.3f} {round(budget)} {budget_tok:.3f}")
+else:
+    print(f"{capacity:.3f}", *sys.argv[7:11])
+json.dump(out, open(sys.argv[6], "w"), indent=1)
+PY
+)
+  loads="$UTILS"
+  echo "   capacity $rate_a req/s of the mix; the loads below are fractions of it"
+  [ -z "${SLO_IN_PREFILL:-}" ] || echo "   $(python3 -c "import json; d = json.load(open('$out/slo.json')); print(f\"a short prompt {d['short_ms']:.0f} ms, {d['prefill_ms_per_token']:.3f} ms per prompt token beyond\")"):" \
+    "SLO $slo ms + $slo_per_token ms/token, on-demand budget $budget ms + $budget_per_token ms/token"
+fi
+
 gateways="${GATEWAYS:-1}"
 urls_baseline="" urls_on_demand="" gateway_ports=()
 for ((g = 0; g < gateways; g++)); do
@@ -98,19 +158,6 @@ for ((g = 0; g < gateways; g++)); do
   gateway_ports+=("$pb" "$po")
 done
 wait_ready "${gateway_ports[@]}"
-
-if [ -n "${UTILS:-}" ]; then
-  [ -z "${TRACE:-}" ] || { echo "UTILS needs the synthetic mix, not TRACE" >&2; exit 1; }
-  cal_users="${CAL_USERS:-$((${#prefill_devices[@]} * slots))}"
-  echo "== capacity: closed loop, $cal_users users, ${CAL_N:-100} requests of the mix, through the on-demand gateways"
-  "$pdserve" bench --base-url "$urls_on_demand" --api completions --arrival closed --users "$cal_users" \
-    -n "${CAL_N:-100}" --scenarios "[{\"name\": \"short\", \"weight\": $(python3 -c "print(1 - $long_share)"), \"input\": \"$short_in\"},
-                {\"name\": \"long\", \"weight\": $long_share, \"input\": \"$long_in\"}]" \
-    --output-len fixed:1 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
-  rate_a=$(python3 -c "import json; print(round(json.load(open('$out/capacity.json'))['runs'][0]['summary']['requests_per_s'], 3))")
-  loads="$UTILS"
-  echo "   capacity $rate_a req/s; the loads below are fractions of it"
-fi
 
 for mult in $loads; do
   if [ -n "${TRACE:-}" ]; then
