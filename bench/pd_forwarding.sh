@@ -18,7 +18,8 @@
 # TRACE=FILE replays a Mooncake or Azure trace instead, scaled down: TRACE_SPEEDUP_A (0.25: load A's
 # speedup), TRACE_INPUT_SCALE (0.03), TRACE_OUTPUT_SCALE (0.05), TRACE_MAX_INPUT (1500 tokens).
 # The workload mixes short prompts (SHORT_IN, normal 64±16 tokens) and long ones, 16 output tokens
-# each. Writes OUT_DIR/load_{1,2,4}.json and prints each run's tables.
+# each. Writes OUT_DIR/load_{1,2,4}.json, prints each run's tables, and ends with a line per load
+# (OUT_DIR/summary.tsv).
 #
 # UTILS="0.4 0.6 0.8" instead of LOADS: first measure the prefills' capacity for this mix, then run
 # at those fractions of it. The measurement is a closed loop through one on-demand gateway of its
@@ -184,3 +185,26 @@ done
 sleep 1.5
 curl -s "http://127.0.0.1:18301/metrics" |
   grep -E "^pdserve_(prefill_priority_refusals_total|gateway_rejections_total)" || true
+
+# One line per load, also in OUT_DIR/summary.tsv: what each policy met, the on-demand requests that
+# failed (drops at the gateway, mostly), and the goodput.
+python3 - "$out" "$([ -n "${TRACE:-}" ] && echo 0 || echo "$rate_a")" $loads <<'PY'
+import json, os, sys
+out, rate_a, loads = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+rows = ["load\treq_per_s\tbaseline_slo_met\ton_demand_slo_met\ton_demand_failed\tbaseline_goodput\ton_demand_goodput"]
+print("== summary (A = baseline, B = on-demand)")
+for load in loads:
+    path = os.path.join(out, f"load_{load}.json")
+    if not os.path.exists(path):
+        continue
+    runs = json.load(open(path))["runs"]
+    if len(runs) < 2:
+        continue
+    a, b = runs[0]["summary"], runs[1]["summary"]
+    rate = rate_a * float(load) if rate_a > 0 else float("nan")  # a trace: its own arrivals
+    print(f"   load {load}A ({'the trace' if rate_a <= 0 else f'{rate:.2f} req/s'}): SLO met {a['slo_attainment']:.1%} vs {b['slo_attainment']:.1%}, "
+          f"on-demand failed {b['num_errors']}, goodput {a['goodput_rps']:.2f} -> {b['goodput_rps']:.2f} req/s")
+    rows.append(f"{load}\t{rate:.3f}\t{a['slo_attainment']:.4f}\t{b['slo_attainment']:.4f}\t{b['num_errors']}\t"
+                f"{a['goodput_rps']:.3f}\t{b['goodput_rps']:.3f}")
+open(os.path.join(out, "summary.tsv"), "w").write("\n".join(rows) + "\n")
+PY
