@@ -39,6 +39,9 @@
 # SLO_TTFT_MS* and BUDGET_MS* are then ignored; the values used are printed and written to
 # OUT_DIR/slo.json.
 #
+# ROUNDS=R (1) runs every load R times on the same instances and gateways, round r with the
+# workload's seed r (other arrivals and lengths each round), to OUT_DIR/load_<load>_round<r>.json.
+#
 # GATEWAYS=G (1) runs G gateways per policy over the same instances, as a deployment scaled out at
 # the gateway tier does; requests go to them in turn. Each gateway counts only the streams it opened
 # itself, so the baseline's "fewest open streams" sees 1/G of the traffic, while on-demand
@@ -160,25 +163,33 @@ for ((g = 0; g < gateways; g++)); do
 done
 wait_ready "${gateway_ports[@]}"
 
-for mult in $loads; do
-  if [ -n "${TRACE:-}" ]; then
-    # The trace scaled down: its arrivals sped up by TRACE_SPEEDUP_A x mult, its lengths scaled.
-    speedup=$(python3 -c "print(${TRACE_SPEEDUP_A:-0.25} * $mult)")
-    workload=(--trace "$TRACE" --trace-speedup "$speedup" --trace-input-scale "${TRACE_INPUT_SCALE:-0.03}"
-              --trace-output-scale "${TRACE_OUTPUT_SCALE:-0.05}" --max-input-tokens "${TRACE_MAX_INPUT:-1500}")
-    echo "== load ${mult}A: $TRACE at speedup $speedup ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
-  else
-    total=$(python3 -c "print($rate_a * $mult)")
-    short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
-    long=$(python3 -c "print($rate_a * $mult * $long_share)")
-    scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"$short_in\"},
-                {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
-    workload=(--scenarios "$scenarios" --output-len fixed:16)
-    echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
-  fi
-  "$pdserve" bench --base-url "$urls_baseline" --ab-base-url "$urls_on_demand" --ab-rounds 1 \
-    --api completions "${workload[@]}" --ignore-eos -n "$n" \
-    --tokenizer-model "$tokenizer" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/load_$mult.json" || true
+rounds="${ROUNDS:-1}"
+runs=()
+for ((round = 1; round <= rounds; round++)); do
+  [ "$rounds" = 1 ] || echo "== round $round of $rounds"
+  for mult in $loads; do
+    name="load_$mult"
+    [ "$rounds" = 1 ] || name="load_${mult}_round$round"
+    runs+=("$name")
+    if [ -n "${TRACE:-}" ]; then
+      # The trace scaled down: its arrivals sped up by TRACE_SPEEDUP_A x mult, its lengths scaled.
+      speedup=$(python3 -c "print(${TRACE_SPEEDUP_A:-0.25} * $mult)")
+      workload=(--trace "$TRACE" --trace-speedup "$speedup" --trace-input-scale "${TRACE_INPUT_SCALE:-0.03}"
+                --trace-output-scale "${TRACE_OUTPUT_SCALE:-0.05}" --max-input-tokens "${TRACE_MAX_INPUT:-1500}")
+      echo "== load ${mult}A: $TRACE at speedup $speedup ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
+    else
+      total=$(python3 -c "print($rate_a * $mult)")
+      short=$(python3 -c "print($rate_a * $mult * (1 - $long_share))")
+      long=$(python3 -c "print($rate_a * $mult * $long_share)")
+      scenarios="[{\"name\": \"short\", \"rate\": $short, \"input\": \"$short_in\"},
+                  {\"name\": \"long\", \"rate\": $long, \"input\": \"$long_in\"}]"
+      workload=(--scenarios "$scenarios" --output-len fixed:16)
+      echo "== load ${mult}A: $total req/s ($n requests), TTFT SLO $slo ms + $slo_per_token ms/token; A = baseline, B = on-demand"
+    fi
+    "$pdserve" bench --base-url "$urls_baseline" --ab-base-url "$urls_on_demand" --ab-rounds 1 \
+      --api completions "${workload[@]}" --ignore-eos -n "$n" --seed "$round" \
+      --tokenizer-model "$tokenizer" --slo-ttft-ms "$slo" --slo-ttft-ms-per-token "$slo_per_token" --no-metrics -q --json "$out/$name.json" || true
+  done
 done
 # What the prefills refused, all loads and both policies together, as the first on-demand gateway
 # sees the instances (their metrics lag by up to a second).
@@ -186,25 +197,27 @@ sleep 1.5
 curl -s "http://127.0.0.1:18301/metrics" |
   grep -E "^pdserve_(prefill_priority_refusals_total|gateway_rejections_total)" || true
 
-# One line per load, also in OUT_DIR/summary.tsv: what each policy met, the on-demand requests that
+# One line per load (and round), also in OUT_DIR/summary.tsv: what each policy met, the on-demand requests that
 # failed (drops at the gateway, mostly), and the goodput.
-python3 - "$out" "$([ -n "${TRACE:-}" ] && echo 0 || echo "$rate_a")" $loads <<'PY'
+python3 - "$out" "$([ -n "${TRACE:-}" ] && echo 0 || echo "$rate_a")" "${runs[@]}" <<'PY'
 import json, os, sys
-out, rate_a, loads = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-rows = ["load\treq_per_s\tbaseline_slo_met\ton_demand_slo_met\ton_demand_failed\tbaseline_goodput\ton_demand_goodput"]
+out, rate_a, names = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+rows = ["run\treq_per_s\tbaseline_slo_met\ton_demand_slo_met\ton_demand_failed\tbaseline_goodput\ton_demand_goodput"]
 print("== summary (A = baseline, B = on-demand)")
-for load in loads:
-    path = os.path.join(out, f"load_{load}.json")
+for name in names:  # load_<mult> or load_<mult>_round<r>
+    path = os.path.join(out, f"{name}.json")
     if not os.path.exists(path):
         continue
     runs = json.load(open(path))["runs"]
     if len(runs) < 2:
         continue
     a, b = runs[0]["summary"], runs[1]["summary"]
+    load = name.split("_")[1]
     rate = rate_a * float(load) if rate_a > 0 else float("nan")  # a trace: its own arrivals
-    print(f"   load {load}A ({'the trace' if rate_a <= 0 else f'{rate:.2f} req/s'}): SLO met {a['slo_attainment']:.1%} vs {b['slo_attainment']:.1%}, "
+    offered = "the trace" if rate_a <= 0 else f"{rate:.2f} req/s"
+    print(f"   {name}: {load}A ({offered}): SLO met {a['slo_attainment']:.1%} vs {b['slo_attainment']:.1%}, "
           f"on-demand failed {b['num_errors']}, goodput {a['goodput_rps']:.2f} -> {b['goodput_rps']:.2f} req/s")
-    rows.append(f"{load}\t{rate:.3f}\t{a['slo_attainment']:.4f}\t{b['slo_attainment']:.4f}\t{b['num_errors']}\t"
+    rows.append(f"{name}\t{rate:.3f}\t{a['slo_attainment']:.4f}\t{b['slo_attainment']:.4f}\t{b['num_errors']}\t"
                 f"{a['goodput_rps']:.3f}\t{b['goodput_rps']:.3f}")
 open(os.path.join(out, "summary.tsv"), "w").write("\n".join(rows) + "\n")
 PY
