@@ -112,6 +112,7 @@ json request_json(const EngineRequest& r) {
               {"logprobs", r.logprobs},
               {"wait_budget_us", r.wait_budget_us},
               {"wait_queue", r.wait_queue},
+              {"queue_if_full", r.queue_if_full},
               {"sampling",
                {{"temperature", s.temperature},
                 {"top_k", s.top_k},
@@ -145,6 +146,7 @@ StatusOr<EngineRequest> request_from(const json& j) {
   PD_RETURN_IF_ERROR(r.integer("wait_budget_us", out.wait_budget_us, int64_t{-1}, kI64Max));
   PD_RETURN_IF_ERROR(
       r.integer("wait_queue", out.wait_queue, uint64_t{0}, std::numeric_limits<uint64_t>::max()));
+  PD_RETURN_IF_ERROR(r.boolean("queue_if_full", out.queue_if_full));
   if (const json* stop = r.find("stop")) {
     if (!stop->is_array() || stop->size() > 64) return r.type("stop", "an array of strings");
     for (const json& s : *stop) {

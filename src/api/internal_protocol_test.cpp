@@ -23,6 +23,7 @@ EngineRequest sample_request() {
   r.sampling.top_logprobs = 3;
   r.wait_budget_us = 1'234'567;
   r.wait_queue = 0xfedcba9876543211ull;  // beyond int64
+  r.queue_if_full = true;
   return r;
 }
 
@@ -55,6 +56,7 @@ void expect_same(const EngineRequest& a, const EngineRequest& b) {
   EXPECT_EQ(a.sampling.top_logprobs, b.sampling.top_logprobs);
   EXPECT_EQ(a.wait_budget_us, b.wait_budget_us);
   EXPECT_EQ(a.wait_queue, b.wait_queue);
+  EXPECT_EQ(a.queue_if_full, b.queue_if_full);
 }
 
 TEST(InternalProtocol, RequestsAndHandoffsRoundTrip) {

@@ -215,7 +215,8 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 16));
   cmd.add_option("--max-waiting", f.max_waiting,
-                 "Most queued requests; beyond it requests get 429 with Retry-After")
+                 "Most queued requests; beyond it requests get 429 with Retry-After (on a prefill: "
+                 "requests of the baseline admission waiting for a slot)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 24));
   cmd.add_option("--step-token-budget", f.step_token_budget,
@@ -227,9 +228,10 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 24));
   cmd.add_flag("--no-prefix-caching", f.no_prefix_caching, "Do not reuse the KV of shared prompt prefixes");
-  cmd.add_option("--prefill-slots", f.prefill_slots,
-                 "Prefill: requests held at once (b_p), from acceptance until a decode has their KV; a full "
-                 "prefill refuses more at once")
+  cmd.add_option(
+         "--prefill-slots", f.prefill_slots,
+         "Prefill: requests held at once (b_p), from acceptance until a decode has their KV; a full "
+         "prefill refuses more at once (a gateway's baseline admission asks it to queue them instead)")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
   cmd.add_option("--decode-pending", f.decode_pending,

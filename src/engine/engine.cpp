@@ -261,6 +261,19 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the engine is shutting down");
     const bool slotted = options_.role == EngineRole::kPrefill && options_.prefill_slots > 0;
+    // The baseline's FIFO: behind whatever already waits, even when a slot has just freed (the
+    // head takes it: admit_slot_queue).
+    if (slotted && request.queue_if_full &&
+        (slots_in_use_ >= options_.prefill_slots || !slot_queue_.empty())) {
+      if (static_cast<int64_t>(slot_queue_.size()) >= options_.max_waiting) {
+        return resource_exhausted(
+            fmt::format("{} requests already wait in this prefill's queue; try another prefill or later",
+                        slot_queue_.size()));
+      }
+      slot_queue_.push_back(
+          Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr, std::nullopt});
+      return handle;
+    }
     if (slotted && slots_in_use_ >= options_.prefill_slots) {
       if (dated) note_refused_locked(deadline, request.wait_queue, now);
       return resource_exhausted(
@@ -285,9 +298,12 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
   // (Not noted for deadline priority: a prompt the pool has no room for may find none for long,
   // and other requests should not wait for it meanwhile.)
   auto unreserve_slot = [this] {
-    std::lock_guard<std::mutex> lock(mu_);
-    --slots_in_use_;
-    sync_transfer_metrics();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --slots_in_use_;
+      sync_transfer_metrics();
+    }
+    admit_slot_queue();  // it may have been taken ahead of a queued request
   };
   std::optional<KvSendBuffer> send;
   if (options_.role == EngineRole::kPrefill) {
@@ -384,6 +400,7 @@ Status Engine::release_handoff(const KvBufferRef& kv) {
   }
   Status st = options_.kv_send->release(kv);
   if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", kv.buffer_id, st.message());
+  admit_slot_queue();
   if (options_.on_capacity) options_.on_capacity();
   return ok_status();
 }
@@ -433,7 +450,83 @@ void Engine::release_slot() {
     --slots_in_use_;
     sync_transfer_metrics();
   }
+  admit_slot_queue();
   if (options_.on_capacity) options_.on_capacity();
+}
+
+void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) {
+  EngineOutput out;
+  out.finished = true;
+  out.finish_reason = std::move(finish_reason);
+  out.error = std::move(error);
+  p.sink(std::move(out));
+}
+
+void Engine::admit_slot_queue() {
+  for (;;) {
+    std::optional<Pending> p;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_ || slot_queue_.empty() || slots_in_use_ >= options_.prefill_slots) return;
+      p.emplace(std::move(slot_queue_.front()));
+      slot_queue_.pop_front();
+      ++slots_in_use_;
+      sync_transfer_metrics();
+    }
+    if (p->handle->cancelled()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --slots_in_use_;
+        sync_transfer_metrics();
+      }
+      end_unstarted(*p, "cancelled", ok_status());
+      continue;
+    }
+    const int32_t num_prompt = static_cast<int32_t>(p->request.prompt.size());
+    StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
+    if (!b.ok()) {
+      bool retry_later = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --slots_in_use_;
+        sync_transfer_metrics();
+        // Buffers in use free with their slots: the next freed one tries again. With none in
+        // use the prompt can never fit.
+        if (b.status().code() == StatusCode::kResourceExhausted && slots_in_use_ > 0 && !stop_) {
+          slot_queue_.push_front(std::move(*p));
+          retry_later = true;
+        }
+      }
+      if (retry_later) return;
+      end_unstarted(
+          *p, "error",
+          b.status().code() == StatusCode::kResourceExhausted
+              ? resource_exhausted(fmt::format(
+                    "no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({})",
+                    num_prompt, b.status().message()))
+              : b.status());
+      continue;
+    }
+    p->send = std::move(*b);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!stop_) {
+        incoming_.push_back(std::move(*p));
+        p.reset();
+      }
+    }
+    if (p) {  // the engine stopped meanwhile
+      (void)options_.kv_send->release(p->send->ref);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --slots_in_use_;
+        sync_transfer_metrics();
+      }
+      end_unstarted(*p, "error", unavailable("the prefill instance is shutting down"));
+      return;
+    }
+    cv_.notify_one();
+  }
 }
 
 void Engine::expire_handoffs() {
@@ -458,7 +551,10 @@ void Engine::expire_handoffs() {
                 kv.buffer_id, options_.handoff_lease_ms);
     (void)options_.kv_send->release(kv);
   }
-  if (!expired.empty() && options_.on_capacity) options_.on_capacity();
+  if (!expired.empty()) {
+    admit_slot_queue();
+    if (options_.on_capacity) options_.on_capacity();
+  }
 }
 
 EngineMetrics Engine::metrics() const {
@@ -492,10 +588,18 @@ void Engine::loop() {
       pull_ended_ = false;
       incoming.swap(incoming_);
       stopping = stop_;
-      metrics_.waiting = scheduler_.num_waiting();
+      metrics_.waiting = scheduler_.num_waiting() + static_cast<int32_t>(slot_queue_.size());
     }
     admit_incoming(incoming);
     if (stopping) {
+      std::deque<Pending> queued;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        queued.swap(slot_queue_);
+      }
+      // Not started: a router may still place them on another prefill.
+      for (Pending& p : queued)
+        end_unstarted(p, "error", unavailable("the prefill instance is shutting down"));
       // A layer-wise pull may wait long on its prefill: give them up rather than wait.
       for (SequenceId id : pulling_) options_.kv_puller->cancel(active_.at(id)->transfer);
       land_pulls(/*wait=*/true);

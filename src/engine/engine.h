@@ -131,6 +131,9 @@ struct EngineRequest {
   // what it offers after its most urgent request was refused means that one has gone: a prefill
   // keeping a slot for it gives the slot to that queue.
   uint64_t wait_queue = 0;
+  // The paper's baseline admission: when every slot of this prefill is held, wait in its FIFO
+  // queue (up to EngineOptions::max_waiting) instead of being refused. Other roles ignore it.
+  bool queue_if_full = false;
 };
 
 struct GeneratedToken {
@@ -292,7 +295,10 @@ class Engine : public Instance {
   Status validate(const EngineRequest& request) const override;
   // Queues a request. Errors: those of validate(); kResourceExhausted when max_waiting requests
   // are already queued (retry later).
-  // Prefill role: kResourceExhausted at once when every slot is held (no queue), when the send
+  // Prefill role: kResourceExhausted at once when every slot is held (no queue; a queue_if_full
+  // request waits instead in the prefill's FIFO, up to max_waiting, and takes the first slot that
+  // frees, its send buffer then; it ends as "cancelled" if cancelled meanwhile, with kUnavailable
+  // if the engine shuts down first), when the send
   // pool has no room for the prompt's KV (its buffer is taken here, so a request accepted always
   // has one to hand off in), or when the last free slot is kept for a more urgent request
   // (deadline_priority_ms).
@@ -340,6 +346,11 @@ class Engine : public Instance {
   struct Active;
 
   void loop();
+  // Prefill role: starts queued requests (queue_if_full) while slots are free; called after a
+  // slot was freed, on any thread, without mu_.
+  void admit_slot_queue();
+  // Ends a request that never started (queued, then cancelled or failed), on the caller's thread.
+  static void end_unstarted(Pending& p, std::string finish_reason, Status error);
   void step();
   void finish(SequenceId id, EngineOutput&& last);
   void publish_metrics(double step_seconds);
@@ -405,11 +416,12 @@ class Engine : public Instance {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Pending> incoming_;  // guarded by mu_
-  bool stop_ = false;             // guarded by mu_
-  bool pull_ended_ = false;       // guarded by mu_; decode role: a KV pull ended, land it
-  uint64_t pull_listener_ = 0;    // decode role: on kv_puller (0: none)
-  int32_t slots_in_use_ = 0;      // guarded by mu_; prefill role
+  std::deque<Pending> incoming_;    // guarded by mu_
+  bool stop_ = false;               // guarded by mu_
+  bool pull_ended_ = false;         // guarded by mu_; decode role: a KV pull ended, land it
+  uint64_t pull_listener_ = 0;      // decode role: on kv_puller (0: none)
+  int32_t slots_in_use_ = 0;        // guarded by mu_; prefill role
+  std::deque<Pending> slot_queue_;  // guarded by mu_; prefill role: queue_if_full requests, FIFO
   // guarded by mu_; prefill role: the most urgent deadline among the requests refused, and when
   // it was last refused (deadline_priority_ms)
   std::chrono::steady_clock::time_point urgent_deadline_{};

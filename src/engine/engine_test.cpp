@@ -458,6 +458,85 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
 }
 
+// The baseline admission: a prefill whose slot is held keeps queue_if_full requests in its own
+// FIFO and starts each as a slot frees; a request that does not ask is still refused, a full queue
+// refuses, a request cancelled while it waits never runs, and shutdown ends what still waits.
+TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
+  KvTransport t = send_pool();
+  EngineOptions o = prefill_options(*t.pool, 1);
+  o.max_waiting = 3;
+  Engine e(*model_, *tokenizer_, *pool_, o);
+  struct Waiter {
+    std::promise<EngineOutput> last;
+    std::atomic<int> outputs{0};
+    OutputSink sink() {
+      return [this](EngineOutput&& out) {
+        ++outputs;
+        if (out.finished) last.set_value(std::move(out));
+      };
+    }
+  };
+  auto queued = [&](const char* prompt) {
+    EngineRequest r = request(prompt, 2);
+    r.queue_if_full = true;
+    return r;
+  };
+
+  Waiter first;
+  ASSERT_TRUE(e.submit(queued(kPrompts[0]), first.sink()).ok());  // a free slot: it runs at once
+  EngineOutput f = first.last.get_future().get();
+  ASSERT_EQ(f.finish_reason, "handoff") << f.error.to_string();  // the slot stays held until released
+
+  Waiter a, b, c;
+  ASSERT_TRUE(e.submit(queued(kPrompts[1]), a.sink()).ok());
+  auto b_handle = e.submit(queued(kPrompts[2]), b.sink());
+  ASSERT_TRUE(b_handle.ok());
+  ASSERT_TRUE(e.submit(queued(kPrompts[3]), c.sink()).ok());
+  auto over = e.submit(queued(kPrompts[4]), [](EngineOutput&&) {});
+  ASSERT_FALSE(over.ok());
+  EXPECT_EQ(over.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(over.status().message().find("already wait in this prefill's queue"), std::string::npos)
+      << over.status().to_string();
+  auto plain = e.submit(request(kPrompts[4], 2), [](EngineOutput&&) {});
+  ASSERT_FALSE(plain.ok());
+  EXPECT_EQ(plain.status().code(), StatusCode::kResourceExhausted);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(a.outputs.load(), 0);  // nothing starts while the slot is held
+  EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
+  (*b_handle)->cancel();
+
+  // The slot frees: the head (a) takes it; c waits for the next one.
+  ASSERT_TRUE(e.release_handoff(f.handoff->kv.ref()).ok());
+  EngineOutput a_last = a.last.get_future().get();
+  ASSERT_EQ(a_last.finish_reason, "handoff") << a_last.error.to_string();
+  auto c_future = c.last.get_future();
+  EXPECT_EQ(c_future.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout);
+  EXPECT_EQ(b.outputs.load(), 0);
+  // The next: b, cancelled meanwhile, ends without running; c runs.
+  ASSERT_TRUE(e.release_handoff(a_last.handoff->kv.ref()).ok());
+  EngineOutput b_last = b.last.get_future().get();
+  EXPECT_EQ(b_last.finish_reason, "cancelled");
+  EXPECT_TRUE(b_last.tokens.empty());
+  EngineOutput c_last = c_future.get();
+  ASSERT_EQ(c_last.finish_reason, "handoff") << c_last.error.to_string();
+  ASSERT_TRUE(e.release_handoff(c_last.handoff->kv.ref()).ok());
+  for (int i = 0; i < 200 && e.metrics().prefill_slots_in_use > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
+  EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
+
+  // Shutdown ends a request that still waits, as a failure a router may retry elsewhere.
+  Waiter held, waiting;
+  ASSERT_TRUE(e.submit(queued(kPrompts[5]), held.sink()).ok());
+  ASSERT_EQ(held.last.get_future().get().finish_reason, "handoff");
+  ASSERT_TRUE(e.submit(queued(kPrompts[6]), waiting.sink()).ok());
+  e.shutdown();
+  EngineOutput w_last = waiting.last.get_future().get();
+  EXPECT_EQ(w_last.finish_reason, "error");
+  EXPECT_EQ(w_last.error.code(), StatusCode::kUnavailable);
+  EXPECT_NE(w_last.error.message().find("shutting down"), std::string::npos) << w_last.error.to_string();
+}
+
 // Deadline priority: a prefill that refused a request with a deadline keeps its next free slot
 // for it (or anyone due sooner, or its gateway queue) for deadline_priority_ms; the request
 // itself, retried, takes it and ends the priority; it lapses when that request stops asking.

@@ -233,7 +233,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   }
   if (options_.admission == AdmissionPolicy::kBaseline) {
     // The paper's baseline: each request joins the queue of the prefill with the fewest open
-    // streams (queued ones included) and waits there, whatever the other prefills do.
+    // streams (queued ones included, as this gateway counts them) and waits there, whatever the
+    // other prefills do.
     if (f->assigned < 0 || f->failed_on[static_cast<size_t>(f->assigned)]) {
       std::lock_guard<std::mutex> lock(mu_);
       f->assigned = static_cast<int>(least_loaded_locked(*f, prefills_.size()));
@@ -248,6 +249,10 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   }
   EngineRequest request = f->request;
   if (options_.admission == AdmissionPolicy::kOnDemand) request.wait_queue = queue_id_;
+  // The baseline's queue is the prefill's own FIFO, shared by every gateway; the gateway holds a
+  // request in its own queue for that prefill only while the prefill refuses even that (its
+  // queue full, no room for the KV, or an instance that does not queue).
+  if (options_.admission == AdmissionPolicy::kBaseline) request.queue_if_full = true;
   for (size_t idx : order) {
     if (options_.admission == AdmissionPolicy::kOnDemand) {
       // What is left of its budget, as of this offer: a prefill favours the most urgent of the

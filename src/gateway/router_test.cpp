@@ -449,7 +449,10 @@ TEST_F(RouterTest, BaselineAdmissionQueuesPerPrefillWithoutABudget) {
   std::atomic<int32_t> max_waiting{0};
   std::thread monitor([&] {
     while (!done.load()) {
-      int32_t w = c.router->metrics().gateway_waiting;
+      // The queues are the prefills' own (queue_if_full); the gateway holds a request only
+      // for a moment, or when a prefill refuses even to queue it.
+      int32_t w = 0;
+      for (auto& p : c.prefills) w += p->metrics().waiting;
       if (w > max_waiting.load()) max_waiting.store(w);
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }

@@ -10,6 +10,8 @@ base + per-token x prompt tokens, under the two admission policies the router im
   --gateways G > 1, requests arrive at G gateways in turn and each gateway counts only the streams
   it opened itself (G gateways that do not share their counts). --ties index breaks ties by the
   lowest index instead (independent gateways then all pick the same prefill).
+  --baseline-queues gateway models the router before its baseline queue moved into the prefill:
+  each gateway held its own queue per prefill, and a freed slot went to the first gateway to ask.
 - on-demand: requests wait at the gateway, first come first served, for whichever prefill frees
   first; one still waiting when its budget (base + per-token x prompt tokens) runs out is dropped
   and counts as a failure — `AdmissionPolicy::kOnDemand`. That is one gateway with instant
@@ -62,6 +64,49 @@ def baseline(reqs, c, sec_per_token, slo, gateways, ties):
         free[k] = start + tokens * sec_per_token
         view[k].append(free[k])
         ok += free[k] - arrival <= slo(tokens)
+    return ok / len(reqs)
+
+
+def baseline_gateway_queues(reqs, c, sec_per_token, slo, gateways, ties, seed=5):
+    """The baseline as the router ran it before its queue moved into the prefill: each gateway holds
+    its own FIFO queue per prefill, and a freed slot goes to the gateway whose request freed it if
+    that one has a request queued for it, else to another gateway's head at random (the first of
+    them whose retry tick comes) — not to the request that has waited longest at that prefill."""
+    rng = random.Random(seed)
+    counts = [[0] * c for _ in range(gateways)]  # each gateway's open streams per prefill
+    queues = [[collections.deque() for _ in range(c)] for _ in range(gateways)]
+    busy = [None] * c  # the gateway whose request each prefill runs
+    events = [(a, 1, i) for i, (a, _) in enumerate(reqs)]
+    heapq.heapify(events)
+    ok = 0
+
+    def start(k, g, i, now):
+        nonlocal ok
+        busy[k] = g
+        end = now + reqs[i][1] * sec_per_token
+        heapq.heappush(events, (end, 0, k))
+        ok += end - reqs[i][0] <= slo(reqs[i][1])
+
+    while events:
+        now, kind, x = heapq.heappop(events)
+        if kind == 1:  # an arrival at gateway x % gateways
+            g = x % gateways
+            view = counts[g]
+            tie = [rng.random() for _ in range(c)] if ties == "random" else range(c)
+            k = min(range(c), key=lambda j: (view[j], tie[j]))
+            view[k] += 1
+            if busy[k] is None and not any(queues[h][k] for h in range(gateways)):
+                start(k, g, x, now)
+            else:
+                queues[g][k].append(x)
+            continue
+        k, g0 = x, busy[x]  # prefill x finished gateway g0's request
+        busy[k] = None
+        counts[g0][k] -= 1
+        waiting = [h for h in range(gateways) if queues[h][k]]
+        if waiting:
+            g = g0 if g0 in waiting else rng.choice(waiting)
+            start(k, g, queues[g][k].popleft(), now)
     return ok / len(reqs)
 
 
@@ -147,7 +192,11 @@ def run(args, rate, long_share, short_tokens, long_tokens, slo_base, slo_per_tok
         return max(0.0, slo(t) - t * args.sec_per_token)
 
     reqs = workload(rate, args.n, long_share, short_tokens, long_tokens, args.seed)
-    return (baseline(reqs, args.prefills, args.sec_per_token, slo, args.gateways, args.ties),
+    if args.baseline_queues == "gateway":
+        b = baseline_gateway_queues(reqs, args.prefills, args.sec_per_token, slo, args.gateways, args.ties)
+    else:
+        b = baseline(reqs, args.prefills, args.sec_per_token, slo, args.gateways, args.ties)
+    return (b,
             on_demand(reqs, args.prefills, args.sec_per_token, slo, budget))
 
 
@@ -208,6 +257,9 @@ def main():
     p.add_argument("--ties", choices=["index", "random"], default="random",
                    help="baseline: among prefills of equal count, a random one (as the router) or the "
                         "lowest index")
+    p.add_argument("--baseline-queues", choices=["prefill", "gateway"], default="prefill",
+                   help="baseline: one FIFO queue in each prefill (the paper's, and the router's since "
+                        "queue_if_full), or a queue per prefill held at each gateway (the router before)")
     p.add_argument("--sec-per-token", type=float, default=0.0025,
                    help="prefill seconds per prompt token (0.0025: one engine thread on the 2-vCPU VM)")
     p.add_argument("--n", type=int, default=20000, help="requests per run (20000)")
