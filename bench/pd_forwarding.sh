@@ -26,8 +26,10 @@
 # own (started before, stopped after; through baseline gateways it would measure the baseline's
 # imbalance, not the prefills): CAL_USERS users — default one per prefill slot, so that every slot
 # stays busy and none waits — and CAL_N requests (100) of one output token each, so that decode
-# latency does not bound it; its requests go to OUT_DIR/capacity.json. The capacity is the slots
-# over the mix's mean time a request took in the loop (each kind's mean, weighted by LONG_SHARE),
+# latency does not bound it (nor is a slot then held for a hand-off, as it is in the runs for the
+# KV to leave: the capacity comes out a little high); its requests go to OUT_DIR/capacity.json.
+# The capacity is the loop's users over the mix's mean time a request took in it (each kind's
+# mean, weighted by LONG_SHARE),
 # written with what it came from to OUT_DIR/slo.json; load A is 1 req/s × capacity (a load "0.6A"
 # is 60 % of it). A fixed RATE_A means a different utilisation on every host.
 #
@@ -111,10 +113,12 @@ if [ -n "${UTILS:-}" ]; then
     --output-len fixed:1 --ignore-eos --tokenizer-model "$tokenizer" --seed 99 --no-metrics -q --json "$out/capacity.json" >/dev/null
   kill "${started_pids[-1]}" 2>/dev/null || true
   wait "${started_pids[-1]}" 2>/dev/null || true
+  unset 'started_pids[${#started_pids[@]}-1]'  # gone: not to be killed again at exit
   # The capacity for the mix, from each kind's mean time in the loop (share-weighted): the loop's
-  # CAL_N requests are a sample whose share of long prompts is not LONG_SHARE (the 200 of --seed 99
-  # hold 28.5 % long ones against 20 %), and its own requests per second would be off by as much.
-  read -r rate_a slo slo_per_token budget budget_per_token < <(python3 - "$out/capacity.json" "$cal_users" \
+  # CAL_N requests are a sample whose share of long prompts is not LONG_SHARE (CAL_N=200 with
+  # --seed 99 holds 28.5 % long ones against 20 %), and its own requests per second would be off
+  # by as much.
+  params=$(python3 - "$out/capacity.json" "$cal_users" \
     "$long_share" "${SLO_IN_PREFILL:-0 0}" "${BUDGET_MARGIN:-1.1}" "$out/slo.json" "$slo" "$slo_per_token" \
     "$budget" "$budget_per_token" <<'PY'
 import json, sys
@@ -122,8 +126,9 @@ requests = json.load(open(sys.argv[1]))["runs"][0]["requests"]
 slots, share = float(sys.argv[2]), float(sys.argv[3])
 b, p = map(float, sys.argv[4].split())
 margin = float(sys.argv[5])
-def mean(kind, field):  # scenario 0: short, 1: long
-    v = [r[field] for r in requests if r["scenario"] == kind and r.get("http_status") == 200]
+def mean(kind, field):  # scenario 0: short, 1: long; requests that succeeded
+    v = [r[field] for r in requests
+         if r["scenario"] == kind and r.get("http_status") == 200 and not r.get("error") and r.get(field) is not None]
     if not v:
         sys.exit(f"the capacity loop finished no request of scenario {kind}: raise CAL_N")
     return sum(v) / len(v)
@@ -133,9 +138,11 @@ capacity = slots * 1e3 / ((1 - share) * short_ms + share * long_ms)  # req/s of 
 out = {"short_ms": short_ms, "long_ms": long_ms, "short_tokens": short_tok, "long_tokens": long_tok,
        "capacity_rps": capacity}
 if b > 0:
+    if long_tok <= short_tok or long_ms <= short_ms:
+        sys.exit("SLO_IN_PREFILL needs long prompts that take longer than the short ones (LONG_IN, SHORT_IN)")
     t = (long_ms - short_ms) / (long_tok - short_tok)  # ms per prompt token beyond a short prompt
     slo, slo_tok = b * short_ms, p * t
-    budget, budget_tok = max(0.0, slo - 30.0), max(0.0, slo_tok - margin * t)
+    budget, budget_tok = max(1.0, slo - 30.0), max(0.0, slo_tok - margin * t)
     out.update(prefill_ms_per_token=t, slo_ttft_ms=slo, slo_ttft_ms_per_token=slo_tok, budget_ms=budget,
                budget_ms_per_token=budget_tok)
     print(f"{capacity:.3f} {slo:.1f} {slo_tok:.3f} {round(budget)} {budget_tok:.3f}")
@@ -144,10 +151,13 @@ else:
 json.dump(out, open(sys.argv[6], "w"), indent=1)
 PY
 )
+  read -r rate_a slo slo_per_token budget budget_per_token <<<"$params"
   loads="$UTILS"
   echo "   capacity $rate_a req/s of the mix; the loads below are fractions of it"
-  [ -z "${SLO_IN_PREFILL:-}" ] || echo "   $(python3 -c "import json; d = json.load(open('$out/slo.json')); print(f\"a short prompt {d['short_ms']:.0f} ms, {d['prefill_ms_per_token']:.3f} ms per prompt token beyond\")"):" \
-    "SLO $slo ms + $slo_per_token ms/token, on-demand budget $budget ms + $budget_per_token ms/token"
+  if python3 -c "import json, sys; sys.exit('prefill_ms_per_token' not in json.load(open('$out/slo.json')))"; then
+    echo "   $(python3 -c "import json; d = json.load(open('$out/slo.json')); print(f\"a short prompt {d['short_ms']:.0f} ms, {d['prefill_ms_per_token']:.3f} ms per prompt token beyond\")"):" \
+      "SLO $slo ms + $slo_per_token ms/token, on-demand budget $budget ms + $budget_per_token ms/token"
+  fi
 fi
 
 gateways="${GATEWAYS:-1}"

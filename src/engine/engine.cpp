@@ -257,42 +257,62 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
   // (At most a day ahead: a peer's value must not overflow the clock.)
   const auto deadline =
       now + std::chrono::microseconds(dated ? std::min<int64_t>(request.wait_budget_us, 86'400'000'000) : 0);
+  const bool slotted = options_.role == EngineRole::kPrefill && options_.prefill_slots > 0;
+  bool queued_here = false;
+  Status queue_status = ok_status();
+  std::vector<Pending> dropped;  // cancelled while queued: ended outside the lock
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return unavailable("the engine is shutting down");
-    const bool slotted = options_.role == EngineRole::kPrefill && options_.prefill_slots > 0;
     // The baseline's FIFO: behind whatever already waits, even when a slot has just freed (the
     // head takes it: admit_slot_queue).
     if (slotted && request.queue_if_full &&
         (slots_in_use_ >= options_.prefill_slots || !slot_queue_.empty())) {
+      // Requests cancelled while they wait leave the queue now, not only at its head.
+      for (auto it = slot_queue_.begin(); it != slot_queue_.end();) {
+        if (it->handle->cancelled()) {
+          dropped.push_back(std::move(*it));
+          it = slot_queue_.erase(it);
+        } else {
+          ++it;
+        }
+      }
       if (static_cast<int64_t>(slot_queue_.size()) >= options_.max_waiting) {
-        return resource_exhausted(
+        queue_status = resource_exhausted(
             fmt::format("{} requests already wait in this prefill's queue; try another prefill or later",
                         slot_queue_.size()));
+      } else {
+        slot_queue_.push_back(
+            Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr, std::nullopt});
       }
-      slot_queue_.push_back(
-          Pending{std::move(request), std::move(sink), handle, std::nullopt, nullptr, std::nullopt});
-      return handle;
-    }
-    if (slotted && slots_in_use_ >= options_.prefill_slots) {
+      sync_transfer_metrics();
+      queued_here = true;
+    } else if (slotted && slots_in_use_ >= options_.prefill_slots) {
       if (dated) note_refused_locked(deadline, request.wait_queue, now);
       return resource_exhausted(
           fmt::format("all {} prefill slots are held; try another prefill or later", options_.prefill_slots));
     }
-    if (dated && slotted &&
-        !may_take_slot_locked(deadline, request.wait_queue, options_.prefill_slots - slots_in_use_, now)) {
-      ++priority_refusals_total_;
+    if (!queued_here) {
+      if (dated && slotted &&
+          !may_take_slot_locked(deadline, request.wait_queue, options_.prefill_slots - slots_in_use_, now)) {
+        ++priority_refusals_total_;
+        sync_transfer_metrics();
+        return resource_exhausted(
+            "a request nearer its time-to-first-token deadline waits for this prefill's free slot; "
+            "try another prefill or later");
+      }
+      if (!slotted && static_cast<int64_t>(incoming_.size()) + metrics_.waiting >= options_.max_waiting) {
+        return resource_exhausted(
+            fmt::format("{} requests are already waiting; retry later", options_.max_waiting));
+      }
+      if (options_.role == EngineRole::kPrefill) ++slots_in_use_;
       sync_transfer_metrics();
-      return resource_exhausted(
-          "a request nearer its time-to-first-token deadline waits for this prefill's free slot; try another "
-          "prefill or later");
     }
-    if (!slotted && static_cast<int64_t>(incoming_.size()) + metrics_.waiting >= options_.max_waiting) {
-      return resource_exhausted(
-          fmt::format("{} requests are already waiting; retry later", options_.max_waiting));
-    }
-    if (options_.role == EngineRole::kPrefill) ++slots_in_use_;
-    sync_transfer_metrics();
+  }
+  if (queued_here) {
+    for (Pending& p : dropped) end_unstarted(p, "cancelled", ok_status());
+    if (!queue_status.ok()) return queue_status;
+    return handle;
   }
   // A prefill's slot goes back without waking a router (nothing was freed that it could use).
   // (Not noted for deadline priority: a prompt the pool has no room for may find none for long,
@@ -437,6 +457,7 @@ bool Engine::may_take_slot_locked(std::chrono::steady_clock::time_point deadline
 }
 
 void Engine::sync_transfer_metrics() {
+  metrics_.waiting = sched_waiting_ + static_cast<int32_t>(slot_queue_.size());
   metrics_.prefill_slots_in_use = slots_in_use_;
   metrics_.handoffs_outstanding = static_cast<int32_t>(held_.size());
   metrics_.handoff_leases_expired_total = leases_expired_total_;
@@ -463,11 +484,17 @@ void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) 
 }
 
 void Engine::admit_slot_queue() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++admit_epoch_;  // a call that found the queue empty meanwhile shows here (see below)
+  }
   for (;;) {
     std::optional<Pending> p;
+    uint64_t epoch = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stop_ || slot_queue_.empty() || slots_in_use_ >= options_.prefill_slots) return;
+      epoch = admit_epoch_;
       p.emplace(std::move(slot_queue_.front()));
       slot_queue_.pop_front();
       ++slots_in_use_;
@@ -485,19 +512,24 @@ void Engine::admit_slot_queue() {
     const int32_t num_prompt = static_cast<int32_t>(p->request.prompt.size());
     StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
     if (!b.ok()) {
-      bool retry_later = false;
+      // Every release of a buffer calls this again, which tries again; with none in use the
+      // prompt can never fit. A release that came after the head was taken out found the
+      // queue without it: the epoch says so, and the head is tried again now.
+      const bool buffers_held = options_.kv_send->stats().buffers_in_use > 0;
+      bool wait = false, again = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
         --slots_in_use_;
         sync_transfer_metrics();
-        // Buffers in use free with their slots: the next freed one tries again. With none in
-        // use the prompt can never fit.
-        if (b.status().code() == StatusCode::kResourceExhausted && slots_in_use_ > 0 && !stop_) {
+        if (b.status().code() == StatusCode::kResourceExhausted && !stop_ &&
+            (buffers_held || admit_epoch_ != epoch)) {
+          again = admit_epoch_ != epoch;
+          wait = !again;
           slot_queue_.push_front(std::move(*p));
-          retry_later = true;
         }
       }
-      if (retry_later) return;
+      if (again) continue;
+      if (wait) return;
       end_unstarted(
           *p, "error",
           b.status().code() == StatusCode::kResourceExhausted
@@ -588,7 +620,8 @@ void Engine::loop() {
       pull_ended_ = false;
       incoming.swap(incoming_);
       stopping = stop_;
-      metrics_.waiting = scheduler_.num_waiting() + static_cast<int32_t>(slot_queue_.size());
+      sched_waiting_ = scheduler_.num_waiting();
+      sync_transfer_metrics();
     }
     admit_incoming(incoming);
     if (stopping) {
@@ -1077,13 +1110,14 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   if (give_up) {
     Status st = options_.kv_send->release(*give_up);
     if (!st.ok()) PD_LOG_WARN("engine: releasing KV buffer {}: {}", give_up->buffer_id, st.message());
+    admit_slot_queue();  // the head may have found no room while this buffer was held
   }
 }
 
 void Engine::publish_metrics(double step_seconds) {
   std::lock_guard<std::mutex> lock(mu_);
   metrics_.running = scheduler_.num_running();
-  metrics_.waiting = scheduler_.num_waiting();
+  sched_waiting_ = scheduler_.num_waiting();
   metrics_.kv = kv_.stats();
   metrics_.preemptions_total = scheduler_.num_preemptions();
   metrics_.prompt_tokens_total = prompt_tokens_total_;

@@ -2,13 +2,16 @@
 // model as executor, and the KV storage. One engine thread runs the step loop (plan a step,
 // run one forward pass over all its chunks, sample, stream); any thread may submit or cancel.
 //
-// Outputs go to each request's OutputSink, called on the engine thread in order: text as it
+// Outputs go to each request's OutputSink, called in order, on the engine thread (a prefill's
+// queued request that ends before it started — cancelled, or the engine shutting down — gets its
+// one final output on the thread that freed a slot or shut the engine down): text as it
 // becomes final (stop strings held back), the sampled tokens with their log-probabilities when
 // asked, and a last output with finished = true, the finish reason and usage. A sink must be
 // quick; it runs with no engine lock held, so it may call the thread-safe methods (submit,
 // release_handoff — a router does) but nothing that waits for this engine's thread.
 // Cancellation (RequestHandle::cancel) frees the request's KV blocks at the start of the next
-// step; its sink then gets a final output with finish reason "cancelled".
+// step; its sink then gets a final output with finish reason "cancelled" (a prefill's queued
+// request: when it reaches the head of the queue, or sooner when another request joins it).
 //
 // Outputs do not depend on what else runs: the forward pass is batch invariant and each
 // request samples with its own seeded Sampler, so a request streams the same tokens alone, in a
@@ -17,7 +20,9 @@
 // Roles (EngineOptions::role) are configurations of the same engine:
 //   mixed    prefill and decode on this instance (aggregated serving)
 //   prefill  at most prefill_slots requests at once and no queue: submit() refuses the next one
-//            at once, and one whose KV the send pool (transfer/) has no room for. The request's
+//            at once, and one whose KV the send pool (transfer/) has no room for — except a
+//            request that asks to queue (EngineRequest::queue_if_full, the baseline admission),
+//            which waits in a FIFO for the next free slot. The request's
 //            contiguous send buffer is taken at submit(); when its first token is sampled, its
 //            prompt KV is gathered into it, its blocks are freed, and its last output carries
 //            an EngineHandoff (finish reason "handoff"). The slot stays held until
@@ -283,8 +288,9 @@ class Engine : public Instance {
   // options.block_size. A prefill or decode role needs its KV in host memory (host_kv()).
   Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokenizer, const EngineOptions& options);
   ~Engine() override;  // shutdown()
-  // Finishes every request as "cancelled" and joins the engine thread; later submissions fail
-  // (kUnavailable). release_handoff() still works. Idempotent.
+  // Finishes every request as "cancelled" (a prefill's queued ones, not started, as "error" with
+  // kUnavailable) and joins the engine thread; later submissions fail (kUnavailable).
+  // release_handoff() still works. Idempotent.
   void shutdown();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -422,6 +428,8 @@ class Engine : public Instance {
   uint64_t pull_listener_ = 0;      // decode role: on kv_puller (0: none)
   int32_t slots_in_use_ = 0;        // guarded by mu_; prefill role
   std::deque<Pending> slot_queue_;  // guarded by mu_; prefill role: queue_if_full requests, FIFO
+  uint64_t admit_epoch_ = 0;        // guarded by mu_; counts admit_slot_queue() calls
+  int32_t sched_waiting_ = 0;       // guarded by mu_; the scheduler's waiting count, as published
   // guarded by mu_; prefill role: the most urgent deadline among the requests refused, and when
   // it was last refused (deadline_priority_ms)
   std::chrono::steady_clock::time_point urgent_deadline_{};

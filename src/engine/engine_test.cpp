@@ -460,7 +460,8 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
 
 // The baseline admission: a prefill whose slot is held keeps queue_if_full requests in its own
 // FIFO and starts each as a slot frees; a request that does not ask is still refused, a full queue
-// refuses, a request cancelled while it waits never runs, and shutdown ends what still waits.
+// refuses, a request cancelled while it waits never runs (it leaves when another joins), the
+// queue shows in the waiting count, and shutdown ends what still waits.
 TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
   KvTransport t = send_pool();
   EngineOptions o = prefill_options(*t.pool, 1);
@@ -503,33 +504,41 @@ TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_EQ(a.outputs.load(), 0);  // nothing starts while the slot is held
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
+  EXPECT_EQ(e.metrics().waiting, 3);
+  // b is cancelled while it waits: it leaves the queue when the next request joins, not running.
   (*b_handle)->cancel();
+  Waiter d;
+  ASSERT_TRUE(e.submit(queued(kPrompts[5]), d.sink()).ok());
+  EngineOutput b_last = b.last.get_future().get();
+  EXPECT_EQ(b_last.finish_reason, "cancelled");
+  EXPECT_EQ(b.outputs.load(), 1);
+  EXPECT_EQ(e.metrics().waiting, 3);  // a, c, d
 
-  // The slot frees: the head (a) takes it; c waits for the next one.
+  // Each freed slot goes to the head: a, then c, then d.
   ASSERT_TRUE(e.release_handoff(f.handoff->kv.ref()).ok());
   EngineOutput a_last = a.last.get_future().get();
   ASSERT_EQ(a_last.finish_reason, "handoff") << a_last.error.to_string();
   auto c_future = c.last.get_future();
   EXPECT_EQ(c_future.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout);
-  EXPECT_EQ(b.outputs.load(), 0);
-  // The next: b, cancelled meanwhile, ends without running; c runs.
   ASSERT_TRUE(e.release_handoff(a_last.handoff->kv.ref()).ok());
-  EngineOutput b_last = b.last.get_future().get();
-  EXPECT_EQ(b_last.finish_reason, "cancelled");
-  EXPECT_TRUE(b_last.tokens.empty());
   EngineOutput c_last = c_future.get();
   ASSERT_EQ(c_last.finish_reason, "handoff") << c_last.error.to_string();
+  EXPECT_EQ(d.outputs.load(), 0);
   ASSERT_TRUE(e.release_handoff(c_last.handoff->kv.ref()).ok());
+  EngineOutput d_last = d.last.get_future().get();
+  ASSERT_EQ(d_last.finish_reason, "handoff") << d_last.error.to_string();
+  ASSERT_TRUE(e.release_handoff(d_last.handoff->kv.ref()).ok());
   for (int i = 0; i < 200 && e.metrics().prefill_slots_in_use > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 0);
+  EXPECT_EQ(e.metrics().waiting, 0);
   EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
 
   // Shutdown ends a request that still waits, as a failure a router may retry elsewhere.
   Waiter held, waiting;
-  ASSERT_TRUE(e.submit(queued(kPrompts[5]), held.sink()).ok());
+  ASSERT_TRUE(e.submit(queued(kPrompts[6]), held.sink()).ok());
   ASSERT_EQ(held.last.get_future().get().finish_reason, "handoff");
-  ASSERT_TRUE(e.submit(queued(kPrompts[6]), waiting.sink()).ok());
+  ASSERT_TRUE(e.submit(queued(kPrompts[7]), waiting.sink()).ok());
   e.shutdown();
   EngineOutput w_last = waiting.last.get_future().get();
   EXPECT_EQ(w_last.finish_reason, "error");

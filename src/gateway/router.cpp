@@ -145,6 +145,9 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
     notify_capacity();
   } else if (!try_place(f)) {
     hold(f);
+    // Baseline: held behind what the router thread has in hand (or refused even a place in the
+    // prefill's queue); the next pass offers it again at once rather than on the tick.
+    if (options_.admission == AdmissionPolicy::kBaseline) notify_capacity();
   }
   return out;
 }

@@ -16,8 +16,10 @@
 // Baseline admission (the paper's comparison): each request joins, at once, the queue of the
 // prefill with the fewest open streams (queued requests included; among equals, one at random, so
 // that gateways that do not share their counts do not all pick the same) and waits there in order,
-// whatever the other prefills do — a FIFO queue per prefill, kept here so that both policies run
-// on the same instances. No TTFT budget applies to it.
+// whatever the other prefills do — a FIFO queue in each prefill: the request asks to queue
+// (EngineRequest::queue_if_full) and the prefill keeps it in its own queue, shared by every
+// gateway, until a slot frees; one the prefill refuses even so waits here, in a queue for that
+// prefill. Both policies run on the same instances. No TTFT budget applies to it.
 //
 // The prefill streams the first token to the client; its handoff goes to the decode with the
 // fewest requests in hand, which pulls the KV when it has room, tells the prefill to release it
