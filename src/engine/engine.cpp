@@ -314,30 +314,18 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
     if (!queue_status.ok()) return queue_status;
     return handle;
   }
-  // A prefill's slot goes back without waking a router (nothing was freed that it could use).
-  // (Not noted for deadline priority: a prompt the pool has no room for may find none for long,
-  // and other requests should not wait for it meanwhile.)
-  auto unreserve_slot = [this] {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --slots_in_use_;
-      sync_transfer_metrics();
-    }
-    admit_slot_queue();  // it may have been taken ahead of a queued request
-  };
   std::optional<KvSendBuffer> send;
   if (options_.role == EngineRole::kPrefill) {
     // The buffer is taken now, so that a prompt the pool has no room for is refused here (the
     // router tries another prefill) rather than failing after its first token went out.
-    const int32_t num_prompt = static_cast<int32_t>(request.prompt.size());
-    StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
+    StatusOr<KvSendBuffer> b = acquire_send_buffer(static_cast<int32_t>(request.prompt.size()));
     if (!b.ok()) {
+      // The slot goes back without waking a router (nothing was freed that it could use), and
+      // is not noted for deadline priority (a prompt the pool has no room for may find none for
+      // long, and other requests should not wait for it meanwhile).
       unreserve_slot();
-      if (b.status().code() != StatusCode::kResourceExhausted) return b.status();
-      return resource_exhausted(
-          fmt::format("no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({}); "
-                      "try another prefill or later",
-                      num_prompt, b.status().message()));
+      admit_slot_queue();  // the slot may have been taken ahead of a queued request
+      return b.status();
     }
     send = std::move(*b);
   }
@@ -353,7 +341,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit(EngineRequest request, O
   }
   if (!queued) {  // the engine stopped meanwhile: nothing would hand the buffer off
     if (send_ref) (void)options_.kv_send->release(*send_ref);
-    if (options_.role == EngineRole::kPrefill) unreserve_slot();
+    if (options_.role == EngineRole::kPrefill) unreserve_slot();  // stopped: nothing to admit
     return unavailable("the engine is shutting down");
   }
   cv_.notify_one();
@@ -466,13 +454,24 @@ void Engine::sync_transfer_metrics() {
 }
 
 void Engine::release_slot() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    --slots_in_use_;
-    sync_transfer_metrics();
-  }
+  unreserve_slot();
   admit_slot_queue();
   if (options_.on_capacity) options_.on_capacity();
+}
+
+void Engine::unreserve_slot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --slots_in_use_;
+  sync_transfer_metrics();
+}
+
+StatusOr<KvSendBuffer> Engine::acquire_send_buffer(int32_t num_prompt) {
+  StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
+  if (b.ok() || b.status().code() != StatusCode::kResourceExhausted) return b;
+  return resource_exhausted(
+      fmt::format("no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({}); "
+                  "try another prefill or later",
+                  num_prompt, b.status().message()));
 }
 
 void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) {
@@ -484,15 +483,12 @@ void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) 
 }
 
 void Engine::admit_slot_queue() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++admit_epoch_;  // a call that found the queue empty meanwhile shows here (see below)
-  }
-  for (;;) {
+  for (bool first = true;; first = false) {
     std::optional<Pending> p;
     uint64_t epoch = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (first) ++admit_epoch_;  // a call that found the queue empty meanwhile shows here (below)
       if (stop_ || slot_queue_.empty() || slots_in_use_ >= options_.prefill_slots) return;
       epoch = admit_epoch_;
       p.emplace(std::move(slot_queue_.front()));
@@ -501,16 +497,11 @@ void Engine::admit_slot_queue() {
       sync_transfer_metrics();
     }
     if (p->handle->cancelled()) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        --slots_in_use_;
-        sync_transfer_metrics();
-      }
+      unreserve_slot();
       end_unstarted(*p, "cancelled", ok_status());
       continue;
     }
-    const int32_t num_prompt = static_cast<int32_t>(p->request.prompt.size());
-    StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
+    StatusOr<KvSendBuffer> b = acquire_send_buffer(static_cast<int32_t>(p->request.prompt.size()));
     if (!b.ok()) {
       // Every release of a buffer calls this again, which tries again; with none in use the
       // prompt can never fit. A release that came after the head was taken out found the
@@ -530,13 +521,7 @@ void Engine::admit_slot_queue() {
       }
       if (again) continue;
       if (wait) return;
-      end_unstarted(
-          *p, "error",
-          b.status().code() == StatusCode::kResourceExhausted
-              ? resource_exhausted(fmt::format(
-                    "no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({})",
-                    num_prompt, b.status().message()))
-              : b.status());
+      end_unstarted(*p, "error", b.status());
       continue;
     }
     p->send = std::move(*b);
@@ -549,11 +534,7 @@ void Engine::admit_slot_queue() {
     }
     if (p) {  // the engine stopped meanwhile
       (void)options_.kv_send->release(p->send->ref);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        --slots_in_use_;
-        sync_transfer_metrics();
-      }
+      unreserve_slot();
       end_unstarted(*p, "error", unavailable("the prefill instance is shutting down"));
       return;
     }

@@ -375,6 +375,11 @@ class Engine : public Instance {
   void land_pulls(bool wait);
   void expire_handoffs();
   void release_slot();
+  // Prefill role: gives a slot back without waking anyone (taken, then not used).
+  void unreserve_slot();
+  // Prefill role: a send buffer for a prompt of `num_prompt` tokens; kResourceExhausted, naming
+  // the sizes, when the pool has no room for it.
+  StatusOr<KvSendBuffer> acquire_send_buffer(int32_t num_prompt);
   // Prefill role, mu_ held: a request due at `deadline`, waiting in gateway queue `queue`, was
   // refused (noted when it is the most urgent seen within deadline_priority_ms); whether such a
   // request may take one of `free_slots` (the last is kept for the noted one).
