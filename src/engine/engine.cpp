@@ -475,6 +475,11 @@ StatusOr<KvSendBuffer> Engine::acquire_send_buffer(int32_t num_prompt) {
 }
 
 void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++unstarted_by_reason_[finish_reason];
+    ++metrics_.finished_by_reason[finish_reason];
+  }
   EngineOutput out;
   out.finished = true;
   out.finish_reason = std::move(finish_reason);
@@ -1116,6 +1121,7 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.step_seconds_total = step_seconds_total_;
   if (step_seconds > 0) metrics_.last_step_seconds = step_seconds;
   metrics_.finished_by_reason = finished_by_reason_;
+  for (const auto& [reason, n] : unstarted_by_reason_) metrics_.finished_by_reason[reason] += n;
 }
 
 }  // namespace pdserve

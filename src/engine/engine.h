@@ -355,8 +355,9 @@ class Engine : public Instance {
   // Prefill role: starts queued requests (queue_if_full) while slots are free; called after a
   // slot was freed, on any thread, without mu_.
   void admit_slot_queue();
-  // Ends a request that never started (queued, then cancelled or failed), on the caller's thread.
-  static void end_unstarted(Pending& p, std::string finish_reason, Status error);
+  // Ends a request that never started (queued, then cancelled or failed), on the caller's thread,
+  // without mu_; counted in the metrics' finished_by_reason.
+  void end_unstarted(Pending& p, std::string finish_reason, Status error);
   void step();
   void finish(SequenceId id, EngineOutput&& last);
   void publish_metrics(double step_seconds);
@@ -445,7 +446,9 @@ class Engine : public Instance {
   int32_t num_pending_ = 0;              // guarded by mu_; decode role: handoffs submitted, not yet pulling
   std::vector<HeldHandoff> held_;        // guarded by mu_; prefill role
   int64_t leases_expired_total_ = 0;     // guarded by mu_
-  EngineMetrics metrics_;                // guarded by mu_
+  // guarded by mu_; prefill role: requests ended before they started (end_unstarted), by reason
+  std::unordered_map<std::string, int64_t> unstarted_by_reason_;
+  EngineMetrics metrics_;  // guarded by mu_
   std::thread thread_;
 };
 

@@ -512,7 +512,8 @@ TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
   EngineOutput b_last = b.last.get_future().get();
   EXPECT_EQ(b_last.finish_reason, "cancelled");
   EXPECT_EQ(b.outputs.load(), 1);
-  EXPECT_EQ(e.metrics().waiting, 3);  // a, c, d
+  EXPECT_EQ(e.metrics().waiting, 3);                          // a, c, d
+  EXPECT_EQ(e.metrics().finished_by_reason["cancelled"], 1);  // counted though it never ran
 
   // Each freed slot goes to the head: a, then c, then d.
   ASSERT_TRUE(e.release_handoff(f.handoff->kv.ref()).ok());
@@ -544,6 +545,10 @@ TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
   EXPECT_EQ(w_last.finish_reason, "error");
   EXPECT_EQ(w_last.error.code(), StatusCode::kUnavailable);
   EXPECT_NE(w_last.error.message().find("shutting down"), std::string::npos) << w_last.error.to_string();
+  EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.finished_by_reason["error"], 1);
+  EXPECT_EQ(m.finished_by_reason["cancelled"], 1);
+  EXPECT_EQ(m.finished_by_reason["handoff"], 5);  // f, a, c, d, held
 }
 
 // Deadline priority: a prefill that refused a request with a deadline keeps its next free slot
