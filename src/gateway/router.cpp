@@ -36,7 +36,10 @@ struct Router::Flight {
   Clock::time_point arrived;
   Clock::time_point deadline;
   std::vector<bool> failed_on;  // prefills that failed this request before its first token
-  int assigned = -1;            // baseline admission: the prefill whose queue the request joined
+  // prefills that ended it unstarted or unreachable once (kUnavailable) before its first token: asked
+  // again; a second such end counts as a failure (failed_on)
+  std::vector<bool> unavailable_on;
+  int assigned = -1;  // baseline admission: the prefill whose queue the request joined
   // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
   bool got_first_token = false;
   size_t prefill_idx = 0;
@@ -130,6 +133,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
   f->request = std::move(request);
   f->sink = std::move(sink);
   f->failed_on.assign(prefills_.size(), false);
+  f->unavailable_on.assign(prefills_.size(), false);
   std::shared_ptr<RequestHandle> out = f->handle;
   bool queue_first;
   {
@@ -226,6 +230,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     std::lock_guard<std::mutex> lock(mu_);
     order = ranked(prefill_open_, f->failed_on);
   }
+  // A prefill that went away while it had this request is asked after the others.
+  std::stable_partition(order.begin(), order.end(), [&](size_t i) { return !f->unavailable_on[i]; });
   if (order.empty()) {
     EngineOutput out;
     out.finish_reason = "error";
@@ -447,13 +453,27 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
     return;
   }
   if (out.finish_reason == "error" && !f->got_first_token && !f->handle->cancelled()) {
-    // Failed before its first token: another prefill may succeed.
-    PD_LOG_WARN("gateway: prefill {} failed a request before its first token ({}); retrying elsewhere", idx,
-                out.error.message());
-    f->failed_on[idx] = true;
+    // Failed before its first token: another prefill may succeed. A prefill that went away or
+    // could not be reached (kUnavailable: it shut down with the request still in its queue, or
+    // its stream broke) may come back within the request's budget, as one that refuses at
+    // submit may: the others are asked first, and it again later; only a second such end, or
+    // any other error, rules it out for this request.
+    const bool away = out.error.code() == StatusCode::kUnavailable && !f->unavailable_on[idx];
+    PD_LOG_WARN("gateway: prefill {} failed a request before its first token ({}); retrying {}", idx,
+                out.error.message(), away ? "on the others first" : "elsewhere");
+    if (away) {
+      f->unavailable_on[idx] = true;
+    } else {
+      f->failed_on[idx] = true;
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_retries_total_;
+      if (away && options_.admission == AdmissionPolicy::kBaseline) {
+        // Its queue is gone with it: the shortest other queue, if there is one.
+        if (const size_t best = least_loaded_locked(*f, idx); best != prefills_.size())
+          f->assigned = static_cast<int>(best);
+      }
     }
     if (!try_place(f, /*queued=*/true)) hold(f, /*front=*/true);
     return;

@@ -24,7 +24,9 @@
 // The prefill streams the first token to the client; its handoff goes to the decode with the
 // fewest requests in hand, which pulls the KV when it has room, tells the prefill to release it
 // (on_pulled), and streams the rest. A request whose prefill fails before the first token is
-// retried on another prefill (once per prefill). The client's RequestHandle is shared with
+// retried on another prefill (once per prefill; a prefill that went away with it — kUnavailable,
+// e.g. shut down with the request still in its queue — is asked again after the others, once,
+// since it may be back). The client's RequestHandle is shared with
 // whichever engine holds the request, so cancellation reaches it.
 //
 // Layer-wise KV (a prefill's early handoff, before its forward pass ends): the handoff goes to a

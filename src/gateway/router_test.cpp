@@ -1,5 +1,6 @@
 #include "gateway/router.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -349,6 +350,92 @@ TEST_F(RouterTest, APrefillThatIsGoneIsSkippedAndOthersServe) {
   }
   EXPECT_GE(c.router->metrics().gateway_prefill_retries_total, 1);
   c.expect_idle();
+}
+
+// A prefill engine that ends the first `ends` requests offered to it unstarted with kUnavailable,
+// as a prefill does that shuts down with them in its queue; after that it serves.
+class AwayPrefill : public Instance {
+ public:
+  AwayPrefill(Engine& engine, int32_t ends) : engine_(engine), ends_(ends) {}
+  int32_t max_context() const override { return engine_.max_context(); }
+  int64_t max_sequence_tokens() const override { return engine_.max_sequence_tokens(); }
+  Status validate(const EngineRequest& r) const override { return engine_.validate(r); }
+  StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink sink,
+                                                  std::shared_ptr<RequestHandle> handle) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++submits_;
+      if (ends_ > 0) {
+        --ends_;
+        threads_.emplace_back([sink = std::move(sink)] {
+          EngineOutput out;
+          out.finished = true;
+          out.finish_reason = "error";
+          out.error = unavailable("the prefill instance is shutting down");
+          sink(std::move(out));
+        });
+        return handle ? handle : std::make_shared<RequestHandle>();
+      }
+    }
+    return engine_.submit(std::move(request), std::move(sink), std::move(handle));
+  }
+  EngineMetrics metrics() const override { return engine_.metrics(); }
+  EngineRole role() const override { return engine_.role(); }
+  StatusOr<std::shared_ptr<RequestHandle>> submit_handoff(EngineRequest request, const EngineHandoff& handoff,
+                                                          OutputSink sink, PulledCallback on_pulled,
+                                                          std::shared_ptr<RequestHandle> handle) override {
+    return engine_.submit_handoff(std::move(request), handoff, std::move(sink), std::move(on_pulled),
+                                  std::move(handle));
+  }
+  Status release_handoff(const KvBufferRef& kv) override { return engine_.release_handoff(kv); }
+
+  int32_t submits() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return submits_;
+  }
+  void join() {
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+  }
+
+ private:
+  Engine& engine_;
+  mutable std::mutex mu_;
+  int32_t ends_;
+  int32_t submits_ = 0;
+  std::vector<std::thread> threads_;
+};
+
+// A prefill that ended a request unstarted with kUnavailable (it shut down with the request in
+// its queue) may be back: the request is offered to it again — with no other prefill, under both
+// policies — instead of failing; a second such end rules that prefill out for the request.
+TEST_F(RouterTest, APrefillThatWentAwayWithARequestIsAskedAgainOnce) {
+  for (AdmissionPolicy policy : {AdmissionPolicy::kOnDemand, AdmissionPolicy::kBaseline}) {
+    for (int32_t ends : {1, 2}) {
+      SCOPED_TRACE(fmt::format("baseline {}, ends {}", policy == AdmissionPolicy::kBaseline, ends));
+      RouterOptions ro;
+      ro.admission = policy;
+      Cluster c(*model_, 1, 1, ro);
+      AwayPrefill away(*c.prefills[0], ends);
+      Router router({&away}, {c.decode.get()}, ro);
+      Collector col;
+      ASSERT_TRUE(router.submit(prompts(4)[0], col.sink()).ok());
+      Result r = col.wait();
+      if (ends == 1) {
+        EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
+        EXPECT_EQ(r.completion_tokens, 4);
+      } else {
+        EXPECT_EQ(r.finish_reason, "error");
+        EXPECT_EQ(r.error.code(), StatusCode::kUnavailable);
+        EXPECT_NE(r.error.message().find("failed this request"), std::string::npos) << r.error.to_string();
+      }
+      EXPECT_EQ(away.submits(), 2);
+      EXPECT_EQ(router.metrics().gateway_prefill_retries_total, ends);
+      router.stop();
+      away.join();
+      c.expect_idle();
+    }
+  }
 }
 
 // Layer-wise KV: the decode pulls each layer while the prefill's last pass computes it and takes
