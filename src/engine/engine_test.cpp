@@ -551,6 +551,64 @@ TEST_F(EngineTest, PrefillQueuesBaselineRequestsFirstComeFirstServed) {
   EXPECT_EQ(m.finished_by_reason["handoff"], 5);  // f, a, c, d, held
 }
 
+// A queued baseline request whose turn comes while the send pool has no room for its KV — a
+// layer-wise request cancelled during its pass gives its slot back before the buffer it gave up —
+// waits at the head of the queue and starts once that buffer is released, instead of failing.
+TEST_F(EngineTest, QueuedRequestWaitsForTheBufferAGivenUpLayerWiseSendStillHolds) {
+  const char* prompt = "Once upon a time, in a small village,";
+  EngineRequest first = request(prompt, 4);
+  const uint64_t token_bytes = static_cast<uint64_t>(model_->config().kv_bytes_per_token(2));
+  const uint64_t one_message = kKvWireHeaderBytes + token_bytes * first.prompt.size();
+  KvTransport t = send_pool(kv_send_buffer_bytes(one_message));  // room for one such prompt
+  EngineOptions o = prefill_options(*t.pool, 1);
+  o.layer_wise_kv = true;
+  Engine e(*model_, *tokenizer_, *pool_, o);
+
+  // The engine thread waits in the first request's sink at its early handoff, so that the second
+  // request finds the slot held and joins the queue.
+  std::promise<void> early_seen, go;
+  std::shared_future<void> go_future = go.get_future().share();
+  std::promise<EngineOutput> first_last;
+  bool early = false;
+  auto first_sink = [&](EngineOutput&& out) {
+    if (out.handoff && !out.finished && !early) {
+      early = true;
+      early_seen.set_value();
+      go_future.wait();
+    }
+    if (out.finished) first_last.set_value(std::move(out));
+  };
+  auto first_handle = e.submit(std::move(first), first_sink);
+  ASSERT_TRUE(first_handle.ok());
+  ASSERT_EQ(early_seen.get_future().wait_for(std::chrono::seconds(30)), std::future_status::ready)
+      << "no early handoff";
+  EngineRequest second = request(prompt, 2);
+  second.queue_if_full = true;
+  std::promise<EngineOutput> second_last;
+  auto second_sink = [&](EngineOutput&& out) {
+    if (out.finished) second_last.set_value(std::move(out));
+  };
+  ASSERT_TRUE(e.submit(std::move(second), second_sink).ok());
+  EXPECT_EQ(e.metrics().waiting, 1);
+  (*first_handle)->cancel();  // its early buffer is given up when it ends
+  go.set_value();
+
+  EXPECT_EQ(first_last.get_future().get().finish_reason, "cancelled");
+  auto second_future = second_last.get_future();
+  ASSERT_EQ(second_future.wait_for(std::chrono::seconds(30)), std::future_status::ready)
+      << "the queued request never started";
+  EngineOutput b = second_future.get();
+  ASSERT_EQ(b.finish_reason, "handoff") << b.error.to_string();
+  ASSERT_TRUE(e.release_handoff(b.handoff->kv.ref()).ok());
+  for (int i = 0; i < 200 && t.pool->stats().buffers_in_use > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.prefill_slots_in_use, 0);
+  EXPECT_EQ(m.waiting, 0);
+  EXPECT_EQ(t.pool->stats().buffers_in_use, 0);
+  EXPECT_EQ(m.layer_wise_handoffs_total, 1);
+}
+
 // Deadline priority: a prefill that refused a request with a deadline keeps its next free slot
 // for it (or anyone due sooner, or its gateway queue) for deadline_priority_ms; the request
 // itself, retried, takes it and ends the priority; it lapses when that request stops asking.

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -81,15 +82,20 @@ class Collector {
     };
   }
   Result wait() {
-    done_.get_future().wait();
+    done_future_.wait();
     std::lock_guard<std::mutex> lock(mu_);
     return r_;
+  }
+  // Whether the final output came within `timeout` (wait() then returns at once).
+  bool finished_within(std::chrono::milliseconds timeout) {
+    return done_future_.wait_for(timeout) == std::future_status::ready;
   }
 
  private:
   std::mutex mu_;
   Result r_;
   std::promise<void> done_;
+  std::shared_future<void> done_future_ = done_.get_future().share();
 };
 
 }  // namespace pdserve::testing

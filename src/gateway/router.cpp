@@ -39,6 +39,8 @@ struct Router::Flight {
   // prefills that ended it unstarted or unreachable once (kUnavailable) before its first token: asked
   // again; a second such end counts as a failure (failed_on)
   std::vector<bool> unavailable_on;
+  // prefills found away (kUnavailable: at submit, or such an end): offered it after the others
+  std::vector<bool> away_on;
   int assigned = -1;  // baseline admission: the prefill whose queue the request joined
   // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
   bool got_first_token = false;
@@ -134,6 +136,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, O
   f->sink = std::move(sink);
   f->failed_on.assign(prefills_.size(), false);
   f->unavailable_on.assign(prefills_.size(), false);
+  f->away_on.assign(prefills_.size(), false);
   std::shared_ptr<RequestHandle> out = f->handle;
   bool queue_first;
   {
@@ -200,20 +203,24 @@ void Router::notify_capacity() {
 }
 
 size_t Router::least_loaded_locked(const Flight& f, size_t skip) {
-  size_t best = prefills_.size();
-  int32_t best_load = 0, equals = 0;
-  for (size_t i = 0; i < prefills_.size(); ++i) {
-    if (i == skip || f.failed_on[i]) continue;
-    const int32_t load = prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size());
-    if (best == prefills_.size() || load < best_load) {
-      best = i;
-      best_load = load;
-      equals = 1;
-    } else if (load == best_load && std::uniform_int_distribution<int32_t>(0, equals++)(tie_rng_) == 0) {
-      best = i;  // each of the equals is kept with the same chance
+  // A prefill found away only when no other is left (its count fell with its streams).
+  for (bool away : {false, true}) {
+    size_t best = prefills_.size();
+    int32_t best_load = 0, equals = 0;
+    for (size_t i = 0; i < prefills_.size(); ++i) {
+      if (i == skip || f.failed_on[i] || f.away_on[i] != away) continue;
+      const int32_t load = prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size());
+      if (best == prefills_.size() || load < best_load) {
+        best = i;
+        best_load = load;
+        equals = 1;
+      } else if (load == best_load && std::uniform_int_distribution<int32_t>(0, equals++)(tie_rng_) == 0) {
+        best = i;  // each of the equals is kept with the same chance
+      }
     }
+    if (best != prefills_.size()) return best;
   }
-  return best;
+  return prefills_.size();
 }
 
 bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
@@ -230,8 +237,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     std::lock_guard<std::mutex> lock(mu_);
     order = ranked(prefill_open_, f->failed_on);
   }
-  // A prefill that went away while it had this request is asked after the others.
-  std::stable_partition(order.begin(), order.end(), [&](size_t i) { return !f->unavailable_on[i]; });
+  // A prefill found away is asked after the others.
+  std::stable_partition(order.begin(), order.end(), [&](size_t i) { return !f->away_on[i]; });
   if (order.empty()) {
     EngineOutput out;
     out.finish_reason = "error";
@@ -287,9 +294,11 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       continue;  // a full prefill refuses at once: inquire the next one
     }
     if (accepted.status().code() == StatusCode::kUnavailable) {
-      // A prefill that is down or going away: ask the others now, and this one again later (it
-      // may come back within the request's budget). Only a prefill that accepted the request
-      // and then failed it is never asked again (failed_on).
+      // A prefill that is down or going away: ask the others now, and this one again later, after
+      // them (it may come back: within the request's budget; the baseline, which has none, waits
+      // for it while no other prefill is left). Only a prefill that accepted the request and then
+      // failed it is never asked again (failed_on; a first kUnavailable end excepted).
+      f->away_on[idx] = true;
       {
         std::lock_guard<std::mutex> lock(mu_);
         ++prefill_retries_total_;
@@ -463,6 +472,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
                 out.error.message(), away ? "on the others first" : "elsewhere");
     if (away) {
       f->unavailable_on[idx] = true;
+      f->away_on[idx] = true;
     } else {
       f->failed_on[idx] = true;
     }

@@ -26,7 +26,8 @@
 // (on_pulled), and streams the rest. A request whose prefill fails before the first token is
 // retried on another prefill (once per prefill; a prefill that went away with it — kUnavailable,
 // e.g. shut down with the request still in its queue — is asked again after the others, once,
-// since it may be back). The client's RequestHandle is shared with
+// since it may be back; a baseline request, which has no TTFT budget, waits for it without limit
+// when no other prefill is left). The client's RequestHandle is shared with
 // whichever engine holds the request, so cancellation reaches it.
 //
 // Layer-wise KV (a prefill's early handoff, before its forward pass ends): the handoff goes to a
@@ -105,7 +106,8 @@ class Router : public GenerationBackend {
   // `queued`: the router thread (or a retry) places a request that already waited, ahead of new ones.
   bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
   // Baseline admission: the prefill with the fewest open and queued streams among those `f` has
-  // not failed on, other than `skip` (a random one among equals); prefills_.size() if none. Holds mu_.
+  // not failed on, other than `skip` (a random one among equals; one found away only when no other
+  // is left); prefills_.size() if none. Holds mu_.
   size_t least_loaded_locked(const Flight& f, size_t skip);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);

@@ -357,6 +357,7 @@ TEST_F(RouterTest, APrefillThatIsGoneIsSkippedAndOthersServe) {
 class AwayPrefill : public Instance {
  public:
   AwayPrefill(Engine& engine, int32_t ends) : engine_(engine), ends_(ends) {}
+  ~AwayPrefill() override { join(); }
   int32_t max_context() const override { return engine_.max_context(); }
   int64_t max_sequence_tokens() const override { return engine_.max_sequence_tokens(); }
   Status validate(const EngineRequest& r) const override { return engine_.validate(r); }
@@ -393,6 +394,7 @@ class AwayPrefill : public Instance {
     std::lock_guard<std::mutex> lock(mu_);
     return submits_;
   }
+  // Once nothing submits any more.
   void join() {
     for (std::thread& t : threads_) t.join();
     threads_.clear();
@@ -420,6 +422,7 @@ TEST_F(RouterTest, APrefillThatWentAwayWithARequestIsAskedAgainOnce) {
       Router router({&away}, {c.decode.get()}, ro);
       Collector col;
       ASSERT_TRUE(router.submit(prompts(4)[0], col.sink()).ok());
+      ASSERT_TRUE(col.finished_within(std::chrono::seconds(60))) << "the request never ended";
       Result r = col.wait();
       if (ends == 1) {
         EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
@@ -431,10 +434,44 @@ TEST_F(RouterTest, APrefillThatWentAwayWithARequestIsAskedAgainOnce) {
       }
       EXPECT_EQ(away.submits(), 2);
       EXPECT_EQ(router.metrics().gateway_prefill_retries_total, ends);
+      EXPECT_EQ(router.metrics().gateway_waiting, 0);
       router.stop();
       away.join();
       c.expect_idle();
     }
+  }
+}
+
+// With other prefills there, one found away — refusing at submit (shut down) or ending a request
+// unstarted — is offered that request only after the others: the request goes to a prefill that
+// serves, never back and forth between two that are away.
+TEST_F(RouterTest, PrefillsFoundAwayAreAskedAfterTheOthers) {
+  for (AdmissionPolicy policy : {AdmissionPolicy::kOnDemand, AdmissionPolicy::kBaseline}) {
+    SCOPED_TRACE(policy == AdmissionPolicy::kBaseline ? "baseline" : "on-demand");
+    RouterOptions ro;
+    ro.admission = policy;
+    Cluster c(*model_, 3, 1, ro);
+    c.prefills[1]->shutdown();                    // refuses at submit (kUnavailable)
+    AwayPrefill away(*c.prefills[0], 1'000'000);  // ends every request unstarted (kUnavailable)
+    Router router({&away, c.prefills[1].get(), c.prefills[2].get()}, {c.decode.get()}, ro);
+    const std::vector<EngineRequest> requests = prompts(4);
+    for (int i = 0; i < 6; ++i) {  // one at a time: every prefill's count is 0 at arrival
+      Collector col;
+      ASSERT_TRUE(router.submit(requests[static_cast<size_t>(i)], col.sink()).ok());
+      ASSERT_TRUE(col.finished_within(std::chrono::seconds(60))) << "request " << i << " never ended";
+      Result r = col.wait();
+      EXPECT_TRUE(r.finish_reason == "length" || r.finish_reason == "stop") << r.error.to_string();
+      // The first prefill is offered each request once at most (on-demand: always first, by index).
+      if (policy == AdmissionPolicy::kOnDemand) {
+        EXPECT_EQ(away.submits(), i + 1);
+      } else {
+        EXPECT_LE(away.submits(), i + 1);
+      }
+    }
+    EXPECT_EQ(c.prefills[2]->metrics().handoffs_total, 6);
+    router.stop();
+    away.join();
+    c.expect_idle();
   }
 }
 
