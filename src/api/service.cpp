@@ -772,7 +772,8 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
             "capacity frees and every 10 ms).",
             static_cast<double>(m.gateway_rejections_total));
   w.counter("pdserve_gateway_prefill_retries_total",
-            "Requests retried on another prefill after a failure before their first token.",
+            "Requests moved on from a prefill that failed them before their first token or was found "
+            "away (unreachable or shutting down), once per request and prefill.",
             static_cast<double>(m.gateway_prefill_retries_total));
   if (!m.scenarios.empty()) {
     w.family("pdserve_gateway_scenario_requests_total", "counter", "Requests received, by scenario.");

@@ -298,8 +298,9 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       // them (it may come back: within the request's budget; the baseline, which has none, waits
       // for it while no other prefill is left). Only a prefill that accepted the request and then
       // failed it is never asked again (failed_on; a first kUnavailable end excepted).
+      const bool seen = f->away_on[idx];
       f->away_on[idx] = true;
-      {
+      if (!seen) {  // counted once per request and prefill, not at every re-offer
         std::lock_guard<std::mutex> lock(mu_);
         ++prefill_retries_total_;
       }

@@ -469,10 +469,33 @@ TEST_F(RouterTest, PrefillsFoundAwayAreAskedAfterTheOthers) {
       }
     }
     EXPECT_EQ(c.prefills[2]->metrics().handoffs_total, 6);
+    // Each request moved on from each of the two once at most (on-demand: from both, in order).
+    if (policy == AdmissionPolicy::kOnDemand) {
+      EXPECT_EQ(router.metrics().gateway_prefill_retries_total, 12);
+    } else {
+      EXPECT_LE(router.metrics().gateway_prefill_retries_total, 12);
+    }
     router.stop();
     away.join();
     c.expect_idle();
   }
+}
+
+// A baseline request whose only prefill is down waits at the gateway for it (it has no TTFT
+// budget), re-offered on every tick, and counts as one retry, not one per offer.
+TEST_F(RouterTest, ARequestHeldForADownPrefillCountsOneRetry) {
+  RouterOptions ro;
+  ro.admission = AdmissionPolicy::kBaseline;
+  Cluster c(*model_, 1, 1, ro);
+  c.prefills[0]->shutdown();
+  Collector col;
+  ASSERT_TRUE(c.router->submit(prompts(4)[0], col.sink()).ok());
+  EXPECT_FALSE(col.finished_within(std::chrono::milliseconds(200)));  // about 20 re-offers
+  EXPECT_EQ(c.router->metrics().gateway_waiting, 1);
+  EXPECT_EQ(c.router->metrics().gateway_prefill_retries_total, 1);
+  c.router->stop();  // ends what waits
+  ASSERT_TRUE(col.finished_within(std::chrono::seconds(10)));
+  EXPECT_EQ(col.wait().finish_reason, "cancelled");
 }
 
 // Layer-wise KV: the decode pulls each layer while the prefill's last pass computes it and takes
