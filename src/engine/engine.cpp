@@ -477,8 +477,8 @@ StatusOr<KvSendBuffer> Engine::acquire_send_buffer(int32_t num_prompt) {
 void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ++unstarted_by_reason_[finish_reason];
-    ++metrics_.finished_by_reason[finish_reason];
+    ++finished_by_reason_[finish_reason];
+    metrics_.finished_by_reason = finished_by_reason_;
   }
   EngineOutput out;
   out.finished = true;
@@ -1085,7 +1085,10 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
   last.cached_prompt_tokens = a.cached_prompt_tokens;
   // A handed-off prompt is counted once, by the decode that finishes it.
   if (last.finish_reason != "handoff") prompt_tokens_total_ += last.prompt_tokens;
-  ++finished_by_reason_[last.finish_reason];
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++finished_by_reason_[last.finish_reason];
+  }
   scheduler_.remove(id);
   pull_blocked_ = false;  // a seat or blocks may be free now
   OutputSink sink = std::move(a.sink);
@@ -1121,7 +1124,6 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.step_seconds_total = step_seconds_total_;
   if (step_seconds > 0) metrics_.last_step_seconds = step_seconds;
   metrics_.finished_by_reason = finished_by_reason_;
-  for (const auto& [reason, n] : unstarted_by_reason_) metrics_.finished_by_reason[reason] += n;
 }
 
 }  // namespace pdserve

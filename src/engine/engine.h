@@ -414,7 +414,6 @@ class Engine : public Instance {
   int64_t computed_tokens_total_ = 0;
   int64_t steps_total_ = 0;
   double step_seconds_total_ = 0;
-  std::unordered_map<std::string, int64_t> finished_by_reason_;
   PagedKvView kv_view_;              // the executor's host KV for the transfer layer
   std::deque<SequenceId> to_pull_;   // decode role: pending handoffs, in arrival order
   std::vector<SequenceId> pulling_;  // decode role: KV on its way
@@ -446,8 +445,8 @@ class Engine : public Instance {
   int32_t num_pending_ = 0;              // guarded by mu_; decode role: handoffs submitted, not yet pulling
   std::vector<HeldHandoff> held_;        // guarded by mu_; prefill role
   int64_t leases_expired_total_ = 0;     // guarded by mu_
-  // guarded by mu_; prefill role: requests ended before they started (end_unstarted), by reason
-  std::unordered_map<std::string, int64_t> unstarted_by_reason_;
+  // guarded by mu_; requests ended, by reason (finish(), and end_unstarted() on any thread)
+  std::unordered_map<std::string, int64_t> finished_by_reason_;
   EngineMetrics metrics_;  // guarded by mu_
   std::thread thread_;
 };

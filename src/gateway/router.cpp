@@ -202,13 +202,13 @@ void Router::notify_capacity() {
   cv_.notify_one();
 }
 
-size_t Router::least_loaded_locked(const Flight& f, size_t skip) {
+size_t Router::least_loaded_locked(const Flight& f) {
   // A prefill found away only when no other is left (its count fell with its streams).
   for (bool away : {false, true}) {
     size_t best = prefills_.size();
     int32_t best_load = 0, equals = 0;
     for (size_t i = 0; i < prefills_.size(); ++i) {
-      if (i == skip || f.failed_on[i] || f.away_on[i] != away) continue;
+      if (f.failed_on[i] || f.away_on[i] != away) continue;
       const int32_t load = prefill_open_[i] + static_cast<int32_t>(prefill_queues_[i].size());
       if (best == prefills_.size() || load < best_load) {
         best = i;
@@ -251,9 +251,12 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     // The paper's baseline: each request joins the queue of the prefill with the fewest open
     // streams (queued ones included, as this gateway counts them) and waits there, whatever the
     // other prefills do.
-    if (f->assigned < 0 || f->failed_on[static_cast<size_t>(f->assigned)]) {
+    // A prefill it failed on or found away is left for another queue, if there is one (order is
+    // not empty: there is a prefill to choose).
+    if (f->assigned < 0 || f->failed_on[static_cast<size_t>(f->assigned)] ||
+        f->away_on[static_cast<size_t>(f->assigned)]) {
       std::lock_guard<std::mutex> lock(mu_);
-      f->assigned = static_cast<int>(least_loaded_locked(*f, prefills_.size()));
+      f->assigned = static_cast<int>(least_loaded_locked(*f));
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -305,10 +308,10 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
         ++prefill_retries_total_;
       }
       if (options_.admission == AdmissionPolicy::kBaseline) {
-        // Its queue would wait behind a prefill that is not there: join the shortest other one.
+        // Its queue would wait behind a prefill that is not there: join the shortest one of a
+        // prefill not found away, if there is one (this one is a choice: never none).
         std::lock_guard<std::mutex> lock(mu_);
-        if (const size_t best = least_loaded_locked(*f, idx); best != prefills_.size())
-          f->assigned = static_cast<int>(best);
+        f->assigned = static_cast<int>(least_loaded_locked(*f));
         return false;
       }
       continue;
@@ -480,11 +483,6 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_retries_total_;
-      if (away && options_.admission == AdmissionPolicy::kBaseline) {
-        // Its queue is gone with it: the shortest other queue, if there is one.
-        if (const size_t best = least_loaded_locked(*f, idx); best != prefills_.size())
-          f->assigned = static_cast<int>(best);
-      }
     }
     if (!try_place(f, /*queued=*/true)) hold(f, /*front=*/true);
     return;

@@ -106,9 +106,9 @@ class Router : public GenerationBackend {
   // `queued`: the router thread (or a retry) places a request that already waited, ahead of new ones.
   bool try_place(const std::shared_ptr<Flight>& f, bool queued = false);
   // Baseline admission: the prefill with the fewest open and queued streams among those `f` has
-  // not failed on, other than `skip` (a random one among equals; one found away only when no other
-  // is left); prefills_.size() if none. Holds mu_.
-  size_t least_loaded_locked(const Flight& f, size_t skip);
+  // not failed on (a random one among equals; one found away only when no other is left);
+  // prefills_.size() if none. Holds mu_.
+  size_t least_loaded_locked(const Flight& f);
   // Gives a handed-off request to a decode; true when one took it (or it ended).
   bool try_hand_to_decode(const std::shared_ptr<Flight>& f);
   // Offers a prefill's handoff to the decodes, fewest requests first, as decode attempt `attempt`
