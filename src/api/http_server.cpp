@@ -9,6 +9,7 @@
 #include <future>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <thread>
 #include <unordered_map>
 
@@ -49,7 +50,9 @@ std::string to_string(beast::string_view s) { return std::string(s.data(), s.siz
 
 }  // namespace
 
-struct HttpServer::Impl {
+// Shared by the HttpServer and every connection: a connection that a handler's ResponseChannel
+// keeps past the server's destruction keeps this (its io_context included) alive with it.
+struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   explicit Impl(HttpServerOptions o, RequestHandler h) : options(std::move(o)), handler(std::move(h)) {}
   void accept();
   void register_connection(const std::shared_ptr<Connection>& c);
@@ -63,6 +66,11 @@ struct HttpServer::Impl {
   std::atomic<int> num_connections{0};
   std::atomic<int> num_running_threads{0};
   bool stopped = false;  // controlling thread only
+  // Set by stop() before it joins the I/O threads: from then on ResponseChannel calls post
+  // nothing (no thread would run it, and a queued handler holding its connection, which holds
+  // this, would never be freed).
+  std::shared_mutex post_mu;
+  bool posts_closed = false;  // guarded by post_mu
 
   net::io_context ioc;
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
@@ -81,19 +89,26 @@ class Exchange;
 
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(HttpServer::Impl& server, tcp::socket socket)
-      : server_(server),
+  Connection(std::shared_ptr<HttpServer::Impl> server, tcp::socket socket)
+      : server_(std::move(server)),
         socket_(std::move(socket)),
         idle_timer_(socket_.get_executor()),
         write_timer_(socket_.get_executor()) {
-    server_.num_connections.fetch_add(1, std::memory_order_relaxed);
+    server_->num_connections.fetch_add(1, std::memory_order_relaxed);
   }
   ~Connection() {
-    server_.unregister_connection(this);
-    server_.num_connections.fetch_sub(1, std::memory_order_relaxed);
+    server_->unregister_connection(this);
+    server_->num_connections.fetch_sub(1, std::memory_order_relaxed);
   }
 
   net::any_io_executor executor() { return socket_.get_executor(); }
+  // Posts `fn` to the connection's strand for a ResponseChannel call; drops it once the server
+  // has stopped.
+  template <class Fn>
+  void post_for_channel(Fn&& fn) {
+    std::shared_lock<std::shared_mutex> lock(server_->post_mu);
+    if (!server_->posts_closed) net::post(executor(), std::forward<Fn>(fn));
+  }
 
   void start() {
     net::post(executor(), [self = shared_from_this()] {
@@ -129,7 +144,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void close();
   void arm_idle_timer();
 
-  HttpServer::Impl& server_;
+  // First: the socket and timers below must go before the io_context they belong to.
+  std::shared_ptr<HttpServer::Impl> server_;
   tcp::socket socket_;  // on its own strand: every member below is touched on it only
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
@@ -156,30 +172,28 @@ class Exchange final : public ResponseChannel, public std::enable_shared_from_th
       : conn_(std::move(conn)), keep_alive_(keep_alive) {}
 
   void respond(HttpResponse response) override {
-    net::post(conn_->executor(), [self = shared_from_this(), r = std::move(response)]() mutable {
+    conn_->post_for_channel([self = shared_from_this(), r = std::move(response)]() mutable {
       self->conn_->respond(*self, std::move(r));
     });
   }
   void start_stream(int status, std::string content_type, HttpHeaders headers) override {
-    net::post(conn_->executor(),
-              [self = shared_from_this(), status, ct = std::move(content_type), h = std::move(headers)] {
-                self->conn_->start_stream(*self, status, ct, h);
-              });
+    conn_->post_for_channel([self = shared_from_this(), status, ct = std::move(content_type),
+                             h = std::move(headers)] { self->conn_->start_stream(*self, status, ct, h); });
   }
   void write(std::string data) override {
     if (data.empty()) return;
-    net::post(conn_->executor(),
-              [self = shared_from_this(), d = std::move(data)] { self->conn_->write(*self, d); });
+    conn_->post_for_channel(
+        [self = shared_from_this(), d = std::move(data)] { self->conn_->write(*self, d); });
   }
   void end_stream() override {
-    net::post(conn_->executor(), [self = shared_from_this()] { self->conn_->end_stream(*self); });
+    conn_->post_for_channel([self = shared_from_this()] { self->conn_->end_stream(*self); });
   }
   void on_close(std::function<void()> fn) override {
-    net::post(conn_->executor(), [self = shared_from_this(), f = std::move(fn)]() mutable {
+    conn_->post_for_channel([self = shared_from_this(), f = std::move(fn)]() mutable {
       self->conn_->on_close(*self, std::move(f));
     });
   }
-  void post(std::function<void()> fn) override { net::post(conn_->executor(), std::move(fn)); }
+  void post(std::function<void()> fn) override { conn_->post_for_channel(std::move(fn)); }
 
   // Strand only.
   State state = State::kOpen;
@@ -195,8 +209,8 @@ void Connection::read() {
   if (reading_ || closed_ || closing_ || pending_) return;
   reading_ = true;
   parser_.emplace();
-  parser_->header_limit(static_cast<uint32_t>(server_.options.max_header_bytes));
-  parser_->body_limit(server_.options.max_body_bytes);
+  parser_->header_limit(static_cast<uint32_t>(server_->options.max_header_bytes));
+  parser_->body_limit(server_->options.max_body_bytes);
   http::async_read_header(socket_, buffer_, *parser_,
                           [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
 }
@@ -241,11 +255,11 @@ void Connection::on_read_error(beast::error_code ec) {
   if (ec == http::error::body_limit) {
     return respond_error_and_close(
         413, fmt::format("the request body is larger than this server's limit of {} bytes (--max-body-bytes)",
-                         server_.options.max_body_bytes));
+                         server_->options.max_body_bytes));
   }
   if (ec == http::error::header_limit) {
     return respond_error_and_close(
-        431, fmt::format("the request header is larger than {} bytes", server_.options.max_header_bytes));
+        431, fmt::format("the request header is larger than {} bytes", server_->options.max_header_bytes));
   }
   respond_error_and_close(400, fmt::format("malformed HTTP request: {}", ec.message()));
 }
@@ -264,7 +278,7 @@ void Connection::dispatch(http::request<http::string_body> req) {
   r.body = std::move(req.body());
   r.received = HttpClock::now();
   try {
-    server_.handler(std::move(r), ex);
+    server_->handler(std::move(r), ex);
   } catch (const std::exception& e) {
     PD_LOG_ERROR("http: request handler failed: {}", e.what());
     if (ex->state == Exchange::State::kOpen) {
@@ -284,7 +298,7 @@ void Connection::respond_error_and_close(int status, std::string message) {
 }
 
 HttpResponse Connection::error_response(int status, std::string message) const {
-  if (server_.options.error_response) return server_.options.error_response(status, std::move(message));
+  if (server_->options.error_response) return server_->options.error_response(status, std::move(message));
   return HttpResponse{status, "text/plain; charset=utf-8", message + "\n", {}};
 }
 
@@ -310,7 +324,7 @@ void Connection::write(Exchange& ex, const std::string& data) {
   out_next_ += fmt::format("{:x}\r\n", data.size());
   out_next_ += data;
   out_next_ += "\r\n";
-  if (out_next_.size() > server_.options.max_buffered_bytes) {
+  if (out_next_.size() > server_->options.max_buffered_bytes) {
     PD_LOG_WARN("http: closing a connection whose client does not read ({} bytes queued)", out_next_.size());
     return close();
   }
@@ -341,7 +355,7 @@ void Connection::flush() {
   out_current_.swap(out_next_);
   out_next_.clear();
   const uint64_t generation = ++write_generation_;
-  write_timer_.expires_after(server_.options.write_timeout);
+  write_timer_.expires_after(server_->options.write_timeout);
   write_timer_.async_wait([self = shared_from_this(), generation](beast::error_code ec) {
     if (ec || generation != self->write_generation_ || !self->writing_) return;
     PD_LOG_WARN("http: closing a connection whose client stopped reading (write timeout)");
@@ -431,7 +445,7 @@ void Connection::close() {
 
 void Connection::arm_idle_timer() {
   const uint64_t generation = ++idle_generation_;
-  idle_timer_.expires_after(server_.options.idle_timeout);
+  idle_timer_.expires_after(server_->options.idle_timeout);
   idle_timer_.async_wait([self = shared_from_this(), generation](beast::error_code ec) {
     if (ec || generation != self->idle_generation_ || self->active_) return;
     self->close();
@@ -469,7 +483,7 @@ void HttpServer::Impl::accept() {
     } else {
       beast::error_code ignored;
       socket.set_option(tcp::no_delay(true), ignored);
-      auto c = std::make_shared<Connection>(*this, std::move(socket));
+      auto c = std::make_shared<Connection>(shared_from_this(), std::move(socket));
       register_connection(c);
       c->start();
     }
@@ -477,13 +491,13 @@ void HttpServer::Impl::accept() {
   });
 }
 
-HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+HttpServer::HttpServer(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 HttpServer::~HttpServer() { stop(); }
 
 StatusOr<std::unique_ptr<HttpServer>> HttpServer::start(HttpServerOptions options, RequestHandler handler) {
   if (options.num_threads < 1) options.num_threads = 1;
-  auto impl = std::make_unique<Impl>(std::move(options), std::move(handler));
+  auto impl = std::make_shared<Impl>(std::move(options), std::move(handler));
   Impl& s = *impl;
   beast::error_code ec;
   net::ip::address address = net::ip::make_address(s.options.host, ec);
@@ -557,9 +571,19 @@ void HttpServer::stop(std::chrono::milliseconds grace) {
   while (s.num_running_threads.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+  {
+    std::unique_lock<std::shared_mutex> lock(s.post_mu);
+    s.posts_closed = true;
+  }
   s.ioc.stop();
   for (auto& t : s.threads) t.join();
   s.threads.clear();
+  // What was posted and not run (past the grace, or a channel call racing the threads' exit) runs
+  // here: its handlers hold connections, which hold this, so left queued they would never be
+  // freed. The connections are closed, so they end quickly; ones they post run too.
+  s.ioc.restart();
+  while (s.ioc.poll() > 0) {
+  }
 }
 
 }  // namespace pdserve::api

@@ -55,7 +55,9 @@ struct HttpResponse {
 };
 
 // One exchange's response side. Exactly one of respond() or start_stream() ... end_stream() ends
-// it; calls after the end, or after the client went away, are ignored. Thread-safe.
+// it; calls after the end, or after the client went away, are ignored. Thread-safe. A channel may
+// be kept past the server's stop() and destruction: its calls then do nothing (functions given
+// to on_close() and post() are destroyed unrun), and releasing it is safe.
 class ResponseChannel {
  public:
   virtual ~ResponseChannel() = default;
@@ -104,14 +106,15 @@ class HttpServer {
   void stop_accepting();
   int num_connections() const;
   // Closes every connection (their on_close callbacks fire), lets the I/O threads finish what is
-  // posted for up to `grace`, and joins them. Idempotent.
+  // posted for up to `grace`, joins them, and runs on the calling thread what is still posted.
+  // ResponseChannel calls made from then on do nothing. Idempotent.
   void stop(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
 
   struct Impl;  // the Beast/Asio side, in http_server.cpp
 
  private:
-  explicit HttpServer(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  explicit HttpServer(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
 };
 
 }  // namespace pdserve::api

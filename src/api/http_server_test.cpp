@@ -281,6 +281,48 @@ TEST(HttpServerTest, StopClosesOpenConnectionsAndFiresOnClose) {
   kept.reset();
 }
 
+TEST(HttpServerTest, ChannelsKeptPastTheServersDestructionDoNothingAndAreSafeToRelease) {
+  std::mutex mu;
+  std::vector<std::shared_ptr<ResponseChannel>> kept;  // guarded by mu
+  auto server = start([&](HttpRequest r, std::shared_ptr<ResponseChannel> ch) {
+    if (r.path == "/stream") ch->start_stream(200, "text/event-stream");
+    std::lock_guard<std::mutex> lock(mu);
+    kept.push_back(std::move(ch));
+  });
+  Client streaming(server->port());
+  Client waiting(server->port());
+  ASSERT_TRUE(streaming.send("GET /stream HTTP/1.1\r\nHost: h\r\n\r\n"));
+  ASSERT_TRUE(waiting.send("GET /later HTTP/1.1\r\nHost: h\r\n\r\n"));
+  streaming.read_contains("\r\n\r\n");
+  for (int i = 0; i < 500; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (kept.size() == 2) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(kept.size(), 2u);
+  server.reset();  // stopped and destroyed with both channels still held here
+
+  std::atomic<int> ran{0};
+  auto token = std::make_shared<int>(0);
+  for (auto& ch : kept) {
+    ch->write("data: late\n\n");
+    ch->end_stream();
+    ch->respond(HttpResponse{200, "text/plain", "late", {}});
+    ch->on_close([&ran, token] { ++ran; });
+    ch->post([&ran, token] { ++ran; });
+  }
+  EXPECT_EQ(token.use_count(), 1) << "functions given after the server's end were kept";
+  kept.clear();  // frees the connections and what they shared with the server
+  EXPECT_EQ(ran.load(), 0);
+  streaming.read_to_eof();
+  EXPECT_TRUE(streaming.eof());
+  const std::string rest = waiting.read_to_eof();
+  EXPECT_EQ(rest.find("late"), std::string::npos) << rest;
+}
+
 TEST(HttpServerTest, ManyConcurrentStreams) {
   constexpr int kClients = 200;
   std::mutex mu;

@@ -67,7 +67,9 @@ Router::Router(std::vector<Instance*> prefills, std::vector<Instance*> decodes, 
       prefill_open_(prefills_.size(), 0),
       prefill_queues_(prefills_.size()),
       decode_open_(decodes_.size(), 0),
-      queue_id_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32) | 1) {
+      queue_id_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32) | 1),
+      away_since_(prefills_.size()),
+      away_seen_(prefills_.size()) {
   PD_CHECK_MSG(!prefills_.empty() && !decodes_.empty(), "a router needs at least one prefill and one decode");
   for (Instance* e : prefills_) PD_CHECK(e->role() == EngineRole::kPrefill);
   for (Instance* e : decodes_) PD_CHECK(e->role() == EngineRole::kDecode);
@@ -202,6 +204,27 @@ void Router::notify_capacity() {
   cv_.notify_one();
 }
 
+void Router::note_prefill_away_locked(size_t idx, bool away) {
+  if (!away) {
+    away_since_[idx] = {};
+    return;
+  }
+  away_seen_[idx] = Clock::now();
+  if (away_since_[idx] == Clock::time_point{}) away_since_[idx] = away_seen_[idx];
+}
+
+bool Router::prefills_away_since_locked(const Flight& f, Clock::time_point since) const {
+  const Clock::time_point lately = Clock::now() - std::chrono::seconds(1);
+  bool any = false;
+  for (size_t i = 0; i < prefills_.size(); ++i) {
+    if (f.failed_on[i]) continue;
+    if (away_since_[i] == Clock::time_point{} || away_since_[i] > since || away_seen_[i] < lately)
+      return false;
+    any = true;
+  }
+  return any;
+}
+
 size_t Router::least_loaded_locked(const Flight& f) {
   // A prefill found away only when no other is left (its count fell with its streams).
   for (bool away : {false, true}) {
@@ -286,11 +309,16 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     }
     auto sink = [this, f, idx](EngineOutput&& o) { on_prefill_output(f, idx, std::move(o)); };
     auto accepted = prefills_[idx]->submit(request, std::move(sink), f->handle);
+    const StatusCode code = accepted.ok() ? StatusCode::kOk : accepted.status().code();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      note_prefill_away_locked(idx, code == StatusCode::kUnavailable);
+    }
     if (accepted.ok()) return true;
     {
       std::lock_guard<std::mutex> lock(mu_);
       --prefill_open_[idx];
-      if (accepted.status().code() == StatusCode::kResourceExhausted) ++rejections_total_;
+      if (code == StatusCode::kResourceExhausted) ++rejections_total_;
     }
     if (accepted.status().code() == StatusCode::kResourceExhausted) {
       if (options_.admission == AdmissionPolicy::kBaseline) return false;  // wait in its queue
@@ -483,6 +511,7 @@ void Router::on_prefill_output(const std::shared_ptr<Flight>& f, size_t idx, Eng
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++prefill_retries_total_;
+      if (out.error.code() == StatusCode::kUnavailable) note_prefill_away_locked(idx, true);
     }
     if (!try_place(f, /*queued=*/true)) hold(f, /*front=*/true);
     return;
@@ -597,13 +626,28 @@ void Router::loop() {
         keep_waiting.push_back(f);
       }
     }
-    // Baseline admission: each prefill's queue, in order; no budget (requests wait however long).
+    // Baseline admission: each prefill's queue, in order; no budget (requests wait however long),
+    // but while every prefill a request could go to is away, only prefill_away_wait_ms.
     std::vector<std::deque<std::shared_ptr<Flight>>> keep_queues(queues.size());
+    const Clock::time_point away_before = now - std::chrono::milliseconds(options_.prefill_away_wait_ms);
     for (size_t i = 0; i < queues.size(); ++i) {
       bool full = false;
       for (auto& f : queues[i]) {
+        bool gone;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          gone = prefills_away_since_locked(*f, away_before);
+        }
         if (f->handle->cancelled()) {
           end_cancelled(f);
+        } else if (gone) {
+          EngineOutput out;
+          out.finish_reason = "error";
+          out.error = unavailable(fmt::format(
+              "no prefill instance of scenario '{}' has been reachable for {} ms: every one this request "
+              "could go to is down or going away; retry later",
+              options_.scenario, options_.prefill_away_wait_ms));
+          end(f, std::move(out));
         } else if (full || !try_place(f, /*queued=*/true)) {
           full = true;
           if (f->assigned == static_cast<int>(i)) {

@@ -26,9 +26,9 @@
 // (on_pulled), and streams the rest. A request whose prefill fails before the first token is
 // retried on another prefill (once per prefill; a prefill that went away with it — kUnavailable,
 // e.g. shut down with the request still in its queue — is asked again after the others, once,
-// since it may be back; a baseline request, which has no TTFT budget, waits for it without limit
-// when no other prefill is left). The client's RequestHandle is shared with
-// whichever engine holds the request, so cancellation reaches it.
+// since it may be back; a baseline request, which has no TTFT budget, waits for it when no other
+// prefill is left, until every prefill it could go to has been away for prefill_away_wait_ms). The client's
+// RequestHandle is shared with whichever engine holds the request, so cancellation reaches it.
 //
 // Layer-wise KV (a prefill's early handoff, before its forward pass ends): the handoff goes to a
 // decode at once, as one attempt with its own RequestHandle (a child of the client's), so the
@@ -69,6 +69,9 @@ struct RouterOptions {
   double ttft_budget_ms_per_token = 0.0;
   // A handed-off request that no decode takes within this fails (and its prefill KV is released).
   int64_t decode_wait_ms = 30'000;
+  // Baseline admission, which has no TTFT budget: a request held while every prefill it could
+  // still go to has been found away (kUnavailable) for this long fails with UNAVAILABLE.
+  int64_t prefill_away_wait_ms = 30'000;
 };
 
 class Router : public GenerationBackend {
@@ -131,6 +134,11 @@ class Router : public GenerationBackend {
   void hold(const std::shared_ptr<Flight>& f, bool front = false);
   // Holds a request here for the router thread (or ends it "cancelled" once stopped).
   void park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front = false);
+  // Records how prefill `idx` answered: away (kUnavailable) or there. Holds mu_.
+  void note_prefill_away_locked(size_t idx, bool away);
+  // Baseline: whether every prefill `f` could still go to has been away since before `since`, and
+  // was found so within the last second (one not asked lately may be back). Holds mu_.
+  bool prefills_away_since_locked(const Flight& f, std::chrono::steady_clock::time_point since) const;
   void loop();
 
   std::vector<Instance*> prefills_;
@@ -155,6 +163,10 @@ class Router : public GenerationBackend {
   int64_t timeouts_total_ = 0;         // guarded by mu_
   int64_t rejections_total_ = 0;       // guarded by mu_: prefill refusals seen
   int64_t prefill_retries_total_ = 0;  // guarded by mu_
+  // guarded by mu_: per prefill, since when offers and ends have found it away (kUnavailable;
+  // the epoch while it answers otherwise), and when they last did
+  std::vector<std::chrono::steady_clock::time_point> away_since_;
+  std::vector<std::chrono::steady_clock::time_point> away_seen_;
   std::thread thread_;
 };
 

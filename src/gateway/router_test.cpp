@@ -498,6 +498,27 @@ TEST_F(RouterTest, ARequestHeldForADownPrefillCountsOneRetry) {
   EXPECT_EQ(col.wait().finish_reason, "cancelled");
 }
 
+// The baseline has no TTFT budget; a request whose every prefill stays away still ends, after
+// prefill_away_wait_ms, with UNAVAILABLE and the reason.
+TEST_F(RouterTest, ABaselineRequestWhosePrefillsAllStayAwayFailsAfterTheWaitLimit) {
+  RouterOptions ro;
+  ro.admission = AdmissionPolicy::kBaseline;
+  ro.prefill_away_wait_ms = 300;
+  Cluster c(*model_, 2, 1, ro);
+  for (auto& p : c.prefills) p->shutdown();
+  Collector col;
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(c.router->submit(prompts(4)[0], col.sink()).ok());
+  ASSERT_TRUE(col.finished_within(std::chrono::seconds(10)));
+  const auto waited = std::chrono::steady_clock::now() - start;
+  Result r = col.wait();
+  EXPECT_EQ(r.finish_reason, "error");
+  EXPECT_EQ(r.error.code(), StatusCode::kUnavailable) << r.error.to_string();
+  EXPECT_NE(r.error.message().find("down or going away"), std::string::npos) << r.error.to_string();
+  EXPECT_GE(waited, std::chrono::milliseconds(300));
+  EXPECT_EQ(c.router->metrics().gateway_waiting, 0);
+}
+
 // Layer-wise KV: the decode pulls each layer while the prefill's last pass computes it and takes
 // the first token from the transfer; greedy and seeded outputs stay those of aggregated mode.
 TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
