@@ -919,6 +919,8 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
                                            i == 0 || i % 37 == 5 || i % 37 == 6 ? 0 : 1);
   const std::vector<PrefillCase> cases = {
       {64, 9, 3, 16, {{0, 37}, {20, 5}, {100, 1}}},  // SmolLM2-135M's heads; a decode token too
+      {64, 9, 3, 16, {{0, 150}, {70, 44}, {3, 1}}},  // several CTAs a chunk, unmasked tiles between
+      {64, 8, 8, 16, {{10, 300}, {0, 33}}},          // the same without grouping
       {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping

@@ -40,15 +40,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+// ldmatrix from a shared-memory address (smem_addr).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+               : "r"(addr));
+}
+
+// 2^x in one instruction; results below 2^-126 flush to zero (softmax weights that small do not
+// matter), -inf gives 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // d += a · b for one m16n8k16 tile (bf16 in, float accumulators).
@@ -66,12 +75,8 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return l | (h << 16);
 }
 
-// A tile row of HEAD_DIM bf16 is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is stored at
-// chunk c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8 different bank groups.
-template <int HEAD_DIM>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * HEAD_DIM + ((chunk ^ (row & 7)) * 8);
-}
+// Shared-memory tiles: a row of HEAD_DIM bf16 is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is
+// stored at chunk c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8 different bank groups.
 
 // One warp's part of attention: 16 query rows (lane holds rows lane/4, "lo", and lane/4 + 8, "hi"),
 // their Q fragments, and the online softmax state (m, l in the log2 domain; O in registers).
@@ -102,37 +107,63 @@ struct WarpAttention {
 
   // One tile of KEYS keys from shared memory (kt, vt: KEYS swizzled rows), the first being key
   // `key_base`: S = Q·Kᵀ, keys at or past a row's limit masked, the online softmax, O += P·V.
+  // `full_keys` (the same in the whole warp): every row whose output is kept sees the keys below
+  // it, so a tile below it is not masked (rows whose output is dropped then see keys past their
+  // limit).
   template <int KEYS>
   __device__ __forceinline__ void tile(const uint16_t* kt, const uint16_t* vt, int key_base, int limit_lo,
-                                       int limit_hi, float scale_log2, int lane) {
-    // S: 16 rows × KEYS keys as n-tiles of 8 keys. Four 8×8 matrices per ldmatrix: keys
-    // n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15).
+                                       int limit_hi, int full_keys, float scale_log2, int lane) {
+    // Fragment addresses. In every fragment a lane reads rows with row % 8 == lane % 8, so the
+    // swizzle is an XOR of the step on a per-lane offset, and each ldmatrix an immediate offset
+    // from one of a few addresses. K: keys n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15),
+    // chunk 2·ks + (mat & 1), at byte n2·16·kRowBytes + (k_off ^ (ks << 5)). V: keys kk·16 + (0..7
+    // | 8..15) × dims d2·16 + (0..7 | 8..15), chunk 2·d2 + (mat >> 1), at kk·16·kRowBytes + (v_off
+    // ^ (d2 << 5)). (The XOR stays within the chunk bits, 4 up to 6 or 7, below the row's.)
+    constexpr uint32_t kRowBytes = HEAD_DIM * 2;
+    const uint32_t l7 = lane & 7, mat = lane >> 3;
+    const uint32_t k_off = ((mat >> 1) * 8 + l7) * kRowBytes + (((mat & 1) ^ l7) << 4);
+    const uint32_t v_off = ((mat & 1) * 8 + l7) * kRowBytes + (((mat >> 1) ^ l7) << 4);
+    const uint32_t k_smem = smem_addr(kt), v_smem = smem_addr(vt);
+    // S: 16 rows × KEYS keys as n-tiles of 8 keys. Four 8×8 matrices per ldmatrix.
     float s[KEYS / 8][4];
 #pragma unroll
     for (int n = 0; n < KEYS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
+      const uint32_t k_at = k_smem + (k_off ^ (static_cast<uint32_t>(ks) << 5));
 #pragma unroll
       for (int n2 = 0; n2 < KEYS / 16; ++n2) {
-        const int mat = lane / 8;
         uint32_t b[4];
-        ldmatrix_x4(b, kt + swizzle<HEAD_DIM>(n2 * 16 + (mat / 2) * 8 + lane % 8, ks * 2 + mat % 2));
+        ldmatrix_x4(b, k_at + n2 * 16 * kRowBytes);
         mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
         mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
       }
     }
-    // Mask, then the online softmax of rows lo and hi.
-    const int key0 = key_base + (lane % 4) * 2;
+    // Mask (a tile that reaches past full_keys), then the online softmax of rows lo and hi.
     float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
+    if (key_base + KEYS > full_keys) {
+      const int key0 = key_base + (lane % 4) * 2;
 #pragma unroll
-    for (int n = 0; n < KEYS / 8; ++n) {
+      for (int n = 0; n < KEYS / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key0 + n * 8 + e;
-        s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
-        s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
-        tmax_lo = fmaxf(tmax_lo, s[n][e]);
-        tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + n * 8 + e;
+          s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
+          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
+          tmax_lo = fmaxf(tmax_lo, s[n][e]);
+          tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < KEYS / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[n][e] *= scale_log2;
+          s[n][2 + e] *= scale_log2;
+          tmax_lo = fmaxf(tmax_lo, s[n][e]);
+          tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
+        }
       }
     }
 #pragma unroll
@@ -144,16 +175,16 @@ struct WarpAttention {
     // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
     const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
     const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
-    const float corr_lo = exp2f(m_lo - base_lo), corr_hi = exp2f(m_hi - base_hi);
+    const float corr_lo = fast_exp2(m_lo - base_lo), corr_hi = fast_exp2(m_hi - base_hi);
     m_lo = new_lo;
     m_hi = new_hi;
     float sum_lo = 0, sum_hi = 0;
 #pragma unroll
     for (int n = 0; n < KEYS / 8; ++n) {
-      s[n][0] = exp2f(s[n][0] - base_lo);
-      s[n][1] = exp2f(s[n][1] - base_lo);
-      s[n][2] = exp2f(s[n][2] - base_hi);
-      s[n][3] = exp2f(s[n][3] - base_hi);
+      s[n][0] = fast_exp2(s[n][0] - base_lo);
+      s[n][1] = fast_exp2(s[n][1] - base_lo);
+      s[n][2] = fast_exp2(s[n][2] - base_hi);
+      s[n][3] = fast_exp2(s[n][3] - base_hi);
       sum_lo += s[n][0] + s[n][1];
       sum_hi += s[n][2] + s[n][3];
     }
@@ -177,9 +208,8 @@ struct WarpAttention {
       p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
-        const int mat = lane / 8;
         uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + swizzle<HEAD_DIM>(kk * 16 + (mat % 2) * 8 + lane % 8, d2 * 2 + mat / 2));
+        ldmatrix_x4_trans(b, v_smem + (v_off ^ (static_cast<uint32_t>(d2) << 5)) + kk * 16 * kRowBytes);
         mma_bf16(o[2 * d2], p, b[0], b[1]);
         mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
       }
@@ -285,6 +315,9 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int limit_lo = r_lo < rows ? first_pos + r_lo / group + 1 : 0;
   const int limit_hi = r_hi < rows ? first_pos + r_hi / group + 1 : 0;
   const bool warp_active = wrow < rows;
+  // Keys its rows see: from its first row's limit (no mask below) to its last row's (none past).
+  const int full_keys = first_pos + wrow / group + 1;
+  const int warp_keys = warp_active ? first_pos + (min(rows, wrow + kRowsPerWarp) - 1) / group + 1 : 0;
 
   WarpAttention<HEAD_DIM> w;
   {
@@ -309,14 +342,11 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
     __syncthreads();
     const uint16_t* kt = k_tiles + stage * kKeys * HEAD_DIM;
     const uint16_t* vt = v_tiles + stage * kKeys * HEAD_DIM;
-    // A warp whose 16 rows are all past the chunk (decode tokens: a group's few rows) only helps
-    // load the tiles.
-    if (!warp_active) {
-      __syncthreads();
-      continue;
-    }
-
-    w.template tile<kKeys>(kt, vt, tile * kKeys, limit_lo, limit_hi, scale_log2, lane);
+    // A warp whose 16 rows are all past the chunk (decode tokens: a group's few rows), or whose
+    // rows see none of the tile's keys (causal), only helps load it: all masked, the tile would
+    // change nothing.
+    if (tile * kKeys < warp_keys)
+      w.template tile<kKeys>(kt, vt, tile * kKeys, limit_lo, limit_hi, full_keys, scale_log2, lane);
     __syncthreads();  // the stage is refilled two tiles from now
   }
 
@@ -401,7 +431,7 @@ __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, 
     const uint16_t* vt = smem + stage * kStageValues + (kWarps + warp) * kTileValues;
     const int tile_key0 = key_begin + round * kRoundKeys + warp * kDecodeKeys;
     if (tile_key0 < key_end)
-      w.template tile<kDecodeKeys>(kt, vt, tile_key0, limit_lo, limit_hi, scale_log2, lane);
+      w.template tile<kDecodeKeys>(kt, vt, tile_key0, limit_lo, limit_hi, key_end, scale_log2, lane);
     __syncthreads();  // the stage is refilled two rounds from now
   }
 
