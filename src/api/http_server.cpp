@@ -58,7 +58,6 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   void register_connection(const std::shared_ptr<Connection>& c);
   void unregister_connection(Connection* c);
 
-  // Declared before the io_context: connections destroyed while it shuts down still reach them.
   HttpServerOptions options;
   RequestHandler handler;
   std::mutex mu;
@@ -580,9 +579,29 @@ void HttpServer::stop(std::chrono::milliseconds grace) {
   s.threads.clear();
   // What was posted and not run (past the grace, or a channel call racing the threads' exit) runs
   // here: its handlers hold connections, which hold this, so left queued they would never be
-  // freed. The connections are closed, so they end quickly; ones they post run too.
+  // freed. The connections are closed, so they end quickly; ones they post run too. Should
+  // stop_accepting() have given up waiting, the acceptor is closed here, and connections accepted
+  // since the first round are closed too.
+  beast::error_code ignored;
+  s.acceptor.close(ignored);
+  s.accept_retry.cancel();
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (auto& [p, w] : s.connections) {
+      if (auto c = w.lock()) open.push_back(std::move(c));
+    }
+  }
+  for (auto& c : open) c->close_from_server();
+  open.clear();
   s.ioc.restart();
-  while (s.ioc.poll() > 0) {
+  for (;;) {
+    try {
+      while (s.ioc.poll() > 0) {
+      }
+      break;
+    } catch (const std::exception& e) {
+      PD_LOG_ERROR("http: a handler run at shutdown threw: {}", e.what());
+    }
   }
 }
 

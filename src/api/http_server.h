@@ -56,8 +56,10 @@ struct HttpResponse {
 
 // One exchange's response side. Exactly one of respond() or start_stream() ... end_stream() ends
 // it; calls after the end, or after the client went away, are ignored. Thread-safe. A channel may
-// be kept past the server's stop() and destruction: its calls then do nothing (functions given
-// to on_close() and post() are destroyed unrun), and releasing it is safe.
+// be kept past the server's stop() and destruction, and released at any time. Calls made once
+// stop() has ended its grace wait do nothing (functions given to on_close() and post() are
+// destroyed unrun); ones made before may still run, on an I/O thread or on the thread in stop()
+// (so the server is best stopped without holding locks those functions take).
 class ResponseChannel {
  public:
   virtual ~ResponseChannel() = default;
@@ -107,7 +109,7 @@ class HttpServer {
   int num_connections() const;
   // Closes every connection (their on_close callbacks fire), lets the I/O threads finish what is
   // posted for up to `grace`, joins them, and runs on the calling thread what is still posted.
-  // ResponseChannel calls made from then on do nothing. Idempotent.
+  // ResponseChannel calls made once the grace wait has ended do nothing. Idempotent.
   void stop(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
 
   struct Impl;  // the Beast/Asio side, in http_server.cpp

@@ -204,17 +204,22 @@ void Router::notify_capacity() {
   cv_.notify_one();
 }
 
+// A prefill found away that was last found so longer ago than this may have been back meanwhile:
+// a new sighting starts a new absence.
+constexpr std::chrono::seconds kAwayLately{1};
+
 void Router::note_prefill_away_locked(size_t idx, bool away) {
   if (!away) {
     away_since_[idx] = {};
     return;
   }
-  away_seen_[idx] = Clock::now();
-  if (away_since_[idx] == Clock::time_point{}) away_since_[idx] = away_seen_[idx];
+  const Clock::time_point now = Clock::now();
+  if (away_since_[idx] == Clock::time_point{} || now - away_seen_[idx] > kAwayLately) away_since_[idx] = now;
+  away_seen_[idx] = now;
 }
 
 bool Router::prefills_away_since_locked(const Flight& f, Clock::time_point since) const {
-  const Clock::time_point lately = Clock::now() - std::chrono::seconds(1);
+  const Clock::time_point lately = Clock::now() - kAwayLately;
   bool any = false;
   for (size_t i = 0; i < prefills_.size(); ++i) {
     if (f.failed_on[i]) continue;

@@ -70,7 +70,8 @@ struct RouterOptions {
   // A handed-off request that no decode takes within this fails (and its prefill KV is released).
   int64_t decode_wait_ms = 30'000;
   // Baseline admission, which has no TTFT budget: a request held while every prefill it could
-  // still go to has been found away (kUnavailable) for this long fails with UNAVAILABLE.
+  // still go to has been found away (kUnavailable) for this long fails with UNAVAILABLE. Not in
+  // the cluster file: the baseline is for comparisons.
   int64_t prefill_away_wait_ms = 30'000;
 };
 
@@ -136,8 +137,8 @@ class Router : public GenerationBackend {
   void park(std::deque<std::shared_ptr<Flight>>& queue, const std::shared_ptr<Flight>& f, bool front = false);
   // Records how prefill `idx` answered: away (kUnavailable) or there. Holds mu_.
   void note_prefill_away_locked(size_t idx, bool away);
-  // Baseline: whether every prefill `f` could still go to has been away since before `since`, and
-  // was found so within the last second (one not asked lately may be back). Holds mu_.
+  // Baseline: whether every prefill `f` could still go to has been away since before `since`, found
+  // so at least once a second since (one not asked lately may be back). Holds mu_.
   bool prefills_away_since_locked(const Flight& f, std::chrono::steady_clock::time_point since) const;
   void loop();
 

@@ -517,6 +517,15 @@ TEST_F(RouterTest, ABaselineRequestWhosePrefillsAllStayAwayFailsAfterTheWaitLimi
   EXPECT_NE(r.error.message().find("down or going away"), std::string::npos) << r.error.to_string();
   EXPECT_GE(waited, std::chrono::milliseconds(300));
   EXPECT_EQ(c.router->metrics().gateway_waiting, 0);
+  // Unseen for over a second, the prefills may have been back meanwhile: a request that finds them
+  // away again waits the whole limit anew.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1300));
+  Collector again;
+  const auto again_start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(c.router->submit(prompts(4)[1], again.sink()).ok());
+  ASSERT_TRUE(again.finished_within(std::chrono::seconds(10)));
+  EXPECT_GE(std::chrono::steady_clock::now() - again_start, std::chrono::milliseconds(300));
+  EXPECT_EQ(again.wait().error.code(), StatusCode::kUnavailable);
 }
 
 // Layer-wise KV: the decode pulls each layer while the prefill's last pass computes it and takes
