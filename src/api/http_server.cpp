@@ -57,6 +57,14 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   void accept();
   void register_connection(const std::shared_ptr<Connection>& c);
   void unregister_connection(Connection* c);
+  // Posts a close to every open connection (their on_close callbacks fire on their strands).
+  void close_connections();
+  // On the acceptor's strand, or once no I/O thread runs.
+  void close_acceptor() {
+    beast::error_code ignored;
+    acceptor.close(ignored);
+    accept_retry.cancel();
+  }
 
   HttpServerOptions options;
   RequestHandler handler;
@@ -463,6 +471,17 @@ void HttpServer::Impl::unregister_connection(Connection* c) {
   connections.erase(c);
 }
 
+void HttpServer::Impl::close_connections() {
+  std::vector<std::shared_ptr<Connection>> open;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& [p, w] : connections) {
+      if (auto c = w.lock()) open.push_back(std::move(c));
+    }
+  }
+  for (auto& c : open) c->close_from_server();
+}
+
 void HttpServer::Impl::accept() {
   acceptor.async_accept(net::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
     if (!acceptor.is_open()) return;
@@ -543,9 +562,7 @@ void HttpServer::stop_accepting() {
   auto done = std::make_shared<std::promise<void>>();
   std::future<void> f = done->get_future();
   net::post(s.acceptor.get_executor(), [&s, done] {
-    beast::error_code ec;
-    s.acceptor.close(ec);
-    s.accept_retry.cancel();
+    s.close_acceptor();
     done->set_value();
   });
   f.wait_for(std::chrono::seconds(5));
@@ -556,15 +573,7 @@ void HttpServer::stop(std::chrono::milliseconds grace) {
   if (s.stopped) return;
   s.stopped = true;
   stop_accepting();
-  std::vector<std::shared_ptr<Connection>> open;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    for (auto& [p, w] : s.connections) {
-      if (auto c = w.lock()) open.push_back(std::move(c));
-    }
-  }
-  for (auto& c : open) c->close_from_server();
-  open.clear();
+  s.close_connections();
   s.work.reset();
   auto deadline = std::chrono::steady_clock::now() + grace;
   while (s.num_running_threads.load() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -582,17 +591,8 @@ void HttpServer::stop(std::chrono::milliseconds grace) {
   // freed. The connections are closed, so they end quickly; ones they post run too. Should
   // stop_accepting() have given up waiting, the acceptor is closed here, and connections accepted
   // since the first round are closed too.
-  beast::error_code ignored;
-  s.acceptor.close(ignored);
-  s.accept_retry.cancel();
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    for (auto& [p, w] : s.connections) {
-      if (auto c = w.lock()) open.push_back(std::move(c));
-    }
-  }
-  for (auto& c : open) c->close_from_server();
-  open.clear();
+  s.close_acceptor();
+  s.close_connections();
   s.ioc.restart();
   for (;;) {
     try {

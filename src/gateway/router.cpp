@@ -218,13 +218,16 @@ void Router::note_prefill_away_locked(size_t idx, bool away) {
   away_seen_[idx] = now;
 }
 
+bool Router::prefill_away_since_locked(size_t idx, Clock::time_point since) const {
+  return away_since_[idx] != Clock::time_point{} && away_since_[idx] <= since &&
+         away_seen_[idx] >= Clock::now() - kAwayLately;
+}
+
 bool Router::prefills_away_since_locked(const Flight& f, Clock::time_point since) const {
-  const Clock::time_point lately = Clock::now() - kAwayLately;
   bool any = false;
   for (size_t i = 0; i < prefills_.size(); ++i) {
     if (f.failed_on[i]) continue;
-    if (away_since_[i] == Clock::time_point{} || away_since_[i] > since || away_seen_[i] < lately)
-      return false;
+    if (!prefill_away_since_locked(i, since)) return false;
     any = true;
   }
   return any;
@@ -318,13 +321,10 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       note_prefill_away_locked(idx, code == StatusCode::kUnavailable);
-    }
-    if (accepted.ok()) return true;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      --prefill_open_[idx];
+      if (!accepted.ok()) --prefill_open_[idx];
       if (code == StatusCode::kResourceExhausted) ++rejections_total_;
     }
+    if (accepted.ok()) return true;
     if (accepted.status().code() == StatusCode::kResourceExhausted) {
       if (options_.admission == AdmissionPolicy::kBaseline) return false;  // wait in its queue
       continue;  // a full prefill refuses at once: inquire the next one
@@ -636,10 +636,18 @@ void Router::loop() {
     std::vector<std::deque<std::shared_ptr<Flight>>> keep_queues(queues.size());
     const Clock::time_point away_before = now - std::chrono::milliseconds(options_.prefill_away_wait_ms);
     for (size_t i = 0; i < queues.size(); ++i) {
+      if (queues[i].empty()) continue;
       bool full = false;
+      // Its requests can only have run out of prefills if this one has been away so long (one that
+      // failed on it moves to another queue in try_place, and is checked there).
+      bool away;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        away = prefill_away_since_locked(i, away_before);
+      }
       for (auto& f : queues[i]) {
-        bool gone;
-        {
+        bool gone = false;
+        if (away) {
           std::lock_guard<std::mutex> lock(mu_);
           gone = prefills_away_since_locked(*f, away_before);
         }

@@ -140,6 +140,8 @@ class Router : public GenerationBackend {
   // Baseline: whether every prefill `f` could still go to has been away since before `since`, found
   // so at least once a second since (one not asked lately may be back). Holds mu_.
   bool prefills_away_since_locked(const Flight& f, std::chrono::steady_clock::time_point since) const;
+  // The same for prefill `idx` alone. Holds mu_.
+  bool prefill_away_since_locked(size_t idx, std::chrono::steady_clock::time_point since) const;
   void loop();
 
   std::vector<Instance*> prefills_;
