@@ -97,17 +97,25 @@ class Server:
         assert status == 200
         return parse_metrics(body.decode())
 
-    def wait_idle(self, timeout=10, headers=None):
+    def wait_idle(self, timeout=10, headers=None, settle=0.6):
         """Waits until no sequence runs or waits, no KV block is in use and (disaggregated) no prefill
-        slot, staged KV or gateway place is held; returns the metrics."""
+        slot, staged KV or gateway place is held; returns the metrics.
+
+        A gateway reports its instances' figures as read every 200 ms, so one idle read may be an
+        older snapshot (taken while requests still queued at the gateway, their handoffs not yet
+        counted): the state counts as idle once it has read idle for `settle` seconds, long enough
+        for every instance to have been read again."""
         deadline = time.time() + timeout
+        idle_since = None
         while True:
             m = self.metrics(headers)
             idle = (m["pdserve_sequences_running"] == 0 and m["pdserve_sequences_waiting"] == 0
                     and m["pdserve_kv_blocks_used"] == 0 and m["pdserve_requests_in_flight"] == 0
                     and m["pdserve_prefill_slots_in_use"] == 0 and m["pdserve_handoffs_outstanding"] == 0
                     and m["pdserve_gateway_waiting"] == 0 and m["pdserve_decode_pending"] == 0)
-            if idle or time.time() > deadline:
+            now = time.time()
+            idle_since = (idle_since or now) if idle else None
+            if (idle and now - idle_since >= settle) or now > deadline:
                 return m
             time.sleep(0.05)
 
