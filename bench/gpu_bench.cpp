@@ -11,7 +11,8 @@
 // synthetic:llama-3.1-8b): a whole decode step (greedy token chosen on the GPU) at batch 1, 16,
 // 64 and contexts 1k, 4k against the memory floor (weights + the batch's KV read once at the copy
 // bandwidth), and prefill of 1 × 4096 and 8 × 512 tokens against the FLOP floor (2 · parameters ·
-// tokens plus causal attention, at the measured matrix rate). Sampling: a token drawn from 128256
+// tokens plus causal attention, at the measured matrix rate). Host-staged KV: one request's KV
+// through a shm and a tcp send pool, page-locked and pageable, on GPU 0. Sampling: a token drawn from 128256
 // logits a row on the GPU (greedy, tempered, top-k / top-p / min-p) against the logits' copy to
 // the host that a draw made there needs first.
 #include <fmt/format.h>
@@ -34,6 +35,8 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
+#include "transfer/cuda_transports.h"
+#include "transfer/kv_transport.h"
 #include "transfer/kv_wire.h"
 
 namespace {
@@ -434,6 +437,141 @@ std::string transfer_section(double peer_gbps, bool quick) {
   return j.str();
 }
 
+// The host-staged KV path (instances on different hosts, or GPUs without peer access): one
+// request's KV, 4096 tokens of Llama-3.1-8B (512 MiB) in 16-token blocks, sent from a paged cache
+// on GPU 0 through a host transport's send pool — publish(): gather on the GPU, copy into the
+// pool's buffer, as a prefill's hand-off does — and pulled back into a second cache of the same
+// GPU (into page-locked host memory, to the GPU, scatter), with the pool's memory page-locked and
+// pageable. Wall-clock medians; every pull's blocks are checked against the sender's.
+std::string host_stage_section(bool quick) {
+  const int reps = quick ? 3 : 7;
+  const int32_t layers = 32, block_size = 16, kv_heads = 8, head_dim = 128;
+  const int32_t tokens = quick ? 1024 : 4096;
+  const int32_t used = tokens / block_size, pool = used + 44;
+  const int64_t row = int64_t{kv_heads} * head_dim;
+  const int64_t part = int64_t{pool} * block_size * row;  // one layer's K (or V), values
+  const KvLayout layout{0x5eedULL, KvDtype::kBF16, layers, kv_heads * head_dim};
+  CHECK_OK(set_device(0));
+  Stream s = value_or_die(Stream::create(), "stream");
+  struct Cache {
+    DeviceBuffer memory;
+    PagedKvView view;
+    PagedKvCache kernel;
+    std::vector<int32_t> table;
+    DeviceBuffer dtable;
+  };
+  auto make_cache = [&](uint32_t seed) {
+    Cache c;
+    c.memory = value_or_die(DeviceBuffer::allocate(static_cast<size_t>(2 * part * layers) * 2), "allocate");
+    CHECK_OK(fill_uniform_bf16(c.memory.as<uint16_t>(), 2 * part * layers, 0, 1, seed, s.get()));
+    c.view.base = c.memory.as<uint8_t>();
+    c.view.block_bytes = static_cast<size_t>(block_size * row * 2);
+    c.view.num_blocks = pool;
+    c.view.block_size = block_size;
+    c.view.layout = layout;
+    c.view.memory = KvMemory::kCuda;
+    c.view.cuda_device = 0;
+    c.view.num_kv_heads = kv_heads;
+    c.view.layer_bytes = static_cast<uint64_t>(2 * part * 2);
+    c.view.v_offset_bytes = static_cast<uint64_t>(part * 2);
+    c.kernel = PagedKvCache{c.memory.as<uint16_t>(), layers, 2 * part, part, block_size, kv_heads, head_dim};
+    c.table.resize(static_cast<size_t>(pool));
+    std::iota(c.table.begin(), c.table.end(), 0);
+    std::shuffle(c.table.begin(), c.table.end(), std::mt19937(seed));
+    c.table.resize(static_cast<size_t>(used));
+    c.dtable = value_or_die(DeviceBuffer::allocate(c.table.size() * 4), "allocate");
+    CHECK_OK(copy_to_device(c.dtable.data(), c.table.data(), c.table.size() * 4));
+    return c;
+  };
+  Cache src = make_cache(21), dst = make_cache(22);
+  const size_t wire_bytes = static_cast<size_t>(src.kernel.bytes(tokens));
+  DeviceBuffer wire = value_or_die(DeviceBuffer::allocate(wire_bytes), "allocate");
+  auto wire_of = [&](const Cache& c) {
+    CHECK_OK(gather_kv(c.kernel, c.dtable.as<int32_t>(), tokens, wire.as<uint16_t>(), s.get()));
+    CHECK_OK(s.synchronize());
+    std::vector<uint8_t> out(wire_bytes);
+    CHECK_OK(copy_to_host(out.data(), wire.data(), wire_bytes));
+    return out;
+  };
+  const std::vector<uint8_t> want = wire_of(src);
+
+  // The bus's rate each way: the body between the GPU and page-locked host memory.
+  double to_host_gbps = 0, to_device_gbps = 0;
+  {
+    PinnedHostBuffer host = value_or_die(PinnedHostBuffer::allocate(wire_bytes), "pinned");
+    const double d2h = median_ms(1, reps, s.get(), [&] {
+      CHECK_OK(copy_to_host_async(host.data(), wire.data(), wire_bytes, s.get()));
+    });
+    const double h2d = median_ms(1, reps, s.get(), [&] {
+      CHECK_OK(copy_to_device_async(wire.data(), host.data(), wire_bytes, s.get()));
+    });
+    to_host_gbps = wire_bytes / (d2h * 1e-3) / 1e9;
+    to_device_gbps = wire_bytes / (h2d * 1e-3) / 1e9;
+    std::printf(
+        "host copy %zu MiB with page-locked memory: GPU to host %.2f ms, %.1f GB/s; host to GPU %.2f ms, "
+        "%.1f GB/s\n",
+        wire_bytes >> 20, d2h, to_host_gbps, h2d, to_device_gbps);
+  }
+
+  std::string rows = "[";
+  for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
+    for (bool locked : {false, true}) {
+      KvTransportOptions o;
+      o.pool_capacity_bytes = kv_send_buffer_bytes(kv_message_bytes(layout, tokens));
+      o.max_buffers = 2;
+      o.cuda_device = 0;
+      o.page_lock_host_stage = locked;
+      const auto t0 = std::chrono::steady_clock::now();
+      KvTransport t = value_or_die(make_cuda_staged_transport(kind, o), "staged transport");
+      const double start_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      std::vector<double> send_ms, pull_ms;
+      for (int i = 0; i < reps + 1; ++i) {  // the first is a warm-up
+        CHECK_OK(fill_bytes(dst.memory.data(), 0, dst.memory.bytes(), s.get()));
+        CHECK_OK(s.synchronize());
+        const auto a = std::chrono::steady_clock::now();
+        KvHandle h = value_or_die(t.pool->publish(src.view, src.table, tokens, 0), "publish");
+        const auto b = std::chrono::steady_clock::now();
+        TransferState st = t.puller->pull(h, KvScatterTarget{dst.view, dst.table, tokens});
+        const auto c = std::chrono::steady_clock::now();
+        if (st.phase != TransferPhase::kDone) die(st.error, "pull");
+        CHECK_OK(t.pool->release(h.ref()));
+        if (i == 0) continue;
+        send_ms.push_back(std::chrono::duration<double, std::milli>(b - a).count());
+        pull_ms.push_back(std::chrono::duration<double, std::milli>(c - b).count());
+        if (wire_of(dst) != want) {
+          std::fprintf(stderr, "pdserve_gpu_bench: the host-staged %s pull delivered wrong KV bytes\n",
+                       std::string(transport_kind_name(kind)).c_str());
+          std::exit(1);
+        }
+      }
+      std::sort(send_ms.begin(), send_ms.end());
+      std::sort(pull_ms.begin(), pull_ms.end());
+      const double send = send_ms[send_ms.size() / 2], pull = pull_ms[pull_ms.size() / 2];
+      std::printf(
+          "host-staged %s, %zu MiB, pool %s: start %.0f ms; send (gather + copy to the pool) %.2f ms, %.1f "
+          "GB/s (%.0f%% of GPU to host); pull (to page-locked memory, to the GPU, scatter) %.2f ms, %.1f "
+          "GB/s\n",
+          std::string(transport_kind_name(kind)).c_str(), wire_bytes >> 20,
+          locked ? "page-locked" : "pageable", start_ms, send, wire_bytes / (send * 1e-3) / 1e9,
+          100.0 * wire_bytes / (send * 1e-3) / 1e9 / to_host_gbps, pull, wire_bytes / (pull * 1e-3) / 1e9);
+      Json r;
+      r.add("transport", std::string(transport_kind_name(kind)));
+      r.add("page_locked", locked ? 1 : 0);
+      r.add("bytes", static_cast<double>(wire_bytes));
+      r.add("start_ms", start_ms);
+      r.add("send_ms", send);
+      r.add("pull_ms", pull);
+      rows += (rows.size() > 1 ? "," : "") + r.str();
+    }
+  }
+  Json j;
+  j.add("to_host_gbps", to_host_gbps);
+  j.add("to_device_gbps", to_device_gbps);
+  j.add_raw("variants", rows + "]");
+  return j.str();
+}
+
 // Three forward passes, kernels launched one by one, the third between profiler_start() and
 // profiler_stop(): for a profiler. Decode steps at position ctx (prompt_len 0), or prefills of
 // prompt_len tokens.
@@ -559,7 +697,8 @@ int main(int argc, char** argv) {
           "                1,16,64; each at contexts 1024 and 4096)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
-          "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1\n"
+          "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1,\n"
+          "                and the host-staged KV path (shm, tcp) on GPU 0\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n"
           "  --profile-prefill P,T  the same with three prefills of P prompts of T tokens\n");
@@ -659,12 +798,14 @@ int main(int argc, char** argv) {
       std::printf("KV transfer between GPUs skipped: GPU 1 cannot read GPU 0's memory\n");
     }
   }
+  // 4. The host-staged KV path, on GPU 0.
+  out.add_raw("kv_host_stage", host_stage_section(quick));
   if (transfer_only) {
     CHECK_OK(synchronize());
     return write_json(json_path, out);
   }
 
-  // 4. Matrix-vector products at one row (a batch-1 decode step's projections), as a share of the
+  // 5. Matrix-vector products at one row (a batch-1 decode step's projections), as a share of the
   // copy bandwidth: cuBLAS, and each shape of work per warp of our gemv.
   {
     struct Proj {
@@ -753,7 +894,7 @@ int main(int argc, char** argv) {
     out.add_raw("gemv", rows + "]");
   }
 
-  // 5. Decode attention vs the bandwidth floor (one layer of Llama-3.1-8B).
+  // 6. Decode attention vs the bandwidth floor (one layer of Llama-3.1-8B).
   {
     const int32_t heads = 32, kv_heads = 8, head_dim = 128, block = 16;
     std::string rows = "[";
@@ -863,7 +1004,7 @@ int main(int argc, char** argv) {
     out.add_raw("decode_attention", rows + "]");
   }
 
-  // 6. Sampling a token from Llama 3's 128256 logits a row: on the GPU (greedy, a plain tempered
+  // 7. Sampling a token from Llama 3's 128256 logits a row: on the GPU (greedy, a plain tempered
   // draw, truncated draws), against copying the logits to host memory, which a draw made on the
   // host needs first (the host Sampler's own cost: docs/perf/cpu.md).
   {

@@ -31,7 +31,8 @@ namespace pdserve {
 StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options);
 
 // Host-staged: a host transport (shm, or tcp or ucx across hosts) carrying GPU caches. The prefill
-// gathers a request's KV on its GPU and copies the body into the host transport's send buffer;
+// gathers a request's KV on its GPU and copies the body into the host transport's send buffer
+// (the pool's memory page-locked at start where options.page_lock_host_stage allows);
 // the decode receives the body into host memory, copies it to its GPU and scatters it into its
 // blocks there (one extra copy each side against a host cache). Handles are of the host kind, so
 // both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls

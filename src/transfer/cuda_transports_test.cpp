@@ -5,6 +5,7 @@
 // prefill), and shm and tcp staged through host memory. Skips without a GPU.
 #include "transfer/cuda_transports.h"
 
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -180,8 +181,14 @@ TEST_F(CudaIpc, StagedThroughHostMemoryOverShmTcpAndUcx) {
   std::vector<TransportKind> kinds = {TransportKind::kShm, TransportKind::kTcp};
   if (ucx_transport_built()) kinds.push_back(TransportKind::kUcx);
   for (TransportKind kind : kinds) {
-    SCOPED_TRACE(std::string(transport_kind_name(kind)));
-    round_trip(0, dst, [kind](const KvTransportOptions& o) { return make_cuda_staged_transport(kind, o); });
+    for (bool locked : {true, false}) {  // the send pool page-locked (the default) and pageable
+      SCOPED_TRACE(fmt::format("{}, page-locked {}", transport_kind_name(kind), locked));
+      round_trip(0, dst, [kind, locked](const KvTransportOptions& o) {
+        KvTransportOptions with = o;
+        with.page_lock_host_stage = locked;
+        return make_cuda_staged_transport(kind, with);
+      });
+    }
   }
 }
 

@@ -175,6 +175,10 @@ class KvSendPool {
   // Reclaims buffers held longer than the lease; returns how many. Also done by acquire().
   virtual int32_t reclaim_expired() = 0;
   virtual KvSendPoolStats stats() const = 0;
+  // The host memory every contiguous buffer of this pool lies in, mapped for the pool's life (shm,
+  // tcp, ucx): a GPU stage page-locks it once, so its copies from the GPU run at the bus's rate.
+  // Empty where there is no such range.
+  virtual std::span<uint8_t> host_memory() const { return {}; }
 };
 
 // Where a pull lands: the decode's paged KV and the sequence's block table. view.layout is the
@@ -267,6 +271,11 @@ struct KvTransportOptions {
   std::string tcp_advertise_host;
   // cuda-ipc: the GPU whose memory holds the pool's buffers and the puller's target KV cache.
   int32_t cuda_device = 0;
+  // A GPU KV cache sent through a host pool (shm, tcp, ucx): page-lock the pool's memory at start
+  // (its whole capacity is then held in RAM), so the copies from the GPU run at the bus's rate
+  // rather than through the driver's bounce buffers; where that fails, the pool stays pageable
+  // and a warning says so.
+  bool page_lock_host_stage = true;
 
   // Both sides.
   int32_t tcp_socket_buffer_bytes = 4 << 20;  // SO_SNDBUF/SO_RCVBUF; 0: kernel autotuning

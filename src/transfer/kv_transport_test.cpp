@@ -131,6 +131,25 @@ TEST_P(TransportTest, RoundTripsBitExactly) {
   EXPECT_EQ(puller().stats().pulls_done_total, 4);
 }
 
+TEST_P(TransportTest, BuffersLieInTheHostMemoryAGpuStagePageLocks) {
+  if (mode() != KvTransferMode::kContiguous) GTEST_SKIP() << "the same pools as the contiguous cases";
+  const std::span<uint8_t> memory = pool().host_memory();
+  if (GetParam().kind == TransportKind::kInproc) {  // never staged from a GPU
+    EXPECT_TRUE(memory.empty());
+    return;
+  }
+  ASSERT_FALSE(memory.empty());
+  std::vector<KvBufferRef> held;
+  for (uint64_t bytes : {uint64_t{kKvWireHeaderBytes}, uint64_t{5000}, uint64_t{70'000}}) {
+    StatusOr<KvSendBuffer> b = pool().acquire(bytes);
+    ASSERT_TRUE(b.ok()) << b.status().to_string();
+    held.push_back(b->ref);
+    EXPECT_GE(b->bytes.data(), memory.data());
+    EXPECT_LE(b->bytes.data() + b->bytes.size(), memory.data() + memory.size());
+  }
+  for (const KvBufferRef& r : held) EXPECT_TRUE(pool().release(r).ok());
+}
+
 TEST_P(TransportTest, ManyAsynchronousPulls) {
   std::vector<Scenario*> scenarios;
   std::vector<TransferId> ids;

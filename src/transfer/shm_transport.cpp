@@ -245,6 +245,7 @@ class ShmSendPool final : public CoreSendPool {
   }
 
   TransportKind kind() const override { return TransportKind::kShm; }
+  std::span<uint8_t> host_memory() const override { return {segment_.data(), segment_.size()}; }
   std::string endpoint() const override { return segment_.path(); }
   bool supports_layer_wise() const override { return true; }
 

@@ -188,6 +188,7 @@ class TcpSendPool final : public CoreSendPool {
   TransportKind kind() const override { return TransportKind::kTcp; }
   std::string endpoint() const override { return endpoint_; }
   bool supports_layer_wise() const override { return true; }
+  std::span<uint8_t> host_memory() const override { return {memory_.data(), memory_.size()}; }
 
   StatusOr<KvHandle> expose_paged(const PagedKvView& view, std::span<const int32_t> block_table,
                                   int32_t num_tokens, uint32_t flags) override {

@@ -308,6 +308,7 @@ class UcxSendPool final : public CoreSendPool {
   }
 
   TransportKind kind() const override { return TransportKind::kUcx; }
+  std::span<uint8_t> host_memory() const override { return {memory_.data(), memory_.size()}; }
   std::string endpoint() const override { return endpoint_; }
 
   StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {

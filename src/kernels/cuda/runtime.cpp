@@ -163,6 +163,35 @@ PinnedHostBuffer::~PinnedHostBuffer() {
   if (ptr_ != nullptr) cudaFreeHost(ptr_);
 }
 
+StatusOr<HostRegistration> HostRegistration::create(void* data, size_t bytes) {
+  HostRegistration r;
+  if (bytes == 0) return r;
+  const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterDefault);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return from_cuda(err, fmt::format("cudaHostRegister of {} bytes", bytes).c_str());
+  }
+  r.ptr_ = data;
+  r.bytes_ = bytes;
+  return r;
+}
+
+HostRegistration::HostRegistration(HostRegistration&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+HostRegistration& HostRegistration::operator=(HostRegistration&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaHostUnregister(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+HostRegistration::~HostRegistration() {
+  if (ptr_ != nullptr) cudaHostUnregister(ptr_);
+}
+
 Status profiler_start() { return from_cuda(cudaProfilerStart(), "cudaProfilerStart"); }
 Status profiler_stop() { return from_cuda(cudaProfilerStop(), "cudaProfilerStop"); }
 

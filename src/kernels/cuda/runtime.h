@@ -99,6 +99,28 @@ class PinnedHostBuffer {
   size_t bytes_ = 0;
 };
 
+// Host memory allocated elsewhere (an mmap, a shared-memory file), page-locked in place for as
+// long as the object lives (cudaHostRegister): copies between it and a GPU then run at the bus's
+// rate, as from a PinnedHostBuffer. The memory must stay mapped until the registration is gone
+// (destroy it first). Pinning holds the range in RAM; it takes about 40 ms a GiB. Move-only.
+class HostRegistration {
+ public:
+  HostRegistration() = default;
+  static StatusOr<HostRegistration> create(void* data, size_t bytes);
+  HostRegistration(HostRegistration&& other) noexcept;
+  HostRegistration& operator=(HostRegistration&& other) noexcept;
+  HostRegistration(const HostRegistration&) = delete;
+  HostRegistration& operator=(const HostRegistration&) = delete;
+  ~HostRegistration();
+
+  void* data() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // Brackets the work a profiler started with profiling off (ncu --profile-from-start off) looks at.
 Status profiler_start();
 Status profiler_stop();
