@@ -10,7 +10,8 @@ function(pdserve_module name)
 endfunction()
 
 # pdserve_test(NAME SOURCES ... DEPS ... [LABELS ...]): a GoogleTest binary registered with ctest.
-# Tests find data through PDSERVE_SOURCE_DIR and the default model through PDSERVE_MODEL.
+# Tests find data and the default model through common/test_paths.h (the paths below, or
+# $PDSERVE_TEST_SOURCE_DIR and $PDSERVE_TEST_MODEL where set).
 function(pdserve_test name)
   cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
   if(NOT PDSERVE_BUILD_TESTS)

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/test_paths.h"
 #include "common/thread_pool.h"
 #include "engine/engine.h"
 #include "model/llama_model.h"
@@ -27,7 +28,7 @@ struct TestModel {
 // nullptr (with a test failure recorded) when the model cannot be loaded.
 inline const TestModel* default_test_model() {
   static const TestModel* loaded = []() -> const TestModel* {
-    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+    auto file = GgufFile::open(pdserve::testing::default_model_path());
     if (!file.ok()) {
       ADD_FAILURE() << file.status().to_string() << " — run scripts/fetch_model.sh";
       return nullptr;

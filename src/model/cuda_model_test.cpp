@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "common/test_paths.h"
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/ops.h"
@@ -68,7 +69,7 @@ constexpr int kCases = 20;
 constexpr size_t kGenerate = 64;
 
 nlohmann::json load_fixtures() {
-  std::ifstream in(std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/model_smollm2.json");
+  std::ifstream in(pdserve::testing::source_dir() + "/tests/golden/data/model_smollm2.json");
   EXPECT_TRUE(in.good()) << "missing tests/golden/data/model_smollm2.json";
   return nlohmann::json::parse(in);
 }
@@ -87,7 +88,7 @@ class CudaModelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (cuda::device_count() == 0) return;
-    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+    auto file = GgufFile::open(pdserve::testing::default_model_path());
     ASSERT_TRUE(file.ok()) << file.status().to_string() << " — run scripts/fetch_model.sh";
     file_ = std::shared_ptr<const GgufFile>(std::move(file).value());
     auto cpu = LlamaModel::load(file_);

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/test_paths.h"
 #include "tokenizer/jinja.h"
 
 namespace pdserve {
@@ -381,7 +382,7 @@ TEST(ChatTemplateTest, RendersMessagesAndTools) {
 }
 
 TEST(ChatTemplateTest, SmolLm2TemplateFromTheDefaultModel) {
-  std::ifstream f(std::string(PDSERVE_SOURCE_DIR) +
+  std::ifstream f(pdserve::testing::source_dir() +
                   "/tests/golden/chat_templates/smollm2-135m-instruct.jinja");
   std::stringstream ss;
   ss << f.rdbuf();
@@ -457,7 +458,7 @@ std::optional<ChatTemplateInputs> to_chat_inputs(const Json& vars) {
 }
 
 TEST(ChatTemplateGoldenTest, MatchesPythonJinja2) {
-  const std::string dir = std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/chat_templates/";
+  const std::string dir = pdserve::testing::source_dir() + "/tests/golden/chat_templates/";
   std::ifstream f(dir + "fixtures.json");
   ASSERT_TRUE(f.good()) << "missing " << dir << "fixtures.json";
   const Json doc = Json::parse(f);

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/test_paths.h"
 #include "kernels/cpu/quant.h"
 
 namespace pdserve::cpu {
@@ -20,7 +21,7 @@ std::vector<uint8_t> from_hex(const std::string& hex) {
 }
 
 TEST(DequantGolden, EveryTypeDecodesLikeGgufPy) {
-  std::ifstream in(std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/dequant_gguf_py.json");
+  std::ifstream in(pdserve::testing::source_dir() + "/tests/golden/data/dequant_gguf_py.json");
   ASSERT_TRUE(in) << "missing fixture; see tools/reference/gen_dequant_fixtures.py";
   nlohmann::json j = nlohmann::json::parse(in);
   const std::pair<const char*, GgmlType> types[] = {{"F16", GgmlType::kF16},   {"BF16", GgmlType::kBF16},

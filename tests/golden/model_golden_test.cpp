@@ -10,6 +10,7 @@
 #include <numeric>
 #include <set>
 
+#include "common/test_paths.h"
 #include "kernels/cpu/cpu_features.h"
 #include "model/llama_model.h"
 
@@ -35,7 +36,7 @@ constexpr double kNearTie = 2 * kLogitTolerance;
 constexpr double kMinMeanMatchedTokens = 20;  // llama.cpp flash attention on vs off: about 25
 
 nlohmann::json load_fixtures() {
-  std::ifstream in(std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/model_smollm2.json");
+  std::ifstream in(pdserve::testing::source_dir() + "/tests/golden/data/model_smollm2.json");
   EXPECT_TRUE(in.good()) << "missing tests/golden/data/model_smollm2.json";
   return nlohmann::json::parse(in);
 }
@@ -43,7 +44,7 @@ nlohmann::json load_fixtures() {
 class ModelGolden : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto file = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+    auto file = GgufFile::open(pdserve::testing::default_model_path());
     ASSERT_TRUE(file.ok()) << file.status().to_string() << " — run scripts/fetch_model.sh";
     auto model = LlamaModel::load(std::shared_ptr<const GgufFile>(std::move(file).value()));
     ASSERT_TRUE(model.ok()) << model.status().to_string();

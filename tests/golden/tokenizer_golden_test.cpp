@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "common/test_paths.h"
 #include "model/gguf.h"
 #include "model/gguf_writer.h"
 #include "tests/support/hf_export.h"
@@ -197,7 +198,7 @@ void expect_vocab_matches(const Tokenizer& tok, const json& vocab, const std::st
 class TokenizerGolden : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    const std::string model_path = PDSERVE_DEFAULT_MODEL;
+    const std::string model_path = pdserve::testing::default_model_path();
     if (!std::filesystem::exists(model_path)) {
       setup_error_ = "default model missing at " + model_path + "; run scripts/fetch_model.sh";
       return;
@@ -215,7 +216,7 @@ class TokenizerGolden : public ::testing::Test {
     }
     tokenizer_ = new Tokenizer(std::move(*tok));
     const std::string fixture_path =
-        std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/tokenizer_smollm2.json";
+        pdserve::testing::source_dir() + "/tests/golden/data/tokenizer_smollm2.json";
     std::ifstream in(fixture_path);
     if (!in) {
       setup_error_ =
@@ -345,7 +346,7 @@ void expect_variant_matches(const Tokenizer& tok, const json& expected,
 }
 
 json variants_fixture() {
-  const std::string path = std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/tokenizer_variants.json";
+  const std::string path = pdserve::testing::source_dir() + "/tests/golden/data/tokenizer_variants.json";
   std::ifstream in(path);
   if (!in) return json();
   return json::parse(in).at("variants");

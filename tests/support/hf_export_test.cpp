@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "common/test_paths.h"
 #include "kernels/cpu/fp16.h"
 #include "model/llama_model.h"
 #include "model/safetensors.h"
@@ -23,7 +24,7 @@ namespace pdserve {
 namespace {
 
 std::shared_ptr<const GgufFile> default_model() {
-  auto f = GgufFile::open(PDSERVE_DEFAULT_MODEL);
+  auto f = GgufFile::open(pdserve::testing::default_model_path());
   EXPECT_TRUE(f.ok()) << f.status().to_string() << " — run scripts/fetch_model.sh";
   return f.ok() ? std::shared_ptr<const GgufFile>(std::move(f).value()) : nullptr;
 }
@@ -137,7 +138,7 @@ TEST(HfExport, TheQwen2TwinIsTheLlamaModelWhenItsBiasesAreZero) {
   EXPECT_EQ((*q0)->config().rope_ordering, RopeOrdering::kNeox);
   EXPECT_TRUE((*q0)->config().has_qkv_bias);
   ThreadPool pool(0);
-  std::ifstream in(std::string(PDSERVE_SOURCE_DIR) + "/tests/golden/data/model_smollm2.json");
+  std::ifstream in(pdserve::testing::source_dir() + "/tests/golden/data/model_smollm2.json");
   ASSERT_TRUE(in.good());
   const nlohmann::json fx = nlohmann::json::parse(in);
   for (int i : {3, 14}) {
