@@ -572,6 +572,129 @@ std::string host_stage_section(bool quick) {
   return j.str();
 }
 
+// The hand-off of a 4096-token prompt of `model_name` through the host-staged tcp transport on
+// GPU 0 (page-locked send pool), from the start of the prefill's forward pass until the decode's
+// pull has the KV in its own cache on the same GPU: the KV sent whole after the pass (publish(),
+// then the pull), against the KV sent layer by layer during it (send_kv_layer() after each layer's
+// K/V writes, the pull under way from the start). Wall-clock medians; the pulled KV is checked
+// against the prefill's.
+std::string layer_wise_section(const std::string& model_name, bool quick) {
+  const int32_t bs = 16, len = quick ? 1024 : 4096, per_seq = len / bs + 1;
+  CudaModelOptions options{0, per_seq, bs, false};
+  std::unique_ptr<CudaLlamaModel> m =
+      value_or_die(CudaLlamaModel::synthetic(model_name, options, 1234), "synthetic model");
+  const ModelConfig& c = m->config();
+  const DeviceKv kv = *m->device_kv();
+  PagedKvView src;
+  src.base = kv.base;
+  src.block_bytes = static_cast<size_t>(bs) * c.kv_dim() * 2;
+  src.num_blocks = per_seq;
+  src.block_size = bs;
+  src.layout = KvLayout{m->fingerprint(), KvDtype::kBF16, c.num_layers, c.kv_dim()};
+  src.memory = KvMemory::kCuda;
+  src.cuda_device = 0;
+  src.num_kv_heads = c.num_kv_heads;
+  src.layer_bytes = kv.layer_bytes;
+  src.v_offset_bytes = kv.v_offset_bytes;
+  src.cuda_stream = kv.stream;
+  PagedKvView dst = src;
+  DeviceBuffer dst_memory = value_or_die(DeviceBuffer::allocate(m->kv_bytes()), "allocate");
+  dst.base = dst_memory.as<uint8_t>();
+  dst.cuda_stream = nullptr;
+  std::vector<int32_t> table(static_cast<size_t>(per_seq));
+  std::iota(table.begin(), table.end(), 0);
+  std::vector<int32_t> dst_table(table.rbegin(), table.rend());
+  std::vector<int32_t> tokens(static_cast<size_t>(len));
+  for (int32_t t = 0; t < len; ++t) tokens[static_cast<size_t>(t)] = (t * 31 + 7) % c.vocab_size;
+
+  KvTransportOptions o;
+  o.pool_capacity_bytes = kv_send_buffer_bytes(kv_message_bytes(src.layout, len));
+  o.max_buffers = 2;
+  o.cuda_device = 0;
+  KvTransport t = value_or_die(make_cuda_staged_transport(TransportKind::kTcp, o), "staged transport");
+  if (!t.pool->supports_layer_wise()) {
+    std::printf("layer-wise hand-off skipped: the send pool could not be page-locked\n");
+    return "{}";
+  }
+  const KvScatterTarget target{dst, dst_table, len};
+  auto wire = [&](const PagedKvView& v, const std::vector<int32_t>& tbl) {
+    const PagedKvCache pc{reinterpret_cast<uint16_t*>(v.base),
+                          c.num_layers,
+                          static_cast<int64_t>(v.layer_bytes / 2),
+                          static_cast<int64_t>(v.v_offset_bytes / 2),
+                          bs,
+                          c.num_kv_heads,
+                          c.head_dim};
+    DeviceBuffer dt = value_or_die(DeviceBuffer::allocate(tbl.size() * 4), "allocate");
+    CHECK_OK(copy_to_device(dt.data(), tbl.data(), tbl.size() * 4));
+    DeviceBuffer w = value_or_die(DeviceBuffer::allocate(static_cast<size_t>(pc.bytes(len))), "allocate");
+    CHECK_OK(gather_kv(pc, dt.as<int32_t>(), len, w.as<uint16_t>(), nullptr));
+    std::vector<uint8_t> out(w.bytes());
+    CHECK_OK(copy_to_host(out.data(), w.data(), w.bytes()));
+    return out;
+  };
+  auto check = [&](const char* what) {
+    CHECK_OK(synchronize());
+    if (wire(dst, dst_table) != wire(src, table)) {
+      std::fprintf(stderr, "pdserve_gpu_bench: the %s hand-off delivered wrong KV bytes\n", what);
+      std::exit(1);
+    }
+  };
+  int32_t next = 0;
+  ForwardBatch b;
+  b.tokens = tokens;
+  b.chunks.push_back({0, len, table, true});
+  const int reps = quick ? 2 : 5;
+  const double forward_ms = median_wall_ms(1, reps, [&] { CHECK_OK(m->forward_argmax(b, &next)); });
+  const double whole_ms = median_wall_ms(1, reps, [&] {
+    CHECK_OK(fill_bytes(dst_memory.data(), 0, dst_memory.bytes(), nullptr));
+    CHECK_OK(synchronize());
+    CHECK_OK(m->forward_argmax(b, &next));
+    KvHandle h = value_or_die(t.pool->publish(src, table, len, 0), "publish");
+    TransferState st = t.puller->pull(h, target);
+    if (st.phase != TransferPhase::kDone) die(st.error, "pull");
+    CHECK_OK(t.pool->release(h.ref()));
+  });
+  check("whole");
+  const double layered_ms = median_wall_ms(1, reps, [&] {
+    CHECK_OK(fill_bytes(dst_memory.data(), 0, dst_memory.bytes(), nullptr));
+    CHECK_OK(synchronize());
+    LayerWiseSend send = value_or_die(begin_layer_wise_kv(*t.pool, src.layout, len), "begin layer-wise");
+    const TransferId id = value_or_die(t.puller->submit(send.handle, target), "submit");
+    Status sent = ok_status();
+    b.after_layer = [&](int32_t l) {
+      if (sent.ok()) sent = send_kv_layer(*t.pool, send, src, table, l);
+    };
+    CHECK_OK(m->forward_argmax(b, &next));
+    b.after_layer = nullptr;
+    CHECK_OK(sent);
+    CHECK_OK(t.pool->publish_progress(send.handle.ref(), c.num_layers, next));
+    TransferState st = t.puller->wait(id);
+    if (st.phase != TransferPhase::kDone) die(st.error, "layer-wise pull");
+    if (st.first_token != next) {
+      std::fprintf(stderr, "pdserve_gpu_bench: the layer-wise pull brought token %d, not %d\n",
+                   st.first_token, next);
+      std::exit(1);
+    }
+    CHECK_OK(t.pool->release(send.handle.ref()));
+  });
+  check("layer-wise");
+  std::printf(
+      "layer-wise hand-off, %s, %d tokens (%.0f MiB of KV) over tcp, page-locked: prefill alone %.2f ms; "
+      "prefill then the KV whole %.2f ms; layer by layer during the prefill %.2f ms (%.2f ms after the "
+      "prefill, against %.2f)\n",
+      model_name.c_str(), len, src.layout.body_bytes(len) / 1048576.0, forward_ms, whole_ms, layered_ms,
+      layered_ms - forward_ms, whole_ms - forward_ms);
+  Json j;
+  j.add("model", model_name);
+  j.add("tokens", len);
+  j.add("kv_bytes", static_cast<double>(src.layout.body_bytes(len)));
+  j.add("prefill_ms", forward_ms);
+  j.add("prefill_then_whole_ms", whole_ms);
+  j.add("layer_wise_ms", layered_ms);
+  return j.str();
+}
+
 // Three forward passes, kernels launched one by one, the third between profiler_start() and
 // profiler_stop(): for a profiler. Decode steps at position ctx (prompt_len 0), or prefills of
 // prompt_len tokens.
@@ -698,7 +821,8 @@ int main(int argc, char** argv) {
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1,\n"
-          "                and the host-staged KV path (shm, tcp) on GPU 0\n"
+          "                the host-staged KV path (shm, tcp) on GPU 0, and a --model prefill's\n"
+          "                hand-off through it, whole and layer by layer\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n"
           "  --profile-prefill P,T  the same with three prefills of P prompts of T tokens\n");
@@ -798,8 +922,9 @@ int main(int argc, char** argv) {
       std::printf("KV transfer between GPUs skipped: GPU 1 cannot read GPU 0's memory\n");
     }
   }
-  // 4. The host-staged KV path, on GPU 0.
+  // 4. The host-staged KV path, on GPU 0, and a prefill's hand-off through it.
   out.add_raw("kv_host_stage", host_stage_section(quick));
+  if (!model_name.empty()) out.add_raw("kv_layer_wise", layer_wise_section(model_name, quick));
   if (transfer_only) {
     CHECK_OK(synchronize());
     return write_json(json_path, out);

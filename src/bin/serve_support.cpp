@@ -253,8 +253,8 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
   cmd.add_flag(
       "--kv-layer-wise", f.kv_layer_wise,
       "Prefill: send each prompt's KV layer by layer while the forward pass that completes it runs, so "
-      "the decode pulls it during the prefill instead of after it (CPU engine; inproc, shm and tcp "
-      "transports)");
+      "the decode pulls it during the prefill instead of after it (inproc, shm and tcp transports; a GPU "
+      "instance over shm or tcp)");
   cmd.add_option(
          "--deadline-priority-ms", f.deadline_priority_ms,
          "Prefill: for this long after refusing a request that waits at a gateway, keep the last free "

@@ -117,18 +117,19 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     kv_view_.num_kv_heads = c.num_kv_heads;
     kv_view_.layer_bytes = device_kv->layer_bytes;
     kv_view_.v_offset_bytes = device_kv->v_offset_bytes;
+    kv_view_.cuda_stream = device_kv->stream;
     Status view_ok = kv_view_.validate();
     PD_CHECK_MSG(view_ok.ok(), view_ok.message().c_str());
   } else {
     kv_view_.layout = KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()};
   }
   if (options.role == EngineRole::kPrefill && options.layer_wise_kv) {
-    layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise() &&
-                  kv_view_.memory == KvMemory::kHost;
+    layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise();
     if (!layer_wise_)
       PD_LOG_WARN(
-          "engine: layer-wise KV transfer needs the CPU engine and the inproc, shm or tcp transport "
-          "(this is {} over {}); the KV leaves whole after the first token",
+          "engine: layer-wise KV transfer needs the inproc, shm or tcp transport (ucx and cuda-ipc send "
+          "the KV whole; a GPU instance stages it through a page-locked shm or tcp send pool), and this "
+          "is {} over {}: the KV leaves whole after the first token",
           executor_->device(), transport_kind_name(options.kv_send->kind()));
   }
   if (options.role == EngineRole::kDecode) {

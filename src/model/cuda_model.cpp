@@ -139,7 +139,7 @@ size_t CudaLlamaModel::kv_bytes() const { return impl_->kv.bytes(); }
 
 std::optional<DeviceKv> CudaLlamaModel::device_kv() {
   const uint64_t part = static_cast<uint64_t>(impl_->kv_layer_values) * sizeof(uint16_t);
-  return DeviceKv{options_.device, impl_->kv.as<uint8_t>(), 2 * part, part};
+  return DeviceKv{options_.device, impl_->kv.as<uint8_t>(), 2 * part, part, impl_->stream->get()};
 }
 
 size_t CudaLlamaModel::kv_bytes_per_token() const {
@@ -581,6 +581,8 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
     num_logits += ch.want_logits ? 1 : 0;
     graphable = graphable && ch.num_tokens == 1 && ch.want_logits;
   }
+  // A graph replays kernels, not the host's calls between them.
+  graphable = graphable && !batch.after_layer;
   if (t != T) return invalid_argument("forward: chunks do not cover the batch");
 
   // A graph is kept per (batch size, table width); widths are powers of two, and the attention's
@@ -632,7 +634,7 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
   cuda::StreamHandle s = im.stream->get();
   PD_RETURN_IF_ERROR(cuda::copy_to_device_async(im.meta.data(), meta.data(), meta.size() * 4, s));
   *rows_out = num_logits;
-  if (!graphable) return enqueue(shape);
+  if (!graphable) return enqueue(shape, batch.after_layer);
   const auto key = std::make_pair(T, shape.width);
   auto it = im.graphs.find(key);
   if (it == im.graphs.end()) {
@@ -715,7 +717,7 @@ cuda::DecodeAttentionArgs CudaLlamaModel::attention_args(const Shape& shape, int
   return a;
 }
 
-Status CudaLlamaModel::enqueue(const Shape& shape) {
+Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int32_t)>& after_layer) {
   const ModelConfig& c = config_;
   Impl& im = *impl_;
   cuda::StreamHandle s = im.stream->get();
@@ -807,6 +809,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape) {
     rope.bias = L.bqkv.data() != nullptr ? L.bqkv.as<float>() : nullptr;
     rope.kv = attn.kv;
     PD_RETURN_IF_ERROR(cuda::rope_qkv(rope, s));
+    if (after_layer) after_layer(li);  // this layer's K/V are written once the work queued so far has run
     if (decode_only) {
       PD_RETURN_IF_ERROR(cuda::decode_attention(attn, im.workspace.data(), im.workspace.bytes(), s));
     } else {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -82,6 +83,8 @@ class CudaLlamaModel final : public ModelExecutor {
   Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
                       const HostLogitRows& host = {}) override;
   bool draws_on_device() const override { return true; }
+  // after_layer(l) once layer l's K/V writes are queued (a batch with after_layer is never a graph).
+  bool reports_layers() const override { return true; }
   // Turns the replay of decode steps as CUDA graphs on or off (CudaModelOptions::cuda_graphs).
   void set_cuda_graphs(bool on) { options_.cuda_graphs = on; }
   // Fills the whole KV cache with random values (benchmarks that start from a long context).
@@ -108,8 +111,9 @@ class CudaLlamaModel final : public ModelExecutor {
   // Grows the scratch buffers for `shape` (dropping captured graphs if any buffer moves).
   Status reserve(const Shape& shape, size_t meta_bytes);
   cuda::DecodeAttentionArgs attention_args(const Shape& shape, int32_t layer) const;
-  // Enqueues every kernel of the pass; no synchronous call (it may be captured).
-  Status enqueue(const Shape& shape);
+  // Enqueues every kernel of the pass; no synchronous call (it may be captured). after_layer(l)
+  // (if any) once layer l's K/V writes are queued.
+  Status enqueue(const Shape& shape, const std::function<void(int32_t)>& after_layer = {});
   struct WeightSource;
   // Every weight, through one format's source.
   Status upload_weights(const WeightSource& source);

@@ -26,6 +26,9 @@ struct DeviceKv {
   uint8_t* base = nullptr;
   uint64_t layer_bytes = 0;
   uint64_t v_offset_bytes = 0;
+  // The CUDA stream (cudaStream_t) the forward pass writes the cache on: after_layer(l) is called
+  // once layer l's K/V writes are queued there.
+  void* stream = nullptr;
 };
 
 // One row's draw for ModelExecutor::forward_draw.
@@ -67,7 +70,8 @@ class ModelExecutor {
     return unimplemented("this backend samples on the host: call forward()");
   }
   virtual bool draws_on_device() const { return false; }
-  // Whether forward() calls ForwardBatch::after_layer after each layer (the CPU engine does).
+  // Whether forward() calls ForwardBatch::after_layer after each layer (the CPU engine, once the
+  // layer has run; a GPU, once the layer's K/V writes are queued on DeviceKv::stream).
   virtual bool reports_layers() const { return false; }
   // The KV cache as host memory, which the host KV transports read and write; nullptr where it
   // lives on a GPU.

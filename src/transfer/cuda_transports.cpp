@@ -145,6 +145,7 @@ class DeviceTable {
                                                   static_cast<size_t>(entries) * sizeof(int32_t), stream()));
     return buffer_.as<int32_t>();
   }
+  bool ready() const { return stream_.has_value(); }
   cuda::StreamHandle stream() const { return stream_->get(); }
   Status sync() const { return stream_->synchronize(); }
 
@@ -481,6 +482,8 @@ class DeviceScratch {
 class StagedSendPool final : public KvSendPool {
  public:
   StagedSendPool(std::unique_ptr<KvSendPool> inner, int device) : inner_(std::move(inner)), device_(device) {}
+  // Queued copies and progress end before the memory they use goes.
+  ~StagedSendPool() override { (void)sync_queued(); }
 
   Status init(bool page_lock) {
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
@@ -510,7 +513,61 @@ class StagedSendPool final : public KvSendPool {
   StatusOr<KvHandle> expose_paged(const PagedKvView&, std::span<const int32_t>, int32_t, uint32_t) override {
     return unimplemented("the block-fixed mode does not carry KV caches in GPU memory");
   }
-  Status release(KvBufferRef ref) override { return inner_->release(ref); }
+  // A layer-wise buffer given up may still have copies queued into it: they end first, so that
+  // the bytes are not reused under them.
+  Status release(KvBufferRef ref) override {
+    const Status synced = sync_queued();
+    const Status released = inner_->release(ref);
+    return synced.ok() ? released : synced;
+  }
+
+  // Layer-wise sends copy from the GPU while the forward pass is queued and runs: only into
+  // page-locked memory, where a copy does not hold up the thread that queues it.
+  bool supports_layer_wise() const override { return locked_.bytes() > 0 && inner_->supports_layer_wise(); }
+
+  // Queues, behind the work queued so far on src.cuda_stream (which writes the layer): the
+  // layer's gather into the scratch, its copy into the buffer's body, and a host function that
+  // publishes layers [0, layer + 1) once the copy has landed.
+  Status send_layer(const LayerWiseSend& send, const PagedKvView& src, std::span<const int32_t> block_table,
+                    int32_t layer) override {
+    if (!supports_layer_wise())
+      return failed_precondition(
+          "this KV send pool sends no layer-wise KV from a GPU: its host memory is not page-locked");
+    PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(src));
+    if (src.cuda_device != device_)
+      return failed_precondition(
+          fmt::format("this KV send pool stages from GPU {}, the KV cache to send is on GPU {}", device_,
+                      src.cuda_device));
+    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, send.num_tokens));
+    const uint64_t part = send.layout.layer_body_bytes(send.num_tokens);
+    std::lock_guard lock(mu_);
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    if (src.cuda_stream != nullptr) {
+      if (!written_) {
+        PD_ASSIGN_OR_RETURN(written_, cuda::Event::create(/*timing=*/false));
+      }
+      PD_RETURN_IF_ERROR(written_->record(static_cast<cuda::StreamHandle>(src.cuda_stream)));
+      PD_RETURN_IF_ERROR(written_->wait_on(table_.stream()));
+    }
+    PD_ASSIGN_OR_RETURN(const int32_t* table,
+                        table_.upload(block_table, blocks_for(send.num_tokens, cache.block_size)));
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
+    PD_RETURN_IF_ERROR(cuda::gather_kv(one_layer(cache, layer), table, send.num_tokens,
+                                       reinterpret_cast<uint16_t*>(wire), table_.stream()));
+    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(send.body.data() + static_cast<size_t>(layer) * part, wire,
+                                                part, table_.stream()));
+    auto* landed = new LayerLanded{inner_.get(), send.handle.ref(), layer + 1};
+    const Status queued = cuda::launch_host_func(table_.stream(), &LayerLanded::publish, landed);
+    if (!queued.ok()) delete landed;
+    return queued;
+  }
+
+  // After the layers queued before have landed and been published (in order), so a decode never
+  // reads a layer still on its way.
+  Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) override {
+    PD_RETURN_IF_ERROR(sync_queued());
+    return inner_->publish_progress(ref, layers_ready, first_token);
+  }
   int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
   KvSendPoolStats stats() const override { return inner_->stats(); }
 
@@ -535,6 +592,26 @@ class StagedSendPool final : public KvSendPool {
   }
 
  private:
+  // A layer's progress, published by a host function on the CUDA driver's thread once its copy
+  // has landed (no CUDA there: the inner pool's bookkeeping only).
+  struct LayerLanded {
+    KvSendPool* pool;
+    KvBufferRef ref;
+    int32_t layers;
+    static void publish(void* p) {
+      std::unique_ptr<LayerLanded> l(static_cast<LayerLanded*>(p));
+      // A buffer given up meanwhile refuses it; its pull has failed already.
+      (void)l->pool->publish_progress(l->ref, l->layers, -1);
+    }
+  };
+
+  Status sync_queued() {
+    std::lock_guard lock(mu_);
+    if (!table_.ready()) return ok_status();
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    return table_.sync();
+  }
+
   // Gathers on the GPU, then copies the body to the host buffer; returns once it is there.
   Status stage(const cuda::PagedKvCache& cache, std::span<const int32_t> block_table, int32_t num_tokens,
                std::span<uint8_t> body) {
@@ -567,8 +644,9 @@ class StagedSendPool final : public KvSendPool {
   // Declared after inner_: unregistered before the pool's memory is unmapped.
   cuda::HostRegistration locked_;
   std::mutex mu_;
-  DeviceTable table_;      // guarded by mu_
-  DeviceScratch scratch_;  // guarded by mu_
+  DeviceTable table_;                   // guarded by mu_; its stream runs every copy, in order
+  DeviceScratch scratch_;               // guarded by mu_
+  std::optional<cuda::Event> written_;  // guarded by mu_: orders a layer's gather after its writer
 };
 
 // Host-staged, decode side: the host puller lands the body in host memory laid out as the wire
@@ -623,7 +701,7 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
                                           tokens, table_.stream()));
     }
     PD_RETURN_IF_ERROR(table_.sync());
-    return PullResult{st.num_tokens, st.bytes};
+    return PullResult{st.num_tokens, st.bytes, st.first_token};  // a layer-wise body's token
   }
 
  private:

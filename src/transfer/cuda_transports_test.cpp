@@ -192,6 +192,73 @@ TEST_F(CudaIpc, StagedThroughHostMemoryOverShmTcpAndUcx) {
   }
 }
 
+// Layer by layer from a GPU cache while it is being written: each layer's copy waits for the work
+// queued on the cache's writer stream (milliseconds of it before the layer's last write, which a
+// copy that did not wait would miss), lands in the page-locked host pool, and the decode's pull
+// gets every layer and the first token published after them.
+TEST_F(CudaIpc, LayerWiseFromAGpuCacheWhileItsWriterRuns) {
+  const int dst_device = cuda::device_count() > 1 ? 1 : 0;
+  for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
+    SCOPED_TRACE(std::string(transport_kind_name(kind)));
+    DeviceCache src = DeviceCache::make(0, 21);
+    DeviceCache dst = DeviceCache::make(dst_device, 22);
+    KvTransportOptions so = options(0);
+    so.receive = false;
+    KvTransportOptions ro = options(dst_device);
+    ro.send = false;
+    StatusOr<KvTransport> sender = make_cuda_staged_transport(kind, so);
+    StatusOr<KvTransport> receiver = make_cuda_staged_transport(kind, ro);
+    ASSERT_TRUE(sender.ok()) << sender.status().message();
+    ASSERT_TRUE(receiver.ok()) << receiver.status().message();
+    ASSERT_TRUE(sender->pool->supports_layer_wise());
+    const int32_t tokens = 150;
+    const std::vector<int32_t> src_table = shuffled_blocks(23);
+    const std::vector<int32_t> dst_table = shuffled_blocks(24);
+    StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*sender->pool, src.view.layout, tokens);
+    ASSERT_TRUE(send.ok()) << send.status().message();
+    // The decode pulls at once, before any layer is there.
+    StatusOr<TransferId> pull =
+        receiver->puller->submit(send->handle, KvScatterTarget{dst.view, dst_table, tokens});
+    ASSERT_TRUE(pull.ok()) << pull.status().message();
+
+    ASSERT_TRUE(cuda::set_device(0).ok());
+    StatusOr<cuda::Stream> writer = cuda::Stream::create();
+    ASSERT_TRUE(writer.ok());
+    PagedKvView view = src.view;
+    view.cuda_stream = writer->get();
+    // Before each layer's last write, a few milliseconds of other work on the writer: a copy that
+    // did not wait for the writer would read the layer's old values.
+    StatusOr<cuda::DeviceBuffer> busy = cuda::DeviceBuffer::allocate(size_t{256} << 20);
+    ASSERT_TRUE(busy.ok());
+    const int64_t layer_values = static_cast<int64_t>(src.memory.bytes() / 2) / kLayers;
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (int i = 0; i < 20; ++i)
+        ASSERT_TRUE(
+            cuda::fill_bytes(busy->data(), static_cast<uint8_t>(i), busy->bytes(), writer->get()).ok());
+      // Layers l and after (never a layer sent): layer l's values are final.
+      const int64_t n = (kLayers - l) * layer_values;
+      ASSERT_TRUE(cuda::fill_uniform_bf16(src.memory.as<uint16_t>() + l * layer_values, n, 0.0f, 1.0f, 77 + l,
+                                          writer->get())
+                      .ok());
+      ASSERT_TRUE(send_kv_layer(*sender->pool, *send, view, src_table, l).ok());
+    }
+    ASSERT_TRUE(sender->pool->publish_progress(send->handle.ref(), kLayers, 4242).ok());
+    TransferState st = receiver->puller->wait(*pull);
+    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
+    EXPECT_EQ(st.first_token, 4242);
+    ASSERT_TRUE(writer->synchronize().ok());
+    EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens));
+    ASSERT_TRUE(sender->pool->release(send->handle.ref()).ok());
+  }
+  // Into pageable memory a layer's copy would hold up the thread queuing the forward pass: such a
+  // pool sends the KV whole.
+  KvTransportOptions pageable = options(0);
+  pageable.page_lock_host_stage = false;
+  StatusOr<KvTransport> t = make_cuda_staged_transport(TransportKind::kTcp, pageable);
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  EXPECT_FALSE(t->pool->supports_layer_wise());
+}
+
 TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
   DeviceCache src = DeviceCache::make(0, 5);
   DeviceCache dst = DeviceCache::make(0, 6);

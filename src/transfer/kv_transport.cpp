@@ -334,11 +334,16 @@ Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvV
     return invalid_argument("send_kv_layer: the source's layout is not the send's");
   if (layer < 0 || layer >= send.layout.num_layers)
     return invalid_argument(fmt::format("send_kv_layer: layer {} of {}", layer, send.layout.num_layers));
+  return pool.send_layer(send, src, block_table, layer);
+}
+
+Status KvSendPool::send_layer(const LayerWiseSend& send, const PagedKvView& src,
+                              std::span<const int32_t> block_table, int32_t layer) {
   const uint64_t layer_bytes = send.layout.layer_body_bytes(send.num_tokens);
   PD_RETURN_IF_ERROR(
       gather_kv_layer(src, block_table, send.num_tokens, layer,
                       send.body.subspan(static_cast<size_t>(layer) * layer_bytes, layer_bytes)));
-  return pool.publish_progress(send.handle.ref(), layer + 1, -1);
+  return publish_progress(send.handle.ref(), layer + 1, -1);
 }
 
 namespace transfer_internal {

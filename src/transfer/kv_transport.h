@@ -131,6 +131,8 @@ struct KvSendPoolStats {
 using KvClockMs = std::function<int64_t()>;
 
 // The prefill side. Thread-safe.
+struct LayerWiseSend;  // below, with begin_layer_wise_kv
+
 class KvSendPool {
  public:
   virtual ~KvSendPool() = default;
@@ -172,6 +174,12 @@ class KvSendPool {
   // than said before) and, once first_token >= 0, the token sampled after the prompt. Wakes the
   // pulls waiting on it. UNIMPLEMENTED where !supports_layer_wise().
   virtual Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token);
+  // What send_kv_layer() does once it has checked its arguments: writes layer `layer` of the
+  // sequence into send.body and publishes layers [0, layer + 1) as ready. This one gathers host
+  // memory at once; a GPU pool queues the gather and copy behind the work queued so far on
+  // src.cuda_stream and publishes the layer when it has landed.
+  virtual Status send_layer(const LayerWiseSend& send, const PagedKvView& src,
+                            std::span<const int32_t> block_table, int32_t layer);
   // Reclaims buffers held longer than the lease; returns how many. Also done by acquire().
   virtual int32_t reclaim_expired() = 0;
   virtual KvSendPoolStats stats() const = 0;
@@ -332,7 +340,8 @@ StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvLayout& la
 StatusOr<LayerWiseSend> begin_layer_wise_kv(KvSendPool& pool, const KvSendBuffer& buffer,
                                             const KvLayout& layout, int32_t num_tokens);
 // Gathers layer `layer` of the sequence from `src` into the body and publishes layers
-// [0, layer + 1) as ready. Layers must be sent in order.
+// [0, layer + 1) as ready (KvSendPool::send_layer; from a GPU cache, once the copy has landed,
+// and publish_progress() waits for the layers queued before). Layers must be sent in order.
 Status send_kv_layer(KvSendPool& pool, const LayerWiseSend& send, const PagedKvView& src,
                      std::span<const int32_t> block_table, int32_t layer);
 

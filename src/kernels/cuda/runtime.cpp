@@ -339,9 +339,11 @@ Status Stream::synchronize() const {
   return from_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
 }
 
-StatusOr<Event> Event::create() {
+StatusOr<Event> Event::create(bool timing) {
   Event e;
-  PD_RETURN_IF_ERROR(from_cuda(cudaEventCreate(&e.event_), "cudaEventCreate"));
+  PD_RETURN_IF_ERROR(
+      from_cuda(cudaEventCreateWithFlags(&e.event_, timing ? cudaEventDefault : cudaEventDisableTiming),
+                "cudaEventCreate"));
   return e;
 }
 
@@ -361,6 +363,14 @@ Event::~Event() {
 
 Status Event::record(StreamHandle stream) {
   return from_cuda(cudaEventRecord(event_, stream), "cudaEventRecord");
+}
+
+Status Event::wait_on(StreamHandle stream) const {
+  return from_cuda(cudaStreamWaitEvent(stream, event_, 0), "cudaStreamWaitEvent");
+}
+
+Status launch_host_func(StreamHandle stream, void (*fn)(void*), void* data) {
+  return from_cuda(cudaLaunchHostFunc(stream, fn, data), "cudaLaunchHostFunc");
 }
 
 StatusOr<float> Event::elapsed_ms(const Event& start, const Event& stop) {

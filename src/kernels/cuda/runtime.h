@@ -125,6 +125,10 @@ class HostRegistration {
 Status profiler_start();
 Status profiler_stop();
 
+// Queues fn(data) on `stream`: it runs on a thread of the CUDA driver once the work queued before
+// has run, and holds up the work queued after until it returns. It must not call CUDA.
+Status launch_host_func(StreamHandle stream, void (*fn)(void*), void* data);
+
 // Synchronous copies (host memory may be pageable) and fills.
 Status copy_to_device(void* dst, const void* src, size_t bytes);
 Status copy_to_host(void* dst, const void* src, size_t bytes);
@@ -193,13 +197,16 @@ class Stream {
 // Times work on a stream: record(start), enqueue, record(stop), then elapsed_ms(start, stop).
 class Event {
  public:
-  static StatusOr<Event> create();
+  // `timing`: whether elapsed_ms() may read it (an event only for ordering is cheaper without).
+  static StatusOr<Event> create(bool timing = true);
   Event(Event&& other) noexcept;
   Event& operator=(Event&& other) noexcept;
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   ~Event();
   Status record(StreamHandle stream);
+  // Work queued on `stream` from now on waits until the work before the latest record() has run.
+  Status wait_on(StreamHandle stream) const;
   // Waits for `stop`; milliseconds between the two recordings.
   static StatusOr<float> elapsed_ms(const Event& start, const Event& stop);
 
