@@ -124,7 +124,8 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     kv_view_.layout = KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()};
   }
   if (options.role == EngineRole::kPrefill && options.layer_wise_kv) {
-    layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise();
+    layer_wise_ = executor_->reports_layers() && options.kv_send->supports_layer_wise() &&
+                  options.kv_send->memory() == kv_view_.memory;
     if (!layer_wise_)
       PD_LOG_WARN(
           "engine: layer-wise KV transfer needs the inproc, shm or tcp transport (ucx and cuda-ipc send "

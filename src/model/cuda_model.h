@@ -111,8 +111,8 @@ class CudaLlamaModel final : public ModelExecutor {
   // Grows the scratch buffers for `shape` (dropping captured graphs if any buffer moves).
   Status reserve(const Shape& shape, size_t meta_bytes);
   cuda::DecodeAttentionArgs attention_args(const Shape& shape, int32_t layer) const;
-  // Enqueues every kernel of the pass; no synchronous call (it may be captured). after_layer(l)
-  // (if any) once layer l's K/V writes are queued.
+  // Enqueues every kernel of the pass; no synchronous call of its own (it may be captured).
+  // after_layer(l) (if any; never while capturing) once layer l's K/V writes are queued.
   Status enqueue(const Shape& shape, const std::function<void(int32_t)>& after_layer = {});
   struct WeightSource;
   // Every weight, through one format's source.

@@ -20,15 +20,18 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <unordered_map>
+#include <vector>
 
 #include "common/log.h"
 #include "kernels/cuda/ops.h"
@@ -200,6 +203,7 @@ class CudaIpcSendPool final : public CoreSendPool {
   }
 
   TransportKind kind() const override { return TransportKind::kCudaIpc; }
+  KvMemory memory() const override { return KvMemory::kCuda; }
   std::string endpoint() const override { return control_.path(); }
 
   // NOTE: acquire()'s span is device memory of this pool's GPU: write it with CUDA copies or
@@ -483,7 +487,11 @@ class StagedSendPool final : public KvSendPool {
  public:
   StagedSendPool(std::unique_ptr<KvSendPool> inner, int device) : inner_(std::move(inner)), device_(device) {}
   // Queued copies and progress end before the memory they use goes.
-  ~StagedSendPool() override { (void)sync_queued(); }
+  ~StagedSendPool() override {
+    const Status synced = sync_queued();
+    if (!synced.ok())
+      PD_LOG_ERROR("KV send pool: waiting for its queued copies failed: {}", synced.message());
+  }
 
   Status init(bool page_lock) {
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
@@ -516,18 +524,21 @@ class StagedSendPool final : public KvSendPool {
   // A layer-wise buffer given up may still have copies queued into it: they end first, so that
   // the bytes are not reused under them.
   Status release(KvBufferRef ref) override {
-    const Status synced = sync_queued();
+    const Status landed = finish_layer_wise(ref);
     const Status released = inner_->release(ref);
-    return synced.ok() ? released : synced;
+    return landed.ok() ? released : landed;
   }
+  KvMemory memory() const override { return KvMemory::kCuda; }
 
   // Layer-wise sends copy from the GPU while the forward pass is queued and runs: only into
   // page-locked memory, where a copy does not hold up the thread that queues it.
   bool supports_layer_wise() const override { return locked_.bytes() > 0 && inner_->supports_layer_wise(); }
 
-  // Queues, behind the work queued so far on src.cuda_stream (which writes the layer): the
-  // layer's gather into the scratch, its copy into the buffer's body, and a host function that
-  // publishes layers [0, layer + 1) once the copy has landed.
+  // Queues, behind the work queued so far on src.cuda_stream (which writes the layer; null: the
+  // legacy default stream): the layer's gather into the send's scratch, its copy into the
+  // buffer's body, and a host function that publishes layers [0, layer + 1) once the copy has
+  // landed. Nothing here waits for the GPU: the send's block table is uploaded once, from
+  // page-locked memory, and its scratch made at its first layer.
   Status send_layer(const LayerWiseSend& send, const PagedKvView& src, std::span<const int32_t> block_table,
                     int32_t layer) override {
     if (!supports_layer_wise())
@@ -540,32 +551,40 @@ class StagedSendPool final : public KvSendPool {
                       src.cuda_device));
     PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, send.num_tokens));
     const uint64_t part = send.layout.layer_body_bytes(send.num_tokens);
+    const int64_t entries = blocks_for(send.num_tokens, cache.block_size);
     std::lock_guard lock(mu_);
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
-    if (src.cuda_stream != nullptr) {
-      if (!written_) {
-        PD_ASSIGN_OR_RETURN(written_, cuda::Event::create(/*timing=*/false));
+    std::unique_ptr<LayerWiseState>& state = sends_[key(send.handle.ref())];
+    if (!state) {
+      StatusOr<std::unique_ptr<LayerWiseState>> made = make_layer_wise(block_table, entries, part);
+      if (!made.ok()) {
+        sends_.erase(key(send.handle.ref()));
+        return made.status();
       }
-      PD_RETURN_IF_ERROR(written_->record(static_cast<cuda::StreamHandle>(src.cuda_stream)));
-      PD_RETURN_IF_ERROR(written_->wait_on(table_.stream()));
+      state = std::move(*made);
     }
-    PD_ASSIGN_OR_RETURN(const int32_t* table,
-                        table_.upload(block_table, blocks_for(send.num_tokens, cache.block_size)));
-    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
-    PD_RETURN_IF_ERROR(cuda::gather_kv(one_layer(cache, layer), table, send.num_tokens,
-                                       reinterpret_cast<uint16_t*>(wire), table_.stream()));
-    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(send.body.data() + static_cast<size_t>(layer) * part, wire,
-                                                part, table_.stream()));
+    if (!written_) {
+      PD_ASSIGN_OR_RETURN(written_, cuda::Event::create(/*timing=*/false));
+    }
+    PD_RETURN_IF_ERROR(written_->record(static_cast<cuda::StreamHandle>(src.cuda_stream)));
+    PD_RETURN_IF_ERROR(written_->wait_on(table_.stream()));
+    PD_RETURN_IF_ERROR(cuda::gather_kv(one_layer(cache, layer), state->table.as<int32_t>(), send.num_tokens,
+                                       state->scratch.as<uint16_t>(), table_.stream()));
+    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(send.body.data() + static_cast<size_t>(layer) * part,
+                                                state->scratch.data(), part, table_.stream()));
     auto* landed = new LayerLanded{inner_.get(), send.handle.ref(), layer + 1};
     const Status queued = cuda::launch_host_func(table_.stream(), &LayerLanded::publish, landed);
-    if (!queued.ok()) delete landed;
-    return queued;
+    if (!queued.ok()) {
+      delete landed;
+      return queued;
+    }
+    return state->queued->record(table_.stream());
   }
 
-  // After the layers queued before have landed and been published (in order), so a decode never
-  // reads a layer still on its way.
+  // After the buffer's queued layers have landed and been published (in order), so a decode
+  // never reads a layer still on its way; the last publication (the first token) ends the send.
   Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) override {
-    PD_RETURN_IF_ERROR(sync_queued());
+    PD_RETURN_IF_ERROR(first_token >= 0 ? finish_layer_wise(ref) : wait_layer_wise(ref));
     return inner_->publish_progress(ref, layers_ready, first_token);
   }
   int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
@@ -604,6 +623,71 @@ class StagedSendPool final : public KvSendPool {
       (void)l->pool->publish_progress(l->ref, l->layers, -1);
     }
   };
+
+  // One layer-wise send's own: its block table (a page-locked copy and the device's), its
+  // one-layer scratch, and an event recorded after its latest queued layer. Kept for reuse once
+  // the send ends (cudaFree would wait for the whole GPU).
+  struct LayerWiseState {
+    cuda::PinnedHostBuffer host_table;
+    cuda::DeviceBuffer table;
+    cuda::DeviceBuffer scratch;
+    std::optional<cuda::Event> queued;
+  };
+  static std::pair<uint32_t, uint64_t> key(KvBufferRef ref) { return {ref.buffer_id, ref.generation}; }
+
+  // Under mu_: a state for a send of `entries` table entries and `part` bytes a layer (a spare one
+  // large enough, or a new one), its table uploaded on the stream.
+  StatusOr<std::unique_ptr<LayerWiseState>> make_layer_wise(std::span<const int32_t> block_table,
+                                                            int64_t entries, uint64_t part) {
+    const size_t table_bytes = static_cast<size_t>(entries) * sizeof(int32_t);
+    std::unique_ptr<LayerWiseState> st;
+    auto fits = [&](const std::unique_ptr<LayerWiseState>& s) {
+      return s->table.bytes() >= table_bytes && s->scratch.bytes() >= part;
+    };
+    if (auto it = std::find_if(spares_.begin(), spares_.end(), fits); it != spares_.end()) {
+      st = std::move(*it);
+      spares_.erase(it);
+    } else {
+      st = std::make_unique<LayerWiseState>();
+      PD_ASSIGN_OR_RETURN(st->host_table, cuda::PinnedHostBuffer::allocate(table_bytes));
+      PD_ASSIGN_OR_RETURN(st->table, cuda::DeviceBuffer::allocate(table_bytes));
+      PD_ASSIGN_OR_RETURN(st->scratch, cuda::DeviceBuffer::allocate(part));
+      PD_ASSIGN_OR_RETURN(st->queued, cuda::Event::create(/*timing=*/false));
+    }
+    // The page-locked copy is read when the stream gets there, and is not reused before the send
+    // ends (its state comes back as a spare only after its event).
+    std::memcpy(st->host_table.data(), block_table.data(), table_bytes);
+    PD_RETURN_IF_ERROR(
+        cuda::copy_to_device_async(st->table.data(), st->host_table.data(), table_bytes, table_.stream()));
+    return st;
+  }
+
+  // Waits (without mu_) until the layers queued for `ref` have landed and been published.
+  Status wait_layer_wise(KvBufferRef ref) {
+    LayerWiseState* st = nullptr;
+    {
+      std::lock_guard lock(mu_);
+      auto it = sends_.find(key(ref));
+      if (it != sends_.end()) st = it->second.get();
+    }
+    // NOTE: only this buffer's own writer (the engine's thread) queues layers for it or ends it.
+    return st != nullptr ? st->queued->synchronize() : ok_status();
+  }
+  // The same, then the send's state goes back to the spares.
+  Status finish_layer_wise(KvBufferRef ref) {
+    std::unique_ptr<LayerWiseState> st;
+    {
+      std::lock_guard lock(mu_);
+      auto it = sends_.find(key(ref));
+      if (it == sends_.end()) return ok_status();
+      st = std::move(it->second);
+      sends_.erase(it);
+    }
+    const Status landed = st->queued->synchronize();
+    std::lock_guard lock(mu_);
+    if (landed.ok() && spares_.size() < kMaxSpares) spares_.push_back(std::move(st));
+    return landed;
+  }
 
   Status sync_queued() {
     std::lock_guard lock(mu_);
@@ -647,6 +731,9 @@ class StagedSendPool final : public KvSendPool {
   DeviceTable table_;                   // guarded by mu_; its stream runs every copy, in order
   DeviceScratch scratch_;               // guarded by mu_
   std::optional<cuda::Event> written_;  // guarded by mu_: orders a layer's gather after its writer
+  static constexpr size_t kMaxSpares = 8;
+  std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<LayerWiseState>> sends_;  // guarded by mu_
+  std::vector<std::unique_ptr<LayerWiseState>> spares_;                             // guarded by mu_
 };
 
 // Host-staged, decode side: the host puller lands the body in host memory laid out as the wire
@@ -654,8 +741,12 @@ class StagedSendPool final : public KvSendPool {
 // it goes to the GPU and is scattered into the target's blocks.
 class StagedPuller final : public transfer_internal::QueuedPuller {
  public:
+  // Pulls run on kHostPullThreads threads, as the host pullers' do: a pull waiting on a
+  // layer-wise prefill's pass does not hold up the others.
   StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device)
-      : QueuedPuller(kind, KvMemory::kCuda), inner_(std::move(inner)), device_(device) {}
+      : QueuedPuller(kind, KvMemory::kCuda, transfer_internal::kHostPullThreads),
+        inner_(std::move(inner)),
+        device_(device) {}
   ~StagedPuller() override { stop(); }
 
  protected:
@@ -669,14 +760,32 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
       return invalid_argument(
           "a host-staged pull into GPU memory needs the expected token count (to size its stage)");
     PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, tokens));
+    Lane& lane = *take_lane();
+    StatusOr<PullResult> r = pull(lane, handle, target, cache, tokens);
+    give_lane(&lane);
+    return r;
+  }
+
+ private:
+  // What one pull at a time uses: the stage (page-locked, so its copies to the GPU run at the bus's
+  // rate; the largest body it has held), the block table and the scratch, and their stream.
+  struct Lane {
+    cuda::PinnedHostBuffer staging;
+    DeviceTable table;
+    bool table_initialised = false;
+    DeviceScratch scratch;
+  };
+
+  StatusOr<PullResult> pull(Lane& lane, const KvHandle& handle, const KvScatterTarget& target,
+                            const cuda::PagedKvCache& cache, int32_t tokens) {
     const uint64_t body = target.view.layout.body_bytes(tokens);
-    if (staging_.bytes() < body) {  // page-locked, so the copies to the GPU run at the bus's rate
+    if (lane.staging.bytes() < body) {
       PD_RETURN_IF_ERROR(cuda::set_device(device_));
-      staging_ = cuda::PinnedHostBuffer();
-      PD_ASSIGN_OR_RETURN(staging_, cuda::PinnedHostBuffer::allocate(body));
+      lane.staging = cuda::PinnedHostBuffer();
+      PD_ASSIGN_OR_RETURN(lane.staging, cuda::PinnedHostBuffer::allocate(body));
     }
     PagedKvView host;
-    host.base = staging_.data();
+    host.base = lane.staging.data();
     host.block_bytes = body;
     host.num_blocks = 1;
     host.block_size = tokens;
@@ -685,33 +794,50 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
     TransferState st = inner_->pull(handle, KvScatterTarget{host, one_block, tokens});
     if (st.phase != TransferPhase::kDone) return st.error;
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
-    if (!table_initialised_) {
-      PD_RETURN_IF_ERROR(table_.init());
-      table_initialised_ = true;
+    if (!lane.table_initialised) {
+      PD_RETURN_IF_ERROR(lane.table.init());
+      lane.table_initialised = true;
     }
     PD_ASSIGN_OR_RETURN(const int32_t* table,
-                        table_.upload(target.block_table, blocks_for(tokens, cache.block_size)));
+                        lane.table.upload(target.block_table, blocks_for(tokens, cache.block_size)));
     const size_t part = body / static_cast<size_t>(cache.num_layers);  // one layer's part of the body
-    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
-    for (int32_t l = 0; l < cache.num_layers; ++l) {
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, lane.scratch.get(part));
+    Status queued = ok_status();
+    for (int32_t l = 0; l < cache.num_layers && queued.ok(); ++l) {
       // In stream order: a layer's copy into the scratch follows the previous layer's scatter.
-      PD_RETURN_IF_ERROR(cuda::copy_to_device_async(wire, staging_.data() + static_cast<size_t>(l) * part,
-                                                    part, table_.stream()));
-      PD_RETURN_IF_ERROR(cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), one_layer(cache, l), table,
-                                          tokens, table_.stream()));
+      queued = cuda::copy_to_device_async(wire, lane.staging.data() + static_cast<size_t>(l) * part, part,
+                                          lane.table.stream());
+      if (queued.ok())
+        queued = cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), one_layer(cache, l), table, tokens,
+                                  lane.table.stream());
     }
-    PD_RETURN_IF_ERROR(table_.sync());
+    // What was queued ends before the pull does: the engine frees the target's blocks on failure.
+    const Status synced = lane.table.sync();
+    PD_RETURN_IF_ERROR(queued);
+    PD_RETURN_IF_ERROR(synced);
     return PullResult{st.num_tokens, st.bytes, st.first_token};  // a layer-wise body's token
   }
 
- private:
+  Lane* take_lane() {
+    std::lock_guard lock(lanes_mu_);
+    if (idle_lanes_.empty()) {
+      lanes_.push_back(std::make_unique<Lane>());
+      return lanes_.back().get();
+    }
+    Lane* l = idle_lanes_.back();
+    idle_lanes_.pop_back();
+    return l;
+  }
+  void give_lane(Lane* lane) {
+    std::lock_guard lock(lanes_mu_);
+    idle_lanes_.push_back(lane);
+  }
+
   std::unique_ptr<KvPuller> inner_;
   const int device_;
-  // The progress thread's own: the largest body pulled so far.
-  cuda::PinnedHostBuffer staging_;
-  bool table_initialised_ = false;
-  DeviceTable table_;
-  DeviceScratch scratch_;
+  std::mutex lanes_mu_;
+  std::vector<std::unique_ptr<Lane>> lanes_;  // guarded by lanes_mu_: at most one a thread
+  std::vector<Lane*> idle_lanes_;             // guarded by lanes_mu_
 };
 
 }  // namespace

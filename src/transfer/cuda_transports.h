@@ -36,7 +36,10 @@ StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options)
 // the decode receives the body into host memory, copies it to its GPU and scatters it into its
 // blocks there (one extra copy each side against a host cache). Handles are of the host kind, so
 // both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls
-// run one after another on the puller's own thread. No block-fixed mode.
+// run four at once, each with its own page-locked stage (as large as the largest body it has
+// held). Layer-wise sending (KvSendPool::send_layer) where the pool's memory is page-locked: each
+// layer's gather and copy are queued behind the work queued so far on the source view's
+// cuda_stream, and the layer is published once it has landed. No block-fixed mode.
 StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const KvTransportOptions& options);
 
 }  // namespace pdserve

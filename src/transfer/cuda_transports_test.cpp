@@ -201,7 +201,6 @@ TEST_F(CudaIpc, LayerWiseFromAGpuCacheWhileItsWriterRuns) {
   for (TransportKind kind : {TransportKind::kShm, TransportKind::kTcp}) {
     SCOPED_TRACE(std::string(transport_kind_name(kind)));
     DeviceCache src = DeviceCache::make(0, 21);
-    DeviceCache dst = DeviceCache::make(dst_device, 22);
     KvTransportOptions so = options(0);
     so.receive = false;
     KvTransportOptions ro = options(dst_device);
@@ -211,15 +210,23 @@ TEST_F(CudaIpc, LayerWiseFromAGpuCacheWhileItsWriterRuns) {
     ASSERT_TRUE(sender.ok()) << sender.status().message();
     ASSERT_TRUE(receiver.ok()) << receiver.status().message();
     ASSERT_TRUE(sender->pool->supports_layer_wise());
-    const int32_t tokens = 150;
-    const std::vector<int32_t> src_table = shuffled_blocks(23);
-    const std::vector<int32_t> dst_table = shuffled_blocks(24);
-    StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*sender->pool, src.view.layout, tokens);
-    ASSERT_TRUE(send.ok()) << send.status().message();
-    // The decode pulls at once, before any layer is there.
-    StatusOr<TransferId> pull =
-        receiver->puller->submit(send->handle, KvScatterTarget{dst.view, dst_table, tokens});
-    ASSERT_TRUE(pull.ok()) << pull.status().message();
+    // Two sequences of one pass, their layers sent in turn (sharing the pool's scratch and table),
+    // each pulled at once, before any layer is there, into a cache of its own.
+    struct Seq {
+      int32_t tokens;
+      std::vector<int32_t> src_table, dst_table;
+      DeviceCache dst;
+      StatusOr<LayerWiseSend> send = unavailable("not begun");
+      StatusOr<TransferId> pull = unavailable("not submitted");
+    };
+    Seq seqs[] = {{150, shuffled_blocks(23), shuffled_blocks(24), DeviceCache::make(dst_device, 22)},
+                  {90, shuffled_blocks(25), shuffled_blocks(26), DeviceCache::make(dst_device, 27)}};
+    for (Seq& q : seqs) {
+      q.send = begin_layer_wise_kv(*sender->pool, src.view.layout, q.tokens);
+      ASSERT_TRUE(q.send.ok()) << q.send.status().message();
+      q.pull = receiver->puller->submit(q.send->handle, KvScatterTarget{q.dst.view, q.dst_table, q.tokens});
+      ASSERT_TRUE(q.pull.ok()) << q.pull.status().message();
+    }
 
     ASSERT_TRUE(cuda::set_device(0).ok());
     StatusOr<cuda::Stream> writer = cuda::Stream::create();
@@ -240,15 +247,18 @@ TEST_F(CudaIpc, LayerWiseFromAGpuCacheWhileItsWriterRuns) {
       ASSERT_TRUE(cuda::fill_uniform_bf16(src.memory.as<uint16_t>() + l * layer_values, n, 0.0f, 1.0f, 77 + l,
                                           writer->get())
                       .ok());
-      ASSERT_TRUE(send_kv_layer(*sender->pool, *send, view, src_table, l).ok());
+      for (Seq& q : seqs) ASSERT_TRUE(send_kv_layer(*sender->pool, *q.send, view, q.src_table, l).ok());
     }
-    ASSERT_TRUE(sender->pool->publish_progress(send->handle.ref(), kLayers, 4242).ok());
-    TransferState st = receiver->puller->wait(*pull);
-    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
-    EXPECT_EQ(st.first_token, 4242);
-    ASSERT_TRUE(writer->synchronize().ok());
-    EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens));
-    ASSERT_TRUE(sender->pool->release(send->handle.ref()).ok());
+    int32_t first_token = 4242;
+    for (Seq& q : seqs) {
+      ASSERT_TRUE(sender->pool->publish_progress(q.send->handle.ref(), kLayers, first_token).ok());
+      TransferState st = receiver->puller->wait(*q.pull);
+      ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
+      EXPECT_EQ(st.first_token, first_token++);
+      ASSERT_TRUE(writer->synchronize().ok());
+      EXPECT_EQ(q.dst.wire(q.dst_table, q.tokens), src.wire(q.src_table, q.tokens)) << q.tokens << " tokens";
+      ASSERT_TRUE(sender->pool->release(q.send->handle.ref()).ok());
+    }
   }
   // Into pageable memory a layer's copy would hold up the thread queuing the forward pass: such a
   // pool sends the KV whole.

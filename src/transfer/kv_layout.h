@@ -97,8 +97,8 @@ struct PagedKvView {
   int32_t num_kv_heads = 0;     // layout.kv_width = num_kv_heads * head_dim
   uint64_t layer_bytes = 0;     // stride between layers
   uint64_t v_offset_bytes = 0;  // from a layer's K blocks to its V blocks
-  // The CUDA stream (cudaStream_t) that writes this cache, or null: a layer-wise send from it
-  // reads a layer after the work queued there so far (send_kv_layer).
+  // The CUDA stream (cudaStream_t) that writes this cache (null: the legacy default stream): a
+  // layer-wise send from it reads a layer after the work queued there so far (send_kv_layer).
   void* cuda_stream = nullptr;
 
   // Bytes the rows of one block occupy: 2 * num_layers * block_size * row_bytes.

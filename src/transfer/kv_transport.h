@@ -170,6 +170,8 @@ class KvSendPool {
   // Layer-wise sending: whether pulls of this pool follow a buffer committed before its body is
   // written, as publish_progress() says how far it is (inproc, shm, tcp).
   virtual bool supports_layer_wise() const { return false; }
+  // Where the KV caches it sends from must be: host memory, or a GPU's (cuda-ipc, host-staged).
+  virtual KvMemory memory() const { return KvMemory::kHost; }
   // A committed layer-wise buffer: layers [0, layers_ready) of its body are written (never fewer
   // than said before) and, once first_token >= 0, the token sampled after the prompt. Wakes the
   // pulls waiting on it. UNIMPLEMENTED where !supports_layer_wise().

@@ -105,7 +105,7 @@ class Server:
         older snapshot (taken while requests still queued at the gateway, their handoffs not yet
         counted): the state counts as idle once it has read idle for `settle` seconds, long enough
         for every instance to have been read again."""
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         idle_since = None
         while True:
             m = self.metrics(headers)
@@ -113,7 +113,7 @@ class Server:
                     and m["pdserve_kv_blocks_used"] == 0 and m["pdserve_requests_in_flight"] == 0
                     and m["pdserve_prefill_slots_in_use"] == 0 and m["pdserve_handoffs_outstanding"] == 0
                     and m["pdserve_gateway_waiting"] == 0 and m["pdserve_decode_pending"] == 0)
-            now = time.time()
+            now = time.monotonic()
             idle_since = (idle_since or now) if idle else None
             if (idle and now - idle_since >= settle) or now > deadline:
                 return m

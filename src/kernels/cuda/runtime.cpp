@@ -369,6 +369,8 @@ Status Event::wait_on(StreamHandle stream) const {
   return from_cuda(cudaStreamWaitEvent(stream, event_, 0), "cudaStreamWaitEvent");
 }
 
+Status Event::synchronize() const { return from_cuda(cudaEventSynchronize(event_), "cudaEventSynchronize"); }
+
 Status launch_host_func(StreamHandle stream, void (*fn)(void*), void* data) {
   return from_cuda(cudaLaunchHostFunc(stream, fn, data), "cudaLaunchHostFunc");
 }

@@ -126,7 +126,8 @@ Status profiler_start();
 Status profiler_stop();
 
 // Queues fn(data) on `stream`: it runs on a thread of the CUDA driver once the work queued before
-// has run, and holds up the work queued after until it returns. It must not call CUDA.
+// has run, and holds up the work queued after until it returns. It must not call CUDA, nor wait
+// for a lock that a thread waiting on this stream may hold.
 Status launch_host_func(StreamHandle stream, void (*fn)(void*), void* data);
 
 // Synchronous copies (host memory may be pageable) and fills.
@@ -207,6 +208,8 @@ class Event {
   Status record(StreamHandle stream);
   // Work queued on `stream` from now on waits until the work before the latest record() has run.
   Status wait_on(StreamHandle stream) const;
+  // Returns once the work before the latest record() has run (at once if never recorded).
+  Status synchronize() const;
   // Waits for `stop`; milliseconds between the two recordings.
   static StatusOr<float> elapsed_ms(const Event& start, const Event& stop);
 
