@@ -538,7 +538,7 @@ class StagedSendPool final : public KvSendPool {
   // legacy default stream): the layer's gather into the send's scratch, its copy into the
   // buffer's body, and a host function that publishes layers [0, layer + 1) once the copy has
   // landed. Nothing here waits for the GPU: the send's block table is uploaded once, from
-  // page-locked memory, and its scratch made at its first layer.
+  // page-locked memory, and a scratch outgrown is freed only once the stream has passed it.
   Status send_layer(const LayerWiseSend& send, const PagedKvView& src, std::span<const int32_t> block_table,
                     int32_t layer) override {
     if (!supports_layer_wise())
@@ -556,7 +556,7 @@ class StagedSendPool final : public KvSendPool {
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
     std::unique_ptr<LayerWiseState>& state = sends_[key(send.handle.ref())];
     if (!state) {
-      StatusOr<std::unique_ptr<LayerWiseState>> made = make_layer_wise(block_table, entries, part);
+      StatusOr<std::unique_ptr<LayerWiseState>> made = make_layer_wise(block_table, entries);
       if (!made.ok()) {
         sends_.erase(key(send.handle.ref()));
         return made.status();
@@ -568,10 +568,11 @@ class StagedSendPool final : public KvSendPool {
     }
     PD_RETURN_IF_ERROR(written_->record(static_cast<cuda::StreamHandle>(src.cuda_stream)));
     PD_RETURN_IF_ERROR(written_->wait_on(table_.stream()));
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch(part));
     PD_RETURN_IF_ERROR(cuda::gather_kv(one_layer(cache, layer), state->table.as<int32_t>(), send.num_tokens,
-                                       state->scratch.as<uint16_t>(), table_.stream()));
-    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(send.body.data() + static_cast<size_t>(layer) * part,
-                                                state->scratch.data(), part, table_.stream()));
+                                       reinterpret_cast<uint16_t*>(wire), table_.stream()));
+    PD_RETURN_IF_ERROR(cuda::copy_to_host_async(send.body.data() + static_cast<size_t>(layer) * part, wire,
+                                                part, table_.stream()));
     auto* landed = new LayerLanded{inner_.get(), send.handle.ref(), layer + 1};
     const Status queued = cuda::launch_host_func(table_.stream(), &LayerLanded::publish, landed);
     if (!queued.ok()) {
@@ -624,26 +625,23 @@ class StagedSendPool final : public KvSendPool {
     }
   };
 
-  // One layer-wise send's own: its block table (a page-locked copy and the device's), its
-  // one-layer scratch, and an event recorded after its latest queued layer. Kept for reuse once
-  // the send ends (cudaFree would wait for the whole GPU).
+  // One layer-wise send's own: its block table (a page-locked copy and the device's) and an
+  // event recorded after its latest queued layer. Kept for reuse once the send ends (cudaFree
+  // would wait for the whole GPU).
   struct LayerWiseState {
     cuda::PinnedHostBuffer host_table;
     cuda::DeviceBuffer table;
-    cuda::DeviceBuffer scratch;
     std::optional<cuda::Event> queued;
   };
   static std::pair<uint32_t, uint64_t> key(KvBufferRef ref) { return {ref.buffer_id, ref.generation}; }
 
-  // Under mu_: a state for a send of `entries` table entries and `part` bytes a layer (a spare one
-  // large enough, or a new one), its table uploaded on the stream.
+  // Under mu_: a state for a send of `entries` table entries (a spare one large enough, or a new
+  // one), its table uploaded on the stream.
   StatusOr<std::unique_ptr<LayerWiseState>> make_layer_wise(std::span<const int32_t> block_table,
-                                                            int64_t entries, uint64_t part) {
+                                                            int64_t entries) {
     const size_t table_bytes = static_cast<size_t>(entries) * sizeof(int32_t);
     std::unique_ptr<LayerWiseState> st;
-    auto fits = [&](const std::unique_ptr<LayerWiseState>& s) {
-      return s->table.bytes() >= table_bytes && s->scratch.bytes() >= part;
-    };
+    auto fits = [&](const std::unique_ptr<LayerWiseState>& s) { return s->table.bytes() >= table_bytes; };
     if (auto it = std::find_if(spares_.begin(), spares_.end(), fits); it != spares_.end()) {
       st = std::move(*it);
       spares_.erase(it);
@@ -651,7 +649,6 @@ class StagedSendPool final : public KvSendPool {
       st = std::make_unique<LayerWiseState>();
       PD_ASSIGN_OR_RETURN(st->host_table, cuda::PinnedHostBuffer::allocate(table_bytes));
       PD_ASSIGN_OR_RETURN(st->table, cuda::DeviceBuffer::allocate(table_bytes));
-      PD_ASSIGN_OR_RETURN(st->scratch, cuda::DeviceBuffer::allocate(part));
       PD_ASSIGN_OR_RETURN(st->queued, cuda::Event::create(/*timing=*/false));
     }
     // The page-locked copy is read when the stream gets there, and is not reused before the send
@@ -686,7 +683,22 @@ class StagedSendPool final : public KvSendPool {
     const Status landed = st->queued->synchronize();
     std::lock_guard lock(mu_);
     if (landed.ok() && spares_.size() < kMaxSpares) spares_.push_back(std::move(st));
-    return landed;
+    if (!sends_.empty() || retired_.empty()) return landed;
+    // No send left: once the stream is idle, the scratches it outgrew can go.
+    Status synced = cuda::set_device(device_);
+    if (synced.ok()) synced = table_.sync();
+    if (synced.ok()) retired_.clear();
+    return landed.ok() ? synced : landed;
+  }
+
+  // Under mu_: the one-layer scratch every copy on the stream shares, at least `bytes`. One
+  // outgrown may still be read by queued work: it is kept until the stream is known to be idle.
+  StatusOr<uint8_t*> scratch(size_t bytes) {
+    if (scratch_.bytes() < bytes) {
+      if (scratch_.bytes() > 0) retired_.push_back(std::move(scratch_));
+      PD_ASSIGN_OR_RETURN(scratch_, cuda::DeviceBuffer::allocate(bytes));
+    }
+    return scratch_.as<uint8_t>();
   }
 
   Status sync_queued() {
@@ -708,7 +720,7 @@ class StagedSendPool final : public KvSendPool {
     // for the previous layer's copy out of the scratch. Into page-locked memory the copies run
     // without the host; into pageable memory each returns once its bytes are there.
     const size_t part = body.size() / static_cast<size_t>(cache.num_layers);
-    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch_.get(part));
+    PD_ASSIGN_OR_RETURN(uint8_t * wire, scratch(part));
     Status st = ok_status();
     for (int32_t l = 0; l < cache.num_layers && st.ok(); ++l) {
       st = cuda::gather_kv(one_layer(cache, l), table, num_tokens, reinterpret_cast<uint16_t*>(wire),
@@ -719,6 +731,7 @@ class StagedSendPool final : public KvSendPool {
     }
     // Whatever was enqueued ends before the buffer is committed or given back.
     const Status synced = table_.sync();
+    if (synced.ok()) retired_.clear();
     PD_RETURN_IF_ERROR(st);
     return synced;
   }
@@ -728,9 +741,10 @@ class StagedSendPool final : public KvSendPool {
   // Declared after inner_: unregistered before the pool's memory is unmapped.
   cuda::HostRegistration locked_;
   std::mutex mu_;
-  DeviceTable table_;                   // guarded by mu_; its stream runs every copy, in order
-  DeviceScratch scratch_;               // guarded by mu_
-  std::optional<cuda::Event> written_;  // guarded by mu_: orders a layer's gather after its writer
+  DeviceTable table_;                        // guarded by mu_; its stream runs every copy, in order
+  cuda::DeviceBuffer scratch_;               // guarded by mu_: scratch()
+  std::vector<cuda::DeviceBuffer> retired_;  // guarded by mu_: outgrown scratches, maybe still read
+  std::optional<cuda::Event> written_;       // guarded by mu_: orders a layer's gather after its writer
   static constexpr size_t kMaxSpares = 8;
   std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<LayerWiseState>> sends_;  // guarded by mu_
   std::vector<std::unique_ptr<LayerWiseState>> spares_;                             // guarded by mu_
