@@ -757,10 +757,11 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
  public:
   // Pulls run on kHostPullThreads threads, as the host pullers' do: a pull waiting on a
   // layer-wise prefill's pass does not hold up the others.
-  StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device)
+  StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device, bool as_they_arrive)
       : QueuedPuller(kind, KvMemory::kCuda, transfer_internal::kHostPullThreads),
         inner_(std::move(inner)),
-        device_(device) {}
+        device_(device),
+        as_they_arrive_(as_they_arrive) {}
   ~StagedPuller() override { stop(); }
 
  protected:
@@ -798,15 +799,6 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
       lane.staging = cuda::PinnedHostBuffer();
       PD_ASSIGN_OR_RETURN(lane.staging, cuda::PinnedHostBuffer::allocate(body));
     }
-    PagedKvView host;
-    host.base = lane.staging.data();
-    host.block_bytes = body;
-    host.num_blocks = 1;
-    host.block_size = tokens;
-    host.layout = target.view.layout;
-    const int32_t one_block[] = {0};
-    TransferState st = inner_->pull(handle, KvScatterTarget{host, one_block, tokens});
-    if (st.phase != TransferPhase::kDone) return st.error;
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
     if (!lane.table_initialised) {
       PD_RETURN_IF_ERROR(lane.table.init());
@@ -816,17 +808,39 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
                         lane.table.upload(target.block_table, blocks_for(tokens, cache.block_size)));
     const size_t part = body / static_cast<size_t>(cache.num_layers);  // one layer's part of the body
     PD_ASSIGN_OR_RETURN(uint8_t * wire, lane.scratch.get(part));
+    // Each layer goes to the GPU once it is in the stage: as the body lands, where the host puller
+    // says so (tcp), else after the pull. In stream order: a layer's copy into the scratch follows
+    // the previous layer's scatter.
+    int32_t queued_layers = 0;
     Status queued = ok_status();
-    for (int32_t l = 0; l < cache.num_layers && queued.ok(); ++l) {
-      // In stream order: a layer's copy into the scratch follows the previous layer's scatter.
-      queued = cuda::copy_to_device_async(wire, lane.staging.data() + static_cast<size_t>(l) * part, part,
-                                          lane.table.stream());
-      if (queued.ok())
-        queued = cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), one_layer(cache, l), table, tokens,
-                                  lane.table.stream());
+    auto queue_layers = [&](int32_t upto) {
+      for (; queued_layers < upto && queued.ok(); ++queued_layers) {
+        const size_t at = static_cast<size_t>(queued_layers) * part;
+        queued = cuda::copy_to_device_async(wire, lane.staging.data() + at, part, lane.table.stream());
+        if (queued.ok())
+          queued = cuda::scatter_kv(reinterpret_cast<const uint16_t*>(wire), one_layer(cache, queued_layers),
+                                    table, tokens, lane.table.stream());
+      }
+    };
+    PagedKvView host;
+    host.base = lane.staging.data();
+    host.block_bytes = body;
+    host.num_blocks = 1;
+    host.block_size = tokens;
+    host.layout = target.view.layout;
+    const int32_t one_block[] = {0};
+    KvScatterTarget stage{host, one_block, tokens};
+    if (as_they_arrive_) {
+      stage.on_body_landed = [&](uint64_t landed) {  // on the host puller's thread
+        if (queued.ok()) queued = cuda::set_device(device_);
+        queue_layers(static_cast<int32_t>(std::min<uint64_t>(landed / part, cache.num_layers)));
+      };
     }
+    TransferState st = inner_->pull(handle, stage);
+    if (st.phase == TransferPhase::kDone) queue_layers(cache.num_layers);
     // What was queued ends before the pull does: the engine frees the target's blocks on failure.
     const Status synced = lane.table.sync();
+    if (st.phase != TransferPhase::kDone) return st.error;
     PD_RETURN_IF_ERROR(queued);
     PD_RETURN_IF_ERROR(synced);
     return PullResult{st.num_tokens, st.bytes, st.first_token};  // a layer-wise body's token
@@ -849,6 +863,7 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
 
   std::unique_ptr<KvPuller> inner_;
   const int device_;
+  const bool as_they_arrive_;  // KvTransportOptions::land_layers_as_they_arrive
   std::mutex lanes_mu_;
   std::vector<std::unique_ptr<Lane>> lanes_;  // guarded by lanes_mu_: at most one a thread
   std::vector<Lane*> idle_lanes_;             // guarded by lanes_mu_
@@ -873,7 +888,8 @@ StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const 
     t.pool = std::move(pool);
   }
   if (host.puller)
-    t.puller = std::make_unique<StagedPuller>(std::move(host.puller), host_kind, options.cuda_device);
+    t.puller = std::make_unique<StagedPuller>(std::move(host.puller), host_kind, options.cuda_device,
+                                              options.land_layers_as_they_arrive);
   return t;
 }
 

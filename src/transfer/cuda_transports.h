@@ -33,8 +33,9 @@ StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options)
 // Host-staged: a host transport (shm, or tcp or ucx across hosts) carrying GPU caches. The prefill
 // gathers a request's KV on its GPU and copies the body into the host transport's send buffer
 // (the pool's memory page-locked at start where options.page_lock_host_stage allows);
-// the decode receives the body into host memory, copies it to its GPU and scatters it into its
-// blocks there (one extra copy each side against a host cache). Handles are of the host kind, so
+// the decode receives the body into page-locked host memory, copies it to its GPU and scatters it
+// into its blocks there, each layer as soon as it has landed where the host transport says so
+// (tcp), else after the body (one extra copy each side against a host cache). Handles are of the host kind, so
 // both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls
 // run four at once, each with its own page-locked stage (as large as the largest body it has
 // held). Layer-wise sending (KvSendPool::send_layer) where the pool's memory is page-locked: each

@@ -197,6 +197,10 @@ struct KvScatterTarget {
   PagedKvView view;
   std::span<const int32_t> block_table;
   int32_t expected_num_tokens = -1;  // -1: any count the block table has room for
+  // Called by a puller that lands the body in wire order (tcp), on its thread, each time more of it
+  // is in the target: the body bytes landed so far (after the header was checked; the body's
+  // checksum, if any, is checked only at the end). Others never call it.
+  std::function<void(uint64_t landed_bytes)> on_body_landed{};
 };
 
 using TransferId = uint64_t;
@@ -286,6 +290,10 @@ struct KvTransportOptions {
   // rather than through the driver's bounce buffers; where that fails, the pool stays pageable
   // and a warning says so.
   bool page_lock_host_stage = true;
+  // A GPU KV cache pulled through a host transport: copy each layer on to the GPU as soon as it
+  // has landed, where the host puller reports the body's progress (tcp); false: after the whole
+  // body (for measurements).
+  bool land_layers_as_they_arrive = true;
 
   // Both sides.
   int32_t tcp_socket_buffer_bytes = 4 << 20;  // SO_SNDBUF/SO_RCVBUF; 0: kernel autotuning

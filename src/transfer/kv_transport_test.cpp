@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -148,6 +149,29 @@ TEST_P(TransportTest, BuffersLieInTheHostMemoryAGpuStagePageLocks) {
     EXPECT_LE(b->bytes.data() + b->bytes.size(), memory.data() + memory.size());
   }
   for (const KvBufferRef& r : held) EXPECT_TRUE(pool().release(r).ok());
+}
+
+// tcp lands the body in wire order and says how far it is, so a GPU stage can copy each layer on
+// while the rest arrives; the others do not say.
+TEST_P(TransportTest, TcpReportsTheBodyAsItLands) {
+  if (mode() != KvTransferMode::kContiguous) GTEST_SKIP() << "the same pools as the contiguous cases";
+  Scenario& s = scenario(41);
+  StatusOr<KvHandle> h = publish(pool(), s, mode());
+  ASSERT_TRUE(h.ok()) << h.status().to_string();
+  std::vector<uint64_t> landed;
+  KvScatterTarget target = s.target();
+  target.on_body_landed = [&](uint64_t bytes) { landed.push_back(bytes); };
+  TransferState st = puller().pull(*h, target);
+  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
+  EXPECT_TRUE(s.landed());
+  if (GetParam().kind == TransportKind::kTcp) {
+    ASSERT_FALSE(landed.empty());
+    EXPECT_TRUE(std::is_sorted(landed.begin(), landed.end()));
+    EXPECT_EQ(landed.back(), s.layout.body_bytes(s.tokens));
+  } else {
+    EXPECT_TRUE(landed.empty());
+  }
+  ASSERT_TRUE(pool().release(h->ref()).ok());
 }
 
 TEST_P(TransportTest, ManyAsynchronousPulls) {

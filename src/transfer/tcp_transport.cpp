@@ -464,6 +464,8 @@ class TcpPuller final : public QueuedPuller {
       append_runs(target.view, target.block_table, header.num_tokens, off,
                   std::min(kRecvWindowBytes, header.body_bytes - off), iov);
       PD_RETURN_IF_ERROR(recv_iov(fd, iov, "KV body"));
+      if (target.on_body_landed)
+        target.on_body_landed(off + std::min(kRecvWindowBytes, header.body_bytes - off));
     }
     return ok_status();
   }
