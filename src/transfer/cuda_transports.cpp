@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -535,7 +536,7 @@ class StagedSendPool final : public KvSendPool {
   bool supports_layer_wise() const override { return locked_.bytes() > 0 && inner_->supports_layer_wise(); }
 
   // Queues, behind the work queued so far on src.cuda_stream (which writes the layer; null: the
-  // legacy default stream): the layer's gather into the send's scratch, its copy into the
+  // legacy default stream): the layer's gather into the shared scratch, its copy into the
   // buffer's body, and a host function that publishes layers [0, layer + 1) once the copy has
   // landed. Nothing here waits for the GPU: the send's block table is uploaded once, from
   // page-locked memory, and a scratch outgrown is freed only once the stream has passed it.
@@ -656,6 +657,7 @@ class StagedSendPool final : public KvSendPool {
     std::memcpy(st->host_table.data(), block_table.data(), table_bytes);
     PD_RETURN_IF_ERROR(
         cuda::copy_to_device_async(st->table.data(), st->host_table.data(), table_bytes, table_.stream()));
+    PD_RETURN_IF_ERROR(st->queued->record(table_.stream()));  // covers the upload until a layer is queued
     return st;
   }
 
@@ -745,7 +747,7 @@ class StagedSendPool final : public KvSendPool {
   cuda::DeviceBuffer scratch_;               // guarded by mu_: scratch()
   std::vector<cuda::DeviceBuffer> retired_;  // guarded by mu_: outgrown scratches, maybe still read
   std::optional<cuda::Event> written_;       // guarded by mu_: orders a layer's gather after its writer
-  static constexpr size_t kMaxSpares = 8;
+  static constexpr size_t kMaxSpares = 64;   // a few bytes of table each
   std::map<std::pair<uint32_t, uint64_t>, std::unique_ptr<LayerWiseState>> sends_;  // guarded by mu_
   std::vector<std::unique_ptr<LayerWiseState>> spares_;                             // guarded by mu_
 };
@@ -761,8 +763,17 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
       : QueuedPuller(kind, KvMemory::kCuda, transfer_internal::kHostPullThreads),
         inner_(std::move(inner)),
         device_(device),
-        as_they_arrive_(as_they_arrive) {}
-  ~StagedPuller() override { stop(); }
+        as_they_arrive_(as_they_arrive) {
+    inner_listener_ = inner_->add_done_listener([this] {
+      std::lock_guard lock(inner_mu_);
+      ++inner_ended_;
+      inner_cv_.notify_all();
+    });
+  }
+  ~StagedPuller() override {
+    stop();
+    inner_->remove_done_listener(inner_listener_);
+  }
 
  protected:
   StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
@@ -836,7 +847,7 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
         queue_layers(static_cast<int32_t>(std::min<uint64_t>(landed / part, cache.num_layers)));
       };
     }
-    TransferState st = inner_->pull(handle, stage);
+    TransferState st = inner_pull(handle, stage);
     if (st.phase == TransferPhase::kDone) queue_layers(cache.num_layers);
     // What was queued ends before the pull does: the engine frees the target's blocks on failure.
     const Status synced = lane.table.sync();
@@ -844,6 +855,35 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
     PD_RETURN_IF_ERROR(queued);
     PD_RETURN_IF_ERROR(synced);
     return PullResult{st.num_tokens, st.bytes, st.first_token};  // a layer-wise body's token
+  }
+
+  // The host puller's pull, given up with this pull (a cancel reaches the host puller: a pull
+  // still queued there ends at once, one waiting on a layer-wise prefill where the host puller
+  // watches for it).
+  TransferState inner_pull(const KvHandle& handle, const KvScatterTarget& stage) {
+    StatusOr<TransferId> id = inner_->submit(handle, stage);
+    if (!id.ok()) {
+      TransferState failed;
+      failed.phase = TransferPhase::kFailed;
+      failed.error = id.status();
+      return failed;
+    }
+    for (bool cancelled = false;;) {
+      uint64_t seen;
+      {
+        std::lock_guard lock(inner_mu_);
+        seen = inner_ended_;
+      }
+      TransferState st = inner_->poll(*id);
+      if (st.phase != TransferPhase::kPending) return st;
+      if (!cancelled && cancel_flag()->load()) {
+        inner_->cancel(*id);
+        cancelled = true;
+      }
+      // Woken when any of the host puller's pulls ends; the timeout bounds how late a cancel is seen.
+      std::unique_lock lock(inner_mu_);
+      inner_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return inner_ended_ != seen; });
+    }
   }
 
   Lane* take_lane() {
@@ -864,6 +904,10 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
   std::unique_ptr<KvPuller> inner_;
   const int device_;
   const bool as_they_arrive_;  // KvTransportOptions::land_layers_as_they_arrive
+  uint64_t inner_listener_ = 0;
+  std::mutex inner_mu_;
+  std::condition_variable inner_cv_;
+  uint64_t inner_ended_ = 0;  // guarded by inner_mu_: the host puller's pulls ended so far
   std::mutex lanes_mu_;
   std::vector<std::unique_ptr<Lane>> lanes_;  // guarded by lanes_mu_: at most one a thread
   std::vector<Lane*> idle_lanes_;             // guarded by lanes_mu_

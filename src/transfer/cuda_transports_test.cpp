@@ -12,12 +12,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda/ops.h"
@@ -267,6 +269,38 @@ TEST_F(CudaIpc, LayerWiseFromAGpuCacheWhileItsWriterRuns) {
   StatusOr<KvTransport> t = make_cuda_staged_transport(TransportKind::kTcp, pageable);
   ASSERT_TRUE(t.ok()) << t.status().message();
   EXPECT_FALSE(t->pool->supports_layer_wise());
+}
+
+// A pull waiting on a layer-wise prefill that sends nothing gives up when cancelled: the cancel
+// reaches the host puller under the stage (shm watches for it), well before the 30 s I/O timeout.
+TEST_F(CudaIpc, CancellingAStagedPullThatWaitsOnALayerWisePrefillEndsIt) {
+  DeviceCache dst = DeviceCache::make(0, 31);
+  KvTransportOptions so = options(0);
+  so.receive = false;
+  KvTransportOptions ro = options(0);
+  ro.send = false;
+  ro.io_timeout_ms = 30'000;
+  StatusOr<KvTransport> sender = make_cuda_staged_transport(TransportKind::kShm, so);
+  StatusOr<KvTransport> receiver = make_cuda_staged_transport(TransportKind::kShm, ro);
+  ASSERT_TRUE(sender.ok()) << sender.status().message();
+  ASSERT_TRUE(receiver.ok()) << receiver.status().message();
+  const int32_t tokens = 64;
+  const std::vector<int32_t> table = shuffled_blocks(32);
+  StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*sender->pool, dst.view.layout, tokens);
+  ASSERT_TRUE(send.ok()) << send.status().message();
+  StatusOr<TransferId> pull =
+      receiver->puller->submit(send->handle, KvScatterTarget{dst.view, table, tokens});
+  ASSERT_TRUE(pull.ok()) << pull.status().message();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(receiver->puller->poll(*pull).phase, TransferPhase::kPending);
+  const auto cancelled_at = std::chrono::steady_clock::now();
+  receiver->puller->cancel(*pull);
+  TransferState st = receiver->puller->wait(*pull);
+  const auto took = std::chrono::steady_clock::now() - cancelled_at;
+  EXPECT_EQ(st.phase, TransferPhase::kFailed);
+  EXPECT_EQ(st.error.code(), StatusCode::kCancelled) << st.error.to_string();
+  EXPECT_LT(took, std::chrono::seconds(5)) << "the cancel did not reach the host puller";
+  ASSERT_TRUE(sender->pool->release(send->handle.ref()).ok());
 }
 
 TEST_F(CudaIpc, RefusesMismatchesAndHostMemory) {
