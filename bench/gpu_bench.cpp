@@ -526,79 +526,77 @@ std::string host_stage_section(bool quick) {
                           Variant{TransportKind::kTcp, true, false}}) {
     const TransportKind kind = v.kind;
     const bool locked = v.locked;
-    {
-      KvTransportOptions o;
-      o.pool_capacity_bytes = kv_send_buffer_bytes(kv_message_bytes(layout, tokens));
-      o.max_buffers = 2;
-      o.cuda_device = 0;
-      o.page_lock_host_stage = locked;
-      o.land_layers_as_they_arrive = v.as_they_arrive;
-      const auto t0 = std::chrono::steady_clock::now();
-      KvTransport t = value_or_die(make_cuda_staged_transport(kind, o), "staged transport");
-      const double start_ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      // The same pull into page-locked host memory alone, by the host transport's own puller: what
-      // the decode's landing on its GPU adds to the transfer.
-      KvTransportOptions ho = o;
-      ho.send = false;
-      KvTransport host = value_or_die(make_transport(kind, ho), "host transport");
-      PagedKvView landing;
-      landing.base = host_landing.data();
-      landing.block_bytes = wire_bytes;
-      landing.num_blocks = 1;
-      landing.block_size = tokens;
-      landing.layout = layout;
-      const int32_t one_block[] = {0};
-      std::vector<double> send_ms, pull_ms, host_ms;
-      for (int i = 0; i < reps + 1; ++i) {  // the first is a warm-up
-        CHECK_OK(fill_bytes(dst.memory.data(), 0, dst.memory.bytes(), s.get()));
-        CHECK_OK(s.synchronize());
-        const auto a = std::chrono::steady_clock::now();
-        KvHandle h = value_or_die(t.pool->publish(src.view, src.table, tokens, 0), "publish");
-        const auto b = std::chrono::steady_clock::now();
-        TransferState st = t.puller->pull(h, KvScatterTarget{dst.view, dst.table, tokens});
-        const auto c = std::chrono::steady_clock::now();
-        if (st.phase != TransferPhase::kDone) die(st.error, "pull");
-        TransferState hs = host.puller->pull(h, KvScatterTarget{landing, one_block, tokens});
-        const auto d = std::chrono::steady_clock::now();
-        if (hs.phase != TransferPhase::kDone) die(hs.error, "host pull");
-        CHECK_OK(t.pool->release(h.ref()));
-        if (i == 0) continue;
-        send_ms.push_back(std::chrono::duration<double, std::milli>(b - a).count());
-        pull_ms.push_back(std::chrono::duration<double, std::milli>(c - b).count());
-        host_ms.push_back(std::chrono::duration<double, std::milli>(d - c).count());
-        if (wire_of(dst) != want) {
-          std::fprintf(stderr, "pdserve_gpu_bench: the host-staged %s pull delivered wrong KV bytes\n",
-                       std::string(transport_kind_name(kind)).c_str());
-          std::exit(1);
-        }
+    KvTransportOptions o;
+    o.pool_capacity_bytes = kv_send_buffer_bytes(kv_message_bytes(layout, tokens));
+    o.max_buffers = 2;
+    o.cuda_device = 0;
+    o.page_lock_host_stage = locked;
+    o.land_layers_as_they_arrive = v.as_they_arrive;
+    const auto t0 = std::chrono::steady_clock::now();
+    KvTransport t = value_or_die(make_cuda_staged_transport(kind, o), "staged transport");
+    const double start_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    // The same pull into page-locked host memory alone, by the host transport's own puller: what
+    // the decode's landing on its GPU adds to the transfer.
+    KvTransportOptions ho = o;
+    ho.send = false;
+    KvTransport host = value_or_die(make_transport(kind, ho), "host transport");
+    PagedKvView landing;
+    landing.base = host_landing.data();
+    landing.block_bytes = wire_bytes;
+    landing.num_blocks = 1;
+    landing.block_size = tokens;
+    landing.layout = layout;
+    const int32_t one_block[] = {0};
+    std::vector<double> send_ms, pull_ms, host_ms;
+    for (int i = 0; i < reps + 1; ++i) {  // the first is a warm-up
+      CHECK_OK(fill_bytes(dst.memory.data(), 0, dst.memory.bytes(), s.get()));
+      CHECK_OK(s.synchronize());
+      const auto a = std::chrono::steady_clock::now();
+      KvHandle h = value_or_die(t.pool->publish(src.view, src.table, tokens, 0), "publish");
+      const auto b = std::chrono::steady_clock::now();
+      TransferState st = t.puller->pull(h, KvScatterTarget{dst.view, dst.table, tokens});
+      const auto c = std::chrono::steady_clock::now();
+      if (st.phase != TransferPhase::kDone) die(st.error, "pull");
+      TransferState hs = host.puller->pull(h, KvScatterTarget{landing, one_block, tokens});
+      const auto d = std::chrono::steady_clock::now();
+      if (hs.phase != TransferPhase::kDone) die(hs.error, "host pull");
+      CHECK_OK(t.pool->release(h.ref()));
+      if (i == 0) continue;
+      send_ms.push_back(std::chrono::duration<double, std::milli>(b - a).count());
+      pull_ms.push_back(std::chrono::duration<double, std::milli>(c - b).count());
+      host_ms.push_back(std::chrono::duration<double, std::milli>(d - c).count());
+      if (wire_of(dst) != want) {
+        std::fprintf(stderr, "pdserve_gpu_bench: the host-staged %s pull delivered wrong KV bytes\n",
+                     std::string(transport_kind_name(kind)).c_str());
+        std::exit(1);
       }
-      std::sort(send_ms.begin(), send_ms.end());
-      std::sort(pull_ms.begin(), pull_ms.end());
-      std::sort(host_ms.begin(), host_ms.end());
-      const double send = send_ms[send_ms.size() / 2], pull = pull_ms[pull_ms.size() / 2];
-      const double host_pull = host_ms[host_ms.size() / 2];
-      std::printf(
-          "host-staged %s, %zu MiB, pool %s: start %.0f ms; send (gather + copy to the pool) %.2f ms, %.1f "
-          "GB/s (%.0f%% of GPU to host); pull (to page-locked memory, to the GPU, scatter) %.2f ms, %.1f "
-          "GB/s; the same into host memory alone %.2f ms\n",
-          std::string(transport_kind_name(kind)).c_str(), wire_bytes >> 20,
-          locked ? (v.as_they_arrive ? "page-locked" : "page-locked, layers to the GPU after the body")
-                 : "pageable",
-          start_ms, send, wire_bytes / (send * 1e-3) / 1e9,
-          100.0 * wire_bytes / (send * 1e-3) / 1e9 / to_host_gbps, pull, wire_bytes / (pull * 1e-3) / 1e9,
-          host_pull);
-      Json r;
-      r.add("transport", std::string(transport_kind_name(kind)));
-      r.add("page_locked", locked ? 1 : 0);
-      r.add("layers_as_they_arrive", v.as_they_arrive ? 1 : 0);
-      r.add("bytes", static_cast<double>(wire_bytes));
-      r.add("start_ms", start_ms);
-      r.add("send_ms", send);
-      r.add("pull_ms", pull);
-      r.add("host_pull_ms", host_pull);
-      rows += (rows.size() > 1 ? "," : "") + r.str();
     }
+    std::sort(send_ms.begin(), send_ms.end());
+    std::sort(pull_ms.begin(), pull_ms.end());
+    std::sort(host_ms.begin(), host_ms.end());
+    const double send = send_ms[send_ms.size() / 2], pull = pull_ms[pull_ms.size() / 2];
+    const double host_pull = host_ms[host_ms.size() / 2];
+    std::printf(
+        "host-staged %s, %zu MiB, pool %s: start %.0f ms; send (gather + copy to the pool) %.2f ms, %.1f "
+        "GB/s (%.0f%% of GPU to host); pull (to page-locked memory, to the GPU, scatter) %.2f ms, %.1f "
+        "GB/s; the same into host memory alone %.2f ms\n",
+        std::string(transport_kind_name(kind)).c_str(), wire_bytes >> 20,
+        locked ? (v.as_they_arrive ? "page-locked" : "page-locked, layers to the GPU after the body")
+               : "pageable",
+        start_ms, send, wire_bytes / (send * 1e-3) / 1e9,
+        100.0 * wire_bytes / (send * 1e-3) / 1e9 / to_host_gbps, pull, wire_bytes / (pull * 1e-3) / 1e9,
+        host_pull);
+    Json r;
+    r.add("transport", std::string(transport_kind_name(kind)));
+    r.add("page_locked", locked ? 1 : 0);
+    r.add("layers_as_they_arrive", v.as_they_arrive ? 1 : 0);
+    r.add("bytes", static_cast<double>(wire_bytes));
+    r.add("start_ms", start_ms);
+    r.add("send_ms", send);
+    r.add("pull_ms", pull);
+    r.add("host_pull_ms", host_pull);
+    rows += (rows.size() > 1 ? "," : "") + r.str();
   }
   Json j;
   j.add("to_host_gbps", to_host_gbps);

@@ -550,13 +550,16 @@ class StagedSendPool final : public KvSendPool {
       return failed_precondition(
           fmt::format("this KV send pool stages from GPU {}, the KV cache to send is on GPU {}", device_,
                       src.cuda_device));
-    PD_RETURN_IF_ERROR(check_kv_block_table(src, block_table, send.num_tokens));
     const uint64_t part = send.layout.layer_body_bytes(send.num_tokens);
     const int64_t entries = blocks_for(send.num_tokens, cache.block_size);
     std::lock_guard lock(mu_);
     PD_RETURN_IF_ERROR(cuda::set_device(device_));
     std::unique_ptr<LayerWiseState>& state = sends_[key(send.handle.ref())];
-    if (!state) {
+    if (!state) {  // the send's first layer: its block table is checked and uploaded once, for all
+      if (Status ok = check_kv_block_table(src, block_table, send.num_tokens); !ok.ok()) {
+        sends_.erase(key(send.handle.ref()));
+        return ok;
+      }
       StatusOr<std::unique_ptr<LayerWiseState>> made = make_layer_wise(block_table, entries);
       if (!made.ok()) {
         sends_.erase(key(send.handle.ref()));
