@@ -24,7 +24,10 @@ void QueuedPuller::stop() {
     std::lock_guard lock(mu_);
     if (stopping_ && threads_.empty()) return;
     stopping_ = true;
-    for (auto& [id, cancel] : running_) cancel->store(true);  // pulls waiting on a layer-wise prefill give up
+    for (auto& [id, cancel] : running_) {  // pulls waiting on a layer-wise prefill give up
+      cancel->store(true);
+      interrupt(cancel);
+    }
   }
   work_cv_.notify_all();
   for (std::thread& t : threads_) t.join();
@@ -87,6 +90,7 @@ void QueuedPuller::cancel(TransferId id) {
   std::lock_guard lock(mu_);
   if (auto r = running_.find(id); r != running_.end()) {
     r->second->store(true);
+    interrupt(r->second);
     return;
   }
   auto it = std::find_if(queue_.begin(), queue_.end(), [id](const Job& j) { return j.id == id; });

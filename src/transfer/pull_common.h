@@ -59,7 +59,12 @@ class QueuedPuller : public KvPuller {
   static const std::atomic<bool>* cancel_flag() { return current_cancel_; }
   // One pull, on the progress thread: fetch, validate, scatter.
   virtual StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) = 0;
-  // Fails the queued pulls (CANCELLED), lets the running one finish, joins the thread. Idempotent.
+  // Called after a running pull's cancel flag is set (cancel(), stop()), with the puller's lock
+  // held: a transport whose pulls block in I/O wakes the one with that flag (tcp shuts its socket
+  // down). Must be quick and must not call into the puller.
+  virtual void interrupt(const std::atomic<bool>* /*cancel*/) {}
+  // Fails the queued pulls (CANCELLED), cancels the running ones (a pull waiting on a layer-wise
+  // prefill gives up; others may finish), joins the threads. Idempotent.
   void stop();
 
  private:

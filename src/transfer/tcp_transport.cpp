@@ -380,14 +380,67 @@ class TcpPuller final : public QueuedPuller {
 
  protected:
   StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
+    ActiveSocket fd(*this);
+    StatusOr<PullResult> result = pull(handle, target, fd);
+    // A cancel shuts the socket down: whatever the I/O then reported, the pull was cancelled.
+    if (!result.ok() && cancel_flag()->load())
+      return Status(StatusCode::kCancelled,
+                    fmt::format("the pull from the prefill at {} was cancelled", handle.endpoint));
+    return result;
+  }
+
+  // Cancelling a running pull shuts its socket down, so that a pull blocked in recv (on a
+  // layer-wise prefill still computing, or a stalled peer) ends at once, not at the I/O timeout.
+  void interrupt(const std::atomic<bool>* cancel) override {
+    std::lock_guard lock(active_mu_);
+    if (auto it = active_.find(cancel); it != active_.end()) ::shutdown(it->second, SHUT_RDWR);
+  }
+
+ private:
+  // The socket of the pull running on this thread, registered (by the thread's cancel flag) for
+  // interrupt() while held. It leaves the registry before it is closed or pooled, so a cancel
+  // never shuts down a socket the pull no longer owns.
+  class ActiveSocket {
+   public:
+    explicit ActiveSocket(TcpPuller& puller) : puller_(puller) {}
+    ~ActiveSocket() { (void)release(); }
+    ActiveSocket(const ActiveSocket&) = delete;
+    ActiveSocket& operator=(const ActiveSocket&) = delete;
+
+    // Holds `fd` (closing the one held before); false when the pull is cancelled already.
+    bool hold(Fd fd) {
+      (void)release();
+      std::lock_guard lock(puller_.active_mu_);
+      fd_ = std::move(fd);
+      puller_.active_[cancel_flag()] = fd_.get();
+      return !cancel_flag()->load();
+    }
+    int get() const { return fd_.get(); }
+    // Lets the socket go: none (it is closed) when a cancel may have shut it down.
+    Fd release() {
+      {
+        std::lock_guard lock(puller_.active_mu_);
+        puller_.active_.erase(cancel_flag());
+      }
+      Fd fd = std::move(fd_);
+      if (cancel_flag()->load()) fd.reset();
+      return fd;
+    }
+
+   private:
+    TcpPuller& puller_;
+    Fd fd_;
+  };
+
+  StatusOr<PullResult> pull(const KvHandle& handle, const KvScatterTarget& target, ActiveSocket& fd) {
     PD_ASSIGN_OR_RETURN(HostPort where, parse_host_port(handle.endpoint, false));
     const std::string peer = fmt::format("prefill at {}", handle.endpoint);
-    Fd fd;
     Response resp;
     // A pooled connection may have been closed by the server meanwhile: one retry on a new one.
     for (int attempt = 0;; ++attempt) {
       bool reused = false;
-      PD_ASSIGN_OR_RETURN(fd, take_connection(handle.endpoint, where, &reused));
+      PD_ASSIGN_OR_RETURN(Fd conn, take_connection(handle.endpoint, where, &reused));
+      if (!fd.hold(std::move(conn))) return Status(StatusCode::kCancelled, "the pull was cancelled");
       Status st = send_request(fd.get(), handle, &resp);
       if (st.ok()) break;
       if (!reused || attempt > 0) return st.with_context(peer);
@@ -396,7 +449,7 @@ class TcpPuller final : public QueuedPuller {
       std::string message(resp.message_bytes, '\0');
       PD_RETURN_IF_ERROR(
           recv_all(fd.get(), message.data(), message.size(), "KV error message").with_context(peer));
-      give_back(handle.endpoint, std::move(fd));
+      give_back(handle.endpoint, fd.release());
       return peer_status(resp.code, message, peer);
     }
     uint8_t header_bytes[kKvWireHeaderBytes];
@@ -408,7 +461,7 @@ class TcpPuller final : public QueuedPuller {
     if (checked.ok()) checked = check_block_size(handle, resp);
     if (!checked.ok()) {
       const uint8_t abort = kAbort;
-      if (send_all(fd.get(), &abort, 1, "KV abort").ok()) give_back(handle.endpoint, std::move(fd));
+      if (send_all(fd.get(), &abort, 1, "KV abort").ok()) give_back(handle.endpoint, fd.release());
       return checked.with_context(peer);
     }
     const uint8_t go = kGo;
@@ -423,7 +476,7 @@ class TcpPuller final : public QueuedPuller {
       PD_RETURN_IF_ERROR(recv_all(fd.get(), trailer, sizeof trailer, "KV first token").with_context(peer));
       first_token = load_le<int32_t>(trailer);
     }
-    give_back(handle.endpoint, std::move(fd));
+    give_back(handle.endpoint, fd.release());
     if (header->flags & kKvWireBodyChecksum) {
       const uint64_t computed = scattered_body_checksum(target.view, target.block_table, header->num_tokens);
       if (computed != header->body_checksum)
@@ -434,7 +487,6 @@ class TcpPuller final : public QueuedPuller {
     return PullResult{header->num_tokens, resp.payload_bytes, first_token};
   }
 
- private:
   Status check_block_size(const KvHandle& handle, const Response& resp) {
     if (handle.mode == KvTransferMode::kContiguous) {
       if (resp.block_size_tokens != 0)
@@ -527,6 +579,7 @@ class TcpPuller final : public QueuedPuller {
   }
 
   void give_back(const std::string& endpoint, Fd fd) {
+    if (!fd.valid()) return;  // shut down by a cancel
     // Bounded: endpoints of prefills that went away are not kept forever.
     std::lock_guard lock(idle_mu_);
     if (idle_.size() >= kMaxIdleEndpoints && !idle_.contains(endpoint)) idle_.clear();
@@ -538,6 +591,9 @@ class TcpPuller final : public QueuedPuller {
   const int buffer_bytes_;
   std::mutex idle_mu_;
   std::unordered_map<std::string, std::vector<Fd>> idle_;  // guarded by idle_mu_
+  std::mutex active_mu_;                                   // never held while taking QueuedPuller's lock
+  // The running pulls' sockets by their threads' cancel flags; guarded by active_mu_.
+  std::unordered_map<const std::atomic<bool>*, int> active_;
 };
 
 }  // namespace
