@@ -829,6 +829,9 @@ void Engine::hand_off(SequenceId id, EngineOutput& out) {
   }
   if (a.early) {
     Status st = a.early_error;
+    // A GPU pool's layer copies may still be landing: waited for here, not under mu_ below
+    // (which submissions and stats take).
+    if (st.ok()) st = options_.kv_send->wait_layers_landed(a.early->handle.ref());
     bool given_up = false;
     {
       // Under mu_, so that a release either came before (the decode gave up without the KV) or

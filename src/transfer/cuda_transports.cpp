@@ -592,6 +592,7 @@ class StagedSendPool final : public KvSendPool {
     PD_RETURN_IF_ERROR(first_token >= 0 ? finish_layer_wise(ref) : wait_layer_wise(ref));
     return inner_->publish_progress(ref, layers_ready, first_token);
   }
+  Status wait_layers_landed(KvBufferRef ref) override { return wait_layer_wise(ref); }
   int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
   KvSendPoolStats stats() const override { return inner_->stats(); }
 

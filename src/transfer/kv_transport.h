@@ -176,6 +176,12 @@ class KvSendPool {
   // than said before) and, once first_token >= 0, the token sampled after the prompt. Wakes the
   // pulls waiting on it. UNIMPLEMENTED where !supports_layer_wise().
   virtual Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token);
+  // Waits until the layers sent for `ref` by send_layer() have landed in its buffer (a GPU pool
+  // copies them asynchronously; the host pools write them at once: nothing to wait for).
+  // publish_progress() with the first token waits for the same; a caller that publishes under a
+  // lock of its own calls this first, so that the lock is not held while a copy runs. Only from
+  // the buffer's writer.
+  virtual Status wait_layers_landed(KvBufferRef /*ref*/) { return ok_status(); }
   // What send_kv_layer() does once it has checked its arguments: writes layer `layer` of the
   // sequence into send.body and publishes layers [0, layer + 1) as ready. This one gathers host
   // memory at once; a GPU pool queues the gather and copy behind the work queued so far on
