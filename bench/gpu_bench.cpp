@@ -120,6 +120,15 @@ double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
 
 // The batch sizes of the model's decode steps (--decode-batches).
 std::vector<int32_t> g_decode_batches = {1, 16, 64};
+// The models' number format (--dtype).
+cuda::Dtype g_dtype = cuda::Dtype::kBf16;
+
+// Model options with the bench's number format.
+CudaModelOptions model_options(int32_t num_blocks, int32_t block_size, bool cuda_graphs = true) {
+  CudaModelOptions o{0, num_blocks, block_size, cuda_graphs};
+  o.dtype = g_dtype;
+  return o;
+}
 
 std::string model_section(const std::string& name, bool quick, bool with_decode, bool with_prefill,
                           double copy_gbps, double gemm_tflops) {
@@ -135,14 +144,15 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
   int32_t max_blocks = 0;
   for (const DecodeCase& c : decode_cases) max_blocks = std::max(max_blocks, c.batch * (c.ctx / bs + 1));
   max_blocks = std::max(max_blocks, 4096 / bs + 8 * (512 / bs));
-  std::unique_ptr<CudaLlamaModel> m = value_or_die(
-      CudaLlamaModel::synthetic(name, CudaModelOptions{0, max_blocks, bs}, 1234), "synthetic model");
+  std::unique_ptr<CudaLlamaModel> m =
+      value_or_die(CudaLlamaModel::synthetic(name, model_options(max_blocks, bs), 1234), "synthetic model");
   const ModelConfig& c = m->config();
   CHECK_OK(m->randomize_kv(99));
-  std::printf("model %s: %.2f GB of bf16 weights, %zu KiB of KV per token, KV cache %d blocks of %d tokens\n",
-              name.c_str(), m->weight_bytes() / 1e9, m->kv_bytes_per_token() / 1024, max_blocks, bs);
-  std::string rows = "{\"name\": \"" + name + "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) +
-                     ", \"decode\": [";
+  std::printf("model %s: %.2f GB of %s weights, %zu KiB of KV per token, KV cache %d blocks of %d tokens\n",
+              name.c_str(), m->weight_bytes() / 1e9, cuda::dtype_name(m->dtype()),
+              m->kv_bytes_per_token() / 1024, max_blocks, bs);
+  std::string rows = "{\"name\": \"" + name + "\", \"dtype\": \"" + cuda::dtype_name(m->dtype()) +
+                     "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) + ", \"decode\": [";
 
   // Decode: `batch` sequences of `ctx` cached tokens (random KV) each take one more token.
   for (size_t i = 0; i < decode_cases.size(); ++i) {
@@ -613,7 +623,7 @@ std::string host_stage_section(bool quick) {
 // against the prefill's.
 std::string layer_wise_section(const std::string& model_name, bool quick) {
   const int32_t bs = 16, len = quick ? 1024 : 4096, per_seq = len / bs + 1;
-  CudaModelOptions options{0, per_seq, bs, false};
+  CudaModelOptions options = model_options(per_seq, bs, false);
   std::unique_ptr<CudaLlamaModel> m =
       value_or_die(CudaLlamaModel::synthetic(model_name, options, 1234), "synthetic model");
   const ModelConfig& c = m->config();
@@ -742,7 +752,7 @@ std::string layer_wise_section(const std::string& model_name, bool quick) {
 int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t prompt_len) {
   const bool decode = prompt_len == 0;
   const int32_t bs = 16, per_seq = (decode ? ctx : prompt_len) / bs + 1;
-  CudaModelOptions options{0, batch * per_seq, bs, false};
+  CudaModelOptions options = model_options(batch * per_seq, bs, false);
   std::unique_ptr<CudaLlamaModel> m =
       value_or_die(CudaLlamaModel::synthetic(name, options, 1234), "synthetic model");
   CHECK_OK(m->randomize_kv(99));
@@ -785,6 +795,13 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       model_name = argv[++i];
+    } else if (std::strcmp(argv[i], "--dtype") == 0 && i + 1 < argc) {
+      const std::string d = argv[++i];
+      if (d != "bf16" && d != "fp16") {
+        std::fprintf(stderr, "pdserve_gpu_bench: --dtype wants bf16 or fp16, got '%s'\n", d.c_str());
+        return 2;
+      }
+      g_dtype = d == "fp16" ? cuda::Dtype::kF16 : cuda::Dtype::kBf16;
     } else if (std::strcmp(argv[i], "--transfer-only") == 0) {
       transfer_only = true;
     } else if (std::strcmp(argv[i], "--no-model") == 0) {
@@ -845,6 +862,7 @@ int main(int argc, char** argv) {
           "  --model NAME  the model of the decode and prefill figures (default\n"
           "                synthetic:llama-3.1-8b; also synthetic:qwen2.5-7b, synthetic:smollm2-1.7b)\n"
           "  --no-model    only the ceilings and the attention kernel\n"
+          "  --dtype bf16|fp16  the models' number format (default bf16)\n"
           "  --no-programmatic-launch  every kernel starts after the one before it has\n"
           "                ended (by default the model's kernels overlap the one ahead)\n"
           "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"

@@ -92,7 +92,7 @@ int run_instance(void* p) {
   PD_LOG_INFO("instance: {} role, listening on http://{}:{}; loading {}", a.role, a.host, server->port(),
               a.model);
 
-  StatusOr<DeviceChoice> device = parse_device(a.engine.device);
+  StatusOr<DeviceChoice> device = parse_device(a.engine.device, a.engine.dtype);
   if (!device.ok()) {
     fmt::print(stderr, "error: {}\n", device.status().message());
     return 2;

@@ -118,7 +118,7 @@ int run_serve(void* p) {
   auto& a = *static_cast<ServeArgs*>(p);
   return run_openai_front(a.front, [&a](api::ApiService& service) -> StatusOr<FrontBackend> {
     auto state = std::make_shared<ServeState>();
-    PD_ASSIGN_OR_RETURN(DeviceChoice device, parse_device(a.engine.device));
+    PD_ASSIGN_OR_RETURN(DeviceChoice device, parse_device(a.engine.device, a.engine.dtype));
     if (a.mode.empty()) a.mode = device.cuda ? "aggregated" : "disaggregated";
     if (device.cuda && a.mode != "aggregated")
       return invalid_argument(

@@ -1,23 +1,27 @@
 // The CUDA backend's half of serve_support.h, in a build with it: the executor on a GPU (a GGUF
-// file's weights dequantized to bf16, a Hugging Face checkpoint's, or a synthetic model), and the KV
-// transports of GPU caches.
+// file's weights dequantized to bf16 or fp16, a Hugging Face checkpoint's, or a synthetic model),
+// and the KV transports of GPU caches.
 #include <fmt/format.h>
 
 #include "bin/serve_support.h"
+#include "common/log.h"
 #include "kernels/cuda/runtime.h"
 #include "model/cuda_model.h"
 #include "transfer/cuda_transports.h"
 
 namespace pdserve {
 
-StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, int device,
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, const DeviceChoice& choice,
                                                             int32_t num_blocks, int32_t block_size) {
+  const int device = choice.index;
   if (cuda::device_count() == 0)
     return unavailable("--device cuda: no GPU here (" + cuda::no_device_reason() + "); use --device cpu");
   if (device >= cuda::device_count())
     return invalid_argument(fmt::format("--device cuda:{}: this machine has {} GPU(s), cuda:0 to cuda:{}",
                                         device, cuda::device_count(), cuda::device_count() - 1));
-  const CudaModelOptions options{device, num_blocks, block_size};
+  CudaModelOptions options{device, num_blocks, block_size};
+  if (choice.dtype == "bf16") options.dtype = cuda::Dtype::kBf16;
+  if (choice.dtype == "fp16") options.dtype = cuda::Dtype::kF16;
   std::unique_ptr<CudaLlamaModel> model;
   if (!m.synthetic.empty()) {
     PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::synthetic(m.synthetic, options, kServedSyntheticSeed,
@@ -27,6 +31,7 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m
   } else {
     PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::load_gguf(*m.file, options));
   }
+  PD_LOG_INFO("model on {} in {}", model->device(), cuda::dtype_name(model->dtype()));
   return std::unique_ptr<ModelExecutor>(std::move(model));
 }
 

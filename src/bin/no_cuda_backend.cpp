@@ -14,7 +14,8 @@ Status no_cuda(const char* what) {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& /*m*/, int /*device*/,
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& /*m*/,
+                                                            const DeviceChoice& /*device*/,
                                                             int32_t /*num_blocks*/, int32_t /*block_size*/) {
   return no_cuda("--device cuda");
 }

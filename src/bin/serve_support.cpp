@@ -143,9 +143,19 @@ StatusOr<int32_t> kv_blocks(const EngineFlags& f, const ModelConfig& cfg, int32_
 
 }  // namespace
 
-StatusOr<DeviceChoice> parse_device(const std::string& text) {
+StatusOr<DeviceChoice> parse_device(const std::string& text, const std::string& dtype) {
+  if (dtype != "auto" && dtype != "bf16" && dtype != "fp16")
+    return invalid_argument(fmt::format("--dtype '{}': give auto, bf16 or fp16", dtype));
   DeviceChoice d;
-  if (text == "cpu") return d;
+  d.dtype = dtype;
+  if (text == "cpu") {
+    if (dtype != "auto")
+      return invalid_argument(
+          fmt::format("--dtype {} is for --device cuda (the CPU engine's number formats are fixed); leave "
+                      "it out, or give --dtype auto",
+                      dtype));
+    return d;
+  }
   if (text == "cuda") {
     d.cuda = true;
     return d;
@@ -187,7 +197,7 @@ StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransp
 
 StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
                                                        ThreadPool& pool, const EngineOptions& o) {
-  if (device.cuda) return make_cuda_executor(m, device.index, o.num_blocks, o.block_size);
+  if (device.cuda) return make_cuda_executor(m, device, o.num_blocks, o.block_size);
   if (m.model == nullptr) return internal_error("make_executor: the model was loaded without weights");
   return std::unique_ptr<ModelExecutor>(
       std::make_unique<CpuExecutor>(*m.model, pool, o.num_blocks, o.block_size));
@@ -197,10 +207,18 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
   cmd.add_option(
          "--device", f.device,
          "Where the model runs: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are dequantized to "
-         "bf16 and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a fraction is of "
+         "bf16 or fp16 (--dtype) and the KV cache lives in GPU memory (give --kv-cache-memory in bytes: a "
+         "fraction is of "
          "host memory); prefill and decode instances on GPUs move KV with --transport cuda-ipc (GPUs of one "
          "host) or staged through host memory over shm, tcp or ucx")
       ->capture_default_str();
+  cmd.add_option("--dtype", f.dtype,
+                 "The GPU's number format for weights, activations entering matrix products and the KV "
+                 "cache: bf16 (float's range), fp16 (8 times finer, values up to 65504), or auto: fp16 where "
+                 "the weights are stored as fp16 (a checkpoint of F16 tensors, a GGUF of F16 matrices), "
+                 "else bf16. Prefill and decode instances must agree (their KV formats are checked)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "bf16", "fp16"}));
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));

@@ -65,6 +65,7 @@ uint64_t loaded_model_fingerprint(const LoadedModel& m);
 // The engine flags of `serve` and `instance`.
 struct EngineFlags {
   std::string device = "cpu";  // --device: cpu, cuda or cuda:N
+  std::string dtype = "auto";  // --dtype: auto, bf16 or fp16 (GPU only)
   int threads = 0;
   std::string kv_cache_memory;  // empty: 1GiB, capped at max_running full contexts
   std::string kv_send_memory;   // prefill send buffers; empty: prefill_slots prompts of max_context
@@ -89,8 +90,12 @@ StatusOr<EngineOptions> engine_options(const EngineFlags& flags, const ModelConf
 struct DeviceChoice {
   bool cuda = false;
   int index = 0;  // the GPU, with cuda
+  // The GPU's number format: "bf16", "fp16", or "auto" (fp16 where the weights are stored as fp16,
+  // else bf16).
+  std::string dtype = "auto";
 };
-StatusOr<DeviceChoice> parse_device(const std::string& text);
+// `text`: --device; `dtype`: --dtype (anything but auto only with a GPU).
+StatusOr<DeviceChoice> parse_device(const std::string& text, const std::string& dtype = "auto");
 // Loads what `model` needs for the device (the weights on the CPU only for the CPU).
 StatusOr<LoadedModel> load_model_for(const std::string& path, const DeviceChoice& device);
 // The backend an engine runs on: the CPU engine over m.model (sharing `pool`), or the GGUF file's
@@ -99,7 +104,7 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& devic
                                                        ThreadPool& pool, const EngineOptions& o);
 // The CUDA backend's half of make_executor and of loaded_model_config, and its KV transport
 // (cuda_backend.cpp, or no_cuda_backend.cpp in a build without nvcc, which says so).
-StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, int device,
+StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, const DeviceChoice& device,
                                                             int32_t num_blocks, int32_t block_size);
 StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size);
 // A KV transport for a KV cache on a GPU: cuda-ipc, or shm/tcp staged through host memory.

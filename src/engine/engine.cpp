@@ -108,10 +108,11 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     kv_view_ = PagedKvView{host->block_data(0), host->block_bytes(), options.num_blocks, options.block_size,
                            KvLayout{executor_->fingerprint(), KvDtype::kF16, c.num_layers, c.kv_dim()}};
   } else if (device_kv.has_value()) {
-    kv_view_ = PagedKvView{device_kv->base,
-                           static_cast<size_t>(options.block_size) * static_cast<size_t>(c.kv_dim()) * 2,
-                           options.num_blocks, options.block_size,
-                           KvLayout{executor_->fingerprint(), KvDtype::kBF16, c.num_layers, c.kv_dim()}};
+    kv_view_ = PagedKvView{
+        device_kv->base, static_cast<size_t>(options.block_size) * static_cast<size_t>(c.kv_dim()) * 2,
+        options.num_blocks, options.block_size,
+        KvLayout{executor_->fingerprint(), device_kv->fp16 ? KvDtype::kF16 : KvDtype::kBF16, c.num_layers,
+                 c.kv_dim()}};
     kv_view_.memory = KvMemory::kCuda;
     kv_view_.cuda_device = device_kv->device;
     kv_view_.num_kv_heads = c.num_kv_heads;

@@ -144,6 +144,7 @@ const std::map<std::string, FlagType, std::less<>>& engine_keys() {
       {"http_threads", FlagType::kInteger},
       {"kv_listen", FlagType::kString},
       {"device", FlagType::kString},
+      {"dtype", FlagType::kString},
       {"kv_send_memory", FlagType::kString},
       {"kv_layer_wise", FlagType::kBoolean},
       {"deadline_priority_ms", FlagType::kInteger},

@@ -91,17 +91,18 @@ std::vector<float> inverse_frequencies(const ModelConfig& c, const std::vector<f
 struct CudaLlamaModel::Impl {
   struct Layer {
     DeviceBuffer attn_norm, ffn_norm;  // float [d]
-    DeviceBuffer wqkv;                 // bf16 [q + 2kv][d]
+    DeviceBuffer wqkv;                 // 16-bit (dtype) [q + 2kv][d]
     DeviceBuffer bqkv;                 // float [q + 2kv] (qwen2), else empty
-    DeviceBuffer wo;                   // bf16 [d][q]
-    DeviceBuffer w_gate_up;            // bf16 [2 ffn][d]: gate rows, then up rows
-    DeviceBuffer w_down;               // bf16 [d][ffn]
+    DeviceBuffer wo;                   // 16-bit [d][q]
+    DeviceBuffer w_gate_up;            // 16-bit [2 ffn][d]: gate rows, then up rows
+    DeviceBuffer w_down;               // 16-bit [d][ffn]
   };
+  cuda::Dtype dtype = cuda::Dtype::kBf16;  // of the weights, the activations products read, the KV
   std::vector<Layer> layers;
-  DeviceBuffer embd;    // bf16 [vocab][d]
-  DeviceBuffer output;  // bf16 [vocab][d]; empty when tied to embd
+  DeviceBuffer embd;    // 16-bit [vocab][d]
+  DeviceBuffer output;  // 16-bit [vocab][d]; empty when tied to embd
   DeviceBuffer output_norm, inv_freq;
-  DeviceBuffer kv;              // [layer][K, V][block][kv head][row][head_dim] bf16
+  DeviceBuffer kv;              // [layer][K, V][block][kv head][row][head_dim] 16-bit
   int64_t kv_layer_values = 0;  // values of one layer's K (or V)
 
   std::optional<cuda::Stream> stream;
@@ -126,7 +127,7 @@ struct CudaLlamaModel::Impl {
   }
   cuda::PagedKv layer_kv(const ModelConfig& c, int32_t layer, int32_t block_size) const {
     uint16_t* k = kv.as<uint16_t>() + 2 * kv_layer_values * layer;
-    return {k, k + kv_layer_values, block_size, c.num_kv_heads, c.head_dim};
+    return {k, k + kv_layer_values, block_size, c.num_kv_heads, c.head_dim, dtype};
   }
 };
 
@@ -139,7 +140,8 @@ size_t CudaLlamaModel::kv_bytes() const { return impl_->kv.bytes(); }
 
 std::optional<DeviceKv> CudaLlamaModel::device_kv() {
   const uint64_t part = static_cast<uint64_t>(impl_->kv_layer_values) * sizeof(uint16_t);
-  return DeviceKv{options_.device, impl_->kv.as<uint8_t>(), 2 * part, part, impl_->stream->get()};
+  return DeviceKv{options_.device,     dtype_ == cuda::Dtype::kF16, impl_->kv.as<uint8_t>(), 2 * part, part,
+                  impl_->stream->get()};
 }
 
 size_t CudaLlamaModel::kv_bytes_per_token() const {
@@ -161,7 +163,8 @@ StatusOr<ModelConfig> CudaLlamaModel::synthetic_config(std::string_view name, in
 }
 
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConfig& c,
-                                                                 const CudaModelOptions& options) {
+                                                                 const CudaModelOptions& options,
+                                                                 cuda::Dtype dtype) {
   if (cuda::device_count() == 0) return unavailable("no CUDA device: " + cuda::no_device_reason());
   if (options.device < 0 || options.device >= cuda::device_count())
     return invalid_argument(
@@ -174,6 +177,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
     return unimplemented("the CUDA backend runs at most 8 query heads per kv head");
   PD_RETURN_IF_ERROR(cuda::set_device(options.device));
   auto impl = std::make_unique<Impl>();
+  impl->dtype = dtype;
   auto stream = cuda::Stream::create();
   if (!stream.ok()) return stream.status();
   impl->stream.emplace(std::move(*stream));
@@ -216,6 +220,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::create(const ModelConf
 
   std::unique_ptr<CudaLlamaModel> m(new CudaLlamaModel(std::move(impl), c, options));
   m->device_ = fmt::format("cuda:{} ({})", options.device, info->name);
+  m->dtype_ = dtype;
   m->weight_bytes_ =
       static_cast<size_t>(c.num_layers) * static_cast<size_t>(qkv * d + d * c.q_dim() + 3 * ffn * d) * 2 +
       static_cast<size_t>(c.vocab_size) * static_cast<size_t>(d) * 2;
@@ -226,7 +231,8 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_
                                                                     const CudaModelOptions& options,
                                                                     uint64_t seed, int32_t vocab_size) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, synthetic_config(name, vocab_size));
-  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  const cuda::Dtype dtype = options.dtype.value_or(cuda::Dtype::kBf16);
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options, dtype));
   m->fingerprint_ = synthetic_model_fingerprint(name, seed, c.vocab_size);
   Impl& im = *m->impl_;
   cuda::StreamHandle s = im.stream->get();
@@ -235,8 +241,8 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::synthetic(std::string_
   const float w_scale = 1.0f / std::sqrt(static_cast<float>(d));
   uint64_t n = 0;
   auto bf16 = [&](DeviceBuffer& b, float scale) {
-    return cuda::fill_uniform_bf16(b.as<uint16_t>(), static_cast<int64_t>(b.bytes() / 2), 0.0f, scale,
-                                   seed + ++n, s);
+    return cuda::fill_uniform(b.as<uint16_t>(), static_cast<int64_t>(b.bytes() / 2), 0.0f, scale, seed + ++n,
+                              dtype, s);
   };
   auto f32 = [&](DeviceBuffer& b, float mean, float scale) {
     return cuda::fill_uniform_f32(b.as<float>(), static_cast<int64_t>(b.bytes() / 4), mean, scale, seed + ++n,
@@ -307,11 +313,20 @@ Status CudaLlamaModel::upload_weights(const WeightSource& src) {
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFile& f,
                                                                     const CudaModelOptions& options) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, ModelConfig::from_gguf(f));
-  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  // fp16 where the file's matrices are (its first layer's say so), unless asked otherwise.
+  auto f16 = [&](const char* name) {
+    const GgufTensorInfo* t = f.find_tensor(name);
+    return t != nullptr && t->type == GgmlType::kF16;
+  };
+  const cuda::Dtype dtype = options.dtype.value_or(
+      f16("blk.0.attn_q.weight") && f16("blk.0.ffn_down.weight") ? cuda::Dtype::kF16 : cuda::Dtype::kBf16);
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options, dtype));
   m->fingerprint_ = f.fingerprint();
   Impl& im = *m->impl_;
+  const auto to_16 = dtype == cuda::Dtype::kF16 ? cpu::fp32_to_fp16 : cpu::fp32_to_bf16;
 
-  // Rows of a 2-D weight [rows][cols] (GGML dims {cols, rows}) as bf16 into `dst` at row `at`.
+  // Rows of a 2-D weight [rows][cols] (GGML dims {cols, rows}) in the model's format into `dst` at
+  // row `at`.
   std::vector<float> row_f;
   std::vector<uint16_t> staging;
   WeightSource src;
@@ -330,7 +345,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
     for (int64_t r = 0; r < rows; ++r) {
       cpu::dequantize_row(t->type, t->data + static_cast<size_t>(r) * rb, row_f.data(), cols);
       for (int64_t i = 0; i < cols; ++i)
-        staging[static_cast<size_t>(r * cols + i)] = cpu::fp32_to_bf16(row_f[static_cast<size_t>(i)]);
+        staging[static_cast<size_t>(r * cols + i)] = to_16(row_f[static_cast<size_t>(i)]);
     }
     return cuda::copy_to_device(dst.as<uint16_t>() + at * cols, staging.data(), staging.size() * 2);
   };
@@ -367,7 +382,14 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckpoint& ck,
                                                                   const CudaModelOptions& options) {
   const ModelConfig& c = ck.config();
-  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options));
+  // fp16 for a checkpoint of fp16 tensors (its first query projection says), unless asked otherwise.
+  const SafetensorsTensor* first = ck.find("model.layers.0.self_attn.q_proj.weight");
+  const cuda::Dtype dtype = options.dtype.value_or(
+      first != nullptr && first->dtype == SafetensorsDtype::kF16 ? cuda::Dtype::kF16 : cuda::Dtype::kBf16);
+  const SafetensorsDtype native =
+      dtype == cuda::Dtype::kF16 ? SafetensorsDtype::kF16 : SafetensorsDtype::kBF16;
+  const auto to_16 = dtype == cuda::Dtype::kF16 ? cpu::fp32_to_fp16 : cpu::fp32_to_bf16;
+  PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options, dtype));
   m->fingerprint_ = ck.fingerprint();
   Impl& im = *m->impl_;
 
@@ -398,10 +420,9 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
                    int64_t at) -> Status {
     PD_ASSIGN_OR_RETURN(const SafetensorsTensor* t, tensor(name, {rows, cols}));
     uint16_t* out = dst.as<uint16_t>() + at * cols;
-    if (t->dtype == SafetensorsDtype::kBF16) return cuda::copy_to_device(out, t->data, t->bytes);
+    if (t->dtype == native) return cuda::copy_to_device(out, t->data, t->bytes);
     staging.resize(static_cast<size_t>(rows * cols));
-    for (int64_t i = 0; i < rows * cols; ++i)
-      staging[static_cast<size_t>(i)] = cpu::fp32_to_bf16(to_float(*t, i));
+    for (int64_t i = 0; i < rows * cols; ++i) staging[static_cast<size_t>(i)] = to_16(to_float(*t, i));
     return cuda::copy_to_device(out, staging.data(), staging.size() * 2);
   };
   std::vector<float> floats;
@@ -430,9 +451,8 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
 
 Status CudaLlamaModel::randomize_kv(uint64_t seed) {
   PD_RETURN_IF_ERROR(cuda::set_device(options_.device));
-  PD_RETURN_IF_ERROR(cuda::fill_uniform_bf16(impl_->kv.as<uint16_t>(),
-                                             static_cast<int64_t>(impl_->kv.bytes() / 2), 0.0f, 1.0f, seed,
-                                             impl_->stream->get()));
+  PD_RETURN_IF_ERROR(cuda::fill_uniform(impl_->kv.as<uint16_t>(), static_cast<int64_t>(impl_->kv.bytes() / 2),
+                                        0.0f, 1.0f, seed, dtype_, impl_->stream->get()));
   return impl_->stream->synchronize();
 }
 
@@ -723,6 +743,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
   cuda::StreamHandle s = im.stream->get();
   const int64_t T = shape.tokens, d = c.hidden_size, q = c.q_dim(), qkv = q + 2 * int64_t{c.kv_dim()};
   const int64_t ffn = c.ffn_size, V = c.vocab_size;
+  const cuda::Dtype dt = im.dtype;
   const int32_t* d_tokens = im.meta.as<int32_t>();
   const int32_t* d_logit_rows = d_tokens + 3 * T;
   const int64_t C = shape.chunks;
@@ -767,11 +788,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
   rope.neox = c.rope_ordering == RopeOrdering::kNeox;
   rope.inv_freq = im.inv_freq.as<float>();
   rope.q_out = im.q.as<uint16_t>();
-  PD_RETURN_IF_ERROR(cuda::embedding(im.embd.as<uint16_t>(), V, d_tokens, T, d, x, s));
+  PD_RETURN_IF_ERROR(cuda::embedding(im.embd.as<uint16_t>(), V, d_tokens, T, d, x, s, dt));
   // A few rows (small decode batches): matrix-vector kernels that normalise their input on the
   // fly and add output projections straight into the residual; otherwise cuBLAS products between
-  // norm kernels. Products write float either way, so each activation is rounded to bf16 once,
-  // where a product reads it.
+  // norm kernels. Products write float either way, so each activation is rounded to the model's
+  // format once, where a product reads it.
   const bool few_rows = T <= cuda::gemv_max_rows();
   auto product = [&](const float* normed_from, const float* norm_w, const uint16_t* in, const uint16_t* w,
                      int64_t n, int64_t k, float* out, bool accumulate) -> Status {
@@ -787,6 +808,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       g.k = k;
       g.y = out;
       g.accumulate = accumulate;
+      g.dtype = dt;
       // One row: the split-K form where K allows it, else the work per warp measured fastest for
       // each projection on an H200 (qkv 4 rows × 2 pieces; o and down 1 row × 2 pieces:
       // docs/perf/gpu-kernel-notes.md).
@@ -797,10 +819,11 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       }
       return cuda::gemv(g, s);
     }
-    return blas.matmul_f32(in, w, T, n, k, out, s);
+    return blas.matmul_f32(in, w, T, n, k, out, s, 0, 0, dt);
   };
   if (!few_rows)
-    PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.layers[0].attn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+    PD_RETURN_IF_ERROR(
+        cuda::rms_norm(x, im.layers[0].attn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s, dt));
   for (int32_t li = 0; li < c.num_layers; ++li) {
     const Impl::Layer& L = im.layers[static_cast<size_t>(li)];
     PD_RETURN_IF_ERROR(
@@ -819,7 +842,8 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
     PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), d, q,
                                few_rows ? x : delta, few_rows));
     if (!few_rows)
-      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+      PD_RETURN_IF_ERROR(
+          cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s, dt));
     if (few_rows) {
       // gate|up and SwiGLU in one kernel.
       cuda::GemvArgs g;
@@ -831,6 +855,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       g.n = ffn;
       g.k = d;
       g.swiglu_out = im.hidden.as<uint16_t>();
+      g.dtype = dt;
       if (T == 1) {  // 2 gate and 2 up rows × 2 pieces a warp: measured fastest on an H200
         g.rows_per_warp = 4;
         g.depth = 2;
@@ -839,7 +864,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
     } else {
       PD_RETURN_IF_ERROR(product(x, L.ffn_norm.as<float>(), xn, L.w_gate_up.as<uint16_t>(), 2 * ffn, d,
                                  im.gate_up.as<float>(), false));
-      PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s));
+      PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s, dt));
     }
     PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), d, ffn,
                                few_rows ? x : delta, few_rows));
@@ -847,7 +872,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       const float* next_norm = li + 1 < c.num_layers
                                    ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
                                    : im.output_norm.as<float>();
-      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s));
+      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s, dt));
     }
   }
   if (shape.num_logits == 0) return ok_status();
@@ -868,14 +893,15 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
     g.y = im.logits.as<float>();
     g.rows_per_warp = 4;
     g.depth = 2;
+    g.dtype = dt;
     return cuda::gemv(g, s);
   }
   if (few_rows)
-    PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.output_norm.as<float>(), c.rms_norm_eps, T, d, xn, s));
+    PD_RETURN_IF_ERROR(cuda::rms_norm(x, im.output_norm.as<float>(), c.rms_norm_eps, T, d, xn, s, dt));
   PD_RETURN_IF_ERROR(
       cuda::gather_rows(xn, d, d_logit_rows, shape.num_logits, im.final_rows.as<uint16_t>(), s));
   return blas.matmul_f32(im.final_rows.as<uint16_t>(), im.lm_head(), shape.num_logits, V, d,
-                         im.logits.as<float>(), s);
+                         im.logits.as<float>(), s, 0, 0, dt);
 }
 
 }  // namespace pdserve

@@ -1,10 +1,11 @@
-// CudaLlamaModel: the Llama-family forward pass (llama, qwen2) on one NVIDIA GPU, in bf16 with
-// float accumulation and a float residual stream, over a paged KV cache in device memory.
+// CudaLlamaModel: the Llama-family forward pass (llama, qwen2) on one NVIDIA GPU, in bf16 or fp16
+// (weights, activations entering products, KV cache) with float accumulation and a float residual
+// stream, over a paged KV cache in device memory.
 //
 // The same contract as LlamaModel::forward: one call runs a batch of sequence chunks (prefill
 // chunks of any length and single decode tokens mixed) and returns logits for the chunks that
-// ask for them. Weights come from a GGUF file (every supported type dequantized to bf16 at
-// load), a Hugging Face checkpoint, or are synthetic: the shapes of a published model with
+// ask for them. Weights come from a GGUF file (every supported type dequantized at load), a
+// Hugging Face checkpoint, or are synthetic: the shapes of a published model with
 // seeded random values made on the GPU (benchmarks; no file needed). Not batch-invariant: the
 // kernels chosen (cuBLAS algorithms, matrix-vector kernels for up to 8 rows, the attention
 // form for wide decode batches) depend on the batch, so logits differ in the last bits between
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,19 +36,24 @@ struct CudaModelOptions {
   int32_t num_blocks = 0;  // KV cache blocks (each block_size tokens of every layer)
   int32_t block_size = 16;
   bool cuda_graphs = true;  // replay decode steps (one token per sequence) as CUDA graphs
+  // The number format on the GPU; unset: fp16 for weights stored as fp16 (a GGUF whose matrices are
+  // F16, a checkpoint of F16 tensors), else bf16. bf16 has float's range; fp16 rounds 8 times finer
+  // but holds values up to 65504 only.
+  std::optional<cuda::Dtype> dtype;
 };
 
 class CudaLlamaModel final : public ModelExecutor {
  public:
-  // Dequantizes every weight of `file` to bf16 and uploads it; allocates the KV cache.
+  // Dequantizes every weight of `file` to the model's format and uploads it; allocates the KV cache.
   static StatusOr<std::unique_ptr<CudaLlamaModel>> load_gguf(const GgufFile& file,
                                                              const CudaModelOptions& options);
-  // A Hugging Face checkpoint's weights (bf16, fp16 or fp32 safetensors) as bf16.
+  // A Hugging Face checkpoint's weights (bf16, fp16 or fp32 safetensors), in the model's format
+  // (stored values copied as they are where the formats match, else rounded).
   static StatusOr<std::unique_ptr<CudaLlamaModel>> load_hf(const HfCheckpoint& checkpoint,
                                                            const CudaModelOptions& options);
   // "synthetic:llama-3.1-8b", "synthetic:qwen2.5-7b", "synthetic:smollm2-1.7b": that model's
-  // shapes, random weights from `seed`; vocab_size > 0 replaces the published vocabulary's size
-  // (to serve it with another model's tokenizer).
+  // shapes, random weights from `seed` (bf16 unless options.dtype says fp16); vocab_size > 0 replaces the
+  // published vocabulary's size (to serve it with another model's tokenizer).
   static StatusOr<std::unique_ptr<CudaLlamaModel>> synthetic(std::string_view name,
                                                              const CudaModelOptions& options, uint64_t seed,
                                                              int32_t vocab_size = 0);
@@ -65,6 +72,8 @@ class CudaLlamaModel final : public ModelExecutor {
   size_t kv_bytes() const override;
   std::string device() const override { return device_; }
   int32_t num_blocks() const { return options_.num_blocks; }
+  // The number format of the weights, activations and KV cache.
+  cuda::Dtype dtype() const { return dtype_; }
   int32_t block_size() const { return options_.block_size; }
   // Bytes of every weight read by one forward pass (the LM head once).
   size_t weight_bytes() const { return weight_bytes_; }
@@ -118,7 +127,7 @@ class CudaLlamaModel final : public ModelExecutor {
   // Every weight, through one format's source.
   Status upload_weights(const WeightSource& source);
   static StatusOr<std::unique_ptr<CudaLlamaModel>> create(const ModelConfig& config,
-                                                          const CudaModelOptions& options);
+                                                          const CudaModelOptions& options, cuda::Dtype dtype);
 
   std::unique_ptr<Impl> impl_;
   ModelConfig config_;
@@ -126,6 +135,7 @@ class CudaLlamaModel final : public ModelExecutor {
   size_t weight_bytes_ = 0;
   uint64_t fingerprint_ = 0;
   std::string device_;
+  cuda::Dtype dtype_ = cuda::Dtype::kBf16;
 };
 
 }  // namespace pdserve

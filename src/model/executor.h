@@ -23,6 +23,7 @@ namespace pdserve {
 // further, each block [kv head][row][head_dim] of bf16.
 struct DeviceKv {
   int32_t device = 0;
+  bool fp16 = false;  // the values' format: fp16, else bf16
   uint8_t* base = nullptr;
   uint64_t layer_bytes = 0;
   uint64_t v_offset_bytes = 0;

@@ -81,9 +81,9 @@ Status PagedKvView::validate_cuda() const {
         fmt::format("KV view of {} KV heads for rows of {} values: each head needs a "
                     "multiple of 8 values",
                     num_kv_heads, layout.kv_width));
-  if (layout.dtype != KvDtype::kBF16)
+  if (layout.dtype != KvDtype::kBF16 && layout.dtype != KvDtype::kF16)
     return invalid_argument(
-        fmt::format("a KV view in GPU memory holds bf16, not {}", kv_dtype_name(layout.dtype)));
+        fmt::format("a KV view in GPU memory holds bf16 or f16, not {}", kv_dtype_name(layout.dtype)));
   const uint64_t rows = static_cast<uint64_t>(block_size) * layout.row_bytes();
   if (block_bytes < rows)
     return invalid_argument(

@@ -44,6 +44,7 @@ def run(*args, timeout=60):
         (["serve", "--port", "0", "--device", "gpu"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda:x"], "give cpu, cuda (GPU 0) or cuda:N"),
         (["serve", "--port", "0", "--device", "cuda", "--mode", "disaggregated"], "--mode aggregated"),
+        (["serve", "--port", "0", "--dtype", "fp16"], "--dtype fp16 is for --device cuda"),
         (["instance", "--port", "0", "--role", "decode", "--transport", "cuda-ipc"], "give --transport shm, tcp or ucx"),
     ],
 )

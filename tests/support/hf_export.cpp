@@ -21,11 +21,12 @@ using nlohmann::json;
 namespace {
 
 constexpr uint32_t kFileTypeBf16 = 32;  // llama.cpp's LLAMA_FTYPE_MOSTLY_BF16
+constexpr uint32_t kFileTypeF16 = 1;    // LLAMA_FTYPE_MOSTLY_F16
 
 // A GGUF tensor's rows dequantized and rounded to bf16 (as CudaLlamaModel::load_gguf does); with
 // unpermute_heads > 0, q or k rows put back in Hugging Face's order (GGUF's llama permutes them so
 // that adjacent pairs rotate: GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j).
-std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads) {
+std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads, bool fp16 = false) {
   const int64_t cols = t.dims[0], rows = t.num_elements() / cols;
   std::vector<float> row(static_cast<size_t>(cols));
   std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
@@ -38,7 +39,8 @@ std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads)
       dst = h * hd + (i % 2) * (hd / 2) + i / 2;
     }
     for (int64_t k = 0; k < cols; ++k) {
-      const uint16_t b = cpu::fp32_to_bf16(row[static_cast<size_t>(k)]);
+      const float f = row[static_cast<size_t>(k)];
+      const uint16_t b = fp16 ? cpu::fp32_to_fp16(f) : cpu::fp32_to_bf16(f);
       std::memcpy(out.data() + (dst * cols + k) * 2, &b, 2);
     }
   }
@@ -162,14 +164,15 @@ Status write_hf_checkpoint(const GgufFile& f, const ModelConfig& c, const std::s
 
 namespace {
 
-// The GGUF with its tensors that are not F32 as bf16 (bf16_rows) and general.file_type bf16; with
+// The GGUF with its tensors that are not F32 as bf16 (bf16_rows) and general.file_type bf16, or
+// with `fp16` as F16 (rounded from the same dequantized values); with
 // `qwen2` (the model's config), as the qwen2 architecture: "qwen2." metadata, q and k rows in
 // Hugging Face's order (qwen2 rotates halves, as Hugging Face does).
-GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2) {
+GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2, bool fp16 = false) {
   GgufWriter w(3, model.alignment());
   for (const auto& [key, value] : model.metadata()) {
     if (key == "general.file_type") {
-      w.add_u32(key, kFileTypeBf16);
+      w.add_u32(key, fp16 ? kFileTypeF16 : kFileTypeBf16);
     } else if (qwen2 != nullptr && key == "general.architecture") {
       w.add_string(key, "qwen2");
     } else if (qwen2 != nullptr && key.starts_with("llama.")) {
@@ -186,7 +189,7 @@ GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2) {
     int32_t heads = 0;
     if (qwen2 != nullptr && t.name.ends_with(".attn_q.weight")) heads = qwen2->num_heads;
     if (qwen2 != nullptr && t.name.ends_with(".attn_k.weight")) heads = qwen2->num_kv_heads;
-    w.add_tensor(t.name, GgmlType::kBF16, t.dims, bf16_rows(t, heads));
+    w.add_tensor(t.name, fp16 ? GgmlType::kF16 : GgmlType::kBF16, t.dims, bf16_rows(t, heads, fp16));
   }
   return w;
 }
@@ -195,6 +198,10 @@ GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2) {
 
 StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
   return GgufFile::parse_owned(bf16_copy(model, nullptr).finish());
+}
+
+StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model) {
+  return GgufFile::parse_owned(bf16_copy(model, nullptr, /*fp16=*/true).finish());
 }
 
 StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& c,

@@ -43,6 +43,9 @@ StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const Mode
 // the GPU computes with, in a file the CPU engine runs. (The GPU would round F32 matrices to bf16
 // too; this keeps them F32.)
 StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model);
+// The same with the tensors that are not F32 rounded to F16 instead (general.file_type F16): the
+// weights an fp16 GPU model of the file computes with.
+StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model);
 
 // The GGUF's byte-level BPE vocabulary as tokenizer.json and tokenizer_config.json in `dir`, in
 // the form `transformers` saves SmolLM2's (and a config.json with vocab_size and the BOS/EOS ids

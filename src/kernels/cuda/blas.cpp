@@ -48,17 +48,17 @@ StatusOr<Blas> Blas::create() {
 }
 
 Status Blas::matmul(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, uint16_t* y,
-                    StreamHandle stream, int64_t ldx, int64_t ldy) {
-  return run(x, w, m, n, k, y, false, stream, ldx, ldy);
+                    StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
+  return run(x, w, m, n, k, y, false, stream, ldx, ldy, dtype);
 }
 
 Status Blas::matmul_f32(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, float* y,
-                        StreamHandle stream, int64_t ldx, int64_t ldy) {
-  return run(x, w, m, n, k, y, true, stream, ldx, ldy);
+                        StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
+  return run(x, w, m, n, k, y, true, stream, ldx, ldy, dtype);
 }
 
 Status Blas::run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, void* y, bool f32_out,
-                 StreamHandle stream, int64_t ldx, int64_t ldy) {
+                 StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
   if (m == 0 || n == 0) return ok_status();
   if (ldx == 0) ldx = k;
   if (ldy == 0) ldy = n;
@@ -70,11 +70,12 @@ Status Blas::run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int
   const float beta = 0.0f;
   // cuBLAS is column-major: a row-major y[m][n] is yᵀ[n][m] column-major, and
   // yᵀ = w · xᵀ, with w (k×n column-major = w[n][k] row-major) transposed.
+  const cudaDataType_t in = dtype == Dtype::kF16 ? CUDA_R_16F : CUDA_R_16BF;
   return from_cublas(
       cublasGemmEx(state_->handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
-                   static_cast<int>(k), &alpha, w, CUDA_R_16BF, static_cast<int>(k), x, CUDA_R_16BF,
-                   static_cast<int>(ldx), &beta, y, f32_out ? CUDA_R_32F : CUDA_R_16BF, static_cast<int>(ldy),
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   static_cast<int>(k), &alpha, w, in, static_cast<int>(k), x, in, static_cast<int>(ldx),
+                   &beta, y, f32_out ? CUDA_R_32F : in, static_cast<int>(ldy), CUBLAS_COMPUTE_32F,
+                   CUBLAS_GEMM_DEFAULT),
       "cublasGemmEx");
 }
 

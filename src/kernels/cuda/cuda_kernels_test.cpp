@@ -20,15 +20,14 @@
 namespace pdserve::cuda {
 namespace {
 
-using cpu::bf16_round;
-using cpu::bf16_to_fp32;
-using cpu::fp32_to_bf16;
-
-constexpr double kBf16Rel = 1.0 / 256;  // one bf16 rounding is at most 2^-9; allow two
-
-class CudaKernels : public ::testing::Test {
+// Every kernel in both 16-bit formats (the parameter): the format's values drawn and widened on
+// the host, and the tolerances of its rounding.
+class CudaKernels : public ::testing::TestWithParam<Dtype> {
  protected:
   void SetUp() override {
+    dtype_ = GetParam();
+    // One rounding is at most 2^-9 (bf16) or 2^-11 (fp16) relative; allow two.
+    rel_ = dtype_ == Dtype::kF16 ? 1.0 / 1024 : 1.0 / 256;
     if (device_count() == 0) GTEST_SKIP() << "no CUDA device here (" << no_device_reason() << ")";
     ASSERT_TRUE(set_device(0).ok());
     seed_ = std::random_device{}();
@@ -42,14 +41,20 @@ class CudaKernels : public ::testing::Test {
     for (float& x : v) x = d(rng_);
     return v;
   }
-  // Random bf16 values, and their float values in `exact`.
-  std::vector<uint16_t> randn_bf16(size_t n, std::vector<float>* exact, float scale = 1.0f) {
+  uint16_t to16(float f) const { return dtype_ == Dtype::kF16 ? cpu::fp32_to_fp16(f) : cpu::fp32_to_bf16(f); }
+  float from16(uint16_t b) const {
+    return dtype_ == Dtype::kF16 ? cpu::fp16_to_fp32(b) : cpu::bf16_to_fp32(b);
+  }
+  float round16(float f) const { return from16(to16(f)); }
+
+  // Random values of the format, and their float values in `exact`.
+  std::vector<uint16_t> randn16(size_t n, std::vector<float>* exact, float scale = 1.0f) {
     std::vector<float> f = randn(n, scale);
     std::vector<uint16_t> b(n);
     exact->resize(n);
     for (size_t i = 0; i < n; ++i) {
-      b[i] = fp32_to_bf16(f[i]);
-      (*exact)[i] = bf16_to_fp32(b[i]);
+      b[i] = to16(f[i]);
+      (*exact)[i] = from16(b[i]);
     }
     return b;
   }
@@ -63,7 +68,7 @@ class CudaKernels : public ::testing::Test {
     }
     return std::move(*buf);
   }
-  // n elements of T, every byte 0xFF (NaN in float and in bf16).
+  // n elements of T, every byte 0xFF (NaN in float, bf16 and fp16).
   template <typename T>
   DeviceBuffer poisoned(size_t n) {
     auto buf = DeviceBuffer::allocate(std::max<size_t>(1, n * sizeof(T)));
@@ -78,30 +83,33 @@ class CudaKernels : public ::testing::Test {
     EXPECT_TRUE(copy_to_host(v.data(), buf.data(), n * sizeof(T)).ok());
     return v;
   }
-  static std::vector<float> widen(const std::vector<uint16_t>& b) {
+  std::vector<float> widen(const std::vector<uint16_t>& b) const {
     std::vector<float> f(b.size());
-    for (size_t i = 0; i < b.size(); ++i) f[i] = bf16_to_fp32(b[i]);
+    for (size_t i = 0; i < b.size(); ++i) f[i] = from16(b[i]);
     return f;
   }
 
+  Dtype dtype_ = Dtype::kBf16;
+  double rel_ = 1.0 / 256;
   uint32_t seed_ = 0;
   std::mt19937 rng_;
 };
 
 #define SEED_TRACE() SCOPED_TRACE(::testing::Message() << "seed " << seed_)
 
-TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
+TEST_P(CudaKernels, RmsNormAndAddRmsNorm) {
   SEED_TRACE();
   for (int64_t n : {64, 66, 576, 4096, 40000}) {
     const int64_t rows = 7;
     std::vector<float> x = randn(rows * n, 3.0f), w = randn(n), delta_f = randn(rows * n);
     auto dx = upload(x), dw = upload(w), dd = upload(delta_f);
     auto y = poisoned<uint16_t>(rows * n);
-    ASSERT_TRUE(rms_norm(dx.as<float>(), dw.as<float>(), 1e-5f, rows, n, y.as<uint16_t>(), nullptr).ok());
+    ASSERT_TRUE(
+        rms_norm(dx.as<float>(), dw.as<float>(), 1e-5f, rows, n, y.as<uint16_t>(), nullptr, dtype_).ok());
     std::vector<float> got = widen(download<uint16_t>(y, rows * n));
     auto y2 = poisoned<uint16_t>(rows * n);
     ASSERT_TRUE(add_rms_norm(dx.as<float>(), dd.as<float>(), dw.as<float>(), 1e-5f, rows, n,
-                             y2.as<uint16_t>(), nullptr)
+                             y2.as<uint16_t>(), nullptr, dtype_)
                     .ok());
     std::vector<float> got2 = widen(download<uint16_t>(y2, rows * n));
     std::vector<float> res = download<float>(dx, rows * n);
@@ -116,16 +124,16 @@ TEST_F(CudaKernels, RmsNormAndAddRmsNorm) {
       const double inv = 1.0 / std::sqrt(ss / n + 1e-5), inv2 = 1.0 / std::sqrt(ss2 / n + 1e-5);
       for (int64_t i = 0; i < n; ++i) {
         const double want = x[r * n + i] * inv * w[i];
-        ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6)
+        ASSERT_NEAR(got[r * n + i], want, rel_ * std::abs(want) + 1e-6)
             << "n=" << n << " r=" << r << " i=" << i;
         const double want2 = res[r * n + i] * inv2 * w[i];
-        ASSERT_NEAR(got2[r * n + i], want2, kBf16Rel * std::abs(want2) + 1e-6) << "n=" << n << " r=" << r;
+        ASSERT_NEAR(got2[r * n + i], want2, rel_ * std::abs(want2) + 1e-6) << "n=" << n << " r=" << r;
       }
     }
   }
 }
 
-TEST_F(CudaKernels, SiluMul) {
+TEST_P(CudaKernels, SiluMul) {
   SEED_TRACE();
   const int64_t rows = 5;
   // Four values a thread where n and the alignment allow (1536, 8), else one (1001; input one float
@@ -134,13 +142,13 @@ TEST_F(CudaKernels, SiluMul) {
     std::vector<float> gu = randn(rows * 2 * n + skip, 2.0f);
     auto dgu = upload(gu);
     auto out = poisoned<uint16_t>(rows * n);
-    ASSERT_TRUE(silu_mul(dgu.as<float>() + skip, rows, n, out.as<uint16_t>(), nullptr).ok());
+    ASSERT_TRUE(silu_mul(dgu.as<float>() + skip, rows, n, out.as<uint16_t>(), nullptr, dtype_).ok());
     std::vector<float> got = widen(download<uint16_t>(out, rows * n));
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < n; ++i) {
         const double g = gu[skip + r * 2 * n + i], u = gu[skip + r * 2 * n + n + i];
         const double want = g / (1 + std::exp(-g)) * u;
-        ASSERT_NEAR(got[r * n + i], want, kBf16Rel * std::abs(want) + 1e-6)
+        ASSERT_NEAR(got[r * n + i], want, rel_ * std::abs(want) + 1e-6)
             << "n=" << n << " skip " << skip << " " << r << "," << i;
       }
     }
@@ -152,7 +160,7 @@ struct RopeCase {
   bool neox, bias;
 };
 
-TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
+TEST_P(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
   SEED_TRACE();
   std::vector<int32_t> pos = {0, 1, 7, 100, 2047, 4095};
   const int64_t rows = static_cast<int64_t>(pos.size());
@@ -186,7 +194,7 @@ TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
     a.neox = c.neox;
     a.inv_freq = dfreq.as<float>();
     a.q_out = dq.as<uint16_t>();
-    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, c.kv_heads, c.head_dim};
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, c.kv_heads, c.head_dim, dtype_};
     ASSERT_TRUE(rope_qkv(a, nullptr).ok());
     std::vector<float> q = widen(download<uint16_t>(dq, rows * c.heads * c.head_dim));
     std::vector<float> k = widen(download<uint16_t>(dk, cache_values));
@@ -224,8 +232,8 @@ TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
                 i;
             got = is_v ? v[off] : k[off];
           }
-          // One bf16 rounding, and a float angle off by up to half an ulp of pos·inv_freq.
-          ASSERT_NEAR(got, want[i], (kBf16Rel + 5e-4) * mag[i] + 1e-6)
+          // One rounding, and a float angle off by up to half an ulp of pos·inv_freq.
+          ASSERT_NEAR(got, want[i], (rel_ + 5e-4) * mag[i] + 1e-6)
               << "row " << r << " head " << h << " dim " << i;
         }
       }
@@ -242,7 +250,7 @@ TEST_F(CudaKernels, RopeQkvRotatesAndWritesTheCache) {
 
 // More rows than a grid's y dimension holds take the kernel's flat form: the same bits as the rows
 // in two calls of the row-per-grid-row form (whose values the test above checks).
-TEST_F(CudaKernels, RopeQkvOverManyRowsEqualsItInPieces) {
+TEST_P(CudaKernels, RopeQkvOverManyRowsEqualsItInPieces) {
   SEED_TRACE();
   const int64_t rows = 65600, split = 40000;
   const int32_t heads = 2, kv_heads = 1, head_dim = 8, block_size = 16;
@@ -273,7 +281,7 @@ TEST_F(CudaKernels, RopeQkvOverManyRowsEqualsItInPieces) {
       a.rope_dim = head_dim;
       a.inv_freq = dfreq.as<float>();
       a.q_out = dq.as<uint16_t>() + first * heads * head_dim;
-      a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, kv_heads, head_dim};
+      a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), block_size, kv_heads, head_dim, dtype_};
       ASSERT_TRUE(rope_qkv(a, nullptr).ok());
     }
     got.push_back(download<uint16_t>(dq, rows * heads * head_dim));
@@ -284,16 +292,16 @@ TEST_F(CudaKernels, RopeQkvOverManyRowsEqualsItInPieces) {
   ASSERT_NE(got[0], std::vector<uint16_t>(got[0].size(), got[0][0])) << "nothing was written";
 }
 
-TEST_F(CudaKernels, EmbeddingAndArgmax) {
+TEST_P(CudaKernels, EmbeddingAndArgmax) {
   SEED_TRACE();
   const int64_t vocab = 1000, n = 96;
   std::vector<float> table_f;
-  std::vector<uint16_t> table = randn_bf16(vocab * n, &table_f);
+  std::vector<uint16_t> table = randn16(vocab * n, &table_f);
   std::vector<int32_t> tokens = {0, 999, 17, -1, 1000, 17};
   auto dt = upload(table), dtok = upload(tokens);
   auto out = poisoned<float>(tokens.size() * n);
   ASSERT_TRUE(embedding(dt.as<uint16_t>(), vocab, dtok.as<int32_t>(), static_cast<int64_t>(tokens.size()), n,
-                        out.as<float>(), nullptr)
+                        out.as<float>(), nullptr, dtype_)
                   .ok());
   std::vector<float> got = download<float>(out, tokens.size() * n);
   for (size_t r = 0; r < tokens.size(); ++r) {
@@ -343,7 +351,7 @@ TEST_F(CudaKernels, EmbeddingAndArgmax) {
 // Gumbel-max sampling: the perturbed logits equal the host's gumbel_key() (the same hash, logf on
 // both sides: a few ulps apart at most), greedy rows are left alone, and the draws follow
 // softmax(logits / T).
-TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
+TEST_P(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
   const int64_t v = 50000;
   const std::vector<float> logits = randn(static_cast<size_t>(3 * v), 2.0f);
   const std::vector<SampleDraw> draws = {{0.8f, 11, 3}, {0.0f, 12, 0}, {1.7f, 13, 0}};
@@ -394,7 +402,7 @@ TEST_F(CudaKernels, GumbelPerturbMatchesTheHostAndSamplesTheSoftmax) {
 // Truncated sampling on the GPU: every row's token equals kernels/truncation.h's reference (the
 // whole row sorted on the host) over the limits, two vocabulary sizes, ties, NaN and -inf, greedy
 // and plain tempered rows among them; and draws follow the softmax of the kept candidates.
-TEST_F(CudaKernels, SampleTruncatedMatchesTheReference) {
+TEST_P(CudaKernels, SampleTruncatedMatchesTheReference) {
   SEED_TRACE();
   struct Shape {
     float temperature;
@@ -493,7 +501,7 @@ TEST_F(CudaKernels, SampleTruncatedMatchesTheReference) {
     EXPECT_NEAR(counts[t] / double(n), std::exp(five[t] / 0.7) / z, 0.03) << t;
 }
 
-TEST_F(CudaKernels, MatmulBf16AndF32Out) {
+TEST_P(CudaKernels, Matmul16BitAndF32Out) {
   SEED_TRACE();
   auto blas = Blas::create();
   ASSERT_TRUE(blas.ok()) << blas.status().to_string();
@@ -504,15 +512,15 @@ TEST_F(CudaKernels, MatmulBf16AndF32Out) {
                          Shape{3, 40, 64, 80, 48}}) {
     const int64_t ldx = s.ldx != 0 ? s.ldx : s.k, ldy = s.ldy != 0 ? s.ldy : s.n;
     std::vector<float> xf, wf;
-    std::vector<uint16_t> x = randn_bf16(s.m * ldx, &xf), w = randn_bf16(s.n * s.k, &wf, 0.05f);
+    std::vector<uint16_t> x = randn16(s.m * ldx, &xf), w = randn16(s.n * s.k, &wf, 0.05f);
     auto dx = upload(x), dw = upload(w);
     auto y = poisoned<uint16_t>(s.m * ldy);
     auto yf = poisoned<float>(s.m * ldy);
     ASSERT_TRUE(blas->matmul(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, y.as<uint16_t>(), nullptr,
-                             s.ldx, s.ldy)
+                             s.ldx, s.ldy, dtype_)
                     .ok());
     ASSERT_TRUE(blas->matmul_f32(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, yf.as<float>(), nullptr,
-                                 s.ldx, s.ldy)
+                                 s.ldx, s.ldy, dtype_)
                     .ok());
     std::vector<float> got = widen(download<uint16_t>(y, s.m * ldy));
     std::vector<float> got_f = download<float>(yf, s.m * ldy);
@@ -520,7 +528,7 @@ TEST_F(CudaKernels, MatmulBf16AndF32Out) {
       for (int64_t j = 0; j < ldy; ++j) {
         if (j >= s.n) {  // columns past n are not ours to write
           ASSERT_TRUE(std::isnan(got_f[i * ldy + j])) << "wrote past n at " << i << "," << j;
-          ASSERT_TRUE(std::isnan(got[i * ldy + j])) << "wrote past n (bf16) at " << i << "," << j;
+          ASSERT_TRUE(std::isnan(got[i * ldy + j])) << "wrote past n (16-bit) at " << i << "," << j;
           continue;
         }
         double want = 0, mag = 0;
@@ -531,14 +539,14 @@ TEST_F(CudaKernels, MatmulBf16AndF32Out) {
         const double acc_tol = 1e-5 * mag;  // float accumulation over k products
         ASSERT_NEAR(got_f[i * ldy + j], want, acc_tol)
             << "m=" << s.m << " n=" << s.n << " at " << i << "," << j;
-        ASSERT_NEAR(got[i * ldy + j], want, kBf16Rel * std::abs(want) + acc_tol) << "at " << i << "," << j;
+        ASSERT_NEAR(got[i * ldy + j], want, rel_ * std::abs(want) + acc_tol) << "at " << i << "," << j;
       }
     }
   }
   EXPECT_FALSE(blas->matmul(nullptr, nullptr, 2, 2, 4, nullptr, nullptr, 2).ok()) << "ldx < k is refused";
 }
 
-TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
+TEST_P(CudaKernels, GemvPlainNormedAndAccumulating) {
   SEED_TRACE();
   struct Shape {
     int64_t m, n, k;
@@ -548,7 +556,7 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
     SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
     const int64_t ldy = s.n + 3;  // output rows with room after them, which stay untouched
     std::vector<float> wf, xbf;
-    std::vector<uint16_t> w = randn_bf16(s.n * s.k, &wf, 0.05f), xb = randn_bf16(s.m * s.k, &xbf);
+    std::vector<uint16_t> w = randn16(s.n * s.k, &wf, 0.05f), xb = randn16(s.m * s.k, &xbf);
     std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k), base = randn(s.m * ldy);
     auto dw = upload(w), dxb = upload(xb), dx = upload(x), dnw = upload(norm_w), dbase = upload(base);
     for (int variant = 0; variant < 4; ++variant) {
@@ -562,6 +570,7 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
           a.depth = 2;
         }
         a.w = dw.as<uint16_t>();
+        a.dtype = dtype_;
         a.m = s.m;
         a.n = s.n;
         a.k = s.k;
@@ -577,21 +586,21 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
         ASSERT_TRUE(gemv(a, nullptr).ok());
         std::vector<float> got = download<float>(y, s.m * ldy);
         for (int64_t i = 0; i < s.m; ++i) {
-          // The activations as the kernel must see them: bf16 rows, or normed rows rounded to bf16.
+          // The activations as the kernel must see them: 16-bit rows, or normed rows rounded to 16 bits.
           std::vector<double> act(s.k);
           double ss = 0;
           for (int64_t p = 0; p < s.k; ++p) ss += double{x[i * s.k + p]} * x[i * s.k + p];
           const float inv = static_cast<float>(1.0 / std::sqrt(ss / s.k + 1e-5));
           for (int64_t p = 0; p < s.k; ++p)
-            act[p] = normed ? bf16_round(x[i * s.k + p] * inv * norm_w[p]) : xbf[i * s.k + p];
+            act[p] = normed ? round16(x[i * s.k + p] * inv * norm_w[p]) : xbf[i * s.k + p];
           for (int64_t j = 0; j < s.n; ++j) {
             double want = accumulate ? base[i * ldy + j] : 0.0, mag = std::abs(want);
             for (int64_t p = 0; p < s.k; ++p) {
               want += act[p] * wf[j * s.k + p];
               mag += std::abs(act[p] * wf[j * s.k + p]);
             }
-            // Float accumulation, and a normed activation may round the other way (one bf16 step).
-            const double tol = 1e-5 * mag + (normed ? kBf16Rel * mag / std::sqrt(double(s.k)) * 4 : 0.0);
+            // Float accumulation, and a normed activation may round the other way (one 16-bit step).
+            const double tol = 1e-5 * mag + (normed ? rel_ * mag / std::sqrt(double(s.k)) * 4 : 0.0);
             ASSERT_NEAR(got[i * ldy + j], want, tol + 1e-6)
                 << "normed " << normed << " accumulate " << accumulate << " split-K " << split_k << " at "
                 << i << "," << j;
@@ -611,7 +620,7 @@ TEST_F(CudaKernels, GemvPlainNormedAndAccumulating) {
   EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "more than 8 rows";
 }
 
-TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
+TEST_P(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
   SEED_TRACE();
   struct Shape {
     int64_t m, n, k;
@@ -619,13 +628,14 @@ TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
   for (const Shape& s : {Shape{1, 37, 576}, Shape{3, 5, 64}, Shape{8, 1000, 4096}}) {
     SCOPED_TRACE(::testing::Message() << "m " << s.m << " n " << s.n << " k " << s.k);
     std::vector<float> wf;
-    std::vector<uint16_t> w = randn_bf16(2 * s.n * s.k, &wf, 0.05f);  // gate rows, then up rows
+    std::vector<uint16_t> w = randn16(2 * s.n * s.k, &wf, 0.05f);  // gate rows, then up rows
     std::vector<float> x = randn(s.m * s.k, 2.0f), norm_w = randn(s.k);
     auto dw = upload(w), dx = upload(x), dnw = upload(norm_w);
     GemvArgs a;
     a.x = dx.as<float>();
     a.norm_w = dnw.as<float>();
     a.w = dw.as<uint16_t>();
+    a.dtype = dtype_;
     a.m = s.m;
     a.n = 2 * s.n;
     a.k = s.k;
@@ -633,7 +643,7 @@ TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
     a.y = gate_up.as<float>();
     ASSERT_TRUE(gemv(a, nullptr).ok());
     auto want = poisoned<uint16_t>(s.m * s.n);
-    ASSERT_TRUE(silu_mul(gate_up.as<float>(), s.m, s.n, want.as<uint16_t>(), nullptr).ok());
+    ASSERT_TRUE(silu_mul(gate_up.as<float>(), s.m, s.n, want.as<uint16_t>(), nullptr, dtype_).ok());
     const std::vector<uint16_t> e = download<uint16_t>(want, s.m * s.n);
     // The default work per warp, and (one row) 2 gate and 2 up rows × 2 pieces.
     for (int rows : {0, 4}) {
@@ -665,7 +675,7 @@ TEST_F(CudaKernels, GemvSwiGluEqualsTheProductThenSiluMul) {
   EXPECT_EQ(gemv(bad, nullptr).code(), StatusCode::kInvalidArgument) << "SwiGLU with one row a warp";
 }
 
-TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {
+TEST_P(CudaKernels, GatherAndScatterKvInWireOrder) {
   SEED_TRACE();
   PagedKvCache c;
   c.num_layers = 3;
@@ -679,7 +689,7 @@ TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {
   const int64_t tokens = 77;  // 5 blocks, the last partly filled
   std::vector<int32_t> src_table = {9, 2, 11, 0, 5}, dst_table = {3, 10, 1, 7, 4};
   std::vector<float> unused;
-  std::vector<uint16_t> src = randn_bf16(c.num_layers * layer_values, &unused);
+  std::vector<uint16_t> src = randn16(c.num_layers * layer_values, &unused);
   auto dsrc = upload(src), dst = poisoned<uint16_t>(c.num_layers * layer_values);
   auto dsrc_table = upload(src_table), ddst_table = upload(dst_table);
   auto wire = poisoned<uint16_t>(c.bytes(tokens) / 2), wire2 = poisoned<uint16_t>(c.bytes(tokens) / 2);
@@ -717,12 +727,12 @@ TEST_F(CudaKernels, GatherAndScatterKvInWireOrder) {
   }
 }
 
-TEST_F(CudaKernels, WriteKvScattersIntoSlots) {
+TEST_P(CudaKernels, WriteKvScattersIntoSlots) {
   SEED_TRACE();
   PagedKv kv{nullptr, nullptr, 16, 2, 64};
   const int64_t width = kv.num_kv_heads * kv.head_dim, blocks = 8, tokens = 20, stride = 3 * width;
   std::vector<float> rows_f;
-  std::vector<uint16_t> rows = randn_bf16(tokens * stride, &rows_f);
+  std::vector<uint16_t> rows = randn16(tokens * stride, &rows_f);
   std::vector<int32_t> slots(tokens);
   std::vector<int32_t> all(blocks * kv.block_size);
   std::iota(all.begin(), all.end(), 0);
@@ -796,7 +806,7 @@ struct AttnCase {
   std::vector<int32_t> seq_lens;
 };
 
-TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
+TEST_P(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
   SEED_TRACE();
   std::vector<int32_t> many(64), many_long(64);
   for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<int32_t>(1 + (i * 37) % 500);
@@ -823,9 +833,9 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
     const int32_t total_blocks = num_seqs * max_blocks + 3;
     const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
     std::vector<float> kf, vf, qf;
-    std::vector<uint16_t> k = randn_bf16(total_blocks * c.block_size * width, &kf);
-    std::vector<uint16_t> v = randn_bf16(total_blocks * c.block_size * width, &vf);
-    std::vector<uint16_t> q = randn_bf16(int64_t{num_seqs} * c.num_heads * c.head_dim, &qf);
+    std::vector<uint16_t> k = randn16(total_blocks * c.block_size * width, &kf);
+    std::vector<uint16_t> v = randn16(total_blocks * c.block_size * width, &vf);
+    std::vector<uint16_t> q = randn16(int64_t{num_seqs} * c.num_heads * c.head_dim, &qf);
     // Every sequence gets blocks from a shuffled pool: tables point all over the cache.
     std::vector<int32_t> pool(total_blocks);
     std::iota(pool.begin(), pool.end(), 0);
@@ -841,7 +851,7 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
     a.q = dq.as<uint16_t>();
     a.num_seqs = num_seqs;
     a.num_heads = c.num_heads;
-    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim};
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim, dtype_};
     a.block_tables = dtab.as<int32_t>();
     a.max_blocks_per_seq = max_blocks;
     a.seq_lens = dlen.as<int32_t>();
@@ -874,9 +884,8 @@ TEST_F(CudaKernels, DecodeAttentionOverFragmentedBlocks) {
         const HeadReference want = reference_head(qh, c.head_dim, c.seq_lens[s], row, kf, vf, a.scale);
         for (int32_t d = 0; d < c.head_dim; ++d) {
           const float g = got[(int64_t{s} * c.num_heads + h) * c.head_dim + d];
-          // Scores and weights in float: well inside one bf16 rounding of the output.
-          ASSERT_NEAR(g, want.out[d],
-                      kBf16Rel * std::abs(want.out[d]) + 0.05 * kBf16Rel * want.weighted[d] + 1e-6)
+          // Scores and weights in float: well inside one rounding of the output.
+          ASSERT_NEAR(g, want.out[d], rel_ * std::abs(want.out[d]) + 0.05 * rel_ * want.weighted[d] + 1e-6)
               << "head_dim=" << c.head_dim << " seq " << s << " (len " << c.seq_lens[s] << ") head " << h
               << " d " << d;
         }
@@ -906,7 +915,7 @@ struct PrefillCase {
   std::vector<std::pair<int32_t, int32_t>> chunks;  // (first position, tokens)
 };
 
-TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
+TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
   SEED_TRACE();
   const std::vector<std::pair<int32_t, int32_t>> decode_chunks = {{0, 1},    {15, 1},   {16, 1},  {63, 1},
                                                                   {64, 1},   {127, 1},  {128, 1}, {200, 1},
@@ -957,9 +966,9 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
     const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
     const int64_t q_stride = int64_t{c.num_heads} * c.head_dim + 8;  // rows with room after the heads
     std::vector<float> kf, vf, qf;
-    std::vector<uint16_t> k = randn_bf16(total_blocks * c.block_size * width, &kf);
-    std::vector<uint16_t> v = randn_bf16(total_blocks * c.block_size * width, &vf);
-    std::vector<uint16_t> q = randn_bf16(int64_t{tokens} * q_stride, &qf);
+    std::vector<uint16_t> k = randn16(total_blocks * c.block_size * width, &kf);
+    std::vector<uint16_t> v = randn16(total_blocks * c.block_size * width, &vf);
+    std::vector<uint16_t> q = randn16(int64_t{tokens} * q_stride, &qf);
     std::vector<int32_t> pool(total_blocks);
     std::iota(pool.begin(), pool.end(), 0);
     std::shuffle(pool.begin(), pool.end(), rng_);
@@ -981,7 +990,7 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
     a.q = dq.as<uint16_t>();
     a.q_stride = q_stride;
     a.num_heads = c.num_heads;
-    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim};
+    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim, dtype_};
     a.num_chunks = num_chunks;
     a.chunk_q_start = dstart.as<int32_t>();
     a.chunk_len = dlen.as<int32_t>();
@@ -1052,10 +1061,9 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
             const HeadReference want = reference_head(qh, c.head_dim, keys, row, kf, vf, a.scale);
             for (int32_t d = 0; d < c.head_dim; ++d) {
               const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
-              // P is rounded to bf16 before P·V (up to 2^-9 of each weight: at most 2^-9 Σ p|v|, twice
-              // that allowed), then the output (one more bf16 rounding).
-              ASSERT_NEAR(g, want.out[d],
-                          kBf16Rel * std::abs(want.out[d]) + kBf16Rel * want.weighted[d] + 1e-6)
+              // P is rounded to 16 bits before P·V (one rounding of each weight: at most half of rel_ of
+              // Σ p|v|, twice that allowed), then the output (one more rounding).
+              ASSERT_NEAR(g, want.out[d], rel_ * std::abs(want.out[d]) + rel_ * want.weighted[d] + 1e-6)
                   << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h << " d "
                   << d;
             }
@@ -1067,7 +1075,7 @@ TEST_F(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
   EXPECT_EQ(balanced_runs, 24) << "the balanced decode form did not run where it should";
 }
 
-TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {
+TEST_P(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {
   DecodeAttentionArgs a;
   a.num_seqs = 1;
   a.num_heads = 12;
@@ -1090,6 +1098,11 @@ TEST_F(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {
   EXPECT_EQ(no_counters.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(no_counters.to_string().find("split_counters"), std::string::npos) << no_counters.to_string();
 }
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaKernels, ::testing::Values(Dtype::kBf16, Dtype::kF16),
+                         [](const ::testing::TestParamInfo<Dtype>& p) {
+                           return std::string(dtype_name(p.param));
+                         });
 
 }  // namespace
 }  // namespace pdserve::cuda

@@ -1,8 +1,9 @@
-// Helpers the CUDA kernels share: bf16 bits to and from float, and programmatic dependent
-// launch. Included by .cu files only.
+// Helpers the CUDA kernels share: 16-bit floats (bf16, fp16) to and from float, and programmatic
+// dependent launch. Included by .cu files only.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <array>
@@ -29,6 +30,59 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float* out) {
     out[2 * j] = __uint_as_float(w[j] << 16);
     out[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
   }
+}
+
+// The 16-bit formats as kernels' template arguments (Dtype): conversions of raw bits.
+struct Bf16 {
+  static constexpr bool kF16 = false;
+  __device__ static __forceinline__ float to_float(uint16_t b) { return bf16_bits_to_float(b); }
+  __device__ static __forceinline__ uint16_t from_float(float f) { return float_to_bf16_bits(f); }
+  // Eight values (16 bytes) to floats.
+  __device__ static __forceinline__ void x8_to_float(const uint4& raw, float* out) {
+    bf16x8_to_float(raw, out);
+  }
+  // Two values, lo in the low half.
+  __device__ static __forceinline__ uint32_t pack2(float lo, float hi) {
+    return uint32_t{from_float(lo)} | (uint32_t{from_float(hi)} << 16);
+  }
+  // f rounded to this format, as float.
+  __device__ static __forceinline__ float round(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+};
+
+struct F16 {
+  static constexpr bool kF16 = true;
+  __device__ static __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static __forceinline__ uint16_t from_float(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+  }
+  __device__ static __forceinline__ void x8_to_float(const uint4& raw, float* out) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      __half2 h;
+      memcpy(&h, &w[j], 4);
+      const float2 f = __half22float2(h);
+      out[2 * j] = f.x;
+      out[2 * j + 1] = f.y;
+    }
+  }
+  __device__ static __forceinline__ uint32_t pack2(float lo, float hi) {
+    return uint32_t{from_float(lo)} | (uint32_t{from_float(hi)} << 16);
+  }
+  __device__ static __forceinline__ float round(float f) { return __half2float(__float2half_rn(f)); }
+};
+
+// Four values (8 bytes) of format T.
+template <typename T>
+__device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
+  return make_uint2(T::pack2(a, b), T::pack2(c, d));
+}
+
+// fn(Bf16{}) or fn(F16{}): a launch written once for both formats.
+template <typename Fn>
+decltype(auto) with_dtype(Dtype dtype, Fn&& fn) {
+  if (dtype == Dtype::kF16) return fn(F16{});
+  return fn(Bf16{});
 }
 
 // Whether this CTA is the last of `expected` to arrive at `counter` (every thread of the CTA gets the

@@ -1,5 +1,5 @@
 // Matrix–vector products for a few rows (small decode batches), bandwidth-bound on the weights.
-// A warp takes R weight rows at a time and walks K in 16-byte pieces (8 bf16 per lane), D pieces
+// A warp takes R weight rows at a time and walks K in 16-byte pieces (8 values a lane), D pieces
 // of every row loaded before any is used so that enough bytes are in flight to cover the memory
 // latency; each lane holds the matching activations of each of the M rows, and the partial sums
 // are folded across the warp at the end. The grid is persistent (a few CTAs per SM, each warp
@@ -23,11 +23,9 @@ namespace {
 
 constexpr int kWarps = 4;
 
-__device__ __forceinline__ float round_bf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
-
-// Activation row m's 8 values at k as the product sees them: the bf16 row xb, or (kNorm) the float
-// row x times its inverse norm (*inv) and the norm weights, rounded to bf16 as rms_norm rounds.
-template <bool kNorm>
+// Activation row m's 8 values at k as the product sees them: the row xb, or (kNorm) the float row x
+// times its inverse norm (*inv) and the norm weights, rounded to T as rms_norm rounds.
+template <typename T, bool kNorm>
 __device__ __forceinline__ void activations(const GemvArgs& a, int m, int64_t k, const float* inv_of_row,
                                             float* xv) {
   if constexpr (kNorm) {
@@ -36,16 +34,16 @@ __device__ __forceinline__ void activations(const GemvArgs& a, int m, int64_t k,
     const float4 w0 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k));
     const float4 w1 = __ldg(reinterpret_cast<const float4*>(a.norm_w + k + 4));
     const float inv = *inv_of_row;
-    xv[0] = round_bf16(x0.x * inv * w0.x);
-    xv[1] = round_bf16(x0.y * inv * w0.y);
-    xv[2] = round_bf16(x0.z * inv * w0.z);
-    xv[3] = round_bf16(x0.w * inv * w0.w);
-    xv[4] = round_bf16(x1.x * inv * w1.x);
-    xv[5] = round_bf16(x1.y * inv * w1.y);
-    xv[6] = round_bf16(x1.z * inv * w1.z);
-    xv[7] = round_bf16(x1.w * inv * w1.w);
+    xv[0] = T::round(x0.x * inv * w0.x);
+    xv[1] = T::round(x0.y * inv * w0.y);
+    xv[2] = T::round(x0.z * inv * w0.z);
+    xv[3] = T::round(x0.w * inv * w0.w);
+    xv[4] = T::round(x1.x * inv * w1.x);
+    xv[5] = T::round(x1.y * inv * w1.y);
+    xv[6] = T::round(x1.z * inv * w1.z);
+    xv[7] = T::round(x1.w * inv * w1.w);
   } else {
-    bf16x8_to_float(*reinterpret_cast<const uint4*>(a.xb + m * a.k + k), xv);
+    T::x8_to_float(*reinterpret_cast<const uint4*>(a.xb + m * a.k + k), xv);
   }
 }
 
@@ -62,7 +60,7 @@ __device__ __forceinline__ bool has_row(const GemvArgs& a, int64_t g, int r) {
   return g * R + r < a.n;
 }
 
-template <int M, bool kNorm, int R, int D, bool kSwiGlu>
+template <typename T, int M, bool kNorm, int R, int D, bool kSwiGlu>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
   static_assert(!kSwiGlu || R % 2 == 0, "a SwiGLU row group is gate rows and their up rows");
   constexpr int kPairs = R / 2 > 0 ? R / 2 : 1;
@@ -108,11 +106,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
         if (k >= K) break;
         float xv[M][8];
 #pragma unroll
-        for (int m = 0; m < M; ++m) activations<kNorm>(a, m, k, s_inv + m, xv[m]);
+        for (int m = 0; m < M; ++m) activations<T, kNorm>(a, m, k, s_inv + m, xv[m]);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wv[8];
-          bf16x8_to_float(wraw[h][r], wv);
+          T::x8_to_float(wraw[h][r], wv);
 #pragma unroll
           for (int m = 0; m < M; ++m) {
 #pragma unroll
@@ -139,7 +137,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
             if (!has_row<R, kSwiGlu>(a, g, r)) continue;
             const float gate = acc[m][r];
             a.swiglu_out[m * a.n + g * (R / 2) + r] =
-                float_to_bf16_bits(gate / (1.0f + expf(-gate)) * acc[m][r + R / 2]);
+                T::from_float(gate / (1.0f + expf(-gate)) * acc[m][r + R / 2]);
           }
         } else {
 #pragma unroll
@@ -162,7 +160,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(GemvArgs a) {
 // rows has too long a chain of dependent rounds (the short rows of the attention projections).
 constexpr int kSplitWarps = 8;
 
-template <bool kNorm, int R, int P>
+template <typename T, bool kNorm, int R, int P>
 __global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs a) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -203,11 +201,11 @@ __global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs
   for (int p = 0; p < P; ++p) {
     const int64_t k = k_first + 256 * p;
     float xv[8];
-    activations<kNorm>(a, 0, k, &inv, xv);
+    activations<T, kNorm>(a, 0, k, &inv, xv);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float wv[8];
-      bf16x8_to_float(wraw[r][p], wv);
+      T::x8_to_float(wraw[r][p], wv);
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[r] += xv[j] * wv[j];
     }
@@ -228,31 +226,31 @@ __global__ void __launch_bounds__(kSplitWarps * 32) gemv_split_k_kernel(GemvArgs
   }
 }
 
-template <int R, int P>
+template <typename T, int R, int P>
 Status launch_split_k_rows(const GemvArgs& a, StreamHandle stream) {
   const dim3 grid(static_cast<unsigned>((a.n + R - 1) / R)), block(kSplitWarps * 32);
   if (a.norm_w != nullptr) {
-    prefer_l1_cache<gemv_split_k_kernel<true, R, P>>();
-    return launch_programmatic("gemv", gemv_split_k_kernel<true, R, P>, grid, block, 0, stream, a);
+    prefer_l1_cache<gemv_split_k_kernel<T, true, R, P>>();
+    return launch_programmatic("gemv", gemv_split_k_kernel<T, true, R, P>, grid, block, 0, stream, a);
   }
-  prefer_l1_cache<gemv_split_k_kernel<false, R, P>>();
-  return launch_programmatic("gemv", gemv_split_k_kernel<false, R, P>, grid, block, 0, stream, a);
+  prefer_l1_cache<gemv_split_k_kernel<T, false, R, P>>();
+  return launch_programmatic("gemv", gemv_split_k_kernel<T, false, R, P>, grid, block, 0, stream, a);
 }
 
 // rows: rows per CTA (1, 2, 4, 8 or 16, at most 32 pieces in flight a lane), or 0 for the default
 // (16 pieces a lane).
-template <int P>
+template <typename T, int P>
 Status launch_split_k(const GemvArgs& a, int rows, StreamHandle stream) {
   constexpr int kDefault = P <= 1 ? 16 : (P <= 2 ? 8 : (P <= 4 ? 4 : 2));
   switch (rows == 0 ? kDefault : rows) {
-    case 1: return launch_split_k_rows<1, P>(a, stream);
-    case 2: return launch_split_k_rows<2, P>(a, stream);
-    case 4: return launch_split_k_rows<(P <= 8 ? 4 : 2), P>(a, stream);
+    case 1: return launch_split_k_rows<T, 1, P>(a, stream);
+    case 2: return launch_split_k_rows<T, 2, P>(a, stream);
+    case 4: return launch_split_k_rows<T, (P <= 8 ? 4 : 2), P>(a, stream);
     case 8:
-      if constexpr (8 * P <= 32) return launch_split_k_rows<8, P>(a, stream);
+      if constexpr (8 * P <= 32) return launch_split_k_rows<T, 8, P>(a, stream);
       break;
     case 16:
-      if constexpr (16 * P <= 32) return launch_split_k_rows<16, P>(a, stream);
+      if constexpr (16 * P <= 32) return launch_split_k_rows<T, 16, P>(a, stream);
       break;
     default: break;
   }
@@ -264,20 +262,21 @@ bool split_k_fits(const GemvArgs& a) {
   return a.m == 1 && a.k % 2048 == 0 && a.k <= 16384 && a.swiglu_out == nullptr;
 }
 
-Status launch_split_k(const GemvArgs& a, int rows, StreamHandle stream) {
+template <typename T>
+Status dispatch_split_k(const GemvArgs& a, int rows, StreamHandle stream) {
   switch (a.k / 2048) {
-    case 1: return launch_split_k<1>(a, rows, stream);
-    case 2: return launch_split_k<2>(a, rows, stream);
-    case 3: return launch_split_k<3>(a, rows, stream);
-    case 4: return launch_split_k<4>(a, rows, stream);
-    case 5: return launch_split_k<5>(a, rows, stream);
-    case 6: return launch_split_k<6>(a, rows, stream);
-    case 7: return launch_split_k<7>(a, rows, stream);
-    default: return launch_split_k<8>(a, rows, stream);
+    case 1: return launch_split_k<T, 1>(a, rows, stream);
+    case 2: return launch_split_k<T, 2>(a, rows, stream);
+    case 3: return launch_split_k<T, 3>(a, rows, stream);
+    case 4: return launch_split_k<T, 4>(a, rows, stream);
+    case 5: return launch_split_k<T, 5>(a, rows, stream);
+    case 6: return launch_split_k<T, 6>(a, rows, stream);
+    case 7: return launch_split_k<T, 7>(a, rows, stream);
+    default: return launch_split_k<T, 8>(a, rows, stream);
   }
 }
 
-template <int M, int R, int D>
+template <typename T, int M, int R, int D>
 Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
   constexpr int kPairs = R / 2 > 0 ? R / 2 : 1;
   const int64_t groups = a.swiglu_out != nullptr ? (a.n + kPairs - 1) / kPairs : (a.n + R - 1) / R;
@@ -289,27 +288,30 @@ Status launch(const GemvArgs& a, int ctas_per_sm, StreamHandle stream) {
   const dim3 block(kWarps * 32);
   if (a.swiglu_out != nullptr) {
     if constexpr (R % 2 == 0) {
-      if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, true, R, D, true>>();  // measured at one row only
-      return launch_programmatic("gemv", gemv_kernel<M, true, R, D, true>, grid, block, 0, stream, a);
+      if constexpr (M == 1)
+        prefer_l1_cache<gemv_kernel<T, M, true, R, D, true>>();  // measured at one row only
+      return launch_programmatic("gemv", gemv_kernel<T, M, true, R, D, true>, grid, block, 0, stream, a);
     }
     return invalid_argument("gemv: SwiGLU takes an even number of rows a warp");
   }
   if (a.norm_w != nullptr) {
-    if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, true, R, D, false>>();  // measured at one row only
-    return launch_programmatic("gemv", gemv_kernel<M, true, R, D, false>, grid, block, 0, stream, a);
+    if constexpr (M == 1)
+      prefer_l1_cache<gemv_kernel<T, M, true, R, D, false>>();  // measured at one row only
+    return launch_programmatic("gemv", gemv_kernel<T, M, true, R, D, false>, grid, block, 0, stream, a);
   }
-  if constexpr (M == 1) prefer_l1_cache<gemv_kernel<M, false, R, D, false>>();  // measured at one row only
-  return launch_programmatic("gemv", gemv_kernel<M, false, R, D, false>, grid, block, 0, stream, a);
+  if constexpr (M == 1) prefer_l1_cache<gemv_kernel<T, M, false, R, D, false>>();  // measured at one row only
+  return launch_programmatic("gemv", gemv_kernel<T, M, false, R, D, false>, grid, block, 0, stream, a);
 }
 
 // One activation row with another shape of work per warp (rows × pieces in flight).
+template <typename T>
 Status launch_one_row(const GemvArgs& a, int rows_per_warp, int depth, int ctas_per_sm, StreamHandle stream) {
-  if (rows_per_warp == 1 && depth == 2) return launch<1, 1, 2>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 1 && depth == 4) return launch<1, 1, 4>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 2 && depth == 1) return launch<1, 2, 1>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 2 && depth == 2) return launch<1, 2, 2>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 4 && depth == 1) return launch<1, 4, 1>(a, ctas_per_sm, stream);
-  if (rows_per_warp == 4 && depth == 2) return launch<1, 4, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 1 && depth == 2) return launch<T, 1, 1, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 1 && depth == 4) return launch<T, 1, 1, 4>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 1) return launch<T, 1, 2, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 2 && depth == 2) return launch<T, 1, 2, 2>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 1) return launch<T, 1, 4, 1>(a, ctas_per_sm, stream);
+  if (rows_per_warp == 4 && depth == 2) return launch<T, 1, 4, 2>(a, ctas_per_sm, stream);
   return invalid_argument("gemv: no such shape of work per warp");
 }
 
@@ -323,7 +325,7 @@ Status check(const GemvArgs& a) {
   if (a.m < 0 || a.m > kGemvMaxRows) return invalid_argument("gemv: 1 to 8 rows");
   if (a.k <= 0 || a.k % 8 != 0) return invalid_argument("gemv: K must be a positive multiple of 8");
   if ((a.norm_w != nullptr) != (a.x != nullptr) || (a.x == nullptr) == (a.xb == nullptr))
-    return invalid_argument("gemv: give float rows with norm weights, or bf16 rows");
+    return invalid_argument("gemv: give float rows with norm weights, or 16-bit rows");
   if (a.swiglu_out != nullptr && (a.norm_w == nullptr || a.y != nullptr || a.accumulate))
     return invalid_argument("gemv: SwiGLU output takes normalised rows and no float output");
   if (a.swiglu_out == nullptr && a.y == nullptr) return invalid_argument("gemv: no output");
@@ -350,20 +352,23 @@ Status gemv(const GemvArgs& args, StreamHandle stream) {
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
-  if (a.split_k && split_k_fits(a)) return launch_split_k(a, a.split_k_rows, stream);
-  if (a.m == 1 && (a.rows_per_warp != 0 || a.depth != 0))
-    return launch_one_row(a, a.rows_per_warp != 0 ? a.rows_per_warp : kRows, a.depth != 0 ? a.depth : kDepth,
-                          kCtasPerSm, stream);
-  switch (a.m) {
-    case 1: return launch<1, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 2: return launch<2, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 3: return launch<3, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 4: return launch<4, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 5: return launch<5, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 6: return launch<6, kRows, kDepth>(a, kCtasPerSm, stream);
-    case 7: return launch<7, kRows, kDepth>(a, kCtasPerSm, stream);
-    default: return launch<8, kRows, kDepth>(a, kCtasPerSm, stream);
-  }
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (a.split_k && split_k_fits(a)) return dispatch_split_k<T>(a, a.split_k_rows, stream);
+    if (a.m == 1 && (a.rows_per_warp != 0 || a.depth != 0))
+      return launch_one_row<T>(a, a.rows_per_warp != 0 ? a.rows_per_warp : kRows,
+                               a.depth != 0 ? a.depth : kDepth, kCtasPerSm, stream);
+    switch (a.m) {
+      case 1: return launch<T, 1, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 2: return launch<T, 2, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 3: return launch<T, 3, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 4: return launch<T, 4, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 5: return launch<T, 5, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 6: return launch<T, 6, kRows, kDepth>(a, kCtasPerSm, stream);
+      case 7: return launch<T, 7, kRows, kDepth>(a, kCtasPerSm, stream);
+      default: return launch<T, 8, kRows, kDepth>(a, kCtasPerSm, stream);
+    }
+  });
 }
 
 Status gemv_variant(const GemvArgs& args, int rows_per_warp, int depth, int ctas_per_sm,
@@ -372,12 +377,15 @@ Status gemv_variant(const GemvArgs& args, int rows_per_warp, int depth, int ctas
   PD_RETURN_IF_ERROR(check(args));
   GemvArgs a = args;
   if (a.ldy == 0) a.ldy = a.n;
-  if (rows_per_warp == 0) {
-    if (!split_k_fits(a))
-      return unimplemented("gemv_variant: split-K wants K a multiple of 2048, at most 16384");
-    return launch_split_k(a, depth, stream);
-  }
-  return launch_one_row(a, rows_per_warp, depth, ctas_per_sm, stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (rows_per_warp == 0) {
+      if (!split_k_fits(a))
+        return unimplemented("gemv_variant: split-K wants K a multiple of 2048, at most 16384");
+      return dispatch_split_k<T>(a, depth, stream);
+    }
+    return launch_one_row<T>(a, rows_per_warp, depth, ctas_per_sm, stream);
+  });
 }
 
 }  // namespace pdserve::cuda

@@ -41,12 +41,7 @@ int norm_threads(int64_t n) { return n >= 1024 ? 512 : (n >= 256 ? 256 : 128); }
 // once. Rows of n % 4 == 0 values, n <= 4 · kNormVec · 1024; the scalar kernels below do the rest.
 constexpr int kNormVec = 8;
 
-__device__ __forceinline__ uint2 pack_bf16x4(float a, float b, float c, float d) {
-  return make_uint2(uint32_t{float_to_bf16_bits(a)} | (uint32_t{float_to_bf16_bits(b)} << 16),
-                    uint32_t{float_to_bf16_bits(c)} | (uint32_t{float_to_bf16_bits(d)} << 16));
-}
-
-template <bool kAdd>
+template <typename T, bool kAdd>
 __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__ delta,
                                 const float* __restrict__ w, float eps, int64_t n, uint16_t* __restrict__ y) {
   const int64_t nvec = n / 4;
@@ -93,8 +88,8 @@ __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__
   for (int k = 0; k < kNormVec; ++k) {
     const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
     if (i < nvec)
-      yr[i] = pack_bf16x4(v[k].x * inv * wv[k].x, v[k].y * inv * wv[k].y, v[k].z * inv * wv[k].z,
-                          v[k].w * inv * wv[k].w);
+      yr[i] = pack4<T>(v[k].x * inv * wv[k].x, v[k].y * inv * wv[k].y, v[k].z * inv * wv[k].z,
+                       v[k].w * inv * wv[k].w);
   }
 }
 
@@ -108,6 +103,7 @@ int norm_vec_threads(int64_t n, const void* a, const void* b, const void* c, con
   return static_cast<int>(std::max<int64_t>(32, (per_thread + 31) / 32 * 32));
 }
 
+template <typename T>
 __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64_t n, uint16_t* y) {
   grid_dependency_wait();
   allow_dependents();
@@ -116,9 +112,10 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   float sum = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
   const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(xr[i] * inv * w[i]);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = T::from_float(xr[i] * inv * w[i]);
 }
 
+template <typename T>
 __global__ void add_rms_norm_kernel(float* residual, const float* delta, const float* w, float eps, int64_t n,
                                     uint16_t* y) {
   grid_dependency_wait();
@@ -134,12 +131,13 @@ __global__ void add_rms_norm_kernel(float* residual, const float* delta, const f
   }
   const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
   // Each thread reads back only the elements it wrote above.
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = float_to_bf16_bits(rr[i] * inv * w[i]);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = T::from_float(rr[i] * inv * w[i]);
 }
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // Four values a thread, row blockIdx.y: n % 4 == 0, gate_up 16-byte and out 8-byte aligned.
+template <typename T>
 __global__ void silu_mul_vec_kernel(const float* __restrict__ gate_up, int64_t n,
                                     uint16_t* __restrict__ out) {
   grid_dependency_wait();
@@ -150,9 +148,10 @@ __global__ void silu_mul_vec_kernel(const float* __restrict__ gate_up, int64_t n
   const float4 g = *reinterpret_cast<const float4*>(row + i);
   const float4 u = *reinterpret_cast<const float4*>(row + n + i);
   *reinterpret_cast<uint2*>(out + blockIdx.y * n + i) =
-      pack_bf16x4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z), silu_times(g.w, u.w));
+      pack4<T>(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z), silu_times(g.w, u.w));
 }
 
+template <typename T>
 __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, uint16_t* out) {
   grid_dependency_wait();
   allow_dependents();
@@ -162,13 +161,13 @@ __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, u
   const int64_t i = idx % n;
   const float g = gate_up[r * 2 * n + i];
   const float u = gate_up[r * 2 * n + n + i];
-  out[idx] = float_to_bf16_bits(silu_times(g, u));
+  out[idx] = T::from_float(silu_times(g, u));
 }
 
 // One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
 // is a rotation pair; the rest copy dims rope_dim + 2(j - rope_dim/2) and the next one.
 // Row r: blockIdx.y (kRowsInY), or the rows in one flat index (a longer batch).
-template <bool kRowsInY>
+template <typename T, bool kRowsInY>
 __global__ void rope_qkv_kernel(RopeQkvArgs a) {
   grid_dependency_wait();
   allow_dependents();
@@ -225,18 +224,18 @@ __global__ void rope_qkv_kernel(RopeQkvArgs a) {
         ((slot / a.kv.block_size * a.kv.num_kv_heads + kvh) * a.kv.block_size + slot % a.kv.block_size) * hd;
     dst = (is_v ? a.kv.v : a.kv.k) + off;
   }
-  dst[ia] = float_to_bf16_bits(x0);
-  dst[ib] = float_to_bf16_bits(x1);
+  dst[ia] = T::from_float(x0);
+  dst[ib] = T::from_float(x1);
 }
 
+template <typename T>
 __global__ void embedding_kernel(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t n,
                                  float* out) {
   const int32_t token = tokens[blockIdx.x];
   float* row = out + blockIdx.x * n;
   const bool valid = token >= 0 && token < vocab;
   const uint16_t* src = table + (valid ? token : 0) * n;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-    row[i] = valid ? bf16_bits_to_float(src[i]) : nan_value();
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) row[i] = valid ? T::to_float(src[i]) : nan_value();
 }
 
 // argmax in two steps: many CTAs per row fold their slice into one 64-bit key per row with
@@ -585,10 +584,11 @@ __device__ __forceinline__ float uniform_at(uint64_t seed, int64_t i) {
   return static_cast<float>(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;  // [-1, 1)
 }
 
-__global__ void fill_uniform_bf16_kernel(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed) {
+template <typename T>
+__global__ void fill_uniform_kernel(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x)
-    x[i] = float_to_bf16_bits(mean + scale * uniform_at(seed, i));
+    x[i] = T::from_float(mean + scale * uniform_at(seed, i));
 }
 
 __global__ void fill_uniform_f32_kernel(float* x, int64_t n, float mean, float scale, uint64_t seed) {
@@ -676,7 +676,7 @@ constexpr size_t decode_attention_smem_bytes() {
   return sizeof(float) * (kAttnThreads / (HEAD_DIM / 8)) * GMAX * (HEAD_DIM + 2);
 }
 
-template <int HEAD_DIM, int GMAX>
+template <typename T, int HEAD_DIM, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads)
     decode_attention_single_pass_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
                                         float* ws_acc, float* ws_ml) {
@@ -718,7 +718,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int g = 0; g < GMAX; ++g) {
     if (g < G) {
       const uint16_t* qh = a.q + seq * q_stride + int64_t{kv_head * G + g} * HEAD_DIM + lane_in_row * 8;
-      bf16x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
+      T::x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) q[g][j] *= a.scale;
     }
@@ -750,7 +750,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
-      bf16x8_to_float(kraw[u], kf);
+      T::x8_to_float(kraw[u], kf);
       const bool valid = base + u * kGroups + group < keys;
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
@@ -781,7 +781,7 @@ __global__ void __launch_bounds__(kAttnThreads)
           const float p = score[u][g] == -INFINITY ? 0.0f : __expf(score[u][g] - m);
           run_sum[g] += p;
           float vf[8];
-          bf16x8_to_float(vraw[u], vf);
+          T::x8_to_float(vraw[u], vf);
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[g][j] += p * vf[j];
         }
@@ -819,7 +819,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int head = kv_head * G + g;
     if (direct) {
       const float o = overlong ? nan_value() : (n == 0 ? 0.0f : total / sum);
-      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(o);
+      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = T::from_float(o);
     } else {
       const int64_t part = (int64_t{seq} * a.num_heads + head) * num_splits + split;
       ws_acc[part * HEAD_DIM + d] = total;
@@ -862,7 +862,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       // whether or not the call splits (a captured graph sizes its split by the table's width).
       if (overlong) sum = nan_value();
       uint2* dst = reinterpret_cast<uint2*>(a.out + (int64_t{seq} * a.num_heads + head) * HEAD_DIM) + lane;
-      *dst = pack_bf16x4(o.x / sum, o.y / sum, o.z / sum, o.w / sum);
+      *dst = pack4<T>(o.x / sum, o.y / sum, o.z / sum, o.w / sum);
     }
   }
 }
@@ -874,7 +874,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 // reading no keys of overlong sequences, as the single pass does) ran a third slower at batch
 // 16 × 4k, cause not found; so an overlong sequence's CTAs still read past its table row here
 // (the output is NaN either way).
-template <int HEAD_DIM, int GMAX>
+template <typename T, int HEAD_DIM, int GMAX>
 __global__ void __launch_bounds__(kAttnThreads)
     decode_attention_two_pass_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
                                      float* ws_acc, float* ws_ml) {
@@ -915,7 +915,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int g = 0; g < GMAX; ++g) {
     if (g < G) {
       const uint16_t* qh = a.q + seq * q_stride + int64_t{kv_head * G + g} * HEAD_DIM + lane_in_row * 8;
-      bf16x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
+      T::x8_to_float(*reinterpret_cast<const uint4*>(qh), q[g]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) q[g][j] *= a.scale;
     }
@@ -943,7 +943,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int t = base + u * kGroups + group;
       float kf[8];
-      bf16x8_to_float(raw[u], kf);
+      T::x8_to_float(raw[u], kf);
 #pragma unroll
       for (int g = 0; g < GMAX; ++g) {
         if (g < G) {
@@ -990,7 +990,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       const int t = base + u * kGroups + group;
       if (t < n) {
         float vf[8];
-        bf16x8_to_float(raw[u], vf);
+        T::x8_to_float(raw[u], vf);
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
           if (g < G) {
@@ -1031,7 +1031,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int head = kv_head * G + g;
     if (num_splits == 1) {
       const float o = overlong ? nan_value() : (n == 0 ? 0.0f : total / s_sum[g]);
-      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(o);
+      a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = T::from_float(o);
     } else {
       const int64_t part = (int64_t{seq} * a.num_heads + head) * num_splits + split;
       ws_acc[part * HEAD_DIM + d] = total;
@@ -1043,7 +1043,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 __global__ void decode_attention_merge_kernel(DecodeAttentionArgs a, int32_t partition, int32_t num_splits,
                                               const float* ws_acc, const float* ws_ml) {
   grid_dependency_wait();
@@ -1064,7 +1064,7 @@ __global__ void decode_attention_merge_kernel(DecodeAttentionArgs a, int32_t par
   }
   float result = used == 0 ? 0.0f : o / l;
   if (seq_len > a.max_seq_len) result = nan_value();
-  a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = float_to_bf16_bits(result);
+  a.out[(int64_t{seq} * a.num_heads + head) * HEAD_DIM + d] = T::from_float(result);
 }
 
 struct SplitPlan {
@@ -1090,35 +1090,35 @@ SplitPlan plan_splits(int32_t num_seqs, int32_t num_kv_heads, int32_t max_seq_le
   return p;
 }
 
-template <int HEAD_DIM, int GMAX>
+template <typename T, int HEAD_DIM, int GMAX>
 Status launch_decode_attention(const DecodeAttentionArgs& a, SplitPlan plan, float* ws_acc, float* ws_ml,
                                StreamHandle stream) {
   const dim3 grid(static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_seqs),
                   static_cast<unsigned>(plan.splits));
   if (int64_t{a.num_seqs} * a.kv.num_kv_heads * plan.splits <=
       kSinglePassMaxWaves * int64_t{current_multiprocessors()})
-    return launch_programmatic("decode_attention", decode_attention_single_pass_kernel<HEAD_DIM, GMAX>, grid,
-                               dim3(kAttnThreads), decode_attention_smem_bytes<HEAD_DIM, GMAX>(), stream, a,
-                               plan.partition, plan.splits, ws_acc, ws_ml);
+    return launch_programmatic("decode_attention", decode_attention_single_pass_kernel<T, HEAD_DIM, GMAX>,
+                               grid, dim3(kAttnThreads), decode_attention_smem_bytes<HEAD_DIM, GMAX>(),
+                               stream, a, plan.partition, plan.splits, ws_acc, ws_ml);
   const size_t smem = sizeof(float) * (GMAX * plan.partition + (kAttnThreads / 32) * GMAX * HEAD_DIM);
-  PD_RETURN_IF_ERROR(launch_programmatic("decode_attention", decode_attention_two_pass_kernel<HEAD_DIM, GMAX>,
-                                         grid, dim3(kAttnThreads), smem, stream, a, plan.partition,
-                                         plan.splits, ws_acc, ws_ml));
+  PD_RETURN_IF_ERROR(
+      launch_programmatic("decode_attention", decode_attention_two_pass_kernel<T, HEAD_DIM, GMAX>, grid,
+                          dim3(kAttnThreads), smem, stream, a, plan.partition, plan.splits, ws_acc, ws_ml));
   if (plan.splits == 1) return ok_status();
   // An ordinary launch: programmatic, it made batch-16 decode graphs slower (gpu-kernel-notes.md).
   const dim3 merge_grid(static_cast<unsigned>(a.num_heads), static_cast<unsigned>(a.num_seqs));
-  decode_attention_merge_kernel<HEAD_DIM>
+  decode_attention_merge_kernel<T, HEAD_DIM>
       <<<merge_grid, HEAD_DIM, 0, stream>>>(a, plan.partition, plan.splits, ws_acc, ws_ml);
   return check_last_error("decode_attention merge");
 }
 
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 Status dispatch_group(const DecodeAttentionArgs& a, int32_t group, SplitPlan plan, float* ws_acc,
                       float* ws_ml, StreamHandle stream) {
-  if (group == 1) return launch_decode_attention<HEAD_DIM, 1>(a, plan, ws_acc, ws_ml, stream);
-  if (group == 2) return launch_decode_attention<HEAD_DIM, 2>(a, plan, ws_acc, ws_ml, stream);
-  if (group <= 4) return launch_decode_attention<HEAD_DIM, 4>(a, plan, ws_acc, ws_ml, stream);
-  return launch_decode_attention<HEAD_DIM, 8>(a, plan, ws_acc, ws_ml, stream);
+  if (group == 1) return launch_decode_attention<T, HEAD_DIM, 1>(a, plan, ws_acc, ws_ml, stream);
+  if (group == 2) return launch_decode_attention<T, HEAD_DIM, 2>(a, plan, ws_acc, ws_ml, stream);
+  if (group <= 4) return launch_decode_attention<T, HEAD_DIM, 4>(a, plan, ws_acc, ws_ml, stream);
+  return launch_decode_attention<T, HEAD_DIM, 8>(a, plan, ws_acc, ws_ml, stream);
 }
 
 unsigned blocks_for(int64_t total, int threads) {
@@ -1129,7 +1129,7 @@ unsigned blocks_for(int64_t total, int threads) {
 
 bool kernels_built_for_current_device() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, rms_norm_kernel) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, rms_norm_kernel<Bf16>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -1137,36 +1137,46 @@ bool kernels_built_for_current_device() {
 }
 
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
-                StreamHandle stream) {
+                StreamHandle stream, Dtype dtype) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("rms_norm: empty row");
   const dim3 grid(static_cast<unsigned>(rows));
-  if (const int t = norm_vec_threads(n, x, w, y, x); t > 0)
-    return launch_programmatic("rms_norm", norm_vec_kernel<false>, grid, dim3(t), 0, stream,
-                               const_cast<float*>(x), static_cast<const float*>(nullptr), w, eps, n, y);
-  return launch_programmatic("rms_norm", rms_norm_kernel, grid, dim3(norm_threads(n)), 0, stream, x, w, eps,
-                             n, y);
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if (const int threads = norm_vec_threads(n, x, w, y, x); threads > 0)
+      return launch_programmatic("rms_norm", norm_vec_kernel<T, false>, grid, dim3(threads), 0, stream,
+                                 const_cast<float*>(x), static_cast<const float*>(nullptr), w, eps, n, y);
+    return launch_programmatic("rms_norm", rms_norm_kernel<T>, grid, dim3(norm_threads(n)), 0, stream, x, w,
+                               eps, n, y);
+  });
 }
 
 Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
-                    uint16_t* y, StreamHandle stream) {
+                    uint16_t* y, StreamHandle stream, Dtype dtype) {
   if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
   const dim3 grid(static_cast<unsigned>(rows));
-  if (const int t = norm_vec_threads(n, residual, delta, w, y); t > 0)
-    return launch_programmatic("add_rms_norm", norm_vec_kernel<true>, grid, dim3(t), 0, stream, residual,
-                               delta, w, eps, n, y);
-  return launch_programmatic("add_rms_norm", add_rms_norm_kernel, grid, dim3(norm_threads(n)), 0, stream,
-                             residual, delta, w, eps, n, y);
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if (const int threads = norm_vec_threads(n, residual, delta, w, y); threads > 0)
+      return launch_programmatic("add_rms_norm", norm_vec_kernel<T, true>, grid, dim3(threads), 0, stream,
+                                 residual, delta, w, eps, n, y);
+    return launch_programmatic("add_rms_norm", add_rms_norm_kernel<T>, grid, dim3(norm_threads(n)), 0, stream,
+                               residual, delta, w, eps, n, y);
+  });
 }
 
-Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream) {
+Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream,
+                Dtype dtype) {
   if (rows * n <= 0) return ok_status();
-  if (n % 4 == 0 && rows <= 65535 && reinterpret_cast<uintptr_t>(gate_up) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(out) % 8 == 0)
-    return launch_programmatic("silu_mul", silu_mul_vec_kernel,
-                               dim3(blocks_for(n / 4, 256), static_cast<unsigned>(rows)), dim3(256), 0,
-                               stream, gate_up, n, out);
-  return launch_programmatic("silu_mul", silu_mul_kernel, dim3(blocks_for(rows * n, 256)), dim3(256), 0,
-                             stream, gate_up, rows, n, out);
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if (n % 4 == 0 && rows <= 65535 && reinterpret_cast<uintptr_t>(gate_up) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(out) % 8 == 0)
+      return launch_programmatic("silu_mul", silu_mul_vec_kernel<T>,
+                                 dim3(blocks_for(n / 4, 256), static_cast<unsigned>(rows)), dim3(256), 0,
+                                 stream, gate_up, n, out);
+    return launch_programmatic("silu_mul", silu_mul_kernel<T>, dim3(blocks_for(rows * n, 256)), dim3(256), 0,
+                               stream, gate_up, rows, n, out);
+  });
 }
 
 Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
@@ -1176,18 +1186,24 @@ Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
   const int64_t per_row = (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
   const int64_t total = a.rows * per_row;
   if (total <= 0) return ok_status();
-  if (a.rows <= 65535 && per_row <= INT_MAX - 256)  // the last CTA's 32-bit indices do not wrap
-    return launch_programmatic("rope_qkv", rope_qkv_kernel<true>,
-                               dim3(blocks_for(per_row, 256), static_cast<unsigned>(a.rows)), dim3(256), 0,
-                               stream, a);
-  return launch_programmatic("rope_qkv", rope_qkv_kernel<false>, dim3(blocks_for(total, 256)), dim3(256), 0,
-                             stream, a);
+  return with_dtype(a.kv.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (a.rows <= 65535 && per_row <= INT_MAX - 256)  // the last CTA's 32-bit indices do not wrap
+      return launch_programmatic("rope_qkv", rope_qkv_kernel<T, true>,
+                                 dim3(blocks_for(per_row, 256), static_cast<unsigned>(a.rows)), dim3(256), 0,
+                                 stream, a);
+    return launch_programmatic("rope_qkv", rope_qkv_kernel<T, false>, dim3(blocks_for(total, 256)), dim3(256),
+                               0, stream, a);
+  });
 }
 
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
-                 float* out, StreamHandle stream) {
+                 float* out, StreamHandle stream, Dtype dtype) {
   if (rows <= 0) return ok_status();
-  embedding_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(table, vocab, tokens, n, out);
+  with_dtype(dtype, [&](auto t) {
+    embedding_kernel<decltype(t)>
+        <<<static_cast<unsigned>(rows), 256, 0, stream>>>(table, vocab, tokens, n, out);
+  });
   return check_last_error("embedding");
 }
 
@@ -1271,12 +1287,14 @@ Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t 
                              0, stream, in, n, index, out);
 }
 
-Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed,
-                         StreamHandle stream) {
+Status fill_uniform(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed, Dtype dtype,
+                    StreamHandle stream) {
   if (n <= 0) return ok_status();
-  fill_uniform_bf16_kernel<<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, stream>>>(x, n, mean,
-                                                                                               scale, seed);
-  return check_last_error("fill_uniform_bf16");
+  with_dtype(dtype, [&](auto t) {
+    fill_uniform_kernel<decltype(t)>
+        <<<std::min<unsigned>(blocks_for(n, 256), 65535u), 256, 0, stream>>>(x, n, mean, scale, seed);
+  });
+  return check_last_error("fill_uniform");
 }
 
 Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream) {
@@ -1352,8 +1370,11 @@ Status decode_attention(const DecodeAttentionArgs& a, void* workspace, size_t wo
   float* ws_ml = ws_acc == nullptr
                      ? nullptr
                      : ws_acc + static_cast<size_t>(a.num_seqs) * a.num_heads * plan.splits * kv.head_dim;
-  if (kv.head_dim == 64) return dispatch_group<64>(a, group, plan, ws_acc, ws_ml, stream);
-  return dispatch_group<128>(a, group, plan, ws_acc, ws_ml, stream);
+  return with_dtype(kv.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (kv.head_dim == 64) return dispatch_group<T, 64>(a, group, plan, ws_acc, ws_ml, stream);
+    return dispatch_group<T, 128>(a, group, plan, ws_acc, ws_ml, stream);
+  });
 }
 
 }  // namespace pdserve::cuda

@@ -1,8 +1,8 @@
 // Kernels of the CUDA backend. Know nothing of requests or models: device pointers, shapes and
-// units in the signatures. bf16 values travel as their raw 16 bits (uint16_t); the residual
-// stream and norm weights are float. Every op is enqueued on `stream` and returns at once; the
-// Status reports a launch that could not be made (bad shape, bad configuration), while a fault
-// during execution shows at the next synchronisation. Includes no CUDA header.
+// units in the signatures. 16-bit values travel as their raw bits (uint16_t), bf16 unless a
+// `Dtype` (runtime.h) says fp16; the residual stream and norm weights are float. Every op is enqueued on
+// `stream` and returns at once; the Status reports a launch that could not be made (bad shape, bad
+// configuration), while a fault during execution shows at the next synchronisation. Includes no CUDA header.
 #pragma once
 
 #include <cstddef>
@@ -16,33 +16,39 @@ namespace pdserve::cuda {
 // Whether this build holds code the current device can run (false: built for other GPUs).
 bool kernels_built_for_current_device();
 
-// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in bf16. Both norms
-// may read w before the kernel ahead of them in the stream has ended (device_util.cuh): it must not
-// write w.
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in `dtype`. Both
+// norms may read w before the kernel ahead of them in the stream has ended (device_util.cuh): it
+// must not write w.
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
-                StreamHandle stream);
+                StreamHandle stream, Dtype dtype = Dtype::kBf16);
 
 // residual[r] += delta[r] (a matrix product's float output), then y[r] = rms_norm(residual[r]) · w
-// in bf16. One pass over the row: the norm's sum is taken from the residual as it is written.
+// in `dtype`. One pass over the row: the norm's sum is taken from the residual as it is written.
 Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
-                    uint16_t* y, StreamHandle stream);
+                    uint16_t* y, StreamHandle stream, Dtype dtype = Dtype::kBf16);
 
-// out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i] in bf16: float rows of 2n (gate, then up) to
-// rows of n.
-Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream);
+// out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i] in `dtype`: float rows of 2n (gate, then up)
+// to rows of n.
+Status silu_mul(const float* gate_up, int64_t rows, int64_t n, uint16_t* out, StreamHandle stream,
+                Dtype dtype = Dtype::kBf16);
 
-// out[r] = table[tokens[r]] (rows of n bf16) widened to float. Token ids outside [0, vocab) give
-// rows of NaN, so a bad id cannot read outside the table and does not pass unnoticed.
+// out[r] = table[tokens[r]] (rows of n values in `dtype`) widened to float. Token ids outside
+// [0, vocab) give rows of NaN, so a bad id cannot read outside the table and does not pass unnoticed.
 Status embedding(const uint16_t* table, int64_t vocab, const int32_t* tokens, int64_t rows, int64_t n,
-                 float* out, StreamHandle stream);
+                 float* out, StreamHandle stream, Dtype dtype = Dtype::kBf16);
 
-// out[r] = in[index[r]], rows of n bf16 values.
+// out[r] = in[index[r]], rows of n 16-bit values.
 Status gather_rows(const uint16_t* in, int64_t n, const int32_t* index, int64_t rows, uint16_t* out,
                    StreamHandle stream);
 
 // Pseudo-random values, uniform in [mean - scale, mean + scale], the same for the same seed
 // (synthetic weights and benchmark inputs, made on the GPU).
-Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
+Status fill_uniform(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed, Dtype dtype,
+                    StreamHandle stream);
+inline Status fill_uniform_bf16(uint16_t* x, int64_t n, float mean, float scale, uint64_t seed,
+                                StreamHandle stream) {
+  return fill_uniform(x, n, mean, scale, seed, Dtype::kBf16, stream);
+}
 Status fill_uniform_f32(float* x, int64_t n, float mean, float scale, uint64_t seed, StreamHandle stream);
 
 // out[r] = the index of the largest of vocab logits in row r (the lowest index among equals).
@@ -75,8 +81,9 @@ Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const 
                         int32_t* out, StreamHandle stream);
 
 // One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
-// block_size) holds head_dim bf16 values at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
-// and the same for V. One head's rows of a block are contiguous, so decode attention, which reads
+// block_size) holds head_dim values (`dtype`) at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
+// and the same for V; the attention kernels read their queries and write their outputs in the same
+// format. One head's rows of a block are contiguous, so decode attention, which reads
 // one kv head per CTA, streams whole block_size·head_dim runs.
 struct PagedKv {
   uint16_t* k = nullptr;
@@ -84,6 +91,7 @@ struct PagedKv {
   int32_t block_size = 16;
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
+  Dtype dtype = Dtype::kBf16;
 };
 
 // Writes the K and V rows of `tokens` tokens (k_rows/v_rows: row r at r·row_stride, num_kv_heads
@@ -92,7 +100,8 @@ Status write_kv(const uint16_t* k_rows, const uint16_t* v_rows, int64_t row_stri
                 int64_t tokens, const PagedKv& kv, StreamHandle stream);
 
 // A whole paged KV cache: layer l's K blocks at base + l·layer_stride, its V blocks v_offset values
-// further, each laid out as PagedKv says ([block][kv head][row][head_dim], bf16).
+// further, each laid out as PagedKv says ([block][kv head][row][head_dim], 16-bit values: moved as
+// bits, whichever format).
 struct PagedKvCache {
   uint16_t* base = nullptr;
   int32_t num_layers = 0;
@@ -122,7 +131,7 @@ Status scatter_kv(const uint16_t* wire, const PagedKvCache& cache, const int32_t
 // kv.head_dim), to which bias (that many floats) is added when not null. q and k are rotated by
 // angles positions[r] · inv_freq[i], i < rope_dim/2 (inv_freq in device memory; values past
 // rope_dim in a head are kept); neox: pairs (i, i + rope_dim/2), otherwise (2i, 2i+1). q goes to
-// q_out (bf16 rows of num_heads × head_dim), k and v to cache slot slots[r] (see write_kv).
+// q_out (rows of num_heads × head_dim), k and v to cache slot slots[r] (see write_kv), in kv.dtype.
 struct RopeQkvArgs {
   const float* qkv = nullptr;
   int64_t ld = 0;
@@ -142,10 +151,10 @@ Status rope_qkv(const RopeQkvArgs& args, StreamHandle stream);
 // Decode attention, one query token per sequence, split over the keys (flash-decoding):
 // out[s][h] = softmax(scale · q[s][h]·Kᵀ) · V over the seq_lens[s] keys of sequence s, whose
 // blocks are block_tables[s·max_blocks_per_seq ...]. q and out are [num_seqs][num_heads][head_dim]
-// bf16 (q rows q_stride values apart, out rows packed; q, k and v 16-byte aligned, out 8-byte). num_heads is
-// a multiple of num_kv_heads, at most 8 query heads per kv head; head_dim is 64 or 128. `workspace` holds
-// decode_attention_workspace_bytes(args) bytes of device memory; where that is not 0 (the keys are
-// split), split_counters holds num_seqs × num_kv_heads int32 that are zero before the first call
+// in kv.dtype (q rows q_stride values apart, out rows packed; q, k and v 16-byte aligned, out 8-byte).
+// num_heads is a multiple of num_kv_heads, at most 8 query heads per kv head; head_dim is 64 or 128.
+// `workspace` holds decode_attention_workspace_bytes(args) bytes of device memory; where that is not 0 (the
+// keys are split), split_counters holds num_seqs × num_kv_heads int32 that are zero before the first call
 // (zero-fill them once when allocating; every call leaves them zero). Calls running at the same
 // time need their own counters. A sequence longer than max_seq_len gets NaN outputs.
 struct DecodeAttentionArgs {
@@ -173,12 +182,12 @@ Status decode_attention(const DecodeAttentionArgs& args, void* workspace, size_t
                         StreamHandle stream);
 
 // Matrix–vector products for 1 to kGemvMaxRows rows (small decode batches), bandwidth-bound on w:
-// y[m][n] = x'[m] · w[n]ᵀ with w [n][k] bf16 and x' either the bf16 rows `xb` ([m][k]) or, with
-// `norm_w`, the float rows `x` normalised as rms_norm does (rounded to bf16 the same way), so no
-// separate norm runs. With `accumulate`, y += the product (an output projection's residual add).
+// y[m][n] = x'[m] · w[n]ᵀ with w [n][k] and x' either the rows `xb` ([m][k]) or, with `norm_w`, the
+// float rows `x` normalised as rms_norm does (rounded the same way), so no separate norm runs; w,
+// xb and swiglu_out in `dtype`. With `accumulate`, y += the product (an output projection's residual add).
 // y is float, rows ldy apart (0: n). k a multiple of 8; x, xb, w, norm_w 16-byte aligned.
 // With `swiglu_out` instead of y, w holds 2n rows (gate rows, then up rows) and the result is
-// swiglu_out[m][i] = silu(gate) · up in bf16, as silu_mul computes it from the float products.
+// swiglu_out[m][i] = silu(gate) · up, as silu_mul computes it from the float products.
 // With one activation row, rows_per_warp × depth (1 × 2, 1 × 4, 2 × 1, 2 × 2, 4 × 1, 4 × 2; 0:
 // the default 2 × 1) is the work a warp has in flight: weight rows × 16-byte pieces of each (with
 // SwiGLU an even number of rows: gate rows and their up rows); which is fastest depends on the
@@ -203,6 +212,7 @@ struct GemvArgs {
   int64_t ldy = 0;
   bool accumulate = false;
   uint16_t* swiglu_out = nullptr;
+  Dtype dtype = Dtype::kBf16;
   int rows_per_warp = 0, depth = 0;  // one activation row only; more rows take the default
   // One activation row and K a multiple of 2048 (at most 16384): each row's K split over the 8
   // warps of a CTA instead (rows_per_warp and depth then unused); otherwise ignored. Not with
@@ -215,8 +225,8 @@ struct GemvArgs {
 Status gemv(const GemvArgs& args, StreamHandle stream);
 
 // Prefill attention on tensor cores, causal, over the paged cache (FlashAttention-2 style): for
-// each chunk c, its chunk_len[c] query tokens (rows chunk_q_start[c]... of q and out, bf16
-// [token][num_heads][head_dim], q rows q_stride values apart) attend to the keys of positions
+// each chunk c, its chunk_len[c] query tokens (rows chunk_q_start[c]... of q and out, in
+// kv.dtype, [token][num_heads][head_dim], q rows q_stride values apart) attend to the keys of positions
 // [0, chunk_first_pos[c] + t] — the cached prefix and the chunk's own tokens up to themselves,
 // all already written to the cache — through block table row c (max_blocks_per_seq wide).
 // head_dim 64 or 128; any number of query heads per kv head. Per-chunk arrays in device memory.

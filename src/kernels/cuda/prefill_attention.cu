@@ -4,7 +4,7 @@
 // of the kv head's group) pairs, so grouped heads share every K/V tile — and walks the chunk's
 // keys in tiles of 64: K and V tiles are gathered from the cache blocks into shared memory with
 // cp.async (two stages, so the next tile loads while this one is used), S = Q·Kᵀ and O += P·V run
-// as mma.sync m16n8k16 (bf16 in, float accumulation), and the softmax is kept online per row in
+// as mma.sync m16n8k16 (bf16 or fp16 in, float accumulation), and the softmax is kept online per row in
 // registers. Each warp owns 16 rows. Causal: row (token t) sees keys [0, first_position + t].
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -60,27 +60,30 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// d += a · b for one m16n8k16 tile (bf16 in, float accumulators).
-__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// d += a · b for one m16n8k16 tile (T: bf16 or fp16 in, float accumulators).
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (T::kF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 }
 
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
-  const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
-  return l | (h << 16);
-}
-
-// Shared-memory tiles: a row of HEAD_DIM bf16 is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is
+// Shared-memory tiles: a row of HEAD_DIM values is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is
 // stored at chunk c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8 different bank groups.
 
 // One warp's part of attention: 16 query rows (lane holds rows lane/4, "lo", and lane/4 + 8, "hi"),
 // their Q fragments, and the online softmax state (m, l in the log2 domain; O in registers).
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 struct WarpAttention {
   static constexpr int kSteps = HEAD_DIM / 16;    // k-steps of Q·Kᵀ
   static constexpr int kDimTiles = HEAD_DIM / 8;  // n-tiles of O
@@ -135,8 +138,8 @@ struct WarpAttention {
       for (int n2 = 0; n2 < KEYS / 16; ++n2) {
         uint32_t b[4];
         ldmatrix_x4(b, k_at + n2 * 16 * kRowBytes);
-        mma_bf16(s[2 * n2], qf[ks], b[0], b[1]);
-        mma_bf16(s[2 * n2 + 1], qf[ks], b[2], b[3]);
+        mma16816<T>(s[2 * n2], qf[ks], b[0], b[1]);
+        mma16816<T>(s[2 * n2 + 1], qf[ks], b[2], b[3]);
       }
     }
     // Mask (a tile that reaches past full_keys), then the online softmax of rows lo and hi.
@@ -202,16 +205,16 @@ struct WarpAttention {
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk) {
       uint32_t p[4];
-      p[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-      p[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-      p[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p[0] = T::pack2(s[2 * kk][0], s[2 * kk][1]);
+      p[1] = T::pack2(s[2 * kk][2], s[2 * kk][3]);
+      p[2] = T::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[3] = T::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, v_smem + (v_off ^ (static_cast<uint32_t>(d2) << 5)) + kk * 16 * kRowBytes);
-        mma_bf16(o[2 * d2], p, b[0], b[1]);
-        mma_bf16(o[2 * d2 + 1], p, b[2], b[3]);
+        mma16816<T>(o[2 * d2], p, b[0], b[1]);
+        mma16816<T>(o[2 * d2 + 1], p, b[2], b[3]);
       }
     }
   }
@@ -272,7 +275,7 @@ struct KeyTileCopier {
   }
 };
 
-template <int HEAD_DIM, bool kPow2Blocks>
+template <typename T, int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
   grid_dependency_wait();
   allow_dependents();
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int full_keys = first_pos + wrow / group + 1;
   const int warp_keys = warp_active ? first_pos + (min(rows, wrow + kRowsPerWarp) - 1) / group + 1 : 0;
 
-  WarpAttention<HEAD_DIM> w;
+  WarpAttention<T, HEAD_DIM> w;
   {
     auto q_ptr = [&](int r) -> const uint16_t* {
       if (r >= rows) return nullptr;
@@ -360,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 #pragma unroll
     for (int t = 0; t < kDimTiles; ++t)
       *reinterpret_cast<uint32_t*>(out + t * 8) =
-          pack_bf16x2(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
+          T::pack2(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
   };
   store(r_lo, 0, w.l_lo);
   store(r_hi, 1, w.l_hi);
@@ -380,7 +383,7 @@ constexpr int kRoundKeys = kWarps * kDecodeKeys;
 // otherwise the rows' states for a later merge: part_acc[r][d], the weighted V relative to the base
 // part_ml[r][0], and the sum of weights part_ml[r][1]. Uses all of `smem`; returns without a
 // barrier after its last read of it.
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, int chunk, int kv_head,
                                                  int key_begin, int key_end, uint16_t* smem, float* part_acc,
                                                  float* part_ml) {
@@ -406,7 +409,7 @@ __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, 
   load_round(0, 0);
 
   const int r_lo = lane / 4, r_hi = r_lo + 8;
-  WarpAttention<HEAD_DIM> w;
+  WarpAttention<T, HEAD_DIM> w;
   {
     auto q_ptr = [&](int r) -> const uint16_t* {
       return r < group ? a.q + int64_t{q_start} * q_stride + int64_t{kv_head * group + r} * HEAD_DIM
@@ -484,7 +487,7 @@ __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, 
     if (part_acc == nullptr) {
       const int64_t row = int64_t{q_start} * a.num_heads + kv_head * group + r;
       const float v = l > 0 ? acc / l : 0.0f;
-      a.out[row * HEAD_DIM + d] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+      a.out[row * HEAD_DIM + d] = T::from_float(v);
     } else {
       part_acc[r * HEAD_DIM + d] = acc;
       if (d == 0) {
@@ -496,15 +499,15 @@ __device__ __forceinline__ void decode_pair_keys(const PrefillAttentionArgs& a, 
 }
 
 // One CTA per (chunk, kv head) pair: grid (1, num_kv_heads, num_chunks).
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads) decode_attention_tc_kernel(PrefillAttentionArgs a) {
   grid_dependency_wait();
   allow_dependents();
   extern __shared__ __align__(128) uint16_t smem[];
   const int chunk = blockIdx.z;
   if (a.chunk_len[chunk] == 0) return;  // nothing to attend for (uniform per CTA)
-  decode_pair_keys<HEAD_DIM>(a, chunk, static_cast<int>(blockIdx.y), 0, a.chunk_first_pos[chunk] + 1, smem,
-                             nullptr, nullptr);
+  decode_pair_keys<T, HEAD_DIM>(a, chunk, static_cast<int>(blockIdx.y), 0, a.chunk_first_pos[chunk] + 1, smem,
+                                nullptr, nullptr);
 }
 
 // Exclusive prefix sum of v over the CTA's threads; *total gets the sum of all. scratch: kWarps ints
@@ -540,7 +543,7 @@ __device__ __forceinline__ int cta_exclusive_sum(int v, int* scratch, int* total
 // finish merges the parts, a warp per query row, in an order fixed by the parts' CTAs and the
 // lanes — the bits depend on the batch's lengths and the grid, not on which CTA ends first. The grid depends
 // on the GPU only, so a captured graph and an eager launch of the same batch agree bit for bit.
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kThreads, 3)
     decode_attention_balanced_kernel(PrefillAttentionArgs a, int min_units) {
   grid_dependency_wait();
@@ -596,11 +599,11 @@ __global__ void __launch_bounds__(kThreads, 3)
     const int key_end =
         min(a.chunk_first_pos[chunk] + 1, static_cast<int>(seg_end - pair_first) * kRoundKeys);
     if (off == 0 && seg_end == pair_first + units) {
-      decode_pair_keys<HEAD_DIM>(a, chunk, kv_head, 0, key_end, smem, nullptr, nullptr);
+      decode_pair_keys<T, HEAD_DIM>(a, chunk, kv_head, 0, key_end, smem, nullptr, nullptr);
     } else {
       const int64_t part = (cta * 2 + (pair_first > begin ? 1 : 0)) * group;
-      decode_pair_keys<HEAD_DIM>(a, chunk, kv_head, off * kRoundKeys, key_end, smem, ws_acc + part * HEAD_DIM,
-                                 ws_ml + part * 2);
+      decode_pair_keys<T, HEAD_DIM>(a, chunk, kv_head, off * kRoundKeys, key_end, smem,
+                                    ws_acc + part * HEAD_DIM, ws_ml + part * 2);
       // The CTAs holding the pair's first and last units; the last of them to finish merges.
       const int64_t first_cta = ((pair_first + 1) * ctas - 1) / total;
       const int64_t last_cta = ((pair_first + units) * ctas - 1) / total;
@@ -652,8 +655,7 @@ __global__ void __launch_bounds__(kThreads, 3)
           uint16_t* dst =
               a.out + (int64_t{q_start} * a.num_heads + kv_head * group + r) * HEAD_DIM + lane * kDims;
 #pragma unroll
-          for (int j = 0; j < kDims; ++j)
-            dst[j] = __bfloat16_as_ushort(__float2bfloat16_rn(l > 0 ? acc[j] / l : 0.0f));
+          for (int j = 0; j < kDims; ++j) dst[j] = T::from_float(l > 0 ? acc[j] / l : 0.0f);
         }
       }
     }
@@ -680,21 +682,26 @@ constexpr size_t smem_bytes() {
 
 // The shared-memory opt-in is a setting of each device's context: made once per device (by
 // prepare_prefill_attention() before any graph capture, or at the first launch).
+template <typename T, int HEAD_DIM>
+bool opt_in_kernels() {
+  const int decode_smem = static_cast<int>(decode_smem_bytes<HEAD_DIM>());
+  const int prefill_smem = static_cast<int>(smem_bytes<HEAD_DIM>());
+  return cudaFuncSetAttribute(prefill_attention_kernel<T, HEAD_DIM, true>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) == cudaSuccess &&
+         cudaFuncSetAttribute(prefill_attention_kernel<T, HEAD_DIM, false>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) == cudaSuccess &&
+         cudaFuncSetAttribute(decode_attention_tc_kernel<T, HEAD_DIM>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem) == cudaSuccess &&
+         cudaFuncSetAttribute(decode_attention_balanced_kernel<T, HEAD_DIM>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem) == cudaSuccess;
+}
+
 template <int HEAD_DIM>
 Status opt_in() {
   static std::array<std::atomic<bool>, 64> done{};
   const int device = current_device();
   if (device < 64 && done[static_cast<size_t>(device)].load(std::memory_order_acquire)) return ok_status();
-  const int decode_smem = static_cast<int>(decode_smem_bytes<HEAD_DIM>());
-  const int prefill_smem = static_cast<int>(smem_bytes<HEAD_DIM>());
-  if (cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM, true>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) != cudaSuccess ||
-      cudaFuncSetAttribute(prefill_attention_kernel<HEAD_DIM, false>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, prefill_smem) != cudaSuccess ||
-      cudaFuncSetAttribute(decode_attention_tc_kernel<HEAD_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           decode_smem) != cudaSuccess ||
-      cudaFuncSetAttribute(decode_attention_balanced_kernel<HEAD_DIM>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, decode_smem) != cudaSuccess) {
+  if (!opt_in_kernels<Bf16, HEAD_DIM>() || !opt_in_kernels<F16, HEAD_DIM>()) {
     (void)cudaGetLastError();
     return internal_error("prefill_attention: cannot reserve shared memory");
   }
@@ -703,14 +710,14 @@ Status opt_in() {
 }
 
 // The balanced decode form's grid: the CTAs the current device holds at once (0 where unknown).
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 int64_t balanced_ctas() {
   static std::array<std::atomic<int>, 64> per_sm{};
   const int device = current_device();
   int n = device < 64 ? per_sm[static_cast<size_t>(device)].load(std::memory_order_acquire) : 0;
   if (n == 0) {
     if (!opt_in<HEAD_DIM>().ok() || cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                        &n, decode_attention_balanced_kernel<HEAD_DIM>, kThreads,
+                                        &n, decode_attention_balanced_kernel<T, HEAD_DIM>, kThreads,
                                         decode_smem_bytes<HEAD_DIM>()) != cudaSuccess) {
       (void)cudaGetLastError();
       return 0;
@@ -733,7 +740,10 @@ std::atomic<double> g_decode_tc_pairs_per_sm{kDefaultDecodeTensorCorePairsPerSm}
 // The balanced form's grid for these shapes; 0 where the decode form is not balanced.
 int64_t balanced_grid(const PrefillAttentionArgs& a) {
   if (!decode_form(a) || g_decode_balance_keys.load(std::memory_order_relaxed) <= 0) return 0;
-  return a.kv.head_dim == 64 ? balanced_ctas<64>() : balanced_ctas<128>();
+  return with_dtype(a.kv.dtype, [&](auto t) {
+    using T = decltype(t);
+    return a.kv.head_dim == 64 ? balanced_ctas<T, 64>() : balanced_ctas<T, 128>();
+  });
 }
 
 size_t balanced_workspace_bytes(const PrefillAttentionArgs& a, int64_t grid) {
@@ -742,7 +752,7 @@ size_t balanced_workspace_bytes(const PrefillAttentionArgs& a, int64_t grid) {
          static_cast<size_t>(a.num_heads / a.kv.num_kv_heads) * static_cast<size_t>(a.kv.head_dim + 2);
 }
 
-template <int HEAD_DIM>
+template <typename T, int HEAD_DIM>
 Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
   constexpr size_t smem = smem_bytes<HEAD_DIM>();
   PD_RETURN_IF_ERROR(opt_in<HEAD_DIM>());
@@ -755,20 +765,20 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
       const int min_units =
           static_cast<int>(std::max<int64_t>(1, (int64_t{keys} + kRoundKeys - 1) / kRoundKeys));
       return launch_programmatic("prefill_attention (decode, balanced)",
-                                 decode_attention_balanced_kernel<HEAD_DIM>,
+                                 decode_attention_balanced_kernel<T, HEAD_DIM>,
                                  dim3(static_cast<unsigned>(grid)), dim3(kThreads),
                                  decode_smem_bytes<HEAD_DIM>(), stream, a, min_units);
     }
     const dim3 grid1(1, static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
-    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<HEAD_DIM>, grid1,
+    return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<T, HEAD_DIM>, grid1,
                                dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a);
   }
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
   if ((a.kv.block_size & (a.kv.block_size - 1)) == 0)
-    return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM, true>, grid,
+    return launch_programmatic("prefill_attention", prefill_attention_kernel<T, HEAD_DIM, true>, grid,
                                dim3(kThreads), smem, stream, a);
-  return launch_programmatic("prefill_attention", prefill_attention_kernel<HEAD_DIM, false>, grid,
+  return launch_programmatic("prefill_attention", prefill_attention_kernel<T, HEAD_DIM, false>, grid,
                              dim3(kThreads), smem, stream, a);
 }
 
@@ -817,8 +827,11 @@ Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
       reinterpret_cast<uintptr_t>(kv.v) % 16 != 0 || reinterpret_cast<uintptr_t>(a.workspace) % 16 != 0)
     return invalid_argument(
         "prefill_attention: q and out must be 4-byte aligned, k, v and the workspace 16-byte aligned");
-  if (kv.head_dim == 64) return launch<64>(a, stream);
-  return launch<128>(a, stream);
+  return with_dtype(kv.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (kv.head_dim == 64) return launch<T, 64>(a, stream);
+    return launch<T, 128>(a, stream);
+  });
 }
 
 }  // namespace pdserve::cuda

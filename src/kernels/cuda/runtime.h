@@ -20,6 +20,12 @@ namespace pdserve::cuda {
 
 using StreamHandle = CUstream_st*;  // cudaStream_t; nullptr is the legacy default stream
 
+// The 16-bit floating-point format of a model's weights, activations and KV cache on the GPU:
+// bf16 (8 bits of precision, float's range) or fp16 (11 bits of precision, values up to 65504).
+// Kernels take the values as raw bits (uint16_t) and are told which.
+enum class Dtype : uint8_t { kBf16, kF16 };
+inline const char* dtype_name(Dtype d) { return d == Dtype::kF16 ? "fp16" : "bf16"; }
+
 struct DeviceInfo {
   std::string name;
   int compute_major = 0;
