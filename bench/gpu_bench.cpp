@@ -633,7 +633,7 @@ std::string layer_wise_section(const std::string& model_name, bool quick) {
   src.block_bytes = static_cast<size_t>(bs) * c.kv_dim() * 2;
   src.num_blocks = per_seq;
   src.block_size = bs;
-  src.layout = KvLayout{m->fingerprint(), KvDtype::kBF16, c.num_layers, c.kv_dim()};
+  src.layout = KvLayout{m->fingerprint(), kv.fp16 ? KvDtype::kF16 : KvDtype::kBF16, c.num_layers, c.kv_dim()};
   src.memory = KvMemory::kCuda;
   src.cuda_device = 0;
   src.num_kv_heads = c.num_kv_heads;

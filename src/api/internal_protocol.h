@@ -31,7 +31,9 @@ struct InstanceStats {
   int64_t max_sequence_tokens = 0;
   uint64_t model_fingerprint = 0;
   std::string transport;  // the KV transport's kind ("inproc", "shm", "tcp", "cuda-ipc"), or ""
-  std::string kv_dtype;   // of the KV it sends and takes: "f16" (CPU), "bf16" (GPU); "" when unsaid
+  // Of the KV it sends and takes: "f16" (the CPU engine, a GPU in fp16), "bf16" (a GPU in bf16); ""
+  // when unsaid.
+  std::string kv_dtype;
   EngineMetrics metrics;
 };
 

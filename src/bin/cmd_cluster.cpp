@@ -334,13 +334,13 @@ int run_gateway(void* p) {
               cluster->transport.empty() ? "the others" : "the configuration", transport));
         }
         transport = inst.transport();
-        // A CPU's KV (f16) cannot go to a GPU (bf16) or back: refused here, not per request.
+        // KV of one format cannot go to an engine of another (the CPU's and an fp16 GPU's are f16, a
+        // bf16 GPU's bf16): refused here, not per request.
         if (!inst.kv_dtype().empty() && !kv_dtype.empty() && inst.kv_dtype() != kv_dtype) {
-          return invalid_argument(
-              fmt::format("instance {} ({}) keeps its KV cache as {}, {} as {}: prefills and decodes must "
-                          "all run on the CPU "
-                          "or all on GPUs",
-                          ic.name, address, inst.kv_dtype(), kv_dtype_from, kv_dtype));
+          return invalid_argument(fmt::format(
+              "instance {} ({}) keeps its KV cache as {}, {} as {}: run every instance in one format (GPU "
+              "instances: the same --dtype; CPU instances keep f16, as GPU instances do with --dtype fp16)",
+              ic.name, address, inst.kv_dtype(), kv_dtype_from, kv_dtype));
         }
         if (kv_dtype.empty()) {
           kv_dtype = inst.kv_dtype();

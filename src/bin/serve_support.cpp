@@ -212,11 +212,12 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
          "host memory); prefill and decode instances on GPUs move KV with --transport cuda-ipc (GPUs of one "
          "host) or staged through host memory over shm, tcp or ucx")
       ->capture_default_str();
-  cmd.add_option("--dtype", f.dtype,
-                 "The GPU's number format for weights, activations entering matrix products and the KV "
-                 "cache: bf16 (float's range), fp16 (8 times finer, values up to 65504), or auto: fp16 where "
-                 "the weights are stored as fp16 (a checkpoint of F16 tensors, a GGUF of F16 matrices), "
-                 "else bf16. Prefill and decode instances must agree (their KV formats are checked)")
+  cmd.add_option(
+         "--dtype", f.dtype,
+         "The GPU's number format for weights, activations entering matrix products and the KV "
+         "cache: bf16 (float's range), fp16 (8 times finer, values up to 65504: weights beyond are "
+         "refused, activations beyond become infinite), or auto: fp16 for a Hugging Face checkpoint "
+         "of fp16 tensors, else bf16. Prefill and decode instances must agree (their KV formats are checked)")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "bf16", "fp16"}));
   cmd.add_option("-t,--threads", f.threads, "CPU threads of the engine (0: all cores)")

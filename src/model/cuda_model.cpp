@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <span>
 
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
@@ -77,6 +78,17 @@ std::vector<float> inverse_frequencies(const ModelConfig& c, const std::vector<f
     out[static_cast<size_t>(i)] = static_cast<float>(f);
   }
   return out;
+}
+
+// A weight bound for fp16: refused where a value is beyond its range (it would become infinite).
+Status check_fp16_range(const std::string& name, std::span<const float> values) {
+  for (float v : values) {
+    if (std::isfinite(v) && std::abs(v) > 65504.0f)
+      return invalid_argument(fmt::format(
+          "tensor '{}' holds {}, beyond fp16's range (±65504): run this model in bf16 (--dtype bf16)", name,
+          v));
+  }
+  return ok_status();
 }
 
 #define PD_ASSIGN_BUFFER(lhs, bytes)                               \
@@ -313,13 +325,9 @@ Status CudaLlamaModel::upload_weights(const WeightSource& src) {
 StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFile& f,
                                                                     const CudaModelOptions& options) {
   PD_ASSIGN_OR_RETURN(ModelConfig c, ModelConfig::from_gguf(f));
-  // fp16 where the file's matrices are (its first layer's say so), unless asked otherwise.
-  auto f16 = [&](const char* name) {
-    const GgufTensorInfo* t = f.find_tensor(name);
-    return t != nullptr && t->type == GgmlType::kF16;
-  };
-  const cuda::Dtype dtype = options.dtype.value_or(
-      f16("blk.0.attn_q.weight") && f16("blk.0.ffn_down.weight") ? cuda::Dtype::kF16 : cuda::Dtype::kBf16);
+  // bf16 unless asked otherwise: a GGUF's F16 matrices are most often the export of a model trained
+  // in bf16, whose activations may leave fp16's range.
+  const cuda::Dtype dtype = options.dtype.value_or(cuda::Dtype::kBf16);
   PD_ASSIGN_OR_RETURN(std::unique_ptr<CudaLlamaModel> m, create(c, options, dtype));
   m->fingerprint_ = f.fingerprint();
   Impl& im = *m->impl_;
@@ -346,6 +354,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_gguf(const GgufFi
       cpu::dequantize_row(t->type, t->data + static_cast<size_t>(r) * rb, row_f.data(), cols);
       for (int64_t i = 0; i < cols; ++i)
         staging[static_cast<size_t>(r * cols + i)] = to_16(row_f[static_cast<size_t>(i)]);
+      if (dtype == cuda::Dtype::kF16) PD_RETURN_IF_ERROR(check_fp16_range(name, row_f));
     }
     return cuda::copy_to_device(dst.as<uint16_t>() + at * cols, staging.data(), staging.size() * 2);
   };
@@ -422,7 +431,12 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
     uint16_t* out = dst.as<uint16_t>() + at * cols;
     if (t->dtype == native) return cuda::copy_to_device(out, t->data, t->bytes);
     staging.resize(static_cast<size_t>(rows * cols));
-    for (int64_t i = 0; i < rows * cols; ++i) staging[static_cast<size_t>(i)] = to_16(to_float(*t, i));
+    std::vector<float> values(static_cast<size_t>(rows * cols));
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      values[static_cast<size_t>(i)] = to_float(*t, i);
+      staging[static_cast<size_t>(i)] = to_16(values[static_cast<size_t>(i)]);
+    }
+    if (dtype == cuda::Dtype::kF16) PD_RETURN_IF_ERROR(check_fp16_range(name, values));
     return cuda::copy_to_device(out, staging.data(), staging.size() * 2);
   };
   std::vector<float> floats;

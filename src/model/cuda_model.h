@@ -36,9 +36,10 @@ struct CudaModelOptions {
   int32_t num_blocks = 0;  // KV cache blocks (each block_size tokens of every layer)
   int32_t block_size = 16;
   bool cuda_graphs = true;  // replay decode steps (one token per sequence) as CUDA graphs
-  // The number format on the GPU; unset: fp16 for weights stored as fp16 (a GGUF whose matrices are
-  // F16, a checkpoint of F16 tensors), else bf16. bf16 has float's range; fp16 rounds 8 times finer
-  // but holds values up to 65504 only.
+  // The number format on the GPU; unset: fp16 for a Hugging Face checkpoint of fp16 tensors, else
+  // bf16 (a GGUF's F16 matrices are most often a bf16-trained model's export). bf16 has float's
+  // range; fp16 rounds 8 times finer but holds values up to 65504 only: weights beyond it are
+  // refused at load, activations beyond it become infinite.
   std::optional<cuda::Dtype> dtype;
 };
 

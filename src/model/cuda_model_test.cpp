@@ -254,18 +254,22 @@ TEST_F(CudaModelTest, GreedyContinuationsMatchCpuEngine) {
   EXPECT_GE(q41.matched / cases, kMinMeanMatchedTokens);
 }
 
-// The default model rounded to fp16 (f16_gguf): on the GPU in fp16 (the format its F16 matrices
-// ask for) against the CPU engine on the same file.
+// The default model rounded to fp16 (f16_gguf): on the GPU in fp16 against the CPU engine on the
+// same file.
 TEST_F(CudaModelTest, Fp16MatchesTheCpuEngineOnTheSameWeights) {
   auto f16 = f16_gguf(*file_);
   ASSERT_TRUE(f16.ok()) << f16.status().to_string();
   const std::shared_ptr<const GgufFile> file(std::move(f16).value());
   auto cpu = LlamaModel::load(file);
   ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
-  auto gpu = CudaLlamaModel::load_gguf(*file, CudaModelOptions{0, 512, kBlockSize});
+  CudaModelOptions options{0, 512, kBlockSize};
+  options.dtype = cuda::Dtype::kF16;
+  auto gpu = CudaLlamaModel::load_gguf(*file, options);
   ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
-  ASSERT_EQ((*gpu)->dtype(), cuda::Dtype::kF16)
-      << "a GGUF of F16 matrices runs in fp16 unless told otherwise";
+  ASSERT_EQ((*gpu)->dtype(), cuda::Dtype::kF16);
+  auto unset = CudaLlamaModel::load_gguf(*file, CudaModelOptions{0, 16, kBlockSize});
+  ASSERT_TRUE(unset.ok()) << unset.status().to_string();
+  EXPECT_EQ((*unset)->dtype(), cuda::Dtype::kBf16) << "a GGUF runs in bf16 unless told otherwise";
   auto fx = load_fixtures();
   const int32_t vocab = cpu_->config().vocab_size;
   double worst = 0;

@@ -20,7 +20,7 @@ namespace pdserve {
 
 // A KV cache in a GPU's memory, as the CUDA backend lays it out (kernels/cuda/ops.h
 // PagedKvCache): layer l's K blocks at base + l * layer_bytes, its V blocks v_offset_bytes
-// further, each block [kv head][row][head_dim] of bf16.
+// further, each block [kv head][row][head_dim] of bf16 or fp16 values.
 struct DeviceKv {
   int32_t device = 0;
   bool fp16 = false;  // the values' format: fp16, else bf16

@@ -588,11 +588,23 @@ class StagedSendPool final : public KvSendPool {
 
   // After the buffer's queued layers have landed and been published (in order), so a decode
   // never reads a layer still on its way; the last publication (the first token) ends the send.
+  // (The last publication frees no outgrown scratch: its caller may hold a lock of its own, and
+  // cudaFree waits for the whole GPU. wait_layers_landed() and release() do.)
   Status publish_progress(KvBufferRef ref, int32_t layers_ready, int32_t first_token) override {
-    PD_RETURN_IF_ERROR(first_token >= 0 ? finish_layer_wise(ref) : wait_layer_wise(ref));
+    PD_RETURN_IF_ERROR(first_token >= 0 ? finish_layer_wise(ref, /*free_retired=*/false)
+                                        : wait_layer_wise(ref));
     return inner_->publish_progress(ref, layers_ready, first_token);
   }
-  Status wait_layers_landed(KvBufferRef ref) override { return wait_layer_wise(ref); }
+  // The send's layers have landed; where it is the only send, scratches outgrown are freed now.
+  Status wait_layers_landed(KvBufferRef ref) override {
+    PD_RETURN_IF_ERROR(wait_layer_wise(ref));
+    std::lock_guard lock(mu_);
+    if (retired_.empty() || sends_.size() != 1 || !sends_.contains(key(ref))) return ok_status();
+    PD_RETURN_IF_ERROR(cuda::set_device(device_));
+    PD_RETURN_IF_ERROR(table_.sync());
+    retired_.clear();
+    return ok_status();
+  }
   int32_t reclaim_expired() override { return inner_->reclaim_expired(); }
   KvSendPoolStats stats() const override { return inner_->stats(); }
 
@@ -676,8 +688,9 @@ class StagedSendPool final : public KvSendPool {
     // NOTE: only this buffer's own writer (the engine's thread) queues layers for it or ends it.
     return st != nullptr ? st->queued->synchronize() : ok_status();
   }
-  // The same, then the send's state goes back to the spares.
-  Status finish_layer_wise(KvBufferRef ref) {
+  // The same, then the send's state goes back to the spares; with `free_retired`, where no send is
+  // left, the scratches outgrown are freed.
+  Status finish_layer_wise(KvBufferRef ref, bool free_retired = true) {
     std::unique_ptr<LayerWiseState> st;
     {
       std::lock_guard lock(mu_);
@@ -689,7 +702,7 @@ class StagedSendPool final : public KvSendPool {
     const Status landed = st->queued->synchronize();
     std::lock_guard lock(mu_);
     if (landed.ok() && spares_.size() < kMaxSpares) spares_.push_back(std::move(st));
-    if (!sends_.empty() || retired_.empty()) return landed;
+    if (!free_retired || !sends_.empty() || retired_.empty()) return landed;
     // No send left: once the stream is idle, the scratches it outgrew can go.
     Status synced = cuda::set_device(device_);
     if (synced.ok()) synced = table_.sync();

@@ -18,7 +18,7 @@
 // after (a buffer released or reclaimed meanwhile fails the pull).
 //
 // There is no block-fixed mode and no body checksum (both refused with the reason); the wire
-// dtype is bf16. Thread-safety as kv_transport.h: pools and pullers are thread-safe.
+// dtype is the GPU model's, bf16 or f16. Thread-safety as kv_transport.h: pools and pullers are thread-safe.
 #pragma once
 
 #include "common/status.h"

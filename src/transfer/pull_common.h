@@ -64,7 +64,8 @@ class QueuedPuller : public KvPuller {
   // down). Must be quick and must not call into the puller.
   virtual void interrupt(const std::atomic<bool>* /*cancel*/) {}
   // Fails the queued pulls (CANCELLED), cancels the running ones (a pull waiting on a layer-wise
-  // prefill gives up; others may finish), joins the threads. Idempotent.
+  // prefill gives up; others may finish, except over tcp, where interrupt() ends them), joins the
+  // threads. Idempotent.
   void stop();
 
  private:

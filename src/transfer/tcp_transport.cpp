@@ -438,7 +438,10 @@ class TcpPuller final : public QueuedPuller {
     Response resp;
     // A pooled connection may have been closed by the server meanwhile: one retry on a new one.
     for (int attempt = 0;; ++attempt) {
+      if (cancel_flag()->load()) return Status(StatusCode::kCancelled, "the pull was cancelled");
       bool reused = false;
+      // NOTE: a connect in progress is not interrupted; a cancel then waits for it (up to the I/O
+      // timeout) and takes effect at hold().
       PD_ASSIGN_OR_RETURN(Fd conn, take_connection(handle.endpoint, where, &reused));
       if (!fd.hold(std::move(conn))) return Status(StatusCode::kCancelled, "the pull was cancelled");
       Status st = send_request(fd.get(), handle, &resp);
