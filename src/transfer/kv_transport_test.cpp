@@ -405,6 +405,15 @@ class LayerWiseTest : public ::testing::TestWithParam<TransportKind> {
     }
     return false;
   }
+  // Cancels the running pull `id`: it ends CANCELLED within a second.
+  void cancel_ends_it(TransferId id) {
+    const auto t0 = std::chrono::steady_clock::now();
+    transport_.puller->cancel(id);
+    TransferState st = transport_.puller->wait(id);
+    EXPECT_EQ(st.phase, TransferPhase::kFailed);
+    EXPECT_EQ(st.error.code(), StatusCode::kCancelled) << st.error.to_string();
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  }
   KvTransportOptions options_ = small_options();
   KvTransport transport_;
 };
@@ -483,20 +492,15 @@ TEST_P(LayerWiseTest, CancelOrSilenceEndsTheWait) {
   StatusOr<TransferId> id = transport_.puller->submit(send->handle, s.target());
   ASSERT_TRUE(id.ok());
   std::this_thread::sleep_for(std::chrono::milliseconds(30));  // the pull is waiting now
-  const auto t0 = std::chrono::steady_clock::now();
   // tcp: the pull waits in recv, and the cancel shuts its socket down (the silent prefill's
   // server would only give up after its I/O timeout, 5 s here).
-  transport_.puller->cancel(*id);
-  TransferState st = transport_.puller->wait(*id);
-  EXPECT_EQ(st.phase, TransferPhase::kFailed);
-  EXPECT_EQ(st.error.code(), StatusCode::kCancelled) << st.error.to_string();
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  cancel_ends_it(*id);
   ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());
   // The puller goes on: the next pull from the same prefill (on a new connection) lands.
   Scenario next(37);
   StatusOr<KvHandle> h = publish_kv(*transport_.pool, next.src.view, next.src_table, next.tokens);
   ASSERT_TRUE(h.ok()) << h.status().to_string();
-  st = transport_.puller->pull(*h, next.target());
+  TransferState st = transport_.puller->pull(*h, next.target());
   ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
   EXPECT_TRUE(next.landed());
   ASSERT_TRUE(transport_.pool->release(h->ref()).ok());
@@ -513,12 +517,7 @@ TEST_P(LayerWiseTest, CancelEndsAPullHalfWayThroughTheLayers) {
   ASSERT_GE(s.layout.num_layers, 2);
   ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, 0).ok());
   EXPECT_TRUE(layer_lands(s, 0));
-  const auto t0 = std::chrono::steady_clock::now();
-  transport_.puller->cancel(*id);
-  TransferState st = transport_.puller->wait(*id);
-  EXPECT_EQ(st.phase, TransferPhase::kFailed);
-  EXPECT_EQ(st.error.code(), StatusCode::kCancelled) << st.error.to_string();
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  cancel_ends_it(*id);
   // The prefill goes on writing; its sends are not hurt by the decode having left.
   for (int32_t l = 1; l < s.layout.num_layers; ++l)
     EXPECT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, l).ok()) << "layer " << l;
