@@ -77,9 +77,9 @@ double median_ms(int warmup, int reps, StreamHandle stream, const std::function<
 }
 
 // n bf16 values, uniform in [-scale, scale], made on the GPU (cuda::fill_uniform_bf16).
-DeviceBuffer random_bf16(size_t n, float scale, uint64_t seed) {
+DeviceBuffer random_bf16(size_t n, float scale, uint64_t seed, Dtype dtype = Dtype::kBf16) {
   DeviceBuffer b = value_or_die(DeviceBuffer::allocate(n * 2), "allocate");
-  CHECK_OK(fill_uniform_bf16(b.as<uint16_t>(), static_cast<int64_t>(n), 0.0f, scale, seed, nullptr));
+  CHECK_OK(fill_uniform(b.as<uint16_t>(), static_cast<int64_t>(n), 0.0f, scale, seed, dtype, nullptr));
   CHECK_OK(synchronize());
   return b;
 }
@@ -926,22 +926,24 @@ int main(int argc, char** argv) {
     out.add("copy_gbps", copy_gbps);
   }
 
-  // 2. bf16 matrix product rate.
+  // 2. The matrix product rate in the models' format (--dtype; bf16 by default).
   double gemm_tflops = 0;
   {
     const int64_t n = quick ? 4096 : 8192;
     Blas blas = value_or_die(Blas::create(), "blas");
-    DeviceBuffer x = random_bf16(n * n, 1.0f, 1);
-    DeviceBuffer w = random_bf16(n * n, 1.0f, 2);
+    DeviceBuffer x = random_bf16(n * n, 1.0f, 1, g_dtype);
+    DeviceBuffer w = random_bf16(n * n, 1.0f, 2, g_dtype);
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(n * n * 2), "allocate");
     const double ms = median_ms(3, reps, stream.get(), [&] {
-      CHECK_OK(blas.matmul(x.as<uint16_t>(), w.as<uint16_t>(), n, n, n, y.as<uint16_t>(), stream.get()));
+      CHECK_OK(blas.matmul(x.as<uint16_t>(), w.as<uint16_t>(), n, n, n, y.as<uint16_t>(), stream.get(), 0, 0,
+                           g_dtype));
     });
     gemm_tflops = 2.0 * n * n * n / (ms * 1e-3) / 1e12;
-    std::printf("gemm   %ldx%ldx%ld bf16 (cuBLAS): %.3f ms, %.0f TFLOP/s\n", static_cast<long>(n),
-                static_cast<long>(n), static_cast<long>(n), ms, gemm_tflops);
+    std::printf("gemm   %ldx%ldx%ld %s (cuBLAS): %.3f ms, %.0f TFLOP/s\n", static_cast<long>(n),
+                static_cast<long>(n), static_cast<long>(n), dtype_name(g_dtype), ms, gemm_tflops);
     out.add("gemm_n", static_cast<double>(n));
     out.add("gemm_tflops", gemm_tflops);
+    out.add_raw("gemm_dtype", std::string("\"") + dtype_name(g_dtype) + "\"");
   }
 
   if (decode_only || prefill_only) {
