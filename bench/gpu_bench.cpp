@@ -77,7 +77,7 @@ double median_ms(int warmup, int reps, StreamHandle stream, const std::function<
 }
 
 // n bf16 values, uniform in [-scale, scale], made on the GPU (cuda::fill_uniform_bf16).
-DeviceBuffer random_bf16(size_t n, float scale, uint64_t seed, Dtype dtype = Dtype::kBf16) {
+DeviceBuffer random_values(size_t n, float scale, uint64_t seed, Dtype dtype = Dtype::kBf16) {
   DeviceBuffer b = value_or_die(DeviceBuffer::allocate(n * 2), "allocate");
   CHECK_OK(fill_uniform(b.as<uint16_t>(), static_cast<int64_t>(n), 0.0f, scale, seed, dtype, nullptr));
   CHECK_OK(synchronize());
@@ -931,8 +931,8 @@ int main(int argc, char** argv) {
   {
     const int64_t n = quick ? 4096 : 8192;
     Blas blas = value_or_die(Blas::create(), "blas");
-    DeviceBuffer x = random_bf16(n * n, 1.0f, 1, g_dtype);
-    DeviceBuffer w = random_bf16(n * n, 1.0f, 2, g_dtype);
+    DeviceBuffer x = random_values(n * n, 1.0f, 1, g_dtype);
+    DeviceBuffer w = random_values(n * n, 1.0f, 2, g_dtype);
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(n * n * 2), "allocate");
     const double ms = median_ms(3, reps, stream.get(), [&] {
       CHECK_OK(blas.matmul(x.as<uint16_t>(), w.as<uint16_t>(), n, n, n, y.as<uint16_t>(), stream.get(), 0, 0,
@@ -1004,8 +1004,8 @@ int main(int argc, char** argv) {
                           {"o", 4096, 4096, false},
                           {"gate_up", 28672, 4096, true, true},
                           {"down", 4096, 14336, false}};
-    DeviceBuffer w = random_bf16(size_t{28672} * 4096, 0.05f, 11);
-    DeviceBuffer xb = random_bf16(14336, 1.0f, 12);
+    DeviceBuffer w = random_values(size_t{28672} * 4096, 0.05f, 11);
+    DeviceBuffer xb = random_values(14336, 1.0f, 12);
     DeviceBuffer x = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer nw = value_or_die(DeviceBuffer::allocate(14336 * 4), "allocate");
     DeviceBuffer y = value_or_die(DeviceBuffer::allocate(28672 * 4), "allocate");
@@ -1090,9 +1090,9 @@ int main(int argc, char** argv) {
         const int32_t blocks_per_seq = ctx / block;
         const int64_t blocks = int64_t{batch} * blocks_per_seq;
         const int64_t kv_values = blocks * block * kv_heads * head_dim;
-        DeviceBuffer k = random_bf16(kv_values, 1.0f, 3);
-        DeviceBuffer v = random_bf16(kv_values, 1.0f, 4);
-        DeviceBuffer q = random_bf16(int64_t{batch} * heads * head_dim, 1.0f, 5);
+        DeviceBuffer k = random_values(kv_values, 1.0f, 3);
+        DeviceBuffer v = random_values(kv_values, 1.0f, 4);
+        DeviceBuffer q = random_values(int64_t{batch} * heads * head_dim, 1.0f, 5);
         DeviceBuffer o =
             value_or_die(DeviceBuffer::allocate(int64_t{batch} * heads * head_dim * 2), "allocate");
         // Blocks of each sequence spread over the pool, as after a while of serving.

@@ -424,6 +424,7 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
     }
   };
   std::vector<uint16_t> staging;
+  std::vector<float> row_f;
   WeightSource src;
   src.matrix = [&](const std::string& name, int64_t rows, int64_t cols, DeviceBuffer& dst,
                    int64_t at) -> Status {
@@ -431,12 +432,13 @@ StatusOr<std::unique_ptr<CudaLlamaModel>> CudaLlamaModel::load_hf(const HfCheckp
     uint16_t* out = dst.as<uint16_t>() + at * cols;
     if (t->dtype == native) return cuda::copy_to_device(out, t->data, t->bytes);
     staging.resize(static_cast<size_t>(rows * cols));
-    std::vector<float> values(static_cast<size_t>(rows * cols));
-    for (int64_t i = 0; i < rows * cols; ++i) {
-      values[static_cast<size_t>(i)] = to_float(*t, i);
-      staging[static_cast<size_t>(i)] = to_16(values[static_cast<size_t>(i)]);
+    row_f.resize(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; ++r) {  // a row at a time, as load_gguf converts
+      for (int64_t i = 0; i < cols; ++i) row_f[static_cast<size_t>(i)] = to_float(*t, r * cols + i);
+      if (dtype == cuda::Dtype::kF16) PD_RETURN_IF_ERROR(check_fp16_range(name, row_f));
+      for (int64_t i = 0; i < cols; ++i)
+        staging[static_cast<size_t>(r * cols + i)] = to_16(row_f[static_cast<size_t>(i)]);
     }
-    if (dtype == cuda::Dtype::kF16) PD_RETURN_IF_ERROR(check_fp16_range(name, values));
     return cuda::copy_to_device(out, staging.data(), staging.size() * 2);
   };
   std::vector<float> floats;

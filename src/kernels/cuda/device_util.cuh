@@ -41,10 +41,6 @@ struct Bf16 {
   __device__ static __forceinline__ void x8_to_float(const uint4& raw, float* out) {
     bf16x8_to_float(raw, out);
   }
-  // Two values, lo in the low half.
-  __device__ static __forceinline__ uint32_t pack2(float lo, float hi) {
-    return uint32_t{from_float(lo)} | (uint32_t{from_float(hi)} << 16);
-  }
   // f rounded to this format, as float.
   __device__ static __forceinline__ float round(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
 };
@@ -66,16 +62,17 @@ struct F16 {
       out[2 * j + 1] = f.y;
     }
   }
-  __device__ static __forceinline__ uint32_t pack2(float lo, float hi) {
-    return uint32_t{from_float(lo)} | (uint32_t{from_float(hi)} << 16);
-  }
   __device__ static __forceinline__ float round(float f) { return __half2float(__float2half_rn(f)); }
 };
 
-// Four values (8 bytes) of format T.
+// Two values of format T, lo in the low half; four (8 bytes).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return uint32_t{T::from_float(lo)} | (uint32_t{T::from_float(hi)} << 16);
+}
 template <typename T>
 __device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
-  return make_uint2(T::pack2(a, b), T::pack2(c, d));
+  return make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
 // fn(Bf16{}) or fn(F16{}): a launch written once for both formats.

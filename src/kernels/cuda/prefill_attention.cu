@@ -205,10 +205,10 @@ struct WarpAttention {
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; ++kk) {
       uint32_t p[4];
-      p[0] = T::pack2(s[2 * kk][0], s[2 * kk][1]);
-      p[1] = T::pack2(s[2 * kk][2], s[2 * kk][3]);
-      p[2] = T::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[3] = T::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
       for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
         uint32_t b[4];
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
 #pragma unroll
     for (int t = 0; t < kDimTiles; ++t)
       *reinterpret_cast<uint32_t*>(out + t * 8) =
-          T::pack2(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
+          pack2<T>(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
   };
   store(r_lo, 0, w.l_lo);
   store(r_hi, 1, w.l_hi);
