@@ -16,6 +16,8 @@
 // logits a row on the GPU (greedy, tempered, top-k / top-p / min-p) against the logits' copy to
 // the host that a draw made there needs first.
 #include <fmt/format.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -26,10 +28,12 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "common/log.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/gemv_tuning.h"
 #include "kernels/cuda/ops.h"
@@ -245,6 +249,93 @@ int write_json(const std::string& path, const Json& out) {
   return 0;
 }
 
+// Median milliseconds of `work` on `stream` (CUDA events), each run after 100 ms of idle GPUs.
+double median_after_idle_ms(int reps, StreamHandle stream, const std::function<void()>& work) {
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    CHECK_OK(synchronize());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ms.push_back(median_ms(0, 1, stream, work));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Set in the environment of the sender process cross_process_section starts ("quick" or "full").
+constexpr const char* kSenderChildEnv = "PDSERVE_GPU_BENCH_KV_SENDER";
+
+// The KV that transfer_section and cross_process_section move: one request of Llama-3.1-8B's
+// shape (32 layers × 8 kv heads × 128), 4096 tokens (1024 quick) in 16-token blocks, each side
+// with its own shuffled block table in a pool of 44 more blocks.
+struct TransferGeometry {
+  PagedKvCache geo;  // base unset
+  int32_t tokens = 0, used = 0, pool = 0;
+  std::vector<int32_t> table0, table1;  // sender's, receiver's
+  size_t cache_bytes = 0, wire_bytes = 0;
+  KvLayout layout;
+
+  explicit TransferGeometry(bool quick) {
+    geo.num_layers = 32;
+    geo.block_size = 16;
+    geo.num_kv_heads = 8;
+    geo.head_dim = 128;
+    tokens = quick ? 1024 : 4096;
+    used = tokens / geo.block_size;
+    pool = used + 44;
+    geo.layer_stride = 2 * int64_t{pool} * geo.block_size * geo.row_values();
+    geo.v_offset = geo.layer_stride / 2;
+    cache_bytes = static_cast<size_t>(geo.layer_stride * geo.num_layers * 2);
+    wire_bytes = static_cast<size_t>(geo.bytes(tokens));
+    table0.resize(static_cast<size_t>(pool));
+    std::iota(table0.begin(), table0.end(), 0);
+    table1 = table0;
+    std::shuffle(table0.begin(), table0.end(), std::mt19937(1));
+    std::shuffle(table1.begin(), table1.end(), std::mt19937(2));
+    table0.resize(static_cast<size_t>(used));
+    table1.resize(static_cast<size_t>(used));
+    layout = KvLayout{0x5eedULL, KvDtype::kBF16, geo.num_layers, geo.num_kv_heads * geo.head_dim};
+  }
+  // The sender's cache, on the current device: uniform values from seed 5.
+  DeviceBuffer sender_cache(StreamHandle s) const {
+    DeviceBuffer c = value_or_die(DeviceBuffer::allocate(cache_bytes), "allocate");
+    CHECK_OK(fill_uniform_bf16(c.as<uint16_t>(), static_cast<int64_t>(cache_bytes / 2), 0, 1, 5, s));
+    return c;
+  }
+  PagedKvCache kernel(const DeviceBuffer& memory) const {
+    PagedKvCache c = geo;
+    c.base = memory.as<uint16_t>();
+    return c;
+  }
+  PagedKvView view(const DeviceBuffer& memory, int device) const {
+    PagedKvView v;
+    v.base = memory.as<uint8_t>();
+    v.block_bytes = static_cast<size_t>(geo.block_size * geo.row_values() * 2);
+    v.num_blocks = pool;
+    v.block_size = geo.block_size;
+    v.layout = layout;
+    v.memory = KvMemory::kCuda;
+    v.cuda_device = device;
+    v.num_kv_heads = geo.num_kv_heads;
+    v.layer_bytes = static_cast<uint64_t>(geo.layer_stride * 2);
+    v.v_offset_bytes = static_cast<uint64_t>(geo.v_offset * 2);
+    return v;
+  }
+  KvTransportOptions send_options() const {
+    KvTransportOptions o;
+    o.receive = false;
+    o.cuda_device = 0;
+    o.max_buffers = 2;
+    o.pool_capacity_bytes = kv_send_buffer_bytes(kv_message_bytes(layout, tokens));
+    return o;
+  }
+};
+
+DeviceBuffer upload_table(const std::vector<int32_t>& table) {
+  DeviceBuffer d = value_or_die(DeviceBuffer::allocate(table.size() * 4), "allocate");
+  CHECK_OK(copy_to_device(d.data(), table.data(), table.size() * 4));
+  return d;
+}
+
 // One request's KV from GPU 0 to GPU 1: Llama-3.1-8B's 32 layers × 8 kv heads × 128, 4096 tokens
 // (512 MiB) in 16-token blocks, each side its own shuffled block table. Times, as a share of the
 // measured cudaMemcpyPeer bandwidth: the sender's gather into its contiguous buffer; the
@@ -253,44 +344,26 @@ int write_json(const std::string& path, const Json& out) {
 // one confirmation (the sender waits for it) per block and layer, K and V. Checks the bytes.
 std::string transfer_section(double peer_gbps, bool quick) {
   const int reps = quick ? 3 : 7;
-  PagedKvCache geo;
-  geo.num_layers = 32;
-  geo.block_size = 16;
-  geo.num_kv_heads = 8;
-  geo.head_dim = 128;
-  const int64_t tokens = quick ? 1024 : 4096;
-  const int32_t used = static_cast<int32_t>(tokens / geo.block_size), pool = used + 44;
-  geo.layer_stride = 2 * int64_t{pool} * geo.block_size * geo.row_values();
-  geo.v_offset = geo.layer_stride / 2;
-  const size_t cache_bytes = static_cast<size_t>(geo.layer_stride * geo.num_layers * 2);
-  const size_t wire_bytes = static_cast<size_t>(geo.bytes(tokens));
-  std::vector<int32_t> table0(pool), table1(pool);
-  std::iota(table0.begin(), table0.end(), 0);
-  std::iota(table1.begin(), table1.end(), 0);
-  std::shuffle(table0.begin(), table0.end(), std::mt19937(1));
-  std::shuffle(table1.begin(), table1.end(), std::mt19937(2));
-  table0.resize(used);
-  table1.resize(used);
+  const TransferGeometry g(quick);
+  const PagedKvCache& geo = g.geo;
+  const int64_t tokens = g.tokens;
+  const int32_t used = g.used;
+  const size_t cache_bytes = g.cache_bytes, wire_bytes = g.wire_bytes;
+  const std::vector<int32_t>&table0 = g.table0, &table1 = g.table1;
 
   CHECK_OK(set_device(0));
   Stream s0 = value_or_die(Stream::create(), "stream");
-  DeviceBuffer cache0 = value_or_die(DeviceBuffer::allocate(cache_bytes), "allocate");
+  DeviceBuffer cache0 = g.sender_cache(s0.get());
   DeviceBuffer wire0 = value_or_die(DeviceBuffer::allocate(wire_bytes), "allocate");
-  DeviceBuffer dtable0 = value_or_die(DeviceBuffer::allocate(table0.size() * 4), "allocate");
-  CHECK_OK(copy_to_device(dtable0.data(), table0.data(), table0.size() * 4));
-  CHECK_OK(
-      fill_uniform_bf16(cache0.as<uint16_t>(), static_cast<int64_t>(cache_bytes / 2), 0, 1, 5, s0.get()));
-  PagedKvCache c0 = geo;
-  c0.base = cache0.as<uint16_t>();
+  DeviceBuffer dtable0 = upload_table(table0);
+  const PagedKvCache c0 = g.kernel(cache0);
 
   CHECK_OK(set_device(1));
   Stream s1 = value_or_die(Stream::create(), "stream");
   DeviceBuffer cache1 = value_or_die(DeviceBuffer::allocate(cache_bytes), "allocate");
   DeviceBuffer staging1 = value_or_die(DeviceBuffer::allocate(wire_bytes), "allocate");
-  DeviceBuffer dtable1 = value_or_die(DeviceBuffer::allocate(table1.size() * 4), "allocate");
-  CHECK_OK(copy_to_device(dtable1.data(), table1.data(), table1.size() * 4));
-  PagedKvCache c1 = geo;
-  c1.base = cache1.as<uint16_t>();
+  DeviceBuffer dtable1 = upload_table(table1);
+  const PagedKvCache c1 = g.kernel(cache1);
 
   // Verifies a cache of GPU 1 against the sender's wire buffer (gathered back on GPU 1); verify(),
   // c1's.
@@ -339,25 +412,12 @@ std::string transfer_section(double peer_gbps, bool quick) {
   wire0_shifted = DeviceBuffer();
 
   // The same, each after 100 ms in which neither GPU works (as between a serving decode's pulls).
-  double idle_ms = 0;
-  {
-    CHECK_OK(set_device(1));
-    CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
-    std::vector<double> ms;
-    for (int i = 0; i < reps; ++i) {
-      CHECK_OK(s1.synchronize());
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      Event start = value_or_die(Event::create(), "event");
-      Event stop = value_or_die(Event::create(), "event");
-      CHECK_OK(start.record(s1.get()));
-      CHECK_OK(scatter_kv(wire0.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
-      CHECK_OK(stop.record(s1.get()));
-      ms.push_back(value_or_die(Event::elapsed_ms(start, stop), "elapsed"));
-    }
-    std::sort(ms.begin(), ms.end());
-    idle_ms = ms[ms.size() / 2];
-    verify("RecvScatter over the link after idling");
-  }
+  CHECK_OK(set_device(1));
+  CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
+  const double idle_ms = median_after_idle_ms(reps, s1.get(), [&] {
+    CHECK_OK(scatter_kv(wire0.as<uint16_t>(), c1, dtable1.as<int32_t>(), tokens, s1.get()));
+  });
+  verify("RecvScatter over the link after idling");
 
   // The same into a 16 GiB cache whose blocks lie spread over it, as a serving decode's may.
   double spread_ms = 0;
@@ -386,6 +446,10 @@ std::string transfer_section(double peer_gbps, bool quick) {
   CHECK_OK(set_device(1));
   CHECK_OK(fill_bytes(cache1.data(), 0, cache_bytes, s1.get()));
   const double copy_ms = median_ms(2, reps, s1.get(), [&] {
+    CHECK_OK(copy_peer(staging1.data(), 1, wire0.data(), 0, wire_bytes, s1.get()));
+  });
+  // The reference's own slowdown after 100 ms of idle GPUs.
+  const double copy_idle_ms = median_after_idle_ms(reps, s1.get(), [&] {
     CHECK_OK(copy_peer(staging1.data(), 1, wire0.data(), 0, wire_bytes, s1.get()));
   });
   const double scatter_ms = median_ms(2, reps, s1.get(), [&] {
@@ -424,13 +488,14 @@ std::string transfer_section(double peer_gbps, bool quick) {
   std::printf(
       "KV transfer %zu MiB GPU0 -> GPU1 (peer copy %.0f GB/s): gather %.3f ms; RecvScatter over the link "
       "%.3f ms (%.0f%%), from a body %d bytes past a 4 KiB boundary %.3f ms (%.0f%%), into a 16 GiB cache "
-      "%.3f ms (%.0f%%), after 100 ms idle %.3f ms (%.0f%%); peer copy %.3f ms (%.0f%%) + scatter %.3f ms = "
+      "%.3f ms (%.0f%%), after 100 ms idle %.3f ms (%.0f%%); peer copy %.3f ms (%.0f%%; after 100 ms idle "
+      "%.3f ms) + scatter %.3f ms = "
       "%.3f ms together (%.0f%%); "
       "block-fixed %.2f ms (%.0f%%)\n",
       wire_bytes >> 20, peer_gbps, gather_ms, direct_ms, share(direct_ms),
       static_cast<int>(kKvWireHeaderBytes), shifted_ms, share(shifted_ms), spread_ms, share(spread_ms),
-      idle_ms, share(idle_ms), copy_ms, share(copy_ms), scatter_ms, copy_scatter_ms, share(copy_scatter_ms),
-      fixed_ms, share(fixed_ms));
+      idle_ms, share(idle_ms), copy_ms, share(copy_ms), copy_idle_ms, scatter_ms, copy_scatter_ms,
+      share(copy_scatter_ms), fixed_ms, share(fixed_ms));
   Json j;
   j.add("bytes", static_cast<double>(wire_bytes));
   j.add("peer_gbps", peer_gbps);
@@ -440,9 +505,198 @@ std::string transfer_section(double peer_gbps, bool quick) {
   j.add("recv_scatter_16gib_cache_ms", spread_ms);
   j.add("recv_scatter_after_idle_ms", idle_ms);
   j.add("peer_copy_ms", copy_ms);
+  j.add("peer_copy_after_idle_ms", copy_idle_ms);
   j.add("local_scatter_ms", scatter_ms);
   j.add("copy_then_scatter_ms", copy_scatter_ms);
   j.add("block_fixed_ms", fixed_ms);
+  CHECK_OK(set_device(0));
+  return j.str();
+}
+
+std::string hex(std::span<const uint8_t> bytes) {
+  std::string s;
+  for (uint8_t b : bytes) s += fmt::format("{:02x}", b);
+  return s;
+}
+
+// The sender process: prints the IPC handle of its gathered buffer and its pool's KV handle, one a
+// line, then holds both until its standard input closes.
+int kv_sender_child(bool quick) {
+  const TransferGeometry g(quick);
+  CHECK_OK(set_device(0));
+  Stream s = value_or_die(Stream::create(), "stream");
+  DeviceBuffer cache = g.sender_cache(s.get());
+  DeviceBuffer table = upload_table(g.table0);
+  DeviceBuffer wire = value_or_die(DeviceBuffer::allocate(g.wire_bytes), "allocate");
+  CHECK_OK(gather_kv(g.kernel(cache), table.as<int32_t>(), g.tokens, wire.as<uint16_t>(), s.get()));
+  CHECK_OK(s.synchronize());
+  const IpcHandle raw = value_or_die(ipc_handle(wire.data()), "ipc handle");
+  KvTransport t = value_or_die(make_cuda_ipc_transport(g.send_options()), "cuda-ipc transport");
+  const KvHandle h = value_or_die(t.pool->publish(g.view(cache, 0), g.table0, g.tokens, 0), "publish");
+  std::printf("%s\n%s\n", hex(raw).c_str(), h.to_string().c_str());
+  std::fflush(stdout);
+  char c = 0;
+  while (read(STDIN_FILENO, &c, 1) > 0) {
+  }
+  return 0;
+}
+
+// What a decode's cuda-ipc pull costs once the KV crosses a process boundary, against the kernel
+// alone: the geometry of transfer_section (4096 tokens of Llama-3.1-8B, 512 MiB), the sender a
+// second process (this program started again with kSenderChildEnv) that owns a paged cache on
+// GPU 0 filled as transfer_section's, gathers it into a buffer it shares by a CUDA IPC handle, and
+// publishes it through a cuda-ipc send pool. Here, on GPU 1: the RecvScatter kernel reading the
+// child's buffer through the IPC mapping (CUDA events), and the cuda-ipc puller's pull() of the
+// child's handle and of the same KV published by a pool in this process (wall clock, from the
+// call until the KV is in the blocks: the puller's thread hand-offs, the header's copy and checks,
+// the block table's upload), each back to back and after 100 ms in which the GPUs idle (as
+// between a serving decode's pulls). Every result is checked against the sender's bytes.
+std::string cross_process_section(double peer_gbps, bool quick) {
+  const int reps = quick ? 3 : 7;
+  const TransferGeometry g(quick);
+
+  // The sender's bytes, from this process's own copy of its cache.
+  CHECK_OK(set_device(0));
+  Stream s0 = value_or_die(Stream::create(), "stream");
+  DeviceBuffer cache0 = g.sender_cache(s0.get());
+  DeviceBuffer table0 = upload_table(g.table0);
+  std::vector<uint8_t> want(g.wire_bytes);
+  {
+    DeviceBuffer wire = value_or_die(DeviceBuffer::allocate(g.wire_bytes), "allocate");
+    CHECK_OK(gather_kv(g.kernel(cache0), table0.as<int32_t>(), g.tokens, wire.as<uint16_t>(), s0.get()));
+    CHECK_OK(s0.synchronize());
+    CHECK_OK(copy_to_host(want.data(), wire.data(), g.wire_bytes));
+  }
+
+  // The sender process.
+  int to_child[2], from_child[2];
+  if (pipe(to_child) != 0 || pipe(from_child) != 0) die(internal_error("pipe failed"), "pipe");
+  const pid_t child = fork();
+  if (child < 0) die(internal_error("fork failed"), "fork");
+  if (child == 0) {
+    dup2(to_child[0], STDIN_FILENO);
+    dup2(from_child[1], STDOUT_FILENO);
+    for (int fd : {to_child[0], to_child[1], from_child[0], from_child[1]}) close(fd);
+    setenv(kSenderChildEnv, quick ? "quick" : "full", 1);
+    execl("/proc/self/exe", "pdserve_gpu_bench", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(to_child[0]);
+  close(from_child[1]);
+  FILE* from = fdopen(from_child[0], "r");
+  char line[2 * KvHandle::kMaxEndpointBytes + 256];
+  std::string raw_hex, handle_text;
+  if (std::fgets(line, sizeof line, from) != nullptr) raw_hex = line;
+  if (std::fgets(line, sizeof line, from) != nullptr) handle_text = line;
+  while (!handle_text.empty() && (handle_text.back() == '\n')) handle_text.pop_back();
+  IpcHandle raw{};
+  if (raw_hex.size() < 2 * raw.size()) die(internal_error("the sender process said nothing"), "sender");
+  for (size_t i = 0; i < raw.size(); ++i)
+    raw[i] = static_cast<uint8_t>(std::stoi(raw_hex.substr(2 * i, 2), nullptr, 16));
+  const KvHandle remote = value_or_die(KvHandle::parse(handle_text), "the sender's KV handle");
+
+  CHECK_OK(set_device(1));
+  Stream s1 = value_or_die(Stream::create(), "stream");
+  DeviceBuffer cache1 = value_or_die(DeviceBuffer::allocate(g.cache_bytes), "allocate");
+  DeviceBuffer table1 = upload_table(g.table1);
+  DeviceBuffer check = value_or_die(DeviceBuffer::allocate(g.wire_bytes), "allocate");
+  const PagedKvCache c1 = g.kernel(cache1);
+  auto clear = [&] {
+    CHECK_OK(set_device(1));
+    CHECK_OK(fill_bytes(cache1.data(), 0, g.cache_bytes, s1.get()));
+    CHECK_OK(s1.synchronize());
+  };
+  auto verify = [&](const char* what) {
+    CHECK_OK(set_device(1));
+    CHECK_OK(gather_kv(c1, table1.as<int32_t>(), g.tokens, check.as<uint16_t>(), s1.get()));
+    CHECK_OK(s1.synchronize());
+    std::vector<uint8_t> got(g.wire_bytes);
+    CHECK_OK(copy_to_host(got.data(), check.data(), g.wire_bytes));
+    if (got != want) {
+      std::fprintf(stderr, "pdserve_gpu_bench: %s delivered wrong KV bytes\n", what);
+      std::exit(1);
+    }
+  };
+
+  // The kernel alone, reading through the IPC mapping.
+  double kernel_ms = 0, kernel_idle_ms = 0;
+  {
+    IpcMapping m = value_or_die(IpcMapping::open(raw), "IPC mapping");
+    const auto* body = static_cast<const uint16_t*>(m.data());
+    auto scatter = [&] { CHECK_OK(scatter_kv(body, c1, table1.as<int32_t>(), g.tokens, s1.get())); };
+    clear();
+    kernel_ms = median_ms(2, reps, s1.get(), scatter);
+    verify("RecvScatter through an IPC mapping");
+    clear();
+    kernel_idle_ms = median_after_idle_ms(reps, s1.get(), scatter);
+    verify("RecvScatter through an IPC mapping after idling");
+  }
+
+  // The puller's pull(), of the child's handle and of one published here.
+  KvTransportOptions ro;
+  ro.send = false;
+  ro.cuda_device = 1;
+  KvTransport receiver = value_or_die(make_cuda_ipc_transport(ro), "cuda-ipc puller");
+  CHECK_OK(set_device(0));
+  KvTransport local = value_or_die(make_cuda_ipc_transport(g.send_options()), "cuda-ipc pool");
+  const KvHandle here =
+      value_or_die(local.pool->publish(g.view(cache0, 0), g.table0, g.tokens, 0), "publish");
+  const KvScatterTarget target{g.view(cache1, 1), g.table1, g.tokens};
+  struct PullTimes {
+    double back_to_back = 0, after_idle = 0;
+  };
+  auto time_pulls = [&](const KvHandle& h, const char* what) {
+    auto pull = [&] {
+      const auto a = std::chrono::steady_clock::now();
+      TransferState st = receiver.puller->pull(h, target);
+      if (st.phase != TransferPhase::kDone) die(st.error, what);
+      if (log_level() <= LogLevel::kDebug)  // beside the puller's own account of the pull
+        std::printf("%s: %.0f us\n", what,
+                    std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count());
+    };
+    PullTimes t;
+    clear();
+    t.back_to_back = median_wall_ms(2, reps, pull);
+    verify(what);
+    std::vector<double> ms;
+    clear();
+    for (int i = 0; i < reps; ++i) {
+      CHECK_OK(synchronize());
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      ms.push_back(median_wall_ms(0, 1, pull));
+    }
+    std::sort(ms.begin(), ms.end());
+    t.after_idle = ms[ms.size() / 2];
+    verify(what);
+    return t;
+  };
+  const PullTimes in_process = time_pulls(here, "an in-process cuda-ipc pull");
+  const PullTimes across = time_pulls(remote, "a cuda-ipc pull from another process");
+  close(to_child[1]);
+  std::fclose(from);
+  int child_status = 0;
+  waitpid(child, &child_status, 0);
+
+  auto share = [&](double ms) { return 100.0 * g.wire_bytes / (ms * 1e-3) / (peer_gbps * 1e9); };
+  std::printf(
+      "KV transfer %zu MiB across processes (peer copy %.0f GB/s): RecvScatter through an IPC mapping "
+      "%.3f ms (%.0f%%), after 100 ms idle %.3f ms (%.0f%%); cuda-ipc pull(), wall clock: in one process "
+      "%.3f ms (%.0f%%), after idle %.3f ms (%.0f%%); from another process %.3f ms (%.0f%%), after idle "
+      "%.3f ms (%.0f%%)\n",
+      g.wire_bytes >> 20, peer_gbps, kernel_ms, share(kernel_ms), kernel_idle_ms, share(kernel_idle_ms),
+      in_process.back_to_back, share(in_process.back_to_back), in_process.after_idle,
+      share(in_process.after_idle), across.back_to_back, share(across.back_to_back), across.after_idle,
+      share(across.after_idle));
+  Json j;
+  j.add("bytes", static_cast<double>(g.wire_bytes));
+  j.add("peer_gbps", peer_gbps);
+  j.add("ipc_recv_scatter_ms", kernel_ms);
+  j.add("ipc_recv_scatter_after_idle_ms", kernel_idle_ms);
+  j.add("pull_in_process_ms", in_process.back_to_back);
+  j.add("pull_in_process_after_idle_ms", in_process.after_idle);
+  j.add("pull_across_processes_ms", across.back_to_back);
+  j.add("pull_across_processes_after_idle_ms", across.after_idle);
+  j.add("sender_exit_status", static_cast<double>(child_status));
   CHECK_OK(set_device(0));
   return j.str();
 }
@@ -780,6 +1034,17 @@ int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t p
 }  // namespace
 
 int main(int argc, char** argv) {
+  // PDSERVE_LOG_LEVEL=debug: the cuda-ipc puller logs where each pull's time goes.
+  if (const char* name = std::getenv("PDSERVE_LOG_LEVEL"); name != nullptr && *name != '\0') {
+    LogLevel level;
+    if (!parse_log_level(name, &level)) {
+      std::fprintf(stderr, "pdserve_gpu_bench: PDSERVE_LOG_LEVEL=%s is not a log level\n", name);
+      return 2;
+    }
+    set_log_level(level);
+  }
+  if (const char* sender = std::getenv(kSenderChildEnv))
+    return kv_sender_child(std::strcmp(sender, "quick") == 0);
   std::string json_path;
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
@@ -979,6 +1244,7 @@ int main(int argc, char** argv) {
     b = DeviceBuffer();
     if (peer10.ok()) {
       out.add_raw("kv_transfer", transfer_section(bytes / (ms01 * 1e-3) / 1e9, quick));
+      out.add_raw("kv_transfer_across_processes", cross_process_section(bytes / (ms01 * 1e-3) / 1e9, quick));
     } else {
       std::printf("KV transfer between GPUs skipped: GPU 1 cannot read GPU 0's memory\n");
     }

@@ -278,6 +278,7 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
 
  protected:
   StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) override {
+    const std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
     if (handle.mode != KvTransferMode::kContiguous)
       return unimplemented("the cuda-ipc transport has no block-fixed mode");
     PD_ASSIGN_OR_RETURN(const cuda::PagedKvCache cache, kernel_cache(target.view));
@@ -291,14 +292,15 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
       table_initialised_ = true;
     }
     PD_ASSIGN_OR_RETURN(PeerPool * peer, map_pool(handle.endpoint));
-    StatusOr<PullResult> r = pull(*peer, handle, target, cache);
+    StatusOr<PullResult> r = pull(*peer, handle, target, cache, started);
     if (!r.ok()) return r.status().with_context(fmt::format("prefill KV pool {}", handle.endpoint));
     return r;
   }
 
  private:
+  // `started`: when run_pull() began (for the debug account of the pull's time).
   StatusOr<PullResult> pull(const PeerPool& peer, const KvHandle& handle, const KvScatterTarget& target,
-                            const cuda::PagedKvCache& cache) {
+                            const cuda::PagedKvCache& cache, std::chrono::steady_clock::time_point started) {
     if (handle.buffer_id >= peer.max_buffers)
       return not_found(
           fmt::format("KV buffer {} does not exist (the pool has {})", handle.buffer_id, peer.max_buffers));
@@ -335,9 +337,10 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
                                    handle.buffer_id, num_tokens, kKvWireMaxTokens));
     PD_RETURN_IF_ERROR(transfer_internal::check_tokens_for_pull(
         num_tokens, target, fmt::format("KV buffer {} holds", handle.buffer_id)));
-    // Where a pull's time goes, at debug level (PDSERVE_LOG_LEVEL=debug): until the scatter is
-    // launched, then until both it and the header's copy have ended (the scatter kernel alone
-    // timed by CUDA events).
+    // Where a pull's time goes, at debug level (PDSERVE_LOG_LEVEL=debug): from its submission
+    // until this thread took it up, then until the pool was looked up and the checks above made,
+    // until the scatter was launched, then until both it and the header's copy have ended (the
+    // scatter kernel alone timed by CUDA events).
     const bool timed = log_level() <= LogLevel::kDebug;
     using Clock = std::chrono::steady_clock;
     const Clock::time_point t0 = Clock::now();
@@ -388,11 +391,10 @@ class CudaIpcPuller final : public transfer_internal::QueuedPuller {
       };
       PD_ASSIGN_OR_RETURN(const float kernel_ms, cuda::Event::elapsed_ms(events_->first, events_->second));
       PD_LOG_DEBUG(
-          "cuda-ipc pull of {} bytes ({} tokens): {} us to launch, {} us to the end (scatter kernel {:.0f} "
-          "us, "
-          "{:.1f} GB/s), in all {} us",
-          bytes, num_tokens, us(t1 - t0), us(t2 - t1), kernel_ms * 1e3,
-          static_cast<double>(bytes) / (kernel_ms * 1e-3) / 1e9, us(t2 - t0));
+          "cuda-ipc pull of {} bytes ({} tokens): {} us queued, {} us to look up and check, {} us to "
+          "launch, {} us to the end (scatter kernel {:.0f} us, {:.1f} GB/s), in all {} us since submitted",
+          bytes, num_tokens, us(started - submitted_at()), us(t0 - started), us(t1 - t0), us(t2 - t1),
+          kernel_ms * 1e3, static_cast<double>(bytes) / (kernel_ms * 1e-3) / 1e9, us(t2 - submitted_at()));
     }
     return PullResult{header.num_tokens, bytes};
   }

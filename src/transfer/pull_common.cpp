@@ -10,6 +10,7 @@
 namespace pdserve::transfer_internal {
 
 thread_local const std::atomic<bool>* QueuedPuller::current_cancel_ = nullptr;
+thread_local std::chrono::steady_clock::time_point QueuedPuller::current_submitted_;
 
 QueuedPuller::QueuedPuller(TransportKind kind, KvMemory memory, int32_t threads)
     : kind_(kind), memory_(memory) {
@@ -52,7 +53,7 @@ StatusOr<TransferId> QueuedPuller::submit(const KvHandle& handle, const KvScatte
   std::lock_guard lock(mu_);
   if (stopping_) return failed_precondition("the KV puller is shutting down");
   const TransferId id = next_id_++;
-  queue_.push_back(Job{id, handle, target});
+  queue_.push_back(Job{id, handle, target, std::chrono::steady_clock::now()});
   states_[id] = TransferState{};
   ++stats_.pulls_pending;
   work_cv_.notify_one();
@@ -134,6 +135,7 @@ void QueuedPuller::loop() {
     cancel.store(false);
     running_[job.id] = &cancel;
     lock.unlock();
+    current_submitted_ = job.submitted;
     StatusOr<PullResult> result = run_pull(job.handle, job.target);
     lock.lock();
     running_.erase(job.id);

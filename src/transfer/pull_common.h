@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -57,6 +58,9 @@ class QueuedPuller : public KvPuller {
   // Set while the pull running on this thread has been cancelled (waits for a layer-wise prefill
   // check it). Only from run_pull().
   static const std::atomic<bool>* cancel_flag() { return current_cancel_; }
+  // When the pull running on this thread was submitted (for accounts of where its time went). Only
+  // from run_pull().
+  static std::chrono::steady_clock::time_point submitted_at() { return current_submitted_; }
   // One pull, on the progress thread: fetch, validate, scatter.
   virtual StatusOr<PullResult> run_pull(const KvHandle& handle, const KvScatterTarget& target) = 0;
   // Called after a running pull's cancel flag is set (cancel(), stop()), with the puller's lock
@@ -73,6 +77,7 @@ class QueuedPuller : public KvPuller {
     TransferId id;
     KvHandle handle;
     KvScatterTarget target;
+    std::chrono::steady_clock::time_point submitted;
   };
   void loop();
   TransferState take_finished_locked(TransferId id);
@@ -90,6 +95,7 @@ class QueuedPuller : public KvPuller {
   std::unordered_map<uint64_t, std::function<void()>> listeners_;  // guarded by mu_
   uint64_t next_listener_ = 1;                                     // guarded by mu_
   static thread_local const std::atomic<bool>* current_cancel_;
+  static thread_local std::chrono::steady_clock::time_point current_submitted_;
   bool stopping_ = false;  // guarded by mu_
   KvPullerStats stats_;    // guarded by mu_
   std::vector<std::thread> threads_;
