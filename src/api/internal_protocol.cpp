@@ -324,6 +324,7 @@ void for_each_metric(EngineMetrics& m, Fn&& fn) {
   fn("prompt_tokens_total", m.prompt_tokens_total);
   fn("generated_tokens_total", m.generated_tokens_total);
   fn("computed_tokens_total", m.computed_tokens_total);
+  fn("nonfinite_logits_total", m.nonfinite_logits_total);
   fn("prefill_slots_in_use", m.prefill_slots_in_use);
   fn("handoffs_outstanding", m.handoffs_outstanding);
   fn("handoffs_total", m.handoffs_total);

@@ -732,6 +732,10 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
             static_cast<double>(m.generated_tokens_total));
   w.counter("pdserve_computed_tokens_total", "Tokens run through the model (prefill and decode).",
             static_cast<double>(m.computed_tokens_total));
+  w.counter("pdserve_nonfinite_logits_total",
+            "Requests ended with an error because the model's logits held no usable value (NaN or -inf: a "
+            "numeric overflow, or NaN in the weights).",
+            static_cast<double>(m.nonfinite_logits_total));
   w.counter("pdserve_engine_steps_total", "Engine steps run.", static_cast<double>(m.steps_total));
   w.counter("pdserve_engine_step_seconds_total", "Time spent in engine steps.", m.step_seconds_total);
   w.gauge("pdserve_engine_last_step_seconds", "Duration of the latest engine step.", m.last_step_seconds);

@@ -187,6 +187,7 @@ void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
   a.prompt_tokens_total += b.prompt_tokens_total;
   a.generated_tokens_total += b.generated_tokens_total;
   a.computed_tokens_total += b.computed_tokens_total;
+  a.nonfinite_logits_total += b.nonfinite_logits_total;
   a.prefill_slots_in_use += b.prefill_slots_in_use;
   a.handoffs_outstanding += b.handoffs_outstanding;
   a.handoffs_total += b.handoffs_total;
@@ -1029,15 +1030,34 @@ void Engine::step() {
     SampleResult r;
     const bool on_host = !draw_on_device ||
                          (host_row < host_rows_.size() && host_rows_[host_row] == static_cast<int32_t>(row));
+    // No token with a usable logit (all NaN or -inf): the forward pass overflowed, or the weights
+    // hold NaN. The backend says so with -1; on the host, the drawn token's logit shows it.
+    bool unusable = false;
     if (!on_host) {
       r.token = next_tokens_[row];
+      unusable = r.token < 0;
       a.sampler.skip(1);
     } else {
       const size_t at = draw_on_device ? host_row++ : row;
-      r = a.sampler.sample(std::span<float>(logits_.data() + at * vocab, vocab), scheduler_.tokens(c.seq),
-                           a.request.logprobs);
+      const std::span<float> logits(logits_.data() + at * vocab, vocab);
+      r = a.sampler.sample(logits, scheduler_.tokens(c.seq), a.request.logprobs);
+      unusable = !(logits[static_cast<size_t>(r.token)] > -INFINITY);
     }
     ++row;
+    if (unusable) {
+      ++nonfinite_logits_total_;
+      PD_LOG_ERROR("engine: the logits of a request at position {} hold no usable value (NaN or -inf) on {}",
+                   c.first_position + c.num_tokens - 1, executor_->device());
+      EngineOutput out;
+      out.finish_reason = "error";
+      out.error = internal_error(fmt::format(
+          "the model produced no usable logits (NaN or -inf) after {} generated tokens on {}: a numeric "
+          "overflow in the forward pass, or NaN in the weights. A GPU model in fp16 overflows where "
+          "activations pass ±65504: run it in bf16 (--dtype bf16)",
+          a.stream.num_tokens(), executor_->device()));
+      finish(c.seq, std::move(out));
+      continue;
+    }
     scheduler_.append_token(c.seq, r.token);
     ++generated_tokens_total_;
     TextStream::Update u = a.stream.feed(r.token);
@@ -1118,6 +1138,7 @@ void Engine::publish_metrics(double step_seconds) {
   metrics_.prompt_tokens_total = prompt_tokens_total_;
   metrics_.generated_tokens_total = generated_tokens_total_;
   metrics_.computed_tokens_total = computed_tokens_total_;
+  metrics_.nonfinite_logits_total = nonfinite_logits_total_;
   sync_transfer_metrics();
   metrics_.handoffs_total = handoffs_total_;
   metrics_.layer_wise_handoffs_total = layer_wise_handoffs_total_;

@@ -202,6 +202,7 @@ struct EngineMetrics {
   int64_t prompt_tokens_total = 0;        // prompt tokens of finished requests
   int64_t generated_tokens_total = 0;     // tokens sampled
   int64_t computed_tokens_total = 0;      // tokens run through the model (prefill + decode)
+  int64_t nonfinite_logits_total = 0;     // requests failed for logits without a usable value (NaN)
   int32_t prefill_slots_in_use = 0;       // prefill role: accepted, KV not yet released
   int32_t handoffs_outstanding = 0;       // prefill role: KV waiting in send buffers
   int64_t handoffs_total = 0;             // prefill role
@@ -421,6 +422,7 @@ class Engine : public Instance {
   int64_t handoffs_total_ = 0;
   int64_t layer_wise_handoffs_total_ = 0;
   int64_t kv_pulls_failed_total_ = 0;
+  int64_t nonfinite_logits_total_ = 0;
   int64_t kv_pulls_total_ = 0;
   int64_t kv_pulled_bytes_total_ = 0;
   int64_t kv_pull_microseconds_total_ = 0;

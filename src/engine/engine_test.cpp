@@ -1,11 +1,13 @@
 #include "engine/engine.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <future>
+#include <limits>
 #include <mutex>
 #include <thread>
 
@@ -123,10 +125,14 @@ TEST_F(EngineTest, ConcurrentGreedyRequestsMatchRunningAlone) {
 // A backend that picks greedy tokens where its logits are (as a GPU does): here the CPU engine
 // with its own argmax over the logits, counting which path each step took. It checks the
 // engine's routing between the two paths, not a GPU's argmax (cuda_kernels_test does that).
+// With `nan_from_position` set, every logits row at that position or later is NaN (as an overflow
+// leaves it), and its draw -1 as the GPU's mark_unusable_draws makes it; `on_device` false leaves
+// every draw to the host sampler.
 class ArgmaxExecutor final : public ModelExecutor {
  public:
-  ArgmaxExecutor(LlamaModel& model, ThreadPool& pool, int32_t blocks, int32_t block_size)
-      : cpu_(model, pool, blocks, block_size) {}
+  ArgmaxExecutor(LlamaModel& model, ThreadPool& pool, int32_t blocks, int32_t block_size,
+                 int32_t nan_from_position = std::numeric_limits<int32_t>::max(), bool on_device = true)
+      : cpu_(model, pool, blocks, block_size), nan_from_(nan_from_position), on_device_(on_device) {}
   const ModelConfig& config() const override { return cpu_.config(); }
   uint64_t fingerprint() const override { return cpu_.fingerprint(); }
   Status forward(const ForwardBatch& batch, float* logits) override {
@@ -134,7 +140,9 @@ class ArgmaxExecutor final : public ModelExecutor {
     if (std::any_of(batch.chunks.begin(), batch.chunks.end(),
                     [](const SequenceChunk& c) { return c.want_logits; }))
       ++logits_steps;
-    return cpu_.forward(batch, logits);
+    PD_RETURN_IF_ERROR(cpu_.forward(batch, logits));
+    poison(batch, logits);
+    return ok_status();
   }
   Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
                       const HostLogitRows& host) override {
@@ -144,6 +152,7 @@ class ArgmaxExecutor final : public ModelExecutor {
     const size_t vocab = static_cast<size_t>(cpu_.config().vocab_size);
     std::vector<float> logits(rows * vocab);
     PD_RETURN_IF_ERROR(cpu_.forward(batch, logits.data()));
+    poison(batch, logits.data());
     for (size_t j = 0; j < host.rows.size(); ++j)
       std::copy_n(logits.data() + static_cast<size_t>(host.rows[j]) * vocab, vocab, host.logits + j * vocab);
     for (size_t r = 0; r < rows; ++r) {
@@ -153,18 +162,19 @@ class ArgmaxExecutor final : public ModelExecutor {
         // What the GPU's truncated kernel does: kernels/truncation.h's definition.
         next_tokens[r] = truncated_draw_reference(std::vector<float>(row, row + vocab), d.temperature,
                                                   d.top_k, d.top_p, d.min_p, d.seed, d.counter);
-        continue;
+      } else {
+        if (draws[r].temperature > 0.0f) {  // what the GPU kernel does: perturb, then argmax
+          const float inv_t = 1.0f / draws[r].temperature;
+          for (size_t i = 0; i < vocab; ++i)
+            row[i] = gumbel_key(row[i], inv_t, draws[r].seed, draws[r].counter, static_cast<uint32_t>(i));
+        }
+        next_tokens[r] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
       }
-      if (draws[r].temperature > 0.0f) {  // what the GPU kernel does: perturb, then argmax
-        const float inv_t = 1.0f / draws[r].temperature;
-        for (size_t i = 0; i < vocab; ++i)
-          row[i] = gumbel_key(row[i], inv_t, draws[r].seed, draws[r].counter, static_cast<uint32_t>(i));
-      }
-      next_tokens[r] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+      if (!(row[static_cast<size_t>(next_tokens[r])] > -INFINITY)) next_tokens[r] = -1;
     }
     return ok_status();
   }
-  bool draws_on_device() const override { return true; }
+  bool draws_on_device() const override { return on_device_; }
   KvStorage* host_kv() override { return cpu_.host_kv(); }
   size_t kv_bytes() const override { return cpu_.kv_bytes(); }
   std::string device() const override { return "argmax test backend"; }
@@ -174,7 +184,20 @@ class ArgmaxExecutor final : public ModelExecutor {
   std::atomic<int> mixed_steps{0};  // forward_draw with rows for the host
 
  private:
+  void poison(const ForwardBatch& batch, float* logits) const {
+    const size_t vocab = static_cast<size_t>(cpu_.config().vocab_size);
+    size_t row = 0;
+    for (const SequenceChunk& c : batch.chunks) {
+      if (!c.want_logits) continue;
+      if (c.first_position + c.num_tokens - 1 >= nan_from_)
+        std::fill_n(logits + row * vocab, vocab, std::numeric_limits<float>::quiet_NaN());
+      ++row;
+    }
+  }
+
   CpuExecutor cpu_;
+  const int32_t nan_from_;
+  const bool on_device_;
 };
 
 TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
@@ -249,6 +272,55 @@ TEST_F(EngineTest, TokensDrawnOnTheBackendEqualTheSamplers) {
   }
   EXPECT_GT(x->mixed_steps.load(), 0);
   EXPECT_EQ(x->logits_steps.load(), logits_before);  // no step copied every row
+}
+
+// Logits with no usable value (NaN, as an fp16 overflow leaves them) fail their request with the
+// reason, whether the backend drew the token (and said -1) or the host sampler did; a request
+// batched beside it is untouched.
+TEST_F(EngineTest, LogitsWithoutAUsableValueFailTheirRequestAlone) {
+  const EngineOptions o = options();
+  Engine plain(*model_, *tokenizer_, *pool_, o);
+  EngineRequest longer = request(kPrompts[1], 40);
+  longer.ignore_eos = true;
+  EngineRequest shorter = request(kPrompts[0], 6);
+  shorter.ignore_eos = true;
+  const Result want_long = run_one(plain, longer);
+  const Result want_short = run_one(plain, shorter);
+  // The longer one's logits turn NaN 8 tokens into its answer; the shorter one never gets there.
+  const int32_t nan_from = static_cast<int32_t>(longer.prompt.size()) + 7;
+  ASSERT_LT(static_cast<int32_t>(shorter.prompt.size()) + 6, nan_from);
+  for (const bool on_device : {true, false}) {
+    for (const float temperature : {0.0f, 0.9f}) {
+      SCOPED_TRACE(::testing::Message() << (on_device ? "drawn on the backend" : "drawn on the host")
+                                        << ", temperature " << temperature);
+      auto exec =
+          std::make_unique<ArgmaxExecutor>(*model_, *pool_, o.num_blocks, o.block_size, nan_from, on_device);
+      ArgmaxExecutor* x = exec.get();
+      Engine e(std::move(exec), *tokenizer_, o);
+      EngineRequest a = longer, b = shorter;
+      a.sampling.temperature = temperature;
+      a.sampling.seed = 5;
+      std::vector<Result> got = run_all(e, {a, b});
+      EXPECT_EQ(got[0].finish_reason, "error");
+      EXPECT_EQ(got[0].error.code(), StatusCode::kInternal);
+      EXPECT_THAT(got[0].error.message(),
+                  ::testing::HasSubstr("no usable logits (NaN or -inf) after 8 generated"));
+      EXPECT_THAT(got[0].error.message(), ::testing::HasSubstr("--dtype bf16"));
+      ASSERT_EQ(got[0].tokens.size(), 8u);
+      if (temperature == 0.0f) {
+        EXPECT_EQ(got[0].tokens,
+                  std::vector<int32_t>(want_long.tokens.begin(), want_long.tokens.begin() + 8));
+      }
+      EXPECT_EQ(got[1].finish_reason, "length");
+      EXPECT_EQ(got[1].tokens, want_short.tokens);
+      const EngineMetrics m = e.metrics();
+      EXPECT_EQ(m.nonfinite_logits_total, 1);
+      EXPECT_EQ(m.kv.num_blocks_used, 0);
+      EXPECT_EQ(m.running, 0);
+      // The backend drew every token itself, or never did.
+      EXPECT_EQ(x->logits_steps.load() == 0, on_device);
+    }
+  }
 }
 
 TEST_F(EngineTest, PreemptionUnderASmallCacheKeepsOutputsExact) {

@@ -564,6 +564,9 @@ Status CudaLlamaModel::forward_draw(const ForwardBatch& batch, std::span<const R
       PD_RETURN_IF_ERROR(cuda::argmax(impl_->logits.as<float>(), rows, config_.vocab_size,
                                       impl_->argmax.data(), ws, tokens, impl_->stream->get()));
     }
+    // A row whose logits were all NaN (an overflow) drew a token all the same: -1 says so.
+    PD_RETURN_IF_ERROR(cuda::mark_unusable_draws(impl_->logits.as<float>(), rows, config_.vocab_size, tokens,
+                                                 impl_->stream->get()));
     // Into page-locked memory behind the draw on the stream: one wait for both, no second round trip.
     const size_t bytes = static_cast<size_t>(rows) * 4;
     if (bytes > impl_->drawn.bytes()) {

@@ -63,7 +63,8 @@ class ModelExecutor {
   // memory), as draws[row] says: temperature 0, the greedy choice (the lowest id among equal
   // maxima; NaN ranks lowest); else a Gumbel-max draw from softmax(logits / temperature) keyed by
   // (seed, counter) as kernels/gumbel.h defines it, among the candidates top_k, top_p and min_p
-  // keep (kernels/truncation.h), which the host Sampler makes alike. Only where
+  // keep (kernels/truncation.h), which the host Sampler makes alike. -1 for a row where no token
+  // had a usable logit (all NaN or -inf: the forward pass overflowed). Only where
   // draws_on_device() (a GPU: only token ids cross to the host, and the logits of `host` rows);
   // UNIMPLEMENTED else.
   virtual Status forward_draw(const ForwardBatch& /*batch*/, std::span<const RowDraw> /*draws*/,

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -346,6 +347,68 @@ TEST_P(CudaKernels, EmbeddingAndArgmax) {
   }
   EXPECT_EQ(got_ids[1], 30000);
   EXPECT_EQ(got_ids[2], 6);
+}
+
+// A draw from a row with no usable logit (all NaN or -inf, as an overflow leaves it) is marked -1
+// after each way of drawing; rows with any usable logit keep their token.
+TEST_P(CudaKernels, DrawsFromRowsWithoutAUsableLogitAreMarked) {
+  SEED_TRACE();
+  const int64_t rows = 6, v = 50000;
+  const float nan = std::nanf("");
+  std::vector<float> logits = randn(rows * v);
+  std::fill_n(logits.begin() + 1 * v, v, nan);                                      // all NaN
+  std::fill_n(logits.begin() + 2 * v, v, -std::numeric_limits<float>::infinity());  // all -inf
+  logits[3 * v + 0] = nan;                                                          // one NaN, first
+  std::fill_n(logits.begin() + 4 * v, v, nan);
+  logits[4 * v + 777] = -5.0f;  // one usable value among NaN
+  std::fill_n(logits.begin() + 5 * v, v, nan);
+  int64_t best0 = 0, best3 = 1;
+  for (int64_t i = 1; i < v; ++i) best0 = logits[i] > logits[best0] ? i : best0;
+  for (int64_t i = 2; i < v; ++i) best3 = logits[3 * v + i] > logits[3 * v + best3] ? i : best3;
+  const std::vector<int32_t> want = {static_cast<int32_t>(best0), -1,  -1,
+                                     static_cast<int32_t>(best3), 777, -1};
+
+  const size_t ws_bytes = argmax_workspace_bytes(rows);
+  auto ws = upload(std::vector<uint8_t>(ws_bytes, 0));
+  auto ids = poisoned<int32_t>(rows);
+  // Greedy: argmax, then the mark.
+  {
+    auto dl = upload(logits);
+    ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
+    ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
+    EXPECT_EQ(download<int32_t>(ids, rows), want);
+  }
+  // Tempered: the Gumbel keys (NaN logits give -inf keys), argmax, then the mark over the keys.
+  std::vector<SampleDraw> draws(rows);
+  for (int64_t r = 0; r < rows; ++r) draws[r] = {0.9f, 11, static_cast<uint64_t>(r), 0, 1.0f, 0.0f};
+  auto dd = upload(draws);
+  {
+    auto dl = upload(logits);
+    ASSERT_TRUE(gumbel_perturb(dl.as<float>(), rows, v, dd.as<SampleDraw>(), nullptr).ok());
+    ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
+    ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
+    const std::vector<int32_t> got = download<int32_t>(ids, rows);
+    for (int64_t r : {1, 2, 5}) EXPECT_EQ(got[r], -1) << r;
+    EXPECT_EQ(got[4], 777);
+    for (int64_t r : {0, 3})
+      EXPECT_TRUE(got[r] >= 0 && got[r] < v && !std::isnan(logits[r * v + got[r]])) << r;
+  }
+  // Truncated (top-k and top-p): the kernel leaves the logits as they are.
+  for (int64_t r = 0; r < rows; ++r) draws[r] = {0.9f, 11, static_cast<uint64_t>(r), 40, 0.9f, 0.0f};
+  dd = upload(draws);
+  {
+    auto dl = upload(logits);
+    const Status drawn =
+        sample_truncated(dl.as<float>(), rows, v, dd.as<SampleDraw>(), ids.as<int32_t>(), nullptr);
+    if (drawn.code() == StatusCode::kUnimplemented) GTEST_SKIP() << drawn.message();
+    ASSERT_TRUE(drawn.ok()) << drawn.to_string();
+    ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
+    const std::vector<int32_t> got = download<int32_t>(ids, rows);
+    for (int64_t r : {1, 2, 5}) EXPECT_EQ(got[r], -1) << r;
+    EXPECT_EQ(got[4], 777);
+    for (int64_t r : {0, 3})
+      EXPECT_TRUE(got[r] >= 0 && got[r] < v && !std::isnan(logits[r * v + got[r]])) << r;
+  }
 }
 
 // Gumbel-max sampling: the perturbed logits equal the host's gumbel_key() (the same hash, logf on

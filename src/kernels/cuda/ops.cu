@@ -1225,6 +1225,26 @@ Status argmax(const float* logits, int64_t rows, int64_t vocab, void* workspace,
                              static_cast<ArgmaxSlot*>(workspace), out);
 }
 
+__global__ void mark_unusable_kernel(const float* __restrict__ values, int64_t rows, int64_t vocab,
+                                     int32_t* tokens) {
+  const int64_t r = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const int32_t t = tokens[r];
+  if (t < 0 || t >= vocab) return;
+  if (!(values[r * vocab + t] > -INFINITY)) tokens[r] = -1;  // NaN or -inf
+}
+
+Status mark_unusable_draws(const float* values, int64_t rows, int64_t vocab, int32_t* tokens,
+                           StreamHandle stream) {
+  if (rows <= 0) return ok_status();
+  if (vocab <= 0 || vocab > INT32_MAX)
+    return invalid_argument("mark_unusable_draws: vocabulary size out of range");
+  const int threads = 128;
+  mark_unusable_kernel<<<static_cast<unsigned>((rows + threads - 1) / threads), threads, 0, stream>>>(
+      values, rows, vocab, tokens);
+  return check_last_error("mark_unusable_draws");
+}
+
 Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
                       StreamHandle stream) {
   if (rows <= 0) return ok_status();

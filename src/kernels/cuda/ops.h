@@ -80,6 +80,14 @@ Status gumbel_perturb(float* logits, int64_t rows, int64_t vocab, const SampleDr
 Status sample_truncated(const float* logits, int64_t rows, int64_t vocab, const SampleDraw* draws,
                         int32_t* out, StreamHandle stream);
 
+// After a draw (argmax, gumbel_perturb + argmax, or sample_truncated) over `values` (the logits, or
+// the Gumbel keys gumbel_perturb left in their place): tokens[r] becomes -1 where the value at the
+// drawn token is NaN or -inf, which happens only when no token of the row had a usable value (NaN
+// ranks lowest): the forward pass overflowed or the weights hold NaN. Tokens outside [0, vocab) are
+// left as they are.
+Status mark_unusable_draws(const float* values, int64_t rows, int64_t vocab, int32_t* tokens,
+                           StreamHandle stream);
+
 // One layer's paged KV cache, heads outermost within a block: block b, kv head h, row r (of
 // block_size) holds head_dim values (`dtype`) at k + ((b·num_kv_heads + h)·block_size + r)·head_dim,
 // and the same for V; the attention kernels read their queries and write their outputs in the same
