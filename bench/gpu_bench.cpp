@@ -15,7 +15,9 @@
 // through a shm and a tcp send pool, page-locked and pageable, on GPU 0. Sampling: a token drawn from 128256
 // logits a row on the GPU (greedy, tempered, top-k / top-p / min-p) against the logits' copy to
 // the host that a draw made there needs first.
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <poll.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -568,22 +570,36 @@ std::string cross_process_section(double peer_gbps, bool quick) {
     CHECK_OK(copy_to_host(want.data(), wire.data(), g.wire_bytes));
   }
 
-  // The sender process.
+  // The sender process. Everything it needs is made before the fork (this process has threads:
+  // the child only redirects its standard streams and execs). The pipes are close-on-exec; dup2's
+  // copies are not.
+  std::vector<std::string> env_text;
+  for (char** e = environ; *e != nullptr; ++e) env_text.emplace_back(*e);
+  env_text.push_back(fmt::format("{}={}", kSenderChildEnv, quick ? "quick" : "full"));
+  std::vector<char*> envp;
+  for (std::string& e : env_text) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  char self[] = "/proc/self/exe";
+  char name[] = "pdserve_gpu_bench";
+  char* argv[] = {name, nullptr};
   int to_child[2], from_child[2];
-  if (pipe(to_child) != 0 || pipe(from_child) != 0) die(internal_error("pipe failed"), "pipe");
+  if (pipe2(to_child, O_CLOEXEC) != 0 || pipe2(from_child, O_CLOEXEC) != 0)
+    die(internal_error("pipe failed"), "pipe");
   const pid_t child = fork();
   if (child < 0) die(internal_error("fork failed"), "fork");
   if (child == 0) {
-    dup2(to_child[0], STDIN_FILENO);
-    dup2(from_child[1], STDOUT_FILENO);
-    for (int fd : {to_child[0], to_child[1], from_child[0], from_child[1]}) close(fd);
-    setenv(kSenderChildEnv, quick ? "quick" : "full", 1);
-    execl("/proc/self/exe", "pdserve_gpu_bench", static_cast<char*>(nullptr));
+    if (dup2(to_child[0], STDIN_FILENO) < 0 || dup2(from_child[1], STDOUT_FILENO) < 0) _exit(126);
+    execve(self, argv, envp.data());
     _exit(127);
   }
   close(to_child[0]);
   close(from_child[1]);
+  // Its two lines come at once, within a minute (it fills and gathers 1 GiB first).
+  pollfd ready{from_child[0], POLLIN, 0};
+  if (poll(&ready, 1, 60'000) != 1)
+    die(internal_error("the sender process said nothing within 60 s"), "sender");
   FILE* from = fdopen(from_child[0], "r");
+  if (from == nullptr) die(internal_error("fdopen failed"), "sender");
   char line[2 * KvHandle::kMaxEndpointBytes + 256];
   std::string raw_hex, handle_text;
   if (std::fgets(line, sizeof line, from) != nullptr) raw_hex = line;
@@ -672,6 +688,9 @@ std::string cross_process_section(double peer_gbps, bool quick) {
   };
   const PullTimes in_process = time_pulls(here, "an in-process cuda-ipc pull");
   const PullTimes across = time_pulls(remote, "a cuda-ipc pull from another process");
+  // The puller's mapping of the child's memory goes before the child does.
+  receiver = KvTransport();
+  local = KvTransport();
   close(to_child[1]);
   std::fclose(from);
   int child_status = 0;
@@ -779,15 +798,17 @@ std::string host_stage_section(bool quick) {
 
   PinnedHostBuffer host_landing = value_or_die(PinnedHostBuffer::allocate(wire_bytes), "pinned");
   std::string rows = "[";
-  // Each transport with its send pool pageable and page-locked; tcp also landing the layers on the
-  // GPU only after the whole body (as before it reported the body's progress).
+  // Each transport with its send pool pageable and page-locked; with it page-locked, each also
+  // landing the layers on the GPU only after the whole body (as before the host pullers reported
+  // the body's progress).
   struct Variant {
     TransportKind kind;
     bool locked, as_they_arrive;
   };
-  for (const Variant v : {Variant{TransportKind::kShm, false, true}, Variant{TransportKind::kShm, true, true},
-                          Variant{TransportKind::kTcp, false, true}, Variant{TransportKind::kTcp, true, true},
-                          Variant{TransportKind::kTcp, true, false}}) {
+  for (const Variant v :
+       {Variant{TransportKind::kShm, false, true}, Variant{TransportKind::kShm, true, true},
+        Variant{TransportKind::kShm, true, false}, Variant{TransportKind::kTcp, false, true},
+        Variant{TransportKind::kTcp, true, true}, Variant{TransportKind::kTcp, true, false}}) {
     const TransportKind kind = v.kind;
     const bool locked = v.locked;
     KvTransportOptions o;
@@ -969,6 +990,7 @@ std::string layer_wise_section(const std::string& model_name, bool quick) {
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
     b.after_layer = nullptr;
     CHECK_OK(sent);
+    if (next < 0) die(internal_error("the model's logits held no usable value"), "layer-wise pass");
     CHECK_OK(t.pool->publish_progress(send.handle.ref(), c.num_layers, next));
     TransferState st = t.puller->wait(id);
     if (st.phase != TransferPhase::kDone) die(st.error, "layer-wise pull");

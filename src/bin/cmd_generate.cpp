@@ -198,7 +198,7 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("-t,--threads", a->threads, "CPU threads (0: all cores)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));
-  cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0: greedy)")
+  cmd->add_option("--temperature", a->sampling.temperature, "Sampling temperature (0, or below 1e-5: greedy)")
       ->capture_default_str();
   cmd->add_option("--top-k", a->sampling.top_k, "Keep the k most likely tokens (0: off)")
       ->capture_default_str();

@@ -1041,7 +1041,7 @@ void Engine::step() {
       const size_t at = draw_on_device ? host_row++ : row;
       const std::span<float> logits(logits_.data() + at * vocab, vocab);
       r = a.sampler.sample(logits, scheduler_.tokens(c.seq), a.request.logprobs);
-      unusable = !(logits[static_cast<size_t>(r.token)] > -INFINITY);
+      unusable = !usable_logit(logits[static_cast<size_t>(r.token)]);
     }
     ++row;
     if (unusable) {
@@ -1050,11 +1050,7 @@ void Engine::step() {
                    c.first_position + c.num_tokens - 1, executor_->device());
       EngineOutput out;
       out.finish_reason = "error";
-      out.error = internal_error(fmt::format(
-          "the model produced no usable logits (NaN or -inf) after {} generated tokens on {}: a numeric "
-          "overflow in the forward pass, or NaN in the weights. A GPU model in fp16 overflows where "
-          "activations pass ±65504: run it in bf16 (--dtype bf16)",
-          a.stream.num_tokens(), executor_->device()));
+      out.error = no_usable_logits(a.stream.num_tokens(), executor_->device(), executor_->number_format());
       finish(c.seq, std::move(out));
       continue;
     }

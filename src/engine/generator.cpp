@@ -70,6 +70,8 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
       t0 = std::chrono::steady_clock::now();
     }
     SampleResult r = sampler.sample(logits_, seq);
+    if (!usable_logit(logits_[static_cast<size_t>(r.token)]))
+      return no_usable_logits(stats.generated_tokens, "the CPU", "");
     seq.push_back(r.token);
     stats.generated_tokens++;
     TextStream::Update u = stream.feed(r.token);

@@ -12,6 +12,16 @@
 
 namespace pdserve {
 
+Status no_usable_logits(int32_t generated_tokens, std::string_view device, std::string_view number_format) {
+  return internal_error(fmt::format(
+      "the model produced no usable logits (NaN or -inf) after {} generated tokens on {}: a numeric overflow "
+      "in the forward pass, or NaN in the weights{}",
+      generated_tokens, device,
+      number_format == "fp16" ? ". This model runs in fp16, whose activations overflow beyond ±65504: run it "
+                                "in bf16 (--dtype bf16)"
+                              : ""));
+}
+
 Status SamplingParams::validate() const {
   if (!(temperature >= 0.0f && temperature <= 100.0f))
     return invalid_argument(fmt::format("temperature {} is outside [0, 100]", temperature));
@@ -56,15 +66,25 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
   // vocabulary: skipped when nobody reads them).
   float log_z = 0.0f;
   if (want_logprob || params_.top_logprobs > 0) {
-    float max_logit = *std::max_element(logits.begin(), logits.end());
+    // NaN logits count as -inf (probability 0), as in the draws.
+    float max_logit = -INFINITY;
+    for (float l : logits) max_logit = l > max_logit ? l : max_logit;
     double sum = 0.0;
-    for (float l : logits) sum += std::exp(static_cast<double>(l - max_logit));
+    for (float l : logits)
+      if (l > -INFINITY) sum += std::exp(static_cast<double>(l - max_logit));
     log_z = max_logit + static_cast<float>(std::log(sum));
   }
 
   SampleResult result;
   if (params_.temperature <= 0.0f) {
-    result.token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    // The first largest; NaN never wins (as on a GPU), so a row of NaN alone gives token 0.
+    float best = -INFINITY;
+    for (size_t i = 0; i < logits.size(); ++i) {
+      if (logits[i] > best) {
+        best = logits[i];
+        result.token = static_cast<int32_t>(i);
+      }
+    }
   } else if (plain_tempered()) {
     result.token = sample_gumbel(logits);
   } else {
@@ -78,7 +98,10 @@ SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> h
     std::iota(ids.begin(), ids.end(), 0);
     size_t n = std::min<size_t>(static_cast<size_t>(params_.top_logprobs), ids.size());
     std::partial_sort(ids.begin(), ids.begin() + static_cast<long>(n), ids.end(), [&](int32_t a, int32_t b) {
+      // NaN as -inf, so that the order is a strict weak one.
       float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
+      la = std::isnan(la) ? -INFINITY : la;
+      lb = std::isnan(lb) ? -INFINITY : lb;
       return la > lb || (la == lb && a < b);
     });
     for (size_t i = 0; i < n; ++i)

@@ -5,8 +5,10 @@
 // Not thread-safe: one Sampler per sequence.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "common/status.h"
@@ -14,7 +16,7 @@
 namespace pdserve {
 
 struct SamplingParams {
-  float temperature = 0.0f;         // 0: greedy
+  float temperature = 0.0f;         // 0: greedy (so is anything below kGreedyBelowTemperature)
   int32_t top_k = 0;                // 0: off
   float top_p = 1.0f;               // 1: off
   float min_p = 0.0f;               // 0: off
@@ -39,9 +41,24 @@ struct SampleResult {
   std::vector<TokenLogprob> top;  // top_logprobs alternatives, best first
 };
 
+// Temperatures below this draw greedily: the Gumbel noise could no longer change the choice, and
+// logits / T would overflow float for the smallest ones.
+inline constexpr float kGreedyBelowTemperature = 1e-5f;
+
+// Whether a drawn token's logit is usable: neither NaN nor -inf. A draw ranks NaN lowest, so a
+// token whose logit is not usable means no token of the row was (a numeric overflow, NaN weights).
+inline bool usable_logit(float logit) { return logit > -INFINITY; }
+// The error that ends a request whose logits held no usable value after `generated_tokens`
+// tokens, on `device`; `number_format` is the model's 16-bit format on a GPU ("fp16" gets the fix
+// for an fp16 overflow), empty elsewhere.
+Status no_usable_logits(int32_t generated_tokens, std::string_view device, std::string_view number_format);
+
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& params) : params_(params) {}
+  // params.temperature below kGreedyBelowTemperature is taken as 0 (params() says so).
+  explicit Sampler(const SamplingParams& params) : params_(params) {
+    if (params_.temperature < kGreedyBelowTemperature) params_.temperature = 0.0f;
+  }
 
   // `logits` (vocab_size floats) is modified in place. `history` is the tokens the penalties
   // look at (prompt and generated so far). Without want_logprob the result's logprob is left 0

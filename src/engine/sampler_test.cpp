@@ -32,6 +32,49 @@ TEST(Sampler, GreedyPicksTheLargestLogitAndReportsLogprobs) {
   EXPECT_EQ(r.top[2].token, 2);
 }
 
+// NaN ranks lowest everywhere (as in the GPU's draws): a NaN logit never wins nor spoils the others'
+// log-probabilities; a row of NaN alone draws token 0, whose logit says the row was unusable.
+TEST(Sampler, NaNLogitsRankLowest) {
+  const float nan = std::nanf("");
+  for (const float temperature : {0.0f, 0.7f}) {
+    SamplingParams p;
+    p.temperature = temperature;
+    p.top_logprobs = 3;
+    Sampler s(p);
+    std::vector<float> l = {nan, 1.0f, 3.0f, nan, 2.0f};
+    SampleResult r = s.sample(l, {});
+    if (temperature == 0.0f) {
+      EXPECT_EQ(r.token, 2);
+    }
+    EXPECT_TRUE(usable_logit(l[static_cast<size_t>(r.token)])) << temperature;
+    const double z = std::exp(1.0) + std::exp(3.0) + std::exp(2.0);
+    if (temperature == 0.0f) {
+      EXPECT_NEAR(r.logprob, 3.0 - std::log(z), 1e-5);
+    }
+    ASSERT_EQ(r.top.size(), 3u);
+    EXPECT_EQ(r.top[0].token, 2);
+    EXPECT_EQ(r.top[1].token, 4);
+    EXPECT_EQ(r.top[2].token, 1);
+    std::vector<float> all_nan(5, nan);
+    r = s.sample(all_nan, {});
+    EXPECT_FALSE(usable_logit(all_nan[static_cast<size_t>(r.token)])) << temperature;
+  }
+  EXPECT_FALSE(usable_logit(-INFINITY));
+  EXPECT_TRUE(usable_logit(-3e38f));
+}
+
+// Temperatures too small to change a draw are greedy, on the host as on a backend that draws.
+TEST(Sampler, TinyTemperaturesAreGreedy) {
+  SamplingParams p;
+  p.temperature = 1e-38f;
+  Sampler s(p);
+  EXPECT_EQ(s.params().temperature, 0.0f);
+  std::vector<float> l = {-5.0f, -1.0f, -2.0f};
+  EXPECT_EQ(s.sample(l, {}).token, 1);
+  p.temperature = kGreedyBelowTemperature;
+  EXPECT_EQ(Sampler(p).params().temperature, kGreedyBelowTemperature);
+}
+
 TEST(Sampler, SeededSamplingIsReproducibleAndFollowsTheDistribution) {
   SamplingParams p;
   p.temperature = 1.0f;

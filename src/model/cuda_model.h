@@ -93,6 +93,7 @@ class CudaLlamaModel final : public ModelExecutor {
   Status forward_draw(const ForwardBatch& batch, std::span<const RowDraw> draws, int32_t* next_tokens,
                       const HostLogitRows& host = {}) override;
   bool draws_on_device() const override { return true; }
+  std::string_view number_format() const override { return cuda::dtype_name(dtype_); }
   // after_layer(l) once layer l's K/V writes are queued (a batch with after_layer is never a graph).
   bool reports_layers() const override { return true; }
   // Turns the replay of decode steps as CUDA graphs on or off (CudaModelOptions::cuda_graphs).

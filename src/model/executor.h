@@ -9,6 +9,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "common/status.h"
 #include "common/thread_pool.h"
@@ -72,6 +73,8 @@ class ModelExecutor {
     return unimplemented("this backend samples on the host: call forward()");
   }
   virtual bool draws_on_device() const { return false; }
+  // The 16-bit format a GPU model computes in ("bf16" or "fp16"); empty on the CPU.
+  virtual std::string_view number_format() const { return {}; }
   // Whether forward() calls ForwardBatch::after_layer after each layer (the CPU engine, once the
   // layer has run; a GPU, once the layer's K/V writes are queued on DeviceKv::stream).
   virtual bool reports_layers() const { return false; }
