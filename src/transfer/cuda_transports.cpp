@@ -839,7 +839,7 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
     const size_t part = body / static_cast<size_t>(cache.num_layers);  // one layer's part of the body
     PD_ASSIGN_OR_RETURN(uint8_t * wire, lane.scratch.get(part));
     // Each layer goes to the GPU once it is in the stage: as the body lands, where the host puller
-    // says so (tcp), else after the pull. In stream order: a layer's copy into the scratch follows
+    // says so (tcp, shm), else after the pull. In stream order: a layer's copy into the scratch follows
     // the previous layer's scatter.
     int32_t queued_layers = 0;
     Status queued = ok_status();

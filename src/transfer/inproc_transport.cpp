@@ -133,7 +133,7 @@ class InprocPuller final : public QueuedPuller {
       return PullResult{header.num_tokens, bytes.size(), first_token};
     }
     PD_RETURN_IF_ERROR(verify_kv_body_checksum(header, body));
-    PD_RETURN_IF_ERROR(scatter_kv(body, header.num_tokens, target.view, target.block_table));
+    PD_RETURN_IF_ERROR(scatter_reporting(body, 0, header.num_tokens, target));
     return PullResult{header.num_tokens, bytes.size()};
   }
 

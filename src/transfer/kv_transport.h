@@ -203,9 +203,11 @@ struct KvScatterTarget {
   PagedKvView view;
   std::span<const int32_t> block_table;
   int32_t expected_num_tokens = -1;  // -1: any count the block table has room for
-  // Called by a puller that lands the body in wire order (tcp), on its thread, each time more of it
-  // is in the target: the body bytes landed so far (after the header was checked; the body's
-  // checksum, if any, is checked only at the end). Others never call it.
+  // Called by a puller that lands the body in wire order (tcp every 32 MiB; shm and inproc every
+  // 8 MiB of whole layers, and a layer-wise body's layers as they are ready), on its thread, each
+  // time more of it is in the target: the body bytes landed so far (after the header was checked;
+  // the body's checksum, if any, is checked only at the end over tcp, before the copy over shm and
+  // inproc). ucx never calls it.
   std::function<void(uint64_t landed_bytes)> on_body_landed{};
 };
 
@@ -297,7 +299,7 @@ struct KvTransportOptions {
   // and a warning says so.
   bool page_lock_host_stage = true;
   // A GPU KV cache pulled through a host transport: copy each layer on to the GPU as soon as it
-  // has landed, where the host puller reports the body's progress (tcp); false: after the whole
+  // has landed, where the host puller reports the body's progress (tcp, shm); false: after the whole
   // body (for measurements).
   bool land_layers_as_they_arrive = true;
 

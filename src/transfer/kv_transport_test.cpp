@@ -14,11 +14,14 @@
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <mutex>
 #include <random>
+#include <span>
 #include <thread>
 #include <vector>
 
 #include "transfer/net.h"
+#include "transfer/pull_common.h"
 #include "transfer/send_pool_core.h"
 #include "transfer/transfer_test_util.h"
 #include "transfer/ucx_protocol.h"
@@ -151,9 +154,9 @@ TEST_P(TransportTest, BuffersLieInTheHostMemoryAGpuStagePageLocks) {
   for (const KvBufferRef& r : held) EXPECT_TRUE(pool().release(r).ok());
 }
 
-// tcp lands the body in wire order and says how far it is, so a GPU stage can copy each layer on
-// while the rest arrives; the others do not say.
-TEST_P(TransportTest, TcpReportsTheBodyAsItLands) {
+// tcp, shm and inproc land the body in wire order and say how far it is, so a GPU stage can copy
+// each layer on while the rest arrives (shm and inproc in whole layers); ucx does not say.
+TEST_P(TransportTest, HostPullersReportTheBodyAsItLands) {
   if (mode() != KvTransferMode::kContiguous) GTEST_SKIP() << "the same pools as the contiguous cases";
   Scenario& s = scenario(41);
   StatusOr<KvHandle> h = publish(pool(), s, mode());
@@ -164,12 +167,16 @@ TEST_P(TransportTest, TcpReportsTheBodyAsItLands) {
   TransferState st = puller().pull(*h, target);
   ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.to_string();
   EXPECT_TRUE(s.landed());
-  if (GetParam().kind == TransportKind::kTcp) {
-    ASSERT_FALSE(landed.empty());
-    EXPECT_TRUE(std::is_sorted(landed.begin(), landed.end()));
-    EXPECT_EQ(landed.back(), s.layout.body_bytes(s.tokens));
-  } else {
+  if (GetParam().kind == TransportKind::kUcx) {  // lands the body elsewhere first, and does not say
     EXPECT_TRUE(landed.empty());
+    ASSERT_TRUE(pool().release(h->ref()).ok());
+    return;
+  }
+  ASSERT_FALSE(landed.empty());
+  EXPECT_TRUE(std::is_sorted(landed.begin(), landed.end()));
+  EXPECT_EQ(landed.back(), s.layout.body_bytes(s.tokens));
+  if (GetParam().kind != TransportKind::kTcp) {
+    for (uint64_t n : landed) EXPECT_EQ(n % s.layout.layer_body_bytes(s.tokens), 0u) << n;
   }
   ASSERT_TRUE(pool().release(h->ref()).ok());
 }
@@ -374,6 +381,40 @@ INSTANTIATE_TEST_SUITE_P(
                                      {TransportKind::kTcp, KvTransferMode::kBlockFixed}})),
     case_name);
 
+// scatter_reporting lands any range of the body and reports the progress in pieces of whole layers
+// of at least the given size, each ending at a multiple of that many layers or at the range's end.
+TEST(ScatterReportingTest, ReportsWholeLayersInPiecesOfAtLeastTheGivenSize) {
+  const Scenario ref(51);
+  const std::vector<uint8_t> body = reference_body(ref.src, ref.src_table, ref.tokens);
+  const uint64_t layer = ref.layout.layer_body_bytes(ref.tokens);
+  ASSERT_EQ(ref.layout.num_layers, 3);
+  struct Piecing {
+    uint64_t from_layer, report_bytes;
+    std::vector<uint64_t> want;  // in layers
+  };
+  const Piecing cases[] = {{0, 1, {1, 2, 3}},          {0, layer, {1, 2, 3}}, {0, layer + 1, {2, 3}},
+                           {1, layer + 1, {2, 3}},     {1, 1, {2, 3}},        {0, 3 * layer, {3}},
+                           {0, uint64_t{1} << 40, {3}}};
+  for (const Piecing& c : cases) {
+    Scenario s(51);
+    std::vector<uint64_t> landed;
+    KvScatterTarget target = s.target();
+    target.on_body_landed = [&](uint64_t bytes) { landed.push_back(bytes); };
+    const uint64_t from = c.from_layer * layer;
+    if (from > 0) {  // the layers before the range, as an earlier call would have landed them
+      ASSERT_TRUE(
+          transfer_internal::scatter_reporting(std::span(body).first(from), 0, s.tokens, s.target()).ok());
+    }
+    ASSERT_TRUE(transfer_internal::scatter_reporting(std::span(body).subspan(from), from, s.tokens, target,
+                                                     c.report_bytes)
+                    .ok());
+    std::vector<uint64_t> want;
+    for (uint64_t l : c.want) want.push_back(l * layer);
+    EXPECT_EQ(landed, want) << "from layer " << c.from_layer << ", pieces of " << c.report_bytes << " bytes";
+    EXPECT_TRUE(s.landed());
+  }
+}
+
 // Layer-wise sending: the buffer is committed before its body exists; the pull scatters each
 // layer as the prefill publishes it and ends with the first token.
 class LayerWiseTest : public ::testing::TestWithParam<TransportKind> {
@@ -422,7 +463,14 @@ TEST_P(LayerWiseTest, EachLayerLandsAsItIsPublishedThenTheFirstToken) {
   Scenario s(31);
   StatusOr<LayerWiseSend> send = begin_layer_wise_kv(*transport_.pool, s.layout, s.tokens);
   ASSERT_TRUE(send.ok()) << send.status().to_string();
-  StatusOr<TransferId> id = transport_.puller->submit(send->handle, s.target());
+  std::mutex landed_mu;
+  std::vector<uint64_t> landed;  // the body's progress as the puller reports it
+  KvScatterTarget target = s.target();
+  target.on_body_landed = [&](uint64_t bytes) {
+    std::lock_guard lock(landed_mu);
+    landed.push_back(bytes);
+  };
+  StatusOr<TransferId> id = transport_.puller->submit(send->handle, target);
   ASSERT_TRUE(id.ok()) << id.status().to_string();
   for (int32_t l = 0; l < s.layout.num_layers; ++l) {
     ASSERT_TRUE(send_kv_layer(*transport_.pool, *send, s.src.view, s.src_table, l).ok());
@@ -439,6 +487,20 @@ TEST_P(LayerWiseTest, EachLayerLandsAsItIsPublishedThenTheFirstToken) {
   EXPECT_EQ(st.first_token, 4242);
   EXPECT_EQ(st.num_tokens, s.tokens);
   EXPECT_TRUE(s.landed());
+  {
+    std::lock_guard lock(landed_mu);
+    ASSERT_FALSE(landed.empty());
+    EXPECT_TRUE(std::is_sorted(landed.begin(), landed.end()));
+    EXPECT_EQ(landed.back(), s.layout.body_bytes(s.tokens));
+    if (GetParam() != TransportKind::kTcp) {  // each layer reported as it was ready (layer_lands waited)
+      std::vector<uint64_t> each;
+      for (int32_t l = 1; l <= s.layout.num_layers; ++l)
+        each.push_back(l * s.layout.layer_body_bytes(s.tokens));
+#if !defined(__SANITIZE_THREAD__)  // where layer_lands does not wait, layers may come together
+      EXPECT_EQ(landed, each);
+#endif
+    }
+  }
   // Progress never goes back.
   EXPECT_FALSE(transport_.pool->publish_progress(send->handle.ref(), 1, -1).ok());
   ASSERT_TRUE(transport_.pool->release(send->handle.ref()).ok());

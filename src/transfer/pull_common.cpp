@@ -200,6 +200,24 @@ Status check_header_for_pull(const KvWireHeader& header, const KvHandle& handle,
   return ok_status();
 }
 
+Status scatter_reporting(std::span<const uint8_t> bytes, uint64_t body_offset, int32_t num_tokens,
+                         const KvScatterTarget& target, uint64_t report_bytes) {
+  const uint64_t layer = target.view.layout.layer_body_bytes(num_tokens);
+  if (!target.on_body_landed || layer == 0)
+    return scatter_kv_range(bytes, body_offset, num_tokens, target.view, target.block_table);
+  // Pieces end on multiples of `piece` in the body, so that each report ends on a whole layer.
+  const uint64_t piece = std::max<uint64_t>(1, (report_bytes + layer - 1) / layer) * layer;
+  const uint64_t end = body_offset + bytes.size();
+  for (uint64_t at = body_offset; at < end;) {
+    const uint64_t next = std::min(end, (at / piece + 1) * piece);
+    PD_RETURN_IF_ERROR(scatter_kv_range(bytes.subspan(at - body_offset, next - at), at, num_tokens,
+                                        target.view, target.block_table));
+    at = next;
+    target.on_body_landed(at);
+  }
+  return ok_status();
+}
+
 StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWireHeader& header,
                                      const KvScatterTarget& target, const WaitLayerProgress& wait) {
   const int32_t num_layers = header.layout.num_layers;
@@ -212,8 +230,7 @@ StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWire
     if (ready <= done) return internal_error("layer-wise progress went backwards");
     const uint64_t from = static_cast<uint64_t>(done) * layer_bytes;
     const uint64_t len = static_cast<uint64_t>(ready - done) * layer_bytes;
-    PD_RETURN_IF_ERROR(
-        scatter_kv_range(body.subspan(from, len), from, header.num_tokens, target.view, target.block_table));
+    PD_RETURN_IF_ERROR(scatter_reporting(body.subspan(from, len), from, header.num_tokens, target));
     done = ready;
   }
   PD_ASSIGN_OR_RETURN(LayerProgress p, wait(num_layers, true));

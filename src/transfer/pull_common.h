@@ -122,9 +122,17 @@ struct LayerProgress {
 // Waits until at least `layers` layers are ready (and the first token, if need_first_token), or
 // fails saying why (buffer given up, sender gone, no progress within the I/O timeout, cancelled).
 using WaitLayerProgress = std::function<StatusOr<LayerProgress>(int32_t layers, bool need_first_token)>;
+// Scatters bytes [body_offset, body_offset + bytes.size()) of a wire body of num_tokens into the
+// target; where the target follows the body's progress (on_body_landed), in pieces of whole layers
+// of at least `report_bytes` (each piece ends at a multiple of that many whole layers in the body, or
+// at the end of `bytes`), reporting the body landed so far after each.
+inline constexpr uint64_t kLandedReportBytes = uint64_t{8} << 20;
+Status scatter_reporting(std::span<const uint8_t> bytes, uint64_t body_offset, int32_t num_tokens,
+                         const KvScatterTarget& target, uint64_t report_bytes = kLandedReportBytes);
+
 // A layer-wise pull from memory its sender fills in place (inproc, shm): scatters the layers of
-// `body` as `wait` says they are ready, then waits for the first token and returns it (checked
-// against vocab limits by the caller).
+// `body` as `wait` says they are ready (reporting them as scatter_reporting does), then waits for
+// the first token and returns it (checked against vocab limits by the caller).
 StatusOr<int32_t> scatter_layer_wise(std::span<const uint8_t> body, const KvWireHeader& header,
                                      const KvScatterTarget& target, const WaitLayerProgress& wait);
 

@@ -460,7 +460,7 @@ class ShmPuller final : public QueuedPuller {
       return PullResult{header.num_tokens, bytes, first_token};
     }
     PD_RETURN_IF_ERROR(verify_kv_body_checksum(header, body));
-    PD_RETURN_IF_ERROR(scatter_kv(body, header.num_tokens, target.view, target.block_table));
+    PD_RETURN_IF_ERROR(scatter_reporting(body, 0, header.num_tokens, target));
     PD_RETURN_IF_ERROR(check_unchanged(seg, handle));
     return PullResult{header.num_tokens, bytes};
   }
