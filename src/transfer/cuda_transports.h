@@ -35,7 +35,7 @@ StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options)
 // (the pool's memory page-locked at start where options.page_lock_host_stage allows);
 // the decode receives the body into page-locked host memory, copies it to its GPU and scatters it
 // into its blocks there: the layers already landed each time the host puller reports the body's
-// progress (tcp every 32 MiB, shm every 8 MiB of whole layers and a layer-wise body's layers as they are
+// progress (tcp every 32 MiB, shm every 32 MiB of whole layers and a layer-wise body's layers as they are
 // ready), else after the body (one extra copy each side against a host cache). Handles are of the host kind,
 // so both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls run four
 // at once, each with its own page-locked stage (as large as the largest body it has held). Layer-wise sending

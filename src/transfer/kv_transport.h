@@ -204,7 +204,7 @@ struct KvScatterTarget {
   std::span<const int32_t> block_table;
   int32_t expected_num_tokens = -1;  // -1: any count the block table has room for
   // Called by a puller that lands the body in wire order (tcp every 32 MiB; shm and inproc every
-  // 8 MiB of whole layers, and a layer-wise body's layers as they are ready), on its thread, each
+  // 32 MiB of whole layers, and a layer-wise body's layers as they are ready), on its thread, each
   // time more of it is in the target: the body bytes landed so far (after the header was checked;
   // the body's checksum, if any, is checked only at the end over tcp, before the copy over shm and
   // inproc). ucx never calls it.

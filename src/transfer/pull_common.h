@@ -126,7 +126,8 @@ using WaitLayerProgress = std::function<StatusOr<LayerProgress>(int32_t layers, 
 // target; where the target follows the body's progress (on_body_landed), in pieces of whole layers
 // of at least `report_bytes` (each piece ends at a multiple of that many whole layers in the body, or
 // at the end of `bytes`), reporting the body landed so far after each.
-inline constexpr uint64_t kLandedReportBytes = uint64_t{8} << 20;
+// (32 MiB: a smaller piece would be copied on one thread, without streaming stores: kv_layout.cpp.)
+inline constexpr uint64_t kLandedReportBytes = uint64_t{32} << 20;
 Status scatter_reporting(std::span<const uint8_t> bytes, uint64_t body_offset, int32_t num_tokens,
                          const KvScatterTarget& target, uint64_t report_bytes = kLandedReportBytes);
 
