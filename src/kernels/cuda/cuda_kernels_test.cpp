@@ -5,8 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -378,6 +378,14 @@ TEST_P(CudaKernels, DrawsFromRowsWithoutAUsableLogitAreMarked) {
     ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
     EXPECT_EQ(download<int32_t>(ids, rows), want);
   }
+  // A draw: -1 for the unusable rows, the one usable token of row 4, usable tokens elsewhere.
+  auto check_drawn = [&](const char* how) {
+    const std::vector<int32_t> got = download<int32_t>(ids, rows);
+    for (int64_t r : {1, 2, 5}) EXPECT_EQ(got[r], -1) << how << ", row " << r;
+    EXPECT_EQ(got[4], 777) << how;
+    for (int64_t r : {0, 3})
+      EXPECT_TRUE(got[r] >= 0 && got[r] < v && !std::isnan(logits[r * v + got[r]])) << how << ", row " << r;
+  };
   // Tempered: the Gumbel keys (NaN logits give -inf keys), argmax, then the mark over the keys.
   std::vector<SampleDraw> draws(rows);
   for (int64_t r = 0; r < rows; ++r) draws[r] = {0.9f, 11, static_cast<uint64_t>(r), 0, 1.0f, 0.0f};
@@ -387,11 +395,7 @@ TEST_P(CudaKernels, DrawsFromRowsWithoutAUsableLogitAreMarked) {
     ASSERT_TRUE(gumbel_perturb(dl.as<float>(), rows, v, dd.as<SampleDraw>(), nullptr).ok());
     ASSERT_TRUE(argmax(dl.as<float>(), rows, v, ws.data(), ws_bytes, ids.as<int32_t>(), nullptr).ok());
     ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
-    const std::vector<int32_t> got = download<int32_t>(ids, rows);
-    for (int64_t r : {1, 2, 5}) EXPECT_EQ(got[r], -1) << r;
-    EXPECT_EQ(got[4], 777);
-    for (int64_t r : {0, 3})
-      EXPECT_TRUE(got[r] >= 0 && got[r] < v && !std::isnan(logits[r * v + got[r]])) << r;
+    check_drawn("tempered");
   }
   // Truncated (top-k and top-p): the kernel leaves the logits as they are.
   for (int64_t r = 0; r < rows; ++r) draws[r] = {0.9f, 11, static_cast<uint64_t>(r), 40, 0.9f, 0.0f};
@@ -403,11 +407,7 @@ TEST_P(CudaKernels, DrawsFromRowsWithoutAUsableLogitAreMarked) {
     if (drawn.code() == StatusCode::kUnimplemented) GTEST_SKIP() << drawn.message();
     ASSERT_TRUE(drawn.ok()) << drawn.to_string();
     ASSERT_TRUE(mark_unusable_draws(dl.as<float>(), rows, v, ids.as<int32_t>(), nullptr).ok());
-    const std::vector<int32_t> got = download<int32_t>(ids, rows);
-    for (int64_t r : {1, 2, 5}) EXPECT_EQ(got[r], -1) << r;
-    EXPECT_EQ(got[4], 777);
-    for (int64_t r : {0, 3})
-      EXPECT_TRUE(got[r] >= 0 && got[r] < v && !std::isnan(logits[r * v + got[r]])) << r;
+    check_drawn("truncated");
   }
 }
 
