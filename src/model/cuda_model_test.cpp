@@ -256,6 +256,46 @@ TEST_F(CudaModelTest, GreedyContinuationsMatchCpuEngine) {
 
 // The default model rounded to fp16 (f16_gguf): on the GPU in fp16 against the CPU engine on the
 // same file.
+// Activations beyond fp16's range: the MLP's gate and up weights scaled by 1000 (still far inside
+// fp16's range as weights, so the load accepts them) make SwiGLU's products overflow to inf in fp16,
+// and the logits NaN. Every draw of such a pass says so with -1 (greedy, tempered, truncated),
+// where the same weights in bf16, whose range holds those activations, draw usable tokens.
+TEST_F(CudaModelTest, AnFp16OverflowMarksItsDrawsUnusable) {
+  const TensorScale big_mlp = [](std::string_view name) {
+    return name.ends_with(".ffn_gate.weight") || name.ends_with(".ffn_up.weight") ? 1000.0f : 1.0f;
+  };
+  auto f16 = f16_gguf(*file_, big_mlp);
+  ASSERT_TRUE(f16.ok()) << f16.status().to_string();
+  auto fx = load_fixtures();
+  PromptPass pass(fx["cases"][0]["tokens"].get<std::vector<int32_t>>());
+  const RowDraw draws[] = {RowDraw{}, RowDraw{0.8f, 5, 0}, RowDraw{0.8f, 5, 0, 40, 0.9f, 0.02f}};
+  for (const cuda::Dtype dtype : {cuda::Dtype::kF16, cuda::Dtype::kBf16}) {
+    CudaModelOptions options{0, 64, kBlockSize};
+    options.dtype = dtype;
+    auto gpu = CudaLlamaModel::load_gguf(**f16, options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+    std::vector<float> logits(static_cast<size_t>(cpu_->config().vocab_size));
+    ASSERT_TRUE((*gpu)->forward(pass.batch, logits.data()).ok());
+    const auto nans = std::count_if(logits.begin(), logits.end(), [](float x) { return std::isnan(x); });
+    std::printf("%s with the MLP scaled by 1000: %ld of %zu logits NaN\n", cuda::dtype_name(dtype),
+                static_cast<long>(nans), logits.size());
+    for (const RowDraw& d : draws) {
+      int32_t drawn = 12345;
+      ASSERT_TRUE((*gpu)->forward_draw(pass.batch, std::span<const RowDraw>(&d, 1), &drawn).ok());
+      if (dtype == cuda::Dtype::kF16) {
+        EXPECT_EQ(drawn, -1) << "temperature " << d.temperature << ", top_k " << d.top_k;
+      } else {
+        EXPECT_TRUE(drawn >= 0 && drawn < cpu_->config().vocab_size) << drawn;
+      }
+    }
+    if (dtype == cuda::Dtype::kF16) {
+      EXPECT_EQ(nans, static_cast<long>(logits.size())) << "an overflow leaves every logit NaN";
+    } else {
+      EXPECT_EQ(nans, 0);
+    }
+  }
+}
+
 TEST_F(CudaModelTest, Fp16MatchesTheCpuEngineOnTheSameWeights) {
   auto f16 = f16_gguf(*file_);
   ASSERT_TRUE(f16.ok()) << f16.status().to_string();

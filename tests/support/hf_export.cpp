@@ -26,7 +26,8 @@ constexpr uint32_t kFileTypeF16 = 1;    // LLAMA_FTYPE_MOSTLY_F16
 // A GGUF tensor's rows dequantized and rounded to bf16 (as CudaLlamaModel::load_gguf does); with
 // unpermute_heads > 0, q or k rows put back in Hugging Face's order (GGUF's llama permutes them so
 // that adjacent pairs rotate: GGUF row h·hd + 2j + s is Hugging Face's row h·hd + s·hd/2 + j).
-std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads, bool fp16 = false) {
+std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads, bool fp16 = false,
+                               float scale = 1.0f) {
   const int64_t cols = t.dims[0], rows = t.num_elements() / cols;
   std::vector<float> row(static_cast<size_t>(cols));
   std::vector<uint8_t> out(static_cast<size_t>(rows * cols) * 2);
@@ -39,7 +40,7 @@ std::vector<uint8_t> bf16_rows(const GgufTensorInfo& t, int32_t unpermute_heads,
       dst = h * hd + (i % 2) * (hd / 2) + i / 2;
     }
     for (int64_t k = 0; k < cols; ++k) {
-      const float f = row[static_cast<size_t>(k)];
+      const float f = row[static_cast<size_t>(k)] * scale;
       const uint16_t b = fp16 ? cpu::fp32_to_fp16(f) : cpu::fp32_to_bf16(f);
       std::memcpy(out.data() + (dst * cols + k) * 2, &b, 2);
     }
@@ -168,7 +169,8 @@ namespace {
 // with `fp16` as F16 (rounded from the same dequantized values); with
 // `qwen2` (the model's config), as the qwen2 architecture: "qwen2." metadata, q and k rows in
 // Hugging Face's order (qwen2 rotates halves, as Hugging Face does).
-GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2, bool fp16 = false) {
+GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2, bool fp16 = false,
+                     const TensorScale& scale = nullptr) {
   GgufWriter w(3, model.alignment());
   for (const auto& [key, value] : model.metadata()) {
     if (key == "general.file_type") {
@@ -189,19 +191,20 @@ GgufWriter bf16_copy(const GgufFile& model, const ModelConfig* qwen2, bool fp16 
     int32_t heads = 0;
     if (qwen2 != nullptr && t.name.ends_with(".attn_q.weight")) heads = qwen2->num_heads;
     if (qwen2 != nullptr && t.name.ends_with(".attn_k.weight")) heads = qwen2->num_kv_heads;
-    w.add_tensor(t.name, fp16 ? GgmlType::kF16 : GgmlType::kBF16, t.dims, bf16_rows(t, heads, fp16));
+    w.add_tensor(t.name, fp16 ? GgmlType::kF16 : GgmlType::kBF16, t.dims,
+                 bf16_rows(t, heads, fp16, scale ? scale(t.name) : 1.0f));
   }
   return w;
 }
 
 }  // namespace
 
-StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model) {
-  return GgufFile::parse_owned(bf16_copy(model, nullptr).finish());
+StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model, const TensorScale& scale) {
+  return GgufFile::parse_owned(bf16_copy(model, nullptr, /*fp16=*/false, scale).finish());
 }
 
-StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model) {
-  return GgufFile::parse_owned(bf16_copy(model, nullptr, /*fp16=*/true).finish());
+StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model, const TensorScale& scale) {
+  return GgufFile::parse_owned(bf16_copy(model, nullptr, /*fp16=*/true, scale).finish());
 }
 
 StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const ModelConfig& c,

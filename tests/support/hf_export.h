@@ -4,8 +4,10 @@
 // pdserve: tests and the make_hf_checkpoint tool link it.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "common/status.h"
 #include "model/gguf.h"
@@ -42,10 +44,12 @@ StatusOr<std::unique_ptr<GgufFile>> qwen2_gguf(const GgufFile& model, const Mode
 // set to bf16): for a model whose F32 tensors are its norms (the default model's are), the weights
 // the GPU computes with, in a file the CPU engine runs. (The GPU would round F32 matrices to bf16
 // too; this keeps them F32.)
-StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model);
+// `scale`, where given, multiplies each such tensor's values (by its name) before the rounding.
+using TensorScale = std::function<float(std::string_view tensor_name)>;
+StatusOr<std::unique_ptr<GgufFile>> bf16_gguf(const GgufFile& model, const TensorScale& scale = nullptr);
 // The same with the tensors that are not F32 rounded to F16 instead (general.file_type F16): the
 // weights an fp16 GPU model of the file computes with.
-StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model);
+StatusOr<std::unique_ptr<GgufFile>> f16_gguf(const GgufFile& model, const TensorScale& scale = nullptr);
 
 // The GGUF's byte-level BPE vocabulary as tokenizer.json and tokenizer_config.json in `dir`, in
 // the form `transformers` saves SmolLM2's (and a config.json with vocab_size and the BOS/EOS ids
