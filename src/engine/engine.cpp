@@ -31,6 +31,7 @@ struct Engine::Active {
   std::chrono::steady_clock::time_point pull_started;
   bool pulling = false;
   bool pull_cancelled = false;  // the puller was told
+  bool suspect_kv = false;      // its logits held no usable value: its blocks leave the prefix cache
   // Prefill role: the send buffer taken at submit() until the KV goes into it; the layer-wise
   // send of this step (begin_early_handoff), and whether a layer failed to go.
   std::optional<KvSendBuffer> send;
@@ -1051,6 +1052,7 @@ void Engine::step() {
       EngineOutput out;
       out.finish_reason = "error";
       out.error = no_usable_logits(a.stream.num_tokens(), executor_->device(), executor_->number_format());
+      a.suspect_kv = true;  // the overflow may have reached its KV: no later request reuses it
       finish(c.seq, std::move(out));
       continue;
     }
@@ -1111,7 +1113,7 @@ void Engine::finish(SequenceId id, EngineOutput&& last) {
     std::lock_guard<std::mutex> lock(mu_);
     ++finished_by_reason_[last.finish_reason];
   }
-  scheduler_.remove(id);
+  scheduler_.remove(id, a.suspect_kv);
   pull_blocked_ = false;  // a seat or blocks may be free now
   OutputSink sink = std::move(a.sink);
   active_.erase(it);

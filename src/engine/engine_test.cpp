@@ -295,6 +295,7 @@ TEST_F(EngineTest, LogitsWithoutAUsableValueFailTheirRequestAlone) {
   shorter.ignore_eos = true;
   const Result want_long = run_one(plain, longer);
   const Result want_short = run_one(plain, shorter);
+  EXPECT_GT(plain.metrics().kv.num_blocks_cached, 0);  // a request that ends well leaves its blocks
   // The longer one's logits turn NaN 8 tokens into its answer; the shorter one never gets there.
   const int32_t nan_from = static_cast<int32_t>(longer.prompt.size()) + 7;
   ASSERT_LT(static_cast<int32_t>(shorter.prompt.size()) + 6, nan_from);
@@ -324,6 +325,8 @@ TEST_F(EngineTest, LogitsWithoutAUsableValueFailTheirRequestAlone) {
       EXPECT_EQ(got[1].tokens, want_short.tokens);
       const EngineMetrics m = e.metrics();
       EXPECT_EQ(m.nonfinite_logits_total, 1);
+      // Its full block (prompt and 8 tokens) left the prefix cache; the shorter one has none.
+      EXPECT_EQ(m.kv.num_blocks_cached, 0);
       EXPECT_EQ(m.kv.num_blocks_used, 0);
       EXPECT_EQ(m.running, 0);
       // The backend drew every token itself, or never did.

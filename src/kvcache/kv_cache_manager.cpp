@@ -143,9 +143,17 @@ void KvCacheManager::commit_full_blocks(SequenceId seq, std::span<const TokenId>
   }
 }
 
-void KvCacheManager::free(SequenceId seq) {
+void KvCacheManager::free(SequenceId seq, bool uncache) {
   auto it = sequences_.find(seq);
   PD_CHECK_MSG(it != sequences_.end(), "free() of an unknown sequence id");
+  if (uncache) {
+    for (BlockId b : it->second.blocks) {
+      if (pool_.ref_count(b) == 1 && pool_.is_cached(b)) {
+        index_.erase(b);
+        pool_.unmark_cached(b);
+      }
+    }
+  }
   // NOTE: release the last block first, so a chain's later blocks enter the LRU list before (and
   // so are evicted before) its earlier ones: evicting an early block makes all later ones
   // unreachable anyway.

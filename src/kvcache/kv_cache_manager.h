@@ -85,8 +85,10 @@ class KvCacheManager final : private BlockEvictionListener {
   void commit_full_blocks(SequenceId seq, std::span<const TokenId> tokens);
 
   // Drops the sequence and its references: cached blocks become evictable, others free.
+  // `uncache`: its cached blocks that no other sequence holds leave the prefix index first, and so
+  // become free (for KV that is suspect: the sequence's forward pass gave no usable logits).
   // PD_CHECKs that `seq` exists.
-  void free(SequenceId seq);
+  void free(SequenceId seq, bool uncache = false);
 
   // Tokens of `prompt_tokens` that allocate_for() would take from the cache now; no side effects.
   int32_t count_cached_tokens(std::span<const TokenId> prompt_tokens) const;

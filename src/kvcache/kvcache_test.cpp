@@ -342,6 +342,32 @@ TEST(KvCacheManager, SequencesSharingLeadingBlocksShareThem) {
   EXPECT_EQ(st.num_sequences, 1);
 }
 
+// free() with `uncache` takes the sequence's cached blocks out of the prefix index, except those
+// another sequence holds: its KV is suspect, so no later prompt reuses it.
+TEST(KvCacheManager, UncachingAFreedSequenceKeepsOnlyTheBlocksOthersHold) {
+  for (const bool uncache : {false, true}) {
+    KvCacheManager kv(small_config(16));
+    auto p1 = iota_tokens(13, 0);  // three full blocks and a partial one
+    ASSERT_TRUE(kv.allocate_for(1, p1).ok());
+    kv.commit_full_blocks(1, p1);
+    auto p2 = concat(iota_tokens(4, 0), iota_tokens(5, 50));  // shares the first block
+    auto a2 = kv.allocate_for(2, p2);
+    ASSERT_TRUE(a2.ok());
+    EXPECT_EQ(a2->num_cached_tokens, 4);
+    EXPECT_EQ(kv.stats().num_blocks_cached, 3);
+    kv.free(1, uncache);
+    EXPECT_VALID(kv);
+    const KvCacheStats st = kv.stats();
+    EXPECT_EQ(st.num_blocks_cached, uncache ? 1 : 3) << uncache;  // 1: the block sequence 2 holds
+    EXPECT_EQ(st.num_blocks_cached_evictable, uncache ? 0 : 2) << uncache;
+    EXPECT_EQ(st.num_blocks_free, 16 - 3);  // free-listed or evictable, the same room either way
+    EXPECT_EQ(kv.count_cached_tokens(p1), uncache ? 4 : 12) << uncache;
+    kv.free(2);
+    EXPECT_VALID(kv);
+    EXPECT_EQ(kv.count_cached_tokens(p1), uncache ? 4 : 12) << uncache;
+  }
+}
+
 TEST(KvCacheManager, APartialLastBlockIsNeverShared) {
   KvCacheManager kv(small_config(16));
   auto p = iota_tokens(6, 0);

@@ -161,14 +161,14 @@ void Scheduler::activate(SequenceId id, int32_t first_token) {
   running_.push_back(id);
 }
 
-void Scheduler::remove(SequenceId id) {
+void Scheduler::remove(SequenceId id, bool uncache) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) return;
   if (it->second.landing) {
-    kv_.free(id);
+    kv_.free(id, uncache);
     --num_landing_;
   } else if (it->second.running) {
-    kv_.free(id);
+    kv_.free(id, uncache);
     running_.erase(std::find(running_.begin(), running_.end(), id));
   } else {
     auto w = std::find(waiting_.begin(), waiting_.end(), id);

@@ -68,8 +68,10 @@ class Scheduler {
   void complete(const StepPlan& plan);
   // Appends a sampled token to a running sequence (after complete()).
   void append_token(SequenceId seq, int32_t token);
-  // Drops a sequence wherever it is (finished, cancelled, failed, landing) and frees its blocks.
-  void remove(SequenceId seq);
+  // Drops a sequence wherever it is (finished, cancelled, failed, landing) and frees its blocks;
+  // `uncache`: its blocks leave the prefix cache too where no other sequence holds them
+  // (KvCacheManager::free).
+  void remove(SequenceId seq, bool uncache = false);
 
   // Decode role: a sequence whose prompt KV is computed elsewhere (a prefill instance) and lands
   // here. `tokens` is the prompt followed by the first generated token. Allocates fresh blocks
