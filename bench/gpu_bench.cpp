@@ -251,16 +251,20 @@ int write_json(const std::string& path, const Json& out) {
   return 0;
 }
 
-// Median milliseconds of `work` on `stream` (CUDA events), each run after 100 ms of idle GPUs.
-double median_after_idle_ms(int reps, StreamHandle stream, const std::function<void()>& work) {
+// The median of `reps` timings by `time_one` (milliseconds), each after 100 ms of idle GPUs.
+double median_after_idle(int reps, const std::function<double()>& time_one) {
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
     CHECK_OK(synchronize());
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    ms.push_back(median_ms(0, 1, stream, work));
+    ms.push_back(time_one());
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
+}
+// Median milliseconds of `work` on `stream` (CUDA events), each run after 100 ms of idle GPUs.
+double median_after_idle_ms(int reps, StreamHandle stream, const std::function<void()>& work) {
+  return median_after_idle(reps, [&] { return median_ms(0, 1, stream, work); });
 }
 
 // Set in the environment of the sender process cross_process_section starts ("quick" or "full").
@@ -674,15 +678,8 @@ std::string cross_process_section(double peer_gbps, bool quick) {
     clear();
     t.back_to_back = median_wall_ms(2, reps, pull);
     verify(what);
-    std::vector<double> ms;
     clear();
-    for (int i = 0; i < reps; ++i) {
-      CHECK_OK(synchronize());
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      ms.push_back(median_wall_ms(0, 1, pull));
-    }
-    std::sort(ms.begin(), ms.end());
-    t.after_idle = ms[ms.size() / 2];
+    t.after_idle = median_after_idle(reps, [&] { return median_wall_ms(0, 1, pull); });
     verify(what);
     return t;
   };
