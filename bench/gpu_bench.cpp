@@ -2,6 +2,7 @@
 // (docs/perf/gpu.md). Every figure is the median of repeated runs timed with CUDA events.
 //
 //   pdserve_gpu_bench [--json PATH] [--quick] [--model NAME | --no-model] [--no-programmatic-launch]
+//                     [--prefill-attention-mma] ...  (--help lists them all)
 //
 // Ceilings: a large device-to-device copy (bytes read + written per second), a large bf16 matrix
 // product (FLOP/s, random data), and a 1 GiB peer copy each way between GPUs 0 and 1 where there
@@ -1092,6 +1093,8 @@ int main(int argc, char** argv) {
       model_name.clear();
     } else if (std::strcmp(argv[i], "--no-programmatic-launch") == 0) {
       set_programmatic_launch(false);
+    } else if (std::strcmp(argv[i], "--prefill-attention-mma") == 0) {
+      set_prefill_attention_wgmma(false);
     } else if (std::strcmp(argv[i], "--decode-balance-keys") == 0 && i + 1 < argc) {
       balance_keys = std::atoi(argv[++i]);
       set_decode_balance_keys(balance_keys);
@@ -1149,6 +1152,8 @@ int main(int argc, char** argv) {
           "  --dtype bf16|fp16  the models' number format (default bf16)\n"
           "  --no-programmatic-launch  every kernel starts after the one before it has\n"
           "                ended (by default the model's kernels overlap the one ahead)\n"
+          "  --prefill-attention-mma  prefill attention on mma.sync even where Hopper's\n"
+          "                warpgroup MMA form runs (sm_90 GPUs take it at head_dim 128)\n"
           "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"
           "                takes when it shares all (sequence, kv head) pairs' keys evenly among one\n"
           "                wave of CTAs (default 64; 0: one CTA a pair, no balancing)\n"
@@ -1186,6 +1191,9 @@ int main(int argc, char** argv) {
   Json out;
   out.add("gpu", info.name);
   out.add("programmatic_launch", programmatic_launch() ? 1 : 0);
+  out.add("prefill_attention_wgmma", prefill_attention_uses_wgmma(128) ? 1 : 0);
+  std::printf("prefill attention on %s\n",
+              prefill_attention_uses_wgmma(128) ? "warpgroup MMA (wgmma)" : "mma.sync");
   out.add("decode_balance_keys", balance_keys);
   out.add("decode_tc_pairs_per_sm", tc_pairs_per_sm);
   out.add("decode_split_ctas_per_sm", split_ctas_per_sm);

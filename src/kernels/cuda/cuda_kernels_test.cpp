@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -994,6 +995,7 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       {64, 9, 3, 16, {{0, 150}, {70, 44}, {3, 1}}},  // several CTAs a chunk, unmasked tiles between
       {64, 8, 8, 16, {{10, 300}, {0, 33}}},          // the same without grouping
       {128, 32, 8, 16, {{0, 200}, {300, 64}}},       // Llama-3.1-8B's
+      {128, 8, 2, 16, {{0, 520}, {77, 300}}},        // many tiles; a chunk starting inside a tile
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
       // Every chunk one token (decode): the 4-warp decode form, around its 16-key tiles and 64-key
@@ -1010,125 +1012,145 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       // Blocks that are not a power of two: decode chunks in the general form.
       {128, 32, 8, 24, {{0, 1}, {23, 1}, {24, 1}, {1000, 1}}},
   };
-  int balanced_runs = 0;
-  struct RestoreBalance {
-    ~RestoreBalance() {
+  int balanced_runs = 0, wgmma_cases = 0;
+  double worst_share[2] = {0, 0};  // the largest error as a share of its bound: mma.sync, warpgroup MMA
+  struct RestoreSettings {
+    ~RestoreSettings() {
       set_decode_balance_keys(kDefaultDecodeBalanceKeys);
+      set_prefill_attention_wgmma(true);
     }  // also when an assertion returns
-  } restore_balance;
-  for (const PrefillCase& c : cases) {
-    const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
-    int32_t tokens = 0, max_len = 0, max_end = 0;
-    for (auto [first, len] : c.chunks) {
-      tokens += len;
-      max_len = std::max(max_len, len);
-      max_end = std::max(max_end, first + len);
+  } restore_settings;
+  // The general form on mma.sync, then on Hopper's warpgroup MMA where this GPU and build have it.
+  for (const bool wgmma : {false, true}) {
+    set_prefill_attention_wgmma(wgmma);
+    if (wgmma && !prefill_attention_uses_wgmma(128)) {
+      std::printf(
+          "note: no warpgroup-MMA prefill attention on this GPU or build (sm_90 only): that pass skipped\n");
+      continue;
     }
-    const int32_t max_blocks = (max_end + c.block_size - 1) / c.block_size;
-    const int32_t total_blocks = num_chunks * max_blocks + 2;
-    const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
-    const int64_t q_stride = int64_t{c.num_heads} * c.head_dim + 8;  // rows with room after the heads
-    std::vector<float> kf, vf, qf;
-    std::vector<uint16_t> k = randn16(total_blocks * c.block_size * width, &kf);
-    std::vector<uint16_t> v = randn16(total_blocks * c.block_size * width, &vf);
-    std::vector<uint16_t> q = randn16(int64_t{tokens} * q_stride, &qf);
-    std::vector<int32_t> pool(total_blocks);
-    std::iota(pool.begin(), pool.end(), 0);
-    std::shuffle(pool.begin(), pool.end(), rng_);
-    std::vector<int32_t> tables(int64_t{num_chunks} * max_blocks, -1), q_start, len, first;
-    int32_t at = 0;
-    for (int32_t ch = 0; ch < num_chunks; ++ch) {
-      const auto [f, n] = c.chunks[ch];
-      for (int32_t b = 0; b < (f + n + c.block_size - 1) / c.block_size; ++b)
-        tables[ch * max_blocks + b] = pool[ch * max_blocks + b];
-      q_start.push_back(at);
-      len.push_back(n);
-      first.push_back(f);
-      at += n;
-    }
-    auto dk = upload(k), dv = upload(v), dq = upload(q), dtab = upload(tables), dstart = upload(q_start),
-         dlen = upload(len), dfirst = upload(first);
-    auto out = poisoned<uint16_t>(int64_t{tokens} * c.num_heads * c.head_dim);
-    PrefillAttentionArgs a;
-    a.q = dq.as<uint16_t>();
-    a.q_stride = q_stride;
-    a.num_heads = c.num_heads;
-    a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim, dtype_};
-    a.num_chunks = num_chunks;
-    a.chunk_q_start = dstart.as<int32_t>();
-    a.chunk_len = dlen.as<int32_t>();
-    a.chunk_first_pos = dfirst.as<int32_t>();
-    a.block_tables = dtab.as<int32_t>();
-    a.max_blocks_per_seq = max_blocks;
-    a.max_chunk_len = max_len;
-    a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-    a.out = out.as<uint16_t>();
-    const int64_t out_values = int64_t{tokens} * c.num_heads * c.head_dim;
-    // Decode chunks again with a workspace: the balanced form, all pairs' keys shared by one wave of
-    // CTAs, pairs split between CTAs and merged by the last one to finish. From 64 keys a CTA (pairs
-    // across many CTAs) to 4096 (a few CTAs, each over several pairs).
-    for (const int32_t min_keys : {0, 64, 256, 4096}) {
-      const bool balanced = min_keys > 0;
-      if (balanced && max_len != 1) break;
-      DeviceBuffer ws, counters;
-      const size_t num_counters = static_cast<size_t>(num_chunks) * c.num_kv_heads;
-      if (balanced) {
-        set_decode_balance_keys(min_keys);
-        const size_t ws_bytes = prefill_attention_workspace_bytes(a);
-        if ((c.block_size & (c.block_size - 1)) != 0) {
-          ASSERT_EQ(ws_bytes, 0u) << "the decode form takes power-of-two blocks only";
-          break;
-        }
-        ASSERT_GT(ws_bytes, 0u) << "the decode form is not balanced";
-        ++balanced_runs;
-        ws = poisoned<uint8_t>(ws_bytes);
-        counters = upload(std::vector<int32_t>(num_counters, 0));
-        a.workspace = ws.data();
-        a.workspace_bytes = ws_bytes;
-        a.split_counters = counters.as<int32_t>();
+    for (const PrefillCase& c : cases) {
+      const int32_t num_chunks = static_cast<int32_t>(c.chunks.size());
+      int32_t tokens = 0, max_len = 0, max_end = 0;
+      for (auto [first, len] : c.chunks) {
+        tokens += len;
+        max_len = std::max(max_len, len);
+        max_end = std::max(max_end, first + len);
       }
-      ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
-      ASSERT_TRUE(prefill_attention(a, nullptr).ok());
-      const std::vector<uint16_t> bits = download<uint16_t>(out, out_values);
-      if (balanced) {
-        // Pairs were split (unless one CTA took the whole batch: too few 64-key units for two of
-        // min_keys): their CTAs wrote their states to the workspace.
-        int64_t units = 0;
-        for (auto [chunk_first, chunk_len] : c.chunks) units += chunk_len > 0 ? chunk_first / 64 + 1 : 0;
-        units *= c.num_kv_heads;
-        const std::vector<uint8_t> after = download<uint8_t>(ws, a.workspace_bytes);
-        if (units / ((min_keys + 63) / 64) >= 2) {
-          ASSERT_NE(after, std::vector<uint8_t>(after.size(), 0xFF))
-              << "the workspace was not used (min_keys " << min_keys << ", block size " << c.block_size
-              << ")";
+      // The decode form (one-token chunks, power-of-two blocks, groups up to 8) has no
+      // warpgroup-MMA variant, nor has head_dim 64: their cases ran in the first pass.
+      const bool decode_form =
+          max_len == 1 && (c.block_size & (c.block_size - 1)) == 0 && c.num_heads / c.num_kv_heads <= 8;
+      if (wgmma && (decode_form || !prefill_attention_uses_wgmma(c.head_dim))) continue;
+      wgmma_cases += wgmma ? 1 : 0;
+      const int32_t max_blocks = (max_end + c.block_size - 1) / c.block_size;
+      const int32_t total_blocks = num_chunks * max_blocks + 2;
+      const int64_t width = int64_t{c.num_kv_heads} * c.head_dim;
+      const int64_t q_stride = int64_t{c.num_heads} * c.head_dim + 8;  // rows with room after the heads
+      std::vector<float> kf, vf, qf;
+      std::vector<uint16_t> k = randn16(total_blocks * c.block_size * width, &kf);
+      std::vector<uint16_t> v = randn16(total_blocks * c.block_size * width, &vf);
+      std::vector<uint16_t> q = randn16(int64_t{tokens} * q_stride, &qf);
+      std::vector<int32_t> pool(total_blocks);
+      std::iota(pool.begin(), pool.end(), 0);
+      std::shuffle(pool.begin(), pool.end(), rng_);
+      std::vector<int32_t> tables(int64_t{num_chunks} * max_blocks, -1), q_start, len, first;
+      int32_t at = 0;
+      for (int32_t ch = 0; ch < num_chunks; ++ch) {
+        const auto [f, n] = c.chunks[ch];
+        for (int32_t b = 0; b < (f + n + c.block_size - 1) / c.block_size; ++b)
+          tables[ch * max_blocks + b] = pool[ch * max_blocks + b];
+        q_start.push_back(at);
+        len.push_back(n);
+        first.push_back(f);
+        at += n;
+      }
+      auto dk = upload(k), dv = upload(v), dq = upload(q), dtab = upload(tables), dstart = upload(q_start),
+           dlen = upload(len), dfirst = upload(first);
+      auto out = poisoned<uint16_t>(int64_t{tokens} * c.num_heads * c.head_dim);
+      PrefillAttentionArgs a;
+      a.q = dq.as<uint16_t>();
+      a.q_stride = q_stride;
+      a.num_heads = c.num_heads;
+      a.kv = PagedKv{dk.as<uint16_t>(), dv.as<uint16_t>(), c.block_size, c.num_kv_heads, c.head_dim, dtype_};
+      a.num_chunks = num_chunks;
+      a.chunk_q_start = dstart.as<int32_t>();
+      a.chunk_len = dlen.as<int32_t>();
+      a.chunk_first_pos = dfirst.as<int32_t>();
+      a.block_tables = dtab.as<int32_t>();
+      a.max_blocks_per_seq = max_blocks;
+      a.max_chunk_len = max_len;
+      a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+      a.out = out.as<uint16_t>();
+      const int64_t out_values = int64_t{tokens} * c.num_heads * c.head_dim;
+      // Decode chunks again with a workspace: the balanced form, all pairs' keys shared by one wave of
+      // CTAs, pairs split between CTAs and merged by the last one to finish. From 64 keys a CTA (pairs
+      // across many CTAs) to 4096 (a few CTAs, each over several pairs).
+      for (const int32_t min_keys : {0, 64, 256, 4096}) {
+        const bool balanced = min_keys > 0;
+        if (balanced && max_len != 1) break;
+        DeviceBuffer ws, counters;
+        const size_t num_counters = static_cast<size_t>(num_chunks) * c.num_kv_heads;
+        if (balanced) {
+          set_decode_balance_keys(min_keys);
+          const size_t ws_bytes = prefill_attention_workspace_bytes(a);
+          if ((c.block_size & (c.block_size - 1)) != 0) {
+            ASSERT_EQ(ws_bytes, 0u) << "the decode form takes power-of-two blocks only";
+            break;
+          }
+          ASSERT_GT(ws_bytes, 0u) << "the decode form is not balanced";
+          ++balanced_runs;
+          ws = poisoned<uint8_t>(ws_bytes);
+          counters = upload(std::vector<int32_t>(num_counters, 0));
+          a.workspace = ws.data();
+          a.workspace_bytes = ws_bytes;
+          a.split_counters = counters.as<int32_t>();
         }
-        // Again with the counters the first call must have left zero: the same bits.
-        ASSERT_EQ(download<int32_t>(counters, num_counters), std::vector<int32_t>(num_counters, 0));
         ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
         ASSERT_TRUE(prefill_attention(a, nullptr).ok());
-        ASSERT_EQ(download<uint16_t>(out, out_values), bits);
-      }
-      const std::vector<float> got = widen(bits);
-      const int32_t group = c.num_heads / c.num_kv_heads;
-      for (int32_t ch = 0; ch < num_chunks; ++ch) {
-        for (int32_t t = 0; t < len[ch]; ++t) {
-          const int32_t keys = first[ch] + t + 1;
-          for (int32_t h = 0; h < c.num_heads; ++h) {
-            const int32_t kvh = h / group;
-            const float* qh = &qf[int64_t{q_start[ch] + t} * q_stride + int64_t{h} * c.head_dim];
-            auto row = [&](int32_t key) {
-              return (int64_t{tables[ch * max_blocks + key / c.block_size]} * c.num_kv_heads + kvh) *
-                         c.block_size +
-                     key % c.block_size;
-            };
-            const HeadReference want = reference_head(qh, c.head_dim, keys, row, kf, vf, a.scale);
-            for (int32_t d = 0; d < c.head_dim; ++d) {
-              const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
-              // P is rounded to 16 bits before P·V (one rounding of each weight: at most half of rel_ of
-              // Σ p|v|, twice that allowed), then the output (one more rounding).
-              ASSERT_NEAR(g, want.out[d], rel_ * std::abs(want.out[d]) + rel_ * want.weighted[d] + 1e-6)
-                  << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h << " d "
-                  << d;
+        const std::vector<uint16_t> bits = download<uint16_t>(out, out_values);
+        if (balanced) {
+          // Pairs were split (unless one CTA took the whole batch: too few 64-key units for two of
+          // min_keys): their CTAs wrote their states to the workspace.
+          int64_t units = 0;
+          for (auto [chunk_first, chunk_len] : c.chunks) units += chunk_len > 0 ? chunk_first / 64 + 1 : 0;
+          units *= c.num_kv_heads;
+          const std::vector<uint8_t> after = download<uint8_t>(ws, a.workspace_bytes);
+          if (units / ((min_keys + 63) / 64) >= 2) {
+            ASSERT_NE(after, std::vector<uint8_t>(after.size(), 0xFF))
+                << "the workspace was not used (min_keys " << min_keys << ", block size " << c.block_size
+                << ")";
+          }
+          // Again with the counters the first call must have left zero: the same bits.
+          ASSERT_EQ(download<int32_t>(counters, num_counters), std::vector<int32_t>(num_counters, 0));
+          ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
+          ASSERT_TRUE(prefill_attention(a, nullptr).ok());
+          ASSERT_EQ(download<uint16_t>(out, out_values), bits);
+        }
+        const std::vector<float> got = widen(bits);
+        const int32_t group = c.num_heads / c.num_kv_heads;
+        for (int32_t ch = 0; ch < num_chunks; ++ch) {
+          for (int32_t t = 0; t < len[ch]; ++t) {
+            const int32_t keys = first[ch] + t + 1;
+            for (int32_t h = 0; h < c.num_heads; ++h) {
+              const int32_t kvh = h / group;
+              const float* qh = &qf[int64_t{q_start[ch] + t} * q_stride + int64_t{h} * c.head_dim];
+              auto row = [&](int32_t key) {
+                return (int64_t{tables[ch * max_blocks + key / c.block_size]} * c.num_kv_heads + kvh) *
+                           c.block_size +
+                       key % c.block_size;
+              };
+              const HeadReference want = reference_head(qh, c.head_dim, keys, row, kf, vf, a.scale);
+              for (int32_t d = 0; d < c.head_dim; ++d) {
+                const float g = got[(int64_t{q_start[ch] + t} * c.num_heads + h) * c.head_dim + d];
+                // P is rounded to 16 bits before P·V (one rounding of each weight: at most half of rel_ of
+                // Σ p|v|, twice that allowed), then the output (one more rounding).
+                const double bound = rel_ * std::abs(want.out[d]) + rel_ * want.weighted[d] + 1e-6;
+                worst_share[wgmma ? 1 : 0] =
+                    std::max(worst_share[wgmma ? 1 : 0], std::abs(g - want.out[d]) / bound);
+                ASSERT_NEAR(g, want.out[d], bound)
+                    << "head_dim " << c.head_dim << " chunk " << ch << " token " << t << " head " << h
+                    << " d " << d << (wgmma ? " (warpgroup MMA)" : " (mma.sync)");
+              }
             }
           }
         }
@@ -1136,6 +1158,11 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
     }
   }
   EXPECT_EQ(balanced_runs, 24) << "the balanced decode form did not run where it should";
+  if (prefill_attention_uses_wgmma(128)) {
+    EXPECT_EQ(wgmma_cases, 4) << "the head_dim 128 prefill cases";
+  }
+  std::printf("prefill attention (%s): largest error %.3f of its bound on mma.sync, %.3f on warpgroup MMA\n",
+              dtype_name(dtype_), worst_share[0], worst_share[1]);
 }
 
 TEST_P(CudaKernels, DecodeAttentionRefusesWhatItCannotRun) {

@@ -6,6 +6,8 @@
 // cp.async (two stages, so the next tile loads while this one is used), S = Q·Kᵀ and O += P·V run
 // as mma.sync m16n8k16 (bf16 or fp16 in, float accumulation), and the softmax is kept online per row in
 // registers. Each warp owns 16 rows. Causal: row (token t) sees keys [0, first_position + t].
+// On sm_90 GPUs at head_dim 128 the general form runs on warpgroup MMA instead
+// (prefill_attention_sm90a.cu); the decode forms stay here. Shared device code: attention_tiles.cuh.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -13,267 +15,17 @@
 #include <array>
 #include <atomic>
 
+#include "kernels/cuda/attention_tiles.cuh"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/ops.h"
+#ifdef PDSERVE_CUDA_SM90A
+#include "kernels/cuda/prefill_attention_sm90a.h"
+#endif
 
 namespace pdserve::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRowsPerWarp = 16;
-constexpr int kRows = kWarps * kRowsPerWarp;  // query rows per CTA
-constexpr int kKeys = 64;                     // keys per tile
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global → shared, asynchronously; with `valid` false the destination is zero-filled.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// ldmatrix from a shared-memory address (smem_addr).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// 2^x in one instruction; results below 2^-126 flush to zero (softmax weights that small do not
-// matter), -inf gives 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// d += a · b for one m16n8k16 tile (T: bf16 or fp16 in, float accumulators).
-template <typename T>
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (T::kF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Shared-memory tiles: a row of HEAD_DIM values is HEAD_DIM/8 chunks of 16 bytes; chunk c of row r is
-// stored at chunk c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8 different bank groups.
-
-// One warp's part of attention: 16 query rows (lane holds rows lane/4, "lo", and lane/4 + 8, "hi"),
-// their Q fragments, and the online softmax state (m, l in the log2 domain; O in registers).
-template <typename T, int HEAD_DIM>
-struct WarpAttention {
-  static constexpr int kSteps = HEAD_DIM / 16;    // k-steps of Q·Kᵀ
-  static constexpr int kDimTiles = HEAD_DIM / 8;  // n-tiles of O
-  uint32_t qf[kSteps][4];
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0, l_hi = 0;
-  float o[kDimTiles][4];
-
-  // Q fragments (A operand, 16 × HEAD_DIM) straight from global memory; a null row reads zeros.
-  __device__ __forceinline__ void load_q(const uint16_t* q_lo, const uint16_t* q_hi, int lane) {
-    const int col = (lane % 4) * 2;
-    auto ld = [](const uint16_t* p, int c) {
-      return p != nullptr ? *reinterpret_cast<const uint32_t*>(p + c) : 0u;
-    };
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      qf[s][0] = ld(q_lo, s * 16 + col);
-      qf[s][1] = ld(q_hi, s * 16 + col);
-      qf[s][2] = ld(q_lo, s * 16 + col + 8);
-      qf[s][3] = ld(q_hi, s * 16 + col + 8);
-    }
-#pragma unroll
-    for (int t = 0; t < kDimTiles; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0;
-  }
-
-  // One tile of KEYS keys from shared memory (kt, vt: KEYS swizzled rows), the first being key
-  // `key_base`: S = Q·Kᵀ, keys at or past a row's limit masked, the online softmax, O += P·V.
-  // `full_keys` (the same in the whole warp): every row whose output is kept sees the keys below
-  // it, so a tile below it is not masked (rows whose output is dropped then see keys past their
-  // limit).
-  template <int KEYS>
-  __device__ __forceinline__ void tile(const uint16_t* kt, const uint16_t* vt, int key_base, int limit_lo,
-                                       int limit_hi, int full_keys, float scale_log2, int lane) {
-    // Fragment addresses. In every fragment a lane reads rows with row % 8 == lane % 8, so the
-    // swizzle is an XOR of the step on a per-lane offset, and each ldmatrix an immediate offset
-    // from one of a few addresses. K: keys n2·16 + (0..7 | 8..15) × dims ks·16 + (0..7 | 8..15),
-    // chunk 2·ks + (mat & 1), at byte n2·16·kRowBytes + (k_off ^ (ks << 5)). V: keys kk·16 + (0..7
-    // | 8..15) × dims d2·16 + (0..7 | 8..15), chunk 2·d2 + (mat >> 1), at kk·16·kRowBytes + (v_off
-    // ^ (d2 << 5)). (The XOR stays within the chunk bits, 4 up to 6 or 7, below the row's.)
-    constexpr uint32_t kRowBytes = HEAD_DIM * 2;
-    const uint32_t l7 = lane & 7, mat = lane >> 3;
-    const uint32_t k_off = ((mat >> 1) * 8 + l7) * kRowBytes + (((mat & 1) ^ l7) << 4);
-    const uint32_t v_off = ((mat & 1) * 8 + l7) * kRowBytes + (((mat >> 1) ^ l7) << 4);
-    const uint32_t k_smem = smem_addr(kt), v_smem = smem_addr(vt);
-    // S: 16 rows × KEYS keys as n-tiles of 8 keys. Four 8×8 matrices per ldmatrix.
-    float s[KEYS / 8][4];
-#pragma unroll
-    for (int n = 0; n < KEYS / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      const uint32_t k_at = k_smem + (k_off ^ (static_cast<uint32_t>(ks) << 5));
-#pragma unroll
-      for (int n2 = 0; n2 < KEYS / 16; ++n2) {
-        uint32_t b[4];
-        ldmatrix_x4(b, k_at + n2 * 16 * kRowBytes);
-        mma16816<T>(s[2 * n2], qf[ks], b[0], b[1]);
-        mma16816<T>(s[2 * n2 + 1], qf[ks], b[2], b[3]);
-      }
-    }
-    // Mask (a tile that reaches past full_keys), then the online softmax of rows lo and hi.
-    float tmax_lo = -INFINITY, tmax_hi = -INFINITY;
-    if (key_base + KEYS > full_keys) {
-      const int key0 = key_base + (lane % 4) * 2;
-#pragma unroll
-      for (int n = 0; n < KEYS / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = key0 + n * 8 + e;
-          s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
-          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
-          tmax_lo = fmaxf(tmax_lo, s[n][e]);
-          tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < KEYS / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[n][e] *= scale_log2;
-          s[n][2 + e] *= scale_log2;
-          tmax_lo = fmaxf(tmax_lo, s[n][e]);
-          tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
-        }
-      }
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off *= 2) {
-      tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
-      tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
-    }
-    const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
-    // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
-    const float base_lo = new_lo == -INFINITY ? 0.0f : new_lo;
-    const float base_hi = new_hi == -INFINITY ? 0.0f : new_hi;
-    const float corr_lo = fast_exp2(m_lo - base_lo), corr_hi = fast_exp2(m_hi - base_hi);
-    m_lo = new_lo;
-    m_hi = new_hi;
-    float sum_lo = 0, sum_hi = 0;
-#pragma unroll
-    for (int n = 0; n < KEYS / 8; ++n) {
-      s[n][0] = fast_exp2(s[n][0] - base_lo);
-      s[n][1] = fast_exp2(s[n][1] - base_lo);
-      s[n][2] = fast_exp2(s[n][2] - base_hi);
-      s[n][3] = fast_exp2(s[n][3] - base_hi);
-      sum_lo += s[n][0] + s[n][1];
-      sum_hi += s[n][2] + s[n][3];
-    }
-    l_lo = l_lo * corr_lo + sum_lo;  // per-thread partial sums; finish() folds the quad
-    l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-    for (int t = 0; t < kDimTiles; ++t) {
-      o[t][0] *= corr_lo;
-      o[t][1] *= corr_lo;
-      o[t][2] *= corr_hi;
-      o[t][3] *= corr_hi;
-    }
-    // O += P · V: P as the A operand (16 rows × 16 keys per k-step, from two S n-tiles); V through
-    // transposed ldmatrix: keys kk·16 + (0..7 | 8..15) × dims d2·16 + (0..7 | 8..15).
-#pragma unroll
-    for (int kk = 0; kk < KEYS / 16; ++kk) {
-      uint32_t p[4];
-      p[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int d2 = 0; d2 < kDimTiles / 2; ++d2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, v_smem + (v_off ^ (static_cast<uint32_t>(d2) << 5)) + kk * 16 * kRowBytes);
-        mma16816<T>(o[2 * d2], p, b[0], b[1]);
-        mma16816<T>(o[2 * d2 + 1], p, b[2], b[3]);
-      }
-    }
-  }
-
-  // Folds each row's l over the quad of lanes that hold it (after the last tile).
-  __device__ __forceinline__ void finish() {
-#pragma unroll
-    for (int off = 1; off <= 2; off *= 2) {
-      l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
-      l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
-    }
-  }
-};
-
-// kPow2Blocks: the block size is a power of two (a key's block and row by shift and mask).
-// Copies kKeys consecutive key rows of one (chunk, kv head) pair's K and V from the paged cache
-// into shared memory as [kKeys][HEAD_DIM] swizzled tiles (cp.async; the caller commits); keys at
-// or past key_end are zero-filled. Thread t copies 16-byte chunk t % kChunks of rows r0 = t /
-// kChunks, r0 + kRowStep, ...: all with the same row % 8, so the same swizzled chunk. kPow2Blocks:
-// the block size is a power of two (a key's block and row by shift and mask, not a division).
-template <int HEAD_DIM, bool kPow2Blocks>
-struct KeyTileCopier {
-  static constexpr int kChunks = HEAD_DIM / 8;
-  static constexpr int kRowStep = kThreads / kChunks;
-  static_assert(kRowStep % 8 == 0 && kKeys % kRowStep == 0, "a thread's rows must share row % 8");
-  const int32_t* table;
-  const uint16_t* k_at;
-  const uint16_t* v_at;
-  int64_t block_stride;
-  int bs, bs_shift, r0, swizzled;
-
-  __device__ __forceinline__ KeyTileCopier(const PrefillAttentionArgs& a, int chunk, int kv_head) {
-    const int c = threadIdx.x % kChunks;
-    bs = a.kv.block_size;
-    bs_shift = __ffs(bs) - 1;  // used with kPow2Blocks only
-    r0 = threadIdx.x / kChunks;
-    swizzled = (c ^ (r0 & 7)) * 8;
-    table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
-    const int64_t head_block = int64_t{bs} * HEAD_DIM;  // one head's rows of a block
-    block_stride = int64_t{a.kv.num_kv_heads} * head_block;
-    k_at = a.kv.k + int64_t{kv_head} * head_block + c * 8;
-    v_at = a.kv.v + int64_t{kv_head} * head_block + c * 8;
-  }
-
-  __device__ __forceinline__ void copy(uint16_t* k_tile, uint16_t* v_tile, int key0, int key_end) const {
-#pragma unroll
-    for (int i = 0; i < kKeys / kRowStep; ++i) {
-      const int row = r0 + i * kRowStep;
-      const int key = key0 + row;
-      const bool valid = key < key_end;
-      const int block = kPow2Blocks ? key >> bs_shift : key / bs;
-      const int in_block = kPow2Blocks ? key & (bs - 1) : key - block * bs;
-      const int64_t off = valid ? table[block] * block_stride + int64_t{in_block} * HEAD_DIM : 0;
-      const int at = row * HEAD_DIM + swizzled;
-      cp_async16(k_tile + at, k_at + off, valid);
-      cp_async16(v_tile + at, v_at + off, valid);
-    }
-  }
-};
+using namespace attention_tiles;  // NOLINT(google-build-using-namespace): this file's own tiles
 
 template <typename T, int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
@@ -735,6 +487,22 @@ bool decode_form(const PrefillAttentionArgs& a) {
 }
 
 std::atomic<int32_t> g_decode_balance_keys{kDefaultDecodeBalanceKeys};
+std::atomic<bool> g_prefill_wgmma{true};
+
+// Whether the general form runs on Hopper's warpgroup MMA (prefill_attention_sm90a.cu) here, for
+// heads of head_dim values. Head_dim 128 only: at 64 (the default model's) that form moved the
+// model's parity figures against the CPU engine (greedy continuations, a permutation of the head
+// dimensions) about twice as far as this file's form, for a cause not yet known
+// (docs/perf/gpu-kernel-notes.md, eighth round).
+bool wgmma_form(int32_t head_dim) {
+#ifdef PDSERVE_CUDA_SM90A
+  return head_dim == 128 && g_prefill_wgmma.load(std::memory_order_relaxed) &&
+         sm90a::prefill_attention_runs_here();
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
 std::atomic<double> g_decode_tc_pairs_per_sm{kDefaultDecodeTensorCorePairsPerSm};
 
 // The balanced form's grid for these shapes; 0 where the decode form is not balanced.
@@ -773,6 +541,9 @@ Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
     return launch_programmatic("prefill_attention (decode)", decode_attention_tc_kernel<T, HEAD_DIM>, grid1,
                                dim3(kThreads), decode_smem_bytes<HEAD_DIM>(), stream, a);
   }
+#ifdef PDSERVE_CUDA_SM90A
+  if (wgmma_form(HEAD_DIM)) return sm90a::prefill_attention(a, stream);
+#endif
   const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kRows - 1) / kRows),
                   static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
   if ((a.kv.block_size & (a.kv.block_size - 1)) == 0)
@@ -807,9 +578,15 @@ size_t prefill_attention_workspace_bytes(const PrefillAttentionArgs& a) {
   return grid > 0 ? balanced_workspace_bytes(a, grid) : 0;
 }
 
+void set_prefill_attention_wgmma(bool allowed) { g_prefill_wgmma.store(allowed, std::memory_order_relaxed); }
+
+bool prefill_attention_uses_wgmma(int32_t head_dim) { return wgmma_form(head_dim); }
+
 Status prepare_prefill_attention() {
   PD_RETURN_IF_ERROR(opt_in<64>());
-  return opt_in<128>();
+  PD_RETURN_IF_ERROR(opt_in<128>());
+  (void)wgmma_form(128);  // its per-device settings, before any capture
+  return ok_status();
 }
 
 Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {

@@ -1,0 +1,484 @@
+// Prefill attention on Hopper's warpgroup MMA (wgmma, sm_90a) over the paged KV cache.
+//
+// The work of prefill_attention.cu's general form — rows are (token, query head of the kv head's
+// group) pairs of one chunk and one kv head; the chunk's keys are walked in tiles that cp.async
+// gathers from the cache blocks into shared memory; the softmax is kept online in registers
+// (WarpAttention, each warp 16 rows) — but S = Q·Kᵀ and O += P·V are warpgroup MMAs: K and V are
+// read by the tensor cores straight from shared memory (128-byte swizzled tiles, no ldmatrix), Q
+// and P are register operands (their fragments are mma.sync's, warp by warp). A CTA is two
+// warpgroups (128 rows) over 128-key tiles, so each tile copied serves twice the rows of the
+// mma.sync form's. Row blocks run in reverse order, so that the causal grid's longest CTAs start
+// first. Built for sm_90a only.
+#include <cuda_runtime.h>
+
+#include <array>
+#include <atomic>
+
+#include "kernels/cuda/attention_tiles.cuh"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/prefill_attention_sm90a.h"
+
+namespace pdserve::cuda::sm90a {
+namespace {
+
+using namespace attention_tiles;  // NOLINT(google-build-using-namespace): the tiles' own file pair
+
+// The 128-byte swizzle's pattern repeats every 8 rows of 128 bytes.
+constexpr uint32_t kSwizzleAtomBytes = 1024;
+// A CTA: kGroups warpgroups of 64 query rows each, sharing every K/V tile of kTileKeys keys, which
+// kStages stages hold (measured on an H100 against 1 warpgroup with 64-key tiles at 3 CTAs an SM,
+// and against 3 stages: docs/perf/gpu-kernel-notes.md, eighth round).
+constexpr int kGroups = 2;
+constexpr int kTileKeys = 128;
+constexpr int kStages = 2;
+constexpr int kCtaRows = kRows * kGroups;
+constexpr int kCtaThreads = kThreads * kGroups;
+
+// Descriptor of a matrix in shared memory at `addr`, 128-byte swizzled: `lead_bytes` between its
+// 64-value blocks along the contiguous dimension (unused where one instruction stays within one),
+// `stride_bytes` between its groups of 8 rows. Its tile starts on a kSwizzleAtomBytes boundary.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// cp.async wrote the tiles through the generic proxy; the MMA reads them through the async one.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// The MMA reads register operands as it runs: they stay in their registers until its wait.
+template <int N>
+__device__ __forceinline__ void pin_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[n][e])::"memory");
+  }
+}
+// The MMA writes its accumulators after the instruction that issued it: no read or write of them
+// may move across the wait (an empty asm that "changes" each one, after the wait).
+template <int N>
+__device__ __forceinline__ void pin(float (&d)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
+  }
+}
+
+// D (64 × 64, float) {+}= A (64 × 16 from registers: each warp its 16 rows, mma.sync's fragment)
+// · B (16 × 64, the shared-memory matrix of descriptor `b`); kAccumulate false: D = A · B, D's
+// earlier values unread. T: bf16 or fp16 in; kTransB: B is stored N-major.
+template <typename T, bool kAccumulate, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kAccumulate) {
+    if constexpr (T::kF16) {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+          "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+          "%30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+          : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+            "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+            "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+            "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+            "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+            "+f"(d[7][2]), "+f"(d[7][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+          "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, "
+          "%29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+          : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+            "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+            "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+            "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+            "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+            "+f"(d[7][2]), "+f"(d[7][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    }
+  } else {
+    if constexpr (T::kF16) {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+          "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+          "%30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+          : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+            "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+            "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+            "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+            "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+            "=f"(d[7][2]), "=f"(d[7][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+          "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, "
+          "%29, %30, %31}, "
+          "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+          : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+            "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+            "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+            "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+            "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+            "=f"(d[7][2]), "=f"(d[7][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    }
+  }
+#else
+  (void)d, (void)a, (void)b;
+  __trap();
+#endif
+}
+
+// D (64 × 128, float) {+}= A (64 × 16 from registers: each warp its 16 rows, mma.sync's fragment)
+// · B (16 × 128, the shared-memory matrix of descriptor `b`); kAccumulate false: D = A · B, D's
+// earlier values unread. T: bf16 or fp16 in; kTransB: B is stored N-major.
+template <typename T, bool kAccumulate, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (kAccumulate) {
+    if constexpr (T::kF16) {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+          "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+          "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, "
+          "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
+          : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+            "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+            "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+            "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+            "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+            "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+            "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+            "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+            "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+            "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+            "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+          "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, "
+          "%29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+          "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
+          : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+            "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+            "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+            "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+            "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+            "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+            "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+            "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+            "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+            "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+            "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    }
+  } else {
+    if constexpr (T::kF16) {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+          "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, "
+          "%30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, "
+          "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
+          : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+            "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+            "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+            "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+            "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+            "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]),
+            "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]),
+            "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]),
+            "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]),
+            "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
+            "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %70, 0;\n"
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, "
+          "%10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, "
+          "%29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+          "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+          "{%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
+          : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+            "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+            "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+            "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+            "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+            "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]),
+            "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]),
+            "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]),
+            "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]),
+            "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
+            "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0));
+    }
+  }
+#else
+  (void)d, (void)a, (void)b;
+  __trap();
+#endif
+}
+
+// S (64 × N, float) = or += A · B through the instruction of N columns (64 or 128).
+template <typename T, bool kAccumulate, int kTransB, int N>
+__device__ __forceinline__ void wgmma_n(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (N == 64)
+    wgmma_m64n64k16<T, kAccumulate, kTransB>(d, a, b);
+  else
+    wgmma_m64n128k16<T, kAccumulate, kTransB>(d, a, b);
+}
+
+template <typename T, int HEAD_DIM, bool kPow2Blocks>
+__global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel(PrefillAttentionArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  grid_dependency_wait();
+  allow_dependents();
+  constexpr int kDimTiles = HEAD_DIM / 8;
+  constexpr uint32_t kHalfBytes = kTileKeys * 128;  // each 64-dim half of a tile: kTileKeys rows of 128 bytes
+  constexpr int kTileValues = kTileKeys * HEAD_DIM;
+  constexpr uint32_t kTileBytes = kTileValues * 2;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  // The tiles start on a swizzle-atom boundary (the launch gives kSwizzleAtomBytes to spare).
+  const uint32_t skip =
+      (kSwizzleAtomBytes - (smem_addr(smem_raw) & (kSwizzleAtomBytes - 1))) & (kSwizzleAtomBytes - 1);
+  uint16_t* k_tiles =
+      reinterpret_cast<uint16_t*>(smem_raw + skip);     // [kStages][HEAD_DIM / 64][kTileKeys][64], swizzled
+  uint16_t* v_tiles = k_tiles + kStages * kTileValues;  // the same
+
+  const int chunk = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const int group = a.num_heads / a.kv.num_kv_heads;
+  const int len = a.chunk_len[chunk];
+  const int rows = len * group;
+  const int row0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kCtaRows;
+  if (row0 >= rows) return;
+  const int first_pos = a.chunk_first_pos[chunk];
+  const int q_start = a.chunk_q_start[chunk];
+  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  // Keys this CTA needs: up to the last row's limit. Every warp takes part in every tile (an MMA is
+  // its warpgroup's); rows past the chunk, or past a tile's keys, are masked.
+  const int last_row = min(rows, row0 + kCtaRows) - 1;
+  const int keys_end = first_pos + last_row / group + 1;
+  const int num_tiles = (keys_end + kTileKeys - 1) / kTileKeys;
+
+  // Every thread copies its share of each tile.
+  const KeyTileCopier<HEAD_DIM, kPow2Blocks, true, kTileKeys, kCtaThreads> copier(a, chunk, kv_head);
+  auto load_tile = [&](int tile, int stage) {
+    copier.copy(k_tiles + stage * kTileValues, v_tiles + stage * kTileValues, tile * kTileKeys, keys_end);
+    cp_async_commit();
+  };
+  // Tiles 0 .. kStages - 2 in flight; a group is committed for every tile, copied or not, so that
+  // waiting for all but the newest kStages - 1 groups always means the tile about to be used.
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < num_tiles)
+      load_tile(t, t);
+    else
+      cp_async_commit();
+  }
+
+  const int wrow = row0 + warp * kRowsPerWarp;
+  const int r_lo = wrow + lane / 4;
+  const int r_hi = r_lo + 8;
+  const int limit_lo = r_lo < rows ? first_pos + r_lo / group + 1 : 0;
+  const int limit_hi = r_hi < rows ? first_pos + r_hi / group + 1 : 0;
+  const int full_keys = first_pos + wrow / group + 1;
+
+  WarpAttention<T, HEAD_DIM> w;
+  {
+    auto q_ptr = [&](int r) -> const uint16_t* {
+      if (r >= rows) return nullptr;
+      const int token = r / group;
+      const int head = kv_head * group + r % group;
+      return a.q + int64_t{q_start + token} * q_stride + int64_t{head} * HEAD_DIM;
+    };
+    w.load_q(q_ptr(r_lo), q_ptr(r_hi), lane);
+  }
+  const float scale_log2 = a.scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
+
+  // Descriptors of stage 0's K and V tiles; a stage, half or row offset is added to their address
+  // field (in 16-byte units; no carry leaves it inside shared memory's 256 KiB).
+  const uint64_t k_desc = smem_desc(smem_addr(k_tiles), 16, kSwizzleAtomBytes);
+  const uint64_t v_desc = smem_desc(smem_addr(v_tiles), kHalfBytes, kSwizzleAtomBytes);
+  // S(t) = Q·K(t)ᵀ: B is Kᵀ, stored K-major (a key's dims in a row); k-step ks reads dims 16·ks..
+  // of every key, 32 bytes into half ks / 4 of the tile. Issued and committed, not awaited.
+  auto issue_s = [&](float(&s)[kTileKeys / 8][4], int stage) {
+    const uint64_t kd = k_desc + stage * (kTileBytes / 16);
+    wgmma_fence();
+    wgmma_n<T, false, 0, kTileKeys>(s, w.qf[0], kd);
+#pragma unroll
+    for (int ks = 1; ks < HEAD_DIM / 16; ++ks)
+      wgmma_n<T, true, 0, kTileKeys>(s, w.qf[ks], kd + ((ks / 4) * kHalfBytes + (ks % 4) * 32) / 16);
+    wgmma_commit();
+  };
+  // O += P·V(t): P (each warp's 16 rows × 16 keys a k-step) from S's fragments; B is V, stored
+  // N-major (a key's dims in a row): k-step kk reads keys 16·kk.., 16 rows of 128 bytes on.
+  auto issue_pv = [&](const uint32_t(&p)[kTileKeys / 16][4], int stage) {
+    const uint64_t vd = v_desc + stage * (kTileBytes / 16);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+      if constexpr (HEAD_DIM == 128)
+        wgmma_m64n128k16<T, true, 1>(w.o, p[kk], vd + kk * 16 * 128 / 16);
+      else
+        wgmma_m64n64k16<T, true, 1>(w.o, p[kk], vd + kk * 16 * 128 / 16);
+    }
+    wgmma_commit();
+  };
+  auto to_p = [](const float(&s)[kTileKeys / 8][4], uint32_t(&p)[kTileKeys / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+      p[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % kStages;
+    if (tile + kStages - 1 < num_tiles)
+      load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+    else
+      cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    fence_proxy_async();
+    __syncthreads();
+    float s[kTileKeys / 8][4];
+    issue_s(s, stage);
+    wgmma_wait<0>();
+    pin(s);
+    float corr_lo, corr_hi;
+    w.template softmax<kTileKeys, true>(s, tile * kTileKeys, limit_lo, limit_hi, full_keys, scale_log2, lane,
+                                        corr_lo, corr_hi);
+    w.rescale_o(corr_lo, corr_hi);
+    uint32_t p[kTileKeys / 16][4];
+    to_p(s, p);
+    pin(w.o);
+    issue_pv(p, stage);
+    wgmma_wait<0>();
+    pin(w.o);
+    pin_regs(p);
+    __syncthreads();  // the next iteration refills this stage
+  }
+
+  w.finish();
+  auto store = [&](int r, int half, float l) {
+    if (r >= rows) return;
+    const int token = r / group;
+    const int head = kv_head * group + r % group;
+    uint16_t* out = a.out + (int64_t{q_start + token} * a.num_heads + head) * HEAD_DIM + (lane % 4) * 2;
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int t = 0; t < kDimTiles; ++t)
+      *reinterpret_cast<uint32_t*>(out + t * 8) =
+          pack2<T>(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
+  };
+  store(r_lo, 0, w.l_lo);
+  store(r_hi, 1, w.l_hi);
+#else
+  (void)a;
+  __trap();  // never launched: prefill_attention_runs_here() is false where this image is not
+#endif
+}
+
+template <int HEAD_DIM>
+constexpr size_t smem_bytes() {
+  return sizeof(uint16_t) * 2 * kStages * kTileKeys * HEAD_DIM + kSwizzleAtomBytes;  // K and V; alignment
+}
+
+template <typename T, int HEAD_DIM>
+bool opt_in_kernels() {
+  const int smem = static_cast<int>(smem_bytes<HEAD_DIM>());
+  return cudaFuncSetAttribute(prefill_attention_wgmma_kernel<T, HEAD_DIM, true>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+         cudaFuncSetAttribute(prefill_attention_wgmma_kernel<T, HEAD_DIM, false>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
+}
+
+bool probe_current_device() {
+  const int device = current_device();
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+      major != 9 || minor != 0) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attr{};
+  const bool ok =
+      cudaFuncGetAttributes(&attr, prefill_attention_wgmma_kernel<Bf16, 128, true>) == cudaSuccess &&
+      opt_in_kernels<Bf16, 128>() && opt_in_kernels<F16, 128>();
+  if (!ok) (void)cudaGetLastError();
+  return ok;
+}
+
+template <typename T, int HEAD_DIM>
+Status launch(const PrefillAttentionArgs& a, StreamHandle stream) {
+  const int group = a.num_heads / a.kv.num_kv_heads;
+  const dim3 grid(static_cast<unsigned>((int64_t{a.max_chunk_len} * group + kCtaRows - 1) / kCtaRows),
+                  static_cast<unsigned>(a.kv.num_kv_heads), static_cast<unsigned>(a.num_chunks));
+  if ((a.kv.block_size & (a.kv.block_size - 1)) == 0)
+    return launch_programmatic("prefill_attention (wgmma)", prefill_attention_wgmma_kernel<T, HEAD_DIM, true>,
+                               grid, dim3(kCtaThreads), smem_bytes<HEAD_DIM>(), stream, a);
+  return launch_programmatic("prefill_attention (wgmma)", prefill_attention_wgmma_kernel<T, HEAD_DIM, false>,
+                             grid, dim3(kCtaThreads), smem_bytes<HEAD_DIM>(), stream, a);
+}
+
+}  // namespace
+
+bool prefill_attention_runs_here() {
+  static std::array<std::atomic<int>, 64> state{};  // per device: 0 not yet known, 1 runs, 2 does not
+  const int device = current_device();
+  if (device < 0 || device >= 64) return false;
+  int s = state[static_cast<size_t>(device)].load(std::memory_order_acquire);
+  if (s == 0) {
+    s = probe_current_device() ? 1 : 2;
+    state[static_cast<size_t>(device)].store(s, std::memory_order_release);
+  }
+  return s == 1;
+}
+
+Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
+  if (a.kv.head_dim != 128) return invalid_argument("prefill_attention (wgmma): head_dim must be 128");
+  return with_dtype(a.kv.dtype, [&](auto t) { return launch<decltype(t), 128>(a, stream); });
+}
+
+}  // namespace pdserve::cuda::sm90a
