@@ -250,6 +250,21 @@ struct WarpAttention {
     }
   }
 
+  // Writes rows lo and hi of O / l in 16 bits at out_lo and out_hi (null: not written), after
+  // finish().
+  __device__ __forceinline__ void store(uint16_t* out_lo, uint16_t* out_hi, int lane) const {
+    auto one = [&](uint16_t* out, int half, float l) {
+      if (out == nullptr) return;
+      out += (lane % 4) * 2;
+      const float inv = l > 0 ? 1.0f / l : 0.0f;
+#pragma unroll
+      for (int t = 0; t < kDimTiles; ++t)
+        *reinterpret_cast<uint32_t*>(out + t * 8) = pack2<T>(o[t][2 * half] * inv, o[t][2 * half + 1] * inv);
+    };
+    one(out_lo, 0, l_lo);
+    one(out_hi, 1, l_hi);
+  }
+
   // Folds each row's l over the quad of lanes that hold it (after the last tile).
   __device__ __forceinline__ void finish() {
 #pragma unroll
@@ -257,6 +272,35 @@ struct WarpAttention {
       l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
       l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
     }
+  }
+};
+
+// The query rows of one (chunk, kv head) pair: row r is the chunk's token r / group with the query
+// head kv_head · group + r % group; rows at or past `rows` are padding (null pointers).
+template <int HEAD_DIM>
+struct ChunkRows {
+  const uint16_t* q_base;
+  uint16_t* out_base;
+  int num_heads, kv_head, group, rows, q_start;
+  int64_t q_stride;
+
+  // Copies what it needs from the arguments (no reference to the kernel's parameter space).
+  __device__ __forceinline__ ChunkRows(const PrefillAttentionArgs& a, int chunk, int head)
+      : q_base(a.q), out_base(a.out), num_heads(a.num_heads), kv_head(head) {
+    group = a.num_heads / a.kv.num_kv_heads;
+    rows = a.chunk_len[chunk] * group;
+    q_start = a.chunk_q_start[chunk];
+    q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
+  }
+  __device__ __forceinline__ const uint16_t* q(int r) const {
+    return r < rows ? q_base + int64_t{q_start + r / group} * q_stride +
+                          int64_t{kv_head * group + r % group} * HEAD_DIM
+                    : nullptr;
+  }
+  __device__ __forceinline__ uint16_t* out(int r) const {
+    return r < rows ? out_base +
+                          (int64_t{q_start + r / group} * num_heads + kv_head * group + r % group) * HEAD_DIM
+                    : nullptr;
   }
 };
 

@@ -31,21 +31,18 @@ template <typename T, int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAttentionArgs a) {
   grid_dependency_wait();
   allow_dependents();
-  constexpr int kDimTiles = HEAD_DIM / 8;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* k_tiles = smem;                         // [2][kKeys][HEAD_DIM], swizzled
   uint16_t* v_tiles = smem + 2 * kKeys * HEAD_DIM;  // [2][kKeys][HEAD_DIM], swizzled
 
   const int chunk = blockIdx.z;
   const int kv_head = blockIdx.y;
-  const int group = a.num_heads / a.kv.num_kv_heads;
-  const int len = a.chunk_len[chunk];
-  const int rows = len * group;
+  const ChunkRows<HEAD_DIM> cr(a, chunk, kv_head);
+  const int group = cr.group;
+  const int rows = cr.rows;
   const int row0 = blockIdx.x * kRows;
   if (row0 >= rows) return;
   const int first_pos = a.chunk_first_pos[chunk];
-  const int q_start = a.chunk_q_start[chunk];
-  const int64_t q_stride = a.q_stride != 0 ? a.q_stride : int64_t{a.num_heads} * HEAD_DIM;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
@@ -75,15 +72,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   const int warp_keys = warp_active ? first_pos + (min(rows, wrow + kRowsPerWarp) - 1) / group + 1 : 0;
 
   WarpAttention<T, HEAD_DIM> w;
-  {
-    auto q_ptr = [&](int r) -> const uint16_t* {
-      if (r >= rows) return nullptr;
-      const int token = r / group;
-      const int head = kv_head * group + r % group;
-      return a.q + int64_t{q_start + token} * q_stride + int64_t{head} * HEAD_DIM;
-    };
-    w.load_q(q_ptr(r_lo), q_ptr(r_hi), lane);
-  }
+  w.load_q(cr.q(r_lo), cr.q(r_hi), lane);
   const float scale_log2 = a.scale * 1.4426950408889634f;  // exp(x) = exp2(x · log2 e)
 
   for (int tile = 0; tile < num_tiles; ++tile) {
@@ -106,19 +95,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillAtte
   }
 
   w.finish();
-  auto store = [&](int r, int half, float l) {
-    if (r >= rows) return;
-    const int token = r / group;
-    const int head = kv_head * group + r % group;
-    uint16_t* out = a.out + (int64_t{q_start + token} * a.num_heads + head) * HEAD_DIM + (lane % 4) * 2;
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
-#pragma unroll
-    for (int t = 0; t < kDimTiles; ++t)
-      *reinterpret_cast<uint32_t*>(out + t * 8) =
-          pack2<T>(w.o[t][2 * half] * inv, w.o[t][2 * half + 1] * inv);
-  };
-  store(r_lo, 0, w.l_lo);
-  store(r_hi, 1, w.l_hi);
+  w.store(cr.out(r_lo), cr.out(r_hi), lane);
 }
 
 // ---- decode: one query token per chunk ---------------------------------------------------------
