@@ -1153,7 +1153,7 @@ int main(int argc, char** argv) {
           "  --no-programmatic-launch  every kernel starts after the one before it has\n"
           "                ended (by default the model's kernels overlap the one ahead)\n"
           "  --prefill-attention-mma  prefill attention on mma.sync even where Hopper's\n"
-          "                warpgroup MMA form runs (sm_90 GPUs take it at head_dim 128)\n"
+          "                warpgroup MMA form runs (sm_90 GPUs take it)\n"
           "  --decode-balance-keys N  the fewest keys a CTA of the tensor-core decode attention\n"
           "                takes when it shares all (sequence, kv head) pairs' keys evenly among one\n"
           "                wave of CTAs (default 64; 0: one CTA a pair, no balancing)\n"

@@ -106,10 +106,11 @@ struct WarpAttention {
   // The online softmax of a tile's S (16 rows × KEYS keys, the mma fragment layout, the first key
   // `key_base`): keys at or past a row's limit masked where the tile reaches past `full_keys`
   // (see tile()), S becomes the weights P, l is rescaled to the rows' new maxima, and O's factors
-  // for them are returned in corr_lo and corr_hi (rescale_o(); before this tile's P·V). kFusedScale:
-  // S is scaled inside the exponent's FMA (the maxima of the unscaled S, scaled once), not by a
-  // multiply of its own: fewer instructions, one rounding less.
-  template <int KEYS, bool kFusedScale = false>
+  // for them are returned in corr_lo and corr_hi (rescale_o(); before this tile's P·V). Both prefill
+  // kernels scale S by a multiply of its own, so that on a single tile they give the same bits
+  // (scaling inside the exponent's FMA instead, one rounding less, changed the model's parity
+  // figures: docs/perf/gpu-kernel-notes.md, ninth round).
+  template <int KEYS>
   __device__ __forceinline__ void softmax(float (&s)[KEYS / 8][4], int key_base, int limit_lo, int limit_hi,
                                           int full_keys, float scale_log2, int lane, float& corr_lo,
                                           float& corr_hi) {
@@ -122,9 +123,8 @@ struct WarpAttention {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int key = key0 + n * 8 + e;
-          const float scale = kFusedScale ? 1.0f : scale_log2;
-          s[n][e] = key < limit_lo ? s[n][e] * scale : -INFINITY;
-          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale : -INFINITY;
+          s[n][e] = key < limit_lo ? s[n][e] * scale_log2 : -INFINITY;
+          s[n][2 + e] = key < limit_hi ? s[n][2 + e] * scale_log2 : -INFINITY;
           tmax_lo = fmaxf(tmax_lo, s[n][e]);
           tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
         }
@@ -134,10 +134,8 @@ struct WarpAttention {
       for (int n = 0; n < KEYS / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          if constexpr (!kFusedScale) {
-            s[n][e] *= scale_log2;
-            s[n][2 + e] *= scale_log2;
-          }
+          s[n][e] *= scale_log2;
+          s[n][2 + e] *= scale_log2;
           tmax_lo = fmaxf(tmax_lo, s[n][e]);
           tmax_hi = fmaxf(tmax_hi, s[n][2 + e]);
         }
@@ -147,10 +145,6 @@ struct WarpAttention {
     for (int off = 1; off <= 2; off *= 2) {
       tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, off));
       tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, off));
-    }
-    if constexpr (kFusedScale) {  // a positive factor: the scaled maximum is the maximum scaled
-      tmax_lo *= scale_log2;
-      tmax_hi *= scale_log2;
     }
     const float new_lo = fmaxf(m_lo, tmax_lo), new_hi = fmaxf(m_hi, tmax_hi);
     // A row with no visible key yet keeps m = -inf; its base is 0 so nothing becomes NaN.
@@ -163,17 +157,10 @@ struct WarpAttention {
     float sum_lo = 0, sum_hi = 0;
 #pragma unroll
     for (int n = 0; n < KEYS / 8; ++n) {
-      if constexpr (kFusedScale) {
-        s[n][0] = fast_exp2(fmaf(s[n][0], scale_log2, -base_lo));
-        s[n][1] = fast_exp2(fmaf(s[n][1], scale_log2, -base_lo));
-        s[n][2] = fast_exp2(fmaf(s[n][2], scale_log2, -base_hi));
-        s[n][3] = fast_exp2(fmaf(s[n][3], scale_log2, -base_hi));
-      } else {
-        s[n][0] = fast_exp2(s[n][0] - base_lo);
-        s[n][1] = fast_exp2(s[n][1] - base_lo);
-        s[n][2] = fast_exp2(s[n][2] - base_hi);
-        s[n][3] = fast_exp2(s[n][3] - base_hi);
-      }
+      s[n][0] = fast_exp2(s[n][0] - base_lo);
+      s[n][1] = fast_exp2(s[n][1] - base_lo);
+      s[n][2] = fast_exp2(s[n][2] - base_hi);
+      s[n][3] = fast_exp2(s[n][3] - base_hi);
       sum_lo += s[n][0] + s[n][1];
       sum_hi += s[n][2] + s[n][3];
     }

@@ -998,6 +998,9 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       {128, 8, 2, 16, {{0, 520}, {77, 300}}},        // many tiles; a chunk starting inside a tile
       {128, 28, 4, 32, {{0, 130}}},                  // Qwen2.5-7B's: 7 query heads per kv head
       {64, 8, 8, 16, {{50, 70}, {0, 16}}},           // no grouping
+      // Every chunk within 64 keys: one tile in both forms, which then give the same bits.
+      {64, 9, 3, 16, {{0, 40}, {20, 44}, {7, 9}}},
+      {128, 32, 8, 16, {{0, 64}, {30, 3}}},
       // Every chunk one token (decode): the 4-warp decode form, around its 16-key tiles and 64-key
       // rounds; long chunks that the balanced form below shares between CTAs.
       {128, 32, 8, 16, decode_chunks},
@@ -1012,7 +1015,7 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
       // Blocks that are not a power of two: decode chunks in the general form.
       {128, 32, 8, 24, {{0, 1}, {23, 1}, {24, 1}, {1000, 1}}},
   };
-  int balanced_runs = 0, wgmma_cases = 0;
+  int balanced_runs = 0, wgmma_cases = 0, single_tile_cases = 0;
   double worst_share[2] = {0, 0};  // the largest error as a share of its bound: mma.sync, warpgroup MMA
   struct RestoreSettings {
     ~RestoreSettings() {
@@ -1037,7 +1040,7 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
         max_end = std::max(max_end, first + len);
       }
       // The decode form (one-token chunks, power-of-two blocks, groups up to 8) has no
-      // warpgroup-MMA variant, nor has head_dim 64: their cases ran in the first pass.
+      // warpgroup-MMA variant: its cases ran in the first pass.
       const bool decode_form =
           max_len == 1 && (c.block_size & (c.block_size - 1)) == 0 && c.num_heads / c.num_kv_heads <= 8;
       if (wgmma && (decode_form || !prefill_attention_uses_wgmma(c.head_dim))) continue;
@@ -1108,6 +1111,18 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
         ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
         ASSERT_TRUE(prefill_attention(a, nullptr).ok());
         const std::vector<uint16_t> bits = download<uint16_t>(out, out_values);
+        if (wgmma && !balanced && max_end <= 64) {
+          // Every chunk's keys in one tile of either form (the mma.sync form's are 64 keys): the
+          // same arithmetic, so the same bits as mma.sync's on the same inputs.
+          ++single_tile_cases;
+          set_prefill_attention_wgmma(false);
+          ASSERT_TRUE(fill_bytes(out.data(), 0xFF, static_cast<size_t>(out_values) * 2, nullptr).ok());
+          ASSERT_TRUE(prefill_attention(a, nullptr).ok());
+          set_prefill_attention_wgmma(true);
+          ASSERT_EQ(download<uint16_t>(out, out_values), bits)
+              << "the warpgroup-MMA form's output differs from mma.sync's on a single tile (head_dim "
+              << c.head_dim << ")";
+        }
         if (balanced) {
           // Pairs were split (unless one CTA took the whole batch: too few 64-key units for two of
           // min_keys): their CTAs wrote their states to the workspace.
@@ -1159,7 +1174,8 @@ TEST_P(CudaKernels, PrefillAttentionIsCausalOverCachedPrefixAndChunk) {
   }
   EXPECT_EQ(balanced_runs, 24) << "the balanced decode form did not run where it should";
   if (prefill_attention_uses_wgmma(128)) {
-    EXPECT_EQ(wgmma_cases, 4) << "the head_dim 128 prefill cases";
+    EXPECT_EQ(wgmma_cases, 10) << "the prefill cases";
+    EXPECT_EQ(single_tile_cases, 2) << "the cases within one tile";
   }
   std::printf("prefill attention (%s): largest error %.3f of its bound on mma.sync, %.3f on warpgroup MMA\n",
               dtype_name(dtype_), worst_share[0], worst_share[1]);

@@ -284,9 +284,9 @@ Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
 bool decode_step_uses_tensor_cores(int64_t pairs, int32_t max_keys, int32_t block_size);
 constexpr double kDefaultDecodeTensorCorePairsPerSm = 0.0;
 void set_decode_tensor_core_pairs_per_sm(double pairs_per_sm);
-// The general form (chunks of more than one token) at head_dim 128 runs on Hopper's warpgroup MMA
-// where the build and the device have it (sm_90: H100, H200), on mma.sync elsewhere and at head_dim
-// 64; `allowed` false: mma.sync everywhere. Process-wide, read at each launch or capture; for
+// The general form (chunks of more than one token) runs on Hopper's warpgroup MMA where the build
+// and the device have it (sm_90: H100, H200), on mma.sync elsewhere; `allowed` false: mma.sync
+// everywhere. Process-wide, read at each launch or capture; for
 // pdserve_gpu_bench and the tests.
 void set_prefill_attention_wgmma(bool allowed);
 // Whether the general form for heads of `head_dim` runs on warpgroup MMA on the current device.

@@ -467,13 +467,10 @@ std::atomic<int32_t> g_decode_balance_keys{kDefaultDecodeBalanceKeys};
 std::atomic<bool> g_prefill_wgmma{true};
 
 // Whether the general form runs on Hopper's warpgroup MMA (prefill_attention_sm90a.cu) here, for
-// heads of head_dim values. Head_dim 128 only: at 64 (the default model's) that form moved the
-// model's parity figures against the CPU engine (greedy continuations, a permutation of the head
-// dimensions) about twice as far as this file's form, for a cause not yet known
-// (docs/perf/gpu-kernel-notes.md, eighth round).
+// heads of head_dim values (64 or 128; on a single tile of keys it gives this file's bits).
 bool wgmma_form(int32_t head_dim) {
 #ifdef PDSERVE_CUDA_SM90A
-  return head_dim == 128 && g_prefill_wgmma.load(std::memory_order_relaxed) &&
+  return (head_dim == 64 || head_dim == 128) && g_prefill_wgmma.load(std::memory_order_relaxed) &&
          sm90a::prefill_attention_runs_here();
 #else
   (void)head_dim;

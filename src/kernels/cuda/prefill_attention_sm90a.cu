@@ -280,8 +280,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
     wgmma_wait<0>();
     pin(s);
     float corr_lo, corr_hi;
-    w.template softmax<kTileKeys, true>(s, tile * kTileKeys, limit_lo, limit_hi, full_keys, scale_log2, lane,
-                                        corr_lo, corr_hi);
+    w.template softmax<kTileKeys>(s, tile * kTileKeys, limit_lo, limit_hi, full_keys, scale_log2, lane,
+                                  corr_lo, corr_hi);
     w.rescale_o(corr_lo, corr_hi);
     uint32_t p[kTileKeys / 16][4];
     to_p(s, p);
@@ -327,7 +327,8 @@ bool probe_current_device() {
   cudaFuncAttributes attr{};
   const bool ok =
       cudaFuncGetAttributes(&attr, prefill_attention_wgmma_kernel<Bf16, 128, true>) == cudaSuccess &&
-      opt_in_kernels<Bf16, 128>() && opt_in_kernels<F16, 128>();
+      opt_in_kernels<Bf16, 128>() && opt_in_kernels<F16, 128>() && opt_in_kernels<Bf16, 64>() &&
+      opt_in_kernels<F16, 64>();
   if (!ok) (void)cudaGetLastError();
   return ok;
 }
@@ -359,8 +360,11 @@ bool prefill_attention_runs_here() {
 }
 
 Status prefill_attention(const PrefillAttentionArgs& a, StreamHandle stream) {
-  if (a.kv.head_dim != 128) return invalid_argument("prefill_attention (wgmma): head_dim must be 128");
-  return with_dtype(a.kv.dtype, [&](auto t) { return launch<decltype(t), 128>(a, stream); });
+  if (a.kv.head_dim == 64)
+    return with_dtype(a.kv.dtype, [&](auto t) { return launch<decltype(t), 64>(a, stream); });
+  if (a.kv.head_dim == 128)
+    return with_dtype(a.kv.dtype, [&](auto t) { return launch<decltype(t), 128>(a, stream); });
+  return invalid_argument("prefill_attention (wgmma): head_dim must be 64 or 128");
 }
 
 }  // namespace pdserve::cuda::sm90a

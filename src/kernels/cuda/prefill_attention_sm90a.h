@@ -15,7 +15,7 @@ namespace pdserve::cuda::sm90a {
 // capture: prepare_prefill_attention() calls it).
 bool prefill_attention_runs_here();
 
-// prefill_attention()'s general form (not the decode form), for head_dim 128; the caller has
+// prefill_attention()'s general form (not the decode form), for head_dim 64 or 128; the caller has
 // validated `args` and checked prefill_attention_runs_here().
 Status prefill_attention(const PrefillAttentionArgs& args, StreamHandle stream);
 
