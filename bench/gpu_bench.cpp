@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "kernel_timeline.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/gemv_tuning.h"
 #include "kernels/cuda/ops.h"
@@ -1022,8 +1023,9 @@ std::string layer_wise_section(const std::string& model_name, bool quick) {
 
 // Three forward passes, kernels launched one by one, the third between profiler_start() and
 // profiler_stop(): for a profiler. Decode steps at position ctx (prompt_len 0), or prefills of
-// prompt_len tokens.
-int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t prompt_len) {
+// prompt_len tokens. With `timeline`, a fourth pass's kernels as they ran (CUPTI, whose set-up takes
+// the third) and its wall clock instead.
+int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t prompt_len, bool timeline) {
   const bool decode = prompt_len == 0;
   const int32_t bs = 16, per_seq = (decode ? ctx : prompt_len) / bs + 1;
   CudaModelOptions options = model_options(batch * per_seq, bs, false);
@@ -1032,7 +1034,11 @@ int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t p
   CHECK_OK(m->randomize_kv(99));
   std::vector<std::vector<int32_t>> tables(batch);
   ForwardBatch b;
-  std::vector<int32_t> tokens(static_cast<size_t>(batch) * (decode ? 1 : prompt_len), 42), next(batch);
+  // Token ids as the benchmark's prefills take them: a product's speed depends on its data (power).
+  std::vector<int32_t> tokens(static_cast<size_t>(batch) * (decode ? 1 : prompt_len)), next(batch);
+  const size_t per_prompt = decode ? 1 : static_cast<size_t>(prompt_len);
+  for (size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<int32_t>((i / per_prompt * 7919 + i % per_prompt * 31) % m->config().vocab_size);
   b.tokens = tokens;
   for (int32_t s = 0; s < batch; ++s) {
     tables[s].resize(per_seq);
@@ -1040,14 +1046,34 @@ int profile_steps(const std::string& name, int32_t batch, int32_t ctx, int32_t p
     b.chunks.push_back({decode ? ctx : 0, decode ? 1 : prompt_len, tables[s], true});
   }
   for (int i = 0; i < 2; ++i) CHECK_OK(m->forward_argmax(b, next.data()));
-  CHECK_OK(profiler_start());
-  CHECK_OK(m->forward_argmax(b, next.data()));
-  CHECK_OK(profiler_stop());
+  if (timeline) {
+    // The host's progress through the enqueueing, marked after the first and the last layer.
+    const int32_t layers = m->config().num_layers;
+    b.after_layer = [layers](int32_t layer) {
+      if (layer == 0) bench::timeline_mark("layer 0 enqueued up to its attention");
+      if (layer == layers - 1) bench::timeline_mark("last layer enqueued up to its attention");
+    };
+    CHECK_OK(bench::timeline_start());
+    CHECK_OK(m->forward_argmax(b, next.data()));  // CUPTI's own set-up, not recorded
+    CHECK_OK(bench::timeline_discard());
+    bench::timeline_mark("forward pass called");
+    const double t0 = now_ms();
+    CHECK_OK(m->forward_argmax(b, next.data()));
+    const double wall_ms = now_ms() - t0;
+    bench::timeline_mark("forward pass returned");
+    std::printf("the pass: %.3f ms by the wall clock, from the call to the token ids on the host\n", wall_ms);
+    CHECK_OK(bench::timeline_stop(stdout));
+  } else {
+    CHECK_OK(profiler_start());
+    CHECK_OK(m->forward_argmax(b, next.data()));
+    CHECK_OK(profiler_stop());
+  }
+  const char* which = timeline ? "fourth of 4" : "third of 3";
   if (decode)
-    std::printf("profiled the third of 3 decode steps of %s at batch %d, context %d\n", name.c_str(), batch,
+    std::printf("profiled the %s decode steps of %s at batch %d, context %d\n", which, name.c_str(), batch,
                 ctx);
   else
-    std::printf("profiled the third of 3 prefills of %s, %d x %d tokens\n", name.c_str(), batch, prompt_len);
+    std::printf("profiled the %s prefills of %s, %d x %d tokens\n", which, name.c_str(), batch, prompt_len);
   return 0;
 }
 
@@ -1069,6 +1095,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0, profile_prompt = 0;
+  bool profile_timeline = false;
   bool transfer_only = false, decode_only = false, prefill_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
   double tc_pairs_per_sm = kDefaultDecodeTensorCorePairsPerSm;
@@ -1128,16 +1155,22 @@ int main(int argc, char** argv) {
       decode_only = true;
     } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
       prefill_only = true;
-    } else if (std::strcmp(argv[i], "--profile-prefill") == 0 && i + 1 < argc) {
+    } else if ((std::strcmp(argv[i], "--profile-prefill") == 0 ||
+                std::strcmp(argv[i], "--timeline-prefill") == 0) &&
+               i + 1 < argc) {
+      profile_timeline = std::strcmp(argv[i], "--timeline-prefill") == 0;
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_prompt) != 2 || profile_batch <= 0 ||
           profile_prompt <= 0) {
-        std::fprintf(stderr, "pdserve_gpu_bench: --profile-prefill wants PROMPTS,TOKENS (e.g. 1,4096)\n");
+        std::fprintf(stderr, "pdserve_gpu_bench: %s wants PROMPTS,TOKENS (e.g. 1,4096)\n", argv[i - 1]);
         return 2;
       }
-    } else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 1 < argc) {
+    } else if ((std::strcmp(argv[i], "--profile-decode") == 0 ||
+                std::strcmp(argv[i], "--timeline-decode") == 0) &&
+               i + 1 < argc) {
+      profile_timeline = std::strcmp(argv[i], "--timeline-decode") == 0;
       if (std::sscanf(argv[++i], "%d,%d", &profile_batch, &profile_ctx) != 2 || profile_batch <= 0 ||
           profile_ctx <= 0) {
-        std::fprintf(stderr, "pdserve_gpu_bench: --profile-decode wants BATCH,CONTEXT (e.g. 1,1024)\n");
+        std::fprintf(stderr, "pdserve_gpu_bench: %s wants BATCH,CONTEXT (e.g. 1,1024)\n", argv[i - 1]);
         return 2;
       }
     } else {
@@ -1173,11 +1206,16 @@ int main(int argc, char** argv) {
           "                hand-off through it, whole and layer by layer\n"
           "  --profile-decode B,C  only three decode steps of --model at batch B, context C,\n"
           "                launched one by one (for a profiler such as ncu)\n"
-          "  --profile-prefill P,T  the same with three prefills of P prompts of T tokens\n");
+          "  --profile-prefill P,T  the same with three prefills of P prompts of T tokens\n"
+          "  --timeline-decode B,C, --timeline-prefill P,T  the same with a fourth pass,\n"
+          "                whose kernels are listed as they ran among the others (CUPTI):\n"
+          "                time busy, idle between kernels, the host's progress, and each\n"
+          "                kernel's total, against the pass's wall clock\n");
       return 2;
     }
   }
-  if (profile_batch > 0) return profile_steps(model_name, profile_batch, profile_ctx, profile_prompt);
+  if (profile_batch > 0)
+    return profile_steps(model_name, profile_batch, profile_ctx, profile_prompt, profile_timeline);
   const int devices = device_count();
   if (devices == 0) {
     std::fprintf(stderr, "pdserve_gpu_bench: no CUDA device (%s)\n", no_device_reason().c_str());

@@ -125,8 +125,7 @@ struct CudaLlamaModel::Impl {
   int64_t capacity_logits = 0;
   int64_t capacity_tokens_target = 0;  // what they were last grown to
   int64_t capacity_logits_target = 0;
-  DeviceBuffer x, xn, qkv, q, attn, delta, gate_up, hidden, final_rows, logits, argmax, meta, workspace,
-      draws;
+  DeviceBuffer x, xn, qkv, q, attn, gate_up, hidden, final_rows, logits, argmax, meta, workspace, draws;
   DeviceBuffer split_counters;         // decode attention's, int32 per (sequence, kv head), kept zero
   cuda::PinnedHostBuffer drawn;        // the drawn token ids land here, so their copy is enqueued too
   cuda::PinnedHostBuffer host_logits;  // forward_draw's host rows, on their way to the caller
@@ -715,7 +714,6 @@ Status CudaLlamaModel::reserve(const Shape& shape, size_t meta_bytes) {
     PD_ASSIGN_BUFFER(im.qkv, n * qkv * 4);
     PD_ASSIGN_BUFFER(im.q, n * q * 2);
     PD_ASSIGN_BUFFER(im.attn, n * q * 2);
-    PD_ASSIGN_BUFFER(im.delta, n * d * 4);
     PD_ASSIGN_BUFFER(im.gate_up, n * 2 * ffn * 4);
     PD_ASSIGN_BUFFER(im.hidden, n * ffn * 2);
     PD_ASSIGN_BUFFER(im.split_counters, n * c.num_kv_heads * 4);
@@ -793,7 +791,6 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
   float* x = im.x.as<float>();
   uint16_t* xn = im.xn.as<uint16_t>();
   float* qkv_rows = im.qkv.as<float>();
-  float* delta = im.delta.as<float>();
   cuda::Blas& blas = *im.blas;
   cuda::DecodeAttentionArgs attn = attention_args(shape, 0);
   cuda::RopeQkvArgs rope;
@@ -809,9 +806,8 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
   rope.q_out = im.q.as<uint16_t>();
   PD_RETURN_IF_ERROR(cuda::embedding(im.embd.as<uint16_t>(), V, d_tokens, T, d, x, s, dt));
   // A few rows (small decode batches): matrix-vector kernels that normalise their input on the
-  // fly and add output projections straight into the residual; otherwise cuBLAS products between
-  // norm kernels. Products write float either way, so each activation is rounded to the model's
-  // format once, where a product reads it.
+  // fly; otherwise cuBLAS products between norm kernels. Products write float either way, so each
+  // activation is rounded to the model's format once, where a product reads it.
   const bool few_rows = T <= cuda::gemv_max_rows();
   auto product = [&](const float* normed_from, const float* norm_w, const uint16_t* in, const uint16_t* w,
                      int64_t n, int64_t k, float* out, bool accumulate) -> Status {
@@ -838,7 +834,16 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       }
       return cuda::gemv(g, s);
     }
-    return blas.matmul_f32(in, w, T, n, k, out, s, 0, 0, dt);
+    return accumulate ? blas.matmul_f32_add(in, w, T, n, k, out, s, dt)
+                      : blas.matmul_f32(in, w, T, n, k, out, s, 0, 0, dt);
+  };
+  // An output projection (o, down) adds into the residual stream x as it is written (cuBLAS: in
+  // the product's epilogue, each sum rounded once as a separate add would), then (cuBLAS rows) the
+  // next norm reads x once.
+  auto project_out = [&](const uint16_t* in, const uint16_t* w, int64_t k,
+                         const float* next_norm_w) -> Status {
+    PD_RETURN_IF_ERROR(product(nullptr, nullptr, in, w, d, k, x, true));
+    return few_rows ? ok_status() : cuda::rms_norm(x, next_norm_w, c.rms_norm_eps, T, d, xn, s, dt);
   };
   if (!few_rows)
     PD_RETURN_IF_ERROR(
@@ -858,11 +863,7 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
       prefill.kv = attn.kv;
       PD_RETURN_IF_ERROR(cuda::prefill_attention(prefill, s));
     }
-    PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), d, q,
-                               few_rows ? x : delta, few_rows));
-    if (!few_rows)
-      PD_RETURN_IF_ERROR(
-          cuda::add_rms_norm(x, delta, L.ffn_norm.as<float>(), c.rms_norm_eps, T, d, xn, s, dt));
+    PD_RETURN_IF_ERROR(project_out(im.attn.as<uint16_t>(), L.wo.as<uint16_t>(), q, L.ffn_norm.as<float>()));
     if (few_rows) {
       // gate|up and SwiGLU in one kernel.
       cuda::GemvArgs g;
@@ -885,14 +886,10 @@ Status CudaLlamaModel::enqueue(const Shape& shape, const std::function<void(int3
                                  im.gate_up.as<float>(), false));
       PD_RETURN_IF_ERROR(cuda::silu_mul(im.gate_up.as<float>(), T, ffn, im.hidden.as<uint16_t>(), s, dt));
     }
-    PD_RETURN_IF_ERROR(product(nullptr, nullptr, im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), d, ffn,
-                               few_rows ? x : delta, few_rows));
-    if (!few_rows) {
-      const float* next_norm = li + 1 < c.num_layers
-                                   ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
-                                   : im.output_norm.as<float>();
-      PD_RETURN_IF_ERROR(cuda::add_rms_norm(x, delta, next_norm, c.rms_norm_eps, T, d, xn, s, dt));
-    }
+    const float* next_norm = li + 1 < c.num_layers
+                                 ? im.layers[static_cast<size_t>(li) + 1].attn_norm.as<float>()
+                                 : im.output_norm.as<float>();
+    PD_RETURN_IF_ERROR(project_out(im.hidden.as<uint16_t>(), L.w_down.as<uint16_t>(), ffn, next_norm));
   }
   if (shape.num_logits == 0) return ok_status();
   if (T == 1 && shape.num_logits == 1) {

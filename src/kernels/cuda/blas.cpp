@@ -49,16 +49,21 @@ StatusOr<Blas> Blas::create() {
 
 Status Blas::matmul(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, uint16_t* y,
                     StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
-  return run(x, w, m, n, k, y, false, stream, ldx, ldy, dtype);
+  return run(x, w, m, n, k, y, false, false, stream, ldx, ldy, dtype);
 }
 
 Status Blas::matmul_f32(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, float* y,
                         StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
-  return run(x, w, m, n, k, y, true, stream, ldx, ldy, dtype);
+  return run(x, w, m, n, k, y, true, false, stream, ldx, ldy, dtype);
+}
+
+Status Blas::matmul_f32_add(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, float* y,
+                            StreamHandle stream, Dtype dtype) {
+  return run(x, w, m, n, k, y, true, true, stream, 0, 0, dtype);
 }
 
 Status Blas::run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, void* y, bool f32_out,
-                 StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
+                 bool accumulate, StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype) {
   if (m == 0 || n == 0) return ok_status();
   if (ldx == 0) ldx = k;
   if (ldy == 0) ldy = n;
@@ -67,7 +72,7 @@ Status Blas::run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int
     return invalid_argument(fmt::format("matmul: bad shape m={} n={} k={} ldx={} ldy={}", m, n, k, ldx, ldy));
   PD_RETURN_IF_ERROR(from_cublas(cublasSetStream(state_->handle, stream), "cublasSetStream"));
   const float alpha = 1.0f;
-  const float beta = 0.0f;
+  const float beta = accumulate ? 1.0f : 0.0f;
   // cuBLAS is column-major: a row-major y[m][n] is yᵀ[n][m] column-major, and
   // yᵀ = w · xᵀ, with w (k×n column-major = w[n][k] row-major) transposed.
   const cudaDataType_t in = dtype == Dtype::kF16 ? CUDA_R_16F : CUDA_R_16BF;

@@ -27,12 +27,16 @@ class Blas {
                 StreamHandle stream, int64_t ldx = 0, int64_t ldy = 0, Dtype dtype = Dtype::kBf16);
   Status matmul_f32(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, float* y,
                     StreamHandle stream, int64_t ldx = 0, int64_t ldy = 0, Dtype dtype = Dtype::kBf16);
+  // y[m][n] += x[m][k] · w[n][k]ᵀ in float (y read in the product's epilogue: a residual stream
+  // takes an output projection with no pass of its own). Each sum rounded once, as y + (x · wᵀ).
+  Status matmul_f32_add(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, float* y,
+                        StreamHandle stream, Dtype dtype = Dtype::kBf16);
 
  private:
   struct State;
   explicit Blas(std::unique_ptr<State> state);
   Status run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int64_t k, void* y, bool f32_out,
-             StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype);
+             bool accumulate, StreamHandle stream, int64_t ldx, int64_t ldy, Dtype dtype);
   std::unique_ptr<State> state_;
 };
 

@@ -38,12 +38,12 @@ int norm_threads(int64_t n) { return n >= 1024 ? 512 : (n >= 256 ? 256 : 128); }
 
 // The norms, vectorised: one row per CTA, each thread keeping its (at most kNormVec) float4s of the
 // row in registers, so every load is in flight before the reduction waits and the row is read
-// once. Rows of n % 4 == 0 values, n <= 4 · kNormVec · 1024; the scalar kernels below do the rest.
+// once. Rows of n % 4 == 0 values, n <= 4 · kNormVec · 1024; the scalar kernel below does the rest.
 constexpr int kNormVec = 8;
 
-template <typename T, bool kAdd>
-__global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__ delta,
-                                const float* __restrict__ w, float eps, int64_t n, uint16_t* __restrict__ y) {
+template <typename T>
+__global__ void norm_vec_kernel(const float* __restrict__ x, const float* __restrict__ w, float eps,
+                                int64_t n, uint16_t* __restrict__ y) {
   const int64_t nvec = n / 4;
   // The norm's weights before the kernel ahead has ended: no kernel of a step writes them.
   const float4* wr = reinterpret_cast<const float4*>(w);
@@ -55,32 +55,18 @@ __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__
   }
   grid_dependency_wait();
   allow_dependents();
-  float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
-  const float4* dr = reinterpret_cast<const float4*>(delta + (kAdd ? blockIdx.x * n : 0));
+  const float4* xr = reinterpret_cast<const float4*>(x + blockIdx.x * n);
   float4 v[kNormVec];
-  float4 dv[kNormVec];
 #pragma unroll
   for (int k = 0; k < kNormVec; ++k) {  // every load in flight before the first use
     const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
-    if (i < nvec) {
-      v[k] = xr[i];
-      if constexpr (kAdd) dv[k] = dr[i];
-    }
+    if (i < nvec) v[k] = xr[i];
   }
   float sum = 0;
 #pragma unroll
   for (int k = 0; k < kNormVec; ++k) {
     const int64_t i = threadIdx.x + int64_t{k} * blockDim.x;
-    if (i < nvec) {
-      if constexpr (kAdd) {
-        v[k].x += dv[k].x;
-        v[k].y += dv[k].y;
-        v[k].z += dv[k].z;
-        v[k].w += dv[k].w;
-        xr[i] = v[k];
-      }
-      sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-    }
+    if (i < nvec) sum += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
   }
   const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
   uint2* yr = reinterpret_cast<uint2*>(y + blockIdx.x * n);
@@ -94,11 +80,9 @@ __global__ void norm_vec_kernel(float* __restrict__ x, const float* __restrict__
 }
 
 // Threads for norm_vec_kernel over rows of n, or 0 where it cannot take them.
-int norm_vec_threads(int64_t n, const void* a, const void* b, const void* c, const void* d) {
+int norm_vec_threads(int64_t n, const void* x, const void* w, const void* y) {
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (n % 4 != 0 || n / 4 > int64_t{kNormVec} * 1024 || !aligned(a) || !aligned(b) || !aligned(c) ||
-      !aligned(d))
-    return 0;
+  if (n % 4 != 0 || n / 4 > int64_t{kNormVec} * 1024 || !aligned(x) || !aligned(w) || !aligned(y)) return 0;
   const int64_t per_thread = (n / 4 + kNormVec - 1) / kNormVec;
   return static_cast<int>(std::max<int64_t>(32, (per_thread + 31) / 32 * 32));
 }
@@ -113,25 +97,6 @@ __global__ void rms_norm_kernel(const float* x, const float* w, float eps, int64
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += xr[i] * xr[i];
   const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = T::from_float(xr[i] * inv * w[i]);
-}
-
-template <typename T>
-__global__ void add_rms_norm_kernel(float* residual, const float* delta, const float* w, float eps, int64_t n,
-                                    uint16_t* y) {
-  grid_dependency_wait();
-  allow_dependents();
-  float* rr = residual + blockIdx.x * n;
-  const float* dr = delta + blockIdx.x * n;
-  uint16_t* yr = y + blockIdx.x * n;
-  float sum = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float r = rr[i] + dr[i];
-    rr[i] = r;
-    sum += r * r;
-  }
-  const float inv = rsqrtf(block_sum(sum) / static_cast<float>(n) + eps);
-  // Each thread reads back only the elements it wrote above.
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = T::from_float(rr[i] * inv * w[i]);
 }
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
@@ -164,68 +129,87 @@ __global__ void silu_mul_kernel(const float* gate_up, int64_t rows, int64_t n, u
   out[idx] = T::from_float(silu_times(g, u));
 }
 
-// One thread per (row, head of q|k|v, pair j < head_dim/2). For q and k heads, pair j < rope_dim/2
-// is a rotation pair; the rest copy dims rope_dim + 2(j - rope_dim/2) and the next one.
-// Row r: blockIdx.y (kRowsInY), or the rows in one flat index (a longer batch).
-template <typename T, bool kRowsInY>
-__global__ void rope_qkv_kernel(RopeQkvArgs a) {
-  grid_dependency_wait();
-  allow_dependents();
+// One CTA per row (blockIdx.x) and group of heads of q|k|v (blockIdx.y), a multiple of
+// blockDim.x / (head_dim / 2) heads: every thread keeps one pair index j < head_dim/2 over the
+// heads it takes in turn, so it computes the rotation's cosine and sine once (every head of a row
+// turns by the same angles), and does so before waiting for the kernel ahead (positions and
+// inv_freq are no kernel's output). For q and k heads, pair j < rope_dim/2 is a rotation pair; the
+// rest copy dims rope_dim + 2(j - rope_dim/2) and the next one. kAdjacent: the two values of every
+// pair are next to each other and 8-byte aligned in qkv and bias and 4-byte aligned at their
+// destination (not neox), so each pair is one load and one store.
+template <typename T, bool kAdjacent>
+__global__ void rope_qkv_kernel(RopeQkvArgs a, int32_t heads_per_cta) {
+  const int64_t r = blockIdx.x;
   const int32_t hd = a.kv.head_dim;
   const int32_t pairs = hd / 2;
-  const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
-  int32_t j, h;
-  int64_t r;
-  if constexpr (kRowsInY) {
-    const int32_t idx = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x);
-    if (idx >= heads * pairs) return;
-    j = idx % pairs;
-    h = idx / pairs;
-    r = blockIdx.y;
-  } else {
-    const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-    if (idx >= a.rows * heads * pairs) return;
-    j = static_cast<int32_t>(idx % pairs);
-    h = static_cast<int32_t>(idx / pairs % heads);
-    r = idx / pairs / heads;
-  }
   const int32_t half = a.rope_dim / 2;
-  const bool is_v = h >= a.num_heads + a.kv.num_kv_heads;
-  int32_t ia, ib;
-  if (!is_v && j < half) {
-    ia = a.neox ? j : 2 * j;
-    ib = a.neox ? j + half : 2 * j + 1;
-  } else {
-    ia = (is_v ? 0 : a.rope_dim) + 2 * (is_v ? j : j - half);
-    ib = ia + 1;
+  const int32_t j = static_cast<int32_t>(threadIdx.x) % pairs;
+  float c = 1.0f, s = 0.0f;
+  if (j < half) sincosf(static_cast<float>(a.positions[r]) * a.inv_freq[j], &s, &c);
+  grid_dependency_wait();
+  allow_dependents();
+  const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
+  const int32_t h_end = min(heads, static_cast<int32_t>(blockIdx.y + 1) * heads_per_cta);
+  const int32_t heads_per_pass = static_cast<int32_t>(blockDim.x) / pairs;
+  // The row's K and V: head kvh of slot s at ((s / bs · kv heads + kvh) · bs + s % bs) · head_dim.
+  const int64_t slot = a.slots[r];
+  const int64_t kv_row =
+      slot / a.kv.block_size * a.kv.num_kv_heads * a.kv.block_size + slot % a.kv.block_size;
+  const float* row = a.qkv + r * a.ld;
+  for (int32_t h =
+           static_cast<int32_t>(blockIdx.y) * heads_per_cta + static_cast<int32_t>(threadIdx.x) / pairs;
+       h < h_end; h += heads_per_pass) {
+    const bool is_v = h >= a.num_heads + a.kv.num_kv_heads;
+    const bool rotate = !is_v && j < half;
+    int32_t ia, ib;
+    if (rotate) {
+      ia = a.neox ? j : 2 * j;
+      ib = a.neox ? j + half : 2 * j + 1;
+    } else {
+      ia = (is_v ? 0 : a.rope_dim) + 2 * (is_v ? j : j - half);
+      ib = ia + 1;
+    }
+    const int64_t col = int64_t{h} * hd;
+    float x0, x1;
+    if constexpr (kAdjacent) {
+      const float2 v = *reinterpret_cast<const float2*>(row + col + ia);
+      x0 = v.x;
+      x1 = v.y;
+      if (a.bias != nullptr) {
+        const float2 b = *reinterpret_cast<const float2*>(a.bias + col + ia);
+        x0 += b.x;
+        x1 += b.y;
+      }
+    } else {
+      x0 = row[col + ia];
+      x1 = row[col + ib];
+      if (a.bias != nullptr) {
+        x0 += a.bias[col + ia];
+        x1 += a.bias[col + ib];
+      }
+    }
+    if (rotate) {
+      // The roundings spelled out (the compiler picks which product an FMA takes in otherwise):
+      // those the kernel before this form compiled to (its SASS), so the model's outputs keep their bits.
+      const float y0 = __fmaf_rn(x0, c, -__fmul_rn(x1, s));
+      const float y1 = __fmaf_rn(x0, s, __fmul_rn(x1, c));
+      x0 = y0;
+      x1 = y1;
+    }
+    uint16_t* dst;
+    if (h < a.num_heads) {
+      dst = a.q_out + r * a.num_heads * hd + col;
+    } else {
+      const int32_t kvh = is_v ? h - a.num_heads - a.kv.num_kv_heads : h - a.num_heads;
+      dst = (is_v ? a.kv.v : a.kv.k) + (kv_row + int64_t{kvh} * a.kv.block_size) * hd;
+    }
+    if constexpr (kAdjacent) {
+      *reinterpret_cast<uint32_t*>(dst + ia) = pack2<T>(x0, x1);
+    } else {
+      dst[ia] = T::from_float(x0);
+      dst[ib] = T::from_float(x1);
+    }
   }
-  const int64_t col = int64_t{h} * hd;
-  const float* row = a.qkv + r * a.ld + col;
-  float x0 = row[ia], x1 = row[ib];
-  if (a.bias != nullptr) {
-    x0 += a.bias[col + ia];
-    x1 += a.bias[col + ib];
-  }
-  if (!is_v && j < half) {
-    float s, c;
-    sincosf(static_cast<float>(a.positions[r]) * a.inv_freq[j], &s, &c);
-    const float y0 = x0 * c - x1 * s;
-    const float y1 = x0 * s + x1 * c;
-    x0 = y0;
-    x1 = y1;
-  }
-  uint16_t* dst;
-  if (h < a.num_heads) {
-    dst = a.q_out + r * a.num_heads * hd + col;
-  } else {
-    const int32_t kvh = is_v ? h - a.num_heads - a.kv.num_kv_heads : h - a.num_heads;
-    const int64_t slot = a.slots[r];
-    const int64_t off =
-        ((slot / a.kv.block_size * a.kv.num_kv_heads + kvh) * a.kv.block_size + slot % a.kv.block_size) * hd;
-    dst = (is_v ? a.kv.v : a.kv.k) + off;
-  }
-  dst[ia] = T::from_float(x0);
-  dst[ib] = T::from_float(x1);
 }
 
 template <typename T>
@@ -1142,25 +1126,11 @@ Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t
   const dim3 grid(static_cast<unsigned>(rows));
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    if (const int threads = norm_vec_threads(n, x, w, y, x); threads > 0)
-      return launch_programmatic("rms_norm", norm_vec_kernel<T, false>, grid, dim3(threads), 0, stream,
-                                 const_cast<float*>(x), static_cast<const float*>(nullptr), w, eps, n, y);
+    if (const int threads = norm_vec_threads(n, x, w, y); threads > 0)
+      return launch_programmatic("rms_norm", norm_vec_kernel<T>, grid, dim3(threads), 0, stream, x, w, eps, n,
+                                 y);
     return launch_programmatic("rms_norm", rms_norm_kernel<T>, grid, dim3(norm_threads(n)), 0, stream, x, w,
                                eps, n, y);
-  });
-}
-
-Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
-                    uint16_t* y, StreamHandle stream, Dtype dtype) {
-  if (rows <= 0 || n <= 0) return rows == 0 ? ok_status() : invalid_argument("add_rms_norm: empty row");
-  const dim3 grid(static_cast<unsigned>(rows));
-  return with_dtype(dtype, [&](auto t) {
-    using T = decltype(t);
-    if (const int threads = norm_vec_threads(n, residual, delta, w, y); threads > 0)
-      return launch_programmatic("add_rms_norm", norm_vec_kernel<T, true>, grid, dim3(threads), 0, stream,
-                                 residual, delta, w, eps, n, y);
-    return launch_programmatic("add_rms_norm", add_rms_norm_kernel<T>, grid, dim3(norm_threads(n)), 0, stream,
-                               residual, delta, w, eps, n, y);
   });
 }
 
@@ -1183,17 +1153,29 @@ Status rope_qkv(const RopeQkvArgs& a, StreamHandle stream) {
   const int32_t hd = a.kv.head_dim;
   if (hd <= 0 || hd % 2 != 0 || a.rope_dim < 0 || a.rope_dim % 2 != 0 || a.rope_dim > hd)
     return invalid_argument("rope_qkv: head_dim must be even and rope_dim even and at most head_dim");
-  const int64_t per_row = (a.num_heads + 2 * int64_t{a.kv.num_kv_heads}) * (hd / 2);
-  const int64_t total = a.rows * per_row;
-  if (total <= 0) return ok_status();
+  const int32_t heads = a.num_heads + 2 * a.kv.num_kv_heads;
+  if (a.rows <= 0 || heads <= 0) return ok_status();
+  if (a.rows > INT_MAX) return invalid_argument("rope_qkv: more than 2^31 - 1 rows");
+  // Threads: a multiple of head_dim / 2 (each keeps one pair index), about 256. A few rows (decode
+  // steps): one head a thread, so a row spreads over heads / (threads / pairs) CTAs; many rows: four,
+  // the angles computed once for four heads.
+  const int32_t pairs = hd / 2;
+  const int32_t threads = pairs * std::max(1, 256 / pairs);
+  if (threads > 1024) return invalid_argument("rope_qkv: head_dim above 2048");
+  const int32_t heads_per_cta = threads / pairs * (a.rows < 256 ? 1 : 4);
+  const unsigned groups = static_cast<unsigned>((heads + heads_per_cta - 1) / heads_per_cta);
+  if (groups > 65535) return invalid_argument("rope_qkv: too many heads");
+  auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+  const bool adjacent = !a.neox && a.ld % 2 == 0 && aligned(a.qkv, 8) && aligned(a.bias, 8) &&
+                        aligned(a.q_out, 4) && aligned(a.kv.k, 4) && aligned(a.kv.v, 4);
+  const dim3 grid(static_cast<unsigned>(a.rows), groups);
   return with_dtype(a.kv.dtype, [&](auto t) {
     using T = decltype(t);
-    if (a.rows <= 65535 && per_row <= INT_MAX - 256)  // the last CTA's 32-bit indices do not wrap
-      return launch_programmatic("rope_qkv", rope_qkv_kernel<T, true>,
-                                 dim3(blocks_for(per_row, 256), static_cast<unsigned>(a.rows)), dim3(256), 0,
-                                 stream, a);
-    return launch_programmatic("rope_qkv", rope_qkv_kernel<T, false>, dim3(blocks_for(total, 256)), dim3(256),
-                               0, stream, a);
+    if (adjacent)
+      return launch_programmatic("rope_qkv", rope_qkv_kernel<T, true>, grid, dim3(threads), 0, stream, a,
+                                 heads_per_cta);
+    return launch_programmatic("rope_qkv", rope_qkv_kernel<T, false>, grid, dim3(threads), 0, stream, a,
+                               heads_per_cta);
   });
 }
 

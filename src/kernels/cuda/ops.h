@@ -16,16 +16,11 @@ namespace pdserve::cuda {
 // Whether this build holds code the current device can run (false: built for other GPUs).
 bool kernels_built_for_current_device();
 
-// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in `dtype`. Both
-// norms may read w before the kernel ahead of them in the stream has ended (device_util.cuh): it
-// must not write w.
+// y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in `dtype`. It may
+// read w before the kernel ahead of it in the stream has ended (device_util.cuh): that kernel must
+// not write w. (A residual add comes before it in the output projection's epilogue: Blas.)
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream, Dtype dtype = Dtype::kBf16);
-
-// residual[r] += delta[r] (a matrix product's float output), then y[r] = rms_norm(residual[r]) · w
-// in `dtype`. One pass over the row: the norm's sum is taken from the residual as it is written.
-Status add_rms_norm(float* residual, const float* delta, const float* w, float eps, int64_t rows, int64_t n,
-                    uint16_t* y, StreamHandle stream, Dtype dtype = Dtype::kBf16);
 
 // out[r][i] = silu(gate_up[r][i]) · gate_up[r][n + i] in `dtype`: float rows of 2n (gate, then up)
 // to rows of n.
