@@ -18,7 +18,7 @@ bool kernels_built_for_current_device();
 
 // y[r] = x[r] / sqrt(mean(x[r]²) + eps) · w, for `rows` rows of n floats; y in `dtype`. It may
 // read w before the kernel ahead of it in the stream has ended (device_util.cuh): that kernel must
-// not write w. (A residual add comes before it in the output projection's epilogue: Blas.)
+// not write w.
 Status rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t n, uint16_t* y,
                 StreamHandle stream, Dtype dtype = Dtype::kBf16);
 

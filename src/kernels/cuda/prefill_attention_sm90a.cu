@@ -122,51 +122,36 @@ __device__ __forceinline__ void pin(float (&d)[N][4]) {
         C(d[15][1]), C(d[15][2]), C(d[15][3])                                                                \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(kTransB), "n"(kAccumulate ? 1 : 0))
 
-template <typename T, bool kAccumulate, int kTransB>
-__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kAccumulate && T::kF16)
-    PD_WGMMA_M64N64K16("f16", "+f");
-  else if constexpr (kAccumulate)
-    PD_WGMMA_M64N64K16("bf16", "+f");
-  else if constexpr (T::kF16)
-    PD_WGMMA_M64N64K16("f16", "=f");
-  else
-    PD_WGMMA_M64N64K16("bf16", "=f");
-#else
-  (void)d, (void)a, (void)b;
-  __trap();
-#endif
-}
+// Each shape's four forms: accumulating or not, fp16 or bf16 in.
+#define PD_WGMMA_FORMS(SHAPE)           \
+  if constexpr (kAccumulate && T::kF16) \
+    SHAPE("f16", "+f");                 \
+  else if constexpr (kAccumulate)       \
+    SHAPE("bf16", "+f");                \
+  else if constexpr (T::kF16)           \
+    SHAPE("f16", "=f");                 \
+  else                                  \
+    SHAPE("bf16", "=f")
 
-template <typename T, bool kAccumulate, int kTransB>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (kAccumulate && T::kF16)
-    PD_WGMMA_M64N128K16("f16", "+f");
-  else if constexpr (kAccumulate)
-    PD_WGMMA_M64N128K16("bf16", "+f");
-  else if constexpr (T::kF16)
-    PD_WGMMA_M64N128K16("f16", "=f");
-  else
-    PD_WGMMA_M64N128K16("bf16", "=f");
-#else
-  (void)d, (void)a, (void)b;
-  __trap();
-#endif
-}
-
-#undef PD_WGMMA_M64N64K16
-#undef PD_WGMMA_M64N128K16
-
-// S (64 × N, float) = or += A · B through the instruction of N columns (64 or 128).
+// D (64 × N, float) = or += A · B through the instruction of N columns (64 or 128).
 template <typename T, bool kAccumulate, int kTransB, int N>
 __device__ __forceinline__ void wgmma_n(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
-  if constexpr (N == 64)
-    wgmma_m64n64k16<T, kAccumulate, kTransB>(d, a, b);
-  else
-    wgmma_m64n128k16<T, kAccumulate, kTransB>(d, a, b);
+  static_assert(N == 64 || N == 128, "wgmma_n: 64 or 128 columns");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (N == 64) {
+    PD_WGMMA_FORMS(PD_WGMMA_M64N64K16);
+  } else {
+    PD_WGMMA_FORMS(PD_WGMMA_M64N128K16);
+  }
+#else
+  (void)d, (void)a, (void)b;
+  __trap();
+#endif
 }
+
+#undef PD_WGMMA_FORMS
+#undef PD_WGMMA_M64N64K16
+#undef PD_WGMMA_M64N128K16
 
 template <typename T, int HEAD_DIM, bool kPow2Blocks>
 __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel(PrefillAttentionArgs a) {
@@ -248,12 +233,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
     const uint64_t vd = v_desc + stage * (kTileBytes / 16);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kTileKeys / 16; ++kk) {
-      if constexpr (HEAD_DIM == 128)
-        wgmma_m64n128k16<T, true, 1>(w.o, p[kk], vd + kk * 16 * 128 / 16);
-      else
-        wgmma_m64n64k16<T, true, 1>(w.o, p[kk], vd + kk * 16 * 128 / 16);
-    }
+    for (int kk = 0; kk < kTileKeys / 16; ++kk)
+      wgmma_n<T, true, 1, HEAD_DIM>(w.o, p[kk], vd + kk * 16 * 128 / 16);
     wgmma_commit();
   };
   auto to_p = [](const float(&s)[kTileKeys / 8][4], uint32_t(&p)[kTileKeys / 16][4]) {
