@@ -8,7 +8,8 @@
 // product (FLOP/s, random data), and a 1 GiB peer copy each way between GPUs 0 and 1 where there
 // are two. Kernels: decode attention with Llama-3.1-8B's heads (32 query, 8 kv, head_dim 128,
 // 16-token blocks) at batch 1, 16, 64 and contexts 1k, 4k, as a fraction of the copy bandwidth
-// (the bytes it must read: the whole KV of the batch, one layer). Model (default
+// (the bytes it must read: the whole KV of the batch, one layer); prefill attention alone, one
+// layer of 1 × 4096 and 8 × 512 tokens, against the FLOP floor. Model (default
 // synthetic:llama-3.1-8b): a whole decode step (greedy token chosen on the GPU) at batch 1, 16,
 // 64 and contexts 1k, 4k against the memory floor (weights + the batch's KV read once at the copy
 // bandwidth), and prefill of 1 × 4096 and 8 × 512 tokens against the FLOP floor (2 · parameters ·
@@ -1096,7 +1097,7 @@ int main(int argc, char** argv) {
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0, profile_prompt = 0;
   bool profile_timeline = false;
-  bool transfer_only = false, decode_only = false, prefill_only = false;
+  bool transfer_only = false, decode_only = false, prefill_only = false, attention_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
   double tc_pairs_per_sm = kDefaultDecodeTensorCorePairsPerSm;
   double split_ctas_per_sm = 2.0;  // the library's default
@@ -1153,6 +1154,8 @@ int main(int argc, char** argv) {
       set_decode_tensor_core_pairs_per_sm(tc_pairs_per_sm);
     } else if (std::strcmp(argv[i], "--decode-only") == 0) {
       decode_only = true;
+    } else if (std::strcmp(argv[i], "--attention-only") == 0) {
+      attention_only = true;
     } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
       prefill_only = true;
     } else if ((std::strcmp(argv[i], "--profile-prefill") == 0 ||
@@ -1201,6 +1204,8 @@ int main(int argc, char** argv) {
           "                1,16,64; each at contexts 1024 and 4096)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
+          "  --attention-only  only the ceilings and the attention kernels alone (decode\n"
+          "                steps, and one layer's prefill of 1 x 4096 and 8 x 512 tokens)\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1,\n"
           "                the host-staged KV path (shm, tcp) on GPU 0, and a --model prefill's\n"
           "                hand-off through it, whole and layer by layer\n"
@@ -1285,7 +1290,7 @@ int main(int argc, char** argv) {
   }
 
   // 3. Peer copy between GPUs 0 and 1.
-  if (devices >= 2) {
+  if (devices >= 2 && !attention_only) {
     const size_t bytes = size_t{1} << 30;
     DeviceBuffer a = value_or_die(DeviceBuffer::allocate(bytes), "allocate");
     CHECK_OK(set_device(1));
@@ -1315,8 +1320,10 @@ int main(int argc, char** argv) {
     }
   }
   // 4. The host-staged KV path, on GPU 0, and a prefill's hand-off through it.
-  out.add_raw("kv_host_stage", host_stage_section(quick));
-  if (!model_name.empty()) out.add_raw("kv_layer_wise", layer_wise_section(model_name, quick));
+  if (!attention_only) {
+    out.add_raw("kv_host_stage", host_stage_section(quick));
+    if (!model_name.empty()) out.add_raw("kv_layer_wise", layer_wise_section(model_name, quick));
+  }
   if (transfer_only) {
     CHECK_OK(synchronize());
     return write_json(json_path, out);
@@ -1324,7 +1331,7 @@ int main(int argc, char** argv) {
 
   // 5. Matrix-vector products at one row (a batch-1 decode step's projections), as a share of the
   // copy bandwidth: cuBLAS, and each shape of work per warp of our gemv.
-  {
+  if (!attention_only) {
     struct Proj {
       const char* name;
       int64_t n, k;
@@ -1519,6 +1526,78 @@ int main(int argc, char** argv) {
       }
     }
     out.add_raw("decode_attention", rows + "]");
+  }
+
+  // 6b. Prefill attention alone (one layer of Llama-3.1-8B, prompts from position 0, blocks
+  // spread over the pool) vs the FLOP floor at the measured matrix rate: causal attention is
+  // 2 · L · (L + 1) · q_dim FLOP a prompt of L tokens.
+  {
+    const int32_t heads = 32, kv_heads = 8, head_dim = 128, block = 16;
+    std::string rows = "[";
+    for (const auto& [seqs, len] : {std::pair{1, 4096}, std::pair{8, 512}}) {
+      const int32_t blocks_per_seq = len / block;
+      const int64_t blocks = int64_t{seqs} * blocks_per_seq;
+      const int64_t kv_values = blocks * block * kv_heads * head_dim;
+      const int64_t tokens = int64_t{seqs} * len;
+      DeviceBuffer k = random_values(kv_values, 1.0f, 13);
+      DeviceBuffer v = random_values(kv_values, 1.0f, 14);
+      DeviceBuffer q = random_values(tokens * heads * head_dim, 1.0f, 15);
+      DeviceBuffer o = value_or_die(DeviceBuffer::allocate(tokens * heads * head_dim * 2), "allocate");
+      std::vector<int32_t> table(blocks);
+      std::iota(table.begin(), table.end(), 0);
+      std::shuffle(table.begin(), table.end(), std::mt19937(17));
+      std::vector<int32_t> q_start(seqs), lens(seqs, len), first(seqs, 0);
+      for (int32_t s = 0; s < seqs; ++s) q_start[s] = s * len;
+      DeviceBuffer dtable = value_or_die(DeviceBuffer::allocate(table.size() * 4), "allocate");
+      DeviceBuffer dstart = value_or_die(DeviceBuffer::allocate(seqs * 4), "allocate");
+      DeviceBuffer dlens = value_or_die(DeviceBuffer::allocate(seqs * 4), "allocate");
+      DeviceBuffer dfirst = value_or_die(DeviceBuffer::allocate(seqs * 4), "allocate");
+      CHECK_OK(copy_to_device(dtable.data(), table.data(), table.size() * 4));
+      CHECK_OK(copy_to_device(dstart.data(), q_start.data(), seqs * 4));
+      CHECK_OK(copy_to_device(dlens.data(), lens.data(), seqs * 4));
+      CHECK_OK(copy_to_device(dfirst.data(), first.data(), seqs * 4));
+      PrefillAttentionArgs p;
+      p.q = q.as<uint16_t>();
+      p.num_heads = heads;
+      p.kv = PagedKv{k.as<uint16_t>(), v.as<uint16_t>(), block, kv_heads, head_dim};
+      p.num_chunks = seqs;
+      p.chunk_q_start = dstart.as<int32_t>();
+      p.chunk_len = dlens.as<int32_t>();
+      p.chunk_first_pos = dfirst.as<int32_t>();
+      p.block_tables = dtable.as<int32_t>();
+      p.max_blocks_per_seq = blocks_per_seq;
+      p.max_chunk_len = len;
+      p.scale = 0.088f;
+      p.out = o.as<uint16_t>();
+      const double ms =
+          median_ms(5, reps, stream.get(), [&] { CHECK_OK(prefill_attention(p, stream.get())); });
+      // A checksum of the output (FNV-1a of its bytes): two kernel versions that do the same
+      // arithmetic print the same one.
+      CHECK_OK(synchronize());
+      std::vector<uint8_t> out_bytes(static_cast<size_t>(tokens * heads * head_dim * 2));
+      CHECK_OK(copy_to_host(out_bytes.data(), o.data(), out_bytes.size()));
+      uint64_t checksum = 1469598103934665603ull;
+      for (const uint8_t byte : out_bytes) checksum = (checksum ^ byte) * 1099511628211ull;
+      const double flops = 2.0 * seqs * len * (len + 1.0) * heads * head_dim;
+      const double floor_ms = flops / (gemm_tflops * 1e12) * 1e3;
+      std::printf(
+          "prefill attention %d x %d tokens (one layer): %.1f us, %.0f TFLOP/s, %.0f%% of the matrix rate; "
+          "output checksum %016llx\n",
+          seqs, len, ms * 1e3, flops / (ms * 1e-3) / 1e12, 100.0 * floor_ms / ms,
+          static_cast<unsigned long long>(checksum));
+      Json row;
+      row.add("seqs", seqs);
+      row.add("len", len);
+      row.add("ms", ms);
+      row.add("floor_ms", floor_ms);
+      row.add("checksum", fmt::format("{:016x}", checksum));
+      rows += (rows.size() > 1 ? ", " : "") + row.str();
+    }
+    out.add_raw("prefill_attention", rows + "]");
+  }
+  if (attention_only) {
+    CHECK_OK(synchronize());
+    return write_json(json_path, out);
   }
 
   // 7. Sampling a token from Llama 3's 128256 logits a row: on the GPU (greedy, a plain tempered

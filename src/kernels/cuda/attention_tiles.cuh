@@ -291,11 +291,11 @@ struct ChunkRows {
   }
 };
 
-// Copies kTileKeys (default kKeys) consecutive key rows, by threads 0 .. kCopyThreads - 1, of one (chunk, kv
+// Copies kTileKeys (default kKeys) consecutive key rows, by kCopyThreads threads, of one (chunk, kv
 // head) pair's K and V from the paged cache into shared memory as swizzled tiles (cp.async; the caller
-// commits); keys at or past key_end are zero-filled. Thread t copies 16-byte chunk t % kChunks of rows r0 = t
-// / kChunks, r0 + kRowStep,
-// ...: all with the same row % 8, so the same swizzled chunk. kPow2Blocks: the block size is a
+// commits them, or has them arrive on a barrier); keys at or past key_end are zero-filled. Thread t
+// copies 16-byte chunk t % kChunks of rows r0 = t / kChunks, r0 + kRowStep, ...: all with the same
+// row % 8, so the same swizzled chunk. kPow2Blocks: the block size is a
 // power of two (a key's block and row by shift and mask, not a division). The tiles are
 // [kTileKeys][HEAD_DIM] (chunk c of row r at c ^ (r % 8), for ldmatrix), or with kHalves
 // [HEAD_DIM / 64][kTileKeys][64]: 128-byte rows, chunk c of row r at c ^ (r % 8) — the 128-byte
@@ -314,11 +314,14 @@ struct KeyTileCopier {
   int64_t block_stride;
   int bs, bs_shift, r0, swizzled;
 
-  __device__ __forceinline__ KeyTileCopier(const PrefillAttentionArgs& a, int chunk, int kv_head) {
-    const int c = threadIdx.x % kChunks;
+  // `thread`: this thread's index among the copying ones (by default threadIdx.x: the CTA's first).
+  __device__ __forceinline__ KeyTileCopier(const PrefillAttentionArgs& a, int chunk, int kv_head,
+                                           int thread = -1) {
+    if (thread < 0) thread = static_cast<int>(threadIdx.x);
+    const int c = thread % kChunks;
     bs = a.kv.block_size;
     bs_shift = __ffs(bs) - 1;  // used with kPow2Blocks only
-    r0 = threadIdx.x / kChunks;
+    r0 = thread / kChunks;
     swizzled = kHalves ? (c / 8) * kTileKeys * 64 + ((c % 8) ^ (r0 & 7)) * 8 : (c ^ (r0 & 7)) * 8;
     table = a.block_tables + int64_t{chunk} * a.max_blocks_per_seq;
     const int64_t head_block = int64_t{bs} * HEAD_DIM;  // one head's rows of a block

@@ -6,9 +6,11 @@
 // (WarpAttention, each warp 16 rows) — but S = Q·Kᵀ and O += P·V are warpgroup MMAs: K and V are
 // read by the tensor cores straight from shared memory (128-byte swizzled tiles, no ldmatrix), Q
 // and P are register operands (their fragments are mma.sync's, warp by warp). A CTA is two
-// warpgroups (128 rows) over 128-key tiles, so each tile copied serves twice the rows of the
-// mma.sync form's. Row blocks run in reverse order, so that the causal grid's longest CTAs start
-// first. Built for sm_90a only.
+// consumer warpgroups (128 rows) over 128-key tiles, so each tile copied serves twice the rows of
+// the mma.sync form's, and a producer warpgroup that copies the tiles: the consumers wait only for
+// the tile they read (a shared-memory barrier a stage), not for each other, and issue no copies.
+// Row blocks run in reverse order, so that the causal grid's longest CTAs start first. Built for
+// sm_90a only.
 #include <cuda_runtime.h>
 
 #include <array>
@@ -25,14 +27,19 @@ using namespace attention_tiles;  // NOLINT(google-build-using-namespace): the t
 
 // The 128-byte swizzle's pattern repeats every 8 rows of 128 bytes.
 constexpr uint32_t kSwizzleAtomBytes = 1024;
-// A CTA: kGroups warpgroups of 64 query rows each, sharing every K/V tile of kTileKeys keys, which
-// kStages stages hold (measured on an H100 against 1 warpgroup with 64-key tiles at 3 CTAs an SM,
-// and against 3 stages: docs/perf/gpu-kernel-notes.md, eighth round).
+// A CTA: kGroups consumer warpgroups of 64 query rows each, sharing every K/V tile of kTileKeys keys,
+// which kStages stages hold, and one producer warpgroup (docs/perf/gpu-kernel-notes.md, eighth and
+// eleventh rounds). The producer gives its registers to the consumers (setmaxnreg): kProducerRegs
+// each, kConsumerRegs for a consumer, within the SM's 64 K.
 constexpr int kGroups = 2;
 constexpr int kTileKeys = 128;
-constexpr int kStages = 2;
+constexpr int kStages = 3;
 constexpr int kCtaRows = kRows * kGroups;
-constexpr int kCtaThreads = kThreads * kGroups;
+constexpr int kConsumerThreads = kThreads * kGroups;
+constexpr int kCtaThreads = kConsumerThreads + kThreads;
+constexpr int kProducerRegs = 56;
+constexpr int kConsumerRegs = 224;
+static_assert(kProducerRegs * kThreads + kConsumerRegs * kConsumerThreads <= 65536, "the SM's registers");
 
 // Descriptor of a matrix in shared memory at `addr`, 128-byte swizzled: `lead_bytes` between its
 // 64-value blocks along the contiguous dimension (unused where one instruction stays within one),
@@ -64,6 +71,37 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+// Shared-memory barriers (mbarrier): initialised with the arrivals a phase takes; a phase completes
+// when they have all arrived, and a wait names the parity of the phase it waits for.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+#endif
+}
+// One arrival on `bar` once every cp.async this thread issued before it has landed.
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+#endif
+}
+
 // The MMA reads register operands as it runs: they stay in their registers until its wait.
 template <int N>
 __device__ __forceinline__ void pin_regs(uint32_t (&r)[N][4]) {
@@ -168,6 +206,11 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
   uint16_t* k_tiles =
       reinterpret_cast<uint16_t*>(smem_raw + skip);     // [kStages][HEAD_DIM / 64][kTileKeys][64], swizzled
   uint16_t* v_tiles = k_tiles + kStages * kTileValues;  // the same
+  // A stage's barriers: `full` (the producer's copies of its tile have landed), then `empty` (every
+  // consumer warp is done with it).
+  const uint32_t bars = smem_addr(v_tiles + kStages * kTileValues);
+  auto full_bar = [&](int stage) { return bars + 8 * stage; };
+  auto empty_bar = [&](int stage) { return bars + 8 * (kStages + stage); };
 
   const int chunk = blockIdx.z;
   const int kv_head = blockIdx.y;
@@ -180,26 +223,37 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  // Keys this CTA needs: up to the last row's limit. Every warp takes part in every tile (an MMA is
-  // its warpgroup's); rows past the chunk, or past a tile's keys, are masked.
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar(s), kThreads);
+      mbar_init(empty_bar(s), kConsumerThreads / 32);
+    }
+  }
+  __syncthreads();
+
+  // Keys this CTA needs: up to the last row's limit. Every consumer warp takes part in every tile
+  // (an MMA is its warpgroup's); rows past the chunk, or past a tile's keys, are masked.
   const int last_row = min(rows, row0 + kCtaRows) - 1;
   const int keys_end = first_pos + last_row / group + 1;
   const int num_tiles = (keys_end + kTileKeys - 1) / kTileKeys;
 
-  // Every thread copies its share of each tile.
-  const KeyTileCopier<HEAD_DIM, kPow2Blocks, true, kTileKeys, kCtaThreads> copier(a, chunk, kv_head);
-  auto load_tile = [&](int tile, int stage) {
-    copier.copy(k_tiles + stage * kTileValues, v_tiles + stage * kTileValues, tile * kTileKeys, keys_end);
-    cp_async_commit();
-  };
-  // Tiles 0 .. kStages - 2 in flight; a group is committed for every tile, copied or not, so that
-  // waiting for all but the newest kStages - 1 groups always means the tile about to be used.
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < num_tiles)
-      load_tile(t, t);
-    else
-      cp_async_commit();
+  if (warp >= kConsumerThreads / 32) {
+    // The producer: tile t into stage t % kStages once every consumer warp is done with the tile
+    // before it there (tile t - kStages, the phase before), each thread's copies arriving on the
+    // stage's `full` barrier as they land.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    const KeyTileCopier<HEAD_DIM, kPow2Blocks, true, kTileKeys, kThreads> copier(
+        a, chunk, kv_head, static_cast<int>(threadIdx.x) - kConsumerThreads);
+    for (int t = 0; t < num_tiles; ++t) {
+      const int stage = t % kStages;
+      if (t >= kStages) mbar_wait(empty_bar(stage), static_cast<uint32_t>((t / kStages - 1) & 1));
+      copier.copy(k_tiles + stage * kTileValues, v_tiles + stage * kTileValues, t * kTileKeys, keys_end);
+      cp_async_arrive(full_bar(stage));
+    }
+    cp_async_wait<0>();
+    return;
   }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
   const int wrow = row0 + warp * kRowsPerWarp;
   const int r_lo = wrow + lane / 4;
@@ -249,13 +303,8 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     const int stage = tile % kStages;
-    if (tile + kStages - 1 < num_tiles)
-      load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
-    else
-      cp_async_commit();
-    cp_async_wait<kStages - 1>();
+    mbar_wait(full_bar(stage), static_cast<uint32_t>((tile / kStages) & 1));
     fence_proxy_async();
-    __syncthreads();
     float s[kTileKeys / 8][4];
     issue_s(s, stage);
     wgmma_wait<0>();
@@ -271,7 +320,7 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
     wgmma_wait<0>();
     pin(w.o);
     pin_regs(p);
-    __syncthreads();  // the next iteration refills this stage
+    if (lane == 0) mbar_arrive(empty_bar(stage));  // this warp is done with the stage
   }
 
   w.finish();
@@ -284,7 +333,9 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
 
 template <int HEAD_DIM>
 constexpr size_t smem_bytes() {
-  return sizeof(uint16_t) * 2 * kStages * kTileKeys * HEAD_DIM + kSwizzleAtomBytes;  // K and V; alignment
+  // K and V; alignment; two barriers a stage.
+  return sizeof(uint16_t) * 2 * kStages * kTileKeys * HEAD_DIM + kSwizzleAtomBytes +
+         2 * kStages * sizeof(uint64_t);
 }
 
 template <typename T, int HEAD_DIM>
