@@ -778,11 +778,13 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
  public:
   // Pulls run on kHostPullThreads threads, as the host pullers' do: a pull waiting on a
   // layer-wise prefill's pass does not hold up the others.
-  StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device, bool as_they_arrive)
+  StagedPuller(std::unique_ptr<KvPuller> inner, TransportKind kind, int device, bool as_they_arrive,
+               uint64_t keep_bytes)
       : QueuedPuller(kind, KvMemory::kCuda, transfer_internal::kHostPullThreads),
         inner_(std::move(inner)),
         device_(device),
-        as_they_arrive_(as_they_arrive) {
+        as_they_arrive_(as_they_arrive),
+        keep_bytes_(keep_bytes) {
     inner_listener_ = inner_->add_done_listener([this] {
       std::lock_guard lock(inner_mu_);
       ++inner_ended_;
@@ -807,13 +809,16 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
     PD_RETURN_IF_ERROR(check_kv_block_table(target.view, target.block_table, tokens));
     Lane& lane = *take_lane();
     StatusOr<PullResult> r = pull(lane, handle, target, cache, tokens);
+    // Nothing reads the stage any more (pull() waits for its copies before it returns).
+    if (lane.staging.bytes() > keep_bytes_) lane.staging = cuda::PinnedHostBuffer();
     give_lane(&lane);
     return r;
   }
 
  private:
   // What one pull at a time uses: the stage (page-locked, so its copies to the GPU run at the bus's
-  // rate; the largest body it has held), the block table and the scratch, and their stream.
+  // rate; the largest body it has held, up to keep_bytes_), the block table and the scratch, and
+  // their stream.
   struct Lane {
     cuda::PinnedHostBuffer staging;
     DeviceTable table;
@@ -923,6 +928,7 @@ class StagedPuller final : public transfer_internal::QueuedPuller {
   std::unique_ptr<KvPuller> inner_;
   const int device_;
   const bool as_they_arrive_;  // KvTransportOptions::land_layers_as_they_arrive
+  const uint64_t keep_bytes_;  // KvTransportOptions::host_stage_keep_bytes
   uint64_t inner_listener_ = 0;
   std::mutex inner_mu_;
   std::condition_variable inner_cv_;
@@ -951,8 +957,9 @@ StatusOr<KvTransport> make_cuda_staged_transport(TransportKind host_kind, const 
     t.pool = std::move(pool);
   }
   if (host.puller)
-    t.puller = std::make_unique<StagedPuller>(std::move(host.puller), host_kind, options.cuda_device,
-                                              options.land_layers_as_they_arrive);
+    t.puller =
+        std::make_unique<StagedPuller>(std::move(host.puller), host_kind, options.cuda_device,
+                                       options.land_layers_as_they_arrive, options.host_stage_keep_bytes);
   return t;
 }
 

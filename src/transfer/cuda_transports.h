@@ -38,7 +38,8 @@ StatusOr<KvTransport> make_cuda_ipc_transport(const KvTransportOptions& options)
 // progress (tcp every 32 MiB, shm every 32 MiB of whole layers and a layer-wise body's layers as they are
 // ready), else after the body (one extra copy each side against a host cache). Handles are of the host kind,
 // so both sides must be GPU instances of the same kind (a CPU peer is refused: its KV is f16). Pulls run four
-// at once, each with its own page-locked stage (as large as the largest body it has held). Layer-wise sending
+// at once, each with its own page-locked stage (as large as the largest body it has held, up to
+// options.host_stage_keep_bytes: a larger one is freed after its pull). Layer-wise sending
 // (KvSendPool::send_layer) where the pool's memory is page-locked: each layer's gather and copy are queued
 // behind the work queued so far on the source view's cuda_stream, and the layer is published once it has
 // landed. No block-fixed mode.

@@ -79,6 +79,13 @@ struct DeviceCache {
     return out;
   }
 
+  // Puts back values read by all().
+  void fill(const std::vector<uint16_t>& values) const {
+    EXPECT_TRUE(cuda::set_device(view.cuda_device).ok());
+    ASSERT_EQ(values.size() * 2, memory.bytes());
+    EXPECT_TRUE(cuda::copy_to_device(memory.data(), values.data(), memory.bytes()).ok());
+  }
+
   // Whether value i of all() holds one of the first `tokens` tokens of a sequence with `table`.
   static std::vector<bool> used(const std::vector<int32_t>& table, int32_t tokens) {
     const int64_t part = int64_t{kBlocks} * kBlockSize * kKvHeads * kHeadDim;
@@ -133,8 +140,10 @@ class CudaIpc : public ::testing::Test {
 
 using MakeTransport = std::function<StatusOr<KvTransport>(const KvTransportOptions&)>;
 
-// Publishes 150 tokens (a partial last block) from GPU `src`, pulls them into GPU `dst`.
-void round_trip(int src_device, int dst_device, const MakeTransport& make = make_cuda_ipc_transport) {
+// Publishes 150 tokens (a partial last block) from GPU `src`, pulls them into GPU `dst` (`pulls`
+// times, each into a cleared cache).
+void round_trip(int src_device, int dst_device, const MakeTransport& make = make_cuda_ipc_transport,
+                int pulls = 1) {
   DeviceCache src = DeviceCache::make(src_device, 1);
   DeviceCache dst = DeviceCache::make(dst_device, 2);
   KvTransportOptions so = options(src_device);
@@ -155,10 +164,13 @@ void round_trip(int src_device, int dst_device, const MakeTransport& make = make
   StatusOr<KvHandle> parsed = KvHandle::parse(h->to_string());
   ASSERT_TRUE(parsed.ok()) << parsed.status().message();
   const std::vector<uint16_t> before = dst.all();
-  TransferState st = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
-  ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message();
-  EXPECT_EQ(st.num_tokens, tokens);
-  EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens));
+  for (int pull = 0; pull < pulls; ++pull) {
+    if (pull > 0) dst.fill(before);
+    TransferState st = receiver->puller->pull(*parsed, KvScatterTarget{dst.view, dst_table, tokens});
+    ASSERT_EQ(st.phase, TransferPhase::kDone) << st.error.message() << " (pull " << pull << ")";
+    EXPECT_EQ(st.num_tokens, tokens);
+    EXPECT_EQ(dst.wire(dst_table, tokens), src.wire(src_table, tokens)) << "pull " << pull;
+  }
   // Nothing else was written: the 14 unused blocks and the last block's rows past token 150.
   const std::vector<uint16_t> after = dst.all();
   const std::vector<bool> mask = DeviceCache::used(dst_table, tokens);
@@ -183,13 +195,26 @@ TEST_F(CudaIpc, StagedThroughHostMemoryOverShmTcpAndUcx) {
   std::vector<TransportKind> kinds = {TransportKind::kShm, TransportKind::kTcp};
   if (ucx_transport_built()) kinds.push_back(TransportKind::kUcx);
   for (TransportKind kind : kinds) {
-    for (bool locked : {true, false}) {  // the send pool page-locked (the default) and pageable
-      SCOPED_TRACE(fmt::format("{}, page-locked {}", transport_kind_name(kind), locked));
-      round_trip(0, dst, [kind, locked](const KvTransportOptions& o) {
-        KvTransportOptions with = o;
-        with.page_lock_host_stage = locked;
-        return make_cuda_staged_transport(kind, with);
-      });
+    // The send pool page-locked (the default) and pageable; the decode's stage kept between pulls
+    // (the default) and freed after each (keep 0 bytes: the second of the two pulls takes a new one).
+    const struct {
+      bool locked;
+      uint64_t keep;
+    } variants[] = {{true, KvTransportOptions{}.host_stage_keep_bytes},
+                    {false, KvTransportOptions{}.host_stage_keep_bytes},
+                    {true, 0}};
+    for (const auto& v : variants) {
+      SCOPED_TRACE(fmt::format("{}, page-locked {}, stage kept up to {} bytes", transport_kind_name(kind),
+                               v.locked, v.keep));
+      round_trip(
+          0, dst,
+          [kind, v](const KvTransportOptions& o) {
+            KvTransportOptions with = o;
+            with.page_lock_host_stage = v.locked;
+            with.host_stage_keep_bytes = v.keep;
+            return make_cuda_staged_transport(kind, with);
+          },
+          2);
     }
   }
 }

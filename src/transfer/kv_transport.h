@@ -302,6 +302,10 @@ struct KvTransportOptions {
   // has landed, where the host puller reports the body's progress (tcp, shm); false: after the whole
   // body (for measurements).
   bool land_layers_as_they_arrive = true;
+  // A GPU KV cache pulled through a host transport lands in a page-locked stage, one per pull in
+  // flight, kept for the next pull; a stage grown past this many bytes (a longer prompt's KV) is
+  // freed after its pull, so that one long prompt does not hold its size in locked RAM for good.
+  uint64_t host_stage_keep_bytes = uint64_t{1} << 30;
 
   // Both sides.
   int32_t tcp_socket_buffer_bytes = 4 << 20;  // SO_SNDBUF/SO_RCVBUF; 0: kernel autotuning
