@@ -29,17 +29,24 @@ using namespace attention_tiles;  // NOLINT(google-build-using-namespace): the t
 constexpr uint32_t kSwizzleAtomBytes = 1024;
 // A CTA: kGroups consumer warpgroups of 64 query rows each, sharing every K/V tile of kTileKeys keys,
 // which kStages stages hold, and one producer warpgroup (docs/perf/gpu-kernel-notes.md, eighth and
-// eleventh rounds). The producer gives its registers to the consumers (setmaxnreg): kProducerRegs
-// each, kConsumerRegs for a consumer, within the SM's 64 K.
+// eleventh rounds). The producer gives its registers to the consumers (setmaxnreg): every thread
+// starts with kEntryRegs (what __launch_bounds__ allows ptxas; the probe checks it), the producer's
+// keep kProducerRegs, the consumers' grow to kConsumerRegs, within what the producer gave up (an
+// increase waits for registers freed in the CTA: one that is never given them waits for ever).
 constexpr int kGroups = 2;
 constexpr int kTileKeys = 128;
 constexpr int kStages = 3;
 constexpr int kCtaRows = kRows * kGroups;
 constexpr int kConsumerThreads = kThreads * kGroups;
 constexpr int kCtaThreads = kConsumerThreads + kThreads;
+constexpr int kEntryRegs = 65536 / kCtaThreads / 8 * 8;
 constexpr int kProducerRegs = 56;
 constexpr int kConsumerRegs = 224;
-static_assert(kProducerRegs * kThreads + kConsumerRegs * kConsumerThreads <= 65536, "the SM's registers");
+static_assert(kProducerRegs <= kEntryRegs && kEntryRegs <= kConsumerRegs && kProducerRegs % 8 == 0 &&
+                  kConsumerRegs % 8 == 0,
+              "setmaxnreg decreases the producer's registers and increases the consumers'");
+static_assert(kProducerRegs * kThreads + kConsumerRegs * kConsumerThreads <= kEntryRegs * kCtaThreads,
+              "the consumers take no more registers than the producer gives up");
 
 // Descriptor of a matrix in shared memory at `addr`, 128-byte swizzled: `lead_bytes` between its
 // 64-value blocks along the contiguous dimension (unused where one instruction stays within one),
@@ -250,8 +257,7 @@ __global__ void __launch_bounds__(kCtaThreads, 1) prefill_attention_wgmma_kernel
       copier.copy(k_tiles + stage * kTileValues, v_tiles + stage * kTileValues, t * kTileKeys, keys_end);
       cp_async_arrive(full_bar(stage));
     }
-    cp_async_wait<0>();
-    return;
+    return;  // its last copies may still be in flight: the consumers wait for them (`full`)
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
 
@@ -356,11 +362,20 @@ bool probe_current_device() {
     (void)cudaGetLastError();
     return false;
   }
-  cudaFuncAttributes attr{};
-  const bool ok =
-      cudaFuncGetAttributes(&attr, prefill_attention_wgmma_kernel<Bf16, 128, true>) == cudaSuccess &&
-      opt_in_kernels<Bf16, 128>() && opt_in_kernels<F16, 128>() && opt_in_kernels<Bf16, 64>() &&
-      opt_in_kernels<F16, 64>();
+  // Every form starts with kEntryRegs registers a thread, or the consumers' setmaxnreg would wait.
+  auto entry_regs = [](auto kernel) {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.numRegs == kEntryRegs;
+  };
+  const bool ok = entry_regs(prefill_attention_wgmma_kernel<Bf16, 128, true>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<Bf16, 128, false>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<F16, 128, true>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<F16, 128, false>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<Bf16, 64, true>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<Bf16, 64, false>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<F16, 64, true>) &&
+                  entry_regs(prefill_attention_wgmma_kernel<F16, 64, false>) && opt_in_kernels<Bf16, 128>() &&
+                  opt_in_kernels<F16, 128>() && opt_in_kernels<Bf16, 64>() && opt_in_kernels<F16, 64>();
   if (!ok) (void)cudaGetLastError();
   return ok;
 }
