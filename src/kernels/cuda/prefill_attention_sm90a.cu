@@ -31,8 +31,8 @@ constexpr uint32_t kSwizzleAtomBytes = 1024;
 // which kStages stages hold, and one producer warpgroup (docs/perf/gpu-kernel-notes.md, eighth and
 // eleventh rounds). The producer gives its registers to the consumers (setmaxnreg): every thread
 // starts with kEntryRegs (what __launch_bounds__ allows ptxas; the probe checks it), the producer's
-// keep kProducerRegs, the consumers' grow to kConsumerRegs, within what the producer gave up (an
-// increase waits for registers freed in the CTA: one that is never given them waits for ever).
+// threads keep kProducerRegs and the consumers' grow to kConsumerRegs, within what the producer gave
+// up (an increase waits for registers freed in the CTA: one never given them waits for ever).
 constexpr int kGroups = 2;
 constexpr int kTileKeys = 128;
 constexpr int kStages = 3;
