@@ -127,8 +127,29 @@ double median_wall_ms(int warmup, int reps, const std::function<void()>& work) {
   return ms[ms.size() / 2];
 }
 
-// The batch sizes of the model's decode steps (--decode-batches).
+// The batch sizes of the model's decode steps (--decode-batches) and their contexts (--decode-contexts).
 std::vector<int32_t> g_decode_batches = {1, 16, 64};
+std::vector<int32_t> g_decode_contexts = {1024, 4096};
+
+// Sizes 1 to `max` separated by commas into *out, or false having said why.
+bool parse_sizes(const char* flag, const char* what, const char* text, long max, std::vector<int32_t>* out) {
+  out->clear();
+  for (const char* p = text; *p != '\0';) {
+    char* end = nullptr;
+    const long v = std::strtol(p, &end, 10);
+    if (end == p || v < 1 || v > max || (*end != ',' && *end != '\0')) {
+      std::fprintf(stderr, "%s: expected %s 1 to %ld separated by commas, got '%s'\n", flag, what, max, text);
+      return false;
+    }
+    out->push_back(static_cast<int32_t>(v));
+    p = *end == ',' ? end + 1 : end;
+  }
+  if (out->empty()) {
+    std::fprintf(stderr, "%s: expected %s 1 to %ld separated by commas, got nothing\n", flag, what, max);
+    return false;
+  }
+  return true;
+}
 // The models' number format (--dtype).
 cuda::Dtype g_dtype = cuda::Dtype::kBf16;
 
@@ -148,7 +169,7 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
   };
   std::vector<DecodeCase> decode_cases;
   for (int32_t batch : g_decode_batches)
-    for (int32_t ctx : {1024, 4096})
+    for (int32_t ctx : g_decode_contexts)
       if (with_decode && (!quick || batch * ctx <= 16 * 1024)) decode_cases.push_back({batch, ctx});
   int32_t max_blocks = 0;
   for (const DecodeCase& c : decode_cases) max_blocks = std::max(max_blocks, c.batch * (c.ctx / bs + 1));
@@ -162,6 +183,11 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
               m->kv_bytes_per_token() / 1024, max_blocks, bs);
   std::string rows = "{\"name\": \"" + name + "\", \"dtype\": \"" + cuda::dtype_name(m->dtype()) +
                      "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) + ", \"decode\": [";
+
+  // The parameters of the layers' matrix products (2 FLOP each a token).
+  const int64_t layer_params =
+      int64_t{c.num_layers} * (int64_t{c.q_dim() + 2 * c.kv_dim()} * c.hidden_size +
+                               int64_t{c.hidden_size} * c.q_dim() + 3 * int64_t{c.ffn_size} * c.hidden_size);
 
   // Decode: `batch` sequences of `ctx` cached tokens (random KV) each take one more token.
   for (size_t i = 0; i < decode_cases.size(); ++i) {
@@ -184,25 +210,29 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
         static_cast<double>(m->weight_bytes()) +
         static_cast<double>(dc.batch) * (dc.ctx + 1) * static_cast<double>(m->kv_bytes_per_token());
     const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
+    // What the step's arithmetic alone would take at the measured matrix rate: the products, the LM
+    // head and the attention (q·k and p·v over ctx + 1 keys). Wide batches approach it.
+    const double flops = static_cast<double>(dc.batch) *
+                         (2.0 * static_cast<double>(layer_params) + 2.0 * c.vocab_size * c.hidden_size +
+                          4.0 * c.num_layers * (dc.ctx + 1.0) * c.q_dim());
+    const double flop_floor_ms = flops / (gemm_tflops * 1e12) * 1e3;
     std::printf(
         "decode step batch %2d ctx %4d: %.3f ms (%.3f ms launched one by one), floor %.3f ms, %.0f%% of "
-        "floor, "
-        "%.0f tokens/s\n",
-        dc.batch, dc.ctx, ms, eager_ms, floor_ms, 100.0 * floor_ms / ms, dc.batch / (ms * 1e-3));
+        "floor, %.0f tokens/s; the matrix rate alone %.3f ms\n",
+        dc.batch, dc.ctx, ms, eager_ms, floor_ms, 100.0 * floor_ms / ms, dc.batch / (ms * 1e-3),
+        flop_floor_ms);
     Json row;
     row.add("batch", dc.batch);
     row.add("ctx", dc.ctx);
     row.add("ms", ms);
     row.add("eager_ms", eager_ms);
     row.add("floor_ms", floor_ms);
+    row.add("flop_floor_ms", flop_floor_ms);
     rows += (i ? ", " : "") + row.str();
   }
   rows += "], \"prefill\": [";
 
   // Prefill: `seqs` prompts of `len` tokens from an empty cache, logits of each last token.
-  const int64_t layer_params =
-      int64_t{c.num_layers} * (int64_t{c.q_dim() + 2 * c.kv_dim()} * c.hidden_size +
-                               int64_t{c.hidden_size} * c.q_dim() + 3 * int64_t{c.ffn_size} * c.hidden_size);
   struct PrefillCase {
     int32_t seqs, len;
   };
@@ -1129,23 +1159,9 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--gemv-max-rows") == 0 && i + 1 < argc) {
       set_gemv_max_rows(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--decode-batches") == 0 && i + 1 < argc) {
-      g_decode_batches.clear();
-      for (const char* p = argv[++i]; *p != '\0';) {
-        char* end = nullptr;
-        const long b = std::strtol(p, &end, 10);
-        if (end == p || b < 1 || b > 4096) {
-          std::fprintf(stderr,
-                       "--decode-batches: expected batch sizes 1 to 4096 separated by commas, got '%s'\n",
-                       argv[i]);
-          return 2;
-        }
-        g_decode_batches.push_back(static_cast<int32_t>(b));
-        p = *end == ',' ? end + 1 : end;
-        if (*end != ',' && *end != '\0') {
-          std::fprintf(stderr, "--decode-batches: unexpected '%s'\n", end);
-          return 2;
-        }
-      }
+      if (!parse_sizes("--decode-batches", "batch sizes", argv[++i], 4096, &g_decode_batches)) return 2;
+    } else if (std::strcmp(argv[i], "--decode-contexts") == 0 && i + 1 < argc) {
+      if (!parse_sizes("--decode-contexts", "contexts", argv[++i], 131072, &g_decode_contexts)) return 2;
     } else if (std::strcmp(argv[i], "--decode-split-ctas-per-sm") == 0 && i + 1 < argc) {
       split_ctas_per_sm = std::atof(argv[++i]);
       set_decode_split_ctas_per_sm(split_ctas_per_sm);
@@ -1201,7 +1217,9 @@ int main(int argc, char** argv) {
           "  --gemv-max-rows N  model steps of at most N rows (0 to 8, default 1) use the\n"
           "                matrix-vector kernels, larger ones cuBLAS\n"
           "  --decode-batches B1,B2,...  the batch sizes of the model's decode steps (default\n"
-          "                1,16,64; each at contexts 1024 and 4096)\n"
+          "                1,16,64)\n"
+          "  --decode-contexts C1,C2,...  the cached tokens of each sequence in those steps\n"
+          "                (default 1024,4096; every batch at every context)\n"
           "  --decode-only only the ceilings and the model's decode steps\n"
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --attention-only  only the ceilings and the attention kernels alone (decode\n"
@@ -1428,9 +1446,9 @@ int main(int argc, char** argv) {
         const int32_t blocks_per_seq = ctx / block;
         const int64_t blocks = int64_t{batch} * blocks_per_seq;
         const int64_t kv_values = blocks * block * kv_heads * head_dim;
-        DeviceBuffer k = random_values(kv_values, 1.0f, 3);
-        DeviceBuffer v = random_values(kv_values, 1.0f, 4);
-        DeviceBuffer q = random_values(int64_t{batch} * heads * head_dim, 1.0f, 5);
+        DeviceBuffer k = random_values(kv_values, 1.0f, 3, g_dtype);
+        DeviceBuffer v = random_values(kv_values, 1.0f, 4, g_dtype);
+        DeviceBuffer q = random_values(int64_t{batch} * heads * head_dim, 1.0f, 5, g_dtype);
         DeviceBuffer o =
             value_or_die(DeviceBuffer::allocate(int64_t{batch} * heads * head_dim * 2), "allocate");
         // Blocks of each sequence spread over the pool, as after a while of serving.
@@ -1446,7 +1464,7 @@ int main(int argc, char** argv) {
         a.q = q.as<uint16_t>();
         a.num_seqs = batch;
         a.num_heads = heads;
-        a.kv = PagedKv{k.as<uint16_t>(), v.as<uint16_t>(), block, kv_heads, head_dim};
+        a.kv = PagedKv{k.as<uint16_t>(), v.as<uint16_t>(), block, kv_heads, head_dim, g_dtype};
         a.block_tables = dtable.as<int32_t>();
         a.max_blocks_per_seq = blocks_per_seq;
         a.seq_lens = dlens.as<int32_t>();
