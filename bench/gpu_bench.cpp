@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "gpu_products.h"
 #include "kernel_timeline.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/gemv_tuning.h"
@@ -1127,7 +1128,8 @@ int main(int argc, char** argv) {
   std::string model_name = "synthetic:llama-3.1-8b";
   int profile_batch = 0, profile_ctx = 0, profile_prompt = 0;
   bool profile_timeline = false;
-  bool transfer_only = false, decode_only = false, prefill_only = false, attention_only = false;
+  bool transfer_only = false, decode_only = false, prefill_only = false, attention_only = false,
+       products_only = false;
   int balance_keys = kDefaultDecodeBalanceKeys;
   double tc_pairs_per_sm = kDefaultDecodeTensorCorePairsPerSm;
   double split_ctas_per_sm = 2.0;  // the library's default
@@ -1172,6 +1174,8 @@ int main(int argc, char** argv) {
       decode_only = true;
     } else if (std::strcmp(argv[i], "--attention-only") == 0) {
       attention_only = true;
+    } else if (std::strcmp(argv[i], "--products-only") == 0) {
+      products_only = true;
     } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
       prefill_only = true;
     } else if ((std::strcmp(argv[i], "--profile-prefill") == 0 ||
@@ -1224,6 +1228,9 @@ int main(int argc, char** argv) {
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --attention-only  only the ceilings and the attention kernels alone (decode\n"
           "                steps, and one layer's prefill of 1 x 4096 and 8 x 512 tokens)\n"
+          "  --products-only  only the ceilings and the model's matrix products (Llama-3.1-8B's\n"
+          "                shapes, 16 to 4096 rows): cuBLAS's default algorithm against the\n"
+          "                fastest of cuBLASLt's heuristic candidates\n"
           "  --transfer-only  only the peer copy and the KV transfer between GPUs 0 and 1,\n"
           "                the host-staged KV path (shm, tcp) on GPU 0, and a --model prefill's\n"
           "                hand-off through it, whole and layer by layer\n"
@@ -1299,6 +1306,11 @@ int main(int argc, char** argv) {
     out.add_raw("gemm_dtype", std::string("\"") + dtype_name(g_dtype) + "\"");
   }
 
+  if (products_only) {
+    out.add_raw("products", bench::products_section(g_dtype == Dtype::kF16, quick, copy_gbps, gemm_tflops));
+    CHECK_OK(synchronize());
+    return write_json(json_path, out);
+  }
   if (decode_only || prefill_only) {
     if (!model_name.empty())
       out.add_raw("model",
