@@ -1176,6 +1176,8 @@ int main(int argc, char** argv) {
       attention_only = true;
     } else if (std::strcmp(argv[i], "--products-only") == 0) {
       products_only = true;
+    } else if (std::strcmp(argv[i], "--no-product-tuning") == 0) {
+      set_product_tuning(false);
     } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
       prefill_only = true;
     } else if ((std::strcmp(argv[i], "--profile-prefill") == 0 ||
@@ -1228,6 +1230,9 @@ int main(int argc, char** argv) {
           "  --prefill-only  only the ceilings and the model's prefills\n"
           "  --attention-only  only the ceilings and the attention kernels alone (decode\n"
           "                steps, and one layer's prefill of 1 x 4096 and 8 x 512 tokens)\n"
+          "  --no-product-tuning  the model's products keep cuBLAS's choice of algorithm (by\n"
+          "                default each bucket of decode batch sizes times cuBLASLt's candidates\n"
+          "                at its first step and keeps the fastest)\n"
           "  --products-only  only the ceilings and the model's matrix products (Llama-3.1-8B's\n"
           "                shapes, 16 to 4096 rows): cuBLAS's default algorithm against the\n"
           "                fastest of cuBLASLt's heuristic candidates\n"
@@ -1265,6 +1270,7 @@ int main(int argc, char** argv) {
   out.add("decode_balance_keys", balance_keys);
   out.add("decode_tc_pairs_per_sm", tc_pairs_per_sm);
   out.add("decode_split_ctas_per_sm", split_ctas_per_sm);
+  out.add("product_tuning", product_tuning() ? 1 : 0);
   out.add("gpus", devices);
   Stream stream = value_or_die(Stream::create(), "stream");
   const int reps = quick ? 5 : 20;

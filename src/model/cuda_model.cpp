@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <span>
 
 #include "kernels/cpu/fp16.h"
@@ -132,6 +133,8 @@ struct CudaLlamaModel::Impl {
   int64_t argmax_rows = 0;             // rows `argmax` has room for
 
   std::map<std::pair<int64_t, int32_t>, cuda::Graph> graphs;  // (batch size, table width)
+  // The buckets of decode batch sizes (cuda::Blas::tuning_bucket) whose products have been tuned.
+  std::set<int64_t> tuned_buckets;
 
   const uint16_t* lm_head() const {
     return output.data() != nullptr ? output.as<uint16_t>() : embd.as<uint16_t>();
@@ -593,7 +596,7 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
   // Validation, and whether this is a decode batch that a CUDA graph can replay: one token per
   // sequence, every one with logits.
   int32_t need_max = 1, max_len = 1, max_chunk = 1, num_logits = 0;
-  bool graphable = options_.cuda_graphs && T <= kMaxGraphBatch;
+  bool decode_step = T <= kMaxGraphBatch;  // a graph could replay it (when graphs are on)
   int64_t t = 0;
   for (const SequenceChunk& ch : batch.chunks) {
     if (ch.num_tokens <= 0 || t + ch.num_tokens > T)
@@ -617,10 +620,11 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
     max_len = std::max(max_len, ch.first_position + ch.num_tokens);
     max_chunk = std::max(max_chunk, ch.num_tokens);
     num_logits += ch.want_logits ? 1 : 0;
-    graphable = graphable && ch.num_tokens == 1 && ch.want_logits;
+    decode_step = decode_step && ch.num_tokens == 1 && ch.want_logits;
   }
   // A graph replays kernels, not the host's calls between them.
-  graphable = graphable && !batch.after_layer;
+  decode_step = decode_step && !batch.after_layer;
+  const bool graphable = options_.cuda_graphs && decode_step;
   if (t != T) return invalid_argument("forward: chunks do not cover the batch");
 
   // A graph is kept per (batch size, table width); widths are powers of two, and the attention's
@@ -672,6 +676,15 @@ Status CudaLlamaModel::run(const ForwardBatch& batch, int32_t* rows_out) {
   cuda::StreamHandle s = im.stream->get();
   PD_RETURN_IF_ERROR(cuda::copy_to_device_async(im.meta.data(), meta.data(), meta.size() * 4, s));
   *rows_out = num_logits;
+  // The first decode step of each bucket of batch sizes tunes its products' algorithms
+  // (cuda::Blas::set_tuning: each product timed on its own operands), launched one by one: a graph's
+  // capture cannot wait for timings. Later steps of the bucket, graphs included, take the choices.
+  if (decode_step && cuda::product_tuning() && im.tuned_buckets.insert(cuda::Blas::tuning_bucket(T)).second) {
+    im.blas->set_tuning(true);
+    const Status enqueued = enqueue(shape, batch.after_layer);
+    im.blas->set_tuning(false);
+    return enqueued;
+  }
   if (!graphable) return enqueue(shape, batch.after_layer);
   const auto key = std::make_pair(T, shape.width);
   auto it = im.graphs.find(key);

@@ -573,63 +573,74 @@ TEST_P(CudaKernels, Matmul16BitAndF32Out) {
   struct Shape {
     int64_t m, n, k, ldx, ldy;
   };
-  for (const Shape& s : {Shape{1, 96, 576, 0, 0}, Shape{5, 1536, 576, 0, 0}, Shape{64, 576, 1536, 0, 0},
-                         Shape{3, 40, 64, 80, 48}}) {
-    const int64_t ldx = s.ldx != 0 ? s.ldx : s.k, ldy = s.ldy != 0 ? s.ldy : s.n;
-    std::vector<float> xf, wf;
-    std::vector<uint16_t> x = randn16(s.m * ldx, &xf), w = randn16(s.n * s.k, &wf, 0.05f);
-    auto dx = upload(x), dw = upload(w);
-    auto y = poisoned<uint16_t>(s.m * ldy);
-    auto yf = poisoned<float>(s.m * ldy);
-    ASSERT_TRUE(blas->matmul(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, y.as<uint16_t>(), nullptr,
-                             s.ldx, s.ldy, dtype_)
-                    .ok());
-    ASSERT_TRUE(blas->matmul_f32(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, yf.as<float>(), nullptr,
-                                 s.ldx, s.ldy, dtype_)
-                    .ok());
-    std::vector<float> got = widen(download<uint16_t>(y, s.m * ldy));
-    std::vector<float> got_f = download<float>(yf, s.m * ldy);
-    // The accumulating form (rows n apart) on top of a residual: y0 + x · wᵀ, its sum rounded once.
-    std::vector<float> y0, got_add;
-    if (ldy == s.n) {
-      y0 = randn(s.m * s.n, 4.0f);
-      auto ya = upload(y0);
-      ASSERT_TRUE(blas->matmul_f32_add(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, ya.as<float>(),
-                                       nullptr, dtype_)
+  // Twice: with cuBLAS's choice of algorithm, then with each shape tuned and cuBLASLt's fastest
+  // candidate taken whatever cuBLAS's time (Blas::set_tuning), so that both paths are checked.
+  for (const bool lt : {false, true}) {
+    blas->set_tuning(lt, -1e9);
+    for (const Shape& s : {Shape{1, 96, 576, 0, 0}, Shape{5, 1536, 576, 0, 0}, Shape{64, 576, 1536, 0, 0},
+                           Shape{3, 40, 64, 80, 48}}) {
+      SCOPED_TRACE(::testing::Message() << (lt ? "cuBLASLt" : "cuBLAS") << " m " << s.m << " n " << s.n);
+      const int64_t ldx = s.ldx != 0 ? s.ldx : s.k, ldy = s.ldy != 0 ? s.ldy : s.n;
+      std::vector<float> xf, wf;
+      std::vector<uint16_t> x = randn16(s.m * ldx, &xf), w = randn16(s.n * s.k, &wf, 0.05f);
+      auto dx = upload(x), dw = upload(w);
+      auto y = poisoned<uint16_t>(s.m * ldy);
+      auto yf = poisoned<float>(s.m * ldy);
+      ASSERT_TRUE(blas->matmul(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, y.as<uint16_t>(), nullptr,
+                               s.ldx, s.ldy, dtype_)
                       .ok());
-      got_add = download<float>(ya, s.m * s.n);
-    }
-    int64_t add_same_bits = 0;
-    for (int64_t i = 0; i < s.m; ++i) {
-      for (int64_t j = 0; j < ldy; ++j) {
-        if (j >= s.n) {  // columns past n are not ours to write
-          ASSERT_TRUE(std::isnan(got_f[i * ldy + j])) << "wrote past n at " << i << "," << j;
-          ASSERT_TRUE(std::isnan(got[i * ldy + j])) << "wrote past n (16-bit) at " << i << "," << j;
-          continue;
-        }
-        double want = 0, mag = 0;
-        for (int64_t p = 0; p < s.k; ++p) {
-          want += double{xf[i * ldx + p]} * wf[j * s.k + p];
-          mag += std::abs(double{xf[i * ldx + p]} * wf[j * s.k + p]);
-        }
-        const double acc_tol = 1e-5 * mag;  // float accumulation over k products
-        ASSERT_NEAR(got_f[i * ldy + j], want, acc_tol)
-            << "m=" << s.m << " n=" << s.n << " at " << i << "," << j;
-        ASSERT_NEAR(got[i * ldy + j], want, rel_ * std::abs(want) + acc_tol) << "at " << i << "," << j;
-        if (!got_add.empty()) {
-          const float sum = y0[i * s.n + j] + got_f[i * ldy + j];
-          ASSERT_NEAR(got_add[i * s.n + j], double{y0[i * s.n + j]} + want,
-                      acc_tol + std::abs(double{sum}) * 1.2e-7)
-              << "accumulating, m=" << s.m << " n=" << s.n << " at " << i << "," << j;
-          add_same_bits += got_add[i * s.n + j] == sum ? 1 : 0;
+      ASSERT_TRUE(blas->matmul_f32(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, yf.as<float>(),
+                                   nullptr, s.ldx, s.ldy, dtype_)
+                      .ok());
+      std::vector<float> got = widen(download<uint16_t>(y, s.m * ldy));
+      std::vector<float> got_f = download<float>(yf, s.m * ldy);
+      // The accumulating form (rows n apart) on top of a residual: y0 + x · wᵀ, its sum rounded once.
+      std::vector<float> y0, got_add;
+      if (ldy == s.n) {
+        y0 = randn(s.m * s.n, 4.0f);
+        auto ya = upload(y0);
+        ASSERT_TRUE(blas->matmul_f32_add(dx.as<uint16_t>(), dw.as<uint16_t>(), s.m, s.n, s.k, ya.as<float>(),
+                                         nullptr, dtype_)
+                        .ok());
+        got_add = download<float>(ya, s.m * s.n);
+      }
+      int64_t add_same_bits = 0;
+      for (int64_t i = 0; i < s.m; ++i) {
+        for (int64_t j = 0; j < ldy; ++j) {
+          if (j >= s.n) {  // columns past n are not ours to write
+            ASSERT_TRUE(std::isnan(got_f[i * ldy + j])) << "wrote past n at " << i << "," << j;
+            ASSERT_TRUE(std::isnan(got[i * ldy + j])) << "wrote past n (16-bit) at " << i << "," << j;
+            continue;
+          }
+          double want = 0, mag = 0;
+          for (int64_t p = 0; p < s.k; ++p) {
+            want += double{xf[i * ldx + p]} * wf[j * s.k + p];
+            mag += std::abs(double{xf[i * ldx + p]} * wf[j * s.k + p]);
+          }
+          const double acc_tol = 1e-5 * mag;  // float accumulation over k products
+          ASSERT_NEAR(got_f[i * ldy + j], want, acc_tol)
+              << "m=" << s.m << " n=" << s.n << " at " << i << "," << j;
+          ASSERT_NEAR(got[i * ldy + j], want, rel_ * std::abs(want) + acc_tol) << "at " << i << "," << j;
+          if (!got_add.empty()) {
+            const float sum = y0[i * s.n + j] + got_f[i * ldy + j];
+            ASSERT_NEAR(got_add[i * s.n + j], double{y0[i * s.n + j]} + want,
+                        acc_tol + std::abs(double{sum}) * 1.2e-7)
+                << "accumulating, m=" << s.m << " n=" << s.n << " at " << i << "," << j;
+            add_same_bits += got_add[i * s.n + j] == sum ? 1 : 0;
+          }
         }
       }
+      if (!got_add.empty())  // equal where cuBLAS takes the same algorithm for both forms
+        std::printf(
+            "matmul %ldx%ldx%ld: y + x·wT equals the sum of the plain product's output in %ld of %ld\n",
+            static_cast<long>(s.m), static_cast<long>(s.n), static_cast<long>(s.k),
+            static_cast<long>(add_same_bits), static_cast<long>(s.m * s.n));
     }
-    if (!got_add.empty())  // equal where cuBLAS takes the same algorithm for both forms
-      std::printf("matmul %ldx%ldx%ld: y + x·wT equals the sum of the plain product's output in %ld of %ld\n",
-                  static_cast<long>(s.m), static_cast<long>(s.n), static_cast<long>(s.k),
-                  static_cast<long>(add_same_bits), static_cast<long>(s.m * s.n));
   }
+  // In the second pass every product's bucket was tuned and ran on cuBLASLt: the 16-bit and float
+  // forms of 4 shapes, the accumulating form of the 3 with rows n apart.
+  EXPECT_EQ(blas->tuned_buckets(), 11);
+  EXPECT_EQ(blas->lt_plans(), 11);
   EXPECT_FALSE(blas->matmul(nullptr, nullptr, 2, 2, 4, nullptr, nullptr, 2).ok()) << "ldx < k is refused";
 }
 
