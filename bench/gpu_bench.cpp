@@ -151,6 +151,7 @@ bool parse_sizes(const char* flag, const char* what, const char* text, long max,
   }
   return true;
 }
+
 // The models' number format (--dtype).
 cuda::Dtype g_dtype = cuda::Dtype::kBf16;
 
@@ -212,7 +213,8 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
         static_cast<double>(dc.batch) * (dc.ctx + 1) * static_cast<double>(m->kv_bytes_per_token());
     const double floor_ms = bytes / (copy_gbps * 1e9) * 1e3;
     // What the step's arithmetic alone would take at the measured matrix rate: the products, the LM
-    // head and the attention (q·k and p·v over ctx + 1 keys). Wide batches approach it.
+    // head and the attention (q·k and p·v over ctx + 1 keys). It grows with the batch; above a few
+    // hundred sequences the products' part exceeds the weights' read.
     const double flops = static_cast<double>(dc.batch) *
                          (2.0 * static_cast<double>(layer_params) + 2.0 * c.vocab_size * c.hidden_size +
                           4.0 * c.num_layers * (dc.ctx + 1.0) * c.q_dim());
