@@ -39,13 +39,23 @@ constexpr int kTuneCandidates = 8;
 constexpr size_t kTuneScratchBytes = size_t{64} << 20;
 
 // What a product's algorithm depends on besides its row count.
+// `align`: the alignment in bytes (a power of two up to 256) that x, w and y all have; a cuBLASLt
+// algorithm is chosen for it (the heuristic is told) and used only with pointers aligned as much.
 struct Signature {
   int64_t n, k, ldx, ldy;
   bool f32_out, accumulate;
   Dtype dtype;
-  auto tie() const { return std::tie(n, k, ldx, ldy, f32_out, accumulate, dtype); }
+  uint32_t align;
+  auto tie() const { return std::tie(n, k, ldx, ldy, f32_out, accumulate, dtype, align); }
   bool operator<(const Signature& o) const { return tie() < o.tie(); }
 };
+
+// The largest power of two up to 256 that divides every address.
+uint32_t common_alignment(const void* x, const void* w, const void* y) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) |
+                         reinterpret_cast<uintptr_t>(y) | uintptr_t{256};
+  return static_cast<uint32_t>(bits & (~bits + 1));
+}
 
 // A tuned bucket: cuBLAS's choice, or a cuBLASLt algorithm.
 struct Choice {
@@ -94,7 +104,7 @@ Status describe(const Signature& sig, int64_t m, LtPlan* plan) {
                      "cublasLtMatrixLayoutCreate");
 }
 
-// Where a cuda call fails inside a tuning (which then keeps cuBLAS's choice).
+// A CUDA runtime error as a Status.
 Status from_cuda(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return ok_status();
   return internal_error(fmt::format("{}: {}", what, cudaGetErrorString(e)));
@@ -147,10 +157,11 @@ StatusOr<Blas> Blas::create() {
 }
 
 namespace {
-// On unless PDSERVE_CUDA_TUNE_PRODUCTS is 0 or off.
+// On unless PDSERVE_CUDA_TUNE_PRODUCTS is 0, off, false or no.
 bool product_tuning_from_environment() {
   const char* v = std::getenv("PDSERVE_CUDA_TUNE_PRODUCTS");
-  return v == nullptr || (std::strcmp(v, "0") != 0 && std::strcmp(v, "off") != 0);
+  return v == nullptr || (std::strcmp(v, "0") != 0 && std::strcmp(v, "off") != 0 &&
+                          std::strcmp(v, "false") != 0 && std::strcmp(v, "no") != 0);
 }
 std::atomic<bool> g_product_tuning{product_tuning_from_environment()};
 }  // namespace
@@ -198,7 +209,7 @@ Status Blas::run(const uint16_t* x, const uint16_t* w, int64_t m, int64_t n, int
       ldx > INT_MAX || ldy > INT_MAX)
     return invalid_argument(fmt::format("matmul: bad shape m={} n={} k={} ldx={} ldy={}", m, n, k, ldx, ldy));
   PD_RETURN_IF_ERROR(from_cublas(cublasSetStream(state_->handle, stream), "cublasSetStream"));
-  const Signature sig{n, k, ldx, ldy, f32_out, accumulate, dtype};
+  const Signature sig{n, k, ldx, ldy, f32_out, accumulate, dtype, common_alignment(x, w, y)};
   const LtPlan* plan = nullptr;
   if (m <= kTuneMaxRows) {
     PD_ASSIGN_OR_RETURN(plan, state_->plan_for(sig, m, x, w, stream));
@@ -241,8 +252,8 @@ StatusOr<const LtPlan*> Blas::State::plan_for(const Signature& sig, int64_t m, c
     if (capture != cudaStreamCaptureStatusNone) return static_cast<const LtPlan*>(nullptr);
     StatusOr<Choice> timed = tune(sig, m, x, w, stream);
     if (!timed.ok()) {
-      PD_LOG_DEBUG("matmul {}x{}x{}: tuning failed, cuBLAS's choice kept: {}", m, sig.n, sig.k,
-                   timed.status().message());
+      PD_LOG_WARN("matmul {}x{}x{}: tuning its algorithm failed, cuBLAS's choice kept: {}", m, sig.n, sig.k,
+                  timed.status().message());
       timed = Choice{};
     }
     choice = st.tuned.emplace(std::make_pair(sig, bucket), *timed).first;
@@ -268,34 +279,52 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
   State& st = *this;
   const size_t out_bytes = static_cast<size_t>(m * sig.ldy) * (sig.f32_out ? 4 : 2);
   if (out_bytes > kTuneScratchBytes) return Choice{};
-  PD_ASSIGN_OR_RETURN(DeviceBuffer scratch, DeviceBuffer::allocate(out_bytes));
-  PD_RETURN_IF_ERROR(fill_bytes(scratch.data(), 0, out_bytes, stream));
   LtPlan probe;
   PD_RETURN_IF_ERROR(describe(sig, m, &probe));
+  // The heuristic's candidates: within the workspace, for pointers aligned as these are, and
+  // reducing split sums in float (never in a 16-bit output's format).
   cublasLtMatmulPreference_t pref = nullptr;
   PD_RETURN_IF_ERROR(from_cublas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate"));
   const size_t max_workspace = kWorkspaceBytes;
+  const uint32_t reduction =
+      CUBLASLT_REDUCTION_SCHEME_MASK & ~uint32_t{CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE};
   std::array<cublasLtMatmulHeuristicResult_t, kTuneCandidates> results{};
   int found = 0;
   cublasStatus_t heuristic = cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace, sizeof(max_workspace));
   if (heuristic == CUBLAS_STATUS_SUCCESS)
+    heuristic = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                     &reduction, sizeof(reduction));
+  for (const cublasLtMatmulPreferenceAttributes_t a :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    if (heuristic == CUBLAS_STATUS_SUCCESS)
+      heuristic = cublasLtMatmulPreferenceSetAttribute(pref, a, &sig.align, sizeof(sig.align));
+  if (heuristic == CUBLAS_STATUS_SUCCESS)
     heuristic = cublasLtMatmulAlgoGetHeuristic(st.lt, probe.desc, probe.a, probe.b, probe.c, probe.c, pref,
                                                kTuneCandidates, results.data(), &found);
   cublasLtMatmulPreferenceDestroy(pref);
   PD_RETURN_IF_ERROR(from_cublas(heuristic, "cublasLtMatmulAlgoGetHeuristic"));
+  if (found == 0) return Choice{};
 
   // Candidate 0 is cuBLAS's choice; then cuBLASLt's. Each is timed over 3 calls after one, in two
   // rounds (the candidates in turn), keeping its faster round. Before each timed call a buffer twice
   // the size of L2 is written, so that the weights come from memory as in a forward pass, where a
-  // layer's weights are never in L2 when its product starts (without a buffer, they are timed warm).
+  // layer's weights are never in L2 when its product starts (without that buffer there is no tuning:
+  // warm weights would favour other algorithms).
   int device = 0, l2_bytes = 0;
-  DeviceBuffer flush;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device) == cudaSuccess && l2_bytes > 0) {
-    StatusOr<DeviceBuffer> made = DeviceBuffer::allocate(2 * static_cast<size_t>(l2_bytes));
-    if (made.ok()) flush = std::move(*made);
-  }
+  PD_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device), "cudaGetDevice"));
+  PD_RETURN_IF_ERROR(
+      from_cuda(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute"));
+  PD_ASSIGN_OR_RETURN(DeviceBuffer scratch, DeviceBuffer::allocate(out_bytes));
+  PD_ASSIGN_OR_RETURN(DeviceBuffer flush,
+                      DeviceBuffer::allocate(2 * static_cast<size_t>(std::max(l2_bytes, 1))));
+  // Whatever happens below, the work queued on the stream ends before these buffers are freed.
+  struct SyncOnExit {
+    StreamHandle stream;
+    ~SyncOnExit() { (void)cudaStreamSynchronize(stream); }
+  } sync_on_exit{stream};
+  PD_RETURN_IF_ERROR(fill_bytes(scratch.data(), 0, out_bytes, stream));
   const int candidates = 1 + found;
   std::vector<float> best_ms(static_cast<size_t>(candidates), -1.0f);
   constexpr int kTimed = 3;
@@ -328,8 +357,7 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
         continue;
       Status ran = run_candidate(c);
       for (int i = 0; i < kTimed && ran.ok(); ++i) {
-        if (flush.data() != nullptr)
-          ran = fill_bytes(flush.data(), static_cast<uint8_t>(i), flush.bytes(), stream);
+        ran = fill_bytes(flush.data(), static_cast<uint8_t>(i), flush.bytes(), stream);
         if (ran.ok())
           ran = from_cuda(cudaEventRecord(events[static_cast<size_t>(2 * i)], stream), "cudaEventRecord");
         if (ran.ok()) ran = run_candidate(c);
@@ -375,7 +403,6 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
       m, sig.n, sig.k, best_ms[0] * 1e3 / kTimed, found,
       pick > 0 ? best_ms[static_cast<size_t>(pick)] * 1e3 / kTimed : 0.0,
       choice.lt ? "cuBLASLt's" : "cuBLAS's");
-  // The scratch output is freed once the timings have run (they have: the last was waited for).
   return choice;
 }
 

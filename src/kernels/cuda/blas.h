@@ -3,12 +3,16 @@
 //
 // Algorithms: by default cuBLAS's own choice (cublasGemmEx). While tuning is on (set_tuning), a
 // product of at most kTuneMaxRows rows whose shape has not been tuned, called outside a CUDA
-// graph's capture, first times on its own operands (into a scratch output) cuBLAS's choice and
-// the candidates of cuBLASLt's heuristic, and keeps the fastest for its shape and every row count
-// of its bucket (powers of two and the halves between: 1, 2, 3, 4, 6, 8, 12, 16, 24, ...), a
-// cuBLASLt candidate only where it beats cuBLAS's choice by the policy's margin and is valid for
-// that row count. The choice may differ from one start to the next where candidates are close,
-// and with it the order of the sums: the last bits of the results.
+// graph's capture, first times on its own operands (into a scratch output of at most 64 MiB, with
+// a buffer twice L2's size written before each timed call; it waits for the GPU) cuBLAS's choice
+// and the candidates of cuBLASLt's heuristic for pointers aligned as its own, and keeps the fastest
+// for its shape, alignment and every row count of its bucket (powers of two and the halves
+// between: 1, 2, 3, 4, 6, 8, 12, 16, 24, ...): a cuBLASLt candidate only where it beats cuBLAS's
+// choice by the policy's margin and is valid for that row count. A tuning that cannot be made
+// (too large, no memory for its buffers) keeps cuBLAS's choice for good. Every later product of
+// that shape and bucket takes the choice, tuning on or off — so a product's last bits can differ
+// before and after its bucket was tuned, and from one start (or one Blas) to the next where
+// candidates are close.
 // Thread-safety: one Blas per thread (it owns a cuBLAS handle and its workspace).
 #pragma once
 

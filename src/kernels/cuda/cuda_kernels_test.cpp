@@ -577,8 +577,9 @@ TEST_P(CudaKernels, Matmul16BitAndF32Out) {
   // candidate taken whatever cuBLAS's time (Blas::set_tuning), so that both paths are checked.
   for (const bool lt : {false, true}) {
     blas->set_tuning(lt, -1e9);
-    for (const Shape& s : {Shape{1, 96, 576, 0, 0}, Shape{5, 1536, 576, 0, 0}, Shape{64, 576, 1536, 0, 0},
-                           Shape{3, 40, 64, 80, 48}}) {
+    // (4 rows after 5: the same bucket, so the second pass runs them on the algorithm tuned for 5.)
+    for (const Shape& s : {Shape{1, 96, 576, 0, 0}, Shape{5, 1536, 576, 0, 0}, Shape{4, 1536, 576, 0, 0},
+                           Shape{64, 576, 1536, 0, 0}, Shape{3, 40, 64, 80, 48}}) {
       SCOPED_TRACE(::testing::Message() << (lt ? "cuBLASLt" : "cuBLAS") << " m " << s.m << " n " << s.n);
       const int64_t ldx = s.ldx != 0 ? s.ldx : s.k, ldy = s.ldy != 0 ? s.ldy : s.n;
       std::vector<float> xf, wf;
@@ -638,9 +639,11 @@ TEST_P(CudaKernels, Matmul16BitAndF32Out) {
     }
   }
   // In the second pass every product's bucket was tuned and ran on cuBLASLt: the 16-bit and float
-  // forms of 4 shapes, the accumulating form of the 3 with rows n apart.
+  // forms of 4 buckets, the accumulating form of the 3 with rows n apart; the 4-row products took
+  // the bucket's algorithm where cuBLASLt accepted it for 4 rows (each form checked above either way).
   EXPECT_EQ(blas->tuned_buckets(), 11);
-  EXPECT_EQ(blas->lt_plans(), 11);
+  EXPECT_GE(blas->lt_plans(), 11);
+  EXPECT_LE(blas->lt_plans(), 14);
   EXPECT_FALSE(blas->matmul(nullptr, nullptr, 2, 2, 4, nullptr, nullptr, 2).ok()) << "ldx < k is refused";
 }
 
