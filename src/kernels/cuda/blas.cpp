@@ -238,15 +238,14 @@ Status Blas::State::launch(const LtPlan* plan, const uint16_t* x, const uint16_t
 
 StatusOr<const LtPlan*> Blas::State::plan_for(const Signature& sig, int64_t m, const uint16_t* x,
                                               const uint16_t* w, StreamHandle stream) {
-  State& st = *this;
-  auto found = st.plans.find({sig, m});
-  if (found != st.plans.end()) return static_cast<const LtPlan*>(found->second.get());
+  auto found = plans.find({sig, m});
+  if (found != plans.end()) return static_cast<const LtPlan*>(found->second.get());
   const int64_t bucket = Blas::tuning_bucket(m);
-  auto choice = st.tuned.find({sig, bucket});
-  if (choice == st.tuned.end()) {
+  auto choice = tuned.find({sig, bucket});
+  if (choice == tuned.end()) {
     // Not tuned: cuBLAS's choice, unless tuning is on and the stream is not being captured (a
     // tuning waits for its timings).
-    if (!st.tuning) return static_cast<const LtPlan*>(nullptr);
+    if (!tuning) return static_cast<const LtPlan*>(nullptr);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     PD_RETURN_IF_ERROR(from_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing"));
     if (capture != cudaStreamCaptureStatusNone) return static_cast<const LtPlan*>(nullptr);
@@ -256,7 +255,7 @@ StatusOr<const LtPlan*> Blas::State::plan_for(const Signature& sig, int64_t m, c
                   timed.status().message());
       timed = Choice{};
     }
-    choice = st.tuned.emplace(std::make_pair(sig, bucket), *timed).first;
+    choice = tuned.emplace(std::make_pair(sig, bucket), *timed).first;
   }
   auto plan = std::make_unique<LtPlan>();
   // (Descriptors that cannot be made leave this row count on cuBLAS's choice.)
@@ -264,19 +263,18 @@ StatusOr<const LtPlan*> Blas::State::plan_for(const Signature& sig, int64_t m, c
     plan->algo = choice->second.algo;
     cublasLtMatmulHeuristicResult_t check{};
     // The bucket's algorithm, where it is valid for this row count.
-    plan->lt = cublasLtMatmulAlgoCheck(st.lt, plan->desc, plan->a, plan->b, plan->c, plan->c, &plan->algo,
+    plan->lt = cublasLtMatmulAlgoCheck(lt, plan->desc, plan->a, plan->b, plan->c, plan->c, &plan->algo,
                                        &check) == CUBLAS_STATUS_SUCCESS &&
                check.workspaceSize <= kWorkspaceBytes;
   }
-  st.lt_plans += plan->lt ? 1 : 0;
+  lt_plans += plan->lt ? 1 : 0;
   const LtPlan* p = plan.get();
-  st.plans.emplace(std::make_pair(sig, m), std::move(plan));
+  plans.emplace(std::make_pair(sig, m), std::move(plan));
   return p;
 }
 
 StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16_t* x, const uint16_t* w,
                                    StreamHandle stream) {
-  State& st = *this;
   const size_t out_bytes = static_cast<size_t>(m * sig.ldy) * (sig.f32_out ? 4 : 2);
   if (out_bytes > kTuneScratchBytes) return Choice{};
   LtPlan probe;
@@ -301,7 +299,7 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
     if (heuristic == CUBLAS_STATUS_SUCCESS)
       heuristic = cublasLtMatmulPreferenceSetAttribute(pref, a, &sig.align, sizeof(sig.align));
   if (heuristic == CUBLAS_STATUS_SUCCESS)
-    heuristic = cublasLtMatmulAlgoGetHeuristic(st.lt, probe.desc, probe.a, probe.b, probe.c, probe.c, pref,
+    heuristic = cublasLtMatmulAlgoGetHeuristic(lt, probe.desc, probe.a, probe.b, probe.c, probe.c, pref,
                                                kTuneCandidates, results.data(), &found);
   cublasLtMatmulPreferenceDestroy(pref);
   PD_RETURN_IF_ERROR(from_cublas(heuristic, "cublasLtMatmulAlgoGetHeuristic"));
@@ -340,14 +338,11 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
     destroy_events();
     return made;
   }
+  // Candidate c through launch(): 0 on cuBLAS's choice, the others as `probe` with their algorithm.
   auto run_candidate = [&](int c) -> Status {
-    if (c == 0) return launch(nullptr, x, w, m, scratch.data(), stream, sig);
-    const auto& r = results[static_cast<size_t>(c - 1)];
-    const float alpha = 1.0f, beta = sig.accumulate ? 1.0f : 0.0f;
-    return from_cublas(
-        cublasLtMatmul(st.lt, probe.desc, &alpha, w, probe.a, x, probe.b, &beta, scratch.data(), probe.c,
-                       scratch.data(), probe.c, &r.algo, st.workspace.data(), kWorkspaceBytes, stream),
-        "cublasLtMatmul");
+    probe.lt = c > 0;
+    if (c > 0) probe.algo = results[static_cast<size_t>(c - 1)].algo;
+    return launch(&probe, x, w, m, scratch.data(), stream, sig);
   };
   Status timing = ok_status();
   for (int round = 0; round < 2 && timing.ok(); ++round) {
@@ -393,7 +388,7 @@ StatusOr<Choice> Blas::State::tune(const Signature& sig, int64_t m, const uint16
         (pick == 0 || best_ms[static_cast<size_t>(c)] < best_ms[static_cast<size_t>(pick)]))
       pick = c;
   Choice choice;
-  if (pick > 0 && best_ms[static_cast<size_t>(pick)] <= (1.0 - st.min_gain) * best_ms[0]) {
+  if (pick > 0 && best_ms[static_cast<size_t>(pick)] <= (1.0 - min_gain) * best_ms[0]) {
     choice.lt = true;
     choice.algo = results[static_cast<size_t>(pick - 1)].algo;
   }
