@@ -179,12 +179,25 @@ std::string model_section(const std::string& name, bool quick, bool with_decode,
   std::unique_ptr<CudaLlamaModel> m =
       value_or_die(CudaLlamaModel::synthetic(name, model_options(max_blocks, bs), 1234), "synthetic model");
   const ModelConfig& c = m->config();
+  // What a decoding instance does at start, for the largest batch here (before the KV is made: it
+  // writes some).
+  double tune_s = 0.0;
+  int32_t max_batch = 0;
+  for (const DecodeCase& dc : decode_cases) max_batch = std::max(max_batch, dc.batch);
+  if (max_batch > 0 && product_tuning()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK_OK(m->tune_decode_steps(max_batch));
+    tune_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("decode steps' products tuned at load for 1 to %d sequences (%lld sizes) in %.2f s\n",
+                max_batch, static_cast<long long>(m->tuned_decode_buckets()), tune_s);
+  }
   CHECK_OK(m->randomize_kv(99));
   std::printf("model %s: %.2f GB of %s weights, %zu KiB of KV per token, KV cache %d blocks of %d tokens\n",
               name.c_str(), m->weight_bytes() / 1e9, cuda::dtype_name(m->dtype()),
               m->kv_bytes_per_token() / 1024, max_blocks, bs);
   std::string rows = "{\"name\": \"" + name + "\", \"dtype\": \"" + cuda::dtype_name(m->dtype()) +
-                     "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) + ", \"decode\": [";
+                     "\", \"weight_bytes\": " + std::to_string(m->weight_bytes()) +
+                     ", \"tune_decode_steps_s\": " + std::to_string(tune_s) + ", \"decode\": [";
 
   // The parameters of the layers' matrix products (2 FLOP each a token).
   const int64_t layer_params =

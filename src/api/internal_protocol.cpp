@@ -193,19 +193,22 @@ StatusOr<EngineHandoff> handoff_from(const json& j) {
 }
 
 json status_json(const Status& st) {
-  return json{{"code", std::string(status_code_name(st.code()))}, {"message", st.message()}};
+  json j{{"code", std::string(status_code_name(st.code()))}, {"message", st.message()}};
+  if (!st.reason().empty()) j["reason"] = st.reason();
+  return j;
 }
 
 Status status_from(const json& j) {
   if (!j.is_object()) return internal_error("peer error without a body");
-  std::string code, message;
+  std::string code, message, reason;
   Reader r(j, "error");
-  if (!r.string("code", code).ok() || !r.string("message", message).ok()) {
+  if (!r.string("code", code).ok() || !r.string("message", message).ok() ||
+      !r.string("reason", reason).ok()) {
     return internal_error("peer error with a malformed body");
   }
   for (int c = 1; c <= static_cast<int>(StatusCode::kInternal); ++c) {
     auto sc = static_cast<StatusCode>(c);
-    if (status_code_name(sc) == code) return Status(sc, std::move(message));
+    if (status_code_name(sc) == code) return Status(sc, std::move(message)).with_reason(std::move(reason));
   }
   return internal_error(fmt::format("peer error '{}': {}", code, message));
 }

@@ -172,6 +172,15 @@ TEST(InternalProtocol, StatusesRoundTrip) {
   Status st = decode_status(encode_status(resource_exhausted("all 4 prefill slots are held")));
   EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
   EXPECT_EQ(st.message(), "all 4 prefill slots are held");
+  EXPECT_EQ(st.reason(), "");
+  // A reason (which case of the code) crosses too, and a context in front keeps it.
+  st = decode_status(
+      encode_status(resource_exhausted("no room").with_reason("kv_send_room").with_context("p1")));
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(st.message(), "p1: no room");
+  EXPECT_EQ(st.reason(), "kv_send_room");
+  EXPECT_EQ(decode_status(R"({"error":{"code":"UNAVAILABLE","message":"m","reason":7}})").code(),
+            StatusCode::kInternal);
   EXPECT_EQ(decode_status("<html>").code(), StatusCode::kInternal);
   EXPECT_EQ(decode_status(R"({"error":{"code":"NO_SUCH","message":"m"}})").code(), StatusCode::kInternal);
 }

@@ -12,14 +12,14 @@
 namespace pdserve {
 
 StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, const DeviceChoice& choice,
-                                                            int32_t num_blocks, int32_t block_size) {
+                                                            const EngineOptions& o) {
   const int device = choice.index;
   if (cuda::device_count() == 0)
     return unavailable("--device cuda: no GPU here (" + cuda::no_device_reason() + "); use --device cpu");
   if (device >= cuda::device_count())
     return invalid_argument(fmt::format("--device cuda:{}: this machine has {} GPU(s), cuda:0 to cuda:{}",
                                         device, cuda::device_count(), cuda::device_count() - 1));
-  CudaModelOptions options{device, num_blocks, block_size};
+  CudaModelOptions options{device, o.num_blocks, o.block_size};
   if (choice.dtype == "bf16") options.dtype = cuda::Dtype::kBf16;
   if (choice.dtype == "fp16") options.dtype = cuda::Dtype::kF16;
   std::unique_ptr<CudaLlamaModel> model;
@@ -32,6 +32,8 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m
     PD_ASSIGN_OR_RETURN(model, CudaLlamaModel::load_gguf(*m.file, options));
   }
   PD_LOG_INFO("model on {} in {}", model->device(), cuda::dtype_name(model->dtype()));
+  // Decode steps' products are tuned now, not at the first step of each batch size while serving.
+  if (o.role != EngineRole::kPrefill) PD_RETURN_IF_ERROR(model->tune_decode_steps(o.max_running));
   return std::unique_ptr<ModelExecutor>(std::move(model));
 }
 

@@ -16,7 +16,7 @@ Status no_cuda(const char* what) {
 
 StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& /*m*/,
                                                             const DeviceChoice& /*device*/,
-                                                            int32_t /*num_blocks*/, int32_t /*block_size*/) {
+                                                            const EngineOptions& /*o*/) {
   return no_cuda("--device cuda");
 }
 

@@ -197,7 +197,7 @@ StatusOr<KvTransport> make_instance_transport(TransportKind kind, const KvTransp
 
 StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& device, const LoadedModel& m,
                                                        ThreadPool& pool, const EngineOptions& o) {
-  if (device.cuda) return make_cuda_executor(m, device, o.num_blocks, o.block_size);
+  if (device.cuda) return make_cuda_executor(m, device, o);
   if (m.model == nullptr) return internal_error("make_executor: the model was loaded without weights");
   return std::unique_ptr<ModelExecutor>(
       std::make_unique<CpuExecutor>(*m.model, pool, o.num_blocks, o.block_size));
@@ -261,8 +261,9 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
       "--kv-send-memory", f.kv_send_memory,
       "Prefill: memory of the KV send buffers, in bytes with a unit (default: --prefill-slots prompts "
       "of --max-context tokens, which always hold --prefill-slots prompts; with less, a prefill refuses a "
-      "prompt it has no room for at acceptance, and the gateway offers it to another). On a GPU it is device "
-      "memory, reserved at start besides "
+      "prompt it has no room for at acceptance, and the gateway offers it to another, letting shorter "
+      "prompts behind it go ahead until it has used half its budget). On a GPU it is device memory, "
+      "reserved at start besides "
       "--kv-cache-memory");
   cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,
                  "Prefill: a handed-off request's slot and KV are freed after this long even if no decode "

@@ -104,8 +104,10 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_executor(const DeviceChoice& devic
                                                        ThreadPool& pool, const EngineOptions& o);
 // The CUDA backend's half of make_executor and of loaded_model_config, and its KV transport
 // (cuda_backend.cpp, or no_cuda_backend.cpp in a build without nvcc, which says so).
+// On a GPU, an instance that runs decode steps (not a prefill) tunes their matrix products for up to
+// o.max_running sequences before it serves (CudaLlamaModel::tune_decode_steps).
 StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m, const DeviceChoice& device,
-                                                            int32_t num_blocks, int32_t block_size);
+                                                            const EngineOptions& o);
 StatusOr<ModelConfig> synthetic_model_config(const std::string& name, int32_t vocab_size);
 // A KV transport for a KV cache on a GPU: cuda-ipc, or shm/tcp staged through host memory.
 StatusOr<KvTransport> make_cuda_transport(TransportKind kind, const KvTransportOptions& options);

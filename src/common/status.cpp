@@ -37,7 +37,15 @@ Status Status::with_context(std::string_view context) const {
   std::string m(context);
   m += ": ";
   m += message_;
-  return {code_, std::move(m)};
+  Status st(code_, std::move(m));
+  st.reason_ = reason_;
+  return st;
+}
+
+Status Status::with_reason(std::string reason) const {
+  Status st = *this;
+  if (!ok()) st.reason_ = std::move(reason);
+  return st;
 }
 
 namespace detail {

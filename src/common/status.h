@@ -47,10 +47,16 @@ class [[nodiscard]] Status {
   std::string to_string() const;
   // Returns a copy with "context: " put in front of the message.
   Status with_context(std::string_view context) const;
+  // A short machine-readable word that says which case of the code this is, for a caller that acts
+  // on it (e.g. a refusal for room rather than for a slot); empty unless set. It crosses the
+  // internal API with the code and message, and with_context() keeps it.
+  const std::string& reason() const { return reason_; }
+  Status with_reason(std::string reason) const;
 
  private:
   StatusCode code_ = StatusCode::kOk;
   std::string message_;
+  std::string reason_;
 };
 
 inline Status ok_status() { return {}; }

@@ -474,9 +474,10 @@ StatusOr<KvSendBuffer> Engine::acquire_send_buffer(int32_t num_prompt) {
   StatusOr<KvSendBuffer> b = options_.kv_send->acquire(kv_message_bytes(kv_view_.layout, num_prompt));
   if (b.ok() || b.status().code() != StatusCode::kResourceExhausted) return b;
   return resource_exhausted(
-      fmt::format("no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({}); "
-                  "try another prefill or later",
-                  num_prompt, b.status().message()));
+             fmt::format("no room for this prompt's KV ({} tokens) in the prefill's KV send buffers ({}); "
+                         "try another prefill or later",
+                         num_prompt, b.status().message()))
+      .with_reason(b.status().reason());
 }
 
 void Engine::end_unstarted(Pending& p, std::string finish_reason, Status error) {

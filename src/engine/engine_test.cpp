@@ -523,6 +523,7 @@ TEST_F(EngineTest, PrefillRefusesAPromptItsSendPoolHasNoRoomFor) {
   EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("no room for this prompt's KV"), std::string::npos)
       << refused.status().to_string();
+  EXPECT_EQ(refused.status().reason(), kSendPoolNoRoom);  // for room, not for a slot: shorter may fit
   EXPECT_EQ(e.metrics().prefill_slots_in_use, 1);
   EXPECT_EQ(capacity_calls.load(), calls_before);  // a refusal frees nothing a router could use
   EXPECT_EQ(t.pool->stats().buffers_in_use, 1);

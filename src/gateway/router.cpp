@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <iterator>
+#include <limits>
 #include <numeric>
 #include <optional>
 
@@ -42,6 +43,10 @@ struct Router::Flight {
   // prefills found away (kUnavailable: at submit, or such an end): offered it after the others
   std::vector<bool> away_on;
   int assigned = -1;  // baseline admission: the prefill whose queue the request joined
+  // Its last offer (try_place) found no taker only because no prefill's KV send buffers had room
+  // for its prompt now (Status::reason() kSendPoolNoRoom from each one asked): shorter prompts may
+  // still fit.
+  bool refused_for_room = false;
   // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
   bool got_first_token = false;
   size_t prefill_idx = 0;
@@ -255,6 +260,7 @@ size_t Router::least_loaded_locked(const Flight& f) {
 }
 
 bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
+  f->refused_for_room = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return false;  // park() ends it
@@ -299,6 +305,7 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   }
   EngineRequest request = f->request;
   if (options_.admission == AdmissionPolicy::kOnDemand) request.wait_queue = queue_id_;
+  bool room_only = true;  // every prefill asked refused it for room
   // The baseline's queue is the prefill's own FIFO, shared by every gateway; the gateway holds a
   // request in its own queue for that prefill only while the prefill refuses even that (its
   // queue full, no room for the KV, or an instance that does not queue).
@@ -325,6 +332,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       if (code == StatusCode::kResourceExhausted) ++rejections_total_;
     }
     if (accepted.ok()) return true;
+    if (code != StatusCode::kResourceExhausted || accepted.status().reason() != kSendPoolNoRoom)
+      room_only = false;
     if (accepted.status().code() == StatusCode::kResourceExhausted) {
       if (options_.admission == AdmissionPolicy::kBaseline) return false;  // wait in its queue
       continue;  // a full prefill refuses at once: inquire the next one
@@ -355,6 +364,7 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     end(f, std::move(out));
     return true;
   }
+  f->refused_for_room = room_only;
   return false;
 }
 
@@ -603,7 +613,12 @@ void Router::loop() {
     }
     std::deque<std::shared_ptr<Flight>> keep_waiting;
     const Clock::time_point now = Clock::now();
+    // A request no prefill took waits, and those due later wait behind it (the prefills would
+    // refuse them for the same reason) — unless it was refused only for room in the prefills' KV
+    // send buffers: then shorter prompts behind it may go ahead, while it has at least half its
+    // budget left. After that, nothing behind it is offered, so that room frees for it.
     bool blocked = false;
+    size_t room_refused_tokens = std::numeric_limits<size_t>::max();  // the shortest prompt refused for room
     for (auto& f : waiting) {
       if (f->handle->cancelled()) {
         end_cancelled(f);
@@ -626,9 +641,16 @@ void Router::loop() {
         end(f, std::move(out));
         continue;
       }
-      if (blocked || !try_place(f, /*queued=*/true)) {
-        blocked = true;  // the rest are due later: they wait behind it
-        keep_waiting.push_back(f);
+      if (blocked || f->request.prompt.size() >= room_refused_tokens) {
+        keep_waiting.push_back(f);  // due later than a request that waits: behind it
+        continue;
+      }
+      if (try_place(f, /*queued=*/true)) continue;
+      keep_waiting.push_back(f);
+      if (f->refused_for_room && 2 * (f->deadline - now) >= f->deadline - f->arrived) {
+        room_refused_tokens = f->request.prompt.size();  // shorter prompts may still fit
+      } else {
+        blocked = true;
       }
     }
     // Baseline admission: each prefill's queue, in order; no budget (requests wait however long),

@@ -6,7 +6,11 @@
 // (prefills keep no queue). When none accepts, the request waits here within its TTFT budget (a
 // base plus a per-prompt-token allowance), the one due first ahead (first come, first served
 // among equal budgets); capacity freed anywhere (a prefill slot, a decode pending place) retries
-// the waiting requests in that order. Each offer tells the prefill what is left of the budget
+// the waiting requests in that order; one that no prefill takes holds back those due later (they
+// would be refused alike), except one refused only for room in the prefills' KV send buffers
+// (Status::reason() kSendPoolNoRoom): shorter prompts behind it may still fit and go ahead while it
+// has at least half its budget left — then nothing behind it is offered, so that room frees for
+// it. Each offer tells the prefill what is left of the budget
 // and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that refused
 // requests of several gateways keeps its next free slot for the most urgent of them
 // (EngineOptions::deadline_priority_ms). A request still

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <future>
+#include <limits>
 #include <mutex>
 #include <thread>
 
@@ -657,6 +658,8 @@ class ScriptedInstance : public Instance {
                                                   std::shared_ptr<RequestHandle> handle) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (!open_) return resource_exhausted("closed");
+    if (request.prompt.size() > room_tokens_)
+      return resource_exhausted("no room").with_reason(std::string(kSendPoolNoRoom));
     accepted_.push_back(std::move(request));
     return handle;
   }
@@ -673,6 +676,12 @@ class ScriptedInstance : public Instance {
     std::lock_guard<std::mutex> lock(mu_);
     open_ = true;
   }
+  // Open, with room for the KV of prompts of at most `tokens` (longer ones are refused for room).
+  void open_with_room(size_t tokens) {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    room_tokens_ = tokens;
+  }
   std::vector<EngineRequest> accepted() const {
     std::lock_guard<std::mutex> lock(mu_);
     return accepted_;
@@ -682,8 +691,23 @@ class ScriptedInstance : public Instance {
   const EngineRole role_;
   mutable std::mutex mu_;
   bool open_ = false;
+  size_t room_tokens_ = std::numeric_limits<size_t>::max();
   std::vector<EngineRequest> accepted_;
 };
+
+EngineRequest tagged_prompt(int32_t n, int32_t tag) {
+  EngineRequest r;
+  r.prompt.assign(static_cast<size_t>(n), tag);
+  return r;
+}
+
+// Waits (up to 2 s) until `prefill` accepted `n` requests; returns what it accepted.
+std::vector<EngineRequest> wait_accepted(const ScriptedInstance& prefill, size_t n) {
+  std::vector<EngineRequest> got;
+  for (int i = 0; i < 400 && (got = prefill.accepted()).size() < n; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  return got;
+}
 
 // Requests waiting at the gateway are offered in the order of their deadlines (a per-token
 // budget gives a long prompt more time, so a short one that came later goes first), each with
@@ -697,20 +721,14 @@ TEST(RouterOrderTest, WaitingRequestsGoByDeadlineWithTheirBudgetLeft) {
     ro.ttft_budget_ms = 10'000;
     ro.ttft_budget_ms_per_token = 100;
     Router router({&prefill}, {&decode}, ro);
-    auto prompt = [](int32_t n, int32_t tag) {
-      EngineRequest r;
-      r.prompt.assign(static_cast<size_t>(n), tag);
-      return r;
-    };
     const auto t0 = std::chrono::steady_clock::now();
-    ASSERT_TRUE(router.submit(prompt(50, 1), [](EngineOutput&&) {}).ok());  // due in 15 s
-    ASSERT_TRUE(router.submit(prompt(2, 2), [](EngineOutput&&) {}).ok());   // due in 10.2 s
-    ASSERT_TRUE(router.submit(prompt(50, 3), [](EngineOutput&&) {}).ok());  // due in 15 s, after the first
+    ASSERT_TRUE(router.submit(tagged_prompt(50, 1), [](EngineOutput&&) {}).ok());  // due in 15 s
+    ASSERT_TRUE(router.submit(tagged_prompt(2, 2), [](EngineOutput&&) {}).ok());   // due in 10.2 s
+    ASSERT_TRUE(
+        router.submit(tagged_prompt(50, 3), [](EngineOutput&&) {}).ok());  // due 15 s, after the first
     prefill.open();
     router.notify_capacity();
-    std::vector<EngineRequest> got;
-    for (int i = 0; i < 400 && (got = prefill.accepted()).size() < 3; ++i)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::vector<EngineRequest> got = wait_accepted(prefill, 3);
     ASSERT_EQ(got.size(), 3u);
     const int64_t waited_us =
         std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count();
@@ -730,6 +748,64 @@ TEST(RouterOrderTest, WaitingRequestsGoByDeadlineWithTheirBudgetLeft) {
     }
     router.stop();
   }
+}
+
+// A request refused for room in the prefills' KV send buffers (a long prompt) does not hold back
+// shorter ones due later while it has half its budget left; those at least as long wait behind it.
+TEST(RouterOrderTest, ShorterPromptsGoAheadOfOneRefusedForRoom) {
+  ScriptedInstance prefill(EngineRole::kPrefill), decode(EngineRole::kDecode);
+  RouterOptions ro;
+  ro.ttft_budget_ms = 60'000;
+  Router router({&prefill}, {&decode}, ro);
+  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(router.submit(tagged_prompt(100, 3), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(router.submit(tagged_prompt(8, 4), [](EngineOutput&&) {}).ok());
+  prefill.open_with_room(10);
+  router.notify_capacity();
+  std::vector<EngineRequest> got = wait_accepted(prefill, 2);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].prompt[0], 2);
+  EXPECT_EQ(got[1].prompt[0], 4);
+  EXPECT_EQ(router.metrics().gateway_waiting, 2);
+  // Room for them now: the long ones go, in their order.
+  prefill.open_with_room(1000);
+  router.notify_capacity();
+  got = wait_accepted(prefill, 4);
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[2].prompt[0], 1);
+  EXPECT_EQ(got[3].prompt[0], 3);
+  router.stop();
+}
+
+// Past half its budget, a request refused for room holds back everything due later, so that the
+// room other prompts would take frees for it; a refusal for a slot always does.
+TEST(RouterOrderTest, ARequestRefusedForRoomPastHalfItsBudgetHoldsBackTheRest) {
+  ScriptedInstance prefill(EngineRole::kPrefill), decode(EngineRole::kDecode);
+  RouterOptions ro;
+  ro.ttft_budget_ms = 2'000;
+  Router router({&prefill}, {&decode}, ro);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
+  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(1'100));
+  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
+  prefill.open_with_room(10);
+  router.notify_capacity();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // (Unless this thread slept so long that the long one's budget ran out.)
+  const bool long_one_waits = std::chrono::steady_clock::now() < t0 + std::chrono::milliseconds(1'900);
+  if (long_one_waits) {
+    EXPECT_TRUE(prefill.accepted().empty()) << "the short prompt went ahead";
+  }
+  prefill.open_with_room(1000);
+  router.notify_capacity();
+  std::vector<EngineRequest> got = wait_accepted(prefill, 2);
+  if (long_one_waits) {
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_EQ(got[0].prompt[0], 1);
+    EXPECT_EQ(got[1].prompt[0], 2);
+  }
+  router.stop();
 }
 
 }  // namespace

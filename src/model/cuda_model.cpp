@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -14,6 +15,7 @@
 #include <set>
 #include <span>
 
+#include "common/log.h"
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/blas.h"
@@ -480,6 +482,40 @@ Status CudaLlamaModel::forward(const ForwardBatch& batch, float* logits) {
   PD_RETURN_IF_ERROR(impl_->stream->synchronize());
   if (rows == 0) return ok_status();
   return cuda::copy_to_host(logits, impl_->logits.data(), static_cast<size_t>(rows) * config_.vocab_size * 4);
+}
+
+Status CudaLlamaModel::tune_decode_steps(int32_t max_batch) {
+  if (!cuda::product_tuning()) return ok_status();
+  const auto started = std::chrono::steady_clock::now();
+  const int64_t top = std::min<int64_t>(max_batch, cuda::Blas::kTuneMaxRows);
+  std::vector<int32_t> tokens, next, blocks;
+  int32_t steps = 0;
+  // run() tunes the first decode step of each bucket; a bucket's smallest batch is the bucket itself.
+  for (int64_t n = 1; n <= top; ++n) {
+    if (cuda::Blas::tuning_bucket(n) != n || impl_->tuned_buckets.contains(n)) continue;
+    tokens.assign(static_cast<size_t>(n), 0);
+    next.resize(static_cast<size_t>(n));
+    blocks.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i)
+      blocks[static_cast<size_t>(i)] = static_cast<int32_t>(i % options_.num_blocks);
+    ForwardBatch batch;
+    batch.tokens = tokens;
+    for (int64_t i = 0; i < n; ++i)
+      batch.chunks.push_back({0, 1, std::span<const int32_t>(&blocks[static_cast<size_t>(i)], 1), true});
+    PD_RETURN_IF_ERROR(
+        forward_argmax(batch, next.data())
+            .with_context(fmt::format("tuning the products of a decode step of {} sequences", n)));
+    ++steps;
+  }
+  if (steps > 0) {
+    PD_LOG_INFO("tuned the matrix products of decode steps of 1 to {} sequences ({} sizes) in {:.2f} s", top,
+                steps, std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  }
+  return ok_status();
+}
+
+int64_t CudaLlamaModel::tuned_decode_buckets() const {
+  return static_cast<int64_t>(impl_->tuned_buckets.size());
 }
 
 Status CudaLlamaModel::forward_argmax(const ForwardBatch& batch, int32_t* next_tokens) {

@@ -18,6 +18,7 @@
 #include "common/test_paths.h"
 #include "kernels/cpu/fp16.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cuda/blas.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/runtime.h"
 #include "kernels/gumbel.h"
@@ -831,6 +832,34 @@ TEST_F(CudaModelTest, Qwen2CheckpointWithBiasesMatchesTheCpuEngine) {
   EXPECT_GE(moved, 1.0);  // the biases are computed, so a GPU that dropped them would fail above
   EXPECT_GE(top1_equal, cases - 2);
   std::filesystem::remove_all(dir);
+}
+
+// A decoding instance tunes its decode steps' products at load (tune_decode_steps): each bucket of
+// batch sizes up to the limit once; a later step of a tuned bucket tunes nothing, one of a new
+// bucket tunes it.
+TEST_F(CudaModelTest, DecodeStepsTunedAtLoadCoverEachBucketOnce) {
+  if (!cuda::product_tuning()) GTEST_SKIP() << "product tuning is off here (PDSERVE_CUDA_TUNE_PRODUCTS)";
+  auto model = CudaLlamaModel::load_gguf(*file_, CudaModelOptions{0, 64, kBlockSize});
+  ASSERT_TRUE(model.ok()) << model.status().to_string();
+  CudaLlamaModel& m = **model;
+  ASSERT_TRUE(m.tune_decode_steps(20).ok());
+  EXPECT_EQ(m.tuned_decode_buckets(), 8);  // 1, 2, 3, 4, 6, 8, 12, 16
+  ASSERT_TRUE(m.tune_decode_steps(20).ok());
+  EXPECT_EQ(m.tuned_decode_buckets(), 8);
+  // Decode steps of n sequences, each at position 1 of its own block.
+  auto step = [&](int32_t n) {
+    std::vector<int32_t> tokens(static_cast<size_t>(n), 1), blocks(static_cast<size_t>(n)),
+        next(tokens.size());
+    std::iota(blocks.begin(), blocks.end(), 0);
+    ForwardBatch b;
+    b.tokens = tokens;
+    for (int32_t i = 0; i < n; ++i) b.chunks.push_back({1, 1, std::span<const int32_t>(&blocks[i], 1), true});
+    return m.forward_argmax(b, next.data());
+  };
+  ASSERT_TRUE(step(5).ok());
+  EXPECT_EQ(m.tuned_decode_buckets(), 8);
+  ASSERT_TRUE(step(24).ok());
+  EXPECT_EQ(m.tuned_decode_buckets(), 9);
 }
 
 TEST_F(CudaModelTest, RefusesWhatItCannotRun) {

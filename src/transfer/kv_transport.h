@@ -130,6 +130,10 @@ struct KvSendPoolStats {
 // Milliseconds on a monotonic clock; injectable for tests.
 using KvClockMs = std::function<int64_t()>;
 
+// Status::reason() of a refusal for room: the send pool cannot hold so many bytes now, where a
+// smaller message may still fit (a prefill passes it on when it refuses a prompt for it).
+inline constexpr std::string_view kSendPoolNoRoom = "kv_send_room";
+
 // The prefill side. Thread-safe.
 struct LayerWiseSend;  // below, with begin_layer_wise_kv
 
@@ -143,6 +147,7 @@ class KvSendPool {
   // Reserves a buffer of `bytes` (>= kKvWireHeaderBytes: header + body). RESOURCE_EXHAUSTED when
   // all buffers or the capacity are in use (after reclaiming expired leases): a prefill acquires
   // a request's buffer when it accepts the request, and refuses the request when there is none.
+  // Where a buffer is free but its bytes are not, the status's reason() is kSendPoolNoRoom.
   // A buffer still being written has no lease (its writer releases it).
   virtual StatusOr<KvSendBuffer> acquire(uint64_t bytes) = 0;
   // The buffer's bytes are written: peers may pull it from now on (a pull before fails). Its

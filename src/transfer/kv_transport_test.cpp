@@ -889,10 +889,12 @@ TEST(KvSendPoolTest, CapacityAndBufferLimits) {
   StatusOr<KvSendBuffer> b = (*pool)->acquire(40 << 10);
   EXPECT_EQ(b.status().code(), StatusCode::kResourceExhausted);
   EXPECT_THAT(b.status().message(), HasSubstr("no room"));
+  EXPECT_EQ(b.status().reason(), kSendPoolNoRoom);
   StatusOr<KvSendBuffer> c = (*pool)->acquire(20 << 10);
   ASSERT_TRUE(c.ok());
   StatusOr<KvSendBuffer> d = (*pool)->acquire(100);
   EXPECT_THAT(d.status().message(), HasSubstr("all 2 KV send buffers are in use"));
+  EXPECT_EQ(d.status().reason(), "");  // no buffer free: not a refusal for room
   EXPECT_EQ((*pool)->stats().buffers_in_use, 2);
   ASSERT_TRUE((*pool)->release(a->ref).ok());
   ASSERT_TRUE((*pool)->release(c->ref).ok());

@@ -193,7 +193,8 @@ StatusOr<SendPoolCore::Acquired> SendPoolCore::acquire(uint64_t bytes) {
   const std::optional<uint64_t> offset = allocate_locked(reserved);
   if (!offset)
     return resource_exhausted(fmt::format("no room for a {}-byte KV send buffer: {} of {} bytes in use",
-                                          bytes, bytes_in_use_, config_.capacity_bytes));
+                                          bytes, bytes_in_use_, config_.capacity_bytes))
+        .with_reason(std::string(kSendPoolNoRoom));
   Slot& s = slots_[static_cast<size_t>(id)];
   s.state = SlotState::kWriting;
   s.generation = next_generation_++;
