@@ -3,6 +3,8 @@
 // and the KV transports of GPU caches.
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "bin/serve_support.h"
 #include "common/log.h"
 #include "kernels/cuda/runtime.h"
@@ -33,7 +35,9 @@ StatusOr<std::unique_ptr<ModelExecutor>> make_cuda_executor(const LoadedModel& m
   }
   PD_LOG_INFO("model on {} in {}", model->device(), cuda::dtype_name(model->dtype()));
   // Decode steps' products are tuned now, not at the first step of each batch size while serving.
-  if (o.role != EngineRole::kPrefill) PD_RETURN_IF_ERROR(model->tune_decode_steps(o.max_running));
+  // (A step holds at most max_running sequences, and at most step_token_budget tokens.)
+  if (o.role != EngineRole::kPrefill)
+    PD_RETURN_IF_ERROR(model->tune_decode_steps(std::min(o.max_running, o.step_token_budget)));
   return std::unique_ptr<ModelExecutor>(std::move(model));
 }
 

@@ -261,8 +261,9 @@ void add_engine_flags(CLI::App& cmd, EngineFlags& f) {
       "--kv-send-memory", f.kv_send_memory,
       "Prefill: memory of the KV send buffers, in bytes with a unit (default: --prefill-slots prompts "
       "of --max-context tokens, which always hold --prefill-slots prompts; with less, a prefill refuses a "
-      "prompt it has no room for at acceptance, and the gateway offers it to another, letting shorter "
-      "prompts behind it go ahead until it has used half its budget). On a GPU it is device memory, "
+      "prompt it has no room for at acceptance, and the gateway offers it to another; on-demand admission "
+      "lets shorter prompts behind it go ahead until it has used half its budget). On a GPU it is device "
+      "memory, "
       "reserved at start besides "
       "--kv-cache-memory");
   cmd.add_option("--handoff-lease-ms", f.handoff_lease_ms,

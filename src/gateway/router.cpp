@@ -43,9 +43,9 @@ struct Router::Flight {
   // prefills found away (kUnavailable: at submit, or such an end): offered it after the others
   std::vector<bool> away_on;
   int assigned = -1;  // baseline admission: the prefill whose queue the request joined
-  // Its last offer (try_place) found no taker only because no prefill's KV send buffers had room
-  // for its prompt now (Status::reason() kSendPoolNoRoom from each one asked): shorter prompts may
-  // still fit.
+  // Its last offer (try_place) found no taker only because prefills' KV send buffers had no room
+  // for its prompt now (Status::reason() kSendPoolNoRoom; no refusal for a slot or a full queue,
+  // prefills found away aside): shorter prompts may still fit.
   bool refused_for_room = false;
   // Set on the prefill's thread before the handoff is passed on; read by whoever passes it.
   bool got_first_token = false;
@@ -305,7 +305,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
   }
   EngineRequest request = f->request;
   if (options_.admission == AdmissionPolicy::kOnDemand) request.wait_queue = queue_id_;
-  bool room_only = true;  // every prefill asked refused it for room
+  // Refusals for room, and for anything else (a prefill found away counts as neither).
+  bool refused_for_room = false, refused_otherwise = false;
   // The baseline's queue is the prefill's own FIFO, shared by every gateway; the gateway holds a
   // request in its own queue for that prefill only while the prefill refuses even that (its
   // queue full, no room for the KV, or an instance that does not queue).
@@ -332,9 +333,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       if (code == StatusCode::kResourceExhausted) ++rejections_total_;
     }
     if (accepted.ok()) return true;
-    if (code != StatusCode::kResourceExhausted || accepted.status().reason() != kSendPoolNoRoom)
-      room_only = false;
-    if (accepted.status().code() == StatusCode::kResourceExhausted) {
+    if (code == StatusCode::kResourceExhausted) {
+      (accepted.status().reason() == kSendPoolNoRoom ? refused_for_room : refused_otherwise) = true;
       if (options_.admission == AdmissionPolicy::kBaseline) return false;  // wait in its queue
       continue;  // a full prefill refuses at once: inquire the next one
     }
@@ -364,7 +364,7 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
     end(f, std::move(out));
     return true;
   }
-  f->refused_for_room = room_only;
+  f->refused_for_room = refused_for_room && !refused_otherwise;
   return false;
 }
 

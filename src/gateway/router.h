@@ -10,7 +10,7 @@
 // would be refused alike), except one refused only for room in the prefills' KV send buffers
 // (Status::reason() kSendPoolNoRoom): shorter prompts behind it may still fit and go ahead while it
 // has at least half its budget left — then nothing behind it is offered, so that room frees for
-// it. Each offer tells the prefill what is left of the budget
+// it (as far as this gateway goes: other gateways may still take it). Each offer tells the prefill what is left of the budget
 // and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that refused
 // requests of several gateways keeps its next free slot for the most urgent of them
 // (EngineOptions::deadline_priority_ms). A request still

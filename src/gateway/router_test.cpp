@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <future>
 #include <limits>
@@ -657,6 +658,8 @@ class ScriptedInstance : public Instance {
   StatusOr<std::shared_ptr<RequestHandle>> submit(EngineRequest request, OutputSink,
                                                   std::shared_ptr<RequestHandle> handle) override {
     std::lock_guard<std::mutex> lock(mu_);
+    offered_.push_back(request.prompt.empty() ? -1 : request.prompt[0]);
+    if (away_) return unavailable("away");
     if (!open_) return resource_exhausted("closed");
     if (request.prompt.size() > room_tokens_)
       return resource_exhausted("no room").with_reason(std::string(kSendPoolNoRoom));
@@ -676,6 +679,11 @@ class ScriptedInstance : public Instance {
     std::lock_guard<std::mutex> lock(mu_);
     open_ = true;
   }
+  // Down or going away: every offer fails with kUnavailable.
+  void set_away() {
+    std::lock_guard<std::mutex> lock(mu_);
+    away_ = true;
+  }
   // Open, with room for the KV of prompts of at most `tokens` (longer ones are refused for room).
   void open_with_room(size_t tokens) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -686,13 +694,20 @@ class ScriptedInstance : public Instance {
     std::lock_guard<std::mutex> lock(mu_);
     return accepted_;
   }
+  // How many times requests whose prompts start with `tag` were offered (accepted or not).
+  int64_t offers(int32_t tag) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::count(offered_.begin(), offered_.end(), tag);
+  }
 
  private:
   const EngineRole role_;
   mutable std::mutex mu_;
   bool open_ = false;
+  bool away_ = false;
   size_t room_tokens_ = std::numeric_limits<size_t>::max();
   std::vector<EngineRequest> accepted_;
+  std::vector<int32_t> offered_;
 };
 
 EngineRequest tagged_prompt(int32_t n, int32_t tag) {
@@ -767,7 +782,12 @@ TEST(RouterOrderTest, ShorterPromptsGoAheadOfOneRefusedForRoom) {
   ASSERT_EQ(got.size(), 2u);
   EXPECT_EQ(got[0].prompt[0], 2);
   EXPECT_EQ(got[1].prompt[0], 4);
-  EXPECT_EQ(router.metrics().gateway_waiting, 2);
+  // The router thread may have the waiting requests in hand for a moment.
+  int32_t waiting = 0;
+  for (int i = 0; i < 400 && (waiting = router.metrics().gateway_waiting) != 2; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(waiting, 2);
+  EXPECT_EQ(prefill.offers(3), 0) << "as long as the one refused for room, yet offered";
   // Room for them now: the long ones go, in their order.
   prefill.open_with_room(1000);
   router.notify_capacity();
@@ -775,6 +795,25 @@ TEST(RouterOrderTest, ShorterPromptsGoAheadOfOneRefusedForRoom) {
   ASSERT_EQ(got.size(), 4u);
   EXPECT_EQ(got[2].prompt[0], 1);
   EXPECT_EQ(got[3].prompt[0], 3);
+  router.stop();
+}
+
+// A prefill found away does not count as a refusal of another kind: the other's refusal for room
+// still lets a shorter prompt go ahead.
+TEST(RouterOrderTest, APrefillFoundAwayDoesNotHoldBackShorterPrompts) {
+  ScriptedInstance away(EngineRole::kPrefill), roomy(EngineRole::kPrefill), decode(EngineRole::kDecode);
+  away.set_away();
+  RouterOptions ro;
+  ro.ttft_budget_ms = 60'000;
+  Router router({&away, &roomy}, {&decode}, ro);
+  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
+  roomy.open_with_room(10);
+  router.notify_capacity();
+  std::vector<EngineRequest> got = wait_accepted(roomy, 1);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].prompt[0], 2);
+  EXPECT_GT(away.offers(1), 0);
   router.stop();
 }
 
@@ -787,15 +826,20 @@ TEST(RouterOrderTest, ARequestRefusedForRoomPastHalfItsBudgetHoldsBackTheRest) {
   Router router({&prefill}, {&decode}, ro);
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
-  std::this_thread::sleep_until(t0 + std::chrono::milliseconds(1'100));
+  std::this_thread::sleep_until(std::chrono::steady_clock::now() + std::chrono::milliseconds(1'100));
   ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
   prefill.open_with_room(10);
   router.notify_capacity();
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Until the router has offered the long one (for room, now) again.
+  const int64_t offers_before = prefill.offers(1);
+  for (int i = 0; i < 400 && prefill.offers(1) == offers_before; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // a few passes of the router's loop
   // (Unless this thread slept so long that the long one's budget ran out.)
   const bool long_one_waits = std::chrono::steady_clock::now() < t0 + std::chrono::milliseconds(1'900);
   if (long_one_waits) {
     EXPECT_TRUE(prefill.accepted().empty()) << "the short prompt went ahead";
+    EXPECT_EQ(prefill.offers(2), 0) << "the short prompt was offered";
   }
   prefill.open_with_room(1000);
   router.notify_capacity();

@@ -487,7 +487,9 @@ Status CudaLlamaModel::forward(const ForwardBatch& batch, float* logits) {
 Status CudaLlamaModel::tune_decode_steps(int32_t max_batch) {
   if (!cuda::product_tuning()) return ok_status();
   const auto started = std::chrono::steady_clock::now();
-  const int64_t top = std::min<int64_t>(max_batch, cuda::Blas::kTuneMaxRows);
+  // run() tunes decode steps a graph could replay; the engine runs none of more sequences than blocks.
+  const int64_t top =
+      std::min<int64_t>({max_batch, cuda::Blas::kTuneMaxRows, kMaxGraphBatch, options_.num_blocks});
   std::vector<int32_t> tokens, next, blocks;
   int32_t steps = 0;
   // run() tunes the first decode step of each bucket; a bucket's smallest batch is the bucket itself.
