@@ -775,6 +775,10 @@ void ApiService::collect_engine_metrics(metrics::TextWriter& w) const {
             "Inquiries refused by a full prefill (requests waiting at the gateway are re-inquired as "
             "capacity frees and every 10 ms).",
             static_cast<double>(m.gateway_rejections_total));
+  w.counter("pdserve_gateway_room_rejections_total",
+            "Of those, inquiries refused because the prefill's KV send buffers had no room for the "
+            "prompt's KV (shorter prompts waiting behind it may be offered meanwhile).",
+            static_cast<double>(m.gateway_room_rejections_total));
   w.counter("pdserve_gateway_prefill_retries_total",
             "Requests moved on from a prefill that failed them before their first token or was found "
             "away (unreachable or shutting down), once per request and prefill.",

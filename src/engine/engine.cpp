@@ -207,6 +207,7 @@ void add_metrics(EngineMetrics& a, const EngineMetrics& b) {
   a.gateway_waiting += b.gateway_waiting;
   a.gateway_timeouts_total += b.gateway_timeouts_total;
   a.gateway_rejections_total += b.gateway_rejections_total;
+  a.gateway_room_rejections_total += b.gateway_room_rejections_total;
   a.gateway_prefill_retries_total += b.gateway_prefill_retries_total;
   for (const auto& [reason, n] : b.finished_by_reason) a.finished_by_reason[reason] += n;
   a.scenarios.insert(a.scenarios.end(), b.scenarios.begin(), b.scenarios.end());

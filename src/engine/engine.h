@@ -223,6 +223,7 @@ struct EngineMetrics {
   int32_t gateway_waiting = 0;
   int64_t gateway_timeouts_total = 0;
   int64_t gateway_rejections_total = 0;
+  int64_t gateway_room_rejections_total = 0;  // of those, for room in the prefill's KV send buffers
   int64_t gateway_prefill_retries_total = 0;
   int64_t steps_total = 0;
   double step_seconds_total = 0;

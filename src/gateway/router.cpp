@@ -331,6 +331,8 @@ bool Router::try_place(const std::shared_ptr<Flight>& f, bool queued) {
       note_prefill_away_locked(idx, code == StatusCode::kUnavailable);
       if (!accepted.ok()) --prefill_open_[idx];
       if (code == StatusCode::kResourceExhausted) ++rejections_total_;
+      if (code == StatusCode::kResourceExhausted && accepted.status().reason() == kSendPoolNoRoom)
+        ++room_rejections_total_;
     }
     if (accepted.ok()) return true;
     if (code == StatusCode::kResourceExhausted) {
@@ -719,6 +721,7 @@ EngineMetrics Router::metrics() const {
   for (const auto& q : prefill_queues_) m.gateway_waiting += static_cast<int32_t>(q.size());
   m.gateway_timeouts_total = timeouts_total_;
   m.gateway_rejections_total = rejections_total_;
+  m.gateway_room_rejections_total = room_rejections_total_;
   m.gateway_prefill_retries_total = prefill_retries_total_;
   m.scenarios.push_back({.name = options_.scenario,
                          .requests_total = requests_total_,

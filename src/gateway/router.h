@@ -10,9 +10,9 @@
 // would be refused alike), except one refused only for room in the prefills' KV send buffers
 // (Status::reason() kSendPoolNoRoom): shorter prompts behind it may still fit and go ahead while it
 // has at least half its budget left — then nothing behind it is offered, so that room frees for
-// it (as far as this gateway goes: other gateways may still take it). Each offer tells the prefill what is left of the budget
-// and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that refused
-// requests of several gateways keeps its next free slot for the most urgent of them
+// it (as far as this gateway goes: other gateways may still take it). Each offer tells the prefill what is
+// left of the budget and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that
+// refused requests of several gateways keeps its next free slot for the most urgent of them
 // (EngineOptions::deadline_priority_ms). A request still
 // waiting when its budget runs out ends with a DEADLINE_EXCEEDED error that names the scenario
 // and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
@@ -169,6 +169,7 @@ class Router : public GenerationBackend {
   int64_t requests_total_ = 0;         // guarded by mu_
   int64_t timeouts_total_ = 0;         // guarded by mu_
   int64_t rejections_total_ = 0;       // guarded by mu_: prefill refusals seen
+  int64_t room_rejections_total_ = 0;  // guarded by mu_: of those, for room (kSendPoolNoRoom)
   int64_t prefill_retries_total_ = 0;  // guarded by mu_
   // guarded by mu_: per prefill, since when offers and ends have found it away (kUnavailable;
   // the epoch while it answers otherwise), and when they last did

@@ -788,6 +788,9 @@ TEST(RouterOrderTest, ShorterPromptsGoAheadOfOneRefusedForRoom) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   EXPECT_EQ(waiting, 2);
   EXPECT_EQ(prefill.offers(3), 0) << "as long as the one refused for room, yet offered";
+  const EngineMetrics m = router.metrics();
+  EXPECT_GT(m.gateway_room_rejections_total, 0);
+  EXPECT_GT(m.gateway_rejections_total, m.gateway_room_rejections_total);  // "closed" ones too
   // Room for them now: the long ones go, in their order.
   prefill.open_with_room(1000);
   router.notify_capacity();

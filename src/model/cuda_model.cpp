@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <span>
@@ -498,8 +499,7 @@ Status CudaLlamaModel::tune_decode_steps(int32_t max_batch) {
     tokens.assign(static_cast<size_t>(n), 0);
     next.resize(static_cast<size_t>(n));
     blocks.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i)
-      blocks[static_cast<size_t>(i)] = static_cast<int32_t>(i % options_.num_blocks);
+    std::iota(blocks.begin(), blocks.end(), 0);  // n <= num_blocks
     ForwardBatch batch;
     batch.tokens = tokens;
     for (int64_t i = 0; i < n; ++i)
