@@ -8,12 +8,12 @@
 // among equal budgets); capacity freed anywhere (a prefill slot, a decode pending place) retries
 // the waiting requests in that order; one that no prefill takes holds back those due later (they
 // would be refused alike), except one refused only for room in the prefills' KV send buffers
-// (Status::reason() kSendPoolNoRoom): shorter prompts behind it may still fit and go ahead while it
-// has at least half its budget left — then nothing behind it is offered, so that room frees for
-// it (as far as this gateway goes: other gateways may still take it). Each offer tells the prefill what is
-// left of the budget and the queue's id (EngineRequest::wait_budget_us, wait_queue), so that a prefill that
-// refused requests of several gateways keeps its next free slot for the most urgent of them
-// (EngineOptions::deadline_priority_ms). A request still
+// (Status::reason() kSendPoolNoRoom): shorter prompts behind it may still fit and go ahead while
+// it has at least half its budget left — then nothing behind it is offered, so that room frees
+// for it (as far as this gateway goes: other gateways may still take it). Each offer tells the
+// prefill what is left of the budget and the queue's id (EngineRequest::wait_budget_us,
+// wait_queue), so that a prefill that refused requests of several gateways keeps its next free
+// slot for the most urgent of them (EngineOptions::deadline_priority_ms). A request still
 // waiting when its budget runs out ends with a DEADLINE_EXCEEDED error that names the scenario
 // and how long it waited; budgets are checked before a prefill starts, never by interrupting one.
 //

@@ -101,11 +101,11 @@ class CudaLlamaModel final : public ModelExecutor {
   // Fills the whole KV cache with random values (benchmarks that start from a long context).
   Status randomize_kv(uint64_t seed);
   // Tunes the matrix products of decode steps (cuda::Blas::set_tuning) of every bucket of batch
-  // sizes up to `max_batch` (at most 512, and at most num_blocks) now, at load, so that no step while serving pays for it
-  // (about 0.1 s a bucket on an 8B model): a step of one token per sequence at position 0 of
-  // blocks 0, 1, …, whose KV it overwrites — call it before any request is served. Does nothing
-  // where product tuning is off (cuda::set_product_tuning); the buckets tuned since load are
-  // tuned_decode_buckets().
+  // sizes up to `max_batch` (at most 512, and at most num_blocks) now, at load, so that no step
+  // while serving pays for it (about 0.1 s a bucket on an 8B model): a step of one token per
+  // sequence at position 0 of blocks 0, 1, …, whose KV it overwrites — call it before any request
+  // is served. Does nothing where product tuning is off (cuda::set_product_tuning); the buckets
+  // tuned since load are tuned_decode_buckets().
   Status tune_decode_steps(int32_t max_batch);
   int64_t tuned_decode_buckets() const;
 
