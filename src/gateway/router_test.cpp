@@ -710,10 +710,12 @@ class ScriptedInstance : public Instance {
   std::vector<int32_t> offered_;
 };
 
-EngineRequest tagged_prompt(int32_t n, int32_t tag) {
+// Submits a prompt of `n` copies of the token `tag` (which names it in offers and acceptances),
+// its outputs dropped.
+bool submit_tagged(Router& router, int32_t n, int32_t tag) {
   EngineRequest r;
   r.prompt.assign(static_cast<size_t>(n), tag);
-  return r;
+  return router.submit(std::move(r), [](EngineOutput&&) {}).ok();
 }
 
 // Waits (up to 2 s) until `prefill` accepted `n` requests; returns what it accepted.
@@ -737,10 +739,9 @@ TEST(RouterOrderTest, WaitingRequestsGoByDeadlineWithTheirBudgetLeft) {
     ro.ttft_budget_ms_per_token = 100;
     Router router({&prefill}, {&decode}, ro);
     const auto t0 = std::chrono::steady_clock::now();
-    ASSERT_TRUE(router.submit(tagged_prompt(50, 1), [](EngineOutput&&) {}).ok());  // due in 15 s
-    ASSERT_TRUE(router.submit(tagged_prompt(2, 2), [](EngineOutput&&) {}).ok());   // due in 10.2 s
-    ASSERT_TRUE(
-        router.submit(tagged_prompt(50, 3), [](EngineOutput&&) {}).ok());  // due 15 s, after the first
+    ASSERT_TRUE(submit_tagged(router, 50, 1));  // due in 15 s
+    ASSERT_TRUE(submit_tagged(router, 2, 2));   // due in 10.2 s
+    ASSERT_TRUE(submit_tagged(router, 50, 3));  // due 15 s, after the first
     prefill.open();
     router.notify_capacity();
     std::vector<EngineRequest> got = wait_accepted(prefill, 3);
@@ -772,10 +773,10 @@ TEST(RouterOrderTest, ShorterPromptsGoAheadOfOneRefusedForRoom) {
   RouterOptions ro;
   ro.ttft_budget_ms = 60'000;
   Router router({&prefill}, {&decode}, ro);
-  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
-  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
-  ASSERT_TRUE(router.submit(tagged_prompt(100, 3), [](EngineOutput&&) {}).ok());
-  ASSERT_TRUE(router.submit(tagged_prompt(8, 4), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(submit_tagged(router, 100, 1));
+  ASSERT_TRUE(submit_tagged(router, 5, 2));
+  ASSERT_TRUE(submit_tagged(router, 100, 3));
+  ASSERT_TRUE(submit_tagged(router, 8, 4));
   prefill.open_with_room(10);
   router.notify_capacity();
   std::vector<EngineRequest> got = wait_accepted(prefill, 2);
@@ -809,8 +810,8 @@ TEST(RouterOrderTest, APrefillFoundAwayDoesNotHoldBackShorterPrompts) {
   RouterOptions ro;
   ro.ttft_budget_ms = 60'000;
   Router router({&away, &roomy}, {&decode}, ro);
-  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
-  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(submit_tagged(router, 100, 1));
+  ASSERT_TRUE(submit_tagged(router, 5, 2));
   roomy.open_with_room(10);
   router.notify_capacity();
   std::vector<EngineRequest> got = wait_accepted(roomy, 1);
@@ -828,9 +829,9 @@ TEST(RouterOrderTest, ARequestRefusedForRoomPastHalfItsBudgetHoldsBackTheRest) {
   ro.ttft_budget_ms = 2'000;
   Router router({&prefill}, {&decode}, ro);
   const auto t0 = std::chrono::steady_clock::now();
-  ASSERT_TRUE(router.submit(tagged_prompt(100, 1), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(submit_tagged(router, 100, 1));
   std::this_thread::sleep_until(std::chrono::steady_clock::now() + std::chrono::milliseconds(1'100));
-  ASSERT_TRUE(router.submit(tagged_prompt(5, 2), [](EngineOutput&&) {}).ok());
+  ASSERT_TRUE(submit_tagged(router, 5, 2));
   prefill.open_with_room(10);
   router.notify_capacity();
   // Until the router has offered the long one (for room, now) again.
