@@ -105,24 +105,30 @@ constexpr size_t kMaxPromptTokens = size_t{1} << 24;
 
 json request_json(const EngineRequest& r) {
   const SamplingParams& s = r.sampling;
-  return json{{"prompt", r.prompt},
-              {"max_tokens", r.max_tokens},
-              {"stop", r.stop},
-              {"ignore_eos", r.ignore_eos},
-              {"logprobs", r.logprobs},
-              {"wait_budget_us", r.wait_budget_us},
-              {"wait_queue", r.wait_queue},
-              {"queue_if_full", r.queue_if_full},
-              {"sampling",
-               {{"temperature", s.temperature},
-                {"top_k", s.top_k},
-                {"top_p", s.top_p},
-                {"min_p", s.min_p},
-                {"repetition_penalty", s.repetition_penalty},
-                {"presence_penalty", s.presence_penalty},
-                {"frequency_penalty", s.frequency_penalty},
-                {"seed", s.seed},
-                {"top_logprobs", s.top_logprobs}}}};
+  json j{{"prompt", r.prompt},
+         {"max_tokens", r.max_tokens},
+         {"stop", r.stop},
+         {"ignore_eos", r.ignore_eos},
+         {"logprobs", r.logprobs},
+         {"wait_budget_us", r.wait_budget_us},
+         {"wait_queue", r.wait_queue},
+         {"queue_if_full", r.queue_if_full},
+         {"sampling",
+          {{"temperature", s.temperature},
+           {"top_k", s.top_k},
+           {"top_p", s.top_p},
+           {"min_p", s.min_p},
+           {"repetition_penalty", s.repetition_penalty},
+           {"presence_penalty", s.presence_penalty},
+           {"frequency_penalty", s.frequency_penalty},
+           {"seed", s.seed},
+           {"top_logprobs", s.top_logprobs}}}};
+  if (!s.logit_bias.empty()) {  // [[token, bias], ...], ascending (absent: none, as older peers send)
+    json biases = json::array();
+    for (const LogitBias& b : s.logit_bias) biases.push_back(json::array({b.token, b.bias}));
+    j["sampling"]["logit_bias"] = std::move(biases);
+  }
+  return j;
 }
 
 StatusOr<EngineRequest> request_from(const json& j) {
@@ -167,6 +173,20 @@ StatusOr<EngineRequest> request_from(const json& j) {
     PD_RETURN_IF_ERROR(s.number("frequency_penalty", p.frequency_penalty));
     PD_RETURN_IF_ERROR(s.integer("seed", p.seed, uint64_t{0}, std::numeric_limits<uint64_t>::max()));
     PD_RETURN_IF_ERROR(s.integer("top_logprobs", p.top_logprobs, 0, 1000));
+    if (const json* biases = s.find("logit_bias")) {
+      // At most one per token id: the vocabulary bounds them, and validate() checks the order.
+      constexpr size_t kMaxBiases = size_t{1} << 24;
+      if (!biases->is_array() || biases->size() > kMaxBiases)
+        return s.type("logit_bias", "an array of [token id, bias] pairs");
+      p.logit_bias.reserve(biases->size());
+      for (const json& b : *biases) {
+        if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number())
+          return s.type("logit_bias", "an array of [token id, bias] pairs");
+        const int64_t token = b[0].get<int64_t>();
+        if (token < 0 || token > kI32Max) return s.range("logit_bias");
+        p.logit_bias.push_back({static_cast<int32_t>(token), b[1].get<float>()});
+      }
+    }
     // The ranges the public API enforces (a peer's bytes are checked as strictly).
     if (Status valid = p.validate(); !valid.ok()) return valid.with_context("request.sampling");
   }

@@ -21,6 +21,7 @@ EngineRequest sample_request() {
   r.sampling.frequency_penalty = -0.25f;
   r.sampling.seed = 18446744073709551557ull;  // beyond int64
   r.sampling.top_logprobs = 3;
+  r.sampling.logit_bias = {{0, -100.0f}, {7, 0.25f}, {49151, 100.0f}};
   r.wait_budget_us = 1'234'567;
   r.wait_queue = 0xfedcba9876543211ull;  // beyond int64
   r.queue_if_full = true;
@@ -54,6 +55,7 @@ void expect_same(const EngineRequest& a, const EngineRequest& b) {
   EXPECT_EQ(a.sampling.frequency_penalty, b.sampling.frequency_penalty);
   EXPECT_EQ(a.sampling.seed, b.sampling.seed);
   EXPECT_EQ(a.sampling.top_logprobs, b.sampling.top_logprobs);
+  EXPECT_EQ(a.sampling.logit_bias, b.sampling.logit_bias);
   EXPECT_EQ(a.wait_budget_us, b.wait_budget_us);
   EXPECT_EQ(a.wait_queue, b.wait_queue);
   EXPECT_EQ(a.queue_if_full, b.queue_if_full);
@@ -211,6 +213,16 @@ TEST(InternalProtocol, MalformedPeerBytesAreErrorsNamingTheField) {
       {"temperature string", R"({"prompt":[1],"max_tokens":3,"sampling":{"temperature":"hot"}})",
        "'temperature' must be a number"},
       {"negative seed", R"({"prompt":[1],"max_tokens":3,"sampling":{"seed":-1}})", "'seed' is out of range"},
+      {"bias not pairs", R"({"prompt":[1],"max_tokens":3,"sampling":{"logit_bias":{"5":1}}})",
+       "'logit_bias' must be an array of [token id, bias] pairs"},
+      {"bias triple", R"({"prompt":[1],"max_tokens":3,"sampling":{"logit_bias":[[5,1,2]]}})",
+       "'logit_bias' must be an array of [token id, bias] pairs"},
+      {"bias negative token", R"({"prompt":[1],"max_tokens":3,"sampling":{"logit_bias":[[-5,1]]}})",
+       "'logit_bias' is out of range"},
+      {"bias too large", R"({"prompt":[1],"max_tokens":3,"sampling":{"logit_bias":[[5,1e9]]}})",
+       "logit_bias 1000000000 for token 5 is outside [-100, 100]"},
+      {"bias unordered", R"({"prompt":[1],"max_tokens":3,"sampling":{"logit_bias":[[5,1],[3,1]]}})",
+       "not strictly ascending (3 after 5)"},
       {"ignore_eos not bool", R"({"prompt":[1],"max_tokens":3,"ignore_eos":1})",
        "'ignore_eos' must be true or false"},
       {"budget below -1", R"({"prompt":[1],"max_tokens":3,"wait_budget_us":-2})",

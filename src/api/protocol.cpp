@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -244,9 +246,6 @@ std::optional<ApiError> reject_unsupported(const json& o) {
       return unsupported(key, "tool and function calling is not implemented");
     }
   }
-  if (const json* v = field(o, "logit_bias"); v && !(v->is_object() && v->empty())) {
-    return unsupported("logit_bias", "biasing token logits is not implemented");
-  }
   if (const json* v = field(o, "response_format")) {
     const json* type = v->is_object() ? field(*v, "type") : nullptr;
     if (!type || *type != "text")
@@ -255,6 +254,46 @@ std::optional<ApiError> reject_unsupported(const json& o) {
   if (field(o, "audio")) return unsupported("audio", "this server generates text only");
   if (const json* v = field(o, "modalities"); v && *v != json::array({"text"})) {
     return unsupported("modalities", "this server generates text only");
+  }
+  return std::nullopt;
+}
+
+// "logit_bias": token ids (as decimal strings, since JSON keys are strings) to a bias in
+// [-100, 100]; sorted by id. Whether the ids are in the vocabulary is the service's to check.
+std::optional<ApiError> parse_logit_bias(const json& o, std::vector<LogitBias>* out) {
+  const json* m = field(o, "logit_bias");
+  if (!m) return std::nullopt;
+  if (!m->is_object()) return wrong_type("logit_bias", "an object mapping token ids to numbers", *m);
+  out->clear();
+  out->reserve(m->size());
+  for (const auto& [k, v] : m->items()) {
+    int64_t id = -1;
+    const bool digits = !k.empty() && k.size() <= 10 &&
+                        std::all_of(k.begin(), k.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (digits) std::from_chars(k.data(), k.data() + k.size(), id);
+    if (!digits || id > std::numeric_limits<int32_t>::max()) {
+      // (The key is shown cut short, and as valid UTF-8 whatever its bytes.)
+      const std::string shown = json(k.substr(0, 24)).dump(-1, ' ', false, json::error_handler_t::replace) +
+                                (k.size() > 24 ? "..." : "");
+      return bad("logit_bias",
+                 fmt::format("'logit_bias' maps token ids (decimal integers up to 2147483647) to biases; "
+                             "got the key {}",
+                             shown));
+    }
+    const std::string param = "logit_bias." + k;
+    if (!v.is_number()) return wrong_type(param, "a number", v);
+    const double d = v.get<double>();
+    if (!(d >= -kMaxLogitBias && d <= kMaxLogitBias)) {
+      return bad(param, fmt::format("'{}' must be between -100 and 100, got {}", param, v.dump()));
+    }
+    out->push_back({static_cast<int32_t>(id), static_cast<float>(d)});
+  }
+  std::sort(out->begin(), out->end(),
+            [](const LogitBias& a, const LogitBias& b) { return a.token < b.token; });
+  for (size_t i = 1; i < out->size(); ++i) {
+    if ((*out)[i].token == (*out)[i - 1].token) {
+      return bad("logit_bias", fmt::format("'logit_bias' names token id {} twice", (*out)[i].token));
+    }
   }
   return std::nullopt;
 }
@@ -306,6 +345,7 @@ std::optional<ApiError> parse_common(const json& o, GenerationParams* p) {
   if (auto e = get_number(o, "presence_penalty", -2, 2, false, &s.presence_penalty)) return e;
   if (auto e = get_number(o, "frequency_penalty", -2, 2, false, &s.frequency_penalty)) return e;
   if (auto e = get_number(o, "repetition_penalty", 0, 10, true, &s.repetition_penalty)) return e;
+  if (auto e = parse_logit_bias(o, &s.logit_bias)) return e;
   std::optional<int64_t> top_k;
   if (auto e = get_int(o, "top_k", -1, kIntMax, &top_k)) return e;
   if (top_k) s.top_k = *top_k < 0 ? 0 : static_cast<int32_t>(*top_k);  // -1: off, as vLLM

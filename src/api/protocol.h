@@ -7,7 +7,7 @@
 // Field policy (docs: README "HTTP API"): unknown fields are ignored, as vLLM and llama.cpp's
 // server do (OpenAI itself rejects them), so clients that send provider-specific extras work; but
 // an OpenAI field that would change the output and that pdserve does not implement (tools,
-// response_format other than text, logit_bias, suffix, best_of > 1, audio, echo with logprobs)
+// response_format other than text, suffix, best_of > 1, audio, echo with logprobs)
 // is rejected with 400 naming the field, never silently ignored. `null` means "not set" for every
 // optional field. Extensions beyond OpenAI: top_k, min_p, repetition_penalty, ignore_eos.
 //

@@ -129,8 +129,20 @@ const BadCase kBadCases[] = {
      "'tool_choice' is not supported", "tool_choice"},
     {"response_format_json", kChat, chat(R"("response_format":{"type":"json_object"})"), 400,
      "'response_format' is not supported", "response_format"},
-    {"logit_bias", kChat, chat(R"("logit_bias":{"50256":-100})"), 400, "'logit_bias' is not supported",
+    {"logit_bias_not_object", kChat, chat(R"("logit_bias":[1,2])"), 400,
+     "'logit_bias' must be an object mapping token ids to numbers, got array", "logit_bias"},
+    {"logit_bias_key_not_id", kChat, chat(R"("logit_bias":{"hello":1})"), 400,
+     "maps token ids (decimal integers up to 2147483647) to biases; got the key \"hello\"", "logit_bias"},
+    {"logit_bias_negative_key", kChat, chat(R"("logit_bias":{"-5":1})"), 400, "got the key \"-5\"",
      "logit_bias"},
+    {"logit_bias_key_too_big", kChat, chat(R"("logit_bias":{"2147483648":1})"), 400,
+     "got the key \"2147483648\"", "logit_bias"},
+    {"logit_bias_value_string", kChat, chat(R"("logit_bias":{"5":"1"})"), 400,
+     "'logit_bias.5' must be a number, got string", "logit_bias.5"},
+    {"logit_bias_value_range", kCompl, compl_(R"("logit_bias":{"5":-100.5})"), 400,
+     "'logit_bias.5' must be between -100 and 100, got -100.5", "logit_bias.5"},
+    {"logit_bias_twice", kChat, chat(R"("logit_bias":{"7":1,"007":2})"), 400,
+     "'logit_bias' names token id 7 twice", "logit_bias"},
     {"user_not_string", kChat, chat(R"("user":{"id":1})"), 400, "'user' must be a string, got object",
      "user"},
     {"metadata_not_object", kChat, chat(R"("metadata":"code")"), 400,
@@ -202,7 +214,8 @@ TEST(ParseChatTest, AllFields) {
     "seed": -1, "stop": ["x", "y"], "presence_penalty": 0.1, "frequency_penalty": -0.2, "logprobs": true,
     "top_logprobs": 3, "n": 2, "user": "u1", "ignore_eos": true, "unknown_field": {"anything": [1, 2]},
     "metadata": {"team": "a", "scenario": "code"},
-    "tool_choice": "none", "response_format": {"type": "text"}, "repetition_penalty": 1.1
+    "tool_choice": "none", "response_format": {"type": "text"}, "repetition_penalty": 1.1,
+    "logit_bias": {"50256": -100, "12": 2.5, "3": 0}
   })");
   ASSERT_TRUE(r.ok()) << r.error().message;
   const ChatCompletionRequest& c = r.value();
@@ -218,6 +231,8 @@ TEST(ParseChatTest, AllFields) {
   EXPECT_FLOAT_EQ(c.params.sampling.frequency_penalty, -0.2f);
   EXPECT_FLOAT_EQ(c.params.sampling.repetition_penalty, 1.1f);
   EXPECT_EQ(c.params.sampling.top_logprobs, 3);
+  EXPECT_EQ(c.params.sampling.logit_bias,
+            (std::vector<LogitBias>{{3, 0.0f}, {12, 2.5f}, {50256, -100.0f}}));  // by token id
   EXPECT_EQ(c.params.seed, -1);
   EXPECT_EQ(c.params.stop, (std::vector<std::string>{"x", "y"}));
   EXPECT_TRUE(c.params.logprobs);

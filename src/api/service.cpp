@@ -611,6 +611,17 @@ void ApiService::start_generation(const std::shared_ptr<Job>& job, const Generat
   // The most a sequence can hold: the context, and the KV cache it must fit alone.
   const int64_t capacity = engine.max_sequence_tokens();
   const uint64_t seed = params.seed ? static_cast<uint64_t>(*params.seed) : random_u64();
+  const int32_t vocab = job->backend.tokenizer->vocab_size();
+  for (const LogitBias& b : params.sampling.logit_bias) {
+    if (b.token >= vocab) {
+      ApiError e = http_error(
+          400,
+          fmt::format("logit_bias names token id {}, outside the vocabulary (0..{})", b.token, vocab - 1),
+          "invalid_value");
+      e.param = "logit_bias";
+      return reply_error(*job->channel, job->endpoint_name, e);
+    }
+  }
 
   std::vector<EngineRequest> requests;
   for (const PreparedPrompt& p : prompts) {

@@ -4,10 +4,13 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 
 #include "bin/commands.h"
 #include "engine/generator.h"
@@ -26,8 +29,35 @@ struct GenerateArgs {
   int threads = 0;
   bool ignore_eos = false;
   std::vector<std::string> stop;
+  std::vector<std::string> logit_bias;  // TOKEN_ID=BIAS
   SamplingParams sampling;
 };
+
+// --logit-bias TOKEN_ID=BIAS flags, sorted by id (SamplingParams::validate checks the ranges).
+StatusOr<std::vector<LogitBias>> parse_logit_bias_flags(const std::vector<std::string>& flags) {
+  std::vector<LogitBias> out;
+  for (const std::string& f : flags) {
+    const size_t eq = f.find('=');
+    int64_t id = -1;
+    double bias = 0;
+    const char* id_end = f.data() + (eq == std::string::npos ? f.size() : eq);
+    auto [p1, e1] = std::from_chars(f.data(), id_end, id);
+    auto [p2, e2] = eq == std::string::npos ? std::from_chars_result{f.data(), std::errc::invalid_argument}
+                                            : std::from_chars(id_end + 1, f.data() + f.size(), bias);
+    if (e1 != std::errc() || p1 != id_end || e2 != std::errc() || p2 != f.data() + f.size() || id < 0 ||
+        id > std::numeric_limits<int32_t>::max()) {
+      return invalid_argument(
+          fmt::format("--logit-bias expects TOKEN_ID=BIAS (e.g. 2=-100 to ban token 2), got '{}'", f));
+    }
+    out.push_back({static_cast<int32_t>(id), static_cast<float>(bias)});
+  }
+  std::sort(out.begin(), out.end(), [](const LogitBias& x, const LogitBias& y) { return x.token < y.token; });
+  for (size_t i = 1; i < out.size(); ++i) {
+    if (out[i].token == out[i - 1].token)
+      return invalid_argument(fmt::format("--logit-bias names token {} twice", out[i].token));
+  }
+  return out;
+}
 
 struct Session {
   std::shared_ptr<const GgufFile> file;
@@ -98,6 +128,12 @@ StatusOr<std::string> answer(Generator& gen, Session& s, const GenerateArgs& a,
 
 int run_generate(void* p) {
   auto& a = *static_cast<GenerateArgs*>(p);
+  StatusOr<std::vector<LogitBias>> biases = parse_logit_bias_flags(a.logit_bias);
+  if (!biases.ok()) {
+    fmt::print(stderr, "error: {}\n", biases.status().message());
+    return 2;
+  }
+  a.sampling.logit_bias = std::move(*biases);
   if (Status v = a.sampling.validate(); !v.ok()) {
     fmt::print(stderr, "error: {}\n", v.message());
     return 2;
@@ -109,6 +145,11 @@ int run_generate(void* p) {
     return 1;
   }
   Session& s = *session;
+  if (!a.sampling.logit_bias.empty() && a.sampling.logit_bias.back().token >= s.model->config().vocab_size) {
+    fmt::print(stderr, "error: --logit-bias names token {}, outside the vocabulary (0..{})\n",
+               a.sampling.logit_bias.back().token, s.model->config().vocab_size - 1);
+    return 2;
+  }
   int32_t context = std::min(a.context, s.model->config().context_length);
   ThreadPool pool(a.threads);
   Generator gen(*s.model, *s.tokenizer, pool, context);
@@ -215,6 +256,10 @@ void register_generate_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", a->sampling.seed, "Random seed for sampling")->capture_default_str();
   cmd->add_option("--stop", a->stop, "Stop before this string (repeatable)");
+  cmd->add_option("--logit-bias", a->logit_bias,
+                  "TOKEN_ID=BIAS: add BIAS (-100..100) to the token's logit before sampling; -100 bans it "
+                  "(repeatable; a server's POST /tokenize gives token ids)")
+      ->type_name("ID=BIAS");
   cmd->add_flag("--ignore-eos", a->ignore_eos,
                 "Keep generating past end-of-generation tokens (for benchmarks)");
   cmd->callback([a] { set_command_action(run_generate, a); });

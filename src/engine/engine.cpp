@@ -240,6 +240,11 @@ Status Engine::validate(const EngineRequest& r) const {
       return invalid_argument(fmt::format("token id {} is outside the vocabulary (0..{})", t, vocab - 1));
     }
   }
+  // (Ascending: the last is the largest.)
+  if (!r.sampling.logit_bias.empty() && r.sampling.logit_bias.back().token >= vocab) {
+    return invalid_argument(fmt::format("logit_bias names token id {}, outside the vocabulary (0..{})",
+                                        r.sampling.logit_bias.back().token, vocab - 1));
+  }
   if (!scheduler_.fits_alone(n_prompt + r.max_tokens)) {
     return invalid_argument(fmt::format(
         "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than this server has ({} tokens); "
@@ -962,7 +967,7 @@ void Engine::step() {
   ForwardBatch batch;
   batch_tokens_.clear();
   int32_t num_logits = 0;
-  // Where a row's draw needs only the logits (greedy or plain tempered, no penalties, no
+  // Where a row's draw needs only the logits (greedy or plain tempered, no biases or penalties, no
   // log-probabilities), a GPU draws the token itself and only its id crosses to the host (not
   // vocab_size floats); the other rows' logits come to the host sampler. The host sampler makes
   // the same draws, so a request's tokens do not depend on which path a step took.

@@ -41,11 +41,27 @@ Status SamplingParams::validate() const {
   }
   if (top_logprobs < 0 || top_logprobs > 20)
     return invalid_argument(fmt::format("top_logprobs {} is outside [0, 20]", top_logprobs));
+  for (size_t i = 0; i < logit_bias.size(); ++i) {
+    const LogitBias& b = logit_bias[i];
+    if (b.token < 0) return invalid_argument(fmt::format("logit_bias names a negative token id {}", b.token));
+    if (i > 0 && b.token <= logit_bias[i - 1].token) {
+      return invalid_argument(fmt::format("logit_bias token ids are not strictly ascending ({} after {})",
+                                          b.token, logit_bias[i - 1].token));
+    }
+    if (!(b.bias >= -kMaxLogitBias && b.bias <= kMaxLogitBias)) {
+      return invalid_argument(fmt::format("logit_bias {} for token {} is outside [-{}, {}]", b.bias, b.token,
+                                          kMaxLogitBias, kMaxLogitBias));
+    }
+  }
   return ok_status();
 }
 
 SampleResult Sampler::sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
+  // Biases first, as OpenAI adds them to the model's logits (and llama.cpp's sampler chain does
+  // before its penalties). Ids past this row's vocabulary are the engine's to refuse.
+  for (const LogitBias& b : params_.logit_bias)
+    if (b.token < vocab) logits[static_cast<size_t>(b.token)] += b.bias;
   // Penalties, over each distinct token of the history.
   if (params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
       params_.frequency_penalty != 0.0f) {

@@ -1,5 +1,6 @@
 // Sampler: turns a row of logits into the next token — greedy, or temperature with top-k,
-// top-p and min-p filtering — after repetition, presence and frequency penalties; seeded and
+// top-p and min-p filtering — after per-token logit biases and repetition, presence and
+// frequency penalties; seeded and
 // reproducible (the same seed, logits and history give the same token). Also reports the
 // chosen token's log-probability and the top-N alternatives.
 // Not thread-safe: one Sampler per sequence.
@@ -15,6 +16,14 @@
 
 namespace pdserve {
 
+// OpenAI's logit_bias: `bias` is added to the token's logit before anything else.
+struct LogitBias {
+  int32_t token = 0;
+  float bias = 0.0f;  // -100..100
+  bool operator==(const LogitBias&) const = default;
+};
+inline constexpr float kMaxLogitBias = 100.0f;
+
 struct SamplingParams {
   float temperature = 0.0f;         // 0: greedy (so is anything below kGreedyBelowTemperature)
   int32_t top_k = 0;                // 0: off
@@ -25,6 +34,9 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // OpenAI style: subtract per occurrence
   uint64_t seed = 0;
   int32_t top_logprobs = 0;  // alternatives to report, 0..20
+  // Token ids strictly ascending (so each at most once); empty: off. The vocabulary's bounds are
+  // the engine's to check.
+  std::vector<LogitBias> logit_bias;
 
   // A message naming the first invalid field, or OK.
   Status validate() const;
@@ -65,10 +77,12 @@ class Sampler {
   // (unless top_logprobs asks for alternatives): the log-softmax over the vocabulary is skipped.
   SampleResult sample(std::span<float> logits, std::span<const int32_t> history, bool want_logprob = true);
   // Whether the draw needs nothing but the logits, the sampling parameters, the seed and draws():
-  // no penalties and no alternatives — so a backend may make it where the logits are. Tempered
+  // no biases, no penalties and no alternatives — so a backend may make it where the logits are. Tempered
   // draws are Gumbel-max draws over kernels/gumbel.h's hash, among the candidates
   // kernels/truncation.h keeps for top-k, top-p and min-p: the same on the host and a GPU.
-  bool device_drawable() const { return no_penalties() && params_.top_logprobs == 0; }
+  bool device_drawable() const {
+    return no_penalties() && params_.top_logprobs == 0 && params_.logit_bias.empty();
+  }
   const SamplingParams& params() const { return params_; }
   // Draws made so far (sample() calls and skipped ones): the counter of the next Gumbel draw.
   uint64_t draws() const { return draws_; }

@@ -261,6 +261,41 @@ TEST(Sampler, PenaltiesLowerRepeatedTokens) {
   EXPECT_EQ(s2.sample(l2, h2).token, 4);  // 3 / 2 = 1.5 < 2.5
 }
 
+TEST(Sampler, LogitBiasIsAddedBeforePenaltiesAndLogprobs) {
+  // logits 1, 3, 2, -1, 2.5: +2 on token 2 makes it the largest (4).
+  SamplingParams p;
+  p.logit_bias = {{2, 2.0f}, {4, -100.0f}};
+  p.top_logprobs = 2;
+  Sampler s(p);
+  EXPECT_FALSE(s.device_drawable());
+  auto l = logits();
+  SampleResult r = s.sample(l, {});
+  EXPECT_EQ(r.token, 2);
+  double z = std::exp(1.0) + std::exp(3.0) + std::exp(4.0) + std::exp(-1.0) + std::exp(-97.5);
+  EXPECT_NEAR(r.logprob, 4.0 - std::log(z), 1e-5);  // of the biased distribution
+  ASSERT_EQ(r.top.size(), 2u);
+  EXPECT_EQ(r.top[1].token, 1);
+  // The bias comes first: token 2's 2 + 3 = 5 is then halved by the repetition penalty to 2.5,
+  // below token 1's 3. The other way round, 2 / 2 + 3 = 4 would win.
+  p = {};
+  p.logit_bias = {{2, 3.0f}};
+  p.repetition_penalty = 2.0f;
+  Sampler s2(p);
+  auto l2 = logits();
+  std::vector<int32_t> history = {2};
+  EXPECT_EQ(s2.sample(l2, history).token, 1);
+  // A tempered draw with +100 on one token always takes it.
+  p = {};
+  p.temperature = 1.0f;
+  p.seed = 7;
+  p.logit_bias = {{3, 100.0f}};
+  Sampler s3(p);
+  for (int i = 0; i < 50; ++i) {
+    auto l3 = logits();
+    EXPECT_EQ(s3.sample(l3, {}).token, 3);
+  }
+}
+
 TEST(Sampler, ValidateNamesTheBadField) {
   SamplingParams p;
   p.top_p = 0.0f;
@@ -271,6 +306,15 @@ TEST(Sampler, ValidateNamesTheBadField) {
   p = {};
   p.top_logprobs = 21;
   EXPECT_FALSE(p.validate().ok());
+  p = {};
+  p.logit_bias = {{5, 100.5f}};
+  EXPECT_NE(p.validate().message().find("logit_bias 100.5 for token 5"), std::string::npos);
+  p.logit_bias = {{5, 1.0f}, {5, 2.0f}};
+  EXPECT_NE(p.validate().message().find("not strictly ascending"), std::string::npos);
+  p.logit_bias = {{-1, 1.0f}};
+  EXPECT_NE(p.validate().message().find("negative token id"), std::string::npos);
+  p.logit_bias = {{1, -100.0f}, {9, 100.0f}};
+  EXPECT_TRUE(p.validate().ok());
   EXPECT_TRUE(SamplingParams{}.validate().ok());
 }
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from conftest import BIN, MODEL_NAME, Server
-from test_server import PROMPTS, chat, stream_text
+from test_server import PROMPTS, chat, check_logit_bias, stream_text
 
 
 class Cluster:
@@ -107,6 +107,10 @@ def test_streamed_chat_and_usage(cluster):
                                               stream_options={"include_usage": True}))
     assert text == full.choices[0].message.content and finish == full.choices[0].finish_reason
     assert usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_logit_bias_reaches_the_prefill_and_the_decode(cluster):
+    check_logit_bias(cluster.gateway)
 
 
 def test_killing_the_decode_mid_stream_ends_the_stream_with_an_error_and_a_new_decode_serves():

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import BIN, MODEL_NAME, Server
 from test_launch import Launch, free_ports
-from test_server import PROMPTS
+from test_server import PROMPTS, check_logit_bias
 
 
 def gpu_count():
@@ -78,6 +78,7 @@ def test_serve_on_the_gpu_answers_the_openai_client():
                                                temperature=0, stream=True)
         text = "".join(c.choices[0].text for c in stream if c.choices)
         assert "5" in text, text
+        check_logit_bias(s)  # rows with biases are drawn on the host
     finally:
         s.stop()
 

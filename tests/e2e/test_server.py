@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -178,6 +179,45 @@ def test_completion_logprobs(server):
         assert lp.text_offset[i] == lp.text_offset[i - 1] + len(lp.tokens[i - 1].encode())
     assert all(x <= 0 for x in lp.token_logprobs)
     assert all(lp.tokens[i] in lp.top_logprobs[i] for i in range(6))
+
+
+def token_id(server, text):
+    """The id of `text`, which must tokenize to one token."""
+    status, _, body = server.request("POST", "/tokenize",
+                                     json.dumps({"content": text, "add_special": False, "parse_special": False}))
+    assert status == 200, body
+    tokens = json.loads(body)["tokens"]
+    assert len(tokens) == 1, (text, tokens)
+    return tokens[0]
+
+
+def check_logit_bias(server):
+    """Banning the greedy first token gives the runner-up, its log-probability renormalized without
+    the banned one; +100 on a token makes every token that one, the first (a prefill's) included."""
+    client = server.client()
+    kw = dict(model=MODEL_NAME, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0].logprobs
+    (best, lp_best), (runner_up, lp_runner_up) = sorted(plain.top_logprobs[0].items(), key=lambda kv: -kv[1])
+    assert plain.tokens[0] == best
+    banned = client.completions.create(**kw, logit_bias={str(token_id(server, best)): -100}).choices[0].logprobs
+    assert banned.tokens[0] == runner_up
+    assert banned.token_logprobs[0] == pytest.approx(lp_runner_up - math.log1p(-math.exp(lp_best)), abs=1e-3)
+    forced = client.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=5,
+                                       temperature=1.0, seed=3, logit_bias={str(token_id(server, runner_up)): 100},
+                                       extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == runner_up * 5
+
+
+def test_logit_bias(server):
+    check_logit_bias(server)
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, logit_bias={"1000000": 1})
+    assert "logit_bias names token id 1000000, outside the vocabulary" in str(e.value)
+    assert e.value.param == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, logit_bias={"5": 101})
+    assert "'logit_bias.5' must be between -100 and 100" in str(e.value)
 
 
 def test_tokenize_detokenize(server):

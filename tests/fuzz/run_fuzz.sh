@@ -39,7 +39,7 @@ for target in "${targets[@]}"; do
       # Seeds: a request, a handoff, a release, an output event, a pulled event, stats.
       corpus="build/fuzz/corpus/internal_api"
       mkdir -p "$corpus"
-      printf '{"prompt":[1,2,3],"max_tokens":8,"stop":["x"],"ignore_eos":false,"logprobs":true,"sampling":{"temperature":0.5,"top_k":4,"seed":7,"top_logprobs":2}}' > "$corpus/request"
+      printf '{"prompt":[1,2,3],"max_tokens":8,"stop":["x"],"ignore_eos":false,"logprobs":true,"sampling":{"temperature":0.5,"top_k":4,"seed":7,"top_logprobs":2,"logit_bias":[[2,-100],[9,1.5]]}}' > "$corpus/request"
       printf '{"request":{"prompt":[5],"max_tokens":2},"handoff":{"kv":"kv1;shm;contiguous;3;9;4160;/proc/1/fd/5","first_token":11,"num_prompt_tokens":1}}' > "$corpus/handoff"
       printf '{"buffer_id":3,"generation":9}' > "$corpus/release"
       printf '{"text":"hi","tokens":[{"id":3,"logprob":-0.5,"top":[[3,-0.5],[4,-1.0]]}],"finished":true,"finish_reason":"error","prompt_tokens":4,"completion_tokens":1,"cached_prompt_tokens":0,"error":{"code":"UNAVAILABLE","message":"x"}}' > "$corpus/output"
