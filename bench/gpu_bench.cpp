@@ -1656,7 +1656,7 @@ int main(int argc, char** argv) {
 
   // 7. Sampling a token from Llama 3's 128256 logits a row: on the GPU (greedy, a plain tempered
   // draw, truncated draws), against copying the logits to host memory, which a draw made on the
-  // host needs first (the host Sampler's own cost: docs/perf/cpu.md).
+  // host needs first (the host Sampler's own cost: docs/perf/cpu-engine.md).
   {
     const int64_t vocab = 128256;
     std::string rows = "[";

@@ -5,22 +5,31 @@
 // choice — where it now makes a plain tempered draw by Gumbel-max (one pass, no sort), sorts only
 // the prefix a truncated draw needs, and skips the log-softmax unless asked.
 //
-//   pdserve_sampler_bench [--vocab N] [--reps N]
+// With --model, also JSON mode's token mask (engine/json_constraint.h) over that model's
+// vocabulary after a few prefixes of an object, each followed by the greedy draw, against the
+// greedy draw alone: what JSON mode adds to a token's host cost, with the caches warm and cold.
+//
+//   pdserve_sampler_bench [--vocab N] [--reps N] [--model GGUF]
 //
 // Prints one JSON object per case: median microseconds per token over --reps rounds of 200
-// draws, for the sampler and the full-sort reference, and their ratio.
+// draws, for the sampler and the reference (the full sort; for JSON mode, the plain greedy draw),
+// and their ratio.
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/json_constraint.h"
 #include "engine/sampler.h"
+#include "model/gguf.h"
+#include "tokenizer/tokenizer.h"
 
 namespace pdserve {
 namespace {
@@ -77,12 +86,27 @@ double median(std::vector<double> v) {
 }
 
 int run(int argc, char** argv) {
-  CLI::App app{"Host cost of sampling one token (docs/perf/cpu.md)"};
+  CLI::App app{"Host cost of sampling one token (docs/perf/cpu-engine.md)"};
   int vocab = 49152;
   int reps = 7;
   app.add_option("--vocab", vocab, "Vocabulary size")->check(CLI::Range(2, 1 << 20));
   app.add_option("--reps", reps, "Rounds (the median is reported)")->check(CLI::Range(1, 1000));
+  std::string model_path;
+  app.add_option(
+      "--model", model_path,
+      "A GGUF file: also time JSON mode's token mask over its vocabulary (--vocab becomes its size)");
   CLI11_PARSE(app, argc, argv);
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!model_path.empty()) {
+    auto file = GgufFile::open(model_path);
+    StatusOr<Tokenizer> tok = file.ok() ? Tokenizer::from_gguf(**file) : StatusOr<Tokenizer>(file.status());
+    if (!tok.ok()) {
+      fmt::print(stderr, "error: {}\n", tok.status().message());
+      return 1;
+    }
+    tokenizer = std::make_unique<Tokenizer>(std::move(tok).value());
+    vocab = tokenizer->vocab_size();
+  }
 
   // Logits of a language model are roughly normal with a few standing out: N(0, 2.5) plus a
   // handful of large values.
@@ -133,6 +157,51 @@ int run(int argc, char** argv) {
         "{{\"case\": \"{}\", \"vocab\": {}, \"sampler_us\": {:.1f}, \"full_sort_reference_us\": {:.1f}, "
         "\"ratio\": {:.3f}, \"checksum\": {}}}\n",
         c.name, vocab, a, b, a / b, sink);
+  }
+  if (!tokenizer) return 0;
+  const JsonVocabulary json_vocab(*tokenizer);
+  const char* prefixes[] = {"", "{\"name\": \"Whisk", "{\"name\": \"Whiskers\", \"age\": 3",
+                            "{\"colors\": [\"black\", "};
+  // Cold: each draw after a sweep through 64 MiB (not timed), as between a server's decode steps,
+  // whose forward pass streams the weights through the caches.
+  std::vector<uint8_t> sweep(size_t{64} << 20);
+  for (bool cold : {false, true}) {
+    const int draws = cold ? 20 : kDraws;
+    for (const char* prefix : prefixes) {
+      JsonPrefix start;
+      if (!start.advance(std::string_view(prefix))) return 1;
+      std::vector<double> ours, ref;
+      std::vector<float> row;
+      int64_t sink = 0;
+      int32_t allowed = 0;
+      // One round of draws, with or without JSON mode's mask; microseconds a draw.
+      const auto round = [&](bool json) {
+        Sampler s(SamplingParams{});
+        double us = 0;
+        for (int i = 0; i < draws; ++i) {
+          if (cold)
+            for (size_t k = 0; k < sweep.size(); k += 64) sink += ++sweep[k];
+          row = rows[static_cast<size_t>(i) % rows.size()];
+          const auto t0 = Clock::now();
+          if (json) allowed = json_vocab.mask(start, row);
+          sink += s.sample(row, {}, false).token;
+          us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+        }
+        return us / draws;
+      };
+      for (int r = 0; r < reps; ++r) {
+        ours.push_back(round(true));
+        ref.push_back(round(false));
+      }
+      const double a = median(ours), b = median(ref);
+      std::string shown;  // the prefix inside a JSON string
+      for (const char* c = prefix; *c; ++c) shown += *c == '"' ? std::string("\\\"") : std::string(1, *c);
+      fmt::print(
+          "{{\"case\": \"JSON mode + greedy after '{}'{}\", \"vocab\": {}, \"allowed_tokens\": {}, "
+          "\"json_mode_us\": {:.1f}, \"greedy_reference_us\": {:.1f}, \"ratio\": {:.3f}, \"checksum\": "
+          "{}}}\n",
+          shown, cold ? ", cold caches" : "", vocab, allowed, a, b, a / b, sink);
+    }
   }
   return 0;
 }

@@ -123,6 +123,7 @@ json request_json(const EngineRequest& r) {
            {"frequency_penalty", s.frequency_penalty},
            {"seed", s.seed},
            {"top_logprobs", s.top_logprobs}}}};
+  if (r.response_format == ResponseFormat::kJsonObject) j["response_format"] = "json_object";  // absent: text
   if (!s.logit_bias.empty()) {  // [[token, bias], ...], ascending (absent: none, as older peers send)
     json biases = json::array();
     for (const LogitBias& b : s.logit_bias) biases.push_back(json::array({b.token, b.bias}));
@@ -153,6 +154,13 @@ StatusOr<EngineRequest> request_from(const json& j) {
   PD_RETURN_IF_ERROR(
       r.integer("wait_queue", out.wait_queue, uint64_t{0}, std::numeric_limits<uint64_t>::max()));
   PD_RETURN_IF_ERROR(r.boolean("queue_if_full", out.queue_if_full));
+  std::string format = "text";
+  PD_RETURN_IF_ERROR(r.string("response_format", format));
+  if (format == "json_object") {
+    out.response_format = ResponseFormat::kJsonObject;
+  } else if (format != "text") {
+    return r.type("response_format", "\"text\" or \"json_object\"");
+  }
   if (const json* stop = r.find("stop")) {
     if (!stop->is_array() || stop->size() > 64) return r.type("stop", "an array of strings");
     for (const json& s : *stop) {

@@ -25,6 +25,7 @@ EngineRequest sample_request() {
   r.wait_budget_us = 1'234'567;
   r.wait_queue = 0xfedcba9876543211ull;  // beyond int64
   r.queue_if_full = true;
+  r.response_format = ResponseFormat::kJsonObject;
   return r;
 }
 
@@ -59,6 +60,7 @@ void expect_same(const EngineRequest& a, const EngineRequest& b) {
   EXPECT_EQ(a.wait_budget_us, b.wait_budget_us);
   EXPECT_EQ(a.wait_queue, b.wait_queue);
   EXPECT_EQ(a.queue_if_full, b.queue_if_full);
+  EXPECT_EQ(a.response_format, b.response_format);
 }
 
 TEST(InternalProtocol, RequestsAndHandoffsRoundTrip) {
@@ -228,6 +230,8 @@ TEST(InternalProtocol, MalformedPeerBytesAreErrorsNamingTheField) {
       {"budget below -1", R"({"prompt":[1],"max_tokens":3,"wait_budget_us":-2})",
        "'wait_budget_us' is out of range"},
       {"negative queue", R"({"prompt":[1],"max_tokens":3,"wait_queue":-1})", "'wait_queue' is out of range"},
+      {"unknown format", R"({"prompt":[1],"max_tokens":3,"response_format":"xml"})",
+       "'response_format' must be \"text\" or \"json_object\""},
   };
   for (const Malformed& m : requests) {
     auto r = decode_engine_request(m.body);

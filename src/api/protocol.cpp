@@ -246,11 +246,6 @@ std::optional<ApiError> reject_unsupported(const json& o) {
       return unsupported(key, "tool and function calling is not implemented");
     }
   }
-  if (const json* v = field(o, "response_format")) {
-    const json* type = v->is_object() ? field(*v, "type") : nullptr;
-    if (!type || *type != "text")
-      return unsupported("response_format", "only {\"type\": \"text\"} is implemented");
-  }
   if (field(o, "audio")) return unsupported("audio", "this server generates text only");
   if (const json* v = field(o, "modalities"); v && *v != json::array({"text"})) {
     return unsupported("modalities", "this server generates text only");
@@ -294,6 +289,29 @@ std::optional<ApiError> parse_logit_bias(const json& o, std::vector<LogitBias>* 
     if ((*out)[i].token == (*out)[i - 1].token) {
       return bad("logit_bias", fmt::format("'logit_bias' names token id {} twice", (*out)[i].token));
     }
+  }
+  return std::nullopt;
+}
+
+// "response_format": {"type": "text"} or {"type": "json_object"} (JSON mode); "json_schema" is
+// not implemented.
+std::optional<ApiError> parse_response_format(const json& o, ResponseFormat* out) {
+  const json* v = field(o, "response_format");
+  if (!v) return std::nullopt;
+  if (!v->is_object()) return wrong_type("response_format", "an object", *v);
+  const json* type = field(*v, "type");
+  if (!type) return bad("response_format.type", "'response_format.type' is required");
+  if (!type->is_string()) return wrong_type("response_format.type", "a string", *type);
+  if (*type == "text") {
+    *out = ResponseFormat::kText;
+  } else if (*type == "json_object") {
+    *out = ResponseFormat::kJsonObject;
+  } else if (*type == "json_schema") {
+    return unsupported("response_format", "JSON schemas are not implemented; {\"type\": \"json_object\"} is");
+  } else {
+    return bad("response_format.type",
+               fmt::format("'response_format.type' must be 'text' or 'json_object', got '{}'",
+                           type->get<std::string>()));
   }
   return std::nullopt;
 }
@@ -367,6 +385,12 @@ std::optional<ApiError> parse_common(const json& o, GenerationParams* p) {
   if (n) p->n = static_cast<int32_t>(*n);
   if (auto e = get_string(o, "user", &p->user)) return e;
   if (auto e = get_bool(o, "ignore_eos", &p->ignore_eos)) return e;
+  if (auto e = parse_response_format(o, &p->response_format)) return e;
+  if (p->response_format == ResponseFormat::kJsonObject && p->ignore_eos) {
+    return bad("ignore_eos",
+               "'ignore_eos' cannot be combined with 'response_format' json_object: the object's "
+               "end is the end of generation");
+  }
   if (auto e = parse_metadata(o, &p->scenario)) return e;
   return std::nullopt;
 }

@@ -7,7 +7,7 @@
 // Field policy (docs: README "HTTP API"): unknown fields are ignored, as vLLM and llama.cpp's
 // server do (OpenAI itself rejects them), so clients that send provider-specific extras work; but
 // an OpenAI field that would change the output and that pdserve does not implement (tools,
-// response_format other than text, suffix, best_of > 1, audio, echo with logprobs)
+// response_format json_schema, suffix, best_of > 1, audio, echo with logprobs)
 // is rejected with 400 naming the field, never silently ignored. `null` means "not set" for every
 // optional field. Extensions beyond OpenAI: top_k, min_p, repetition_penalty, ignore_eos.
 //
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "api/api_error.h"
+#include "engine/json_constraint.h"
 #include "engine/sampler.h"
 #include "tokenizer/chat_template.h"
 
@@ -51,7 +52,8 @@ struct GenerationParams {
   int32_t n = 1;          // choices per prompt; choice i samples with seed + i
   std::string user;
   bool ignore_eos = false;
-  std::string scenario;  // metadata.scenario (a gateway's labelling), or ""
+  std::string scenario;                                    // metadata.scenario (a gateway's labelling), or ""
+  ResponseFormat response_format = ResponseFormat::kText;  // response_format.type
 };
 
 struct ChatCompletionRequest {

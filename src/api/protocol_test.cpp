@@ -127,8 +127,19 @@ const BadCase kBadCases[] = {
      "'tools' is not supported", "tools"},
     {"tool_choice_required", kChat, chat(R"("tool_choice":"required")"), 400,
      "'tool_choice' is not supported", "tool_choice"},
-    {"response_format_json", kChat, chat(R"("response_format":{"type":"json_object"})"), 400,
-     "'response_format' is not supported", "response_format"},
+    {"response_format_schema", kChat,
+     chat(R"("response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{}}})"), 400,
+     "'response_format' is not supported by this server: JSON schemas are not implemented",
+     "response_format"},
+    {"response_format_not_object", kChat, chat(R"("response_format":"json")"), 400,
+     "'response_format' must be an object, got string", "response_format"},
+    {"response_format_no_type", kChat, chat(R"("response_format":{})"), 400,
+     "'response_format.type' is required", "response_format.type"},
+    {"response_format_unknown", kCompl, compl_(R"("response_format":{"type":"yaml"})"), 400,
+     "'response_format.type' must be 'text' or 'json_object', got 'yaml'", "response_format.type"},
+    {"response_format_json_ignore_eos", kChat,
+     chat(R"("response_format":{"type":"json_object"},"ignore_eos":true)"), 400,
+     "'ignore_eos' cannot be combined with 'response_format' json_object", "ignore_eos"},
     {"logit_bias_not_object", kChat, chat(R"("logit_bias":[1,2])"), 400,
      "'logit_bias' must be an object mapping token ids to numbers, got array", "logit_bias"},
     {"logit_bias_key_not_id", kChat, chat(R"("logit_bias":{"hello":1})"), 400,
@@ -240,6 +251,10 @@ TEST(ParseChatTest, AllFields) {
   EXPECT_EQ(c.params.user, "u1");
   EXPECT_TRUE(c.params.ignore_eos);
   EXPECT_EQ(c.params.scenario, "code");
+  EXPECT_EQ(c.params.response_format, ResponseFormat::kText);
+  auto j = parse_completion_request(R"({"prompt": "x", "response_format": {"type": "json_object"}})");
+  ASSERT_TRUE(j.ok()) << j.error().message;
+  EXPECT_EQ(j.value().params.response_format, ResponseFormat::kJsonObject);
   ASSERT_EQ(c.messages.size(), 4u);
   EXPECT_EQ(c.messages[0].role, "system");
   EXPECT_EQ(c.messages[1].content, "a\nb");

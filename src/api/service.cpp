@@ -631,6 +631,7 @@ void ApiService::start_generation(const std::shared_ptr<Job>& job, const Generat
     er.stop = params.stop;
     er.ignore_eos = params.ignore_eos;
     er.logprobs = params.logprobs;
+    er.response_format = params.response_format;
     er.scenario = scenario;
     const int64_t n_prompt = static_cast<int64_t>(p.tokens.size());
     if (params.max_tokens) {

@@ -17,12 +17,15 @@ struct Engine::Active {
         sink(std::move(s)),
         handle(std::move(h)),
         sampler(request.sampling),
-        stream(tok, request.stop, request.ignore_eos, request.max_tokens) {}
+        stream(tok, request.stop, request.ignore_eos, request.max_tokens) {
+    if (request.response_format == ResponseFormat::kJsonObject) json.emplace();
+  }
   EngineRequest request;
   OutputSink sink;
   std::shared_ptr<RequestHandle> handle;
   Sampler sampler;
   TextStream stream;
+  std::optional<JsonPrefix> json;  // JSON mode: the text so far
   int32_t cached_prompt_tokens = 0;
   // Decode role: a handed-off request.
   std::optional<EngineHandoff> handoff;
@@ -91,6 +94,7 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     : executor_(std::move(executor)),
       config_(executor_->config()),
       tokenizer_(tokenizer),
+      json_vocab_(tokenizer),
       options_(options),
       max_context_(options.max_context > 0 ? std::min(options.max_context, config_.context_length)
                                            : config_.context_length),
@@ -245,6 +249,16 @@ Status Engine::validate(const EngineRequest& r) const {
     return invalid_argument(fmt::format("logit_bias names token id {}, outside the vocabulary (0..{})",
                                         r.sampling.logit_bias.back().token, vocab - 1));
   }
+  if (r.response_format == ResponseFormat::kJsonObject && json_vocab_.size() > vocab) {
+    return unimplemented(
+        fmt::format("JSON mode needs logits for each of the tokenizer's {} tokens, and this model has {}",
+                    json_vocab_.size(), vocab));
+  }
+  if (r.response_format == ResponseFormat::kJsonObject && r.ignore_eos) {
+    return invalid_argument(
+        "ignore_eos cannot be combined with JSON mode (response_format json_object): the object's end is the "
+        "end of generation");
+  }
   if (!scheduler_.fits_alone(n_prompt + r.max_tokens)) {
     return invalid_argument(fmt::format(
         "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than this server has ({} tokens); "
@@ -376,6 +390,12 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit_handoff(EngineRequest re
     return invalid_argument(fmt::format(
         "the handoff's first token {} is outside the vocabulary (0..{}, or -1 when it comes with the KV)",
         handoff.first_token, config_.vocab_size - 1));
+  }
+  if (JsonPrefix json; request.response_format == ResponseFormat::kJsonObject && handoff.first_token >= 0 &&
+                       !json_vocab_.advance(json, handoff.first_token)) {
+    return invalid_argument(
+        fmt::format("the handoff's first token {} cannot begin a JSON object (the request is in JSON mode)",
+                    handoff.first_token));
   }
   if (handoff.kv.kind != options_.kv_puller->kind()) {
     return invalid_argument(
@@ -668,6 +688,8 @@ void Engine::admit_incoming(std::deque<Pending>& incoming) {
       if (p.handoff->first_token >= 0) {
         (void)a->stream.feed(p.handoff->first_token);
         a->sampler.skip(1);
+        // (submit_handoff() checked that it may begin the object.)
+        if (a->json) PD_CHECK(json_vocab_.advance(*a->json, p.handoff->first_token));
       }
       a->handoff = std::move(p.handoff);
       a->on_pulled = std::move(p.on_pulled);
@@ -757,6 +779,12 @@ void Engine::land_pulls(bool wait) {
         ts.phase = TransferPhase::kFailed;
         ts.error = data_loss(fmt::format("the layer-wise KV came with first token {}, outside the vocabulary",
                                          ts.first_token));
+      } else if (a.json && !json_vocab_.advance(*a.json, ts.first_token)) {
+        ts.phase = TransferPhase::kFailed;
+        ts.error = data_loss(fmt::format(
+            "the layer-wise KV came with first token {}, which cannot begin a JSON object (the request is in "
+            "JSON mode)",
+            ts.first_token));
       } else {
         a.handoff->first_token = ts.first_token;
         (void)a.stream.feed(ts.first_token);
@@ -968,9 +996,9 @@ void Engine::step() {
   batch_tokens_.clear();
   int32_t num_logits = 0;
   // Where a row's draw needs only the logits (greedy or plain tempered, no biases or penalties, no
-  // log-probabilities), a GPU draws the token itself and only its id crosses to the host (not
-  // vocab_size floats); the other rows' logits come to the host sampler. The host sampler makes
-  // the same draws, so a request's tokens do not depend on which path a step took.
+  // log-probabilities, not in JSON mode), a GPU draws the token itself and only its id crosses to the host
+  // (not vocab_size floats); the other rows' logits come to the host sampler. The host sampler makes the same
+  // draws, so a request's tokens do not depend on which path a step took.
   const bool on_device = executor_->draws_on_device();
   host_rows_.clear();
   draws_.clear();
@@ -982,7 +1010,7 @@ void Engine::step() {
     num_logits += c.want_logits ? 1 : 0;
     if (c.want_logits) {
       const Active& a = *active_.at(c.seq);
-      if (on_device && (!a.sampler.device_drawable() || a.request.logprobs))
+      if (on_device && (!a.sampler.device_drawable() || a.request.logprobs || a.json))
         host_rows_.push_back(num_logits - 1);
       const SamplingParams& sp = a.sampler.params();
       draws_.push_back({sp.temperature, sp.seed, a.sampler.draws(), sp.top_k, sp.top_p, sp.min_p});
@@ -1048,6 +1076,9 @@ void Engine::step() {
     } else {
       const size_t at = draw_on_device ? host_row++ : row;
       const std::span<float> logits(logits_.data() + at * vocab, vocab);
+      // JSON mode: the tokens that would leave the text no prefix of an object go first. Some
+      // token always remains (json_constraint.h); with none, no usable logit would show it.
+      if (a.json) (void)json_vocab_.mask(*a.json, logits);
       r = a.sampler.sample(logits, scheduler_.tokens(c.seq), a.request.logprobs);
       unusable = !usable_logit(logits[static_cast<size_t>(r.token)]);
     }
@@ -1063,6 +1094,7 @@ void Engine::step() {
       finish(c.seq, std::move(out));
       continue;
     }
+    if (a.json) PD_CHECK(json_vocab_.advance(*a.json, r.token));  // the mask allowed it
     scheduler_.append_token(c.seq, r.token);
     ++generated_tokens_total_;
     TextStream::Update u = a.stream.feed(r.token);

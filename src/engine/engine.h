@@ -60,6 +60,7 @@
 
 #include "common/status.h"
 #include "common/thread_pool.h"
+#include "engine/json_constraint.h"
 #include "engine/sampler.h"
 #include "kvcache/kv_cache_manager.h"
 #include "model/executor.h"
@@ -139,6 +140,9 @@ struct EngineRequest {
   // The paper's baseline admission: when every slot of this prefill is held, wait in its FIFO
   // queue (up to EngineOptions::max_waiting) instead of being refused. Other roles ignore it.
   bool queue_if_full = false;
+  // kJsonObject: the generated text is one JSON object (engine/json_constraint.h), and its end is
+  // the end of generation (so not with ignore_eos).
+  ResponseFormat response_format = ResponseFormat::kText;
 };
 
 struct GeneratedToken {
@@ -396,6 +400,7 @@ class Engine : public Instance {
   std::unique_ptr<ModelExecutor> executor_;
   const ModelConfig& config_;
   const Tokenizer& tokenizer_;
+  const JsonVocabulary json_vocab_;  // for requests in JSON mode
   EngineOptions options_;
   int32_t max_context_;
 
@@ -406,7 +411,7 @@ class Engine : public Instance {
   SequenceId next_id_ = 1;
   std::vector<float> logits_;
   std::vector<int32_t> next_tokens_;  // drawn on the device
-  std::vector<int32_t> host_rows_;    // logits rows the host samples (penalties, log-probabilities)
+  std::vector<int32_t> host_rows_;    // logits rows the host samples (penalties, log-probabilities, JSON)
   std::vector<RowDraw> draws_;        // their draws
   std::vector<int32_t> batch_tokens_;
   std::vector<SequenceId> early_;  // prefill role: this step's layer-wise sends

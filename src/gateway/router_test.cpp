@@ -575,6 +575,48 @@ TEST_F(RouterTest, LayerWiseKvKeepsOutputsExact) {
   }
 }
 
+// JSON mode across the handoff: the prefill masks the first token, the decode goes on from it (with
+// the KV, or after it, layer-wise); the tokens equal one engine's, and each text is a JSON object.
+TEST_F(RouterTest, JsonModeHoldsAcrossTheHandoff) {
+  std::vector<EngineRequest> requests;
+  for (const char* topic : {"a cat", "a city", "a car", "a book"}) {
+    EngineRequest r =
+        request(fmt::format("Describe {} as a JSON object with three fields. Answer:", topic), 160);
+    r.response_format = ResponseFormat::kJsonObject;
+    requests.push_back(r);
+    r.sampling.temperature = 1.0f;
+    r.sampling.seed = requests.size();
+    requests.push_back(r);
+  }
+  std::vector<Result> expected;
+  {
+    Engine aggregated(*model_->model, *model_->tokenizer, *model_->pool, base_options(EngineRole::kMixed));
+    expected = run_all(aggregated, requests);
+  }
+  for (size_t i = 0; i < expected.size(); ++i) {
+    JsonPrefix p;
+    EXPECT_TRUE(p.advance(std::string_view(expected[i].text))) << expected[i].text;
+    EXPECT_EQ(p.complete(), expected[i].finish_reason == "stop") << expected[i].text;
+  }
+  for (bool layer_wise : {false, true}) {
+    Cluster c(*model_, 1, 4, RouterOptions{}, 16, 256, layer_wise);
+    std::vector<Result> got = run_all(*c.router, requests);
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].tokens, expected[i].tokens) << "request " << i << (layer_wise ? ", layer-wise" : "");
+    }
+    // A peer's first token that cannot begin an object is refused.
+    EngineHandoff h;
+    h.first_token = model_->tokenizer->encode("Hello", false, false).at(0);
+    h.num_prompt_tokens = static_cast<int32_t>(requests[0].prompt.size());
+    auto refused = c.decode->submit_handoff(
+        requests[0], h, [](EngineOutput) {}, nullptr, nullptr);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_NE(refused.status().message().find("cannot begin a JSON object"), std::string::npos)
+        << refused.status().to_string();
+    c.expect_idle();
+  }
+}
+
 // A request that ends at its first token after its early handoff (a stop string there) gives the
 // decode attempt up: the client sees the prefill's end, and nothing is left behind.
 TEST_F(RouterTest, LayerWiseRequestEndingAtItsFirstTokenLeavesNothing) {

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from conftest import BIN, MODEL_NAME, Server
-from test_server import PROMPTS, chat, check_logit_bias, stream_text
+from test_server import JSON_QUESTION, PROMPTS, chat, check_json_mode, check_logit_bias, stream_text
 
 
 class Cluster:
@@ -111,6 +111,12 @@ def test_streamed_chat_and_usage(cluster):
 
 def test_logit_bias_reaches_the_prefill_and_the_decode(cluster):
     check_logit_bias(cluster.gateway)
+
+
+def test_json_mode_holds_on_the_prefill_and_the_decode(server, cluster):
+    greedy = check_json_mode(cluster.gateway)
+    alone = chat(server.client(), JSON_QUESTION, max_tokens=400, response_format={"type": "json_object"})
+    assert greedy == alone.choices[0].message.content
 
 
 def test_killing_the_decode_mid_stream_ends_the_stream_with_an_error_and_a_new_decode_serves():

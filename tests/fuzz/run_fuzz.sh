@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang + libFuzzer (preset `fuzz`) and runs each for a bounded
 # time on a seed corpus. Exit status: 0 if no crash.
-#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz)
+#   tests/fuzz/run_fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (targets: gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz json_constraint_fuzz)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf_fuzz api_request_fuzz internal_api_fuzz sse_fuzz trace_fuzz kv_wire_fuzz ucx_protocol_fuzz cluster_config_fuzz json_fuzz safetensors_fuzz hf_tokenizer_fuzz json_constraint_fuzz)
 cd "$root"
 if ! command -v clang++ >/dev/null; then
   echo "run_fuzz: clang++ is not installed (apt-get install clang); cannot build fuzz targets" >&2
@@ -101,6 +101,14 @@ for target in "${targets[@]}"; do
       printf '{"metadata": {"total_size": 16}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}' > "$corpus/index"
       printf '["\\u00e9\\ud83d\\ude00\\n", -0.5e-3, 1e308, 9223372036854775807, [[[]]], {}]' > "$corpus/values"
       build/fuzz/tests/fuzz/json_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
+      ;;
+    json_constraint_fuzz)
+      # Seeds: an object of every kind of value, escapes and surrogate pairs, multi-byte UTF-8.
+      corpus="build/fuzz/corpus/json_constraint"
+      mkdir -p "$corpus"
+      printf '{"a": [1, -0.5e+10, 0, true, false, null, {}, [[]]], "b": {"c": "d"}}' > "$corpus/values"
+      printf '{"s": "\\" \\\\ \\/ \\n \\u00e9 \\ud83d\\ude00", "t": "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"}' > "$corpus/strings"
+      build/fuzz/tests/fuzz/json_constraint_fuzz -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=4096 "$corpus" 2>&1 | tail -n 5
       ;;
     safetensors_fuzz)
       # Seeds: a file of two tensors (8-byte header length, JSON header, data).
