@@ -125,6 +125,7 @@ void InstanceService::handle_stats(ResponseChannel& channel) {
   s.model_fingerprint = engine_.model_fingerprint();
   s.transport = transport_;
   s.kv_dtype = std::string(kv_dtype_name(engine_.kv_dtype()));
+  s.features = instance_features();
   s.metrics = engine_.metrics();
   channel.respond({200, "application/json", encode_instance_stats(s), {}});
 }

@@ -373,6 +373,17 @@ void for_each_metric(EngineMetrics& m, Fn&& fn) {
 
 }  // namespace
 
+std::vector<std::string> instance_features() {
+  return {std::string(kFeatureLogitBias), std::string(kFeatureJsonObject)};
+}
+
+std::vector<std::string_view> features_used(const EngineRequest& r) {
+  std::vector<std::string_view> used;
+  if (!r.sampling.logit_bias.empty()) used.push_back(kFeatureLogitBias);
+  if (r.response_format == ResponseFormat::kJsonObject) used.push_back(kFeatureJsonObject);
+  return used;
+}
+
 std::string encode_engine_request(const EngineRequest& request) { return dump(request_json(request)); }
 
 StatusOr<EngineRequest> decode_engine_request(std::string_view text) {
@@ -423,6 +434,7 @@ std::string encode_instance_stats(const InstanceStats& s) {
                    {"model_fingerprint", s.model_fingerprint},
                    {"transport", s.transport},
                    {"kv_dtype", s.kv_dtype},
+                   {"features", s.features},
                    {"metrics", std::move(metrics)}});
 }
 
@@ -447,6 +459,13 @@ StatusOr<InstanceStats> decode_instance_stats(std::string_view text) {
                                std::numeric_limits<uint64_t>::max(), true));
   PD_RETURN_IF_ERROR(r.string("transport", s.transport));
   PD_RETURN_IF_ERROR(r.string("kv_dtype", s.kv_dtype));
+  if (const json* features = r.find("features")) {
+    if (!features->is_array() || features->size() > 64) return r.type("features", "an array of strings");
+    for (const json& f : *features) {
+      if (!f.is_string()) return r.type("features", "an array of strings");
+      s.features.push_back(f.get<std::string>());
+    }
+  }
   if (const json* m = r.find("metrics")) {
     if (!m->is_object()) return r.type("metrics", "an object");
     Reader mr(*m, "stats.metrics");

@@ -24,6 +24,15 @@
 
 namespace pdserve::api {
 
+// Request fields an instance of this build acts on that the first internal API did not have (an
+// older instance would ignore them and answer something else): its stats name them, and a gateway
+// sends a request that uses one only where every instance it may go through names it.
+inline constexpr std::string_view kFeatureLogitBias = "logit_bias";
+inline constexpr std::string_view kFeatureJsonObject = "json_object";
+std::vector<std::string> instance_features();
+// Those of kFeature* that `request` uses.
+std::vector<std::string_view> features_used(const EngineRequest& request);
+
 // The instance facts a gateway needs.
 struct InstanceStats {
   EngineRole role = EngineRole::kMixed;
@@ -34,6 +43,7 @@ struct InstanceStats {
   // Of the KV it sends and takes: "f16" (the CPU engine, a GPU in fp16), "bf16" (a GPU in bf16); ""
   // when unsaid.
   std::string kv_dtype;
+  std::vector<std::string> features;  // instance_features() of its build; empty from older ones
   EngineMetrics metrics;
 };
 

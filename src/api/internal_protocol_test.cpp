@@ -153,6 +153,7 @@ TEST(InternalProtocol, StatsRoundTrip) {
   s.model_fingerprint = 0xfedcba9876543210ull;
   s.transport = "shm";
   s.kv_dtype = "bf16";
+  s.features = instance_features();
   s.metrics.running = 3;
   s.metrics.kv.num_blocks_used = 17;
   s.metrics.handoffs_total = 5;
@@ -170,6 +171,24 @@ TEST(InternalProtocol, StatsRoundTrip) {
   EXPECT_EQ(b->metrics.handoffs_total, 5);
   EXPECT_EQ(b->metrics.step_seconds_total, 1.5);
   EXPECT_EQ(b->metrics.finished_by_reason["stop"], 2);
+  EXPECT_EQ(b->features, (std::vector<std::string>{"logit_bias", "json_object"}));
+  // An older instance's stats name no features.
+  auto old = decode_instance_stats(
+      R"({"role":"decode","max_context":8,"max_sequence_tokens":8,"model_fingerprint":1})");
+  ASSERT_TRUE(old.ok()) << old.status().to_string();
+  EXPECT_TRUE(old->features.empty());
+  EXPECT_FALSE(
+      decode_instance_stats(
+          R"({"role":"decode","max_context":8,"max_sequence_tokens":8,"model_fingerprint":1,"features":[1]})")
+          .ok());
+}
+
+TEST(InternalProtocol, FeaturesUsedNameTheNewerFieldsARequestUses) {
+  EngineRequest r;
+  EXPECT_TRUE(features_used(r).empty());
+  r.sampling.logit_bias = {{3, 1.0f}};
+  r.response_format = ResponseFormat::kJsonObject;
+  EXPECT_EQ(features_used(r), (std::vector<std::string_view>{kFeatureLogitBias, kFeatureJsonObject}));
 }
 
 TEST(InternalProtocol, StatusesRoundTrip) {

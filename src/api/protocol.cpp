@@ -305,6 +305,15 @@ std::optional<ApiError> parse_response_format(const json& o, ResponseFormat* out
   if (*type == "text") {
     *out = ResponseFormat::kText;
   } else if (*type == "json_object") {
+    // llama.cpp's server takes a schema here; this server would not follow it.
+    for (const char* key : {"schema", "json_schema"}) {
+      if (field(*v, key)) {
+        return unsupported("response_format",
+                           fmt::format("'{}' with json_object: JSON schemas are not "
+                                       "implemented; send {{\"type\": \"json_object\"}} alone",
+                                       key));
+      }
+    }
     *out = ResponseFormat::kJsonObject;
   } else if (*type == "json_schema") {
     return unsupported("response_format", "JSON schemas are not implemented; {\"type\": \"json_object\"} is");

@@ -94,7 +94,6 @@ Engine::Engine(std::unique_ptr<ModelExecutor> executor, const Tokenizer& tokeniz
     : executor_(std::move(executor)),
       config_(executor_->config()),
       tokenizer_(tokenizer),
-      json_vocab_(tokenizer),
       options_(options),
       max_context_(options.max_context > 0 ? std::min(options.max_context, config_.context_length)
                                            : config_.context_length),
@@ -249,15 +248,21 @@ Status Engine::validate(const EngineRequest& r) const {
     return invalid_argument(fmt::format("logit_bias names token id {}, outside the vocabulary (0..{})",
                                         r.sampling.logit_bias.back().token, vocab - 1));
   }
-  if (r.response_format == ResponseFormat::kJsonObject && json_vocab_.size() > vocab) {
-    return unimplemented(
-        fmt::format("JSON mode needs logits for each of the tokenizer's {} tokens, and this model has {}",
-                    json_vocab_.size(), vocab));
-  }
-  if (r.response_format == ResponseFormat::kJsonObject && r.ignore_eos) {
-    return invalid_argument(
-        "ignore_eos cannot be combined with JSON mode (response_format json_object): the object's end is the "
-        "end of generation");
+  if (r.response_format == ResponseFormat::kJsonObject) {
+    const JsonVocabulary& json = json_vocab();
+    if (!json.unsupported_reason().empty())
+      return unimplemented("JSON mode (response_format json_object) cannot hold this model: " +
+                           json.unsupported_reason());
+    if (json.size() > vocab) {
+      return unimplemented(
+          fmt::format("JSON mode needs logits for each of the tokenizer's {} tokens, and this model has {}",
+                      json.size(), vocab));
+    }
+    if (r.ignore_eos) {
+      return invalid_argument(
+          "ignore_eos cannot be combined with JSON mode (response_format json_object): the object's end is "
+          "the end of generation");
+    }
   }
   if (!scheduler_.fits_alone(n_prompt + r.max_tokens)) {
     return invalid_argument(fmt::format(
@@ -392,7 +397,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::submit_handoff(EngineRequest re
         handoff.first_token, config_.vocab_size - 1));
   }
   if (JsonPrefix json; request.response_format == ResponseFormat::kJsonObject && handoff.first_token >= 0 &&
-                       !json_vocab_.advance(json, handoff.first_token)) {
+                       !json_vocab().advance(json, handoff.first_token)) {
     return invalid_argument(
         fmt::format("the handoff's first token {} cannot begin a JSON object (the request is in JSON mode)",
                     handoff.first_token));
@@ -473,6 +478,12 @@ bool Engine::may_take_slot_locked(std::chrono::steady_clock::time_point deadline
   // That request, or its queue, takes a slot (one due sooner does, and leaves it waiting).
   if (same_queue || deadline >= urgent_deadline_ - tie) urgent_ = false;
   return true;
+}
+
+const JsonVocabulary& Engine::json_vocab() const {
+  std::call_once(json_vocab_once_,
+                 [this] { json_vocab_ = std::make_unique<const JsonVocabulary>(tokenizer_); });
+  return *json_vocab_;
 }
 
 void Engine::sync_transfer_metrics() {
@@ -689,7 +700,7 @@ void Engine::admit_incoming(std::deque<Pending>& incoming) {
         (void)a->stream.feed(p.handoff->first_token);
         a->sampler.skip(1);
         // (submit_handoff() checked that it may begin the object.)
-        if (a->json) PD_CHECK(json_vocab_.advance(*a->json, p.handoff->first_token));
+        if (a->json) PD_CHECK(json_vocab().advance(*a->json, p.handoff->first_token));
       }
       a->handoff = std::move(p.handoff);
       a->on_pulled = std::move(p.on_pulled);
@@ -779,7 +790,7 @@ void Engine::land_pulls(bool wait) {
         ts.phase = TransferPhase::kFailed;
         ts.error = data_loss(fmt::format("the layer-wise KV came with first token {}, outside the vocabulary",
                                          ts.first_token));
-      } else if (a.json && !json_vocab_.advance(*a.json, ts.first_token)) {
+      } else if (a.json && !json_vocab().advance(*a.json, ts.first_token)) {
         ts.phase = TransferPhase::kFailed;
         ts.error = data_loss(fmt::format(
             "the layer-wise KV came with first token {}, which cannot begin a JSON object (the request is in "
@@ -1077,8 +1088,9 @@ void Engine::step() {
       const size_t at = draw_on_device ? host_row++ : row;
       const std::span<float> logits(logits_.data() + at * vocab, vocab);
       // JSON mode: the tokens that would leave the text no prefix of an object go first. Some
-      // token always remains (json_constraint.h); with none, no usable logit would show it.
-      if (a.json) (void)json_vocab_.mask(*a.json, logits);
+      // token always remains: validate() refused vocabularies where one might not
+      // (kJsonCompletionBytes).
+      if (a.json) PD_CHECK(json_vocab().mask(*a.json, logits) > 0);
       r = a.sampler.sample(logits, scheduler_.tokens(c.seq), a.request.logprobs);
       unusable = !usable_logit(logits[static_cast<size_t>(r.token)]);
     }
@@ -1094,7 +1106,7 @@ void Engine::step() {
       finish(c.seq, std::move(out));
       continue;
     }
-    if (a.json) PD_CHECK(json_vocab_.advance(*a.json, r.token));  // the mask allowed it
+    if (a.json) PD_CHECK(json_vocab().advance(*a.json, r.token));  // the mask allowed it
     scheduler_.append_token(c.seq, r.token);
     ++generated_tokens_total_;
     TextStream::Update u = a.stream.feed(r.token);

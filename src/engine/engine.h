@@ -396,13 +396,16 @@ class Engine : public Instance {
                             int32_t free_slots, std::chrono::steady_clock::time_point now);
   // Copies the fields guarded by mu_ that change off the engine thread into metrics_ (mu_ held).
   void sync_transfer_metrics();
+  // JSON mode's view of the vocabulary, made for the first request that needs it (any thread).
+  const JsonVocabulary& json_vocab() const;
 
   std::unique_ptr<ModelExecutor> executor_;
   const ModelConfig& config_;
   const Tokenizer& tokenizer_;
-  const JsonVocabulary json_vocab_;  // for requests in JSON mode
   EngineOptions options_;
   int32_t max_context_;
+  mutable std::once_flag json_vocab_once_;
+  mutable std::unique_ptr<const JsonVocabulary> json_vocab_;  // set once, by json_vocab()
 
   // Engine thread only.
   KvCacheManager kv_;

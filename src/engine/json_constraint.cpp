@@ -1,5 +1,7 @@
 #include "engine/json_constraint.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -329,6 +331,20 @@ JsonVocabulary::JsonVocabulary(const Tokenizer& tokenizer) {
     for (const auto& c : b.children) node.plain = node.plain && by_id[static_cast<size_t>(c.second)].plain;
     stack.pop_back();
   }
+  // A one-byte token for each completion byte, and an end.
+  std::string missing;
+  for (uint8_t b : kJsonCompletionBytes) {
+    const Building& root = trie[0];
+    auto it =
+        std::find_if(root.children.begin(), root.children.end(), [&](const auto& c) { return c.first == b; });
+    if (it == root.children.end() || trie[static_cast<size_t>(it->second)].tokens.empty())
+      missing += fmt::format("{}0x{:02x}", missing.empty() ? "" : ", ", b);
+  }
+  if (!missing.empty()) {
+    unsupported_ = fmt::format("its vocabulary has no one-byte token for byte(s) {}", missing);
+  } else if (ends_.empty()) {
+    unsupported_ = "its vocabulary has no end-of-generation token";
+  }
   // Nodes laid out breadth-first: a node's children are side by side, as mask() reads them.
   nodes_.reserve(trie.size());
   std::vector<int32_t> queue{0};
@@ -400,7 +416,7 @@ int32_t JsonVocabulary::mask(const JsonPrefix& prefix, std::span<float> logits) 
         continue;
       }
       decide(true, node.begin, node.begin + node.own);
-      if (node.first_child >= 0) stack.push_back({c, next});
+      if (node.num_children > 0) stack.push_back({c, next});
     }
   }
   if (num_allowed <= num_refused) {

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -36,6 +37,13 @@ enum class ResponseFormat : uint8_t { kText, kJsonObject };
 
 inline constexpr int32_t kMaxJsonDepth = 64;
 inline constexpr int32_t kMaxJsonWhitespaceRun = 32;
+// Bytes from which every prefix JsonPrefix accepts can be completed, tried in this order
+// (tests/fuzz/json_constraint_fuzz.cpp checks it on arbitrary prefixes): a string closes first, a
+// container's close comes before a value could open another, and the rest finish escapes,
+// surrogate pairs, numbers, literals and UTF-8 characters. A vocabulary with a one-byte token
+// for each, and an end-of-generation token, never leaves a masked draw without a token.
+inline constexpr uint8_t kJsonCompletionBytes[] = {'"', '}', ']', ':', '\\', 'u',  'D',  '0', 'r',
+                                                   'e', 'a', 'l', 's', 0x80, 0x90, 0xA0, '{'};
 
 // The bytes that, inside a JSON string, are characters of their own: printable ASCII but the
 // quote and the backslash.
@@ -122,6 +130,9 @@ class JsonVocabulary {
   int32_t mask(const JsonPrefix& prefix, std::span<float> logits) const;
   // Advances `prefix` by a drawn token; false when the token is not allowed there.
   bool advance(JsonPrefix& prefix, int32_t token) const;
+  // Empty when JSON mode works with this vocabulary (every prefix has a token to go on with);
+  // else what it lacks.
+  const std::string& unsupported_reason() const { return unsupported_; }
   int32_t size() const { return static_cast<int32_t>(pieces_.size()); }
 
  private:
@@ -141,6 +152,7 @@ class JsonVocabulary {
   std::vector<int32_t> special_;  // the tokens that are not text (ends_ among them)
   std::vector<Node> nodes_;       // nodes_[0]: the root (no byte)
   std::vector<int32_t> order_;    // text tokens in trie order
+  std::string unsupported_;
 };
 
 }  // namespace pdserve

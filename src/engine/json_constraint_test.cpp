@@ -125,6 +125,7 @@ TEST(JsonVocabulary, MasksTokensThatLeaveNoJsonObjectAndAllowsTheEndOnlyAfterOne
   const Tokenizer& tok = *m->tokenizer;
   JsonVocabulary vocab(tok);
   ASSERT_EQ(vocab.size(), tok.vocab_size());
+  EXPECT_EQ(vocab.unsupported_reason(), "");  // byte-level BPE: every byte is a token
   const auto id = [&](std::string_view text) {
     std::vector<int32_t> ids = tok.encode(text, false, false);
     EXPECT_EQ(ids.size(), 1u) << text;

@@ -265,9 +265,10 @@ TEST(Sampler, LogitBiasIsAddedBeforePenaltiesAndLogprobs) {
   // logits 1, 3, 2, -1, 2.5: +2 on token 2 makes it the largest (4).
   SamplingParams p;
   p.logit_bias = {{2, 2.0f}, {4, -100.0f}};
+  EXPECT_FALSE(Sampler(p).device_drawable());  // biases alone send the row to the host
+  EXPECT_TRUE(Sampler(SamplingParams{}).device_drawable());
   p.top_logprobs = 2;
   Sampler s(p);
-  EXPECT_FALSE(s.device_drawable());
   auto l = logits();
   SampleResult r = s.sample(l, {});
   EXPECT_EQ(r.token, 2);

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -373,6 +374,7 @@ Status RemoteInstance::refresh_stats() {
     fingerprint_ = stats->model_fingerprint;
     transport_ = stats->transport;
     kv_dtype_ = stats->kv_dtype;
+    features_ = stats->features;
     identified_ = true;
   } else if (stats->role != role_ || stats->model_fingerprint != fingerprint_) {
     return failed_precondition(
@@ -400,6 +402,14 @@ void RemoteInstance::poll_stats() {
 
 Status RemoteInstance::validate(const EngineRequest& r) const {
   PD_RETURN_IF_ERROR(check_request_limits(r, max_context_));
+  for (std::string_view feature : api::features_used(r)) {
+    if (std::find(features_.begin(), features_.end(), feature) == features_.end()) {
+      return unimplemented(
+          fmt::format("instance {} runs an older pdserve, which would ignore the request's {}: run the same "
+                      "pdserve build on the gateway and every instance",
+                      address_, feature));
+    }
+  }
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
   if (total > max_sequence_tokens_) {
     return invalid_argument(fmt::format(

@@ -135,7 +135,8 @@ class RemoteInstance : public Instance {
   uint64_t fingerprint_ = 0;
   std::string transport_;
   std::string kv_dtype_;
-  bool identified_ = false;  // guarded by mu_; the fields above are set once, by connect()
+  std::vector<std::string> features_;  // request fields it acts on (api::instance_features())
+  bool identified_ = false;            // guarded by mu_; the fields above are set once, by connect()
 
   std::atomic<bool> up_{true};
   mutable std::mutex mu_;

@@ -444,6 +444,24 @@ TEST(RemoteInstanceTest, AMalformedEventIsDataLoss) {
   EXPECT_TRUE(inst.wait_closed(1));
 }
 
+// The scripted instance's stats name no features, as an older build's would: a request using a
+// newer field is refused before it goes there, since that instance would ignore the field.
+TEST(RemoteInstanceTest, AnOlderInstanceIsNotSentFieldsItWouldIgnore) {
+  ScriptedInstance inst(/*accept=*/1);
+  auto remote = connect_to(inst, nullptr);
+  EXPECT_TRUE(remote->validate(request(1)).ok());
+  EngineRequest biased = request(1);
+  biased.sampling.logit_bias = {{2, -100.0f}};
+  Status st = remote->validate(biased);
+  EXPECT_EQ(st.code(), StatusCode::kUnimplemented);
+  EXPECT_NE(st.message().find("runs an older pdserve, which would ignore the request's logit_bias"),
+            std::string::npos)
+      << st.to_string();
+  EngineRequest json = request(1);
+  json.response_format = ResponseFormat::kJsonObject;
+  EXPECT_NE(remote->validate(json).message().find("json_object"), std::string::npos);
+}
+
 TEST(RemoteInstanceTest, ARefusalIsResourceExhaustedAndOpensNoStream) {
   Seen s1, s2;
   ScriptedInstance inst(/*accept=*/1);

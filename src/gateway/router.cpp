@@ -125,9 +125,11 @@ int64_t Router::max_sequence_tokens() const {
 
 Status Router::validate(const EngineRequest& request) const {
   // A decode must hold the whole sequence; any prefill must hold the prompt (checked by its
-  // own validate() as if it generated too, which the prefill's context allows).
+  // own validate() as if it generated too, which the prefill's context allows). Each is asked,
+  // since any may get the request (and an older build would ignore newer fields).
   for (Instance* e : decodes_) PD_RETURN_IF_ERROR(e->validate(request));
-  return prefills_[0]->validate(request);
+  for (Instance* e : prefills_) PD_RETURN_IF_ERROR(e->validate(request));
+  return ok_status();
 }
 
 StatusOr<std::shared_ptr<RequestHandle>> Router::submit(EngineRequest request, OutputSink sink,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import BIN, MODEL_NAME, Server
 from test_launch import Launch, free_ports
-from test_server import PROMPTS, check_logit_bias
+from test_server import PROMPTS, check_json_mode, check_logit_bias
 
 
 def gpu_count():
@@ -78,7 +78,9 @@ def test_serve_on_the_gpu_answers_the_openai_client():
                                                temperature=0, stream=True)
         text = "".join(c.choices[0].text for c in stream if c.choices)
         assert "5" in text, text
-        check_logit_bias(s)  # rows with biases are drawn on the host
+        # Rows with biases or in JSON mode are drawn on the host.
+        check_logit_bias(s)
+        check_json_mode(s)
     finally:
         s.stop()
 

@@ -3,7 +3,8 @@
 //   - text it takes whole as a complete object, nlohmann parses as an object (but for numbers past
 //     a double's range, which nlohmann refuses);
 //   - an object nlohmann parses, written back compactly (nesting within the bound), it takes whole;
-//   - every prefix it takes still completes: a fixed order of bytes to try closes it.
+//   - every prefix it takes still completes by the bytes of kJsonCompletionBytes, tried in order
+//     (what JsonVocabulary relies on to never leave a masked draw without a token).
 // Build with the `fuzz` preset (clang): tests/fuzz/run_fuzz.sh 60 json_constraint_fuzz
 #include <cstddef>
 #include <cstdint>
@@ -24,16 +25,12 @@ int nesting(const nlohmann::json& j) {
   return j.is_structured() ? deepest + 1 : 0;
 }
 
-// Closes whatever is open, trying these bytes in this order at each step: a string closes before
-// anything else is tried, a container's close comes before a value could open one, and the rest
-// finish escapes, surrogate pairs, numbers, literals and UTF-8 characters.
+// Closes whatever is open, trying kJsonCompletionBytes in their order at each step.
 bool completes(JsonPrefix p) {
-  static constexpr uint8_t kOrder[] = {'"', '}', ']', ':', '\\', 'u',  'D',  '0', 'r',
-                                       'e', 'a', 'l', 's', 0x80, 0x90, 0xA0, '{'};
   for (int step = 0; step < 16 * pdserve::kMaxJsonDepth + 64; ++step) {
     if (p.complete()) return true;
     bool moved = false;
-    for (uint8_t b : kOrder) {
+    for (uint8_t b : pdserve::kJsonCompletionBytes) {
       JsonPrefix next = p;
       if (next.advance(b)) {
         p = next;
