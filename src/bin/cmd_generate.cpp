@@ -28,6 +28,7 @@ struct GenerateArgs {
   int32_t context = 4096;
   int threads = 0;
   bool ignore_eos = false;
+  bool json = false;
   std::vector<std::string> stop;
   std::vector<std::string> logit_bias;  // TOKEN_ID=BIAS
   SamplingParams sampling;
@@ -101,6 +102,7 @@ StatusOr<std::string> answer(Generator& gen, Session& s, const GenerateArgs& a,
       std::min<int32_t>(a.max_tokens, gen.context_tokens() - static_cast<int32_t>(req.prompt.size()));
   req.stop = a.stop;
   req.ignore_eos = a.ignore_eos;
+  req.response_format = a.json ? ResponseFormat::kJsonObject : ResponseFormat::kText;
   if (req.max_tokens < 1) {
     return invalid_argument(
         fmt::format("the prompt ({} tokens) fills the context of {} tokens; raise --context",
@@ -260,6 +262,9 @@ void register_generate_command(CLI::App& app) {
                   "TOKEN_ID=BIAS: add BIAS (-100..100) to the token's logit before sampling; -100 bans it "
                   "(repeatable; a server's POST /tokenize gives token ids)")
       ->type_name("ID=BIAS");
+  cmd->add_flag("--json", a->json,
+                "JSON mode: the answer is one JSON object (tokens that would break it are masked before each "
+                "draw; the prompt should still ask for JSON)");
   cmd->add_flag("--ignore-eos", a->ignore_eos,
                 "Keep generating past end-of-generation tokens (for benchmarks)");
   cmd->callback([a] { set_command_action(run_generate, a); });

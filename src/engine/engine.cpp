@@ -248,22 +248,8 @@ Status Engine::validate(const EngineRequest& r) const {
     return invalid_argument(fmt::format("logit_bias names token id {}, outside the vocabulary (0..{})",
                                         r.sampling.logit_bias.back().token, vocab - 1));
   }
-  if (r.response_format == ResponseFormat::kJsonObject) {
-    const JsonVocabulary& json = json_vocab();
-    if (!json.unsupported_reason().empty())
-      return unimplemented("JSON mode (response_format json_object) cannot hold this model: " +
-                           json.unsupported_reason());
-    if (json.size() > vocab) {
-      return unimplemented(
-          fmt::format("JSON mode needs logits for each of the tokenizer's {} tokens, and this model has {}",
-                      json.size(), vocab));
-    }
-    if (r.ignore_eos) {
-      return invalid_argument(
-          "ignore_eos cannot be combined with JSON mode (response_format json_object): the object's end is "
-          "the end of generation");
-    }
-  }
+  if (r.response_format == ResponseFormat::kJsonObject)
+    PD_RETURN_IF_ERROR(check_json_mode(json_vocab(), vocab, r.ignore_eos));
   if (!scheduler_.fits_alone(n_prompt + r.max_tokens)) {
     return invalid_argument(fmt::format(
         "the prompt ({} tokens) plus max_tokens ({}) needs more KV cache than this server has ({} tokens); "

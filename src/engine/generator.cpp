@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <numeric>
+#include <optional>
 
+#include "common/check.h"
 #include "engine/text_stream.h"
 
 namespace pdserve {
@@ -46,6 +49,12 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
   }
   for (const auto& s : req.stop)
     if (s.empty()) return invalid_argument("stop strings must not be empty");
+  std::optional<JsonPrefix> json;
+  if (req.response_format == ResponseFormat::kJsonObject) {
+    if (!json_vocab_) json_vocab_ = std::make_unique<JsonVocabulary>(tokenizer_);
+    PD_RETURN_IF_ERROR(check_json_mode(*json_vocab_, static_cast<int32_t>(logits_.size()), req.ignore_eos));
+    json.emplace();
+  }
 
   GenerateStats stats;
   stats.prompt_tokens = n_prompt;
@@ -69,9 +78,11 @@ StatusOr<GenerateStats> Generator::generate(const GenerateRequest& req,
       stats.prefill_seconds = seconds_since(t0);
       t0 = std::chrono::steady_clock::now();
     }
+    if (json) PD_CHECK(json_vocab_->mask(*json, logits_) > 0);  // (check_json_mode: one is always left)
     SampleResult r = sampler.sample(logits_, seq);
     if (!usable_logit(logits_[static_cast<size_t>(r.token)]))
       return no_usable_logits(stats.generated_tokens, "the CPU", "");
+    if (json) PD_CHECK(json_vocab_->advance(*json, r.token));  // the mask allowed it
     seq.push_back(r.token);
     stats.generated_tokens++;
     TextStream::Update u = stream.feed(r.token);

@@ -5,12 +5,14 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "common/status.h"
 #include "common/thread_pool.h"
+#include "engine/json_constraint.h"
 #include "engine/sampler.h"
 #include "model/llama_model.h"
 #include "tokenizer/tokenizer.h"
@@ -23,6 +25,7 @@ struct GenerateRequest {
   int32_t max_tokens = 256;
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
   bool ignore_eos = false;        // keep going past end-of-generation tokens (benchmarks)
+  ResponseFormat response_format = ResponseFormat::kText;  // kJsonObject: one JSON object
 };
 
 struct GenerateStats {
@@ -55,6 +58,7 @@ class Generator {
   KvStorage kv_;
   std::vector<int32_t> block_table_;
   std::vector<float> logits_;
+  std::unique_ptr<JsonVocabulary> json_vocab_;  // made for the first request in JSON mode
 };
 
 }  // namespace pdserve

@@ -48,6 +48,24 @@ TEST_F(GeneratorTest, GreedyIsDeterministicAndChunkInvariant) {
   EXPECT_NE(a.find("Paris"), std::string::npos) << a;
 }
 
+TEST_F(GeneratorTest, JsonModeAnswersOneObject) {
+  GenerateRequest req;
+  req.prompt = tokenizer_->encode("A cat described as a JSON object:", true, false);
+  req.max_tokens = 200;
+  req.response_format = ResponseFormat::kJsonObject;
+  auto [text, stats] = run(req);
+  JsonPrefix p;
+  EXPECT_TRUE(p.advance(std::string_view(text))) << text;
+  EXPECT_TRUE(p.complete()) << text;
+  EXPECT_EQ(stats.finish_reason, "stop") << text;
+  req.ignore_eos = true;
+  Generator g(*model_, *tokenizer_, *pool_, 512);
+  auto refused = g.generate(req, [](std::string_view) { return true; });
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("ignore_eos cannot be combined with JSON mode"),
+            std::string::npos);
+}
+
 TEST_F(GeneratorTest, StopStringEndsGenerationBeforeIt) {
   GenerateRequest req;
   req.prompt = tokenizer_->encode("The capital of France is", true, false);

@@ -433,4 +433,21 @@ int32_t JsonVocabulary::mask(const JsonPrefix& prefix, std::span<float> logits) 
   return static_cast<int32_t>(num_allowed);
 }
 
+Status check_json_mode(const JsonVocabulary& vocab, int32_t num_logits, bool ignore_eos) {
+  if (!vocab.unsupported_reason().empty())
+    return unimplemented("JSON mode (response_format json_object) cannot hold this model: " +
+                         vocab.unsupported_reason());
+  if (vocab.size() > num_logits) {
+    return unimplemented(
+        fmt::format("JSON mode needs logits for each of the tokenizer's {} tokens, and this model has {}",
+                    vocab.size(), num_logits));
+  }
+  if (ignore_eos) {
+    return invalid_argument(
+        "ignore_eos cannot be combined with JSON mode (response_format json_object): the object's end is the "
+        "end of generation");
+  }
+  return ok_status();
+}
+
 }  // namespace pdserve

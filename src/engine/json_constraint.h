@@ -3,20 +3,22 @@
 // text no prefix of one.
 //
 // JsonPrefix is a byte-level pushdown recognizer: advance() takes the next byte and says whether
-// the text so far is still a prefix of a JSON object. It is strict where parsers differ (UTF-8 as
-// RFC 3629 has it: no overlong forms, surrogates or code points past U+10FFFF; \u escapes of
-// surrogates only as a high-low pair), so that any JSON parser accepts what it completes; and
-// every prefix it accepts has a completion, so a masked draw always has a token to take. The
-// state is a few bytes with no heap: containers nest at most kMaxJsonDepth deep, and whitespace
-// outside strings comes in runs of at most kMaxJsonWhitespaceRun bytes (a model must not fill
-// its tokens with blank lines).
+// the text so far is still a prefix of a JSON object. It is strict where parsers differ on strings
+// (UTF-8 as RFC 3629 has it: no overlong forms, surrogates or code points past U+10FFFF; \u
+// escapes of surrogates only as a high-low pair); like JSON, it bounds no number and allows a key
+// twice, which some parsers refuse. Every prefix it accepts has a completion
+// (kJsonCompletionBytes), so a masked draw always has a token to take. The state is a few bytes
+// with no heap: containers nest at most kMaxJsonDepth deep, and whitespace outside strings comes
+// in runs of at most kMaxJsonWhitespaceRun bytes (a model must not fill its tokens with blank
+// lines).
 //
 // JsonVocabulary holds each token's bytes and kind; mask() sets the logits of the tokens not
 // allowed after a prefix to -inf: the tokens that keep it a prefix, or, once the object is
 // complete, the end-of-generation tokens alone. Control tokens are never allowed otherwise. The
 // text tokens sit in a trie of their bytes, walked from the prefix: a byte refused there rules out
 // every token below it at once, and inside a string a subtree of plain characters is allowed
-// whole. (Token by token, the mask cost 0.45-1.5 ms a row for a 49152-token vocabulary.)
+// whole. NOTE: checking each token's bytes in turn cost 0.45-1.5 ms a row for a 49152-token
+// vocabulary; the trie, 0.02-0.06 ms (docs/perf/cpu-engine.md, "JSON mode").
 //
 // Thread-safety: a JsonPrefix is a value; a JsonVocabulary is immutable after construction and
 // keeps views of its Tokenizer's pieces (the Tokenizer must outlive it).
@@ -27,6 +29,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "common/status.h"
 
 namespace pdserve {
 
@@ -45,7 +49,7 @@ inline constexpr int32_t kMaxJsonWhitespaceRun = 32;
 inline constexpr uint8_t kJsonCompletionBytes[] = {'"', '}', ']', ':', '\\', 'u',  'D',  '0', 'r',
                                                    'e', 'a', 'l', 's', 0x80, 0x90, 0xA0, '{'};
 
-// The bytes that, inside a JSON string, are characters of their own: printable ASCII but the
+// The bytes that, inside a JSON string, are characters of their own: ASCII from 0x20 up, but the
 // quote and the backslash.
 inline bool is_plain_string_byte(uint8_t b) { return b >= 0x20 && b < 0x80 && b != '"' && b != '\\'; }
 
@@ -154,5 +158,9 @@ class JsonVocabulary {
   std::vector<int32_t> order_;    // text tokens in trie order
   std::string unsupported_;
 };
+
+// Whether a request may be in JSON mode with this vocabulary and a model of `num_logits` logits:
+// an error naming what stands in the way (the vocabulary, too few logits, ignore_eos), or OK.
+Status check_json_mode(const JsonVocabulary& vocab, int32_t num_logits, bool ignore_eos);
 
 }  // namespace pdserve
