@@ -283,13 +283,8 @@ std::optional<ApiError> parse_logit_bias(const json& o, std::vector<LogitBias>* 
     }
     out->push_back({static_cast<int32_t>(id), static_cast<float>(d)});
   }
-  std::sort(out->begin(), out->end(),
-            [](const LogitBias& a, const LogitBias& b) { return a.token < b.token; });
-  for (size_t i = 1; i < out->size(); ++i) {
-    if ((*out)[i].token == (*out)[i - 1].token) {
-      return bad("logit_bias", fmt::format("'logit_bias' names token id {} twice", (*out)[i].token));
-    }
-  }
+  if (std::optional<int32_t> twice = sort_logit_bias(*out))
+    return bad("logit_bias", fmt::format("'logit_bias' names token id {} twice", *twice));
   return std::nullopt;
 }
 

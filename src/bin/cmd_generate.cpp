@@ -52,11 +52,8 @@ StatusOr<std::vector<LogitBias>> parse_logit_bias_flags(const std::vector<std::s
     }
     out.push_back({static_cast<int32_t>(id), static_cast<float>(bias)});
   }
-  std::sort(out.begin(), out.end(), [](const LogitBias& x, const LogitBias& y) { return x.token < y.token; });
-  for (size_t i = 1; i < out.size(); ++i) {
-    if (out[i].token == out[i - 1].token)
-      return invalid_argument(fmt::format("--logit-bias names token {} twice", out[i].token));
-  }
+  if (std::optional<int32_t> twice = sort_logit_bias(out))
+    return invalid_argument(fmt::format("--logit-bias names token {} twice", *twice));
   return out;
 }
 

@@ -22,6 +22,14 @@ Status no_usable_logits(int32_t generated_tokens, std::string_view device, std::
                               : ""));
 }
 
+std::optional<int32_t> sort_logit_bias(std::vector<LogitBias>& biases) {
+  std::sort(biases.begin(), biases.end(),
+            [](const LogitBias& a, const LogitBias& b) { return a.token < b.token; });
+  for (size_t i = 1; i < biases.size(); ++i)
+    if (biases[i].token == biases[i - 1].token) return biases[i].token;
+  return std::nullopt;
+}
+
 Status SamplingParams::validate() const {
   if (!(temperature >= 0.0f && temperature <= 100.0f))
     return invalid_argument(fmt::format("temperature {} is outside [0, 100]", temperature));

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -23,6 +24,8 @@ struct LogitBias {
   bool operator==(const LogitBias&) const = default;
 };
 inline constexpr float kMaxLogitBias = 100.0f;
+// Sorts biases by token id (the order SamplingParams keeps); returns an id named twice, if any.
+std::optional<int32_t> sort_logit_bias(std::vector<LogitBias>& biases);
 
 struct SamplingParams {
   float temperature = 0.0f;         // 0: greedy (so is anything below kGreedyBelowTemperature)
